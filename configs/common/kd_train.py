@@ -1,0 +1,14 @@
+"""The ``train`` dict of DetKD runs: detectron2's ``common/train.py`` plus DetKD's keys."""
+from detectron2 import model_zoo
+
+train = model_zoo.get_config("common/train.py").train
+
+# Weights of model.teacher, loaded strictly (every teacher parameter must be in the file):
+# a detectron2:// model-zoo URL, a model-zoo .pkl, a .pth, or a DetKD run checkpoint.
+# train.init_checkpoint loads into model.student only.
+train.teacher_checkpoint = ""
+# An empty teacher_checkpoint is an error unless this is True (tests, smoke runs only).
+train.teacher_random_init = False
+# Write OUTPUT_DIR/model_final_student.pth (the student alone, for stock detectron2).
+train.export_student = True
+train.seed = 0

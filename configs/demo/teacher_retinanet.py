@@ -1,0 +1,11 @@
+"""The demo teacher: a wider RetinaNet (R18 layout, width 32, FPN 128, 3-conv head)."""
+from detectron2.layers import ShapeSpec
+
+from .student_retinanet import dataloader, lr_multiplier, model, optimizer, train
+
+model.backbone.bottom_up.stem.out_channels = 32
+model.backbone.out_channels = 128
+model.head.input_shape = [ShapeSpec(channels=128)] * 5
+model.head.conv_dims = [128, 128, 128]
+
+train.output_dir = "output/demo/teacher_retinanet"

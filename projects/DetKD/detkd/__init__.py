@@ -1,0 +1,8 @@
+"""DetKD: knowledge distillation for Detectron2 detectors (PKD, ReviewKD, GID, D3ETR)."""
+from .capture import FeatureCapture
+from .checkpoint import export_student, load_student, load_teacher
+from .distiller import DistillationDetector
+from .engine import KDTrainer
+from .losses import Distiller, PKDDistiller, pkd_loss
+
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""
+Record the outputs of named submodules with forward hooks.
+
+Distillers never fork a detector's ``forward``: they declare the submodules whose outputs they
+need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head, ``"proposal_generator.rpn_head"``
+for the RPN, ``"anchor_generator"``, DETR decoder layers ...) and :class:`FeatureCapture` records
+those outputs while the detector runs unchanged.
+"""
+import logging
+from typing import Any, Dict, Iterable, List
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureCapture"]
+
+logger = logging.getLogger(__name__)
+
+
+def _map_tensors(fn, obj):
+    """Apply ``fn`` to every tensor inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_tensors(fn, v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def _tensors(obj) -> List[torch.Tensor]:
+    out = []
+    _map_tensors(lambda t: out.append(t) or t, obj)
+    return out
+
+
+class FeatureCapture:
+    """
+    Record the outputs of named submodules of a model through forward hooks.
+
+    Used as a context manager around one forward pass::
+
+        capture = FeatureCapture(model, ["backbone", "head"])
+        with capture:
+            model(batched_inputs)
+        fpn = capture["backbone"]          # dict[str, Tensor], e.g. {"p3": (N, C, H, W), ...}
+
+    Hooks are attached on ``__enter__`` and removed on ``__exit__``, so the model is untouched
+    outside the context (and can be pickled, deep-copied or wrapped by DDP).
+
+    Captured tensors keep their autograd history (gradients of a distillation loss flow back into
+    the student). A later in-place op on a captured tensor would silently change what a distiller
+    reads; this is detected through the tensor's version counter and reported as an error when
+    the tap is read. Pass ``clone=True`` to store copies instead (costs one copy of the tap).
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str], *, clone: bool = False):
+        """
+        Args:
+            model (nn.Module): the model whose submodules are recorded.
+            names (iterable[str]): dotted submodule names as in ``model.named_modules()``.
+                A name that does not resolve is an error listing the valid names.
+            clone (bool): store clones of the outputs instead of the outputs themselves.
+        """
+        self.names = list(dict.fromkeys(names))
+        modules = dict(model.named_modules())
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            valid = sorted(n for n in modules if n and n.count(".") < 3)
+            raise KeyError(
+                f"FeatureCapture: submodule(s) {missing} not found in {type(model).__name__}. "
+                f"Valid names (up to depth 3) are: {valid}"
+            )
+        self._modules = {n: modules[n] for n in self.names}
+        self.clone = clone
+        self._handles = []
+        self._outputs: Dict[str, Any] = {}
+        self._versions: Dict[str, List[int]] = {}
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.clone:
+                output = _map_tensors(lambda t: t.clone(), output)
+            self._outputs[name] = output
+            self._versions[name] = [t._version for t in _tensors(output)]
+
+        return hook
+
+    def __enter__(self):
+        self.clear()
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
+
+    def clear(self):
+        """Forget all recorded outputs."""
+        self._outputs = {}
+        self._versions = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._outputs
+
+    def __getitem__(self, name: str):
+        """
+        Returns the recorded output of submodule ``name``.
+
+        Raises:
+            KeyError: if ``name`` was not requested, or its hook did not fire during the forward
+                (e.g. the detector never called that submodule).
+            RuntimeError: if a captured tensor was modified in place after it was recorded.
+        """
+        if name not in self._modules:
+            raise KeyError(f"FeatureCapture: '{name}' is not a recorded tap; taps: {self.names}")
+        if name not in self._outputs:
+            raise KeyError(
+                f"FeatureCapture: the hook on '{name}' did not fire during the forward pass "
+                f"(the model never called that submodule). Recorded: {sorted(self._outputs)}"
+            )
+        out = self._outputs[name]
+        now = [t._version for t in _tensors(out)]
+        if now != self._versions[name]:
+            raise RuntimeError(
+                f"FeatureCapture: an output of '{name}' was modified in place after it was "
+                "recorded; construct the capture with clone=True for this model."
+            )
+        return out
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Returns the outputs of all taps, checked as in :meth:`__getitem__` (so a tap whose
+        hook did not fire is an error)."""
+        return {n: self[n] for n in self.names}

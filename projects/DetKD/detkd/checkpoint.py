@@ -1,0 +1,170 @@
+"""
+Weights in and out of a :class:`detkd.DistillationDetector`.
+
+* the student is initialised from ``train.init_checkpoint`` (:func:`load_student`),
+* the teacher from ``train.teacher_checkpoint`` (:func:`load_teacher`, strict),
+* the trained student leaves alone (:func:`export_student`), loadable by stock detectron2.
+
+Both loaders go through detectron2's :class:`DetectionCheckpointer`, so ``detectron2://``
+model-zoo URLs, model-zoo ``.pkl`` files (dict with "model" of numpy arrays) and ``.pth`` files
+all work. Loading into ``model.student`` / ``model.teacher`` separately matters: detectron2's
+suffix-matching heuristics would otherwise fill both backbones from one file.
+"""
+import logging
+import os
+from typing import Any, Dict, Union
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "TeacherCheckpointError",
+    "load_student",
+    "load_teacher",
+    "save_student",
+    "export_student",
+    "student_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+STUDENT_PREFIX = "student."
+
+
+class TeacherCheckpointError(RuntimeError):
+    """The teacher checkpoint is missing, unreadable, or does not fit the teacher model."""
+
+
+def student_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    Returns the student's weights from a DetKD run state dict (keys ``student.*``; distiller
+    keys ``distillers.*`` are dropped). A state dict without ``student.*`` keys is a plain
+    detector's and is returned unchanged.
+    """
+    if not any(k.startswith(STUDENT_PREFIX) for k in state_dict):
+        return state_dict
+    n = len(STUDENT_PREFIX)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(STUDENT_PREFIX)}
+
+
+class _DetectorCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer for one detector that also accepts DetKD run checkpoints and
+    remembers the incompatible keys of its last load."""
+
+    last_incompatible = None
+
+    def _load_model(self, checkpoint):
+        checkpoint["model"] = student_state_dict(checkpoint["model"])
+        self.last_incompatible = super()._load_model(checkpoint)
+        return self.last_incompatible
+
+
+def load_student(student: nn.Module, path: str) -> None:
+    """
+    Load ``path`` into ``student`` (``train.init_checkpoint``), like detectron2 loads
+    ``MODEL.WEIGHTS``: missing keys are logged, not fatal (e.g. an ImageNet backbone only).
+    An empty path does nothing.
+    """
+    if path:
+        _DetectorCheckpointer(student).load(path, checkpointables=[])
+
+
+def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -> None:
+    """
+    Load the teacher's weights strictly (``train.teacher_checkpoint``).
+
+    Args:
+        teacher (nn.Module): the teacher detector.
+        path (str): local file, ``detectron2://`` URL, or any path PathManager resolves.
+        allow_random (bool): accept an empty ``path`` and keep the teacher's random
+            initialisation (``train.teacher_random_init=True``, for tests and smoke runs).
+
+    Raises:
+        TeacherCheckpointError: if ``path`` is empty (and random init was not asked for),
+            cannot be found or read, has tensors of the wrong shape (e.g. a class-count
+            mismatch), or leaves teacher parameters unloaded (the missing keys are listed).
+    """
+    if not path:
+        if allow_random:
+            logger.warning("train.teacher_checkpoint is empty: the teacher keeps random weights.")
+            return
+        raise TeacherCheckpointError(
+            "train.teacher_checkpoint is empty. Set it to the teacher's weights (a local .pkl/"
+            ".pth or a detectron2:// model-zoo URL), or set train.teacher_random_init=True if a "
+            "random teacher is really intended."
+        )
+    ckpt = _DetectorCheckpointer(teacher)
+    try:
+        ckpt.load(path, checkpointables=[])
+    except Exception as e:
+        local = not ("://" in path) or path.startswith("file://")
+        hint = (
+            "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
+            if local
+            else "it could not be downloaded (no network?): download it elsewhere and set "
+            "train.teacher_checkpoint to the local file"
+        )
+        raise TeacherCheckpointError(
+            f"Cannot load the teacher checkpoint {path!r} ({type(e).__name__}: {e}); {hint}."
+        ) from e
+    inc = ckpt.last_incompatible
+    if inc is not None and inc.incorrect_shapes:
+        shapes = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in inc.incorrect_shapes[:10])
+        raise TeacherCheckpointError(
+            f"The teacher checkpoint {path!r} does not fit the teacher model (shape mismatch: "
+            f"{shapes}). A class-count mismatch means model.teacher's num_classes must match "
+            "the checkpoint's; otherwise the teacher config is not the checkpoint's architecture."
+        )
+    if inc is not None and inc.missing_keys:
+        keys = inc.missing_keys
+        raise TeacherCheckpointError(
+            f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
+            f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. Is it the checkpoint of the "
+            "architecture in model.teacher?"
+        )
+    logger.info(f"Teacher weights loaded from {path}")
+
+
+def save_student(student: nn.Module, path: str) -> None:
+    """Save ``student.state_dict()`` as ``{"model": ...}``, the format stock detectron2's
+    DetectionCheckpointer loads (e.g. ``lazyconfig_train_net.py --eval-only``)."""
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    _save({"model": state, "__author__": "DetKD"}, path)
+
+
+def _save(obj, path: str) -> None:
+    PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
+    tmp = path + ".tmp"
+    with PathManager.open(tmp, "wb") as f:
+        torch.save(obj, f)
+    PathManager.mv(tmp, path)  # never leave a half-written checkpoint under the final name
+
+
+def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[str, Any]:
+    """
+    Write the student alone from any checkpoint of a DetKD run.
+
+    Args:
+        checkpoint (str or dict): path of a run checkpoint (``model_0004999.pth``,
+            ``model_final.pth``) or its loaded dict.
+        output (str): where to write the student checkpoint (``.pth``).
+
+    Returns:
+        dict: the student state dict written (no ``distillers.*`` / teacher keys).
+    """
+    if isinstance(checkpoint, str):
+        with PathManager.open(checkpoint, "rb") as f:
+            # Our own run checkpoints hold optimizer/scheduler state, not only tensors.
+            checkpoint = torch.load(f, map_location="cpu", weights_only=False)
+    state = checkpoint.get("model", checkpoint)
+    if not any(k.startswith(STUDENT_PREFIX) for k in state):
+        raise ValueError(
+            "export_student: the checkpoint has no 'student.*' keys; it is not a DetKD run "
+            "checkpoint (a plain detector's checkpoint is already a student checkpoint)."
+        )
+    student = student_state_dict(state)
+    _save({"model": student, "__author__": "DetKD"}, output)
+    return student

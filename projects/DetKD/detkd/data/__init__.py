@@ -1,0 +1,1 @@
+from .shapes import SHAPES_CLASSES, register_shapes, write_shapes

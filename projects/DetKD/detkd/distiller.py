@@ -1,0 +1,244 @@
+"""
+:class:`DistillationDetector`: a student detector trained with a frozen teacher twin.
+"""
+import contextlib
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import instantiate
+from detectron2.modeling.meta_arch import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import ImageList
+
+from .capture import FeatureCapture
+from .losses.base import DistillContext, Distiller, float_tensors
+
+__all__ = ["DistillationDetector", "run_teacher"]
+
+logger = logging.getLogger(__name__)
+
+
+def _input_format(model: nn.Module) -> Optional[str]:
+    return getattr(model, "input_format", None)
+
+
+def _size_divisibility(model: nn.Module) -> int:
+    div = getattr(model, "size_divisibility", None)
+    if div is None:
+        div = getattr(model.backbone, "size_divisibility", 0)
+    return int(div or 0)
+
+
+def _padding_constraints(model: nn.Module):
+    return getattr(getattr(model, "backbone", None), "padding_constraints", None)
+
+
+def _head_stage(model: nn.Module, features: Dict[str, torch.Tensor]) -> None:
+    """
+    Run the part of ``model`` right after its backbone that produces dense predictions,
+    without label assignment, losses or post-processing: the dense head (+ anchors) of a
+    RetinaNet/FCOS, or the RPN head (+ anchors) of a GeneralizedRCNN. Outputs reach the hooks.
+    """
+    if isinstance(model, DenseDetector):
+        feats = [features[f] for f in model.head_in_features]
+        model.head(feats)
+        if hasattr(model, "anchor_generator"):
+            model.anchor_generator(feats)
+    elif isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None:
+        rpn = model.proposal_generator
+        feats = [features[f] for f in rpn.in_features]
+        rpn.rpn_head(feats)
+        rpn.anchor_generator(feats)
+    else:
+        raise TypeError(
+            f"DetKD cannot run the head of a {type(model).__name__} teacher in isolation; "
+            "supported: RetinaNet, FCOS, GeneralizedRCNN with an RPN, or a model with "
+            "`forward_predictions(images)`."
+        )
+
+
+def run_teacher(teacher: nn.Module, images: ImageList, capture: FeatureCapture) -> None:
+    """
+    Run ``teacher`` only as far as the taps of ``capture`` need, under the hooks of ``capture``.
+
+    Stages: backbone (all FPN distillers stop here); then the dense head or RPN head with its
+    anchors (GID); models that define ``forward_predictions(images)`` (DETR-style detectors)
+    run it when anything beyond the backbone is needed. Never runs losses or NMS.
+    """
+    with capture:
+        needs = set(capture.names)
+        if hasattr(teacher, "forward_predictions") and needs - {"backbone"}:
+            teacher.forward_predictions(images)
+        else:
+            features = teacher.backbone(images.tensor)
+            if any(n not in capture for n in needs):
+                _head_stage(teacher, features)
+        missing = [n for n in needs if n not in capture]
+        if missing:
+            raise RuntimeError(
+                f"Teacher taps {missing} were not produced by the teacher's backbone or head "
+                f"stage ({type(teacher).__name__}); check the distillers' teacher_taps."
+            )
+
+
+class DistillationDetector(nn.Module):
+    """
+    A student detector trained with a frozen teacher twin and any number of distillers.
+
+    In training, one step runs the teacher once (only as far as the distillers need: see
+    :func:`run_teacher`), then the student's own unchanged forward (its intermediates are
+    recorded by forward hooks), and returns the student's detector losses plus every
+    distiller's losses in one dict. In eval mode it returns the student's predictions and never
+    runs the teacher.
+
+    The teacher is frozen three ways: ``requires_grad_(False)``, kept in eval mode by
+    :meth:`train`, and run under ``torch.no_grad()``. It is deliberately *not* a registered
+    submodule: it is absent from ``state_dict()`` (run checkpoints hold the student and the
+    distillers' trainable parts only), from ``parameters()`` (the optimizer and DDP never see
+    it), yet it follows ``model.to(device)`` / ``.cuda()`` / ``.half()`` through :meth:`_apply`.
+    Its weights are (re)loaded from ``train.teacher_checkpoint`` by
+    :func:`detkd.checkpoint.load_teacher`.
+    """
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        distillers: Dict[str, Distiller],
+        teacher_input_format: Optional[str] = None,
+    ):
+        """
+        Args:
+            student (nn.Module): a detectron2 detector (GeneralizedRCNN, RetinaNet, FCOS) or
+                :class:`detkd.modeling.ConditionalDETR`; called unchanged.
+            teacher (nn.Module): a detector of any of these families; may differ from the
+                student in input format, pixel mean/std, FPN levels, channels and head.
+            distillers (dict[str, Distiller]): name -> distiller (or its LazyConfig, which is
+                instantiated); their losses join the loss dict. May be empty (the student
+                then trains alone).
+            teacher_input_format (str or None): "RGB" or "BGR"; defaults to the teacher's
+                ``input_format`` attribute. When it differs from the student's, the channels of
+                the student's images are flipped for the teacher.
+        """
+        super().__init__()
+        self.student = student
+        teacher.requires_grad_(False)
+        teacher.eval()
+        # Not registered as a submodule: see the class docstring.
+        object.__setattr__(self, "_teacher", teacher)
+        # LazyConfig's instantiate() does not recurse into a plain dict argument.
+        distillers = {k: instantiate(v) for k, v in distillers.items()}
+        for name, d in distillers.items():
+            if not isinstance(d, Distiller):
+                raise TypeError(
+                    f"distillers['{name}'] is a {type(d).__name__}; it must subclass "
+                    "detkd.losses.Distiller"
+                )
+            d.bind(student, teacher)
+        self.distillers = nn.ModuleDict(distillers)
+
+        s_fmt = _input_format(student)
+        t_fmt = teacher_input_format or _input_format(teacher) or s_fmt
+        for fmt in (s_fmt, t_fmt):
+            if fmt not in (None, "RGB", "BGR"):
+                raise ValueError(f"DistillationDetector supports RGB/BGR inputs, got {fmt!r}")
+        self.flip_teacher_channels = s_fmt is not None and t_fmt != s_fmt
+
+        s_names = sorted({n for d in distillers.values() for n in d.student_taps(student)})
+        t_names = sorted({n for d in distillers.values() for n in d.teacher_taps(teacher)})
+        self._student_capture = FeatureCapture(student, s_names)
+        self._teacher_capture = FeatureCapture(teacher, t_names)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a registered submodule)."""
+        return self._teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def train(self, mode: bool = True):
+        """See :meth:`nn.Module.train`. The teacher always stays in eval mode."""
+        super().train(mode)
+        self._teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keeps the (unregistered) teacher on the student's device and dtype.
+        super()._apply(fn, *args, **kwargs)
+        self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def teacher_images(self, batched_inputs: List[dict]) -> ImageList:
+        """
+        Normalize and pad the student's input images the way the teacher expects.
+
+        Returns:
+            ImageList: tensor (N, 3, Hp, Wp) with the teacher's pixel mean/std and channel
+            order, padded to a multiple of both models' size divisibility so that feature maps
+            of equal stride have equal sizes on both sides.
+        """
+        t = self._teacher
+        images = [x["image"].to(t.pixel_mean.device) for x in batched_inputs]
+        if self.flip_teacher_channels:
+            images = [x.flip(0) for x in images]
+        images = [(x - t.pixel_mean) / t.pixel_std for x in images]
+        div = max(_size_divisibility(t), _size_divisibility(self.student))
+        return ImageList.from_tensors(
+            images, div, padding_constraints=_padding_constraints(t)
+        )
+
+    def forward(self, batched_inputs: List[dict]):
+        """
+        Args:
+            batched_inputs (list[dict]): detectron2's standard inputs (see
+                :meth:`GeneralizedRCNN.forward`).
+
+        Returns:
+            In training, dict[str, Tensor]: the student's losses plus ``loss_<method>*`` of
+            every distiller. In eval, the student's predictions (list[dict]).
+        """
+        if not self.training:
+            return self.student(batched_inputs)
+
+        images = self.teacher_images(batched_inputs)
+        teacher_taps = {}
+        if self._teacher_capture.names:
+            with torch.no_grad():
+                run_teacher(self._teacher, images, self._teacher_capture)
+            teacher_taps = self._teacher_capture.as_dict()
+            self._teacher_capture.clear()
+        ctx = DistillContext(self.student, self._teacher, batched_inputs, images)
+
+        with contextlib.ExitStack() as stack:
+            for d in self.distillers.values():
+                cm = d.student_context(teacher_taps, ctx)
+                if cm is not None:
+                    stack.enter_context(cm)
+            with self._student_capture:
+                losses = dict(self.student(batched_inputs))
+        student_taps = self._student_capture.as_dict()
+        self._student_capture.clear()
+
+        # Distillation arithmetic in fp32, also under AMP (normalisation statistics).
+        student_taps, teacher_taps = float_tensors(student_taps), float_tensors(teacher_taps)
+        with torch.autocast(images.tensor.device.type, enabled=False):
+            for name, d in self.distillers.items():
+                d_losses = d(student_taps, teacher_taps, ctx)
+                clash = set(d_losses) & set(losses)
+                if clash:
+                    raise KeyError(f"distiller '{name}' returned loss keys {clash} already used")
+                losses.update(d_losses)
+        return losses
+
+    def export_student(self, path: str) -> None:
+        """Write the student alone as a checkpoint that stock detectron2 loads. See
+        :func:`detkd.checkpoint.export_student`."""
+        from .checkpoint import save_student
+
+        save_student(self.student, path)

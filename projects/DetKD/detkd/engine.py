@@ -1,0 +1,218 @@
+"""
+:class:`KDTrainer`: detectron2's DefaultTrainer, built from a LazyConfig, that knows about the
+teacher of a :class:`detkd.DistillationDetector`.
+
+The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds three ``train`` keys
+(``configs/common/kd_train.py``):
+
+* ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
+* ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
+* ``train.export_student``: write ``model_final_student.pth`` at the end of training.
+
+``train.init_checkpoint`` loads into ``model.student`` only. ``model`` may also be a plain
+detector (e.g. training the teacher or a baseline), then the trainer is a LazyConfig version of
+detectron2's DefaultTrainer.
+"""
+import copy
+import inspect
+import logging
+import os
+import weakref
+
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model, default_writers
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.solver import LRMultiplier
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
+
+from .checkpoint import load_student, load_teacher, save_student
+from .distiller import DistillationDetector
+
+__all__ = ["KDTrainer", "ExportStudentHook", "unwrap_model", "student_of"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model):
+    """Returns the module inside a (Distributed)DataParallel wrapper."""
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        return model.module
+    return model
+
+
+def student_of(model):
+    """The detector that is being trained: ``model.student`` of a DistillationDetector, else
+    the model itself."""
+    model = unwrap_model(model)
+    return model.student if isinstance(model, DistillationDetector) else model
+
+
+class ExportStudentHook(hooks.HookBase):
+    """After a training run that reached ``max_iter``, write the student alone to
+    ``OUTPUT_DIR/model_final_student.pth`` (main process only)."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, "model_final_student.pth")
+
+    def after_train(self):
+        # after_train also runs when training raised: never export a half-trained student.
+        if self.trainer.iter + 1 < self.trainer.max_iter or not comm.is_main_process():
+            return
+        save_student(student_of(self.trainer.model), self.path)
+        logger.info(f"Student exported to {self.path}")
+
+
+class KDTrainer(DefaultTrainer):
+    """
+    DefaultTrainer built from a LazyConfig (see the module docstring for the keys). Same
+    hooks as detectron2's: iteration timer, LR scheduler, periodic checkpoints, evaluation
+    every ``train.eval_period`` with ``dataloader.evaluator`` (COCOEvaluator), console / JSON /
+    TensorBoard writers of every loss, plus :class:`ExportStudentHook`.
+    """
+
+    def __init__(self, cfg):
+        """
+        Args:
+            cfg (omegaconf.DictConfig): a LazyConfig with model, dataloader, optimizer,
+                lr_multiplier and train.
+        """
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, **cfg.train.ddp)
+        self._trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.train.output_dir, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.train.max_iter
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """
+        Load the teacher from ``train.teacher_checkpoint`` (always, strictly, before anything
+        else so a bad teacher fails before training). Then, if ``resume`` and the output
+        folder has a checkpoint, restore the whole run (student, distiller parameters,
+        optimizer, scheduler, iteration); otherwise load ``train.init_checkpoint`` into the
+        student only and start at iteration 0.
+        """
+        model = unwrap_model(self.model)
+        if isinstance(model, DistillationDetector):
+            load_teacher(
+                model.teacher,
+                self.cfg.train.get("teacher_checkpoint", ""),
+                allow_random=self.cfg.train.get("teacher_random_init", False),
+            )
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = self.iter + 1
+        else:
+            load_student(student_of(model), self.cfg.train.init_checkpoint)
+
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.train.eval_period, test_and_save_results))
+        if isinstance(unwrap_model(self.model), DistillationDetector) and cfg.train.get(
+            "export_student", True
+        ):
+            ret.append(ExportStudentHook(cfg.train.output_dir))
+        if comm.is_main_process():
+            ret.append(
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, self.max_iter),
+                    period=cfg.train.log_period,
+                )
+            )
+        return ret
+
+    def build_writers(self):
+        return default_writers(self.cfg.train.output_dir, self.max_iter)
+
+    def train(self):
+        """Run training; returns the last evaluation results (or None)."""
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        logger.info("Model:\n{}".format(model))
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        # The teacher is neither a registered submodule nor trainable: only the student and
+        # the distillers' adapters reach the optimizer.
+        cfg.optimizer.params.model = model
+        return instantiate(cfg.optimizer)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return LRMultiplier(
+            optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=cfg.train.max_iter
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return instantiate(cfg.dataloader.train)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name=None):
+        return instantiate(cfg.dataloader.test)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name=None, output_folder=None):
+        """Instantiate ``dataloader.evaluator`` (None if the config has none); a COCOEvaluator
+        without ``output_dir`` writes its results to ``OUTPUT_DIR/inference``."""
+        if "evaluator" not in cfg.dataloader:
+            return None
+        evaluator = copy.deepcopy(cfg.dataloader.evaluator)
+        target = evaluator._target_
+        if isinstance(target, str):
+            target = locate(target)
+        accepts_dir = "output_dir" in inspect.signature(target).parameters
+        if accepts_dir and evaluator.get("output_dir") is None:
+            evaluator.output_dir = output_folder or os.path.join(cfg.train.output_dir, "inference")
+        return instantiate(evaluator)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        Evaluate the student (a DistillationDetector in eval mode runs the student only) on
+        ``dataloader.test`` with ``dataloader.evaluator``.
+
+        Returns:
+            dict: the evaluator's results, e.g. ``{"bbox": {"AP": ..., "AP50": ...}}``.
+        """
+        evaluator = evaluators if evaluators is not None else cls.build_evaluator(cfg)
+        if evaluator is None:
+            logger.warning("No dataloader.evaluator in the config: skipping evaluation.")
+            return {}
+        results = inference_on_dataset(model, cls.build_test_loader(cfg), evaluator)
+        if comm.is_main_process() and results:
+            print_csv_format(results)
+        return results

@@ -1,0 +1,3 @@
+"""Distillers and losses, one file per method."""
+from .base import DistillContext, Distiller, pair_fpn_levels
+from .pkd import PKDDistiller, pkd_level_loss, pkd_loss

@@ -1,0 +1,163 @@
+"""
+What every DetKD distiller shares: the :class:`Distiller` interface used by
+:class:`detkd.DistillationDetector`, the context it receives, FPN level pairing and small helpers.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.structures import ImageList
+from detectron2.utils.events import _CURRENT_STORAGE_STACK
+
+__all__ = ["Distiller", "DistillContext", "pair_fpn_levels", "put_scalar", "float_tensors"]
+
+
+@dataclass
+class DistillContext:
+    """
+    What a distiller may read besides the captured tensors during one training step.
+
+    Attributes:
+        student (nn.Module): the student detector (being trained).
+        teacher (nn.Module): the frozen teacher detector (eval mode).
+        batched_inputs (list[dict]): the detectron2 inputs of this step (with "instances").
+        teacher_images (ImageList): the teacher's normalized, padded images. The student's
+            padded images have the same ``image_sizes``.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    batched_inputs: List[Dict[str, Any]]
+    teacher_images: ImageList
+
+
+class Distiller(nn.Module):
+    """
+    Base class of a distillation loss module driven by :class:`detkd.DistillationDetector`.
+
+    A distiller declares the submodules whose outputs it reads on each side
+    (:meth:`student_taps`, :meth:`teacher_taps`); the wrapper records them with forward hooks
+    (:class:`detkd.FeatureCapture`) while the student runs its normal forward and while the
+    teacher runs only as far as some distiller needs. :meth:`bind` is called once, with both
+    detectors, before the optimizer is built: it validates the pair (clear errors for level,
+    class or channel mismatches) and creates trainable parts such as adapters, which are then
+    trained with the student, saved in run checkpoints and dropped by student export.
+    """
+
+    def student_taps(self, student: nn.Module) -> List[str]:
+        """Returns the names of the student's submodules whose outputs :meth:`forward` reads."""
+        return ["backbone"]
+
+    def teacher_taps(self, teacher: nn.Module) -> List[str]:
+        """Returns the names of the teacher's submodules whose outputs :meth:`forward` reads."""
+        return ["backbone"]
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Validate the student/teacher pair and build trainable parts. Default: nothing."""
+
+    def student_context(self, teacher_taps: Dict[str, Any], ctx: DistillContext):
+        """
+        Returns a context manager active around the student's forward (e.g. to feed teacher
+        queries to a DETR student as an auxiliary group), or None.
+        """
+        return None
+
+    def forward(
+        self, student_taps: Dict[str, Any], teacher_taps: Dict[str, Any], ctx: DistillContext
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            student_taps, teacher_taps (dict[str, Any]): recorded outputs keyed by the names
+                given by :meth:`student_taps` / :meth:`teacher_taps`; floating tensors are fp32.
+            ctx (DistillContext): the detectors and inputs of this step.
+
+        Returns:
+            dict[str, Tensor]: scalar losses named ``loss_<method>[_<part>]``.
+        """
+        raise NotImplementedError
+
+
+def put_scalar(name: str, value, **kwargs) -> None:
+    """``get_event_storage().put_scalar`` that does nothing outside an EventStorage."""
+    if len(_CURRENT_STORAGE_STACK):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().item()
+        _CURRENT_STORAGE_STACK[-1].put_scalar(name, value, **kwargs)
+
+
+def float_tensors(obj):
+    """Cast every floating tensor inside nested dicts / lists / tuples to fp32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, float_tensors(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(float_tensors(v) for v in obj)
+    return obj
+
+
+def pair_fpn_levels(
+    student_shapes: Dict[str, ShapeSpec],
+    teacher_shapes: Dict[str, ShapeSpec],
+    *,
+    num_levels: int = None,
+    pair_by: str = "stride",
+    student_levels: Sequence[str] = None,
+    teacher_levels: Sequence[str] = None,
+) -> List[Tuple[str, str]]:
+    """
+    Pair the feature levels of two backbones (FPN outputs ``p2..p6``, ``p3..p7``, ...).
+
+    Args:
+        student_shapes, teacher_shapes (dict[str, ShapeSpec]): ``backbone.output_shape()``.
+        num_levels (int or None): keep the first ``num_levels`` pairs (finest first);
+            None keeps all pairs.
+        pair_by (str): "stride" pairs levels of equal stride (p3 with p3 for a Faster R-CNN
+            teacher and a RetinaNet student); "index" pairs the i-th finest level of each side
+            (mmrazor's PKD setting: the teacher's p2 with the student's p3).
+        student_levels, teacher_levels (list[str] or None): restrict each side to these levels.
+
+    Returns:
+        list[(str, str)]: (student level, teacher level) pairs, finest first.
+    """
+    if pair_by not in ("stride", "index"):
+        raise ValueError(f"pair_by must be 'stride' or 'index', got {pair_by!r}")
+
+    def levels(shapes, names, side):
+        names = list(names) if names is not None else list(shapes)
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            raise ValueError(
+                f"{side} backbone has no feature(s) {unknown}; it outputs {sorted(shapes)}"
+            )
+        return sorted(names, key=lambda n: shapes[n].stride)
+
+    s_levels = levels(student_shapes, student_levels, "student")
+    t_levels = levels(teacher_shapes, teacher_levels, "teacher")
+    if pair_by == "index":
+        pairs = list(zip(s_levels, t_levels))
+    else:
+        t_by_stride = {teacher_shapes[n].stride: n for n in t_levels}
+        pairs = [
+            (s, t_by_stride[student_shapes[s].stride])
+            for s in s_levels
+            if student_shapes[s].stride in t_by_stride
+        ]
+        if not pairs:
+            raise ValueError(
+                "FPN level mismatch: student levels "
+                f"{[(n, student_shapes[n].stride) for n in s_levels]} and teacher levels "
+                f"{[(n, teacher_shapes[n].stride) for n in t_levels]} share no stride. "
+                "Use pair_by='index' to pair levels by order instead."
+            )
+    if num_levels is not None:
+        if num_levels > len(pairs):
+            raise ValueError(
+                f"FPN level mismatch: {num_levels} levels requested but only {len(pairs)} "
+                f"pairs exist ({pairs}) with pair_by={pair_by!r}; lower num_levels."
+            )
+        pairs = pairs[:num_levels]
+    return pairs

@@ -1,0 +1,172 @@
+"""
+PKD: feature imitation through the Pearson correlation coefficient, :paper:`PKD`
+("PKD: General Distillation Framework for Object Detectors via Pearson Correlation
+Coefficient", Cao et al., NeurIPS 2022).
+
+Shape shorthand in this module:
+
+    N: number of images in the minibatch
+    C: channels of a feature map (student maps are adapted to the teacher's C)
+    H, W: height and width of one FPN level (the teacher's, after resizing the student)
+    M: N * H * W, the number of values of one channel
+
+Naming convention:
+
+    feat_s, feat_t: student / teacher feature maps of one level, shape (N, C, H, W)
+    norm_s, norm_t: the same after per-channel standardisation, shape (C, M)
+"""
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Distiller, pair_fpn_levels, put_scalar
+
+__all__ = ["pkd_loss", "pkd_level_loss", "PKDDistiller"]
+
+
+def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """
+    Standardise each channel over the batch and spatial positions.
+
+    Args:
+        feat (Tensor): shape (N, C, H, W).
+
+    Returns:
+        Tensor: shape (C, M), each row with mean 0 and unbiased std ``s / (s + eps)`` ~ 1.
+        Gradients flow through the mean and std (they are not detached).
+    """
+    C = feat.shape[1]
+    x = feat.transpose(0, 1).reshape(C, -1)  # (C, M)
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.std(dim=1, keepdim=True)  # unbiased, as the reference
+    return (x - mean) / (std + eps)
+
+
+def pkd_level_loss(
+    feat_s: torch.Tensor, feat_t: torch.Tensor, resize_student: bool = True
+) -> torch.Tensor:
+    """
+    PKD loss of one level: ``mse(norm_s, norm_t) / 2`` ~ ``(M-1)/M * mean_c (1 - r_c)`` with
+    ``r_c`` the Pearson correlation of channel c between student and teacher.
+
+    Args:
+        feat_s (Tensor): student map, shape (N, C, Hs, Ws).
+        feat_t (Tensor): teacher map, shape (N, C, H, W). If ``Hs != H`` the student map is
+            resized bilinearly to (H, W) (``resize_student=True``) or the teacher map to
+            (Hs, Ws) otherwise.
+
+    Returns:
+        Tensor: scalar.
+    """
+    if feat_s.shape[:2] != feat_t.shape[:2]:
+        raise ValueError(
+            f"PKD: student map {tuple(feat_s.shape)} and teacher map {tuple(feat_t.shape)} "
+            "differ in batch size or channels (use an adapter for channels)"
+        )
+    if feat_s.shape[2] != feat_t.shape[2]:
+        if resize_student:
+            feat_s = F.interpolate(feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False)
+        else:
+            feat_t = F.interpolate(feat_t, size=feat_s.shape[2:], mode="bilinear", align_corners=False)
+    norm_s = _standardize_channels(feat_s)
+    norm_t = _standardize_channels(feat_t)
+    return F.mse_loss(norm_s, norm_t) / 2
+
+
+def pkd_loss(
+    student_feats: Union[torch.Tensor, Sequence[torch.Tensor]],
+    teacher_feats: Union[torch.Tensor, Sequence[torch.Tensor]],
+    resize_student: bool = True,
+) -> torch.Tensor:
+    """
+    Unweighted PKD loss summed over paired levels (METHODS.md 1.2-1.3).
+
+    Args:
+        student_feats, teacher_feats (Tensor or list[Tensor]): paired maps, each (N, C, H, W).
+
+    Returns:
+        Tensor: scalar ``sum_l mse(norm_s_l, norm_t_l) / 2``.
+    """
+    if isinstance(student_feats, torch.Tensor):
+        student_feats, teacher_feats = [student_feats], [teacher_feats]
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(
+            f"PKD: {len(student_feats)} student levels vs {len(teacher_feats)} teacher levels"
+        )
+    return sum(
+        pkd_level_loss(s, t, resize_student) for s, t in zip(student_feats, teacher_feats)
+    )
+
+
+class PKDDistiller(Distiller):
+    """
+    Distill the FPN features of any detectron2 detector pair with :paper:`PKD`.
+
+    Only the teacher's backbone (+FPN) runs. Levels are paired by stride (default) or by index
+    (mmrazor's heterogeneous settings, e.g. teacher p2-p5 with student p3-p6); the first
+    ``num_levels`` pairs are distilled. Where the student's channels differ from the teacher's,
+    a trainable 1x1 conv maps the student map to the teacher's channels (an affine map only
+    mixes channels under the standardisation).
+
+    Loss: ``loss_pkd = loss_weight * sum_levels pkd_level_loss``; per-level values go to the
+    event storage as ``pkd/<student level>``.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_weight: float = 6.0,
+        num_levels: Optional[int] = 4,
+        pair_by: str = "stride",
+        student_levels: Optional[List[str]] = None,
+        teacher_levels: Optional[List[str]] = None,
+        resize_student: bool = True,
+    ):
+        """
+        Args:
+            loss_weight (float): alpha; 6 for a two-stage teacher, 10 for a one-stage teacher.
+            num_levels (int or None): distill the first ``num_levels`` level pairs (finest
+                first); None for all pairs.
+            pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`.
+            student_levels, teacher_levels (list[str] or None): restrict to these features.
+            resize_student (bool): when sizes differ, resize the student map (True) or the
+                teacher's (False), bilinearly.
+        """
+        super().__init__()
+        self.loss_weight = loss_weight
+        self.num_levels = num_levels
+        self.pair_by = pair_by
+        self.student_levels = student_levels
+        self.teacher_levels = teacher_levels
+        self.resize_student = resize_student
+        self.pairs = []
+        self.adapters = nn.ModuleDict()
+
+    def bind(self, student, teacher):
+        s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+        self.pairs = pair_fpn_levels(
+            s_shapes,
+            t_shapes,
+            num_levels=self.num_levels,
+            pair_by=self.pair_by,
+            student_levels=self.student_levels,
+            teacher_levels=self.teacher_levels,
+        )
+        for s, t in self.pairs:
+            cs, ct = s_shapes[s].channels, t_shapes[t].channels
+            if cs != ct:
+                self.adapters[s] = nn.Conv2d(cs, ct, kernel_size=1)
+
+    def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
+        feats_s, feats_t = student_taps["backbone"], teacher_taps["backbone"]
+        total = 0.0
+        for s, t in self.pairs:
+            feat_s = feats_s[s]
+            if s in self.adapters:
+                feat_s = self.adapters[s](feat_s)
+            level = pkd_level_loss(feat_s, feats_t[t], self.resize_student)
+            put_scalar(f"pkd/{s}", level)
+            total = total + level
+        return {"loss_pkd": self.loss_weight * total}

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""
+DetKD training and evaluation script, for LazyConfig files (``configs/**.py``).
+
+Derived from detectron2's ``tools/lazyconfig_train_net.py``; training is done by
+:class:`detkd.KDTrainer` (a DefaultTrainer built from the LazyConfig) so that the teacher of a
+:class:`detkd.DistillationDetector` is loaded from ``train.teacher_checkpoint`` and the student
+is exported alone at the end. Plain detectors (teachers, baselines) train the same way.
+
+Usage::
+
+    python train_net.py --config-file configs/demo/pkd_retinanet.py train.max_iter=100
+    python train_net.py --config-file CFG --num-gpus 8 train.teacher_checkpoint=teacher.pkl
+    python train_net.py --config-file CFG --resume                  # continue an interrupted run
+    python train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final_student.pth
+"""
+import logging
+
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+
+from detkd.checkpoint import load_student
+from detkd.engine import KDTrainer, student_of
+
+logger = logging.getLogger("detectron2")
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+
+    if args.eval_only:
+        # Evaluates the student: a DistillationDetector in eval mode never runs its teacher.
+        model = KDTrainer.build_model(cfg)
+        load_student(student_of(model), cfg.train.init_checkpoint)
+        model = create_ddp_model(model)
+        return KDTrainer.test(cfg, model)
+
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    if comm.is_main_process() and results:
+        logger.info(f"Final evaluation: {dict(results)}")
+    return results
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover
