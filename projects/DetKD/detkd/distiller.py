@@ -174,6 +174,21 @@ class DistillationDetector(nn.Module):
         self._teacher._apply(fn, *args, **kwargs)
         return self
 
+    # Training statistics that detectron2's dense detectors keep as plain float attributes
+    # (an EMA of the number of positive anchors normalising their losses). They are not in
+    # the student's state_dict, so a resumed run would restart them; the wrapper saves them.
+    _STUDENT_EMA_ATTRS = ("loss_normalizer",)
+
+    def get_extra_state(self):
+        """See :meth:`nn.Module.get_extra_state`: the student's EMA loss normaliser."""
+        values = [float(getattr(self.student, k, float("nan"))) for k in self._STUDENT_EMA_ATTRS]
+        return torch.tensor(values, dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        for k, v in zip(self._STUDENT_EMA_ATTRS, state.tolist()):
+            if v == v:  # NaN: the student had no such statistic yet
+                setattr(self.student, k, v)
+
     def teacher_images(self, batched_inputs: List[dict]) -> ImageList:
         """
         Normalize and pad the student's input images the way the teacher expects.

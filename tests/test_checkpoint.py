@@ -1,0 +1,159 @@
+"""Teacher/student loading in the model zoo's formats, strict teacher errors, student export."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+
+from detkd import DistillationDetector, PKDDistiller, export_student, load_student, load_teacher
+from detkd.checkpoint import TeacherCheckpointError, save_student
+
+from conftest import make_inputs, tiny_retinanet_cfg
+
+
+def _kd():
+    torch.manual_seed(0)
+    return instantiate(
+        L(DistillationDetector)(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={"pkd": L(PKDDistiller)()},
+        )
+    )
+
+
+def _write_zoo_pkl(model, path):
+    """A checkpoint in the detectron2 model zoo's .pkl format: numpy arrays under "model"."""
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_teacher_from_zoo_pkl_pth_and_detectron2_url(tmp_path, monkeypatch):
+    source = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    for p in source.parameters():
+        p.data.normal_()
+    kd = _kd()
+    assert not _same_weights(kd.teacher, source)
+    _write_zoo_pkl(source, tmp_path / "teacher.pkl")
+    load_teacher(kd.teacher, str(tmp_path / "teacher.pkl"))
+    assert _same_weights(kd.teacher, source)
+
+    kd = _kd()
+    torch.save({"model": source.state_dict()}, tmp_path / "teacher.pth")
+    load_teacher(kd.teacher, str(tmp_path / "teacher.pth"))
+    assert _same_weights(kd.teacher, source)
+
+    # The real detectron2:// path, served from iopath's download cache (no network here).
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    rel = "COCO-Detection/tiny_retinanet/000/model_final_abc.pkl"
+    os.makedirs(tmp_path / "cache/detectron2" / os.path.dirname(rel))
+    _write_zoo_pkl(source, tmp_path / "cache/detectron2" / rel)
+    kd = _kd()
+    load_teacher(kd.teacher, "detectron2://" + rel)
+    assert _same_weights(kd.teacher, source)
+    # Loading into the teacher leaves the student untouched (no suffix matching across twins).
+    fresh = _kd()
+    assert _same_weights(kd.student, fresh.student)
+
+
+def test_teacher_errors_are_clear(tmp_path):
+    kd = _kd()
+    with pytest.raises(TeacherCheckpointError, match="teacher_checkpoint is empty.*teacher_random_init"):
+        load_teacher(kd.teacher, "")
+    load_teacher(kd.teacher, "", allow_random=True)  # explicitly intended
+    with pytest.raises(TeacherCheckpointError, match="Cannot load the teacher checkpoint.*nope.pkl.*exists"):
+        load_teacher(kd.teacher, str(tmp_path / "nope.pkl"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherCheckpointError, match="Cannot load"):
+        load_teacher(kd.teacher, str(tmp_path / "bad.pth"))
+    # Class-count mismatch: an 80-class teacher checkpoint for a 3-class teacher.
+    other = instantiate(tiny_retinanet_cfg(width=32, fpn=128, num_classes=80))
+    torch.save({"model": other.state_dict()}, tmp_path / "coco.pth")
+    with pytest.raises(TeacherCheckpointError, match="shape mismatch.*cls_score.*class-count"):
+        load_teacher(kd.teacher, str(tmp_path / "coco.pth"))
+    # A checkpoint that leaves teacher parameters unloaded: missing keys are listed.
+    state = {k: v for k, v in kd.teacher.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    with pytest.raises(TeacherCheckpointError, match=r"leaves 12 teacher parameters unloaded: \['head\.cls_subnet\.0\.weight'"):
+        load_teacher(kd.teacher, str(tmp_path / "partial.pth"))
+
+
+def test_init_checkpoint_loads_student_only(tmp_path):
+    kd = _kd()
+    src = instantiate(tiny_retinanet_cfg())
+    for p in src.parameters():
+        p.data.uniform_()
+    _write_zoo_pkl(src, tmp_path / "student.pkl")
+    teacher_before = {k: v.clone() for k, v in kd.teacher.state_dict().items()}
+    load_student(kd.student, str(tmp_path / "student.pkl"))
+    assert _same_weights(kd.student, src)
+    assert all(torch.equal(v, kd.teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_path):
+    kd = _kd()
+    for p in kd.distillers.parameters():
+        p.data.fill_(0.5)
+    DetectionCheckpointer(kd, str(tmp_path)).save("model_0000009")
+    ckpt = torch.load(tmp_path / "model_0000009.pth", weights_only=False)
+    keys = ckpt["model"].keys()
+    assert not any(k.startswith("teacher") for k in keys)
+    assert any(k.startswith("distillers.pkd.adapters") for k in keys)
+
+    out = str(tmp_path / "student.pth")
+    state = export_student(str(tmp_path / "model_0000009.pth"), out)
+    assert state.keys() == kd.student.state_dict().keys()
+
+    # Stock detectron2: the student's own config + DetectionCheckpointer, no DetKD involved.
+    stock = instantiate(tiny_retinanet_cfg())
+    loaded = torch.load(out, weights_only=False)["model"]
+    incompatible = stock.load_state_dict(loaded, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    stock2 = instantiate(tiny_retinanet_cfg())
+    DetectionCheckpointer(stock2).load(out)
+    kd.eval(), stock2.eval()
+    inputs = make_inputs(n=2)
+    with torch.no_grad():
+        a, b = kd(inputs), stock2(inputs)
+    for x, y in zip(a, b):
+        assert len(x["instances"]) > 0
+        assert torch.equal(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor)
+        assert torch.equal(x["instances"].scores, y["instances"].scores)
+
+    # The wrapper's own export writes the same file contents.
+    kd.export_student(str(tmp_path / "direct.pth"))
+    direct = torch.load(tmp_path / "direct.pth", weights_only=False)["model"]
+    assert all(torch.equal(direct[k], loaded[k]) for k in loaded)
+    with pytest.raises(ValueError, match="no 'student.\\*' keys"):
+        export_student(out, str(tmp_path / "again.pth"))
+
+
+def test_student_init_from_a_run_checkpoint(tmp_path):
+    kd = _kd()
+    DetectionCheckpointer(kd, str(tmp_path)).save("run")
+    other = _kd()
+    for p in other.student.parameters():
+        p.data.zero_()
+    load_student(other.student, str(tmp_path / "run.pth"))
+    assert _same_weights(other.student, kd.student)
+
+
+def test_save_student_is_atomic(tmp_path):
+    student = instantiate(tiny_retinanet_cfg())
+    path = str(tmp_path / "sub" / "s.pth")
+    save_student(student, path)
+    assert os.listdir(tmp_path / "sub") == ["s.pth"]
+    data = torch.load(path, weights_only=False)
+    assert isinstance(data["model"]["head.cls_score.weight"], torch.Tensor)
+    assert np.isfinite(data["model"]["head.cls_score.weight"].numpy()).all()

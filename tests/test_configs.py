@@ -1,0 +1,47 @@
+"""Every config under configs/ loads, has the five names, and its model instantiates on CPU."""
+import glob
+import os
+
+import pytest
+
+from detectron2 import model_zoo
+from detectron2.config import LazyConfig, instantiate
+
+from conftest import REPO
+
+CONFIGS = sorted(
+    os.path.relpath(p, REPO)
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+    if not p.endswith("__init__.py") and os.sep + "common" + os.sep not in p
+)
+
+
+def test_configs_found():
+    assert len(CONFIGS) >= 8
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_instantiates(path):
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    for name in ("model", "dataloader", "optimizer", "lr_multiplier", "train"):
+        assert name in cfg, f"{path} lacks `{name}`"
+    model = instantiate(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    if hasattr(model, "teacher"):
+        assert all(not p.requires_grad for p in model.teacher.parameters())
+        assert cfg.train.teacher_checkpoint or cfg.train.get("teacher_random_init", False) or (
+            "demo" in path
+        ), f"{path}: a distillation config without train.teacher_checkpoint"
+
+
+def test_teacher_urls_are_the_model_zoo_checkpoints():
+    from configs.common import coco_kd  # noqa: F401  (plain import works: no relative imports)
+
+    zoo = {
+        "retinanet_R_101_FPN_3x": "COCO-Detection/retinanet_R_101_FPN_3x.yaml",
+        "faster_rcnn_R_101_FPN_3x": "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml",
+        "mask_rcnn_R_101_FPN_3x": "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml",
+    }
+    for key, url in coco_kd.TEACHERS.items():
+        expected = model_zoo.get_checkpoint_url(zoo[key])
+        assert url.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == expected

@@ -1,0 +1,153 @@
+"""DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
+import pytest
+import torch
+
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.solver.build import get_default_optimizer_params
+from detectron2.utils.events import EventStorage
+
+from detkd import DistillationDetector, PKDDistiller
+
+from conftest import build, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+
+
+def kd_cfg(teacher=None, student=None, **pkd):
+    return L(DistillationDetector)(
+        student=student or tiny_retinanet_cfg(),
+        teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
+        distillers={"pkd": L(PKDDistiller)(loss_weight=10.0, **pkd)},
+    )
+
+
+@pytest.fixture(scope="module")
+def kd_model():
+    torch.manual_seed(0)
+    return build(kd_cfg())
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_teacher_frozen_three_ways(kd_model):
+    model = kd_model
+    t = model.teacher
+    assert all(not p.requires_grad for p in t.parameters())
+    model.train()
+    assert model.training and model.student.training and not t.training
+    # BN of the teacher stays in eval: its running stats do not move during a train step.
+    bn = [m for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    with EventStorage():
+        losses = model(make_inputs())
+    assert torch.equal(bn.running_mean, before)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in t.parameters())
+    assert any(p.grad is not None for p in model.student.parameters())
+    assert all(p.grad is not None for p in model.distillers.parameters())  # adapters train
+
+
+def test_teacher_outputs_have_no_graph(kd_model):
+    images = kd_model.teacher_images(make_inputs())
+    from detkd.distiller import run_teacher
+
+    with torch.no_grad():
+        run_teacher(kd_model.teacher, images, kd_model._teacher_capture)
+    feats = kd_model._teacher_capture["backbone"]
+    assert all(f.grad_fn is None and not f.requires_grad for f in feats.values())
+
+
+def test_teacher_not_in_state_dict_optimizer_or_parameters(kd_model):
+    keys = kd_model.state_dict().keys()
+    assert keys and all(k.startswith(("student.", "distillers.")) for k in keys)
+    params = get_default_optimizer_params(kd_model)
+    n_opt = sum(len(g["params"]) for g in params)
+    n_trainable = len(list(kd_model.student.parameters())) + len(
+        list(kd_model.distillers.parameters())
+    )
+    assert n_opt == n_trainable
+    teacher_ids = {id(p) for p in kd_model.teacher.parameters()}
+    assert not teacher_ids & {id(p) for g in params for p in g["params"]}
+
+
+def test_teacher_moves_with_model():
+    model = build(kd_cfg())
+    model.double()
+    assert next(model.teacher.parameters()).dtype == torch.float64
+    assert model.teacher.pixel_mean.dtype == torch.float64
+    model.float()
+    assert next(model.teacher.parameters()).dtype == torch.float32
+
+
+def test_eval_runs_student_only_and_pkd_runs_teacher_backbone_only(kd_model):
+    t_backbone, h1 = _count_calls(kd_model.teacher.backbone)
+    t_head, h2 = _count_calls(kd_model.teacher.head)
+    s_head, h3 = _count_calls(kd_model.student.head)
+    try:
+        kd_model.eval()
+        with torch.no_grad():
+            out = kd_model(make_inputs())
+        assert "instances" in out[0]
+        assert (len(t_backbone), len(s_head)) == (0, 1)
+        kd_model.train()
+        with EventStorage():
+            kd_model(make_inputs())
+        assert (len(t_backbone), len(t_head), len(s_head)) == (1, 0, 2)
+    finally:
+        for h in (h1, h2, h3):
+            h.remove()
+
+
+def test_teacher_images_flip_and_normalize():
+    student = tiny_retinanet_cfg()
+    teacher = tiny_retinanet_cfg(width=32, fpn=128)
+    teacher.input_format = "RGB"
+    teacher.pixel_mean = [123.675, 116.28, 103.53]
+    teacher.pixel_std = [58.395, 57.12, 57.375]
+    model = build(kd_cfg(teacher=teacher, student=student))
+    assert model.flip_teacher_channels
+    inputs = make_inputs(n=1, size=(50, 70))
+    images = model.teacher_images(inputs)
+    raw = inputs[0]["image"].float()
+    expected = (raw.flip(0) - torch.tensor(teacher.pixel_mean).view(3, 1, 1)) / torch.tensor(
+        teacher.pixel_std
+    ).view(3, 1, 1)
+    assert images.tensor.shape[-2:] == (64, 96)  # padded to a multiple of 32
+    assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
+    assert images.image_sizes == [(50, 70)]
+
+
+def test_heterogeneous_faster_rcnn_teacher_retinanet_student_trains():
+    torch.manual_seed(0)
+    model = build(kd_cfg(teacher=tiny_faster_rcnn_cfg(fpn=32), pair_by="stride"))
+    pkd = model.distillers["pkd"]
+    assert pkd.pairs == [("p3", "p3"), ("p4", "p4"), ("p5", "p5"), ("p6", "p6")]
+    idx = build(kd_cfg(teacher=tiny_faster_rcnn_cfg(fpn=32), pair_by="index"))
+    assert idx.distillers["pkd"].pairs[0] == ("p3", "p2")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with EventStorage():
+        losses = model(make_inputs())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_pkd"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    opt.step()
+
+
+def test_empty_and_half_empty_batches_train(kd_model):
+    for empty in [(0,), (0, 1)]:
+        with EventStorage():
+            losses = kd_model(make_inputs(empty=empty))
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+
+
+def test_plain_dict_distiller_must_be_a_distiller():
+    with pytest.raises(TypeError, match="must subclass detkd.losses.Distiller"):
+        DistillationDetector(
+            student=instantiate(tiny_retinanet_cfg()),
+            teacher=instantiate(tiny_retinanet_cfg()),
+            distillers={"x": torch.nn.Identity()},
+        )

@@ -1,0 +1,132 @@
+"""PKD loss values against independent formulas, and level pairing of the distiller."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.layers import ShapeSpec
+
+from detkd.losses import PKDDistiller, pair_fpn_levels, pkd_level_loss, pkd_loss
+
+
+def _one_minus_pearson(s, t):
+    """mean over channels of (1 - r_c), r_c from numpy's corrcoef over all N*H*W values."""
+    C = s.shape[1]
+    s = s.transpose(0, 1).reshape(C, -1).double().numpy()
+    t = t.transpose(0, 1).reshape(C, -1).double().numpy()
+    r = [np.corrcoef(s[c], t[c])[0, 1] for c in range(C)]
+    return float(np.mean(1 - np.array(r))), s.shape[1]
+
+
+def test_pkd_equals_one_minus_pearson():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 6, 7, generator=g)
+    s = 0.5 * t + torch.randn(2, 5, 6, 7, generator=g)  # partly correlated
+    expected, M = _one_minus_pearson(s, t)
+    got = pkd_level_loss(s, t).item()
+    # L = (M-1)/M * mean_c(1 - r_c) exactly, up to the 1e-6 added to the std.
+    assert got == pytest.approx((M - 1) / M * expected, rel=1e-4)
+    assert 0.3 < got < 1.5
+
+
+def test_pkd_identical_and_anticorrelated():
+    t = torch.randn(3, 4, 5, 5)
+    assert pkd_level_loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+    M = 3 * 5 * 5
+    # r = -1 on every channel: loss = (M-1)/M * 2
+    assert pkd_level_loss(-t, t).item() == pytest.approx(2 * (M - 1) / M, rel=1e-4)
+
+
+def test_pkd_invariant_to_per_channel_affine_teacher():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    scale = torch.tensor([0.1, 3.0, 7.0, 0.5]).view(1, 4, 1, 1)
+    shift = torch.tensor([5.0, -2.0, 0.3, 100.0]).view(1, 4, 1, 1)
+    base = pkd_level_loss(s, t)
+    assert pkd_level_loss(s, t * scale + shift).item() == pytest.approx(base.item(), rel=1e-4)
+    assert pkd_level_loss(s * scale - shift, t).item() == pytest.approx(base.item(), rel=1e-4)
+    # but not to a sign flip of one channel
+    flip = torch.tensor([1.0, -1.0, 1.0, 1.0]).view(1, 4, 1, 1)
+    assert abs(pkd_level_loss(s, t * flip).item() - base.item()) > 1e-3
+
+
+def test_pkd_resizes_student_bilinearly_and_sums_levels():
+    g = torch.Generator().manual_seed(2)
+    s1, t1 = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 8, 10, generator=g)
+    s2, t2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    up = F.interpolate(s1, size=(8, 10), mode="bilinear", align_corners=False)
+    assert pkd_level_loss(s1, t1).item() == pytest.approx(pkd_level_loss(up, t1).item(), rel=1e-6)
+    total = pkd_loss([s1, s2], [t1, t2]).item()
+    assert total == pytest.approx(pkd_level_loss(up, t1).item() + pkd_level_loss(s2, t2).item(), rel=1e-6)
+
+
+def test_pkd_gradient_through_statistics():
+    # Gradients flow through the student's mean and std (not detached): check numerically.
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: pkd_level_loss(x, t), (s,))
+
+
+def _shapes(names, strides, channels):
+    return {n: ShapeSpec(channels=channels, stride=s) for n, s in zip(names, strides)}
+
+
+RCNN = _shapes(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64], 256)
+RETINA = _shapes(["p3", "p4", "p5", "p6", "p7"], [8, 16, 32, 64, 128], 256)
+
+
+def test_level_pairing_by_stride_and_index():
+    assert pair_fpn_levels(RETINA, RCNN, num_levels=4) == [
+        ("p3", "p3"), ("p4", "p4"), ("p5", "p5"), ("p6", "p6")
+    ]
+    assert pair_fpn_levels(RETINA, RCNN, num_levels=4, pair_by="index") == [
+        ("p3", "p2"), ("p4", "p3"), ("p5", "p4"), ("p6", "p5")
+    ]
+    assert len(pair_fpn_levels(RETINA, RCNN)) == 4  # all shared strides
+    with pytest.raises(ValueError, match="only 4 pairs"):
+        pair_fpn_levels(RETINA, RCNN, num_levels=5)
+    c5 = _shapes(["res5"], [32], 2048)
+    odd = _shapes(["q"], [12], 256)
+    with pytest.raises(ValueError, match="share no stride.*pair_by='index'"):
+        pair_fpn_levels(odd, c5)
+    with pytest.raises(ValueError, match="no feature.*'p9'"):
+        pair_fpn_levels(RETINA, RCNN, student_levels=["p9"])
+
+
+class _FakeBackbone(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self._shapes = shapes
+
+    def output_shape(self):
+        return self._shapes
+
+
+class _Det(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self.backbone = _FakeBackbone(shapes)
+
+
+def test_distiller_adapters_only_where_channels_differ_and_weight():
+    student = _Det(_shapes(["p3", "p4", "p5", "p6", "p7"], [8, 16, 32, 64, 128], 64))
+    teacher = _Det(RCNN)
+    d = PKDDistiller(loss_weight=6.0)
+    d.bind(student, teacher)
+    assert d.pairs == [("p3", "p3"), ("p4", "p4"), ("p5", "p5"), ("p6", "p6")]
+    assert sorted(d.adapters.keys()) == ["p3", "p4", "p5", "p6"]
+    assert d.adapters["p3"].in_channels == 64 and d.adapters["p3"].out_channels == 256
+    same = PKDDistiller(loss_weight=10.0)
+    same.bind(_Det(RETINA), teacher)
+    assert len(same.adapters) == 0
+
+    g = torch.Generator().manual_seed(4)
+    s_feats = {n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g) for n, sp in
+               zip(["p3", "p4", "p5", "p6", "p7"], [8, 8, 8, 8, 8])}
+    t_feats = {n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g) for n, sp in
+               zip(["p2", "p3", "p4", "p5", "p6"], [8, 8, 8, 8, 8])}
+    out = same({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)
+    expected = 10.0 * pkd_loss([s_feats[k] for k in ["p3", "p4", "p5", "p6"]],
+                               [t_feats[k] for k in ["p3", "p4", "p5", "p6"]])
+    assert out["loss_pkd"].item() == pytest.approx(expected.item(), rel=1e-6)
