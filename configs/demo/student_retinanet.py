@@ -4,7 +4,7 @@ from ..common.kd_train import train
 from ..common.models.tiny_retinanet import model
 from ..common.shapes_data import dataloader
 
-train.max_iter = 1500
+train.max_iter = 1000
 train.eval_period = 0  # evaluated once at the end
 train.checkpointer.period = 500
 train.log_period = 50

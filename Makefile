@@ -1,0 +1,25 @@
+# DetKD: each target bootstraps .venv (torch, detectron2, DetKD) on a fresh machine first;
+# a second run reuses it (dev/bootstrap.sh keeps a stamp of what it installed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+METHOD ?= pkd
+ITERS ?=
+
+.PHONY: venv demo test bench clean-demo
+
+venv:
+	@bash dev/bootstrap.sh
+
+# Train teacher, student alone, student + $(METHOD) (space-separated list allowed) on the
+# synthetic shapes data, evaluate all with COCOEvaluator, print the AP table.
+demo: venv
+	$(PY) -m detkd.demo --methods $(METHOD) $(if $(ITERS),--iters $(ITERS))
+
+test: venv
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: venv
+	$(PY) benchmarks/kd_overhead.py
+
+clean-demo:
+	rm -rf output/demo
