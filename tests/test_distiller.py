@@ -62,7 +62,8 @@ def test_teacher_outputs_have_no_graph(kd_model):
 
 def test_teacher_not_in_state_dict_optimizer_or_parameters(kd_model):
     keys = kd_model.state_dict().keys()
-    assert keys and all(k.startswith(("student.", "distillers.")) for k in keys)
+    # student, distillers, and the wrapper's own extra state (the student's EMA normaliser)
+    assert keys and all(k.startswith(("student.", "distillers.", "_extra_state")) for k in keys)
     params = get_default_optimizer_params(kd_model)
     n_opt = sum(len(g["params"]) for g in params)
     n_trainable = len(list(kd_model.student.parameters())) + len(
@@ -151,3 +152,11 @@ def test_plain_dict_distiller_must_be_a_distiller():
             teacher=instantiate(tiny_retinanet_cfg()),
             distillers={"x": torch.nn.Identity()},
         )
+
+
+def test_distillation_loss_in_fp32_under_autocast(kd_model):
+    kd_model.train()
+    with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = kd_model(make_inputs())
+    assert losses["loss_pkd"].dtype == torch.float32
+    assert torch.isfinite(losses["loss_pkd"])
