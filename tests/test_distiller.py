@@ -160,3 +160,19 @@ def test_distillation_loss_in_fp32_under_autocast(kd_model):
         losses = kd_model(make_inputs())
     assert losses["loss_pkd"].dtype == torch.float32
     assert torch.isfinite(losses["loss_pkd"])
+
+
+def test_pearson_diagnostic_matches_numpy(kd_model):
+    import numpy as np
+
+    kd_model.train()
+    inputs = make_inputs()
+    with EventStorage() as storage:
+        kd_model(inputs)
+        logged = storage.latest()
+    assert {f"kd_diag/pearson_p{k}" for k in (3, 4, 5, 6, 7)} <= set(logged)
+    with torch.no_grad():
+        s = kd_model.student.backbone(kd_model.student.preprocess_image(inputs).tensor)["p4"]
+        t = kd_model.teacher.backbone(kd_model.teacher_images(inputs).tensor)["p4"]
+    expected = np.corrcoef(s.mean(1).flatten().numpy(), t.mean(1).flatten().numpy())[0, 1]
+    assert logged["kd_diag/pearson_p4"][0] == pytest.approx(expected, abs=1e-4)

@@ -128,3 +128,17 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert sorted(hb) == [2, 3]
         for it in (2, 3):
             assert hb[it] == pytest.approx(ha[it], rel=1e-5), (key, it)
+
+
+def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
+    cfg = _small_cfg(tmp_path / "t", max_iter=1)
+    cfg.train.teacher_eval_at_start = True
+    trainer = _run(cfg)
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    assert "bbox" in hook.results
+    keys = trainer.storage.latest()
+    assert "teacher/bbox/AP" in keys or "teacher/bbox/AP50" in keys
+    assert (tmp_path / "t" / "inference_teacher").is_dir()
+    logged = _metrics(str(tmp_path / "t"))
+    assert any("teacher/bbox/AP50" in m for m in logged)
+    assert any("bbox/AP50" in m for m in logged)  # the student's own, separate

@@ -11,4 +11,6 @@ train.teacher_checkpoint = ""
 train.teacher_random_init = False
 # Write OUTPUT_DIR/model_final_student.pth (the student alone, for stock detectron2).
 train.export_student = True
+# Evaluate the loaded teacher once before training; logged as teacher/bbox/AP etc.
+train.teacher_eval_at_start = False
 train.seed = 0

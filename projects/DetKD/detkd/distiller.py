@@ -6,15 +6,17 @@ import logging
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import instantiate
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
+from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
 from .capture import FeatureCapture
-from .losses.base import DistillContext, Distiller, float_tensors
+from .losses.base import DistillContext, Distiller, float_tensors, pair_fpn_levels, put_scalar
 
 __all__ = ["DistillationDetector", "run_teacher"]
 
@@ -110,6 +112,7 @@ class DistillationDetector(nn.Module):
         teacher: nn.Module,
         distillers: Dict[str, Distiller],
         teacher_input_format: Optional[str] = None,
+        diag_period: int = 20,
     ):
         """
         Args:
@@ -123,6 +126,10 @@ class DistillationDetector(nn.Module):
             teacher_input_format (str or None): "RGB" or "BGR"; defaults to the teacher's
                 ``input_format`` attribute. When it differs from the student's, the channels of
                 the student's images are flipped for the teacher.
+            diag_period (int): every ``diag_period`` iterations, when some distiller reads the
+                backbone of both models, log the Pearson correlation between the student's and
+                the teacher's channel-mean activation maps of each level of equal stride
+                (``kd_diag/pearson_<level>``); 0 disables it.
         """
         super().__init__()
         self.student = student
@@ -152,6 +159,16 @@ class DistillationDetector(nn.Module):
         t_names = sorted({n for d in distillers.values() for n in d.teacher_taps(teacher)})
         self._student_capture = FeatureCapture(student, s_names)
         self._teacher_capture = FeatureCapture(teacher, t_names)
+
+        self.diag_period = diag_period
+        self._diag_pairs = []
+        if diag_period and "backbone" in s_names and "backbone" in t_names:
+            try:
+                self._diag_pairs = pair_fpn_levels(
+                    student.backbone.output_shape(), teacher.backbone.output_shape()
+                )
+            except ValueError:  # no level of equal stride: nothing to compare
+                pass
 
     @property
     def teacher(self) -> nn.Module:
@@ -240,6 +257,7 @@ class DistillationDetector(nn.Module):
         student_taps = self._student_capture.as_dict()
         self._student_capture.clear()
 
+        self._log_feature_correlation(student_taps, teacher_taps)
         # Distillation arithmetic in fp32, also under AMP (normalisation statistics).
         student_taps, teacher_taps = float_tensors(student_taps), float_tensors(teacher_taps)
         with torch.autocast(images.tensor.device.type, enabled=False):
@@ -250,6 +268,21 @@ class DistillationDetector(nn.Module):
                     raise KeyError(f"distiller '{name}' returned loss keys {clash} already used")
                 losses.update(d_losses)
         return losses
+
+    @torch.no_grad()
+    def _log_feature_correlation(self, student_taps, teacher_taps) -> None:
+        if not self._diag_pairs or not len(_CURRENT_STORAGE_STACK):
+            return
+        if _CURRENT_STORAGE_STACK[-1].iter % self.diag_period:
+            return
+        for s, t in self._diag_pairs:
+            a = student_taps["backbone"][s].float().mean(dim=1, keepdim=True)  # (N, 1, H, W)
+            b = teacher_taps["backbone"][t].float().mean(dim=1, keepdim=True)
+            if a.shape[-2:] != b.shape[-2:]:
+                a = F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=False)
+            a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+            r = (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12)
+            put_scalar(f"kd_diag/pearson_{s}", r)
 
     def export_student(self, path: str) -> None:
         """Write the student alone as a checkpoint that stock detectron2 loads. See

@@ -8,7 +8,9 @@ The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
 * ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
-* ``train.export_student``: write ``model_final_student.pth`` at the end of training.
+* ``train.export_student``: write ``model_final_student.pth`` at the end of training;
+* ``train.teacher_eval_at_start``: evaluate the loaded teacher before training
+  (:class:`TeacherEvalHook`, logged as ``teacher/bbox/AP`` ...).
 
 ``train.init_checkpoint`` loads into ``model.student`` only. ``model`` may also be a plain
 detector (e.g. training the teacher or a baseline), then the trainer is a LazyConfig version of
@@ -35,7 +37,7 @@ from detectron2.utils.registry import locate
 from .checkpoint import load_student, load_teacher, save_student
 from .distiller import DistillationDetector
 
-__all__ = ["KDTrainer", "ExportStudentHook", "unwrap_model", "student_of"]
+__all__ = ["KDTrainer", "ExportStudentHook", "TeacherEvalHook", "unwrap_model", "student_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,36 @@ class ExportStudentHook(hooks.HookBase):
             return
         save_student(student_of(self.trainer.model), self.path)
         logger.info(f"Student exported to {self.path}")
+
+
+class TeacherEvalHook(hooks.HookBase):
+    """
+    Before training, evaluate the loaded teacher once on ``dataloader.test`` with
+    ``dataloader.evaluator`` and log its results as ``teacher/<task>/<metric>`` (e.g.
+    ``teacher/bbox/AP``), never under the student's keys. Enabled by
+    ``train.teacher_eval_at_start=True``; results are also kept in ``self.results``.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.results = None
+
+    def before_train(self):
+        teacher = unwrap_model(self.trainer.model).teacher
+        folder = os.path.join(self.cfg.train.output_dir, "inference_teacher")
+        evaluator = KDTrainer.build_evaluator(self.cfg, output_folder=folder)
+        if evaluator is None:
+            return
+        self.results = KDTrainer.test(self.cfg, teacher, evaluator)
+        logger.info(f"Teacher evaluation before training: {dict(self.results)}")
+        if comm.is_main_process():
+            flat = {
+                f"teacher/{task}/{k}": v
+                for task, res in self.results.items()
+                for k, v in res.items()
+                if isinstance(v, (int, float))
+            }
+            self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
 
 
 class KDTrainer(DefaultTrainer):
@@ -127,6 +159,9 @@ class KDTrainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        is_kd = isinstance(unwrap_model(self.model), DistillationDetector)
+        if is_kd and cfg.train.get("teacher_eval_at_start", False):
+            ret.append(TeacherEvalHook(cfg))
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
 
@@ -135,9 +170,7 @@ class KDTrainer(DefaultTrainer):
             return self._last_eval_results
 
         ret.append(hooks.EvalHook(cfg.train.eval_period, test_and_save_results))
-        if isinstance(unwrap_model(self.model), DistillationDetector) and cfg.train.get(
-            "export_student", True
-        ):
+        if is_kd and cfg.train.get("export_student", True):
             ret.append(ExportStudentHook(cfg.train.output_dir))
         if comm.is_main_process():
             ret.append(
