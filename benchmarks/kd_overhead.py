@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""
+Cost of distillation per training iteration, for every method with a demo config.
+
+For each ``configs/demo/<method>_<detector>.py`` (and, with ``--large`` or on a GPU, the
+R50/R101 paper configs) this times, on one fixed batch:
+
+  (a) a training step of the student alone,
+  (b) the teacher's forward alone, as far as the method needs (``detkd.distiller.run_teacher``),
+  (c) a training step of the DistillationDetector (student + teacher + distiller),
+
+and prints ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
+beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10, D3ETR <= 1.15.
+On a GPU it also prints peak memory of (c) against (a) plus the teacher's weights (teacher
+activations must not be kept for backward). This is a benchmark, not a test: it prints ratios.
+
+Usage::
+
+    python benchmarks/kd_overhead.py [--iters 10] [--device cuda] [--large]
+"""
+import argparse
+import glob
+import os
+import time
+
+import torch
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import build_detection_train_loader
+from detectron2.utils.events import EventStorage, get_event_storage
+
+from detkd.distiller import run_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = {"pkd": 1.05, "reviewkd": 1.10, "gid": 1.10, "d3etr": 1.15}
+LARGE = {
+    "pkd": "configs/PKD/retinanet_R50_from_retinanet_R101_2x.py",
+    "reviewkd": "configs/ReviewKD/faster_rcnn_R50_from_faster_rcnn_R101.py",
+    "gid": "configs/GID/retinanet_R50_from_retinanet_R101_2x.py",
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, iters, device):
+    for _ in range(2):  # warm-up
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _peak(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def _batch(cfg, batch_size, image_size):
+    """One batch of the config's training data (shapes), or random images for COCO configs."""
+    if "coco" in str(cfg.dataloader.train.dataset.names):
+        from detectron2.structures import Boxes, Instances
+
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(batch_size):
+            inst = Instances((image_size, image_size))
+            xy = torch.rand(4, 2, generator=g) * image_size * 0.6
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + 32 + torch.rand(4, 2, generator=g) * 128], 1))
+            inst.gt_classes = torch.randint(0, 80, (4,), generator=g)
+            img = torch.randint(0, 256, (3, image_size, image_size), generator=g, dtype=torch.uint8)
+            out.append({"image": img, "height": image_size, "width": image_size, "instances": inst})
+        return out
+    cfg.dataloader.train.total_batch_size = batch_size
+    cfg.dataloader.train.num_workers = 0
+    return next(iter(instantiate(cfg.dataloader.train)))
+
+
+def bench(config, iters, device, batch_size, image_size):
+    cfg = LazyConfig.load(os.path.join(REPO, config))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    batch = _batch(cfg, batch_size, image_size)
+    student, teacher = model.student, model.teacher
+    opt_s = torch.optim.SGD(student.parameters(), lr=1e-5)
+    opt_kd = torch.optim.SGD(model.parameters(), lr=1e-5)
+
+    def student_step():
+        loss = sum(student(batch).values())
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+
+    def teacher_forward():
+        with torch.no_grad():
+            run_teacher(teacher, model.teacher_images(batch), model._teacher_capture)
+        model._teacher_capture.clear()
+
+    def kd_step():
+        get_event_storage().step()  # diagnostics run every `diag_period` iterations, as in training
+        loss = sum(model(batch).values())
+        opt_kd.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_kd.step()
+
+    with EventStorage():
+        # Interleave the three measurements twice so a busy machine affects all of them alike.
+        ts = [[], [], []]
+        for _ in range(2):
+            for k, fn in enumerate((student_step, teacher_forward, kd_step)):
+                ts[k].append(_timed(fn, iters, device))
+        t_s, t_t, t_kd = (min(t) for t in ts)
+        mem_s, mem_kd = _peak(student_step, device), _peak(kd_step, device)
+    t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    t_bytes += sum(b.numel() * b.element_size() for b in teacher.buffers())
+    return dict(student=t_s, teacher=t_t, kd=t_kd, mem_s=mem_s, mem_kd=mem_kd, t_bytes=t_bytes)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
+    parser.add_argument("--methods", nargs="*", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    runs = []
+    for path in sorted(glob.glob(os.path.join(REPO, "configs/demo/*_*.py"))):
+        name = os.path.basename(path)[:-3]
+        method = name.split("_")[0]
+        if name.startswith("_") or method in ("teacher", "student") or (
+            args.methods and method not in args.methods
+        ):
+            continue
+        runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None))
+    if args.large or device.type == "cuda":
+        for method, path in LARGE.items():
+            if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
+                runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640))
+
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    head = f"{'method':<9}{'setting':<46}{'student':>9}{'teacher':>9}{'kd':>9}{'ratio':>7}{'target':>7}"
+    head += f"{'mem ratio':>11}"
+    print(head)
+    print("-" * len(head))
+    for method, setting, path, bs, size in runs:
+        r = bench(path, args.iters, device, bs, size or 128)
+        ratio = r["kd"] / (r["student"] + r["teacher"])
+        mem = ""
+        if r["mem_s"] is not None:
+            mem = f"{r['mem_kd'] / (r['mem_s'] + r['t_bytes']):.2f}"
+        target = TARGETS.get(method, float("nan"))
+        print(
+            f"{method:<9}{setting:<46}{r['student'] * 1e3:>7.1f}ms{r['teacher'] * 1e3:>7.1f}ms"
+            f"{r['kd'] * 1e3:>7.1f}ms{ratio:>7.2f}{target:>7.2f}{mem:>11}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
