@@ -110,6 +110,15 @@ def main(argv=None):
     log("\n" + table + "\n")
     with open(os.path.join(out, "results.txt"), "w") as f:
         f.write(table + "\n")
+    if "pkd" in args.methods:
+        from .viz import main as viz
+
+        png = os.path.join(out, "pkd_fpn.png")
+        viz(["pkd", "--config", cfg(f"pkd_{args.detector}"),
+             "--teacher", os.path.join(teacher_dir, "model_final.pth"),
+             "--before", os.path.join(student_dir, "model_final.pth"),
+             "--after", os.path.join(out, f"pkd_{args.detector}", "model_final_student.pth"),
+             "--index", "3", "--out", png])
     log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "
         "its output folder.")

@@ -1,0 +1,204 @@
+"""
+Pictures of what distillation does (PNG files).
+
+* :func:`draw_fpn_activations` (PKD view): per FPN level, the max-over-channel activation maps
+  of the teacher, the student trained alone and the distilled student (the PKD paper's Fig. 1
+  style), with each student's Pearson correlation to the teacher.
+* :func:`draw_boxes`: boxes on an image with per-box colours and optional lines between
+  pairs, used by the GID view (selected general instances) and the D3ETR view (matched
+  teacher/student boxes).
+
+Command line::
+
+    python -m detkd.viz pkd --config configs/demo/pkd_retinanet.py \\
+        --teacher output/demo/teacher_retinanet/model_final.pth \\
+        --before output/demo/student_retinanet/model_final.pth \\
+        --after output/demo/pkd_retinanet/model_final_student.pth --out pkd_fpn.png
+"""
+import argparse
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["max_activation", "draw_fpn_activations", "draw_boxes", "main"]
+
+
+def max_activation(feat: torch.Tensor) -> np.ndarray:
+    """
+    Args:
+        feat (Tensor): one image's feature map, shape (C, H, W).
+
+    Returns:
+        ndarray: (H, W) max over channels, min-max normalised to [0, 1].
+    """
+    a = feat.detach().float().amax(dim=0).cpu().numpy()
+    return (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def draw_fpn_activations(
+    image: np.ndarray,
+    rows: Dict[str, Dict[str, torch.Tensor]],
+    levels: Sequence[str],
+    path: str,
+    reference: str = "teacher",
+) -> Dict[str, Dict[str, float]]:
+    """
+    Draw one row per model and one column per FPN level.
+
+    Args:
+        image (ndarray): (H, W, 3) RGB uint8 input image, shown in the first column.
+        rows (dict[str, dict[str, Tensor]]): model name -> FPN dict of one image,
+            each map (C, Hl, Wl). Levels of equal name must have equal sizes across rows.
+        levels (list[str]): the levels to draw, e.g. ["p3", "p4", "p5", "p6"].
+        path (str): output PNG.
+        reference (str): the row the others are correlated with.
+
+    Returns:
+        dict[str, dict[str, float]]: Pearson correlation of each row's max-activation map with
+        the reference row's, per level.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(len(names), len(levels) + 1, figsize=(2.2 * (len(levels) + 1), 2.2 * len(names)))
+    axes = np.atleast_2d(axes)
+    corr = {}
+    for r, name in enumerate(names):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+        corr[name] = {}
+        for c, lvl in enumerate(levels):
+            m = max_activation(rows[name][lvl])
+            corr[name][lvl] = _pearson(m, max_activation(rows[reference][lvl]))
+            ax = axes[r, c + 1]
+            ax.imshow(m, cmap="jet", vmin=0, vmax=1)
+            title = lvl if name == reference else f"{lvl}  r={corr[name][lvl]:.2f}"
+            ax.set_title(title, fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return corr
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    colors: Sequence[str],
+    path: str,
+    *,
+    labels: Optional[Sequence[str]] = None,
+    pairs: Optional[List[Tuple[int, int]]] = None,
+    gt_boxes: Optional[np.ndarray] = None,
+    title: str = "",
+    legend: Optional[Dict[str, str]] = None,
+) -> None:
+    """
+    Draw boxes on an image.
+
+    Args:
+        image (ndarray): (H, W, 3) RGB uint8.
+        boxes (ndarray): (R, 4) XYXY absolute.
+        colors (list[str]): one matplotlib colour per box.
+        labels (list[str] or None): text per box.
+        pairs (list[(int, int)] or None): draw a line between the centres of these boxes.
+        gt_boxes (ndarray or None): (G, 4) ground truth, drawn dashed white.
+        legend (dict[str, str] or None): label -> colour.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5 * image.shape[0] / image.shape[1]))
+    ax.imshow(image)
+    if gt_boxes is not None:
+        for x0, y0, x1, y1 in gt_boxes:
+            ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1.2))
+    for k, ((x0, y0, x1, y1), col) in enumerate(zip(boxes, colors)):
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=col, lw=1.5))
+        if labels is not None:
+            ax.text(x0, y0, labels[k], color=col, fontsize=6, va="bottom")
+    for i, j in pairs or []:
+        ci = (boxes[i, :2] + boxes[i, 2:]) / 2
+        cj = (boxes[j, :2] + boxes[j, 2:]) / 2
+        ax.plot([ci[0], cj[0]], [ci[1], cj[1]], color="yellow", lw=0.8)
+    if legend:
+        handles = [patches.Patch(color=c, label=n) for n, c in legend.items()]
+        ax.legend(handles=handles, fontsize=6, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _load_image(cfg, index: int):
+    from detectron2.config import instantiate
+
+    cfg.dataloader.test.num_workers = 0
+    loader = instantiate(cfg.dataloader.test)
+    for k, inputs in enumerate(loader):
+        if k == index:
+            return inputs
+    raise IndexError(index)
+
+
+def _pkd_view(args):
+    from detectron2.config import LazyConfig, instantiate
+
+    from .checkpoint import load_student, load_teacher
+
+    cfg = LazyConfig.load(args.config)
+    inputs = _load_image(cfg, args.index)
+    models = {}
+    teacher = instantiate(cfg.model.teacher).eval()
+    load_teacher(teacher, args.teacher)
+    models["teacher"] = teacher
+    for name, path in (("student alone", args.before), ("student + KD", args.after)):
+        student = instantiate(cfg.model.student).eval()
+        load_student(student, path)
+        models[name] = student
+    rows = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            images = m.preprocess_image(inputs)
+            rows[name] = {k: v[0] for k, v in m.backbone(images.tensor).items()}
+    img = inputs[0]["image"].permute(1, 2, 0).numpy()
+    if getattr(models["student alone"], "input_format", "BGR") == "BGR":
+        img = img[:, :, ::-1]
+    levels = args.levels or sorted(set(rows["teacher"]) & set(rows["student alone"]))[:4]
+    corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
+    print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="view", required=True)
+    p = sub.add_parser("pkd", help="FPN max-activation maps: teacher vs student before/after")
+    p.add_argument("--config", required=True, help="a distillation config (model.student/teacher)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--before", required=True, help="the student trained alone")
+    p.add_argument("--after", required=True, help="the distilled student")
+    p.add_argument("--index", type=int, default=0, help="test image index")
+    p.add_argument("--levels", nargs="*")
+    p.add_argument("--out", default="pkd_fpn.png")
+    args = parser.parse_args(argv)
+    if args.view == "pkd":
+        _pkd_view(args)
+
+
+if __name__ == "__main__":
+    main()
