@@ -1,3 +1,4 @@
 """Distillers and losses, one file per method."""
 from .base import DistillContext, Distiller, pair_fpn_levels
 from .pkd import PKDDistiller, pkd_level_loss, pkd_loss
+from .reviewkd import ABF, ReviewKDDistiller, hcl_loss, hcl_level_loss

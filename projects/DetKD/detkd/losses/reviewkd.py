@@ -1,0 +1,198 @@
+"""
+ReviewKD: knowledge review across FPN levels, :paper:`ReviewKD` ("Distilling Knowledge via
+Knowledge Review", Chen et al., CVPR 2021), detection setting (METHODS.md section 2).
+
+The student's FPN levels are reviewed from the deepest to the finest: an attention-based fusion
+(ABF) block merges each level with the fused result of the deeper levels, so the output at level
+k aggregates student levels k..deepest, and is compared with the teacher's level k by the
+hierarchical context loss (HCL). The fused maps serve the loss only: the student's heads still
+read its raw FPN features.
+
+Shape shorthand in this module:
+
+    N: number of images in the minibatch
+    Cs, Ct: channels of the student's / teacher's FPN levels
+    Cm: channels inside an ABF block
+    H, W: height and width of one level
+
+Naming convention:
+
+    x: a student level (N, Cs, H, W); residual: the deeper fused map before conv2 (N, Cm, h, w);
+    out: a fused map in the teacher's channels (N, Ct, H, W)
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.layers import Conv2d, get_norm
+
+from .base import Distiller, pair_fpn_levels, put_scalar
+
+__all__ = ["ABF", "hcl_loss", "hcl_level_loss", "ReviewKDDistiller"]
+
+_PYRAMID = ((4, 0.5), (2, 0.25), (1, 0.125))
+
+
+def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """
+    Hierarchical context loss of one level: full-resolution MSE plus MSE of adaptive-average-
+    pooled maps at 4x4, 2x2, 1x1 (weights 0.5, 0.25, 0.125), a pooling size being skipped when it
+    is not smaller than the map's height; normalised by the sum of the weights used.
+
+    Args:
+        student, teacher (Tensor): (N, C, H, W) of equal shape.
+
+    Returns:
+        Tensor: scalar.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"HCL: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
+    loss, total = F.mse_loss(student, teacher), 1.0
+    for size, weight in _PYRAMID:
+        if size >= student.shape[2]:
+            continue
+        loss = loss + weight * F.mse_loss(
+            F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+        )
+        total += weight
+    return loss / total
+
+
+def hcl_loss(
+    student_feats: Union[torch.Tensor, Sequence[torch.Tensor]],
+    teacher_feats: Union[torch.Tensor, Sequence[torch.Tensor]],
+) -> torch.Tensor:
+    """HCL summed over paired levels (each (N, C, H, W)). Returns a scalar."""
+    if isinstance(student_feats, torch.Tensor):
+        student_feats, teacher_feats = [student_feats], [teacher_feats]
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(f"HCL: {len(student_feats)} student vs {len(teacher_feats)} teacher levels")
+    return sum(hcl_level_loss(s, t) for s, t in zip(student_feats, teacher_feats))
+
+
+class ABF(nn.Module):
+    """
+    Attention-based fusion of one level (ReviewKD's ABF).
+
+    ``u = BN(conv1x1(x))``; if a residual from the deeper level is given, it is resized (nearest)
+    to ``u``'s size, two spatial attention maps ``a = sigmoid(conv1x1([u; r]))`` are predicted and
+    ``u = u * a0 + r * a1``; the output is ``BN(conv3x3(u))`` in the teacher's channels, and ``u``
+    is the residual handed to the next finer level.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, norm: str = "BN"):
+        """
+        Args:
+            in_channels (int): the student level's channels (Cs).
+            mid_channels (int): channels of the fused residual (Cm).
+            out_channels (int): the teacher level's channels (Ct).
+            fuse (bool): False for the deepest level (no residual input).
+            norm (str): detectron2 norm name for conv1/conv2 ("BN", "SyncBN", "GN", ...).
+        """
+        super().__init__()
+        self.conv1 = Conv2d(in_channels, mid_channels, 1, bias=False, norm=get_norm(norm, mid_channels))
+        self.conv2 = Conv2d(
+            mid_channels, out_channels, 3, padding=1, bias=False, norm=get_norm(norm, out_channels)
+        )
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+        self.att = Conv2d(2 * mid_channels, 2, 1) if fuse else None
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x (Tensor): student level, (N, Cs, H, W).
+            residual (Tensor or None): deeper fused map (N, Cm, h, w); required iff fusing.
+
+        Returns:
+            (out, residual): (N, Ct, H, W) compared with the teacher, and (N, Cm, H, W).
+        """
+        u = self.conv1(x)
+        if self.att is not None:
+            if residual is None:
+                raise ValueError("ABF built with fuse=True needs the deeper level's residual")
+            r = F.interpolate(residual, size=u.shape[-2:], mode="nearest")  # exact size: 25 -> 13 ok
+            a = torch.sigmoid(self.att(torch.cat([u, r], dim=1)))  # (N, 2, H, W)
+            u = u * a[:, 0:1] + r * a[:, 1:2]
+        return self.conv2(u), u
+
+
+class ReviewKDDistiller(Distiller):
+    """
+    Distill the FPN features of any detectron2 detector pair with :paper:`ReviewKD`.
+
+    Only the teacher's backbone (+FPN) runs. Student and teacher levels are paired by stride
+    (default, all shared levels) or by index; one :class:`ABF` per paired level maps the student's
+    channels to the teacher's, so differing channel counts (e.g. a 64- or 128-channel student FPN
+    against a 256-channel teacher) need no extra adapter. ABF parameters train with the student,
+    are saved in run checkpoints (``distillers.<name>.abfs.*``) and are dropped by student export.
+
+    Loss: ``loss_reviewkd = loss_weight * sum_k HCL(out_k, teacher_k)``; per-level values go to the
+    event storage as ``reviewkd/<student level>``.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_weight: float = 1.0,
+        num_levels: Optional[int] = None,
+        pair_by: str = "stride",
+        mid_channels: Optional[int] = None,
+        norm: str = "BN",
+    ):
+        """
+        Args:
+            loss_weight (float): lambda (R50 1.0, R18 1.2, MobileNetV2 2.0 for Faster R-CNN).
+            num_levels (int or None): review the first ``num_levels`` pairs (finest first); None
+                for all shared levels (p2-p6 / p3-p7 as the paper).
+            pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`.
+            mid_channels (int or None): ABF inner channels; default the teacher's channels.
+            norm (str): norm of the ABF convs ("SyncBN" for multi-GPU runs if wanted).
+        """
+        super().__init__()
+        self.loss_weight = loss_weight
+        self.num_levels = num_levels
+        self.pair_by = pair_by
+        self.mid_channels = mid_channels
+        self.norm = norm
+        self.pairs: List[Tuple[str, str]] = []
+        self.abfs = nn.ModuleDict()
+
+    def bind(self, student, teacher):
+        s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+        self.pairs = pair_fpn_levels(
+            s_shapes, t_shapes, num_levels=self.num_levels, pair_by=self.pair_by
+        )
+        deepest = self.pairs[-1][0]
+        for s, t in self.pairs:
+            mid = self.mid_channels or t_shapes[t].channels
+            self.abfs[s] = ABF(s_shapes[s].channels, mid, t_shapes[t].channels, fuse=s != deepest, norm=self.norm)
+
+    def review(self, student_feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """
+        Run the review chain, deepest level first.
+
+        Args:
+            student_feats (dict[str, Tensor]): the student's FPN dict.
+
+        Returns:
+            dict[str, Tensor]: fused map per paired student level, in the teacher's channels.
+        """
+        outs, residual = {}, None
+        for s, _ in reversed(self.pairs):
+            outs[s], residual = self.abfs[s](student_feats[s], residual)
+        return outs
+
+    def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
+        fused = self.review(student_taps["backbone"])
+        feats_t = teacher_taps["backbone"]
+        total = 0.0
+        for s, t in self.pairs:
+            level = hcl_level_loss(fused[s], feats_t[t])
+            put_scalar(f"reviewkd/{s}", level)
+            total = total + level
+        return {"loss_reviewkd": self.loss_weight * total}

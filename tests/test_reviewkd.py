@@ -1,0 +1,140 @@
+"""ReviewKD: HCL against explicit pooling, ABF shapes, review order, gradients, checkpoints."""
+import os
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.utils.events import EventStorage
+
+from detkd import DistillationDetector, export_student
+from detkd.engine import KDTrainer
+from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
+
+from conftest import load_config, make_inputs, tiny_retinanet_cfg
+
+
+def _pool(x, p):
+    """Adaptive average pooling written out: PyTorch's bins [floor(i*H/p), ceil((i+1)*H/p))."""
+    N, C, H, W = x.shape
+    out = torch.zeros(N, C, p, p, dtype=x.dtype)
+    for i in range(p):
+        h0, h1 = (i * H) // p, -((-(i + 1) * H) // p)
+        for j in range(p):
+            w0, w1 = (j * W) // p, -((-(j + 1) * W) // p)
+            out[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(dim=(2, 3))
+    return out
+
+
+def _hcl_reference(s, t):
+    terms = [(((s - t) ** 2).mean(), 1.0)]
+    for p, w in ((4, 0.5), (2, 0.25), (1, 0.125)):
+        if p < s.shape[2]:
+            terms.append((((_pool(s, p) - _pool(t, p)) ** 2).mean(), w))
+    return sum(v * w for v, w in terms) / sum(w for _, w in terms)
+
+
+@pytest.mark.parametrize("size", [(13, 21), (7, 9), (3, 5), (1, 2)])
+def test_hcl_matches_explicit_pooling(size):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    assert hcl_level_loss(s, t).item() == pytest.approx(_hcl_reference(s, t).item(), rel=1e-10)
+
+
+def test_hcl_all_terms_weights_and_sum_over_levels():
+    # A constant offset d gives MSE d^2 at every pooling size: the normalised sum is d^2.
+    t = torch.randn(2, 4, 16, 16)
+    assert hcl_level_loss(t + 0.5, t).item() == pytest.approx(0.25, rel=1e-5)
+    # Zero-mean noise per 4x4 cell only shows at full resolution: 1.0 / 1.875 of the MSE.
+    noise = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8).expand(2, 4, 16, 16)
+    assert hcl_level_loss(t + noise, t).item() == pytest.approx(1.0 / 1.875, rel=1e-5)
+    a, b = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)
+    assert hcl_loss([a, b], [a * 0, b * 0]).item() == pytest.approx(
+        hcl_level_loss(a, a * 0).item() + hcl_level_loss(b, b * 0).item(), rel=1e-6
+    )
+
+
+def test_abf_shapes_with_mismatched_channels_and_deepest_level():
+    deepest = ABF(64, 96, 256, fuse=False)
+    out, res = deepest(torch.randn(2, 64, 13, 21))
+    assert out.shape == (2, 256, 13, 21) and res.shape == (2, 96, 13, 21)
+    assert deepest.att is None
+    finer = ABF(64, 96, 256, fuse=True)
+    out2, res2 = finer(torch.randn(2, 64, 25, 42), res)  # odd sizes: 13 -> 25
+    assert out2.shape == (2, 256, 25, 42) and res2.shape == (2, 96, 25, 42)
+    with pytest.raises(ValueError, match="residual"):
+        finer(torch.randn(2, 64, 25, 42))
+
+
+def _kd(student=None, teacher=None, **kw):
+    torch.manual_seed(0)
+    return instantiate(
+        L(DistillationDetector)(
+            student=student or tiny_retinanet_cfg(),
+            teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={"reviewkd": L(ReviewKDDistiller)(**kw)},
+        )
+    ).train()
+
+
+def test_review_order_deepest_first():
+    model = _kd()
+    d = model.distillers["reviewkd"]
+    assert [s for s, _ in d.pairs] == ["p3", "p4", "p5", "p6", "p7"]
+    assert d.abfs["p7"].att is None and d.abfs["p3"].att is not None
+    d.eval()  # BN in eval: outputs depend on the inputs only
+    feats = {f"p{k}": torch.randn(2, 64, 2 ** (8 - k), 2 ** (8 - k)) for k in range(3, 8)}
+    base = d.review(feats)
+    deep = d.review(dict(feats, p7=feats["p7"] + 1.0))
+    fine = d.review(dict(feats, p3=feats["p3"] + 1.0))
+    assert all(not torch.allclose(deep[k], base[k]) for k in base)  # reaches every level
+    assert not torch.allclose(fine["p3"], base["p3"])
+    assert all(torch.equal(fine[k], base[k]) for k in ("p4", "p5", "p6", "p7"))
+
+
+def test_gradients_reach_student_and_abf_not_teacher():
+    model = _kd()
+    with EventStorage():
+        losses = model(make_inputs())
+    assert losses["loss_reviewkd"] > 0
+    losses["loss_reviewkd"].backward()
+    assert all(p.grad is not None for p in model.distillers.parameters())
+    assert model.student.backbone.fpn_output3.weight.grad is not None
+    assert model.student.head.cls_score.weight.grad is None  # the head never sees ABF outputs
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_checkpoint_round_trip_and_export_without_abf(tmp_path):
+    model = _kd()
+    for p in model.distillers.parameters():
+        p.data.normal_()
+    DetectionCheckpointer(model, str(tmp_path)).save("run")
+    other = _kd()
+    DetectionCheckpointer(other).load(str(tmp_path / "run.pth"))
+    for (k, a), b in zip(model.distillers.state_dict().items(), other.distillers.state_dict().values()):
+        assert torch.equal(a, b), k
+    state = export_student(str(tmp_path / "run.pth"), str(tmp_path / "student.pth"))
+    assert not any("abf" in k for k in state)
+    fresh = instantiate(tiny_retinanet_cfg())
+    inc = fresh.load_state_dict(torch.load(tmp_path / "student.pth", weights_only=False)["model"])
+    assert not inc.missing_keys and not inc.unexpected_keys
+
+
+def test_demo_config_trains_through_kdtrainer(tmp_path):
+    cfg = load_config("configs/demo/reviewkd_retinanet.py")
+    cfg.train.update(output_dir=str(tmp_path), max_iter=3, teacher_checkpoint="",
+                     teacher_random_init=True, log_period=1, device="cpu")
+    cfg.dataloader.train.dataset.names.num_images = 16
+    cfg.dataloader.test.dataset.names.num_images = 8
+    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
+    cfg.dataloader.test.num_workers = 0
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert "bbox" in results
+    values = [v for v, _ in trainer.storage.history("loss_reviewkd").values()]
+    assert len(values) == 3 and all(v > 0 and v == v for v in values)
+    assert os.path.isfile(tmp_path / "model_final_student.pth")
