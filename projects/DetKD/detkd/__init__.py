@@ -3,6 +3,6 @@ from .capture import FeatureCapture
 from .checkpoint import export_student, load_student, load_teacher
 from .distiller import DistillationDetector
 from .engine import KDTrainer
-from .losses import Distiller, PKDDistiller, ReviewKDDistiller, pkd_loss
+from .losses import D3ETRDistiller, Distiller, GIDDistiller, PKDDistiller, ReviewKDDistiller, pkd_loss
 
 __version__ = "0.1.0"

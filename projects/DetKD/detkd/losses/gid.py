@@ -1,0 +1,367 @@
+"""
+GID: General Instance Distillation, :paper:`GID` ("General Instance Distillation for Object
+Detection", Dai et al., CVPR 2021); METHODS.md section 3.
+
+Each iteration, general instances (GIs) are selected where teacher and student disagree most
+(GISM); then three kinds of knowledge are distilled on them: ROIAlign features, the relation
+between the features of an image's GIs, and the dense head's responses at the predictions that
+the detector's own label assignment would make positive for the GI boxes.
+
+Shape shorthand in this module:
+
+    N: number of images
+    R: number of dense predictions of one image (anchors or locations, all levels)
+    K: number of classes (1 for RPN objectness)
+    G: number of GIs of one image (<= topk); Gt: of the whole batch
+    C: teacher FPN channels; S: pooled size (10)
+
+Naming convention:
+
+    scores (N, R, K) sigmoid probabilities; boxes (N, R, 4) absolute XYXY;
+    anchors: list[Boxes] per level (R_l, 4); logits / deltas (N, R, K) / (N, R, 4)
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling.meta_arch import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.fcos import FCOS
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.structures import Boxes, pairwise_iou
+
+from .base import Distiller, pair_fpn_levels, put_scalar
+
+__all__ = [
+    "GIDDistiller",
+    "select_general_instances",
+    "relation_loss",
+    "dense_outputs",
+]
+
+
+def dense_outputs(model: nn.Module, taps: Dict) -> Dict:
+    """
+    Flatten a detector's dense predictions captured by hooks.
+
+    Args:
+        model: a RetinaNet, FCOS, or GeneralizedRCNN (its RPN).
+        taps (dict): outputs of :func:`GIDDistiller.taps` of ``model``.
+
+    Returns:
+        dict with "logits" (N, R, K), "deltas" (N, R, 4), "anchors" (list[Boxes] per level),
+        "boxes" (N, R, 4) decoded XYXY, "num_anchors" (list[int], anchors per location per level).
+    """
+    if isinstance(model, GeneralizedRCNN):
+        rpn = model.proposal_generator
+        objectness, deltas = taps["proposal_generator.rpn_head"]
+        logits = cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1)[..., None]
+        deltas = cat([permute_to_N_HWA_K(d, 4) for d in deltas], dim=1)  # (N, R, 4)
+        anchors, b2b, gen = taps["proposal_generator.anchor_generator"], rpn.box2box_transform, rpn.anchor_generator
+    else:
+        dims = [model.num_classes, 4, 1] if isinstance(model, FCOS) else [model.num_classes, 4]
+        preds = model._transpose_dense_predictions(taps["head"], dims)
+        logits, deltas = cat(preds[0], dim=1), cat(preds[1], dim=1)  # (N, R, K), (N, R, 4)
+        anchors, b2b, gen = taps["anchor_generator"], model.box2box_transform, model.anchor_generator
+    N, R = deltas.shape[:2]
+    all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
+    boxes = b2b.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(N, R, 4)
+    return dict(logits=logits, deltas=deltas, anchors=anchors, boxes=boxes, num_anchors=list(gen.num_anchors))
+
+
+@torch.no_grad()
+def select_general_instances(
+    t_scores: torch.Tensor,
+    s_scores: torch.Tensor,
+    t_boxes: torch.Tensor,
+    s_boxes: torch.Tensor,
+    image_sizes: List[Tuple[int, int]],
+    *,
+    topk: int = 10,
+    nms_thresh: float = 0.3,
+    min_size: float = 10.0,
+    pre_nms_topk: int = 3000,
+) -> List[Tuple[Boxes, torch.Tensor]]:
+    """
+    General Instance Selection Module (GISM), paper form.
+
+    GI score of prediction r: ``max_c |P_t[r, c] - P_s[r, c]|``; GI box: the box of whichever
+    model is more confident there (``max_c P_t > max_c P_s`` -> teacher's box). Per image: clip
+    to the image, drop boxes with a side <= ``min_size``, keep the ``pre_nms_topk`` best, run
+    class-agnostic NMS at ``nms_thresh`` and keep the ``topk`` best.
+
+    Args:
+        t_scores, s_scores (Tensor): (N, R, K) probabilities at the same predictions.
+        t_boxes, s_boxes (Tensor): (N, R, 4) XYXY boxes decoded by each model.
+        image_sizes (list[(h, w)]): unpadded image sizes.
+
+    Returns:
+        list[(Boxes, Tensor)]: per image, the GI boxes (G, 4) and GI scores (G,), best first,
+        G <= topk (0 for an image where nothing survives).
+    """
+    gi = (t_scores - s_scores).abs().amax(dim=-1)  # (N, R)
+    teacher_wins = t_scores.amax(dim=-1) > s_scores.amax(dim=-1)  # (N, R)
+    boxes = torch.where(teacher_wins[..., None], t_boxes, s_boxes)  # (N, R, 4)
+    out = []
+    for i, size in enumerate(image_sizes):
+        b = Boxes(boxes[i].clone())
+        b.clip(size)
+        wh = b.tensor[:, 2:] - b.tensor[:, :2]
+        keep = (wh > min_size).all(dim=1).nonzero().squeeze(1)
+        scores = gi[i, keep]
+        if scores.numel() > pre_nms_topk:
+            scores, idx = scores.topk(pre_nms_topk)
+            keep = keep[idx]
+        cand = b.tensor[keep]
+        kept = batched_nms(cand, scores, torch.zeros_like(scores, dtype=torch.long), nms_thresh)[:topk]
+        out.append((Boxes(cand[kept]), scores[kept]))
+    return out
+
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """(G, D) -> (G, G) Euclidean distances, sqrt(max(d^2, 1e-12)) with a zero diagonal."""
+    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)  # (G, G)
+    d = d2.clamp(min=1e-12).sqrt()
+    return d * (1 - torch.eye(len(x), device=x.device, dtype=x.dtype))
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """
+    GID relation loss of one image (RKD distance loss with Huber beta = 1).
+
+    ``D_ij`` = Euclidean distance between the GI features i and j, normalised by the mean of the
+    positive off-diagonal distances (phi); loss = mean over i != j of
+    ``SmoothL1(D_s_ij / phi_s, D_t_ij / phi_t)``; 0 when there are fewer than 3 instances.
+
+    Args:
+        student, teacher (Tensor): (G, D) flattened GI features.
+
+    Returns:
+        Tensor: scalar.
+    """
+    G = student.shape[0]
+    if G < 3:
+        return student.sum() * 0.0
+    ds, dt = _pairwise_distances(student), _pairwise_distances(teacher)
+    off = ~torch.eye(G, dtype=torch.bool, device=student.device)
+
+    def normalize(d):
+        pos = d[off & (d > 0)]
+        return d / pos.mean().clamp(min=1e-12) if pos.numel() else d
+
+    return F.smooth_l1_loss(normalize(ds)[off], normalize(dt.detach())[off], beta=1.0)
+
+
+class GIDDistiller(Distiller):
+    """
+    Distill with :paper:`GID`: GI selection, ROIAlign feature, relation and response losses.
+
+    Works for RetinaNet, FCOS (dense head) and GeneralizedRCNN (RPN objectness and anchors)
+    students and teachers. GISM needs both models' predictions at the same anchors/locations:
+    the same detector family with the same anchor generator and class count (checked in
+    :meth:`bind`, with a clear error). Feature and relation terms also work across FPN channel
+    counts (a trainable 1x1 adapter after ROIAlign, identity-initialised when channels are equal
+    — [INFER]: linear as the paper says, and cheaper than the port's 3x3 conv on whole maps).
+
+    Loss keys: ``loss_gid_feat``, ``loss_gid_relation``, ``loss_gid_response_cls``,
+    ``loss_gid_response_reg``. Event storage: ``gid/num_instances`` (GIs per image) and
+    ``gid/gt_overlap_ratio`` (share of GIs with IoU > 0.5 with a ground-truth box).
+    """
+
+    def __init__(
+        self,
+        *,
+        feat_weight: float = 5e-4,
+        relation_weight: float = 40.0,
+        response_cls_weight: float = 0.1,
+        response_reg_weight: float = 1.0,
+        response: bool = True,
+        topk: int = 10,
+        nms_thresh: float = 0.3,
+        min_size: float = 10.0,
+        pre_nms_topk: int = 3000,
+        pooler_resolution: int = 10,
+        num_levels: Optional[int] = None,
+    ):
+        """
+        Args:
+            feat_weight, relation_weight (float): lambda_1, lambda_2 (METHODS.md 3.5).
+            response_cls_weight, response_reg_weight (float): lambda_3 * alpha, lambda_3 * beta.
+            response (bool): distill the head's responses (needs identical anchors and classes).
+            topk (int): GIs per image (K). nms_thresh (float): GI NMS IoU.
+            min_size (float): drop GI boxes with a side <= min_size pixels.
+            pre_nms_topk (int): candidates per image before NMS.
+            pooler_resolution (int): ROIAlign output size.
+            num_levels (int or None): FPN levels used for ROIAlign (finest first; pairs of
+                equal stride), e.g. 4 for Faster R-CNN (p2-p5); None for all shared levels.
+        """
+        super().__init__()
+        self.weights = dict(feat=feat_weight, relation=relation_weight,
+                            cls=response_cls_weight, reg=response_reg_weight)
+        self.response = response
+        self.topk, self.nms_thresh, self.min_size, self.pre_nms_topk = topk, nms_thresh, min_size, pre_nms_topk
+        self.pooler_resolution = pooler_resolution
+        self.num_levels = num_levels
+        self.pairs: List[Tuple[str, str]] = []
+        self.adapter: Optional[nn.Conv2d] = None
+
+    @staticmethod
+    def taps(model) -> List[str]:
+        """The submodules whose outputs GID reads on ``model``."""
+        if isinstance(model, GeneralizedRCNN):
+            return ["backbone", "proposal_generator.rpn_head", "proposal_generator.anchor_generator"]
+        return ["backbone", "head", "anchor_generator"]
+
+    def student_taps(self, student):
+        return self.taps(student)
+
+    def teacher_taps(self, teacher):
+        return self.taps(teacher)
+
+    @staticmethod
+    def _anchors_of(model):
+        """The anchor generator whose anchors index the dense predictions of ``model``."""
+        if isinstance(model, GeneralizedRCNN):
+            return model.proposal_generator.anchor_generator
+        return model.anchor_generator
+
+    @classmethod
+    def _same_anchors(cls, a, b) -> bool:
+        ga, gb = cls._anchors_of(a), cls._anchors_of(b)
+        return (
+            list(ga.strides) == list(gb.strides)
+            and ga.offset == gb.offset
+            and len(ga.cell_anchors) == len(gb.cell_anchors)
+            and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ga.cell_anchors, gb.cell_anchors))
+        )
+
+    def bind(self, student, teacher):
+        for side, m in (("student", student), ("teacher", teacher)):
+            if not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator"):
+                raise TypeError(f"GID: the {side} ({type(m).__name__}) has no dense head or RPN")
+        same_family = isinstance(student, GeneralizedRCNN) == isinstance(teacher, GeneralizedRCNN) and (
+            isinstance(student, FCOS) == isinstance(teacher, FCOS)
+        )
+        k = lambda m: 1 if isinstance(m, GeneralizedRCNN) else m.num_classes  # noqa: E731
+        problems = []
+        if not same_family:
+            problems.append(f"different heads ({type(student).__name__} vs {type(teacher).__name__})")
+        elif not self._same_anchors(student, teacher):
+            problems.append("different anchors")
+        if k(student) != k(teacher):
+            problems.append(f"different class counts ({k(student)} vs {k(teacher)})")
+        if problems:
+            raise ValueError(
+                "GID selects general instances from teacher and student predictions at the same "
+                f"anchors/locations, and distills responses there; this pair has {', '.join(problems)}. "
+                "Use a student and teacher of the same detector family, anchors and classes; for "
+                "such heterogeneous pairs use PKD or ReviewKD (response=False only removes the "
+                "response term, selection still needs aligned predictions)."
+            )
+        s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+        self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels)
+        strides = [s_shapes[s].stride for s, _ in self.pairs]
+        self.pooler = ROIPooler(
+            output_size=self.pooler_resolution,
+            scales=[1.0 / s for s in strides],
+            sampling_ratio=2,
+            pooler_type="ROIAlignV2",
+            canonical_box_size=224,
+            canonical_level=4,
+        )
+        cs = {s_shapes[s].channels for s, _ in self.pairs}
+        ct = {t_shapes[t].channels for _, t in self.pairs}
+        if len(cs) != 1 or len(ct) != 1:
+            raise ValueError(f"GID: FPN levels must share one channel count per model ({cs}, {ct})")
+        cs, ct = cs.pop(), ct.pop()
+        self.adapter = nn.Conv2d(cs, ct, kernel_size=1)
+        if cs == ct:
+            with torch.no_grad():
+                self.adapter.weight.copy_(torch.eye(ct)[:, :, None, None])
+                self.adapter.bias.zero_()
+
+    def box_levels(self, boxes: List[Boxes]) -> List[str]:
+        """The student FPN level each box is pooled from (detectron2's ROIPooler rule)."""
+        idx = assign_boxes_to_levels(
+            boxes, self.pooler.min_level, self.pooler.max_level,
+            self.pooler.canonical_box_size, self.pooler.canonical_level,
+        )
+        return [self.pairs[int(i)][0] for i in idx]
+
+    def _response_mask(self, student, anchors: List[Boxes], gi_boxes: List[Boxes]) -> torch.Tensor:
+        """(N, R) bool: predictions the student's own label assignment makes positive for the
+        GI boxes taken as ground truth."""
+        all_anchors = Boxes.cat(anchors)
+        masks = []
+        for b in gi_boxes:
+            if len(b) == 0:
+                masks.append(torch.zeros(len(all_anchors), dtype=torch.bool, device=all_anchors.device))
+            elif isinstance(student, FCOS):
+                masks.append(student._match_anchors(b, anchors).amax(dim=0) > 0)
+            else:
+                matcher = (
+                    student.proposal_generator.anchor_matcher
+                    if isinstance(student, GeneralizedRCNN) else student.anchor_matcher
+                )
+                _, labels = matcher(pairwise_iou(b, all_anchors))
+                masks.append(labels == 1)
+        return torch.stack(masks)
+
+    def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
+        student, teacher = ctx.student, ctx.teacher
+        s_out, t_out = dense_outputs(student, student_taps), dense_outputs(teacher, teacher_taps)
+        image_sizes = ctx.teacher_images.image_sizes
+        selected = select_general_instances(
+            t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid(),
+            t_out["boxes"], s_out["boxes"], image_sizes,
+            topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size,
+            pre_nms_topk=self.pre_nms_topk,
+        )
+        gi_boxes = [b for b, _ in selected]
+        self._log_selection(gi_boxes, ctx)
+
+        # Feature and relation: ROIAlign of the GI boxes on both FPNs.
+        s_feats = [student_taps["backbone"][s] for s, _ in self.pairs]
+        t_feats = [teacher_taps["backbone"][t] for _, t in self.pairs]
+        s_roi = self.adapter(self.pooler(s_feats, gi_boxes))  # (Gt, C, S, S)
+        t_roi = self.pooler(t_feats, gi_boxes)
+        n_total = s_roi.shape[0]
+        if n_total:
+            feat = (s_roi - t_roi).pow(2).sum() / (n_total * self.pooler_resolution**2)
+        else:
+            feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        rel, start, n_img = s_roi.sum() * 0.0, 0, 0
+        for b in gi_boxes:
+            g = len(b)
+            if g >= 3:
+                rel = rel + relation_loss(s_roi[start:start + g].flatten(1), t_roi[start:start + g].flatten(1))
+                n_img += 1
+            start += g
+        losses = {
+            "loss_gid_feat": self.weights["feat"] * feat,
+            "loss_gid_relation": self.weights["relation"] * rel / max(n_img, 1),
+        }
+        if self.response:
+            mask = self._response_mask(student, s_out["anchors"], gi_boxes)  # (N, R)
+            n_pos = mask.sum().clamp(min=1)
+            s_logits, t_logits = s_out["logits"][mask], t_out["logits"][mask]  # (P, K)
+            cls = F.binary_cross_entropy_with_logits(s_logits, t_logits.sigmoid(), reduction="sum")
+            reg = (s_out["deltas"][mask] - t_out["deltas"][mask]).abs().sum()
+            put_scalar("gid/num_response_positives", mask.sum().float() / len(mask))
+            losses["loss_gid_response_cls"] = self.weights["cls"] * cls / n_pos
+            losses["loss_gid_response_reg"] = self.weights["reg"] * reg / n_pos
+        return losses
+
+    def _log_selection(self, gi_boxes: List[Boxes], ctx) -> None:
+        n = sum(len(b) for b in gi_boxes)
+        put_scalar("gid/num_instances", n / max(len(gi_boxes), 1))
+        overlap = 0
+        for b, x in zip(gi_boxes, ctx.batched_inputs):
+            gt = x.get("instances")
+            if len(b) and gt is not None and len(gt):
+                overlap += int((pairwise_iou(b, gt.gt_boxes.to(b.device)).amax(dim=1) > 0.5).sum())
+        if n:
+            put_scalar("gid/gt_overlap_ratio", overlap / n)

@@ -1,0 +1,173 @@
+"""GID: GI selection on hand-built maps, relation loss formula, FPN levels, response mask."""
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.structures import Boxes
+from detectron2.utils.events import EventStorage
+
+from detkd import DistillationDetector
+from detkd.engine import KDTrainer
+from detkd.losses import GIDDistiller, relation_loss, select_general_instances
+
+from conftest import load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+
+
+def test_selection_winners_nms_topk_and_empty_images():
+    # 5 predictions, 2 classes, image 100x100.
+    t = torch.tensor([[0.9, 0.1], [0.2, 0.1], [0.5, 0.5], [0.0, 0.8], [0.3, 0.3]])
+    s = torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.5, 0.4], [0.0, 0.1], [0.3, 0.3]])
+    # GI scores: 0.8, 0.7, 0.1, 0.7, 0.0
+    tb = torch.tensor([[0, 0, 40, 40], [50, 50, 90, 90], [10, 60, 30, 90], [2, 2, 41, 41], [0, 0, 5, 5]], dtype=torch.float)
+    sb = tb + torch.tensor([1.0, 1.0, 1.0, 1.0])
+    sel = select_general_instances(t[None], s[None], tb[None], sb[None], [(100, 100)], topk=10, min_size=10)
+    boxes, scores = sel[0]
+    # r=3 (0.7) overlaps r=0 (0.8) at IoU > 0.3 and is suppressed; r=4 is too small (5 px).
+    assert scores.tolist() == pytest.approx([0.8, 0.7, 0.1])
+    # r=0: teacher more confident (0.9 > 0.1) -> teacher box; r=1: student -> student box;
+    # r=2: 0.5 vs 0.5 is not "teacher higher" -> student box.
+    assert boxes.tensor.tolist() == [tb[0].tolist(), sb[1].tolist(), sb[2].tolist()]
+    top1 = select_general_instances(t[None], s[None], tb[None], sb[None], [(100, 100)], topk=1)
+    assert len(top1[0][0]) == 1 and top1[0][1].item() == pytest.approx(0.8)
+    # Clipping to a 30x30 image leaves no box wider than 10 px except r=0 and r=3.
+    clipped = select_general_instances(t[None], s[None], tb[None], sb[None], [(30, 30)], topk=10)
+    assert clipped[0][0].tensor.tolist() == [[0, 0, 30, 30]]
+    empty = select_general_instances(t[None], s[None], tb[None], sb[None], [(100, 100)], min_size=60)
+    assert len(empty[0][0]) == 0 and empty[0][1].numel() == 0
+
+
+def _relation_reference(s, t):
+    n = len(s)
+    def dist(x):
+        return [[math.dist(x[i].tolist(), x[j].tolist()) for j in range(n)] for i in range(n)]
+    ds, dt = dist(s), dist(t)
+    phi_s = sum(ds[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    phi_t = sum(dt[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                d = abs(ds[i][j] / phi_s - dt[i][j] / phi_t)
+                total += 0.5 * d * d if d < 1 else d - 0.5
+    return total / (n * n - n)
+
+
+def test_relation_loss_formula_scale_invariance_and_small_sets():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    assert relation_loss(3.0 * t, t).item() == pytest.approx(0.0, abs=1e-10)
+    s = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    got = relation_loss(s, t).item()
+    assert got > 0.01
+    assert got == pytest.approx(_relation_reference(s, t), rel=1e-9)
+    assert relation_loss(s[:2], t[:2]).item() == 0.0
+
+
+def _kd(student=None, teacher=None, **kw):
+    torch.manual_seed(0)
+    return instantiate(
+        L(DistillationDetector)(
+            student=student or tiny_retinanet_cfg(),
+            teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={"gid": L(GIDDistiller)(**kw)},
+        )
+    ).train()
+
+
+def test_fpn_level_of_known_box_sizes():
+    d = _kd().distillers["gid"]
+    sizes = [224, 112, 448, 56, 2000, 16]
+    boxes = [Boxes(torch.tensor([[0, 0, float(x), float(x)] for x in sizes]))]
+    assert d.box_levels(boxes) == ["p4", "p3", "p5", "p3", "p7", "p3"]
+    assert d.adapter.in_channels == 64 and d.adapter.out_channels == 128
+
+
+def test_response_mask_follows_the_anchor_matcher():
+    model = _kd()
+    student = model.student
+    feats = [torch.zeros(1, 64, 128 // s, 128 // s) for s in (8, 16, 32, 64, 128)]
+    anchors = student.anchor_generator(feats)
+    all_anchors = Boxes.cat(anchors).tensor
+    gi = Boxes(torch.tensor([[10.0, 20.0, 50.0, 44.0], all_anchors[500].tolist()]))
+    mask = model.distillers["gid"]._response_mask(student, anchors, [gi, Boxes(torch.zeros(0, 4))])
+    iou = box_iou(gi.tensor, all_anchors)  # (2, R)
+    best = iou.max(dim=1).values
+    expected = (iou.max(dim=0).values >= 0.5) | ((iou == best[:, None]) & (iou > 0)).any(dim=0)
+    assert mask.shape == (2, len(all_anchors))
+    assert torch.equal(mask[0], expected) and mask[0, 500]
+    assert not mask[1].any()
+
+
+def test_heterogeneous_pairs_are_clear_errors():
+    fcos = load_config("configs/common/models/tiny_retinanet.py").model  # same pieces, FCOS head
+    from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+    fcos._target_ = FCOS
+    del fcos.anchor_generator, fcos.box2box_transform, fcos.anchor_matcher, fcos.input_format
+    fcos.head._target_ = FCOSHead
+    del fcos.head.num_anchors
+    with pytest.raises(ValueError, match="different heads.*PKD or ReviewKD"):
+        _kd(teacher=fcos)
+    with pytest.raises(ValueError, match=r"different class counts \(3 vs 5\)"):
+        _kd(teacher=tiny_retinanet_cfg(num_classes=5))
+    other = tiny_retinanet_cfg()
+    other.anchor_generator.sizes = [[x] for x in [16, 32, 64, 128, 256]]
+    other.head.num_anchors = 3
+    with pytest.raises(ValueError, match="different anchors"):
+        _kd(teacher=other)
+    # FCOS with FCOS works (same family, same locations).
+    fcos_model = _kd(student=fcos, teacher=fcos)
+    with EventStorage():
+        losses = fcos_model(make_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_gradients_and_empty_selection():
+    model = _kd()
+    with EventStorage() as storage:
+        losses = model(make_inputs(empty=(1,)))
+        logged = storage.latest()
+    assert set(losses) >= {"loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls", "loss_gid_response_reg"}
+    assert logged["gid/num_instances"][0] == 10.0
+    sum(v for k, v in losses.items() if "gid" in k).backward()
+    assert model.distillers["gid"].adapter.weight.grad is not None
+    assert model.student.head.cls_score.weight.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+    none = _kd(min_size=1000.0)  # nothing survives: zero losses with a grad path, no NaN
+    with EventStorage():
+        losses = none(make_inputs())
+    gid = {k: v for k, v in losses.items() if "gid" in k}
+    assert all(v.item() == 0.0 for v in gid.values())
+    sum(gid.values()).backward()
+
+
+def test_faster_rcnn_pair_uses_rpn():
+    model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64), num_levels=4)
+    d = model.distillers["gid"]
+    assert [s for s, _ in d.pairs] == ["p2", "p3", "p4", "p5"]
+    with EventStorage():
+        losses = model(make_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.student.proposal_generator.rpn_head.objectness_logits.weight.grad is not None
+
+
+def test_demo_config_trains_through_kdtrainer(tmp_path):
+    cfg = load_config("configs/demo/gid_retinanet.py")
+    cfg.train.update(output_dir=str(tmp_path), max_iter=3, teacher_checkpoint="",
+                     teacher_random_init=True, log_period=1, device="cpu")
+    cfg.dataloader.train.dataset.names.num_images = 16
+    cfg.dataloader.test.dataset.names.num_images = 8
+    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
+    cfg.dataloader.test.num_workers = 0
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    assert "bbox" in trainer.train()
+    for key in ("loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls", "gid/num_instances"):
+        values = [v for v, _ in trainer.storage.history(key).values()]
+        assert len(values) == 3 and all(v == v for v in values), key
