@@ -1,0 +1,323 @@
+"""
+D3ETR: decoder distillation for DETR-style detectors, :paper:`D3ETR` ("D3ETR: Decoder
+Distillation for Detection Transformer", Chang et al., arXiv 2211.09768 / IJCAI 2024).
+
+No public implementation exists; this one follows ``METHODS.md`` section 4 (tags there).
+
+MixMatcher = adaptive matching + fixed matching:
+
+* adaptive (group 1, the student's own queries): at every decoder layer, a bipartite
+  (Hungarian) match between the teacher's and the student's predictions, with cost
+  ``1 * soft-BCE class cost + 5 * L1 + 2 * (-GIoU)``; distillation on the matched pairs;
+* fixed (group 2, auxiliary): the teacher's learned object queries are fed to the student's
+  decoder as an extra group that shares its weights but never attends to group 1 (block
+  mask); query i of group 2 corresponds to teacher query i. Group 2 is also trained on the
+  ground truth, with the teacher's assignment at the last decoder layer. It exists only in
+  training: evaluation and the exported student use group 1 alone.
+
+Distilled at every layer, for both groups: predictions (class: Bernoulli KL from the teacher's
+sigmoid scores, i.e. soft-target BCE minus the teacher's entropy — same gradient, zero when the
+student equals the teacher; boxes: L1 and 1 - GIoU), self-attention maps (rows of matched
+queries, columns permuted by the match) and cross-attention maps (KL over image positions).
+
+Shape shorthand in this module:
+
+    L: number of decoder layers
+    B: number of images
+    Nt: teacher queries; Ns: the student's own queries; Na: auxiliary queries (= Nt)
+    K: number of classes
+    M: attention heads
+    HW: image positions of the encoder memory (padded, flattened)
+
+Naming convention:
+
+    logits (L, B, N, K), boxes (L, B, N, 4) normalized cxcywh; sa (B, M, N, N) and
+    ca (B, M, N, HW) attention weights of one layer (softmax rows).
+"""
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from .base import Distiller, put_scalar
+
+__all__ = ["D3ETRDistiller", "soft_bce_cost", "bernoulli_kl", "attention_kl", "hungarian_match"]
+
+
+def soft_bce_cost(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """
+    Pairwise class cost ``C[i, j] = sum_c BCE(z_jc, q_ic)`` with soft targets q = sigmoid(teacher).
+
+    Args:
+        teacher_logits (Tensor): (..., Nt, K).
+        student_logits (Tensor): (..., Ns, K).
+
+    Returns:
+        Tensor: (..., Nt, Ns).
+    """
+    q = teacher_logits.sigmoid()
+    # BCE(z, q) = q * softplus(-z) + (1 - q) * softplus(z)
+    return q @ F.softplus(-student_logits).transpose(-1, -2) + (1 - q) @ F.softplus(
+        student_logits
+    ).transpose(-1, -2)
+
+
+def bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """
+    ``sum_c KL(Bernoulli(sigmoid(z_t)) || Bernoulli(sigmoid(z_s)))`` for paired rows, i.e. the
+    soft-target BCE of the student minus the teacher's entropy.
+
+    Args:
+        student_logits, teacher_logits (Tensor): (..., K), paired.
+
+    Returns:
+        Tensor: (...,) non-negative, 0 where the logits are equal.
+    """
+    q = teacher_logits.sigmoid()
+    bce_s = F.binary_cross_entropy_with_logits(student_logits, q, reduction="none")
+    bce_t = F.binary_cross_entropy_with_logits(teacher_logits, q, reduction="none")
+    return (bce_s - bce_t).sum(-1)
+
+
+def attention_kl(teacher_attn: torch.Tensor, student_attn: torch.Tensor) -> torch.Tensor:
+    """
+    Mean over rows of ``KL(A_t[row] || A_s[row])``.
+
+    Args:
+        teacher_attn, student_attn (Tensor): (..., Q, S) softmax rows over S keys, paired rows.
+
+    Returns:
+        Tensor: scalar.
+    """
+    log_s = student_attn.clamp(min=1e-12).log()
+    kl = torch.xlogy(teacher_attn, teacher_attn) - teacher_attn * log_s  # (..., Q, S)
+    return kl.sum(-1).mean()
+
+
+def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
+    """
+    Solve one assignment problem per leading index with scipy's Hungarian solver.
+
+    Args:
+        cost (Tensor): (P, Nt, Ns).
+
+    Returns:
+        list[ndarray]: P arrays of shape (min(Nt, Ns), 2): (teacher index, student index),
+        sorted by teacher index.
+    """
+    cost = cost.detach().float().cpu().numpy()
+    out = []
+    for c in cost:
+        rows, cols = linear_sum_assignment(c)
+        out.append(np.stack([rows, cols], axis=1))
+    return out
+
+
+class D3ETRDistiller(Distiller):
+    """
+    Distill a DETR-style student from a DETR-style teacher with :paper:`D3ETR`'s MixMatcher.
+
+    Requirements (checked in :meth:`bind`): both models expose ``head`` (a submodule returning
+    ``{"pred_logits": (L, B, N, K), "pred_boxes": (L, B, N, 4)}``), decoder layers
+    ``transformer.decoder.layers[i]`` with ``self_attn`` / ``cross_attn`` submodules returning
+    ``(output, weights)``, ``query_embed``, ``num_queries``; the student also provides
+    ``extra_query_group(queries)``, ``matcher`` and ``compute_gt_losses(...)``
+    (:class:`detkd.modeling.ConditionalDETR` does). Same class count and decoder depth on both
+    sides. Different query counts: adaptive matching still works (a partial match; the
+    self-attention term is then skipped); different hidden sizes: a trainable linear
+    projection maps the teacher's queries for the fixed group (dropped at export).
+
+    Loss keys: ``loss_d3etr_cls``, ``loss_d3etr_l1``, ``loss_d3etr_giou``, ``loss_d3etr_sa``,
+    ``loss_d3etr_ca`` (summed over layers and both groups, weighted) and the auxiliary group's
+    ground-truth losses ``loss_d3etr_aux_<name>``. The mean matching cost per layer goes to the
+    event storage as ``d3etr/match_cost_<l>``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cls_weight: float = 1.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        sa_weight: float = 1.0,
+        ca_weight: float = 1.0,
+        match_cost_class: float = 1.0,
+        match_cost_bbox: float = 5.0,
+        match_cost_giou: float = 2.0,
+        fixed_matching: bool = True,
+        aux_gt_loss: bool = True,
+    ):
+        """
+        Args:
+            cls_weight, l1_weight, giou_weight (float): prediction distillation weights.
+            sa_weight, ca_weight (float): self-/cross-attention distillation weights.
+            match_cost_class, match_cost_bbox, match_cost_giou (float): adaptive matching cost
+                weights (DETRDistill's distillation matcher: 1, 5, 2).
+            fixed_matching (bool): feed the teacher's queries to the student as an auxiliary
+                group (the "fixed" half of MixMatcher).
+            aux_gt_loss (bool): train the auxiliary group on the ground truth too (with the
+                teacher's assignment at the last layer).
+        """
+        super().__init__()
+        self.weights = dict(cls=cls_weight, l1=l1_weight, giou=giou_weight, sa=sa_weight, ca=ca_weight)
+        self.match_weights = (match_cost_class, match_cost_bbox, match_cost_giou)
+        self.fixed_matching = fixed_matching
+        self.aux_gt_loss = aux_gt_loss
+        if aux_gt_loss and not fixed_matching:
+            raise ValueError("aux_gt_loss=True needs fixed_matching=True (the auxiliary group)")
+        self.query_proj = None
+        self.num_layers = 0
+
+    @staticmethod
+    def _attn_names(model, num_layers):
+        return [
+            f"transformer.decoder.layers.{i}.{kind}"
+            for i in range(num_layers)
+            for kind in ("self_attn", "cross_attn")
+        ]
+
+    def student_taps(self, student):
+        return ["head"] + self._attn_names(student, self.num_layers)
+
+    def teacher_taps(self, teacher):
+        return ["head"] + self._attn_names(teacher, self.num_layers)
+
+    def bind(self, student, teacher):
+        for side, m in (("student", student), ("teacher", teacher)):
+            missing = [a for a in ("head", "transformer", "query_embed", "num_queries") if not hasattr(m, a)]
+            if missing:
+                raise TypeError(
+                    f"D3ETR needs DETR-style detectors; the {side} ({type(m).__name__}) lacks "
+                    f"{missing}. Use detkd.modeling.ConditionalDETR on both sides."
+                )
+        ls, lt = len(student.transformer.decoder.layers), len(teacher.transformer.decoder.layers)
+        if ls != lt:
+            raise ValueError(f"D3ETR distills layer by layer: student has {ls} decoder layers, teacher {lt}")
+        if student.num_classes != teacher.num_classes:
+            raise ValueError(
+                f"D3ETR: class-count mismatch (student {student.num_classes}, teacher "
+                f"{teacher.num_classes}); the prediction distillation needs the same classes"
+            )
+        self.num_layers = ls
+        d_s, d_t = student.query_embed.embedding_dim, teacher.query_embed.embedding_dim
+        if self.fixed_matching and d_s != d_t:
+            self.query_proj = nn.Linear(d_t, d_s)
+
+    def student_context(self, teacher_taps, ctx):
+        if not self.fixed_matching:
+            return None
+        queries = ctx.teacher.query_embed.weight.detach()  # (Nt, d_t)
+        if self.query_proj is not None:
+            queries = self.query_proj(queries)
+        return ctx.student.extra_query_group(queries)
+
+    # ------------------------------------------------------------------------------------
+    def _pair_losses(self, s_logits, s_boxes, t_logits, t_boxes) -> Dict[str, torch.Tensor]:
+        """Prediction losses of paired queries; inputs (P, K) and (P, 4); mean over pairs."""
+        if s_logits.shape[0] == 0:
+            zero = s_logits.sum() * 0.0
+            return dict(cls=zero, l1=zero, giou=zero)
+        giou = torch.diag(
+            generalized_box_iou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
+        )
+        return dict(
+            cls=bernoulli_kl(s_logits, t_logits).mean(),
+            l1=(s_boxes - t_boxes).abs().sum(-1).mean(),
+            giou=(1 - giou).mean(),
+        )
+
+    def _match(self, t_logits, t_boxes, s_logits, s_boxes):
+        """Adaptive matching of every layer and image. Inputs (L, B, N, .). Returns a list
+        (L*B) of (P, 2) index arrays and the mean matched cost per layer."""
+        L, B = t_logits.shape[:2]
+        wc, wb, wg = self.match_weights
+        with torch.no_grad():
+            cost = wc * soft_bce_cost(t_logits, s_logits) / t_logits.shape[-1]
+            cost = cost + wb * torch.cdist(t_boxes, s_boxes, p=1)  # (L, B, Nt, Ns)
+            t_xyxy = box_convert(t_boxes, "cxcywh", "xyxy").flatten(0, 1)
+            s_xyxy = box_convert(s_boxes, "cxcywh", "xyxy").flatten(0, 1)
+            giou = torch.stack([generalized_box_iou(a, b) for a, b in zip(t_xyxy, s_xyxy)])
+            cost = cost.flatten(0, 1) - wg * giou  # (L*B, Nt, Ns)
+            matches = hungarian_match(cost)
+            mean_cost = [
+                float(np.mean([cost[l * B + b][tuple(matches[l * B + b].T)].mean().item() for b in range(B)]))
+                for l in range(L)
+            ]
+        return matches, mean_cost
+
+    def forward(self, student_taps, teacher_taps, ctx):
+        student = ctx.student
+        t_head, s_head = teacher_taps["head"], student_taps["head"]
+        t_logits, t_boxes = t_head["pred_logits"], t_head["pred_boxes"]  # (L, B, Nt, K/4)
+        s_logits, s_boxes = s_head["pred_logits"], s_head["pred_boxes"]  # (L, B, Ns+Na, K/4)
+        L, B, Nt = t_logits.shape[:3]
+        Ns = student.num_queries
+        g1_logits, g1_boxes = s_logits[:, :, :Ns], s_boxes[:, :, :Ns]
+
+        matches, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes)
+        for l, c in enumerate(mean_cost):
+            put_scalar(f"d3etr/match_cost_{l}", c)
+
+        totals = {k: 0.0 for k in self.weights}
+        for l in range(L):
+            t_sa = teacher_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nt, Nt)
+            t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
+            s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq)
+            s_ca = student_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nq, HW)
+            if t_ca.shape[-1] != s_ca.shape[-1]:
+                raise ValueError(
+                    f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
+                    f"{s_ca.shape[-1]}): both memories must have the same stride and padding"
+                )
+            # ---- group 1: adaptive matching
+            ti = torch.as_tensor(np.stack([matches[l * B + b][:, 0] for b in range(B)]), device=t_logits.device)
+            si = torch.as_tensor(np.stack([matches[l * B + b][:, 1] for b in range(B)]), device=t_logits.device)
+            bidx = torch.arange(B, device=ti.device)[:, None]  # (B, 1)
+            losses = self._pair_losses(
+                g1_logits[l][bidx, si].flatten(0, 1), g1_boxes[l][bidx, si].flatten(0, 1),
+                t_logits[l][bidx, ti].flatten(0, 1), t_boxes[l][bidx, ti].flatten(0, 1),
+            )
+            # Attention rows of matched queries; in self-attention, columns follow the match
+            # too (the student's key sigma(k) plays the teacher's key k). Needs a full match.
+            t_ca_rows = t_ca[bidx, :, ti].transpose(1, 2)  # (B, M, P, HW)
+            s_ca_rows = s_ca[bidx, :, si].transpose(1, 2)
+            losses["ca"] = attention_kl(t_ca_rows, s_ca_rows)
+            if Nt == Ns:
+                perm = si[torch.argsort(ti, dim=1)] if False else si  # ti is sorted (0..Nt-1)
+                s_block = s_sa[:, :, :Ns, :Ns]
+                s_perm = s_block[bidx, :, perm].transpose(1, 2)  # rows: (B, M, Nt, Ns)
+                s_perm = torch.gather(s_perm, 3, perm[:, None, None, :].expand_as(s_perm))
+                losses["sa"] = attention_kl(t_sa, s_perm)
+            else:
+                losses["sa"] = s_sa.sum() * 0.0
+            for k, v in losses.items():
+                totals[k] = totals[k] + v
+            # ---- group 2: fixed matching (auxiliary group i <-> teacher query i)
+            if self.fixed_matching:
+                a = slice(Ns, Ns + Nt)
+                aux = self._pair_losses(
+                    s_logits[l, :, a].flatten(0, 1), s_boxes[l, :, a].flatten(0, 1),
+                    t_logits[l].flatten(0, 1), t_boxes[l].flatten(0, 1),
+                )
+                aux["sa"] = attention_kl(t_sa, s_sa[:, :, a, a])
+                aux["ca"] = attention_kl(t_ca, s_ca[:, :, a])
+                for k, v in aux.items():
+                    totals[k] = totals[k] + v
+
+        out = {f"loss_d3etr_{k}": self.weights[k] * v for k, v in totals.items()}
+        if self.aux_gt_loss:
+            out.update(self._aux_gt_losses(student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes))
+        return out
+
+    def _aux_gt_losses(self, student, ctx, aux_logits, aux_boxes, t_logits, t_boxes):
+        """Ground-truth losses of the auxiliary group; at the last layer its assignment is the
+        teacher's (teacher query i's GT goes to auxiliary query i)."""
+        targets = student.prepare_targets([x["instances"].to(aux_logits.device) for x in ctx.batched_inputs])
+        with torch.no_grad():
+            teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
+        losses = student.compute_gt_losses(aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices)
+        return {"loss_d3etr_aux_" + k[len("loss_"):]: v for k, v in losses.items()}
