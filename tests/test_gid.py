@@ -119,11 +119,35 @@ def test_heterogeneous_pairs_are_clear_errors():
     other.head.num_anchors = 3
     with pytest.raises(ValueError, match="different anchors"):
         _kd(teacher=other)
+    with pytest.raises(ValueError, match="set response=False"):
+        _kd(student=fcos, selection="location")
     # FCOS with FCOS works (same family, same locations).
     fcos_model = _kd(student=fcos, teacher=fcos)
     with EventStorage():
         losses = fcos_model(make_inputs())
     assert all(torch.isfinite(v) for v in losses.values())
+    # FCOS student, RetinaNet teacher: per-location selection, feature + relation only.
+    hetero = _kd(student=fcos, selection="location", response=False)
+    assert hetero.distillers["gid"].location_strides == [8, 16, 32, 64, 128]
+    with EventStorage() as storage:
+        losses = hetero(make_inputs())
+        assert storage.latest()["gid/num_instances"][0] == 10.0
+    assert "loss_gid_response_cls" not in losses and losses["loss_gid_feat"] > 0
+    sum(losses.values()).backward()
+
+
+def test_per_location_picks_the_best_anchor():
+    from detkd.losses.gid import per_location
+
+    # one level, 2 locations x 3 anchors, 2 classes
+    logits = torch.tensor([[[0.0, 1.0], [3.0, -1.0], [0.5, 0.5], [-2.0, -2.0], [-1.0, 2.0], [0.0, 0.0]]])
+    boxes = torch.arange(24, dtype=torch.float).view(1, 6, 4)
+    out = dict(logits=logits, boxes=boxes, anchors=[Boxes(torch.zeros(6, 4))], num_anchors=[3], strides=[8])
+    scores, bx = per_location(out, [8], class_agnostic=False)
+    assert torch.allclose(scores, logits[:, [1, 4]].sigmoid())
+    assert torch.equal(bx, boxes[:, [1, 4]])
+    agn, _ = per_location(out, [8], class_agnostic=True)
+    assert torch.allclose(agn[..., 0], torch.tensor([[3.0, 2.0]]).sigmoid())
 
 
 def test_gradients_and_empty_selection():

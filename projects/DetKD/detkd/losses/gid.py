@@ -40,6 +40,7 @@ __all__ = [
     "select_general_instances",
     "relation_loss",
     "dense_outputs",
+    "per_location",
 ]
 
 
@@ -69,7 +70,43 @@ def dense_outputs(model: nn.Module, taps: Dict) -> Dict:
     N, R = deltas.shape[:2]
     all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
     boxes = b2b.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(N, R, 4)
-    return dict(logits=logits, deltas=deltas, anchors=anchors, boxes=boxes, num_anchors=list(gen.num_anchors))
+    return dict(
+        logits=logits, deltas=deltas, anchors=anchors, boxes=boxes,
+        num_anchors=list(gen.num_anchors), strides=list(gen.strides),
+    )
+
+
+@torch.no_grad()
+def per_location(out: Dict, strides: List[int], class_agnostic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Reduce dense predictions to one per feature-map location (for pairs whose heads differ in
+    anchors per location, e.g. an FCOS student and a RetinaNet teacher): at each location the
+    anchor with the highest class score gives the scores and the box.
+
+    Args:
+        out (dict): :func:`dense_outputs` of one model.
+        strides (list[int]): the levels to keep, by stride, in this order.
+        class_agnostic (bool): reduce the K class scores to their max (K = 1).
+
+    Returns:
+        (scores (N, R', K'), boxes (N, R', 4)), R' = number of locations of those levels.
+    """
+    scores_all, boxes_all = out["logits"].detach().sigmoid(), out["boxes"]
+    sizes = [len(a) for a in out["anchors"]]
+    scores_l, boxes_l = scores_all.split(sizes, dim=1), boxes_all.split(sizes, dim=1)
+    level = {st: i for i, st in enumerate(out["strides"])}
+    res_s, res_b = [], []
+    for st in strides:
+        i = level[st]
+        N, R, K = scores_l[i].shape
+        A = out["num_anchors"][i]
+        sc = scores_l[i].view(N, R // A, A, K)  # (N, HW, A, K)
+        best = sc.amax(dim=3).argmax(dim=2)  # (N, HW)
+        sc = torch.gather(sc, 2, best[:, :, None, None].expand(N, R // A, 1, K)).squeeze(2)
+        bx = torch.gather(boxes_l[i].view(N, R // A, A, 4), 2, best[:, :, None, None].expand(N, R // A, 1, 4))
+        res_s.append(sc.amax(dim=2, keepdim=True) if class_agnostic else sc)
+        res_b.append(bx.squeeze(2))
+    return cat(res_s, dim=1), cat(res_b, dim=1)
 
 
 @torch.no_grad()
@@ -162,7 +199,8 @@ class GIDDistiller(Distiller):
     Works for RetinaNet, FCOS (dense head) and GeneralizedRCNN (RPN objectness and anchors)
     students and teachers. GISM needs both models' predictions at the same anchors/locations:
     the same detector family with the same anchor generator and class count (checked in
-    :meth:`bind`, with a clear error). Feature and relation terms also work across FPN channel
+    :meth:`bind`, with a clear error), or ``selection="location"`` for different dense heads
+    (feature and relation terms only). Feature and relation terms also work across FPN channel
     counts (a trainable 1x1 adapter after ROIAlign, identity-initialised when channels are equal
     — [INFER]: linear as the paper says, and cheaper than the port's 3x3 conv on whole maps).
 
@@ -179,6 +217,7 @@ class GIDDistiller(Distiller):
         response_cls_weight: float = 0.1,
         response_reg_weight: float = 1.0,
         response: bool = True,
+        selection: str = "anchor",
         topk: int = 10,
         nms_thresh: float = 0.3,
         min_size: float = 10.0,
@@ -191,6 +230,11 @@ class GIDDistiller(Distiller):
             feat_weight, relation_weight (float): lambda_1, lambda_2 (METHODS.md 3.5).
             response_cls_weight, response_reg_weight (float): lambda_3 * alpha, lambda_3 * beta.
             response (bool): distill the head's responses (needs identical anchors and classes).
+            selection (str): "anchor" (the paper: GI scores per anchor, same anchors on both
+                sides) or "location" ([INFER] for pairs of different dense heads, e.g. an FCOS
+                student and a RetinaNet teacher: one prediction per location of the levels of
+                equal stride, the best anchor of each; class-agnostic when the class counts
+                differ; needs ``response=False``).
             topk (int): GIs per image (K). nms_thresh (float): GI NMS IoU.
             min_size (float): drop GI boxes with a side <= min_size pixels.
             pre_nms_topk (int): candidates per image before NMS.
@@ -205,6 +249,9 @@ class GIDDistiller(Distiller):
         self.topk, self.nms_thresh, self.min_size, self.pre_nms_topk = topk, nms_thresh, min_size, pre_nms_topk
         self.pooler_resolution = pooler_resolution
         self.num_levels = num_levels
+        self.selection = selection
+        self.location_strides = None  # set in bind() for selection="location"
+        self.class_agnostic = False
         self.pairs: List[Tuple[str, str]] = []
         self.adapter: Optional[nn.Conv2d] = None
 
@@ -246,6 +293,8 @@ class GIDDistiller(Distiller):
             isinstance(student, FCOS) == isinstance(teacher, FCOS)
         )
         k = lambda m: 1 if isinstance(m, GeneralizedRCNN) else m.num_classes  # noqa: E731
+        if self.selection not in ("anchor", "location"):
+            raise ValueError(f"GID: selection must be 'anchor' or 'location', got {self.selection!r}")
         problems = []
         if not same_family:
             problems.append(f"different heads ({type(student).__name__} vs {type(teacher).__name__})")
@@ -253,7 +302,20 @@ class GIDDistiller(Distiller):
             problems.append("different anchors")
         if k(student) != k(teacher):
             problems.append(f"different class counts ({k(student)} vs {k(teacher)})")
-        if problems:
+        if problems and self.selection == "location":
+            if self.response:
+                raise ValueError(
+                    f"GID: this pair has {', '.join(problems)}; responses cannot be distilled: set "
+                    "response=False (feature and relation terms remain)"
+                )
+            s_str = self._anchors_of(student).strides
+            t_str = set(self._anchors_of(teacher).strides)
+            self.location_strides = [x for x in s_str if x in t_str]
+            self.class_agnostic = k(student) != k(teacher)
+            if not self.location_strides:
+                raise ValueError("GID: the two heads share no prediction stride")
+            problems = []
+        elif problems:
             raise ValueError(
                 "GID selects general instances from teacher and student predictions at the same "
                 f"anchors/locations, and distills responses there; this pair has {', '.join(problems)}. "
@@ -314,9 +376,19 @@ class GIDDistiller(Distiller):
         student, teacher = ctx.student, ctx.teacher
         s_out, t_out = dense_outputs(student, student_taps), dense_outputs(teacher, teacher_taps)
         image_sizes = ctx.teacher_images.image_sizes
+        if self.location_strides is None:
+            t_sc, t_bx = t_out["logits"].sigmoid(), t_out["boxes"]
+            s_sc, s_bx = s_out["logits"].detach().sigmoid(), s_out["boxes"]
+        else:
+            t_sc, t_bx = per_location(t_out, self.location_strides, self.class_agnostic)
+            s_sc, s_bx = per_location(s_out, self.location_strides, self.class_agnostic)
+            if t_sc.shape[1] != s_sc.shape[1]:
+                raise ValueError(
+                    f"GID: {t_sc.shape[1]} teacher vs {s_sc.shape[1]} student locations; both must "
+                    "see the same padded image size (same size_divisibility)"
+                )
         selected = select_general_instances(
-            t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid(),
-            t_out["boxes"], s_out["boxes"], image_sizes,
+            t_sc, s_sc, t_bx, s_bx, image_sizes,
             topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size,
             pre_nms_topk=self.pre_nms_topk,
         )
@@ -344,7 +416,7 @@ class GIDDistiller(Distiller):
             "loss_gid_feat": self.weights["feat"] * feat,
             "loss_gid_relation": self.weights["relation"] * rel / max(n_img, 1),
         }
-        if self.response:
+        if self.response and self.location_strides is None:
             mask = self._response_mask(student, s_out["anchors"], gi_boxes)  # (N, R)
             n_pos = mask.sum().clamp(min=1)
             s_logits, t_logits = s_out["logits"][mask], t_out["logits"][mask]  # (P, K)
