@@ -9,6 +9,7 @@ The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
 * ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
 * ``train.export_student``: write ``model_final_student.pth`` at the end of training;
+* ``train.clip_grad``: ``dict(enabled=True, max_norm=0.1)`` clips the global gradient norm;
 * ``train.teacher_eval_at_start``: evaluate the loaded teacher before training
   (:class:`TeacherEvalHook`, logged as ``teacher/bbox/AP`` ...).
 
@@ -21,6 +22,8 @@ import inspect
 import logging
 import os
 import weakref
+
+import torch
 
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -54,6 +57,19 @@ def student_of(model):
     the model itself."""
     model = unwrap_model(model)
     return model.student if isinstance(model, DistillationDetector) else model
+
+
+def _clip_before_step(optimizer, max_norm: float) -> None:
+    """Clip the global gradient norm of the optimizer's parameters before every step
+    (``train.clip_grad``, e.g. DETR's 0.1). Under AMP, GradScaler unscales before ``step``."""
+    step = optimizer.step
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def clipped_step(*args, **kwargs):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return step(*args, **kwargs)
+
+    optimizer.step = clipped_step
 
 
 class ExportStudentHook(hooks.HookBase):
@@ -201,7 +217,11 @@ class KDTrainer(DefaultTrainer):
         # The teacher is neither a registered submodule nor trainable: only the student and
         # the distillers' adapters reach the optimizer.
         cfg.optimizer.params.model = model
-        return instantiate(cfg.optimizer)
+        optimizer = instantiate(cfg.optimizer)
+        clip = cfg.train.get("clip_grad", None)
+        if clip and clip.get("enabled", False):
+            _clip_before_step(optimizer, float(clip.max_norm))
+        return optimizer
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -127,7 +127,8 @@ class D3ETRDistiller(Distiller):
     ``(output, weights)``, ``query_embed``, ``num_queries``; the student also provides
     ``extra_query_group(queries)``, ``matcher`` and ``compute_gt_losses(...)``
     (:class:`detkd.modeling.ConditionalDETR` does). Same class count and decoder depth on both
-    sides. Different query counts: adaptive matching still works (a partial match; the
+    sides. Different head counts: attention maps are compared head-averaged. Different query
+    counts: adaptive matching still works (a partial match; the
     self-attention term is then skipped); different hidden sizes: a trainable linear
     projection maps the teacher's queries for the fixed group (dropped at export).
 
@@ -268,6 +269,9 @@ class D3ETRDistiller(Distiller):
             t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
             s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq)
             s_ca = student_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nq, HW)
+            if t_sa.shape[1] != s_sa.shape[1]:  # different head counts: compare head averages
+                t_sa, t_ca = t_sa.mean(1, keepdim=True), t_ca.mean(1, keepdim=True)
+                s_sa, s_ca = s_sa.mean(1, keepdim=True), s_ca.mean(1, keepdim=True)
             if t_ca.shape[-1] != s_ca.shape[-1]:
                 raise ValueError(
                     f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
@@ -287,7 +291,7 @@ class D3ETRDistiller(Distiller):
             s_ca_rows = s_ca[bidx, :, si].transpose(1, 2)
             losses["ca"] = attention_kl(t_ca_rows, s_ca_rows)
             if Nt == Ns:
-                perm = si[torch.argsort(ti, dim=1)] if False else si  # ti is sorted (0..Nt-1)
+                perm = si  # a full match: teacher query i <-> student query perm[i] (rows sorted)
                 s_block = s_sa[:, :, :Ns, :Ns]
                 s_perm = s_block[bidx, :, perm].transpose(1, 2)  # rows: (B, M, Nt, Ns)
                 s_perm = torch.gather(s_perm, 3, perm[:, None, None, :].expand_as(s_perm))

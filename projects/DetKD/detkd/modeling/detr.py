@@ -1,0 +1,506 @@
+"""
+A DETR-style detector for detectron2: Conditional DETR, :paper:`ConditionalDETR` ("Conditional
+DETR for Fast Training Convergence", Meng et al., ICCV 2021), written from the paper's math in
+detectron2's style, and built so that :class:`detkd.losses.D3ETRDistiller` can read it through
+forward hooks:
+
+* ``model.head`` is called once per forward on the stacked decoder states and returns
+  ``{"pred_logits": (L, B, Nq, K), "pred_boxes": (L, B, Nq, 4)}`` for every decoder layer;
+* ``model.transformer.decoder.layers[i].self_attn`` / ``.cross_attn`` return
+  ``(output, weights)`` with per-head softmax weights (B, M, Nq, Nq) / (B, M, Nq, HW);
+* ``with model.extra_query_group(queries):`` adds an auxiliary query group (training only) that
+  shares the decoder's weights but never attends to the model's own queries.
+
+Shape shorthand in this module:
+
+    B: images; Nq: queries (own + auxiliary); N: the model's own queries
+    d: hidden size; M: attention heads; dh = d / M
+    H, W: size of the encoder's feature map; HW = H * W
+    L: decoder layers; K: classes; G: ground-truth boxes of one image
+"""
+import contextlib
+import math
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+
+__all__ = [
+    "ConditionalDETR",
+    "ConditionalDETRTransformer",
+    "PositionEmbeddingSine",
+    "HungarianMatcher",
+    "Attention",
+    "detr_param_groups",
+]
+
+
+class MLP(nn.Module):
+    """A few linear layers with ReLU between them."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class PositionEmbeddingSine(nn.Module):
+    """
+    Normalised sine positional encoding of a padded feature map (DETR's).
+    Returns (B, 2 * num_pos_feats, H, W) from a padding mask (B, H, W) (True = padding).
+    """
+
+    def __init__(self, *, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi):
+        super().__init__()
+        self.num_pos_feats, self.temperature, self.scale = num_pos_feats, temperature, scale
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        not_mask = (~mask).float()
+        y = not_mask.cumsum(1)
+        x = not_mask.cumsum(2)
+        y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * self.scale
+        x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * self.scale
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        px, py = x[..., None] / dim_t, y[..., None] / dim_t  # (B, H, W, F)
+        px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+        py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((py, px), dim=3).permute(0, 3, 1, 2)
+
+
+def sine_embed_of_points(points: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, Nq, 2) normalised (x, y) -> (B, Nq, d): sine embedding of y then x (d/2 each)."""
+    scale, half = 2 * math.pi, d // 2
+    dim_t = torch.arange(half, dtype=torch.float32, device=points.device)
+    dim_t = 10000 ** (2 * (dim_t // 2) / half)
+    px, py = points[..., 0:1] * scale / dim_t, points[..., 1:2] * scale / dim_t
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=3).flatten(2)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=3).flatten(2)
+    return torch.cat((py, px), dim=2)
+
+
+class Attention(nn.Module):
+    """
+    Multi-head scaled dot-product attention on already-projected queries/keys/values, with an
+    output projection. Returns the per-head weights so hooks can read them.
+    """
+
+    def __init__(self, *, qk_dim: int, v_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert qk_dim % num_heads == 0 and v_dim % num_heads == 0
+        self.num_heads = num_heads
+        self.out_proj = nn.Linear(v_dim, v_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            q (Tensor): (B, Nq, Dqk); k (Tensor): (B, Nk, Dqk); v (Tensor): (B, Nk, Dv).
+            attn_mask (Tensor or None): (Nq, Nk) additive (-inf blocks a pair).
+            key_padding_mask (Tensor or None): (B, Nk) bool, True = padded key.
+
+        Returns:
+            (out, weights): (B, Nq, Dv) and (B, M, Nq, Nk) softmax rows (0 on blocked keys).
+        """
+        B, Nq, _ = q.shape
+        M = self.num_heads
+        q = q.view(B, Nq, M, -1).transpose(1, 2)  # (B, M, Nq, dqk)
+        k = k.view(B, k.shape[1], M, -1).transpose(1, 2)  # (B, M, Nk, dqk)
+        v = v.view(B, v.shape[1], M, -1).transpose(1, 2)  # (B, M, Nk, dv)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, M, Nq, Nk)
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        weights = logits.softmax(dim=-1)
+        out = (self.dropout(weights) @ v).transpose(1, 2).reshape(B, Nq, -1)  # (B, Nq, Dv)
+        return self.out_proj(out), weights
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer (DETR's)."""
+
+    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.self_attn = Attention(qk_dim=d, v_dim=d, num_heads=nheads, dropout=dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, src, pos, key_padding_mask):
+        qk = src + pos
+        out, _ = self.self_attn(self.q_proj(qk), self.k_proj(qk), self.v_proj(src), key_padding_mask=key_padding_mask)
+        src = self.norm1(src + self.dropout1(out))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    """
+    Conditional DETR decoder layer: self-attention with content + positional queries/keys;
+    cross-attention whose query is [content ; spatial] and key [content ; positional] per head,
+    the spatial query being the (scaled) sine embedding of the reference point.
+    """
+
+    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.nheads = nheads
+        lin = lambda: nn.Linear(d, d)  # noqa: E731
+        self.sa_qcontent, self.sa_qpos, self.sa_kcontent, self.sa_kpos, self.sa_v = lin(), lin(), lin(), lin(), lin()
+        self.self_attn = Attention(qk_dim=d, v_dim=d, num_heads=nheads, dropout=dropout)
+        self.ca_qcontent, self.ca_qpos, self.ca_kcontent, self.ca_kpos, self.ca_v = lin(), lin(), lin(), lin(), lin()
+        self.ca_qpos_sine = lin()
+        self.cross_attn = Attention(qk_dim=2 * d, v_dim=d, num_heads=nheads, dropout=dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, is_first, attn_mask, key_padding_mask):
+        """tgt/query_pos/query_sine_embed (B, Nq, d); memory/pos (B, HW, d)."""
+        q = self.sa_qcontent(tgt) + self.sa_qpos(query_pos)
+        k = self.sa_kcontent(tgt) + self.sa_kpos(query_pos)
+        out, _ = self.self_attn(q, k, self.sa_v(tgt), attn_mask=attn_mask)
+        tgt = self.norm1(tgt + self.drop1(out))
+
+        B, Nq, d = tgt.shape
+        M = self.nheads
+        q, k, k_pos = self.ca_qcontent(tgt), self.ca_kcontent(memory), self.ca_kpos(pos)
+        if is_first:  # the first layer also adds the positional query (paper, Sec. 3.3)
+            q, k = q + self.ca_qpos(query_pos), k + k_pos
+        q = torch.cat([q.view(B, Nq, M, -1), self.ca_qpos_sine(query_sine_embed).view(B, Nq, M, -1)], dim=3)
+        k = torch.cat([k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3)
+        out, _ = self.cross_attn(q.flatten(2), k.flatten(2), self.ca_v(memory), key_padding_mask=key_padding_mask)
+        tgt = self.norm2(tgt + self.drop2(out))
+        return self.norm3(tgt + self.drop3(self.ffn(tgt)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, d, nheads, num_layers, dim_feedforward, dropout):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(d, nheads, dim_feedforward, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d)
+        self.query_scale = MLP(d, d, d, 2)
+        self.ref_point_head = MLP(d, d, 2, 2)
+
+    def forward(self, tgt, memory, pos, query_pos, attn_mask, key_padding_mask):
+        """Returns decoder states (L, B, Nq, d) and reference points (B, Nq, 2) in [0, 1]."""
+        reference = self.ref_point_head(query_pos).sigmoid()  # (B, Nq, 2)
+        sine = sine_embed_of_points(reference, tgt.shape[-1])  # (B, Nq, d)
+        states, out = [], tgt
+        for i, layer in enumerate(self.layers):
+            scale = 1.0 if i == 0 else self.query_scale(out)
+            out = layer(out, memory, pos, query_pos, sine * scale, i == 0, attn_mask, key_padding_mask)
+            states.append(self.norm(out))
+        return torch.stack(states), reference
+
+
+class ConditionalDETRTransformer(nn.Module):
+    """Encoder + Conditional DETR decoder."""
+
+    def __init__(self, *, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048, dropout=0.1):
+        super().__init__()
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, nhead, dim_feedforward, dropout) for _ in range(num_encoder_layers))
+        self.decoder = Decoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src, pos, key_padding_mask, query_pos, attn_mask):
+        """src/pos (B, HW, d); query_pos (B, Nq, d). Returns states (L, B, Nq, d), reference."""
+        memory = src
+        for layer in self.encoder:
+            memory = layer(memory, pos, key_padding_mask)
+        tgt = torch.zeros_like(query_pos)
+        return self.decoder(tgt, memory, pos, query_pos, attn_mask, key_padding_mask)
+
+
+class DETRHead(nn.Module):
+    """Class and box prediction of every decoder layer, shared across layers."""
+
+    def __init__(self, d: int, num_classes: int, prior_prob: float = 0.01):
+        super().__init__()
+        self.class_embed = nn.Linear(d, num_classes)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.bbox_embed = MLP(d, d, 4, 3)
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(self, states: torch.Tensor, reference: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """states (L, B, Nq, d), reference (B, Nq, 2) -> logits (L, B, Nq, K), boxes (L, B, Nq, 4)."""
+        delta = self.bbox_embed(states)
+        xy = delta[..., :2] + inverse_sigmoid(reference)[None]
+        boxes = torch.cat([xy, delta[..., 2:]], dim=-1).sigmoid()
+        return {"pred_logits": self.class_embed(states), "pred_boxes": boxes}
+
+
+class HungarianMatcher(nn.Module):
+    """Bipartite matching of predictions to ground truth with focal class + L1 + GIoU costs."""
+
+    def __init__(self, *, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou, self.alpha, self.gamma = cost_class, cost_bbox, cost_giou, alpha, gamma
+
+    @torch.no_grad()
+    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            logits (Tensor): (B, N, K); boxes (Tensor): (B, N, 4) normalised cxcywh.
+            targets (list[dict]): "labels" (G,), "boxes" (G, 4) normalised cxcywh.
+
+        Returns:
+            list[(Tensor, Tensor)]: per image, (prediction indices, target indices) of the
+            min(N, G) matched pairs.
+        """
+        out = []
+        for lg, bx, t in zip(logits, boxes, targets):
+            if len(t["labels"]) == 0:
+                e = torch.zeros(0, dtype=torch.long, device=lg.device)
+                out.append((e, e))
+                continue
+            p = lg.sigmoid()[:, t["labels"]]  # (N, G)
+            neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
+            pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+            cost = self.cost_class * (pos - neg) + self.cost_bbox * torch.cdist(bx, t["boxes"], p=1)
+            cost = cost - self.cost_giou * generalized_box_iou(box_convert(bx, "cxcywh", "xyxy"), box_convert(t["boxes"], "cxcywh", "xyxy"))
+            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+            out.append((torch.as_tensor(rows, dtype=torch.long, device=lg.device), torch.as_tensor(cols, dtype=torch.long, device=lg.device)))
+        return out
+
+
+def detr_param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4):
+    """Optimizer parameter groups with a smaller learning rate for the backbone (ResNet)."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if ".backbone." in f".{name}" else rest).append(p)
+    return [
+        {"params": rest, "lr": lr, "weight_decay": weight_decay},
+        {"params": backbone, "lr": lr * backbone_lr_factor, "weight_decay": weight_decay},
+    ]
+
+
+class ConditionalDETR(nn.Module):
+    """
+    Implement Conditional DETR (:paper:`ConditionalDETR`) on a detectron2 backbone.
+
+    Training returns the loss dict (sigmoid focal classification, L1 and GIoU box losses after
+    Hungarian matching, on the last decoder layer and on every earlier one: ``loss_class``,
+    ``loss_bbox``, ``loss_giou``, ``loss_class_0`` ...). Eval returns
+    ``[{"instances": Instances}]`` with the top-scoring (query, class) pairs.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        in_feature: str = "res5",
+        position_embedding: nn.Module,
+        transformer: ConditionalDETRTransformer,
+        matcher: HungarianMatcher,
+        num_classes: int,
+        num_queries: int = 300,
+        aux_loss: bool = True,
+        loss_class_weight: float = 2.0,
+        loss_bbox_weight: float = 5.0,
+        loss_giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        select_box_nums_for_evaluation: int = 100,
+        pixel_mean: Tuple[float, float, float],
+        pixel_std: Tuple[float, float, float],
+        input_format: str = "BGR",
+        size_divisibility: int = 32,
+    ):
+        """
+        Args:
+            backbone: a detectron2 Backbone (e.g. ResNet) that outputs ``in_feature``.
+            position_embedding: :class:`PositionEmbeddingSine` with ``num_pos_feats = d / 2``.
+            transformer: :class:`ConditionalDETRTransformer` of hidden size d.
+            matcher: :class:`HungarianMatcher` used for the ground-truth losses.
+            num_classes, num_queries: K and N.
+            aux_loss: also supervise every decoder layer but the last.
+            loss_*_weight, focal_alpha, focal_gamma: detection loss settings.
+            select_box_nums_for_evaluation: detections per image at inference.
+            pixel_mean, pixel_std, input_format: input normalisation, as detectron2 models.
+            size_divisibility: pad inputs to a multiple of this.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.in_feature = in_feature
+        d = transformer.decoder.norm.normalized_shape[0]
+        self.input_proj = nn.Conv2d(backbone.output_shape()[in_feature].channels, d, kernel_size=1)
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.query_embed = nn.Embedding(num_queries, d)
+        self.head = DETRHead(d, num_classes)
+        self.matcher = matcher
+        self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
+        self.loss_weights = dict(class_=loss_class_weight, bbox=loss_bbox_weight, giou=loss_giou_weight)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.input_format = input_format
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self._extra_queries: Optional[torch.Tensor] = None
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @contextlib.contextmanager
+    def extra_query_group(self, queries: torch.Tensor):
+        """
+        Within this context, training forwards add an auxiliary query group.
+
+        Args:
+            queries (Tensor): (N2, d) positional queries of the group (e.g. a teacher's
+                ``query_embed.weight``). The group shares all weights, is blocked from the own
+                queries in self-attention, and never affects the own group's outputs or losses;
+                its predictions are the last N2 queries seen by the ``head`` hook.
+        """
+        self._extra_queries = queries
+        try:
+            yield
+        finally:
+            self._extra_queries = None
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def _queries(self, B: int):
+        """Query embeddings (B, Nq, d) and the self-attention group mask (Nq, Nq) or None."""
+        q = self.query_embed.weight
+        mask = None
+        if self.training and self._extra_queries is not None:
+            extra = self._extra_queries.to(q)
+            n1, n2 = q.shape[0], extra.shape[0]
+            q = torch.cat([q, extra], dim=0)
+            mask = torch.full((n1 + n2, n1 + n2), float("-inf"), device=q.device)
+            mask[:n1, :n1] = 0
+            mask[n1:, n1:] = 0
+        return q[None].expand(B, -1, -1), mask
+
+    def forward_predictions(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """
+        Backbone, encoder, decoder and head (hooks fire); no loss, no post-processing.
+
+        Returns:
+            dict: "pred_logits" (L, B, Nq, K), "pred_boxes" (L, B, Nq, 4) normalised cxcywh.
+        """
+        x = images.tensor
+        B, _, Hp, Wp = x.shape
+        pad = torch.ones(B, Hp, Wp, dtype=torch.bool, device=x.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            pad[i, :h, :w] = False
+        feat = self.backbone(x)[self.in_feature]
+        mask = F.interpolate(pad[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]  # (B, H, W)
+        pos = self.position_embedding(mask).flatten(2).transpose(1, 2)  # (B, HW, d)
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, HW, d)
+        query_pos, attn_mask = self._queries(B)
+        states, reference = self.transformer(src, pos, mask.flatten(1), query_pos, attn_mask)
+        return self.head(states, reference)
+
+    def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
+        """Instances -> {"labels": (G,), "boxes": (G, 4) cxcywh normalised by the image size}."""
+        out = []
+        for inst in gt_instances:
+            h, w = inst.image_size
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor.to(self.device) / scale, "xyxy", "cxcywh")
+            out.append({"labels": inst.gt_classes.to(self.device), "boxes": boxes})
+        return out
+
+    def _layer_losses(self, logits, boxes, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+        onehot = torch.zeros_like(logits)
+        b_idx = torch.cat([torch.full_like(p, i) for i, (p, _) in enumerate(indices)])
+        p_idx = torch.cat([p for p, _ in indices])
+        labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, indices)])
+        onehot[b_idx, p_idx, labels] = 1.0
+        cls = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_boxes
+        src = boxes[b_idx, p_idx]
+        tgt = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, indices)])
+        l1 = (src - tgt).abs().sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))
+        return {
+            "loss_class": self.loss_weights["class_"] * cls,
+            "loss_bbox": self.loss_weights["bbox"] * l1,
+            "loss_giou": self.loss_weights["giou"] * (1 - giou).sum() / num_boxes,
+        }
+
+    def compute_gt_losses(self, pred_logits, pred_boxes, targets, indices_last_layer=None) -> Dict[str, torch.Tensor]:
+        """
+        Ground-truth losses of predictions of every decoder layer.
+
+        Args:
+            pred_logits (Tensor): (L, B, N, K); pred_boxes (Tensor): (L, B, N, 4).
+            targets (list[dict]): from :meth:`prepare_targets`.
+            indices_last_layer (list[(Tensor, Tensor)] or None): use this assignment at the last
+                layer instead of Hungarian matching (D3ETR's auxiliary group takes its teacher's).
+
+        Returns:
+            dict: ``loss_class``, ``loss_bbox``, ``loss_giou`` of the last layer and
+            ``loss_<name>_<l>`` of earlier layers (when ``aux_loss``).
+        """
+        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        L = pred_logits.shape[0]
+        losses = {}
+        layers = range(L) if self.aux_loss else [L - 1]
+        for l in layers:
+            if l == L - 1 and indices_last_layer is not None:
+                indices = indices_last_layer
+            else:
+                indices = self.matcher(pred_logits[l], pred_boxes[l], targets)
+            out = self._layer_losses(pred_logits[l], pred_boxes[l], targets, indices, num_boxes)
+            suffix = "" if l == L - 1 else f"_{l}"
+            losses.update({k + suffix: v for k, v in out.items()})
+        return losses
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        out = self.forward_predictions(images)
+        logits, boxes = out["pred_logits"][:, :, : self.num_queries], out["pred_boxes"][:, :, : self.num_queries]
+        if self.training:
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+            return self.compute_gt_losses(logits, boxes, targets)
+        return self.inference(logits[-1], boxes[-1], batched_inputs, images.image_sizes)
+
+    def inference(self, logits, boxes, batched_inputs, image_sizes):
+        """Top-k (query, class) pairs per image, boxes scaled back to the input's size."""
+        results = []
+        K = logits.shape[-1]
+        for lg, bx, x, (h, w) in zip(logits, boxes, batched_inputs, image_sizes):
+            scores, idx = lg.sigmoid().flatten().topk(min(self.select_box_nums_for_evaluation, lg.numel()))
+            q, labels = idx // K, idx % K
+            xyxy = box_convert(bx[q], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=bx.device, dtype=bx.dtype)
+            inst = Instances((h, w))
+            inst.pred_boxes = Boxes(xyxy)
+            inst.pred_boxes.clip((h, w))
+            inst.scores, inst.pred_classes = scores, labels
+            results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
+        return results

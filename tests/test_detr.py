@@ -1,0 +1,222 @@
+"""Conditional DETR and D3ETR: matching vs brute force, attention maps, query groups, losses."""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.utils.events import EventStorage
+
+from detkd import D3ETRDistiller, DistillationDetector, FeatureCapture, export_student
+from detkd.engine import KDTrainer
+from detkd.losses.d3etr import bernoulli_kl, hungarian_match, soft_bce_cost
+
+from conftest import load_config, make_inputs
+
+
+def detr_cfg(frozen=False, dropout=0.0):
+    model = load_config("configs/common/models/tiny_detr.py").model
+    model.transformer.dropout = dropout
+    if frozen:  # eval-equivalent backbone, so a student copy equals its teacher
+        model.backbone.stem.norm = "FrozenBN"
+        model.backbone.stages.norm = "FrozenBN"
+    return model
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (5, 3)])
+def test_hungarian_equals_brute_force(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    for _ in range(5):
+        cost = torch.rand(*shape, generator=g)
+        (match,) = hungarian_match(cost[None])
+        got = cost[match[:, 0], match[:, 1]].sum().item()
+        n, m = shape
+        if n <= m:
+            best = min(sum(cost[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(m), n))
+        else:
+            best = min(sum(cost[p[j], j].item() for j in range(m)) for p in itertools.permutations(range(n), m))
+        assert len(match) == min(shape) and got == pytest.approx(best, abs=1e-6)
+
+
+def test_class_cost_and_bernoulli_kl_formulas():
+    g = torch.Generator().manual_seed(0)
+    zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    q = zt.sigmoid()
+    ref = torch.zeros(3, 5, dtype=torch.float64)
+    for i in range(3):
+        for j in range(5):
+            p = zs[j].sigmoid()
+            ref[i, j] = -(q[i] * p.log() + (1 - q[i]) * (1 - p).log()).sum()
+    assert torch.allclose(soft_bce_cost(zt, zs), ref)
+    p, qq = zs[:3].sigmoid(), q
+    kl = (qq * (qq / p).log() + (1 - qq) * ((1 - qq) / (1 - p)).log()).sum(-1)
+    assert torch.allclose(bernoulli_kl(zs[:3], zt), kl)
+    assert torch.allclose(bernoulli_kl(zt, zt), torch.zeros(3, dtype=torch.float64))
+
+
+def _decoder_taps(model):
+    names = ["head"]
+    for i in range(len(model.transformer.decoder.layers)):
+        names += [f"transformer.decoder.layers.{i}.self_attn", f"transformer.decoder.layers.{i}.cross_attn"]
+    return FeatureCapture(model, names)
+
+
+def test_attention_maps_shapes_rows_and_padding():
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg()).eval()
+    inputs = make_inputs(n=2, size=(128, 160))
+    inputs[1]["image"] = inputs[1]["image"][:, :64, :96]  # padded to 128x160 in the batch
+    cap = _decoder_taps(model)
+    with cap, torch.no_grad():
+        model(inputs)
+    head = cap["head"]
+    assert head["pred_logits"].shape == (3, 2, 30, 3) and head["pred_boxes"].shape == (3, 2, 30, 4)
+    sa = cap["transformer.decoder.layers.1.self_attn"][1]
+    ca = cap["transformer.decoder.layers.1.cross_attn"][1]
+    assert sa.shape == (2, 4, 30, 30) and ca.shape == (2, 4, 30, 8 * 10)  # stride 16 keys
+    assert torch.allclose(sa.sum(-1), torch.ones(2, 4, 30), atol=1e-5)
+    assert torch.allclose(ca.sum(-1), torch.ones(2, 4, 30), atol=1e-5)
+    keys = ca[1].view(4, 30, 8, 10)
+    assert keys[:, :, 4:, :].abs().max() == 0 and keys[:, :, :, 6:].abs().max() == 0  # padding
+
+
+def test_extra_query_group_leaves_own_group_unchanged():
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg(frozen=True)).train()
+    inputs = make_inputs(n=2)
+    cap = _decoder_taps(model)
+    with cap, torch.no_grad():
+        model(inputs)
+    plain = {k: v.clone() for k, v in cap["head"].items()}
+    extra = torch.randn(12, 64)
+    with cap, torch.no_grad(), model.extra_query_group(extra):
+        losses = model(inputs)
+    grouped = cap["head"]
+    assert grouped["pred_logits"].shape[2] == 42
+    for k in plain:
+        assert torch.allclose(grouped[k][:, :, :30], plain[k], atol=1e-5), k
+    sa = cap["transformer.decoder.layers.2.self_attn"][1]
+    assert sa[:, :, :30, 30:].abs().max() == 0 and sa[:, :, 30:, :30].abs().max() == 0
+    assert "loss_class" in losses
+    model.eval()
+    with torch.no_grad(), model.extra_query_group(extra):
+        out = model(inputs)  # the group exists in training only
+    assert len(out[0]["instances"]) == 90  # top-k over 30 own queries x 3 classes
+
+
+def test_training_losses_empty_images_and_loss_falls_on_shapes():
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg()).train()
+    losses = model(make_inputs(n=2, empty=(1,)))
+    assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_giou_1"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    data = load_config("configs/demo/detr_student.py").dataloader.train
+    data.update(num_workers=0, total_batch_size=4)
+    data.dataset.names.num_images = 16
+    inputs = next(iter(instantiate(data)))  # a batch of the shapes data, fixed
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(40):
+        total = sum(model(inputs).values())
+        first = first if first is not None else total.item()
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert total.item() < 0.7 * first
+    model.eval()
+    with torch.no_grad():
+        inst = model(inputs)[0]["instances"]
+    b = inst.pred_boxes.tensor
+    h, w = inputs[0]["height"], inputs[0]["width"]
+    assert (b[:, :2] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+
+
+def _d3etr(student=None, teacher=None, **kw):
+    torch.manual_seed(0)
+    model = instantiate(
+        L(DistillationDetector)(
+            student=student or detr_cfg(frozen=True),
+            teacher=teacher or detr_cfg(frozen=True),
+            distillers={"d3etr": L(D3ETRDistiller)(**kw)},
+        )
+    ).train()
+    return model
+
+
+def test_d3etr_losses_zero_for_a_copy_positive_after_perturbation():
+    model = _d3etr()
+    with torch.no_grad():
+        for p in model.student.head.parameters():  # distinct queries: the match is unique
+            p.normal_(0, 0.5)
+    model.teacher.load_state_dict(model.student.state_dict())
+    inputs = make_inputs(n=2)
+    with EventStorage() as storage:
+        losses = model(inputs)
+        assert "d3etr/match_cost_0" in storage.latest()
+    kd = {k: v for k, v in losses.items() if k.startswith("loss_d3etr") and "aux" not in k}
+    assert set(kd) == {f"loss_d3etr_{k}" for k in ("cls", "l1", "giou", "sa", "ca")}
+    assert all(abs(v.item()) < 1e-5 for v in kd.values()), kd
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    with EventStorage():
+        losses = model(inputs)
+    assert all(losses[k].item() > 1e-4 for k in kd)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(k.startswith("loss_d3etr_aux_") for k in losses)
+
+
+def test_d3etr_different_hidden_size_uses_projection_and_exports_clean(tmp_path):
+    teacher = detr_cfg(frozen=True)
+    teacher.position_embedding.num_pos_feats = 48
+    teacher.transformer.update(d_model=96, nhead=6, dim_feedforward=192)
+    model = _d3etr(teacher=teacher)
+    assert model.distillers["d3etr"].query_proj.in_features == 96
+    with EventStorage():
+        losses = model(make_inputs(n=2))
+    sum(losses.values()).backward()
+    assert model.distillers["d3etr"].query_proj.weight.grad is not None
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    DetectionCheckpointer(model, str(tmp_path)).save("run")
+    state = export_student(str(tmp_path / "run.pth"), str(tmp_path / "student.pth"))
+    assert not any("query_proj" in k or "distillers" in k for k in state)
+    fresh = instantiate(detr_cfg(frozen=True))
+    inc = fresh.load_state_dict(torch.load(tmp_path / "student.pth", weights_only=False)["model"])
+    assert not inc.missing_keys and not inc.unexpected_keys
+    model.eval()
+    with torch.no_grad():
+        out = model(make_inputs(n=1))
+    assert len(out[0]["instances"]) == 90  # 30 queries x 3 classes: the own group only
+
+
+def test_d3etr_needs_detr_pairs():
+    from conftest import tiny_retinanet_cfg
+
+    with pytest.raises(TypeError, match="DETR-style"):
+        _d3etr(teacher=tiny_retinanet_cfg())
+    other = detr_cfg(frozen=True)
+    other.num_classes = 5
+    with pytest.raises(ValueError, match="class-count mismatch"):
+        _d3etr(teacher=other)
+
+
+@pytest.mark.parametrize("config", ["configs/demo/detr_student.py", "configs/demo/d3etr_detr.py"])
+def test_demo_configs_train_and_evaluate(tmp_path, config):
+    cfg = load_config(config)
+    cfg.train.update(output_dir=str(tmp_path), max_iter=2, teacher_checkpoint="",
+                     teacher_random_init=True, log_period=1, device="cpu")
+    cfg.dataloader.train.dataset.names.num_images = 16
+    cfg.dataloader.test.dataset.names.num_images = 8
+    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
+    cfg.dataloader.test.num_workers = 0
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    assert "bbox" in trainer.train()
+    if "d3etr" in config:
+        values = [v for v, _ in trainer.storage.history("loss_d3etr_ca").values()]
+        assert len(values) == 2 and all(np.isfinite(values))
