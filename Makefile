@@ -18,8 +18,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# Cost of distillation per iteration (ratios) and effectiveness (AP table, trains the demo runs).
 bench: venv
 	$(PY) benchmarks/kd_overhead.py
+	$(PY) benchmarks/effectiveness.py
 
 clean-demo:
 	rm -rf output/demo

@@ -113,7 +113,7 @@ def test_training_losses_empty_images_and_loss_falls_on_shapes():
     losses = model(make_inputs(n=2, empty=(1,)))
     assert {"loss_class", "loss_bbox", "loss_giou", "loss_class_0", "loss_giou_1"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
-    data = load_config("configs/demo/detr_student.py").dataloader.train
+    data = load_config("configs/demo/student_detr.py").dataloader.train
     data.update(num_workers=0, total_batch_size=4)
     data.dataset.names.num_images = 16
     inputs = next(iter(instantiate(data)))  # a batch of the shapes data, fixed
@@ -205,7 +205,7 @@ def test_d3etr_needs_detr_pairs():
         _d3etr(teacher=other)
 
 
-@pytest.mark.parametrize("config", ["configs/demo/detr_student.py", "configs/demo/d3etr_detr.py"])
+@pytest.mark.parametrize("config", ["configs/demo/student_detr.py", "configs/demo/d3etr_detr.py"])
 def test_demo_configs_train_and_evaluate(tmp_path, config):
     cfg = load_config(config)
     cfg.train.update(output_dir=str(tmp_path), max_iter=2, teacher_checkpoint="",

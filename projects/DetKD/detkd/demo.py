@@ -69,43 +69,54 @@ def _seconds_per_iter(output_dir: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["pkd"], help="pkd reviewkd gid ...")
-    parser.add_argument("--detector", default="retinanet", help="suffix of configs/demo/<method>_<detector>.py")
+    parser.add_argument("--detector", default="retinanet",
+                        help="preferred suffix of configs/demo/<method>_<detector>.py (d3etr uses detr)")
     parser.add_argument("--output", default="output/demo")
     parser.add_argument("--iters", type=int, default=None, help="override train.max_iter of every run")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
-    common = [f"train.max_iter={args.iters}"] if args.iters else []
+    common = ([f"train.max_iter={args.iters}"] if args.iters else []) + list(args.opts)
     cfg = lambda name: os.path.join(REPO, "configs", "demo", f"{name}.py")  # noqa: E731
-    teacher_dir = os.path.join(out, f"teacher_{args.detector}")
-    student_dir = os.path.join(out, f"student_{args.detector}")
 
-    rows = []
-    res, _ = _train(cfg(f"teacher_{args.detector}"), teacher_dir, common, args.force, log)
-    rows.append(("teacher", res, teacher_dir))
-    res, _ = _train(cfg(f"student_{args.detector}"), student_dir, common, args.force, log)
-    rows.append(("student alone", res, student_dir))
-    base = res
-    for method in args.methods:
-        name = f"{method}_{args.detector}"
-        if not os.path.isfile(cfg(name)):
+    rows, bases = [], {}
+
+    def family(method):
+        """The detector family of a method's demo config: --detector, else any that exists."""
+        found = sorted(os.path.basename(p)[len(method) + 1:-3] for p in glob.glob(cfg(f"{method}_*")))
+        if args.detector in found:
+            return args.detector
+        if not found:
             avail = sorted(os.path.basename(p)[:-3] for p in glob.glob(cfg("*")))
-            raise SystemExit(f"[demo] no config configs/demo/{name}.py; available: {avail}")
-        run_dir = os.path.join(out, name)
-        opts = common + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
-        res, _ = _train(cfg(name), run_dir, opts, args.force, log)
-        rows.append((f"student + {method}", res, run_dir))
+            raise SystemExit(f"[demo] no config configs/demo/{method}_*.py; available: {avail}")
+        return found[0]
 
-    header = f"{'model':<22}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
+    for method in args.methods:
+        det = family(method)
+        teacher_dir = os.path.join(out, f"teacher_{det}")
+        student_dir = os.path.join(out, f"student_{det}")
+        if det not in bases:
+            res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, common, args.force, log)
+            rows.append((f"teacher ({det})", res, teacher_dir, None))
+            res, _ = _train(cfg(f"student_{det}"), student_dir, common, args.force, log)
+            rows.append((f"student alone ({det})", res, student_dir, None))
+            bases[det] = res
+        run_dir = os.path.join(out, f"{method}_{det}")
+        opts = common + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
+        res, _ = _train(cfg(f"{method}_{det}"), run_dir, opts, args.force, log)
+        rows.append((f"student + {method}", res, run_dir, bases[det]))
+
+    header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
     lines = [header, "-" * len(header)]
-    for name, res, d in rows:
+    for name, res, d, base in rows:
         ap = [res.get(k, float("nan")) for k in ("AP", "AP50", "AP75")]
-        delta = f"{ap[0] - base['AP']:+.2f}" if name.startswith("student +") else ""
+        delta = f"{ap[0] - base['AP']:+.2f}" if base else ""
         spi = _seconds_per_iter(d)
-        lines.append(f"{name:<22}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi or 0:>9.3f}  {d}")
+        lines.append(f"{name:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi or 0:>9.3f}  {d}")
     table = "\n".join(lines)
     log("\n" + table + "\n")
     with open(os.path.join(out, "results.txt"), "w") as f:
@@ -113,12 +124,12 @@ def main(argv=None):
     if "pkd" in args.methods:
         from .viz import main as viz
 
-        png = os.path.join(out, "pkd_fpn.png")
-        viz(["pkd", "--config", cfg(f"pkd_{args.detector}"),
-             "--teacher", os.path.join(teacher_dir, "model_final.pth"),
-             "--before", os.path.join(student_dir, "model_final.pth"),
-             "--after", os.path.join(out, f"pkd_{args.detector}", "model_final_student.pth"),
-             "--index", "3", "--out", png])
+        det = family("pkd")
+        viz(["pkd", "--config", cfg(f"pkd_{det}"),
+             "--teacher", os.path.join(out, f"teacher_{det}", "model_final.pth"),
+             "--before", os.path.join(out, f"student_{det}", "model_final.pth"),
+             "--after", os.path.join(out, f"pkd_{det}", "model_final_student.pth"),
+             "--index", "3", "--out", os.path.join(out, "pkd_fpn.png")])
     log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "
         "its output folder.")

@@ -14,6 +14,8 @@ Command line::
         --teacher output/demo/teacher_retinanet/model_final.pth \\
         --before output/demo/student_retinanet/model_final.pth \\
         --after output/demo/pkd_retinanet/model_final_student.pth --out pkd_fpn.png
+    python -m detkd.viz gid --config configs/demo/gid_retinanet.py --teacher T.pth --student S.pth
+    python -m detkd.viz d3etr --config configs/demo/d3etr_detr.py --teacher T.pth --student S.pth
 """
 import argparse
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -149,6 +151,8 @@ def _load_image(cfg, index: int):
     from detectron2.config import instantiate
 
     cfg.dataloader.test.num_workers = 0
+    cfg.dataloader.test.mapper.is_train = True  # keep the annotations, for the GT overlay
+    cfg.dataloader.test.mapper.augmentations = []
     loader = instantiate(cfg.dataloader.test)
     for k, inputs in enumerate(loader):
         if k == index:
@@ -184,6 +188,103 @@ def _pkd_view(args):
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
 
 
+def _kd_model(cfg, teacher_ckpt, student_ckpt):
+    from detectron2.config import instantiate
+
+    from .checkpoint import load_student, load_teacher
+
+    model = instantiate(cfg.model)
+    load_teacher(model.teacher, teacher_ckpt)
+    load_student(model.student, student_ckpt)
+    return model.eval()
+
+
+def _rgb(model, inputs):
+    img = inputs[0]["image"].permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(img[:, :, ::-1] if getattr(model, "input_format", "BGR") == "BGR" else img)
+
+
+def _gid_view(args):
+    """Selected general instances, coloured by their IoU with the ground truth."""
+    from detectron2.config import LazyConfig
+    from detectron2.structures import pairwise_iou
+
+    from .capture import FeatureCapture
+    from .distiller import run_teacher
+    from .losses.gid import dense_outputs, select_general_instances
+
+    cfg = LazyConfig.load(args.config)
+    inputs = _load_image(cfg, args.index)
+    model = _kd_model(cfg, args.teacher, args.student)
+    gid = [d for d in model.distillers.values() if type(d).__name__ == "GIDDistiller"][0]
+    cap = FeatureCapture(model.student, gid.student_taps(model.student))
+    images = model.teacher_images(inputs)
+    with torch.no_grad():
+        run_teacher(model.teacher, images, model._teacher_capture)
+        with cap:
+            model.student(inputs)
+    t_out = dense_outputs(model.teacher, model._teacher_capture.as_dict())
+    s_out = dense_outputs(model.student, cap.as_dict())
+    (boxes, scores), = select_general_instances(
+        t_out["logits"].sigmoid(), s_out["logits"].sigmoid(), t_out["boxes"], s_out["boxes"],
+        images.image_sizes, topk=gid.topk, nms_thresh=gid.nms_thresh, min_size=gid.min_size,
+    )
+    # The loader resized nothing for the demo; boxes are in input coordinates.
+    gt = inputs[0]["instances"].gt_boxes if "instances" in inputs[0] else None
+    colors = {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
+    names = list(colors)
+    cols = []
+    iou = pairwise_iou(boxes, gt).amax(dim=1) if gt is not None and len(gt) and len(boxes) else torch.zeros(len(boxes))
+    for v in iou.tolist():
+        cols.append(colors[names[0] if v >= 0.5 else names[1] if v >= 0.1 else names[2]])
+    draw_boxes(_rgb(model.student, inputs), boxes.tensor.numpy(), cols, args.out,
+               labels=[f"{x:.2f}" for x in scores.tolist()],
+               gt_boxes=gt.tensor.numpy() if gt is not None else None,
+               title=f"GID: {len(boxes)} general instances (label = GI score); dashed = GT",
+               legend=colors)
+    print(f"wrote {args.out}: {len(boxes)} GIs, IoU with GT {[round(v, 2) for v in iou.tolist()]}")
+
+
+def _d3etr_view(args):
+    """Matched teacher (blue) / student (red) boxes of one decoder layer, lines between pairs."""
+    from detectron2.config import LazyConfig
+    from torchvision.ops import box_convert
+
+    from .capture import FeatureCapture
+
+    cfg = LazyConfig.load(args.config)
+    inputs = _load_image(cfg, args.index)
+    model = _kd_model(cfg, args.teacher, args.student)
+    d3 = [d for d in model.distillers.values() if type(d).__name__ == "D3ETRDistiller"][0]
+    heads = {}
+    for name, m in (("teacher", model.teacher), ("student", model.student)):
+        cap = FeatureCapture(m, ["head"])
+        with cap, torch.no_grad():
+            m(inputs)
+        heads[name] = cap["head"]
+    l = args.layer
+    t, s = heads["teacher"], heads["student"]
+    matches, costs = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
+                               s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
+    pairs = matches[0]
+    conf = t["pred_logits"][l, 0].sigmoid().amax(-1)[pairs[:, 0]]
+    top = pairs[conf.argsort(descending=True)[: args.top].numpy()]
+    h, w = inputs[0]["image"].shape[-2:]
+    scale = torch.tensor([w, h, w, h])
+    tb = box_convert(t["pred_boxes"][l, 0][top[:, 0]], "cxcywh", "xyxy") * scale
+    sb = box_convert(s["pred_boxes"][l, 0][top[:, 1]], "cxcywh", "xyxy") * scale
+    boxes = torch.cat([tb, sb]).numpy()
+    k = len(top)
+    gt = inputs[0].get("instances")
+    draw_boxes(_rgb(model.student, inputs), boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
+               pairs=[(i, i + k) for i in range(k)],
+               gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
+               title=f"D3ETR layer {l}: {k} most confident teacher queries and their matches "
+               f"(mean cost {costs[0]:.2f})",
+               legend={"teacher": "deepskyblue", "student (matched)": "red"})
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="view", required=True)
@@ -195,9 +296,22 @@ def main(argv=None):
     p.add_argument("--index", type=int, default=0, help="test image index")
     p.add_argument("--levels", nargs="*")
     p.add_argument("--out", default="pkd_fpn.png")
+    g = sub.add_parser("gid", help="selected general instances on an image")
+    g.add_argument("--config", required=True, help="a config with a GIDDistiller")
+    g.add_argument("--teacher", required=True)
+    g.add_argument("--student", required=True)
+    g.add_argument("--index", type=int, default=0)
+    g.add_argument("--out", default="gid_instances.png")
+    d = sub.add_parser("d3etr", help="matched teacher/student boxes of a decoder layer")
+    d.add_argument("--config", required=True, help="a config with a D3ETRDistiller")
+    d.add_argument("--teacher", required=True)
+    d.add_argument("--student", required=True)
+    d.add_argument("--index", type=int, default=0)
+    d.add_argument("--layer", type=int, default=-1)
+    d.add_argument("--top", type=int, default=8)
+    d.add_argument("--out", default="d3etr_matches.png")
     args = parser.parse_args(argv)
-    if args.view == "pkd":
-        _pkd_view(args)
+    {"pkd": _pkd_view, "gid": _gid_view, "d3etr": _d3etr_view}[args.view](args)
 
 
 if __name__ == "__main__":

@@ -19,4 +19,4 @@ model = L(DistillationDetector)(
     distillers={"d3etr": L(D3ETRDistiller)()},
 )
 train.teacher_checkpoint = "output/D3ETR/conditional_detr_r101_12ep/model_final.pth"
-train.output_dir = "output/D3ETR/d3etr_r50_from_r101_12ep"
+train.output_dir = "output/D3ETR/r50_from_r101_12ep"

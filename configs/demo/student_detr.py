@@ -10,4 +10,4 @@ train.eval_period = 0
 train.checkpointer.period = 500
 train.log_period = 50
 train.device = "cpu"
-train.output_dir = "output/demo/detr_student"
+train.output_dir = "output/demo/student_detr"

@@ -1,0 +1,86 @@
+"""
+Reproducibility harness: run a distillation config and its baseline twin with the same seed,
+schedule and data, and print teacher AP, student AP, distilled AP and the delta.
+
+The baseline twin is found by name next to the config (``<student>_from_<teacher>_<sched>.py``
+-> ``baseline_<student>_<sched>.py``; demo ``<method>_<det>.py`` -> ``student_<det>.py``) or
+given with ``--baseline``. The teacher is evaluated once before distillation
+(``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. Usage::
+
+    python -m detkd.repro configs/PKD/retinanet_R50_from_retinanet_R101_2x.py --num-gpus 8
+    python -m detkd.repro configs/demo/pkd_retinanet.py train.max_iter=300 \\
+        train.teacher_checkpoint=output/demo/teacher_retinanet/model_final.pth
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+from .demo import REPO, final_metrics
+
+__all__ = ["baseline_of", "main"]
+
+_SCHEDULE = re.compile(r"_(\d+x|\d+ep)$")
+
+
+def baseline_of(config: str) -> str:
+    """The baseline twin's path of a distillation config, by the naming convention."""
+    folder, name = os.path.split(config)
+    name = name[:-3]
+    if "_from_" in name:
+        student, rest = name.split("_from_", 1)
+        sched = _SCHEDULE.search(rest)
+        cand = f"baseline_{student}{sched.group(0) if sched else ''}.py"
+    else:
+        cand = f"student_{name.split('_', 1)[1]}.py"
+    path = os.path.join(folder, cand)
+    if not os.path.isfile(os.path.join(REPO, path)) and not os.path.isfile(path):
+        raise SystemExit(f"[repro] no baseline twin {path} for {config}; pass --baseline")
+    return path
+
+
+def _teacher_metrics(output_dir):
+    path = os.path.join(output_dir, "metrics.json")
+    res = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            res.update({k[len("teacher/bbox/"):]: v for k, v in m.items() if k.startswith("teacher/bbox/")})
+    return res or None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--baseline", default=None)
+    parser.add_argument("--output", default="output/repro")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value overrides for both runs")
+    args = parser.parse_args(argv)
+    baseline = args.baseline or baseline_of(args.config)
+    name = os.path.basename(args.config)[:-3]
+    out = os.path.abspath(os.path.join(args.output, name))
+    runs = {}
+    for tag, cfg, extra in (
+        ("baseline", baseline, ["train.teacher_checkpoint="]),
+        ("distilled", args.config, ["train.teacher_eval_at_start=True"]),
+    ):
+        run_dir = os.path.join(out, tag)
+        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
+               "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra + args.opts
+        print("[repro] " + " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
+        runs[tag] = run_dir
+    teacher = _teacher_metrics(runs["distilled"]) or {}
+    base, dist = final_metrics(runs["baseline"]), final_metrics(runs["distilled"])
+    print(f"\n{'':<12}{'AP':>8}{'AP50':>8}{'AP75':>8}")
+    for tag, res in (("teacher", teacher), ("student", base), ("distilled", dist)):
+        print(f"{tag:<12}" + "".join(f"{res.get(k, float('nan')):>8.2f}" for k in ("AP", "AP50", "AP75")))
+    print(f"{'delta':<12}{dist['AP'] - base['AP']:>+8.2f}")
+    return dict(teacher=teacher, baseline=base, distilled=dist)
+
+
+if __name__ == "__main__":
+    main()
