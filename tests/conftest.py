@@ -81,3 +81,26 @@ def build(cfg):
     model = instantiate(cfg)
     model.train()
     return model
+
+
+def short_train(config, output_dir, iters=3):
+    """Train ``config`` for ``iters`` iterations through KDTrainer on small shapes splits, with a
+    random teacher; returns the trainer (its ``storage`` holds every logged value) and the
+    final COCOEvaluator results."""
+    from detkd.engine import KDTrainer
+
+    cfg = load_config(config)
+    cfg.train.update(output_dir=str(output_dir), max_iter=iters, teacher_checkpoint="",
+                     teacher_random_init=True, log_period=1, device="cpu")
+    cfg.dataloader.train.dataset.names.num_images = 16
+    cfg.dataloader.test.dataset.names.num_images = 8
+    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
+    cfg.dataloader.test.num_workers = 0
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    return trainer, results
+
+
+def history(trainer, key):
+    return [v for v, _ in trainer.storage.history(key).values()]

@@ -11,10 +11,9 @@ from detectron2.config import instantiate
 from detectron2.utils.events import EventStorage
 
 from detkd import D3ETRDistiller, DistillationDetector, FeatureCapture, export_student
-from detkd.engine import KDTrainer
 from detkd.losses.d3etr import bernoulli_kl, hungarian_match, soft_bce_cost
 
-from conftest import load_config, make_inputs
+from conftest import history, load_config, short_train, make_inputs
 
 
 def detr_cfg(frozen=False, dropout=0.0):
@@ -207,16 +206,8 @@ def test_d3etr_needs_detr_pairs():
 
 @pytest.mark.parametrize("config", ["configs/demo/student_detr.py", "configs/demo/d3etr_detr.py"])
 def test_demo_configs_train_and_evaluate(tmp_path, config):
-    cfg = load_config(config)
-    cfg.train.update(output_dir=str(tmp_path), max_iter=2, teacher_checkpoint="",
-                     teacher_random_init=True, log_period=1, device="cpu")
-    cfg.dataloader.train.dataset.names.num_images = 16
-    cfg.dataloader.test.dataset.names.num_images = 8
-    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
-    cfg.dataloader.test.num_workers = 0
-    trainer = KDTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    assert "bbox" in trainer.train()
+    trainer, results = short_train(config, tmp_path, iters=2)
+    assert "bbox" in results
     if "d3etr" in config:
-        values = [v for v, _ in trainer.storage.history("loss_d3etr_ca").values()]
+        values = history(trainer, "loss_d3etr_ca")
         assert len(values) == 2 and all(np.isfinite(values))

@@ -11,10 +11,9 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 from detkd import DistillationDetector
-from detkd.engine import KDTrainer
 from detkd.losses import GIDDistiller, relation_loss, select_general_instances
 
-from conftest import load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+from conftest import history, load_config, short_train, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
 
 
 def test_selection_winners_nms_topk_and_empty_images():
@@ -182,16 +181,8 @@ def test_faster_rcnn_pair_uses_rpn():
 
 
 def test_demo_config_trains_through_kdtrainer(tmp_path):
-    cfg = load_config("configs/demo/gid_retinanet.py")
-    cfg.train.update(output_dir=str(tmp_path), max_iter=3, teacher_checkpoint="",
-                     teacher_random_init=True, log_period=1, device="cpu")
-    cfg.dataloader.train.dataset.names.num_images = 16
-    cfg.dataloader.test.dataset.names.num_images = 8
-    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
-    cfg.dataloader.test.num_workers = 0
-    trainer = KDTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    assert "bbox" in trainer.train()
+    trainer, results = short_train("configs/demo/gid_retinanet.py", tmp_path, iters=3)
+    assert "bbox" in results
     for key in ("loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls", "gid/num_instances"):
-        values = [v for v, _ in trainer.storage.history(key).values()]
+        values = history(trainer, key)
         assert len(values) == 3 and all(v == v for v in values), key

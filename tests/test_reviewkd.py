@@ -10,10 +10,9 @@ from detectron2.config import instantiate
 from detectron2.utils.events import EventStorage
 
 from detkd import DistillationDetector, export_student
-from detkd.engine import KDTrainer
 from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
 
-from conftest import load_config, make_inputs, tiny_retinanet_cfg
+from conftest import history, load_config, short_train, make_inputs, tiny_retinanet_cfg
 
 
 def _pool(x, p):
@@ -124,17 +123,8 @@ def test_checkpoint_round_trip_and_export_without_abf(tmp_path):
 
 
 def test_demo_config_trains_through_kdtrainer(tmp_path):
-    cfg = load_config("configs/demo/reviewkd_retinanet.py")
-    cfg.train.update(output_dir=str(tmp_path), max_iter=3, teacher_checkpoint="",
-                     teacher_random_init=True, log_period=1, device="cpu")
-    cfg.dataloader.train.dataset.names.num_images = 16
-    cfg.dataloader.test.dataset.names.num_images = 8
-    cfg.dataloader.train.update(num_workers=0, total_batch_size=4)
-    cfg.dataloader.test.num_workers = 0
-    trainer = KDTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    results = trainer.train()
+    trainer, results = short_train("configs/demo/reviewkd_retinanet.py", tmp_path, iters=3)
     assert "bbox" in results
-    values = [v for v, _ in trainer.storage.history("loss_reviewkd").values()]
+    values = history(trainer, "loss_reviewkd")
     assert len(values) == 3 and all(v > 0 and v == v for v in values)
     assert os.path.isfile(tmp_path / "model_final_student.pth")
