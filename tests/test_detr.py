@@ -211,3 +211,20 @@ def test_demo_configs_train_and_evaluate(tmp_path, config):
     if "d3etr" in config:
         values = history(trainer, "loss_d3etr_ca")
         assert len(values) == 2 and all(np.isfinite(values))
+
+
+def test_d3etr_different_query_counts():
+    student = detr_cfg(frozen=True)
+    student.num_queries = 20  # teacher has 30: partial adaptive match, fixed group of 30
+    model = _d3etr(student=student)
+    with EventStorage():
+        losses = model(make_inputs(n=2))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_d3etr_sa"].item() > 0  # from the fixed group (30 <-> 30 queries)
+    sum(losses.values()).backward()
+    adaptive_only = _d3etr(student=student, fixed_matching=False, aux_gt_loss=False)
+    with EventStorage():
+        losses = adaptive_only(make_inputs(n=2))
+    assert losses["loss_d3etr_sa"].item() == 0.0  # needs a full permutation: skipped
+    assert losses["loss_d3etr_l1"].item() > 0 and losses["loss_d3etr_ca"].item() > 0
+    assert not any("aux" in k for k in losses)
