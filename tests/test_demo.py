@@ -19,6 +19,16 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
         assert row in table, table
     assert (out / "pkd_fpn.png").is_file()
     assert (out / "d3etr_detr" / "model_final_student.pth").is_file()
+    # The GID and D3ETR pictures from these runs' checkpoints.
+    from detkd.viz import main as viz
+
+    viz(["gid", "--config", os.path.join(REPO, "configs/demo/gid_retinanet.py"),
+         "--teacher", str(out / "teacher_retinanet/model_final.pth"),
+         "--student", str(out / "student_retinanet/model_final.pth"), "--out", str(tmp_path / "gid.png")])
+    viz(["d3etr", "--config", os.path.join(REPO, "configs/demo/d3etr_detr.py"),
+         "--teacher", str(out / "teacher_detr/model_final.pth"),
+         "--student", str(out / "d3etr_detr/model_final_student.pth"), "--out", str(tmp_path / "d3.png")])
+    assert (tmp_path / "gid.png").stat().st_size > 1000 and (tmp_path / "d3.png").stat().st_size > 1000
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("[demo] reusing") == 6

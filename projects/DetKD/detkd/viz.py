@@ -217,7 +217,8 @@ def _gid_view(args):
     inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
     gid = [d for d in model.distillers.values() if type(d).__name__ == "GIDDistiller"][0]
-    cap = FeatureCapture(model.student, gid.student_taps(model.student))
+    # clone: RetinaNet inference applies sigmoid_ in place to a view of the head logits.
+    cap = FeatureCapture(model.student, gid.student_taps(model.student), clone=True)
     images = model.teacher_images(inputs)
     with torch.no_grad():
         run_teacher(model.teacher, images, model._teacher_capture)
@@ -262,8 +263,8 @@ def _d3etr_view(args):
         with cap, torch.no_grad():
             m(inputs)
         heads[name] = cap["head"]
-    l = args.layer
     t, s = heads["teacher"], heads["student"]
+    l = args.layer % t["pred_logits"].shape[0]  # -1 = the last layer
     matches, costs = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
                                s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
     pairs = matches[0]
