@@ -280,8 +280,7 @@ def _d3etr_view(args):
     draw_boxes(_rgb(model.student, inputs), boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
                pairs=[(i, i + k) for i in range(k)],
                gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
-               title=f"D3ETR layer {l}: {k} most confident teacher queries and their matches "
-               f"(mean cost {costs[0]:.2f})",
+               title=f"D3ETR layer {l}: top-{k} teacher queries and matched student queries",
                legend={"teacher": "deepskyblue", "student (matched)": "red"})
     print(f"wrote {args.out}")
 
