@@ -228,3 +228,121 @@ def test_d3etr_different_query_counts():
     assert losses["loss_d3etr_sa"].item() == 0.0  # needs a full permutation: skipped
     assert losses["loss_d3etr_l1"].item() > 0 and losses["loss_d3etr_ca"].item() > 0
     assert not any("aux" in k for k in losses)
+
+
+def _softmax_rows(*shape, g):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).softmax(-1)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_d3etr_losses_equal_a_loop_reference(fixed):
+    """The batched D3ETR losses against a per-layer, per-image reference with brute-force
+    matching and torchvision's GIoU."""
+    from types import SimpleNamespace
+
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    L, B, N, K, M, HW = 2, 2, 4, 3, 2, 5
+    g = torch.Generator().manual_seed(3)
+
+    def preds(n):
+        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
+
+    nq = 2 * N if fixed else N
+    t_logits, t_boxes = preds(N)
+    s_logits, s_boxes = preds(nq)
+    t_taps, s_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}, {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
+    for l in range(L):
+        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, N, N, g=g))
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, N, HW, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g))
+    d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
+    ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
+    with EventStorage():
+        got = d(s_taps, t_taps, ctx)
+
+    def kl(p, q):  # rows of p, q: (..., S)
+        return (p * (p / q).log()).sum(-1).mean()
+
+    def xyxy(b):
+        return box_convert(b, "cxcywh", "xyxy")
+
+    ref = {k: 0.0 for k in ("cls", "l1", "giou", "sa", "ca")}
+    for l in range(L):
+        t_sa, t_ca = t_taps[f"transformer.decoder.layers.{l}.self_attn"][1], t_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
+        s_sa, s_ca = s_taps[f"transformer.decoder.layers.{l}.self_attn"][1], s_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
+        groups = [[]]  # group 1 pairs, then group 2 pairs: (b, teacher i, student j)
+        for b in range(B):
+            zt, zs = t_logits[l, b], s_logits[l, b, :N]
+            q, p = zt.sigmoid(), zs.sigmoid()
+            cost = torch.zeros(N, N, dtype=torch.float64)
+            for i in range(N):
+                for j in range(N):
+                    bce = -(q[i] * p[j].log() + (1 - q[i]) * (1 - p[j]).log()).sum() / K
+                    cost[i, j] = bce + 5 * (t_boxes[l, b, i] - s_boxes[l, b, j]).abs().sum()
+            cost -= 2 * generalized_box_iou(xyxy(t_boxes[l, b]), xyxy(s_boxes[l, b, :N]))
+            perm = min(itertools.permutations(range(N)), key=lambda pm: sum(cost[i, pm[i]] for i in range(N)))
+            groups[0] += [(b, i, perm[i]) for i in range(N)]
+            rows = torch.stack([s_sa[b, :, perm[i], list(perm)] for i in range(N)], 1)  # (M, N, N)
+            ref["sa"] += kl(t_sa[b], rows) / B
+            ref["ca"] += kl(t_ca[b], s_ca[b][:, list(perm)]) / B
+        if fixed:
+            groups.append([(b, i, N + i) for b in range(B) for i in range(N)])
+            ref["sa"] += kl(t_sa, s_sa[:, :, N:, N:])
+            ref["ca"] += kl(t_ca, s_ca[:, :, N:])
+        for pairs in groups:
+            bi, ti, si = (torch.tensor(x) for x in zip(*pairs))
+            zt, zs = t_logits[l, bi, ti], s_logits[l, bi, si]
+            q, p = zt.sigmoid(), zs.sigmoid()
+            ref["cls"] += (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum(-1).mean()
+            ref["l1"] += (t_boxes[l, bi, ti] - s_boxes[l, bi, si]).abs().sum(-1).mean()
+            ref["giou"] += (1 - generalized_box_iou(xyxy(s_boxes[l, bi, si]), xyxy(t_boxes[l, bi, ti])).diag()).mean()
+    weights = dict(cls=1, l1=5, giou=2, sa=1, ca=1)
+    for k, v in ref.items():
+        assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * float(v), rel=1e-6), k
+
+
+def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():
+    from torchvision.ops import generalized_box_iou
+
+    from detkd.modeling import HungarianMatcher
+    from detkd.modeling.detr import paired_giou, pairwise_giou
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 5, 2, generator=g)
+    a = torch.cat([xy, xy + torch.rand(3, 5, 2, generator=g) + 0.01], -1)
+    xy = torch.rand(3, 4, 2, generator=g)
+    b = torch.cat([xy, xy + torch.rand(3, 4, 2, generator=g) + 0.01], -1)
+    got = pairwise_giou(a, b)
+    for i in range(3):
+        assert torch.allclose(got[i], generalized_box_iou(a[i], b[i]), atol=1e-6)
+        assert torch.allclose(paired_giou(a[i, :4], b[i]), generalized_box_iou(a[i, :4], b[i]).diag(), atol=1e-6)
+    matcher = HungarianMatcher()
+    logits = torch.randn(3, 2, 6, 4, generator=g)
+    boxes = torch.rand(3, 2, 6, 4, generator=g) * 0.5 + 0.1
+    targets = [
+        {"labels": torch.tensor([0, 3, 1]), "boxes": torch.rand(3, 4, generator=g) * 0.5 + 0.1},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    batched = matcher.match_layers(logits, boxes, targets)
+    for l in range(3):
+        lg, bx, t = logits[l, 0], boxes[l, 0], targets[0]
+        p = lg.sigmoid()[:, t["labels"]]
+        cost = 2 * (0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p**2 * -(1 - p + 1e-8).log())
+        cost = cost + 5 * torch.cdist(bx, t["boxes"], p=1) - 2 * generalized_box_iou(
+            box_convert_xyxy(bx), box_convert_xyxy(t["boxes"])
+        )
+        rows, cols = batched[l][0]
+        best = min(
+            sum(cost[r, c].item() for c, r in enumerate(pm)) for pm in itertools.permutations(range(6), 3)
+        )
+        assert len(rows) == 3 and cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
+        assert len(batched[l][1][0]) == 0
+
+
+def box_convert_xyxy(b):
+    from torchvision.ops import box_convert
+
+    return box_convert(b, "cxcywh", "xyxy")

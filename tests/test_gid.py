@@ -66,6 +66,18 @@ def test_relation_loss_formula_scale_invariance_and_small_sets():
     assert relation_loss(s[:2], t[:2]).item() == 0.0
 
 
+def test_relation_loss_batched_over_images_is_mean_of_per_image_losses():
+    g = torch.Generator().manual_seed(1)
+    counts = [4, 2, 7, 0, 3]  # images with < 3 GIs are left out of the mean
+    s = torch.randn(sum(counts), 12, generator=g, dtype=torch.float64)
+    t = torch.randn(sum(counts), 12, generator=g, dtype=torch.float64)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    expected = [_relation_reference(s[a:a + n], t[a:a + n]) for a, n in zip(starts, counts) if n >= 3]
+    got = relation_loss(s, t, counts).item()
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+    assert relation_loss(s[:6], t[:6], [2, 2, 2]).item() == 0.0
+
+
 def _kd(student=None, teacher=None, **kw):
     torch.manual_seed(0)
     return instantiate(
@@ -186,3 +198,68 @@ def test_demo_config_trains_through_kdtrainer(tmp_path):
     for key in ("loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls", "gid/num_instances"):
         values = history(trainer, key)
         assert len(values) == 3 and all(v == v for v in values), key
+
+
+def _select_reference(t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_topk):
+    """Per-image GISM with detectron2's ops: the definition the batched code must equal."""
+    from torchvision.ops import nms
+
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        gi = (t[i] - s[i]).abs().amax(-1)
+        b = torch.where((t[i].amax(-1) > s[i].amax(-1))[:, None], tb[i], sb[i])
+        bx = Boxes(b.clone())
+        bx.clip((h, w))
+        keep = ((bx.tensor[:, 2:] - bx.tensor[:, :2]) > min_size).all(1).nonzero().squeeze(1)
+        sc = gi[keep]
+        if len(sc) > pre_nms_topk:
+            sc, j = sc.topk(pre_nms_topk)
+            keep = keep[j]
+        k = nms(bx.tensor[keep], sc, nms_thresh)[:topk]
+        out.append((bx.tensor[keep][k], sc[k]))
+    return out
+
+
+def test_selection_of_a_batch_equals_per_image_reference():
+    g = torch.Generator().manual_seed(5)
+    N, R, K = 4, 300, 3
+    t, s = torch.rand(N, R, K, generator=g), torch.rand(N, R, K, generator=g)
+    xy = torch.rand(N, R, 2, generator=g) * 100 - 10
+    tb = torch.cat([xy, xy + torch.rand(N, R, 2, generator=g) * 60], -1)
+    sb = tb + torch.randn(N, R, 4, generator=g) * 3
+    sizes = [(100, 120), (80, 80), (64, 100), (100, 100)]
+    s[3] = t[3]  # no disagreement at all: every GI score is 0
+    sb[2] = tb[2] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # image 2: every box too small, no GI
+    for topk, pre in ((10, 3000), (4, 50)):
+        got = select_general_instances(t, s, tb, sb, sizes, topk=topk, nms_thresh=0.3, min_size=10, pre_nms_topk=pre)
+        ref = _select_reference(t, s, tb, sb, sizes, topk, 0.3, 10, pre)
+        assert len(got[0][0]) == topk and len(got[2][0]) == 0
+        assert len(got[3][0]) > 0 and not got[3][1].any()  # ties: which boxes win is arbitrary
+        for (gb, gs), (rb, rs) in zip(got[:3], ref[:3]):
+            assert torch.equal(gs, rs) and torch.equal(gb.tensor, rb)
+
+
+@pytest.mark.parametrize("thresholds,allow_low", [([0.4, 0.5], True), ([0.3, 0.7], True), ([0.5], False)])
+def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, allow_low):
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.structures import pairwise_iou
+
+    from detkd.losses.gid import batched_matcher_positives
+
+    labels = [0, -1, 1] if len(thresholds) == 2 else [0, 1]
+    matcher = Matcher(thresholds, labels, allow_low_quality_matches=allow_low)
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(400, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(400, 2, generator=g) * 40 + 4], 1)
+    gts = []
+    for n in (5, 0, 1, 9):
+        xy = torch.rand(n, 2, generator=g) * 100
+        gts.append(Boxes(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 50 + 2], 1)))
+    gts[3].tensor[0] = torch.tensor([500.0, 500.0, 510.0, 510.0])  # overlaps no anchor
+    got = batched_matcher_positives(matcher, gts, anchors)
+    for i, b in enumerate(gts):
+        if len(b) == 0:
+            assert not got[i].any()
+            continue
+        _, lab = matcher(pairwise_iou(b, Boxes(anchors)))
+        assert torch.equal(got[i], lab == 1), i

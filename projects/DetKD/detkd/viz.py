@@ -265,9 +265,9 @@ def _d3etr_view(args):
         heads[name] = cap["head"]
     t, s = heads["teacher"], heads["student"]
     l = args.layer % t["pred_logits"].shape[0]  # -1 = the last layer
-    matches, costs = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
-                               s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
-    pairs = matches[0]
+    ti, si, _ = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
+                          s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
+    pairs = torch.stack([ti[0, 0], si[0, 0]], 1).cpu()  # (P, 2) of image 0
     conf = t["pred_logits"][l, 0].sigmoid().amax(-1)[pairs[:, 0]]
     top = pairs[conf.argsort(descending=True)[: args.top].numpy()]
     h, w = inputs[0]["image"].shape[-2:]

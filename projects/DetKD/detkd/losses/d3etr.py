@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert
+
+from ..modeling.detr import pairwise_giou, paired_giou
 
 from .base import Distiller, put_scalar
 
@@ -218,37 +220,45 @@ class D3ETRDistiller(Distiller):
 
     # ------------------------------------------------------------------------------------
     def _pair_losses(self, s_logits, s_boxes, t_logits, t_boxes) -> Dict[str, torch.Tensor]:
-        """Prediction losses of paired queries; inputs (P, K) and (P, 4); mean over pairs."""
-        if s_logits.shape[0] == 0:
+        """
+        Prediction losses of paired queries of every layer: inputs (L, P, K) and (L, P, 4);
+        the mean over a layer's pairs, summed over layers.
+        """
+        if s_logits.shape[1] == 0:
             zero = s_logits.sum() * 0.0
             return dict(cls=zero, l1=zero, giou=zero)
-        giou = torch.diag(
-            generalized_box_iou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
-        )
+        giou = paired_giou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
         return dict(
-            cls=bernoulli_kl(s_logits, t_logits).mean(),
-            l1=(s_boxes - t_boxes).abs().sum(-1).mean(),
-            giou=(1 - giou).mean(),
+            cls=bernoulli_kl(s_logits, t_logits).mean(1).sum(),
+            l1=(s_boxes - t_boxes).abs().sum(-1).mean(1).sum(),
+            giou=(1 - giou).mean(1).sum(),
         )
 
     def _match(self, t_logits, t_boxes, s_logits, s_boxes):
-        """Adaptive matching of every layer and image. Inputs (L, B, N, .). Returns a list
-        (L*B) of (P, 2) index arrays and the mean matched cost per layer."""
+        """
+        Adaptive matching of every layer and image: one batched cost tensor, one copy to the
+        CPU, scipy's Hungarian solver per (layer, image).
+
+        Args:
+            t_logits, t_boxes (Tensor): (L, B, Nt, K / 4); s_logits, s_boxes: (L, B, Ns, K / 4).
+
+        Returns:
+            (Tensor, Tensor, list[float]): teacher and student indices of the matched pairs,
+            each (L, B, P) with P = min(Nt, Ns), rows sorted by teacher index; the mean matched
+            cost per layer.
+        """
         L, B = t_logits.shape[:2]
         wc, wb, wg = self.match_weights
         with torch.no_grad():
             cost = wc * soft_bce_cost(t_logits, s_logits) / t_logits.shape[-1]
             cost = cost + wb * torch.cdist(t_boxes, s_boxes, p=1)  # (L, B, Nt, Ns)
-            t_xyxy = box_convert(t_boxes, "cxcywh", "xyxy").flatten(0, 1)
-            s_xyxy = box_convert(s_boxes, "cxcywh", "xyxy").flatten(0, 1)
-            giou = torch.stack([generalized_box_iou(a, b) for a, b in zip(t_xyxy, s_xyxy)])
-            cost = cost.flatten(0, 1) - wg * giou  # (L*B, Nt, Ns)
-            matches = hungarian_match(cost)
-            mean_cost = [
-                float(np.mean([cost[l * B + b][tuple(matches[l * B + b].T)].mean().item() for b in range(B)]))
-                for l in range(L)
-            ]
-        return matches, mean_cost
+            cost = cost - wg * pairwise_giou(box_convert(t_boxes, "cxcywh", "xyxy"), box_convert(s_boxes, "cxcywh", "xyxy"))
+            cost = cost.flatten(0, 1)  # (L*B, Nt, Ns)
+            idx = torch.as_tensor(np.stack(hungarian_match(cost)), device=cost.device)  # (L*B, P, 2)
+            ti, si = idx[..., 0], idx[..., 1]
+            matched = cost[torch.arange(L * B, device=cost.device)[:, None], ti, si]  # (L*B, P)
+            mean_cost = matched.view(L, B, -1).mean(dim=(1, 2)).tolist()
+        return ti.view(L, B, -1), si.view(L, B, -1), mean_cost
 
     def forward(self, student_taps, teacher_taps, ctx):
         student = ctx.student
@@ -259,12 +269,27 @@ class D3ETRDistiller(Distiller):
         Ns = student.num_queries
         g1_logits, g1_boxes = s_logits[:, :, :Ns], s_boxes[:, :, :Ns]
 
-        matches, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes)
+        ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes)  # (L, B, P)
         for l, c in enumerate(mean_cost):
             put_scalar(f"d3etr/match_cost_{l}", c)
 
-        totals = {k: 0.0 for k in self.weights}
-        for l in range(L):
+        # Predictions, all layers at once: group 1 on its matched pairs, group 2 query by query.
+        lidx = torch.arange(L, device=ti.device)[:, None, None]  # (L, 1, 1)
+        bidx = torch.arange(B, device=ti.device)[None, :, None]  # (1, B, 1)
+        totals = self._pair_losses(
+            g1_logits[lidx, bidx, si].flatten(1, 2), g1_boxes[lidx, bidx, si].flatten(1, 2),
+            t_logits[lidx, bidx, ti].flatten(1, 2), t_boxes[lidx, bidx, ti].flatten(1, 2),
+        )
+        if self.fixed_matching:
+            a = slice(Ns, Ns + Nt)
+            aux = self._pair_losses(
+                s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
+                t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
+            )
+            totals = {k: totals[k] + aux[k] for k in totals}
+        totals["sa"], totals["ca"] = 0.0, 0.0
+        bidx = bidx[0]  # (B, 1)
+        for l in range(L):  # attention maps come one tensor per layer
             t_sa = teacher_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nt, Nt)
             t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
             s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq)
@@ -277,40 +302,23 @@ class D3ETRDistiller(Distiller):
                     f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
                     f"{s_ca.shape[-1]}): both memories must have the same stride and padding"
                 )
-            # ---- group 1: adaptive matching
-            ti = torch.as_tensor(np.stack([matches[l * B + b][:, 0] for b in range(B)]), device=t_logits.device)
-            si = torch.as_tensor(np.stack([matches[l * B + b][:, 1] for b in range(B)]), device=t_logits.device)
-            bidx = torch.arange(B, device=ti.device)[:, None]  # (B, 1)
-            losses = self._pair_losses(
-                g1_logits[l][bidx, si].flatten(0, 1), g1_boxes[l][bidx, si].flatten(0, 1),
-                t_logits[l][bidx, ti].flatten(0, 1), t_boxes[l][bidx, ti].flatten(0, 1),
-            )
-            # Attention rows of matched queries; in self-attention, columns follow the match
+            # ---- group 1: rows of matched queries; in self-attention, columns follow the match
             # too (the student's key sigma(k) plays the teacher's key k). Needs a full match.
-            t_ca_rows = t_ca[bidx, :, ti].transpose(1, 2)  # (B, M, P, HW)
-            s_ca_rows = s_ca[bidx, :, si].transpose(1, 2)
-            losses["ca"] = attention_kl(t_ca_rows, s_ca_rows)
+            t_ca_rows = t_ca[bidx, :, ti[l]].transpose(1, 2)  # (B, M, P, HW)
+            s_ca_rows = s_ca[bidx, :, si[l]].transpose(1, 2)
+            totals["ca"] = totals["ca"] + attention_kl(t_ca_rows, s_ca_rows)
             if Nt == Ns:
-                perm = si  # a full match: teacher query i <-> student query perm[i] (rows sorted)
-                s_block = s_sa[:, :, :Ns, :Ns]
-                s_perm = s_block[bidx, :, perm].transpose(1, 2)  # rows: (B, M, Nt, Ns)
+                perm = si[l]  # a full match: teacher query i <-> student query perm[i] (rows sorted)
+                s_perm = s_sa[:, :, :Ns, :Ns][bidx, :, perm].transpose(1, 2)  # rows: (B, M, Nt, Ns)
                 s_perm = torch.gather(s_perm, 3, perm[:, None, None, :].expand_as(s_perm))
-                losses["sa"] = attention_kl(t_sa, s_perm)
-            else:
-                losses["sa"] = s_sa.sum() * 0.0
-            for k, v in losses.items():
-                totals[k] = totals[k] + v
-            # ---- group 2: fixed matching (auxiliary group i <-> teacher query i)
+                totals["sa"] = totals["sa"] + attention_kl(t_sa, s_perm)
+            # ---- group 2: fixed matching (auxiliary query i <-> teacher query i)
             if self.fixed_matching:
                 a = slice(Ns, Ns + Nt)
-                aux = self._pair_losses(
-                    s_logits[l, :, a].flatten(0, 1), s_boxes[l, :, a].flatten(0, 1),
-                    t_logits[l].flatten(0, 1), t_boxes[l].flatten(0, 1),
-                )
-                aux["sa"] = attention_kl(t_sa, s_sa[:, :, a, a])
-                aux["ca"] = attention_kl(t_ca, s_ca[:, :, a])
-                for k, v in aux.items():
-                    totals[k] = totals[k] + v
+                totals["sa"] = totals["sa"] + attention_kl(t_sa, s_sa[:, :, a, a])
+                totals["ca"] = totals["ca"] + attention_kl(t_ca, s_ca[:, :, a])
+        if not torch.is_tensor(totals["sa"]):
+            totals["sa"] = s_logits.sum() * 0.0
 
         out = {f"loss_d3etr_{k}": self.weights[k] * v for k, v in totals.items()}
         if self.aux_gt_loss:

@@ -41,6 +41,7 @@ __all__ = [
     "relation_loss",
     "dense_outputs",
     "per_location",
+    "batched_matcher_positives",
 ]
 
 
@@ -139,57 +140,122 @@ def select_general_instances(
         list[(Boxes, Tensor)]: per image, the GI boxes (G, 4) and GI scores (G,), best first,
         G <= topk (0 for an image where nothing survives).
     """
+    N, R = t_scores.shape[:2]
+    device = t_scores.device
     gi = (t_scores - s_scores).abs().amax(dim=-1)  # (N, R)
     teacher_wins = t_scores.amax(dim=-1) > s_scores.amax(dim=-1)  # (N, R)
     boxes = torch.where(teacher_wins[..., None], t_boxes, s_boxes)  # (N, R, 4)
-    out = []
-    for i, size in enumerate(image_sizes):
-        b = Boxes(boxes[i].clone())
-        b.clip(size)
-        wh = b.tensor[:, 2:] - b.tensor[:, :2]
-        keep = (wh > min_size).all(dim=1).nonzero().squeeze(1)
-        scores = gi[i, keep]
-        if scores.numel() > pre_nms_topk:
-            scores, idx = scores.topk(pre_nms_topk)
-            keep = keep[idx]
-        cand = b.tensor[keep]
-        kept = batched_nms(cand, scores, torch.zeros_like(scores, dtype=torch.long), nms_thresh)[:topk]
-        out.append((Boxes(cand[kept]), scores[kept]))
-    return out
+    # All images at once: clip, size filter, per-image top-k, one NMS keyed by image.
+    hw = torch.tensor(image_sizes, device=device, dtype=boxes.dtype)  # (N, 2)
+    limit = hw.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
+    boxes = torch.min(boxes.clamp(min=0), limit)
+    wh = boxes[..., 2:] - boxes[..., :2]
+    gi = gi.masked_fill(~(wh > min_size).all(dim=-1), float("-inf"))
+    scores, idx = gi.topk(min(pre_nms_topk, R), dim=1)  # (N, k), best first
+    cand = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
+    image = torch.arange(N, device=device)[:, None].expand_as(scores)
+    ok = torch.isfinite(scores)
+    cand, scores, image = cand[ok], scores[ok], image[ok]  # (P, 4), (P,), (P,)
+    kept = batched_nms(cand, scores, image, nms_thresh)  # by score, all images together
+    kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, score order kept
+    counts = torch.bincount(image[kept], minlength=N)  # (N,)
+    rank = torch.arange(len(kept), device=device) - (counts.cumsum(0) - counts)[image[kept]]
+    kept = kept[rank < topk]
+    sizes = counts.clamp(max=topk).tolist()  # one host sync for the whole batch
+    return [(Boxes(b), sc) for b, sc in zip(cand[kept].split(sizes), scores[kept].split(sizes))]
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """(G, D) -> (G, G) Euclidean distances, sqrt(max(d^2, 1e-12)) with a zero diagonal."""
-    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)  # (G, G)
-    d = d2.clamp(min=1e-12).sqrt()
-    return d * (1 - torch.eye(len(x), device=x.device, dtype=x.dtype))
-
-
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
-    GID relation loss of one image (RKD distance loss with Huber beta = 1).
+    (..., G, D) -> (..., G, G) Euclidean distances ``sqrt(max(d^2, 1e-12))`` with a zero
+    diagonal. ``d^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j`` (a Gram matrix: O(G^2 D) multiply-adds
+    without a (G, G, D) difference tensor, the cost that dominated GID's step).
+    """
+    sq = x.pow(2).sum(-1)  # (..., G)
+    d2 = sq[..., :, None] + sq[..., None, :] - 2 * (x @ x.transpose(-1, -2))
+    d = d2.clamp(min=1e-12).sqrt()
+    G = x.shape[-2]
+    return d * (1 - torch.eye(G, device=x.device, dtype=x.dtype))
 
-    ``D_ij`` = Euclidean distance between the GI features i and j, normalised by the mean of the
-    positive off-diagonal distances (phi); loss = mean over i != j of
-    ``SmoothL1(D_s_ij / phi_s, D_t_ij / phi_t)``; 0 when there are fewer than 3 instances.
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
+    """
+    GID relation loss (RKD distance loss with Huber beta = 1).
+
+    ``D_ij`` = Euclidean distance between the GI features i and j of one image, normalised by
+    the mean of that image's off-diagonal distances (phi); an image's loss = mean over i != j of
+    ``SmoothL1(D_s_ij / phi_s, D_t_ij / phi_t)``; images with fewer than 3 instances are left
+    out and the result is the mean over the others (0 when none is left).
 
     Args:
-        student, teacher (Tensor): (G, D) flattened GI features.
+        student, teacher (Tensor): (Gt, D) flattened GI features, the images' GIs one after the
+            other.
+        counts (list[int] or None): GIs per image (sum = Gt); None: all rows are one image.
 
     Returns:
         Tensor: scalar.
     """
-    G = student.shape[0]
-    if G < 3:
+    counts = [student.shape[0]] if counts is None else list(counts)
+    keep = [i for i, g in enumerate(counts) if g >= 3]
+    if not keep:
         return student.sum() * 0.0
-    ds, dt = _pairwise_distances(student), _pairwise_distances(teacher)
-    off = ~torch.eye(G, dtype=torch.bool, device=student.device)
+    # Pad the images' GIs into (M, Gmax, D) batches: one batched computation, no loop over images.
+    G, device = max(counts[i] for i in keep), student.device
+    starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)[keep]  # (M,)
+    n = torch.tensor([counts[i] for i in keep], device=device)  # (M,)
+    slot = torch.arange(G, device=device)
+    valid = slot[None, :] < n[:, None]  # (M, G)
+    rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
+    n_pairs = pair.sum(dim=(1, 2)).to(student.dtype)  # (M,)
 
-    def normalize(d):
-        pos = d[off & (d > 0)]
-        return d / pos.mean().clamp(min=1e-12) if pos.numel() else d
+    def normalized(x):  # (Gt, D) -> (M, G, G), distances / phi, zero outside valid pairs
+        d = _pairwise_distances(x[rows] * valid[..., None]) * pair
+        phi = d.sum(dim=(1, 2)) / n_pairs
+        return d / phi.clamp(min=1e-12)[:, None, None]
 
-    return F.smooth_l1_loss(normalize(ds)[off], normalize(dt.detach())[off], beta=1.0)
+    ds, dt = normalized(student), normalized(teacher.detach())
+    per = (F.smooth_l1_loss(ds, dt, beta=1.0, reduction="none") * pair).sum(dim=(1, 2)) / n_pairs
+    return per.mean()
+
+
+def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Tensor) -> torch.Tensor:
+    """
+    Positive labels of detectron2's :class:`Matcher` for every image at once (equal to calling
+    ``matcher(pairwise_iou(gt, anchors))`` per image and taking ``labels == 1``).
+
+    Args:
+        matcher (Matcher): its ``thresholds``, ``labels`` and ``allow_low_quality_matches``.
+        gt_boxes (list[Boxes]): per image, (G_i, 4) boxes taken as ground truth.
+        anchors (Tensor): (R, 4) XYXY, shared by the images.
+
+    Returns:
+        Tensor: (N, R) bool.
+    """
+    N, R, device = len(gt_boxes), anchors.shape[0], anchors.device
+    G = max([len(b) for b in gt_boxes] + [1])
+    gt = torch.zeros(N, G, 4, device=device, dtype=anchors.dtype)
+    valid = torch.zeros(N, G, dtype=torch.bool, device=device)
+    for i, b in enumerate(gt_boxes):  # padding only; the arithmetic below is batched
+        gt[i, : len(b)], valid[i, : len(b)] = b.tensor, True
+    area_g = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])  # (N, G)
+    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # (R,)
+    lt = torch.max(gt[:, :, None, :2], anchors[None, None, :, :2])
+    rb = torch.min(gt[:, :, None, 2:], anchors[None, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, G, R)
+    union = area_g[..., None] + area_a - inter
+    iou = torch.where(inter > 0, inter / union, torch.zeros_like(inter))  # pairwise_iou's rule
+    iou = iou.masked_fill(~valid[..., None], -1.0)  # padding never wins a max
+    best = iou.amax(dim=1)  # (N, R) best IoU per anchor
+    labels = torch.zeros(N, R, dtype=torch.int8, device=device)
+    th = list(matcher.thresholds)
+    for label, low, high in zip(matcher.labels, th[:-1], th[1:]):
+        labels[(best >= low) & (best < high)] = label
+    positive = (labels == 1) & valid.any(dim=1, keepdim=True)
+    if matcher.allow_low_quality_matches:
+        highest = iou.amax(dim=2, keepdim=True)  # (N, G, 1) best IoU per box
+        positive |= ((iou == highest) & valid[..., None]).any(dim=1)
+    return positive
 
 
 class GIDDistiller(Distiller):
@@ -356,21 +422,16 @@ class GIDDistiller(Distiller):
     def _response_mask(self, student, anchors: List[Boxes], gi_boxes: List[Boxes]) -> torch.Tensor:
         """(N, R) bool: predictions the student's own label assignment makes positive for the
         GI boxes taken as ground truth."""
-        all_anchors = Boxes.cat(anchors)
-        masks = []
-        for b in gi_boxes:
-            if len(b) == 0:
-                masks.append(torch.zeros(len(all_anchors), dtype=torch.bool, device=all_anchors.device))
-            elif isinstance(student, FCOS):
-                masks.append(student._match_anchors(b, anchors).amax(dim=0) > 0)
-            else:
-                matcher = (
-                    student.proposal_generator.anchor_matcher
-                    if isinstance(student, GeneralizedRCNN) else student.anchor_matcher
-                )
-                _, labels = matcher(pairwise_iou(b, all_anchors))
-                masks.append(labels == 1)
-        return torch.stack(masks)
+        if isinstance(student, FCOS):  # FCOS's own center-sampling assignment, per image
+            R = sum(len(a) for a in anchors)
+            device = anchors[0].tensor.device
+            return torch.stack([
+                student._match_anchors(b, anchors).amax(dim=0) > 0 if len(b)
+                else torch.zeros(R, dtype=torch.bool, device=device)
+                for b in gi_boxes
+            ])
+        matcher = student.proposal_generator.anchor_matcher if isinstance(student, GeneralizedRCNN) else student.anchor_matcher
+        return batched_matcher_positives(matcher, gi_boxes, Boxes.cat(anchors).tensor)
 
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
         student, teacher = ctx.student, ctx.teacher
@@ -405,16 +466,11 @@ class GIDDistiller(Distiller):
             feat = (s_roi - t_roi).pow(2).sum() / (n_total * self.pooler_resolution**2)
         else:
             feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
-        rel, start, n_img = s_roi.sum() * 0.0, 0, 0
-        for b in gi_boxes:
-            g = len(b)
-            if g >= 3:
-                rel = rel + relation_loss(s_roi[start:start + g].flatten(1), t_roi[start:start + g].flatten(1))
-                n_img += 1
-            start += g
+        counts = [len(b) for b in gi_boxes]
+        rel = relation_loss(s_roi.flatten(1), t_roi.flatten(1), counts)
         losses = {
             "loss_gid_feat": self.weights["feat"] * feat,
-            "loss_gid_relation": self.weights["relation"] * rel / max(n_img, 1),
+            "loss_gid_relation": self.weights["relation"] * rel,
         }
         if self.response and self.location_strides is None:
             mask = self._response_mask(student, s_out["anchors"], gi_boxes)  # (N, R)
@@ -434,6 +490,6 @@ class GIDDistiller(Distiller):
         for b, x in zip(gi_boxes, ctx.batched_inputs):
             gt = x.get("instances")
             if len(b) and gt is not None and len(gt):
-                overlap += int((pairwise_iou(b, gt.gt_boxes.to(b.device)).amax(dim=1) > 0.5).sum())
+                overlap = overlap + (pairwise_iou(b, gt.gt_boxes.to(b.device)).amax(dim=1) > 0.5).sum()
         if n:
-            put_scalar("gid/gt_overlap_ratio", overlap / n)
+            put_scalar("gid/gt_overlap_ratio", overlap / n)  # one host sync

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -39,7 +39,45 @@ __all__ = [
     "HungarianMatcher",
     "Attention",
     "detr_param_groups",
+    "pairwise_giou",
+    "paired_giou",
 ]
+
+
+def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """
+    Generalized IoU of every pair, batched over leading dimensions (torchvision's
+    ``generalized_box_iou`` for one (N, M) matrix, without a Python loop over the batch).
+
+    Args:
+        a (Tensor): (..., N, 4) XYXY; b (Tensor): (..., M, 4) XYXY, same leading dimensions.
+
+    Returns:
+        Tensor: (..., N, M).
+    """
+    a, b = a[..., :, None, :], b[..., None, :, :]
+    return paired_giou(a, b)
+
+
+def paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """
+    Generalized IoU of paired boxes (the diagonal of :func:`pairwise_giou`, in O(P)).
+
+    Args:
+        a, b (Tensor): (..., 4) XYXY, broadcastable.
+
+    Returns:
+        Tensor: (...,) in [-1, 1].
+    """
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union
+    lt_c, rb_c = torch.min(a[..., :2], b[..., :2]), torch.max(a[..., 2:], b[..., 2:])
+    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull
 
 
 class MLP(nn.Module):
@@ -275,19 +313,49 @@ class HungarianMatcher(nn.Module):
             list[(Tensor, Tensor)]: per image, (prediction indices, target indices) of the
             min(N, G) matched pairs.
         """
+        return self.match_layers(logits[None], boxes[None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """
+        Match the predictions of several decoder layers at once: one cost tensor against all
+        images' ground truth, one copy to the CPU, then scipy's Hungarian solver per layer and
+        image on that image's block.
+
+        Args:
+            logits (Tensor): (L, B, N, K); boxes (Tensor): (L, B, N, 4) normalised cxcywh.
+            targets (list[dict]): B dicts, "labels" (G,), "boxes" (G, 4) normalised cxcywh.
+
+        Returns:
+            list[list[(Tensor, Tensor)]]: [layer][image] (prediction indices, target indices).
+        """
+        L, B = logits.shape[:2]
+        device = logits.device
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        if sum(sizes) == 0:
+            return [[(empty, empty)] * B for _ in range(L)]
+        labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
+        gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
+        p = logits.sigmoid()[..., labels]  # (L, B, N, Gt)
+        neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
+        pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+        cost = self.cost_class * (pos - neg) + self.cost_bbox * (boxes[..., :, None, :] - gt).abs().sum(-1)
+        cost = cost - self.cost_giou * pairwise_giou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")[None, None]
+        )
+        cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
+        starts = np.cumsum([0] + sizes)
         out = []
-        for lg, bx, t in zip(logits, boxes, targets):
-            if len(t["labels"]) == 0:
-                e = torch.zeros(0, dtype=torch.long, device=lg.device)
-                out.append((e, e))
-                continue
-            p = lg.sigmoid()[:, t["labels"]]  # (N, G)
-            neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
-            pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
-            cost = self.cost_class * (pos - neg) + self.cost_bbox * torch.cdist(bx, t["boxes"], p=1)
-            cost = cost - self.cost_giou * generalized_box_iou(box_convert(bx, "cxcywh", "xyxy"), box_convert(t["boxes"], "cxcywh", "xyxy"))
-            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.long, device=lg.device), torch.as_tensor(cols, dtype=torch.long, device=lg.device)))
+        for l in range(L):
+            layer = []
+            for b in range(B):
+                if sizes[b] == 0:
+                    layer.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(cost[l, b, :, starts[b]:starts[b + 1]])
+                layer.append((torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)))
+            out.append(layer)
         return out
 
 
@@ -446,7 +514,7 @@ class ConditionalDETR(nn.Module):
         src = boxes[b_idx, p_idx]
         tgt = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, indices)])
         l1 = (src - tgt).abs().sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))
+        giou = paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
         return {
             "loss_class": self.loss_weights["class_"] * cls,
             "loss_bbox": self.loss_weights["bbox"] * l1,
@@ -470,12 +538,14 @@ class ConditionalDETR(nn.Module):
         num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
         L = pred_logits.shape[0]
         losses = {}
-        layers = range(L) if self.aux_loss else [L - 1]
+        layers = list(range(L)) if self.aux_loss else [L - 1]
+        to_match = [l for l in layers if not (l == L - 1 and indices_last_layer is not None)]
+        matched = {}
+        if to_match:  # all layers' Hungarian matches from one cost computation
+            sel = torch.as_tensor(to_match, device=pred_logits.device)
+            matched = dict(zip(to_match, self.matcher.match_layers(pred_logits.detach()[sel], pred_boxes.detach()[sel], targets)))
         for l in layers:
-            if l == L - 1 and indices_last_layer is not None:
-                indices = indices_last_layer
-            else:
-                indices = self.matcher(pred_logits[l], pred_boxes[l], targets)
+            indices = matched[l] if l in matched else indices_last_layer
             out = self._layer_losses(pred_logits[l], pred_boxes[l], targets, indices, num_boxes)
             suffix = "" if l == L - 1 else f"_{l}"
             losses.update({k + suffix: v for k, v in out.items()})
