@@ -128,3 +128,21 @@ def test_demo_config_trains_through_kdtrainer(tmp_path):
     values = history(trainer, "loss_reviewkd")
     assert len(values) == 3 and all(v > 0 and v == v for v in values)
     assert os.path.isfile(tmp_path / "model_final_student.pth")
+
+
+def test_abfs_follow_mixed_precision_and_the_loss_stays_fp32():
+    """Under AMP the ABFs run in the step's low precision (as cheap as the student's layers);
+    the HCL loss is computed in fp32 and stays close to the fp32 value."""
+    model = _kd()
+    model.distillers.eval()  # BN statistics fixed: both runs see the same ABF function
+    dtypes = []
+    hook = model.distillers["reviewkd"].abfs["p3"].conv2.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    inputs = make_inputs()
+    with EventStorage():
+        full = model(inputs)["loss_reviewkd"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(inputs)["loss_reviewkd"]
+    hook.remove()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(full.item(), rel=0.05)

@@ -245,7 +245,8 @@ class DistillationDetector(nn.Module):
                 run_teacher(self._teacher, images, self._teacher_capture)
             teacher_taps = self._teacher_capture.as_dict()
             self._teacher_capture.clear()
-        ctx = DistillContext(self.student, self._teacher, batched_inputs, images)
+        amp = torch.is_autocast_enabled(images.tensor.device.type)
+        ctx = DistillContext(self.student, self._teacher, batched_inputs, images, autocast=amp)
 
         with contextlib.ExitStack() as stack:
             for d in self.distillers.values():

@@ -2,6 +2,7 @@
 What every DetKD distiller shares: the :class:`Distiller` interface used by
 :class:`detkd.DistillationDetector`, the context it receives, FPN level pairing and small helpers.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -26,12 +27,24 @@ class DistillContext:
         batched_inputs (list[dict]): the detectron2 inputs of this step (with "instances").
         teacher_images (ImageList): the teacher's normalized, padded images. The student's
             padded images have the same ``image_sizes``.
+        autocast (bool): the step runs under mixed precision (``torch.autocast`` of the images'
+            device was enabled when the wrapper was called). Losses are computed in fp32 in any
+            case; a distiller may run its own trainable layers (e.g. ReviewKD's ABFs) under
+            :meth:`amp` to make them as cheap as the student's.
     """
 
     student: nn.Module
     teacher: nn.Module
     batched_inputs: List[Dict[str, Any]]
     teacher_images: ImageList
+    autocast: bool = False
+
+    def amp(self):
+        """A context that re-enables the step's mixed precision (no-op in fp32 training)."""
+        device = self.teacher_images.tensor.device.type
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device))
 
 
 class Distiller(nn.Module):

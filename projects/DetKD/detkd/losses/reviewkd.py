@@ -188,7 +188,9 @@ class ReviewKDDistiller(Distiller):
         return outs
 
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
-        fused = self.review(student_taps["backbone"])
+        with ctx.amp():  # the ABFs are trainable layers like the student's: its precision
+            fused = self.review(student_taps["backbone"])
+        fused = {k: v.float() for k, v in fused.items()}  # the loss in fp32
         feats_t = teacher_taps["backbone"]
         total = 0.0
         for s, t in self.pairs:
