@@ -87,8 +87,9 @@ def _batch(cfg, batch_size, image_size):
     return next(iter(instantiate(cfg.dataloader.train)))
 
 
-def bench(config, iters, device, batch_size, image_size):
+def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32"):
     cfg = LazyConfig.load(os.path.join(REPO, config))
+    cfg.model.teacher_precision = teacher_precision
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     batch = _batch(cfg, batch_size, image_size)
@@ -104,7 +105,7 @@ def bench(config, iters, device, batch_size, image_size):
         opt_s.step()
 
     def teacher_forward():
-        with torch.no_grad():
+        with torch.no_grad(), model._teacher_autocast(device.type):
             run_teacher(teacher, model.teacher_images(batch), model._teacher_capture)
         model._teacher_capture.clear()
 
@@ -134,6 +135,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -153,14 +156,15 @@ def main():
             if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
                 runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640))
 
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"teacher precision {args.teacher_precision}")
     head = f"{'method':<9}{'setting':<46}{'student':>9}{'teacher':>9}{'kd':>9}{'ratio':>7}{'target':>7}"
     head += f"{'mem ratio':>11}"
     print(head)
     print("-" * len(head))
     for method, setting, path, bs, size in runs:
         try:
-            r = bench(path, args.iters, device, bs, size or 128)
+            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision)
         except Exception as e:  # report and go on with the other settings
             print(f"{method:<9}{setting:<46} failed: {type(e).__name__}: {e}", flush=True)
             continue

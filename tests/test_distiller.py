@@ -176,3 +176,26 @@ def test_pearson_diagnostic_matches_numpy(kd_model):
         t = kd_model.teacher.backbone(kd_model.teacher_images(inputs).tensor)["p4"]
     expected = np.corrcoef(s.mean(1).flatten().numpy(), t.mean(1).flatten().numpy())[0, 1]
     assert logged["kd_diag/pearson_p4"][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_half_precision_teacher_option():
+    torch.manual_seed(0)
+    cfg = kd_cfg()
+    model = build(cfg).train()
+    inputs = make_inputs()
+    with EventStorage():
+        full = model(inputs)["loss_pkd"]
+    dtypes = []
+    hook = model.teacher.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["p3"].dtype))
+    model.teacher_precision = "bf16"
+    with EventStorage():
+        half = model(inputs)
+    hook.remove()
+    assert dtypes == [torch.bfloat16]  # the teacher ran in bf16 ...
+    assert half["loss_pkd"].dtype == torch.float32  # ... the distiller and student in fp32
+    assert half["loss_pkd"].item() == pytest.approx(full.item(), rel=0.05)
+    assert half["loss_pkd"].item() != full.item()
+    assert all(v.dtype == torch.float32 for k, v in half.items() if k != "loss_pkd")
+    cfg.teacher_precision = "half"
+    with pytest.raises(ValueError, match="teacher_precision must be one of"):
+        build(cfg)

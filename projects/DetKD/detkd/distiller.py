@@ -86,6 +86,9 @@ def run_teacher(teacher: nn.Module, images: ImageList, capture: FeatureCapture) 
             )
 
 
+_TEACHER_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class DistillationDetector(nn.Module):
     """
     A student detector trained with a frozen teacher twin and any number of distillers.
@@ -113,6 +116,7 @@ class DistillationDetector(nn.Module):
         distillers: Dict[str, Distiller],
         teacher_input_format: Optional[str] = None,
         diag_period: int = 20,
+        teacher_precision: str = "fp32",
     ):
         """
         Args:
@@ -130,8 +134,17 @@ class DistillationDetector(nn.Module):
                 backbone of both models, log the Pearson correlation between the student's and
                 the teacher's channel-mean activation maps of each level of equal stride
                 (``kd_diag/pearson_<level>``); 0 disables it.
+            teacher_precision (str): "fp32", or "fp16" / "bf16" to run the teacher's forward
+                under ``torch.autocast`` with that dtype (about half the teacher's time on GPUs
+                with tensor cores). Its outputs are cast back to fp32 before the distillers.
+                Under AMP training the teacher follows the step's precision anyway.
         """
         super().__init__()
+        if teacher_precision not in _TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
+            )
+        self.teacher_precision = teacher_precision
         self.student = student
         teacher.requires_grad_(False)
         teacher.eval()
@@ -169,6 +182,12 @@ class DistillationDetector(nn.Module):
                 )
             except ValueError:  # no level of equal stride: nothing to compare
                 pass
+
+    def _teacher_autocast(self, device_type: str):
+        dtype = _TEACHER_DTYPES[self.teacher_precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=dtype)
 
     @property
     def teacher(self) -> nn.Module:
@@ -241,7 +260,7 @@ class DistillationDetector(nn.Module):
         images = self.teacher_images(batched_inputs)
         teacher_taps = {}
         if self._teacher_capture.names:
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_autocast(images.tensor.device.type):
                 run_teacher(self._teacher, images, self._teacher_capture)
             teacher_taps = self._teacher_capture.as_dict()
             self._teacher_capture.clear()
