@@ -16,7 +16,8 @@ activations must not be kept for backward). This is a benchmark, not a test: it 
 
 Usage::
 
-    python benchmarks/kd_overhead.py [--iters 10] [--device cuda] [--large]
+    python benchmarks/kd_overhead.py [--iters 10] [--device cuda] [--large] [--methods gid ...]
+        [--teacher-precision fp16] [--set key=value ...]
 """
 import argparse
 import glob
@@ -87,9 +88,10 @@ def _batch(cfg, batch_size, image_size):
     return next(iter(instantiate(cfg.dataloader.train)))
 
 
-def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32"):
+def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=()):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
+    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     batch = _batch(cfg, batch_size, image_size)
@@ -137,6 +139,8 @@ def main():
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
+    parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="LazyConfig overrides for every config, e.g. model.distillers.d3etr.fixed_matching=False")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -164,7 +168,7 @@ def main():
     print("-" * len(head))
     for method, setting, path, bs, size in runs:
         try:
-            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision)
+            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, args.opts)
         except Exception as e:  # report and go on with the other settings
             print(f"{method:<9}{setting:<46} failed: {type(e).__name__}: {e}", flush=True)
             continue

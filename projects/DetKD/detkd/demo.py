@@ -1,7 +1,7 @@
 """
 The embedded demo: the whole DetKD story on the CPU, on the synthetic shapes data.
 
-1. train the teacher (``configs/demo/teacher_retinanet.py``),
+1. train the teacher (``configs/demo/teacher_retinanet.py``, twice the students' iterations),
 2. train the student alone (``configs/demo/student_retinanet.py``),
 3. distill the same student from the teacher's final checkpoint with each chosen method
    (``configs/demo/<method>_<detector>.py``),
@@ -72,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--detector", default="retinanet",
                         help="preferred suffix of configs/demo/<method>_<detector>.py (d3etr uses detr)")
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--iters", type=int, default=None, help="override train.max_iter of every run")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="override train.max_iter of every student run (teachers get twice as many)")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -100,7 +101,8 @@ def main(argv=None):
         teacher_dir = os.path.join(out, f"teacher_{det}")
         student_dir = os.path.join(out, f"student_{det}")
         if det not in bases:
-            res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, common, args.force, log)
+            t_opts = ([f"train.max_iter={2 * args.iters}"] if args.iters else []) + list(args.opts)
+            res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, t_opts, args.force, log)
             rows.append((f"teacher ({det})", res, teacher_dir, None))
             res, _ = _train(cfg(f"student_{det}"), student_dir, common, args.force, log)
             rows.append((f"student alone ({det})", res, student_dir, None))
