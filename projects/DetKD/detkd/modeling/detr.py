@@ -61,7 +61,9 @@ def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
-    Generalized IoU of paired boxes (the diagonal of :func:`pairwise_giou`, in O(P)).
+    Generalized IoU of paired boxes (the diagonal of :func:`pairwise_giou`, in O(P)). Written
+    here because torchvision's paired form (``generalized_box_iou_loss``) does not broadcast,
+    which :func:`pairwise_giou` needs, and ``diag(generalized_box_iou)`` is O(P^2).
 
     Args:
         a, b (Tensor): (..., 4) XYXY, broadcastable.
