@@ -48,14 +48,17 @@ def _sync(device):
 
 
 def _timed(fn, iters, device):
+    """Median seconds per call of ``fn`` over ``iters`` calls (after 2 warm-up calls)."""
     for _ in range(2):  # warm-up
         fn()
-    _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _peak(fn, device):
@@ -88,7 +91,7 @@ def _batch(cfg, batch_size, image_size):
     return next(iter(instantiate(cfg.dataloader.train)))
 
 
-def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=()):
+def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
     cfg = LazyConfig.apply_overrides(cfg, list(overrides))
@@ -119,9 +122,10 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         opt_kd.step()
 
     with EventStorage():
-        # Interleave the three measurements twice so a busy machine affects all of them alike.
+        # Interleave the three measurements `rounds` times so that a busy machine affects all of
+        # them alike; each is the best round's median step time.
         ts = [[], [], []]
-        for _ in range(2):
+        for _ in range(rounds):
             for k, fn in enumerate((student_step, teacher_forward, kd_step)):
                 ts[k].append(_timed(fn, iters, device))
         t_s, t_t, t_kd = (min(t) for t in ts)
@@ -133,7 +137,8 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best one counts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
     parser.add_argument("--methods", nargs="*", default=None)
@@ -168,7 +173,7 @@ def main():
     print("-" * len(head))
     for method, setting, path, bs, size in runs:
         try:
-            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, args.opts)
+            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, args.opts, args.rounds)
         except Exception as e:  # report and go on with the other settings
             print(f"{method:<9}{setting:<46} failed: {type(e).__name__}: {e}", flush=True)
             continue

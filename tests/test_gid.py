@@ -263,3 +263,67 @@ def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, allow_lo
             continue
         _, lab = matcher(pairwise_iou(b, Boxes(anchors)))
         assert torch.equal(got[i], lab == 1), i
+
+
+def test_selection_widens_past_clusters_of_duplicates():
+    # 120 near-copies of one box score highest: the first candidates collapse to one GI, and the
+    # rest of the top-k must come from far down the ranking (the early-exit NMS must widen).
+    g = torch.Generator().manual_seed(3)
+    R = 200
+    s = torch.zeros(1, R, 1)
+    t = torch.linspace(1.0, 0.01, R)[None, :, None]
+    tb = torch.tensor([10.0, 10.0, 50.0, 50.0]).repeat(1, R, 1) + torch.rand(1, R, 4, generator=g)
+    xy = torch.rand(R - 120, 2, generator=g) * 150
+    tb[0, 120:] = torch.cat([xy, xy + 12 + torch.rand(R - 120, 2, generator=g) * 20], -1)
+    got = select_general_instances(t, s, tb, tb.clone(), [(200, 200)], topk=10, nms_thresh=0.3, min_size=5)
+    ref = _select_reference(t, s, tb, tb.clone(), [(200, 200)], 10, 0.3, 5, 3000)
+    assert len(got[0][0]) == 10
+    assert torch.equal(got[0][1], ref[0][1]) and torch.equal(got[0][0].tensor, ref[0][0])
+
+
+def test_pool_equals_detectron2_roipooler_values_and_gradients():
+    """GIDDistiller.pool (one gather over all levels) equals ROIPooler(ROIAlignV2) per level."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.poolers import ROIPooler
+
+    from detkd.losses.gid import roi_align_gather, roi_align_sampling
+
+    g = torch.Generator().manual_seed(7)
+    N, S = 3, 10
+    strides, sizes = [8, 16, 32, 64], [(20, 26), (10, 13), (5, 7), (3, 4)]
+    feats = [torch.randn(N, 6, h, w, generator=g, dtype=torch.float64, requires_grad=True) for h, w in sizes]
+    boxes = []
+    for n in (7, 0, 12):  # an image without GIs; boxes of every level, some crossing the border
+        xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 220 - 20
+        wh = torch.rand(n, 2, generator=g, dtype=torch.float64) ** 2 * 300 + 1
+        boxes.append(Boxes(torch.cat([xy, xy + wh], 1)))
+    pooler = ROIPooler(S, [1.0 / s for s in strides], 2, "ROIAlignV2", canonical_box_size=224, canonical_level=4)
+    ref = pooler(feats, boxes)  # (G, C, S, S)
+
+    gid = GIDDistiller(pooler_resolution=S)
+    gid.pooler, gid.strides = pooler, strides
+    got, got_t = gid.pool(feats, [f.detach() * 2 for f in feats], boxes)  # (G*S*S, C)
+    got = got.view(-1, S, S, 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got_t.view(-1, S, S, 6).permute(0, 3, 1, 2), 2 * ref.detach(), rtol=1e-9, atol=1e-9)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * w).sum(), feats)
+    g_got = torch.autograd.grad((got * w).sum(), feats)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    # A hand-computed bin: one 1x1-bin box on a 2x2 map, sampling points at (0.25, 0.75) px.
+    f = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    pos, wt = roi_align_sampling(torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64), torch.tensor([0]),
+                                 torch.tensor([0]), [(1, 2, 2)], [1.0], output_size=1)
+    # aligned: points at -0.5 + (0.5, 1.5) = 0 and 1 on each axis -> the mean of the 4 pixels
+    assert roi_align_gather([f], pos, wt).item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4], [5, 2, 4, 1]])
+def test_relation_loss_gradient_matches_finite_differences(counts):
+    # The custom Gram backward and the uniform (view) / padded (gather) paths.
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(sum(counts), 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(sum(counts), 7, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: relation_loss(x, t, counts), (s,))

@@ -42,6 +42,8 @@ __all__ = [
     "dense_outputs",
     "per_location",
     "batched_matcher_positives",
+    "roi_align_sampling",
+    "roi_align_gather",
 ]
 
 
@@ -153,26 +155,171 @@ def select_general_instances(
     gi = gi.masked_fill(~(wh > min_size).all(dim=-1), float("-inf"))
     scores, idx = gi.topk(min(pre_nms_topk, R), dim=1)  # (N, k), best first
     cand = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
-    image = torch.arange(N, device=device)[:, None].expand_as(scores)
+    # Greedy NMS keeps a box iff no higher-scored *kept* box overlaps it, so its first `topk`
+    # survivors depend only on the candidates up to the topk-th survivor: run it on the best m
+    # candidates and widen m only for images where fewer than topk survive (usually never).
+    # Same result as NMS over all candidates, at a fraction of the O(m^2) cost.
+    n_cand = torch.isfinite(scores).sum(dim=1).tolist()  # (N,) one host sync
+    m = min(scores.shape[1], 4 * topk)
+    while True:
+        kept_l, sizes = _nms_top(cand[:, :m], scores[:, :m], nms_thresh, topk)
+        short = [i for i in range(N) if sizes[i] < topk and n_cand[i] > m]
+        if not short:
+            break
+        m = min(scores.shape[1], 4 * m)
+    return [(Boxes(b), sc) for b, sc in kept_l]
+
+
+def _nms_top(cand, scores, nms_thresh: float, topk: int):
+    """
+    Class-agnostic NMS per image on (N, m, 4) candidates sorted by (N, m) scores (``-inf`` =
+    dropped), all images in one ``batched_nms`` keyed by image; the ``topk`` best survivors.
+
+    Returns:
+        (list[(Tensor, Tensor)], list[int]): per image, boxes (G, 4) and scores (G,); G per image.
+    """
+    N, m = scores.shape
+    image = torch.arange(N, device=scores.device)[:, None].expand(N, m)
     ok = torch.isfinite(scores)
     cand, scores, image = cand[ok], scores[ok], image[ok]  # (P, 4), (P,), (P,)
     kept = batched_nms(cand, scores, image, nms_thresh)  # by score, all images together
     kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, score order kept
     counts = torch.bincount(image[kept], minlength=N)  # (N,)
-    rank = torch.arange(len(kept), device=device) - (counts.cumsum(0) - counts)[image[kept]]
+    rank = torch.arange(len(kept), device=scores.device) - (counts.cumsum(0) - counts)[image[kept]]
     kept = kept[rank < topk]
     sizes = counts.clamp(max=topk).tolist()  # one host sync for the whole batch
-    return [(Boxes(b), sc) for b, sc in zip(cand[kept].split(sizes), scores[kept].split(sizes))]
+    return list(zip(cand[kept].split(sizes), scores[kept].split(sizes))), sizes
+
+
+def roi_align_sampling(
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    level: torch.Tensor,
+    level_sizes: List[Tuple[int, int, int]],
+    scales: List[float],
+    output_size: int,
+    sampling_ratio: int = 2,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Detectron2's ``ROIAlignV2`` pooling (torchvision ``roi_align(aligned=True)``) of boxes on
+    several FPN levels, written as a sparse linear map: each output bin is a weighted sum of
+    ``4 * sampling_ratio**2`` feature-map positions (the bilinear corners of its sampling
+    points, out-of-map points weighted 0, 1 / sampling_ratio**2 averaging folded in).
+
+    The positions index the rows of :func:`flatten_levels` (all levels' maps, channels last), so
+    :func:`roi_align_gather` pools every box of every level and image in one gather, and the
+    same indices serve the student and the teacher when their maps have equal sizes. This is
+    ROIPooler's result (tested to float precision) without its per-level loop, and its backward
+    is an index-add instead of torchvision's slow CPU ``roi_align`` backward.
+
+    Args:
+        boxes (Tensor): (G, 4) XYXY in input-image pixels.
+        image_index (Tensor): (G,) long, the image of each box.
+        level (Tensor): (G,) long, the level of each box (index into ``level_sizes``).
+        level_sizes (list[(N, H, W)]): each level's batch size and map size.
+        scales (list[float]): each level's 1 / stride.
+        output_size (int): S, bins per side. sampling_ratio (int): points per bin side.
+
+    Returns:
+        (Tensor, Tensor): positions (G * S * S, 4 * sampling_ratio**2) long and their weights
+        (same shape), rows ordered (box, bin row, bin column).
+    """
+    device, dtype = boxes.device, boxes.dtype
+    G, S, sr = boxes.shape[0], output_size, sampling_ratio
+    H = torch.tensor([h for _, h, _ in level_sizes], device=device)[level]  # (G,)
+    W = torch.tensor([w for _, _, w in level_sizes], device=device)[level]
+    numel = torch.tensor([n * h * w for n, h, w in level_sizes], device=device)
+    offset = (numel.cumsum(0) - numel)[level] + image_index * H * W  # (G,) first row of the map
+    scale = torch.tensor(scales, device=device, dtype=dtype)[level]  # (G,)
+    start = boxes[:, :2] * scale[:, None] - 0.5  # (G, 2) x, y; aligned=True shifts by half a pixel
+    bin_size = (boxes[:, 2:] - boxes[:, :2]) * scale[:, None] / S  # (G, 2)
+    t = (torch.arange(S * sr, device=device, dtype=dtype) + 0.5) / sr  # (S*sr,) in bin units
+
+    def axis(j, size):  # sampling points along x (j=0) or y (j=1) -> corner indices, weights
+        v = start[:, j, None] + t * bin_size[:, j, None]  # (G, S*sr)
+        limit = size[:, None].to(dtype)
+        inside = (v >= -1.0) & (v <= limit)  # roi_align gives 0 further out
+        v = torch.minimum(v.clamp(min=0), limit - 1)
+        lo = v.floor()
+        frac = v - lo
+        idx = torch.stack([lo, torch.minimum(lo + 1, limit - 1)], -1).long()  # (G, S*sr, 2)
+        w = torch.stack([1 - frac, frac], -1) * inside[..., None]
+        return idx.view(G, S, 2 * sr), w.view(G, S, 2 * sr)  # (G, S bins, sr points x 2 corners)
+
+    xi, xw = axis(0, W)
+    yi, yw = axis(1, H)
+    pos = offset[:, None, None, None, None] + (yi * W[:, None, None])[:, :, None, :, None] + xi[:, None, :, None, :]
+    weight = yw[:, :, None, :, None] * xw[:, None, :, None, :] / (sr * sr)  # (G, S, S, 2sr, 2sr)
+    return pos.reshape(G * S * S, 4 * sr * sr), weight.reshape(G * S * S, 4 * sr * sr)
+
+
+def flatten_levels(features: List[torch.Tensor]) -> torch.Tensor:
+    """[(N, C, H_l, W_l)] -> (sum_l N * H_l * W_l, C): every level's map, channels last."""
+    return cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features], dim=0)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``out[r] = sum_k weight[r, k] * x[pos[r, k]]``; the backward index-adds into x."""
+
+    @staticmethod
+    def forward(ctx, x, pos, weight):
+        ctx.save_for_backward(pos, weight)
+        ctx.rows = x.shape[0]
+        return F.embedding_bag(pos, x, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad.new_zeros(ctx.rows, grad.shape[1])
+        # One index-add per sampling corner: no (rows, P, C) intermediate.
+        for k in range(pos.shape[1]):
+            grad_x.index_add_(0, pos[:, k], grad * weight[:, k, None])
+        return grad_x, None, None
+
+
+def roi_align_gather(features: List[torch.Tensor], pos: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """
+    Pool boxes from FPN maps with the sampling of :func:`roi_align_sampling`.
+
+    Args:
+        features (list[Tensor]): the levels (N, C, H_l, W_l) that ``level_sizes`` described.
+        pos, weight (Tensor): (G * S * S, P) from :func:`roi_align_sampling`.
+
+    Returns:
+        Tensor: (G * S * S, C), channels last: row (g * S + i) * S + j is bin (i, j) of box g.
+    """
+    x = flatten_levels(features)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _WeightedGather.apply(x, pos, weight)
+    return F.embedding_bag(pos, x, per_sample_weights=weight, mode="sum")
+
+
+class _Gram(torch.autograd.Function):
+    """``x @ x^T`` over the last two dims, with the one-product backward ``(g + g^T) @ x`` (autograd
+    would compute two (..., G, D) products and add them)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x @ x.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ x
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """
     (..., G, D) -> (..., G, G) Euclidean distances ``sqrt(max(d^2, 1e-12))`` with a zero
     diagonal. ``d^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j`` (a Gram matrix: O(G^2 D) multiply-adds
-    without a (G, G, D) difference tensor, the cost that dominated GID's step).
+    without a (G, G, D) difference tensor, the cost that dominated GID's step; the squared norms
+    are the Gram diagonal, which spares an elementwise square and its backward over (G, D)).
     """
-    sq = x.pow(2).sum(-1)  # (..., G)
-    d2 = sq[..., :, None] + sq[..., None, :] - 2 * (x @ x.transpose(-1, -2))
+    gram = _Gram.apply(x)  # (..., G, G)
+    sq = gram.diagonal(dim1=-2, dim2=-1)  # (..., G) squared norms, from the same product
+    d2 = sq[..., :, None] + sq[..., None, :] - 2 * gram
     d = d2.clamp(min=1e-12).sqrt()
     G = x.shape[-2]
     return d * (1 - torch.eye(G, device=x.device, dtype=x.dtype))
@@ -209,8 +356,11 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
     n_pairs = pair.sum(dim=(1, 2)).to(student.dtype)  # (M,)
 
+    uniform = len(keep) == len(counts) and all(c == G for c in counts)
+
     def normalized(x):  # (Gt, D) -> (M, G, G), distances / phi, zero outside valid pairs
-        d = _pairwise_distances(x[rows] * valid[..., None]) * pair
+        # Padding rows repeat row 0; `pair` zeroes every distance (and gradient) they enter.
+        d = _pairwise_distances(x.reshape(len(keep), G, -1) if uniform else x[rows]) * pair
         phi = d.sum(dim=(1, 2)) / n_pairs
         return d / phi.clamp(min=1e-12)[:, None, None]
 
@@ -233,17 +383,17 @@ def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Ten
         Tensor: (N, R) bool.
     """
     N, R, device = len(gt_boxes), anchors.shape[0], anchors.device
-    G = max([len(b) for b in gt_boxes] + [1])
-    gt = torch.zeros(N, G, 4, device=device, dtype=anchors.dtype)
-    valid = torch.zeros(N, G, dtype=torch.bool, device=device)
-    for i, b in enumerate(gt_boxes):  # padding only; the arithmetic below is batched
-        gt[i, : len(b)], valid[i, : len(b)] = b.tensor, True
-    area_g = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])  # (N, G)
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # (R,)
-    lt = torch.max(gt[:, :, None, :2], anchors[None, None, :, :2])
-    rb = torch.min(gt[:, :, None, 2:], anchors[None, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, G, R)
-    union = area_g[..., None] + area_a - inter
+    counts = torch.tensor([len(b) for b in gt_boxes], device=device)
+    gt = torch.nn.utils.rnn.pad_sequence(
+        [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)], batch_first=True
+    )[:N]  # (N, G, 4), zero rows as padding
+    valid = torch.arange(gt.shape[1], device=device) < counts[:, None]  # (N, G)
+    # One coordinate at a time: (N, G, R) tensors, no broadcast over a trailing pair dimension.
+    gx1, gy1, gx2, gy2 = (c[..., None] for c in gt.unbind(-1))  # (N, G, 1) each
+    ax1, ay1, ax2, ay2 = anchors.t().contiguous()  # (R,) each
+    inter = (torch.min(gx2, ax2) - torch.max(gx1, ax1)).clamp_(min=0)
+    inter *= (torch.min(gy2, ay2) - torch.max(gy1, ay1)).clamp_(min=0)  # (N, G, R)
+    union = (gx2 - gx1) * (gy2 - gy1) + ((ax2 - ax1) * (ay2 - ay1)) - inter
     iou = torch.where(inter > 0, inter / union, torch.zeros_like(inter))  # pairwise_iou's rule
     iou = iou.masked_fill(~valid[..., None], -1.0)  # padding never wins a max
     best = iou.amax(dim=1)  # (N, R) best IoU per anchor
@@ -392,6 +542,7 @@ class GIDDistiller(Distiller):
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
         self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels)
         strides = [s_shapes[s].stride for s, _ in self.pairs]
+        self.strides = strides
         self.pooler = ROIPooler(
             output_size=self.pooler_resolution,
             scales=[1.0 / s for s in strides],
@@ -418,6 +569,42 @@ class GIDDistiller(Distiller):
             self.pooler.canonical_box_size, self.pooler.canonical_level,
         )
         return [self.pairs[int(i)][0] for i in idx]
+
+    def pool(
+        self, s_feats: List[torch.Tensor], t_feats: List[torch.Tensor], boxes: List[Boxes]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        ROIAlign (detectron2 ``ROIPooler`` semantics: ROIAlignV2, FPN level rule of
+        :attr:`pooler`) of the GI boxes on the paired student and teacher levels; one gather
+        per side (:func:`roi_align_gather`), sampling positions shared when the maps' sizes
+        match.
+
+        Returns:
+            (Tensor, Tensor): (Gt * S * S, Cs) student and (Gt * S * S, Ct) teacher rows.
+        """
+        p = self.pooler
+        level = assign_boxes_to_levels(boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level)
+        device = s_feats[0].device
+        image = torch.repeat_interleave(
+            torch.arange(len(boxes), device=device), torch.tensor([len(b) for b in boxes], device=device)
+        )
+        all_boxes = cat([b.tensor for b in boxes], dim=0).to(s_feats[0].dtype)
+        scales = [1.0 / s for s in self.strides]
+        sampling = {}
+
+        def gather(feats):
+            sizes = [(f.shape[0], f.shape[2], f.shape[3]) for f in feats]
+            key = tuple(sizes)
+            if key not in sampling:
+                sampling[key] = roi_align_sampling(
+                    all_boxes, image, level, sizes, scales, self.pooler_resolution, sampling_ratio=2
+                )
+            return roi_align_gather(feats, *sampling[key])
+
+        s_roi = gather(s_feats)
+        with torch.no_grad():
+            t_roi = gather(t_feats)
+        return s_roi, t_roi
 
     def _response_mask(self, student, anchors: List[Boxes], gi_boxes: List[Boxes]) -> torch.Tensor:
         """(N, R) bool: predictions the student's own label assignment makes positive for the
@@ -456,18 +643,23 @@ class GIDDistiller(Distiller):
         gi_boxes = [b for b, _ in selected]
         self._log_selection(gi_boxes, ctx)
 
-        # Feature and relation: ROIAlign of the GI boxes on both FPNs.
+        # Feature and relation: ROIAlign of the GI boxes on both FPNs, (Gt * S * S, C) rows.
         s_feats = [student_taps["backbone"][s] for s, _ in self.pairs]
         t_feats = [teacher_taps["backbone"][t] for _, t in self.pairs]
-        s_roi = self.adapter(self.pooler(s_feats, gi_boxes))  # (Gt, C, S, S)
-        t_roi = self.pooler(t_feats, gi_boxes)
-        n_total = s_roi.shape[0]
+        s_roi, t_roi = self.pool(s_feats, t_feats, gi_boxes)
+        # The 1x1 adapter as a linear map on channels-last rows (it commutes with ROIAlign).
+        s_roi = F.linear(s_roi, self.adapter.weight.flatten(1), self.adapter.bias)
+        counts = [len(b) for b in gi_boxes]
+        n_total = sum(counts)
         if n_total:
-            feat = (s_roi - t_roi).pow(2).sum() / (n_total * self.pooler_resolution**2)
+            feat = F.mse_loss(s_roi, t_roi, reduction="sum") / (n_total * self.pooler_resolution**2)
         else:
             feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
-        counts = [len(b) for b in gi_boxes]
-        rel = relation_loss(s_roi.flatten(1), t_roi.flatten(1), counts)
+        # Per GI: its S*S bins x C channels flattened (an order that distances do not see).
+        bins = self.pooler_resolution**2
+        rel = relation_loss(
+            s_roi.reshape(n_total, bins * s_roi.shape[1]), t_roi.reshape(n_total, bins * t_roi.shape[1]), counts
+        )
         losses = {
             "loss_gid_feat": self.weights["feat"] * feat,
             "loss_gid_relation": self.weights["relation"] * rel,
