@@ -256,8 +256,8 @@ def test_d3etr_losses_equal_a_loop_reference(fixed):
     for l in range(L):
         t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, N, N, g=g))
         t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, N, HW, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g).requires_grad_())
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g).requires_grad_())
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
     with EventStorage():
@@ -302,6 +302,12 @@ def test_d3etr_losses_equal_a_loop_reference(fixed):
     weights = dict(cls=1, l1=5, giou=2, sa=1, ca=1)
     for k, v in ref.items():
         assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * float(v), rel=1e-6), k
+    # Attention terms: the gradients reaching the student's maps equal those of the reference.
+    maps = [s_taps[f"transformer.decoder.layers.{l}.{a}"][1] for l in range(L) for a in ("self_attn", "cross_attn")]
+    g_got = torch.autograd.grad(got["loss_d3etr_sa"] + 0.7 * got["loss_d3etr_ca"], maps)
+    g_ref = torch.autograd.grad(ref["sa"] + 0.7 * ref["ca"], maps)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():

@@ -100,6 +100,53 @@ def attention_kl(teacher_attn: torch.Tensor, student_attn: torch.Tensor) -> torc
     return kl.sum(-1).mean()
 
 
+_EPS = 1e-12
+
+
+def _row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """(..., S) rows -> (...,) ``sum_k p log p`` (the negative entropy), without gradient."""
+    with torch.no_grad():
+        return torch.xlogy(p, p).sum(-1)
+
+
+class _RowCrossEntropy(torch.autograd.Function):
+    """
+    ``sum_blocks sum_{..., r} w[..., r] * sum_k T[..., r, k] * log(max(s_block[..., r, k], 1e-12))``
+    for a student map s, blocks ``(rows, cols)`` of it (slices), block-shaped targets T (no
+    gradient) and row weights w (broadcast over the block's ``shape[:-1]``).
+
+    Temporaries are block-sized; the backward allocates s's gradient once and writes each
+    block's ``w * T / s`` (0 where ``s <= 1e-12``, the clamp's gradient) into it. Autograd's
+    version of the same formula keeps clamp, log and product tensors, and a full-size zero
+    buffer per slice taken of s.
+    """
+
+    @staticmethod
+    def forward(ctx, s, blocks):
+        ctx.save_for_backward(s)
+        ctx.blocks = blocks
+        total = s.new_zeros(())
+        for rows, cols, target, weight in blocks:
+            x = s[..., rows, cols].clamp(min=_EPS).log_().mul_(target)
+            total = total + (x.sum(-1) * weight).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        whole = len(ctx.blocks) == 1 and ctx.blocks[0][:2] == (slice(None), slice(None))
+        grad_s = None if whole else torch.zeros_like(s)
+        for rows, cols, target, weight in ctx.blocks:
+            block = s[..., rows, cols]
+            x = block.clamp(min=_EPS)
+            torch.div(target, x, out=x)
+            x.mul_((grad * weight)[..., None]).masked_fill_(block < _EPS, 0.0)
+            if whole:
+                return x, None
+            grad_s[..., rows, cols] = x
+        return grad_s, None
+
+
 def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
     """
     Solve one assignment problem per leading index with scipy's Hungarian solver.
@@ -288,7 +335,6 @@ class D3ETRDistiller(Distiller):
             )
             totals = {k: totals[k] + aux[k] for k in totals}
         totals["sa"], totals["ca"] = 0.0, 0.0
-        bidx = bidx[0]  # (B, 1)
         for l in range(L):  # attention maps come one tensor per layer
             t_sa = teacher_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nt, Nt)
             t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
@@ -302,21 +348,10 @@ class D3ETRDistiller(Distiller):
                     f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
                     f"{s_ca.shape[-1]}): both memories must have the same stride and padding"
                 )
-            # ---- group 1: rows of matched queries; in self-attention, columns follow the match
-            # too (the student's key sigma(k) plays the teacher's key k). Needs a full match.
-            t_ca_rows = t_ca[bidx, :, ti[l]].transpose(1, 2)  # (B, M, P, HW)
-            s_ca_rows = s_ca[bidx, :, si[l]].transpose(1, 2)
-            totals["ca"] = totals["ca"] + attention_kl(t_ca_rows, s_ca_rows)
-            if Nt == Ns:
-                perm = si[l]  # a full match: teacher query i <-> student query perm[i] (rows sorted)
-                s_perm = s_sa[:, :, :Ns, :Ns][bidx, :, perm].transpose(1, 2)  # rows: (B, M, Nt, Ns)
-                s_perm = torch.gather(s_perm, 3, perm[:, None, None, :].expand_as(s_perm))
-                totals["sa"] = totals["sa"] + attention_kl(t_sa, s_perm)
-            # ---- group 2: fixed matching (auxiliary query i <-> teacher query i)
-            if self.fixed_matching:
-                a = slice(Ns, Ns + Nt)
-                totals["sa"] = totals["sa"] + attention_kl(t_sa, s_sa[:, :, a, a])
-                totals["ca"] = totals["ca"] + attention_kl(t_ca, s_ca[:, :, a])
+            totals["ca"] = totals["ca"] + self._cross_attention_kl(t_ca, s_ca, ti[l], si[l], Ns)
+            sa = self._self_attention_kl(t_sa, s_sa, ti[l], si[l], Ns)
+            if sa is not None:
+                totals["sa"] = totals["sa"] + sa
         if not torch.is_tensor(totals["sa"]):
             totals["sa"] = s_logits.sum() * 0.0
 
@@ -324,6 +359,64 @@ class D3ETRDistiller(Distiller):
         if self.aux_gt_loss:
             out.update(self._aux_gt_losses(student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes))
         return out
+
+    # Attention distillation. Each map's terms (group 1 on its matched rows, group 2 row by row)
+    # are one KL against targets laid out like blocks of the student's map: the teacher's rows
+    # (and, in self-attention, columns) moved to the student queries they are compared with,
+    # with per-row weights giving each group's row mean. The student's map then gets one
+    # gradient tensor (_RowCrossEntropy), instead of one full-size buffer per slice of it.
+    def _cross_attention_kl(self, t_ca, s_ca, ti, si, Ns):
+        """
+        Args:
+            t_ca (Tensor): (B, M, Nt, HW) teacher; s_ca (Tensor): (B, M, Nq, HW) student.
+            ti, si (Tensor): (B, P) matched teacher / student queries of group 1.
+            Ns (int): the student's own queries (group 2 follows them).
+
+        Returns:
+            Tensor: mean row KL of group 1's pairs plus (fixed matching) group 2's.
+        """
+        B, M, Nt = t_ca.shape[:3]
+        P = ti.shape[1]
+        bidx = torch.arange(B, device=ti.device)[:, None]  # (B, 1)
+        target = t_ca.new_zeros(s_ca.shape)
+        target[bidx, :, si] = t_ca[bidx, :, ti]  # (B, P, M, HW) rows moved to the student's
+        weight = t_ca.new_zeros(B, s_ca.shape[2])
+        weight[bidx, si] = 1.0 / (B * M * P)
+        entropy = _row_entropy(t_ca)  # (B, M, Nt)
+        ent = entropy.gather(2, ti[:, None, :].expand(B, M, P)).sum() / (B * M * P)
+        if self.fixed_matching:
+            target[:, :, Ns:Ns + Nt] = t_ca
+            weight[:, Ns:Ns + Nt] = 1.0 / (B * M * Nt)
+            ent = ent + entropy.sum() / (B * M * Nt)
+        everything = slice(None)
+        return ent - _RowCrossEntropy.apply(s_ca, [(everything, everything, target, weight[:, None, :])])
+
+    def _self_attention_kl(self, t_sa, s_sa, ti, si, Ns):
+        """
+        Like :meth:`_cross_attention_kl` for self-attention (B, M, Nt, Nt) / (B, M, Nq, Nq):
+        group 1 needs a full match (columns follow it: the student's key sigma(k) plays the
+        teacher's key k), group 2 is the block of the auxiliary queries. None if neither applies.
+        """
+        B, M, Nt = t_sa.shape[:3]
+        full = Nt == Ns
+        if not (full or self.fixed_matching):
+            return None
+        entropy = _row_entropy(t_sa).sum() / (B * M * Nt)
+        weight = 1.0 / (B * M * Nt)  # every row of a block is one of Nt rows of its group
+        blocks, ent = [], 0.0
+        if full:  # target[b, m, si_i, si_j] = t[b, m, ti_i, ti_j] on the own queries' block
+            bidx = torch.arange(B, device=ti.device)[:, None]
+            rows = t_sa[bidx, :, ti].transpose(1, 2)  # (B, M, Nt, Nt)
+            rows = torch.gather(rows, 3, ti[:, None, None, :].expand(B, M, Nt, Nt))
+            cols = torch.zeros_like(rows).scatter_(3, si[:, None, None, :].expand(B, M, Nt, Nt), rows)
+            target = torch.zeros_like(rows).scatter_(2, si[:, None, :, None].expand(B, M, Nt, Nt), cols)
+            blocks.append((slice(0, Ns), slice(0, Ns), target, weight))
+            ent = ent + entropy
+        if self.fixed_matching:
+            aux = slice(Ns, Ns + Nt)
+            blocks.append((aux, aux, t_sa, weight))
+            ent = ent + entropy
+        return ent - _RowCrossEntropy.apply(s_sa, blocks)
 
     def _aux_gt_losses(self, student, ctx, aux_logits, aux_boxes, t_logits, t_boxes):
         """Ground-truth losses of the auxiliary group; at the last layer its assignment is the
