@@ -44,6 +44,7 @@ __all__ = [
     "batched_matcher_positives",
     "roi_align_sampling",
     "roi_align_gather",
+    "feature_and_relation_losses",
 ]
 
 
@@ -295,34 +296,99 @@ def roi_align_gather(features: List[torch.Tensor], pos: torch.Tensor, weight: to
     return F.embedding_bag(pos, x, per_sample_weights=weight, mode="sum")
 
 
-class _Gram(torch.autograd.Function):
-    """``x @ x^T`` over the last two dims, with the one-product backward ``(g + g^T) @ x`` (autograd
-    would compute two (..., G, D) products and add them)."""
+class _ImageBlocks:
+    """
+    Where each image's GIs sit among the batch's rows, for per-image relations.
+
+    Attributes:
+        keep (list[int]): images with at least 3 GIs (M of them); G: the most GIs of one.
+        uniform (bool): every image has exactly G GIs (rows reshape to (M, G, D)).
+        rows (Tensor): (M, G) row of each slot (padding slots -> row 0).
+        pair (Tensor): (M, G, G) bool, real off-diagonal pairs; n_pairs (Tensor): (M,).
+    """
+
+    def __init__(self, counts: List[int], device, dtype):
+        self.keep = [i for i, g in enumerate(counts) if g >= 3]
+        if not self.keep:
+            return
+        G = self.G = max(counts[i] for i in self.keep)
+        self.uniform = len(self.keep) == len(counts) and all(c == G for c in counts)
+        starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)[self.keep]  # (M,)
+        n = torch.tensor([counts[i] for i in self.keep], device=device)  # (M,)
+        slot = torch.arange(G, device=device)
+        valid = slot[None, :] < n[:, None]  # (M, G)
+        self.rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
+        self.pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
+        self.n_pairs = self.pair.sum(dim=(1, 2)).to(dtype)
+
+    def grams(self, gram: torch.Tensor) -> torch.Tensor:
+        """(M, G, G) per-image Gram blocks from :func:`_gram`'s output."""
+        if self.uniform:
+            return gram
+        return gram[self.rows[:, :, None], self.rows[:, None, :]]
+
+
+def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
+    """(Gt, D) -> (M, G, G) per-image blocks when uniform, else the (Gt, Gt) Gram matrix."""
+    if blocks.uniform:
+        x = x.reshape(len(blocks.keep), blocks.G, -1)
+    return x @ x.transpose(-1, -2)
+
+
+class _SquaredErrorAndGram(torch.autograd.Function):
+    """
+    ``(sum((a - t)^2), _gram(a))`` for GI features a (trainable) and t (teacher, constant): the
+    feature loss's sum and the student Gram matrix the relation loss reads, with one backward
+    that writes one (Gt, D) tensor, ``2 g_sse (a - t) + (g + g^T) @ a``. (Autograd writes
+    the squared-error gradient, each Gram operand's gradient and their sum separately: each a
+    (Gt, D) tensor, the largest ones in GID's step.)
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x @ x.transpose(-1, -2)
+    def forward(ctx, a, t, blocks):
+        diff = a - t
+        flat = diff.flatten()
+        ctx.blocks = blocks
+        if blocks.keep:
+            gram = _gram(a, blocks)
+        else:
+            gram = a.new_zeros(0)
+        ctx.save_for_backward(a, diff)
+        return torch.dot(flat, flat), gram
 
     @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return (grad + grad.transpose(-1, -2)) @ x
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_sse, g_gram):
+        a, diff = ctx.saved_tensors
+        grad = diff * (2 * g_sse)
+        if ctx.blocks.keep and g_gram is not None:
+            sym = g_gram + g_gram.transpose(-1, -2)
+            if ctx.blocks.uniform:
+                M, G = len(ctx.blocks.keep), ctx.blocks.G
+                grad.view(M, G, -1).baddbmm_(sym, a.view(M, G, -1))
+            else:
+                grad.addmm_(sym, a)
+        return grad, None, None
 
 
-def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+def _normalized_distances(gram: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
     """
-    (..., G, D) -> (..., G, G) Euclidean distances ``sqrt(max(d^2, 1e-12))`` with a zero
-    diagonal. ``d^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j`` (a Gram matrix: O(G^2 D) multiply-adds
-    without a (G, G, D) difference tensor, the cost that dominated GID's step; the squared norms
-    are the Gram diagonal, which spares an elementwise square and its backward over (G, D)).
+    (M, G, G) Gram blocks -> Euclidean distances ``sqrt(max(d^2, 1e-12))`` of the real pairs
+    (``d^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j``: no (G, G, D) difference tensor), each image's
+    divided by its mean (phi); zero outside real pairs.
     """
-    gram = _Gram.apply(x)  # (..., G, G)
-    sq = gram.diagonal(dim1=-2, dim2=-1)  # (..., G) squared norms, from the same product
+    sq = gram.diagonal(dim1=-2, dim2=-1)  # (M, G) squared norms
     d2 = sq[..., :, None] + sq[..., None, :] - 2 * gram
-    d = d2.clamp(min=1e-12).sqrt()
-    G = x.shape[-2]
-    return d * (1 - torch.eye(G, device=x.device, dtype=x.dtype))
+    d = d2.clamp(min=1e-12).sqrt() * blocks.pair
+    phi = d.sum(dim=(1, 2)) / blocks.n_pairs
+    return d / phi.clamp(min=1e-12)[:, None, None]
+
+
+def _relation_from_grams(gram_s: torch.Tensor, gram_t: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
+    """The relation loss (see :func:`relation_loss`) from the (M, G, G) Gram blocks."""
+    ds, dt = _normalized_distances(gram_s, blocks), _normalized_distances(gram_t, blocks)
+    per = (F.smooth_l1_loss(ds, dt, beta=1.0, reduction="none") * blocks.pair).sum(dim=(1, 2))
+    return (per / blocks.n_pairs).mean()
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
@@ -332,7 +398,8 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     ``D_ij`` = Euclidean distance between the GI features i and j of one image, normalised by
     the mean of that image's off-diagonal distances (phi); an image's loss = mean over i != j of
     ``SmoothL1(D_s_ij / phi_s, D_t_ij / phi_t)``; images with fewer than 3 instances are left
-    out and the result is the mean over the others (0 when none is left).
+    out and the result is the mean over the others (0 when none is left). All images are
+    computed together from Gram matrices (no loop over images, no (G, G, D) differences).
 
     Args:
         student, teacher (Tensor): (Gt, D) flattened GI features, the images' GIs one after the
@@ -343,30 +410,35 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
         Tensor: scalar.
     """
     counts = [student.shape[0]] if counts is None else list(counts)
-    keep = [i for i, g in enumerate(counts) if g >= 3]
-    if not keep:
+    blocks = _ImageBlocks(counts, student.device, student.dtype)
+    if not blocks.keep:
         return student.sum() * 0.0
-    # Pad the images' GIs into (M, Gmax, D) batches: one batched computation, no loop over images.
-    G, device = max(counts[i] for i in keep), student.device
-    starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)[keep]  # (M,)
-    n = torch.tensor([counts[i] for i in keep], device=device)  # (M,)
-    slot = torch.arange(G, device=device)
-    valid = slot[None, :] < n[:, None]  # (M, G)
-    rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
-    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
-    n_pairs = pair.sum(dim=(1, 2)).to(student.dtype)  # (M,)
+    with torch.no_grad():
+        gram_t = blocks.grams(_gram(teacher, blocks))
+    return _relation_from_grams(blocks.grams(_gram(student, blocks)), gram_t, blocks)
 
-    uniform = len(keep) == len(counts) and all(c == G for c in counts)
 
-    def normalized(x):  # (Gt, D) -> (M, G, G), distances / phi, zero outside valid pairs
-        # Padding rows repeat row 0; `pair` zeroes every distance (and gradient) they enter.
-        d = _pairwise_distances(x.reshape(len(keep), G, -1) if uniform else x[rows]) * pair
-        phi = d.sum(dim=(1, 2)) / n_pairs
-        return d / phi.clamp(min=1e-12)[:, None, None]
+def feature_and_relation_losses(
+    student: torch.Tensor, teacher: torch.Tensor, counts: List[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    GID's feature term ``sum ||s_i - t_i||^2`` (unnormalised) and :func:`relation_loss`, sharing
+    one backward pass over the features (:class:`_SquaredErrorAndGram`).
 
-    ds, dt = normalized(student), normalized(teacher.detach())
-    per = (F.smooth_l1_loss(ds, dt, beta=1.0, reduction="none") * pair).sum(dim=(1, 2)) / n_pairs
-    return per.mean()
+    Args:
+        student (Tensor): (Gt, D) adapted student GI features; teacher (Tensor): (Gt, D).
+        counts (list[int]): GIs per image.
+
+    Returns:
+        (Tensor, Tensor): the squared-error sum and the relation loss (scalars).
+    """
+    blocks = _ImageBlocks(list(counts), student.device, student.dtype)
+    sse, gram_s = _SquaredErrorAndGram.apply(student, teacher.detach(), blocks)
+    if not blocks.keep:
+        return sse, student.sum() * 0.0
+    with torch.no_grad():
+        gram_t = blocks.grams(_gram(teacher, blocks))
+    return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
 
 
 def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Tensor) -> torch.Tensor:
@@ -650,16 +722,15 @@ class GIDDistiller(Distiller):
         # The 1x1 adapter as a linear map on channels-last rows (it commutes with ROIAlign).
         s_roi = F.linear(s_roi, self.adapter.weight.flatten(1), self.adapter.bias)
         counts = [len(b) for b in gi_boxes]
-        n_total = sum(counts)
-        if n_total:
-            feat = F.mse_loss(s_roi, t_roi, reduction="sum") / (n_total * self.pooler_resolution**2)
-        else:
-            feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        n_total, bins = sum(counts), self.pooler_resolution**2
         # Per GI: its S*S bins x C channels flattened (an order that distances do not see).
-        bins = self.pooler_resolution**2
-        rel = relation_loss(
+        sse, rel = feature_and_relation_losses(
             s_roi.reshape(n_total, bins * s_roi.shape[1]), t_roi.reshape(n_total, bins * t_roi.shape[1]), counts
         )
+        if n_total:
+            feat = sse / (n_total * bins)
+        else:
+            feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
         losses = {
             "loss_gid_feat": self.weights["feat"] * feat,
             "loss_gid_relation": self.weights["relation"] * rel,
