@@ -39,11 +39,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert
 
-from ..modeling.detr import pairwise_giou, paired_giou
+from ..modeling.detr import paired_giou, pairwise_giou, solve_assignments
 
 from .base import Distiller, put_scalar
 
@@ -149,7 +148,8 @@ class _RowCrossEntropy(torch.autograd.Function):
 
 def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
     """
-    Solve one assignment problem per leading index with scipy's Hungarian solver.
+    Solve one assignment problem per leading index with scipy's Hungarian solver (problems in
+    parallel threads, :func:`detkd.modeling.detr.solve_assignments`).
 
     Args:
         cost (Tensor): (P, Nt, Ns).
@@ -159,11 +159,7 @@ def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
         sorted by teacher index.
     """
     cost = cost.detach().float().cpu().numpy()
-    out = []
-    for c in cost:
-        rows, cols = linear_sum_assignment(c)
-        out.append(np.stack([rows, cols], axis=1))
-    return out
+    return [np.stack(rc, axis=1) for rc in solve_assignments(list(cost))]
 
 
 class D3ETRDistiller(Distiller):

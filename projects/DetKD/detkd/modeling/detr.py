@@ -20,6 +20,7 @@ Shape shorthand in this module:
 """
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,7 +42,31 @@ __all__ = [
     "detr_param_groups",
     "pairwise_giou",
     "paired_giou",
+    "solve_assignments",
 ]
+
+
+_POOL: Dict[int, ThreadPoolExecutor] = {}
+
+
+def solve_assignments(costs: List[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """
+    scipy's Hungarian solver (``linear_sum_assignment``) on each cost matrix, the problems spread
+    over ``torch.get_num_threads()`` threads (scipy releases the GIL while it solves: a step's
+    L*B independent problems then take about 1/threads of the time).
+
+    Args:
+        costs (list[ndarray]): (n_i, m_i) matrices.
+
+    Returns:
+        list[(ndarray, ndarray)]: per matrix, the matched rows (sorted) and columns.
+    """
+    workers = min(max(1, torch.get_num_threads()), len(costs))
+    if workers <= 1:
+        return [linear_sum_assignment(c) for c in costs]
+    if workers not in _POOL:
+        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="detkd-hungarian")
+    return list(_POOL[workers].map(linear_sum_assignment, costs))
 
 
 def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,11 +196,12 @@ class Attention(nn.Module):
         q = q.view(B, Nq, M, -1).transpose(1, 2)  # (B, M, Nq, dqk)
         k = k.view(B, k.shape[1], M, -1).transpose(1, 2)  # (B, M, Nk, dqk)
         v = v.view(B, v.shape[1], M, -1).transpose(1, 2)  # (B, M, Nk, dv)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, M, Nq, Nk)
+        # Scale the (smaller) queries, and mask in place: no extra (B, M, Nq, Nk) tensors.
+        logits = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, M, Nq, Nk)
         if attn_mask is not None:
-            logits = logits + attn_mask
+            logits.add_(attn_mask)
         if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            logits.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
         weights = logits.softmax(dim=-1)
         out = (self.dropout(weights) @ v).transpose(1, 2).reshape(B, Nq, -1)  # (B, Nq, Dv)
         return self.out_proj(out), weights
@@ -348,17 +374,13 @@ class HungarianMatcher(nn.Module):
         )
         cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
         starts = np.cumsum([0] + sizes)
-        out = []
-        for l in range(L):
-            layer = []
-            for b in range(B):
-                if sizes[b] == 0:
-                    layer.append((empty, empty))
-                    continue
-                rows, cols = linear_sum_assignment(cost[l, b, :, starts[b]:starts[b + 1]])
-                layer.append((torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)))
-            out.append(layer)
-        return out
+        todo = [(l, b) for l in range(L) for b in range(B) if sizes[b]]
+        solved = dict(zip(todo, solve_assignments([cost[l, b, :, starts[b]:starts[b + 1]] for l, b in todo])))
+        as_long = lambda x: torch.as_tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return [
+            [tuple(map(as_long, solved[l, b])) if sizes[b] else (empty, empty) for b in range(B)]
+            for l in range(L)
+        ]
 
 
 def detr_param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4):
