@@ -12,12 +12,14 @@ R50/R101 paper configs) this times, on one fixed batch:
 and prints ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
 beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10, D3ETR <= 1.15.
 On a GPU it also prints peak memory of (c) against (a) plus the teacher's weights (teacher
-activations must not be kept for backward). This is a benchmark, not a test: it prints ratios.
+activations must not be kept for backward). ReviewKD and D3ETR are also measured at a cheaper
+non-paper setting (``VARIANTS``; ``--no-variants`` skips them). This is a benchmark, not a test:
+it prints ratios.
 
 Usage::
 
-    python benchmarks/kd_overhead.py [--iters 10] [--device cuda] [--large] [--methods gid ...]
-        [--teacher-precision fp16] [--set key=value ...]
+    python benchmarks/kd_overhead.py [--iters 10] [--rounds 3] [--device cuda] [--large]
+        [--methods gid ...] [--no-variants] [--teacher-precision fp16] [--set key=value ...]
 """
 import argparse
 import glob
@@ -39,6 +41,18 @@ LARGE = {
     "reviewkd": "configs/ReviewKD/faster_rcnn_R50_from_faster_rcnn_R101.py",
     "gid": "configs/GID/retinanet_R50_from_retinanet_R101_2x.py",
     "d3etr": "configs/D3ETR/r50_from_r101_12ep.py",
+}
+
+
+# Cheaper, non-paper settings of the methods whose paper settings add trainable compute by
+# design (ReviewKD's full-width ABFs, D3ETR's auxiliary query group): measured on the demo pair
+# after the paper setting, as separate rows, so the trade-off is printed too.
+VARIANTS = {
+    "reviewkd": [("mid_channels=64", ["model.distillers.reviewkd.mid_channels=64"])],
+    "d3etr": [(
+        "adaptive matching only",
+        ["model.distillers.d3etr.fixed_matching=False", "model.distillers.d3etr.aux_gt_loss=False"],
+    )],
 }
 
 
@@ -142,6 +156,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the cheaper non-paper settings (ReviewKD mid_channels=64, D3ETR adaptive only)")
     parser.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
     parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
@@ -159,11 +175,14 @@ def main():
             args.methods and method not in args.methods
         ):
             continue
-        runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None))
+        runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None, []))
+        if not args.no_variants:
+            for label, opts in VARIANTS.get(method, []):
+                runs.append((method, f"demo {name}, {label}", os.path.relpath(path, REPO), 8, None, opts))
     if args.large or device.type == "cuda":
         for method, path in LARGE.items():
             if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
-                runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640))
+                runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640, []))
 
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"teacher precision {args.teacher_precision}")
@@ -171,9 +190,9 @@ def main():
     head += f"{'mem ratio':>11}"
     print(head)
     print("-" * len(head))
-    for method, setting, path, bs, size in runs:
+    for method, setting, path, bs, size, variant in runs:
         try:
-            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, args.opts, args.rounds)
+            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, [*variant, *args.opts], args.rounds)
         except Exception as e:  # report and go on with the other settings
             print(f"{method:<9}{setting:<46} failed: {type(e).__name__}: {e}", flush=True)
             continue
