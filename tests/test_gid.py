@@ -283,7 +283,6 @@ def test_selection_widens_past_clusters_of_duplicates():
 
 def test_pool_equals_detectron2_roipooler_values_and_gradients():
     """GIDDistiller.pool (one gather over all levels) equals ROIPooler(ROIAlignV2) per level."""
-    from detectron2.layers import ShapeSpec
     from detectron2.modeling.poolers import ROIPooler
 
     from detkd.losses.gid import roi_align_gather, roi_align_sampling
