@@ -90,6 +90,7 @@ def test_extra_query_group_leaves_own_group_unchanged():
     with cap, torch.no_grad():
         model(inputs)
     plain = {k: v.clone() for k, v in cap["head"].items()}
+    plain_sa = cap["transformer.decoder.layers.2.self_attn"][1].clone()
     extra = torch.randn(12, 64)
     with cap, torch.no_grad(), model.extra_query_group(extra):
         losses = model(inputs)
@@ -97,13 +98,71 @@ def test_extra_query_group_leaves_own_group_unchanged():
     assert grouped["pred_logits"].shape[2] == 42
     for k in plain:
         assert torch.allclose(grouped[k][:, :, :30], plain[k], atol=1e-5), k
-    sa = cap["transformer.decoder.layers.2.self_attn"][1]
-    assert sa[:, :, :30, 30:].abs().max() == 0 and sa[:, :, 30:, :30].abs().max() == 0
+    own, aux = cap["transformer.decoder.layers.2.self_attn"][1]  # per-group blocks
+    assert own.shape == (2, 4, 30, 30) and aux.shape == (2, 4, 12, 12)
+    torch.testing.assert_close(own, plain_sa, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux.sum(-1), torch.ones(2, 4, 12))
     assert "loss_class" in losses
     model.eval()
     with torch.no_grad(), model.extra_query_group(extra):
         out = model(inputs)  # the group exists in training only
     assert len(out[0]["instances"]) == 90  # top-k over 30 own queries x 3 classes
+
+
+@pytest.mark.parametrize("groups", [(5, 5), (6, 3)])
+def test_grouped_self_attention_equals_block_mask(groups):
+    """Per-group attention (equal groups folded into the batch, unequal ones looped) gives the
+    outputs, weights and input gradients of one attention over all queries with a block mask."""
+    from detkd.modeling import Attention
+
+    g = torch.Generator().manual_seed(0)
+    B, N, D, M = 2, sum(groups), 8, 2
+    attn = Attention(qk_dim=D, v_dim=D, num_heads=M).double()
+    q, k, v = (torch.randn(B, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.full((N, N), float("-inf"), dtype=torch.float64)
+    start = 0
+    for n in groups:
+        mask[start:start + n, start:start + n] = 0
+        start += n
+    out_ref, w_ref = attn(q, k, v, attn_mask=mask)
+    out, blocks = attn(q, k, v, groups=groups)
+    torch.testing.assert_close(out, out_ref)
+    start = 0
+    for n, w in zip(groups, blocks):
+        torch.testing.assert_close(w, w_ref[:, :, start:start + n, start:start + n])
+        start += n
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dw = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in blocks]
+    dw_full = torch.zeros_like(w_ref)
+    start = 0
+    for n, x in zip(groups, dw):
+        dw_full[:, :, start:start + n, start:start + n] = x
+        start += n
+    got = torch.autograd.grad([out, *blocks], [q, k, v], [dout, *dw])
+    ref = torch.autograd.grad([out_ref, w_ref], [q, k, v], [dout, dw_full])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="must split"):
+        attn(q, k, v, groups=(N, 1))
+
+
+def test_cpu_dropout_keep_rate_scale_and_gradient():
+    """detkd's CPU dropout: kept elements scaled by 1/(1-p), dropped ones 0, keep rate 1-p, the
+    gradient through the same mask; identity in eval mode."""
+    from detkd.modeling import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.25)
+    x = (torch.rand(400, 500) + 0.5).requires_grad_()
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.005)  # 200k draws: sd ~0.001
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.backward(torch.full_like(y, 3.0))
+    torch.testing.assert_close(x.grad, kept.float() * 4.0)
+    drop.eval()
+    assert drop(x) is x
+    assert torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_training_losses_empty_images_and_loss_falls_on_shapes():
@@ -308,6 +367,17 @@ def test_d3etr_losses_equal_a_loop_reference(fixed):
     g_ref = torch.autograd.grad(ref["sa"] + 0.7 * ref["ca"], maps)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    if fixed:  # a grouped self-attention hands the student's maps over as per-group blocks
+        blocked = dict(s_taps)
+        for l in range(L):
+            sa = s_taps[f"transformer.decoder.layers.{l}.self_attn"][1]
+            blocked[f"transformer.decoder.layers.{l}.self_attn"] = (None, (sa[:, :, :N, :N], sa[:, :, N:, N:]))
+        with EventStorage():
+            got_b = d(blocked, t_taps, ctx)
+        assert got_b["loss_d3etr_sa"].item() == pytest.approx(got["loss_d3etr_sa"].item(), rel=1e-12)
+        g_blk = torch.autograd.grad(got_b["loss_d3etr_sa"] + 0.7 * got_b["loss_d3etr_ca"], maps)
+        for a, b in zip(g_blk, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():

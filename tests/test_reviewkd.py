@@ -43,6 +43,25 @@ def test_hcl_matches_explicit_pooling(size):
     assert hcl_level_loss(s, t).item() == pytest.approx(_hcl_reference(s, t).item(), rel=1e-10)
 
 
+@pytest.mark.parametrize("size", [(13, 21), (25, 42), (7, 3), (3, 5), (1, 2)])
+def test_hcl_gradients_equal_autograd_of_the_definition(size):
+    """The fused HCL (one pass over s - t, hand-written backward) against autograd through the
+    written-out pooling, for student and teacher, odd sizes and maps narrower than a pool."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 3, *size, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, *size, generator=g, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(3.0 * hcl_level_loss(s, t), [s, t])
+    ref = torch.autograd.grad(3.0 * _hcl_reference(s, t), [s, t])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    if size[0] * size[1] <= 100:  # finite differences: small maps only
+        assert torch.autograd.gradcheck(hcl_level_loss, (s, t))
+    # a teacher without gradient (the usual case) and fp32 inputs
+    s32 = s.detach().float().requires_grad_()
+    (g32,) = torch.autograd.grad(hcl_level_loss(s32, t.detach().float()), [s32])
+    torch.testing.assert_close(g32, ref[0].float() / 3.0, rtol=1e-4, atol=1e-7)
+
+
 def test_hcl_all_terms_weights_and_sum_over_levels():
     # A constant offset d gives MSE d^2 at every pooling size: the normalised sum is d^2.
     t = torch.randn(2, 4, 16, 16)
@@ -66,6 +85,35 @@ def test_abf_shapes_with_mismatched_channels_and_deepest_level():
     assert out2.shape == (2, 256, 25, 42) and res2.shape == (2, 96, 25, 42)
     with pytest.raises(ValueError, match="residual"):
         finer(torch.randn(2, 64, 25, 42))
+
+
+@pytest.mark.parametrize("sizes", [((4, 6), (8, 12)), ((13, 21), (25, 42))])
+def test_abf_fusion_equals_concatenated_attention(sizes):
+    """The split attention conv (u part at full, residual part at the residual's resolution) and
+    the broadcast 2x step give ReviewKD's fusion on [u; nearest(r)]: values and all gradients."""
+    g = torch.Generator().manual_seed(0)
+    (h, w), (H, W) = sizes
+    abf = ABF(3, 4, 5, fuse=True).double()
+    with torch.no_grad():
+        abf.att.weight.normal_(generator=g)
+        abf.att.bias.normal_(generator=g)
+    x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def reference(x, res):
+        u = abf.conv1(x)
+        r = torch.nn.functional.interpolate(res, size=(H, W), mode="nearest")
+        a = torch.sigmoid(abf.att(torch.cat([u, r], dim=1)))
+        u = u * a[:, 0:1] + r * a[:, 1:2]
+        return abf.conv2(u), u
+
+    params = [x, res, abf.att.weight, abf.att.bias, abf.conv1.weight, abf.conv2.weight]
+    got, ref = abf(x, res), reference(x, res)
+    dy = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(ref, params, dy)):
+        torch.testing.assert_close(a, b)
 
 
 def _kd(student=None, teacher=None, **kw):

@@ -334,11 +334,13 @@ class D3ETRDistiller(Distiller):
         for l in range(L):  # attention maps come one tensor per layer
             t_sa = teacher_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nt, Nt)
             t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
-            s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq)
+            s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq) or blocks
             s_ca = student_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nq, HW)
-            if t_sa.shape[1] != s_sa.shape[1]:  # different head counts: compare head averages
+            # s_sa: the whole map, or (with the auxiliary group) a tuple of per-group blocks
+            if t_sa.shape[1] != s_ca.shape[1]:  # different head counts: compare head averages
                 t_sa, t_ca = t_sa.mean(1, keepdim=True), t_ca.mean(1, keepdim=True)
-                s_sa, s_ca = s_sa.mean(1, keepdim=True), s_ca.mean(1, keepdim=True)
+                s_ca = s_ca.mean(1, keepdim=True)
+                s_sa = tuple(x.mean(1, keepdim=True) for x in s_sa) if isinstance(s_sa, (tuple, list)) else s_sa.mean(1, keepdim=True)
             if t_ca.shape[-1] != s_ca.shape[-1]:
                 raise ValueError(
                     f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
@@ -392,6 +394,8 @@ class D3ETRDistiller(Distiller):
         Like :meth:`_cross_attention_kl` for self-attention (B, M, Nt, Nt) / (B, M, Nq, Nq):
         group 1 needs a full match (columns follow it: the student's key sigma(k) plays the
         teacher's key k), group 2 is the block of the auxiliary queries. None if neither applies.
+        ``s_sa`` may also be the tuple of per-group blocks ((B, M, Ns, Ns), (B, M, Nt, Nt)) of a
+        grouped self-attention; each block then gets its own (whole-map) cross-entropy.
         """
         B, M, Nt = t_sa.shape[:3]
         full = Nt == Ns
@@ -412,6 +416,11 @@ class D3ETRDistiller(Distiller):
             aux = slice(Ns, Ns + Nt)
             blocks.append((aux, aux, t_sa, weight))
             ent = ent + entropy
+        if isinstance(s_sa, (tuple, list)):  # per-group blocks: group g's block is s_sa[g]
+            whole = slice(None)
+            for block, (_, _, target, w) in zip(s_sa if full else s_sa[1:], blocks):
+                ent = ent - _RowCrossEntropy.apply(block, [(whole, whole, target, w)])
+            return ent
         return ent - _RowCrossEntropy.apply(s_sa, blocks)
 
     def _aux_gt_losses(self, student, ctx, aux_logits, aux_boxes, t_logits, t_boxes):

@@ -35,6 +35,71 @@ __all__ = ["ABF", "hcl_loss", "hcl_level_loss", "ReviewKDDistiller"]
 _PYRAMID = ((4, 0.5), (2, 0.25), (1, 0.125))
 
 
+def _pool_matrix(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
+    """
+    (p, n) matrix of 1-D adaptive average pooling of n positions to p bins: row i averages
+    PyTorch's bin [floor(i*n/p), ceil((i+1)*n/p)).
+    """
+    i = torch.arange(p, device=like.device)
+    start, end = (i * n) // p, -((-(i + 1) * n) // p)
+    pos = torch.arange(n, device=like.device)
+    inside = (pos >= start[:, None]) & (pos < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+class _HCLLevelLoss(torch.autograd.Function):
+    """
+    HCL of one level from the difference ``d = student - teacher`` alone (adaptive average
+    pooling is linear: ``AAP(s) - AAP(t) = AAP(d)``). All pooling sizes come from one pass over
+    ``d`` (``A_h d A_w^T`` with the sizes' pooling matrices stacked), and the backward writes the
+    gradient once: ``c0 d + A_h^T Y A_w``, Y holding each size's scaled pooled difference on the
+    diagonal blocks. Autograd's version keeps a zero-filled buffer per pooling size and for the
+    MSE, the dominant cost on large maps (p2 of a 1333x800 input is 200x336).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, sizes, weights):
+        d = student - teacher  # (N, C, H, W)
+        N, C, H, W = d.shape
+        total = 1.0 + sum(weights)
+        flat = d.reshape(-1)
+        loss = torch.dot(flat, flat) / d.numel()
+        ah = aw = None
+        if sizes:
+            ah = torch.cat([_pool_matrix(H, p, d) for p in sizes])  # (P, H), P = sum(sizes)
+            aw = torch.cat([_pool_matrix(W, p, d) for p in sizes])  # (P, W)
+            pooled = ah @ d @ aw.t()  # (N, C, P, P); size k's pools are its diagonal block
+            blocks, start = [], 0
+            for p, w in zip(sizes, weights):
+                block = pooled[:, :, start:start + p, start:start + p]
+                loss = loss + w * block.pow(2).sum() / (N * C * p * p)
+                blocks.append(block)
+                start += p
+            ctx.blocks = blocks
+        ctx.save_for_backward(d, ah, aw)
+        ctx.sizes, ctx.weights, ctx.total = sizes, weights, total
+        return loss / total
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, ah, aw = ctx.saved_tensors
+        N, C, H, W = d.shape
+        g = grad / ctx.total
+        if ctx.sizes:
+            P = ah.shape[0]
+            y = d.new_zeros(N, C, P, P)
+            start = 0
+            for p, w, block in zip(ctx.sizes, ctx.weights, ctx.blocks):
+                y[:, :, start:start + p, start:start + p] = block * (g * 2.0 * w / (N * C * p * p))
+                start += p
+            grad_s = (ah.t() @ y) @ aw  # (N, C, H, W)
+            grad_s.addcmul_(d, g * (2.0 / d.numel()))  # + the full-resolution MSE's gradient
+        else:
+            grad_s = d * (g * 2.0 / d.numel())
+        grad_t = -grad_s if ctx.needs_input_grad[1] else None
+        return grad_s, grad_t, None, None
+
+
 def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     Hierarchical context loss of one level: full-resolution MSE plus MSE of adaptive-average-
@@ -42,22 +107,17 @@ def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     is not smaller than the map's height; normalised by the sum of the weights used.
 
     Args:
-        student, teacher (Tensor): (N, C, H, W) of equal shape.
+        student, teacher (Tensor): (N, C, H, W) of equal shape and dtype.
 
     Returns:
         Tensor: scalar.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"HCL: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
-    loss, total = F.mse_loss(student, teacher), 1.0
-    for size, weight in _PYRAMID:
-        if size >= student.shape[2]:
-            continue
-        loss = loss + weight * F.mse_loss(
-            F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
-        )
-        total += weight
-    return loss / total
+    used = [(size, weight) for size, weight in _PYRAMID if size < student.shape[2]]
+    sizes = tuple(size for size, _ in used)
+    weights = tuple(weight for _, weight in used)
+    return _HCLLevelLoss.apply(student, teacher.to(student.dtype), sizes, weights)
 
 
 def hcl_loss(
@@ -115,10 +175,33 @@ class ABF(nn.Module):
         if self.att is not None:
             if residual is None:
                 raise ValueError("ABF built with fuse=True needs the deeper level's residual")
-            r = F.interpolate(residual, size=u.shape[-2:], mode="nearest")  # exact size: 25 -> 13 ok
-            a = torch.sigmoid(self.att(torch.cat([u, r], dim=1)))  # (N, 2, H, W)
-            u = u * a[:, 0:1] + r * a[:, 1:2]
+            u = self._fuse(u, residual)
         return self.conv2(u), u
+
+    def _fuse(self, u: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """
+        ``u * a0 + r * a1`` with ``r`` the residual resized (nearest) to u's size and
+        ``a = sigmoid(att([u; r]))``. Computed without the concatenation and, for the usual exact
+        2x size step, without the resized residual: the attention conv is split into its u part
+        and its r part, and a 1x1 conv commutes with nearest resizing, so the r part runs at the
+        residual's resolution; ``r * a1`` is a broadcast over the 2x2 cells.
+
+        Args:
+            u (Tensor): (N, Cm, H, W); residual (Tensor): (N, Cm, h, w).
+        """
+        N, C, H, W = u.shape
+        h, w = residual.shape[-2:]
+        weight = self.att.weight  # (2, 2 * Cm, 1, 1): [u part, r part]
+        logits_u = F.conv2d(u, weight[:, :C], self.att.bias)  # (N, 2, H, W)
+        logits_r = F.conv2d(residual, weight[:, C:])  # (N, 2, h, w)
+        if (H, W) == (2 * h, 2 * w):  # nearest 2x: output (i, j) reads (i // 2, j // 2)
+            a = (logits_u.view(N, 2, h, 2, w, 2) + logits_r[:, :, :, None, :, None]).sigmoid()
+            fused = (residual[:, :, :, None, :, None] * a[:, 1:2]).view(N, C, H, W)
+            return fused.addcmul_(u, a[:, 0:1].reshape(N, 1, H, W))
+        # other sizes (e.g. 13 -> 25): the exact target size, as F.interpolate's nearest rule
+        a = (logits_u + F.interpolate(logits_r, size=(H, W), mode="nearest")).sigmoid()
+        r = F.interpolate(residual, size=(H, W), mode="nearest")
+        return (r * a[:, 1:2]).addcmul_(u, a[:, 0:1])
 
 
 class ReviewKDDistiller(Distiller):

@@ -1,7 +1,9 @@
 """Detectors DetKD adds to detectron2."""
 from .detr import (
+    Attention,
     ConditionalDETR,
     ConditionalDETRTransformer,
+    Dropout,
     HungarianMatcher,
     PositionEmbeddingSine,
     detr_param_groups,

@@ -9,7 +9,9 @@ forward hooks:
 * ``model.transformer.decoder.layers[i].self_attn`` / ``.cross_attn`` return
   ``(output, weights)`` with per-head softmax weights (B, M, Nq, Nq) / (B, M, Nq, HW);
 * ``with model.extra_query_group(queries):`` adds an auxiliary query group (training only) that
-  shares the decoder's weights but never attends to the model's own queries.
+  shares the decoder's weights but never attends to the model's own queries. Self-attention is
+  then computed group by group (the same numbers as a block mask, without the masked half), and
+  its weights are a tuple of per-group blocks ((B, M, N, N), (B, M, N2, N2)).
 
 Shape shorthand in this module:
 
@@ -21,7 +23,7 @@ Shape shorthand in this module:
 import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ __all__ = [
     "pairwise_giou",
     "paired_giou",
     "solve_assignments",
+    "Dropout",
 ]
 
 
@@ -161,6 +164,39 @@ def sine_embed_of_points(points: torch.Tensor, d: int) -> torch.Tensor:
     return torch.cat((py, px), dim=2)
 
 
+class _MaskDropout(torch.autograd.Function):
+    """Dropout from a uniform draw: ``x * (u < 1 - p) / (1 - p)``; the keep mask (bool) is saved."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.empty_like(x).uniform_() < 1.0 - p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x, 0.0).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """
+    ``nn.Dropout`` with a faster CPU path: on CPU, PyTorch draws the mask with ``bernoulli_``,
+    which costs about 2x a uniform draw and a compare (DETR's attention maps make dropout ~10% of
+    a CPU training step). The CPU path keeps an element with probability ``1 - p`` (a float32
+    uniform draw compared with ``1 - p``) and scales it by ``1 / (1 - p)``, as ``nn.Dropout``;
+    other devices use ``nn.Dropout``'s kernels. Same state dict (none).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        return _MaskDropout.apply(x, self.p)
+
+
 class Attention(nn.Module):
     """
     Multi-head scaled dot-product attention on already-projected queries/keys/values, with an
@@ -172,7 +208,7 @@ class Attention(nn.Module):
         assert qk_dim % num_heads == 0 and v_dim % num_heads == 0
         self.num_heads = num_heads
         self.out_proj = nn.Linear(v_dim, v_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,
@@ -181,16 +217,28 @@ class Attention(nn.Module):
         v: torch.Tensor,
         attn_mask: Optional[torch.Tensor] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        groups: Optional[Sequence[int]] = None,
+    ):
         """
         Args:
             q (Tensor): (B, Nq, Dqk); k (Tensor): (B, Nk, Dqk); v (Tensor): (B, Nk, Dv).
             attn_mask (Tensor or None): (Nq, Nk) additive (-inf blocks a pair).
             key_padding_mask (Tensor or None): (B, Nk) bool, True = padded key.
+            groups (list[int] or None): self-attention in independent groups: consecutive query
+                (= key) counts summing to Nq; a query attends to its own group's keys only.
 
         Returns:
-            (out, weights): (B, Nq, Dv) and (B, M, Nq, Nk) softmax rows (0 on blocked keys).
+            (out, weights): (B, Nq, Dv) and (B, M, Nq, Nk) softmax rows (0 on blocked keys); with
+            ``groups``, weights is a tuple of per-group blocks (B, M, Ng, Ng).
         """
+        if groups is not None and len(groups) > 1:
+            out, weights = self._grouped(q, k, v, list(groups))
+        else:
+            out, weights = self._attend(q, k, v, attn_mask, key_padding_mask)
+        return self.out_proj(out), weights
+
+    def _attend(self, q, k, v, attn_mask=None, key_padding_mask=None):
+        """Attention before the output projection: (B, Nq, Dv) and weights (B, M, Nq, Nk)."""
         B, Nq, _ = q.shape
         M = self.num_heads
         q = q.view(B, Nq, M, -1).transpose(1, 2)  # (B, M, Nq, dqk)
@@ -204,7 +252,26 @@ class Attention(nn.Module):
             logits.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
         weights = logits.softmax(dim=-1)
         out = (self.dropout(weights) @ v).transpose(1, 2).reshape(B, Nq, -1)  # (B, Nq, Dv)
-        return self.out_proj(out), weights
+        return out, weights
+
+    def _grouped(self, q, k, v, groups):
+        """Self-attention per query group: equal groups are folded into the batch, otherwise one
+        call per group. Equals a block-diagonal ``attn_mask``, without computing the masked part."""
+        B, Nq, _ = q.shape
+        if sum(groups) != Nq or k.shape[1] != Nq:
+            raise ValueError(f"groups {groups} must split the {Nq} queries (= keys) of self-attention")
+        G = len(groups)
+        if len(set(groups)) == 1:
+            n = groups[0]
+            fold = lambda x: x.reshape(B * G, n, x.shape[-1])  # noqa: E731  (B, G*n, D) -> (B*G, n, D)
+            out, weights = self._attend(fold(q), fold(k), fold(v))
+            return out.reshape(B, Nq, -1), weights.view(B, G, *weights.shape[1:]).unbind(1)
+        outs, weights = [], []
+        for qg, kg, vg in zip(q.split(groups, 1), k.split(groups, 1), v.split(groups, 1)):
+            o, w = self._attend(qg, kg, vg)
+            outs.append(o)
+            weights.append(w)
+        return torch.cat(outs, 1), tuple(weights)
 
 
 class EncoderLayer(nn.Module):
@@ -214,9 +281,9 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.self_attn = Attention(qk_dim=d, v_dim=d, num_heads=nheads, dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), Dropout(dropout), nn.Linear(dim_feedforward, d))
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, src, pos, key_padding_mask):
         qk = src + pos
@@ -241,15 +308,16 @@ class DecoderLayer(nn.Module):
         self.ca_qcontent, self.ca_qpos, self.ca_kcontent, self.ca_kpos, self.ca_v = lin(), lin(), lin(), lin(), lin()
         self.ca_qpos_sine = lin()
         self.cross_attn = Attention(qk_dim=2 * d, v_dim=d, num_heads=nheads, dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), Dropout(dropout), nn.Linear(dim_feedforward, d))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2, self.drop3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
-    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, is_first, attn_mask, key_padding_mask):
-        """tgt/query_pos/query_sine_embed (B, Nq, d); memory/pos (B, HW, d)."""
+    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, is_first, groups, key_padding_mask):
+        """tgt/query_pos/query_sine_embed (B, Nq, d); memory/pos (B, HW, d); groups: query group
+        sizes (self-attention stays within a group) or None."""
         q = self.sa_qcontent(tgt) + self.sa_qpos(query_pos)
         k = self.sa_kcontent(tgt) + self.sa_kpos(query_pos)
-        out, _ = self.self_attn(q, k, self.sa_v(tgt), attn_mask=attn_mask)
+        out, _ = self.self_attn(q, k, self.sa_v(tgt), groups=groups)
         tgt = self.norm1(tgt + self.drop1(out))
 
         B, Nq, d = tgt.shape
@@ -272,14 +340,14 @@ class Decoder(nn.Module):
         self.query_scale = MLP(d, d, d, 2)
         self.ref_point_head = MLP(d, d, 2, 2)
 
-    def forward(self, tgt, memory, pos, query_pos, attn_mask, key_padding_mask):
+    def forward(self, tgt, memory, pos, query_pos, groups, key_padding_mask):
         """Returns decoder states (L, B, Nq, d) and reference points (B, Nq, 2) in [0, 1]."""
         reference = self.ref_point_head(query_pos).sigmoid()  # (B, Nq, 2)
         sine = sine_embed_of_points(reference, tgt.shape[-1])  # (B, Nq, d)
         states, out = [], tgt
         for i, layer in enumerate(self.layers):
             scale = 1.0 if i == 0 else self.query_scale(out)
-            out = layer(out, memory, pos, query_pos, sine * scale, i == 0, attn_mask, key_padding_mask)
+            out = layer(out, memory, pos, query_pos, sine * scale, i == 0, groups, key_padding_mask)
             states.append(self.norm(out))
         return torch.stack(states), reference
 
@@ -295,13 +363,16 @@ class ConditionalDETRTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, pos, key_padding_mask, query_pos, attn_mask):
-        """src/pos (B, HW, d); query_pos (B, Nq, d). Returns states (L, B, Nq, d), reference."""
+    def forward(self, src, pos, key_padding_mask, query_pos, groups=None):
+        """
+        src/pos (B, HW, d); query_pos (B, Nq, d); groups: query group sizes for the decoder's
+        self-attention, or None. Returns states (L, B, Nq, d), reference points (B, Nq, 2).
+        """
         memory = src
         for layer in self.encoder:
             memory = layer(memory, pos, key_padding_mask)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, memory, pos, query_pos, attn_mask, key_padding_mask)
+        return self.decoder(tgt, memory, pos, query_pos, groups, key_padding_mask)
 
 
 class DETRHead(nn.Module):
@@ -486,17 +557,14 @@ class ConditionalDETR(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def _queries(self, B: int):
-        """Query embeddings (B, Nq, d) and the self-attention group mask (Nq, Nq) or None."""
+        """Query embeddings (B, Nq, d) and the self-attention query groups [N, N2], or None."""
         q = self.query_embed.weight
-        mask = None
+        groups = None
         if self.training and self._extra_queries is not None:
             extra = self._extra_queries.to(q)
-            n1, n2 = q.shape[0], extra.shape[0]
+            groups = [q.shape[0], extra.shape[0]]
             q = torch.cat([q, extra], dim=0)
-            mask = torch.full((n1 + n2, n1 + n2), float("-inf"), device=q.device)
-            mask[:n1, :n1] = 0
-            mask[n1:, n1:] = 0
-        return q[None].expand(B, -1, -1), mask
+        return q[None].expand(B, -1, -1), groups
 
     def forward_predictions(self, images: ImageList) -> Dict[str, torch.Tensor]:
         """
@@ -514,8 +582,8 @@ class ConditionalDETR(nn.Module):
         mask = F.interpolate(pad[:, None].float(), size=feat.shape[-2:]).bool()[:, 0]  # (B, H, W)
         pos = self.position_embedding(mask).flatten(2).transpose(1, 2)  # (B, HW, d)
         src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, HW, d)
-        query_pos, attn_mask = self._queries(B)
-        states, reference = self.transformer(src, pos, mask.flatten(1), query_pos, attn_mask)
+        query_pos, groups = self._queries(B)
+        states, reference = self.transformer(src, pos, mask.flatten(1), query_pos, groups)
         return self.head(states, reference)
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
