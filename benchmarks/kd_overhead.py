@@ -9,7 +9,8 @@ R50/R101 paper configs) this times, on one fixed batch:
   (b) the teacher's forward alone, as far as the method needs (``detkd.distiller.run_teacher``),
   (c) a training step of the DistillationDetector (student + teacher + distiller),
 
-and prints ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
+one (a), one (b), one (c) in turn, ``iters * rounds`` times, and prints the ratio of median
+times ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
 beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10, D3ETR <= 1.15.
 On a GPU it also prints peak memory of (c) against (a) plus the teacher's weights (teacher
 activations must not be kept for backward). ReviewKD and D3ETR are also measured at a cheaper
@@ -61,18 +62,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(fn, iters, device):
-    """Median seconds per call of ``fn`` over ``iters`` calls (after 2 warm-up calls)."""
+def _timed_interleaved(fns, iters, device):
+    """
+    Median seconds per call of each of ``fns``, calling them in turn ``iters`` times (after 2
+    warm-up turns): step-level interleaving, so that a busy or throttled machine slows every
+    measurement alike instead of whichever one ran at the time.
+    """
     for _ in range(2):  # warm-up
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for k, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _peak(fn, device):
@@ -136,13 +143,8 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         opt_kd.step()
 
     with EventStorage():
-        # Interleave the three measurements `rounds` times so that a busy machine affects all of
-        # them alike; each is the best round's median step time.
-        ts = [[], [], []]
-        for _ in range(rounds):
-            for k, fn in enumerate((student_step, teacher_forward, kd_step)):
-                ts[k].append(_timed(fn, iters, device))
-        t_s, t_t, t_kd = (min(t) for t in ts)
+        # One student step, one teacher forward, one kd step, in turn: iters * rounds times.
+        t_s, t_t, t_kd = _timed_interleaved((student_step, teacher_forward, kd_step), iters * rounds, device)
         mem_s, mem_kd = _peak(student_step, device), _peak(kd_step, device)
     t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     t_bytes += sum(b.numel() * b.element_size() for b in teacher.buffers())
@@ -152,7 +154,8 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best one counts)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
     parser.add_argument("--methods", nargs="*", default=None)

@@ -104,8 +104,8 @@ _EPS = 1e-12
 
 def _row_entropy(p: torch.Tensor) -> torch.Tensor:
     """(..., S) rows -> (...,) ``sum_k p log p`` (the negative entropy), without gradient."""
-    with torch.no_grad():
-        return torch.xlogy(p, p).sum(-1)
+    with torch.no_grad():  # p log p with 0 log 0 = 0 (xlogy's value, in fewer passes)
+        return p.clamp(min=_EPS).log_().mul_(p).sum(-1)
 
 
 class _RowCrossEntropy(torch.autograd.Function):
@@ -376,7 +376,9 @@ class D3ETRDistiller(Distiller):
         B, M, Nt = t_ca.shape[:3]
         P = ti.shape[1]
         bidx = torch.arange(B, device=ti.device)[:, None]  # (B, 1)
-        target = t_ca.new_zeros(s_ca.shape)
+        Nq = s_ca.shape[2]
+        covered = P == Ns and (Nq == Ns or (self.fixed_matching and Nq == Ns + Nt))
+        target = t_ca.new_empty(s_ca.shape) if covered else t_ca.new_zeros(s_ca.shape)
         target[bidx, :, si] = t_ca[bidx, :, ti]  # (B, P, M, HW) rows moved to the student's
         weight = t_ca.new_zeros(B, s_ca.shape[2])
         weight[bidx, si] = 1.0 / (B * M * P)
@@ -405,11 +407,14 @@ class D3ETRDistiller(Distiller):
         weight = 1.0 / (B * M * Nt)  # every row of a block is one of Nt rows of its group
         blocks, ent = [], 0.0
         if full:  # target[b, m, si_i, si_j] = t[b, m, ti_i, ti_j] on the own queries' block
-            bidx = torch.arange(B, device=ti.device)[:, None]
-            rows = t_sa[bidx, :, ti].transpose(1, 2)  # (B, M, Nt, Nt)
-            rows = torch.gather(rows, 3, ti[:, None, None, :].expand(B, M, Nt, Nt))
-            cols = torch.zeros_like(rows).scatter_(3, si[:, None, None, :].expand(B, M, Nt, Nt), rows)
-            target = torch.zeros_like(rows).scatter_(2, si[:, None, :, None].expand(B, M, Nt, Nt), cols)
+            rows = t_sa
+            if not bool((ti == torch.arange(Nt, device=ti.device)).all()):  # else: identity
+                bidx = torch.arange(B, device=ti.device)[:, None]
+                rows = t_sa[bidx, :, ti].transpose(1, 2)  # (B, M, Nt, Nt)
+                rows = torch.gather(rows, 3, ti[:, None, None, :].expand(B, M, Nt, Nt))
+            # si is a permutation of the Ns = Nt own queries: the scatters write every element
+            cols = torch.empty_like(rows).scatter_(3, si[:, None, None, :].expand(B, M, Nt, Nt), rows)
+            target = torch.empty_like(rows).scatter_(2, si[:, None, :, None].expand(B, M, Nt, Nt), cols)
             blocks.append((slice(0, Ns), slice(0, Ns), target, weight))
             ent = ent + entropy
         if self.fixed_matching:
