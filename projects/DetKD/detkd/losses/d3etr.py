@@ -10,10 +10,10 @@ MixMatcher = adaptive matching + fixed matching:
   (Hungarian) match between the teacher's and the student's predictions, with cost
   ``1 * soft-BCE class cost + 5 * L1 + 2 * (-GIoU)``; distillation on the matched pairs;
 * fixed (group 2, auxiliary): the teacher's learned object queries are fed to the student's
-  decoder as an extra group that shares its weights but never attends to group 1 (block
-  mask); query i of group 2 corresponds to teacher query i. Group 2 is also trained on the
-  ground truth, with the teacher's assignment at the last decoder layer. It exists only in
-  training: evaluation and the exported student use group 1 alone.
+  decoder as an extra group that shares its weights but never attends to group 1
+  (self-attention per group); query i of group 2 corresponds to teacher query i. Group 2 is
+  also trained on the ground truth, with the teacher's assignment at the last decoder layer.
+  It exists only in training: evaluation and the exported student use group 1 alone.
 
 Distilled at every layer, for both groups: predictions (class: Bernoulli KL from the teacher's
 sigmoid scores, i.e. soft-target BCE minus the teacher's entropy — same gradient, zero when the
@@ -340,7 +340,10 @@ class D3ETRDistiller(Distiller):
             if t_sa.shape[1] != s_ca.shape[1]:  # different head counts: compare head averages
                 t_sa, t_ca = t_sa.mean(1, keepdim=True), t_ca.mean(1, keepdim=True)
                 s_ca = s_ca.mean(1, keepdim=True)
-                s_sa = tuple(x.mean(1, keepdim=True) for x in s_sa) if isinstance(s_sa, (tuple, list)) else s_sa.mean(1, keepdim=True)
+                if isinstance(s_sa, (tuple, list)):
+                    s_sa = tuple(x.mean(1, keepdim=True) for x in s_sa)
+                else:
+                    s_sa = s_sa.mean(1, keepdim=True)
             if t_ca.shape[-1] != s_ca.shape[-1]:
                 raise ValueError(
                     f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
