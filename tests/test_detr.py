@@ -160,6 +160,8 @@ def test_cpu_dropout_keep_rate_scale_and_gradient():
     torch.testing.assert_close(y[kept], x[kept] / 0.75)
     y.backward(torch.full_like(y, 3.0))
     torch.testing.assert_close(x.grad, kept.float() * 4.0)
+    xb = torch.ones(400, 500, dtype=torch.bfloat16)  # low precision: the draw stays fp32
+    assert (drop(xb) != 0).float().mean().item() == pytest.approx(0.75, abs=0.005)
     drop.eval()
     assert drop(x) is x
     assert torch.equal(Dropout(0.0).train()(x), x)

@@ -169,7 +169,8 @@ class _MaskDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        keep = torch.empty_like(x).uniform_() < 1.0 - p
+        # the draw in fp32 whatever x's dtype: a bf16 uniform would round the keep rate
+        keep = torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_() < 1.0 - p
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return torch.where(keep, x, 0.0).mul_(ctx.scale)
