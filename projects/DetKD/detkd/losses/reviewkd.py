@@ -53,8 +53,9 @@ class _HCLLevelLoss(torch.autograd.Function):
     pooling is linear: ``AAP(s) - AAP(t) = AAP(d)``). All pooling sizes come from one pass over
     ``d`` (``A_h d A_w^T`` with the sizes' pooling matrices stacked), and the backward writes the
     gradient once: ``c0 d + A_h^T Y A_w``, Y holding each size's scaled pooled difference on the
-    diagonal blocks. Autograd's version keeps a zero-filled buffer per pooling size and for the
-    MSE, the dominant cost on large maps (p2 of a 1333x800 input is 200x336).
+    diagonal blocks. Autograd's version allocates a zero-filled full-size buffer per pooling size
+    and for the MSE (p2 of a 1333x800 input is 200x336); the time this saves is small next to the
+    ABF convolutions.
     """
 
     @staticmethod
@@ -107,7 +108,8 @@ def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     is not smaller than the map's height; normalised by the sum of the weights used.
 
     Args:
-        student, teacher (Tensor): (N, C, H, W) of equal shape and dtype.
+        student, teacher (Tensor): (N, C, H, W) of equal shape (the teacher is cast to the
+            student's dtype).
 
     Returns:
         Tensor: scalar.

@@ -191,10 +191,8 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
         return _MaskDropout.apply(x, self.p)
 
 
