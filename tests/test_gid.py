@@ -345,4 +345,68 @@ def test_feature_and_relation_losses_equal_separate_autograd_terms(counts):
     got = torch.autograd.grad(0.3 * sse + 2.0 * rel, s)[0]
     ref = torch.autograd.grad(0.3 * ref_sse + 2.0 * ref_rel, s)[0]
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # the first backward writes into a saved buffer; a second one (retain_graph) is unchanged
+    sse, rel = feature_and_relation_losses(s, t, counts)
+    first = torch.autograd.grad(0.3 * sse + 2.0 * rel, s, retain_graph=True)[0]
+    second = torch.autograd.grad(0.3 * sse + 2.0 * rel, s)[0]
+    torch.testing.assert_close(first, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second, ref, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: sum(feature_and_relation_losses(x, t, counts)), (s,))
+
+
+def test_one_shared_box_decoding_equals_decoding_both_models():
+    """GISM with one decoding (of each prediction's more confident model's deltas) selects
+    exactly the boxes that decoding both models and choosing boxes selects; the losses and
+    their gradients are the same."""
+    model = _kd()
+    d = model.distillers["gid"]
+    assert d.shared_decoding  # same anchors and box transform
+    inputs = make_inputs(n=3, boxes_per_image=3, seed=4)
+    results = []
+    for shared in (True, False):
+        d.shared_decoding = shared
+        model.zero_grad(set_to_none=True)
+        with EventStorage() as storage:
+            losses = {k: v for k, v in model(inputs).items() if "gid" in k}
+            logged = {k: v[0] for k, v in storage.latest().items() if k.startswith("gid/")}
+        sum(losses.values()).backward()
+        results.append((losses, logged, model.student.head.cls_score.weight.grad.clone()))
+    (a, la, ga), (b, lb, gb) = results
+    assert la == lb and la["gid/num_instances"] > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(ga, gb)
+    # a different box transform (weights) on one side: each model decodes its own boxes
+    student, teacher = model.student, model.teacher
+    teacher.box2box_transform = type(student.box2box_transform)(weights=(2.0, 2.0, 1.0, 1.0))
+    assert not GIDDistiller._same_box_transform(student, teacher)
+
+
+def test_gt_overlap_ratio_counts_gis_over_half_iou_with_their_own_images_gt():
+    from types import SimpleNamespace
+
+    from detectron2.structures import Instances
+
+    d = _kd().distillers["gid"]
+
+    def image(gt):
+        inst = Instances((100, 100))
+        inst.gt_boxes = Boxes(torch.tensor(gt, dtype=torch.float32).reshape(-1, 4))
+        return {"instances": inst}
+
+    # image 0: GI 1 equals its GT (IoU 1), GI 2 has IoU 0.5 with it (not > 0.5);
+    # image 1: its GI equals image 0's GT but image 1 has no GT; image 2: no "instances".
+    gis = [
+        Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])),
+        Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]])),
+        Boxes(torch.tensor([[50.0, 50.0, 60.0, 60.0]])),
+    ]
+    ctx = SimpleNamespace(batched_inputs=[image([0, 0, 10, 10]), image([]), {}])
+    with EventStorage() as storage:
+        d._log_selection(gis, ctx)
+        logged = storage.latest()
+    assert logged["gid/num_instances"][0] == pytest.approx(4 / 3)
+    assert logged["gid/gt_overlap_ratio"][0] == pytest.approx(1 / 4)
+    with EventStorage() as storage:
+        d._log_selection([Boxes(torch.zeros(0, 4))] * 3, ctx)
+        assert "gid/gt_overlap_ratio" not in storage.latest()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import batched_nms, cat
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.fcos import FCOS
@@ -38,6 +39,9 @@ from .base import Distiller, pair_fpn_levels, put_scalar
 __all__ = [
     "GIDDistiller",
     "select_general_instances",
+    "general_instance_scores",
+    "select_from_scores",
+    "decode_boxes",
     "relation_loss",
     "dense_outputs",
     "per_location",
@@ -48,17 +52,19 @@ __all__ = [
 ]
 
 
-def dense_outputs(model: nn.Module, taps: Dict) -> Dict:
+def dense_outputs(model: nn.Module, taps: Dict, decode: bool = True) -> Dict:
     """
     Flatten a detector's dense predictions captured by hooks.
 
     Args:
         model: a RetinaNet, FCOS, or GeneralizedRCNN (its RPN).
         taps (dict): outputs of :func:`GIDDistiller.taps` of ``model``.
+        decode (bool): also decode every prediction's box (else "boxes" is None).
 
     Returns:
         dict with "logits" (N, R, K), "deltas" (N, R, 4), "anchors" (list[Boxes] per level),
-        "boxes" (N, R, 4) decoded XYXY, "num_anchors" (list[int], anchors per location per level).
+        "boxes" (N, R, 4) decoded XYXY or None, "box2box" (the model's box transform),
+        "num_anchors" (list[int], anchors per location per level), "strides" (list[int]).
     """
     if isinstance(model, GeneralizedRCNN):
         rpn = model.proposal_generator
@@ -71,13 +77,18 @@ def dense_outputs(model: nn.Module, taps: Dict) -> Dict:
         preds = model._transpose_dense_predictions(taps["head"], dims)
         logits, deltas = cat(preds[0], dim=1), cat(preds[1], dim=1)  # (N, R, K), (N, R, 4)
         anchors, b2b, gen = taps["anchor_generator"], model.box2box_transform, model.anchor_generator
-    N, R = deltas.shape[:2]
-    all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
-    boxes = b2b.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(N, R, 4)
+    boxes = decode_boxes(b2b, deltas, anchors) if decode else None
     return dict(
-        logits=logits, deltas=deltas, anchors=anchors, boxes=boxes,
+        logits=logits, deltas=deltas, anchors=anchors, boxes=boxes, box2box=b2b,
         num_anchors=list(gen.num_anchors), strides=list(gen.strides),
     )
+
+
+def decode_boxes(box2box, deltas: torch.Tensor, anchors: List[Boxes]) -> torch.Tensor:
+    """(N, R, 4) deltas (no gradient taken) at the anchors of every level -> (N, R, 4) XYXY boxes."""
+    N, R = deltas.shape[:2]
+    all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
+    return box2box.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(N, R, 4)
 
 
 @torch.no_grad()
@@ -114,6 +125,23 @@ def per_location(out: Dict, strides: List[int], class_agnostic: bool) -> Tuple[t
 
 
 @torch.no_grad()
+def general_instance_scores(t_scores: torch.Tensor, s_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    GISM's per-prediction quantities.
+
+    Args:
+        t_scores, s_scores (Tensor): (N, R, K) probabilities at the same predictions.
+
+    Returns:
+        (Tensor, Tensor): GI scores ``max_c |P_t - P_s|`` (N, R), and (N, R) bool, where the
+        teacher is the more confident model (``max_c P_t > max_c P_s``: its box is the GI box).
+    """
+    gi = (t_scores - s_scores).abs().amax(dim=-1)
+    teacher_wins = t_scores.amax(dim=-1) > s_scores.amax(dim=-1)
+    return gi, teacher_wins
+
+
+@torch.no_grad()
 def select_general_instances(
     t_scores: torch.Tensor,
     s_scores: torch.Tensor,
@@ -143,11 +171,31 @@ def select_general_instances(
         list[(Boxes, Tensor)]: per image, the GI boxes (G, 4) and GI scores (G,), best first,
         G <= topk (0 for an image where nothing survives).
     """
-    N, R = t_scores.shape[:2]
-    device = t_scores.device
-    gi = (t_scores - s_scores).abs().amax(dim=-1)  # (N, R)
-    teacher_wins = t_scores.amax(dim=-1) > s_scores.amax(dim=-1)  # (N, R)
+    gi, teacher_wins = general_instance_scores(t_scores, s_scores)
     boxes = torch.where(teacher_wins[..., None], t_boxes, s_boxes)  # (N, R, 4)
+    return select_from_scores(
+        gi, boxes, image_sizes, topk=topk, nms_thresh=nms_thresh, min_size=min_size, pre_nms_topk=pre_nms_topk
+    )
+
+
+@torch.no_grad()
+def select_from_scores(
+    gi: torch.Tensor,
+    boxes: torch.Tensor,
+    image_sizes: List[Tuple[int, int]],
+    *,
+    topk: int = 10,
+    nms_thresh: float = 0.3,
+    min_size: float = 10.0,
+    pre_nms_topk: int = 3000,
+) -> List[Tuple[Boxes, torch.Tensor]]:
+    """
+    The second half of :func:`select_general_instances`: from (N, R) GI scores and the (N, R, 4)
+    GI boxes (each prediction's box of the more confident model), per image clip, size filter,
+    top-k, NMS and the ``topk`` survivors.
+    """
+    N, R = gi.shape
+    device = gi.device
     # All images at once: clip, size filter, per-image top-k, one NMS keyed by image.
     hw = torch.tensor(image_sizes, device=device, dtype=boxes.dtype)  # (N, 2)
     limit = hw.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
@@ -353,14 +401,18 @@ class _SquaredErrorAndGram(torch.autograd.Function):
             gram = _gram(a, blocks)
         else:
             gram = a.new_zeros(0)
-        ctx.save_for_backward(a, diff)
+        ctx.save_for_backward(a, t)
+        ctx.diff = diff  # not saved for version checks: the first backward writes into it
         return torch.dot(flat, flat), gram
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_sse, g_gram):
-        a, diff = ctx.saved_tensors
-        grad = diff * (2 * g_sse)
+        a, t = ctx.saved_tensors
+        if ctx.diff is not None:  # no new (Gt, D) buffer; a second backward (retain_graph) recomputes it
+            grad, ctx.diff = ctx.diff.mul_(2 * g_sse), None
+        else:
+            grad = (a - t).mul_(2 * g_sse)
         if ctx.blocks.keep and g_gram is not None:
             sym = g_gram + g_gram.transpose(-1, -2)
             if ctx.blocks.uniform:
@@ -458,25 +510,29 @@ def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Ten
     counts = torch.tensor([len(b) for b in gt_boxes], device=device)
     gt = torch.nn.utils.rnn.pad_sequence(
         [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)], batch_first=True
-    )[:N]  # (N, G, 4), zero rows as padding
+    )[:N]  # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
     valid = torch.arange(gt.shape[1], device=device) < counts[:, None]  # (N, G)
-    # One coordinate at a time: (N, G, R) tensors, no broadcast over a trailing pair dimension.
+    # pairwise_iou's values (0 where boxes do not intersect) in (N, G, R) tensors, one
+    # coordinate at a time and in place: no broadcast over a trailing pair dimension.
     gx1, gy1, gx2, gy2 = (c[..., None] for c in gt.unbind(-1))  # (N, G, 1) each
     ax1, ay1, ax2, ay2 = anchors.t().contiguous()  # (R,) each
-    inter = (torch.min(gx2, ax2) - torch.max(gx1, ax1)).clamp_(min=0)
-    inter *= (torch.min(gy2, ay2) - torch.max(gy1, ay1)).clamp_(min=0)  # (N, G, R)
-    union = (gx2 - gx1) * (gy2 - gy1) + ((ax2 - ax1) * (ay2 - ay1)) - inter
-    iou = torch.where(inter > 0, inter / union, torch.zeros_like(inter))  # pairwise_iou's rule
-    iou = iou.masked_fill(~valid[..., None], -1.0)  # padding never wins a max
+    inter = torch.min(gx2, ax2).sub_(torch.max(gx1, ax1)).clamp_(min=0)
+    inter.mul_(torch.min(gy2, ay2).sub_(torch.max(gy1, ay1)).clamp_(min=0))  # (N, G, R)
+    union = ((gx2 - gx1) * (gy2 - gy1) + (ax2 - ax1) * (ay2 - ay1)).sub_(inter)
+    # inter > 0 implies union >= inter > 0 (unchanged by the clamp); inter = 0 gives 0 / union = 0
+    iou = inter.div_(union.clamp_(min=torch.finfo(union.dtype).tiny))
     best = iou.amax(dim=1)  # (N, R) best IoU per anchor
-    labels = torch.zeros(N, R, dtype=torch.int8, device=device)
+    # Matcher's bands are disjoint: the positives are the anchors in a band labelled 1.
+    positive = torch.zeros(N, R, dtype=torch.bool, device=device)
     th = list(matcher.thresholds)
     for label, low, high in zip(matcher.labels, th[:-1], th[1:]):
-        labels[(best >= low) & (best < high)] = label
-    positive = (labels == 1) & valid.any(dim=1, keepdim=True)
+        if label == 1:
+            positive |= (best >= low) & (best < high)
+    positive &= valid.any(dim=1, keepdim=True)
     if matcher.allow_low_quality_matches:
         highest = iou.amax(dim=2, keepdim=True)  # (N, G, 1) best IoU per box
-        positive |= ((iou == highest) & valid[..., None]).any(dim=1)
+        highest.masked_fill_(~valid[..., None], float("nan"))  # padding matches no anchor
+        positive |= (iou == highest).any(dim=1)
     return positive
 
 
@@ -541,6 +597,7 @@ class GIDDistiller(Distiller):
         self.location_strides = None  # set in bind() for selection="location"
         self.class_agnostic = False
         self.pairs: List[Tuple[str, str]] = []
+        self.shared_decoding = False  # set in bind(): one box decoding for both models
         self.adapter: Optional[nn.Conv2d] = None
 
     @staticmethod
@@ -571,6 +628,19 @@ class GIDDistiller(Distiller):
             and ga.offset == gb.offset
             and len(ga.cell_anchors) == len(gb.cell_anchors)
             and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ga.cell_anchors, gb.cell_anchors))
+        )
+
+    @staticmethod
+    def _box_transform(model):
+        return model.proposal_generator.box2box_transform if isinstance(model, GeneralizedRCNN) else model.box2box_transform
+
+    @classmethod
+    def _same_box_transform(cls, a, b) -> bool:
+        ta, tb = cls._box_transform(a), cls._box_transform(b)
+        return (
+            type(ta) is type(tb) is Box2BoxTransform
+            and tuple(ta.weights) == tuple(tb.weights)
+            and ta.scale_clamp == tb.scale_clamp
         )
 
     def bind(self, student, teacher):
@@ -611,6 +681,7 @@ class GIDDistiller(Distiller):
                 "such heterogeneous pairs use PKD or ReviewKD (response=False only removes the "
                 "response term, selection still needs aligned predictions)."
             )
+        self.shared_decoding = self.selection == "anchor" and self._same_box_transform(student, teacher)
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
         self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels)
         strides = [s_shapes[s].stride for s, _ in self.pairs]
@@ -694,11 +765,19 @@ class GIDDistiller(Distiller):
 
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
         student, teacher = ctx.student, ctx.teacher
-        s_out, t_out = dense_outputs(student, student_taps), dense_outputs(teacher, teacher_taps)
         image_sizes = ctx.teacher_images.image_sizes
+        sel_args = dict(topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size, pre_nms_topk=self.pre_nms_topk)
+        decode = not self.shared_decoding
+        s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(teacher, teacher_taps, decode)
         if self.location_strides is None:
-            t_sc, t_bx = t_out["logits"].sigmoid(), t_out["boxes"]
-            s_sc, s_bx = s_out["logits"].detach().sigmoid(), s_out["boxes"]
+            t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
+            if self.shared_decoding:  # one decoding, of each prediction's more confident model
+                gi, teacher_wins = general_instance_scores(t_sc, s_sc)
+                deltas = torch.where(teacher_wins[..., None], t_out["deltas"], s_out["deltas"].detach())
+                boxes = decode_boxes(t_out["box2box"], deltas, t_out["anchors"])
+                selected = select_from_scores(gi, boxes, image_sizes, **sel_args)
+            else:
+                selected = select_general_instances(t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args)
         else:
             t_sc, t_bx = per_location(t_out, self.location_strides, self.class_agnostic)
             s_sc, s_bx = per_location(s_out, self.location_strides, self.class_agnostic)
@@ -707,11 +786,7 @@ class GIDDistiller(Distiller):
                     f"GID: {t_sc.shape[1]} teacher vs {s_sc.shape[1]} student locations; both must "
                     "see the same padded image size (same size_divisibility)"
                 )
-        selected = select_general_instances(
-            t_sc, s_sc, t_bx, s_bx, image_sizes,
-            topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size,
-            pre_nms_topk=self.pre_nms_topk,
-        )
+            selected = select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, **sel_args)
         gi_boxes = [b for b, _ in selected]
         self._log_selection(gi_boxes, ctx)
 
@@ -737,11 +812,16 @@ class GIDDistiller(Distiller):
         }
         if self.response and self.location_strides is None:
             mask = self._response_mask(student, s_out["anchors"], gi_boxes)  # (N, R)
-            n_pos = mask.sum().clamp(min=1)
-            s_logits, t_logits = s_out["logits"][mask], t_out["logits"][mask]  # (P, K)
+            idx = mask.flatten().nonzero().squeeze(1)  # (P,) positives, (image, prediction) order
+            n_pos = max(len(idx), 1)
+
+            def rows(x):  # (N, R, D) -> (P, D)
+                return x.flatten(0, 1).index_select(0, idx)
+
+            s_logits, t_logits = rows(s_out["logits"]), rows(t_out["logits"])  # (P, K)
             cls = F.binary_cross_entropy_with_logits(s_logits, t_logits.sigmoid(), reduction="sum")
-            reg = (s_out["deltas"][mask] - t_out["deltas"][mask]).abs().sum()
-            put_scalar("gid/num_response_positives", mask.sum().float() / len(mask))
+            reg = (rows(s_out["deltas"]) - rows(t_out["deltas"])).abs().sum()
+            put_scalar("gid/num_response_positives", len(idx) / len(mask))
             losses["loss_gid_response_cls"] = self.weights["cls"] * cls / n_pos
             losses["loss_gid_response_reg"] = self.weights["reg"] * reg / n_pos
         return losses
@@ -749,10 +829,18 @@ class GIDDistiller(Distiller):
     def _log_selection(self, gi_boxes: List[Boxes], ctx) -> None:
         n = sum(len(b) for b in gi_boxes)
         put_scalar("gid/num_instances", n / max(len(gi_boxes), 1))
-        overlap = 0
-        for b, x in zip(gi_boxes, ctx.batched_inputs):
-            gt = x.get("instances")
-            if len(b) and gt is not None and len(gt):
-                overlap = overlap + (pairwise_iou(b, gt.gt_boxes.to(b.device)).amax(dim=1) > 0.5).sum()
-        if n:
-            put_scalar("gid/gt_overlap_ratio", overlap / n)  # one host sync
+        if not n:
+            return
+        # One IoU matrix between the batch's GI boxes and ground-truth boxes, pairs across
+        # images zeroed: the best IoU of each GI with a box of its own image.
+        gts = [x["instances"].gt_boxes.tensor if "instances" in x else None for x in ctx.batched_inputs]
+        device = gi_boxes[0].tensor.device
+        gts = [g.to(device) if g is not None else torch.zeros(0, 4, device=device) for g in gts]
+        gt_image = torch.repeat_interleave(torch.tensor([len(g) for g in gts], device=device))
+        overlap = 0.0
+        if len(gt_image):
+            gi_image = torch.repeat_interleave(torch.tensor([len(b) for b in gi_boxes], device=device))
+            iou = pairwise_iou(Boxes.cat(gi_boxes), Boxes(cat(gts).to(gi_boxes[0].tensor.dtype)))
+            iou.masked_fill_(gi_image[:, None] != gt_image[None, :], 0.0)  # (Gt, total GT boxes)
+            overlap = (iou.amax(dim=1) > 0.5).sum()
+        put_scalar("gid/gt_overlap_ratio", overlap / n)  # one host sync
