@@ -202,21 +202,29 @@ def select_from_scores(
     boxes = torch.min(boxes.clamp(min=0), limit)
     wh = boxes[..., 2:] - boxes[..., :2]
     gi = gi.masked_fill(~(wh > min_size).all(dim=-1), float("-inf"))
-    scores, idx = gi.topk(min(pre_nms_topk, R), dim=1)  # (N, k), best first
-    cand = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
+    k = min(pre_nms_topk, R)  # candidates per image
     # Greedy NMS keeps a box iff no higher-scored *kept* box overlaps it, so its first `topk`
     # survivors depend only on the candidates up to the topk-th survivor: run it on the best m
-    # candidates and widen m only for images where fewer than topk survive (usually never).
-    # Same result as NMS over all candidates, at a fraction of the O(m^2) cost.
-    n_cand = torch.isfinite(scores).sum(dim=1).tolist()  # (N,) one host sync
-    m = min(scores.shape[1], 4 * topk)
-    while True:
-        kept_l, sizes = _nms_top(cand[:, :m], scores[:, :m], nms_thresh, topk)
-        short = [i for i in range(N) if sizes[i] < topk and n_cand[i] > m]
-        if not short:
-            break
-        m = min(scores.shape[1], 4 * m)
-    return [(Boxes(b), sc) for b, sc in kept_l]
+    # candidates and widen m (4x) only for the images where fewer than topk survive and more
+    # candidates exist. Same result as NMS over all k candidates, at a fraction of the cost
+    # of sorting k candidates and of NMS's O(k^2).
+    n_cand = torch.isfinite(gi).sum(dim=1).clamp(max=k).tolist()  # (N,) one host sync
+    kept: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * N
+    todo, m = list(range(N)), min(k, 4 * topk)
+    while todo:
+        rows = torch.as_tensor(todo, device=device) if len(todo) < N else None
+        g, b = (gi, boxes) if rows is None else (gi[rows], boxes[rows])
+        scores, idx = g.topk(m, dim=1)  # (n, m), best first
+        cand = torch.gather(b, 1, idx[..., None].expand(-1, -1, 4))  # (n, m, 4)
+        kept_l, sizes = _nms_top(cand, scores, nms_thresh, topk)
+        short = []
+        for j, i in enumerate(todo):
+            if sizes[j] < topk and n_cand[i] > m:
+                short.append(i)
+            else:
+                kept[i] = kept_l[j]
+        todo, m = short, min(k, 4 * m)
+    return [(Boxes(b), sc) for b, sc in kept]
 
 
 def _nms_top(cand, scores, nms_thresh: float, topk: int):
