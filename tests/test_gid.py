@@ -410,3 +410,21 @@ def test_gt_overlap_ratio_counts_gis_over_half_iou_with_their_own_images_gt():
     with EventStorage() as storage:
         d._log_selection([Boxes(torch.zeros(0, 4))] * 3, ctx)
         assert "gid/gt_overlap_ratio" not in storage.latest()
+
+
+def test_flatten_levels_rows_and_contiguous_gradients():
+    """Rows are (image, y, x) positions level after level, channels last; the maps' gradients
+    are contiguous NCHW (a channels-last gradient would spread through the student's backward)."""
+    from detkd.losses.gid import flatten_levels
+
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 3, h, w, generator=g, requires_grad=True) for h, w in ((4, 5), (2, 3))]
+    rows = flatten_levels(maps)
+    assert rows.shape == (2 * 20 + 2 * 6, 3)
+    assert torch.equal(rows[1 * 20 + 2 * 5 + 3], maps[0][1, :, 2, 3])  # image 1, y 2, x 3
+    assert torch.equal(rows[40 + 6 + 4], maps[1][1, :, 1, 1])
+    weights = torch.randn(rows.shape, generator=g)
+    (rows * weights).sum().backward()
+    for m in maps:
+        assert m.grad.is_contiguous()
+    assert torch.equal(maps[0].grad[1, :, 2, 3], weights[1 * 20 + 2 * 5 + 3])

@@ -310,9 +310,31 @@ def roi_align_sampling(
     return pos.reshape(G * S * S, 4 * sr * sr), weight.reshape(G * S * S, 4 * sr * sr)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    The gradient of a channels-last view of an FPN map is itself channels-last; added to the
+    head's (contiguous) gradient of the same map, it would give the student's whole backward
+    channels-last gradients, and slower convolution backward passes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def flatten_levels(features: List[torch.Tensor]) -> torch.Tensor:
-    """[(N, C, H_l, W_l)] -> (sum_l N * H_l * W_l, C): every level's map, channels last."""
-    return cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features], dim=0)
+    """[(N, C, H_l, W_l)] -> (sum_l N * H_l * W_l, C): every level's map, channels last (the
+    maps' gradients stay contiguous NCHW)."""
+    rows = []
+    for f in features:
+        if f.requires_grad and torch.is_grad_enabled():
+            f = _ContiguousGrad.apply(f)
+        rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    return cat(rows, dim=0)
 
 
 class _WeightedGather(torch.autograd.Function):
