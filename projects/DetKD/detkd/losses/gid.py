@@ -267,7 +267,7 @@ def roi_align_sampling(
     :func:`roi_align_gather` pools every box of every level and image in one gather, and the
     same indices serve the student and the teacher when their maps have equal sizes. This is
     ROIPooler's result (tested to float precision) without its per-level loop, and its backward
-    is an index-add instead of torchvision's slow CPU ``roi_align`` backward.
+    is the transposed gather (a bag sum per map row) instead of torchvision's slow CPU ``roi_align`` backward.
 
     Args:
         boxes (Tensor): (G, 4) XYXY in input-image pixels.
@@ -338,7 +338,7 @@ def flatten_levels(features: List[torch.Tensor]) -> torch.Tensor:
 
 
 class _WeightedGather(torch.autograd.Function):
-    """``out[r] = sum_k weight[r, k] * x[pos[r, k]]``; the backward index-adds into x."""
+    """``out[r] = sum_k weight[r, k] * x[pos[r, k]]``; the backward is the transposed gather."""
 
     @staticmethod
     def forward(ctx, x, pos, weight):
@@ -349,11 +349,17 @@ class _WeightedGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pos, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad.new_zeros(ctx.rows, grad.shape[1])
-        # One index-add per sampling corner: no (rows, P, C) intermediate.
-        for k in range(pos.shape[1]):
-            grad_x.index_add_(0, pos[:, k], grad * weight[:, k, None])
+        # grad_x[i] = sum over the (r, k) with pos[r, k] = i of weight[r, k] * grad[r]: a gather
+        # of grad's rows in bags, one bag per row of x (sorted positions, empty bags give 0).
+        # One pass over (R * P) lookups, no (R, C) product per sampling corner to index-add.
+        flat = pos.flatten()
+        order = torch.argsort(flat, stable=True)  # a fixed summation order: reproducible runs
+        counts = torch.bincount(flat, minlength=ctx.rows)
+        offsets = counts.cumsum(0).sub_(counts)
+        rows = torch.div(order, pos.shape[1], rounding_mode="floor")
+        grad_x = F.embedding_bag(
+            rows, grad.contiguous(), offsets, mode="sum", per_sample_weights=weight.flatten()[order]
+        )
         return grad_x, None, None
 
 
