@@ -125,7 +125,9 @@ def per_location(out: Dict, strides: List[int], class_agnostic: bool) -> Tuple[t
 
 
 @torch.no_grad()
-def general_instance_scores(t_scores: torch.Tensor, s_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def general_instance_scores(
+    t_scores: torch.Tensor, s_scores: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     GISM's per-prediction quantities.
 
@@ -267,7 +269,8 @@ def roi_align_sampling(
     :func:`roi_align_gather` pools every box of every level and image in one gather, and the
     same indices serve the student and the teacher when their maps have equal sizes. This is
     ROIPooler's result (tested to float precision) without its per-level loop, and its backward
-    is the transposed gather (a bag sum per map row) instead of torchvision's slow CPU ``roi_align`` backward.
+    is the transposed gather (a bag sum per map row) instead of torchvision's slow CPU
+    ``roi_align`` backward.
 
     Args:
         boxes (Tensor): (G, 4) XYXY in input-image pixels.
@@ -668,7 +671,9 @@ class GIDDistiller(Distiller):
 
     @staticmethod
     def _box_transform(model):
-        return model.proposal_generator.box2box_transform if isinstance(model, GeneralizedRCNN) else model.box2box_transform
+        if isinstance(model, GeneralizedRCNN):
+            return model.proposal_generator.box2box_transform
+        return model.box2box_transform
 
     @classmethod
     def _same_box_transform(cls, a, b) -> bool:
@@ -802,7 +807,9 @@ class GIDDistiller(Distiller):
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
         student, teacher = ctx.student, ctx.teacher
         image_sizes = ctx.teacher_images.image_sizes
-        sel_args = dict(topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size, pre_nms_topk=self.pre_nms_topk)
+        sel_args = dict(
+            topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size, pre_nms_topk=self.pre_nms_topk
+        )
         decode = not self.shared_decoding
         s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(teacher, teacher_taps, decode)
         if self.location_strides is None:
