@@ -345,7 +345,7 @@ def test_feature_and_relation_losses_equal_separate_autograd_terms(counts):
     got = torch.autograd.grad(0.3 * sse + 2.0 * rel, s)[0]
     ref = torch.autograd.grad(0.3 * ref_sse + 2.0 * ref_rel, s)[0]
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    # the first backward writes into a saved buffer; a second one (retain_graph) is unchanged
+    # a second backward through the same graph (retain_graph) gives the same gradient
     sse, rel = feature_and_relation_losses(s, t, counts)
     first = torch.autograd.grad(0.3 * sse + 2.0 * rel, s, retain_graph=True)[0]
     second = torch.autograd.grad(0.3 * sse + 2.0 * rel, s)[0]

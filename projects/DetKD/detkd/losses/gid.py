@@ -440,18 +440,14 @@ class _SquaredErrorAndGram(torch.autograd.Function):
             gram = _gram(a, blocks)
         else:
             gram = a.new_zeros(0)
-        ctx.save_for_backward(a, t)
-        ctx.diff = diff  # not saved for version checks: the first backward writes into it
+        ctx.save_for_backward(a, diff)  # not the teacher's t: nothing of it is kept for backward
         return torch.dot(flat, flat), gram
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_sse, g_gram):
-        a, t = ctx.saved_tensors
-        if ctx.diff is not None:  # no new (Gt, D) buffer; a second backward (retain_graph) recomputes it
-            grad, ctx.diff = ctx.diff.mul_(2 * g_sse), None
-        else:
-            grad = (a - t).mul_(2 * g_sse)
+        a, diff = ctx.saved_tensors
+        grad = diff * (2 * g_sse)
         if ctx.blocks.keep and g_gram is not None:
             sym = g_gram + g_gram.transpose(-1, -2)
             if ctx.blocks.uniform:
