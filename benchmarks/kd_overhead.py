@@ -12,9 +12,11 @@ R50/R101 paper configs) this times, on one fixed batch:
 one (a), one (b), one (c) in turn, ``iters * rounds`` times, and prints the ratio of median
 times ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
 beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10, D3ETR <= 1.15.
-On a GPU it also prints peak memory of (c) against (a) plus the teacher's weights (teacher
-activations must not be kept for backward). ReviewKD and D3ETR are also measured at a cheaper
-non-paper setting (``VARIANTS``; ``--no-variants`` skips them). For these two, the "floor" column
+It also prints peak memory of (c) against (a) plus the teacher's weights (teacher activations
+must not be kept for backward): on a GPU from ``max_memory_allocated``, on a CPU from the
+profiler's memory timeline (one extra, profiled call of each step). ReviewKD and D3ETR are
+also measured at a cheaper non-paper setting (``VARIANTS``; ``--no-variants`` skips them). For
+these two, the "floor" column
 is the ratio that the trainable compute the method adds by design (ReviewKD's ABFs, D3ETR's
 auxiliary query group; see ``FLOORS``), timed alone, already costs: no implementation of the
 method can go below it. This is a benchmark, not a test: it prints ratios.
@@ -25,9 +27,14 @@ Usage::
         [--methods gid ...] [--no-variants] [--teacher-precision fp16] [--set key=value ...]
 """
 import argparse
+import contextlib
 import glob
+import json
 import os
+import sys
+import tempfile
 import time
+import warnings
 
 import torch
 
@@ -135,14 +142,52 @@ def _timed_interleaved(fns, iters, device):
     return [sorted(t)[len(t) // 2] for t in times]
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (where C++ libraries write) to /dev/null for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _peak(fn, device):
-    if device.type != "cuda":
+    """
+    Peak bytes of live tensors during one call of ``fn``. CUDA: ``max_memory_allocated``, which
+    counts every tensor resident on the device (the teacher's weights included, also in a
+    student-alone step). CPU: the profiler's memory timeline, which counts the tensors the call
+    allocates or uses (not the teacher's weights in a student-alone step); None where the
+    profiler cannot give one.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        # export_memory_timeline: deprecated, still the CPU way; the profiler's own start/stop
+        # messages to stderr are silenced.
+        with warnings.catch_warnings(), _quiet_stderr():
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                         with_stack=True) as prof:
+                fn()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "memory.json")
+                prof.export_memory_timeline(path, device="cpu")
+                with open(path) as f:
+                    _, sizes = json.load(f)  # [times, [bytes per category] per time]
+    except Exception:  # an older or newer profiler without it: no memory column
         return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device)
+    return max((sum(s) for s in sizes), default=0)
 
 
 def _batch(cfg, batch_size, image_size):
@@ -208,7 +253,9 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         floor = (t_s + t_t + t_floor[0]) / (t_s + t_t) if kind == "extra" else (t_floor[0] + t_t) / (t_s + t_t)
     t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     t_bytes += sum(b.numel() * b.element_size() for b in teacher.buffers())
-    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_s=mem_s, mem_kd=mem_kd, t_bytes=t_bytes)
+    # (a) plus the teacher's weights: on CUDA they are resident during (a) already
+    mem_ref = None if mem_s is None else mem_s if device.type == "cuda" else mem_s + t_bytes
+    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_ref=mem_ref, mem_kd=mem_kd)
 
 
 def main():
@@ -261,8 +308,8 @@ def main():
             continue
         ratio = r["kd"] / (r["student"] + r["teacher"])
         mem = ""
-        if r["mem_s"] is not None:
-            mem = f"{r['mem_kd'] / (r['mem_s'] + r['t_bytes']):.2f}"
+        if r["mem_ref"] is not None and r["mem_kd"] is not None:
+            mem = f"{r['mem_kd'] / r['mem_ref']:.2f}"
         target = TARGETS.get(method, float("nan"))
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
         print(
