@@ -138,8 +138,8 @@ def general_instance_scores(
         (Tensor, Tensor): GI scores ``max_c |P_t - P_s|`` (N, R), and (N, R) bool, where the
         teacher is the more confident model (``max_c P_t > max_c P_s``: its box is the GI box).
     """
-    gi = (t_scores - s_scores).abs().amax(dim=-1)
     teacher_wins = t_scores.amax(dim=-1) > s_scores.amax(dim=-1)
+    gi = (t_scores - s_scores).abs_().amax(dim=-1)
     return gi, teacher_wins
 
 
@@ -800,24 +800,12 @@ class GIDDistiller(Distiller):
         matcher = student.proposal_generator.anchor_matcher if isinstance(student, GeneralizedRCNN) else student.anchor_matcher
         return batched_matcher_positives(matcher, gi_boxes, Boxes.cat(anchors).tensor)
 
-    def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
-        student, teacher = ctx.student, ctx.teacher
-        image_sizes = ctx.teacher_images.image_sizes
+    def _select(self, s_out: Dict, t_out: Dict, image_sizes) -> List[Tuple[Boxes, torch.Tensor]]:
+        """GISM on the two models' dense outputs (its (N, R, K) score tensors are freed on return)."""
         sel_args = dict(
             topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size, pre_nms_topk=self.pre_nms_topk
         )
-        decode = not self.shared_decoding
-        s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(teacher, teacher_taps, decode)
-        if self.location_strides is None:
-            t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
-            if self.shared_decoding:  # one decoding, of each prediction's more confident model
-                gi, teacher_wins = general_instance_scores(t_sc, s_sc)
-                deltas = torch.where(teacher_wins[..., None], t_out["deltas"], s_out["deltas"].detach())
-                boxes = decode_boxes(t_out["box2box"], deltas, t_out["anchors"])
-                selected = select_from_scores(gi, boxes, image_sizes, **sel_args)
-            else:
-                selected = select_general_instances(t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args)
-        else:
+        if self.location_strides is not None:
             t_sc, t_bx = per_location(t_out, self.location_strides, self.class_agnostic)
             s_sc, s_bx = per_location(s_out, self.location_strides, self.class_agnostic)
             if t_sc.shape[1] != s_sc.shape[1]:
@@ -825,7 +813,22 @@ class GIDDistiller(Distiller):
                     f"GID: {t_sc.shape[1]} teacher vs {s_sc.shape[1]} student locations; both must "
                     "see the same padded image size (same size_divisibility)"
                 )
-            selected = select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, **sel_args)
+            return select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, **sel_args)
+        t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
+        if not self.shared_decoding:
+            return select_general_instances(t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args)
+        # One decoding, of each prediction's more confident model.
+        gi, teacher_wins = general_instance_scores(t_sc, s_sc)
+        del t_sc, s_sc
+        deltas = torch.where(teacher_wins[..., None], t_out["deltas"], s_out["deltas"].detach())
+        boxes = decode_boxes(t_out["box2box"], deltas, t_out["anchors"])
+        return select_from_scores(gi, boxes, image_sizes, **sel_args)
+
+    def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
+        student, teacher = ctx.student, ctx.teacher
+        decode = not self.shared_decoding
+        s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(teacher, teacher_taps, decode)
+        selected = self._select(s_out, t_out, ctx.teacher_images.image_sizes)
         gi_boxes = [b for b, _ in selected]
         self._log_selection(gi_boxes, ctx)
 
