@@ -649,11 +649,16 @@ class GIDDistiller(Distiller):
         return self.taps(teacher)
 
     @staticmethod
-    def _anchors_of(model):
+    def _dense(model, attr: str):
+        """``attr`` (anchor generator, box transform, anchor matcher) of the part that makes
+        ``model``'s dense predictions: the RPN of a GeneralizedRCNN, else the model."""
+        owner = model.proposal_generator if isinstance(model, GeneralizedRCNN) else model
+        return getattr(owner, attr)
+
+    @classmethod
+    def _anchors_of(cls, model):
         """The anchor generator whose anchors index the dense predictions of ``model``."""
-        if isinstance(model, GeneralizedRCNN):
-            return model.proposal_generator.anchor_generator
-        return model.anchor_generator
+        return cls._dense(model, "anchor_generator")
 
     @classmethod
     def _same_anchors(cls, a, b) -> bool:
@@ -665,15 +670,9 @@ class GIDDistiller(Distiller):
             and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ga.cell_anchors, gb.cell_anchors))
         )
 
-    @staticmethod
-    def _box_transform(model):
-        if isinstance(model, GeneralizedRCNN):
-            return model.proposal_generator.box2box_transform
-        return model.box2box_transform
-
     @classmethod
     def _same_box_transform(cls, a, b) -> bool:
-        ta, tb = cls._box_transform(a), cls._box_transform(b)
+        ta, tb = cls._dense(a, "box2box_transform"), cls._dense(b, "box2box_transform")
         return (
             type(ta) is type(tb) is Box2BoxTransform
             and tuple(ta.weights) == tuple(tb.weights)
@@ -797,8 +796,7 @@ class GIDDistiller(Distiller):
                 else torch.zeros(R, dtype=torch.bool, device=device)
                 for b in gi_boxes
             ])
-        matcher = student.proposal_generator.anchor_matcher if isinstance(student, GeneralizedRCNN) else student.anchor_matcher
-        return batched_matcher_positives(matcher, gi_boxes, Boxes.cat(anchors).tensor)
+        return batched_matcher_positives(self._dense(student, "anchor_matcher"), gi_boxes, Boxes.cat(anchors).tensor)
 
     def _select(self, s_out: Dict, t_out: Dict, image_sizes) -> List[Tuple[Boxes, torch.Tensor]]:
         """GISM on the two models' dense outputs (its (N, R, K) score tensors are freed on return)."""
