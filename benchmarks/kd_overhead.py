@@ -10,8 +10,10 @@ R50/R101 paper configs) this times, on one fixed batch:
   (c) a training step of the DistillationDetector (student + teacher + distiller),
 
 one (a), one (b), one (c) in turn, ``iters * rounds`` times, and prints the ratio of median
-times ``kd_step / (student_step + teacher_forward)``: 1.0 means distillation costs nothing
-beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10, D3ETR <= 1.15.
+times ``kd_step / (student_step + teacher_forward)`` (and, as "rounds", the lowest and highest
+ratio of the rounds' own medians: how much it moves within the run): 1.0 means distillation
+costs nothing beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10,
+D3ETR <= 1.15.
 It also prints peak memory of (c) against (a) plus the teacher's weights (teacher activations
 must not be kept for backward): on a GPU from ``max_memory_allocated``, on a CPU from the
 profiler's memory timeline (one extra, profiled call of each step). ReviewKD and D3ETR are
@@ -122,11 +124,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def _timed_interleaved(fns, iters, device):
     """
-    Median seconds per call of each of ``fns``, calling them in turn ``iters`` times (after 2
-    warm-up turns): step-level interleaving, so that a busy or throttled machine slows every
-    measurement alike instead of whichever one ran at the time.
+    Seconds per call of each of ``fns``, calling them in turn ``iters`` times (after 2 warm-up
+    turns): step-level interleaving, so that a busy or throttled machine slows every
+    measurement alike instead of whichever one ran at the time. Returns one list of times per
+    function, in call order.
     """
     for _ in range(2):  # warm-up
         for fn in fns:
@@ -139,7 +146,19 @@ def _timed_interleaved(fns, iters, device):
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - start)
-    return [sorted(t)[len(t) // 2] for t in times]
+    return times
+
+
+def _ratio_spread(t_s, t_t, t_kd, rounds):
+    """(lowest, highest) ratio of the per-round medians: how much the ratio moves within a run."""
+    n = len(t_kd) // rounds
+    if rounds < 2 or n < 1:
+        return None
+    ratios = [
+        _median(t_kd[i * n:(i + 1) * n]) / (_median(t_s[i * n:(i + 1) * n]) + _median(t_t[i * n:(i + 1) * n]))
+        for i in range(rounds)
+    ]
+    return min(ratios), max(ratios)
 
 
 @contextlib.contextmanager
@@ -246,7 +265,9 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         # One student step, one teacher forward, one kd step (and the floor's step), in turn:
         # iters * rounds times.
         steps = (student_step, teacher_forward, kd_step) + ((floor_step,) if floor_step else ())
-        t_s, t_t, t_kd, *t_floor = _timed_interleaved(steps, iters * rounds, device)
+        times = _timed_interleaved(steps, iters * rounds, device)
+        spread = _ratio_spread(*times[:3], rounds)
+        t_s, t_t, t_kd, *t_floor = [_median(t) for t in times]
         mem_s, mem_kd = _peak(student_step, device), _peak(kd_step, device)
     floor = None
     if t_floor:  # the floor's step either adds to (a) + (b) or replaces (a)
@@ -255,7 +276,7 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
     t_bytes += sum(b.numel() * b.element_size() for b in teacher.buffers())
     # (a) plus the teacher's weights: on CUDA they are resident during (a) already
     mem_ref = None if mem_s is None else mem_s if device.type == "cuda" else mem_s + t_bytes
-    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_ref=mem_ref, mem_kd=mem_kd)
+    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_ref=mem_ref, mem_kd=mem_kd, spread=spread)
 
 
 def main():
@@ -297,7 +318,7 @@ def main():
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"teacher precision {args.teacher_precision}")
     head = f"{'method':<9}{'setting':<46}{'student':>9}{'teacher':>9}{'kd':>9}{'ratio':>7}{'floor':>7}{'target':>7}"
-    head += f"{'mem ratio':>11}"
+    head += f"{'mem ratio':>11}{'rounds':>13}"
     print(head)
     print("-" * len(head))
     for method, setting, path, bs, size, variant in runs:
@@ -312,9 +333,10 @@ def main():
             mem = f"{r['mem_kd'] / r['mem_ref']:.2f}"
         target = TARGETS.get(method, float("nan"))
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
+        spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         print(
             f"{method:<9}{setting:<46}{r['student'] * 1e3:>7.1f}ms{r['teacher'] * 1e3:>7.1f}ms"
-            f"{r['kd'] * 1e3:>7.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}",
+            f"{r['kd'] * 1e3:>7.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}{spread:>13}",
             flush=True,
         )
 

@@ -28,3 +28,13 @@ def test_cpu_peak_memory_of_a_known_allocation_pattern():
     peak = kd._peak(step, torch.device("cpu"))
     assert peak is not None
     assert 13_000_000 <= peak <= 13_000_000 + 4096, peak
+
+
+def test_ratio_spread_is_the_range_of_per_round_median_ratios():
+    kd = _kd_overhead()
+    # 2 rounds of 3 calls: medians (s, t, kd) = (1, 1, 2.2) then (2, 1, 3.9); outliers ignored
+    t_s, t_t = [1, 1, 5, 2, 2, 0], [1, 1, 1, 1, 1, 1]
+    t_kd = [2.2, 0, 9, 3.9, 0, 3.9]
+    low, high = kd._ratio_spread(t_s, t_t, t_kd, rounds=2)
+    assert abs(low - 1.1) < 1e-12 and abs(high - 1.3) < 1e-12
+    assert kd._ratio_spread([1], [1], [1], rounds=1) is None
