@@ -175,13 +175,15 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _peak(fn, device):
+def _peak(fn, device, resident=None):
     """
-    Peak bytes of live tensors during one call of ``fn``. CUDA: ``max_memory_allocated``, which
-    counts every tensor resident on the device (the teacher's weights included, also in a
-    student-alone step). CPU: the profiler's memory timeline, which counts the tensors the call
-    allocates or uses (not the teacher's weights in a student-alone step); None where the
-    profiler cannot give one.
+    Peak bytes of live tensors during one call of ``fn``, counting the weights of ``resident``
+    (the teacher) as resident throughout. CUDA: ``max_memory_allocated``, which counts every
+    tensor on the device. CPU: the profiler's memory timeline, which only counts the tensors the
+    call allocates or uses, plus the parameters and buffers of the ``resident`` submodules the
+    call did not run (a student-alone step runs none of the teacher's, a KD step only the parts
+    its distillers need). None where the profiler cannot give a timeline; errors of ``fn``
+    itself propagate.
     """
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -191,22 +193,37 @@ def _peak(fn, device):
         return torch.cuda.max_memory_allocated(device)
     from torch.profiler import ProfilerActivity, profile
 
+    modules = list(resident.modules()) if resident is not None else []
+    ran = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for m in modules]
     try:
         # export_memory_timeline: deprecated, still the CPU way; the profiler's own start/stop
         # messages to stderr are silenced.
         with warnings.catch_warnings(), _quiet_stderr():
             warnings.simplefilter("ignore")
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                         with_stack=True) as prof:
+            try:
+                prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                               with_stack=True)
+                prof.start()
+            except Exception:  # a profiler without CPU memory profiling: no memory column
+                return None
+            try:
                 fn()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "memory.json")
-                prof.export_memory_timeline(path, device="cpu")
-                with open(path) as f:
-                    _, sizes = json.load(f)  # [times, [bytes per category] per time]
-    except Exception:  # an older or newer profiler without it: no memory column
-        return None
-    return max((sum(s) for s in sizes), default=0)
+            finally:
+                prof.stop()
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "memory.json")
+                    prof.export_memory_timeline(path, device="cpu")
+                    with open(path) as f:
+                        _, sizes = json.load(f)  # [times, [bytes per category] per time]
+            except Exception:  # an older or newer profiler without the timeline
+                return None
+    finally:
+        for h in hooks:
+            h.remove()
+    unused = [t for m in modules if m not in ran for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    return max((sum(s) for s in sizes), default=0) + sum(t.numel() * t.element_size() for t in unused)
 
 
 def _batch(cfg, batch_size, image_size):
@@ -268,14 +285,12 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         times = _timed_interleaved(steps, iters * rounds, device)
         spread = _ratio_spread(*times[:3], rounds)
         t_s, t_t, t_kd, *t_floor = [_median(t) for t in times]
-        mem_s, mem_kd = _peak(student_step, device), _peak(kd_step, device)
+        mem_s, mem_kd = _peak(student_step, device, teacher), _peak(kd_step, device, teacher)
     floor = None
     if t_floor:  # the floor's step either adds to (a) + (b) or replaces (a)
         floor = (t_s + t_t + t_floor[0]) / (t_s + t_t) if kind == "extra" else (t_floor[0] + t_t) / (t_s + t_t)
-    t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    t_bytes += sum(b.numel() * b.element_size() for b in teacher.buffers())
-    # (a) plus the teacher's weights: on CUDA they are resident during (a) already
-    mem_ref = None if mem_s is None else mem_s if device.type == "cuda" else mem_s + t_bytes
+    # (a) plus the teacher's weights: _peak counts them as resident in both steps
+    mem_ref = mem_s
     return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_ref=mem_ref, mem_kd=mem_kd, spread=spread)
 
 

@@ -239,14 +239,16 @@ def test_selection_of_a_batch_equals_per_image_reference():
             assert torch.equal(gs, rs) and torch.equal(gb.tensor, rb)
 
 
-@pytest.mark.parametrize("thresholds,allow_low", [([0.4, 0.5], True), ([0.3, 0.7], True), ([0.5], False)])
-def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, allow_low):
+@pytest.mark.parametrize(
+    "thresholds,labels,allow_low",
+    [([0.4, 0.5], [0, -1, 1], True), ([0.3, 0.7], [0, -1, 1], True), ([0.5], [0, 1], False), ([0.5], [1, 0], True)],
+)
+def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, labels, allow_low):
     from detectron2.modeling.matcher import Matcher
     from detectron2.structures import pairwise_iou
 
     from detkd.losses.gid import batched_matcher_positives
 
-    labels = [0, -1, 1] if len(thresholds) == 2 else [0, 1]
     matcher = Matcher(thresholds, labels, allow_low_quality_matches=allow_low)
     g = torch.Generator().manual_seed(2)
     xy = torch.rand(400, 2, generator=g) * 100
@@ -257,10 +259,7 @@ def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, allow_lo
         gts.append(Boxes(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 50 + 2], 1)))
     gts[3].tensor[0] = torch.tensor([500.0, 500.0, 510.0, 510.0])  # overlaps no anchor
     got = batched_matcher_positives(matcher, gts, anchors)
-    for i, b in enumerate(gts):
-        if len(b) == 0:
-            assert not got[i].any()
-            continue
+    for i, b in enumerate(gts):  # image 1 has no box: Matcher labels every anchor labels[0]
         _, lab = matcher(pairwise_iou(b, Boxes(anchors)))
         assert torch.equal(got[i], lab == 1), i
 
@@ -395,13 +394,13 @@ def test_gt_overlap_ratio_counts_gis_over_half_iou_with_their_own_images_gt():
         return {"instances": inst}
 
     # image 0: GI 1 equals its GT (IoU 1), GI 2 has IoU 0.5 with it (not > 0.5);
-    # image 1: its GI equals image 0's GT but image 1 has no GT; image 2: no "instances".
+    # image 1: its GI equals image 0's GT but image 1 has no GT; image 2: no instances.
     gis = [
         Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])),
         Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]])),
         Boxes(torch.tensor([[50.0, 50.0, 60.0, 60.0]])),
     ]
-    ctx = SimpleNamespace(batched_inputs=[image([0, 0, 10, 10]), image([]), {}])
+    ctx = SimpleNamespace(batched_inputs=[image([0, 0, 10, 10]), image([]), {"instances": None}])
     with EventStorage() as storage:
         d._log_selection(gis, ctx)
         logged = storage.latest()
@@ -428,3 +427,7 @@ def test_flatten_levels_rows_and_contiguous_gradients():
     for m in maps:
         assert m.grad.is_contiguous()
     assert torch.equal(maps[0].grad[1, :, 2, 3], weights[1 * 20 + 2 * 5 + 3])
+    # a channels-last map (a channels-last student) gets a channels-last gradient
+    cl = maps[0].detach().to(memory_format=torch.channels_last).requires_grad_()
+    flatten_levels([cl]).sum().backward()
+    assert cl.grad.is_contiguous(memory_format=torch.channels_last) and not cl.grad.is_contiguous()

@@ -314,24 +314,26 @@ def roi_align_sampling(
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
+    """Identity whose backward hands on a gradient in the map's own memory format.
 
-    The gradient of a channels-last view of an FPN map is itself channels-last; added to the
-    head's (contiguous) gradient of the same map, it would give the student's whole backward
+    The gradient of a channels-last view of an (NCHW) FPN map is itself channels-last; added to
+    the head's gradient of the same map, it would give the student's whole backward
     channels-last gradients, and slower convolution backward passes."""
 
     @staticmethod
     def forward(ctx, x):
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        return grad.contiguous(memory_format=ctx.memory_format)
 
 
 def flatten_levels(features: List[torch.Tensor]) -> torch.Tensor:
     """[(N, C, H_l, W_l)] -> (sum_l N * H_l * W_l, C): every level's map, channels last (the
-    maps' gradients stay contiguous NCHW)."""
+    maps' gradients keep the maps' memory format)."""
     rows = []
     for f in features:
         if f.requires_grad and torch.is_grad_enabled():
@@ -563,7 +565,11 @@ def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Ten
     for label, low, high in zip(matcher.labels, th[:-1], th[1:]):
         if label == 1:
             positive |= (best >= low) & (best < high)
-    positive &= valid.any(dim=1, keepdim=True)
+    # An image without boxes: Matcher gives every anchor labels[0].
+    has_gt = valid.any(dim=1, keepdim=True)  # (N, 1)
+    positive &= has_gt
+    if matcher.labels[0] == 1:
+        positive |= ~has_gt
     if matcher.allow_low_quality_matches:
         highest = iou.amax(dim=2, keepdim=True)  # (N, G, 1) best IoU per box
         highest.masked_fill_(~valid[..., None], float("nan"))  # padding matches no anchor
@@ -873,7 +879,8 @@ class GIDDistiller(Distiller):
             return
         # One IoU matrix between the batch's GI boxes and ground-truth boxes, pairs across
         # images zeroed: the best IoU of each GI with a box of its own image.
-        gts = [x["instances"].gt_boxes.tensor if "instances" in x else None for x in ctx.batched_inputs]
+        gts = [x.get("instances") for x in ctx.batched_inputs]
+        gts = [None if g is None else g.gt_boxes.tensor for g in gts]
         device = gi_boxes[0].tensor.device
         gts = [g.to(device) if g is not None else torch.zeros(0, 4, device=device) for g in gts]
         gt_image = torch.repeat_interleave(torch.tensor([len(g) for g in gts], device=device))
