@@ -13,15 +13,14 @@ one (a), one (b), one (c) in turn, ``iters * rounds`` times, and prints the rati
 times ``kd_step / (student_step + teacher_forward)`` (and, as "rounds", the lowest and highest
 ratio of the rounds' own medians: how much it moves within the run): 1.0 means distillation
 costs nothing beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10,
-D3ETR <= 1.15.
-It also prints peak memory of (c) against (a) plus the teacher's weights (teacher activations
-must not be kept for backward): on a GPU from ``max_memory_allocated``, on a CPU from the
-profiler's memory timeline (one extra, profiled call of each step). ReviewKD and D3ETR are
-also measured at a cheaper non-paper setting (``VARIANTS``; ``--no-variants`` skips them). For
-these two, the "floor" column
-is the ratio that the trainable compute the method adds by design (ReviewKD's ABFs, D3ETR's
-auxiliary query group; see ``FLOORS``), timed alone, already costs: no implementation of the
-method can go below it. This is a benchmark, not a test: it prints ratios.
+D3ETR <= 1.15. It also prints peak memory of (c) against (a) plus the teacher's weights
+(teacher activations must not be kept for backward; see ``_peak``): on a GPU from
+``max_memory_allocated``, on a CPU from the profiler's memory timeline (one extra, profiled
+call of each step). ReviewKD and D3ETR are also measured at a cheaper non-paper setting
+(``VARIANTS``; ``--no-variants`` skips them). For these two, the "floor" column is the ratio
+that the trainable compute the method adds by design (ReviewKD's ABFs, D3ETR's auxiliary query
+group; see ``FLOORS``), timed alone, already costs: no implementation of the method can go
+below it. This is a benchmark, not a test: it prints ratios.
 
 Usage::
 
@@ -289,9 +288,8 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
     floor = None
     if t_floor:  # the floor's step either adds to (a) + (b) or replaces (a)
         floor = (t_s + t_t + t_floor[0]) / (t_s + t_t) if kind == "extra" else (t_floor[0] + t_t) / (t_s + t_t)
-    # (a) plus the teacher's weights: _peak counts them as resident in both steps
-    mem_ref = mem_s
-    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_ref=mem_ref, mem_kd=mem_kd, spread=spread)
+    # mem_s is (a) plus the teacher's weights: _peak counts them as resident in both steps
+    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_s=mem_s, mem_kd=mem_kd, spread=spread)
 
 
 def main():
@@ -344,8 +342,8 @@ def main():
             continue
         ratio = r["kd"] / (r["student"] + r["teacher"])
         mem = ""
-        if r["mem_ref"] is not None and r["mem_kd"] is not None:
-            mem = f"{r['mem_kd'] / r['mem_ref']:.2f}"
+        if r["mem_s"] is not None and r["mem_kd"] is not None:
+            mem = f"{r['mem_kd'] / r['mem_s']:.2f}"
         target = TARGETS.get(method, float("nan"))
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
