@@ -62,6 +62,29 @@ def test_hcl_gradients_equal_autograd_of_the_definition(size):
     torch.testing.assert_close(g32, ref[0].float() / 3.0, rtol=1e-4, atol=1e-7)
 
 
+def test_hcl_pooling_operators_cached_per_map_size_and_dtype():
+    """The pooling operators are built once per (H, W, dtype): maps of transposed sizes and of
+    another dtype, alternating, each get their own (values against the written-out pooling)."""
+    from detkd.losses import reviewkd
+
+    g = torch.Generator().manual_seed(2)
+    dtypes = [torch.float64, torch.float32]
+    maps = [torch.randn(1, 2, *hw, generator=g, dtype=dt) for hw in [(9, 14), (14, 9)] for dt in dtypes]
+    for _ in range(2):
+        for s in maps:
+            t = torch.zeros_like(s)
+            want = _hcl_reference(s.double(), t.double()).item()
+            rel = 1e-10 if s.dtype == torch.float64 else 1e-5
+            assert hcl_level_loss(s, t).item() == pytest.approx(want, rel=rel)
+    ops = reviewkd._pooling_operators(9, 14, (4, 2, 1), (0.5, 0.25, 0.125), maps[0])
+    assert ops is reviewkd._pooling_operators(9, 14, (4, 2, 1), (0.5, 0.25, 0.125), maps[0])
+    ah, aw, mask = ops
+    assert ah.shape == (7, 9) and aw.shape == (7, 14)
+    diagonal = torch.tensor([0.5 / 16] * 4 + [0.25 / 4] * 2 + [0.125], dtype=torch.float64)
+    torch.testing.assert_close(mask.diagonal(), diagonal)
+    assert mask.sum().item() == pytest.approx(0.5 + 0.25 + 0.125)
+
+
 def test_hcl_all_terms_weights_and_sum_over_levels():
     # A constant offset d gives MSE d^2 at every pooling size: the normalised sum is d^2.
     t = torch.randn(2, 4, 16, 16)

@@ -47,53 +47,67 @@ def _pool_matrix(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
     return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 
+# (H, W, sizes, weights, device, dtype) -> the pooling operators of _HCLLevelLoss. A training run
+# sees a few map sizes per level (padding to size_divisibility), so this stays small; it is
+# cleared when it grows past _OPERATOR_CACHE_SIZE entries (multi-scale training with many sizes).
+_OPERATORS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_OPERATOR_CACHE_SIZE = 256
+
+
+def _pooling_operators(H: int, W: int, sizes, weights, like: torch.Tensor):
+    """
+    The stacked pooling matrices ``ah`` (P, H) and ``aw`` (P, W) of all pooling sizes (P = sum of
+    sizes) and the (P, P) block-diagonal weight mask: ``w / p^2`` on size p's diagonal block,
+    0 elsewhere. Built once per map size, device and dtype (they cost ~40 small kernels).
+    """
+    key = (H, W, sizes, weights, like.device, like.dtype)
+    ops = _OPERATORS.get(key)
+    if ops is None:
+        if len(_OPERATORS) >= _OPERATOR_CACHE_SIZE:
+            _OPERATORS.clear()
+        ah = torch.cat([_pool_matrix(H, p, like) for p in sizes])
+        aw = torch.cat([_pool_matrix(W, p, like) for p in sizes])
+        blocks = [torch.full((p, p), w / (p * p), dtype=like.dtype) for p, w in zip(sizes, weights)]
+        mask = torch.block_diag(*blocks)
+        ops = _OPERATORS[key] = (ah, aw, mask.to(like.device))
+    return ops
+
+
 class _HCLLevelLoss(torch.autograd.Function):
     """
     HCL of one level from the difference ``d = student - teacher`` alone (adaptive average
     pooling is linear: ``AAP(s) - AAP(t) = AAP(d)``). All pooling sizes come from one pass over
-    ``d`` (``A_h d A_w^T`` with the sizes' pooling matrices stacked), and the backward writes the
-    gradient once: ``c0 d + A_h^T Y A_w``, Y holding each size's scaled pooled difference on the
-    diagonal blocks. Autograd's version allocates a zero-filled full-size buffer per pooling size
-    and for the MSE (p2 of a 1333x800 input is 200x336); the time this saves is small next to the
-    ABF convolutions.
+    ``d``: ``Y = A_h d A_w^T`` (N, C, P, P) with the sizes' pooling matrices stacked, size p's
+    pools being Y's p x p diagonal block, so that the pooled terms are
+    ``sum(Y^2 * mask) / (N C)`` with the block-diagonal weight mask of
+    :func:`_pooling_operators`. The backward writes the gradient once:
+    ``c0 d + A_h^T (2 Y * mask / (N C)) A_w``. Autograd's version allocates a zero-filled
+    full-size buffer per pooling size and for the MSE (p2 of a 1333x800 input is 200x336).
     """
 
     @staticmethod
     def forward(ctx, student, teacher, sizes, weights):
         d = student - teacher  # (N, C, H, W)
         N, C, H, W = d.shape
-        total = 1.0 + sum(weights)
         flat = d.reshape(-1)
         loss = torch.dot(flat, flat) / d.numel()
-        ah = aw = None
+        pooled = ah = aw = mask = None
         if sizes:
-            ah = torch.cat([_pool_matrix(H, p, d) for p in sizes])  # (P, H), P = sum(sizes)
-            aw = torch.cat([_pool_matrix(W, p, d) for p in sizes])  # (P, W)
-            pooled = ah @ d @ aw.t()  # (N, C, P, P); size k's pools are its diagonal block
-            blocks, start = [], 0
-            for p, w in zip(sizes, weights):
-                block = pooled[:, :, start:start + p, start:start + p]
-                loss = loss + w * block.pow(2).sum() / (N * C * p * p)
-                blocks.append(block)
-                start += p
-            ctx.blocks = blocks
-        ctx.save_for_backward(d, ah, aw)
-        ctx.sizes, ctx.weights, ctx.total = sizes, weights, total
-        return loss / total
+            ah, aw, mask = _pooling_operators(H, W, sizes, weights, d)
+            pooled = ah @ (d @ aw.t())  # (N, C, P, P)
+            loss = loss + (pooled.square() * mask).sum() / (N * C)
+        ctx.save_for_backward(d, ah, aw, pooled, mask)
+        ctx.total = 1.0 + sum(weights)
+        return loss / ctx.total
 
     @staticmethod
     def backward(ctx, grad):
-        d, ah, aw = ctx.saved_tensors
-        N, C, H, W = d.shape
+        d, ah, aw, pooled, mask = ctx.saved_tensors
+        N, C = d.shape[:2]
         g = grad / ctx.total
-        if ctx.sizes:
-            P = ah.shape[0]
-            y = d.new_zeros(N, C, P, P)
-            start = 0
-            for p, w, block in zip(ctx.sizes, ctx.weights, ctx.blocks):
-                y[:, :, start:start + p, start:start + p] = block * (g * 2.0 * w / (N * C * p * p))
-                start += p
-            grad_s = (ah.t() @ y) @ aw  # (N, C, H, W)
+        if pooled is not None:
+            y = pooled * mask * (g * 2.0 / (N * C))  # (N, C, P, P), 0 off the diagonal blocks
+            grad_s = ah.t() @ (y @ aw)  # (N, C, H, W)
             grad_s.addcmul_(d, g * (2.0 / d.numel()))  # + the full-resolution MSE's gradient
         else:
             grad_s = d * (g * 2.0 / d.numel())
