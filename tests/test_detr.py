@@ -424,3 +424,44 @@ def box_convert_xyxy(b):
     from torchvision.ops import box_convert
 
     return box_convert(b, "cxcywh", "xyxy")
+
+
+def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(monkeypatch):
+    """The adaptive matching starts in a hook on the student's head (solved on a host thread
+    while the step goes on); the losses and gradients equal those of a match started in the
+    distiller's forward, and the mean matched costs are logged per layer."""
+    from detkd.losses import d3etr
+
+    model = _d3etr()
+    with torch.no_grad():
+        for p in model.student.head.parameters():
+            p.normal_(0, 0.5)
+    inputs = make_inputs(n=2)
+    owners = []
+    start = d3etr.D3ETRDistiller._start_match
+
+    def spy(self, *args, owner=None, hook=True):
+        owners.append(owner)
+        return start(self, *args, owner=owner) if (owner is None or hook) else None
+
+    runs = []
+    for hook in (True, False):
+        def start_or_drop(self, *a, owner=None, _h=hook):
+            return spy(self, *a, owner=owner, hook=_h)
+
+        monkeypatch.setattr(d3etr.D3ETRDistiller, "_start_match", start_or_drop)
+        model.zero_grad(set_to_none=True)
+        with EventStorage() as storage:
+            losses = model(inputs)
+            n_layers = len(model.student.transformer.decoder.layers)
+            costs = [storage.latest()[f"d3etr/match_cost_{l}"][0] for l in range(n_layers)]
+        sum(losses.values()).backward()
+        grads = [p.grad.clone() for p in model.student.parameters() if p.grad is not None]
+        runs.append((losses, costs, grads))
+    # run 1: started from the head hook, with the step's context; run 2: the hook's start is
+    # dropped (None), so the forward starts the match itself (owner None)
+    assert owners[0] is not None and owners[1] is not None and owners[2] is None and len(owners) == 3
+    (l1, c1, g1), (l2, c2, g2) = runs
+    assert l1.keys() == l2.keys() and all(torch.equal(l1[k], l2[k]) for k in l1)
+    assert c1 == c2 and all(c > 0 for c in c1)
+    assert len(g1) == len(g2) and all(torch.equal(a, b) for a, b in zip(g1, g2))

@@ -199,3 +199,55 @@ def test_half_precision_teacher_option():
     cfg.teacher_precision = "half"
     with pytest.raises(ValueError, match="teacher_precision must be one of"):
         build(cfg)
+
+
+def test_deferred_scalars_written_at_block_end_with_their_iteration():
+    """Tensor scalars put inside `deferred_scalars` reach the storage when the block ends
+    (one device-to-host copy), tagged with the iteration they were put at; plain numbers and
+    scalars put outside a block are written at once; a block that raises writes nothing."""
+    from detkd.losses.base import deferred_scalars, put_scalar
+
+    with EventStorage(start_iter=7) as storage:
+        with deferred_scalars():
+            put_scalar("a", torch.tensor(1.5))
+            put_scalar("b", torch.tensor([2.25]))  # a one-element tensor, as .item() takes
+            put_scalar("c", 3)
+            assert "a" not in storage.latest() and "b" not in storage.latest()
+            assert storage.latest()["c"] == (3.0, 7)
+            storage.step()  # the iteration the tensors were put at counts, not the block's end
+        logged = storage.latest()
+        assert logged["a"] == (1.5, 7) and logged["b"] == (2.25, 7)
+        put_scalar("d", torch.tensor(4.0))
+        assert storage.latest()["d"] == (4.0, 8)
+        with pytest.raises(RuntimeError, match="boom"):
+            with deferred_scalars():
+                put_scalar("e", torch.tensor(5.0))
+                raise RuntimeError("boom")
+        assert "e" not in storage.latest()
+        with deferred_scalars():
+            with pytest.raises(RuntimeError):  # not a scalar: an error at once, as .item() gives
+                put_scalar("f", torch.ones(2))
+    put_scalar("h", torch.tensor(1.0))  # outside any EventStorage: nothing, no error
+
+
+def test_distiller_scalars_logged_per_level_through_the_detector(kd_model):
+    """PKD's per-level losses are logged (deferred) with the values the loss is made of."""
+    kd_model.train()
+    with EventStorage() as storage:
+        losses = kd_model(make_inputs())
+        logged = storage.latest()
+    levels = [v for k, (v, _) in logged.items() if k.startswith("pkd/")]
+    assert len(levels) == len(kd_model.distillers["pkd"].pairs) >= 3
+    assert losses["loss_pkd"].item() == pytest.approx(10.0 * sum(levels), rel=1e-5)
+
+
+def test_host_tensor_values_dtype_device():
+    import numpy as np
+
+    from detkd.utils import host_tensor
+
+    t = host_tensor([[1, 2], [3, 4]], "cpu", torch.float32)
+    assert t.dtype == torch.float32 and t.device.type == "cpu"
+    assert t.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    t = host_tensor(np.arange(3), torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.tolist() == [0, 1, 2]

@@ -16,7 +16,14 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
 from .capture import FeatureCapture
-from .losses.base import DistillContext, Distiller, float_tensors, pair_fpn_levels, put_scalar
+from .losses.base import (
+    DistillContext,
+    Distiller,
+    deferred_scalars,
+    float_tensors,
+    pair_fpn_levels,
+    put_scalar,
+)
 
 __all__ = ["DistillationDetector", "run_teacher"]
 
@@ -256,7 +263,12 @@ class DistillationDetector(nn.Module):
         """
         if not self.training:
             return self.student(batched_inputs)
+        # Logged tensor scalars (distillers, diagnostics) are written at the end of the step's
+        # forward with one device-to-host copy instead of one synchronisation each.
+        with deferred_scalars():
+            return self._forward_train(batched_inputs)
 
+    def _forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
         images = self.teacher_images(batched_inputs)
         teacher_taps = {}
         if self._teacher_capture.names:

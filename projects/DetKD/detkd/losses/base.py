@@ -13,7 +13,17 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
-__all__ = ["Distiller", "DistillContext", "pair_fpn_levels", "put_scalar", "float_tensors"]
+from ..utils import host_tensor
+
+__all__ = [
+    "Distiller",
+    "DistillContext",
+    "pair_fpn_levels",
+    "put_scalar",
+    "deferred_scalars",
+    "host_tensor",
+    "float_tensors",
+]
 
 
 @dataclass
@@ -93,12 +103,51 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
+# Stack of lists of (storage, name, scalar tensor, kwargs): tensors put inside `deferred_scalars`.
+_DEFERRED: List[list] = []
+
+
 def put_scalar(name: str, value, **kwargs) -> None:
-    """``get_event_storage().put_scalar`` that does nothing outside an EventStorage."""
-    if len(_CURRENT_STORAGE_STACK):
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float().item()
-        _CURRENT_STORAGE_STACK[-1].put_scalar(name, value, **kwargs)
+    """
+    ``get_event_storage().put_scalar`` that does nothing outside an EventStorage. A tensor
+    value put inside :func:`deferred_scalars` is written when that block ends (with the
+    iteration it was put at), so that logging does not synchronise with the device mid-step.
+    """
+    if not len(_CURRENT_STORAGE_STACK):
+        return
+    storage = _CURRENT_STORAGE_STACK[-1]
+    if isinstance(value, torch.Tensor):
+        if _DEFERRED:
+            kwargs = {"cur_iter": storage.iter, **kwargs}
+            _DEFERRED[-1].append((storage, name, value.detach().reshape(()), kwargs))
+            return
+        value = value.detach().float().item()
+    storage.put_scalar(name, value, **kwargs)
+
+
+@contextlib.contextmanager
+def deferred_scalars():
+    """
+    Collect the tensor scalars that :func:`put_scalar` gets inside this block and write them to
+    the event storage at its end, with one device-to-host copy per device (one synchronisation
+    instead of one per scalar). Used by :meth:`detkd.DistillationDetector.forward` around the
+    distillers; nothing is written if the block raises.
+    """
+    pending = []
+    _DEFERRED.append(pending)
+    try:
+        yield
+    finally:
+        _DEFERRED.pop()
+    values = [None] * len(pending)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, item in enumerate(pending):
+        by_device.setdefault(item[2].device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([pending[i][2].float() for i in idx]).tolist()):
+            values[i] = v
+    for (storage, name, _, kwargs), v in zip(pending, values):
+        storage.put_scalar(name, v, **kwargs)
 
 
 def float_tensors(obj):

@@ -34,7 +34,9 @@ Naming convention:
     logits (L, B, N, K), boxes (L, B, N, 4) normalized cxcywh; sa (B, M, N, N) and
     ca (B, M, N, HW) attention weights of one layer (softmax rows).
 """
-from typing import Dict, List, Optional
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from ..modeling.detr import paired_giou, pairwise_giou, solve_assignments
-
+from ..utils import host_tensor
 from .base import Distiller, put_scalar
 
 __all__ = ["D3ETRDistiller", "soft_bce_cost", "bernoulli_kl", "attention_kl", "hungarian_match"]
@@ -152,14 +154,56 @@ def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
     parallel threads, :func:`detkd.modeling.detr.solve_assignments`).
 
     Args:
-        cost (Tensor): (P, Nt, Ns).
+        cost (Tensor or ndarray): (P, Nt, Ns).
 
     Returns:
         list[ndarray]: P arrays of shape (min(Nt, Ns), 2): (teacher index, student index),
         sorted by teacher index.
     """
-    cost = cost.detach().float().cpu().numpy()
+    if torch.is_tensor(cost):
+        cost = cost.detach().float().cpu().numpy()
     return [np.stack(rc, axis=1) for rc in solve_assignments(list(cost))]
+
+
+_MATCH_THREAD: List[ThreadPoolExecutor] = []
+
+
+class _PendingMatch:
+    """
+    An adaptive matching under way: the (P, Nt, Ns) cost, computed on the device, is copied to
+    pinned host memory without blocking, and a host thread waits for that copy and solves the
+    P problems (:func:`hungarian_match`) while the caller goes on queueing device work; the
+    caller blocks only in :meth:`result`. On the CPU the copy is the tensor itself.
+    """
+
+    def __init__(self, cost: torch.Tensor, owner):
+        self.owner = owner  # what the match belongs to (the step's DistillContext)
+        if cost.is_cuda:
+            host = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
+            host.copy_(cost, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = cost, None
+        self.host = host
+
+        def solve():
+            if copied is not None:
+                copied.synchronize()  # releases the GIL while the device catches up
+            return hungarian_match(host.numpy())
+
+        if not _MATCH_THREAD:
+            _MATCH_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="detkd-d3etr-match"))
+        self.future = _MATCH_THREAD[0].submit(solve)
+
+    def result(self, device) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(P, min(Nt, Ns)) teacher and student indices on ``device`` (rows sorted by teacher
+        index) and the (P,) mean matched cost of each problem (host)."""
+        idx = np.stack(self.future.result())  # (P, min(Nt, Ns), 2)
+        cost = self.host.numpy()
+        matched = cost[np.arange(len(idx))[:, None], idx[..., 0], idx[..., 1]]  # (P, min(Nt, Ns))
+        idx = host_tensor(idx, device)
+        return idx[..., 0], idx[..., 1], matched.mean(axis=1)
 
 
 class D3ETRDistiller(Distiller):
@@ -254,12 +298,30 @@ class D3ETRDistiller(Distiller):
             self.query_proj = nn.Linear(d_t, d_s)
 
     def student_context(self, teacher_taps, ctx):
-        if not self.fixed_matching:
-            return None
-        queries = ctx.teacher.query_embed.weight.detach()  # (Nt, d_t)
-        if self.query_proj is not None:
-            queries = self.query_proj(queries)
-        return ctx.student.extra_query_group(queries)
+        """
+        Around the student's forward: the auxiliary query group (fixed matching), and a hook
+        on the student's head that starts the adaptive matching as soon as the predictions
+        exist, so that the Hungarian problems are solved on the host while the device runs
+        the rest of the step (the student's ground-truth losses, the auxiliary group's losses).
+        """
+        stack = contextlib.ExitStack()
+        if self.fixed_matching:
+            queries = ctx.teacher.query_embed.weight.detach()  # (Nt, d_t)
+            if self.query_proj is not None:
+                queries = self.query_proj(queries)
+            stack.enter_context(ctx.student.extra_query_group(queries))
+        self._pending = None
+        t_head, Ns = teacher_taps.get("head"), ctx.student.num_queries
+
+        def start(module, inputs, out):
+            if t_head is not None:
+                self._pending = self._start_match(
+                    t_head["pred_logits"], t_head["pred_boxes"],
+                    out["pred_logits"][:, :, :Ns], out["pred_boxes"][:, :, :Ns], owner=ctx,
+                )
+
+        stack.callback(ctx.student.head.register_forward_hook(start).remove)
+        return stack
 
     # ------------------------------------------------------------------------------------
     def _pair_losses(self, s_logits, s_boxes, t_logits, t_boxes) -> Dict[str, torch.Tensor]:
@@ -277,31 +339,42 @@ class D3ETRDistiller(Distiller):
             giou=(1 - giou).mean(1).sum(),
         )
 
-    def _match(self, t_logits, t_boxes, s_logits, s_boxes):
+    def _start_match(self, t_logits, t_boxes, s_logits, s_boxes, owner=None) -> _PendingMatch:
         """
-        Adaptive matching of every layer and image: one batched cost tensor, one copy to the
-        CPU, scipy's Hungarian solver per (layer, image).
+        Start the adaptive matching of every layer and image: one batched cost tensor
+        ``1 * soft-BCE class cost / K + 5 * L1 - 2 * GIoU`` (no gradient), solved on a host
+        thread (:class:`_PendingMatch`).
 
         Args:
             t_logits, t_boxes (Tensor): (L, B, Nt, K / 4); s_logits, s_boxes: (L, B, Ns, K / 4).
-
-        Returns:
-            (Tensor, Tensor, list[float]): teacher and student indices of the matched pairs,
-            each (L, B, P) with P = min(Nt, Ns), rows sorted by teacher index; the mean matched
-            cost per layer.
         """
-        L, B = t_logits.shape[:2]
         wc, wb, wg = self.match_weights
-        with torch.no_grad():
+        # fp32 also when called from the student's forward under autocast (the head hook)
+        with torch.no_grad(), torch.autocast(t_logits.device.type, enabled=False):
+            low = (torch.float16, torch.bfloat16)
+            t_logits, t_boxes, s_logits, s_boxes = (
+                x.float() if x.dtype in low else x for x in (t_logits, t_boxes, s_logits, s_boxes)
+            )
             cost = wc * soft_bce_cost(t_logits, s_logits) / t_logits.shape[-1]
             cost = cost + wb * torch.cdist(t_boxes, s_boxes, p=1)  # (L, B, Nt, Ns)
             cost = cost - wg * pairwise_giou(box_convert(t_boxes, "cxcywh", "xyxy"), box_convert(s_boxes, "cxcywh", "xyxy"))
-            cost = cost.flatten(0, 1)  # (L*B, Nt, Ns)
-            idx = torch.as_tensor(np.stack(hungarian_match(cost)), device=cost.device)  # (L*B, P, 2)
-            ti, si = idx[..., 0], idx[..., 1]
-            matched = cost[torch.arange(L * B, device=cost.device)[:, None], ti, si]  # (L*B, P)
-            mean_cost = matched.view(L, B, -1).mean(dim=(1, 2)).tolist()
-        return ti.view(L, B, -1), si.view(L, B, -1), mean_cost
+            return _PendingMatch(cost.flatten(0, 1), owner)  # (L*B, Nt, Ns)
+
+    def _match(self, t_logits, t_boxes, s_logits, s_boxes, pending: Optional[_PendingMatch] = None):
+        """
+        Adaptive matching of every layer and image (:meth:`_start_match`, unless ``pending``
+        already started it).
+
+        Returns:
+            (Tensor, Tensor, ndarray): teacher and student indices of the matched pairs, each
+            (L, B, P) with P = min(Nt, Ns), rows sorted by teacher index; the (L,) mean matched
+            cost per layer.
+        """
+        L, B = t_logits.shape[:2]
+        if pending is None:
+            pending = self._start_match(t_logits, t_boxes, s_logits, s_boxes)
+        ti, si, mean_cost = pending.result(t_logits.device)
+        return ti.view(L, B, -1), si.view(L, B, -1), mean_cost.reshape(L, B).mean(axis=1)
 
     def forward(self, student_taps, teacher_taps, ctx):
         student = ctx.student
@@ -312,9 +385,28 @@ class D3ETRDistiller(Distiller):
         Ns = student.num_queries
         g1_logits, g1_boxes = s_logits[:, :, :Ns], s_boxes[:, :, :Ns]
 
-        ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes)  # (L, B, P)
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None and pending.owner is not ctx:  # not this step's: start afresh
+            pending = None
+        if pending is None:
+            pending = self._start_match(t_logits, t_boxes, g1_logits, g1_boxes)
+
+        # While the host solves the matching: what does not depend on it (group 2).
+        if self.fixed_matching:
+            a = slice(Ns, Ns + Nt)
+            aux = self._pair_losses(
+                s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
+                t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
+            )
+        aux_gt = {}
+        if self.aux_gt_loss:
+            aux_gt = self._aux_gt_losses(
+                student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes
+            )
+
+        ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes, pending)  # (L, B, P)
         for l, c in enumerate(mean_cost):
-            put_scalar(f"d3etr/match_cost_{l}", c)
+            put_scalar(f"d3etr/match_cost_{l}", float(c))
 
         # Predictions, all layers at once: group 1 on its matched pairs, group 2 query by query.
         lidx = torch.arange(L, device=ti.device)[:, None, None]  # (L, 1, 1)
@@ -324,11 +416,6 @@ class D3ETRDistiller(Distiller):
             t_logits[lidx, bidx, ti].flatten(1, 2), t_boxes[lidx, bidx, ti].flatten(1, 2),
         )
         if self.fixed_matching:
-            a = slice(Ns, Ns + Nt)
-            aux = self._pair_losses(
-                s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
-                t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
-            )
             totals = {k: totals[k] + aux[k] for k in totals}
         totals["sa"], totals["ca"] = 0.0, 0.0
         for l in range(L):  # attention maps come one tensor per layer
@@ -357,8 +444,7 @@ class D3ETRDistiller(Distiller):
             totals["sa"] = s_logits.sum() * 0.0
 
         out = {f"loss_d3etr_{k}": self.weights[k] * v for k, v in totals.items()}
-        if self.aux_gt_loss:
-            out.update(self._aux_gt_losses(student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes))
+        out.update(aux_gt)
         return out
 
     # Attention distillation. Each map's terms (group 1 on its matched rows, group 2 row by row)

@@ -34,7 +34,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes, pairwise_iou
 
-from .base import Distiller, pair_fpn_levels, put_scalar
+from .base import Distiller, host_tensor, pair_fpn_levels, put_scalar
 
 __all__ = [
     "GIDDistiller",
@@ -199,7 +199,7 @@ def select_from_scores(
     N, R = gi.shape
     device = gi.device
     # All images at once: clip, size filter, per-image top-k, one NMS keyed by image.
-    hw = torch.tensor(image_sizes, device=device, dtype=boxes.dtype)  # (N, 2)
+    hw = host_tensor(image_sizes, device, boxes.dtype)  # (N, 2)
     limit = hw.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
     boxes = torch.min(boxes.clamp(min=0), limit)
     wh = boxes[..., 2:] - boxes[..., :2]
@@ -214,7 +214,7 @@ def select_from_scores(
     kept: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * N
     todo, m = list(range(N)), min(k, 4 * topk)
     while todo:
-        rows = torch.as_tensor(todo, device=device) if len(todo) < N else None
+        rows = host_tensor(todo, device) if len(todo) < N else None
         g, b = (gi, boxes) if rows is None else (gi[rows], boxes[rows])
         scores, idx = g.topk(m, dim=1)  # (n, m), best first
         cand = torch.gather(b, 1, idx[..., None].expand(-1, -1, 4))  # (n, m, 4)
@@ -286,11 +286,14 @@ def roi_align_sampling(
     """
     device, dtype = boxes.device, boxes.dtype
     G, S, sr = boxes.shape[0], output_size, sampling_ratio
-    H = torch.tensor([h for _, h, _ in level_sizes], device=device)[level]  # (G,)
-    W = torch.tensor([w for _, _, w in level_sizes], device=device)[level]
-    numel = torch.tensor([n * h * w for n, h, w in level_sizes], device=device)
-    offset = (numel.cumsum(0) - numel)[level] + image_index * H * W  # (G,) first row of the map
-    scale = torch.tensor(scales, device=device, dtype=dtype)[level]  # (G,)
+    first = [0]  # first row of each level's maps in flatten_levels
+    for n, h, w in level_sizes[:-1]:
+        first.append(first[-1] + n * h * w)
+    # per level: H, W, first row (long); 1 / stride (float): two host-to-device copies
+    per_level = host_tensor([[h, w, f] for (_, h, w), f in zip(level_sizes, first)], device)[level]
+    H, W = per_level[:, 0], per_level[:, 1]  # (G,)
+    offset = per_level[:, 2] + image_index * H * W  # (G,) first row of the box's map
+    scale = host_tensor(scales, device, dtype)[level]  # (G,)
     start = boxes[:, :2] * scale[:, None] - 0.5  # (G, 2) x, y; aligned=True shifts by half a pixel
     bin_size = (boxes[:, 2:] - boxes[:, :2]) * scale[:, None] / S  # (G, 2)
     t = (torch.arange(S * sr, device=device, dtype=dtype) + 0.5) / sr  # (S*sr,) in bin units
@@ -359,7 +362,11 @@ class _WeightedGather(torch.autograd.Function):
         # One pass over (R * P) lookups, no (R, C) product per sampling corner to index-add.
         flat = pos.flatten()
         order = torch.argsort(flat, stable=True)  # a fixed summation order: reproducible runs
-        counts = torch.bincount(flat, minlength=ctx.rows)
+        if flat.is_cuda:  # bincount would synchronise (it reads the largest index first)
+            counts = torch.zeros(ctx.rows, dtype=flat.dtype, device=flat.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+        else:
+            counts = torch.bincount(flat, minlength=ctx.rows)
         offsets = counts.cumsum(0).sub_(counts)
         rows = torch.div(order, pos.shape[1], rounding_mode="floor")
         grad_x = F.embedding_bag(
@@ -402,8 +409,8 @@ class _ImageBlocks:
             return
         G = self.G = max(counts[i] for i in self.keep)
         self.uniform = len(self.keep) == len(counts) and all(c == G for c in counts)
-        starts = torch.tensor([0] + counts[:-1], device=device).cumsum(0)[self.keep]  # (M,)
-        n = torch.tensor([counts[i] for i in self.keep], device=device)  # (M,)
+        starts_n = host_tensor([[sum(counts[:i]), counts[i]] for i in self.keep], device)  # (M, 2)
+        starts, n = starts_n[:, 0], starts_n[:, 1]  # (M,) first row, GIs of each kept image
         slot = torch.arange(G, device=device)
         valid = slot[None, :] < n[:, None]  # (M, G)
         self.rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
@@ -544,7 +551,7 @@ def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Ten
         Tensor: (N, R) bool.
     """
     N, R, device = len(gt_boxes), anchors.shape[0], anchors.device
-    counts = torch.tensor([len(b) for b in gt_boxes], device=device)
+    counts = host_tensor([len(b) for b in gt_boxes], device)
     gt = torch.nn.utils.rnn.pad_sequence(
         [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)], batch_first=True
     )[:N]  # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
@@ -770,8 +777,10 @@ class GIDDistiller(Distiller):
         p = self.pooler
         level = assign_boxes_to_levels(boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level)
         device = s_feats[0].device
-        image = torch.repeat_interleave(
-            torch.arange(len(boxes), device=device), torch.tensor([len(b) for b in boxes], device=device)
+        counts = [len(b) for b in boxes]
+        image = torch.repeat_interleave(  # output_size: no host sync
+            torch.arange(len(boxes), device=device), host_tensor(counts, device),
+            output_size=sum(counts),
         )
         all_boxes = cat([b.tensor for b in boxes], dim=0).to(s_feats[0].dtype)
         scales = [1.0 / s for s in self.strides]
@@ -879,15 +888,21 @@ class GIDDistiller(Distiller):
             return
         # One IoU matrix between the batch's GI boxes and ground-truth boxes, pairs across
         # images zeroed: the best IoU of each GI with a box of its own image.
+        # No host sync: host data goes through host_tensor, the ratio is logged as a tensor.
         gts = [x.get("instances") for x in ctx.batched_inputs]
-        gts = [None if g is None else g.gt_boxes.tensor for g in gts]
-        device = gi_boxes[0].tensor.device
-        gts = [g.to(device) if g is not None else torch.zeros(0, 4, device=device) for g in gts]
-        gt_image = torch.repeat_interleave(torch.tensor([len(g) for g in gts], device=device))
+        gts = [torch.zeros(0, 4) if g is None else g.gt_boxes.tensor for g in gts]
+        device, dtype = gi_boxes[0].tensor.device, gi_boxes[0].tensor.dtype
+        n_gt = [len(g) for g in gts]
         overlap = 0.0
-        if len(gt_image):
-            gi_image = torch.repeat_interleave(torch.tensor([len(b) for b in gi_boxes], device=device))
-            iou = pairwise_iou(Boxes.cat(gi_boxes), Boxes(cat(gts).to(gi_boxes[0].tensor.dtype)))
+        if sum(n_gt):
+            if all(g.device.type == "cpu" for g in gts):  # the data loader's boxes: one copy
+                gt = host_tensor(torch.cat(gts), device, dtype)
+            else:
+                gt = cat([g.to(device, dtype) for g in gts])
+            gt_image = torch.repeat_interleave(host_tensor(n_gt, device), output_size=sum(n_gt))
+            n_gi = host_tensor([len(b) for b in gi_boxes], device)
+            gi_image = torch.repeat_interleave(n_gi, output_size=n)
+            iou = pairwise_iou(Boxes.cat(gi_boxes), Boxes(gt))
             iou.masked_fill_(gi_image[:, None] != gt_image[None, :], 0.0)  # (Gt, total GT boxes)
             overlap = (iou.amax(dim=1) > 0.5).sum()
-        put_scalar("gid/gt_overlap_ratio", overlap / n)  # one host sync
+        put_scalar("gid/gt_overlap_ratio", overlap / n)

@@ -35,6 +35,8 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..utils import host_tensor
+
 __all__ = [
     "ConditionalDETR",
     "ConditionalDETRTransformer",
@@ -445,12 +447,12 @@ class HungarianMatcher(nn.Module):
         cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
         starts = np.cumsum([0] + sizes)
         todo = [(l, b) for l in range(L) for b in range(B) if sizes[b]]
-        solved = dict(zip(todo, solve_assignments([cost[l, b, :, starts[b]:starts[b + 1]] for l, b in todo])))
-        as_long = lambda x: torch.as_tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return [
-            [tuple(map(as_long, solved[l, b])) if sizes[b] else (empty, empty) for b in range(B)]
-            for l in range(L)
-        ]
+        solved = solve_assignments([cost[l, b, :, starts[b]:starts[b + 1]] for l, b in todo])
+        # all index arrays in one host-to-device copy, then split into views
+        flat = [np.asarray(x, dtype=np.int64) for pair in solved for x in pair]
+        parts = host_tensor(np.concatenate(flat), device).split([len(x) for x in flat])
+        found = {lb: (parts[2 * i], parts[2 * i + 1]) for i, lb in enumerate(todo)}
+        return [[found.get((l, b), (empty, empty)) for b in range(B)] for l in range(L)]
 
 
 def detr_param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4):
@@ -587,13 +589,20 @@ class ConditionalDETR(nn.Module):
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
         """Instances -> {"labels": (G,), "boxes": (G, 4) cxcywh normalised by the image size}."""
-        out = []
-        for inst in gt_instances:
+        boxes, labels = [], []
+        for inst in gt_instances:  # on the instances' device (the data loader's: the CPU)
             h, w = inst.image_size
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = box_convert(inst.gt_boxes.tensor.to(self.device) / scale, "xyxy", "cxcywh")
-            out.append({"labels": inst.gt_classes.to(self.device), "boxes": boxes})
-        return out
+            x1, y1, x2, y2 = inst.gt_boxes.tensor.to(torch.float32).unbind(1)
+            xyxy = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], dim=1)
+            boxes.append(box_convert(xyxy, "xyxy", "cxcywh"))
+            labels.append(inst.gt_classes)
+        sizes = [len(x) for x in labels]
+        if all(x.device.type == "cpu" for x in boxes + labels):  # one copy of each to the device
+            boxes = host_tensor(torch.cat(boxes), self.device).split(sizes)
+            labels = host_tensor(torch.cat(labels), self.device).split(sizes)
+        else:
+            boxes, labels = [x.to(self.device) for x in boxes], [x.to(self.device) for x in labels]
+        return [{"labels": c, "boxes": b} for c, b in zip(labels, boxes)]
 
     def _layer_losses(self, logits, boxes, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
         onehot = torch.zeros_like(logits)
@@ -633,7 +642,7 @@ class ConditionalDETR(nn.Module):
         to_match = [l for l in layers if not (l == L - 1 and indices_last_layer is not None)]
         matched = {}
         if to_match:  # all layers' Hungarian matches from one cost computation
-            sel = torch.as_tensor(to_match, device=pred_logits.device)
+            sel = host_tensor(to_match, pred_logits.device)
             matched = dict(zip(to_match, self.matcher.match_layers(pred_logits.detach()[sel], pred_boxes.detach()[sel], targets)))
         for l in layers:
             indices = matched[l] if l in matched else indices_last_layer
