@@ -148,13 +148,14 @@ class _RowCrossEntropy(torch.autograd.Function):
         return grad_s, None
 
 
-def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
+def hungarian_match(cost: torch.Tensor, pool: str = "main") -> List[np.ndarray]:
     """
     Solve one assignment problem per leading index with scipy's Hungarian solver (problems in
     parallel threads, :func:`detkd.modeling.detr.solve_assignments`).
 
     Args:
         cost (Tensor or ndarray): (P, Nt, Ns).
+        pool (str): :func:`detkd.modeling.detr.solve_assignments`'s thread pool.
 
     Returns:
         list[ndarray]: P arrays of shape (min(Nt, Ns), 2): (teacher index, student index),
@@ -162,7 +163,7 @@ def hungarian_match(cost: torch.Tensor) -> List[np.ndarray]:
     """
     if torch.is_tensor(cost):
         cost = cost.detach().float().cpu().numpy()
-    return [np.stack(rc, axis=1) for rc in solve_assignments(list(cost))]
+    return [np.stack(rc, axis=1) for rc in solve_assignments(list(cost), pool)]
 
 
 _MATCH_THREAD: List[ThreadPoolExecutor] = []
@@ -190,7 +191,7 @@ class _PendingMatch:
         def solve():
             if copied is not None:
                 copied.synchronize()  # releases the GIL while the device catches up
-            return hungarian_match(host.numpy())
+            return hungarian_match(host.numpy(), pool="d3etr")  # own pool: see solve_assignments
 
         if not _MATCH_THREAD:
             _MATCH_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="detkd-d3etr-match"))

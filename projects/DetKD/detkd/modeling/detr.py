@@ -51,10 +51,10 @@ __all__ = [
 ]
 
 
-_POOL: Dict[int, ThreadPoolExecutor] = {}
+_POOL: Dict[Tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def solve_assignments(costs: List[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+def solve_assignments(costs: List[np.ndarray], pool: str = "main") -> List[Tuple[np.ndarray, np.ndarray]]:
     """
     scipy's Hungarian solver (``linear_sum_assignment``) on each cost matrix, the problems spread
     over ``torch.get_num_threads()`` threads (scipy releases the GIL while it solves: a step's
@@ -62,6 +62,9 @@ def solve_assignments(costs: List[np.ndarray]) -> List[Tuple[np.ndarray, np.ndar
 
     Args:
         costs (list[ndarray]): (n_i, m_i) matrices.
+        pool (str): which thread pool: callers that solve at the same time (D3ETR's adaptive
+            matching on a host thread, the student's ground-truth matching) use different
+            pools, so that neither waits in the other's queue.
 
     Returns:
         list[(ndarray, ndarray)]: per matrix, the matched rows (sorted) and columns.
@@ -69,9 +72,10 @@ def solve_assignments(costs: List[np.ndarray]) -> List[Tuple[np.ndarray, np.ndar
     workers = min(max(1, torch.get_num_threads()), len(costs))
     if workers <= 1:
         return [linear_sum_assignment(c) for c in costs]
-    if workers not in _POOL:
-        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="detkd-hungarian")
-    return list(_POOL[workers].map(linear_sum_assignment, costs))
+    key = (pool, workers)
+    if key not in _POOL:
+        _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"detkd-hungarian-{pool}")
+    return list(_POOL[key].map(linear_sum_assignment, costs))
 
 
 def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
