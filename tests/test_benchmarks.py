@@ -64,3 +64,40 @@ def test_cpu_peak_counts_the_resident_modules_weights_that_the_call_does_not_run
 
     with pytest.raises(RuntimeError, match="step failed"):  # not hidden as "no memory column"
         kd._peak(broken, torch.device("cpu"), teacher)
+
+
+def _kd_profile():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("kd_profile", os.path.join(REPO, "benchmarks", "kd_profile.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_differences_are_kd_minus_student_per_op():
+    prof = _kd_profile()
+    student = {"conv": (10.0, 4.0, 2.0), "add": (1.0, 0.5, 3.0)}
+    kd = {"conv": (25.0, 9.0, 5.0), "mine": (7.0, 2.0, 4.0)}
+    rows = {r[0]: r[1:] for r in prof.op_differences(student, kd)}
+    assert rows == {"conv": (15.0, 5.0, 3.0), "add": (-1.0, -0.5, -3.0), "mine": (7.0, 2.0, 4.0)}
+
+
+def test_profile_of_the_demo_pkd_step_shows_the_distiller_ops():
+    """One profiled step of each kind on the CPU: PKD's level-loss function runs once per level
+    pair in the KD step only (forward and backward), and the op counts grow."""
+    prof = _kd_profile()
+    from detectron2.utils.events import EventStorage
+
+    cpu = torch.device("cpu")
+    student_step, kd_step = prof.build_steps("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    with EventStorage():
+        kd_step()
+        ops_s, ops_kd = prof.op_table(student_step, cpu, 1), prof.op_table(kd_step, cpu, 1)
+        assert prof.sync_sites(kd_step, cpu) == {}  # host synchronisations are counted on CUDA only
+    rows = {r[0]: r[1:] for r in prof.op_differences(ops_s, ops_kd)}
+    assert "_PKDLevelLoss" not in ops_s
+    n_levels = rows["_PKDLevelLoss"][2]
+    assert n_levels >= 3 and rows["_PKDLevelLossBackward"][2] == n_levels
+    assert sum(v[2] for v in ops_kd.values()) > sum(v[2] for v in ops_s.values())

@@ -521,7 +521,8 @@ class D3ETRDistiller(Distiller):
     def _aux_gt_losses(self, student, ctx, aux_logits, aux_boxes, t_logits, t_boxes):
         """Ground-truth losses of the auxiliary group; at the last layer its assignment is the
         teacher's (teacher query i's GT goes to auxiliary query i)."""
-        targets = student.prepare_targets([x["instances"].to(aux_logits.device) for x in ctx.batched_inputs])
+        # prepare_targets moves the data loader's (host) instances in one copy per field
+        targets = student.prepare_targets([x["instances"] for x in ctx.batched_inputs])
         with torch.no_grad():
             teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
         losses = student.compute_gt_losses(aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices)

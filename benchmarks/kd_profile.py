@@ -1,0 +1,170 @@
+"""
+Where a distiller's cost goes: a per-op profile of the KD training step against the student's.
+
+For each config (default: the demo configs; ``--large``: the R50/R101 pairs of
+``kd_overhead.py``) this builds the DistillationDetector on one fixed batch (as
+``kd_overhead.py`` does), warms up, and prints
+
+* the median time of a student step and of a KD step;
+* on CUDA, the host synchronisations of one step of each, by call site
+  (``torch.cuda.set_sync_debug_mode``): each one makes the host wait for the device queue;
+* the ops whose self CPU time (dispatch, launches) and self device time grow most from the
+  student step to the KD step (``torch.profiler``, averaged over ``--steps`` steps), with the
+  change in their number of calls.
+
+This is a benchmark, not a test: it prints tables. On a GPU the small steps here are bound by
+the host, and the CPU column and the call counts tell what a distiller costs.
+
+Usage::
+
+    python benchmarks/kd_profile.py [--large] [--methods gid ...] [--top 25] [--steps 3]
+"""
+import argparse
+import collections
+import glob
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kd_overhead  # noqa: E402
+
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.utils.events import EventStorage, get_event_storage  # noqa: E402
+
+
+def build_steps(config, device, batch_size, image_size):
+    """(student_step, kd_step) closures on one fixed batch, lr 0 (as in kd_overhead.py)."""
+    cfg = LazyConfig.load(os.path.join(kd_overhead.REPO, config))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    batch = kd_overhead._batch(cfg, batch_size, image_size)
+    opt_s = torch.optim.SGD(model.student.parameters(), lr=0.0, momentum=0.9)
+    opt_kd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+
+    def student_step():
+        loss = sum(model.student(batch).values())
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+
+    def kd_step():
+        get_event_storage().step()
+        loss = sum(model(batch).values())
+        opt_kd.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_kd.step()
+
+    return student_step, kd_step
+
+
+def sync_sites(fn, device, depth=3):
+    """Counter of (message, call site) of the host synchronisations during one call of ``fn``
+    (CUDA only; an empty Counter elsewhere). The call site is the innermost ``depth`` frames
+    in detkd or detectron2."""
+    sites = collections.Counter()
+    if device.type != "cuda":
+        fn()
+        return sites
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/detkd/" in f.filename or "/detectron2/" in f.filename]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames[-depth:]))
+        sites[(str(message).split("\n")[0][:50], where)] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sites
+
+
+def op_table(fn, device, steps):
+    """{op name: (self CPU us, self device us, calls)} per call of ``fn``, averaged over ``steps``."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with warnings.catch_warnings(), kd_overhead._quiet_stderr():
+        warnings.simplefilter("ignore")
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            kd_overhead._sync(device)
+    return {
+        e.key: (e.self_cpu_time_total / steps, getattr(e, "self_device_time_total", 0.0) / steps, e.count / steps)
+        for e in prof.key_averages()
+    }
+
+
+def op_differences(student, kd):
+    """
+    Per op, KD step minus student step: rows (name, d self CPU us, d self device us, d calls),
+    for the ops of either table.
+    """
+    zero = (0.0, 0.0, 0.0)
+    names = sorted(set(student) | set(kd))
+    return [(k, *(a - b for a, b in zip(kd.get(k, zero), student.get(k, zero)))) for k in names]
+
+
+def report(title, config, device, batch_size, image_size, steps, top):
+    student_step, kd_step = build_steps(config, device, batch_size, image_size)
+    with EventStorage():
+        for _ in range(3):  # warm-up
+            student_step()
+            kd_step()
+        times = kd_overhead._timed_interleaved([student_step, kd_step], 2 * steps + 1, device)
+        t_s, t_kd = (kd_overhead._median(t) for t in times)
+        sync_s, sync_kd = sync_sites(student_step, device), sync_sites(kd_step, device)
+        ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
+    print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
+    if device.type == "cuda":
+        print(f"   host synchronisations per step: student {sum(sync_s.values())}, KD {sum(sync_kd.values())}")
+        extra = sync_kd - sync_s
+        for (message, where), n in extra.most_common(top):
+            print(f"   +{n:<3d} {where}")
+    calls = sum(v[2] for v in ops_kd.values()) - sum(v[2] for v in ops_s.values())
+    print(f"   ops per step: student {sum(v[2] for v in ops_s.values()):.0f}, KD {sum(v[2] for v in ops_kd.values()):.0f} ({calls:+.0f})")
+    rows = op_differences(ops_s, ops_kd)
+    columns = [("self CPU", 1)] + ([("self device", 2)] if device.type == "cuda" else [])
+    for label, col in columns:
+        print(f"   largest {label} time added by the KD step (ms per step, calls):")
+        for row in sorted(rows, key=lambda r: -r[col])[:top]:
+            print(f"      {row[0][:64]:<64s} {row[col] / 1e3:+8.2f} ms  {row[3]:+6.0f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--large", action="store_true", help="the R50/R101 pairs instead of the demo configs")
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps of each kind")
+    parser.add_argument("--top", type=int, default=15, help="rows per table")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    runs = []
+    if args.large:
+        runs = [(m, f"R50 pair {os.path.basename(p)[:-3]}", p, 2, 640) for m, p in kd_overhead.LARGE.items()]
+    else:
+        for path in sorted(glob.glob(os.path.join(kd_overhead.REPO, "configs/demo/*_*.py"))):
+            name = os.path.basename(path)[:-3]
+            method = name.split("_")[0]
+            if not name.startswith("_") and method not in ("teacher", "student"):
+                runs.append((method, f"demo {name}", os.path.relpath(path, kd_overhead.REPO), 8, 128))
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    for method, title, path, batch_size, image_size in runs:
+        if args.methods and method not in args.methods:
+            continue
+        start = time.perf_counter()
+        report(title, path, device, batch_size, image_size, args.steps, args.top)
+        print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
