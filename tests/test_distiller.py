@@ -212,11 +212,14 @@ def test_deferred_scalars_written_at_block_end_with_their_iteration():
             put_scalar("a", torch.tensor(1.5))
             put_scalar("b", torch.tensor([2.25]))  # a one-element tensor, as .item() takes
             put_scalar("c", 3)
+            x = torch.tensor(6.0)
+            put_scalar("x", x)
+            x.add_(10.0)  # changed in place after the put: the value at put time is logged
             assert "a" not in storage.latest() and "b" not in storage.latest()
             assert storage.latest()["c"] == (3.0, 7)
             storage.step()  # the iteration the tensors were put at counts, not the block's end
         logged = storage.latest()
-        assert logged["a"] == (1.5, 7) and logged["b"] == (2.25, 7)
+        assert logged["a"] == (1.5, 7) and logged["b"] == (2.25, 7) and logged["x"] == (6.0, 7)
         put_scalar("d", torch.tensor(4.0))
         assert storage.latest()["d"] == (4.0, 8)
         with pytest.raises(RuntimeError, match="boom"):

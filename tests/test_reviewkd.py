@@ -76,6 +76,12 @@ def test_hcl_pooling_operators_cached_per_map_size_and_dtype():
             want = _hcl_reference(s.double(), t.double()).item()
             rel = 1e-10 if s.dtype == torch.float64 else 1e-5
             assert hcl_level_loss(s, t).item() == pytest.approx(want, rel=rel)
+    # first built under inference_mode, then used in training (saved for backward)
+    with torch.inference_mode():
+        hcl_level_loss(torch.ones(1, 2, 11, 6), torch.zeros(1, 2, 11, 6))
+    s = torch.ones(1, 2, 11, 6, requires_grad=True)
+    hcl_level_loss(s, torch.zeros(1, 2, 11, 6)).backward()
+    assert s.grad is not None
     ops = reviewkd._pooling_operators(9, 14, (4, 2, 1), (0.5, 0.25, 0.125), maps[0])
     assert ops is reviewkd._pooling_operators(9, 14, (4, 2, 1), (0.5, 0.25, 0.125), maps[0])
     ah, aw, mask = ops

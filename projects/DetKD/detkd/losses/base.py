@@ -3,6 +3,7 @@ What every DetKD distiller shares: the :class:`Distiller` interface used by
 :class:`detkd.DistillationDetector`, the context it receives, FPN level pairing and small helpers.
 """
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -103,8 +104,15 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
-# Stack of lists of (storage, name, scalar tensor, kwargs): tensors put inside `deferred_scalars`.
-_DEFERRED: List[list] = []
+# Per thread, a stack of lists of (storage, name, scalar tensor, kwargs): the tensors put inside
+# `deferred_scalars`.
+_DEFERRED = threading.local()
+
+
+def _deferred() -> List[list]:
+    if not hasattr(_DEFERRED, "stack"):
+        _DEFERRED.stack = []
+    return _DEFERRED.stack
 
 
 def put_scalar(name: str, value, **kwargs) -> None:
@@ -117,9 +125,9 @@ def put_scalar(name: str, value, **kwargs) -> None:
         return
     storage = _CURRENT_STORAGE_STACK[-1]
     if isinstance(value, torch.Tensor):
-        if _DEFERRED:
+        if _deferred():  # a copy: the value at put time, also if the caller changes it in place
             kwargs = {"cur_iter": storage.iter, **kwargs}
-            _DEFERRED[-1].append((storage, name, value.detach().reshape(()), kwargs))
+            _deferred()[-1].append((storage, name, value.detach().reshape(()).clone(), kwargs))
             return
         value = value.detach().float().item()
     storage.put_scalar(name, value, **kwargs)
@@ -134,11 +142,11 @@ def deferred_scalars():
     distillers; nothing is written if the block raises.
     """
     pending = []
-    _DEFERRED.append(pending)
+    _deferred().append(pending)
     try:
         yield
     finally:
-        _DEFERRED.pop()
+        _deferred().pop()
     values = [None] * len(pending)
     by_device: Dict[torch.device, List[int]] = {}
     for i, item in enumerate(pending):

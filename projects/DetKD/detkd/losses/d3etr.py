@@ -181,9 +181,9 @@ class _PendingMatch:
         self.owner = owner  # what the match belongs to (the step's DistillContext)
         if cost.is_cuda:
             host = torch.empty(cost.shape, dtype=cost.dtype, pin_memory=True)
-            host.copy_(cost, non_blocking=True)
+            host.copy_(cost, non_blocking=True)  # on the cost's device's current stream
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(cost.device))
         else:
             host, copied = cost, None
         self.host = host
@@ -305,12 +305,6 @@ class D3ETRDistiller(Distiller):
         exist, so that the Hungarian problems are solved on the host while the device runs
         the rest of the step (the student's ground-truth losses, the auxiliary group's losses).
         """
-        stack = contextlib.ExitStack()
-        if self.fixed_matching:
-            queries = ctx.teacher.query_embed.weight.detach()  # (Nt, d_t)
-            if self.query_proj is not None:
-                queries = self.query_proj(queries)
-            stack.enter_context(ctx.student.extra_query_group(queries))
         self._pending = None
         t_head, Ns = teacher_taps.get("head"), ctx.student.num_queries
 
@@ -321,8 +315,14 @@ class D3ETRDistiller(Distiller):
                     out["pred_logits"][:, :, :Ns], out["pred_boxes"][:, :, :Ns], owner=ctx,
                 )
 
-        stack.callback(ctx.student.head.register_forward_hook(start).remove)
-        return stack
+        with contextlib.ExitStack() as stack:  # undone here if entering a part fails
+            stack.callback(ctx.student.head.register_forward_hook(start).remove)
+            if self.fixed_matching:
+                queries = ctx.teacher.query_embed.weight.detach()  # (Nt, d_t)
+                if self.query_proj is not None:
+                    queries = self.query_proj(queries)
+                stack.enter_context(ctx.student.extra_query_group(queries))
+            return stack.pop_all()
 
     # ------------------------------------------------------------------------------------
     def _pair_losses(self, s_logits, s_boxes, t_logits, t_boxes) -> Dict[str, torch.Tensor]:

@@ -65,11 +65,13 @@ def _pooling_operators(H: int, W: int, sizes, weights, like: torch.Tensor):
     if ops is None:
         if len(_OPERATORS) >= _OPERATOR_CACHE_SIZE:
             _OPERATORS.clear()
-        ah = torch.cat([_pool_matrix(H, p, like) for p in sizes])
-        aw = torch.cat([_pool_matrix(W, p, like) for p in sizes])
-        blocks = [torch.full((p, p), w / (p * p), dtype=like.dtype) for p, w in zip(sizes, weights)]
-        mask = torch.block_diag(*blocks)
-        ops = _OPERATORS[key] = (ah, aw, mask.to(like.device))
+        # normal tensors also when first built under inference_mode: training saves them later
+        with torch.inference_mode(False):
+            ah = torch.cat([_pool_matrix(H, p, like) for p in sizes])
+            aw = torch.cat([_pool_matrix(W, p, like) for p in sizes])
+            blocks = [torch.full((p, p), w / (p * p), dtype=like.dtype) for p, w in zip(sizes, weights)]
+            mask = torch.block_diag(*blocks).to(like.device)
+        ops = _OPERATORS[key] = (ah, aw, mask)
     return ops
 
 

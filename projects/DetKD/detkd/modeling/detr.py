@@ -593,6 +593,8 @@ class ConditionalDETR(nn.Module):
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
         """Instances -> {"labels": (G,), "boxes": (G, 4) cxcywh normalised by the image size}."""
+        if not gt_instances:
+            return []
         boxes, labels = [], []
         for inst in gt_instances:  # on the instances' device (the data loader's: the CPU)
             h, w = inst.image_size
