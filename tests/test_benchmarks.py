@@ -7,11 +7,21 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _kd_overhead():
-    spec = importlib.util.spec_from_file_location("kd_overhead", os.path.join(REPO, "benchmarks", "kd_overhead.py"))
+def _benchmark(name):
+    """Import benchmarks/<name>.py (the folder is not a package; kd_profile imports kd_overhead)."""
+    import sys
+
+    folder = os.path.join(REPO, "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _kd_overhead():
+    return _benchmark("kd_overhead")
 
 
 def test_cpu_peak_memory_of_a_known_allocation_pattern():
@@ -67,14 +77,7 @@ def test_cpu_peak_counts_the_resident_modules_weights_that_the_call_does_not_run
 
 
 def _kd_profile():
-    import sys
-
-    if os.path.join(REPO, "benchmarks") not in sys.path:  # kd_profile imports kd_overhead
-        sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("kd_profile", os.path.join(REPO, "benchmarks", "kd_profile.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("kd_profile")
 
 
 def test_op_differences_are_kd_minus_student_per_op():
