@@ -14,7 +14,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
-from ..utils import host_tensor
 
 __all__ = [
     "Distiller",
@@ -22,7 +21,6 @@ __all__ = [
     "pair_fpn_levels",
     "put_scalar",
     "deferred_scalars",
-    "host_tensor",
     "float_tensors",
 ]
 

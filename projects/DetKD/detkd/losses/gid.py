@@ -34,7 +34,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes, pairwise_iou
 
-from .base import Distiller, host_tensor, pair_fpn_levels, put_scalar
+from ..utils import host_tensor
+from .base import Distiller, pair_fpn_levels, put_scalar
 
 __all__ = [
     "GIDDistiller",
