@@ -24,6 +24,7 @@ import collections
 import glob
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -63,23 +64,34 @@ def build_steps(config, device, batch_size, image_size):
     return student_step, kd_step
 
 
+def sync_recorder(sites, depth=3):
+    """A ``warnings.showwarning`` replacement that counts each warning in ``sites`` under
+    (message, call site, thread): the call site is the innermost ``depth`` frames in detkd or
+    detectron2 of the thread that warned, and the thread is None for the main thread, else its
+    name (a host thread's synchronisation, e.g. D3ETR's match thread waiting for its copy, does
+    not stall the step's queueing)."""
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/detkd/" in f.filename or "/detectron2/" in f.filename]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames[-depth:]))
+        thread = threading.current_thread()
+        name = None if thread is threading.main_thread() else thread.name
+        sites[(str(message).split("\n")[0][:50], where, name)] += 1
+
+    return record
+
+
 def sync_sites(fn, device, depth=3):
-    """Counter of (message, call site) of the host synchronisations during one call of ``fn``
-    (CUDA only; an empty Counter elsewhere). The call site is the innermost ``depth`` frames
-    in detkd or detectron2."""
+    """Counter of (message, call site, thread) of the host synchronisations during one call of
+    ``fn`` (CUDA only; an empty Counter elsewhere), see :func:`sync_recorder`."""
     sites = collections.Counter()
     if device.type != "cuda":
         fn()
         return sites
 
-    def record(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if "/detkd/" in f.filename or "/detectron2/" in f.filename]
-        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames[-depth:]))
-        sites[(str(message).split("\n")[0][:50], where)] += 1
-
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = record
+        warnings.showwarning = sync_recorder(sites, depth)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
@@ -125,10 +137,15 @@ def report(title, config, device, batch_size, image_size, steps, top):
         ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
     print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
     if device.type == "cuda":
-        print(f"   host synchronisations per step: student {sum(sync_s.values())}, KD {sum(sync_kd.values())}")
+        main = [sum(n for k, n in c.items() if k[2] is None) for c in (sync_s, sync_kd)]
+        other = sum(n for k, n in sync_kd.items() if k[2] is not None)
+        print(
+            f"   host synchronisations per step (main thread): student {main[0]}, KD {main[1]}"
+            + (f"; {other} more in other threads of the KD step" if other else "")
+        )
         extra = sync_kd - sync_s
-        for (message, where), n in extra.most_common(top):
-            print(f"   +{n:<3d} {where}")
+        for (message, where, thread), n in extra.most_common(top):
+            print(f"   +{n:<3d} {where}" + (f"  [thread {thread}]" if thread else ""))
     calls = sum(v[2] for v in ops_kd.values()) - sum(v[2] for v in ops_s.values())
     print(f"   ops per step: student {sum(v[2] for v in ops_s.values()):.0f}, KD {sum(v[2] for v in ops_kd.values()):.0f} ({calls:+.0f})")
     rows = op_differences(ops_s, ops_kd)

@@ -105,3 +105,23 @@ def test_profile_of_the_demo_pkd_step_shows_the_distiller_ops():
     n_levels = rows["_PKDLevelLoss"][2]
     assert n_levels >= 3 and rows["_PKDLevelLossBackward"][2] == n_levels
     assert sum(v[2] for v in ops_kd.values()) > sum(v[2] for v in ops_s.values())
+
+
+def test_profile_sync_recorder_names_the_thread_that_synchronised():
+    """Synchronisations of other threads (D3ETR's match thread) are counted under their thread's
+    name, the main thread's under None, each with its call site."""
+    import collections
+    import threading
+
+    prof = _kd_profile()
+    sites = collections.Counter()
+    record = prof.sync_recorder(sites)
+    record("called a synchronizing CUDA operation\nmore", UserWarning, "x.py", 1)
+    worker = threading.Thread(target=record, args=("called a synchronizing CUDA operation", UserWarning, "x.py", 1), name="detkd-d3etr-match_0")
+    worker.start()
+    worker.join()
+    assert {(k[0], k[2]) for k in sites} == {
+        ("called a synchronizing CUDA operation", None),
+        ("called a synchronizing CUDA operation", "detkd-d3etr-match_0"),
+    }
+    assert sum(sites.values()) == 2

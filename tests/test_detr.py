@@ -40,6 +40,17 @@ def test_hungarian_equals_brute_force(shape):
         assert len(match) == min(shape) and got == pytest.approx(best, abs=1e-6)
 
 
+def test_hungarian_match_with_stop_set_skips_the_problems():
+    import threading
+
+    cost = torch.rand(6, 5, 7, generator=torch.Generator().manual_seed(0))
+    stop = threading.Event()
+    solved = hungarian_match(cost, stop=stop)  # not set: the same answer as without it
+    assert all(np.array_equal(a, b) for a, b in zip(solved, hungarian_match(cost)))
+    stop.set()
+    assert hungarian_match(cost, stop=stop) is None
+
+
 def test_class_cost_and_bernoulli_kl_formulas():
     g = torch.Generator().manual_seed(0)
     zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
@@ -465,3 +476,61 @@ def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(mo
     assert l1.keys() == l2.keys() and all(torch.equal(l1[k], l2[k]) for k in l1)
     assert c1 == c2 and all(c > 0 for c in c1)
     assert len(g1) == len(g2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_d3etr_match_left_by_a_failed_step_is_cancelled_not_solved(monkeypatch):
+    """A step that fails after the head hook started its match leaves that match queued on the
+    match thread; the next step cancels it, so its problems are never solved (the next match
+    does not wait behind them) and the next step's losses equal those of a fresh model."""
+    import threading
+
+    from detkd.losses import d3etr
+    from detkd.modeling import detr as detr_mod
+
+    model = _d3etr()
+    with torch.no_grad():
+        for p in model.student.head.parameters():
+            p.normal_(0, 0.5)
+    inputs = make_inputs(n=2)
+    with EventStorage():
+        expected = {k: v.detach() for k, v in model(inputs).items()}
+
+    solved = []
+    real = detr_mod.linear_sum_assignment
+
+    def counting(c):
+        solved.append(threading.current_thread().name)
+        return real(c)
+
+    monkeypatch.setattr(detr_mod, "linear_sum_assignment", counting)
+    # hold the match thread so that the failed step's match cannot start before it is cancelled
+    gate = threading.Event()
+    blocker = d3etr._MATCH_THREAD[0].submit(gate.wait)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failure after the head")
+
+    monkeypatch.setattr(model.student, "compute_gt_losses", fail)
+    with EventStorage(), pytest.raises(RuntimeError, match="failure after the head"):
+        model(inputs)
+    stale = model.distillers["d3etr"]._pending
+    assert stale is not None and not stale.future.done()
+    monkeypatch.undo()
+    monkeypatch.setattr(detr_mod, "linear_sum_assignment", counting)
+
+    def release(*args, **kwargs):
+        gate.set()  # the new match is queued by now (started in the head hook)
+        return type(model.student).compute_gt_losses(model.student, *args, **kwargs)
+
+    monkeypatch.setattr(model.student, "compute_gt_losses", release)
+    with EventStorage():
+        losses = model(inputs)
+    blocker.result(timeout=10)
+    assert stale.future.cancelled() or stale.future.result() is None
+    with pytest.raises(RuntimeError, match="cancelled"):
+        stale.result(torch.device("cpu"))
+    n_layers, n_images = len(model.student.transformer.decoder.layers), 2
+    match_solves = [n for n in solved if "d3etr" in n]
+    assert len(match_solves) == n_layers * n_images  # the new match only, not the stale one
+    assert losses.keys() == expected.keys()
+    assert all(torch.allclose(losses[k], expected[k]) for k in losses)

@@ -91,6 +91,26 @@ def test_hcl_pooling_operators_cached_per_map_size_and_dtype():
     assert mask.sum().item() == pytest.approx(0.5 + 0.25 + 0.125)
 
 
+def test_hcl_operator_cache_drops_the_least_recently_used(monkeypatch):
+    from collections import OrderedDict
+
+    from detkd.losses import reviewkd
+
+    monkeypatch.setattr(reviewkd, "_OPERATORS", OrderedDict())
+    monkeypatch.setattr(reviewkd, "_OPERATOR_CACHE_SIZE", 2)
+    like = torch.zeros(1)
+
+    def ops(h):
+        return reviewkd._pooling_operators(h, 8, (4,), (0.5,), like)
+
+    a, b = ops(8), ops(9)
+    assert ops(8) is a  # a used again: b is now the least recently used
+    c = ops(10)  # evicts b, keeps a
+    assert len(reviewkd._OPERATORS) == 2 and ops(8) is a and ops(10) is c
+    assert ops(9) is not b  # rebuilt (evicting 8's, used before 10's)
+    assert [k[0] for k in reviewkd._OPERATORS] == [10, 9]
+
+
 def test_hcl_all_terms_weights_and_sum_over_levels():
     # A constant offset d gives MSE d^2 at every pooling size: the normalised sum is d^2.
     t = torch.randn(2, 4, 16, 16)

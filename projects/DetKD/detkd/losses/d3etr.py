@@ -35,6 +35,7 @@ Naming convention:
     ca (B, M, N, HW) attention weights of one layer (softmax rows).
 """
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
@@ -148,7 +149,9 @@ class _RowCrossEntropy(torch.autograd.Function):
         return grad_s, None
 
 
-def hungarian_match(cost: torch.Tensor, pool: str = "main") -> List[np.ndarray]:
+def hungarian_match(
+    cost: torch.Tensor, pool: str = "main", stop: Optional[threading.Event] = None
+) -> List[np.ndarray]:
     """
     Solve one assignment problem per leading index with scipy's Hungarian solver (problems in
     parallel threads, :func:`detkd.modeling.detr.solve_assignments`).
@@ -156,14 +159,18 @@ def hungarian_match(cost: torch.Tensor, pool: str = "main") -> List[np.ndarray]:
     Args:
         cost (Tensor or ndarray): (P, Nt, Ns).
         pool (str): :func:`detkd.modeling.detr.solve_assignments`'s thread pool.
+        stop (threading.Event or None): see :func:`detkd.modeling.detr.solve_assignments`.
 
     Returns:
-        list[ndarray]: P arrays of shape (min(Nt, Ns), 2): (teacher index, student index),
-        sorted by teacher index.
+        list[ndarray] or None: P arrays of shape (min(Nt, Ns), 2): (teacher index, student
+        index), sorted by teacher index; None if ``stop`` was set before all were solved.
     """
     if torch.is_tensor(cost):
         cost = cost.detach().float().cpu().numpy()
-    return [np.stack(rc, axis=1) for rc in solve_assignments(list(cost), pool)]
+    solved = solve_assignments(list(cost), pool, stop)
+    if any(rc is None for rc in solved):
+        return None
+    return [np.stack(rc, axis=1) for rc in solved]
 
 
 _MATCH_THREAD: List[ThreadPoolExecutor] = []
@@ -175,6 +182,9 @@ class _PendingMatch:
     pinned host memory without blocking, and a host thread waits for that copy and solves the
     P problems (:func:`hungarian_match`) while the caller goes on queueing device work; the
     caller blocks only in :meth:`result`. On the CPU the copy is the tensor itself.
+
+    A match whose step failed before using it is :meth:`cancel`-ed by the next step, so that
+    the next match does not queue behind it on the match thread.
     """
 
     def __init__(self, cost: torch.Tensor, owner):
@@ -187,20 +197,34 @@ class _PendingMatch:
         else:
             host, copied = cost, None
         self.host = host
+        self._stop = stop = threading.Event()
 
         def solve():
             if copied is not None:
                 copied.synchronize()  # releases the GIL while the device catches up
-            return hungarian_match(host.numpy(), pool="d3etr")  # own pool: see solve_assignments
+            if stop.is_set():
+                return None
+            return hungarian_match(host.numpy(), pool="d3etr", stop=stop)  # own pool: see solve_assignments
 
         if not _MATCH_THREAD:
             _MATCH_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="detkd-d3etr-match"))
         self.future = _MATCH_THREAD[0].submit(solve)
 
+    def cancel(self) -> None:
+        """Give up the match: problems not yet started are skipped; :meth:`result` then
+        raises."""
+        self._stop.set()
+        self.future.cancel()
+
     def result(self, device) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """(P, min(Nt, Ns)) teacher and student indices on ``device`` (rows sorted by teacher
         index) and the (P,) mean matched cost of each problem (host)."""
-        idx = np.stack(self.future.result())  # (P, min(Nt, Ns), 2)
+        if self._stop.is_set():
+            raise RuntimeError("D3ETR: this adaptive matching was cancelled")
+        solved = self.future.result()
+        if solved is None:  # cancelled while it ran
+            raise RuntimeError("D3ETR: this adaptive matching was cancelled")
+        idx = np.stack(solved)  # (P, min(Nt, Ns), 2)
         cost = self.host.numpy()
         matched = cost[np.arange(len(idx))[:, None], idx[..., 0], idx[..., 1]]  # (P, min(Nt, Ns))
         idx = host_tensor(idx, device)
@@ -305,7 +329,7 @@ class D3ETRDistiller(Distiller):
         exist, so that the Hungarian problems are solved on the host while the device runs
         the rest of the step (the student's ground-truth losses, the auxiliary group's losses).
         """
-        self._pending = None
+        self._cancel_pending()  # a match left by a step that failed after starting it
         t_head, Ns = teacher_taps.get("head"), ctx.student.num_queries
 
         def start(module, inputs, out):
@@ -323,6 +347,11 @@ class D3ETRDistiller(Distiller):
                     queries = self.query_proj(queries)
                 stack.enter_context(ctx.student.extra_query_group(queries))
             return stack.pop_all()
+
+    def _cancel_pending(self) -> None:
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            pending.cancel()
 
     # ------------------------------------------------------------------------------------
     def _pair_losses(self, s_logits, s_boxes, t_logits, t_boxes) -> Dict[str, torch.Tensor]:
@@ -388,6 +417,7 @@ class D3ETRDistiller(Distiller):
 
         pending, self._pending = getattr(self, "_pending", None), None
         if pending is not None and pending.owner is not ctx:  # not this step's: start afresh
+            pending.cancel()
             pending = None
         if pending is None:
             pending = self._start_match(t_logits, t_boxes, g1_logits, g1_boxes)

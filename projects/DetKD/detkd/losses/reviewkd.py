@@ -20,6 +20,7 @@ Naming convention:
     x: a student level (N, Cs, H, W); residual: the deeper fused map before conv2 (N, Cm, h, w);
     out: a fused map in the teacher's channels (N, Ct, H, W)
 """
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -48,9 +49,10 @@ def _pool_matrix(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
 
 
 # (H, W, sizes, weights, device, dtype) -> the pooling operators of _HCLLevelLoss. A training run
-# sees a few map sizes per level (padding to size_divisibility), so this stays small; it is
-# cleared when it grows past _OPERATOR_CACHE_SIZE entries (multi-scale training with many sizes).
-_OPERATORS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# sees a few map sizes per level (padding to size_divisibility), so this stays small; past
+# _OPERATOR_CACHE_SIZE entries (multi-scale training with many sizes) the least recently used
+# entry is dropped.
+_OPERATORS: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
 _OPERATOR_CACHE_SIZE = 256
 
 
@@ -62,9 +64,11 @@ def _pooling_operators(H: int, W: int, sizes, weights, like: torch.Tensor):
     """
     key = (H, W, sizes, weights, like.device, like.dtype)
     ops = _OPERATORS.get(key)
-    if ops is None:
-        if len(_OPERATORS) >= _OPERATOR_CACHE_SIZE:
-            _OPERATORS.clear()
+    if ops is not None:
+        _OPERATORS.move_to_end(key)
+    else:
+        while len(_OPERATORS) >= _OPERATOR_CACHE_SIZE:
+            _OPERATORS.popitem(last=False)
         # normal tensors also when first built under inference_mode: training saves them later
         with torch.inference_mode(False):
             ah = torch.cat([_pool_matrix(H, p, like) for p in sizes])

@@ -22,6 +22,7 @@ Shape shorthand in this module:
 """
 import contextlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -54,7 +55,9 @@ __all__ = [
 _POOL: Dict[Tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def solve_assignments(costs: List[np.ndarray], pool: str = "main") -> List[Tuple[np.ndarray, np.ndarray]]:
+def solve_assignments(
+    costs: List[np.ndarray], pool: str = "main", stop: Optional[threading.Event] = None
+) -> List[Optional[Tuple[np.ndarray, np.ndarray]]]:
     """
     scipy's Hungarian solver (``linear_sum_assignment``) on each cost matrix, the problems spread
     over ``torch.get_num_threads()`` threads (scipy releases the GIL while it solves: a step's
@@ -65,17 +68,25 @@ def solve_assignments(costs: List[np.ndarray], pool: str = "main") -> List[Tuple
         pool (str): which thread pool: callers that solve at the same time (D3ETR's adaptive
             matching on a host thread, the student's ground-truth matching) use different
             pools, so that neither waits in the other's queue.
+        stop (threading.Event or None): once set, problems not yet started are skipped (their
+            entry is None): a caller that no longer needs the answer frees the threads.
 
     Returns:
-        list[(ndarray, ndarray)]: per matrix, the matched rows (sorted) and columns.
+        list[(ndarray, ndarray) or None]: per matrix, the matched rows (sorted) and columns.
     """
+    solve = linear_sum_assignment
+    if stop is not None:
+
+        def solve(c):
+            return None if stop.is_set() else linear_sum_assignment(c)
+
     workers = min(max(1, torch.get_num_threads()), len(costs))
     if workers <= 1:
-        return [linear_sum_assignment(c) for c in costs]
+        return [solve(c) for c in costs]
     key = (pool, workers)
     if key not in _POOL:
         _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"detkd-hungarian-{pool}")
-    return list(_POOL[key].map(linear_sum_assignment, costs))
+    return list(_POOL[key].map(solve, costs))
 
 
 def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
