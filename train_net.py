@@ -18,11 +18,10 @@ import logging
 
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 
 from detkd.checkpoint import load_student
-from detkd.engine import KDTrainer, student_of
+from detkd.engine import KDTrainer, ddp_model, student_of
 
 logger = logging.getLogger("detectron2")
 
@@ -36,7 +35,7 @@ def main(args):
         # Evaluates the student: a DistillationDetector in eval mode never runs its teacher.
         model = KDTrainer.build_model(cfg)
         load_student(student_of(model), cfg.train.init_checkpoint)
-        model = create_ddp_model(model)
+        model = ddp_model(model)
         return KDTrainer.test(cfg, model)
 
     trainer = KDTrainer(cfg)

@@ -45,3 +45,24 @@ def test_teacher_urls_are_the_model_zoo_checkpoints():
     for key, url in coco_kd.TEACHERS.items():
         expected = model_zoo.get_checkpoint_url(zoo[key])
         assert url.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == expected
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_trainable_parameter_gets_a_gradient(path):
+    """One training step of each config's model: every parameter that requires a gradient gets
+    one. Multi-GPU training (DDP with detectron2's default find_unused_parameters=False) stops
+    at the second iteration otherwise (e.g. a projection that only the first decoder layer
+    uses, built in every layer)."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    from conftest import make_inputs
+
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    with EventStorage():
+        losses = model(make_inputs(n=2, size=(96, 128)))
+    sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{path}: parameters without a gradient: {unused}"

@@ -56,6 +56,30 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     assert "copypaste: AP,AP50,AP75" in proc.stdout + proc.stderr
 
 
+def test_train_net_two_processes_on_the_cpu(tmp_path):
+    """``--num-gpus 2`` without CUDA: two processes over gloo (DDP with detectron2's train.ddp,
+    find_unused_parameters=False), D3ETR on the DETR demo pair with the teacher evaluated at the
+    start. Both processes train all iterations; the main one logs and exports the student."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "train_net.py", "--num-gpus", "2", "--config-file", "configs/demo/d3etr_detr.py",
+        "train.max_iter=3", "train.log_period=1", f"train.output_dir={out}",
+        "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.teacher_eval_at_start=True",
+        "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.total_batch_size=4",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with open(out / "log.txt.rank1") as f:  # the second process ran the same training loop
+        assert "Starting training from iteration 0" in f.read()
+    logged = _metrics(str(out))
+    assert [m["iteration"] for m in logged if "loss_d3etr_cls" in m] == [0, 1, 2]
+    assert any("teacher/bbox/AP" in m for m in logged) and any("bbox/AP" in m for m in logged)
+    assert (out / "model_final_student.pth").is_file()
+
+
 def test_bad_teacher_path_fails_before_training(tmp_path):
     cfg = _small_cfg(tmp_path / "bad", max_iter=2)
     cfg.train.teacher_checkpoint = str(tmp_path / "missing_teacher.pkl")

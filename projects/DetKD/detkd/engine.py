@@ -40,7 +40,7 @@ from detectron2.utils.registry import locate
 from .checkpoint import load_student, load_teacher, save_student
 from .distiller import DistillationDetector
 
-__all__ = ["KDTrainer", "ExportStudentHook", "TeacherEvalHook", "unwrap_model", "student_of"]
+__all__ = ["KDTrainer", "ExportStudentHook", "TeacherEvalHook", "unwrap_model", "student_of", "ddp_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ def unwrap_model(model):
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         return model.module
     return model
+
+
+def ddp_model(model, **kwargs):
+    """
+    detectron2's ``create_ddp_model`` (the model itself in a single process) that also works for
+    a model on the CPU: ``device_ids`` is left unset there (DDP over gloo, e.g. ``--num-gpus 2``
+    on a machine without CUDA), where detectron2 always passes the local rank's GPU.
+
+    Args:
+        kwargs: ``train.ddp`` (``broadcast_buffers``, ``find_unused_parameters``,
+            ``fp16_compression``, ...).
+    """
+    if comm.get_world_size() > 1 and "device_ids" not in kwargs:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
 
 
 def student_of(model):
@@ -138,7 +155,7 @@ class KDTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
-        model = create_ddp_model(model, **cfg.train.ddp)
+        model = ddp_model(model, **cfg.train.ddp)
         self._trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
             model, data_loader, optimizer
         )

@@ -378,6 +378,13 @@ class ConditionalDETRTransformer(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        # The positional query enters the first layer's cross-attention only (paper, Sec. 3.3):
+        # later layers have no such projection. A parameter that never gets a gradient stops
+        # DDP (find_unused_parameters=False, detectron2's default). Dropped after the
+        # initialisation loop, so that the other parameters' random initialisation is that of
+        # a decoder where every layer had one.
+        for layer in self.decoder.layers[1:]:
+            layer.ca_qpos = None
 
     def forward(self, src, pos, key_padding_mask, query_pos, groups=None):
         """
