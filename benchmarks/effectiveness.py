@@ -4,7 +4,10 @@ Effectiveness on the synthetic shapes data: paired runs with the same schedule a
 the student alone vs each method, and PKD + GID composed — evaluated by COCOEvaluator and
 printed as one table with AP deltas (through ``detkd.demo``; finished runs are reused).
 
-    python benchmarks/effectiveness.py [--iters 1000] [--output output/bench/effectiveness]
+    python benchmarks/effectiveness.py [--iters 1000] [--output output/bench/effectiveness] [--seeds 0 1 2]
+
+With several ``--seeds`` every student run is repeated per seed (same teacher) and the table
+gives each row's mean and standard deviation, with deltas paired by seed.
 """
 import argparse
 
@@ -16,8 +19,9 @@ def main():
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--output", default="output/bench/effectiveness")
     parser.add_argument("--methods", nargs="+", default=["pkd", "reviewkd", "gid", "pkdgid", "d3etr"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    argv = ["--methods", *args.methods, "--output", args.output]
+    argv = ["--methods", *args.methods, "--output", args.output, "--seeds", *map(str, args.seeds)]
     if args.iters:
         argv += ["--iters", str(args.iters)]
     demo(argv)

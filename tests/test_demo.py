@@ -32,6 +32,39 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("[demo] reusing") == 6
+    # A second seed: the seed-0 runs and the teacher are reused, the student runs repeat.
+    assert cmd[4:7] == ["pkd", "d3etr", "--iters"]
+    seeds = cmd[:4] + ["pkd", "--seeds", "0", "1"] + cmd[6:]
+    proc = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("[demo] reusing") == 3
+    with open(out / "student_retinanet_seed1" / "config.yaml") as f:
+        assert "seed: 1" in f.read()
+    assert (out / "pkd_retinanet_seed1" / "model_final_student.pth").is_file()
+    table = (out / "results.txt").read_text()
+    assert "0,1" in table.split("student + pkd")[1].splitlines()[0]
+
+
+def test_demo_summary_over_seeds_pairs_the_deltas():
+    from detkd.demo import summarize
+
+    def res(ap):
+        return {"AP": ap, "AP50": ap + 10, "AP75": ap - 10}
+
+    runs = [
+        ("teacher", 0, res(50.0), "t", None),
+        ("student alone", 0, res(40.0), "s0", None), ("student + kd", 0, res(43.0), "k0", "student alone"),
+        ("student alone", 1, res(44.0), "s1", None), ("student + kd", 1, res(45.0), "k1", "student alone"),
+        ("student alone", 2, res(42.0), "s2", None), ("student + kd", 2, res(47.0), "k2", "student alone"),
+    ]
+    rows = {r["name"]: r for r in summarize(runs)}
+    assert list(rows) == ["teacher", "student alone", "student + kd"]
+    assert rows["teacher"]["sd"] == 0.0 and rows["teacher"]["delta"] is None
+    s, k = rows["student alone"], rows["student + kd"]
+    assert s["mean"]["AP"] == 42.0 and s["sd"] == 2.0 and s["seeds"] == [0, 1, 2]
+    assert k["mean"]["AP"] == 45.0 and k["mean"]["AP50"] == 55.0 and k["sd"] == 2.0
+    # paired deltas 3, 1, 5: mean 3, sample sd 2 (the unpaired spread would be larger)
+    assert k["delta"] == 3.0 and k["delta_sd"] == 2.0 and k["dirs"] == ["k0", "k1", "k2"]
 
 
 def test_repro_finds_baseline_twins():

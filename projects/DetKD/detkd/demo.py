@@ -7,21 +7,26 @@ The embedded demo: the whole DetKD story on the CPU, on the synthetic shapes dat
    (``configs/demo/<method>_<detector>.py``),
 4. print one table of COCOEvaluator results (AP, AP50, AP75) with the deltas.
 
+``--seeds 0 1 2`` repeats steps 2-3 with each ``train.seed`` (same data, same teacher; another
+initialisation, data order and dropout) and prints each row's mean and standard deviation over
+the seeds, the deltas paired by seed: on a demo this small, one seed's delta can be noise.
+
 Every step is ``train_net.py`` run as a user would run it; finished runs (a ``model_final.pth``
 and final metrics in their output folder) are reused, so a second ``make demo`` only trains
 what is missing. Usage::
 
-    python -m detkd.demo --methods pkd reviewkd --iters 1000
+    python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2]
 """
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
-__all__ = ["main", "final_metrics"]
+__all__ = ["main", "final_metrics", "summarize"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -66,6 +71,51 @@ def _seconds_per_iter(output_dir: str):
     return sorted(times)[len(times) // 2] if times else None
 
 
+def summarize(runs):
+    """
+    Mean and spread of each model's results over seeds, with deltas paired by seed.
+
+    Args:
+        runs (list[tuple]): ``(name, seed, results, output_dir, base)`` per run: ``results``
+            a dict with "AP", "AP50", "AP75"; ``base`` the name of the row the deltas are taken
+            against (the student alone), or None.
+
+    Returns:
+        list[dict]: per name, in first-seen order: "name", "seeds" (list), "mean" (dict of the
+        three metrics), "sd" (sample standard deviation of AP, 0 for one seed), "delta" (mean of
+        AP - base AP over the seeds both have, or None), "delta_sd", "dirs".
+    """
+    by_name, order = {}, []
+    for name, seed, res, d, base in runs:
+        if name not in by_name:
+            by_name[name] = dict(name=name, base=base, res={}, dirs=[])
+            order.append(name)
+        by_name[name]["res"][seed] = res
+        by_name[name]["dirs"].append(d)
+
+    def sd(xs):
+        if len(xs) < 2:
+            return 0.0
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    rows = []
+    for name in order:
+        r = by_name[name]
+        seeds = sorted(r["res"])
+        mean = {k: sum(r["res"][s].get(k, float("nan")) for s in seeds) / len(seeds) for k in ("AP", "AP50", "AP75")}
+        delta = delta_sd = None
+        if r["base"] is not None:
+            base = by_name[r["base"]]["res"]
+            diffs = [r["res"][s]["AP"] - base[s]["AP"] for s in seeds if s in base]
+            delta, delta_sd = sum(diffs) / len(diffs), sd(diffs)
+        rows.append(dict(
+            name=name, seeds=seeds, mean=mean, sd=sd([r["res"][s]["AP"] for s in seeds]),
+            delta=delta, delta_sd=delta_sd, dirs=r["dirs"],
+        ))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["pkd"], help="pkd reviewkd gid ...")
@@ -74,6 +124,9 @@ def main(argv=None):
     parser.add_argument("--output", default="output/demo")
     parser.add_argument("--iters", type=int, default=None,
                         help="override train.max_iter of every student run (teachers get twice as many)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train.seed of the student runs (teachers keep seed 0); seed s > 0 runs go "
+                        "to <run>_seed<s>. Several seeds: mean and sd per row, deltas paired by seed")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -84,7 +137,7 @@ def main(argv=None):
     common = ([f"train.max_iter={args.iters}"] if args.iters else []) + list(args.opts)
     cfg = lambda name: os.path.join(REPO, "configs", "demo", f"{name}.py")  # noqa: E731
 
-    rows, bases = [], {}
+    runs, teachers = [], {}
 
     def family(method):
         """The detector family of a method's demo config: --detector, else any that exists."""
@@ -96,29 +149,48 @@ def main(argv=None):
             raise SystemExit(f"[demo] no config configs/demo/{method}_*.py; available: {avail}")
         return found[0]
 
-    for method in args.methods:
-        det = family(method)
-        teacher_dir = os.path.join(out, f"teacher_{det}")
-        student_dir = os.path.join(out, f"student_{det}")
-        if det not in bases:
-            t_opts = ([f"train.max_iter={2 * args.iters}"] if args.iters else []) + list(args.opts)
-            res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, t_opts, args.force, log)
-            rows.append((f"teacher ({det})", res, teacher_dir, None))
-            res, _ = _train(cfg(f"student_{det}"), student_dir, common, args.force, log)
-            rows.append((f"student alone ({det})", res, student_dir, None))
-            bases[det] = res
-        run_dir = os.path.join(out, f"{method}_{det}")
-        opts = common + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
-        res, _ = _train(cfg(f"{method}_{det}"), run_dir, opts, args.force, log)
-        rows.append((f"student + {method}", res, run_dir, bases[det]))
+    for seed in args.seeds:
+        suffix = f"_seed{seed}" if seed else ""
+        seed_opts = [f"train.seed={seed}"] if seed else []
+        students = set()
+        for method in args.methods:
+            det = family(method)
+            teacher_dir = os.path.join(out, f"teacher_{det}")
+            student_dir = os.path.join(out, f"student_{det}{suffix}")
+            base = f"student alone ({det})"
+            if det not in teachers:  # one teacher (seed 0) for every seed
+                t_opts = ([f"train.max_iter={2 * args.iters}"] if args.iters else []) + list(args.opts)
+                res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, t_opts, args.force, log)
+                teachers[det] = (f"teacher ({det})", 0, res, teacher_dir, None)
+                runs.append(teachers[det])
+            if det not in students:
+                res, _ = _train(cfg(f"student_{det}"), student_dir, common + seed_opts, args.force, log)
+                runs.append((base, seed, res, student_dir, None))
+                students.add(det)
+            run_dir = os.path.join(out, f"{method}_{det}{suffix}")
+            opts = common + seed_opts + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
+            res, _ = _train(cfg(f"{method}_{det}"), run_dir, opts, args.force, log)
+            runs.append((f"student + {method}", seed, res, run_dir, base))
 
-    header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
+    rows = summarize(runs)
+    if len(args.seeds) == 1:
+        header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
+    else:
+        header = (f"{'model':<28}{'AP':>8}{'sd':>6}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'sd':>6}"
+                  f"{'s/iter':>9}  seeds  output")
     lines = [header, "-" * len(header)]
-    for name, res, d, base in rows:
-        ap = [res.get(k, float("nan")) for k in ("AP", "AP50", "AP75")]
-        delta = f"{ap[0] - base['AP']:+.2f}" if base else ""
-        spi = _seconds_per_iter(d)
-        lines.append(f"{name:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi or 0:>9.3f}  {d}")
+    for r in rows:
+        ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
+        delta = f"{r['delta']:+.2f}" if r["delta"] is not None else ""
+        spi = [t for t in (_seconds_per_iter(d) for d in r["dirs"]) if t]
+        spi = sorted(spi)[len(spi) // 2] if spi else 0
+        if len(args.seeds) == 1:
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
+        else:
+            dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None else ""
+            seeds = ",".join(str(s) for s in r["seeds"])
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{r['sd']:>6.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
+                         f"{spi:>9.3f}  {seeds:<5}  {r['dirs'][0]}")
     table = "\n".join(lines)
     log("\n" + table + "\n")
     with open(os.path.join(out, "results.txt"), "w") as f:
@@ -135,7 +207,7 @@ def main(argv=None):
     log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "
         "its output folder.")
-    return rows
+    return runs
 
 
 if __name__ == "__main__":
