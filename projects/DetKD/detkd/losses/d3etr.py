@@ -151,7 +151,7 @@ class _RowCrossEntropy(torch.autograd.Function):
 
 def hungarian_match(
     cost: torch.Tensor, pool: str = "main", stop: Optional[threading.Event] = None
-) -> List[np.ndarray]:
+) -> Optional[List[np.ndarray]]:
     """
     Solve one assignment problem per leading index with scipy's Hungarian solver (problems in
     parallel threads, :func:`detkd.modeling.detr.solve_assignments`).
