@@ -15,6 +15,9 @@ Usage::
     python train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final_student.pth
 """
 import logging
+import os
+
+import torch
 
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -26,10 +29,20 @@ from detkd.engine import KDTrainer, ddp_model, student_of
 logger = logging.getLogger("detectron2")
 
 
+def _share_cpu_threads() -> None:
+    """Processes of a CPU-only multi-process run (``--num-gpus N`` without CUDA) split the
+    machine's cores instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
+    if comm.get_local_size() > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
+        torch.set_num_threads(threads)
+        logger.info(f"CPU-only run with {comm.get_local_size()} processes: {threads} threads each")
+
+
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    _share_cpu_threads()
 
     if args.eval_only:
         # Evaluates the student: a DistillationDetector in eval mode never runs its teacher.
