@@ -187,9 +187,11 @@ def main(argv=None):
         if len(args.seeds) == 1:
             lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
         else:
-            dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None else ""
+            several = len(r["seeds"]) > 1  # the teachers: one run
+            dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None and several else ""
+            sd = f"{r['sd']:.2f}" if several else ""
             seeds = ",".join(str(s) for s in r["seeds"])
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{r['sd']:>6.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
                          f"{spi:>9.3f}  {seeds:<5}  {r['dirs'][0]}")
     table = "\n".join(lines)
     log("\n" + table + "\n")
