@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 METHOD ?= pkd
 ITERS ?=
+SEEDS ?= 0 1 2
 
 .PHONY: venv demo test bench clean-demo
 
@@ -18,10 +19,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-# Cost of distillation per iteration (ratios) and effectiveness (AP table, trains the demo runs).
+# Cost of distillation per iteration (ratios) and effectiveness (AP table, trains the demo runs
+# once per seed in SEEDS: mean, sd and deltas paired by seed; SEEDS=0 for one run of each).
 bench: venv
 	$(PY) benchmarks/kd_overhead.py
-	$(PY) benchmarks/effectiveness.py
+	$(PY) benchmarks/effectiveness.py --seeds $(SEEDS)
 
 clean-demo:
 	rm -rf output/demo
