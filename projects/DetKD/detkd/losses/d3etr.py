@@ -219,10 +219,8 @@ class _PendingMatch:
     def result(self, device) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """(P, min(Nt, Ns)) teacher and student indices on ``device`` (rows sorted by teacher
         index) and the (P,) mean matched cost of each problem (host)."""
-        if self._stop.is_set():
-            raise RuntimeError("D3ETR: this adaptive matching was cancelled")
-        solved = self.future.result()
-        if solved is None:  # cancelled while it ran
+        solved = None if self._stop.is_set() else self.future.result()  # None: cancelled
+        if solved is None:
             raise RuntimeError("D3ETR: this adaptive matching was cancelled")
         idx = np.stack(solved)  # (P, min(Nt, Ns), 2)
         cost = self.host.numpy()
