@@ -437,6 +437,87 @@ def box_convert_xyxy(b):
     return box_convert(b, "cxcywh", "xyxy")
 
 
+def _reference_gt_losses(model, logits, boxes, targets, indices_per_layer, num_boxes):
+    """Per layer and per image, written out with torchvision's focal loss and GIoU matrix."""
+    from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+
+    out = []
+    for l, indices in enumerate(indices_per_layer):
+        onehot = torch.zeros_like(logits[l])
+        l1 = giou = 0.0
+        for b, (p, g) in enumerate(indices):
+            onehot[b, p, targets[b]["labels"][g]] = 1.0
+            src, dst = boxes[l, b, p], targets[b]["boxes"][g]
+            l1 = l1 + (src - dst).abs().sum()
+            if len(p):
+                giou = giou + (1 - generalized_box_iou(box_convert_xyxy(src), box_convert_xyxy(dst)).diag()).sum()
+        cls = sigmoid_focal_loss(logits[l], onehot, model.focal_alpha, model.focal_gamma, reduction="sum")
+        out.append({"loss_class": 2 * cls / num_boxes, "loss_bbox": 5 * l1 / num_boxes, "loss_giou": 2 * giou / num_boxes})
+    return out
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_all_layer_gt_losses_equal_a_per_layer_per_image_reference(aux_loss):
+    model = instantiate(detr_cfg())
+    model.aux_loss = aux_loss
+    g = torch.Generator().manual_seed(3)
+    L, B, N, K = 3, 3, 7, 3
+    logits = torch.randn(L, B, N, K, generator=g).requires_grad_()
+    boxes = (torch.rand(L, B, N, 4, generator=g) * 0.4 + 0.2).requires_grad_()
+    sizes = [3, 0, 2]  # an image without ground truth
+    targets = [
+        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2}
+        for n in sizes
+    ]
+    num_boxes = 5.0
+    # the flat match lists exactly match_layers' pairs, with targets indexed in the concatenation
+    per_layer = model.matcher.match_layers(logits.detach(), boxes.detach(), targets)
+    flat = model.matcher.match_layers_flat(logits.detach(), boxes.detach(), targets)
+    starts = [0, 3, 3]
+    expect = [(l, b, int(p), int(t) + starts[b]) for l in range(L) for b in range(B) for p, t in zip(*per_layer[l][b])]
+    assert [tuple(c) for c in flat.t().tolist()] == expect
+    assert flat.dtype == torch.long and flat.shape == (4, L * (3 + 0 + 2))  # min(N, G) pairs per image and layer
+
+    # a given last-layer assignment (D3ETR's teacher assignment), as per-image pairs or flat
+    given = [(torch.tensor([6, 0, 2]), torch.tensor([1, 2, 0])), (torch.zeros(0, dtype=torch.long),) * 2,
+             (torch.tensor([4, 5]), torch.tensor([1, 0]))]
+    given_flat = model._flat_match(given, targets, "cpu")
+    assert given_flat.tolist() == [[0] * 5, [0, 0, 0, 2, 2], [6, 0, 2, 4, 5], [1, 2, 0, 4, 3]]
+    for last in (None, given, given_flat):
+        got = model.compute_gt_losses(logits, boxes, targets, indices_last_layer=last)
+        layers = list(range(L)) if aux_loss else [L - 1]
+        indices = [per_layer[l] if (l < L - 1 or last is None) else given for l in layers]
+        ref = _reference_gt_losses(model, logits[layers], boxes[layers], targets, indices, num_boxes)
+        names = [k + ("" if l == L - 1 else f"_{l}") for l in layers for k in ("loss_class", "loss_bbox", "loss_giou")]
+        assert list(got) == names
+        want = {k + ("" if l == L - 1 else f"_{l}"): v for l, r in zip(layers, ref) for k, v in r.items()}
+        for k in names:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, got[k], want[k])
+        # gradients too (weighted sum of all terms, one backward each)
+        w = torch.arange(1.0, len(names) + 1)
+        ga = torch.autograd.grad(sum(wi * got[k] for wi, k in zip(w, names)), (logits, boxes))
+        gb = torch.autograd.grad(sum(wi * want[k] for wi, k in zip(w, names)), (logits, boxes))
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_prepare_targets_normalises_each_image_by_its_size():
+    from detectron2.structures import Boxes, Instances
+
+    model = instantiate(detr_cfg())
+    a = Instances((100, 200), gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 200.0, 100.0]])),
+                  gt_classes=torch.tensor([2, 0]))
+    empty = Instances((64, 64), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+    c = Instances((50, 40), gt_boxes=Boxes(torch.tensor([[4.0, 5.0, 8.0, 25.0]])), gt_classes=torch.tensor([1]))
+    t = model.prepare_targets([a, empty, c])
+    assert [x["labels"].tolist() for x in t] == [[2, 0], [], [1]]
+    # (cx, cy, w, h) / (W, H, W, H)
+    assert torch.allclose(t[0]["boxes"], torch.tensor([[30 / 200, 40 / 100, 40 / 200, 40 / 100], [0.5, 0.5, 1.0, 1.0]]))
+    assert t[1]["boxes"].shape == (0, 4)
+    assert torch.allclose(t[2]["boxes"], torch.tensor([[6 / 40, 15 / 50, 4 / 40, 20 / 50]]))
+    assert model.prepare_targets([]) == []
+
+
 def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(monkeypatch):
     """The adaptive matching starts in a hook on the student's head (solved on a host thread
     while the step goes on); the losses and gradients equal those of a match started in the

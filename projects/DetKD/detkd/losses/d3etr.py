@@ -551,7 +551,11 @@ class D3ETRDistiller(Distiller):
         teacher's (teacher query i's GT goes to auxiliary query i)."""
         # prepare_targets moves the data loader's (host) instances in one copy per field
         targets = student.prepare_targets([x["instances"] for x in ctx.batched_inputs])
-        with torch.no_grad():
-            teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
+        with torch.no_grad():  # the teacher's assignment, as a (4, P) match where possible
+            match_flat = getattr(student.matcher, "match_layers_flat", None)
+            if match_flat is not None:
+                teacher_indices = match_flat(t_logits[-1:], t_boxes[-1:], targets)
+            else:
+                teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
         losses = student.compute_gt_losses(aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices)
         return {"loss_d3etr_aux_" + k[len("loss_"):]: v for k, v in losses.items()}

@@ -452,11 +452,41 @@ class HungarianMatcher(nn.Module):
             list[list[(Tensor, Tensor)]]: [layer][image] (prediction indices, target indices).
         """
         L, B = logits.shape[:2]
-        device = logits.device
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+        found = {}
+        solved = self._solve(logits, boxes, targets)
+        if solved:
+            # all index arrays in one host-to-device copy, then split into views
+            flat = [np.asarray(x, dtype=np.int64) for _, _, pair in solved for x in pair]
+            parts = host_tensor(np.concatenate(flat), logits.device).split([len(x) for x in flat])
+            found = {(l, b): (parts[2 * i], parts[2 * i + 1]) for i, (l, b, _) in enumerate(solved)}
+        return [[found.get((l, b), (empty, empty)) for b in range(B)] for l in range(L)]
+
+    @torch.no_grad()
+    def match_layers_flat(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> torch.Tensor:
+        """
+        :meth:`match_layers` with all matched pairs of all layers and images in one tensor, for
+        losses computed over every layer at once (no per-image or per-layer tensor ops).
+
+        Returns:
+            Tensor: (4, P) int64 on the device of ``logits``, one column per matched pair:
+            layer, image, prediction index, target index into the concatenation of all images'
+            targets (image b's target g is ``sum(G_0..G_{b-1}) + g``). Columns are ordered by
+            layer, then image, then prediction index.
+        """
+        starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        cols = [np.zeros((4, 0), dtype=np.int64)]
+        for l, b, (rows, tgt) in self._solve(logits, boxes, targets):
+            n = len(rows)
+            cols.append(np.stack([np.full(n, l), np.full(n, b), rows, tgt + starts[b]]).astype(np.int64))
+        return host_tensor(np.concatenate(cols, axis=1), logits.device)  # one host-to-device copy
+
+    def _solve(self, logits, boxes, targets) -> List[Tuple[int, int, Tuple[np.ndarray, np.ndarray]]]:
+        """(layer, image, (prediction indices, target indices)) of every layer and image that
+        has ground truth; the Hungarian problems solved in parallel on the host."""
         sizes = [len(t["labels"]) for t in targets]
-        empty = torch.zeros(0, dtype=torch.long, device=device)
         if sum(sizes) == 0:
-            return [[(empty, empty)] * B for _ in range(L)]
+            return []
         labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
         gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
         p = logits.sigmoid()[..., labels]  # (L, B, N, Gt)
@@ -468,13 +498,10 @@ class HungarianMatcher(nn.Module):
         )
         cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
         starts = np.cumsum([0] + sizes)
+        L, B = logits.shape[:2]
         todo = [(l, b) for l in range(L) for b in range(B) if sizes[b]]
         solved = solve_assignments([cost[l, b, :, starts[b]:starts[b + 1]] for l, b in todo])
-        # all index arrays in one host-to-device copy, then split into views
-        flat = [np.asarray(x, dtype=np.int64) for pair in solved for x in pair]
-        parts = host_tensor(np.concatenate(flat), device).split([len(x) for x in flat])
-        found = {lb: (parts[2 * i], parts[2 * i + 1]) for i, lb in enumerate(todo)}
-        return [[found.get((l, b), (empty, empty)) for b in range(B)] for l in range(L)]
+        return [(l, b, pair) for (l, b), pair in zip(todo, solved)]
 
 
 def detr_param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4):
@@ -613,47 +640,74 @@ class ConditionalDETR(nn.Module):
         """Instances -> {"labels": (G,), "boxes": (G, 4) cxcywh normalised by the image size}."""
         if not gt_instances:
             return []
-        boxes, labels = [], []
-        for inst in gt_instances:  # on the instances' device (the data loader's: the CPU)
-            h, w = inst.image_size
-            x1, y1, x2, y2 = inst.gt_boxes.tensor.to(torch.float32).unbind(1)
-            xyxy = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], dim=1)
-            boxes.append(box_convert(xyxy, "xyxy", "cxcywh"))
-            labels.append(inst.gt_classes)
-        sizes = [len(x) for x in labels]
-        if all(x.device.type == "cpu" for x in boxes + labels):  # one copy of each to the device
-            boxes = host_tensor(torch.cat(boxes), self.device).split(sizes)
-            labels = host_tensor(torch.cat(labels), self.device).split(sizes)
+        sizes = [len(inst) for inst in gt_instances]
+        # All images at once, on the instances' device (the data loader's: the CPU).
+        xyxy = torch.cat([inst.gt_boxes.tensor for inst in gt_instances]).to(torch.float32)  # (Gt, 4)
+        labels = torch.cat([inst.gt_classes for inst in gt_instances])  # (Gt,)
+        scale = [[w, h, w, h] for inst, n in zip(gt_instances, sizes) for h, w in [inst.image_size] * n]
+        scale = torch.tensor(scale, dtype=torch.float32).reshape(-1, 4).to(xyxy.device)  # (Gt, 4)
+        boxes = box_convert(xyxy / scale, "xyxy", "cxcywh")
+        if boxes.device.type == "cpu" and labels.device.type == "cpu":  # one copy of each to the device
+            boxes, labels = host_tensor(boxes, self.device), host_tensor(labels, self.device)
         else:
-            boxes, labels = [x.to(self.device) for x in boxes], [x.to(self.device) for x in labels]
-        return [{"labels": c, "boxes": b} for c, b in zip(labels, boxes)]
+            boxes, labels = boxes.to(self.device), labels.to(self.device)
+        return [{"labels": c, "boxes": b} for c, b in zip(labels.split(sizes), boxes.split(sizes))]
 
-    def _layer_losses(self, logits, boxes, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+    def _gt_losses(self, logits, boxes, targets, match, num_boxes) -> Dict[str, torch.Tensor]:
+        """
+        Ground-truth losses of S decoder layers at once, from all their matched pairs.
+
+        Args:
+            logits (Tensor): (S, B, N, K); boxes (Tensor): (S, B, N, 4).
+            match (Tensor): (4, P) layer (0..S-1), image, prediction, target index into the
+                concatenated targets (:meth:`HungarianMatcher.match_layers_flat`).
+
+        Returns:
+            dict: ``loss_class``, ``loss_bbox``, ``loss_giou``, each (S,): one value per layer.
+        """
+        layer, image, pred, tgt = match.unbind(0)
+        labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
+        gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
         onehot = torch.zeros_like(logits)
-        b_idx = torch.cat([torch.full_like(p, i) for i, (p, _) in enumerate(indices)])
-        p_idx = torch.cat([p for p, _ in indices])
-        labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, indices)])
-        onehot[b_idx, p_idx, labels] = 1.0
-        cls = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_boxes
-        src = boxes[b_idx, p_idx]
-        tgt = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, indices)])
-        l1 = (src - tgt).abs().sum() / num_boxes
-        giou = paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+        onehot[layer, image, pred, labels[tgt]] = 1.0
+        cls = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
+        cls = cls.flatten(1).sum(1) / num_boxes  # (S,)
+        src, dst = boxes[layer, image, pred], gt[tgt]  # (P, 4) matched predictions and their targets
+        l1 = (src - dst).abs().sum(-1)
+        giou = 1 - paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(dst, "cxcywh", "xyxy"))
+        # per-layer sums of the pairs' terms (in fp32 also under AMP)
+        box = torch.zeros(2, logits.shape[0], device=boxes.device).index_add(1, layer, torch.stack([l1, giou]).float())
+        box = box / num_boxes
         return {
             "loss_class": self.loss_weights["class_"] * cls,
-            "loss_bbox": self.loss_weights["bbox"] * l1,
-            "loss_giou": self.loss_weights["giou"] * (1 - giou).sum() / num_boxes,
+            "loss_bbox": self.loss_weights["bbox"] * box[0],
+            "loss_giou": self.loss_weights["giou"] * box[1],
         }
+
+    @staticmethod
+    def _flat_match(indices, targets, device) -> torch.Tensor:
+        """Per-image (prediction indices, target indices) -> the (4, P) form of
+        :meth:`HungarianMatcher.match_layers_flat` (layer row 0)."""
+        starts = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        cols = [torch.zeros(4, 0, dtype=torch.long, device=device)]
+        for b, (p, g) in enumerate(indices):
+            p, g = p.to(device=device, dtype=torch.long), g.to(device=device, dtype=torch.long)
+            cols.append(torch.stack([torch.zeros_like(p), torch.full_like(p, b), p, g + int(starts[b])]))
+        return torch.cat(cols, 1)
 
     def compute_gt_losses(self, pred_logits, pred_boxes, targets, indices_last_layer=None) -> Dict[str, torch.Tensor]:
         """
-        Ground-truth losses of predictions of every decoder layer.
+        Ground-truth losses of predictions of every decoder layer. All layers are matched from
+        one cost computation, and their losses computed together (no per-layer or per-image
+        tensor ops).
 
         Args:
             pred_logits (Tensor): (L, B, N, K); pred_boxes (Tensor): (L, B, N, 4).
             targets (list[dict]): from :meth:`prepare_targets`.
-            indices_last_layer (list[(Tensor, Tensor)] or None): use this assignment at the last
-                layer instead of Hungarian matching (D3ETR's auxiliary group takes its teacher's).
+            indices_last_layer (Tensor or list[(Tensor, Tensor)] or None): use this assignment
+                at the last layer instead of Hungarian matching (D3ETR's auxiliary group takes
+                its teacher's): a (4, P) match of :meth:`HungarianMatcher.match_layers_flat`
+                (its layer row is ignored) or per-image (prediction indices, target indices).
 
         Returns:
             dict: ``loss_class``, ``loss_bbox``, ``loss_giou`` of the last layer and
@@ -661,18 +715,27 @@ class ConditionalDETR(nn.Module):
         """
         num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
         L = pred_logits.shape[0]
+        first = 0 if self.aux_loss else L - 1
+        logits, boxes = pred_logits[first:], pred_boxes[first:]  # (S, B, N, .): the supervised layers
+        S = L - first
+        given = indices_last_layer is not None
+        parts = []
+        if S > given:  # the layers to match: all, or all but the last
+            n = S - given
+            parts.append(self.matcher.match_layers_flat(logits.detach()[:n], boxes.detach()[:n], targets))
+        if given:
+            last = indices_last_layer
+            if not torch.is_tensor(last):
+                last = self._flat_match(last, targets, logits.device)
+            last = last.clone()
+            last[0] = S - 1
+            parts.append(last)
+        match = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        per_layer = {k: v.unbind(0) for k, v in self._gt_losses(logits, boxes, targets, match, num_boxes).items()}
         losses = {}
-        layers = list(range(L)) if self.aux_loss else [L - 1]
-        to_match = [l for l in layers if not (l == L - 1 and indices_last_layer is not None)]
-        matched = {}
-        if to_match:  # all layers' Hungarian matches from one cost computation
-            sel = host_tensor(to_match, pred_logits.device)
-            matched = dict(zip(to_match, self.matcher.match_layers(pred_logits.detach()[sel], pred_boxes.detach()[sel], targets)))
-        for l in layers:
-            indices = matched[l] if l in matched else indices_last_layer
-            out = self._layer_losses(pred_logits[l], pred_boxes[l], targets, indices, num_boxes)
-            suffix = "" if l == L - 1 else f"_{l}"
-            losses.update({k + suffix: v for k, v in out.items()})
+        for i in range(S):
+            suffix = "" if i == S - 1 else f"_{first + i}"
+            losses.update({k + suffix: v[i] for k, v in per_layer.items()})
         return losses
 
     def forward(self, batched_inputs: List[Dict]):
