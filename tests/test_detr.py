@@ -51,6 +51,24 @@ def test_hungarian_match_with_stop_set_skips_the_problems():
     assert hungarian_match(cost, stop=stop) is None
 
 
+
+def test_solve_assignments_solves_small_calls_in_the_calling_thread(monkeypatch):
+    from scipy.optimize import linear_sum_assignment
+
+    from detkd.modeling import detr
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    rng = np.random.default_rng(0)
+    small = [rng.random((30, 4)) for _ in range(24)]  # 24 * 30 * 4 * 4 = 11520 < the threshold
+    large = [rng.random((120, 120)) for _ in range(2)]  # 2 * 120^3 = 3.5M > the threshold
+    for costs, pool, threaded in ((small, "test-small", False), (large, "test-large", True)):
+        got = detr.solve_assignments(costs, pool=pool)
+        assert ((pool, 2) in detr._POOL) == threaded
+        for (r, c), cost in zip(got, costs):
+            rr, cc = linear_sum_assignment(cost)
+            assert np.array_equal(r, rr) and np.array_equal(c, cc)
+    detr._POOL.pop(("test-large", 2)).shutdown()
+
 def test_class_cost_and_bernoulli_kl_formulas():
     g = torch.Generator().manual_seed(0)
     zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
