@@ -497,11 +497,15 @@ class D3ETRDistiller(Distiller):
         Nq = s_ca.shape[2]
         covered = P == Ns and (Nq == Ns or (self.fixed_matching and Nq == Ns + Nt))
         target = t_ca.new_empty(s_ca.shape) if covered else t_ca.new_zeros(s_ca.shape)
-        target[bidx, :, si] = t_ca[bidx, :, ti]  # (B, P, M, HW) rows moved to the student's
+        entropy = _row_entropy(t_ca)  # (B, M, Nt)
+        if P == Nt:  # every teacher row, in order (ti = 0..Nt-1): no gather
+            target[bidx, :, si] = t_ca.transpose(1, 2)  # (B, P, M, HW) rows moved to the student's
+            ent = entropy.sum() / (B * M * P)
+        else:
+            target[bidx, :, si] = t_ca[bidx, :, ti]
+            ent = entropy.gather(2, ti[:, None, :].expand(B, M, P)).sum() / (B * M * P)
         weight = t_ca.new_zeros(B, s_ca.shape[2])
         weight[bidx, si] = 1.0 / (B * M * P)
-        entropy = _row_entropy(t_ca)  # (B, M, Nt)
-        ent = entropy.gather(2, ti[:, None, :].expand(B, M, P)).sum() / (B * M * P)
         if self.fixed_matching:
             target[:, :, Ns:Ns + Nt] = t_ca
             weight[:, Ns:Ns + Nt] = 1.0 / (B * M * Nt)
@@ -524,13 +528,11 @@ class D3ETRDistiller(Distiller):
         entropy = _row_entropy(t_sa).sum() / (B * M * Nt)
         weight = 1.0 / (B * M * Nt)  # every row of a block is one of Nt rows of its group
         blocks, ent = [], 0.0
-        if full:  # target[b, m, si_i, si_j] = t[b, m, ti_i, ti_j] on the own queries' block
+        if full:  # target[b, m, si_i, si_j] = t[b, m, i, j] on the own queries' block
+            # A full match pairs every teacher row, in order (ti = 0..Nt-1; no device-to-host
+            # check), and si is a permutation of the Ns = Nt own queries: the scatters write
+            # every element.
             rows = t_sa
-            if not bool((ti == torch.arange(Nt, device=ti.device)).all()):  # else: identity
-                bidx = torch.arange(B, device=ti.device)[:, None]
-                rows = t_sa[bidx, :, ti].transpose(1, 2)  # (B, M, Nt, Nt)
-                rows = torch.gather(rows, 3, ti[:, None, None, :].expand(B, M, Nt, Nt))
-            # si is a permutation of the Ns = Nt own queries: the scatters write every element
             cols = torch.empty_like(rows).scatter_(3, si[:, None, None, :].expand(B, M, Nt, Nt), rows)
             target = torch.empty_like(rows).scatter_(2, si[:, None, :, None].expand(B, M, Nt, Nt), cols)
             blocks.append((slice(0, Ns), slice(0, Ns), target, weight))
