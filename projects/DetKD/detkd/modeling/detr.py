@@ -684,9 +684,10 @@ class ConditionalDETR(nn.Module):
         src, dst = boxes[layer, image, pred], gt[tgt]  # (P, 4) matched predictions and their targets
         l1 = (src - dst).abs().sum(-1)
         giou = 1 - paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(dst, "cxcywh", "xyxy"))
-        # per-layer sums of the pairs' terms (in fp32 also under AMP)
-        box = torch.zeros(2, logits.shape[0], device=boxes.device).index_add(1, layer, torch.stack([l1, giou]).float())
-        box = box / num_boxes
+        # per-layer sums of the pairs' terms (at least in fp32: also under AMP)
+        terms = torch.stack([l1, giou])  # (2, P)
+        terms = terms.to(torch.promote_types(terms.dtype, torch.float32))
+        box = terms.new_zeros(2, logits.shape[0]).index_add(1, layer, terms) / num_boxes  # (2, S)
         return {
             "loss_class": self.loss_weights["class_"] * cls,
             "loss_bbox": self.loss_weights["bbox"] * box[0],
