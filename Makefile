@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 METHOD ?= pkd
 ITERS ?=
 SEEDS ?= 0 1 2
+HELDOUT ?= 1024
 
 .PHONY: venv demo test bench clean-demo
 
@@ -20,10 +21,11 @@ test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # Cost of distillation per iteration (ratios) and effectiveness (AP table, trains the demo runs
-# once per seed in SEEDS: mean, sd and deltas paired by seed; SEEDS=0 for one run of each).
+# once per seed in SEEDS: mean, sd and deltas paired by seed; SEEDS=0 for one run of each;
+# every run also evaluated on a held-out split of HELDOUT images, HELDOUT=0 skips it).
 bench: venv
 	$(PY) benchmarks/kd_overhead.py
-	$(PY) benchmarks/effectiveness.py --seeds $(SEEDS)
+	$(PY) benchmarks/effectiveness.py --seeds $(SEEDS) --heldout $(HELDOUT)
 
 clean-demo:
 	rm -rf output/demo

@@ -13,7 +13,9 @@ Usage::
     python train_net.py --config-file CFG --num-gpus 8 train.teacher_checkpoint=teacher.pkl
     python train_net.py --config-file CFG --resume                  # continue an interrupted run
     python train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final_student.pth
+        # (results also in train.output_dir/eval_results.json)
 """
+import json
 import logging
 import os
 
@@ -49,7 +51,11 @@ def main(args):
         model = KDTrainer.build_model(cfg)
         load_student(student_of(model), cfg.train.init_checkpoint)
         model = ddp_model(model)
-        return KDTrainer.test(cfg, model)
+        results = KDTrainer.test(cfg, model)
+        if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)
+            with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return results
 
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -1,7 +1,10 @@
 """The embedded demo driver end to end (2 iterations per run): table, reuse, DETR family."""
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -34,15 +37,36 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
     assert again.stdout.count("[demo] reusing") == 6
     # A second seed: the seed-0 runs and the teacher are reused, the student runs repeat.
     assert cmd[4:7] == ["pkd", "d3etr", "--iters"]
-    seeds = cmd[:4] + ["pkd", "--seeds", "0", "1"] + cmd[6:]
+    # and every run evaluated on a held-out split too (a second table)
+    seeds = cmd[:4] + ["pkd", "--seeds", "0", "1", "--heldout", "6"] + cmd[6:]
     proc = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("[demo] reusing") == 3
     with open(out / "student_retinanet_seed1" / "config.yaml") as f:
         assert "seed: 1" in f.read()
     assert (out / "pkd_retinanet_seed1" / "model_final_student.pth").is_file()
-    table = (out / "results.txt").read_text()
+    table, held = (out / "results.txt").read_text().split("held-out split (6 images, seed 7):")
     assert "0,1" in table.split("student + pkd")[1].splitlines()[0]
+    assert "0,1" in held.split("student + pkd")[1].splitlines()[0]
+    with open(out / "pkd_retinanet_seed1" / "config.yaml") as f:
+        assert "seed: 1" in f.read()
+    runs = ["teacher_retinanet", "student_retinanet", "student_retinanet_seed1", "pkd_retinanet", "pkd_retinanet_seed1"]
+    ap = {}
+    for run in runs:
+        with open(out / run / "heldout_6" / "config.yaml") as f:  # the held-out split, not the val split
+            assert "split: heldout" in f.read()
+        with open(out / run / "heldout_6" / "eval_results.json") as f:
+            ap[run] = json.load(f)["bbox"]["AP"]
+    # the held-out rows are those results (2-iteration models may detect nothing: AP nan)
+    student = held.split("student alone (retinanet)")[1].split()
+    assert student[0] == f"{(ap['student_retinanet'] + ap['student_retinanet_seed1']) / 2:.2f}"
+    pkd = held.split("student + pkd")[1].split()
+    assert pkd[0] == f"{(ap['pkd_retinanet'] + ap['pkd_retinanet_seed1']) / 2:.2f}"
+    with open(out / "pkd_retinanet_seed1" / "heldout_6" / "config.yaml") as f:
+        text = f.read()
+    assert "num_images: 6" in text and "seed: 7" in text
+    again = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "held-out evaluation" not in again.stdout  # cached
 
 
 def test_demo_summary_over_seeds_pairs_the_deltas():

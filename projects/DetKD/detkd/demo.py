@@ -11,11 +11,15 @@ The embedded demo: the whole DetKD story on the CPU, on the synthetic shapes dat
 initialisation, data order and dropout) and prints each row's mean and standard deviation over
 the seeds, the deltas paired by seed: on a demo this small, one seed's delta can be noise.
 
+``--heldout N`` also evaluates every run's final model on a fresh split of N images (its own
+seed, 7), which no run trained on and no setting was chosen by, and prints a second table: the
+same rows on far more images than the validation split's 128.
+
 Every step is ``train_net.py`` run as a user would run it; finished runs (a ``model_final.pth``
 and final metrics in their output folder) are reused, so a second ``make demo`` only trains
 what is missing. Usage::
 
-    python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2]
+    python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2] [--heldout 1024]
 """
 import argparse
 import glob
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["main", "final_metrics", "summarize"]
+__all__ = ["main", "final_metrics", "heldout_metrics", "summarize"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -57,6 +61,32 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
     with open(os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"), "w") as f:
         subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
     return final_metrics(output_dir), time.time() - start
+
+
+HELDOUT_SEED = 7  # the held-out split's seed (train: 0, val: 1)
+
+
+def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
+    """
+    ``bbox/*`` results of a finished run's final model (``output_dir/model_final.pth``; a
+    distilled run's student) on the held-out shapes split of ``num_images`` images (seed
+    ``HELDOUT_SEED``), by ``train_net.py --eval-only``; cached in
+    ``output_dir/heldout_<num_images>/eval_results.json``.
+    """
+    out = os.path.join(output_dir, f"heldout_{num_images}")
+    path = os.path.join(out, "eval_results.json")
+    if not os.path.isfile(path):
+        names = "dataloader.test.dataset.names"
+        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only",
+               *opts, f"train.init_checkpoint={os.path.join(output_dir, 'model_final.pth')}",
+               f"train.output_dir={out}", f"{names}.split=heldout", f"{names}.num_images={num_images}",
+               f"{names}.seed={HELDOUT_SEED}"]
+        log(f"[demo] held-out evaluation of {output_dir}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "log.txt"), "w") as f:
+            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+    with open(path) as f:
+        return json.load(f)["bbox"]
 
 
 def _seconds_per_iter(output_dir: str):
@@ -116,6 +146,33 @@ def summarize(runs):
     return rows
 
 
+def _table(runs, several_seeds: bool) -> str:
+    """The results table of ``runs`` (see :func:`summarize`): one row per model; with several
+    seeds, mean and sd per row and deltas paired by seed."""
+    rows = summarize(runs)
+    if not several_seeds:
+        header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
+    else:
+        header = (f"{'model':<28}{'AP':>8}{'sd':>6}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'sd':>6}"
+                  f"{'s/iter':>9}  seeds  output")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
+        delta = f"{r['delta']:+.2f}" if r["delta"] is not None else ""
+        spi = [t for t in (_seconds_per_iter(d) for d in r["dirs"]) if t]
+        spi = sorted(spi)[len(spi) // 2] if spi else 0
+        if not several_seeds:
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
+        else:
+            several = len(r["seeds"]) > 1  # the teachers: one run
+            dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None and several else ""
+            sd = f"{r['sd']:.2f}" if several else ""
+            seeds = ",".join(str(s) for s in r["seeds"])
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
+                         f"{spi:>9.3f}  {seeds:<5}  {r['dirs'][0]}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["pkd"], help="pkd reviewkd gid ...")
@@ -127,6 +184,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="train.seed of the student runs (teachers keep seed 0); seed s > 0 runs go "
                         "to <run>_seed<s>. Several seeds: mean and sd per row, deltas paired by seed")
+    parser.add_argument("--heldout", type=int, default=0, metavar="N",
+                        help="also evaluate every run on a held-out split of N images (seed 7) and print that table")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -137,7 +196,7 @@ def main(argv=None):
     common = ([f"train.max_iter={args.iters}"] if args.iters else []) + list(args.opts)
     cfg = lambda name: os.path.join(REPO, "configs", "demo", f"{name}.py")  # noqa: E731
 
-    runs, teachers = [], {}
+    runs, teachers, configs = [], {}, {}
 
     def family(method):
         """The detector family of a method's demo config: --detector, else any that exists."""
@@ -161,39 +220,26 @@ def main(argv=None):
             if det not in teachers:  # one teacher (seed 0) for every seed
                 t_opts = ([f"train.max_iter={2 * args.iters}"] if args.iters else []) + list(args.opts)
                 res, _ = _train(cfg(f"teacher_{det}"), teacher_dir, t_opts, args.force, log)
+                configs[teacher_dir] = cfg(f"teacher_{det}")
                 teachers[det] = (f"teacher ({det})", 0, res, teacher_dir, None)
                 runs.append(teachers[det])
             if det not in students:
                 res, _ = _train(cfg(f"student_{det}"), student_dir, common + seed_opts, args.force, log)
+                configs[student_dir] = cfg(f"student_{det}")
                 runs.append((base, seed, res, student_dir, None))
                 students.add(det)
             run_dir = os.path.join(out, f"{method}_{det}{suffix}")
             opts = common + seed_opts + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
             res, _ = _train(cfg(f"{method}_{det}"), run_dir, opts, args.force, log)
+            configs[run_dir] = cfg(f"{method}_{det}")
             runs.append((f"student + {method}", seed, res, run_dir, base))
 
-    rows = summarize(runs)
-    if len(args.seeds) == 1:
-        header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
-    else:
-        header = (f"{'model':<28}{'AP':>8}{'sd':>6}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'sd':>6}"
-                  f"{'s/iter':>9}  seeds  output")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
-        delta = f"{r['delta']:+.2f}" if r["delta"] is not None else ""
-        spi = [t for t in (_seconds_per_iter(d) for d in r["dirs"]) if t]
-        spi = sorted(spi)[len(spi) // 2] if spi else 0
-        if len(args.seeds) == 1:
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
-        else:
-            several = len(r["seeds"]) > 1  # the teachers: one run
-            dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None and several else ""
-            sd = f"{r['sd']:.2f}" if several else ""
-            seeds = ",".join(str(s) for s in r["seeds"])
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
-                         f"{spi:>9.3f}  {seeds:<5}  {r['dirs'][0]}")
-    table = "\n".join(lines)
+    several = len(args.seeds) > 1
+    table = _table(runs, several)
+    if args.heldout:
+        held = [(name, seed, heldout_metrics(configs[d], d, args.heldout, args.opts, log), d, base)
+                for name, seed, _, d, base in runs]
+        table += f"\n\nheld-out split ({args.heldout} images, seed {HELDOUT_SEED}):\n" + _table(held, several)
     log("\n" + table + "\n")
     with open(os.path.join(out, "results.txt"), "w") as f:
         f.write(table + "\n")
