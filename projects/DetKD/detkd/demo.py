@@ -71,14 +71,15 @@ def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
     ``bbox/*`` results of a finished run's final model (``output_dir/model_final.pth``; a
     distilled run's student) on the held-out shapes split of ``num_images`` images (seed
     ``HELDOUT_SEED``), by ``train_net.py --eval-only``; cached in
-    ``output_dir/heldout_<num_images>/eval_results.json``.
+    ``output_dir/heldout_<num_images>/eval_results.json`` (redone when the weights are newer).
     """
     out = os.path.join(output_dir, f"heldout_{num_images}")
     path = os.path.join(out, "eval_results.json")
-    if not os.path.isfile(path):
+    weights = os.path.join(output_dir, "model_final.pth")
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):  # none, or stale
         names = "dataloader.test.dataset.names"
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only",
-               *opts, f"train.init_checkpoint={os.path.join(output_dir, 'model_final.pth')}",
+               *opts, f"train.init_checkpoint={weights}",
                f"train.output_dir={out}", f"{names}.split=heldout", f"{names}.num_images={num_images}",
                f"{names}.seed={HELDOUT_SEED}"]
         log(f"[demo] held-out evaluation of {output_dir}")
