@@ -420,6 +420,39 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_giou_cxcywh_equals_torchvision_values_and_the_xyxy_gradients():
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    from detkd.modeling.detr import giou_cxcywh, paired_giou
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.cat([torch.rand(2, 7, 2, generator=g), torch.rand(2, 7, 2, generator=g) * 0.6 + 0.01], -1)
+    b = torch.cat([torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g) * 0.6 + 0.01], -1)
+    # hand-made pairs: identical, nested, disjoint along x, touching, apart on both axes
+    a[0, :5] = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.4, 0.4], [0.2, 0.5, 0.1, 0.1],
+                             [0.2, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    b[0, :5] = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.1, 0.2], [0.4, 0.5, 0.1, 0.1],
+                             [0.4, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
+    pairwise = giou_cxcywh(a[:, :, None, :], b[:, None, :, :])  # (2, 7, 5)
+    for i in range(2):
+        ref = generalized_box_iou(box_convert(a[i], "cxcywh", "xyxy"), box_convert(b[i], "cxcywh", "xyxy"))
+        torch.testing.assert_close(pairwise[i], ref, atol=1e-6, rtol=0)
+    # by hand: identical 1; nested 0.02 / 0.16 (hull = union = the larger box); apart on x by
+    # one width (hull 0.3 x 0.1, union 0.02): -0.01 / 0.03; touching: 0 - (0.08 - 0.08) / 0.08;
+    # apart on both axes: 0 - (0.81 - 0.02) / 0.81
+    hand = torch.tensor([1.0, 0.125, -1 / 3, 0.0, -(0.81 - 0.02) / 0.81])
+    torch.testing.assert_close(giou_cxcywh(a[0, :5], b[0, :5]), hand, atol=1e-6, rtol=0)
+    # gradients equal those through the XYXY formulation (away from its max/min ties)
+    x, y = a[1, :5].clone().requires_grad_(), b[1].clone().requires_grad_()
+    w = torch.rand(5, generator=g)
+    gx, gy = torch.autograd.grad((giou_cxcywh(x, y) * w).sum(), (x, y))
+    rx, ry = torch.autograd.grad(
+        (paired_giou(box_convert(x, "cxcywh", "xyxy"), box_convert(y, "cxcywh", "xyxy")) * w).sum(), (x, y)
+    )
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gy, ry, atol=1e-5, rtol=1e-5)
+
+
 def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():
     from torchvision.ops import generalized_box_iou
 

@@ -43,9 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert
 
-from ..modeling.detr import paired_giou, pairwise_giou, solve_assignments
+from ..modeling.detr import giou_cxcywh, solve_assignments
 from ..utils import host_tensor
 from .base import Distiller, put_scalar
 
@@ -360,7 +359,7 @@ class D3ETRDistiller(Distiller):
         if s_logits.shape[1] == 0:
             zero = s_logits.sum() * 0.0
             return dict(cls=zero, l1=zero, giou=zero)
-        giou = paired_giou(box_convert(s_boxes, "cxcywh", "xyxy"), box_convert(t_boxes, "cxcywh", "xyxy"))
+        giou = giou_cxcywh(s_boxes, t_boxes)
         return dict(
             cls=bernoulli_kl(s_logits, t_logits).mean(1).sum(),
             l1=(s_boxes - t_boxes).abs().sum(-1).mean(1).sum(),
@@ -385,7 +384,7 @@ class D3ETRDistiller(Distiller):
             )
             cost = wc * soft_bce_cost(t_logits, s_logits) / t_logits.shape[-1]
             cost = cost + wb * torch.cdist(t_boxes, s_boxes, p=1)  # (L, B, Nt, Ns)
-            cost = cost - wg * pairwise_giou(box_convert(t_boxes, "cxcywh", "xyxy"), box_convert(s_boxes, "cxcywh", "xyxy"))
+            cost = cost - wg * giou_cxcywh(t_boxes[..., :, None, :], s_boxes[..., None, :, :])
             return _PendingMatch(cost.flatten(0, 1), owner)  # (L*B, Nt, Ns)
 
     def _match(self, t_logits, t_boxes, s_logits, s_boxes, pending: Optional[_PendingMatch] = None):

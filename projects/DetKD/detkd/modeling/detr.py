@@ -47,6 +47,7 @@ __all__ = [
     "detr_param_groups",
     "pairwise_giou",
     "paired_giou",
+    "giou_cxcywh",
     "solve_assignments",
     "Dropout",
 ]
@@ -134,6 +135,35 @@ def paired_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     lt_c, rb_c = torch.min(a[..., :2], b[..., :2]), torch.max(a[..., 2:], b[..., 2:])
     hull = (rb_c - lt_c).clamp(min=0).prod(-1)
     return iou - (hull - union) / hull
+
+
+def giou_cxcywh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """
+    Generalized IoU of paired boxes given as (cx, cy, w, h) (DETR's box format), broadcast over
+    leading dimensions: ``giou_cxcywh(a[..., :, None, :], b[..., None, :, :])`` is the
+    pairwise matrix. The value of :func:`paired_giou` on the XYXY corners ``c -+ w / 2``, in
+    about half its tensor ops and without a conversion to XYXY: per axis the overlap extent
+    ``d = min(hi_a, hi_b) - max(lo_a, lo_b)`` (negative when apart) gives both the
+    intersection side ``max(d, 0)`` and the enclosing side ``w_a + w_b - d``
+    (``max(x, y) + min(x, y) = x + y``). DETR's losses and matching costs call it a few
+    times per decoder step.
+
+    Args:
+        a, b (Tensor): (..., 4) cxcywh, broadcastable, widths and heights > 0.
+
+    Returns:
+        Tensor: (...,) in [-1, 1].
+    """
+    ha, hb = a[..., 2:] * 0.5, b[..., 2:] * 0.5
+    lo_a, hi_a = a[..., :2] - ha, a[..., :2] + ha  # the XYXY corners, as box_convert rounds them
+    lo_b, hi_b = b[..., :2] - hb, b[..., :2] + hb
+    # sides from the corners (not w itself): a box's overlap with itself is then its area exactly
+    wa, wb = hi_a - lo_a, hi_b - lo_b
+    d = torch.min(hi_a, hi_b) - torch.max(lo_a, lo_b)  # (..., 2)
+    inter = d.clamp(min=0).prod(-1)
+    union = wa.prod(-1) + wb.prod(-1) - inter
+    hull = (wa + wb - d).prod(-1)
+    return inter / union + union / hull - 1
 
 
 class MLP(nn.Module):
@@ -502,9 +532,7 @@ class HungarianMatcher(nn.Module):
         neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
         pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
         cost = self.cost_class * (pos - neg) + self.cost_bbox * (boxes[..., :, None, :] - gt).abs().sum(-1)
-        cost = cost - self.cost_giou * pairwise_giou(
-            box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")[None, None]
-        )
+        cost = cost - self.cost_giou * giou_cxcywh(boxes[..., :, None, :], gt)
         cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
         starts = np.cumsum([0] + sizes)
         L, B = logits.shape[:2]
@@ -683,7 +711,7 @@ class ConditionalDETR(nn.Module):
         cls = cls.flatten(1).sum(1) / num_boxes  # (S,)
         src, dst = boxes[layer, image, pred], gt[tgt]  # (P, 4) matched predictions and their targets
         l1 = (src - dst).abs().sum(-1)
-        giou = 1 - paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(dst, "cxcywh", "xyxy"))
+        giou = 1 - giou_cxcywh(src, dst)
         # per-layer sums of the pairs' terms (at least in fp32: also under AMP)
         terms = torch.stack([l1, giou])  # (2, P)
         terms = terms.to(torch.promote_types(terms.dtype, torch.float32))
