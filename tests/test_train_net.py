@@ -123,16 +123,20 @@ def _small_cfg(output_dir, max_iter):
 
 
 class _Interrupt(hooks.HookBase):
+    def __init__(self, at=2):
+        self.at = at
+
     def before_step(self):
-        if self.trainer.iter == 2:
+        if self.trainer.iter == self.at:
             raise KeyboardInterrupt("simulated preemption")
 
 
 def _run(cfg, resume=False, interrupt=False):
+    """``interrupt``: False, True (at iteration 2) or the iteration to interrupt at."""
     torch.manual_seed(cfg.train.seed)
     trainer = KDTrainer(cfg)
-    if interrupt:
-        trainer.register_hooks([_Interrupt()])
+    if interrupt is not False:
+        trainer.register_hooks([_Interrupt(2 if interrupt is True else interrupt)])
     trainer.resume_or_load(resume=resume)
     try:
         trainer.train()
@@ -175,3 +179,69 @@ def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     logged = _metrics(str(tmp_path / "t"))
     assert any("teacher/bbox/AP50" in m for m in logged)
     assert any("bbox/AP50" in m for m in logged)  # the student's own, separate
+
+
+def test_no_export_when_the_last_iteration_fails(tmp_path):
+    # TrainerBase.train leaves iter = max_iter - 1 when the last iteration raises
+    _run(_small_cfg(tmp_path / "c", 2), interrupt=1)
+    assert not (tmp_path / "c" / "model_final_student.pth").exists()
+    assert not (tmp_path / "c" / "model_final.pth").exists()
+    finished = _run(_small_cfg(tmp_path / "c", 2), resume=True)  # the run then completes: exported
+    assert finished.iter == 2 and (tmp_path / "c" / "model_final_student.pth").is_file()
+
+
+def test_clip_grad_clips_the_global_norm_at_every_step(tmp_path):
+    # train.clip_grad (the DETR configs' 0.1): the gradients the optimizer steps with have a
+    # global norm of exactly max_norm when larger; the LR scheduler still wraps optimizer.step.
+    norms = {}
+    for name, clip in (("raw", None), ("clipped", 1e-3)):
+        cfg = _small_cfg(tmp_path / name, max_iter=2)
+        if clip:
+            cfg.train.clip_grad = dict(enabled=True, max_norm=clip)
+        torch.manual_seed(cfg.train.seed)
+        trainer = KDTrainer(cfg)
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        seen = norms[name] = []
+
+        def record(opt, args, kwargs, params=params, seen=seen):  # runs after the clip hook
+            grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+            seen.append(torch.cat(grads).norm().item())
+
+        trainer.optimizer.register_step_pre_hook(record)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        assert len(seen) == 2 and trainer.scheduler.last_epoch == 2
+    assert min(norms["raw"]) > 1e-2
+    assert norms["clipped"] == pytest.approx([1e-3, 1e-3], rel=1e-4)
+
+
+def test_teacher_eval_at_start_feeds_the_teacher_its_own_channel_order(tmp_path):
+    # an RGB student with a BGR teacher (configs/ReviewKD's R18 <- MSRA R101): the test loader
+    # gives RGB images; the teacher must see them flipped, as in training
+    cfg = _small_cfg(tmp_path / "f", max_iter=1)
+    cfg.model.student.input_format = "RGB"
+    cfg.model.teacher.input_format = "BGR"
+    cfg.dataloader.train.mapper.image_format = "RGB"
+    cfg.dataloader.test.dataset.names.num_images = 2
+    cfg.train.teacher_eval_at_start = True
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    kd = trainer.model
+    assert kd.flip_teacher_channels
+    seen, preprocess = [], kd.teacher.preprocess_image
+
+    def spy(batched_inputs):
+        seen.extend(x["image"].clone() for x in batched_inputs)
+        return preprocess(batched_inputs)
+
+    kd.teacher.preprocess_image = spy
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as trainer.storage:
+        hook.before_train()
+    loaded = [x["image"] for batch in KDTrainer.build_test_loader(cfg) for x in batch]
+    assert len(seen) == len(loaded) == 2
+    for got, rgb in zip(seen, loaded):
+        assert torch.equal(got, rgb.flip(0)) and not torch.equal(got, rgb)
+    assert "bbox" in hook.results

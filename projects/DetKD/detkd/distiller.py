@@ -251,6 +251,25 @@ class DistillationDetector(nn.Module):
             images, div, padding_constraints=_padding_constraints(t)
         )
 
+    @torch.no_grad()
+    def teacher_inference(self, batched_inputs: List[dict]) -> List[dict]:
+        """
+        The teacher's predictions for the student's inputs, with the channel order
+        the teacher is trained on (the images flipped when the two input formats differ, as in
+        :meth:`teacher_images`); the teacher normalises and pads them itself. For evaluating
+        the loaded teacher (``train.teacher_eval_at_start``).
+
+        Args:
+            batched_inputs (list[dict]): detectron2's standard inputs, images in the student's
+                input format.
+
+        Returns:
+            list[dict]: the teacher's outputs, e.g. ``{"instances": Instances}`` per image.
+        """
+        if self.flip_teacher_channels:
+            batched_inputs = [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+        return self._teacher(batched_inputs)  # always in eval mode (see train())
+
     def forward(self, batched_inputs: List[dict]):
         """
         Args:

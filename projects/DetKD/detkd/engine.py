@@ -78,15 +78,16 @@ def student_of(model):
 
 def _clip_before_step(optimizer, max_norm: float) -> None:
     """Clip the global gradient norm of the optimizer's parameters before every step
-    (``train.clip_grad``, e.g. DETR's 0.1). Under AMP, GradScaler unscales before ``step``."""
-    step = optimizer.step
+    (``train.clip_grad``, e.g. DETR's 0.1), as an optimizer step pre-hook: ``optimizer.step``
+    itself stays the bound method that torch's LR schedulers wrap. Under AMP, GradScaler
+    unscales the gradients before it calls ``step`` (so they are clipped unscaled) and skips
+    the step, hook included, when they overflowed."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def clipped_step(*args, **kwargs):
+    def clip(opt, args, kwargs):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return step(*args, **kwargs)
 
-    optimizer.step = clipped_step
+    optimizer.register_step_pre_hook(clip)
 
 
 class ExportStudentHook(hooks.HookBase):
@@ -98,7 +99,9 @@ class ExportStudentHook(hooks.HookBase):
 
     def after_train(self):
         # after_train also runs when training raised: never export a half-trained student.
-        if self.trainer.iter + 1 < self.trainer.max_iter or not comm.is_main_process():
+        # TrainerBase.train sets iter = max_iter only once the loop has finished (a failure in
+        # the last iteration leaves max_iter - 1; resuming a finished run gives max_iter + 1).
+        if self.trainer.iter < self.trainer.max_iter or not comm.is_main_process():
             return
         save_student(student_of(self.trainer.model), self.path)
         logger.info(f"Student exported to {self.path}")
@@ -117,12 +120,13 @@ class TeacherEvalHook(hooks.HookBase):
         self.results = None
 
     def before_train(self):
-        teacher = unwrap_model(self.trainer.model).teacher
+        kd = unwrap_model(self.trainer.model)
         folder = os.path.join(self.cfg.train.output_dir, "inference_teacher")
         evaluator = KDTrainer.build_evaluator(self.cfg, output_folder=folder)
         if evaluator is None:
             return
-        self.results = KDTrainer.test(self.cfg, teacher, evaluator)
+        # the teacher's inputs as in training (its channel order), not the student's
+        self.results = KDTrainer.test(self.cfg, kd.teacher_inference, evaluator)
         logger.info(f"Teacher evaluation before training: {dict(self.results)}")
         if comm.is_main_process():
             flat = {
