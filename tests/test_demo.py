@@ -101,3 +101,35 @@ def test_repro_finds_baseline_twins():
     assert baseline_of("configs/demo/gid_retinanet.py") == "configs/demo/student_retinanet.py"
     assert baseline_of("configs/demo/d3etr_detr.py") == "configs/demo/student_detr.py"
     assert baseline_of("configs/D3ETR/r50_from_r101_12ep.py") == "configs/D3ETR/baseline_r50_12ep.py"
+
+
+@pytest.mark.parametrize("where", ["repo-relative", "cwd-relative"])
+def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, monkeypatch, where):
+    # `python -m detkd.repro CONFIG --num-gpus 8 key=value` (the README's form): the option is
+    # parsed wherever it stands, only key=value items reach train_net.py as overrides, and the
+    # configs reach the run (started in the repository root) as absolute paths
+    from detkd import repro
+
+    monkeypatch.chdir(tmp_path)
+    config = "configs/PKD/retinanet_R50_from_retinanet_R101_2x.py"
+    if where == "cwd-relative":
+        config = os.path.relpath(os.path.join(REPO, config), tmp_path)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, check, cwd):
+        calls.append((cmd, cwd))
+        raise Stop
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(Stop):
+        repro.main([config, "--num-gpus", "8", "train.max_iter=5", "--output", str(tmp_path / "o")])
+    (cmd, cwd), = calls
+    args = cmd[2:]
+    assert cwd == REPO
+    assert args[:4] == ["--config-file", os.path.join(REPO, "configs/PKD/baseline_retinanet_R50_2x.py"),
+                        "--num-gpus", "8"]
+    assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
+    assert args[5:] == ["train.teacher_checkpoint=", "train.max_iter=5"]

@@ -41,6 +41,17 @@ def baseline_of(config: str) -> str:
     return path
 
 
+def _resolve(config: str) -> str:
+    """An absolute config path: as given from the working directory, else under the
+    repository (the runs start in the repository root)."""
+    if os.path.isfile(config):
+        return os.path.abspath(config)
+    path = os.path.join(REPO, config)
+    if not os.path.isfile(path):
+        raise SystemExit(f"[repro] config not found: {config} (neither here nor under {REPO})")
+    return path
+
+
 def _teacher_metrics(output_dir):
     path = os.path.join(output_dir, "metrics.json")
     res = {}
@@ -57,9 +68,11 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--output", default="output/repro")
     parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value overrides for both runs")
-    args = parser.parse_args(argv)
-    baseline = args.baseline or baseline_of(args.config)
+    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs")
+    # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
+    args = parser.parse_intermixed_args(argv)
+    baseline = _resolve(args.baseline or baseline_of(args.config))
+    args.config = _resolve(args.config)
     name = os.path.basename(args.config)[:-3]
     out = os.path.abspath(os.path.join(args.output, name))
     runs = {}
