@@ -8,7 +8,10 @@ MixMatcher = adaptive matching + fixed matching:
 
 * adaptive (group 1, the student's own queries): at every decoder layer, a bipartite
   (Hungarian) match between the teacher's and the student's predictions, with cost
-  ``1 * soft-BCE class cost + 5 * L1 + 2 * (-GIoU)``; distillation on the matched pairs;
+  ``1 * soft-BCE class cost / K + 5 * L1 + 2 * (-GIoU)``; distillation on the matched pairs.
+  [INFER] The class cost is the soft-target BCE averaged over the K classes, not summed
+  (METHODS.md's sum): on COCO (K = 80) the sum is ~55 for an untrained student (80 x ~0.69)
+  against at most 20 for the L1 term and 4 for GIoU, and the match would ignore the boxes;
 * fixed (group 2, auxiliary): the teacher's learned object queries are fed to the student's
   decoder as an extra group that shares its weights but never attends to group 1
   (self-attention per group); query i of group 2 corresponds to teacher query i. Group 2 is
