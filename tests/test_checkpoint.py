@@ -101,6 +101,22 @@ def test_init_checkpoint_loads_student_only(tmp_path):
     assert all(torch.equal(v, kd.teacher.state_dict()[k]) for k, v in teacher_before.items())
 
 
+def test_a_second_export_replaces_the_first(tmp_path):
+    # e.g. a resumed run with a larger max_iter, or a retrain into the same folder
+    kd, out = _kd(), str(tmp_path / "model_final_student.pth")
+    save_student(kd.student, out)
+    first = torch.load(out, weights_only=False)["model"]
+    with torch.no_grad():
+        for p in kd.student.parameters():
+            p.add_(1.0)
+    save_student(kd.student, out)
+    second = torch.load(out, weights_only=False)["model"]
+    state = kd.student.state_dict()
+    assert all(torch.equal(second[k], state[k]) for k in state)
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    assert os.listdir(tmp_path) == ["model_final_student.pth"]  # no .tmp left behind
+
+
 def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_path):
     kd = _kd()
     for p in kd.distillers.parameters():

@@ -140,7 +140,15 @@ def _save(obj, path: str) -> None:
     tmp = path + ".tmp"
     with PathManager.open(tmp, "wb") as f:
         torch.save(obj, f)
-    PathManager.mv(tmp, path)  # never leave a half-written checkpoint under the final name
+    # Never leave a half-written checkpoint under the final name, and replace an older one:
+    # iopath's mv refuses to overwrite (it only logs it), so a re-export would keep the old file.
+    if "://" not in path:  # a local file: atomic replace
+        os.replace(tmp, path)
+        return
+    if PathManager.exists(path):
+        PathManager.rm(path)
+    if not PathManager.mv(tmp, path):
+        raise OSError(f"could not move the written checkpoint {tmp} to {path}")
 
 
 def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[str, Any]:
