@@ -24,6 +24,7 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from detkd.checkpoint import load_student
 from detkd.engine import KDTrainer, ddp_model, student_of
@@ -44,6 +45,8 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")
     _share_cpu_threads()
 
     if args.eval_only:

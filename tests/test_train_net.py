@@ -37,6 +37,9 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout + proc.stderr
     assert (out / "model_final.pth").is_file() and (out / "model_final_student.pth").is_file()
+    log = (out / "log.txt").read_text()  # DetKD's own messages reach the run's log
+    assert f"Student exported to {out / 'model_final_student.pth'}" in log
+    assert "the teacher keeps random weights" in log
     logged = _metrics(str(out))
     assert [m["iteration"] for m in logged if "loss_pkd" in m] == [0, 1, 2]
     assert all(m["loss_pkd"] > 0 for m in logged if "loss_pkd" in m)
