@@ -43,6 +43,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from detkd.demo import applicable_overrides, check_overrides
 from detkd.distiller import run_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,7 +249,7 @@ def _batch(cfg, batch_size, image_size):
 def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
-    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    cfg = LazyConfig.apply_overrides(cfg, applicable_overrides(os.path.join(REPO, config), list(overrides)))
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     batch = _batch(cfg, batch_size, image_size)
@@ -305,7 +306,8 @@ def main():
     parser.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
     parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="LazyConfig overrides for every config, e.g. model.distillers.d3etr.fixed_matching=False")
+                        help="LazyConfig overrides, each for the configs where its parent key exists, "
+                        "e.g. model.distillers.d3etr.fixed_matching=False")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -328,6 +330,8 @@ def main():
             if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
                 runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640, []))
 
+    if args.opts:
+        check_overrides(sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"teacher precision {args.teacher_precision}")
     head = f"{'method':<9}{'setting':<46}{'student':>9}{'teacher':>9}{'kd':>9}{'ratio':>7}{'floor':>7}{'target':>7}"

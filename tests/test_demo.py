@@ -67,6 +67,12 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
     assert "num_images: 6" in text and "seed: 7" in text
     again = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "held-out evaluation" not in again.stdout  # cached
+    # seeds without 0: the PKD picture comes from the first seed's runs (all reused here)
+    os.remove(out / "pkd_fpn.png")
+    only1 = cmd[:4] + ["pkd", "--seeds", "1"] + cmd[6:]
+    proc = subprocess.run(only1, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("[demo] reusing") == 3 and (out / "pkd_fpn.png").is_file()
 
 
 def test_demo_summary_over_seeds_pairs_the_deltas():
@@ -133,3 +139,21 @@ def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, mo
                         "--num-gpus", "8"]
     assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
     assert args[5:] == ["train.teacher_checkpoint=", "train.max_iter=5"]
+
+
+def test_overrides_reach_only_the_configs_that_have_their_parent_key():
+    # `python -m detkd.demo --methods pkd -- model.distillers.pkd.loss_weight=10` (the README's
+    # papers'-weights rows): the teacher and student-alone runs must not get the key
+    from detkd.demo import applicable_overrides, check_overrides
+
+    demo = os.path.join(REPO, "configs", "demo")
+    opts = ["model.distillers.pkd.loss_weight=10", "train.max_iter=5", "dataloader.train.total_batch_size=2"]
+    pkd, student, gid = (os.path.join(demo, f"{n}_retinanet.py") for n in ("pkd", "student", "gid"))
+    assert applicable_overrides(pkd, opts) == opts
+    assert applicable_overrides(student, opts) == opts[1:]
+    assert applicable_overrides(gid, opts) == opts[1:]
+    check_overrides([pkd, student], opts)
+    with pytest.raises(SystemExit, match=r"model\.distillers\.pkd\.loss_weight=10"):
+        check_overrides([gid, student], opts)  # no PKD run: a typo or a method not run
+    with pytest.raises(SystemExit, match="modle"):
+        check_overrides([pkd], ["modle.distillers.pkd.loss_weight=1"])

@@ -29,8 +29,9 @@ import os
 import subprocess
 import sys
 import time
+from typing import Dict, List, Optional, Sequence
 
-__all__ = ["main", "final_metrics", "heldout_metrics", "summarize"]
+__all__ = ["main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -49,13 +50,54 @@ def final_metrics(output_dir: str):
     return last
 
 
+_MISSING = object()
+_LOADED: Dict[str, object] = {}
+
+
+def _override_parent(opt: str) -> Optional[str]:
+    """The parent key of a ``a.b.c=value`` override (``a.b``), or None for other forms."""
+    key = opt.split("=", 1)[0] if "=" in opt else ""
+    if not key or key.startswith(("+", "~")) or "." not in key:
+        return None
+    return key.rsplit(".", 1)[0]
+
+
+def applicable_overrides(config: str, opts: Sequence[str]) -> List[str]:
+    """
+    The overrides of ``opts`` that apply to ``config``: a ``key=value`` whose parent key exists
+    in it (``model.distillers.pkd.loss_weight=10`` reaches the PKD configs, not the teacher's or
+    the student-alone config, which have no ``model.distillers.pkd``: there it would add a key
+    that their model cannot take). Other forms are kept.
+    """
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    path = os.path.abspath(config)
+    if path not in _LOADED:
+        _LOADED[path] = LazyConfig.load(path)
+    cfg = _LOADED[path]
+    return [o for o in opts if _override_parent(o) is None
+            or OmegaConf.select(cfg, _override_parent(o), default=_MISSING) is not _MISSING]
+
+
+def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo") -> None:
+    """Raise SystemExit naming the overrides of ``opts`` that apply to none of ``configs``
+    (a typo, or a method that is not run)."""
+    used = {o for c in configs for o in applicable_overrides(c, opts)}
+    unused = [o for o in opts if o not in used]
+    if unused:
+        names = ", ".join(os.path.basename(c) for c in configs)
+        raise SystemExit(f"[{tool}] the overrides {unused} apply to none of the configs ({names}): "
+                         "their parent keys exist in none of them")
+
+
 def _train(config: str, output_dir: str, opts, force: bool, log):
     done = os.path.isfile(os.path.join(output_dir, "model_final.pth")) and final_metrics(output_dir)
     if done and not force:
         log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
         return final_metrics(output_dir), None
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
-           f"train.output_dir={output_dir}"] + list(opts)
+           f"train.output_dir={output_dir}"] + applicable_overrides(config, opts)
     log("[demo] " + " ".join(cmd[1:]))
     start = time.time()
     with open(os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"), "w") as f:
@@ -79,7 +121,7 @@ def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
     if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):  # none, or stale
         names = "dataloader.test.dataset.names"
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only",
-               *opts, f"train.init_checkpoint={weights}",
+               *applicable_overrides(config, opts), f"train.init_checkpoint={weights}",
                f"train.output_dir={out}", f"{names}.split=heldout", f"{names}.num_images={num_images}",
                f"{names}.seed={HELDOUT_SEED}"]
         log(f"[demo] held-out evaluation of {output_dir}")
@@ -209,6 +251,10 @@ def main(argv=None):
             raise SystemExit(f"[demo] no config configs/demo/{method}_*.py; available: {avail}")
         return found[0]
 
+    if args.opts:  # every override must reach some run (a typo fails here, before training)
+        dets = {family(m) for m in args.methods}
+        check_overrides([cfg(f"{m}_{family(m)}") for m in args.methods]
+                        + [cfg(f"{r}_{d}") for d in dets for r in ("teacher", "student")], args.opts)
     for seed in args.seeds:
         suffix = f"_seed{seed}" if seed else ""
         seed_opts = [f"train.seed={seed}"] if seed else []
@@ -248,10 +294,11 @@ def main(argv=None):
         from .viz import main as viz
 
         det = family("pkd")
+        first = f"_seed{args.seeds[0]}" if args.seeds[0] else ""  # the first seed's runs
         viz(["pkd", "--config", cfg(f"pkd_{det}"),
              "--teacher", os.path.join(out, f"teacher_{det}", "model_final.pth"),
-             "--before", os.path.join(out, f"student_{det}", "model_final.pth"),
-             "--after", os.path.join(out, f"pkd_{det}", "model_final_student.pth"),
+             "--before", os.path.join(out, f"student_{det}{first}", "model_final.pth"),
+             "--after", os.path.join(out, f"pkd_{det}{first}", "model_final_student.pth"),
              "--index", "3", "--out", os.path.join(out, "pkd_fpn.png")])
     log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "

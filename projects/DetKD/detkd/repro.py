@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 
-from .demo import REPO, final_metrics
+from .demo import REPO, applicable_overrides, check_overrides, final_metrics
 
 __all__ = ["baseline_of", "main"]
 
@@ -68,11 +68,12 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--output", default="output/repro")
     parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs")
+    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
     baseline = _resolve(args.baseline or baseline_of(args.config))
     args.config = _resolve(args.config)
+    check_overrides([baseline, args.config], args.opts, tool="repro")
     name = os.path.basename(args.config)[:-3]
     out = os.path.abspath(os.path.join(args.output, name))
     runs = {}
@@ -82,7 +83,8 @@ def main(argv=None):
     ):
         run_dir = os.path.join(out, tag)
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
-               "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra + args.opts
+               "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
+        cmd += applicable_overrides(cfg, args.opts)  # e.g. model.distillers.* only for the distilled run
         print("[repro] " + " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
         runs[tag] = run_dir
