@@ -42,3 +42,17 @@ def test_registered_through_detectron2_coco_loader(tmp_path):
     assert os.path.isfile(meta.json_file)
     evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "eval"))
     evaluator.reset()
+
+
+def test_other_generation_settings_get_their_own_dataset(tmp_path):
+    # an override of image_size / max_objects / empty_fraction must not reuse a folder written
+    # with the defaults (same split, size and seed)
+    root = str(tmp_path)
+    default = register_shapes("val", 3, root=root)
+    other = register_shapes("val", 3, image_size=(200, 210), max_objects=6, empty_fraction=0.0, root=root)
+    assert default == "detkd_shapes_val_3_s1"
+    assert other == "detkd_shapes_val_3_s1_i200x210_o6_e0"
+    sizes = [(d["height"], d["width"]) for d in DatasetCatalog.get(other)]
+    assert all(200 <= h <= 210 and 200 <= w <= 210 for h, w in sizes), sizes
+    assert all(len(d["annotations"]) >= 1 for d in DatasetCatalog.get(other))  # no empty images
+    assert all(max(h, w) <= 160 for h, w in ((d["height"], d["width"]) for d in DatasetCatalog.get(default)))

@@ -161,10 +161,18 @@ def register_shapes(
         root (str): parent folder; default :func:`shapes_root`.
 
     Returns:
-        str: the dataset name, ``detkd_shapes_<split>_<num_images>_s<seed>``.
+        str: the dataset name, ``detkd_shapes_<split>_<num_images>_s<seed>``, followed by the
+        generation settings that differ from the defaults (``_i<min>x<max>``, ``_o<max_objects>``,
+        ``_e<empty_fraction>``), so that other settings never reuse a folder written with others.
     """
     seed = (0 if split == "train" else 1) if seed is None else seed
     name = f"detkd_shapes_{split}_{num_images}_s{seed}"
+    if tuple(image_size) != (96, 160):
+        name += f"_i{image_size[0]}x{image_size[1]}"
+    if max_objects != 4:
+        name += f"_o{max_objects}"
+    if empty_fraction != 0.1:
+        name += f"_e{empty_fraction:g}"
     folder = os.path.join(root or shapes_root(), name)
     json_file = os.path.join(folder, "annotations.json")
     if not os.path.isfile(json_file):
