@@ -675,3 +675,40 @@ def test_d3etr_match_left_by_a_failed_step_is_cancelled_not_solved(monkeypatch):
     assert len(match_solves) == n_layers * n_images  # the new match only, not the stale one
     assert losses.keys() == expected.keys()
     assert all(torch.allclose(losses[k], expected[k]) for k in losses)
+
+
+def _num_boxes_worker(rank, init_file, out_dir, logits, boxes, targets):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = instantiate(detr_cfg())
+        mine = slice(rank, rank + 1)  # image `rank` on process `rank`
+        losses = model.compute_gt_losses(logits[:, mine], boxes[:, mine], targets[mine])
+        torch.save({k: float(v) for k, v in losses.items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gt_losses_normalise_by_the_boxes_of_all_processes(tmp_path):
+    # two processes, one image each (1 and 4 boxes): DDP averages their losses (gradients), and
+    # that average must equal one process's loss over both images (every box weighs 1/5),
+    # not 1/2 for the lone box and 1/8 for each of the four
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(5)
+    L, N, K = 3, 6, 3
+    logits = torch.randn(L, 2, N, K, generator=g)
+    boxes = torch.rand(L, 2, N, 4, generator=g) * 0.4 + 0.2
+    targets = [
+        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2}
+        for n in (1, 4)
+    ]
+    mp.spawn(_num_boxes_worker, args=(str(tmp_path / "init"), str(tmp_path), logits, boxes, targets), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    single = instantiate(detr_cfg()).compute_gt_losses(logits, boxes, targets)
+    assert set(ranks[0]) == set(single) and len(single) == 3 * L
+    for k, v in single.items():
+        assert (ranks[0][k] + ranks[1][k]) / 2 == pytest.approx(float(v), rel=1e-5), k

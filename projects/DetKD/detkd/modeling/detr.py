@@ -35,6 +35,7 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
 
 from ..utils import host_tensor
 
@@ -733,6 +734,22 @@ class ConditionalDETR(nn.Module):
             cols.append(torch.stack([torch.zeros_like(p), torch.full_like(p, b), p, g + int(starts[b])]))
         return torch.cat(cols, 1)
 
+    @staticmethod
+    def _num_boxes(targets, device):
+        """
+        The loss normaliser: ground-truth boxes per process, averaged over all processes (at
+        least 1), as DETR does. DDP averages the processes' gradients, so every box then weighs
+        1 / (all boxes of the step), whatever the number of processes and however the boxes
+        fall on them. A float in one process; a 0-dim tensor (one all-reduce) in several.
+        """
+        n = float(sum(len(t["labels"]) for t in targets))
+        world = comm.get_world_size()
+        if world == 1:
+            return max(n, 1.0)
+        total = torch.tensor(n, dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(total)
+        return (total / world).clamp_(min=1.0)
+
     def compute_gt_losses(self, pred_logits, pred_boxes, targets, indices_last_layer=None) -> Dict[str, torch.Tensor]:
         """
         Ground-truth losses of predictions of every decoder layer. All layers are matched from
@@ -751,7 +768,7 @@ class ConditionalDETR(nn.Module):
             dict: ``loss_class``, ``loss_bbox``, ``loss_giou`` of the last layer and
             ``loss_<name>_<l>`` of earlier layers (when ``aux_loss``).
         """
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        num_boxes = self._num_boxes(targets, pred_logits.device)
         L = pred_logits.shape[0]
         first = 0 if self.aux_loss else L - 1
         logits, boxes = pred_logits[first:], pred_boxes[first:]  # (S, B, N, .): the supervised layers
