@@ -121,7 +121,7 @@ def test_heterogeneous_pairs_are_clear_errors():
     del fcos.anchor_generator, fcos.box2box_transform, fcos.anchor_matcher, fcos.input_format
     fcos.head._target_ = FCOSHead
     del fcos.head.num_anchors
-    with pytest.raises(ValueError, match="different heads.*PKD or ReviewKD"):
+    with pytest.raises(ValueError, match="different heads.*selection='location', response=False.*PKD or ReviewKD"):
         _kd(teacher=fcos)
     with pytest.raises(ValueError, match=r"different class counts \(3 vs 5\)"):
         _kd(teacher=tiny_retinanet_cfg(num_classes=5))

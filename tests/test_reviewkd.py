@@ -243,3 +243,35 @@ def test_abfs_follow_mixed_precision_and_the_loss_stays_fp32():
     assert dtypes == [torch.float32, torch.bfloat16]
     assert mixed.dtype == torch.float32
     assert mixed.item() == pytest.approx(full.item(), rel=0.05)
+
+
+def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
+    # a RetinaNet student (p3-p7) from a Faster R-CNN teacher (p2-p6) paired by index: each
+    # fused map is resized to its teacher level (it was a raw shape error in HCL)
+    import torch.nn.functional as F
+
+    from conftest import tiny_faster_rcnn_cfg
+
+    torch.manual_seed(0)
+    model = instantiate(L(DistillationDetector)(
+        student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=128),
+        distillers={"reviewkd": L(ReviewKDDistiller)(pair_by="index", num_levels=3)},
+    )).train()
+    d = model.distillers["reviewkd"]
+    assert d.pairs == [("p3", "p2"), ("p4", "p3"), ("p5", "p4")]
+    inputs = make_inputs()
+    with EventStorage():
+        loss = model(inputs)["loss_reviewkd"]
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert model.student.backbone.fpn_output3.weight.grad is not None
+    with torch.no_grad():  # the same value from the review chain, resized by hand
+        s = model.student.backbone(model.student.preprocess_image(inputs).tensor)
+        t = model.teacher.backbone(model.teacher_images(inputs).tensor)
+        fused = d.review(s)
+        expect = sum(
+            hcl_level_loss(F.interpolate(fused[a], size=t[b].shape[2:], mode="bilinear", align_corners=False), t[b])
+            for a, b in d.pairs
+        )
+    assert fused["p3"].shape[2:] != t["p2"].shape[2:]
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)

@@ -727,9 +727,11 @@ class GIDDistiller(Distiller):
             raise ValueError(
                 "GID selects general instances from teacher and student predictions at the same "
                 f"anchors/locations, and distills responses there; this pair has {', '.join(problems)}. "
-                "Use a student and teacher of the same detector family, anchors and classes; for "
-                "such heterogeneous pairs use PKD or ReviewKD (response=False only removes the "
-                "response term, selection still needs aligned predictions)."
+                "Use a student and teacher of the same detector family, anchors and classes, or set "
+                "selection='location', response=False for such heterogeneous pairs (GIs selected per "
+                "feature-map location of the shared strides; feature and relation terms only), or "
+                "use PKD or ReviewKD (response=False alone only removes the response term: anchor "
+                "selection still needs aligned predictions)."
             )
         self.shared_decoding = self.selection == "anchor" and self._same_box_transform(student, teacher)
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()

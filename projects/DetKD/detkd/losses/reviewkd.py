@@ -254,7 +254,10 @@ class ReviewKDDistiller(Distiller):
             loss_weight (float): lambda (R50 1.0, R18 1.2, MobileNetV2 2.0 for Faster R-CNN).
             num_levels (int or None): review the first ``num_levels`` pairs (finest first); None
                 for all shared levels (p2-p6 / p3-p7 as the paper).
-            pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`.
+            pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`. Index pairs of
+                different strides (e.g. a RetinaNet student's p3-p7 with an R-CNN teacher's p2-p6)
+                compare the fused map resized bilinearly to the teacher level's size ([INFER], as
+                PKD does; the paper pairs equal strides).
             mid_channels (int or None): ABF inner channels; default the teacher's channels.
             norm (str): norm of the ABF convs ("SyncBN" for multi-GPU runs if wanted).
         """
@@ -299,7 +302,10 @@ class ReviewKDDistiller(Distiller):
         feats_t = teacher_taps["backbone"]
         total = 0.0
         for s, t in self.pairs:
-            level = hcl_level_loss(fused[s], feats_t[t])
+            out, ref = fused[s], feats_t[t]
+            if out.shape[2:] != ref.shape[2:]:  # pair_by="index" across strides: as PKD does
+                out = F.interpolate(out, size=ref.shape[2:], mode="bilinear", align_corners=False)
+            level = hcl_level_loss(out, ref)
             put_scalar(f"reviewkd/{s}", level)
             total = total + level
         return {"loss_reviewkd": self.loss_weight * total}
