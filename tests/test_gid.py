@@ -431,3 +431,40 @@ def test_flatten_levels_rows_and_contiguous_gradients():
     cl = maps[0].detach().to(memory_format=torch.channels_last).requires_grad_()
     flatten_levels([cl]).sum().backward()
     assert cl.grad.is_contiguous(memory_format=torch.channels_last) and not cl.grad.is_contiguous()
+
+
+def _relation_direct(x, counts):
+    """GID's relation loss from explicit pairwise differences (torch.cdist), per image."""
+    import torch.nn.functional as F
+
+    losses, start = [], 0
+    for n in counts:
+        if n >= 3:
+            s, t = x[0][start:start + n], x[1][start:start + n]
+            off = ~torch.eye(n, dtype=torch.bool)
+            ds, dt = torch.cdist(s, s)[off], torch.cdist(t, t)[off]
+            losses.append(F.smooth_l1_loss(ds / ds.mean(), dt / dt.mean(), beta=1.0))
+        start += n
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("counts", [[6, 6], [4, 2, 5]])
+def test_relation_loss_keeps_fp32_precision_under_a_common_offset(counts):
+    # GI features of one image that share an offset 1000x their spread: the Gram form of the
+    # distances (|x|^2 + |y|^2 - 2 x.y) cancelled to rounding noise in fp32 before the rows were
+    # centred per image; now value and gradient follow an fp64 reference built from differences
+    from detkd.losses.gid import feature_and_relation_losses
+
+    g = torch.Generator().manual_seed(0)
+    n, D = sum(counts), 12800
+    s64 = 20.0 + 0.02 * torch.randn(n, D, generator=g, dtype=torch.float64)
+    t64 = -7.0 + 0.05 * torch.randn(n, D, generator=g, dtype=torch.float64)
+    ref_s = s64.clone().requires_grad_()
+    ref = _relation_direct((ref_s, t64), counts)
+    ref.backward()
+    s32 = s64.float().requires_grad_()
+    _, rel = feature_and_relation_losses(s32, t64.float(), counts)
+    rel.backward()
+    assert rel.item() == pytest.approx(ref.item(), rel=1e-3)
+    scale = ref_s.grad.abs().max()
+    assert (s32.grad.double() - ref_s.grad).abs().max() < 1e-2 * scale
