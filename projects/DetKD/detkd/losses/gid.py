@@ -417,30 +417,12 @@ class _ImageBlocks:
         self.rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
         self.pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
         self.n_pairs = self.pair.sum(dim=(1, 2)).to(dtype)
-        if not self.uniform:  # each row's image, for per-image means (_center)
-            n_all = host_tensor(counts, device)  # (N,)
-            self.row_image = torch.repeat_interleave(
-                torch.arange(len(counts), device=device), n_all, output_size=sum(counts)
-            )
-            self.inv_count = 1.0 / n_all.clamp(min=1).to(dtype)
 
     def grams(self, gram: torch.Tensor) -> torch.Tensor:
         """(M, G, G) per-image Gram blocks from :func:`_gram`'s output."""
         if self.uniform:
             return gram
         return gram[self.rows[:, :, None], self.rows[:, None, :]]
-
-
-def _center(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
-    """(Gt, D) rows minus the mean row of their image. Distances within an image do not change,
-    and the Gram form ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` no longer cancels a common offset of
-    the image's GI features (in fp32 an offset a few hundred times the features' spread left
-    the distances at rounding noise)."""
-    if blocks.uniform:
-        v = x.view(len(blocks.keep), blocks.G, -1)
-        return (v - v.mean(dim=1, keepdim=True)).view_as(x)
-    sums = x.new_zeros(len(blocks.inv_count), x.shape[1]).index_add_(0, blocks.row_image, x)
-    return x - (sums * blocks.inv_count[:, None])[blocks.row_image]
 
 
 def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
@@ -465,7 +447,6 @@ class _SquaredErrorAndGram(torch.autograd.Function):
         flat = diff.flatten()
         ctx.blocks = blocks
         if blocks.keep:
-            a = _center(a, blocks)  # the Gram matrix of the per-image centred rows
             gram = _gram(a, blocks)
         else:
             gram = a.new_zeros(0)
@@ -475,18 +456,15 @@ class _SquaredErrorAndGram(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_sse, g_gram):
-        a_c, diff = ctx.saved_tensors
+        a, diff = ctx.saved_tensors
         grad = diff * (2 * g_sse)
         if ctx.blocks.keep and g_gram is not None:
-            # d gram(C a) = C^T (g + g^T) C a, with C the (symmetric) per-image centring
             sym = g_gram + g_gram.transpose(-1, -2)
             if ctx.blocks.uniform:
                 M, G = len(ctx.blocks.keep), ctx.blocks.G
-                part = torch.bmm(sym, a_c.view(M, G, -1))
-                part.sub_(part.mean(dim=1, keepdim=True))
-                grad.add_(part.view_as(grad))
+                grad.view(M, G, -1).baddbmm_(sym, a.view(M, G, -1))
             else:
-                grad.add_(_center(sym @ a_c, ctx.blocks))
+                grad.addmm_(sym, a)
         return grad, None, None
 
 
@@ -533,8 +511,8 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     if not blocks.keep:
         return student.sum() * 0.0
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(_center(teacher, blocks), blocks))
-    return _relation_from_grams(blocks.grams(_gram(_center(student, blocks), blocks)), gram_t, blocks)
+        gram_t = blocks.grams(_gram(teacher, blocks))
+    return _relation_from_grams(blocks.grams(_gram(student, blocks)), gram_t, blocks)
 
 
 def feature_and_relation_losses(
@@ -556,7 +534,7 @@ def feature_and_relation_losses(
     if not blocks.keep:
         return sse, student.sum() * 0.0
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(_center(teacher, blocks), blocks))
+        gram_t = blocks.grams(_gram(teacher, blocks))
     return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
 
 
