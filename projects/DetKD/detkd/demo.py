@@ -76,8 +76,9 @@ def applicable_overrides(config: str, opts: Sequence[str]) -> List[str]:
     if path not in _LOADED:
         _LOADED[path] = LazyConfig.load(path)
     cfg = _LOADED[path]
-    return [o for o in opts if _override_parent(o) is None
-            or OmegaConf.select(cfg, _override_parent(o), default=_MISSING) is not _MISSING]
+    parents = [_override_parent(o) for o in opts]
+    return [o for o, p in zip(opts, parents)
+            if p is None or OmegaConf.select(cfg, p, default=_MISSING) is not _MISSING]
 
 
 def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo") -> None:
@@ -252,9 +253,9 @@ def main(argv=None):
         return found[0]
 
     if args.opts:  # every override must reach some run (a typo fails here, before training)
-        dets = {family(m) for m in args.methods}
-        check_overrides([cfg(f"{m}_{family(m)}") for m in args.methods]
-                        + [cfg(f"{r}_{d}") for d in dets for r in ("teacher", "student")], args.opts)
+        dets = {m: family(m) for m in args.methods}
+        check_overrides([cfg(f"{m}_{d}") for m, d in dets.items()]
+                        + [cfg(f"{r}_{d}") for d in set(dets.values()) for r in ("teacher", "student")], args.opts)
     for seed in args.seeds:
         suffix = f"_seed{seed}" if seed else ""
         seed_opts = [f"train.seed={seed}"] if seed else []
