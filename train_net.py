@@ -27,7 +27,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from detkd.checkpoint import load_student
-from detkd.engine import KDTrainer, ddp_model, student_of
+from detkd.engine import KDTrainer, check_override_keys, ddp_model, student_of
 
 logger = logging.getLogger("detectron2")
 
@@ -43,6 +43,7 @@ def _share_cpu_threads() -> None:
 
 def main(args):
     cfg = LazyConfig.load(args.config_file)
+    check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
     # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
@@ -52,7 +53,7 @@ def main(args):
     if args.eval_only:
         # Evaluates the student: a DistillationDetector in eval mode never runs its teacher.
         model = KDTrainer.build_model(cfg)
-        load_student(student_of(model), cfg.train.init_checkpoint)
+        load_student(student_of(model), cfg.train.init_checkpoint, strict=True)
         model = ddp_model(model)
         results = KDTrainer.test(cfg, model)
         if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)

@@ -173,3 +173,68 @@ def test_save_student_is_atomic(tmp_path):
     data = torch.load(path, weights_only=False)
     assert isinstance(data["model"]["head.cls_score.weight"], torch.Tensor)
     assert np.isfinite(data["model"]["head.cls_score.weight"].numpy()).all()
+
+
+def test_teacher_checkpoint_of_a_larger_architecture_is_an_error(tmp_path):
+    # An R101 checkpoint in an R50 teacher config: every teacher key is in the file, the extra
+    # blocks are not; detectron2 loads it without a word and the teacher is a truncated R101.
+    deeper = tiny_retinanet_cfg(width=32, fpn=128)
+    deeper.backbone.bottom_up.stages.depth = 34
+    torch.save({"model": instantiate(deeper).state_dict()}, tmp_path / "deep.pth")
+    with pytest.raises(TeacherCheckpointError, match=r"has 96 weights that model.teacher has no place "
+                       r"for: \['backbone\.bottom_up\.res2\.2\.conv1\.weight'.*stages\.depth=101"):
+        load_teacher(_kd().teacher, str(tmp_path / "deep.pth"))
+    # the same file in the model zoo's .pkl format
+    _write_zoo_pkl(instantiate(deeper), tmp_path / "deep.pkl")
+    with pytest.raises(TeacherCheckpointError, match="has 96 weights.*no place for"):
+        load_teacher(_kd().teacher, str(tmp_path / "deep.pkl"))
+    # a head with one conv more
+    wider_head = tiny_retinanet_cfg(width=32, fpn=128)
+    wider_head.head.conv_dims = [128, 128, 128]
+    torch.save({"model": instantiate(wider_head).state_dict()}, tmp_path / "head.pth")
+    with pytest.raises(TeacherCheckpointError, match=r"has 4 weights.*'head\.cls_subnet\.4\.weight'"):
+        load_teacher(_kd().teacher, str(tmp_path / "head.pth"))
+    # Parts the teacher does not have at all (e.g. the mask head of a Mask R-CNN checkpoint for a
+    # Faster R-CNN teacher) and old top-level buffers are ignored: the teacher loads exactly.
+    source = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    for p in source.parameters():
+        p.data.normal_()
+    state = dict(source.state_dict())
+    state["roi_heads.mask_head.mask_fcn1.weight"] = torch.zeros(4, 4, 3, 3)
+    state["pixel_mean"] = torch.zeros(3, 1, 1)
+    torch.save({"model": state}, tmp_path / "extra_parts.pth")
+    kd = _kd()
+    load_teacher(kd.teacher, str(tmp_path / "extra_parts.pth"))
+    assert _same_weights(kd.teacher, source)
+
+
+def test_strict_student_load_for_evaluation(tmp_path):
+    from detkd.checkpoint import CheckpointMismatchError
+
+    kd = _kd()
+    for p in kd.student.parameters():
+        p.data.normal_()
+    DetectionCheckpointer(kd, str(tmp_path)).save("model_final")
+    with pytest.raises(CheckpointMismatchError, match="train.init_checkpoint is empty"):
+        load_student(_kd().student, "", strict=True)
+    # a run checkpoint or the exported student: loaded exactly
+    export_student(str(tmp_path / "model_final.pth"), str(tmp_path / "student.pth"))
+    for name in ("model_final.pth", "student.pth"):
+        other = _kd()
+        load_student(other.student, str(tmp_path / name), strict=True)
+        assert _same_weights(other.student, kd.student)
+    # the teacher's weights (another width) or another class count: an error, not an
+    # evaluation of a half-random student
+    torch.save({"model": kd.teacher.state_dict()}, tmp_path / "teacher.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"teacher\.pth' does not fit the model of this config "
+                       r"\(shape mismatch: backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) vs model \(64, 32, 1, 1\)"):
+        load_student(_kd().student, str(tmp_path / "teacher.pth"), strict=True)
+    five = instantiate(tiny_retinanet_cfg(num_classes=5))
+    with pytest.raises(CheckpointMismatchError, match="head.cls_score.weight.*num_classes"):
+        load_student(five, str(tmp_path / "student.pth"), strict=True)
+    # backbone only: parameters are named as missing
+    state = {k: v for k, v in kd.student.state_dict().items() if k.startswith("backbone.")}
+    torch.save({"model": state}, tmp_path / "backbone.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"12 model parameters are not in the file: \['head\."):
+        load_student(_kd().student, str(tmp_path / "backbone.pth"), strict=True)
+    load_student(_kd().student, str(tmp_path / "backbone.pth"))  # train.init_checkpoint: allowed

@@ -248,3 +248,70 @@ def test_teacher_eval_at_start_feeds_the_teacher_its_own_channel_order(tmp_path)
     for got, rgb in zip(seen, loaded):
         assert torch.equal(got, rgb.flip(0)) and not torch.equal(got, rgb)
     assert "bbox" in hook.results
+
+
+def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoints(tmp_path):
+    from detkd.checkpoint import CheckpointMismatchError
+
+    out = tmp_path / "r"
+    _run(_small_cfg(out, 2))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))}
+    assert {"model_final.pth", "model_final_student.pth", "last_checkpoint"} <= set(files)
+    # e.g. another class count: detectron2 only logged the skipped head weights, and the first
+    # optimizer step failed with a raw "size of tensor a (27) must match the size of tensor b (36)"
+    cfg = _small_cfg(out, 4)
+    cfg.model.student.num_classes = 4
+    with pytest.raises(CheckpointMismatchError, match=r"--resume: the last checkpoint of .*model_final\.pth\) does "
+                       r"not fit the model of this config \(shape mismatch: student\.head\.cls_score\.weight: "
+                       r"file \(27, 32, 3, 3\) vs model \(36, 32, 3, 3\).*new train\.output_dir"):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    # a plain detector's run (e.g. the student trained alone) resumed as a distillation run
+    plain = load_config("configs/demo/student_retinanet.py")
+    plain.model = tiny_retinanet_cfg(width=8, fpn=32)
+    plain.train.update(output_dir=str(tmp_path / "alone"), max_iter=1, eval_period=0)
+    plain.dataloader = cfg.dataloader
+    KDTrainer(plain).train()
+    cfg = _small_cfg(tmp_path / "alone", 4)
+    with pytest.raises(CheckpointMismatchError, match=r"model parameters are not in the file: \['student\."):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
+
+
+def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):
+    base = [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "--eval-only",
+            f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.dataset.names.num_images=4",
+            "dataloader.test.num_workers=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(base + ["train.init_checkpoint="], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "CheckpointMismatchError: train.init_checkpoint is empty: there are no weights to evaluate" in proc.stderr
+    assert not (tmp_path / "eval" / "eval_results.json").exists()
+
+
+def test_override_typos_are_errors_that_name_the_key():
+    from detkd.engine import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    # LazyConfig adds such keys silently: the run used the config's max_iter / teacher
+    with pytest.raises(KeyError, match=r"'train' has no key 'max_ite'\. Did you mean 'train\.max_iter'\?"):
+        check_override_keys(cfg, ["train.max_ite=2"])
+    with pytest.raises(KeyError, match=r"no key 'teacher_chekpoint'\. Did you mean 'train\.teacher_checkpoint'"):
+        check_override_keys(cfg, ["train.max_iter=2", "train.teacher_chekpoint=/some/teacher.pth"])
+    with pytest.raises(KeyError, match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'"):
+        check_override_keys(cfg, ["model.student.num_clases=4"])
+    with pytest.raises(KeyError, match=r"'model\.distillers\.pkd' has no key 'loss_weigth'.*'model\.distillers\.pkd\.loss_weight'"):
+        check_override_keys(cfg, ["model.distillers.pkd.loss_weigth=4"])
+    # existing keys, arguments a LazyCall leaves at their default, DetKD's documented keys, +key
+    check_override_keys(cfg, [
+        "train.max_iter=2", "train.teacher_checkpoint=", "model.distillers.pkd.pair_by=index",
+        "dataloader.train.dataset.filter_empty=False", "dataloader.test.dataset.names.split=heldout",
+        "model.teacher_precision=fp16", "train.clip_grad.enabled=True", "train.clip_grad.max_norm=1.0",
+        "optimizer.betas=[0.9,0.99]", "+train.my_note=1",
+    ])
+    assert "clip_grad" in cfg.train and cfg.train.clip_grad.enabled is False
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "train.max_ite=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "Did you mean 'train.max_iter'?" in proc.stderr

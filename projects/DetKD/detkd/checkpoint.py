@@ -21,6 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
+    "CheckpointMismatchError",
     "TeacherCheckpointError",
     "load_student",
     "load_teacher",
@@ -34,8 +35,64 @@ logger = logging.getLogger(__name__)
 STUDENT_PREFIX = "student."
 
 
-class TeacherCheckpointError(RuntimeError):
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that must fit a model exactly (``--eval-only`` weights, a run resumed with
+    ``--resume``) is missing or does not fit it."""
+
+
+class TeacherCheckpointError(CheckpointMismatchError):
     """The teacher checkpoint is missing, unreadable, or does not fit the teacher model."""
+
+
+# Keys a model may legitimately lack in a checkpoint: the wrapper's extra state (checkpoints of
+# older versions have none); detectron2 already drops pixel_mean/pixel_std and cell anchors.
+_OPTIONAL_KEYS = ("_extra_state",)
+
+
+def _module_extras(model: nn.Module, unexpected) -> list:
+    """
+    The unexpected checkpoint keys that show that ``model`` is not the checkpoint's
+    architecture: a key inside a container the model has (``res4.6.*`` in a shallower ResNet's
+    ``res4``, ``cls_subnet.4.*`` in a head with fewer convs, a decoder layer more) or a parameter
+    an existing submodule lacks (``conv.bias`` of a conv without bias). Keys of whole parts the
+    model does not have (e.g. the mask head of a Mask R-CNN checkpoint loaded into a Faster
+    R-CNN) and top-level buffers (pixel_mean/std of old checkpoints) are not.
+    """
+    modules = dict(model.named_modules())
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    extras = []
+    for key in unexpected:
+        parts = key.split(".")
+        i = len(parts) - 1
+        while i > 0 and ".".join(parts[:i]) not in modules:
+            i -= 1
+        owner = modules[".".join(parts[:i])] if i > 0 else model
+        if isinstance(owner, containers) or (i > 0 and i == len(parts) - 1):
+            extras.append(key)
+    return extras
+
+
+def _describe_mismatch(inc, shapes_hint: str, unexpected) -> list:
+    """Sentences naming the keys of detectron2's incompatible-keys record ``inc`` that do not
+    fit (of its unexpected keys, those in ``unexpected``)."""
+    problems = []
+    if inc.incorrect_shapes:
+        shapes = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in inc.incorrect_shapes[:10])
+        problems.append(f"shape mismatch: {shapes} ({shapes_hint})")
+    wrong_shape = {k for k, _, _ in inc.incorrect_shapes}
+    missing = [k for k in inc.missing_keys if k not in _OPTIONAL_KEYS and k not in wrong_shape]
+    if missing:
+        problems.append(
+            f"{len(missing)} model parameters are not in the file: "
+            f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
+        )
+    if unexpected:
+        keys = list(unexpected)
+        problems.append(
+            f"{len(keys)} keys of the file are not in the model: "
+            f"{keys[:20]}{' ...' if len(keys) > 20 else ''}"
+        )
+    return problems
 
 
 def student_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -62,14 +119,40 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         return self.last_incompatible
 
 
-def load_student(student: nn.Module, path: str) -> None:
+def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None:
     """
     Load ``path`` into ``student`` (``train.init_checkpoint``), like detectron2 loads
     ``MODEL.WEIGHTS``: missing keys are logged, not fatal (e.g. an ImageNet backbone only).
     An empty path does nothing.
+
+    Args:
+        strict (bool): the weights must be the student's, all of them (``--eval-only``): an
+            empty path, or a file that leaves student parameters unloaded, has tensors of other
+            shapes or keys the student does not have, raises :class:`CheckpointMismatchError`.
     """
-    if path:
-        _DetectorCheckpointer(student).load(path, checkpointables=[])
+    if not path:
+        if strict:
+            raise CheckpointMismatchError(
+                "train.init_checkpoint is empty: there are no weights to evaluate. Set "
+                "train.init_checkpoint to the student's weights (model_final_student.pth, or a "
+                "run's model_final.pth)."
+            )
+        return
+    ckpt = _DetectorCheckpointer(student)
+    ckpt.load(path, checkpointables=[])
+    inc = ckpt.last_incompatible
+    if strict and inc is not None:
+        problems = _describe_mismatch(
+            inc,
+            "a class-count mismatch means the config's num_classes must match the checkpoint's",
+            _module_extras(student, inc.unexpected_keys),
+        )
+        if problems:
+            raise CheckpointMismatchError(
+                f"The checkpoint {path!r} does not fit the model of this config ({'; '.join(problems)}). "
+                "Evaluate it with the config it was trained with (for a distilled run's student, "
+                "the distillation config or the student's own config)."
+            )
 
 
 def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -> None:
@@ -124,6 +207,20 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
             f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. Is it the checkpoint of the "
             "architecture in model.teacher?"
+        )
+    extras = _module_extras(teacher, inc.unexpected_keys) if inc is not None else []
+    if extras:
+        raise TeacherCheckpointError(
+            f"The teacher checkpoint {path!r} has {len(extras)} weights that model.teacher has no "
+            f"place for: {extras[:20]}{' ...' if len(extras) > 20 else ''}. It is the checkpoint "
+            "of a larger architecture (e.g. deeper backbone, more head convs or decoder layers): "
+            "set model.teacher to the checkpoint's architecture (e.g. "
+            "model.teacher.backbone.bottom_up.stages.depth=101 for an R101 checkpoint)."
+        )
+    if inc is not None and inc.unexpected_keys:
+        logger.warning(
+            f"The teacher checkpoint {path!r} has weights of parts model.teacher does not have "
+            f"(ignored): {inc.unexpected_keys[:10]}{' ...' if len(inc.unexpected_keys) > 10 else ''}"
         )
     logger.info(f"Teacher weights loaded from {path}")
 

@@ -37,10 +37,24 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
-from .checkpoint import load_student, load_teacher, save_student
+from .checkpoint import (
+    CheckpointMismatchError,
+    _describe_mismatch,
+    load_student,
+    load_teacher,
+    save_student,
+)
 from .distiller import DistillationDetector
 
-__all__ = ["KDTrainer", "ExportStudentHook", "TeacherEvalHook", "unwrap_model", "student_of", "ddp_model"]
+__all__ = [
+    "KDTrainer",
+    "ExportStudentHook",
+    "TeacherEvalHook",
+    "unwrap_model",
+    "student_of",
+    "ddp_model",
+    "check_override_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +83,53 @@ def ddp_model(model, **kwargs):
     return create_ddp_model(model, **kwargs)
 
 
+def check_override_keys(cfg, overrides) -> None:
+    """
+    Raise ``KeyError`` for a ``key=value`` override (``train_net.py ... key=value``) whose key is
+    neither in ``cfg`` nor an argument of the LazyCall that would receive it: LazyConfig would
+    add it silently (``train.max_ite=100`` trains the config's ``max_iter``;
+    ``train.teacher_chekpoint=x`` keeps the config's teacher). ``+key=value`` adds a key on
+    purpose and is not checked.
+    """
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import DictConfig, OmegaConf
+
+    missing = object()
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if o.is_add() or OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        parts = key.split(".")
+        i = len(parts) - 1
+        while i > 0 and OmegaConf.select(cfg, ".".join(parts[:i]), default=missing) is missing:
+            i -= 1
+        parent_key = ".".join(parts[:i])
+        parent = OmegaConf.select(cfg, parent_key, default=missing) if i else cfg
+        if not isinstance(parent, DictConfig):
+            continue  # a list index or a value: LazyConfig itself reports it
+        name = parts[i]
+        known = [str(k) for k in parent.keys() if k != "_target_"]
+        target = parent.get("_target_", None)
+        if target is not None and i == len(parts) - 1:
+            fn = locate(target) if isinstance(target, str) else target
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                continue
+            if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                continue  # an argument the config leaves at its default
+            known += [k for k in params if k not in known]
+        where = f"'{parent_key}'" if parent_key else "the config"
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(repr('.'.join(parts[:i] + [c])) for c in close)}?" if close else ""
+        raise KeyError(
+            f"Override {key!r}: {where} has no key {name!r}.{hint} Keys there: {sorted(known)}. "
+            f"(Write +{key}=... to add a new key on purpose.)"
+        )
+
+
 def student_of(model):
     """The detector that is being trained: ``model.student`` of a DistillationDetector, else
     the model itself."""
@@ -88,6 +149,27 @@ def _clip_before_step(optimizer, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     optimizer.register_step_pre_hook(clip)
+
+
+class _RunCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer of a run. While :attr:`strict` (``--resume``), a checkpoint
+    whose model part does not fit the model exactly raises :class:`CheckpointMismatchError`
+    before the optimizer, scheduler or iteration are restored (detectron2 would only log the
+    mismatch and continue with partly random weights, or fail later with a raw shape error)."""
+
+    strict = False
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and incompatible is not None:
+            problems = _describe_mismatch(
+                incompatible,
+                "this config's num_classes or layer sizes differ from those of the run that wrote it",
+                incompatible.unexpected_keys,
+            )
+            if problems:
+                raise CheckpointMismatchError("; ".join(problems))
+        return incompatible
 
 
 class ExportStudentHook(hooks.HookBase):
@@ -164,7 +246,7 @@ class KDTrainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = _RunCheckpointer(
             model, cfg.train.output_dir, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
@@ -188,7 +270,19 @@ class KDTrainer(DefaultTrainer):
                 allow_random=self.cfg.train.get("teacher_random_init", False),
             )
         if resume and self.checkpointer.has_checkpoint():
-            self.checkpointer.resume_or_load("", resume=True)
+            path = self.checkpointer.get_checkpoint_file()
+            self.checkpointer.strict = True
+            try:
+                self.checkpointer.resume_or_load("", resume=True)
+            except CheckpointMismatchError as e:
+                raise CheckpointMismatchError(
+                    f"--resume: the last checkpoint of {self.cfg.train.output_dir!r} ({path}) does not "
+                    f"fit the model of this config ({e}). It was written by another model or config. "
+                    "Resume with the config of that run, or start this one in a new "
+                    "train.output_dir (or without --resume); no checkpoint was overwritten."
+                ) from e
+            finally:
+                self.checkpointer.strict = False
             self.start_iter = self.iter + 1
         else:
             load_student(student_of(model), self.cfg.train.init_checkpoint)
