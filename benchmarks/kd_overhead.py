@@ -15,8 +15,9 @@ ratio of the rounds' own medians: how much it moves within the run): 1.0 means d
 costs nothing beyond running both models; targets are PKD <= 1.05, ReviewKD and GID <= 1.10,
 D3ETR <= 1.15. It also prints peak memory of (c) against (a) plus the teacher's weights
 (teacher activations must not be kept for backward; see ``_peak``): on a GPU from
-``max_memory_allocated``, on a CPU from the profiler's memory timeline (one extra, profiled
-call of each step). ReviewKD and D3ETR are also measured at a cheaper non-paper setting
+``max_memory_allocated`` (less the distillers' weights, gradients and optimizer state during
+(a)), on a CPU from the profiler's memory timeline; each step measured on the second of two
+extra calls, both profiled on a CPU (see ``_peak``). ReviewKD and D3ETR are also measured at a cheaper non-paper setting
 (``VARIANTS``; ``--no-variants`` skips them). For these two, the "floor" column is the ratio
 that the trainable compute the method adds by design (ReviewKD's ABFs, D3ETR's auxiliary query
 group; see ``FLOORS``), timed alone, already costs: no implementation of the method can go
@@ -125,7 +126,10 @@ def _sync(device):
 
 
 def _median(values):
-    return sorted(values)[len(values) // 2]
+    """The median: the middle value, or the mean of the two middle values of an even count."""
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def _timed_interleaved(fns, iters, device):
@@ -175,53 +179,74 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _peak(fn, device, resident=None):
+def _peak(fn, device, resident=None, foreign=()):
     """
     Peak bytes of live tensors during one call of ``fn``, counting the weights of ``resident``
-    (the teacher) as resident throughout. CUDA: ``max_memory_allocated``, which counts every
-    tensor on the device. CPU: the profiler's memory timeline, which only counts the tensors the
-    call allocates or uses, plus the parameters and buffers of the ``resident`` submodules the
-    call did not run (a student-alone step runs none of the teacher's, a KD step only the parts
-    its distillers need). None where the profiler cannot give a timeline; errors of ``fn``
-    itself propagate.
+    (the teacher) as resident throughout. ``fn`` is called twice and the second call measured:
+    the measured call then starts from the state a call of its own kind leaves (the previous
+    step's gradients, which it frees after its forward), as in its own training loop, whatever
+    ran before. CUDA: ``max_memory_allocated``, which counts every tensor on the device, less
+    the bytes of ``foreign`` (tensors on the device that are no part of this step's training
+    run, e.g. the distillers' weights, gradients and optimizer state during a student-alone
+    step; they must stay untouched by ``fn``). CPU: the profiler's memory timeline, which only
+    counts the tensors the call allocates or uses, plus the parameters and buffers of the
+    ``resident`` submodules the call did not run (a student-alone step runs none of the
+    teacher's, a KD step only the parts its distillers need); the first call also runs under a
+    profiler, because the CPU allocator reports the free of a block to the profiler only if
+    the block was allocated while memory profiling was on (what the measured call frees of
+    what an unprofiled call left would go uncounted). None where the profiler cannot give a
+    timeline; errors of ``fn`` itself propagate.
     """
     if device.type == "cuda":
+        fn()
+        _sync(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device)
+        seen, foreign_bytes = set(), 0
+        for t in foreign:
+            if t is not None and t.device.type == "cuda" and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                foreign_bytes += t.numel() * t.element_size()
+        return torch.cuda.max_memory_allocated(device) - foreign_bytes
     from torch.profiler import ProfilerActivity, profile
 
     modules = list(resident.modules()) if resident is not None else []
     ran = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for m in modules]
-    try:
-        # export_memory_timeline: deprecated, still the CPU way; the profiler's own start/stop
-        # messages to stderr are silenced.
-        with warnings.catch_warnings(), _quiet_stderr():
-            warnings.simplefilter("ignore")
-            try:
-                prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                               with_stack=True)
-                prof.start()
-            except Exception:  # a profiler without CPU memory profiling: no memory column
-                return None
+    # export_memory_timeline: deprecated, still the CPU way; the profiler's own start/stop
+    # messages to stderr are silenced.
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        try:
+            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            prof.start()
+        except Exception:  # a profiler without CPU memory profiling: no memory column
+            return None
+        try:
+            fn()  # the state the measured call starts from, allocated under memory profiling
+        finally:
+            prof.stop()
+        hooks = [m.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for m in modules]
+        try:
+            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                           with_stack=True)
+            prof.start()
             try:
                 fn()
             finally:
                 prof.stop()
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "memory.json")
-                    prof.export_memory_timeline(path, device="cpu")
-                    with open(path) as f:
-                        _, sizes = json.load(f)  # [times, [bytes per category] per time]
-            except Exception:  # an older or newer profiler without the timeline
-                return None
-    finally:
-        for h in hooks:
-            h.remove()
+        finally:
+            for h in hooks:
+                h.remove()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "memory.json")
+                prof.export_memory_timeline(path, device="cpu")
+                with open(path) as f:
+                    _, sizes = json.load(f)  # [times, [bytes per category] per time]
+        except Exception:  # an older or newer profiler without the timeline
+            return None
     unused = [t for m in modules if m not in ran for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
     return max((sum(s) for s in sizes), default=0) + sum(t.numel() * t.element_size() for t in unused)
 
@@ -246,17 +271,19 @@ def _batch(cfg, batch_size, image_size):
     return next(iter(instantiate(cfg.dataloader.train)))
 
 
-def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
-    cfg = LazyConfig.load(os.path.join(REPO, config))
-    cfg.model.teacher_precision = teacher_precision
-    cfg = LazyConfig.apply_overrides(cfg, applicable_overrides(os.path.join(REPO, config), list(overrides)))
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(device).train()
-    batch = _batch(cfg, batch_size, image_size)
+def _steps(model, batch, device):
+    """
+    (student_step, teacher_forward, kd_step, opt_s, opt_kd, distiller_state) on ``batch``: (a), (b)
+    and (c) of the module's docstring, with SGD at lr 0 (the update runs, same cost, but
+    randomly initialised big models do not diverge). The two optimizers share their state: one
+    momentum buffer per student parameter, as in either training run (two would put a second
+    copy of the student's optimizer state on the device, counted by both CUDA memory peaks).
+    ``distiller_state()``: the distillers' weights, gradients and optimizer state now.
+    """
     student, teacher = model.student, model.teacher
-    # lr 0: the update runs (same cost) but randomly initialised big models do not diverge.
     opt_s = torch.optim.SGD(student.parameters(), lr=0.0, momentum=0.9)
     opt_kd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    opt_s.state = opt_kd.state
 
     def student_step():
         loss = sum(student(batch).values())
@@ -276,6 +303,24 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         loss.backward()
         opt_kd.step()
 
+    def distiller_state():
+        params = list(model.distillers.parameters())
+        state = [v for p in params for v in opt_kd.state.get(p, {}).values() if torch.is_tensor(v)]
+        return [*params, *(p.grad for p in params if p.grad is not None), *state]
+
+    return student_step, teacher_forward, kd_step, opt_s, opt_kd, distiller_state
+
+
+def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
+    cfg = LazyConfig.load(os.path.join(REPO, config))
+    cfg.model.teacher_precision = teacher_precision
+    cfg = LazyConfig.apply_overrides(cfg, applicable_overrides(os.path.join(REPO, config), list(overrides)))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    batch = _batch(cfg, batch_size, image_size)
+    teacher = model.teacher
+    student_step, teacher_forward, kd_step, _, opt_kd, distiller_state = _steps(model, batch, device)
+
     method = method or os.path.basename(config).split("_")[0].lower()
     kind, floor_step = FLOORS.get(method, lambda *a: (None, None))(model, batch, opt_kd)
     with EventStorage():
@@ -285,7 +330,11 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         times = _timed_interleaved(steps, iters * rounds, device)
         spread = _ratio_spread(*times[:3], rounds)
         t_s, t_t, t_kd, *t_floor = [_median(t) for t in times]
-        mem_s, mem_kd = _peak(student_step, device, teacher), _peak(kd_step, device, teacher)
+        del steps, floor_step  # what the floor's step holds (ReviewKD's feature maps) is freed
+        # on CUDA the distillers' weights, gradients and optimizer state are on the device
+        # during the student step too, but no part of a student-alone run
+        mem_s = _peak(student_step, device, teacher, foreign=distiller_state())
+        mem_kd = _peak(kd_step, device, teacher)
     floor = None
     if t_floor:  # the floor's step either adds to (a) + (b) or replaces (a)
         floor = (t_s + t_t + t_floor[0]) / (t_s + t_t) if kind == "extra" else (t_floor[0] + t_t) / (t_s + t_t)

@@ -125,3 +125,96 @@ def test_profile_sync_recorder_names_the_thread_that_synchronised():
         ("called a synchronizing CUDA operation", "detkd-d3etr-match_0"),
     }
     assert sum(sites.values()) == 2
+
+
+def test_cpu_peak_counts_what_the_step_frees_of_its_previous_call():
+    """A training step frees what its previous call left (the last step's gradients) after
+    allocating its own activations: those bytes are live at the peak. The CPU allocator reports
+    the free of a block to the profiler only if the block was allocated while memory profiling
+    was on, so the previous call must run under the profiler too, whatever ran before it."""
+    kd = _kd_overhead()
+    state = {}
+
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB of activations
+        b = torch.empty(500_000)  # 2 MB more: with the 4 MB left by the previous call, 10 MB
+        state.pop("grads", None)  # the previous call's "gradients" freed (zero_grad)
+        del b
+        state["grads"] = torch.empty(1_000_000)  # this call's: 8 MB with a
+        return a.sum().item()
+
+    for _ in range(2):
+        step()  # the state a benchmark's timing loop leaves: allocated with profiling off
+        peak = kd._peak(step, torch.device("cpu"))
+        assert peak is not None
+        assert 10_000_000 <= peak <= 10_000_000 + 4096, peak
+
+
+def test_student_and_kd_steps_keep_one_momentum_buffer_per_parameter():
+    """The student-alone and KD optimizers share their state: on CUDA every tensor on the device
+    counts, and a second momentum buffer per student parameter would be counted in both peaks.
+    distiller_state() is what the student-alone peak leaves out there: the distillers' weights,
+    gradients and momentum."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.events import EventStorage
+
+    kd = _kd_overhead()
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py"))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    batch = kd._batch(cfg, 2, 64)
+    student_step, _, kd_step, opt_s, opt_kd, distiller_state = kd._steps(model, batch, torch.device("cpu"))
+    with EventStorage():
+        student_step()
+        kd_step()
+        student_step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    buffers = {
+        v.data_ptr(): v for opt in (opt_s, opt_kd) for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+    }
+    n_student, n_distillers = nbytes(model.student.parameters()), nbytes(model.distillers.parameters())
+    assert n_distillers > 0
+    assert nbytes(buffers.values()) == n_student + n_distillers
+    assert nbytes(distiller_state()) == 3 * n_distillers  # weights, gradients, momentum
+
+
+def test_cuda_peak_is_the_second_call_less_the_foreign_tensors(monkeypatch):
+    """CUDA path, with the device calls replaced: the peak is reset between the two calls, and
+    the foreign tensors on the device are subtracted once each."""
+    from types import SimpleNamespace
+
+    kd = _kd_overhead()
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 10_000_000)
+
+    def fake(ptr, numel, device="cuda"):
+        return SimpleNamespace(device=torch.device(device), data_ptr=lambda: ptr, numel=lambda: numel,
+                               element_size=lambda: 4)
+
+    weight = fake(1, 100_000)
+    foreign = [weight, fake(2, 50_000), weight, None, fake(3, 1_000_000, device="cpu")]
+    peak = kd._peak(lambda: events.append("call"), torch.device("cuda"), None, foreign=foreign)
+    assert events == ["call", "reset", "call"]
+    assert peak == 10_000_000 - 600_000
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two(tmp_path):
+    kd = _kd_overhead()
+    assert kd._median([4.0, 1.0, 3.0]) == 3.0
+    assert kd._median([4.0, 1.0, 3.0, 2.0]) == 2.5  # not 3.0, the upper of the two middle values
+    low, high = kd._ratio_spread([1, 3, 1, 1], [1, 1, 1, 1], [3, 5, 2, 2], rounds=2)
+    # rounds of 2 calls: medians (s, t, kd) = (2, 1, 4), then (1, 1, 2)
+    assert low == 1.0 and abs(high - 4 / 3) < 1e-12, (low, high)
+
+    import json
+
+    from detkd.demo import _seconds_per_iter
+
+    with open(tmp_path / "metrics.json", "w") as f:
+        for t in (0.4, 0.1, 0.3, 0.2):
+            f.write(json.dumps({"time": t, "iteration": 1}) + "\n")
+        f.write(json.dumps({"bbox/AP": 1.0}) + "\n")
+    assert abs(_seconds_per_iter(str(tmp_path)) - 0.25) < 1e-12

@@ -26,6 +26,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -142,7 +143,7 @@ def _seconds_per_iter(output_dir: str):
             m = json.loads(line)
             if "time" in m:
                 times.append(m["time"])
-    return sorted(times)[len(times) // 2] if times else None
+    return statistics.median(times) if times else None
 
 
 def summarize(runs):
@@ -204,7 +205,7 @@ def _table(runs, several_seeds: bool) -> str:
         ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
         delta = f"{r['delta']:+.2f}" if r["delta"] is not None else ""
         spi = [t for t in (_seconds_per_iter(d) for d in r["dirs"]) if t]
-        spi = sorted(spi)[len(spi) // 2] if spi else 0
+        spi = statistics.median(spi) if spi else 0
         if not several_seeds:
             lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
         else:
