@@ -37,6 +37,21 @@ def test_pkd_identical_and_anticorrelated():
     assert pkd_level_loss(-t, t).item() == pytest.approx(2 * (M - 1) / M, rel=1e-4)
 
 
+def test_pkd_level_with_one_value_per_channel_is_zero_not_nan():
+    """Batch 1 and a 1x1 map (p7 of a small image): each channel's one value is its mean, so
+    both standardised maps are 0 (a constant channel), the loss 0 and its gradient 0; the
+    unbiased std alone would be 0 / 0 = NaN and stop training. The map next to it still counts."""
+    s = torch.randn(1, 4, 1, 1, requires_grad=True)
+    t = torch.randn(1, 4, 1, 1)
+    loss = pkd_level_loss(s, t)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    big_s, big_t = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    total = pkd_loss([big_s, s.detach()], [big_t, t])
+    assert total.item() == pytest.approx(pkd_level_loss(big_s, big_t).item(), rel=1e-6)
+
+
 def test_pkd_invariant_to_per_channel_affine_teacher():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -150,3 +165,31 @@ def test_pkd_gradient_matches_finite_differences_and_autograd_on_the_definition(
     got32 = pkd_level_loss(s32, t32)
     assert got32.item() == pytest.approx(ref32.item(), rel=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got32, s32)[0], torch.autograd.grad(ref32, s32)[0], rtol=1e-4, atol=1e-7)
+
+
+def test_distiller_defaults_are_alpha_6_on_the_first_4_levels():
+    """METHODS.md 1.4-1.5: alpha = 6 by default and the first four level pairs (p6 unused for a
+    Faster R-CNN pair); the value against the Pearson formula, level by level."""
+    d = PKDDistiller()
+    d.bind(_Det(RCNN), _Det(RCNN))
+    assert d.pairs == [("p2", "p2"), ("p3", "p3"), ("p4", "p4"), ("p5", "p5")]
+    g = torch.Generator().manual_seed(5)
+    names = ["p2", "p3", "p4", "p5", "p6"]
+    t_feats = {n: torch.randn(2, 256, 3, 4, generator=g) for n in names}
+    s_feats = {n: 0.3 * t_feats[n] + torch.randn(2, 256, 3, 4, generator=g) for n in names}
+    out = d({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)["loss_pkd"].item()
+    expected = 0.0
+    for n in names[:4]:
+        mean_1_minus_r, M = _one_minus_pearson(s_feats[n], t_feats[n])
+        expected += (M - 1) / M * mean_1_minus_r
+    assert out == pytest.approx(6.0 * expected, rel=1e-4)
+
+
+def test_pkd_trainable_teacher_map_gets_the_gradient_of_the_definition():
+    """A teacher map that requires grad (e.g. a learnt target) gets the loss's gradient too."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = (0.5 * s.detach() + torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(pkd_level_loss, (s, t))
+    (gt,) = torch.autograd.grad(pkd_level_loss(s, t), t)
+    assert gt.abs().max() > 1e-3

@@ -35,12 +35,14 @@ def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
 
     Returns:
         Tensor: shape (C, M), each row with mean 0 and unbiased std ``s / (s + eps)`` ~ 1.
-        Gradients flow through the mean and std (they are not detached).
+        Gradients flow through the mean and std (they are not detached). With M = 1 (batch 1
+        and a 1x1 map) a channel's one value is its mean: std 0 and a zero row, as for any
+        constant channel (the unbiased std itself would be 0 / 0).
     """
     C = feat.shape[1]
     x = feat.transpose(0, 1).reshape(C, -1)  # (C, M)
     mean = x.mean(dim=1, keepdim=True)
-    std = x.std(dim=1, keepdim=True)  # unbiased, as the reference
+    std = x.std(dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0)  # unbiased, as the reference
     return (x - mean) / (std + eps)
 
 
@@ -102,7 +104,8 @@ class _PKDLevelLoss(torch.autograd.Function):
         tc = t - t.mean(dim=dims, keepdim=True)
         q_s, q_t = (sc * sc).sum(dim=dims), (tc * tc).sum(dim=dims)  # (C,) = (M - 1) var
         cov = (sc * tc).sum(dim=dims)
-        std_s, std_t = (q_s / (M - 1)).sqrt(), (q_t / (M - 1)).sqrt()
+        # M = 1 (batch 1, a 1x1 map): q = 0 and std 0, a constant channel (not 0 / 0)
+        std_s, std_t = (q_s / max(M - 1, 1)).sqrt(), (q_t / max(M - 1, 1)).sqrt()
         a_s, a_t = 1.0 / (std_s + eps), 1.0 / (std_t + eps)
         per_channel = a_s**2 * q_s - 2 * a_s * a_t * cov + a_t**2 * q_t
         ctx.save_for_backward(sc, tc, std_s, a_s, a_t, cov, tc.sum(dim=dims))
@@ -116,7 +119,7 @@ class _PKDLevelLoss(torch.autograd.Function):
         k = grad / (2 * C * M)
         # d/ds of a_s^2 Q_s, and of -2 a_s a_t cov through a_s (0 for a constant channel);
         # d cov / ds_m = tc_m - sum(tc) / M.
-        ratio = torch.where(std_s > 0, cov / ((M - 1) * std_s.clamp(min=1e-30)), torch.zeros_like(cov))
+        ratio = torch.where(std_s > 0, cov / (max(M - 1, 1) * std_s.clamp(min=1e-30)), torch.zeros_like(cov))
         A = 2 * (a_s**2 - a_s**3 * std_s) + 2 * a_t * a_s**2 * ratio
         B = -2 * a_t * a_s
         D = 2 * a_t * a_s * sum_tc / M
