@@ -511,7 +511,8 @@ def _reference_gt_losses(model, logits, boxes, targets, indices_per_layer, num_b
             l1 = l1 + (src - dst).abs().sum()
             if len(p):
                 giou = giou + (1 - generalized_box_iou(box_convert_xyxy(src), box_convert_xyxy(dst)).diag()).sum()
-        cls = sigmoid_focal_loss(logits[l], onehot, model.focal_alpha, model.focal_gamma, reduction="sum")
+        # METHODS.md 4.1: focal loss with alpha = 0.25, gamma = 2 (the model's defaults)
+        cls = sigmoid_focal_loss(logits[l], onehot, 0.25, 2.0, reduction="sum")
         out.append({"loss_class": 2 * cls / num_boxes, "loss_bbox": 5 * l1 / num_boxes, "loss_giou": 2 * giou / num_boxes})
     return out
 
@@ -712,3 +713,112 @@ def test_gt_losses_normalise_by_the_boxes_of_all_processes(tmp_path):
     assert set(ranks[0]) == set(single) and len(single) == 3 * L
     for k, v in single.items():
         assert (ranks[0][k] + ranks[1][k]) / 2 == pytest.approx(float(v), rel=1e-5), k
+
+
+def test_matcher_default_costs_are_focal_2_l1_5_giou_2():
+    """METHODS.md 4.1: Hungarian cost 2 * focal + 5 * L1 - 2 * GIoU. Two predictions near the
+    two targets' boxes but each confident in the other's class: with class weight 2 the classes
+    decide the match, with weight 1 the boxes would."""
+    from torchvision.ops import generalized_box_iou
+
+    from detkd.modeling import HungarianMatcher
+
+    gt = torch.tensor([[0.3, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
+    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[-2.0, 2.0], [2.0, -2.0]])  # prediction 0 says class 1, 1 says 0
+    boxes = torch.tensor([[0.315, 0.5, 0.2, 0.2], [0.485, 0.5, 0.2, 0.2]])
+
+    def best(class_weight):
+        p = logits.sigmoid()[:, labels]  # (2 predictions, 2 targets)
+        focal = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p**2 * -(1 - p + 1e-8).log()
+        cost = class_weight * focal + 5 * torch.cdist(boxes, gt, p=1)
+        cost = cost - 2 * generalized_box_iou(box_convert_xyxy(boxes), box_convert_xyxy(gt))
+        return min(itertools.permutations(range(2)), key=lambda pm: sum(cost[i, pm[i]].item() for i in range(2)))
+
+    assert best(2.0) == (1, 0) and best(1.0) == (0, 1)  # the case discriminates the weight
+    rows, cols = HungarianMatcher()(logits[None], boxes[None], [{"labels": labels, "boxes": gt}])[0]
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+def test_attention_is_scaled_dot_product_per_head():
+    """softmax(q_h k_h^T / sqrt(d_h)) per head, padded keys weighted 0, then the output
+    projection of the concatenated heads."""
+    from detkd.modeling import Attention
+
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(qk_dim=8, v_dim=6, num_heads=2).double().eval()
+    q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    out, weights = attn(q, k, v, key_padding_mask=pad)
+    heads, maps = [], []
+    for h in range(2):
+        qh, kh, vh = q[..., 4 * h:4 * h + 4], k[..., 4 * h:4 * h + 4], v[..., 3 * h:3 * h + 3]
+        logits = qh @ kh.transpose(1, 2) / 2.0  # sqrt(d_h) = sqrt(4)
+        logits = logits.masked_fill(pad[:, None, :], float("-inf"))
+        w = logits.softmax(-1)
+        maps.append(w)
+        heads.append(w @ vh)
+    torch.testing.assert_close(weights, torch.stack(maps, 1))
+    torch.testing.assert_close(out, attn.out_proj(torch.cat(heads, -1)))
+    assert weights[1, :, :, 3:].abs().max() == 0
+
+
+def test_d3etr_auxiliary_group_takes_the_teachers_assignment_at_the_last_layer():
+    """METHODS.md 4.2: the auxiliary group's ground-truth losses use its own Hungarian match at
+    earlier layers and, at the last layer, the GT that teacher query i was matched to (the
+    standard matcher on the teacher's final predictions) for auxiliary query i."""
+    from types import SimpleNamespace
+
+    model = instantiate(detr_cfg())
+    d = D3ETRDistiller()
+    g = torch.Generator().manual_seed(4)
+    L, B, N, K = 3, 2, 30, 3
+
+    def preds():
+        return torch.randn(L, B, N, K, generator=g), torch.rand(L, B, N, 4, generator=g) * 0.4 + 0.2
+
+    (aux_logits, aux_boxes), (t_logits, t_boxes) = preds(), preds()
+    inputs = make_inputs(n=B, boxes_per_image=3, seed=2)
+    got = d._aux_gt_losses(model, SimpleNamespace(batched_inputs=inputs), aux_logits, aux_boxes, t_logits, t_boxes)
+    targets = model.prepare_targets([x["instances"] for x in inputs])
+    own = [model.matcher(aux_logits[l], aux_boxes[l], targets) for l in range(L)]
+    teacher = model.matcher(t_logits[-1], t_boxes[-1], targets)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(own[-1], teacher))  # they differ here
+    ref = _reference_gt_losses(model, aux_logits, aux_boxes, targets, own[:-1] + [teacher], 6.0)
+    want = {f"loss_d3etr_aux_{k[len('loss_'):]}" + ("" if l == L - 1 else f"_{l}"): v
+            for l, r in enumerate(ref) for k, v in r.items()}
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+
+
+def test_d3etr_different_head_counts_compare_head_averaged_maps():
+    """A 2-head teacher and a 1-head student: the attention terms are the KL of the head-averaged
+    teacher rows against the student's (here an identity match: the predictions are equal)."""
+    from types import SimpleNamespace
+
+    B, N, K, HW = 2, 4, 3, 5
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, B, N, K, generator=g, dtype=torch.float64)
+    centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
+    boxes = boxes.expand(1, B, N, 4).clone()
+    t_sa, t_ca = _softmax_rows(B, 2, N, N, g=g), _softmax_rows(B, 2, N, HW, g=g)
+    s_sa, s_ca = _softmax_rows(B, 1, N, N, g=g), _softmax_rows(B, 1, N, HW, g=g)
+    head = {"pred_logits": logits, "pred_boxes": boxes}
+    t_taps = {"head": head, "transformer.decoder.layers.0.self_attn": (None, t_sa),
+              "transformer.decoder.layers.0.cross_attn": (None, t_ca)}
+    s_taps = {"head": head, "transformer.decoder.layers.0.self_attn": (None, s_sa),
+              "transformer.decoder.layers.0.cross_attn": (None, s_ca)}
+    d = D3ETRDistiller(fixed_matching=False, aux_gt_loss=False)
+    with EventStorage():
+        got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
+    assert got["loss_d3etr_l1"].item() == 0.0  # identity match
+
+    def kl(p, q):
+        return (p * (p / q).log()).sum(-1).mean()
+
+    assert got["loss_d3etr_sa"].item() == pytest.approx(kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9)
+    assert got["loss_d3etr_ca"].item() == pytest.approx(kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9)

@@ -254,3 +254,66 @@ def test_host_tensor_values_dtype_device():
     assert t.tolist() == [[1.0, 2.0], [3.0, 4.0]]
     t = host_tensor(np.arange(3), torch.device("cpu"))
     assert t.dtype == torch.int64 and t.tolist() == [0, 1, 2]
+
+
+
+
+def _probe_distiller(records, key="loss_probe"):
+    from detkd.losses import Distiller
+
+    class Probe(Distiller):
+        def forward(self, student_taps, teacher_taps, ctx):
+            feats = list(student_taps["backbone"].values()) + list(teacher_taps["backbone"].values())
+            records.append(dict(autocast=torch.is_autocast_enabled("cpu"), dtypes={f.dtype for f in feats}))
+            return {key: feats[0].sum() * 0.0}
+
+    return Probe()
+
+
+def test_teacher_runs_under_no_grad_and_distillers_in_fp32_outside_autocast():
+    """METHODS.md 0: the teacher runs under no_grad; distillation arithmetic runs in fp32
+    (autocast off, fp32 taps) also when the step is under AMP."""
+    torch.manual_seed(0)
+    records, grad_enabled = [], []
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"probe": _probe_distiller(records)},
+    ).train()
+    model.teacher.backbone.register_forward_hook(lambda *a: grad_enabled.append(torch.is_grad_enabled()))
+    inputs = make_inputs(n=1, size=(64, 64))
+    with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inputs)
+    assert grad_enabled == [False]
+    assert records == [dict(autocast=False, dtypes={torch.float32})]
+
+
+def test_a_distiller_loss_key_that_clashes_is_an_error():
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"probe": _probe_distiller([], key="loss_cls")},
+    ).train()
+    with EventStorage(), pytest.raises(KeyError, match="'probe' returned loss keys.*loss_cls"):
+        model(make_inputs(n=1, size=(64, 64)))
+
+
+def test_teacher_images_pad_to_the_larger_size_divisibility():
+    """A student whose backbone needs inputs divisible by 128 and a teacher's by 32: the
+    teacher's images are padded like the student's, so maps of equal stride align."""
+    model = build(kd_cfg())
+    model.student.backbone._size_divisibility = 128
+    assert model.teacher.backbone.size_divisibility == 32
+    inputs = make_inputs(n=1, size=(100, 150))
+    assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (128, 256)
+    assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 256)
+
+
+def test_fp16_teacher_option_runs_the_teacher_in_float16():
+    torch.manual_seed(0)
+    model = build(kd_cfg()).train()
+    model.teacher_precision = "fp16"
+    dtypes = []
+    model.teacher.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["p3"].dtype))
+    with EventStorage():
+        losses = model(make_inputs(n=2, size=(128, 128)))
+    assert dtypes == [torch.float16]
+    assert losses["loss_pkd"].dtype == torch.float32 and torch.isfinite(losses["loss_pkd"])

@@ -431,3 +431,95 @@ def test_flatten_levels_rows_and_contiguous_gradients():
     cl = maps[0].detach().to(memory_format=torch.channels_last).requires_grad_()
     flatten_levels([cl]).sum().backward()
     assert cl.grad.is_contiguous(memory_format=torch.channels_last) and not cl.grad.is_contiguous()
+
+
+def test_distiller_losses_equal_a_reference_written_from_the_definitions():
+    """The four GID losses of one step, with the default weights (METHODS.md 3.5: 5e-4, 40, 0.1,
+    1.0) and selection settings (3.1: K = 10, NMS 0.3, side > 10 px), against a reference built
+    from the captured head outputs with detectron2's own pieces: per-image GISM with
+    torchvision NMS, ROIPooler (ROIAlignV2, 10x10), the adapter as a 1x1 conv, the written-out
+    relation loss per image, the student's anchor Matcher, and BCE / L1 written out."""
+    import torch.nn.functional as F
+
+    from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import pairwise_iou
+
+    model = _kd(teacher=tiny_retinanet_cfg(width=32))  # equal FPN channels (64)
+    d = model.distillers["gid"]
+    # METHODS.md 3.2 / [INFER]: with equal channels the linear adapter starts as the identity
+    assert torch.equal(d.adapter.weight[:, :, 0, 0], torch.eye(64)) and not d.adapter.bias.any()
+    with torch.no_grad():  # a non-trivial adapter, so that the reference must apply it
+        d.adapter.weight.add_(0.05 * torch.randn_like(d.adapter.weight))
+        d.adapter.bias.normal_(0, 0.1)
+    saved = []
+    d.register_forward_hook(lambda m, args, out: saved.append((args, out)))
+    with EventStorage():
+        model(make_inputs(n=2, size=(96, 128), boxes_per_image=2, seed=1))
+    (s_taps, t_taps, ctx), got = saved[0]
+    student, teacher = model.student, model.teacher
+    K = student.num_classes
+
+    def flat(taps):
+        cls, reg = taps["head"]
+        return (torch.cat([permute_to_N_HWA_K(x, K) for x in cls], 1).detach(),
+                torch.cat([permute_to_N_HWA_K(x, 4) for x in reg], 1).detach())
+
+    (zs, ds), (zt, dt) = flat(s_taps), flat(t_taps)
+    anchors = Boxes.cat(s_taps["anchor_generator"]).tensor
+    sb = torch.stack([student.box2box_transform.apply_deltas(x, anchors) for x in ds])
+    tb = torch.stack([teacher.box2box_transform.apply_deltas(x, anchors) for x in dt])
+    sizes = ctx.teacher_images.image_sizes
+    sel = _select_reference(zt.sigmoid(), zs.sigmoid(), tb, sb, sizes, 10, 0.3, 10.0, 3000)
+    boxes = [Boxes(b) for b, _ in sel]
+    counts = [len(b) for b in boxes]
+    assert all(n >= 3 for n in counts)  # every image has a relation term
+
+    levels = ["p3", "p4", "p5", "p6", "p7"]
+    pooler = ROIPooler(10, [1.0 / 2**k for k in range(3, 8)], 2, "ROIAlignV2", canonical_box_size=224, canonical_level=4)
+    with torch.no_grad():
+        ps = pooler([s_taps["backbone"][k] for k in levels], boxes)  # (G, C, 10, 10)
+        pt = pooler([t_taps["backbone"][k] for k in levels], boxes)
+        ps = F.conv2d(ps, d.adapter.weight, d.adapter.bias)
+    G = sum(counts)
+    feat = ((ps - pt) ** 2).sum() / (G * 100)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    rel = sum(
+        _relation_reference(ps[a:a + n].flatten(1).double(), pt[a:a + n].flatten(1).double())
+        for a, n in zip(starts, counts)
+    ) / len(counts)
+
+    pos = torch.stack([student.anchor_matcher(pairwise_iou(b, Boxes(anchors)))[1] == 1 for b in boxes])
+    n_pos = int(pos.sum())
+    assert n_pos > 0
+    z, q = zs[pos], zt[pos].sigmoid()
+    cls = -(q * F.logsigmoid(z) + (1 - q) * F.logsigmoid(-z)).sum() / n_pos
+    reg = (ds[pos] - dt[pos]).abs().sum() / n_pos
+
+    expected = {"loss_gid_feat": 5e-4 * feat, "loss_gid_relation": 40.0 * rel,
+                "loss_gid_response_cls": 0.1 * cls, "loss_gid_response_reg": 1.0 * reg}
+    for k, v in expected.items():
+        assert got[k].item() == pytest.approx(float(v), rel=1e-4), k
+
+
+def test_selection_drops_sides_of_10_px_and_keeps_larger():
+    # METHODS.md 3.1: drop boxes with a side <= 10 px
+    t = torch.tensor([[[0.9], [0.8], [0.7]]])
+    s = torch.zeros(1, 3, 1)
+    tb = torch.tensor([[[0.0, 0.0, 10.0, 30.0], [50.0, 50.0, 60.5, 80.0], [0.0, 50.0, 30.0, 60.0]]])
+    boxes, scores = select_general_instances(t, s, tb, tb, [(100, 100)])[0]
+    assert boxes.tensor.tolist() == [[50.0, 50.0, 60.5, 80.0]]
+
+
+def test_batched_matcher_positives_at_exactly_the_threshold():
+    # IoU exactly 0.5 is positive for RetinaNet's matcher ([0.4, 0.5], low <= IoU < high bands)
+    from detectron2.modeling.matcher import Matcher
+
+    from detkd.losses.gid import batched_matcher_positives
+
+    matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 19.0], [0.0, 0.0, 10.0, 21.0]])
+    gt = Boxes(torch.tensor([[0.0, 0.0, 10.0, 20.0]]))  # IoU 0.5, 0.95, 0.952 (the best)
+    got = batched_matcher_positives(matcher, [gt], anchors)
+    _, lab = matcher(box_iou(gt.tensor, anchors))
+    assert torch.equal(got[0], lab == 1) and got[0, 0]

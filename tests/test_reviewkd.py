@@ -275,3 +275,55 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
         )
     assert fused["p3"].shape[2:] != t["p2"].shape[2:]
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+class _Backbone(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self._shapes = shapes
+
+    def output_shape(self):
+        return self._shapes
+
+
+class _Det(torch.nn.Module):
+    def __init__(self, channels):
+        from detectron2.layers import ShapeSpec
+
+        super().__init__()
+        self.backbone = _Backbone({f"p{k}": ShapeSpec(channels=channels, stride=2**k) for k in (3, 4, 5)})
+
+
+def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_channels():
+    """loss_reviewkd = lambda * sum_k HCL(ABF chain output_k, teacher_k) (METHODS.md 2.4), with
+    the written-out HCL; the ABFs' inner channels default to the teacher's (2.2: mid = out)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    d = ReviewKDDistiller(loss_weight=2.5)
+    d.bind(_Det(8), _Det(16))
+    assert d.pairs == [("p3", "p3"), ("p4", "p4"), ("p5", "p5")]
+    assert all(abf.conv1.out_channels == 16 and abf.conv2.in_channels == 16 for abf in d.abfs.values())
+    d.eval()  # BN statistics fixed: review() below computes the same maps
+    g = torch.Generator().manual_seed(1)
+    s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
+    t = {f"p{k}": torch.randn(2, 16, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
+    ctx = SimpleNamespace(amp=contextlib.nullcontext)
+    got = d({"backbone": s}, {"backbone": t}, ctx)["loss_reviewkd"]
+    with torch.no_grad():
+        fused = d.review(s)
+        expected = sum(_hcl_reference(fused[k].double(), t[k].double()) for k in s)
+    assert got.item() == pytest.approx(2.5 * expected.item(), rel=1e-5)
+
+
+def test_abf_convs_use_kaiming_uniform_with_a_1():
+    """METHODS.md 2.2: conv1 / conv2 weights from kaiming_uniform_(a=1): U(-b, b) with
+    b = sqrt(6 / ((1 + a^2) fan_in)) = sqrt(3 / fan_in)."""
+    torch.manual_seed(0)
+    abf = ABF(64, 64, 64, fuse=True)
+    for conv, fan_in in ((abf.conv1, 64), (abf.conv2, 64 * 9)):
+        bound = (3.0 / fan_in) ** 0.5
+        w = conv.weight.abs()
+        assert w.max().item() <= bound * (1 + 1e-6)
+        assert w.max().item() > 0.95 * bound  # thousands of draws reach close to the bound
