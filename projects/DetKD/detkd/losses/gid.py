@@ -362,7 +362,8 @@ class _WeightedGather(torch.autograd.Function):
         # of grad's rows in bags, one bag per row of x (sorted positions, empty bags give 0).
         # One pass over (R * P) lookups, no (R, C) product per sampling corner to index-add.
         flat = pos.flatten()
-        order = torch.argsort(flat, stable=True)  # a fixed summation order: reproducible runs
+        # A fixed summation order (stable: reproducible runs); int32 keys sort ~1.6x faster.
+        order = torch.argsort(flat.int() if ctx.rows <= torch.iinfo(torch.int32).max else flat, stable=True)
         if flat.is_cuda:  # bincount would synchronise (it reads the largest index first)
             counts = torch.zeros(ctx.rows, dtype=flat.dtype, device=flat.device)
             counts.scatter_add_(0, flat, torch.ones_like(flat))
