@@ -66,3 +66,17 @@ def test_every_trainable_parameter_gets_a_gradient(path):
     sum(losses.values()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"{path}: parameters without a gradient: {unused}"
+
+
+DEMO_KD = [p for p in CONFIGS if os.sep + "demo" + os.sep in p
+           and not os.path.basename(p).startswith(("teacher_", "student_"))]
+
+
+@pytest.mark.parametrize("path", DEMO_KD)
+def test_demo_distillation_configs_read_their_teachers_final_checkpoint(path):
+    """`train_net.py --config-file configs/demo/<method>_<det>.py` right after training
+    teacher_<det>.py finds the teacher without an override (as the docstrings say)."""
+    det = os.path.basename(path)[:-3].split("_", 1)[1]
+    teacher = LazyConfig.load(os.path.join(REPO, "configs", "demo", f"teacher_{det}.py"))
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    assert cfg.train.teacher_checkpoint == os.path.join(teacher.train.output_dir, "model_final.pth")

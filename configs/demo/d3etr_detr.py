@@ -1,7 +1,7 @@
 """
 The tiny DETR student distilled by D3ETR from the DETR demo teacher (hidden 64 vs 96: the
 teacher's queries reach the auxiliary group through a trainable projection).
-`make demo METHOD=d3etr` (uses teacher_detr.py / student_detr.py).
+Run after teacher_detr.py (`make demo METHOD=d3etr` does both).
 """
 from detectron2.config import LazyCall as L
 
@@ -17,4 +17,5 @@ model = L(DistillationDetector)(
     teacher=teacher,
     distillers={"d3etr": L(D3ETRDistiller)()},
 )
+train.teacher_checkpoint = "output/demo/teacher_detr/model_final.pth"
 train.output_dir = "output/demo/d3etr_detr"

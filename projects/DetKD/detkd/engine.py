@@ -3,7 +3,7 @@
 teacher of a :class:`detkd.DistillationDetector`.
 
 The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds three ``train`` keys
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys
 (``configs/common/kd_train.py``):
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
