@@ -523,3 +523,289 @@ def test_batched_matcher_positives_at_exactly_the_threshold():
     got = batched_matcher_positives(matcher, [gt], anchors)
     _, lab = matcher(box_iou(gt.tensor, anchors))
     assert torch.equal(got[0], lab == 1) and got[0, 0]
+
+
+# ---- FCOS, Faster R-CNN (RPN) and selection="location": losses against references written from
+# the definitions with detectron2's own pieces (the models' label assignment, box transforms,
+# ROIPooler, torchvision NMS), on two images of different sizes.
+
+
+def _fcos_cfg(width=16, fpn=64, num_classes=3):
+    from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+    model = tiny_retinanet_cfg(width=width, fpn=fpn, num_classes=num_classes)
+    model._target_ = FCOS
+    del model.anchor_generator, model.box2box_transform, model.anchor_matcher, model.input_format
+    model.head._target_ = FCOSHead
+    del model.head.num_anchors
+    return model
+
+
+def _spread_fcos(model, seed):
+    """Boxes of 10-20 px at p3 (a fresh FCOS regresses ~0: no box would pass the 10 px filter) and
+    confident, varied class and centerness scores."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.bbox_pred.bias.copy_(torch.tensor([1.5, 1.2, 1.8, 1.4]) + 0.3 * torch.rand(4, generator=g))
+        model.head.bbox_pred.weight.mul_(30)
+        model.head.cls_score.weight.mul_(100)
+        model.head.ctrness.weight.mul_(50)
+
+
+def _spread_retinanet(model):
+    with torch.no_grad():
+        model.head.cls_score.weight.mul_(100)
+        model.head.bbox_pred.weight.mul_(10)
+
+
+def _run_recording(model):
+    """One training step on two images of different sizes; returns the distiller's inputs, its
+    losses and the GIs it selected."""
+    d = model.distillers["gid"]
+    with torch.no_grad():  # a non-trivial adapter, so that the reference must apply it
+        d.adapter.weight.add_(0.05 * torch.randn_like(d.adapter.weight))
+        d.adapter.bias.normal_(0, 0.1)
+    saved, selected = [], []
+    select = d._select
+    d._select = lambda *a: selected.append(select(*a)) or selected[-1]
+    d.register_forward_hook(lambda m, args, out: saved.append((args, out)))
+    inputs = make_inputs(n=1, size=(96, 128), seed=1) + make_inputs(n=1, size=(70, 100), seed=2)
+    with EventStorage():
+        losses = model(inputs)
+    (s_taps, t_taps, ctx), got = saved[0]
+    assert [tuple(s) for s in ctx.teacher_images.image_sizes] == [(96, 128), (70, 100)]
+    return losses, got, s_taps, t_taps, ctx, [b.tensor for b, _ in selected[0]]
+
+
+def _feature_relation_reference(d, s_fpn, t_fpn, boxes, levels):
+    """METHODS.md 3.2 / 3.3 with ROIPooler (ROIAlignV2, 10x10, canonical 224 at level 4) and the
+    adapter as a 1x1 conv; the relation per image (>= 3 GIs), averaged over those images."""
+    import torch.nn.functional as F
+
+    from detectron2.modeling.poolers import ROIPooler
+
+    pooler = ROIPooler(10, [1.0 / 2 ** int(k[1:]) for k in levels], 2, "ROIAlignV2",
+                       canonical_box_size=224, canonical_level=4)
+    with torch.no_grad():
+        ps = pooler([s_fpn[k] for k in levels], [Boxes(b) for b in boxes])
+        pt = pooler([t_fpn[k] for k in levels], [Boxes(b) for b in boxes])
+        ps = F.conv2d(ps, d.adapter.weight, d.adapter.bias)
+    counts = [len(b) for b in boxes]
+    feat = ((ps - pt) ** 2).sum() / (sum(counts) * 100)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    rels = [
+        _relation_reference(ps[a:a + n].flatten(1).double(), pt[a:a + n].flatten(1).double())
+        for a, n in zip(starts, counts) if n >= 3
+    ]
+    return float(feat), sum(rels) / len(rels), counts
+
+
+def _soft_bce(z, target):
+    import torch.nn.functional as F
+
+    return float(-(target * F.logsigmoid(z) + (1 - target) * F.logsigmoid(-z)).sum())
+
+
+def test_fcos_pair_losses_equal_a_reference_written_from_the_definitions():
+    """FCOS student and teacher: GIs from the sigmoid class scores (METHODS.md 3.1) and boxes
+    decoded by Box2BoxTransformLinear; response positives from FCOS's own label_anchors with the
+    GIs as ground truth; soft BCE on class logits, L1 on the ltrb deltas and soft BCE on the
+    centerness logits (target: the teacher's sigmoid centerness; METHODS.md 3.4)."""
+    from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+    from detectron2.structures import Instances
+
+    model = _kd(student=_fcos_cfg(), teacher=_fcos_cfg(width=32))
+    _spread_fcos(model.student, 1)
+    _spread_fcos(model.teacher, 2)
+    losses, got, s_taps, t_taps, ctx, gi_boxes = _run_recording(model)
+    student, teacher, K = model.student, model.teacher, model.student.num_classes
+
+    def flat(taps):
+        return [torch.cat([permute_to_N_HWA_K(x, k) for x in maps], 1).detach()
+                for maps, k in zip(taps["head"], (K, 4, 1))]
+
+    (zs, ds, cs), (zt, dt, ct) = flat(s_taps), flat(t_taps)
+    anchors = student.anchor_generator([s_taps["backbone"][k] for k in student.head_in_features])
+    flat_anchors = Boxes.cat(anchors).tensor
+    sb = torch.stack([student.box2box_transform.apply_deltas(x, flat_anchors) for x in ds])
+    tb = torch.stack([teacher.box2box_transform.apply_deltas(x, flat_anchors) for x in dt])
+    sel = _select_reference(zt.sigmoid(), zs.sigmoid(), tb, sb, ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000)
+    boxes = [b for b, _ in sel]
+    assert [len(b) for b in boxes] == [10, 10]
+    assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, boxes))
+    feat, rel, _ = _feature_relation_reference(
+        model.distillers["gid"], s_taps["backbone"], t_taps["backbone"], boxes, ["p3", "p4", "p5", "p6", "p7"]
+    )
+    gts = []
+    for b in boxes:
+        inst = Instances((1, 1))
+        inst.gt_boxes, inst.gt_classes = Boxes(b), torch.zeros(len(b), dtype=torch.long)
+        gts.append(inst)
+    labels, _ = student.label_anchors(anchors, gts)
+    pos = torch.stack(labels) != K  # FCOS: no ignored locations
+    n_pos = int(pos.sum())
+    assert pos.sum(1).min() > 0
+    expected = {
+        "loss_gid_feat": 5e-4 * feat,
+        "loss_gid_relation": 40.0 * rel,
+        "loss_gid_response_cls": 0.1 * _soft_bce(zs[pos], zt[pos].sigmoid()) / n_pos,
+        "loss_gid_response_reg": 1.0 * float((ds[pos] - dt[pos]).abs().sum()) / n_pos,
+        "loss_gid_response_ctr": 0.1 * _soft_bce(cs[pos], ct[pos].sigmoid()) / n_pos,
+    }
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].item() == pytest.approx(v, rel=1e-4), k
+    sum(v for k, v in losses.items() if "gid" in k).backward()
+    assert student.head.ctrness.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_fcos_response_ctr_weight():
+    model = _kd(student=_fcos_cfg(), teacher=_fcos_cfg(width=32), response_ctr_weight=0.0)
+    _spread_fcos(model.student, 1)
+    _spread_fcos(model.teacher, 2)
+    with EventStorage():
+        losses = model(make_inputs())
+    assert losses["loss_gid_response_ctr"].item() == 0.0 and losses["loss_gid_response_cls"] > 0
+
+
+def test_faster_rcnn_pair_losses_equal_a_reference_written_from_the_definitions():
+    """GeneralizedRCNN: GIs from the RPN's objectness (C = 1) and the proposals its own
+    _decode_proposals makes; features and relation on p2-p5 (FPN levels clamped to [2, 5]);
+    response positives from the RPN's anchor Matcher (0.3 / 0.7, low-quality matches), soft BCE
+    on objectness and L1 on the RPN deltas (METHODS.md 3.4)."""
+    from detectron2.structures import pairwise_iou
+
+    model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32), num_levels=4)
+    for m in (model.student, model.teacher):  # varied, unsaturated objectness
+        with torch.no_grad():
+            m.proposal_generator.rpn_head.objectness_logits.weight.mul_(15)
+            m.proposal_generator.rpn_head.anchor_deltas.weight.mul_(20)
+    losses, got, s_taps, t_taps, ctx, gi_boxes = _run_recording(model)
+    rpn_s, rpn_t = model.student.proposal_generator, model.teacher.proposal_generator
+
+    def flat(taps, rpn):  # as RPN.forward flattens its head's outputs
+        obj, deltas = taps["proposal_generator.rpn_head"]
+        obj = torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in obj], 1).detach()
+        deltas = [x.view(x.shape[0], -1, 4, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2).detach()
+                  for x in deltas]
+        return obj, deltas
+
+    (os_, ds), (ot, dt) = flat(s_taps, rpn_s), flat(t_taps, rpn_t)
+    anchors = rpn_s.anchor_generator([s_taps["backbone"][k] for k in rpn_s.in_features])
+    sb = torch.cat(rpn_s._decode_proposals(anchors, ds), 1)
+    tb = torch.cat(rpn_t._decode_proposals(anchors, dt), 1)
+    ds, dt = torch.cat(ds, 1), torch.cat(dt, 1)
+    sel = _select_reference(ot.sigmoid()[..., None], os_.sigmoid()[..., None], tb, sb,
+                            ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000)
+    boxes = [b for b, _ in sel]
+    assert [len(b) for b in boxes] == [10, 10]
+    assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, boxes))
+    feat, rel, _ = _feature_relation_reference(
+        model.distillers["gid"], s_taps["backbone"], t_taps["backbone"], boxes, ["p2", "p3", "p4", "p5"]
+    )
+    all_anchors = Boxes.cat(anchors)
+    pos = torch.stack([rpn_s.anchor_matcher(pairwise_iou(Boxes(b), all_anchors))[1] == 1 for b in boxes])
+    n_pos = int(pos.sum())
+    assert pos.sum(1).min() > 0
+    expected = {
+        "loss_gid_feat": 5e-4 * feat,
+        "loss_gid_relation": 40.0 * rel,
+        "loss_gid_response_cls": 0.1 * _soft_bce(os_[pos], ot[pos].sigmoid()) / n_pos,
+        "loss_gid_response_reg": 1.0 * float((ds[pos] - dt[pos]).abs().sum()) / n_pos,
+    }
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].item() == pytest.approx(v, rel=1e-4), k
+    sum(v for k, v in losses.items() if "gid" in k).backward()
+    assert model.student.proposal_generator.rpn_head.anchor_deltas.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def _per_location_reference(model, taps, strides, class_agnostic):
+    """From the head's raw (N, A*K, H, W) maps: at each location the anchor whose best class
+    probability is highest gives the location's class probabilities (or their max) and its box,
+    decoded by the model's own transform from the anchor generator's anchor there."""
+    from detectron2.modeling.meta_arch import GeneralizedRCNN
+
+    if isinstance(model, GeneralizedRCNN):
+        rpn = model.proposal_generator
+        obj, reg = taps["proposal_generator.rpn_head"]
+        cls = [o[:, :, None] for o in obj]
+        gen, b2b, names = rpn.anchor_generator, rpn.box2box_transform, rpn.in_features
+    else:
+        cls = [x.view(x.shape[0], -1, model.num_classes, *x.shape[-2:]) for x in taps["head"][0]]
+        reg = taps["head"][1]
+        gen, b2b, names = model.anchor_generator, model.box2box_transform, model.head_in_features
+    anchors = gen([taps["backbone"][k] for k in names])
+    scores, boxes = [], []
+    for st in strides:
+        i = list(gen.strides).index(st)
+        p = cls[i].detach().sigmoid()  # (N, A, K, H, W)
+        N, A, K, H, W = p.shape
+        d = reg[i].detach().view(N, A, 4, H, W)
+        a = p.amax(dim=2).argmax(dim=1).flatten(1)  # (N, H*W)
+        n, loc = torch.arange(N)[:, None], torch.arange(H * W)[None, :]
+        p = p.flatten(3).permute(0, 3, 1, 2)[n, loc, a]  # (N, HW, A, K) -> picked (N, HW, K)
+        d = d.flatten(3).permute(0, 3, 1, 2)[n, loc, a]  # (N, HW, 4)
+        anc = anchors[i].tensor.view(H * W, A, 4)[loc, a]  # (N, HW, 4)
+        boxes.append(b2b.apply_deltas(d.reshape(-1, 4), anc.reshape(-1, 4)).view(N, H * W, 4))
+        scores.append(p.amax(-1, keepdim=True) if class_agnostic else p)
+    return torch.cat(scores, 1), torch.cat(boxes, 1)
+
+
+@pytest.mark.parametrize("pair", ["fcos_from_retinanet", "fcos_from_retinanet_5_classes", "retinanet_from_faster_rcnn"])
+def test_location_selection_losses_equal_a_reference_written_from_the_definitions(pair):
+    """selection='location': one prediction per location of the shared strides (the best anchor
+    of each), class-agnostic when the class counts differ; feature and relation terms only."""
+    if pair == "retinanet_from_faster_rcnn":
+        model = _kd(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(width=32),
+                    selection="location", response=False)
+        _spread_retinanet(model.student)
+        with torch.no_grad():
+            model.teacher.proposal_generator.rpn_head.objectness_logits.weight.mul_(15)
+        strides, agnostic, levels = [8, 16, 32, 64], True, ["p3", "p4", "p5", "p6"]
+    else:
+        classes = 5 if pair.endswith("5_classes") else 3
+        model = _kd(student=_fcos_cfg(), teacher=tiny_retinanet_cfg(width=32, num_classes=classes),
+                    selection="location", response=False)
+        _spread_fcos(model.student, 1)
+        _spread_retinanet(model.teacher)
+        strides, agnostic, levels = [8, 16, 32, 64, 128], classes != 3, ["p3", "p4", "p5", "p6", "p7"]
+    d = model.distillers["gid"]
+    assert d.location_strides == strides and d.class_agnostic == agnostic
+    losses, got, s_taps, t_taps, ctx, gi_boxes = _run_recording(model)
+    ts, tb = _per_location_reference(model.teacher, t_taps, strides, agnostic)
+    ss, sb = _per_location_reference(model.student, s_taps, strides, agnostic)
+    assert ts.shape[-1] == ss.shape[-1] == (1 if agnostic else 3)
+    sel = _select_reference(ts, ss, tb, sb, ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000)
+    boxes = [b for b, _ in sel]
+    assert sum(len(b) >= 3 for b in boxes) >= 1  # a relation term
+    assert len(gi_boxes) == 2 and all(torch.allclose(g, r) for g, r in zip(gi_boxes, boxes))
+    t_fpn = {s: t_taps["backbone"][t] for s, t in d.pairs}
+    feat, rel, _ = _feature_relation_reference(d, s_taps["backbone"], t_fpn, boxes, levels)
+    assert set(got) == {"loss_gid_feat", "loss_gid_relation"}
+    assert got["loss_gid_feat"].item() == pytest.approx(5e-4 * feat, rel=1e-4)
+    assert got["loss_gid_relation"].item() == pytest.approx(40.0 * rel, rel=1e-4)
+    sum(v for k, v in losses.items() if "gid" in k).backward()
+    assert model.student.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("family", ["fcos", "faster_rcnn", "location"])
+def test_no_general_instance_gives_zero_losses_with_a_gradient_path(family):
+    if family == "fcos":
+        model = _kd(student=_fcos_cfg(), teacher=_fcos_cfg(width=32), min_size=1000.0)
+    elif family == "faster_rcnn":
+        model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32), num_levels=4, min_size=1000.0)
+    else:
+        model = _kd(student=_fcos_cfg(), teacher=tiny_retinanet_cfg(num_classes=5), min_size=1000.0,
+                    selection="location", response=False)
+    with EventStorage() as storage:
+        losses = model(make_inputs(empty=(1,)))
+        assert storage.latest()["gid/num_instances"][0] == 0.0
+    gid = {k: v for k, v in losses.items() if "gid" in k}
+    assert len(gid) == {"fcos": 5, "faster_rcnn": 4, "location": 2}[family]
+    assert all(v.item() == 0.0 for v in gid.values())
+    sum(gid.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())

@@ -65,8 +65,10 @@ def dense_outputs(model: nn.Module, taps: Dict, decode: bool = True) -> Dict:
     Returns:
         dict with "logits" (N, R, K), "deltas" (N, R, 4), "anchors" (list[Boxes] per level),
         "boxes" (N, R, 4) decoded XYXY or None, "box2box" (the model's box transform),
-        "num_anchors" (list[int], anchors per location per level), "strides" (list[int]).
+        "num_anchors" (list[int], anchors per location per level), "strides" (list[int]),
+        "centerness" (N, R, 1) logits of an FCOS head, else None.
     """
+    centerness = None
     if isinstance(model, GeneralizedRCNN):
         rpn = model.proposal_generator
         objectness, deltas = taps["proposal_generator.rpn_head"]
@@ -77,11 +79,13 @@ def dense_outputs(model: nn.Module, taps: Dict, decode: bool = True) -> Dict:
         dims = [model.num_classes, 4, 1] if isinstance(model, FCOS) else [model.num_classes, 4]
         preds = model._transpose_dense_predictions(taps["head"], dims)
         logits, deltas = cat(preds[0], dim=1), cat(preds[1], dim=1)  # (N, R, K), (N, R, 4)
+        if isinstance(model, FCOS):
+            centerness = cat(preds[2], dim=1)  # (N, R, 1)
         anchors, b2b, gen = taps["anchor_generator"], model.box2box_transform, model.anchor_generator
     boxes = decode_boxes(b2b, deltas, anchors) if decode else None
     return dict(
         logits=logits, deltas=deltas, anchors=anchors, boxes=boxes, box2box=b2b,
-        num_anchors=list(gen.num_anchors), strides=list(gen.strides),
+        num_anchors=list(gen.num_anchors), strides=list(gen.strides), centerness=centerness,
     )
 
 
@@ -599,7 +603,8 @@ class GIDDistiller(Distiller):
     — [INFER]: linear as the paper says, and cheaper than the port's 3x3 conv on whole maps).
 
     Loss keys: ``loss_gid_feat``, ``loss_gid_relation``, ``loss_gid_response_cls``,
-    ``loss_gid_response_reg``. Event storage: ``gid/num_instances`` (GIs per image) and
+    ``loss_gid_response_reg``, and for FCOS ``loss_gid_response_ctr`` (soft BCE on the
+    centerness logits, METHODS.md 3.4). Event storage: ``gid/num_instances`` (GIs per image) and
     ``gid/gt_overlap_ratio`` (share of GIs with IoU > 0.5 with a ground-truth box).
     """
 
@@ -610,6 +615,7 @@ class GIDDistiller(Distiller):
         relation_weight: float = 40.0,
         response_cls_weight: float = 0.1,
         response_reg_weight: float = 1.0,
+        response_ctr_weight: Optional[float] = None,
         response: bool = True,
         selection: str = "anchor",
         topk: int = 10,
@@ -623,6 +629,10 @@ class GIDDistiller(Distiller):
         Args:
             feat_weight, relation_weight (float): lambda_1, lambda_2 (METHODS.md 3.5).
             response_cls_weight, response_reg_weight (float): lambda_3 * alpha, lambda_3 * beta.
+            response_ctr_weight (float or None): FCOS only, the weight of the soft BCE on the
+                centerness logits (target: the teacher's sigmoid centerness; METHODS.md 3.4);
+                None: ``response_cls_weight`` ([INFER]: FCOS weighs its own centerness and
+                classification losses equally).
             response (bool): distill the head's responses (needs identical anchors and classes).
             selection (str): "anchor" (the paper: GI scores per anchor, same anchors on both
                 sides) or "location" ([INFER] for pairs of different dense heads, e.g. an FCOS
@@ -637,8 +647,10 @@ class GIDDistiller(Distiller):
                 equal stride), e.g. 4 for Faster R-CNN (p2-p5); None for all shared levels.
         """
         super().__init__()
+        if response_ctr_weight is None:
+            response_ctr_weight = response_cls_weight
         self.weights = dict(feat=feat_weight, relation=relation_weight,
-                            cls=response_cls_weight, reg=response_reg_weight)
+                            cls=response_cls_weight, reg=response_reg_weight, ctr=response_ctr_weight)
         self.response = response
         self.topk, self.nms_thresh, self.min_size, self.pre_nms_topk = topk, nms_thresh, min_size, pre_nms_topk
         self.pooler_resolution = pooler_resolution
@@ -883,6 +895,10 @@ class GIDDistiller(Distiller):
             put_scalar("gid/num_response_positives", len(idx) / len(mask))
             losses["loss_gid_response_cls"] = self.weights["cls"] * cls / n_pos
             losses["loss_gid_response_reg"] = self.weights["reg"] * reg / n_pos
+            if s_out["centerness"] is not None:  # FCOS (same family: the teacher is FCOS too)
+                s_ctr, t_ctr = rows(s_out["centerness"]), rows(t_out["centerness"])  # (P, 1)
+                ctr = F.binary_cross_entropy_with_logits(s_ctr, t_ctr.sigmoid(), reduction="sum")
+                losses["loss_gid_response_ctr"] = self.weights["ctr"] * ctr / n_pos
         return losses
 
     def _log_selection(self, gi_boxes: List[Boxes], ctx) -> None:
