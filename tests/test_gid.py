@@ -192,6 +192,15 @@ def test_faster_rcnn_pair_uses_rpn():
     assert model.student.proposal_generator.rpn_head.objectness_logits.weight.grad is not None
 
 
+def test_faster_rcnn_default_levels_are_the_box_heads_p2_to_p5():
+    """METHODS.md 3.2: GIs of an R-CNN are pooled from p2-p5 (clamp [2, 5]), the levels its box
+    head pools from, not the RPN's p6; a RetinaNet pair keeps all its shared levels."""
+    d = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64)).distillers["gid"]
+    assert [s for s, _ in d.pairs] == ["p2", "p3", "p4", "p5"]
+    assert (d.pooler.min_level, d.pooler.max_level) == (2, 5)
+    assert [s for s, _ in _kd().distillers["gid"].pairs] == ["p3", "p4", "p5", "p6", "p7"]
+
+
 def test_demo_config_trains_through_kdtrainer(tmp_path):
     trainer, results = short_train("configs/demo/gid_retinanet.py", tmp_path, iters=3)
     assert "bbox" in results

@@ -644,7 +644,9 @@ class GIDDistiller(Distiller):
             pre_nms_topk (int): candidates per image before NMS.
             pooler_resolution (int): ROIAlign output size.
             num_levels (int or None): FPN levels used for ROIAlign (finest first; pairs of
-                equal stride), e.g. 4 for Faster R-CNN (p2-p5); None for all shared levels.
+                equal stride), e.g. 4 for Faster R-CNN (p2-p5); None: the levels a
+                GeneralizedRCNN student's box head pools from (``roi_heads.box_in_features``,
+                p2-p5: METHODS.md 3.2's clamp [2, 5]), all shared levels for other students.
         """
         super().__init__()
         if response_ctr_weight is None:
@@ -748,7 +750,10 @@ class GIDDistiller(Distiller):
             )
         self.shared_decoding = self.selection == "anchor" and self._same_box_transform(student, teacher)
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
-        self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels)
+        roi_levels = None  # an R-CNN pools from its box head's levels (p2-p5, not the RPN's p6)
+        if self.num_levels is None and isinstance(student, GeneralizedRCNN):
+            roi_levels = getattr(student.roi_heads, "box_in_features", None)
+        self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels, student_levels=roi_levels)
         strides = [s_shapes[s].stride for s, _ in self.pairs]
         self.strides = strides
         self.pooler = ROIPooler(
