@@ -56,3 +56,18 @@ def test_other_generation_settings_get_their_own_dataset(tmp_path):
     assert all(200 <= h <= 210 and 200 <= w <= 210 for h, w in sizes), sizes
     assert all(len(d["annotations"]) >= 1 for d in DatasetCatalog.get(other))  # no empty images
     assert all(max(h, w) <= 160 for h, w in ((d["height"], d["width"]) for d in DatasetCatalog.get(default)))
+
+
+def test_rewriting_a_dataset_replaces_images_without_touching_open_files(tmp_path):
+    """Under DDP every process writes the same dataset: an image another process has open keeps
+    its complete old content (a new file is renamed over it, never rewritten in place), and no
+    temporary file is left."""
+    write_shapes(str(tmp_path), 2, seed=0)
+    first = tmp_path / "images" / "000000.jpg"
+    expected = first.read_bytes()
+    first.write_bytes(b"complete file being read by another process")
+    with open(first, "rb") as reader:
+        write_shapes(str(tmp_path), 2, seed=0)
+        assert reader.read() == b"complete file being read by another process"
+    assert first.read_bytes() == expected
+    assert sorted(os.listdir(tmp_path / "images")) == ["000000.jpg", "000001.jpg"]

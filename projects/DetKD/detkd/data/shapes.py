@@ -120,7 +120,12 @@ def write_shapes(
         h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
         img, anns = _draw_image(rng, (h, w), max_objects, empty=rng.uniform() < empty_fraction)
         name = f"{i:06d}.jpg"
-        img.save(os.path.join(img_dir, name), quality=95)
+        # Written to a temporary file and renamed: under DDP every process writes the same
+        # (deterministic) dataset, and a process that already reads it never sees a file that
+        # another one is rewriting in place.
+        path = os.path.join(img_dir, name)
+        img.save(path + f".tmp{os.getpid()}", format="JPEG", quality=95)
+        os.replace(path + f".tmp{os.getpid()}", path)
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for a in anns:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=i + 1))
