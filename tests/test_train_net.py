@@ -315,3 +315,22 @@ def test_override_typos_are_errors_that_name_the_key():
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0 and "Did you mean 'train.max_iter'?" in proc.stderr
+
+
+def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_earlier_overrides():
+    from detkd.engine import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    assert "cudnn_benchmark" not in cfg.train  # read by detectron2's default_setup with a default
+    check_override_keys(cfg, ["train.cudnn_benchmark=True"])
+    check_override_keys(cfg, ["++train.my_note=1", "++train.max_iter=3"])  # hydra's add-or-override
+    # a key that an earlier override of the same command line creates or replaces
+    check_override_keys(cfg, ["+train.extra={a:1}", "train.extra.a=2"])
+    check_override_keys(cfg, ["model.distillers={pkd:{_target_:detkd.losses.PKDDistiller}}",
+                              "model.distillers.pkd.loss_weight=5"])
+    # the caller's config is untouched; typos are still errors, also after earlier overrides
+    assert "extra" not in cfg.train and "my_note" not in cfg.train and cfg.train.max_iter == 1000
+    with pytest.raises(KeyError, match=r"'train\.extra' has no key 'b'"):
+        check_override_keys(cfg, ["+train.extra={a:1}", "train.extra.b=2"])
+    with pytest.raises(KeyError, match=r"Did you mean 'train\.max_iter'\?"):
+        check_override_keys(cfg, ["train.cudnn_benchmark=True", "train.max_ite=2"])

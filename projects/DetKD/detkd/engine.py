@@ -83,24 +83,40 @@ def ddp_model(model, **kwargs):
     return create_ddp_model(model, **kwargs)
 
 
+# Keys that are read with a default where a config lacks them, so an override of them is valid
+# although the configs do not set them (detectron2's default_setup: train.cudnn_benchmark).
+_OPTIONAL_OVERRIDE_KEYS = ("train.cudnn_benchmark",)
+
+
 def check_override_keys(cfg, overrides) -> None:
     """
     Raise ``KeyError`` for a ``key=value`` override (``train_net.py ... key=value``) whose key is
     neither in ``cfg`` nor an argument of the LazyCall that would receive it: LazyConfig would
     add it silently (``train.max_ite=100`` trains the config's ``max_iter``;
-    ``train.teacher_chekpoint=x`` keeps the config's teacher). ``+key=value`` adds a key on
-    purpose and is not checked.
+    ``train.teacher_chekpoint=x`` keeps the config's teacher). ``+key=value`` and
+    ``++key=value`` add a key on purpose and are not checked, nor are the keys that detectron2
+    reads with a default although configs rarely set them (``_OPTIONAL_OVERRIDE_KEYS``, e.g.
+    ``train.cudnn_benchmark``). Each override is checked against the config as the overrides
+    before it leave it (``model.distillers={...} model.distillers.pkd.loss_weight=5``).
     """
+    import copy
     import difflib
 
+    from detectron2.config import LazyConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig, OmegaConf
 
     missing = object()
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
+
+    def check(cfg, o) -> None:
         key = o.key_or_group
-        if o.is_add() or OmegaConf.select(cfg, key, default=missing) is not missing:
-            continue
+        if (
+            o.is_add()
+            or o.is_force_add()
+            or key in _OPTIONAL_OVERRIDE_KEYS
+            or OmegaConf.select(cfg, key, default=missing) is not missing
+        ):
+            return
         parts = key.split(".")
         i = len(parts) - 1
         while i > 0 and OmegaConf.select(cfg, ".".join(parts[:i]), default=missing) is missing:
@@ -108,7 +124,7 @@ def check_override_keys(cfg, overrides) -> None:
         parent_key = ".".join(parts[:i])
         parent = OmegaConf.select(cfg, parent_key, default=missing) if i else cfg
         if not isinstance(parent, DictConfig):
-            continue  # a list index or a value: LazyConfig itself reports it
+            return  # a list index or a value: LazyConfig itself reports it
         name = parts[i]
         known = [str(k) for k in parent.keys() if k != "_target_"]
         target = parent.get("_target_", None)
@@ -117,9 +133,9 @@ def check_override_keys(cfg, overrides) -> None:
             try:
                 params = inspect.signature(fn).parameters
             except (TypeError, ValueError):
-                continue
+                return
             if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                continue  # an argument the config leaves at its default
+                return  # an argument the config leaves at its default
             known += [k for k in params if k not in known]
         where = f"'{parent_key}'" if parent_key else "the config"
         close = difflib.get_close_matches(name, known, n=3)
@@ -128,6 +144,15 @@ def check_override_keys(cfg, overrides) -> None:
             f"Override {key!r}: {where} has no key {name!r}.{hint} Keys there: {sorted(known)}. "
             f"(Write +{key}=... to add a new key on purpose.)"
         )
+
+    overrides = list(overrides)
+    cfg = copy.deepcopy(cfg)  # the earlier overrides are applied to a copy, not to the caller's
+    for text, o in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        check(cfg, o)
+        try:
+            LazyConfig.apply_overrides(cfg, [text])
+        except Exception:  # e.g. a deletion: train_net.py's own apply_overrides reports it
+            pass
 
 
 def student_of(model):
