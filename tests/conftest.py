@@ -104,3 +104,21 @@ def short_train(config, output_dir, iters=3):
 
 def history(trainer, key):
     return [v for v, _ in trainer.storage.history(key).values()]
+
+
+class _ShapesBackbone(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self._shapes = shapes
+
+    def output_shape(self):
+        return self._shapes
+
+
+class BackboneOnlyDetector(torch.nn.Module):
+    """A stand-in with only ``backbone.output_shape()``: what feature distillers' ``bind`` reads
+    (level pairing, adapter channels), without building a detector."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.backbone = _ShapesBackbone(shapes)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
 
+from conftest import BackboneOnlyDetector
 from detkd.losses import PKDDistiller, pair_fpn_levels, pkd_level_loss, pkd_loss
 
 
@@ -109,19 +110,7 @@ def test_level_pairing_by_stride_and_index():
         pair_fpn_levels(RETINA, RCNN, student_levels=["p9"])
 
 
-class _FakeBackbone(torch.nn.Module):
-    def __init__(self, shapes):
-        super().__init__()
-        self._shapes = shapes
-
-    def output_shape(self):
-        return self._shapes
-
-
-class _Det(torch.nn.Module):
-    def __init__(self, shapes):
-        super().__init__()
-        self.backbone = _FakeBackbone(shapes)
+_Det = BackboneOnlyDetector
 
 
 def test_distiller_adapters_only_where_channels_differ_and_weight():

@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from detkd import DistillationDetector, export_student
 from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
 
-from conftest import history, load_config, short_train, make_inputs, tiny_retinanet_cfg
+from conftest import BackboneOnlyDetector, history, load_config, short_train, make_inputs, tiny_retinanet_cfg
 
 
 def _pool(x, p):
@@ -277,21 +277,10 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
 
 
-class _Backbone(torch.nn.Module):
-    def __init__(self, shapes):
-        super().__init__()
-        self._shapes = shapes
+def _Det(channels):
+    from detectron2.layers import ShapeSpec
 
-    def output_shape(self):
-        return self._shapes
-
-
-class _Det(torch.nn.Module):
-    def __init__(self, channels):
-        from detectron2.layers import ShapeSpec
-
-        super().__init__()
-        self.backbone = _Backbone({f"p{k}": ShapeSpec(channels=channels, stride=2**k) for k in (3, 4, 5)})
+    return BackboneOnlyDetector({f"p{k}": ShapeSpec(channels=channels, stride=2**k) for k in (3, 4, 5)})
 
 
 def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_channels():
