@@ -45,6 +45,25 @@ def _padding_constraints(model: nn.Module):
     return getattr(getattr(model, "backbone", None), "padding_constraints", None)
 
 
+def normalized_images(
+    model: nn.Module, batched_inputs: List[dict], *, flip_channels: bool = False, size_divisibility: int = 0
+) -> ImageList:
+    """
+    ``model``'s input tensor for detectron2 inputs: the images (channels flipped if
+    ``flip_channels``) normalised with the model's pixel mean/std and padded to a multiple of
+    ``max(size_divisibility, the model's own)``.
+
+    Returns:
+        ImageList: tensor (N, 3, Hp, Wp).
+    """
+    images = [x["image"].to(model.pixel_mean.device) for x in batched_inputs]
+    if flip_channels:
+        images = [x.flip(0) for x in images]
+    images = [(x - model.pixel_mean) / model.pixel_std for x in images]
+    div = max(_size_divisibility(model), size_divisibility)
+    return ImageList.from_tensors(images, div, padding_constraints=_padding_constraints(model))
+
+
 def _head_stage(model: nn.Module, features: Dict[str, torch.Tensor]) -> None:
     """
     Run the part of ``model`` right after its backbone that produces dense predictions,
@@ -241,14 +260,9 @@ class DistillationDetector(nn.Module):
             order, padded to a multiple of both models' size divisibility so that feature maps
             of equal stride have equal sizes on both sides.
         """
-        t = self._teacher
-        images = [x["image"].to(t.pixel_mean.device) for x in batched_inputs]
-        if self.flip_teacher_channels:
-            images = [x.flip(0) for x in images]
-        images = [(x - t.pixel_mean) / t.pixel_std for x in images]
-        div = max(_size_divisibility(t), _size_divisibility(self.student))
-        return ImageList.from_tensors(
-            images, div, padding_constraints=_padding_constraints(t)
+        return normalized_images(
+            self._teacher, batched_inputs, flip_channels=self.flip_teacher_channels,
+            size_divisibility=_size_divisibility(self.student),
         )
 
     @torch.no_grad()

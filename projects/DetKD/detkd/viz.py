@@ -175,9 +175,7 @@ def _pkd_view(args):
         student = instantiate(cfg.model.student).eval()
         load_student(student, path)
         models[name] = student
-    from detectron2.structures import ImageList
-
-    from .distiller import _padding_constraints, _size_divisibility
+    from .distiller import _size_divisibility, normalized_images
 
     # As DistillationDetector.teacher_images: the loader's images are in the student's channel
     # order; the teacher sees them in its own. One padding for all rows (equal map sizes).
@@ -186,11 +184,8 @@ def _pkd_view(args):
     rows = {}
     with torch.no_grad():
         for name, m in models.items():
-            images = [x["image"].to(m.pixel_mean.device) for x in inputs]
-            if name == "teacher" and s_fmt is not None and getattr(m, "input_format", None) != s_fmt:
-                images = [x.flip(0) for x in images]
-            images = [(x - m.pixel_mean) / m.pixel_std for x in images]
-            images = ImageList.from_tensors(images, div, padding_constraints=_padding_constraints(m))
+            flip = name == "teacher" and s_fmt is not None and getattr(m, "input_format", None) != s_fmt
+            images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
             rows[name] = {k: v[0] for k, v in m.backbone(images.tensor).items()}
     img = inputs[0]["image"].permute(1, 2, 0).numpy()
     if getattr(models["student alone"], "input_format", "BGR") == "BGR":
