@@ -7,7 +7,7 @@ ITERS ?=
 SEEDS ?= 0 1 2
 HELDOUT ?= 1024
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test instant bench clean-demo
 
 venv:
 	@bash dev/bootstrap.sh
@@ -19,6 +19,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# The GPU smoke tier: 40 iterations of each configs/quick_schedules/*_instant_test.py on
+# coco_2017_val_100 (needs COCO under $$DETECTRON2_DATASETS and the model zoo; not run by CI).
+instant: venv
+	PYTHON=$(PY) bash dev/run_instant_tests.sh
 
 # Cost of distillation per iteration (ratios) and effectiveness (AP table, trains the demo runs
 # once per seed in SEEDS: mean, sd and deltas paired by seed; SEEDS=0 for one run of each;
