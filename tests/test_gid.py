@@ -147,6 +147,27 @@ def test_heterogeneous_pairs_are_clear_errors():
     sum(losses.values()).backward()
 
 
+def test_location_selection_on_an_aligned_pair_selects_per_anchor_and_says_so():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    gid_logger = logging.getLogger("detkd.losses.gid")
+    gid_logger.addHandler(handler)
+    try:
+        model = _kd(selection="location")  # two RetinaNets with the same anchors and classes
+    finally:
+        gid_logger.removeHandler(handler)
+    gid = model.distillers["gid"]
+    assert gid.location_strides is None and gid.response
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert "selected per anchor" in records[0].getMessage() and "response term" in records[0].getMessage()
+    with EventStorage():
+        losses = model(make_inputs())
+    assert "loss_gid_response_cls" in losses
+
+
 def test_per_location_picks_the_best_anchor():
     from detkd.losses.gid import per_location
 

@@ -20,6 +20,7 @@ Naming convention:
     scores (N, R, K) sigmoid probabilities; boxes (N, R, 4) absolute XYXY;
     anchors: list[Boxes] per level (R_l, 4); logits / deltas (N, R, K) / (N, R, 4)
 """
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -36,6 +37,8 @@ from detectron2.structures import Boxes, pairwise_iou
 
 from ..utils import host_tensor
 from .base import Distiller, pair_fpn_levels, put_scalar
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GIDDistiller",
@@ -638,7 +641,8 @@ class GIDDistiller(Distiller):
                 sides) or "location" ([INFER] for pairs of different dense heads, e.g. an FCOS
                 student and a RetinaNet teacher: one prediction per location of the levels of
                 equal stride, the best anchor of each; class-agnostic when the class counts
-                differ; needs ``response=False``).
+                differ; needs ``response=False``). A pair with aligned heads (same family,
+                anchors and classes) is selected per anchor either way, with a warning.
             topk (int): GIs per image (K). nms_thresh (float): GI NMS IoU.
             min_size (float): drop GI boxes with a side <= min_size pixels.
             pre_nms_topk (int): candidates per image before NMS.
@@ -738,6 +742,13 @@ class GIDDistiller(Distiller):
             if not self.location_strides:
                 raise ValueError("GID: the two heads share no prediction stride")
             problems = []
+        elif self.selection == "location":
+            logger.warning(
+                "GID: selection='location' is for pairs whose dense heads differ; this pair has the "
+                "same head family, anchors and classes, so GIs are selected per anchor (the paper's "
+                "selection, the same as selection='anchor')%s.",
+                ", with the response term" if self.response else "",
+            )
         elif problems:
             raise ValueError(
                 "GID selects general instances from teacher and student predictions at the same "
