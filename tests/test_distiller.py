@@ -317,3 +317,55 @@ def test_fp16_teacher_option_runs_the_teacher_in_float16():
         losses = model(make_inputs(n=2, size=(128, 128)))
     assert dtypes == [torch.float16]
     assert losses["loss_pkd"].dtype == torch.float32 and torch.isfinite(losses["loss_pkd"])
+
+
+def _tiny_mask_rcnn_cfg(width, fpn):
+    """tiny_faster_rcnn_cfg with detectron2's Mask R-CNN mask branch put back (narrow)."""
+    from detectron2 import model_zoo
+    from detectron2.layers import ShapeSpec
+
+    model = tiny_faster_rcnn_cfg(width=width, fpn=fpn)
+    full = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model.roi_heads
+    model.roi_heads.update(mask_in_features=full.mask_in_features, mask_pooler=full.mask_pooler,
+                           mask_head=full.mask_head)
+    model.roi_heads.mask_head.update(input_shape=ShapeSpec(channels=fpn, width=14, height=14),
+                                     conv_dims=[16, 16], num_classes=3)
+    return model
+
+
+def test_mask_rcnn_pair_with_pkd_and_gid_keeps_the_students_own_losses():
+    """Mask R-CNN student and teacher (masks in the batch): the mask branch trains next to both
+    distillers, the student's own losses are those of the student alone, the teacher gets no
+    gradient, and inference returns the student's masks."""
+    from detectron2.structures import BitMasks
+
+    from detkd import GIDDistiller
+
+    torch.manual_seed(0)
+    model = build(L(DistillationDetector)(
+        student=_tiny_mask_rcnn_cfg(8, 32), teacher=_tiny_mask_rcnn_cfg(16, 64),
+        distillers={"pkd": L(PKDDistiller)(loss_weight=1.0), "gid": L(GIDDistiller)()},
+    ))
+    batch = make_inputs()
+    for x in batch:
+        inst = x["instances"]
+        masks = torch.zeros(len(inst), *inst.image_size, dtype=torch.bool)
+        for m, (x0, y0, x1, y1) in zip(masks, inst.gt_boxes.tensor.round().long().tolist()):
+            m[y0:y1, x0:x1] = True
+        inst.gt_masks = BitMasks(masks)
+    with EventStorage():
+        torch.manual_seed(1)
+        losses = model(batch)
+        torch.manual_seed(1)
+        alone = model.student(batch)
+    assert set(alone) <= set(losses) and "loss_mask" in alone
+    assert {"loss_pkd", "loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls"} <= set(losses)
+    for k, v in alone.items():
+        assert torch.equal(losses[k], v), k
+    sum(losses.values()).backward()
+    assert model.student.roi_heads.mask_head.predictor.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": batch[0]["image"], "height": 128, "width": 160}])
+    assert out[0]["instances"].pred_masks.shape[1:] == (128, 160)
