@@ -822,3 +822,35 @@ def test_d3etr_different_head_counts_compare_head_averaged_maps():
 
     assert got["loss_d3etr_sa"].item() == pytest.approx(kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9)
     assert got["loss_d3etr_ca"].item() == pytest.approx(kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9)
+
+
+def test_d3etr_baseline_trains_on_detrs_augmentation():
+    """The Conditional DETR recipe (DETR's make_coco_transforms): flip, then half the images
+    resized to a short edge of 480..800 (step 32, max 1333) and half first resized to 400/500/600,
+    randomly cropped to sides of 384..600 px, then resized the same way."""
+    from detectron2.data import transforms as T
+
+    data = load_config("configs/D3ETR/conditional_detr_r50_12ep.py").dataloader
+    augs = T.AugmentationList(instantiate(data.train.mapper.augmentations))
+    np.random.seed(0)
+    shorts, cropped = set(), 0
+    for _ in range(200):
+        aug = T.AugInput(np.zeros((300, 450, 3), dtype=np.uint8))
+        augs(aug)
+        h, w = aug.image.shape[:2]
+        shorts.add(min(h, w))
+        cropped += abs(w / h - 1.5) > 0.02  # a crop changes the aspect ratio (almost surely)
+    assert shorts <= set(range(480, 801, 32)) and {480, 800} <= shorts
+    assert 60 < cropped < 140  # about half
+
+
+def test_conditional_detr_backbone_trains_res3_to_res5_only():
+    """DETR's backbone (as the official Conditional DETR's) trains layer2..layer4 only: the stem
+    and res2 are frozen, all BN layers are frozen."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    backbone = instantiate(load_config("configs/common/models/conditional_detr.py").model.backbone)
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] in ("res3", "res4", "res5")), name
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())

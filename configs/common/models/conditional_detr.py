@@ -1,6 +1,7 @@
 """
 Conditional DETR R50-C5 (paper settings): 6 encoder / 6 decoder layers, 300 queries, d = 256,
-8 heads, FFN 2048, dropout 0.1; focal loss 2, L1 5, GIoU 2 (matcher costs 2/5/2).
+8 heads, FFN 2048, dropout 0.1; focal loss 2, L1 5, GIoU 2 (matcher costs 2/5/2). The backbone
+as DETR's: frozen BN, stem and res2 frozen (torchvision's layer1; DETR trains layer2..layer4).
 """
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
@@ -17,7 +18,7 @@ model = L(ConditionalDETR)(
         stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
         stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="FrozenBN"),
         out_features=["res5"],
-        freeze_at=1,
+        freeze_at=2,  # stem + res2, as DETR's backbone
     ),
     in_feature="res5",
     position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128),
