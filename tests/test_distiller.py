@@ -369,3 +369,35 @@ def test_mask_rcnn_pair_with_pkd_and_gid_keeps_the_students_own_losses():
     with torch.no_grad():
         out = model([{"image": batch[0]["image"], "height": 128, "width": 160}])
     assert out[0]["instances"].pred_masks.shape[1:] == (128, 160)
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_square_padding_of_one_model_gives_the_teacher_the_students_padded_size(side):
+    """A ViTDet-style backbone pads to a square (``square_pad``): the teacher's images are padded
+    as the student pads its own, so maps of equal stride cover the same image area (a square
+    teacher map would be stretched onto the student's by PKD, or misalign GID's predictions)."""
+    torch.manual_seed(0)
+    model = build(kd_cfg())
+    getattr(model, side).backbone._square_pad = 192
+    inputs = make_inputs(n=2, size=(128, 160))
+    student_size = model.student.preprocess_image(inputs).tensor.shape[-2:]
+    assert student_size == ((192, 192) if side == "student" else (128, 160))
+    assert model.teacher_images(inputs).tensor.shape[-2:] == student_size
+    with EventStorage():
+        losses = model(inputs)
+    assert torch.isfinite(losses["loss_pkd"])
+
+
+def test_maps_of_equal_stride_and_different_sizes_are_a_clear_error():
+    """A teacher that needs inputs divisible by 64 and a student padding to 32: maps of equal
+    stride differ in size, which names the cause instead of a distiller's shape error."""
+    model = build(kd_cfg())
+    model.teacher.backbone._size_divisibility = 64
+    match = r"'p3' map is \(16, 20\).*\(16, 24\).*student 32, teacher 64"
+    with EventStorage(), pytest.raises(ValueError, match=match):
+        model(make_inputs(n=2, size=(128, 160)))
+
+
+def test_a_distiller_rejecting_the_pair_is_named_in_the_error():
+    """With several distillers, the one whose bind() rejects the pair is named."""
+    match = r"distillers\['pkd'\] \(PKDDistiller\): FPN level mismatch"
+    with pytest.raises(ValueError, match=match):
+        build(kd_cfg(num_levels=6))

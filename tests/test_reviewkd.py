@@ -316,3 +316,17 @@ def test_abf_convs_use_kaiming_uniform_with_a_1():
         w = conv.weight.abs()
         assert w.max().item() <= bound * (1 + 1e-6)
         assert w.max().item() > 0.95 * bound  # thousands of draws reach close to the bound
+
+
+def test_abf_batch_norm_on_one_value_per_channel_is_a_clear_error():
+    """One 64x64 image: p6 and p7 are 1x1 maps, on which the ABFs' BatchNorm cannot train. The
+    error names the level and the ways out; GroupNorm ABFs train."""
+    inputs = make_inputs(n=1, size=(64, 64))
+    model = _kd()
+    match = r"ReviewKD: the student's level 'p6' is a 1x1 map.*norm='GN'"
+    with EventStorage(), pytest.raises(ValueError, match=match):
+        model(inputs)
+    model = _kd(norm="GN")
+    with EventStorage():
+        losses = model(inputs)
+    assert torch.isfinite(losses["loss_reviewkd"])

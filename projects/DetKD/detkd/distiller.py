@@ -34,24 +34,37 @@ def _input_format(model: nn.Module) -> Optional[str]:
     return getattr(model, "input_format", None)
 
 
-def _size_divisibility(model: nn.Module) -> int:
-    div = getattr(model, "size_divisibility", None)
-    if div is None:
-        div = getattr(model.backbone, "size_divisibility", 0)
-    return int(div or 0)
-
-
 def _padding_constraints(model: nn.Module):
     return getattr(getattr(model, "backbone", None), "padding_constraints", None)
 
 
+def _size_divisibility(model: nn.Module) -> int:
+    div = getattr(model, "size_divisibility", None)
+    if div is None:  # detectron2's preprocessing: padding_constraints' value overrides
+        div = (_padding_constraints(model) or {}).get(
+            "size_divisibility", getattr(model.backbone, "size_divisibility", 0)
+        )
+    return int(div or 0)
+
+
+def _square_size(model: nn.Module) -> int:
+    """The square size ``model`` pads its inputs to (ViTDet's ``square_pad``), 0 if none."""
+    return int((_padding_constraints(model) or {}).get("square_size", 0) or 0)
+
+
 def normalized_images(
-    model: nn.Module, batched_inputs: List[dict], *, flip_channels: bool = False, size_divisibility: int = 0
+    model: nn.Module,
+    batched_inputs: List[dict],
+    *,
+    flip_channels: bool = False,
+    size_divisibility: int = 0,
+    square_size: Optional[int] = None,
 ) -> ImageList:
     """
     ``model``'s input tensor for detectron2 inputs: the images (channels flipped if
     ``flip_channels``) normalised with the model's pixel mean/std and padded to a multiple of
-    ``max(size_divisibility, the model's own)``.
+    ``max(size_divisibility, the model's own)``, and to a square of ``square_size`` (default:
+    the model's own ``padding_constraints``; 0: no square padding).
 
     Returns:
         ImageList: tensor (N, 3, Hp, Wp).
@@ -61,7 +74,9 @@ def normalized_images(
         images = [x.flip(0) for x in images]
     images = [(x - model.pixel_mean) / model.pixel_std for x in images]
     div = max(_size_divisibility(model), size_divisibility)
-    return ImageList.from_tensors(images, div, padding_constraints=_padding_constraints(model))
+    if square_size is None:
+        square_size = _square_size(model)
+    return ImageList.from_tensors(images, div, padding_constraints={"square_size": square_size})
 
 
 def _head_stage(model: nn.Module, features: Dict[str, torch.Tensor]) -> None:
@@ -184,7 +199,10 @@ class DistillationDetector(nn.Module):
                     f"distillers['{name}'] is a {type(d).__name__}; it must subclass "
                     "detkd.losses.Distiller"
                 )
-            d.bind(student, teacher)
+            try:
+                d.bind(student, teacher)
+            except (ValueError, TypeError) as e:  # which of several distillers rejects the pair
+                raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
         self.distillers = nn.ModuleDict(distillers)
 
         s_fmt = _input_format(student)
@@ -200,14 +218,17 @@ class DistillationDetector(nn.Module):
         self._teacher_capture = FeatureCapture(teacher, t_names)
 
         self.diag_period = diag_period
-        self._diag_pairs = []
-        if diag_period and "backbone" in s_names and "backbone" in t_names:
+        # Levels of equal stride of the two backbones, when some distiller reads both: their
+        # maps must have equal sizes (checked every step on the finest, logged periodically).
+        self._stride_pairs = []
+        if "backbone" in s_names and "backbone" in t_names:
             try:
-                self._diag_pairs = pair_fpn_levels(
+                self._stride_pairs = pair_fpn_levels(
                     student.backbone.output_shape(), teacher.backbone.output_shape()
                 )
             except ValueError:  # no level of equal stride: nothing to compare
                 pass
+        self._diag_pairs = self._stride_pairs if diag_period else []
 
     def _teacher_autocast(self, device_type: str):
         dtype = _TEACHER_DTYPES[self.teacher_precision]
@@ -257,12 +278,16 @@ class DistillationDetector(nn.Module):
 
         Returns:
             ImageList: tensor (N, 3, Hp, Wp) with the teacher's pixel mean/std and channel
-            order, padded to a multiple of both models' size divisibility so that feature maps
-            of equal stride have equal sizes on both sides.
+            order, padded as the student pads its own inputs (a multiple of both models' size
+            divisibility; the student's square padding, if any) so that feature maps of equal
+            stride have equal sizes on both sides. A teacher's own square padding (e.g. ViTDet's
+            ``square_pad=1024``) is not applied: its maps would cover a larger area than the
+            student's (METHODS.md 0: both inputs are padded to the same size).
         """
         return normalized_images(
             self._teacher, batched_inputs, flip_channels=self.flip_teacher_channels,
             size_divisibility=_size_divisibility(self.student),
+            square_size=_square_size(self.student),
         )
 
     @torch.no_grad()
@@ -322,6 +347,7 @@ class DistillationDetector(nn.Module):
         student_taps = self._student_capture.as_dict()
         self._student_capture.clear()
 
+        self._check_aligned(student_taps, teacher_taps)
         self._log_feature_correlation(student_taps, teacher_taps)
         # Distillation arithmetic in fp32, also under AMP (normalisation statistics).
         student_taps, teacher_taps = float_tensors(student_taps), float_tensors(teacher_taps)
@@ -333,6 +359,22 @@ class DistillationDetector(nn.Module):
                     raise KeyError(f"distiller '{name}' returned loss keys {clash} already used")
                 losses.update(d_losses)
         return losses
+
+    def _check_aligned(self, student_taps, teacher_taps) -> None:
+        """Maps of equal stride must cover the same padded image: a distiller would otherwise
+        stretch one onto the other (PKD, ReviewKD) or pair predictions of different positions."""
+        if not self._stride_pairs:
+            return
+        s, t = self._stride_pairs[0]  # the finest: no rounding of odd sizes yet
+        hs, ht = student_taps["backbone"][s].shape[-2:], teacher_taps["backbone"][t].shape[-2:]
+        if hs != ht:
+            raise ValueError(
+                f"The student's '{s}' map is {tuple(hs)} but the teacher's '{t}' of the same "
+                f"stride is {tuple(ht)}: the two models pad their inputs to different sizes "
+                f"(size divisibility: student {_size_divisibility(self.student)}, teacher "
+                f"{_size_divisibility(self._teacher)}). Use a student whose size divisibility is "
+                "a multiple of the teacher's."
+            )
 
     @torch.no_grad()
     def _log_feature_correlation(self, student_taps, teacher_taps) -> None:

@@ -295,7 +295,25 @@ class ReviewKDDistiller(Distiller):
             outs[s], residual = self.abfs[s](student_feats[s], residual)
         return outs
 
+    def _check_batch_statistics(self, student_feats: Dict[str, torch.Tensor]) -> None:
+        """A BatchNorm of an ABF cannot train on one value per channel (one image, a 1x1 map:
+        the deepest levels of small images); say so instead of BatchNorm's generic error."""
+        if not self.training:
+            return
+        for s, _ in self.pairs:
+            x = student_feats[s]
+            modules = self.abfs[s].modules()
+            batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+            if batch_norm and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+                raise ValueError(
+                    f"ReviewKD: the student's level '{s}' is a 1x1 map of one image, and the "
+                    f"BatchNorm of its ABF (norm={self.norm!r}) cannot train on one value per "
+                    "channel. Use norm='GN', leave the level out with num_levels, or train with "
+                    "more images per device or larger images."
+                )
+
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
+        self._check_batch_statistics(student_taps["backbone"])
         with ctx.amp():  # the ABFs are trainable layers like the student's: its precision
             fused = self.review(student_taps["backbone"])
         fused = {k: v.float() for k, v in fused.items()}  # the loss in fp32
