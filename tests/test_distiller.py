@@ -369,6 +369,8 @@ def test_mask_rcnn_pair_with_pkd_and_gid_keeps_the_students_own_losses():
     with torch.no_grad():
         out = model([{"image": batch[0]["image"], "height": 128, "width": 160}])
     assert out[0]["instances"].pred_masks.shape[1:] == (128, 160)
+
+
 @pytest.mark.parametrize("side", ["teacher", "student"])
 def test_square_padding_of_one_model_gives_the_teacher_the_students_padded_size(side):
     """A ViTDet-style backbone pads to a square (``square_pad``): the teacher's images are padded
