@@ -356,7 +356,12 @@ class DistillationDetector(nn.Module):
                 d_losses = d(student_taps, teacher_taps, ctx)
                 clash = set(d_losses) & set(losses)
                 if clash:
-                    raise KeyError(f"distiller '{name}' returned loss keys {clash} already used")
+                    raise KeyError(
+                        f"distiller '{name}' returned loss keys {sorted(clash)} that the student or "
+                        "another distiller already returned; loss keys must be unique: use one "
+                        "distiller per method (each covers several levels itself, e.g. PKD's "
+                        "num_levels / student_levels) and no 'loss_<method>_*' keys in the student"
+                    )
                 losses.update(d_losses)
         return losses
 
