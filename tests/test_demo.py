@@ -75,6 +75,32 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
     assert proc.stdout.count("[demo] reusing") == 3 and (out / "pkd_fpn.png").is_file()
 
 
+def test_demo_reuses_a_finished_run_only_if_trained_with_the_same_arguments(tmp_path, monkeypatch):
+    # `make demo ITERS=20` then `make demo`: the 20-iteration runs must not fill the table
+    from detkd import demo
+
+    config = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    out = tmp_path / "student_retinanet"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "metrics.json").write_text(json.dumps({"bbox/AP": 1.0, "iteration": 20}) + "\n")
+    trained = []
+
+    def fake_train_net(cmd, **kwargs):  # a finished run of these arguments
+        trained.append(cmd[1:])
+        (out / "metrics.json").write_text(json.dumps({"bbox/AP": 2.0, "iteration": 40}) + "\n")
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
+    logs = []
+    res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
+    assert len(trained) == 1 and "train.max_iter=40" in trained[0] and res["AP"] == 2.0
+    assert any("retraining" in line for line in logs)
+    res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
+    assert len(trained) == 1 and res["AP"] == 2.0 and "[demo] reusing" in logs[-1]
+    demo._train(config, str(out), [], False, logs.append)  # the full schedule: trained again
+    assert len(trained) == 2 and "train.max_iter=40" not in trained[1]
+
+
 def test_demo_summary_over_seeds_pairs_the_deltas():
     from detkd.demo import summarize
 

@@ -184,6 +184,29 @@ def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     assert any("bbox/AP50" in m for m in logged)  # the student's own, separate
 
 
+def test_teacher_eval_at_start_leaves_the_random_states_unchanged(tmp_path):
+    # the evaluation's data loader draws from torch's RNG; the training loader's worker seeds
+    # (its flips) and the student's dropout come from the same states: the run must not change
+    import random
+
+    import numpy as np
+
+    from detectron2.utils.events import EventStorage
+
+    cfg = _small_cfg(tmp_path / "s", max_iter=1)
+    cfg.dataloader.test.dataset.names.num_images = 2
+    cfg.train.teacher_eval_at_start = True
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with EventStorage(0) as trainer.storage:
+        hook.before_train()
+    assert "bbox" in hook.results
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+
+
 def test_no_export_when_the_last_iteration_fails(tmp_path):
     # TrainerBase.train leaves iter = max_iter - 1 when the last iteration raises
     _run(_small_cfg(tmp_path / "c", 2), interrupt=1)

@@ -16,8 +16,9 @@ seed, 7), which no run trained on and no setting was chosen by, and prints a sec
 same rows on far more images than the validation split's 128.
 
 Every step is ``train_net.py`` run as a user would run it; finished runs (a ``model_final.pth``
-and final metrics in their output folder) are reused, so a second ``make demo`` only trains
-what is missing. Usage::
+and final metrics in their output folder, trained with the same arguments: another ``--iters``
+or override retrains them) are reused, so a second ``make demo`` only trains what is missing.
+Usage::
 
     python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2] [--heldout 1024]
 """
@@ -93,17 +94,34 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
                          "their parent keys exist in none of them")
 
 
+_COMMAND_FILE = "demo_command.json"  # a finished run's train_net.py arguments
+
+
+def _run_command(output_dir: str):
+    """The train_net.py arguments that ``output_dir``'s run was trained with, or None."""
+    path = os.path.join(output_dir, _COMMAND_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _train(config: str, output_dir: str, opts, force: bool, log):
-    done = os.path.isfile(os.path.join(output_dir, "model_final.pth")) and final_metrics(output_dir)
-    if done and not force:
-        log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
-        return final_metrics(output_dir), None
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
            f"train.output_dir={output_dir}"] + applicable_overrides(config, opts)
+    done = os.path.isfile(os.path.join(output_dir, "model_final.pth")) and final_metrics(output_dir)
+    if done and not force:
+        # reused only if trained with these arguments (e.g. not a shorter --iters run)
+        if _run_command(output_dir) == cmd[1:]:
+            log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
+            return final_metrics(output_dir), None
+        log(f"[demo] retraining {output_dir}: it was trained with other arguments")
     log("[demo] " + " ".join(cmd[1:]))
     start = time.time()
     with open(os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"), "w") as f:
         subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+    with open(os.path.join(output_dir, _COMMAND_FILE), "w") as f:
+        json.dump(cmd[1:], f, indent=1)
     return final_metrics(output_dir), time.time() - start
 
 

@@ -3,26 +3,31 @@
 teacher of a :class:`detkd.DistillationDetector`.
 
 The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds six ``train`` keys
 (``configs/common/kd_train.py``):
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
 * ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
 * ``train.export_student``: write ``model_final_student.pth`` at the end of training;
-* ``train.clip_grad``: ``dict(enabled=True, max_norm=0.1)`` clips the global gradient norm;
+* ``train.clip_grad``: ``dict(enabled=True, max_norm=0.1)`` clips the global gradient norm
+  (off by default);
 * ``train.teacher_eval_at_start``: evaluate the loaded teacher before training
-  (:class:`TeacherEvalHook`, logged as ``teacher/bbox/AP`` ...).
+  (:class:`TeacherEvalHook`, logged as ``teacher/bbox/AP`` ...);
+* ``train.seed``: 0, the seed detectron2's ``default_setup`` gives the run (-1 would draw one).
 
 ``train.init_checkpoint`` loads into ``model.student`` only. ``model`` may also be a plain
 detector (e.g. training the teacher or a baseline), then the trainer is a LazyConfig version of
 detectron2's DefaultTrainer.
 """
+import contextlib
 import copy
 import inspect
 import logging
 import os
+import random
 import weakref
 
+import numpy as np
 import torch
 
 from torch.nn.parallel import DataParallel, DistributedDataParallel
@@ -214,12 +219,30 @@ class ExportStudentHook(hooks.HookBase):
         logger.info(f"Student exported to {self.path}")
 
 
+@contextlib.contextmanager
+def _rng_preserved():
+    """Restore the global random states (Python, NumPy, torch CPU and CUDA) on exit, so that
+    what runs inside leaves a seeded run's later draws (its loader's worker seeds, flips,
+    dropout) as they would have been without it."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class TeacherEvalHook(hooks.HookBase):
     """
     Before training, evaluate the loaded teacher once on ``dataloader.test`` with
     ``dataloader.evaluator`` and log its results as ``teacher/<task>/<metric>`` (e.g.
     ``teacher/bbox/AP``), never under the student's keys. Enabled by
-    ``train.teacher_eval_at_start=True``; results are also kept in ``self.results``.
+    ``train.teacher_eval_at_start=True``; results are also kept in ``self.results``. The
+    random states are restored after it: the training run is the same as without it.
     """
 
     def __init__(self, cfg):
@@ -232,8 +255,10 @@ class TeacherEvalHook(hooks.HookBase):
         evaluator = KDTrainer.build_evaluator(self.cfg, output_folder=folder)
         if evaluator is None:
             return
-        # the teacher's inputs as in training (its channel order), not the student's
-        self.results = KDTrainer.test(self.cfg, kd.teacher_inference, evaluator)
+        # the teacher's inputs as in training (its channel order), not the student's; the
+        # evaluation's loader draws from the global RNGs: training then draws as without it
+        with _rng_preserved():
+            self.results = KDTrainer.test(self.cfg, kd.teacher_inference, evaluator)
         logger.info(f"Teacher evaluation before training: {dict(self.results)}")
         if comm.is_main_process():
             flat = {
