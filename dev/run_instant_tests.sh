@@ -13,6 +13,7 @@
 #   NUM_GPUS (default: the GPUs nvidia-smi lists), PYTHON (default python). Without a GPU the
 #   runs go to NUM_GPUS CPU processes (default 1), train.device=cpu.
 set -e
+HERE=$PWD
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUTPUT=${OUTPUT:-instant_test_output}
@@ -30,7 +31,11 @@ CONFIGS=()
 OPTS=()
 for arg in "$@"; do
   case "$arg" in
-    *.py) CONFIGS+=("$arg") ;;
+    *.py)  # a path from the caller's directory, else from the repository root
+      if [ "${arg#/}" = "$arg" ] && [ "$HERE" != "$PWD" ] && [ -f "$HERE/$arg" ]; then
+        arg="$HERE/$arg"
+      fi
+      CONFIGS+=("$arg") ;;
     *) OPTS+=("$arg") ;;
   esac
 done

@@ -398,6 +398,35 @@ def test_maps_of_equal_stride_and_different_sizes_are_a_clear_error():
         model(make_inputs(n=2, size=(128, 160)))
 
 
+def test_maps_of_equal_stride_and_different_sizes_train_with_a_warning_where_resized():
+    """ReviewKD resizes the student's maps onto the teacher's (as across strides): a pair whose
+    teacher pads to a larger size divisibility (e.g. a C4 student without any, an FPN teacher)
+    trains, with one warning naming the cause."""
+    import logging
+
+    from detkd import ReviewKDDistiller
+
+    torch.manual_seed(0)
+    model = build(L(DistillationDetector)(
+        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(width=32, fpn=128),
+        distillers={"reviewkd": L(ReviewKDDistiller)()},
+    ))
+    model.teacher.backbone._size_divisibility = 64
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("detkd.distiller").addHandler(handler)
+    try:
+        with EventStorage():
+            for _ in range(2):
+                losses = model(make_inputs(n=2, size=(128, 160)))
+    finally:
+        logging.getLogger("detkd.distiller").removeHandler(handler)
+    assert torch.isfinite(losses["loss_reviewkd"])
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert "student 32, teacher 64" in records[0].getMessage()
+
+
 def test_a_distiller_rejecting_the_pair_is_named_in_the_error():
     """With several distillers, the one whose bind() rejects the pair is named."""
     match = r"distillers\['pkd'\] \(PKDDistiller\): FPN level mismatch"

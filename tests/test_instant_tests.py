@@ -69,11 +69,11 @@ def _coco_val_100(root, n=2):
         json.dump(dict(images=images, annotations=anns, categories=cats), f)
 
 
-def _run_script(tmp_path, *args):
+def _run_script(tmp_path, *args, cwd=REPO):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "d2"), NUM_GPUS="1", OMP_NUM_THREADS="2",
                PYTHON=sys.executable, OUTPUT=str(tmp_path / "out"))
-    return subprocess.run(["bash", "dev/run_instant_tests.sh", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", os.path.join(REPO, "dev", "run_instant_tests.sh"), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_run_instant_tests_trains_and_evaluates_on_coco_val_100(tmp_path):
@@ -107,3 +107,11 @@ def test_run_instant_tests_stops_at_a_failing_run(tmp_path):
     assert proc.returncode != 0
     assert "Did you mean 'train.max_iter'?" in proc.stderr
     assert "gid_fcos" not in proc.stdout  # the second config never started
+
+
+def test_run_instant_tests_reads_a_config_path_from_the_callers_directory(tmp_path):
+    # run from configs/: the path is found (the typo in the override is the error), not missing
+    proc = _run_script(tmp_path, "quick_schedules/pkd_gid_retinanet_R50_from_R101_instant_test.py",
+                       "train.max_ite=1", cwd=os.path.join(REPO, "configs"))
+    assert proc.returncode != 0
+    assert "Did you mean 'train.max_iter'?" in proc.stderr, proc.stderr[-2000:]

@@ -330,3 +330,18 @@ def test_abf_batch_norm_on_one_value_per_channel_is_a_clear_error():
     with EventStorage():
         losses = model(inputs)
     assert torch.isfinite(losses["loss_reviewkd"])
+
+
+def test_synced_abf_batch_norm_of_several_processes_trains_on_1x1_maps(monkeypatch):
+    """norm='SyncBN' in a multi-process run normalises over every process's values: one 1x1 map
+    per process trains there; a single process, or plain BN, is still the clear error."""
+    from detkd.losses import reviewkd
+
+    feats = {f"p{i}": torch.randn(1, 64, 1, 1) for i in range(3, 8)}  # the student's FPN, 1x1
+    synced, local = _kd(norm="naiveSyncBN").distillers["reviewkd"], _kd().distillers["reviewkd"]
+    with pytest.raises(ValueError, match="1x1 map of one image"):
+        synced._check_batch_statistics(feats)
+    monkeypatch.setattr(reviewkd.comm, "get_world_size", lambda: 2)
+    synced._check_batch_statistics(feats)
+    with pytest.raises(ValueError, match="1x1 map of one image"):
+        local._check_batch_statistics(feats)

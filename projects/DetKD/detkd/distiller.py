@@ -229,6 +229,15 @@ class DistillationDetector(nn.Module):
             except ValueError:  # no level of equal stride: nothing to compare
                 pass
         self._diag_pairs = self._stride_pairs if diag_period else []
+        # Maps of equal stride that differ in size (a teacher padding to a larger size
+        # divisibility than the student's) are an error unless every distiller reading both
+        # backbones resizes them (ReviewKD): then a warning, once.
+        readers = [
+            d for d in distillers.values()
+            if "backbone" in d.student_taps(student) and "backbone" in d.teacher_taps(teacher)
+        ]
+        self._sizes_resized = all(d.resizes_levels for d in readers)
+        self._size_warned = False
 
     def _teacher_autocast(self, device_type: str):
         dtype = _TEACHER_DTYPES[self.teacher_precision]
@@ -367,19 +376,31 @@ class DistillationDetector(nn.Module):
 
     def _check_aligned(self, student_taps, teacher_taps) -> None:
         """Maps of equal stride must cover the same padded image: a distiller would otherwise
-        stretch one onto the other (PKD, ReviewKD) or pair predictions of different positions."""
+        pair predictions or features of different positions (GID, PKD). Distillers that resize
+        the student's maps onto the teacher's (``resizes_levels``: ReviewKD) train on such a
+        pair, as on pairs of different strides, with a warning."""
         if not self._stride_pairs:
             return
         s, t = self._stride_pairs[0]  # the finest: no rounding of odd sizes yet
         hs, ht = student_taps["backbone"][s].shape[-2:], teacher_taps["backbone"][t].shape[-2:]
-        if hs != ht:
+        if hs == ht or (self._sizes_resized and self._size_warned):
+            return
+        msg = (
+            f"The student's '{s}' map is {tuple(hs)} but the teacher's '{t}' of the same "
+            f"stride is {tuple(ht)}: the two models pad their inputs to different sizes "
+            f"(size divisibility: student {_size_divisibility(self.student)}, teacher "
+            f"{_size_divisibility(self._teacher)})."
+        )
+        if not self._sizes_resized:
             raise ValueError(
-                f"The student's '{s}' map is {tuple(hs)} but the teacher's '{t}' of the same "
-                f"stride is {tuple(ht)}: the two models pad their inputs to different sizes "
-                f"(size divisibility: student {_size_divisibility(self.student)}, teacher "
-                f"{_size_divisibility(self._teacher)}). Use a student whose size divisibility is "
-                "a multiple of the teacher's."
+                msg + " Use a student whose size divisibility is a multiple of the teacher's."
             )
+        logger.warning(
+            msg + " The distillers resize the student's maps onto the teacher's, which cover the "
+            "teacher's extra padding too; a student whose size divisibility is a multiple of the "
+            "teacher's avoids it."
+        )
+        self._size_warned = True
 
     @torch.no_grad()
     def _log_feature_correlation(self, student_taps, teacher_taps) -> None:

@@ -67,7 +67,15 @@ class Distiller(nn.Module):
     detectors, before the optimizer is built: it validates the pair (clear errors for level,
     class or channel mismatches) and creates trainable parts such as adapters, which are then
     trained with the student, saved in run checkpoints and dropped by student export.
+
+    Attributes:
+        resizes_levels (bool): :meth:`forward` resizes a student map onto the teacher map it is
+            compared with when their sizes differ (ReviewKD), so it trains on a pair whose
+            maps of equal stride differ in size (a teacher that pads its inputs to a larger size
+            divisibility than the student's) instead of failing.
     """
+
+    resizes_levels = False
 
     def student_taps(self, student: nn.Module) -> List[str]:
         """Returns the names of the student's submodules whose outputs :meth:`forward` reads."""

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.layers import Conv2d, get_norm
+from detectron2.layers import Conv2d, NaiveSyncBatchNorm, get_norm
+from detectron2.utils import comm
 
 from .base import Distiller, pair_fpn_levels, put_scalar
 
@@ -240,6 +241,8 @@ class ReviewKDDistiller(Distiller):
     event storage as ``reviewkd/<student level>``.
     """
 
+    resizes_levels = True  # see Distiller
+
     def __init__(
         self,
         *,
@@ -297,13 +300,17 @@ class ReviewKDDistiller(Distiller):
 
     def _check_batch_statistics(self, student_feats: Dict[str, torch.Tensor]) -> None:
         """A BatchNorm of an ABF cannot train on one value per channel (one image, a 1x1 map:
-        the deepest levels of small images); say so instead of BatchNorm's generic error."""
+        the deepest levels of small images); say so instead of BatchNorm's generic error. A
+        synchronized BatchNorm in a multi-process run has the values of every process."""
         if not self.training:
             return
+        synced = (nn.SyncBatchNorm, NaiveSyncBatchNorm) if comm.get_world_size() > 1 else ()
         for s, _ in self.pairs:
             x = student_feats[s]
-            modules = self.abfs[s].modules()
-            batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+            batch_norm = any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, synced)
+                for m in self.abfs[s].modules()
+            )
             if batch_norm and x.shape[0] * x.shape[2] * x.shape[3] == 1:
                 raise ValueError(
                     f"ReviewKD: the student's level '{s}' is a 1x1 map of one image, and the "
