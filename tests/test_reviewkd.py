@@ -28,10 +28,12 @@ def _pool(x, p):
 
 
 def _hcl_reference(s, t):
+    """HCL as the reference code computes it: the pooled terms of 4x4, 2x2, 1x1 that fit in the
+    height, the i-th term used weighted 0.5^i (a skipped size does not use up a weight)."""
     terms = [(((s - t) ** 2).mean(), 1.0)]
-    for p, w in ((4, 0.5), (2, 0.25), (1, 0.125)):
+    for p in (4, 2, 1):
         if p < s.shape[2]:
-            terms.append((((_pool(s, p) - _pool(t, p)) ** 2).mean(), w))
+            terms.append((((_pool(s, p) - _pool(t, p)) ** 2).mean(), 0.5 ** len(terms)))
     return sum(v * w for v, w in terms) / sum(w for _, w in terms)
 
 
@@ -122,6 +124,23 @@ def test_hcl_all_terms_weights_and_sum_over_levels():
     assert hcl_loss([a, b], [a * 0, b * 0]).item() == pytest.approx(
         hcl_level_loss(a, a * 0).item() + hcl_level_loss(b, b * 0).item(), rel=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "d, expected",
+    [
+        # 4x4 (no 4x4 pool): +-1 on 2x2 cells, MSE 1, 2x2-pool MSE 1, 1x1-pool 0
+        ([[1.0, 1.0, -1.0, -1.0]] * 2 + [[-1.0, -1.0, 1.0, 1.0]] * 2, (1 + 0.5) / 1.75),
+        # 2x4 (1x1 pool only): +-1 per column, MSE 1, 1x1-pool 0
+        ([[1.0, -1.0, 1.0, -1.0]] * 2, 1 / 1.5),
+    ],
+)
+def test_hcl_weights_halve_per_used_term_on_maps_too_low_for_4x4(d, expected):
+    """As the reference: the weights halve per pooling size *used*, so a map of height 3-4 (4x4
+    skipped) weighs 2x2 by 0.5 and 1x1 by 0.25, a map of height 2 weighs 1x1 by 0.5; not the
+    0.25 / 0.125 of a size's place in (4, 2, 1)."""
+    t = torch.randn(2, 3, len(d), len(d[0]))
+    assert hcl_level_loss(t + torch.tensor(d), t).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_abf_shapes_with_mismatched_channels_and_deepest_level():

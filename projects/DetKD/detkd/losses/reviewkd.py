@@ -34,7 +34,7 @@ from .base import Distiller, pair_fpn_levels, put_scalar
 
 __all__ = ["ABF", "hcl_loss", "hcl_level_loss", "ReviewKDDistiller"]
 
-_PYRAMID = ((4, 0.5), (2, 0.25), (1, 0.125))
+_POOL_SIZES = (4, 2, 1)  # HCL's pyramid; the i-th size used (1-based) weighs 0.5^i
 
 
 def _pool_matrix(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
@@ -125,8 +125,9 @@ class _HCLLevelLoss(torch.autograd.Function):
 def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     Hierarchical context loss of one level: full-resolution MSE plus MSE of adaptive-average-
-    pooled maps at 4x4, 2x2, 1x1 (weights 0.5, 0.25, 0.125), a pooling size being skipped when it
-    is not smaller than the map's height; normalised by the sum of the weights used.
+    pooled maps at 4x4, 2x2, 1x1, a pooling size being skipped when it is not smaller than the
+    map's height; the sizes used weigh 0.5, 0.25, 0.125 in turn (as the reference: a map of height
+    3 or 4 weighs 2x2 by 0.5 and 1x1 by 0.25); normalised by the sum of the weights used.
 
     Args:
         student, teacher (Tensor): (N, C, H, W) of equal shape (the teacher is cast to the
@@ -137,9 +138,8 @@ def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     """
     if student.shape != teacher.shape:
         raise ValueError(f"HCL: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
-    used = [(size, weight) for size, weight in _PYRAMID if size < student.shape[2]]
-    sizes = tuple(size for size, _ in used)
-    weights = tuple(weight for _, weight in used)
+    sizes = tuple(size for size in _POOL_SIZES if size < student.shape[2])
+    weights = tuple(0.5 ** (i + 1) for i in range(len(sizes)))
     return _HCLLevelLoss.apply(student, teacher.to(student.dtype), sizes, weights)
 
 
