@@ -372,7 +372,7 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
             cost = torch.zeros(Nt, Ns, dtype=torch.float64)
             for i in range(Nt):
                 for j in range(Ns):
-                    bce = -(q[i] * p[j].log() + (1 - q[i]) * (1 - p[j]).log()).sum() / K
+                    bce = -(q[i] * p[j].log() + (1 - q[i]) * (1 - p[j]).log()).sum()
                     cost[i, j] = bce + 5 * (t_boxes[l, b, i] - s_boxes[l, b, j]).abs().sum()
             cost -= 2 * generalized_box_iou(xyxy(t_boxes[l, b]), xyxy(s_boxes[l, b, :Ns]))
             if Nt <= Ns:  # every teacher query i gets a student query pm[i]
@@ -854,3 +854,34 @@ def test_conditional_detr_backbone_trains_res3_to_res5_only():
         assert p.requires_grad == (name.split(".")[0] in ("res3", "res4", "res5")), name
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+
+
+def test_d3etr_adaptive_match_cost_sums_the_class_cost_over_classes():
+    """METHODS.md 4.2: the adaptive matching cost is 1 * sum_c soft-BCE + 5 * L1 - 2 * GIoU (the
+    class cost summed over the K classes, as DETRDistill's distillation matcher). Two COCO-sized
+    (K = 80) teacher queries of different classes, and two student queries with those classes
+    whose boxes are swapped and slightly off: the class term decides the match. A class cost
+    divided by K (about 0.05 here) would let the boxes pair the queries across classes."""
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    K = 80
+    t_logits = torch.full((1, 1, 2, K), -6.0, dtype=torch.float64)
+    t_logits[0, 0, 0, 3], t_logits[0, 0, 1, 7] = 3.0, 3.0  # teacher 0: class 3, teacher 1: class 7
+    s_logits = t_logits.clone()  # student 0: class 3, student 1: class 7
+    t_boxes = torch.tensor([[[[0.30, 0.5, 0.2, 0.2], [0.70, 0.5, 0.2, 0.2]]]], dtype=torch.float64)
+    s_boxes = torch.tensor([[[[0.68, 0.5, 0.2, 0.2], [0.32, 0.5, 0.2, 0.2]]]], dtype=torch.float64)
+
+    q, p = t_logits[0, 0].sigmoid(), s_logits[0, 0].sigmoid()
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
+    cost = torch.zeros(2, 2, dtype=torch.float64)
+    for i in range(2):
+        for j in range(2):
+            bce = -(q[i] * p[j].log() + (1 - q[i]) * (1 - p[j]).log()).sum()
+            cost[i, j] = bce + 5 * (t_boxes[0, 0, i] - s_boxes[0, 0, j]).abs().sum()
+    cost -= 2 * generalized_box_iou(xyxy(t_boxes[0, 0]), xyxy(s_boxes[0, 0]))
+    best = min(itertools.permutations(range(2)), key=lambda pm: sum(cost[i, pm[i]] for i in range(2)))
+    assert best == (0, 1)  # the classes decide
+    d = D3ETRDistiller()
+    ti, si, mean_cost = d._match(t_logits, t_boxes, s_logits, s_boxes)
+    assert ti[0, 0].tolist() == [0, 1] and si[0, 0].tolist() == list(best)
+    assert mean_cost[0] == pytest.approx(float(cost[0, 0] + cost[1, 1]) / 2, rel=1e-9)

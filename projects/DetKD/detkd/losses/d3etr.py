@@ -8,10 +8,10 @@ MixMatcher = adaptive matching + fixed matching:
 
 * adaptive (group 1, the student's own queries): at every decoder layer, a bipartite
   (Hungarian) match between the teacher's and the student's predictions, with cost
-  ``1 * soft-BCE class cost / K + 5 * L1 + 2 * (-GIoU)``; distillation on the matched pairs.
-  [INFER] The class cost is the soft-target BCE averaged over the K classes, not summed
-  (METHODS.md's sum): on COCO (K = 80) the sum is ~55 for an untrained student (80 x ~0.69)
-  against at most 20 for the L1 term and 4 for GIoU, and the match would ignore the boxes;
+  ``1 * soft-BCE class cost + 5 * L1 + 2 * (-GIoU)``, the class cost summed over the K classes
+  (METHODS.md 4.2, DETRDistill's distillation matcher); distillation on the matched pairs.
+  With the head's prior-probability bias (logits ~ -4.6) the sum is ~3 on COCO at the start,
+  not ~55; a mean over K would divide the class term by 80 and leave the match to the boxes;
 * fixed (group 2, auxiliary): the teacher's learned object queries are fed to the student's
   decoder as an extra group that shares its weights but never attends to group 1
   (self-attention per group); query i of group 2 corresponds to teacher query i. Group 2 is
@@ -372,7 +372,7 @@ class D3ETRDistiller(Distiller):
     def _start_match(self, t_logits, t_boxes, s_logits, s_boxes, owner=None) -> _PendingMatch:
         """
         Start the adaptive matching of every layer and image: one batched cost tensor
-        ``1 * soft-BCE class cost / K + 5 * L1 - 2 * GIoU`` (no gradient), solved on a host
+        ``1 * soft-BCE class cost + 5 * L1 - 2 * GIoU`` (no gradient), solved on a host
         thread (:class:`_PendingMatch`).
 
         Args:
@@ -385,7 +385,7 @@ class D3ETRDistiller(Distiller):
             t_logits, t_boxes, s_logits, s_boxes = (
                 x.float() if x.dtype in low else x for x in (t_logits, t_boxes, s_logits, s_boxes)
             )
-            cost = wc * soft_bce_cost(t_logits, s_logits) / t_logits.shape[-1]
+            cost = wc * soft_bce_cost(t_logits, s_logits)  # summed over the classes
             cost = cost + wb * torch.cdist(t_boxes, s_boxes, p=1)  # (L, B, Nt, Ns)
             cost = cost - wg * giou_cxcywh(t_boxes[..., :, None, :], s_boxes[..., None, :, :])
             return _PendingMatch(cost.flatten(0, 1), owner)  # (L*B, Nt, Ns)
