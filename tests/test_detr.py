@@ -292,6 +292,16 @@ def test_d3etr_needs_detr_pairs():
     other.num_classes = 5
     with pytest.raises(ValueError, match="class-count mismatch"):
         _d3etr(teacher=other)
+    # MixMatcher's fixed matching runs the teacher's queries through the student's decoder
+    import types
+
+    real = instantiate(detr_cfg())
+    student = types.SimpleNamespace(
+        **{a: getattr(real, a) for a in ("head", "transformer", "query_embed", "num_queries")}
+    )
+    teacher = instantiate(detr_cfg(frozen=True))
+    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses'\]"):
+        D3ETRDistiller().bind(student, teacher)
 
 
 @pytest.mark.parametrize("config", ["configs/demo/student_detr.py", "configs/demo/d3etr_detr.py"])

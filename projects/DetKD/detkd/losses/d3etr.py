@@ -302,8 +302,11 @@ class D3ETRDistiller(Distiller):
         return ["head"] + self._attn_names(teacher, self.num_layers)
 
     def bind(self, student, teacher):
+        detr = ("head", "transformer", "query_embed", "num_queries")
+        group = ("extra_query_group", "matcher", "compute_gt_losses") if self.fixed_matching else ()
         for side, m in (("student", student), ("teacher", teacher)):
-            missing = [a for a in ("head", "transformer", "query_embed", "num_queries") if not hasattr(m, a)]
+            needed = detr + (group if side == "student" else ())
+            missing = [a for a in needed if not hasattr(m, a)]
             if missing:
                 raise TypeError(
                     f"D3ETR needs DETR-style detectors; the {side} ({type(m).__name__}) lacks "
