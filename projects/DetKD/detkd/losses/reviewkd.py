@@ -307,11 +307,12 @@ class ReviewKDDistiller(Distiller):
         synced = (nn.SyncBatchNorm, NaiveSyncBatchNorm) if comm.get_world_size() > 1 else ()
         for s, _ in self.pairs:
             x = student_feats[s]
-            batch_norm = any(
+            if x.shape[0] * x.shape[2] * x.shape[3] != 1:  # the common case: no module scan
+                continue
+            if any(
                 isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, synced)
                 for m in self.abfs[s].modules()
-            )
-            if batch_norm and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            ):
                 raise ValueError(
                     f"ReviewKD: the student's level '{s}' is a 1x1 map of one image, and the "
                     f"BatchNorm of its ABF (norm={self.norm!r}) cannot train on one value per "
