@@ -101,6 +101,31 @@ def test_demo_reuses_a_finished_run_only_if_trained_with_the_same_arguments(tmp_
     assert len(trained) == 2 and "train.max_iter=40" not in trained[1]
 
 
+def test_demo_retrains_a_distilled_run_whose_teacher_was_trained_again(tmp_path, monkeypatch):
+    from detkd import demo
+
+    config = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    teacher, out = tmp_path / "teacher.pth", tmp_path / "pkd_retinanet"
+    teacher.write_bytes(b"")
+    out.mkdir()
+    trained = []
+
+    def fake_train_net(cmd, **kwargs):  # a finished run, written after its teacher
+        trained.append(cmd[1:])
+        (out / "model_final.pth").write_bytes(b"")
+        (out / "metrics.json").write_text(json.dumps({"bbox/AP": 1.0, "iteration": 40}) + "\n")
+        os.utime(teacher, (1e9, 1e9))
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
+    opts, logs = [f"train.teacher_checkpoint={teacher}"], []
+    demo._train(config, str(out), opts, False, logs.append)
+    demo._train(config, str(out), opts, False, logs.append)
+    assert len(trained) == 1 and "[demo] reusing" in logs[-1]
+    os.utime(teacher, (2e9, 2e9))  # the teacher trained again: newer than the student's weights
+    demo._train(config, str(out), opts, False, logs.append)
+    assert len(trained) == 2 and any("its teacher was trained again" in line for line in logs)
+
+
 def test_demo_summary_over_seeds_pairs_the_deltas():
     from detkd.demo import summarize
 

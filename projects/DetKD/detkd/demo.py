@@ -17,8 +17,8 @@ same rows on far more images than the validation split's 128.
 
 Every step is ``train_net.py`` run as a user would run it; finished runs (a ``model_final.pth``
 and final metrics in their output folder, trained with the same arguments: another ``--iters``
-or override retrains them) are reused, so a second ``make demo`` only trains what is missing.
-Usage::
+or override retrains them, as does a teacher trained again since) are reused, so a second
+``make demo`` only trains what is missing. Usage::
 
     python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2] [--heldout 1024]
 """
@@ -106,16 +106,27 @@ def _run_command(output_dir: str):
         return json.load(f)
 
 
+def _newer_teacher(output_dir: str, cmd) -> bool:
+    """Whether the run's ``train.teacher_checkpoint`` file is newer than its final weights."""
+    key = "train.teacher_checkpoint="
+    teachers = [a[len(key):] for a in cmd if a.startswith(key)]
+    weights = os.path.join(output_dir, "model_final.pth")
+    return any(os.path.isfile(t) and os.path.getmtime(t) > os.path.getmtime(weights) for t in teachers)
+
+
 def _train(config: str, output_dir: str, opts, force: bool, log):
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
            f"train.output_dir={output_dir}"] + applicable_overrides(config, opts)
     done = os.path.isfile(os.path.join(output_dir, "model_final.pth")) and final_metrics(output_dir)
     if done and not force:
         # reused only if trained with these arguments (e.g. not a shorter --iters run)
-        if _run_command(output_dir) == cmd[1:]:
+        if _run_command(output_dir) != cmd[1:]:
+            log(f"[demo] retraining {output_dir}: it was trained with other arguments")
+        elif _newer_teacher(output_dir, cmd):
+            log(f"[demo] retraining {output_dir}: its teacher was trained again since")
+        else:
             log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
             return final_metrics(output_dir), None
-        log(f"[demo] retraining {output_dir}: it was trained with other arguments")
     log("[demo] " + " ".join(cmd[1:]))
     start = time.time()
     with open(os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"), "w") as f:
