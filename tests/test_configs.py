@@ -82,3 +82,124 @@ def test_demo_distillation_configs_read_their_teachers_final_checkpoint(path):
     teacher = LazyConfig.load(os.path.join(REPO, "configs", "demo", f"teacher_{det}.py"))
     cfg = LazyConfig.load(os.path.join(REPO, path))
     assert cfg.train.teacher_checkpoint == os.path.join(teacher.train.output_dir, "model_final.pth")
+
+
+PAPER = [p for p in CONFIGS if os.sep + "demo" + os.sep not in p]
+MSRA_BGR = ([103.53, 116.28, 123.675], [1.0, 1.0, 1.0], "BGR")
+TORCHVISION_RGB = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], "RGB")
+
+
+def _zoo_yaml(url):
+    """detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl ->
+    COCO-Detection/retinanet_R_101_FPN_3x.yaml (the config its weights were trained with)."""
+    assert url.startswith("detectron2://"), url
+    folder, name = url[len("detectron2://"):].split("/")[:2]
+    return f"{folder}/{name}.yaml"
+
+
+def _anchor_generators(model):
+    return {n: m for n, m in model.named_modules() if n.endswith("anchor_generator")}
+
+
+def test_teachers_have_the_architecture_of_their_model_zoo_weights():
+    """Each paper config's teacher is the detector its model-zoo checkpoint was trained as:
+    the same parameters and shapes as detectron2's yaml config of that zoo id (a Faster R-CNN
+    teacher pointed at Mask R-CNN weights, an R50 teacher at R101 weights, a different class
+    count would differ), the same input format and pixel mean/std (the weights expect them),
+    and for the parts GID decodes the same anchors and box2box weights."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_anchor_generator, build_model
+
+    checked = 0
+    for path in PAPER:
+        cfg = LazyConfig.load(os.path.join(REPO, path))
+        url = cfg.train.get("teacher_checkpoint", "")
+        if not url.startswith("detectron2://"):
+            continue
+        zoo = get_cfg()
+        zoo.merge_from_file(model_zoo.get_config_file(_zoo_yaml(url)))
+        zoo.MODEL.DEVICE = "meta"  # shapes only: nothing is allocated
+        with torch.device("meta"):
+            ref, teacher = build_model(zoo), instantiate(cfg.model.teacher)
+        shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+        ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        assert sorted(shapes) == sorted(ref_shapes), (path, set(shapes) ^ set(ref_shapes))
+        assert shapes == ref_shapes, path
+        t = cfg.model.teacher
+        assert [list(t.pixel_mean), list(t.pixel_std), t.input_format] == [
+            list(zoo.MODEL.PIXEL_MEAN), list(zoo.MODEL.PIXEL_STD), zoo.INPUT.FORMAT], path
+        assert t.backbone.bottom_up.stages.stride_in_1x1 == zoo.MODEL.RESNETS.STRIDE_IN_1X1, path
+        for name, gen in _anchor_generators(ref).items():
+            lazy = cfg.model.teacher
+            for part in name.split("."):
+                lazy = lazy[part]
+            mine = instantiate(lazy)
+            shapes_in = [ref.backbone.output_shape()[f] for f in (
+                zoo.MODEL.RETINANET.IN_FEATURES if "proposal" not in name else zoo.MODEL.RPN.IN_FEATURES)]
+            theirs = build_anchor_generator(zoo, shapes_in)
+            assert mine.strides == theirs.strides and mine.offset == theirs.offset, (path, name)
+            assert all(torch.equal(a, b) for a, b in zip(mine.cell_anchors, theirs.cell_anchors)), (path, name)
+        for name, m in ref.named_modules():
+            if hasattr(m, "box2box_transform"):
+                mine = teacher.get_submodule(name) if name else teacher
+                assert tuple(mine.box2box_transform.weights) == tuple(m.box2box_transform.weights), (path, name)
+        checked += 1
+    assert checked >= 8
+
+
+def _resnet(model_cfg):
+    return model_cfg.backbone.bottom_up if "bottom_up" in model_cfg.backbone else model_cfg.backbone
+
+
+@pytest.mark.parametrize("path", PAPER)
+def test_students_take_the_input_of_their_imagenet_weights(path):
+    """MSRA's ImageNet weights (detectron2://ImageNetPretrained/MSRA/) expect BGR with std 1 and
+    the stride in the 1x1 conv; torchvision's (the model zoo's torchvision/R-50.pkl, or a
+    converted R-18.pkl / R-101.pkl) expect RGB, ImageNet mean/std and the stride in the 3x3."""
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    student = cfg.model.student if "student" in cfg.model else cfg.model
+    init = cfg.train.init_checkpoint
+    mean, std, fmt = MSRA_BGR if "ImageNetPretrained/MSRA/" in init else TORCHVISION_RGB
+    assert [list(student.pixel_mean), list(student.pixel_std)] == [mean, std], path
+    assert cfg.dataloader.train.mapper.image_format == fmt, path
+    assert student.get("input_format", fmt) == fmt, path  # FCOS has none: the mapper decides
+    resnet = _resnet(student)
+    depth = int(os.path.basename(init).split("R-")[1].split(".")[0])
+    assert resnet.stages.depth == depth, path
+    if depth >= 50:  # bottleneck blocks
+        assert resnet.stages.stride_in_1x1 == (fmt == "BGR"), path
+
+
+KD = [p for p in CONFIGS if "from" in os.path.basename(p) or (
+    os.sep + "demo" + os.sep in p and not os.path.basename(p).startswith(("teacher_", "student_")))]
+
+
+@pytest.mark.parametrize("path", KD)
+def test_baseline_twin_is_the_distillation_config_without_teacher(path):
+    """A distilled run and its baseline twin (the one detkd.repro runs) differ only in the
+    teacher and distillers: the same student, data, optimizer, schedule, seed and init."""
+    from detkd.repro import baseline_of
+
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    base = LazyConfig.load(os.path.join(REPO, baseline_of(path)))
+    assert "teacher" not in base.model
+    assert LazyConfig.to_py(cfg.model.student) == LazyConfig.to_py(base.model)
+    for key in ("dataloader", "optimizer", "lr_multiplier"):
+        assert LazyConfig.to_py(cfg[key]) == LazyConfig.to_py(base[key]), key
+    for c in (cfg, base):
+        del c.train["output_dir"], c.train["teacher_checkpoint"]
+    assert LazyConfig.to_py(cfg.train) == LazyConfig.to_py(base.train)
+
+
+@pytest.mark.parametrize("path", [p for p in KD if "D3ETR" in p or os.sep + "demo" + os.sep in p])
+def test_trained_teachers_come_from_a_config_with_the_same_model(path):
+    """Teachers that are trained first (DETR, demo) are loaded from the model_final.pth that
+    the teacher's own config writes (output/<dir>/<name> -> configs/<dir>/<name>.py); that
+    config builds exactly the distillation config's teacher, so the strict load fits."""
+    cfg = LazyConfig.load(os.path.join(REPO, path))
+    folder, name = os.path.split(cfg.train.teacher_checkpoint)
+    assert name == "model_final.pth" and folder.startswith("output/"), cfg.train.teacher_checkpoint
+    source = LazyConfig.load(os.path.join(REPO, "configs", folder[len("output/"):] + ".py"))
+    assert source.train.output_dir == folder
+    assert LazyConfig.to_py(source.model) == LazyConfig.to_py(cfg.model.teacher)
