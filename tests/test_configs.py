@@ -203,3 +203,35 @@ def test_trained_teachers_come_from_a_config_with_the_same_model(path):
     source = LazyConfig.load(os.path.join(REPO, "configs", folder[len("output/"):] + ".py"))
     assert source.train.output_dir == folder
     assert LazyConfig.to_py(source.model) == LazyConfig.to_py(cfg.model.teacher)
+
+
+def _paper_table_rows():
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    section = text.split("### Paper settings (COCO)", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| [")]
+    return [(re.search(r"\]\((configs/[^)]+\.py)\)", r).group(1), [c.strip() for c in r.strip("|").split("|")])
+            for r in rows]
+
+
+def test_readme_paper_table_rows_name_their_configs_teacher_detector_and_schedule():
+    """Each row of the README's COCO table links a config that exists, whose model-zoo teacher
+    (id and zoo box AP), student detector and schedule are the ones the row names."""
+    zoo_ap = {"retinanet_R_101_FPN_3x": "40.4", "faster_rcnn_R_101_FPN_3x": "42.0", "mask_rcnn_R_101_FPN_3x": "42.9"}
+    detector = {"RetinaNet": "RetinaNet", "FCOS": "FCOS", "GeneralizedRCNN": "Faster R-CNN",
+                "ConditionalDETR": "Conditional DETR"}
+    rows = _paper_table_rows()
+    assert len(rows) >= 10
+    for path, cols in rows:
+        assert os.path.isfile(os.path.join(REPO, path)), path
+        cfg = LazyConfig.load(os.path.join(REPO, path))
+        assert detector[cfg.model.student._target_.__name__] == cols[1], path
+        url = cfg.train.teacher_checkpoint
+        if url.startswith("detectron2://"):
+            zoo_id = url.split("/")[3]
+            assert cols[2] == f"{zoo_id} ({zoo_ap[zoo_id]})", path
+        sched = {90000: "1x", 180000: "2x"}.get(cfg.train.max_iter) if cfg.dataloader.train.total_batch_size == 16 else None
+        if sched:
+            assert cols[-1] == sched, path
