@@ -130,6 +130,11 @@ def test_teachers_have_the_architecture_of_their_model_zoo_weights():
         assert [list(t.pixel_mean), list(t.pixel_std), t.input_format] == [
             list(zoo.MODEL.PIXEL_MEAN), list(zoo.MODEL.PIXEL_STD), zoo.INPUT.FORMAT], path
         assert t.backbone.bottom_up.stages.stride_in_1x1 == zoo.MODEL.RESNETS.STRIDE_IN_1X1, path
+        # what the teacher is fed: the loader's images, flipped by DistillationDetector only when
+        # the student declares a format other than the teacher's (FCOS declares none)
+        loaded, s_fmt = cfg.dataloader.train.mapper.image_format, cfg.model.student.get("input_format")
+        fed = loaded if s_fmt in (None, t.input_format) else {"RGB": "BGR", "BGR": "RGB"}[loaded]
+        assert fed == zoo.INPUT.FORMAT, path
         for name, gen in _anchor_generators(ref).items():
             lazy = cfg.model.teacher
             for part in name.split("."):
