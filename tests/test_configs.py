@@ -132,7 +132,8 @@ def test_teachers_have_the_architecture_of_their_model_zoo_weights():
         assert t.backbone.bottom_up.stages.stride_in_1x1 == zoo.MODEL.RESNETS.STRIDE_IN_1X1, path
         # what the teacher is fed: the loader's images, flipped by DistillationDetector only when
         # the student declares a format other than the teacher's (FCOS declares none)
-        loaded, s_fmt = cfg.dataloader.train.mapper.image_format, cfg.model.student.get("input_format")
+        loaded = cfg.dataloader.train.mapper.image_format
+        s_fmt = cfg.model.student.get("input_format")
         fed = loaded if s_fmt in (None, t.input_format) else {"RGB": "BGR", "BGR": "RGB"}[loaded]
         assert fed == zoo.INPUT.FORMAT, path
         for name, gen in _anchor_generators(ref).items():
@@ -140,15 +141,18 @@ def test_teachers_have_the_architecture_of_their_model_zoo_weights():
             for part in name.split("."):
                 lazy = lazy[part]
             mine = instantiate(lazy)
-            shapes_in = [ref.backbone.output_shape()[f] for f in (
-                zoo.MODEL.RETINANET.IN_FEATURES if "proposal" not in name else zoo.MODEL.RPN.IN_FEATURES)]
+            head = zoo.MODEL.RPN if "proposal" in name else zoo.MODEL.RETINANET
+            feats = head.IN_FEATURES
+            shapes_in = [ref.backbone.output_shape()[f] for f in feats]
             theirs = build_anchor_generator(zoo, shapes_in)
             assert mine.strides == theirs.strides and mine.offset == theirs.offset, (path, name)
-            assert all(torch.equal(a, b) for a, b in zip(mine.cell_anchors, theirs.cell_anchors)), (path, name)
+            pairs = zip(mine.cell_anchors, theirs.cell_anchors)
+            assert all(torch.equal(a, b) for a, b in pairs), (path, name)
         for name, m in ref.named_modules():
             if hasattr(m, "box2box_transform"):
                 mine = teacher.get_submodule(name) if name else teacher
-                assert tuple(mine.box2box_transform.weights) == tuple(m.box2box_transform.weights), (path, name)
+                weights = tuple(mine.box2box_transform.weights)
+                assert weights == tuple(m.box2box_transform.weights), (path, name)
         checked += 1
     assert checked >= 8
 
@@ -217,14 +221,15 @@ def _paper_table_rows():
         text = f.read()
     section = text.split("### Paper settings (COCO)", 1)[1].split("\n\n", 2)[1]
     rows = [line for line in section.splitlines() if line.startswith("| [")]
-    return [(re.search(r"\]\((configs/[^)]+\.py)\)", r).group(1), [c.strip() for c in r.strip("|").split("|")])
-            for r in rows]
+    link = re.compile(r"\]\((configs/[^)]+\.py)\)")
+    return [(link.search(r).group(1), [c.strip() for c in r.strip("|").split("|")]) for r in rows]
 
 
 def test_readme_paper_table_rows_name_their_configs_teacher_detector_and_schedule():
     """Each row of the README's COCO table links a config that exists, whose model-zoo teacher
     (id and zoo box AP), student detector and schedule are the ones the row names."""
-    zoo_ap = {"retinanet_R_101_FPN_3x": "40.4", "faster_rcnn_R_101_FPN_3x": "42.0", "mask_rcnn_R_101_FPN_3x": "42.9"}
+    zoo_ap = {"retinanet_R_101_FPN_3x": "40.4", "faster_rcnn_R_101_FPN_3x": "42.0",
+              "mask_rcnn_R_101_FPN_3x": "42.9"}
     detector = {"RetinaNet": "RetinaNet", "FCOS": "FCOS", "GeneralizedRCNN": "Faster R-CNN",
                 "ConditionalDETR": "Conditional DETR"}
     rows = _paper_table_rows()
@@ -237,6 +242,6 @@ def test_readme_paper_table_rows_name_their_configs_teacher_detector_and_schedul
         if url.startswith("detectron2://"):
             zoo_id = url.split("/")[3]
             assert cols[2] == f"{zoo_id} ({zoo_ap[zoo_id]})", path
-        sched = {90000: "1x", 180000: "2x"}.get(cfg.train.max_iter) if cfg.dataloader.train.total_batch_size == 16 else None
-        if sched:
+        sched = {90000: "1x", 180000: "2x"}.get(cfg.train.max_iter)
+        if sched and cfg.dataloader.train.total_batch_size == 16:
             assert cols[-1] == sched, path
