@@ -532,6 +532,21 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
         assert got[k].item() == pytest.approx(float(v), rel=1e-4), k
 
 
+def test_selection_of_float64_inputs_equals_float32():
+    # select_general_instances is public: float64 scores and boxes (e.g. a float64 check of the
+    # losses) select what float32 ones do, instead of failing in torchvision's NMS on mixed dtypes
+    g = torch.Generator().manual_seed(8)
+    t, s = torch.rand(2, 200, 3, generator=g), torch.rand(2, 200, 3, generator=g)
+    xy = torch.rand(2, 200, 2, generator=g) * 80
+    tb = torch.cat([xy, xy + 12 + torch.rand(2, 200, 2, generator=g) * 30], -1)
+    sb = tb + torch.rand(2, 200, 4, generator=g) * 4
+    got32 = select_general_instances(t, s, tb, sb, [(100, 100), (90, 120)])
+    got64 = select_general_instances(t.double(), s.double(), tb.double(), sb.double(), [(100, 100), (90, 120)])
+    for (b32, s32), (b64, s64) in zip(got32, got64):
+        assert len(b32) == 10 and s64.dtype == torch.float64
+        assert torch.equal(b64.tensor, b32.tensor) and torch.allclose(s64, s32.double())
+
+
 def test_selection_drops_sides_of_10_px_and_keeps_larger():
     # METHODS.md 3.1: drop boxes with a side <= 10 px
     t = torch.tensor([[[0.9], [0.8], [0.7]]])

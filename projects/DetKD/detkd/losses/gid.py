@@ -249,7 +249,9 @@ def _nms_top(cand, scores, nms_thresh: float, topk: int):
     image = torch.arange(N, device=scores.device)[:, None].expand(N, m)
     ok = torch.isfinite(scores)
     cand, scores, image = cand[ok], scores[ok], image[ok]  # (P, 4), (P,), (P,)
-    kept = batched_nms(cand, scores, image, nms_thresh)  # by score, all images together
+    # by score, all images together; detectron2's batched_nms runs on fp32 boxes, and torchvision
+    # wants scores of the boxes' dtype (float64 inputs would fail)
+    kept = batched_nms(cand, scores.float(), image, nms_thresh)
     kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, score order kept
     counts = torch.bincount(image[kept], minlength=N)  # (N,)
     rank = torch.arange(len(kept), device=scores.device) - (counts.cumsum(0) - counts)[image[kept]]
