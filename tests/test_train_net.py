@@ -357,3 +357,39 @@ def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_ear
         check_override_keys(cfg, ["+train.extra={a:1}", "train.extra.b=2"])
     with pytest.raises(KeyError, match=r"Did you mean 'train\.max_iter'\?"):
         check_override_keys(cfg, ["train.cudnn_benchmark=True", "train.max_ite=2"])
+
+
+class _NaNGradient(hooks.HookBase):
+    """At iteration ``at`` the gradient of one student weight is NaN while the loss is finite
+    (e.g. the backward of a sqrt at 0): the step writes NaN into the weights and detectron2's
+    loss check only stops the run at the next iteration."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_train(self):
+        weight = self.trainer.model.student.head.cls_score.weight
+        weight.register_hook(lambda g: g * float("nan") if self.trainer.iter == self.at else g)
+
+
+def test_a_diverged_step_never_replaces_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    cfg = _small_cfg(out, max_iter=4)
+    cfg.train.checkpointer.update(period=1, max_to_keep=1)  # a save after every step, keep one
+    torch.manual_seed(cfg.train.seed)
+    trainer = KDTrainer(cfg)
+    trainer.register_hooks([_NaNGradient(at=1)])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError, match=r"Checkpoint 'model_0000001' not written: the training diverged, "
+                       r"1 weights are NaN or inf \(\['student\.head\.cls_score\.weight'\]\)\. The last checkpoint "
+                       r"is still .*model_0000000\.pth: continue from it with --resume"):
+        trainer.train()
+    # before: model_0000001.pth with NaN weights was tagged last and model_0000000.pth deleted
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert not (out / "model_0000001.pth").exists() and not (out / "model_final_student.pth").exists()
+    saved = torch.load(out / "model_0000000.pth", weights_only=False)
+    assert saved["iteration"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    resumed = KDTrainer(_small_cfg(out, max_iter=4))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 1

@@ -201,6 +201,33 @@ class _RunCheckpointer(DetectionCheckpointer):
                 raise CheckpointMismatchError("; ".join(problems))
         return incompatible
 
+    def save(self, name, **kwargs):
+        """See :meth:`fvcore.common.checkpoint.Checkpointer.save`. Refuses to write weights that
+        are no longer finite: a step whose gradients were NaN/inf (the loss itself finite, so
+        detectron2 only stops at the next step) would otherwise be saved, tagged as the last
+        checkpoint for ``--resume``, and let ``max_to_keep`` delete the last good one."""
+        if self.save_dir and self.save_to_disk:
+            tensors = [
+                (k, t) for k, t in
+                list(self.model.named_parameters()) + list(self.model.named_buffers())
+                if t.is_floating_point()
+            ]
+            finite = torch.stack([t.detach().isfinite().all() for _, t in tensors]).tolist()
+            bad = [k for (k, _), ok in zip(tensors, finite) if not ok]
+            if bad:
+                last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+                where = (
+                    f"the last checkpoint is still {last}: continue from it with --resume"
+                    if last
+                    else "no earlier checkpoint was written: start the run again"
+                )
+                raise FloatingPointError(
+                    f"Checkpoint {name!r} not written: the training diverged, {len(bad)} weights are "
+                    f"NaN or inf ({bad[:10]}{' ...' if len(bad) > 10 else ''}). {where[0].upper()}"
+                    f"{where[1:]}, with a lower optimizer.lr or train.clip_grad enabled."
+                )
+        super().save(name, **kwargs)
+
 
 class ExportStudentHook(hooks.HookBase):
     """After a training run that reached ``max_iter``, write the student alone to
