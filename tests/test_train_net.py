@@ -393,3 +393,31 @@ def test_a_diverged_step_never_replaces_the_last_good_checkpoint(tmp_path):
     resumed = KDTrainer(_small_cfg(out, max_iter=4))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 1
+
+
+def test_a_failed_checkpoint_write_keeps_the_file_it_would_replace(tmp_path, monkeypatch):
+    # a run trained further (max_iter 2 -> 4) writes model_final.pth again; a full disk while
+    # writing it used to leave a truncated model_final.pth where the finished run's was
+    out = tmp_path / "longer"
+    _run(_small_cfg(out, max_iter=2))
+    before = (out / "model_final.pth").read_bytes()
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if os.path.basename(getattr(f, "name", str(f))).startswith("model_final"):
+            f.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer = KDTrainer(_small_cfg(out, max_iter=4))
+    trainer.resume_or_load(resume=True)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.train()
+    monkeypatch.undo()
+    assert (out / "model_final.pth").read_bytes() == before
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 1
+    # last_checkpoint names the last complete file: the periodic one of iteration 3
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert torch.load(out / "model_0000003.pth", weights_only=False)["iteration"] == 3
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []

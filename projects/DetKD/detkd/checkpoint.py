@@ -235,8 +235,13 @@ def save_student(student: nn.Module, path: str) -> None:
 def _save(obj, path: str) -> None:
     PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
     tmp = path + ".tmp"
-    with PathManager.open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with PathManager.open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except BaseException:
+        if PathManager.exists(tmp):  # e.g. a full disk: free what was written
+            PathManager.rm(tmp)
+        raise
     # Never leave a half-written checkpoint under the final name, and replace an older one:
     # iopath's mv refuses to overwrite (it only logs it), so a re-export would keep the old file.
     if "://" not in path:  # a local file: atomic replace

@@ -45,6 +45,7 @@ from detectron2.utils.registry import locate
 from .checkpoint import (
     CheckpointMismatchError,
     _describe_mismatch,
+    _save,
     load_student,
     load_teacher,
     save_student,
@@ -202,31 +203,53 @@ class _RunCheckpointer(DetectionCheckpointer):
         return incompatible
 
     def save(self, name, **kwargs):
-        """See :meth:`fvcore.common.checkpoint.Checkpointer.save`. Refuses to write weights that
-        are no longer finite: a step whose gradients were NaN/inf (the loss itself finite, so
-        detectron2 only stops at the next step) would otherwise be saved, tagged as the last
-        checkpoint for ``--resume``, and let ``max_to_keep`` delete the last good one."""
-        if self.save_dir and self.save_to_disk:
-            tensors = [
-                (k, t) for k, t in
-                list(self.model.named_parameters()) + list(self.model.named_buffers())
-                if t.is_floating_point()
-            ]
-            finite = torch.stack([t.detach().isfinite().all() for _, t in tensors]).tolist()
-            bad = [k for (k, _), ok in zip(tensors, finite) if not ok]
-            if bad:
-                last = self.get_checkpoint_file() if self.has_checkpoint() else ""
-                where = (
-                    f"the last checkpoint is still {last}: continue from it with --resume"
-                    if last
-                    else "no earlier checkpoint was written: start the run again"
-                )
-                raise FloatingPointError(
-                    f"Checkpoint {name!r} not written: the training diverged, {len(bad)} weights are "
-                    f"NaN or inf ({bad[:10]}{' ...' if len(bad) > 10 else ''}). {where[0].upper()}"
-                    f"{where[1:]}, with a lower optimizer.lr or train.clip_grad enabled."
-                )
-        super().save(name, **kwargs)
+        """
+        See :meth:`fvcore.common.checkpoint.Checkpointer.save`, with two differences:
+
+        * weights that are no longer finite are refused (:class:`FloatingPointError`): a step
+          whose gradients were NaN/inf (the loss itself finite, so detectron2 only stops at the
+          next step) would otherwise be saved, tagged as the last checkpoint for ``--resume``,
+          and let ``max_to_keep`` delete the last good one;
+        * the file is written under a temporary name and then renamed: a failure while writing
+          (a full disk, a preemption) never truncates the file it replaces (a longer run's
+          ``model_final.pth``, a re-run's ``model_0004999.pth``) and leaves last_checkpoint as it was.
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return
+        self._check_finite(name)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def _check_finite(self, name) -> None:
+        tensors = [
+            (k, t)
+            for k, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+            if t.is_floating_point()
+        ]
+        if not tensors:
+            return
+        finite = torch.stack([t.detach().isfinite().all() for _, t in tensors]).tolist()
+        bad = [k for (k, _), ok in zip(tensors, finite) if not ok]
+        if not bad:
+            return
+        last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        where = (
+            f"The last checkpoint is still {last}: continue from it with --resume"
+            if last
+            else "No earlier checkpoint was written: start the run again"
+        )
+        raise FloatingPointError(
+            f"Checkpoint {name!r} not written: the training diverged, {len(bad)} weights are "
+            f"NaN or inf ({bad[:10]}{' ...' if len(bad) > 10 else ''}). {where}, with a lower "
+            "optimizer.lr or train.clip_grad enabled."
+        )
 
 
 class ExportStudentHook(hooks.HookBase):
