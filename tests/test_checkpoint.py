@@ -238,3 +238,34 @@ def test_strict_student_load_for_evaluation(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"12 model parameters are not in the file: \['head\."):
         load_student(_kd().student, str(tmp_path / "backbone.pth"), strict=True)
     load_student(_kd().student, str(tmp_path / "backbone.pth"))  # train.init_checkpoint: allowed
+
+
+def test_a_distillation_run_checkpoint_as_teacher(tmp_path):
+    # a run's checkpoint holds its student and adapters, not its teacher: it loads as the
+    # teacher when its student is that architecture (a distilled student as the next teacher)
+    kd = _kd()
+    for p in kd.student.parameters():
+        p.data.normal_()
+    DetectionCheckpointer(kd, str(tmp_path)).save("model_final")
+    run = str(tmp_path / "model_final.pth")
+    narrow = instantiate(tiny_retinanet_cfg())
+    load_teacher(narrow, run)
+    assert _same_weights(narrow, kd.student)
+    # the file meant as "that run's teacher": the error says that the student was loaded and
+    # that the run's teacher is not in it (it only spoke of num_classes / the architecture)
+    with pytest.raises(TeacherCheckpointError, match=r"shape mismatch: .*The file is a distillation run's "
+                       r"checkpoint: its student \('student\.\*' weights\) was loaded as the teacher\. A DetKD "
+                       r"run's checkpoints do not hold its teacher: set train\.teacher_checkpoint to the "
+                       r"teacher's own weights"):
+        load_teacher(_kd().teacher, run)
+    # another framework's checkpoint with student.* and teacher.* weights: its teacher.* part was
+    # silently ignored, and its student loaded into a teacher of that architecture
+    state = dict(torch.load(run, weights_only=False)["model"])
+    state.update({"teacher." + k: v for k, v in kd.teacher.state_dict().items()})
+    torch.save({"model": state}, tmp_path / "both.pth")
+    with pytest.raises(TeacherCheckpointError, match=r"shape mismatch: .*Its 'teacher\.\*' weights \(not a DetKD "
+                       r"checkpoint: DetKD never saves the teacher\) are not read: write them to a checkpoint"):
+        load_teacher(_kd().teacher, str(tmp_path / "both.pth"))
+    with pytest.raises(TeacherCheckpointError, match=r"has both 'student\.\*' and 'teacher\.\*' weights .* "
+                       r"which of the two is meant is ambiguous"):
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "both.pth"))

@@ -112,8 +112,15 @@ class _DetectorCheckpointer(DetectionCheckpointer):
     remembers the incompatible keys of its last load."""
 
     last_incompatible = None
+    # whether the last file was a DetKD run checkpoint (its student.* part was loaded), and
+    # whether it also had teacher.* weights (another framework's format: DetKD never saves them)
+    last_was_run = False
+    last_had_teacher = False
 
     def _load_model(self, checkpoint):
+        keys = checkpoint["model"].keys()
+        self.last_was_run = any(k.startswith(STUDENT_PREFIX) for k in keys)
+        self.last_had_teacher = self.last_was_run and any(k.startswith("teacher.") for k in keys)
         checkpoint["model"] = student_state_dict(checkpoint["model"])
         self.last_incompatible = super()._load_model(checkpoint)
         return self.last_incompatible
@@ -194,19 +201,38 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"Cannot load the teacher checkpoint {path!r} ({type(e).__name__}: {e}); {hint}."
         ) from e
     inc = ckpt.last_incompatible
+    # A distillation run's checkpoint in train.teacher_checkpoint: its student was loaded (a
+    # distilled student as the next teacher). When it does not fit, the file was most likely
+    # meant for the teacher of that run, which its checkpoints do not hold.
+    run_note = ""
+    if ckpt.last_was_run:
+        run_note = (
+            " The file is a distillation run's checkpoint: its student ('student.*' weights) was "
+            "loaded as the teacher. "
+            + (
+                "Its 'teacher.*' weights (not a DetKD checkpoint: DetKD never saves the teacher) "
+                "are not read: write them to a checkpoint of their own, without the 'teacher.' "
+                "prefix, and set train.teacher_checkpoint to it."
+                if ckpt.last_had_teacher
+                else "A DetKD run's checkpoints do not hold its teacher: set "
+                "train.teacher_checkpoint to the teacher's own weights (that run's "
+                "train.teacher_checkpoint)."
+            )
+        )
     if inc is not None and inc.incorrect_shapes:
         shapes = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in inc.incorrect_shapes[:10])
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} does not fit the teacher model (shape mismatch: "
             f"{shapes}). A class-count mismatch means model.teacher's num_classes must match "
             "the checkpoint's; otherwise the teacher config is not the checkpoint's architecture."
+            + run_note
         )
     if inc is not None and inc.missing_keys:
         keys = inc.missing_keys
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
             f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. Is it the checkpoint of the "
-            "architecture in model.teacher?"
+            "architecture in model.teacher?" + run_note
         )
     extras = _module_extras(teacher, inc.unexpected_keys) if inc is not None else []
     if extras:
@@ -215,7 +241,14 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"place for: {extras[:20]}{' ...' if len(extras) > 20 else ''}. It is the checkpoint "
             "of a larger architecture (e.g. deeper backbone, more head convs or decoder layers): "
             "set model.teacher to the checkpoint's architecture (e.g. "
-            "model.teacher.backbone.bottom_up.stages.depth=101 for an R101 checkpoint)."
+            "model.teacher.backbone.bottom_up.stages.depth=101 for an R101 checkpoint)." + run_note
+        )
+    if ckpt.last_had_teacher:
+        raise TeacherCheckpointError(
+            f"The teacher checkpoint {path!r} has both 'student.*' and 'teacher.*' weights (not a "
+            "DetKD checkpoint: DetKD never saves the teacher); its student fits model.teacher, but "
+            "which of the two is meant is ambiguous. Write the one meant to a checkpoint of its "
+            "own, without the prefix, and set train.teacher_checkpoint to it."
         )
     if inc is not None and inc.unexpected_keys:
         logger.warning(
