@@ -421,3 +421,30 @@ def test_a_failed_checkpoint_write_keeps_the_file_it_would_replace(tmp_path, mon
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
     assert torch.load(out / "model_0000003.pth", weights_only=False)["iteration"] == 3
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_resume_from_a_damaged_or_missing_last_checkpoint_names_it_and_the_fix(tmp_path):
+    from detkd.checkpoint import CheckpointMismatchError
+
+    out = tmp_path / "damaged"
+    _run(_small_cfg(out, max_iter=4), interrupt=3)  # checkpoints of iterations 1 (and none else)
+    _run(_small_cfg(out, max_iter=4), resume=True)  # then 3 and final
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    data = (out / "model_final.pth").read_bytes()
+    (out / "model_final.pth").write_bytes(data[: len(data) // 2])  # e.g. a partial copy
+    # before: torch's "PytorchStreamReader failed reading zip archive", naming no file
+    with pytest.raises(CheckpointMismatchError, match=r"--resume: the last checkpoint of .*, .*model_final\.pth, "
+                       r"cannot be read \(RuntimeError: .*\); it is damaged\. To continue, resume from another "
+                       r"checkpoint there \(model_0000001\.pth, model_0000003\.pth\) by writing its name into "
+                       r".*last_checkpoint"):
+        KDTrainer(_small_cfg(out, max_iter=4)).resume_or_load(resume=True)
+    (out / "model_final.pth").unlink()
+    # before: AssertionError "Checkpoint ... not found!"
+    with pytest.raises(CheckpointMismatchError, match=r"model_final\.pth, does not exist\. To continue, resume "
+                       r"from another checkpoint there \(model_0000001\.pth, model_0000003\.pth\)"):
+        KDTrainer(_small_cfg(out, max_iter=4)).resume_or_load(resume=True)
+    # the fix the message gives works
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    trainer = KDTrainer(_small_cfg(out, max_iter=4))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 4

@@ -39,6 +39,7 @@ from detectron2.engine.defaults import create_ddp_model, default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
@@ -182,6 +183,10 @@ def _clip_before_step(optimizer, max_norm: float) -> None:
     optimizer.register_step_pre_hook(clip)
 
 
+class _UnreadableCheckpoint(Exception):
+    """The file of a run's last checkpoint cannot be read (``--resume``)."""
+
+
 class _RunCheckpointer(DetectionCheckpointer):
     """detectron2's checkpointer of a run. While :attr:`strict` (``--resume``), a checkpoint
     whose model part does not fit the model exactly raises :class:`CheckpointMismatchError`
@@ -189,6 +194,14 @@ class _RunCheckpointer(DetectionCheckpointer):
     mismatch and continue with partly random weights, or fail later with a raw shape error)."""
 
     strict = False
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # a truncated or damaged file: torch names neither file nor fix
+            if not self.strict:
+                raise
+            raise _UnreadableCheckpoint(f"{type(e).__name__}: {e}") from e
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
@@ -371,9 +384,13 @@ class KDTrainer(DefaultTrainer):
             )
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
+            if not PathManager.isfile(path):
+                raise self._unusable_last_checkpoint(path, "does not exist")
             self.checkpointer.strict = True
             try:
                 self.checkpointer.resume_or_load("", resume=True)
+            except _UnreadableCheckpoint as e:
+                raise self._unusable_last_checkpoint(path, f"cannot be read ({e}); it is damaged") from e
             except CheckpointMismatchError as e:
                 raise CheckpointMismatchError(
                     f"--resume: the last checkpoint of {self.cfg.train.output_dir!r} ({path}) does not "
@@ -386,6 +403,24 @@ class KDTrainer(DefaultTrainer):
             self.start_iter = self.iter + 1
         else:
             load_student(student_of(model), self.cfg.train.init_checkpoint)
+
+    def _unusable_last_checkpoint(self, path, problem):
+        """The error of ``--resume`` when the file that last_checkpoint names is unusable."""
+        out = self.cfg.train.output_dir
+        name = os.path.basename(path)
+        others = sorted(
+            f for f in PathManager.ls(out)
+            if f.startswith("model_") and f.endswith(".pth") and f not in (name, "model_final_student.pth")
+        )
+        fix = (
+            f"resume from another checkpoint there ({', '.join(others[-3:])}) by writing its name "
+            f"into {os.path.join(out, 'last_checkpoint')}"
+            if others
+            else "there is no other checkpoint there: start the run again without --resume"
+        )
+        return CheckpointMismatchError(
+            f"--resume: the last checkpoint of {out!r}, {path}, {problem}. To continue, {fix}."
+        )
 
     def build_hooks(self):
         cfg = self.cfg
