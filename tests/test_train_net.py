@@ -207,13 +207,18 @@ def test_teacher_eval_at_start_leaves_the_random_states_unchanged(tmp_path):
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
 
 
-def test_no_export_when_the_last_iteration_fails(tmp_path):
+def test_no_export_nor_final_evaluation_when_the_last_iteration_fails(tmp_path):
     # TrainerBase.train leaves iter = max_iter - 1 when the last iteration raises
-    _run(_small_cfg(tmp_path / "c", 2), interrupt=1)
+    failed = _run(_small_cfg(tmp_path / "c", 2), interrupt=1)
     assert not (tmp_path / "c" / "model_final_student.pth").exists()
     assert not (tmp_path / "c" / "model_final.pth").exists()
+    # detectron2's EvalHook evaluated the unfinished model and logged it as the final bbox/*
+    assert not hasattr(failed, "_last_eval_results")
+    assert not any("bbox/AP" in m for m in _metrics(str(tmp_path / "c")))
     finished = _run(_small_cfg(tmp_path / "c", 2), resume=True)  # the run then completes: exported
     assert finished.iter == 2 and (tmp_path / "c" / "model_final_student.pth").is_file()
+    assert "bbox" in finished._last_eval_results  # and is evaluated
+    assert len([m for m in _metrics(str(tmp_path / "c")) if "bbox/AP" in m]) == 1
 
 
 def test_clip_grad_clips_the_global_norm_at_every_step(tmp_path):

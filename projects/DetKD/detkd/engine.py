@@ -282,6 +282,19 @@ class ExportStudentHook(hooks.HookBase):
         logger.info(f"Student exported to {self.path}")
 
 
+class _EvalHook(hooks.EvalHook):
+    """detectron2's EvalHook without its final evaluation of a run that failed in its last
+    iteration: TrainerBase.train then leaves ``iter = max_iter - 1``, which passes EvalHook's
+    ``iter + 1 >= max_iter`` test, so the unfinished (e.g. diverged) model was evaluated and
+    logged to metrics.json as the run's final ``bbox/*`` results (and a preempted run spent a
+    whole evaluation before exiting)."""
+
+    def after_train(self):
+        if self.trainer.iter < self.trainer.max_iter:  # the loop did not finish
+            self._eval_after_train = False
+        super().after_train()
+
+
 @contextlib.contextmanager
 def _rng_preserved():
     """Restore the global random states (Python, NumPy, torch CPU and CUDA) on exit, so that
@@ -435,7 +448,7 @@ class KDTrainer(DefaultTrainer):
             self._last_eval_results = self.test(self.cfg, self.model)
             return self._last_eval_results
 
-        ret.append(hooks.EvalHook(cfg.train.eval_period, test_and_save_results))
+        ret.append(_EvalHook(cfg.train.eval_period, test_and_save_results))
         if is_kd and cfg.train.get("export_student", True):
             ret.append(ExportStudentHook(cfg.train.output_dir))
         if comm.is_main_process():
