@@ -1,6 +1,7 @@
 """train_net.py / KDTrainer end to end on the shapes data: COCOEvaluator result, student
 export, and resume equal to an uninterrupted run."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -278,7 +279,7 @@ def test_teacher_eval_at_start_feeds_the_teacher_its_own_channel_order(tmp_path)
     assert "bbox" in hook.results
 
 
-def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoints(tmp_path):
+def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoints(tmp_path, caplog):
     from detkd.checkpoint import CheckpointMismatchError
 
     out = tmp_path / "r"
@@ -303,6 +304,11 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
     with pytest.raises(CheckpointMismatchError, match=r"model parameters are not in the file: \['student\."):
         KDTrainer(cfg).resume_or_load(resume=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
+    # the same run started again without --resume: a warning that names the flag
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=False)
+    assert any("--resume was not given" in r.getMessage() and "model_final.pth" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):

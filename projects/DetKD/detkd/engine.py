@@ -415,6 +415,13 @@ class KDTrainer(DefaultTrainer):
                 self.checkpointer.strict = False
             self.start_iter = self.iter + 1
         else:
+            if not resume and self.checkpointer.has_checkpoint():
+                logger.warning(
+                    f"{self.cfg.train.output_dir!r} holds a run's checkpoints (last: "
+                    f"{self.checkpointer.get_checkpoint_file()}) and --resume was not given: "
+                    "training starts again at iteration 0, and its checkpoints replace those of "
+                    "the same names. Pass --resume to continue that run instead."
+                )
             load_student(student_of(model), self.cfg.train.init_checkpoint)
 
     def _unusable_last_checkpoint(self, path, problem):
