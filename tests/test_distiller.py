@@ -432,3 +432,18 @@ def test_a_distiller_rejecting_the_pair_is_named_in_the_error():
     match = r"distillers\['pkd'\] \(PKDDistiller\): FPN level mismatch"
     with pytest.raises(ValueError, match=match):
         build(kd_cfg(num_levels=6))
+
+
+def test_a_teacher_sharing_trainable_parameters_with_the_student_is_an_error():
+    """The same model passed twice, or a teacher reusing the student's backbone: freezing the
+    teacher would silently freeze those parameters in the student (which then trains nothing
+    there). A clear error instead, raised before anything is frozen."""
+    student = instantiate(tiny_retinanet_cfg())
+    with pytest.raises(ValueError, match=r"shares \d+ trainable parameters.*separate models"):
+        DistillationDetector(student=student, teacher=student, distillers={})
+    teacher = instantiate(tiny_retinanet_cfg())
+    teacher.backbone = student.backbone
+    with pytest.raises(ValueError, match=r"in \['backbone'\]"):
+        DistillationDetector(student=student, teacher=teacher, distillers={})
+    assert all(p.requires_grad for p in student.parameters())
+    assert student.training

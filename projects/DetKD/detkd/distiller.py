@@ -130,6 +130,21 @@ def run_teacher(teacher: nn.Module, images: ImageList, capture: FeatureCapture) 
 _TEACHER_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
+    """Freezing the teacher (``requires_grad_(False)``, eval mode) would silently freeze any
+    trainable parameter it shares with the student (the same model passed twice, a shared
+    backbone): the student would then train its other parts, or only the distillers' adapters."""
+    teacher_params = {id(p) for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
+    if shared:
+        owners = sorted({n.split(".")[0] for n in shared})  # top-level submodules
+        raise ValueError(
+            f"The teacher shares {len(shared)} trainable parameters with the student (in "
+            f"{owners}); freezing the teacher would freeze them in the student too. Pass two "
+            "separate models (e.g. copy.deepcopy(student) as the teacher for self-distillation)."
+        )
+
+
 class DistillationDetector(nn.Module):
     """
     A student detector trained with a frozen teacher twin and any number of distillers.
@@ -186,6 +201,7 @@ class DistillationDetector(nn.Module):
                 f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
             )
         self.teacher_precision = teacher_precision
+        _check_not_shared(student, teacher)
         self.student = student
         teacher.requires_grad_(False)
         teacher.eval()
