@@ -269,3 +269,30 @@ def test_a_distillation_run_checkpoint_as_teacher(tmp_path):
     with pytest.raises(TeacherCheckpointError, match=r"has both 'student\.\*' and 'teacher\.\*' weights .* "
                        r"which of the two is meant is ambiguous"):
         load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "both.pth"))
+
+
+def _random_teacher_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # as detectron2's default_setup: train.seed + rank
+        teacher = instantiate(tiny_retinanet_cfg())
+        load_teacher(teacher, "", allow_random=True)
+        torch.save(teacher.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_random_teacher_is_the_same_in_every_process(tmp_path):
+    """``train.teacher_random_init`` in a multi-process run (e.g. the D3ETR instant test on
+    several GPUs): the teacher is outside DDP, which synchronises only the student, and every
+    process draws other random weights; all must distil from rank 0's teacher."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_random_teacher_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    torch.manual_seed(0)
+    expected = instantiate(tiny_retinanet_cfg()).state_dict()
+    assert a.keys() == b.keys() == expected.keys()
+    assert all(torch.equal(a[k], expected[k]) and torch.equal(b[k], expected[k]) for k in a)

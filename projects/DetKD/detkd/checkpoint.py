@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
@@ -162,6 +163,17 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
             )
 
 
+def _broadcast_from_main(module: nn.Module) -> None:
+    """Give every process rank 0's parameters and buffers of ``module``. The teacher is not in
+    DDP (which does this for the student at construction), and detectron2 seeds each process
+    differently (``train.seed + rank``), so a random teacher would differ between processes."""
+    if comm.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
+
+
 def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -> None:
     """
     Load the teacher's weights strictly (``train.teacher_checkpoint``).
@@ -180,6 +192,7 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
     if not path:
         if allow_random:
             logger.warning("train.teacher_checkpoint is empty: the teacher keeps random weights.")
+            _broadcast_from_main(teacher)
             return
         raise TeacherCheckpointError(
             "train.teacher_checkpoint is empty. Set it to the teacher's weights (a local .pkl/"
