@@ -199,6 +199,10 @@ def test_half_precision_teacher_option():
     cfg.teacher_precision = "half"
     with pytest.raises(ValueError, match="teacher_precision must be one of"):
         build(cfg)
+    cfg.teacher_precision = "fp32"
+    cfg.diag_period = -1  # it logged every step
+    with pytest.raises(ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got -1"):
+        build(cfg)
 
 
 def test_deferred_scalars_written_at_block_end_with_their_iteration():

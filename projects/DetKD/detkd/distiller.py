@@ -200,6 +200,8 @@ class DistillationDetector(nn.Module):
             raise ValueError(
                 f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
             )
+        if not isinstance(diag_period, int) or diag_period < 0:
+            raise ValueError(f"diag_period must be an int >= 0 (0 disables it), got {diag_period!r}")
         self.teacher_precision = teacher_precision
         _check_not_shared(student, teacher)
         self.student = student
@@ -434,8 +436,9 @@ class DistillationDetector(nn.Module):
             put_scalar(f"kd_diag/pearson_{s}", r)
 
     def export_student(self, path: str) -> None:
-        """Write the student alone as a checkpoint that stock detectron2 loads. See
-        :func:`detkd.checkpoint.export_student`."""
+        """Write the student alone as a checkpoint that stock detectron2 loads
+        (``{"model": student.state_dict()}``). :func:`detkd.checkpoint.export_student` does the
+        same from a run's checkpoint file."""
         from .checkpoint import save_student
 
         save_student(self.student, path)
