@@ -48,3 +48,69 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
             a = got["rows"][name][lvl].amax(0).numpy().ravel()
             b = got["rows"]["teacher"][lvl].amax(0).numpy().ravel()
             assert abs(got["corr"][name][lvl] - np.corrcoef(a, b)[0, 1]) < 1e-5
+
+
+def _frozen_norm_train(model):
+    """Training mode with BatchNorm on its running statistics: the student's outputs are those
+    of eval mode, so a training step selects from what the views see."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout)):
+            m.eval()
+    return model
+
+
+def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_retinanet(tmp_path, monkeypatch):
+    """configs/GID/fcos_R50_from_retinanet_R101_1x.py's pairing (selection="location"): the
+    drawn boxes and scores are those the distiller's own selection gives for the same image
+    (the view used to feed the per-anchor outputs of both heads, 9 vs 1 per location, to the
+    per-anchor selection and failed)."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.events import EventStorage
+
+    cfg_path = tmp_path / "gid_fcos.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyCall as L, LazyConfig\n"
+        "from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead\n"
+        "from detkd.losses import GIDDistiller\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/gid_retinanet.py')\n"
+        "model = cfg.model\n"
+        "s = model.student\n"
+        "s._target_ = FCOS\n"
+        "del s.anchor_generator, s.box2box_transform, s.anchor_matcher, s.input_format\n"
+        "s.head._target_ = FCOSHead\n"
+        "del s.head.num_anchors\n"
+        "model.distillers = {'gid': L(GIDDistiller)(selection='location', response=False, min_size=2.0)}\n"
+        "dataloader = cfg.dataloader\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    torch.manual_seed(0)
+    teacher, student = instantiate(cfg.model.teacher), instantiate(cfg.model.student)
+    with torch.no_grad():  # confident, varied scores and boxes of a few pixels at least
+        student.head.cls_score.weight.mul_(100)
+        student.head.bbox_pred.bias.fill_(1.5)
+        teacher.head.cls_score.weight.mul_(100)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
+    torch.save({"model": student.state_dict()}, tmp_path / "s.pth")
+    inputs = make_inputs(1, size=(96, 128), seed=3)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw: drawn.update(boxes=boxes, **kw))
+    viz.main(["gid", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
+              "--student", str(tmp_path / "s.pth"), "--out", str(tmp_path / "gid.png")])
+
+    # What a training step of the same model selects (BatchNorm on its running statistics).
+    kd = instantiate(cfg.model)
+    kd.teacher.load_state_dict(teacher.state_dict())
+    kd.student.load_state_dict(student.state_dict())
+    gid = kd.distillers["gid"]
+    assert gid.location_strides is not None
+    selected = []
+    select = gid._select
+    gid._select = lambda *a: selected.append(select(*a)) or selected[-1]
+    with EventStorage():
+        _frozen_norm_train(kd)(inputs)
+    (boxes, scores), = selected[0]
+    assert len(boxes) > 0
+    assert np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-4)
+    assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]

@@ -218,7 +218,7 @@ def _gid_view(args):
 
     from .capture import FeatureCapture
     from .distiller import run_teacher
-    from .losses.gid import dense_outputs, select_general_instances
+    from .losses.gid import dense_outputs
 
     cfg = LazyConfig.load(args.config)
     inputs = _load_image(cfg, args.index)
@@ -231,12 +231,12 @@ def _gid_view(args):
         run_teacher(model.teacher, images, model._teacher_capture)
         with cap:
             model.student(inputs)
-    t_out = dense_outputs(model.teacher, model._teacher_capture.as_dict())
-    s_out = dense_outputs(model.student, cap.as_dict())
-    (boxes, scores), = select_general_instances(
-        t_out["logits"].sigmoid(), s_out["logits"].sigmoid(), t_out["boxes"], s_out["boxes"],
-        images.image_sizes, topk=gid.topk, nms_thresh=gid.nms_thresh, min_size=gid.min_size,
-    )
+    # The distiller's own selection (as GIDDistiller.forward): per anchor or per location
+    # (different heads), with all its settings (pre-NMS top-k, shared decoding).
+    decode = not gid.shared_decoding
+    t_out = dense_outputs(model.teacher, model._teacher_capture.as_dict(), decode)
+    s_out = dense_outputs(model.student, cap.as_dict(), decode)
+    (boxes, scores), = gid._select(s_out, t_out, images.image_sizes)
     # The loader resized nothing for the demo; boxes are in input coordinates.
     gt = inputs[0]["instances"].gt_boxes if "instances" in inputs[0] else None
     colors = {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
