@@ -114,3 +114,51 @@ def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_
     assert len(boxes) > 0
     assert np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-4)
     assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]
+
+
+def test_d3etr_view_runs_the_teacher_on_its_own_channel_order(tmp_path, monkeypatch):
+    """Student BGR, teacher RGB: the teacher's boxes drawn are its predictions for the image in
+    RGB order (as in training, DistillationDetector.teacher_images), the student's those
+    matched to them by the distiller's adaptive matching; boxes scaled to the input image."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+    from torchvision.ops import box_convert
+
+    cfg_path = tmp_path / "d3etr_rgb_teacher.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/d3etr_detr.py')\n"
+        "model = cfg.model\n"
+        "model.teacher.input_format = 'RGB'\n"
+        "model.teacher.pixel_mean = [123.675, 116.280, 103.530]\n"
+        "model.teacher.pixel_std = [58.395, 57.120, 57.375]\n"
+        "dataloader = cfg.dataloader\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    torch.manual_seed(0)
+    teacher, student = instantiate(cfg.model.teacher).eval(), instantiate(cfg.model.student).eval()
+    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
+    torch.save({"model": student.state_dict()}, tmp_path / "s.pth")
+    inputs = make_inputs(1, size=(90, 120), seed=4)  # images in the student's (BGR) order
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw: drawn.update(boxes=boxes, **kw))
+    viz.main(["d3etr", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
+              "--student", str(tmp_path / "s.pth"), "--top", "5", "--out", str(tmp_path / "d3.png")])
+
+    img = inputs[0]["image"].float()
+    x_t = (img.flip(0) - teacher.pixel_mean) / teacher.pixel_std  # BGR -> the teacher's RGB
+    x_s = (img - student.pixel_mean) / student.pixel_std
+    with torch.no_grad():
+        t = teacher.forward_predictions(ImageList.from_tensors([x_t], 32))
+        s = student.forward_predictions(ImageList.from_tensors([x_s], 32))
+    d3 = instantiate(cfg.model).distillers["d3etr"]
+    ti, si, _ = d3._match(t["pred_logits"][-1:], t["pred_boxes"][-1:], s["pred_logits"][-1:], s["pred_boxes"][-1:])
+    conf = t["pred_logits"][-1, 0].sigmoid().amax(-1)
+    best = [int(q) for q in ti[0, 0][conf[ti[0, 0]].argsort(descending=True)[:5]]]
+    partner = dict(zip(ti[0, 0].tolist(), si[0, 0].tolist()))
+    scale = torch.tensor([120.0, 90.0, 120.0, 90.0])
+    t_boxes = box_convert(t["pred_boxes"][-1, 0, best], "cxcywh", "xyxy") * scale
+    s_boxes = box_convert(s["pred_boxes"][-1, 0, [partner[q] for q in best]], "cxcywh", "xyxy") * scale
+    assert np.allclose(drawn["boxes"], torch.cat([t_boxes, s_boxes]).numpy(), atol=1e-3)
+    assert drawn["pairs"] == [(i, i + 5) for i in range(5)]

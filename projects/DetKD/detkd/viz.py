@@ -259,18 +259,20 @@ def _d3etr_view(args):
     from torchvision.ops import box_convert
 
     from .capture import FeatureCapture
+    from .distiller import run_teacher
 
     cfg = LazyConfig.load(args.config)
     inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
     d3 = [d for d in model.distillers.values() if type(d).__name__ == "D3ETRDistiller"][0]
-    heads = {}
-    for name, m in (("teacher", model.teacher), ("student", model.student)):
-        cap = FeatureCapture(m, ["head"])
-        with cap, torch.no_grad():
-            m(inputs)
-        heads[name] = cap["head"]
-    t, s = heads["teacher"], heads["student"]
+    # As in training: the teacher sees the images in its own channel order and normalisation,
+    # padded as the student pads them (teacher_images); the student its own inputs.
+    t_cap, s_cap = FeatureCapture(model.teacher, ["head"]), FeatureCapture(model.student, ["head"])
+    with torch.no_grad():
+        run_teacher(model.teacher, model.teacher_images(inputs), t_cap)
+        with s_cap:
+            model.student(inputs)
+    t, s = t_cap["head"], s_cap["head"]
     l = args.layer % t["pred_logits"].shape[0]  # -1 = the last layer
     ti, si, _ = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
                           s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
