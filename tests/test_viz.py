@@ -162,3 +162,44 @@ def test_d3etr_view_runs_the_teacher_on_its_own_channel_order(tmp_path, monkeypa
     s_boxes = box_convert(s["pred_boxes"][-1, 0, [partner[q] for q in best]], "cxcywh", "xyxy") * scale
     assert np.allclose(drawn["boxes"], torch.cat([t_boxes, s_boxes]).numpy(), atol=1e-3)
     assert drawn["pairs"] == [(i, i + 5) for i in range(5)]
+
+
+def test_pkd_view_maps_cover_the_image_not_its_padding(tmp_path, monkeypatch):
+    """A 70 x 100 image is padded to 96 x 128 (size divisibility 32): each level's map is drawn,
+    and correlated, on the ceil(70 / s) x ceil(100 / s) cells of the image shown next to it."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+
+    cfg_path = f"{REPO}/configs/demo/pkd_retinanet.py"
+    cfg = LazyConfig.load(cfg_path)
+    torch.manual_seed(1)
+    nets = {"t": instantiate(cfg.model.teacher), "s0": instantiate(cfg.model.student),
+            "s1": instantiate(cfg.model.student)}
+    for n, m in nets.items():
+        torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
+    inputs = make_inputs(1, size=(70, 100), seed=5)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    got = {}
+    orig = viz.draw_fpn_activations
+
+    def spy(image, rows, levels, path, reference="teacher"):
+        got.update(image=image, rows=rows, levels=levels, corr=orig(image, rows, levels, path, reference))
+        return got["corr"]
+
+    monkeypatch.setattr(viz, "draw_fpn_activations", spy)
+    viz.main(["pkd", "--config", cfg_path, "--teacher", str(tmp_path / "t.pth"),
+              "--before", str(tmp_path / "s0.pth"), "--after", str(tmp_path / "s1.pth"),
+              "--out", str(tmp_path / "pkd.png")])
+    assert got["image"].shape == (70, 100, 3) and got["levels"] == ["p3", "p4", "p5", "p6"]
+    t = nets["t"].eval()
+    x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
+    with torch.no_grad():
+        feats = t.backbone(ImageList.from_tensors([x], 32).tensor)  # (96, 128) padded
+    for lvl, s in zip(got["levels"], (8, 16, 32, 64)):
+        hs, ws = -(-70 // s), -(-100 // s)  # p3 9 x 13 of 12 x 16, p6 2 x 2 of 2 x 2
+        for name in ("teacher", "student alone", "student + KD"):
+            assert tuple(got["rows"][name][lvl].shape[-2:]) == (hs, ws), (name, lvl)
+        assert torch.allclose(got["rows"]["teacher"][lvl], feats[lvl][0, :, :hs, :ws], atol=1e-5)
+        a = got["rows"]["student alone"][lvl].amax(0).numpy().ravel()
+        b = feats[lvl][0, :, :hs, :ws].amax(0).numpy().ravel()
+        assert abs(got["corr"]["student alone"][lvl] - np.corrcoef(a, b)[0, 1]) < 1e-5

@@ -182,11 +182,18 @@ def _pkd_view(args):
     s_fmt = getattr(models["student alone"], "input_format", None)
     div = max(_size_divisibility(m) for m in models.values())
     rows = {}
+    h, w = inputs[0]["image"].shape[-2:]
     with torch.no_grad():
         for name, m in models.items():
             flip = name == "teacher" and s_fmt is not None and getattr(m, "input_format", None) != s_fmt
             images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
-            rows[name] = {k: v[0] for k, v in m.backbone(images.tensor).items()}
+            strides = {k: v.stride for k, v in m.backbone.output_shape().items()}
+            # Each map cropped to the image (the padding to the size divisibility is no part of
+            # the picture in the first column): cells covering the image, ceil(side / stride).
+            rows[name] = {
+                k: v[0, :, : -(-h // strides[k]), : -(-w // strides[k])]
+                for k, v in m.backbone(images.tensor).items()
+            }
     img = inputs[0]["image"].permute(1, 2, 0).numpy()
     if getattr(models["student alone"], "input_format", "BGR") == "BGR":
         img = img[:, :, ::-1]
