@@ -203,3 +203,31 @@ def test_pkd_view_maps_cover_the_image_not_its_padding(tmp_path, monkeypatch):
         a = got["rows"]["student alone"][lvl].amax(0).numpy().ravel()
         b = feats[lvl][0, :, :hs, :ws].amax(0).numpy().ravel()
         assert abs(got["corr"]["student alone"][lvl] - np.corrcoef(a, b)[0, 1]) < 1e-5
+
+
+def test_view_errors_name_the_problem(tmp_path):
+    """A missing config, a config without a teacher, one without the view's distiller, and a
+    student checkpoint of another model (it used to be loaded half, silently) are clear errors."""
+    import pytest
+    from detectron2.config import LazyConfig, instantiate
+
+    from detkd.checkpoint import CheckpointMismatchError
+
+    demo = f"{REPO}/configs/demo"
+    cfg = LazyConfig.load(f"{demo}/pkd_retinanet.py")
+    torch.manual_seed(0)
+    teacher, student = instantiate(cfg.model.teacher), instantiate(cfg.model.student)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
+    torch.save({"model": student.state_dict()}, tmp_path / "s.pth")
+    t, s = str(tmp_path / "t.pth"), str(tmp_path / "s.pth")
+    with pytest.raises(SystemExit, match=r"\[viz gid\] config not found: .*nope\.py"):
+        viz.main(["gid", "--config", f"{demo}/nope.py", "--teacher", t, "--student", s])
+    with pytest.raises(SystemExit, match=r"student_retinanet\.py is not a distillation config"):
+        viz.main(["gid", "--config", f"{demo}/student_retinanet.py", "--teacher", t, "--student", s])
+    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py has no GIDDistiller \(its distillers: \{'pkd': 'PKDDistiller'\}\)"):
+        viz.main(["gid", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
+    with pytest.raises(SystemExit, match="has no D3ETRDistiller"):
+        viz.main(["d3etr", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):  # the teacher's weights as --before
+        viz.main(["pkd", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--before", t, "--after", s,
+                  "--out", str(tmp_path / "pkd.png")])

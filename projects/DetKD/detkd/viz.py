@@ -18,6 +18,7 @@ Command line::
     python -m detkd.viz d3etr --config configs/demo/d3etr_detr.py --teacher T.pth --student S.pth
 """
 import argparse
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -160,12 +161,40 @@ def _load_image(cfg, index: int):
     raise IndexError(index)
 
 
+def _kd_config(args):
+    """The distillation config of ``args.config``; SystemExit with the reason if it is none."""
+    from detectron2.config import LazyConfig
+
+    if not os.path.isfile(args.config):
+        raise SystemExit(f"[viz {args.view}] config not found: {args.config}")
+    cfg = LazyConfig.load(args.config)
+    model = cfg.get("model")
+    if model is None or "teacher" not in model or "student" not in model:
+        raise SystemExit(
+            f"[viz {args.view}] {args.config} is not a distillation config (its model has no "
+            f"teacher and student); pass a DistillationDetector config, e.g. configs/demo/{args.view}_*.py"
+        )
+    return cfg
+
+
+def _distiller(model, cls_name: str, args):
+    """The ``cls_name`` distiller of ``model``; SystemExit naming the config's distillers if none."""
+    found = [d for d in model.distillers.values() if type(d).__name__ == cls_name]
+    if not found:
+        have = {k: type(d).__name__ for k, d in model.distillers.items()}
+        raise SystemExit(
+            f"[viz {args.view}] {args.config} has no {cls_name} (its distillers: {have}); pass a "
+            f"config that distils with it, e.g. configs/demo/{args.view}_*.py"
+        )
+    return found[0]
+
+
 def _pkd_view(args):
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
     from .checkpoint import load_student, load_teacher
 
-    cfg = LazyConfig.load(args.config)
+    cfg = _kd_config(args)
     inputs = _load_image(cfg, args.index)
     models = {}
     teacher = instantiate(cfg.model.teacher).eval()
@@ -173,7 +202,7 @@ def _pkd_view(args):
     models["teacher"] = teacher
     for name, path in (("student alone", args.before), ("student + KD", args.after)):
         student = instantiate(cfg.model.student).eval()
-        load_student(student, path)
+        load_student(student, path, strict=True)  # a picture of a half-loaded student misleads
         models[name] = student
     from .distiller import _size_divisibility, normalized_images
 
@@ -209,7 +238,7 @@ def _kd_model(cfg, teacher_ckpt, student_ckpt):
 
     model = instantiate(cfg.model)
     load_teacher(model.teacher, teacher_ckpt)
-    load_student(model.student, student_ckpt)
+    load_student(model.student, student_ckpt, strict=True)  # every student weight, or an error
     return model.eval()
 
 
@@ -220,17 +249,16 @@ def _rgb(model, inputs):
 
 def _gid_view(args):
     """Selected general instances, coloured by their IoU with the ground truth."""
-    from detectron2.config import LazyConfig
     from detectron2.structures import pairwise_iou
 
     from .capture import FeatureCapture
     from .distiller import run_teacher
     from .losses.gid import dense_outputs
 
-    cfg = LazyConfig.load(args.config)
+    cfg = _kd_config(args)
     inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
-    gid = [d for d in model.distillers.values() if type(d).__name__ == "GIDDistiller"][0]
+    gid = _distiller(model, "GIDDistiller", args)
     # clone: RetinaNet inference applies sigmoid_ in place to a view of the head logits.
     cap = FeatureCapture(model.student, gid.student_taps(model.student), clone=True)
     images = model.teacher_images(inputs)
@@ -262,16 +290,15 @@ def _gid_view(args):
 
 def _d3etr_view(args):
     """Matched teacher (blue) / student (red) boxes of one decoder layer, lines between pairs."""
-    from detectron2.config import LazyConfig
     from torchvision.ops import box_convert
 
     from .capture import FeatureCapture
     from .distiller import run_teacher
 
-    cfg = LazyConfig.load(args.config)
+    cfg = _kd_config(args)
     inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
-    d3 = [d for d in model.distillers.values() if type(d).__name__ == "D3ETRDistiller"][0]
+    d3 = _distiller(model, "D3ETRDistiller", args)
     # As in training: the teacher sees the images in its own channel order and normalisation,
     # padded as the student pads them (teacher_images); the student its own inputs.
     t_cap, s_cap = FeatureCapture(model.teacher, ["head"]), FeatureCapture(model.student, ["head"])
