@@ -208,3 +208,34 @@ def test_overrides_reach_only_the_configs_that_have_their_parent_key():
         check_overrides([gid, student], opts)  # no PKD run: a typo or a method not run
     with pytest.raises(SystemExit, match="modle"):
         check_overrides([pkd], ["modle.distillers.pkd.loss_weight=1"])
+
+
+def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
+    """A missing config is reported as missing (not as a missing twin), a name without a twin
+    convention is a clear error (it was an IndexError), and a pair that would not be compared
+    with the same seed, schedule and student fails before any training."""
+    from detkd import repro
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    out = ["--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"config not found: configs/PKD/nope_from_x_2x\.py"):
+        repro.main(["configs/PKD/nope_from_x_2x.py", *out])
+    (tmp_path / "mykd.py").write_text("")
+    with pytest.raises(SystemExit, match=r"mykd\.py: no baseline twin follows from the name; pass --baseline"):
+        repro.baseline_of(str(tmp_path / "mykd.py"))
+    with pytest.raises(SystemExit, match="teacher_retinanet.py is not a distillation config"):
+        repro.main(["configs/demo/teacher_retinanet.py", *out])  # its "twin" student_retinanet.py exists
+    with pytest.raises(SystemExit, match="the baseline .*gid_retinanet.py is a distillation config"):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/gid_retinanet.py", *out])
+    with pytest.raises(SystemExit, match=r"train.seed is -1: each run would draw its own seed"):
+        repro.main(["configs/demo/pkd_retinanet.py", "train.seed=-1", *out])
+    with pytest.raises(SystemExit, match=r"train\.max_iter \(1000 vs 2000\), model\.student differ"):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/teacher_retinanet.py", *out])
+    with pytest.raises(SystemExit, match=r"model\.student, optimizer differ"):
+        repro.main(["configs/demo/d3etr_detr.py", "--baseline", "configs/demo/student_retinanet.py", *out])
+    # overrides for both runs keep a pair paired; one for the baseline only would not
+    repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                     os.path.join(REPO, "configs/demo/student_retinanet.py"), ["train.max_iter=5", "train.seed=3"])
+    with pytest.raises(SystemExit, match=r"model\.student differ"):
+        repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                         os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.num_classes=5"])

@@ -4,7 +4,9 @@ schedule and data, and print teacher AP, student AP, distilled AP and the delta.
 
 The baseline twin is found by name next to the config (``<student>_from_<teacher>_<sched>.py``
 -> ``baseline_<student>_<sched>.py``; demo ``<method>_<det>.py`` -> ``student_<det>.py``) or
-given with ``--baseline``. The teacher is evaluated once before distillation
+given with ``--baseline``. Before anything trains, the pair is checked to share the seed (a
+fixed one), schedule, initialisation, training data, optimizer and student (:func:`check_pair`),
+after the overrides. The teacher is evaluated once before distillation
 (``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. Usage::
 
     python -m detkd.repro configs/PKD/retinanet_R50_from_retinanet_R101_2x.py --num-gpus 8
@@ -20,7 +22,7 @@ import sys
 
 from .demo import REPO, applicable_overrides, check_overrides, final_metrics
 
-__all__ = ["baseline_of", "main"]
+__all__ = ["baseline_of", "check_pair", "main"]
 
 _SCHEDULE = re.compile(r"_(\d+x|\d+ep)$")
 
@@ -28,13 +30,15 @@ _SCHEDULE = re.compile(r"_(\d+x|\d+ep)$")
 def baseline_of(config: str) -> str:
     """The baseline twin's path of a distillation config, by the naming convention."""
     folder, name = os.path.split(config)
-    name = name[:-3]
+    name = name[:-3] if name.endswith(".py") else name
     if "_from_" in name:
         student, rest = name.split("_from_", 1)
         sched = _SCHEDULE.search(rest)
         cand = f"baseline_{student}{sched.group(0) if sched else ''}.py"
-    else:
+    elif "_" in name:
         cand = f"student_{name.split('_', 1)[1]}.py"
+    else:
+        raise SystemExit(f"[repro] {config}: no baseline twin follows from the name; pass --baseline")
     path = os.path.join(folder, cand)
     if not os.path.isfile(os.path.join(REPO, path)) and not os.path.isfile(path):
         raise SystemExit(f"[repro] no baseline twin {path} for {config}; pass --baseline")
@@ -50,6 +54,53 @@ def _resolve(config: str) -> str:
     if not os.path.isfile(path):
         raise SystemExit(f"[repro] config not found: {config} (neither here nor under {REPO})")
     return path
+
+
+# What a baseline and a distilled run must share to be compared: (distilled key, baseline key).
+_PAIRED = (
+    ("train.seed", "train.seed"),
+    ("train.max_iter", "train.max_iter"),
+    ("train.init_checkpoint", "train.init_checkpoint"),
+    ("model.student", "model"),
+    ("dataloader.train", "dataloader.train"),
+    ("optimizer", "optimizer"),
+    ("lr_multiplier", "lr_multiplier"),
+)
+
+
+def check_pair(config: str, baseline: str, opts) -> None:
+    """
+    SystemExit unless ``config`` (with the overrides of ``opts`` that apply to it) distils and
+    ``baseline`` trains the same student alone with the same seed (a fixed one: a negative
+    ``train.seed`` draws one per run), schedule, initialisation, training data and optimizer.
+    """
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    def load(path):  # a fresh copy: apply_overrides changes it
+        return LazyConfig.apply_overrides(LazyConfig.load(path), applicable_overrides(path, opts))
+
+    kd, base = load(config), load(baseline)
+    if OmegaConf.select(kd, "model.teacher", default=None) is None:
+        raise SystemExit(f"[repro] {config} is not a distillation config (its model has no teacher)")
+    if OmegaConf.select(base, "model.teacher", default=None) is not None:
+        raise SystemExit(f"[repro] the baseline {baseline} is a distillation config; pass the student's own config")
+
+    def value(cfg, key):
+        v = OmegaConf.select(cfg, key, default=None)
+        return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+    seed = value(kd, "train.seed")
+    if not isinstance(seed, int) or seed < 0:
+        raise SystemExit(f"[repro] train.seed is {seed!r}: each run would draw its own seed; set train.seed=N")
+    differ = [k for k, kb in _PAIRED if value(kd, k) != value(base, kb)]
+    if differ:
+        shown = [f"{k} ({value(kd, k)!r} vs {value(base, kb)!r})" if not isinstance(value(kd, k), (dict, list))
+                 else k for k, kb in _PAIRED if k in differ]
+        raise SystemExit(
+            f"[repro] {os.path.basename(baseline)} does not train the student of {os.path.basename(config)} "
+            f"the same way: {', '.join(shown)} differ (distilled vs baseline)"
+        )
 
 
 def _teacher_metrics(output_dir):
@@ -71,9 +122,11 @@ def main(argv=None):
     parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
+    config = _resolve(args.config)  # a missing config is reported as such, before its twin
     baseline = _resolve(args.baseline or baseline_of(args.config))
-    args.config = _resolve(args.config)
+    args.config = config
     check_overrides([baseline, args.config], args.opts, tool="repro")
+    check_pair(args.config, baseline, args.opts)
     name = os.path.basename(args.config)[:-3]
     out = os.path.abspath(os.path.join(args.output, name))
     runs = {}
