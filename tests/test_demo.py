@@ -239,3 +239,13 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"model\.student differ"):
         repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
                          os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.num_classes=5"])
+
+
+def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
+    """`--methods pkd gdi`: the unknown method is reported before the teacher, student and PKD
+    runs train (it used to be found only when its turn came, after them)."""
+    from detkd import demo
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    with pytest.raises(SystemExit, match=r"no config configs/demo/gdi_\*\.py; available: .*'gid_retinanet'"):
+        demo.main(["--methods", "pkd", "gdi", "--output", str(tmp_path / "demo")])

@@ -282,8 +282,8 @@ def main(argv=None):
             raise SystemExit(f"[demo] no config configs/demo/{method}_*.py; available: {avail}")
         return found[0]
 
+    dets = {m: family(m) for m in args.methods}  # a mistyped method fails here, before training
     if args.opts:  # every override must reach some run (a typo fails here, before training)
-        dets = {m: family(m) for m in args.methods}
         check_overrides([cfg(f"{m}_{d}") for m, d in dets.items()]
                         + [cfg(f"{r}_{d}") for d in set(dets.values()) for r in ("teacher", "student")], args.opts)
     for seed in args.seeds:
@@ -291,7 +291,7 @@ def main(argv=None):
         seed_opts = [f"train.seed={seed}"] if seed else []
         students = set()
         for method in args.methods:
-            det = family(method)
+            det = dets[method]
             teacher_dir = os.path.join(out, f"teacher_{det}")
             student_dir = os.path.join(out, f"student_{det}{suffix}")
             base = f"student alone ({det})"
