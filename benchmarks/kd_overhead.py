@@ -360,7 +360,9 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # the cores this process may use (taskset, Slurm), not all of the machine's
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(max(1, len(cores)))
 
     runs = []
     for path in sorted(glob.glob(os.path.join(REPO, "configs/demo/*_*.py"))):

@@ -143,6 +143,12 @@ def main(argv=None):
         runs[tag] = run_dir
     teacher = _teacher_metrics(runs["distilled"]) or {}
     base, dist = final_metrics(runs["baseline"]), final_metrics(runs["distilled"])
+    for tag, res in (("baseline", base), ("distilled", dist)):
+        if res is None:
+            raise SystemExit(
+                f"[repro] the {tag} run in {runs[tag]} logged no bbox/AP to metrics.json: its "
+                "config has no COCO evaluation at the end (dataloader.evaluator, train.eval_period)."
+            )
     print(f"\n{'':<12}{'AP':>8}{'AP50':>8}{'AP75':>8}")
     for tag, res in (("teacher", teacher), ("student", base), ("distilled", dist)):
         print(f"{tag:<12}" + "".join(f"{res.get(k, float('nan')):>8.2f}" for k in ("AP", "AP50", "AP75")))
