@@ -131,9 +131,11 @@ def test_teachers_have_the_architecture_of_their_model_zoo_weights():
             list(zoo.MODEL.PIXEL_MEAN), list(zoo.MODEL.PIXEL_STD), zoo.INPUT.FORMAT], path
         assert t.backbone.bottom_up.stages.stride_in_1x1 == zoo.MODEL.RESNETS.STRIDE_IN_1X1, path
         # what the teacher is fed: the loader's images, flipped by DistillationDetector only when
-        # the student declares a format other than the teacher's (FCOS declares none)
+        # the student's format (model.student_input_format for FCOS, which declares none) is
+        # other than the teacher's
         loaded = cfg.dataloader.train.mapper.image_format
-        s_fmt = cfg.model.student.get("input_format")
+        s_fmt = cfg.model.get("student_input_format") or cfg.model.student.get("input_format")
+        assert s_fmt == loaded, path  # else a student format unknown to the wrapper
         fed = loaded if s_fmt in (None, t.input_format) else {"RGB": "BGR", "BGR": "RGB"}[loaded]
         assert fed == zoo.INPUT.FORMAT, path
         for name, gen in _anchor_generators(ref).items():

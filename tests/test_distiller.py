@@ -1,4 +1,6 @@
 """DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
+import logging
+
 import pytest
 import torch
 
@@ -119,6 +121,37 @@ def test_teacher_images_flip_and_normalize():
     assert images.tensor.shape[-2:] == (64, 96)  # padded to a multiple of 32
     assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
     assert images.image_sizes == [(50, 70)]
+
+
+def test_student_without_input_format_takes_student_input_format(caplog):
+    """detectron2's FCOS declares no input_format: the wrapper assumed the data was in the
+    teacher's order, so RGB data reached a BGR teacher unflipped. ``student_input_format``
+    names the data's order; without it a warning says what is assumed."""
+    from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+    fcos = tiny_retinanet_cfg()  # same pieces, FCOS head
+    fcos._target_ = FCOS
+    del fcos.anchor_generator, fcos.box2box_transform, fcos.anchor_matcher, fcos.input_format
+    fcos.head._target_ = FCOSHead
+    del fcos.head.num_anchors
+    teacher = tiny_retinanet_cfg(width=32, fpn=128)  # BGR
+    with caplog.at_level(logging.WARNING, logger="detkd.distiller"):
+        model = build(kd_cfg(teacher=teacher, student=fcos))
+    assert not model.flip_teacher_channels
+    assert any("declares no input_format" in r.getMessage() and "(BGR)" in r.getMessage()
+               for r in caplog.records)
+    cfg = kd_cfg(teacher=teacher, student=fcos)
+    cfg.student_input_format = "RGB"
+    model = build(cfg)
+    assert model.flip_teacher_channels
+    inputs = make_inputs(n=1, size=(50, 70))
+    images = model.teacher_images(inputs)
+    expected = (inputs[0]["image"].float().flip(0) - torch.tensor(teacher.pixel_mean).view(3, 1, 1)) / (
+        torch.tensor(teacher.pixel_std).view(3, 1, 1))
+    assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
+    cfg.student_input_format = "YUV"
+    with pytest.raises(ValueError, match="supports RGB/BGR inputs, got 'YUV'"):
+        build(cfg)
 
 
 def test_heterogeneous_faster_rcnn_teacher_retinanet_student_trains():

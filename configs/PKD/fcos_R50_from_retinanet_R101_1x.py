@@ -21,6 +21,8 @@ teacher.backbone.bottom_up.stages.depth = 101
 model = L(DistillationDetector)(
     student=student,
     teacher=teacher,
+    # detectron2's FCOS declares no input_format: the loader's order, checked against the teacher's
+    student_input_format=dataloader.train.mapper.image_format,
     distillers={"pkd": L(PKDDistiller)(loss_weight=10.0, num_levels=4)},
 )
 

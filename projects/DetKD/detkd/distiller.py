@@ -171,6 +171,7 @@ class DistillationDetector(nn.Module):
         teacher: nn.Module,
         distillers: Dict[str, Distiller],
         teacher_input_format: Optional[str] = None,
+        student_input_format: Optional[str] = None,
         diag_period: int = 20,
         teacher_precision: str = "fp32",
     ):
@@ -186,6 +187,11 @@ class DistillationDetector(nn.Module):
             teacher_input_format (str or None): "RGB" or "BGR"; defaults to the teacher's
                 ``input_format`` attribute. When it differs from the student's, the channels of
                 the student's images are flipped for the teacher.
+            student_input_format (str or None): "RGB" or "BGR", the channel order of the
+                training data; defaults to the student's ``input_format`` attribute. Needed
+                for a student without one (detectron2's FCOS) whose data is not in the
+                teacher's order; when neither is known, the two are assumed equal (a warning
+                says so when the teacher's order is known).
             diag_period (int): every ``diag_period`` iterations, when some distiller reads the
                 backbone of both models, log the Pearson correlation between the student's and
                 the teacher's channel-mean activation maps of each level of equal stride
@@ -223,8 +229,15 @@ class DistillationDetector(nn.Module):
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
         self.distillers = nn.ModuleDict(distillers)
 
-        s_fmt = _input_format(student)
+        s_fmt = student_input_format or _input_format(student)
         t_fmt = teacher_input_format or _input_format(teacher) or s_fmt
+        if s_fmt is None and t_fmt is not None:
+            logger.warning(
+                f"The student ({type(student).__name__}) declares no input_format: its images "
+                f"are assumed to be in the teacher's channel order ({t_fmt}) and reach the "
+                "teacher unflipped. If the training data is in the other order, set "
+                "model.student_input_format to it."
+            )
         for fmt in (s_fmt, t_fmt):
             if fmt not in (None, "RGB", "BGR"):
                 raise ValueError(f"DistillationDetector supports RGB/BGR inputs, got {fmt!r}")
