@@ -477,7 +477,25 @@ class KDTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        model = instantiate(cfg.model)
+        """
+        Instantiate ``cfg.model`` on ``train.device``. For a DistillationDetector the student is
+        built first, as its baseline builds it; the teacher and the distillers' trainable parts
+        are then built with the random states restored after them. A distilled run and its
+        baseline of the same ``train.seed`` thus leave the states alike for what draws after
+        the model: the training loader's worker seeds (its flips), the sampler's order, dropout.
+        """
+        model_cfg = cfg.model
+        target = model_cfg.get("_target_", None) if hasattr(model_cfg, "get") else None
+        if isinstance(target, str):
+            target = locate(target)
+        if isinstance(target, type) and issubclass(target, DistillationDetector) and "student" in model_cfg:
+            model_cfg = copy.deepcopy(model_cfg)
+            student = instantiate(model_cfg.student)
+            model_cfg.student = student
+            with _rng_preserved():
+                model = instantiate(model_cfg)
+        else:
+            model = instantiate(model_cfg)
         model.to(cfg.train.device)
         logger.info("Model:\n{}".format(model))
         return model
