@@ -296,3 +296,66 @@ def test_a_random_teacher_is_the_same_in_every_process(tmp_path):
     expected = instantiate(tiny_retinanet_cfg()).state_dict()
     assert a.keys() == b.keys() == expected.keys()
     assert all(torch.equal(a[k], expected[k]) and torch.equal(b[k], expected[k]) for k in a)
+
+
+def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypatch):
+    """An output folder of another PathManager handler (e.g. iopath's S3PathHandler, which has
+    no rename): run checkpoints (written directly by detectron2 before they went through a
+    temporary file) and the student export are written, replaced, and make no local folder
+    out of the URL (os.path.abspath('kdtest://run/x.pth') is a local path)."""
+    import shutil
+
+    from iopath.common.file_io import PathHandler
+
+    from detectron2.utils.file_io import PathManager
+    from detkd.engine import _RunCheckpointer
+
+    store = tmp_path / "store"
+    (store / "run").mkdir(parents=True)
+
+    class NoRename(PathHandler):
+        PREFIX = "detkd-test-norename://"
+
+        def _get_supported_prefixes(self):
+            return [self.PREFIX]
+
+        def _local(self, path):
+            return os.path.join(store, path[len(self.PREFIX):])
+
+        def _open(self, path, mode="r", buffering=-1, **kwargs):
+            return open(self._local(path), mode)
+
+        def _exists(self, path, **kwargs):
+            return os.path.exists(self._local(path))
+
+        def _isfile(self, path, **kwargs):
+            return os.path.isfile(self._local(path))
+
+        def _rm(self, path, **kwargs):
+            os.remove(self._local(path))
+
+        def _copy(self, src_path, dst_path, overwrite=False, **kwargs):
+            shutil.copyfile(self._local(src_path), self._local(dst_path))
+            return True
+
+        def _get_local_path(self, path, **kwargs):
+            return self._local(path)
+
+    PathManager.register_handler(NoRename(), allow_override=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    model = torch.nn.Linear(2, 3)
+    ckpt = _RunCheckpointer(model, NoRename.PREFIX + "run")
+    for i in range(2):  # a second save replaces the file
+        with torch.no_grad():
+            model.weight.fill_(i)
+        ckpt.save("model_final", iteration=i)
+        saved = torch.load(store / "run" / "model_final.pth", weights_only=False)
+        assert saved["iteration"] == i and torch.equal(saved["model"]["weight"], torch.full((3, 2), float(i)))
+    assert (store / "run" / "last_checkpoint").read_text() == "model_final.pth"
+    save_student(model, NoRename.PREFIX + "run/model_final_student.pth")
+    exported = torch.load(store / "run" / "model_final_student.pth", weights_only=False)["model"]
+    assert torch.equal(exported["weight"], torch.ones(3, 2))
+    assert sorted(os.listdir(store / "run")) == ["last_checkpoint", "model_final.pth", "model_final_student.pth"]
+    assert os.listdir(cwd) == []

@@ -279,7 +279,9 @@ def save_student(student: nn.Module, path: str) -> None:
 
 
 def _save(obj, path: str) -> None:
-    PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
+    remote = "://" in path  # a path of another PathManager handler (e.g. iopath's S3)
+    if not remote:  # (os.path.abspath of a URL is a local path: it made local folders)
+        PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
     tmp = path + ".tmp"
     try:
         with PathManager.open(tmp, "wb") as f:
@@ -290,12 +292,18 @@ def _save(obj, path: str) -> None:
         raise
     # Never leave a half-written checkpoint under the final name, and replace an older one:
     # iopath's mv refuses to overwrite (it only logs it), so a re-export would keep the old file.
-    if "://" not in path:  # a local file: atomic replace
+    if not remote:  # a local file: atomic replace
         os.replace(tmp, path)
         return
     if PathManager.exists(path):
         PathManager.rm(path)
-    if not PathManager.mv(tmp, path):
+    try:
+        moved = PathManager.mv(tmp, path)
+    except NotImplementedError:  # a handler without rename (iopath's S3): copy, then remove
+        moved = PathManager.copy(tmp, path, overwrite=True)
+        if moved:
+            PathManager.rm(tmp)
+    if not moved:
         raise OSError(f"could not move the written checkpoint {tmp} to {path}")
 
 
