@@ -50,6 +50,59 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
             assert abs(got["corr"][name][lvl] - np.corrcoef(a, b)[0, 1]) < 1e-5
 
 
+
+def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkeypatch):
+    """As DistillationDetector: an FCOS student's data order is model.student_input_format
+    (the view ignored it: RGB data reached the BGR teacher unflipped and was shown as BGR), and
+    an FCOS teacher takes the student's order (the view flipped the data for it)."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+
+    inputs = make_inputs(1, size=(64, 96), seed=4)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    fcos = (
+        "m._target_ = FCOS\n"
+        "del m.anchor_generator, m.box2box_transform, m.anchor_matcher, m.input_format\n"
+        "m.head._target_ = FCOSHead\n"
+        "del m.head.num_anchors\n"
+    )
+    cases = {  # the teacher is BGR, or the student is
+        "fcos_student_rgb": "m = model.student\n" + fcos + "model.student_input_format = 'RGB'\n",
+        "fcos_teacher": "m = model.teacher\n" + fcos,
+    }
+    for case, change in cases.items():
+        flipped = case == "fcos_student_rgb"
+        cfg_path = tmp_path / f"{case}.py"
+        cfg_path.write_text(
+            "from detectron2.config import LazyConfig\n"
+            "from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead\n"
+            f"cfg = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py')\n"
+            "model = cfg.model\n" + change + "dataloader = cfg.dataloader\n"
+        )
+        cfg = LazyConfig.load(str(cfg_path))
+        torch.manual_seed(2)
+        nets = {"t": instantiate(cfg.model.teacher), "s": instantiate(cfg.model.student)}
+        for n, m in nets.items():
+            torch.save({"model": m.state_dict()}, tmp_path / f"{case}_{n}.pth")
+        got = {}
+        monkeypatch.setattr(viz, "draw_fpn_activations",
+                            lambda image, rows, *a, **kw: got.update(image=image, rows=rows) or {})
+        t_path, s_path = str(tmp_path / f"{case}_t.pth"), str(tmp_path / f"{case}_s.pth")
+        viz.main(["pkd", "--config", str(cfg_path), "--teacher", t_path, "--before", s_path,
+                  "--after", s_path, "--out", str(tmp_path / "pkd.png")])
+        t = nets["t"].eval()
+        image = inputs[0]["image"].float()
+        x = ((image.flip(0) if flipped else image) - t.pixel_mean) / t.pixel_std
+        with torch.no_grad():
+            feats = t.backbone(ImageList.from_tensors([x], 32).tensor)
+        for lvl, v in got["rows"]["teacher"].items():
+            expected = feats[lvl][0, :, : v.shape[1], : v.shape[2]]
+            assert torch.allclose(v, expected, atol=1e-5), (case, lvl)
+        # the picture: RGB data as it is, BGR data flipped
+        rgb = inputs[0]["image"].permute(1, 2, 0).numpy()
+        assert np.array_equal(got["image"], rgb if flipped else rgb[:, :, ::-1]), case
+
+
 def _frozen_norm_train(model):
     """Training mode with BatchNorm on its running statistics: the student's outputs are those
     of eval mode, so a training step selects from what the views see."""

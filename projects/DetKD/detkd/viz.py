@@ -208,13 +208,13 @@ def _pkd_view(args):
 
     # As DistillationDetector.teacher_images: the loader's images are in the student's channel
     # order; the teacher sees them in its own. One padding for all rows (equal map sizes).
-    s_fmt = getattr(models["student alone"], "input_format", None)
+    s_fmt, t_fmt = _formats(cfg, models["student alone"], teacher)
     div = max(_size_divisibility(m) for m in models.values())
     rows = {}
     h, w = inputs[0]["image"].shape[-2:]
     with torch.no_grad():
         for name, m in models.items():
-            flip = name == "teacher" and s_fmt is not None and getattr(m, "input_format", None) != s_fmt
+            flip = name == "teacher" and s_fmt is not None and t_fmt != s_fmt
             images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
             strides = {k: v.stride for k, v in m.backbone.output_shape().items()}
             # Each map cropped to the image (the padding to the size divisibility is no part of
@@ -223,9 +223,7 @@ def _pkd_view(args):
                 k: v[0, :, : -(-h // strides[k]), : -(-w // strides[k])]
                 for k, v in m.backbone(images.tensor).items()
             }
-    img = inputs[0]["image"].permute(1, 2, 0).numpy()
-    if getattr(models["student alone"], "input_format", "BGR") == "BGR":
-        img = img[:, :, ::-1]
+    img = _rgb(s_fmt, inputs)
     levels = args.levels or sorted(set(rows["teacher"]) & set(rows["student alone"]))[:4]
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
@@ -242,9 +240,19 @@ def _kd_model(cfg, teacher_ckpt, student_ckpt):
     return model.eval()
 
 
-def _rgb(model, inputs):
+def _formats(cfg, student, teacher):
+    """The channel orders (student's data, teacher's) as DistillationDetector decides them: the
+    config's model.student_input_format / teacher_input_format, else the models' input_format
+    (detectron2's FCOS has none), a teacher without one taking the student's."""
+    s_fmt = cfg.model.get("student_input_format") or getattr(student, "input_format", None)
+    t_fmt = cfg.model.get("teacher_input_format") or getattr(teacher, "input_format", None) or s_fmt
+    return s_fmt, t_fmt
+
+
+def _rgb(fmt, inputs):
+    """The loader's image (in the student's channel order ``fmt``, BGR when unknown) as RGB."""
     img = inputs[0]["image"].permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(img[:, :, ::-1] if getattr(model, "input_format", "BGR") == "BGR" else img)
+    return np.ascontiguousarray(img if fmt == "RGB" else img[:, :, ::-1])
 
 
 def _gid_view(args):
@@ -280,7 +288,8 @@ def _gid_view(args):
     iou = pairwise_iou(boxes, gt).amax(dim=1) if gt is not None and len(gt) and len(boxes) else torch.zeros(len(boxes))
     for v in iou.tolist():
         cols.append(colors[names[0] if v >= 0.5 else names[1] if v >= 0.1 else names[2]])
-    draw_boxes(_rgb(model.student, inputs), boxes.tensor.numpy(), cols, args.out,
+    image = _rgb(_formats(cfg, model.student, model.teacher)[0], inputs)
+    draw_boxes(image, boxes.tensor.numpy(), cols, args.out,
                labels=[f"{x:.2f}" for x in scores.tolist()],
                gt_boxes=gt.tensor.numpy() if gt is not None else None,
                title=f"GID: {len(boxes)} general instances (label = GI score); dashed = GT",
@@ -320,7 +329,8 @@ def _d3etr_view(args):
     boxes = torch.cat([tb, sb]).numpy()
     k = len(top)
     gt = inputs[0].get("instances")
-    draw_boxes(_rgb(model.student, inputs), boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
+    image = _rgb(_formats(cfg, model.student, model.teacher)[0], inputs)
+    draw_boxes(image, boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
                pairs=[(i, i + k) for i in range(k)],
                gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
                title=f"D3ETR layer {l}: top-{k} teacher queries and matched student queries",
