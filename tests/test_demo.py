@@ -238,7 +238,14 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
                      os.path.join(REPO, "configs/demo/student_retinanet.py"), ["train.max_iter=5", "train.seed=3"])
     with pytest.raises(SystemExit, match=r"model\.student differ"):
         repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
-                         os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.num_classes=5"])
+                         os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.head.prior_prob=0.1"])
+    # the pair kept paired for another class count: model.num_classes also reaches the distilled
+    # config (its parent 'model' exists there), whose train_net.py run refused it only after the
+    # baseline had trained
+    refused = r"pkd_retinanet\.py: Override 'model\.num_classes': 'model' has no key"
+    with pytest.raises(SystemExit, match=refused):
+        repro.main(["configs/demo/pkd_retinanet.py", "model.student.num_classes=5", "model.num_classes=5",
+                    *out])
 
 
 def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):

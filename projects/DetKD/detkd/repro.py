@@ -72,13 +72,21 @@ def check_pair(config: str, baseline: str, opts) -> None:
     """
     SystemExit unless ``config`` (with the overrides of ``opts`` that apply to it) distils and
     ``baseline`` trains the same student alone with the same seed (a fixed one: a negative
-    ``train.seed`` draws one per run), schedule, initialisation, training data and optimizer.
+    ``train.seed`` draws one per run), schedule, initialisation, training data and optimizer,
+    and unless ``train_net.py`` accepts the overrides of each (:func:`check_override_keys`).
     """
     from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
 
+    from .engine import check_override_keys
+
     def load(path):  # a fresh copy: apply_overrides changes it
-        return LazyConfig.apply_overrides(LazyConfig.load(path), applicable_overrides(path, opts))
+        cfg, here = LazyConfig.load(path), applicable_overrides(path, opts)
+        try:  # as train_net.py will, before the other run trains for nothing
+            check_override_keys(cfg, here)
+        except KeyError as e:
+            raise SystemExit(f"[repro] {os.path.basename(path)}: {e.args[0]}") from e
+        return LazyConfig.apply_overrides(cfg, here)
 
     kd, base = load(config), load(baseline)
     if OmegaConf.select(kd, "model.teacher", default=None) is None:
