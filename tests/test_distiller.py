@@ -152,6 +152,13 @@ def test_student_without_input_format_takes_student_input_format(caplog):
     cfg.student_input_format = "YUV"
     with pytest.raises(ValueError, match="supports RGB/BGR inputs, got 'YUV'"):
         build(cfg)
+    # a student that declares its own order: a different student_input_format is a contradiction
+    cfg = kd_cfg(teacher=teacher, student=tiny_retinanet_cfg())
+    cfg.student_input_format = "RGB"
+    with pytest.raises(ValueError, match=r"student_input_format='RGB' but the student's input_format is 'BGR'"):
+        build(cfg)
+    cfg.student_input_format = "BGR"
+    assert not build(cfg).flip_teacher_channels
 
 
 def test_heterogeneous_faster_rcnn_teacher_retinanet_student_trains():
@@ -235,6 +242,9 @@ def test_half_precision_teacher_option():
     cfg.teacher_precision = "fp32"
     cfg.diag_period = -1  # it logged every step
     with pytest.raises(ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got -1"):
+        build(cfg)
+    cfg.diag_period = True
+    with pytest.raises(ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got True"):
         build(cfg)
 
 

@@ -206,7 +206,7 @@ class DistillationDetector(nn.Module):
             raise ValueError(
                 f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
             )
-        if not isinstance(diag_period, int) or diag_period < 0:
+        if not isinstance(diag_period, int) or isinstance(diag_period, bool) or diag_period < 0:
             raise ValueError(f"diag_period must be an int >= 0 (0 disables it), got {diag_period!r}")
         self.teacher_precision = teacher_precision
         _check_not_shared(student, teacher)
@@ -229,7 +229,15 @@ class DistillationDetector(nn.Module):
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
         self.distillers = nn.ModuleDict(distillers)
 
-        s_fmt = student_input_format or _input_format(student)
+        own = _input_format(student)
+        if student_input_format and own and student_input_format != own:
+            raise ValueError(
+                f"student_input_format={student_input_format!r} but the student's input_format is "
+                f"{own!r}: the student normalises its images as {own}. Drop student_input_format "
+                "(it is for students without an input_format, e.g. detectron2's FCOS) or set the "
+                "student's input_format."
+            )
+        s_fmt = student_input_format or own
         t_fmt = teacher_input_format or _input_format(teacher) or s_fmt
         if s_fmt is None and t_fmt is not None:
             logger.warning(
