@@ -34,6 +34,22 @@ def _input_format(model: nn.Module) -> Optional[str]:
     return getattr(model, "input_format", None)
 
 
+def channel_orders(student, teacher, student_input_format=None, teacher_input_format=None):
+    """(student's data order, teacher's order) as DistillationDetector decides them: the given
+    formats, else the models' ``input_format`` (detectron2's FCOS has none), a teacher without
+    one taking the student's. A given student format contradicting the student's own is an error."""
+    own = _input_format(student)
+    if student_input_format and own and student_input_format != own:
+        raise ValueError(
+            f"student_input_format={student_input_format!r} but the student's input_format is "
+            f"{own!r}: the student normalises its images as {own}. Drop student_input_format "
+            "(it is for students without an input_format, e.g. detectron2's FCOS) or set the "
+            "student's input_format."
+        )
+    s_fmt = student_input_format or own
+    return s_fmt, teacher_input_format or _input_format(teacher) or s_fmt
+
+
 def _padding_constraints(model: nn.Module):
     return getattr(getattr(model, "backbone", None), "padding_constraints", None)
 
@@ -229,16 +245,7 @@ class DistillationDetector(nn.Module):
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
         self.distillers = nn.ModuleDict(distillers)
 
-        own = _input_format(student)
-        if student_input_format and own and student_input_format != own:
-            raise ValueError(
-                f"student_input_format={student_input_format!r} but the student's input_format is "
-                f"{own!r}: the student normalises its images as {own}. Drop student_input_format "
-                "(it is for students without an input_format, e.g. detectron2's FCOS) or set the "
-                "student's input_format."
-            )
-        s_fmt = student_input_format or own
-        t_fmt = teacher_input_format or _input_format(teacher) or s_fmt
+        s_fmt, t_fmt = channel_orders(student, teacher, student_input_format, teacher_input_format)
         if s_fmt is None and t_fmt is not None:
             logger.warning(
                 f"The student ({type(student).__name__}) declares no input_format: its images "

@@ -244,9 +244,11 @@ def _formats(cfg, student, teacher):
     """The channel orders (student's data, teacher's) as DistillationDetector decides them: the
     config's model.student_input_format / teacher_input_format, else the models' input_format
     (detectron2's FCOS has none), a teacher without one taking the student's."""
-    s_fmt = cfg.model.get("student_input_format") or getattr(student, "input_format", None)
-    t_fmt = cfg.model.get("teacher_input_format") or getattr(teacher, "input_format", None) or s_fmt
-    return s_fmt, t_fmt
+    from .distiller import channel_orders
+
+    return channel_orders(
+        student, teacher, cfg.model.get("student_input_format"), cfg.model.get("teacher_input_format")
+    )
 
 
 def _rgb(fmt, inputs):
