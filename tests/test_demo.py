@@ -256,3 +256,18 @@ def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     with pytest.raises(SystemExit, match=r"no config configs/demo/gdi_\*\.py; available: .*'gid_retinanet'"):
         demo.main(["--methods", "pkd", "gdi", "--output", str(tmp_path / "demo")])
+
+
+def test_demo_rejects_an_override_train_net_would_refuse_before_training(tmp_path, monkeypatch):
+    """`-- model.distillers.pkd.loss_wieght=10`: its parent key exists in the PKD config, so it
+    passed the demo's check, and train_net.py refused it only at the PKD run, after the teacher
+    and the student alone had trained (a CalledProcessError naming a log file)."""
+    from detkd import demo
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    out = ["--methods", "pkd", "--output", str(tmp_path / "demo"), "--"]
+    with pytest.raises(SystemExit, match=r"\[demo\] pkd_retinanet\.py: Override 'model\.distillers\.pkd\.loss_wieght'"
+                       r".*Did you mean 'model\.distillers\.pkd\.loss_weight'"):
+        demo.main(out + ["model.distillers.pkd.loss_wieght=10"])
+    with pytest.raises(SystemExit, match=r"\[demo\] .*_retinanet\.py: Override 'train\.max_ite'.*'train\.max_iter'"):
+        demo.main(out + ["train.max_ite=5"])

@@ -85,13 +85,22 @@ def applicable_overrides(config: str, opts: Sequence[str]) -> List[str]:
 
 def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo") -> None:
     """Raise SystemExit naming the overrides of ``opts`` that apply to none of ``configs``
-    (a typo, or a method that is not run)."""
+    (a typo, or a method that is not run), or one that ``train_net.py`` would refuse in a config
+    it applies to (a key its parent does not have, e.g. ``model.distillers.pkd.loss_wieght=10``:
+    :func:`detkd.engine.check_override_keys`), before anything trains."""
+    from .engine import check_override_keys
+
     used = {o for c in configs for o in applicable_overrides(c, opts)}
     unused = [o for o in opts if o not in used]
     if unused:
         names = ", ".join(os.path.basename(c) for c in configs)
         raise SystemExit(f"[{tool}] the overrides {unused} apply to none of the configs ({names}): "
                          "their parent keys exist in none of them")
+    for c in configs:  # else the run of that config fails, after the runs before it trained
+        try:
+            check_override_keys(_LOADED[os.path.abspath(c)], applicable_overrides(c, opts))
+        except KeyError as e:
+            raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
 
 
 _COMMAND_FILE = "demo_command.json"  # a finished run's train_net.py arguments
