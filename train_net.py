@@ -24,6 +24,7 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from detkd.checkpoint import load_student
@@ -41,10 +42,23 @@ def _share_cpu_threads() -> None:
         logger.info(f"CPU-only run with {comm.get_local_size()} processes: {threads} threads each")
 
 
+def _read_run_config(cfg):
+    """The bytes of ``train.output_dir/config.yaml`` (the config of the run there), or None."""
+    path = os.path.join(cfg.train.output_dir, "config.yaml") if cfg.train.get("output_dir") else None
+    if not path or not PathManager.isfile(path):
+        return None
+    with PathManager.open(path, "rb") as f:
+        return f.read()
+
+
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    # default_setup replaces OUTPUT_DIR/config.yaml; a --resume refused below (a run of another
+    # config, a bad teacher) puts back the config of the run whose checkpoints are there.
+    resuming = args.resume and not args.eval_only and comm.is_main_process()
+    run_config = _read_run_config(cfg) if resuming else None
     default_setup(cfg, args)
     # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")
@@ -61,8 +75,14 @@ def main(args):
                 json.dump(results, f, indent=1)
         return results
 
-    trainer = KDTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    try:
+        trainer = KDTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+    except BaseException:
+        if run_config is not None:
+            with PathManager.open(os.path.join(cfg.train.output_dir, "config.yaml"), "wb") as f:
+                f.write(run_config)
+        raise
     results = trainer.train()
     if comm.is_main_process() and results:
         logger.info(f"Final evaluation: {dict(results)}")

@@ -495,3 +495,29 @@ def test_a_distilled_run_and_its_baseline_of_one_seed_see_the_same_data_and_init
                 if other_id == kd_id and torch.equal(other, kd_img.flip(-1)):
                     mirrored.add(kd_id)
     assert mirrored
+
+
+def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
+    """`--resume` with another config into a run's folder is refused "before anything is
+    overwritten" (README), and its message says to resume with the config of that run; but
+    default_setup had already replaced the folder's config.yaml, that config's only record,
+    by the refused one (here GID's for a PKD run)."""
+    out = tmp_path / "run"
+    common = [f"train.output_dir={out}", "train.teacher_checkpoint=", "train.teacher_random_init=True",
+              "dataloader.train.dataset.names.num_images=8", "dataloader.test.dataset.names.num_images=4",
+              "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+              "dataloader.train.total_batch_size=4", "train.eval_period=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def train_net(config, *extra):
+        return subprocess.run([sys.executable, "train_net.py", "--config-file", config, *extra, *common],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = train_net("configs/demo/pkd_retinanet.py", "train.max_iter=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = (out / "config.yaml").read_bytes()
+    assert b"PKDDistiller" in written and b"GIDDistiller" not in written
+    proc = train_net("configs/demo/gid_retinanet.py", "--resume", "train.max_iter=4")
+    assert proc.returncode != 0
+    assert "It was written by another model or config" in proc.stderr
+    assert (out / "config.yaml").read_bytes() == written
