@@ -187,7 +187,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
     Raises:
         TeacherCheckpointError: if ``path`` is empty (and random init was not asked for),
             cannot be found or read, has tensors of the wrong shape (e.g. a class-count
-            mismatch), or leaves teacher parameters unloaded (the missing keys are listed).
+            mismatch), leaves teacher parameters unloaded (the missing keys are listed), has
+            weights the teacher has no place for (the checkpoint of a larger architecture), or
+            holds both ``student.*`` and ``teacher.*`` weights (which of them is meant is unclear).
     """
     if not path:
         if allow_random:
