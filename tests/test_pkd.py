@@ -182,3 +182,43 @@ def test_pkd_trainable_teacher_map_gets_the_gradient_of_the_definition():
     assert torch.autograd.gradcheck(pkd_level_loss, (s, t))
     (gt,) = torch.autograd.grad(pkd_level_loss(s, t), t)
     assert gt.abs().max() > 1e-3
+
+
+def test_distiller_level_restrictions_pair_the_given_levels_of_each_side():
+    """student_levels / teacher_levels restrict each side to its own list, then pair by index
+    (the student's p4, p5 with the teacher's p3, p5)."""
+    d = PKDDistiller(loss_weight=2.0, num_levels=None, pair_by="index",
+                     student_levels=["p4", "p5"], teacher_levels=["p3", "p5"])
+    d.bind(_Det(RETINA), _Det(RCNN))
+    assert d.pairs == [("p4", "p3"), ("p5", "p5")]
+    g = torch.Generator().manual_seed(7)
+    t_feats = {n: torch.randn(2, 256, 4, 5, generator=g) for n in RCNN}
+    s_feats = {n: torch.randn(2, 256, 4, 5, generator=g) for n in RETINA}
+    s_feats["p4"] = s_feats["p4"] + 0.8 * t_feats["p3"]  # correlated with its own pair only
+    out = d({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)["loss_pkd"].item()
+    expected = 0.0
+    for s, t in [("p4", "p3"), ("p5", "p5")]:
+        mean_1_minus_r, M = _one_minus_pearson(s_feats[s], t_feats[t])
+        expected += (M - 1) / M * mean_1_minus_r
+    assert out == pytest.approx(2.0 * expected, rel=1e-4)
+
+
+def test_distiller_resize_student_false_resizes_the_teacher_map():
+    """PKDDistiller(resize_student=False): a teacher map of another size is resized (bilinear)
+    to the student's, instead of the student's to the teacher's (the default)."""
+    g = torch.Generator().manual_seed(8)
+    t_feats = {n: torch.randn(2, 256, 8, 10, generator=g) for n in RCNN}
+    s_feats = {n: torch.randn(2, 256, 4, 5, generator=g) for n in RETINA}
+    t_small = F.interpolate(t_feats["p2"], size=(4, 5), mode="bilinear", align_corners=False)
+    s_feats["p3"] = s_feats["p3"] + t_small  # correlated with the downsized teacher map
+    for resize_student in (False, True):
+        d = PKDDistiller(loss_weight=1.0, num_levels=1, pair_by="index", resize_student=resize_student)
+        d.bind(_Det(RETINA), _Det(RCNN))
+        assert d.pairs == [("p3", "p2")]
+        out = d({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)["loss_pkd"].item()
+        if resize_student:
+            s, t = F.interpolate(s_feats["p3"], size=(8, 10), mode="bilinear", align_corners=False), t_feats["p2"]
+        else:
+            s, t = s_feats["p3"], t_small
+        mean_1_minus_r, M = _one_minus_pearson(s, t)
+        assert out == pytest.approx((M - 1) / M * mean_1_minus_r, rel=1e-4), resize_student
