@@ -895,3 +895,78 @@ def test_d3etr_adaptive_match_cost_sums_the_class_cost_over_classes():
     ti, si, mean_cost = d._match(t_logits, t_boxes, s_logits, s_boxes)
     assert ti[0, 0].tolist() == [0, 1] and si[0, 0].tolist() == list(best)
     assert mean_cost[0] == pytest.approx(float(cost[0, 0] + cost[1, 1]) / 2, rel=1e-9)
+
+
+def test_attention_kl_is_teacher_to_student_kl_averaged_over_rows():
+    """attention_kl(A_t, A_s) = mean over rows of KL(A_t[row] || A_s[row]) (METHODS.md 4.3),
+    hand-computed; a teacher's zero entry contributes 0 (0 log 0 = 0)."""
+    import math
+
+    from detkd.losses.d3etr import attention_kl
+
+    t = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    s = torch.tensor([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    row0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.5)
+    row1 = 0.2 * math.log(0.2 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.5 * math.log(0.5 / 0.25)
+    assert attention_kl(t, s).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert attention_kl(t[None, None], s[None, None]).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert attention_kl(t, t).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_d3etr_loss_weights_scale_their_own_terms():
+    """Each of cls/l1/giou/sa/ca_weight multiplies its own loss term only (the loop reference
+    test uses the defaults, where sa_weight == ca_weight)."""
+    from types import SimpleNamespace
+
+    L, B, K, M, HW, N = 2, 2, 3, 2, 5, 4
+    g = torch.Generator().manual_seed(11)
+
+    def preds(n):
+        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
+
+    t_logits, t_boxes = preds(N)
+    s_logits, s_boxes = preds(2 * N)  # own group + auxiliary group
+    t_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}
+    s_taps = {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
+    for l in range(L):
+        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, N, N, g=g))
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, N, HW, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, 2 * N, 2 * N, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, 2 * N, HW, g=g))
+    ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
+    keys = ("cls", "l1", "giou", "sa", "ca")
+    unit = D3ETRDistiller(aux_gt_loss=False, **{f"{k}_weight": 1.0 for k in keys})
+    weights = dict(cls=0.3, l1=1.7, giou=2.9, sa=0.6, ca=4.1)
+    weighted = D3ETRDistiller(aux_gt_loss=False, **{f"{k}_weight": w for k, w in weights.items()})
+    with EventStorage():
+        base, got = unit(s_taps, t_taps, ctx), weighted(s_taps, t_taps, ctx)
+    for k in keys:
+        assert base[f"loss_d3etr_{k}"].item() > 1e-3, k
+        assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * base[f"loss_d3etr_{k}"].item(), rel=1e-12), k
+
+
+def test_d3etr_auxiliary_group_runs_the_teachers_queries():
+    """MixMatcher's fixed group is the teacher's learned queries (METHODS.md 4.2), also when the
+    hidden sizes are equal (no projection): for a student equal to the teacher except for its
+    query embeddings, the auxiliary group's predictions are the teacher's, and the own group's
+    are not."""
+    model = _d3etr(aux_gt_loss=False)
+    model.teacher.load_state_dict(model.student.state_dict())
+    with torch.no_grad():
+        model.teacher.query_embed.weight.normal_(0, 1.0)
+    heads = {}
+    hooks = [m.head.register_forward_hook(lambda mod, i, out, side=side: heads.__setitem__(side, out))
+             for side, m in (("student", model.student), ("teacher", model.teacher))]
+    try:
+        with EventStorage():
+            model(make_inputs(n=2))
+    finally:
+        for h in hooks:
+            h.remove()
+    Ns = model.student.num_queries
+    for k in ("pred_logits", "pred_boxes"):
+        s, t = heads["student"][k].detach(), heads["teacher"][k]
+        assert s.shape[2] == Ns + t.shape[2]
+        torch.testing.assert_close(s[:, :, Ns:], t, atol=1e-5, rtol=1e-5)
+        assert (s[:, :, :Ns] - t).abs().max() > 1e-2
