@@ -494,3 +494,20 @@ def test_a_teacher_sharing_trainable_parameters_with_the_student_is_an_error():
         DistillationDetector(student=student, teacher=teacher, distillers={})
     assert all(p.requires_grad for p in student.parameters())
     assert student.training
+
+
+def test_teacher_is_in_eval_mode_from_construction_without_a_train_call():
+    """Detectron2's trainers never call model.train() (a new module is in training mode and
+    SimpleTrainer only asserts it): until the first evaluation toggles the modes, the teacher's
+    eval mode comes from the wrapper's constructor alone. Its BatchNorm statistics must not move
+    in those first steps."""
+    torch.manual_seed(0)
+    model = instantiate(kd_cfg())  # no .train() / .eval() call, as KDTrainer.build_model
+    t = model.teacher
+    assert model.training and model.student.training and not t.training
+    assert not any(m.training for m in t.modules())
+    bn = [m for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    with EventStorage():
+        model(make_inputs())
+    assert torch.equal(bn.running_mean, before)
