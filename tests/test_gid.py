@@ -854,3 +854,12 @@ def test_no_general_instance_gives_zero_losses_with_a_gradient_path(family):
     assert all(v.item() == 0.0 for v in gid.values())
     sum(gid.values()).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_distiller_defaults_are_the_ports_hyperparameters():
+    """METHODS.md 3.1-3.5: K = 10 GIs per image, NMS IoU 0.3, sides <= 10 px dropped, 3000
+    candidates before NMS, 10x10 ROIAlign; weights 5e-4 / 40 / 0.1 / 1.0 (centerness as cls)."""
+    d = GIDDistiller()
+    assert (d.topk, d.nms_thresh, d.min_size, d.pre_nms_topk, d.pooler_resolution) == (10, 0.3, 10.0, 3000, 10)
+    assert d.weights == dict(feat=5e-4, relation=40.0, cls=0.1, reg=1.0, ctr=0.1)
+    assert d.response and d.selection == "anchor"
