@@ -970,3 +970,54 @@ def test_d3etr_auxiliary_group_runs_the_teachers_queries():
         assert s.shape[2] == Ns + t.shape[2]
         torch.testing.assert_close(s[:, :, Ns:], t, atol=1e-5, rtol=1e-5)
         assert (s[:, :, :Ns] - t).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("Nt,Ns", [(4, 4), (3, 4), (4, 3)])
+def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
+    """The attention targets are allocated uninitialised only where every element is written
+    (a full match); with a partial match, the student's unmatched rows (weight 0) must read
+    zeros. Under deterministic mode torch fills uninitialised memory with NaN: the losses and
+    their gradients must come out finite and equal to a normal run's."""
+    from types import SimpleNamespace
+
+    L, B, K, M, HW = 2, 2, 3, 2, 5
+    g = torch.Generator().manual_seed(5)
+    nq = Ns + Nt if fixed else Ns
+
+    def preds(n):
+        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
+
+    t_logits, t_boxes = preds(Nt)
+    s_logits, s_boxes = preds(nq)
+    t_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}
+    s_taps = {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
+    for l in range(L):
+        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, Nt, Nt, g=g))
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, Nt, HW, g=g))
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g).requires_grad_())
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g).requires_grad_())
+    maps = [s_taps[f"transformer.decoder.layers.{l}.{a}"][1] for l in range(L) for a in ("self_attn", "cross_attn")]
+    d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
+    ctx = SimpleNamespace(student=SimpleNamespace(num_queries=Ns))
+
+    def run():
+        with EventStorage():
+            out = d(s_taps, t_taps, ctx)
+        total = out["loss_d3etr_sa"] + out["loss_d3etr_ca"]
+        grads = torch.autograd.grad(total, maps, allow_unused=True)
+        return total.detach(), [torch.zeros_like(m) if x is None else x for x, m in zip(grads, maps)]
+
+    ref_total, ref_grads = run()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        total, grads = run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.isfinite(total) and total.item() == pytest.approx(ref_total.item(), rel=1e-12)
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
