@@ -1021,3 +1021,44 @@ def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
     for a, b in zip(grads, ref_grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
+    """A 1-head teacher and a 3-head student: the student's maps are averaged over its heads
+    (self-attention also when it comes as per-group blocks of the auxiliary group); identity
+    match (equal predictions)."""
+    from types import SimpleNamespace
+
+    B, N, K, HW = 2, 4, 3, 5
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, B, N, K, generator=g, dtype=torch.float64)
+    centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
+    boxes = boxes.expand(1, B, N, 4).clone()
+    nq = 2 * N if fixed else N
+    t_sa, t_ca = _softmax_rows(B, 1, N, N, g=g), _softmax_rows(B, 1, N, HW, g=g)
+    own_sa, aux_sa = _softmax_rows(B, 3, N, N, g=g), _softmax_rows(B, 3, N, N, g=g)
+    s_ca = _softmax_rows(B, 3, nq, HW, g=g)
+    s_sa = (own_sa, aux_sa) if fixed else own_sa  # a grouped self-attention's per-group blocks
+    s_head = {"pred_logits": torch.cat([logits] * (nq // N), 2), "pred_boxes": torch.cat([boxes] * (nq // N), 2)}
+    t_taps = {"head": {"pred_logits": logits, "pred_boxes": boxes},
+              "transformer.decoder.layers.0.self_attn": (None, t_sa),
+              "transformer.decoder.layers.0.cross_attn": (None, t_ca)}
+    s_taps = {"head": s_head, "transformer.decoder.layers.0.self_attn": (None, s_sa),
+              "transformer.decoder.layers.0.cross_attn": (None, s_ca)}
+    d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
+    with EventStorage():
+        got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
+    assert got["loss_d3etr_l1"].item() == 0.0  # identity match
+
+    def kl(p, q):
+        return (p * (p / q).log()).sum(-1).mean()
+
+    want_sa = kl(t_sa[:, 0], own_sa.mean(1))
+    want_ca = kl(t_ca[:, 0], s_ca[:, :, :N].mean(1))
+    if fixed:
+        want_sa = want_sa + kl(t_sa[:, 0], aux_sa.mean(1))
+        want_ca = want_ca + kl(t_ca[:, 0], s_ca[:, :, N:].mean(1))
+    assert got["loss_d3etr_sa"].item() == pytest.approx(want_sa.item(), rel=1e-9)
+    assert got["loss_d3etr_ca"].item() == pytest.approx(want_ca.item(), rel=1e-9)
