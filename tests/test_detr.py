@@ -334,6 +334,18 @@ def _softmax_rows(*shape, g):
     return torch.randn(*shape, generator=g, dtype=torch.float64).softmax(-1)
 
 
+def _row_kl(p, q):
+    """Mean over rows of KL(p || q); rows of p, q: (..., S)."""
+    return (p * (p / q).log()).sum(-1).mean()
+
+
+def _spread_boxes(B, N=4):
+    """(1, B, N, 4) cxcywh boxes, N = 4 apart on the diagonal: one cost-free identity match."""
+    centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)[:N]
+    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
+    return boxes.expand(1, B, N, 4).clone()
+
+
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("Nt,Ns", [(4, 4), (3, 4), (4, 3)])
 def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
@@ -365,9 +377,6 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
     with EventStorage():
         got = d(s_taps, t_taps, ctx)
 
-    def kl(p, q):  # rows of p, q: (..., S)
-        return (p * (p / q).log()).sum(-1).mean()
-
     def xyxy(b):
         return box_convert(b, "cxcywh", "xyxy")
 
@@ -395,12 +404,12 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
             ti, sj = [i for i, _ in pairs], [j for _, j in pairs]
             if Nt == Ns:  # self-attention needs a full permutation
                 rows = torch.stack([s_sa[b, :, sj[i], sj] for i in range(Nt)], 1)  # (M, N, N)
-                ref["sa"] += kl(t_sa[b], rows) / B
-            ref["ca"] += kl(t_ca[b][:, ti], s_ca[b][:, sj]) / B
+                ref["sa"] += _row_kl(t_sa[b], rows) / B
+            ref["ca"] += _row_kl(t_ca[b][:, ti], s_ca[b][:, sj]) / B
         if fixed:
             groups.append([(b, i, Ns + i) for b in range(B) for i in range(Nt)])
-            ref["sa"] += kl(t_sa, s_sa[:, :, Ns:, Ns:])
-            ref["ca"] += kl(t_ca, s_ca[:, :, Ns:])
+            ref["sa"] += _row_kl(t_sa, s_sa[:, :, Ns:, Ns:])
+            ref["ca"] += _row_kl(t_ca, s_ca[:, :, Ns:])
         for pairs in groups:
             bi, ti, si = (torch.tensor(x) for x in zip(*pairs))
             zt, zs = t_logits[l, bi, ti], s_logits[l, bi, si]
@@ -812,9 +821,7 @@ def test_d3etr_different_head_counts_compare_head_averaged_maps():
     B, N, K, HW = 2, 4, 3, 5
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, B, N, K, generator=g, dtype=torch.float64)
-    centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
-    boxes = boxes.expand(1, B, N, 4).clone()
+    boxes = _spread_boxes(B, N)
     t_sa, t_ca = _softmax_rows(B, 2, N, N, g=g), _softmax_rows(B, 2, N, HW, g=g)
     s_sa, s_ca = _softmax_rows(B, 1, N, N, g=g), _softmax_rows(B, 1, N, HW, g=g)
     head = {"pred_logits": logits, "pred_boxes": boxes}
@@ -827,11 +834,8 @@ def test_d3etr_different_head_counts_compare_head_averaged_maps():
         got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
     assert got["loss_d3etr_l1"].item() == 0.0  # identity match
 
-    def kl(p, q):
-        return (p * (p / q).log()).sum(-1).mean()
-
-    assert got["loss_d3etr_sa"].item() == pytest.approx(kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9)
-    assert got["loss_d3etr_ca"].item() == pytest.approx(kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9)
+    assert got["loss_d3etr_sa"].item() == pytest.approx(_row_kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9)
+    assert got["loss_d3etr_ca"].item() == pytest.approx(_row_kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9)
 
 
 def test_d3etr_baseline_trains_on_detrs_augmentation():
@@ -1033,9 +1037,7 @@ def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
     B, N, K, HW = 2, 4, 3, 5
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, B, N, K, generator=g, dtype=torch.float64)
-    centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
-    boxes = boxes.expand(1, B, N, 4).clone()
+    boxes = _spread_boxes(B, N)
     nq = 2 * N if fixed else N
     t_sa, t_ca = _softmax_rows(B, 1, N, N, g=g), _softmax_rows(B, 1, N, HW, g=g)
     own_sa, aux_sa = _softmax_rows(B, 3, N, N, g=g), _softmax_rows(B, 3, N, N, g=g)
@@ -1052,13 +1054,10 @@ def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
         got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
     assert got["loss_d3etr_l1"].item() == 0.0  # identity match
 
-    def kl(p, q):
-        return (p * (p / q).log()).sum(-1).mean()
-
-    want_sa = kl(t_sa[:, 0], own_sa.mean(1))
-    want_ca = kl(t_ca[:, 0], s_ca[:, :, :N].mean(1))
+    want_sa = _row_kl(t_sa[:, 0], own_sa.mean(1))
+    want_ca = _row_kl(t_ca[:, 0], s_ca[:, :, :N].mean(1))
     if fixed:
-        want_sa = want_sa + kl(t_sa[:, 0], aux_sa.mean(1))
-        want_ca = want_ca + kl(t_ca[:, 0], s_ca[:, :, N:].mean(1))
+        want_sa = want_sa + _row_kl(t_sa[:, 0], aux_sa.mean(1))
+        want_ca = want_ca + _row_kl(t_ca[:, 0], s_ca[:, :, N:].mean(1))
     assert got["loss_d3etr_sa"].item() == pytest.approx(want_sa.item(), rel=1e-9)
     assert got["loss_d3etr_ca"].item() == pytest.approx(want_ca.item(), rel=1e-9)
