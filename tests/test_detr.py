@@ -339,6 +339,12 @@ def _row_kl(p, q):
     return (p * (p / q).log()).sum(-1).mean()
 
 
+def _one_layer_taps(head, sa, ca):
+    """Taps of a one-layer decoder: the head's predictions and layer 0's attention maps."""
+    return {"head": head, "transformer.decoder.layers.0.self_attn": (None, sa),
+            "transformer.decoder.layers.0.cross_attn": (None, ca)}
+
+
 def _spread_boxes(B, N=4):
     """(1, B, N, 4) cxcywh boxes, N = 4 apart on the diagonal: one cost-free identity match."""
     centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)[:N]
@@ -825,10 +831,7 @@ def test_d3etr_different_head_counts_compare_head_averaged_maps():
     t_sa, t_ca = _softmax_rows(B, 2, N, N, g=g), _softmax_rows(B, 2, N, HW, g=g)
     s_sa, s_ca = _softmax_rows(B, 1, N, N, g=g), _softmax_rows(B, 1, N, HW, g=g)
     head = {"pred_logits": logits, "pred_boxes": boxes}
-    t_taps = {"head": head, "transformer.decoder.layers.0.self_attn": (None, t_sa),
-              "transformer.decoder.layers.0.cross_attn": (None, t_ca)}
-    s_taps = {"head": head, "transformer.decoder.layers.0.self_attn": (None, s_sa),
-              "transformer.decoder.layers.0.cross_attn": (None, s_ca)}
+    t_taps, s_taps = _one_layer_taps(head, t_sa, t_ca), _one_layer_taps(head, s_sa, s_ca)
     d = D3ETRDistiller(fixed_matching=False, aux_gt_loss=False)
     with EventStorage():
         got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
@@ -1044,11 +1047,8 @@ def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
     s_ca = _softmax_rows(B, 3, nq, HW, g=g)
     s_sa = (own_sa, aux_sa) if fixed else own_sa  # a grouped self-attention's per-group blocks
     s_head = {"pred_logits": torch.cat([logits] * (nq // N), 2), "pred_boxes": torch.cat([boxes] * (nq // N), 2)}
-    t_taps = {"head": {"pred_logits": logits, "pred_boxes": boxes},
-              "transformer.decoder.layers.0.self_attn": (None, t_sa),
-              "transformer.decoder.layers.0.cross_attn": (None, t_ca)}
-    s_taps = {"head": s_head, "transformer.decoder.layers.0.self_attn": (None, s_sa),
-              "transformer.decoder.layers.0.cross_attn": (None, s_ca)}
+    t_taps = _one_layer_taps({"pred_logits": logits, "pred_boxes": boxes}, t_sa, t_ca)
+    s_taps = _one_layer_taps(s_head, s_sa, s_ca)
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     with EventStorage():
         got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
