@@ -230,8 +230,9 @@ def test_demo_config_trains_through_kdtrainer(tmp_path):
         assert len(values) == 3 and all(v == v for v in values), key
 
 
-def _select_reference(t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_topk):
-    """Per-image GISM with detectron2's ops: the definition the batched code must equal."""
+def _select_reference(t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_topk, level_sizes=None):
+    """Per-image GISM with detectron2's ops: the definition the batched code must equal
+    (METHODS.md 3.1: the pre-NMS top-k is taken per FPN level, NMS across levels)."""
     from torchvision.ops import nms
 
     out = []
@@ -240,11 +241,15 @@ def _select_reference(t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_t
         b = torch.where((t[i].amax(-1) > s[i].amax(-1))[:, None], tb[i], sb[i])
         bx = Boxes(b.clone())
         bx.clip((h, w))
-        keep = ((bx.tensor[:, 2:] - bx.tensor[:, :2]) > min_size).all(1).nonzero().squeeze(1)
+        ok = ((bx.tensor[:, 2:] - bx.tensor[:, :2]) > min_size).all(1)
+        keep = []
+        for lvl in torch.arange(len(gi)).split(level_sizes or [len(gi)]):
+            idx = lvl[ok[lvl]]
+            if len(idx) > pre_nms_topk:
+                idx = idx[gi[idx].topk(pre_nms_topk).indices]
+            keep.append(idx)
+        keep = torch.cat(keep)
         sc = gi[keep]
-        if len(sc) > pre_nms_topk:
-            sc, j = sc.topk(pre_nms_topk)
-            keep = keep[j]
         k = nms(bx.tensor[keep], sc, nms_thresh)[:topk]
         out.append((bx.tensor[keep][k], sc[k]))
     return out
@@ -308,6 +313,51 @@ def test_selection_widens_past_clusters_of_duplicates():
     ref = _select_reference(t, s, tb, tb.clone(), [(200, 200)], 10, 0.3, 5, 3000)
     assert len(got[0][0]) == 10
     assert torch.equal(got[0][1], ref[0][1]) and torch.equal(got[0][0].tensor, ref[0][0])
+
+
+def test_pre_nms_topk_is_per_level():
+    # METHODS.md 3.1: the pre-NMS top-k is per FPN level. Level 0 (30 predictions) outscores
+    # level 1 (20) everywhere; with a cut of 3 per level, the candidates are level 0's 3 best and
+    # level 1's 3 best (a cut of 3 per image would keep level 0's 3 alone).
+    R0, R1 = 30, 20
+    xy = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(5.0), indexing="ij"), -1).reshape(-1, 2) * 40
+    tb = torch.cat([xy, xy + 20], -1)[None]  # (1, 50, 4), no two boxes overlap
+    t = torch.cat([torch.linspace(0.9, 0.6, R0), torch.linspace(0.5, 0.1, R1)])[None, :, None]
+    s = torch.zeros_like(t)
+    got = select_general_instances(
+        t, s, tb, tb.clone(), [(400, 400)], topk=10, min_size=5, pre_nms_topk=3, level_sizes=[R0, R1]
+    )[0]
+    torch.testing.assert_close(got[1], torch.cat([t[0, :3, 0], t[0, R0 : R0 + 3, 0]]))
+    torch.testing.assert_close(got[0].tensor, torch.cat([tb[0, :3], tb[0, R0 : R0 + 3]]))
+    one_level = select_general_instances(t, s, tb, tb.clone(), [(400, 400)], topk=10, min_size=5, pre_nms_topk=3)[0]
+    torch.testing.assert_close(one_level[1], t[0, :3, 0])
+    with pytest.raises(ValueError, match="do not add up"):
+        select_general_instances(t, s, tb, tb, [(400, 400)], level_sizes=[R0, R1 + 1])
+
+
+@pytest.mark.parametrize("pre", [25, 60, 3000])
+def test_selection_per_level_equals_reference_when_widened_past_the_cut(pre):
+    # Three levels; near-copies of one box fill each level's top ranks, so the early-exit NMS must
+    # widen its candidates past the per-level cut (pre = 25, 60) before it finds 10 GIs.
+    g = torch.Generator().manual_seed(11)
+    N, sizes_l = 2, [150, 90, 60]
+    R = sum(sizes_l)
+    t = torch.rand(N, R, 2, generator=g) * 0.5
+    s = torch.rand(N, R, 2, generator=g) * 0.5
+    xy = torch.rand(N, R, 2, generator=g) * 150
+    tb = torch.cat([xy, xy + 12 + torch.rand(N, R, 2, generator=g) * 20], -1)
+    for lvl in torch.arange(R).split(sizes_l):  # each level's 20 best: copies of one box
+        best = lvl[:20]
+        t[:, best, 0] = torch.linspace(1.0, 0.9, 20)
+        s[:, best] = 0.0
+        tb[:, best] = torch.tensor([10.0, 10.0, 50.0, 50.0]) + torch.rand(N, 20, 4, generator=g)
+    sb = tb.clone()
+    img = [(200, 200), (180, 190)]
+    got = select_general_instances(t, s, tb, sb, img, topk=10, min_size=5, pre_nms_topk=pre, level_sizes=sizes_l)
+    ref = _select_reference(t, s, tb, sb, img, 10, 0.3, 5, pre, level_sizes=sizes_l)
+    for (gb, gs), (rb, rs) in zip(got, ref):
+        assert len(gs) == 10
+        assert torch.equal(gs, rs) and torch.equal(gb.tensor, rb)
 
 
 def test_pool_equals_detectron2_roipooler_values_and_gradients():
@@ -863,3 +913,45 @@ def test_distiller_defaults_are_the_ports_hyperparameters():
     assert (d.topk, d.nms_thresh, d.min_size, d.pre_nms_topk, d.pooler_resolution) == (10, 0.3, 10.0, 3000, 10)
     assert d.weights == dict(feat=5e-4, relation=40.0, cls=0.1, reg=1.0, ctr=0.1)
     assert d.response and d.selection == "anchor"
+
+
+@pytest.mark.parametrize("selection", ["anchor", "location"])
+def test_distiller_cuts_candidates_per_fpn_level(selection):
+    """GIDDistiller passes its models' FPN level sizes to the selection: with pre_nms_topk=5 the
+    candidates are each level's 5 best (METHODS.md 3.1), not the image's 5 best."""
+    from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+
+    teacher = _fcos_cfg(width=32) if selection == "anchor" else tiny_retinanet_cfg(width=32)
+    model = _kd(student=_fcos_cfg(), teacher=teacher, pre_nms_topk=5, min_size=1.0, nms_thresh=0.9,
+                selection=selection,
+                response=False)
+    _spread_fcos(model.student, 1)
+    if selection == "anchor":
+        _spread_fcos(model.teacher, 2)
+    else:  # confident scores; boxes near its anchors (varied, unlike _spread_retinanet's)
+        with torch.no_grad():
+            model.teacher.head.cls_score.weight.mul_(100)
+    _, _, s_taps, t_taps, ctx, gi_boxes = _run_recording(model)
+    feats = [s_taps["backbone"][k] for k in model.student.head_in_features]
+    # one prediction per location (FCOS: one anchor per location; the RetinaNet teacher's is
+    # checked against its own reference above), so the level sizes are the maps' H * W
+    level_sizes = [f.shape[-2] * f.shape[-1] for f in feats]
+    anchors = Boxes.cat(model.student.anchor_generator(feats)).tensor
+    K = model.student.num_classes
+
+    def scores_boxes(m, taps, seed_model):
+        if selection == "location" and seed_model is model.teacher:
+            return _per_location_reference(m, taps, [8, 16, 32, 64, 128], False)
+        z = torch.cat([permute_to_N_HWA_K(x, K) for x in taps["head"][0]], 1).detach()
+        d = torch.cat([permute_to_N_HWA_K(x, 4) for x in taps["head"][1]], 1).detach()
+        return z.sigmoid(), torch.stack([m.box2box_transform.apply_deltas(x, anchors) for x in d])
+
+    ss, sb = scores_boxes(model.student, s_taps, model.student)
+    ts, tb = scores_boxes(model.teacher, t_taps, model.teacher)
+    sizes = ctx.teacher_images.image_sizes
+    ref = [b for b, _ in _select_reference(ts, ss, tb, sb, sizes, 10, 0.9, 1.0, 5, level_sizes=level_sizes)]
+    per_image = [b for b, _ in _select_reference(ts, ss, tb, sb, sizes, 10, 0.9, 1.0, 5)]
+    assert all(len(b) > 5 for b in ref)  # more than one level's 5 candidates survive
+    assert all(len(b) <= 5 for b in per_image)  # what a cut of 5 per image would give
+    assert [len(g) for g in gi_boxes] == [len(r) for r in ref]
+    assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, ref))

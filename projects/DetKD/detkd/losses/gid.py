@@ -163,19 +163,22 @@ def select_general_instances(
     nms_thresh: float = 0.3,
     min_size: float = 10.0,
     pre_nms_topk: int = 3000,
+    level_sizes: Optional[List[int]] = None,
 ) -> List[Tuple[Boxes, torch.Tensor]]:
     """
     General Instance Selection Module (GISM), paper form.
 
     GI score of prediction r: ``max_c |P_t[r, c] - P_s[r, c]|``; GI box: the box of whichever
     model is more confident there (``max_c P_t > max_c P_s`` -> teacher's box). Per image: clip
-    to the image, drop boxes with a side <= ``min_size``, keep the ``pre_nms_topk`` best, run
-    class-agnostic NMS at ``nms_thresh`` and keep the ``topk`` best.
+    to the image, drop boxes with a side <= ``min_size``, keep the ``pre_nms_topk`` best of each
+    FPN level, run class-agnostic NMS across levels at ``nms_thresh`` and keep the ``topk`` best.
 
     Args:
         t_scores, s_scores (Tensor): (N, R, K) probabilities at the same predictions.
         t_boxes, s_boxes (Tensor): (N, R, 4) XYXY boxes decoded by each model.
         image_sizes (list[(h, w)]): unpadded image sizes.
+        level_sizes (list[int] or None): predictions per FPN level, in the order of R (sum R);
+            None: all R predictions are one level.
 
     Returns:
         list[(Boxes, Tensor)]: per image, the GI boxes (G, 4) and GI scores (G,), best first,
@@ -184,7 +187,8 @@ def select_general_instances(
     gi, teacher_wins = general_instance_scores(t_scores, s_scores)
     boxes = torch.where(teacher_wins[..., None], t_boxes, s_boxes)  # (N, R, 4)
     return select_from_scores(
-        gi, boxes, image_sizes, topk=topk, nms_thresh=nms_thresh, min_size=min_size, pre_nms_topk=pre_nms_topk
+        gi, boxes, image_sizes, topk=topk, nms_thresh=nms_thresh, min_size=min_size,
+        pre_nms_topk=pre_nms_topk, level_sizes=level_sizes,
     )
 
 
@@ -198,11 +202,12 @@ def select_from_scores(
     nms_thresh: float = 0.3,
     min_size: float = 10.0,
     pre_nms_topk: int = 3000,
+    level_sizes: Optional[List[int]] = None,
 ) -> List[Tuple[Boxes, torch.Tensor]]:
     """
     The second half of :func:`select_general_instances`: from (N, R) GI scores and the (N, R, 4)
     GI boxes (each prediction's box of the more confident model), per image clip, size filter,
-    top-k, NMS and the ``topk`` survivors.
+    per-level top-k, NMS and the ``topk`` survivors.
     """
     N, R = gi.shape
     device = gi.device
@@ -212,16 +217,26 @@ def select_from_scores(
     boxes = torch.min(boxes.clamp(min=0), limit)
     wh = boxes[..., 2:] - boxes[..., :2]
     gi = gi.masked_fill(~(wh > min_size).all(dim=-1), float("-inf"))
-    k = min(pre_nms_topk, R)  # candidates per image
+    level_sizes = [R] if level_sizes is None else list(level_sizes)
+    if sum(level_sizes) != R:
+        raise ValueError(f"GID: level sizes {level_sizes} do not add up to the {R} predictions")
+    k = sum(min(pre_nms_topk, r) for r in level_sizes)  # candidates per image
     # Greedy NMS keeps a box iff no higher-scored *kept* box overlaps it, so its first `topk`
     # survivors depend only on the candidates up to the topk-th survivor: run it on the best m
     # candidates and widen m (4x) only for the images where fewer than topk survive and more
     # candidates exist. Same result as NMS over all k candidates, at a fraction of the cost
-    # of sorting k candidates and of NMS's O(k^2).
-    n_cand = torch.isfinite(gi).sum(dim=1).clamp(max=k).tolist()  # (N,) one host sync
+    # of sorting k candidates and of NMS's O(k^2). While m <= pre_nms_topk, an image's best m
+    # are all within their levels' pre_nms_topk best (fewer than m predictions outrank any of
+    # them), so the per-level cut is applied only once m grows past it.
+    finite = torch.isfinite(gi)
+    n_cand = sum(f.sum(dim=1).clamp(max=pre_nms_topk) for f in finite.split(level_sizes, dim=1))
+    n_cand = n_cand.tolist()  # (N,) one host sync
     kept: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * N
     todo, m = list(range(N)), min(k, 4 * topk)
+    cut = max(level_sizes) <= pre_nms_topk  # no level has more predictions than its cut
     while todo:
+        if m > pre_nms_topk and not cut:
+            gi, cut = _keep_top_per_level(gi, level_sizes, pre_nms_topk), True
         rows = host_tensor(todo, device) if len(todo) < N else None
         g, b = (gi, boxes) if rows is None else (gi[rows], boxes[rows])
         scores, idx = g.topk(m, dim=1)  # (n, m), best first
@@ -235,6 +250,18 @@ def select_from_scores(
                 kept[i] = kept_l[j]
         todo, m = short, min(k, 4 * m)
     return [(Boxes(b), sc) for b, sc in kept]
+
+
+def _keep_top_per_level(gi: torch.Tensor, level_sizes: List[int], k: int) -> torch.Tensor:
+    """(N, R) scores with all but the ``k`` best of each image's level set to ``-inf``."""
+    out = torch.full_like(gi, float("-inf"))
+    for src, dst in zip(gi.split(level_sizes, dim=1), out.split(level_sizes, dim=1)):
+        if src.shape[1] <= k:
+            dst.copy_(src)
+        else:
+            val, idx = src.topk(k, dim=1)
+            dst.scatter_(1, idx, val)
+    return out
 
 
 def _nms_top(cand, scores, nms_thresh: float, topk: int):
@@ -647,7 +674,7 @@ class GIDDistiller(Distiller):
                 anchors and classes) is selected per anchor either way, with a warning.
             topk (int): GIs per image (K). nms_thresh (float): GI NMS IoU.
             min_size (float): drop GI boxes with a side <= min_size pixels.
-            pre_nms_topk (int): candidates per image before NMS.
+            pre_nms_topk (int): candidates per FPN level and image before NMS.
             pooler_resolution (int): ROIAlign output size.
             num_levels (int or None): FPN levels used for ROIAlign (finest first; pairs of
                 equal stride), e.g. 4 for Faster R-CNN (p2-p5); None: the levels a
@@ -860,7 +887,10 @@ class GIDDistiller(Distiller):
                     f"GID: {t_sc.shape[1]} teacher vs {s_sc.shape[1]} student locations; both must "
                     "see the same padded image size (same size_divisibility)"
                 )
-            return select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, **sel_args)
+            level = {st: i for i, st in enumerate(t_out["strides"])}
+            sizes = [len(t_out["anchors"][level[st]]) // t_out["num_anchors"][level[st]] for st in self.location_strides]
+            return select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, level_sizes=sizes, **sel_args)
+        sel_args["level_sizes"] = [len(a) for a in t_out["anchors"]]
         t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
         if not self.shared_decoding:
             return select_general_instances(t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args)
