@@ -97,6 +97,28 @@ def test_fpn_level_of_known_box_sizes():
     assert d.adapter.in_channels == 64 and d.adapter.out_channels == 128
 
 
+def test_fpn_levels_equal_detectron2_assign_boxes_to_levels():
+    """GIDDistiller._levels (one area for the batch) equals detectron2's per-image rule, boxes
+    at the level boundaries (sqrt(area) = 224 * 2^k) and empty boxes included."""
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+
+    d = _kd().distillers["gid"]
+    p = d.pooler
+    g = torch.Generator().manual_seed(4)
+    boxes = []
+    for n in (9, 0, 14):
+        xy = torch.rand(n, 2, generator=g) * 300
+        boxes.append(Boxes(torch.cat([xy, xy + torch.rand(n, 2, generator=g) ** 3 * 1500], 1)))
+    edges = torch.tensor([[0.0, 0.0, 224.0 * 2.0**k, 224.0] for k in (-4, -2, -1, 0, 1, 2, 4, 6)])
+    near = torch.tensor([[0.0, 0.0, 224.0 * 2.0**k + e, 224.0 * 2.0**k + e]
+                         for k in (-1, 0, 1, 2) for e in (-0.3, 0.3)])  # squares just off them
+    boxes.append(Boxes(torch.cat([edges, near, torch.tensor([[5.0, 5.0, 5.0, 9.0]])])))
+    ref = assign_boxes_to_levels(boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level)
+    got = d._levels(Boxes.cat(boxes).tensor)
+    assert got.dtype == torch.int64 and torch.equal(got, ref)
+    assert set(ref.tolist()) == {0, 1, 2, 3, 4}  # every level of p3-p7
+
+
 def test_response_mask_follows_the_anchor_matcher():
     model = _kd()
     student = model.student

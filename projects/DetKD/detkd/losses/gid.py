@@ -32,7 +32,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.fcos import FCOS
-from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, pairwise_iou
 
 from ..utils import host_tensor
@@ -815,13 +815,20 @@ class GIDDistiller(Distiller):
                 self.adapter.weight.copy_(torch.eye(ct)[:, :, None, None])
                 self.adapter.bias.zero_()
 
+    def _levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """
+        (B, 4) XYXY boxes of all images -> (B,) int64 index into :attr:`pairs`: detectron2's
+        ``assign_boxes_to_levels`` (the FPN paper's eq. 1, ROIPooler's rule) on the concatenated
+        boxes, one area for the batch instead of one per image.
+        """
+        p = self.pooler
+        size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+        level = torch.floor(p.canonical_level + torch.log2(size / p.canonical_box_size + 1e-8))
+        return level.clamp_(min=p.min_level, max=p.max_level).to(torch.int64) - p.min_level
+
     def box_levels(self, boxes: List[Boxes]) -> List[str]:
         """The student FPN level each box is pooled from (detectron2's ROIPooler rule)."""
-        idx = assign_boxes_to_levels(
-            boxes, self.pooler.min_level, self.pooler.max_level,
-            self.pooler.canonical_box_size, self.pooler.canonical_level,
-        )
-        return [self.pairs[int(i)][0] for i in idx]
+        return [self.pairs[int(i)][0] for i in self._levels(Boxes.cat(boxes).tensor)]
 
     def pool(
         self, s_feats: List[torch.Tensor], t_feats: List[torch.Tensor], boxes: List[Boxes]
@@ -835,15 +842,15 @@ class GIDDistiller(Distiller):
         Returns:
             (Tensor, Tensor): (Gt * S * S, Cs) student and (Gt * S * S, Ct) teacher rows.
         """
-        p = self.pooler
-        level = assign_boxes_to_levels(boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level)
+        all_boxes = cat([b.tensor for b in boxes], dim=0)
+        level = self._levels(all_boxes)
         device = s_feats[0].device
         counts = [len(b) for b in boxes]
         image = torch.repeat_interleave(  # output_size: no host sync
             torch.arange(len(boxes), device=device), host_tensor(counts, device),
             output_size=sum(counts),
         )
-        all_boxes = cat([b.tensor for b in boxes], dim=0).to(s_feats[0].dtype)
+        all_boxes = all_boxes.to(s_feats[0].dtype)
         scales = [1.0 / s for s in self.strides]
         sampling = {}
 
@@ -888,7 +895,9 @@ class GIDDistiller(Distiller):
                     "see the same padded image size (same size_divisibility)"
                 )
             level = {st: i for i, st in enumerate(t_out["strides"])}
-            sizes = [len(t_out["anchors"][level[st]]) // t_out["num_anchors"][level[st]] for st in self.location_strides]
+            sizes = [  # locations per level
+                len(t_out["anchors"][level[st]]) // t_out["num_anchors"][level[st]] for st in self.location_strides
+            ]
             return select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, level_sizes=sizes, **sel_args)
         sel_args["level_sizes"] = [len(a) for a in t_out["anchors"]]
         t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
