@@ -51,15 +51,43 @@ def _read_run_config(cfg):
         return f.read()
 
 
+def _holds_training_run(cfg) -> bool:
+    """Whether ``train.output_dir`` holds a training run's checkpoints (``last_checkpoint``)."""
+    out = cfg.train.get("output_dir")
+    return bool(out) and PathManager.isfile(os.path.join(out, "last_checkpoint"))
+
+
+def _write_run_config(cfg, data: bytes) -> None:
+    with PathManager.open(os.path.join(cfg.train.output_dir, "config.yaml"), "wb") as f:
+        f.write(data)
+
+
+def _keep_run_config(cfg, run_config: bytes) -> None:
+    """--eval-only in a training run's folder: the config default_setup just wrote moves to
+    ``config_eval.yaml`` and the run's own ``config.yaml`` is put back."""
+    out = cfg.train.output_dir
+    with PathManager.open(os.path.join(out, "config.yaml"), "rb") as f:
+        written = f.read()
+    with PathManager.open(os.path.join(out, "config_eval.yaml"), "wb") as f:
+        f.write(written)
+    _write_run_config(cfg, run_config)
+    logger.info(f"Evaluating in a training run's folder: its config.yaml is kept, this one is in "
+                f"{os.path.join(out, 'config_eval.yaml')}")
+
+
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     # default_setup replaces OUTPUT_DIR/config.yaml; a --resume refused below (a run of another
-    # config, a bad teacher) puts back the config of the run whose checkpoints are there.
+    # config, a bad teacher) puts back the config of the run whose checkpoints are there, and so
+    # does --eval-only in a training run's folder (its own config goes to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
-    run_config = _read_run_config(cfg) if resuming else None
+    in_run = args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
+    run_config = _read_run_config(cfg) if resuming or in_run else None
     default_setup(cfg, args)
+    if in_run and run_config is not None:
+        _keep_run_config(cfg, run_config)
     # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")
     _share_cpu_threads()
@@ -80,8 +108,7 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
     except BaseException:
         if run_config is not None:
-            with PathManager.open(os.path.join(cfg.train.output_dir, "config.yaml"), "wb") as f:
-                f.write(run_config)
+            _write_run_config(cfg, run_config)
         raise
     results = trainer.train()
     if comm.is_main_process() and results:

@@ -48,17 +48,24 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     student = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
     assert not any(k.startswith(("student.", "teacher", "distillers")) for k in student)
 
-    # --eval-only on the exported student evaluates with COCOEvaluator.
+    # --eval-only on the exported student evaluates with COCOEvaluator; in the training run's
+    # folder, the run's config.yaml stays and the evaluation's goes beside it.
+    run_config = (out / "config.yaml").read_bytes()
     proc = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py",
          "--eval-only", f"train.init_checkpoint={out / 'model_final_student.pth'}",
-         f"train.output_dir={tmp_path / 'eval'}", "train.teacher_checkpoint=",
+         f"train.output_dir={out}", "train.teacher_checkpoint=",
          "dataloader.test.dataset.names.num_images=8", "dataloader.test.num_workers=0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout + proc.stderr
-    with open(tmp_path / "eval" / "eval_results.json") as f:
+    assert (out / "config.yaml").read_bytes() == run_config
+    assert "max_iter: 3" in run_config.decode()
+    eval_config = (out / "config_eval.yaml").read_text()
+    assert f"init_checkpoint: {out / 'model_final_student.pth'}" in eval_config
+    assert "max_iter: 3" not in eval_config  # the evaluation's own overrides
+    with open(out / "eval_results.json") as f:
         written = json.load(f)["bbox"]
     printed = [line for line in (proc.stdout + proc.stderr).splitlines() if "copypaste: " in line]
     printed = printed[[i for i, line in enumerate(printed) if "AP,AP50,AP75" in line][0] + 1]  # the values
