@@ -247,3 +247,62 @@ def test_readme_paper_table_rows_name_their_configs_teacher_detector_and_schedul
         sched = {90000: "1x", 180000: "2x"}.get(cfg.train.max_iter)
         if sched and cfg.dataloader.train.total_batch_size == 16:
             assert cols[-1] == sched, path
+
+
+def _effective(node):
+    """A LazyCall node's keyword arguments with the class's defaults filled in."""
+    import inspect
+
+    params = inspect.signature(node._target_).parameters
+    args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    args.update({k: v for k, v in node.items() if k != "_target_"})
+    return args
+
+
+def test_paper_configs_carry_the_methods_hyperparameters():
+    """The distillers of the COCO configs, with their classes' defaults, have METHODS.md's values:
+    PKD alpha 6 for a two-stage (R-CNN) teacher and 10 for a one-stage one, on 4 levels (1.4-1.5);
+    ReviewKD lambda 1.0 (R50) / 1.2 (R18) on all levels (2.5); GID's port weights, K, NMS, size
+    filter, pre-NMS top-k and ROIAlign size (3.1-3.5); D3ETR's 1/5/2 losses and costs, attention
+    weights 1, MixMatcher on (4.2-4.3), with the Conditional DETR recipe (4.1, 4.3)."""
+    from detkd.losses import D3ETRDistiller, GIDDistiller, PKDDistiller, ReviewKDDistiller
+
+    gid = dict(feat_weight=5e-4, relation_weight=40.0, response_cls_weight=0.1,
+               response_reg_weight=1.0, topk=10, nms_thresh=0.3, min_size=10.0,
+               pre_nms_topk=3000, pooler_resolution=10)
+    d3etr = dict(cls_weight=1.0, l1_weight=5.0, giou_weight=2.0, sa_weight=1.0, ca_weight=1.0,
+                 match_cost_class=1.0, match_cost_bbox=5.0, match_cost_giou=2.0,
+                 fixed_matching=True, aux_gt_loss=True)
+    detr = dict(num_queries=300, loss_class_weight=2.0, loss_bbox_weight=5.0,
+                loss_giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0, aux_loss=True)
+    transformer = dict(d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6)
+    seen = set()
+    for path in PAPER:
+        cfg = LazyConfig.load(os.path.join(REPO, path))
+        for node in cfg.model.get("distillers", {}).values():
+            args, cls = _effective(node), node._target_
+            seen.add(cls)
+            levels_and_weight = (args.get("num_levels"), args.get("loss_weight"))
+            if cls is PKDDistiller:
+                two_stage = cfg.model.teacher._target_.__name__ == "GeneralizedRCNN"
+                assert levels_and_weight == (4, 6.0 if two_stage else 10.0), path
+            elif cls is ReviewKDDistiller:
+                depth = _resnet(cfg.model.student).stages.depth
+                assert levels_and_weight == (None, {50: 1.0, 18: 1.2}[depth]), path
+            elif cls is GIDDistiller:
+                assert {k: args[k] for k in gid} == gid, path
+            elif cls is D3ETRDistiller:
+                assert {k: args[k] for k in d3etr} == d3etr, path
+                for m in (cfg.model.student, cfg.model.teacher):
+                    t, det = _effective(m.transformer), _effective(m)
+                    assert {k: t[k] for k in transformer} == transformer, path
+                    assert {k: det[k] for k in detr} == detr, path
+                    match = _effective(m.matcher)
+                    costs = (match["cost_class"], match["cost_bbox"], match["cost_giou"])
+                    assert costs == (2.0, 5.0, 2.0), path
+                groups = _effective(cfg.optimizer.params)
+                opt = (cfg.optimizer.lr, cfg.optimizer.weight_decay, groups["backbone_lr_factor"])
+                assert opt == (1e-4, 1e-4, 0.1), path
+                assert cfg.train.clip_grad == {"enabled": True, "max_norm": 0.1}, path
+                assert cfg.dataloader.train.total_batch_size == 16, path
+    assert seen == {PKDDistiller, ReviewKDDistiller, GIDDistiller, D3ETRDistiller}

@@ -633,6 +633,8 @@ class GIDDistiller(Distiller):
     (feature and relation terms only). Feature and relation terms also work across FPN channel
     counts (a trainable 1x1 adapter after ROIAlign, identity-initialised when channels are equal
     — [INFER]: linear as the paper says, and cheaper than the port's 3x3 conv on whole maps).
+    The relation term pairs the GIs of each image and averages the images' losses ([INFER],
+    the paper's reading, METHODS.md 3.3); the port pairs all GIs of the batch.
 
     Loss keys: ``loss_gid_feat``, ``loss_gid_relation``, ``loss_gid_response_cls``,
     ``loss_gid_response_reg``, and for FCOS ``loss_gid_response_ctr`` (soft BCE on the
