@@ -528,3 +528,21 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert proc.returncode != 0
     assert "It was written by another model or config" in proc.stderr
     assert (out / "config.yaml").read_bytes() == written
+
+
+def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
+    # a user's test set that is not registered fails only in the final evaluation, after
+    # training: the finished run's student must still be exported (it was not: the export hook
+    # ran after the evaluation hook, and TrainerBase stops at the first after_train that raises)
+    cfg = _small_cfg(tmp_path / "e", max_iter=2)
+    cfg.dataloader.test.dataset.names = "detkd_test_no_such_dataset"
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(KeyError, match="detkd_test_no_such_dataset"):
+        trainer.train()
+    exported = torch.load(tmp_path / "e" / "model_final_student.pth", weights_only=False)["model"]
+    final = torch.load(tmp_path / "e" / "model_final.pth", weights_only=False)["model"]
+    student = {k[len("student."):]: v for k, v in final.items() if k.startswith("student.")}
+    assert sorted(exported) == sorted(student)
+    for k, v in student.items():
+        assert torch.equal(exported[k], v), k

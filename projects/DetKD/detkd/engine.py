@@ -455,9 +455,12 @@ class KDTrainer(DefaultTrainer):
             self._last_eval_results = self.test(self.cfg, self.model)
             return self._last_eval_results
 
-        ret.append(_EvalHook(cfg.train.eval_period, test_and_save_results))
+        # The export before the final evaluation: an evaluation that fails (e.g. an unregistered
+        # dataloader.test dataset) would otherwise stop the hooks after it and leave a finished
+        # run without model_final_student.pth.
         if is_kd and cfg.train.get("export_student", True):
             ret.append(ExportStudentHook(cfg.train.output_dir))
+        ret.append(_EvalHook(cfg.train.eval_period, test_and_save_results))
         if comm.is_main_process():
             ret.append(
                 hooks.PeriodicWriter(
