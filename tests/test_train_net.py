@@ -531,14 +531,22 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
 
 
 def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
-    # a user's test set that is not registered fails only in the final evaluation, after
-    # training: the finished run's student must still be exported (it was not: the export hook
-    # ran after the evaluation hook, and TrainerBase stops at the first after_train that raises)
+    # a test set that fails to load (here a registered one whose loader raises) fails only in the
+    # final evaluation, after training: the finished run's student must still be exported (it was
+    # not: the export hook ran after the evaluation hook, and TrainerBase stops at the first
+    # after_train that raises)
+    from detectron2.data import DatasetCatalog
+
+    def broken():
+        raise RuntimeError("detkd_test_broken_dataset: unreadable annotations")
+
+    if "detkd_test_broken_dataset" not in DatasetCatalog.list():
+        DatasetCatalog.register("detkd_test_broken_dataset", broken)
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
-    cfg.dataloader.test.dataset.names = "detkd_test_no_such_dataset"
+    cfg.dataloader.test.dataset.names = "detkd_test_broken_dataset"
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    with pytest.raises(KeyError, match="detkd_test_no_such_dataset"):
+    with pytest.raises(RuntimeError, match="unreadable annotations"):
         trainer.train()
     exported = torch.load(tmp_path / "e" / "model_final_student.pth", weights_only=False)["model"]
     final = torch.load(tmp_path / "e" / "model_final.pth", weights_only=False)["model"]
@@ -546,3 +554,24 @@ def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp
     assert sorted(exported) == sorted(student)
     for k, v in student.items():
         assert torch.equal(exported[k], v), k
+
+
+def test_unregistered_test_dataset_fails_before_training(tmp_path):
+    # a misspelt dataloader.test name would otherwise surface only at the first evaluation
+    # (by default after the whole run): KDTrainer refuses it before building anything
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    if "detkd_test_mini_val" not in DatasetCatalog.list():
+        register_coco_instances("detkd_test_mini_val", {}, str(tmp_path / "val.json"), str(tmp_path))
+    cfg = _small_cfg(tmp_path / "u", max_iter=2)
+    for names in ("detkd_test_mini_vall", ["detkd_test_mini_val", "detkd_test_mini_vall"]):
+        cfg.dataloader.test.dataset.names = names
+        with pytest.raises(ValueError, match=r"'detkd_test_mini_vall' is not registered \(did you mean "
+                                             r"'detkd_test_mini_val'[,?].*register_coco_instances"):
+            KDTrainer(cfg)
+    assert not (tmp_path / "u").exists() or not any((tmp_path / "u").iterdir())
+    cfg.dataloader.test.dataset.names = ["detkd_test_mini_val", "coco_2017_val"]  # registered: fine
+    from detkd.engine import check_test_datasets
+
+    check_test_datasets(cfg)

@@ -21,6 +21,7 @@ detectron2's DefaultTrainer.
 """
 import contextlib
 import copy
+import difflib
 import inspect
 import logging
 import os
@@ -34,6 +35,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model, default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -61,6 +63,7 @@ __all__ = [
     "student_of",
     "ddp_model",
     "check_override_keys",
+    "check_test_datasets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,6 +163,35 @@ def check_override_keys(cfg, overrides) -> None:
             LazyConfig.apply_overrides(cfg, [text])
         except Exception:  # e.g. a deletion: train_net.py's own apply_overrides reports it
             pass
+
+
+def check_test_datasets(cfg) -> None:
+    """
+    Fail at the start of training when ``dataloader.test.dataset.names`` (a name or a list of
+    names) names a dataset that is not registered: otherwise only the first evaluation, after
+    ``train.eval_period`` iterations or at the end of the run, would find out. A ``names`` that is
+    a LazyCall (the shapes data) is built with the loader and is not checked here.
+    """
+    try:
+        names = cfg.dataloader.test.dataset.names
+    except (AttributeError, KeyError):
+        return
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) and type(names).__name__ != "ListConfig":
+        return
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        return
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(
+                f"dataloader.test.dataset.names: dataset {name!r} is not registered{hint}, so the "
+                "evaluation would fail after training. Register it (e.g. register_coco_instances in "
+                "the config) or fix the name."
+            )
 
 
 def student_of(model):
@@ -363,6 +395,7 @@ class KDTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        check_test_datasets(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
