@@ -575,3 +575,44 @@ def test_unregistered_test_dataset_fails_before_training(tmp_path):
     from detkd.engine import check_test_datasets
 
     check_test_datasets(cfg)
+
+
+def _coco_json(path, classes):
+    """A COCO-format file of 2 images with one box each, categories ``classes`` (ids 1..K)."""
+    images = [{"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64} for i in (1, 2)]
+    anns = [{"id": i, "image_id": i, "category_id": 1 + (i % len(classes)), "bbox": [4, 4, 20, 20],
+             "area": 400, "iscrowd": 0} for i in (1, 2)]
+    cats = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return str(path)
+
+
+def test_student_class_count_must_match_the_training_data(tmp_path):
+    # a 3-class student on a 2-class dataset trained silently (class 2 never positive, a wrong
+    # evaluation mapping); the classes are compared once the training data is loaded
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    for name, classes in (("detkd_test_two", ["cat", "dog"]), ("detkd_test_three", ["a", "b", "c"])):
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, _coco_json(tmp_path / f"{name}.json", classes), str(tmp_path))
+    cfg = _small_cfg(tmp_path / "c", max_iter=2)
+    assert cfg.model.student.num_classes == 3
+    cfg.dataloader.train.dataset.names = "detkd_test_two"
+    with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset "
+                                         r"'detkd_test_two' has 2 \(cat, dog\)\. Set model\.student\.num_classes = 2"):
+        KDTrainer(cfg)
+    cfg.dataloader.train.dataset.names = "detkd_test_three"
+    KDTrainer(cfg)  # 3 and 3: accepted
+    # an R-CNN's classes are its ROI heads'; the message names that key
+    from detectron2.config import instantiate
+
+    from conftest import tiny_faster_rcnn_cfg
+    from detkd.engine import check_student_classes
+
+    rcnn = instantiate(tiny_faster_rcnn_cfg())
+    assert rcnn.roi_heads.num_classes == 3
+    check_student_classes(cfg, rcnn)
+    cfg.dataloader.train.dataset.names = ["detkd_test_three", "detkd_test_two"]
+    with pytest.raises(ValueError, match=r"'detkd_test_two' has 2 .*model\.student\.roi_heads\.num_classes = 2"):
+        check_student_classes(cfg, rcnn)

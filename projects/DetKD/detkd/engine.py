@@ -35,7 +35,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model, default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -64,6 +64,7 @@ __all__ = [
     "ddp_model",
     "check_override_keys",
     "check_test_datasets",
+    "check_student_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,45 @@ def check_test_datasets(cfg) -> None:
                 f"dataloader.test.dataset.names: dataset {name!r} is not registered{hint}, so the "
                 "evaluation would fail after training. Register it (e.g. register_coco_instances in "
                 "the config) or fix the name."
+            )
+
+
+def _class_count(model):
+    """A detector's number of classes (RetinaNet, FCOS, ConditionalDETR: ``num_classes``; an
+    R-CNN: its ROI heads'), or None (e.g. a proposal network)."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        n = getattr(getattr(model, "roi_heads", None), "num_classes", None)
+    return n if isinstance(n, int) else None
+
+
+def check_student_classes(cfg, model) -> None:
+    """
+    Fail when the student's class count differs from the training data's (the ``thing_classes``
+    of the datasets ``dataloader.train.dataset.names`` names, once loaded): a student with fewer
+    classes would crash or take the data's last classes for background, one with more would
+    never see its extra classes and evaluate against a wrong mapping. Datasets without
+    ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
+    """
+    try:
+        names = cfg.dataloader.train.dataset.names
+    except (AttributeError, KeyError):
+        return
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) and type(names).__name__ != "ListConfig":
+        return
+    n_student = _class_count(student_of(model))
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes") if isinstance(name, str) else None
+        if n_student is not None and classes is not None and len(classes) != n_student:
+            where = "model.student.roi_heads.num_classes" if hasattr(student_of(model), "roi_heads") else (
+                "model.student.num_classes"
+            )
+            raise ValueError(
+                f"The student predicts {n_student} classes but the training dataset {name!r} has "
+                f"{len(classes)} ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
+                f"Set {where} = {len(classes)} (the teacher's class count is checked against its "
+                "checkpoint)."
             )
 
 
@@ -399,6 +439,7 @@ class KDTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        check_student_classes(cfg, model)  # the datasets' metadata is filled once loaded
 
         model = ddp_model(model, **cfg.train.ddp)
         self._trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
