@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import weakref
+from typing import List
 
 import numpy as np
 import torch
@@ -166,6 +167,22 @@ def check_override_keys(cfg, overrides) -> None:
             pass
 
 
+def _dataset_names(cfg, split: str) -> List[str]:
+    """The registered-dataset names ``dataloader.<split>.dataset.names`` gives (a name or a list
+    of names); [] when it is anything else (e.g. a LazyCall that builds the data, as the shapes
+    configs do) or missing."""
+    try:
+        names = cfg.dataloader[split].dataset.names
+    except (AttributeError, KeyError):
+        return []
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (list, tuple)) or type(names).__name__ == "ListConfig":
+        names = list(names)
+        return names if all(isinstance(n, str) for n in names) else []
+    return []
+
+
 def check_test_datasets(cfg) -> None:
     """
     Fail at the start of training when ``dataloader.test.dataset.names`` (a name or a list of
@@ -173,16 +190,7 @@ def check_test_datasets(cfg) -> None:
     ``train.eval_period`` iterations or at the end of the run, would find out. A ``names`` that is
     a LazyCall (the shapes data) is built with the loader and is not checked here.
     """
-    try:
-        names = cfg.dataloader.test.dataset.names
-    except (AttributeError, KeyError):
-        return
-    names = [names] if isinstance(names, str) else names
-    if not isinstance(names, (list, tuple)) and type(names).__name__ != "ListConfig":
-        return
-    names = list(names)
-    if not all(isinstance(n, str) for n in names):
-        return
+    names = _dataset_names(cfg, "test")
     registered = DatasetCatalog.list()
     for name in names:
         if name not in registered:
@@ -212,17 +220,10 @@ def check_student_classes(cfg, model) -> None:
     never see its extra classes and evaluate against a wrong mapping. Datasets without
     ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
     """
-    try:
-        names = cfg.dataloader.train.dataset.names
-    except (AttributeError, KeyError):
-        return
-    names = [names] if isinstance(names, str) else names
-    if not isinstance(names, (list, tuple)) and type(names).__name__ != "ListConfig":
-        return
     n_student = _class_count(student_of(model))
-    for name in names:
-        classes = MetadataCatalog.get(name).get("thing_classes") if isinstance(name, str) else None
-        if n_student is not None and classes is not None and len(classes) != n_student:
+    for name in _dataset_names(cfg, "train") if n_student is not None else ():
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != n_student:
             where = "model.student.roi_heads.num_classes" if hasattr(student_of(model), "roi_heads") else (
                 "model.student.num_classes"
             )
@@ -529,9 +530,9 @@ class KDTrainer(DefaultTrainer):
             self._last_eval_results = self.test(self.cfg, self.model)
             return self._last_eval_results
 
-        # The export before the final evaluation: an evaluation that fails (e.g. an unregistered
-        # dataloader.test dataset) would otherwise stop the hooks after it and leave a finished
-        # run without model_final_student.pth.
+        # The export before the final evaluation: an evaluation that fails (e.g. a test set that
+        # does not load) would otherwise stop the hooks after it and leave a finished run without
+        # model_final_student.pth.
         if is_kd and cfg.train.get("export_student", True):
             ret.append(ExportStudentHook(cfg.train.output_dir))
         ret.append(_EvalHook(cfg.train.eval_period, test_and_save_results))
