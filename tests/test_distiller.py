@@ -10,6 +10,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils.events import EventStorage
 
 from detkd import DistillationDetector, PKDDistiller
+from detkd.losses import Distiller
 
 from conftest import build, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
 
@@ -511,3 +512,41 @@ def test_teacher_is_in_eval_mode_from_construction_without_a_train_call():
     with EventStorage():
         model(make_inputs())
     assert torch.equal(bn.running_mean, before)
+
+
+class _ReturnsDistiller(Distiller):
+    """Returns ``make(student_taps)`` as its loss output."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, student_taps, teacher_taps, ctx):
+        return self.make(student_taps["backbone"]["p3"])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        # a per-image loss: detectron2's backward would fail on it without naming the distiller
+        (lambda f: {"loss_mine": f.pow(2).mean(dim=(1, 2, 3))}, r"'loss_mine' as a torch.float32 tensor of shape \(2,\).*\.mean\(\)"),
+        # a diagnostic among the losses would be added to the trained loss
+        (lambda f: {"loss_mine": f.mean(), "num_pos": f.new_tensor(3.0)}, r"the key 'num_pos'.*start with 'loss_'.*put_scalar"),
+        (lambda f: {"loss_mine": 0.0}, r"'loss_mine' as a float; a loss must be a scalar floating tensor"),
+        (lambda f: f.mean(), r"returned a Tensor; it must return a dict"),
+    ],
+)
+def test_a_distiller_returning_something_else_than_scalar_losses_is_an_error_naming_it(make, match):
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"mine": _ReturnsDistiller(make)},
+    ).train()
+    with EventStorage(), pytest.raises((ValueError, TypeError), match=r"distillers\['mine'\] \(_ReturnsDistiller\)\.forward.*" + match):
+        model(make_inputs(n=2, size=(64, 64)))
+    ok = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"mine": _ReturnsDistiller(lambda f: {"loss_mine": f.pow(2).mean()})},
+    ).train()
+    with EventStorage():
+        losses = ok(make_inputs(n=2, size=(64, 64)))
+    assert losses["loss_mine"].dim() == 0 and losses["loss_mine"].item() > 0

@@ -146,6 +146,38 @@ def run_teacher(teacher: nn.Module, images: ImageList, capture: FeatureCapture) 
 _TEACHER_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
+    """A distiller's forward must return ``{"loss_<method>[_<part>]": scalar tensor}``:
+    detectron2's trainer adds every value of the loss dict to the loss it backpropagates and
+    logs each with ``.item()``, so anything else fails there, far from the distiller, with a
+    message that names neither (a non-scalar loss: "grad can be implicitly created only for
+    scalar outputs"), or is trained silently (a diagnostic returned among the losses)."""
+    where = f"distillers['{name}'] ({type(distiller).__name__}).forward"
+    if not isinstance(losses, dict):
+        raise TypeError(
+            f"{where} returned a {type(losses).__name__}; it must return a dict of scalar "
+            "losses, e.g. {'loss_<method>': loss}"
+        )
+    for key, value in losses.items():
+        if not (isinstance(key, str) and key.startswith("loss_")):
+            raise ValueError(
+                f"{where} returned the key {key!r}: loss keys must start with 'loss_' "
+                "(loss_<method>[_<part>]). Every value of the dict is added to the training "
+                "loss; log diagnostics with detkd.losses.put_scalar instead."
+            )
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() == 1):
+            what = (
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else f"a {type(value).__name__}"
+            )
+            raise ValueError(
+                f"{where} returned {key!r} as {what}; a loss must be a scalar floating tensor: "
+                "reduce it (e.g. .mean() over the batch), and return a zero loss as a tensor "
+                "connected to the inputs (e.g. feat.sum() * 0.0), not a Python number."
+            )
+
+
 def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
     """Freezing the teacher (``requires_grad_(False)``, eval mode) would silently freeze any
     trainable parameter it shares with the student (the same model passed twice, a shared
@@ -409,6 +441,7 @@ class DistillationDetector(nn.Module):
         with torch.autocast(images.tensor.device.type, enabled=False):
             for name, d in self.distillers.items():
                 d_losses = d(student_taps, teacher_taps, ctx)
+                _check_distiller_losses(name, d, d_losses)
                 clash = set(d_losses) & set(losses)
                 if clash:
                     raise KeyError(

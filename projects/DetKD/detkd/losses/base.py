@@ -105,7 +105,10 @@ class Distiller(nn.Module):
             ctx (DistillContext): the detectors and inputs of this step.
 
         Returns:
-            dict[str, Tensor]: scalar losses named ``loss_<method>[_<part>]``.
+            dict[str, Tensor]: scalar losses named ``loss_<method>[_<part>]`` (anything else is
+            an error: detectron2 adds every value of the dict to the training loss). A zero
+            loss is a tensor connected to the inputs (``feat.sum() * 0.0``); diagnostics go to
+            :func:`put_scalar`.
         """
         raise NotImplementedError
 
