@@ -550,3 +550,42 @@ def test_a_distiller_returning_something_else_than_scalar_losses_is_an_error_nam
     with EventStorage():
         losses = ok(make_inputs(n=2, size=(64, 64)))
     assert losses["loss_mine"].dim() == 0 and losses["loss_mine"].item() > 0
+
+
+class _LazyAdapterDistiller(Distiller):
+    """Builds its adapter (or a saved statistic) on its first forward instead of in bind()."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("cache", torch.zeros(2), persistent=False)  # not saved: allowed
+
+    def forward(self, student_taps, teacher_taps, ctx):
+        f = student_taps["backbone"]["p3"]
+        self.register_buffer("grid", torch.ones(3), persistent=False)  # a cache: allowed
+        if self.kind == "adapter" and not hasattr(self, "adapter"):
+            self.adapter = torch.nn.Conv2d(f.shape[1], f.shape[1], 1)
+        if self.kind == "buffer":
+            self.register_buffer("ema", f.detach().mean().reshape(1))
+        g = self.adapter(f) if self.kind == "adapter" else f
+        return {"loss_lazy": g.pow(2).mean()}
+
+
+@pytest.mark.parametrize("kind, names", [("adapter", "'adapter.bias', 'adapter.weight'"), ("buffer", "'ema'")])
+def test_a_distiller_creating_parameters_in_forward_is_an_error(kind, names):
+    """An adapter built in forward() instead of bind() is not in the optimizer (built before the
+    first step): it never trained, silently, and --resume then refused the run's checkpoints
+    as another model's. A persistent buffer has the second problem."""
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"lazy": _LazyAdapterDistiller(kind)},
+    ).train()
+    with EventStorage(), pytest.raises(RuntimeError, match=rf"distillers\['lazy'\] \(_LazyAdapterDistiller\) created \[{names}\] in forward\(\).*bind\(student, teacher\)"):
+        model(make_inputs(n=1, size=(64, 64)))
+    ok = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"lazy": _LazyAdapterDistiller("none")},
+    ).train()
+    with EventStorage():
+        for _ in range(2):
+            assert ok(make_inputs(n=1, size=(64, 64)))["loss_lazy"].item() > 0

@@ -146,6 +146,19 @@ def run_teacher(teacher: nn.Module, images: ImageList, capture: FeatureCapture) 
 _TEACHER_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _state_names(module: nn.Module) -> set:
+    """The names of ``module``'s parameters and persistent buffers (its ``state_dict`` keys,
+    without building it)."""
+    names = {n for n, _ in module.named_parameters()}
+    for prefix, m in module.named_modules():
+        names.update(
+            f"{prefix}.{b}" if prefix else b
+            for b, t in m._buffers.items()
+            if t is not None and b not in m._non_persistent_buffers_set
+        )
+    return names
+
+
 def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
     """A distiller's forward must return ``{"loss_<method>[_<part>]": scalar tensor}``:
     detectron2's trainer adds every value of the loss dict to the loss it backpropagates and
@@ -276,6 +289,8 @@ class DistillationDetector(nn.Module):
             except (ValueError, TypeError) as e:  # which of several distillers rejects the pair
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
         self.distillers = nn.ModuleDict(distillers)
+        # What each distiller saves and trains, fixed once bound (see _check_distiller_state).
+        self._bound_state = {name: _state_names(d) for name, d in distillers.items()}
 
         s_fmt, t_fmt = channel_orders(student, teacher, student_input_format, teacher_input_format)
         if s_fmt is None and t_fmt is not None:
@@ -442,6 +457,7 @@ class DistillationDetector(nn.Module):
             for name, d in self.distillers.items():
                 d_losses = d(student_taps, teacher_taps, ctx)
                 _check_distiller_losses(name, d, d_losses)
+                self._check_distiller_state(name, d)
                 clash = set(d_losses) & set(losses)
                 if clash:
                     raise KeyError(
@@ -452,6 +468,21 @@ class DistillationDetector(nn.Module):
                     )
                 losses.update(d_losses)
         return losses
+
+    def _check_distiller_state(self, name: str, distiller: Distiller) -> None:
+        """Parameters (or saved buffers) that a distiller creates in forward() are not in the
+        optimizer, built before the first step, so they never train; nor are they in a model
+        built afresh, so ``--resume`` refuses the run's checkpoints as another model's."""
+        bound = self._bound_state.get(name)
+        new = sorted(_state_names(distiller) - bound) if bound is not None else []
+        if new:
+            raise RuntimeError(
+                f"distillers['{name}'] ({type(distiller).__name__}) created {new} in forward(): "
+                "the optimizer, built before the first step, does not have them (they would "
+                "never train), nor would a model built afresh (--resume would refuse the "
+                "checkpoints). Build them in bind(student, teacher), which runs before the "
+                "optimizer is built."
+            )
 
     def _check_aligned(self, student_taps, teacher_taps) -> None:
         """Maps of equal stride must cover the same padded image: a distiller would otherwise
