@@ -1,5 +1,6 @@
 """DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
 import logging
+import re
 
 import pytest
 import torch
@@ -589,3 +590,32 @@ def test_a_distiller_creating_parameters_in_forward_is_an_error(kind, names):
     with EventStorage():
         for _ in range(2):
             assert ok(make_inputs(n=1, size=(64, 64)))["loss_lazy"].item() > 0
+
+
+class _TapsDistiller(Distiller):
+    def __init__(self, student=("backbone",), teacher=("backbone",)):
+        super().__init__()
+        self.s, self.t = list(student), list(teacher)
+
+    def student_taps(self, student):
+        return self.s
+
+    def teacher_taps(self, teacher):
+        return self.t
+
+
+@pytest.mark.parametrize(
+    "taps, match",
+    [
+        (dict(teacher=["heads"]), r"\(_TapsDistiller\)\.teacher_taps names \['heads'\], which the teacher \(RetinaNet\) does not have\. Close names: \['head'"),
+        (dict(student=["backbone.fpn_output9"]), r"\(_TapsDistiller\)\.student_taps names \['backbone.fpn_output9'\], which the student \(RetinaNet\).*'backbone.fpn_output3'"),
+    ],
+)
+def test_a_tap_that_names_no_submodule_is_an_error_naming_the_distiller_and_side(taps, match):
+    """Student and teacher are often of the same class: the error says whose taps are wrong."""
+    with pytest.raises(KeyError, match=r"distillers\['good'\]|distillers\['bad'\]") as e:
+        DistillationDetector(
+            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            distillers={"good": _TapsDistiller(), "bad": _TapsDistiller(**taps)},
+        )
+    assert re.search(r"distillers\['bad'\] " + match, str(e.value))

@@ -2,6 +2,7 @@
 :class:`DistillationDetector`: a student detector trained with a frozen teacher twin.
 """
 import contextlib
+import difflib
 import logging
 from typing import Dict, List, Optional
 
@@ -159,6 +160,26 @@ def _state_names(module: nn.Module) -> set:
     return names
 
 
+def _check_taps(distillers: Dict[str, Distiller], student: nn.Module, teacher: nn.Module) -> None:
+    """Every tap a distiller declares names a submodule of its side: the error names the
+    distiller, the side and the closest names (FeatureCapture's own lists every name of a
+    model, without saying whose taps, nor which of two models of the same class)."""
+    for side, model in (("student", student), ("teacher", teacher)):
+        modules = [n for n, _ in model.named_modules() if n]
+        for name, d in distillers.items():
+            taps = d.student_taps(model) if side == "student" else d.teacher_taps(model)
+            missing = [n for n in taps if n not in modules]
+            if not missing:
+                continue
+            close = sorted({c for n in missing for c in difflib.get_close_matches(n, modules, n=3, cutoff=0.5)})
+            hint = f" Close names: {close}." if close else ""
+            raise KeyError(
+                f"distillers['{name}'] ({type(d).__name__}).{side}_taps names {missing}, which the "
+                f"{side} ({type(model).__name__}) does not have.{hint} Taps are names of "
+                f"{side}.named_modules(), e.g. {[n for n in modules if '.' not in n]}."
+            )
+
+
 def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
     """A distiller's forward must return ``{"loss_<method>[_<part>]": scalar tensor}``:
     detectron2's trainer adds every value of the loss dict to the loss it backpropagates and
@@ -305,6 +326,7 @@ class DistillationDetector(nn.Module):
                 raise ValueError(f"DistillationDetector supports RGB/BGR inputs, got {fmt!r}")
         self.flip_teacher_channels = s_fmt is not None and t_fmt != s_fmt
 
+        _check_taps(distillers, student, teacher)
         s_names = sorted({n for d in distillers.values() for n in d.student_taps(student)})
         t_names = sorted({n for d in distillers.values() for n in d.teacher_taps(teacher)})
         self._student_capture = FeatureCapture(student, s_names)
