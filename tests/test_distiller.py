@@ -341,8 +341,31 @@ def test_a_distiller_loss_key_that_clashes_is_an_error():
         student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"probe": _probe_distiller([], key="loss_cls")},
     ).train()
-    with EventStorage(), pytest.raises(KeyError, match="'probe' returned loss keys.*loss_cls.*one distiller per method"):
+    with EventStorage(), pytest.raises(KeyError, match=r"'probe' \(.*\) returned loss keys \['loss_cls'\] that the "
+                                                     r"student already returned.*name the distiller's losses"):
         model(make_inputs(n=1, size=(64, 64)))
+    # two distillers with one key: one per method
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"a": _probe_distiller([], key="loss_same"), "b": _probe_distiller([], key="loss_same")},
+    ).train()
+    with EventStorage(), pytest.raises(KeyError, match=r"'b' \(.*\) returned loss keys \['loss_same'\] that another "
+                                                     r"distiller already returned.*one distiller per method"):
+        model(make_inputs(n=1, size=(64, 64)))
+
+
+@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python >= 3.11")
+def test_any_error_from_bind_names_the_distiller():
+    class _Broken(Distiller):
+        def bind(self, student, teacher):
+            return student.no_such_attribute
+
+    with pytest.raises(AttributeError) as e:
+        DistillationDetector(
+            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            distillers={"mine": _Broken()},
+        )
+    assert "raised by distillers['mine'] (_Broken).bind(student, teacher)" in e.value.__notes__
 
 
 def test_teacher_images_pad_to_the_larger_size_divisibility():

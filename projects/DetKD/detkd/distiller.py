@@ -309,6 +309,10 @@ class DistillationDetector(nn.Module):
                 d.bind(student, teacher)
             except (ValueError, TypeError) as e:  # which of several distillers rejects the pair
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
+            except Exception as e:  # other types may not take one message: a note in the traceback
+                if hasattr(e, "add_note"):  # Python >= 3.11
+                    e.add_note(f"raised by distillers['{name}'] ({type(d).__name__}).bind(student, teacher)")
+                raise
         self.distillers = nn.ModuleDict(distillers)
         # What each distiller saves and trains, fixed once bound (see _check_distiller_state).
         self._bound_state = {name: _state_names(d) for name, d in distillers.items()}
@@ -475,6 +479,7 @@ class DistillationDetector(nn.Module):
         self._log_feature_correlation(student_taps, teacher_taps)
         # Distillation arithmetic in fp32, also under AMP (normalisation statistics).
         student_taps, teacher_taps = float_tensors(student_taps), float_tensors(teacher_taps)
+        student_keys = set(losses)
         with torch.autocast(images.tensor.device.type, enabled=False):
             for name, d in self.distillers.items():
                 d_losses = d(student_taps, teacher_taps, ctx)
@@ -482,11 +487,16 @@ class DistillationDetector(nn.Module):
                 self._check_distiller_state(name, d)
                 clash = set(d_losses) & set(losses)
                 if clash:
+                    if clash & student_keys:
+                        whose, fix = "the student", "name the distiller's losses loss_<method>[_<part>]"
+                    else:
+                        whose, fix = "another distiller", (
+                            "use one distiller per method (each covers several levels itself, e.g. "
+                            "PKD's num_levels / student_levels), or name each one's losses apart"
+                        )
                     raise KeyError(
-                        f"distiller '{name}' returned loss keys {sorted(clash)} that the student or "
-                        "another distiller already returned; loss keys must be unique: use one "
-                        "distiller per method (each covers several levels itself, e.g. PKD's "
-                        "num_levels / student_levels) and no 'loss_<method>_*' keys in the student"
+                        f"distiller '{name}' ({type(d).__name__}) returned loss keys {sorted(clash)} "
+                        f"that {whose} already returned; loss keys must be unique: {fix}"
                     )
                 losses.update(d_losses)
         return losses
