@@ -166,9 +166,10 @@ def _check_taps(distillers: Dict[str, Distiller], student: nn.Module, teacher: n
     model, without saying whose taps, nor which of two models of the same class)."""
     for side, model in (("student", student), ("teacher", teacher)):
         modules = [n for n, _ in model.named_modules() if n]
+        known = set(modules)
         for name, d in distillers.items():
             taps = d.student_taps(model) if side == "student" else d.teacher_taps(model)
-            missing = [n for n in taps if n not in modules]
+            missing = [n for n in taps if n not in known]
             if not missing:
                 continue
             close = sorted({c for n in missing for c in difflib.get_close_matches(n, modules, n=3, cutoff=0.5)})

@@ -220,13 +220,12 @@ def check_student_classes(cfg, model) -> None:
     never see its extra classes and evaluate against a wrong mapping. Datasets without
     ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
     """
-    n_student = _class_count(student_of(model))
+    student = student_of(model)
+    n_student = _class_count(student)
     for name in _dataset_names(cfg, "train") if n_student is not None else ():
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != n_student:
-            where = "model.student.roi_heads.num_classes" if hasattr(student_of(model), "roi_heads") else (
-                "model.student.num_classes"
-            )
+            where = "model.student." + ("roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes")
             raise ValueError(
                 f"The student predicts {n_student} classes but the training dataset {name!r} has "
                 f"{len(classes)} ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
