@@ -214,23 +214,30 @@ def _class_count(model):
 
 def check_student_classes(cfg, model) -> None:
     """
-    Fail when the student's class count differs from the training data's (the ``thing_classes``
+    Fail when the trained detector's class count (``model.student``'s, or a plain detector's)
+    differs from the training data's (the ``thing_classes``
     of the datasets ``dataloader.train.dataset.names`` names, once loaded): a student with fewer
     classes would crash or take the data's last classes for background, one with more would
     never see its extra classes and evaluate against a wrong mapping. Datasets without
     ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
     """
     student = student_of(model)
+    kd = isinstance(unwrap_model(model), DistillationDetector)
     n_student = _class_count(student)
     for name in _dataset_names(cfg, "train") if n_student is not None else ():
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != n_student:
-            where = "model.student." + ("roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes")
+            # the config key of the trained detector: model.student.* in a distillation config,
+            # model.* in a plain detector's (a teacher's or a baseline's)
+            where = ("model.student." if kd else "model.") + (
+                "roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes"
+            )
+            note = " (the teacher's class count is checked against its checkpoint)" if kd else ""
             raise ValueError(
-                f"The student predicts {n_student} classes but the training dataset {name!r} has "
-                f"{len(classes)} ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
-                f"Set {where} = {len(classes)} (the teacher's class count is checked against its "
-                "checkpoint)."
+                f"The {'student' if kd else 'model'} predicts {n_student} classes but the training "
+                f"dataset {name!r} has {len(classes)} "
+                f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
+                f"Set {where} = {len(classes)}{note}."
             )
 
 
