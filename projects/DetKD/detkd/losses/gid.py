@@ -638,8 +638,10 @@ class GIDDistiller(Distiller):
 
     Loss keys: ``loss_gid_feat``, ``loss_gid_relation``, ``loss_gid_response_cls``,
     ``loss_gid_response_reg``, and for FCOS ``loss_gid_response_ctr`` (soft BCE on the
-    centerness logits, METHODS.md 3.4). Event storage: ``gid/num_instances`` (GIs per image) and
-    ``gid/gt_overlap_ratio`` (share of GIs with IoU > 0.5 with a ground-truth box).
+    centerness logits, METHODS.md 3.4). Event storage: ``gid/num_instances`` (GIs per image),
+    ``gid/gt_overlap_ratio`` (share of GIs with IoU > 0.5 with a ground-truth box of their image)
+    and, with the response term, ``gid/num_response_positives`` (response-mask positives per
+    image).
     """
 
     def __init__(
