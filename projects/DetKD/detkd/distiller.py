@@ -407,9 +407,10 @@ class DistillationDetector(nn.Module):
 
         Returns:
             ImageList: tensor (N, 3, Hp, Wp) with the teacher's pixel mean/std and channel
-            order, padded as the student pads its own inputs (a multiple of both models' size
-            divisibility; the student's square padding, if any) so that feature maps of equal
-            stride have equal sizes on both sides. A teacher's own square padding (e.g. ViTDet's
+            order, padded to a multiple of the larger of the two models' size divisibilities
+            (the student's own padding when its divisibility is the larger one) and to the
+            student's square size, if any, so that feature maps of equal stride have equal
+            sizes on both sides (:meth:`_check_aligned` reports a pair where they do not). A teacher's own square padding (e.g. ViTDet's
             ``square_pad=1024``) is not applied: its maps would cover a larger area than the
             student's (METHODS.md 0: both inputs are padded to the same size).
         """

@@ -120,7 +120,7 @@ class _RowCrossEntropy(torch.autograd.Function):
     gradient) and row weights w (broadcast over the block's ``shape[:-1]``).
 
     Temporaries are block-sized; the backward allocates s's gradient once and writes each
-    block's ``w * T / s`` (0 where ``s <= 1e-12``, the clamp's gradient) into it. Autograd's
+    block's ``w * T / s`` (0 where ``s < 1e-12``, the clamp's gradient) into it. Autograd's
     version of the same formula keeps clamp, log and product tensors, and a full-size zero
     buffer per slice taken of s.
     """
