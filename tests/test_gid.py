@@ -145,8 +145,12 @@ def test_heterogeneous_pairs_are_clear_errors():
     del fcos.head.num_anchors
     with pytest.raises(ValueError, match="different heads.*selection='location', response=False.*PKD or ReviewKD"):
         _kd(teacher=fcos)
-    with pytest.raises(ValueError, match=r"different class counts \(3 vs 5\)"):
+    with pytest.raises(ValueError, match=r"different class counts \(3 vs 5\)\. Use"):
         _kd(teacher=tiny_retinanet_cfg(num_classes=5))
+    # an R-CNN of 3 classes counts 1 here (its RPN's objectness): the message says why
+    with pytest.raises(ValueError, match=r"different class counts \(1 vs 3\) \(an R-CNN's dense "
+                                         r"predictions are its RPN's: one class, objectness\)"):
+        _kd(student=tiny_faster_rcnn_cfg(num_classes=3))
     other = tiny_retinanet_cfg()
     other.anchor_generator.sizes = [[x] for x in [16, 32, 64, 128, 256]]
     other.head.num_anchors = 3

@@ -761,7 +761,9 @@ class GIDDistiller(Distiller):
         elif not self._same_anchors(student, teacher):
             problems.append("different anchors")
         if k(student) != k(teacher):
-            problems.append(f"different class counts ({k(student)} vs {k(teacher)})")
+            rcnn = isinstance(student, GeneralizedRCNN) or isinstance(teacher, GeneralizedRCNN)
+            rpn = " (an R-CNN's dense predictions are its RPN's: one class, objectness)" if rcnn else ""
+            problems.append(f"different class counts ({k(student)} vs {k(teacher)}){rpn}")
         if problems and self.selection == "location":
             if self.response:
                 raise ValueError(
