@@ -61,3 +61,16 @@ def test_inplace_change_detected_or_avoided_by_clone():
     expected = net.body(x)  # before relu_
     assert torch.allclose(cap["body"], expected)
     assert (expected < 0).any()
+
+
+def test_taps_recorded_under_inference_mode_are_readable():
+    """Tensors made under torch.inference_mode have no version counter: reading a tap recorded
+    there (a model's training-mode losses computed for validation under inference_mode) must
+    not fail; taps of normal tensors are still checked."""
+    net = Net()
+    cap = FeatureCapture(net, ["body", "head"])
+    x = torch.randn(1, 3, 4, 4)
+    with torch.inference_mode(), cap:
+        out = net(x)
+    assert cap["head"].is_inference() and torch.equal(cap["head"], out)
+    assert torch.equal(cap.as_dict()["body"], net.body(x))

@@ -642,3 +642,34 @@ def test_a_tap_that_names_no_submodule_is_an_error_naming_the_distiller_and_side
             distillers={"good": _TapsDistiller(), "bad": _TapsDistiller(**taps)},
         )
     assert re.search(r"distillers\['bad'\] " + match, str(e.value))
+
+
+def test_training_losses_under_inference_mode_equal_those_under_no_grad():
+    """A validation loss (training-mode forward) computed under torch.inference_mode, as the
+    student alone allows: every distiller reads its taps and gives the same losses as under
+    torch.no_grad, and training goes on afterwards."""
+    from detkd.losses import GIDDistiller, ReviewKDDistiller
+
+    torch.manual_seed(0)
+    model = instantiate(L(DistillationDetector)(
+        student=tiny_retinanet_cfg(),
+        teacher=tiny_retinanet_cfg(width=32, fpn=128),
+        distillers={"pkd": L(PKDDistiller)(), "reviewkd": L(ReviewKDDistiller)(), "gid": L(GIDDistiller)()},
+    )).train()
+    for m in model.modules():  # BatchNorm statistics would change between the two passes
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
+    inputs = make_inputs(n=2, size=(96, 128), empty=(1,))
+    with EventStorage():
+        model.student.loss_normalizer = 100.0  # an EMA the student updates every pass
+        with torch.no_grad():
+            expected = model(inputs)
+        model.student.loss_normalizer = 100.0
+        with torch.inference_mode():
+            got = model(inputs)
+        assert set(got) == set(expected) and {"loss_pkd", "loss_reviewkd", "loss_gid_feat"} <= set(got)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+        losses = model(inputs)
+    sum(losses.values()).backward()
+    assert model.distillers["gid"].adapter.weight.grad is not None

@@ -34,6 +34,13 @@ def _tensors(obj) -> List[torch.Tensor]:
     return out
 
 
+def _versions(obj) -> List[int]:
+    """The version counters of the tensors inside ``obj``; -1 for an inference tensor (made
+    under ``torch.inference_mode``, e.g. a validation loss computed in training mode), which
+    has none: its in-place changes cannot be detected."""
+    return [-1 if t.is_inference() else t._version for t in _tensors(obj)]
+
+
 class FeatureCapture:
     """
     Record the outputs of named submodules of a model through forward hooks.
@@ -52,6 +59,7 @@ class FeatureCapture:
     the student). A later in-place op on a captured tensor would silently change what a distiller
     reads; this is detected through the tensor's version counter and reported as an error when
     the tap is read. Pass ``clone=True`` to store copies instead (costs one copy of the tap).
+    Outputs made under ``torch.inference_mode`` have no version counter and are not checked.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, clone: bool = False):
@@ -82,7 +90,7 @@ class FeatureCapture:
             if self.clone:
                 output = _map_tensors(lambda t: t.clone(), output)
             self._outputs[name] = output
-            self._versions[name] = [t._version for t in _tensors(output)]
+            self._versions[name] = _versions(output)
 
         return hook
 
@@ -123,7 +131,7 @@ class FeatureCapture:
                 f"(the model never called that submodule). Recorded: {sorted(self._outputs)}"
             )
         out = self._outputs[name]
-        now = [t._version for t in _tensors(out)]
+        now = _versions(out)
         if now != self._versions[name]:
             raise RuntimeError(
                 f"FeatureCapture: an output of '{name}' was modified in place after it was "
