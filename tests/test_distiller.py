@@ -673,3 +673,36 @@ def test_training_losses_under_inference_mode_equal_those_under_no_grad():
         losses = model(inputs)
     sum(losses.values()).backward()
     assert model.distillers["gid"].adapter.weight.grad is not None
+
+
+def test_clone_taps_for_a_student_that_changes_a_tap_in_place():
+    """A student that changes its FPN output in place after the backbone (here a pre-hook on the
+    head adds 0.5 to p3) stops with an error naming model.clone_taps; with clone_taps=True, PKD
+    reads the backbone's output as recorded: its loss equals that of the unchanged student."""
+    torch.manual_seed(0)
+    cfg = L(DistillationDetector)(
+        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(), distillers={"pkd": L(PKDDistiller)()},
+    )
+    plain = instantiate(cfg).train()
+    state = plain.state_dict()
+    inputs = make_inputs(n=2, size=(96, 128))
+    with EventStorage():
+        expected = plain(inputs)["loss_pkd"]
+
+    def bump_p3(module, args):
+        args[0][0].add_(0.5)  # the head's input list: p3 first
+
+    for clone in (False, True):
+        cfg.clone_taps = clone
+        model = instantiate(cfg).train()
+        model.load_state_dict(state)
+        model.teacher.load_state_dict(plain.teacher.state_dict())
+        model.student.head.register_forward_pre_hook(bump_p3)
+        with EventStorage():
+            if not clone:
+                with pytest.raises(RuntimeError, match=r"'backbone' was modified in place.*model\.clone_taps=True"):
+                    model(inputs)
+                continue
+            got = model(inputs)["loss_pkd"]
+    torch.testing.assert_close(got, expected)
+    assert got.requires_grad

@@ -135,7 +135,8 @@ class FeatureCapture:
         if now != self._versions[name]:
             raise RuntimeError(
                 f"FeatureCapture: an output of '{name}' was modified in place after it was "
-                "recorded; construct the capture with clone=True for this model."
+                "recorded; construct the capture with clone=True for this model (in a "
+                "DistillationDetector: set model.clone_taps=True)."
             )
         return out
 

@@ -257,6 +257,7 @@ class DistillationDetector(nn.Module):
         student_input_format: Optional[str] = None,
         diag_period: int = 20,
         teacher_precision: str = "fp32",
+        clone_taps: bool = False,
     ):
         """
         Args:
@@ -283,6 +284,10 @@ class DistillationDetector(nn.Module):
                 under ``torch.autocast`` with that dtype (about half the teacher's time on GPUs
                 with tensor cores). Its outputs are cast back to fp32 before the distillers.
                 Under AMP training the teacher follows the step's precision anyway.
+            clone_taps (bool): record copies of the tapped outputs (``FeatureCapture(...,
+                clone=True)``), for a detector that changes a tapped output in place after the
+                tap (the step then stops with an error saying so); costs one copy of each tap
+                per step.
         """
         super().__init__()
         if teacher_precision not in _TEACHER_DTYPES:
@@ -334,8 +339,8 @@ class DistillationDetector(nn.Module):
         _check_taps(distillers, student, teacher)
         s_names = sorted({n for d in distillers.values() for n in d.student_taps(student)})
         t_names = sorted({n for d in distillers.values() for n in d.teacher_taps(teacher)})
-        self._student_capture = FeatureCapture(student, s_names)
-        self._teacher_capture = FeatureCapture(teacher, t_names)
+        self._student_capture = FeatureCapture(student, s_names, clone=clone_taps)
+        self._teacher_capture = FeatureCapture(teacher, t_names, clone=clone_taps)
 
         self.diag_period = diag_period
         # Levels of equal stride of the two backbones, when some distiller reads both: their
