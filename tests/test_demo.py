@@ -271,3 +271,52 @@ def test_demo_rejects_an_override_train_net_would_refuse_before_training(tmp_pat
         demo.main(out + ["model.distillers.pkd.loss_wieght=10"])
     with pytest.raises(SystemExit, match=r"\[demo\] .*_retinanet\.py: Override 'train\.max_ite'.*'train\.max_iter'"):
         demo.main(out + ["train.max_ite=5"])
+
+
+def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    # `cd experiments; python -m detkd.repro CONFIG train.teacher_checkpoint=teacher.pth`: the
+    # runs start in the repository root, where 'teacher.pth' is another file or none (the
+    # distilled run failed with "not found" for a file that is there, after the baseline trained)
+    from detkd import demo, repro
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "teacher.pth").write_bytes(b"")
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, check, cwd):
+        calls.append((cmd, cwd))
+        if len(calls) == 2:
+            raise Stop
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    opts = ["train.teacher_checkpoint=ckpt/teacher.pth", "train.max_iter=5", "train.init_checkpoint=",
+            "dataloader.train.total_batch_size=2"]
+    with pytest.raises(Stop):
+        repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *opts, "--output", str(tmp_path / "o")])
+    (_, cwd), (distilled, _) = calls
+    assert cwd == REPO
+    teacher = str(tmp_path / "ckpt" / "teacher.pth")
+    assert distilled[-4:] == [f"train.teacher_checkpoint={teacher}", *opts[1:]]
+    assert os.path.isfile(os.path.join(cwd, distilled[-4].split("=", 1)[1]))
+
+    seen = []
+
+    def fake_train(config, output_dir, opts, force, log):
+        seen.append(list(opts))
+        raise Stop
+
+    monkeypatch.setattr(demo, "_train", fake_train)
+    with pytest.raises(Stop):
+        demo.main(["--output", str(tmp_path / "demo"), "--", "train.init_checkpoint=ckpt/teacher.pth"])
+    assert seen == [[f"train.init_checkpoint={teacher}"]]
+    # values that are literals, absolute, URLs or not files here are kept as they are
+    (tmp_path / "5").write_text("")
+    keep = ["train.max_iter=5", "train.init_checkpoint=/x/y.pth", "train.init_checkpoint=detectron2://a.pkl",
+            "train.init_checkpoint=nope.pth", "+foo=ckpt"]
+    assert demo.paths_from_here(keep) == keep[:4] + [f"+foo={tmp_path / 'ckpt'}"]
+    monkeypatch.chdir(REPO)  # from the repository root, nothing changes
+    assert demo.paths_from_here(["train.init_checkpoint=configs"]) == ["train.init_checkpoint=configs"]

@@ -23,6 +23,7 @@ or override retrains them, as does a teacher trained again since) are reused, so
     python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2] [--heldout 1024]
 """
 import argparse
+import ast
 import glob
 import json
 import math
@@ -33,7 +34,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides"]
+__all__ = [
+    "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
+    "paths_from_here",
+]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -101,6 +105,28 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
             check_override_keys(_LOADED[os.path.abspath(c)], applicable_overrides(c, opts))
         except KeyError as e:
             raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
+
+
+def paths_from_here(opts: Sequence[str]) -> List[str]:
+    """
+    ``opts`` with each ``key=value`` whose value names an existing file or folder relative to
+    the working directory given as that absolute path. The runs (``train_net.py``) start in the
+    repository root, where a relative path (``train.teacher_checkpoint=teacher.pth`` typed in
+    another folder) would name another file, or none. Values that are Python literals
+    (numbers, booleans, quoted strings), absolute paths and URLs are kept, as are all values
+    when the working directory is the repository root.
+    """
+    out = []
+    for o in opts:
+        key, sep, value = o.partition("=")
+        if sep and value and not os.path.isabs(value) and "://" not in value and os.path.exists(value):
+            try:
+                ast.literal_eval(value)
+            except (ValueError, SyntaxError):  # not a literal: a path
+                if os.path.abspath(value) != os.path.abspath(os.path.join(REPO, value)):
+                    o = f"{key}={os.path.abspath(value)}"
+        out.append(o)
+    return out
 
 
 _COMMAND_FILE = "demo_command.json"  # a finished run's train_net.py arguments
@@ -272,6 +298,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
+    args.opts = paths_from_here(args.opts)  # the runs start in the repository root
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     out = os.path.abspath(args.output)

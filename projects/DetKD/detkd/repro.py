@@ -7,7 +7,9 @@ The baseline twin is found by name next to the config (``<student>_from_<teacher
 given with ``--baseline``. Before anything trains, the pair is checked to share the seed (a
 fixed one), schedule, initialisation, training data, optimizer and student (:func:`check_pair`),
 after the overrides. The teacher is evaluated once before distillation
-(``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. Usage::
+(``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. The runs
+start in the repository root; configs, ``--output`` and the override values that name files
+here (``train.teacher_checkpoint=T.pth``) are taken relative to the working directory. Usage::
 
     python -m detkd.repro configs/PKD/retinanet_R50_from_retinanet_R101_2x.py --num-gpus 8
     python -m detkd.repro configs/demo/pkd_retinanet.py train.max_iter=300 \\
@@ -20,7 +22,7 @@ import re
 import subprocess
 import sys
 
-from .demo import REPO, applicable_overrides, check_overrides, final_metrics
+from .demo import REPO, applicable_overrides, check_overrides, final_metrics, paths_from_here
 
 __all__ = ["baseline_of", "check_pair", "main"]
 
@@ -133,6 +135,7 @@ def main(argv=None):
     config = _resolve(args.config)  # a missing config is reported as such, before its twin
     baseline = _resolve(args.baseline or baseline_of(args.config))
     args.config = config
+    args.opts = paths_from_here(args.opts)  # paths as given here, not from the repository root
     check_overrides([baseline, args.config], args.opts, tool="repro")
     check_pair(args.config, baseline, args.opts)
     name = os.path.basename(args.config)[:-3]
