@@ -235,7 +235,8 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
         repro.main(["configs/demo/d3etr_detr.py", "--baseline", "configs/demo/student_retinanet.py", *out])
     # overrides for both runs keep a pair paired; one for the baseline only would not
     repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
-                     os.path.join(REPO, "configs/demo/student_retinanet.py"), ["train.max_iter=5", "train.seed=3"])
+                     os.path.join(REPO, "configs/demo/student_retinanet.py"),
+                     ["train.max_iter=5", "train.seed=3", "train.teacher_checkpoint=", "train.teacher_random_init=True"])
     with pytest.raises(SystemExit, match=r"model\.student differ"):
         repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
                          os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.head.prior_prob=0.1"])
@@ -320,3 +321,33 @@ def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, m
     assert demo.paths_from_here(keep) == keep[:4] + [f"+foo={tmp_path / 'ckpt'}"]
     monkeypatch.chdir(REPO)  # from the repository root, nothing changes
     assert demo.paths_from_here(["train.init_checkpoint=configs"]) == ["train.init_checkpoint=configs"]
+
+
+def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path, monkeypatch):
+    # the distilled run trains second: a missing teacher failed it only after the baseline's
+    # whole schedule (hours on the COCO configs)
+    from detkd import repro
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    config, out = os.path.join(REPO, "configs/demo/pkd_retinanet.py"), ["--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"the teacher checkpoint .*missing\.pth of pkd_retinanet\.py does not exist"):
+        repro.main([config, f"train.teacher_checkpoint={tmp_path / 'missing.pth'}", *out])
+    with pytest.raises(SystemExit, match=r"teacher checkpoint nope/t\.pth .* \(train_net\.py looks for it under "):
+        repro.main([config, "train.teacher_checkpoint=nope/t.pth", *out])
+    with pytest.raises(SystemExit, match=r"train\.teacher_checkpoint of pkd_retinanet\.py is empty"):
+        repro.main([config, "train.teacher_checkpoint=", *out])
+    # a file that exists, a URL, or an empty one with a random teacher asked for: the runs start
+    calls = []
+
+    def fake_run(cmd, check, cwd):
+        calls.append(cmd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    (tmp_path / "t.pth").write_bytes(b"")
+    for opts in (["train.teacher_checkpoint=t.pth"], ["train.teacher_checkpoint=detectron2://x/model_final.pkl"],
+                 ["train.teacher_checkpoint=", "train.teacher_random_init=True"]):
+        with pytest.raises(KeyboardInterrupt):
+            repro.main([config, *opts, *out])
+    assert len(calls) == 3

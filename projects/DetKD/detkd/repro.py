@@ -75,7 +75,8 @@ def check_pair(config: str, baseline: str, opts) -> None:
     SystemExit unless ``config`` (with the overrides of ``opts`` that apply to it) distils and
     ``baseline`` trains the same student alone with the same seed (a fixed one: a negative
     ``train.seed`` draws one per run), schedule, initialisation, training data and optimizer,
-    and unless ``train_net.py`` accepts the overrides of each (:func:`check_override_keys`).
+    unless ``train_net.py`` accepts the overrides of each (:func:`check_override_keys`), and
+    unless the distilled run's ``train.teacher_checkpoint`` is a URL or a file that exists.
     """
     from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
@@ -110,6 +111,21 @@ def check_pair(config: str, baseline: str, opts) -> None:
         raise SystemExit(
             f"[repro] {os.path.basename(baseline)} does not train the student of {os.path.basename(config)} "
             f"the same way: {', '.join(shown)} differ (distilled vs baseline)"
+        )
+
+    # The distilled run trains second: a teacher it cannot load would fail only after the
+    # baseline's whole schedule. A local file is looked up as train_net.py will, from the
+    # repository root (URLs are left to the run).
+    teacher = value(kd, "train.teacher_checkpoint") or ""
+    local = teacher[len("file://"):] if teacher.startswith("file://") else teacher
+    if not teacher and not value(kd, "train.teacher_random_init"):
+        raise SystemExit(f"[repro] train.teacher_checkpoint of {os.path.basename(config)} is empty: "
+                         "set train.teacher_checkpoint=<the teacher's weights>")
+    if teacher and "://" not in local and not os.path.isfile(os.path.join(REPO, local)):
+        raise SystemExit(
+            f"[repro] the teacher checkpoint {teacher} of {os.path.basename(config)} does not exist"
+            + ("" if os.path.isabs(local) else f" (train_net.py looks for it under {REPO})")
+            + ": train the teacher first, or set train.teacher_checkpoint=<the teacher's weights>"
         )
 
 
