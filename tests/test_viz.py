@@ -284,3 +284,52 @@ def test_view_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):  # the teacher's weights as --before
         viz.main(["pkd", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--before", t, "--after", s,
                   "--out", str(tmp_path / "pkd.png")])
+
+
+def test_view_option_errors_name_the_option(tmp_path):
+    """Wrong options are SystemExits naming the option, not tracebacks from fvcore, PIL or a
+    dict: a missing student checkpoint (an AssertionError), an output folder that does not
+    exist (a FileNotFoundError after the models ran), an image index past the test set (a bare
+    IndexError), levels the models do not have (KeyError), and a decoder layer past the last
+    (--layer 10 of 3 layers silently drew layer 1); --top 0 or -3 drew none or all but 3."""
+    import pytest
+    from detectron2.config import LazyConfig, instantiate
+
+    demo = f"{REPO}/configs/demo"
+    ck = {}
+    for name in ("pkd_retinanet", "d3etr_detr"):
+        cfg = LazyConfig.load(f"{demo}/{name}.py")
+        torch.manual_seed(0)
+        for role in ("teacher", "student"):
+            ck[name, role] = str(tmp_path / f"{name}_{role}.pth")
+            torch.save({"model": instantiate(cfg.model[role]).state_dict()}, ck[name, role])
+    t, s = ck["pkd_retinanet", "teacher"], ck["pkd_retinanet", "student"]
+    pkd = ["pkd", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--before", s, "--after", s]
+    out = ["--out", str(tmp_path / "v.png")]
+    with pytest.raises(SystemExit, match=r"\[viz pkd\] --after: no checkpoint file .*nope\.pth"):
+        viz.main(pkd[:-2] + ["--after", str(tmp_path / "nope.pth")] + out)
+    with pytest.raises(SystemExit, match=r"\[viz pkd\] --out .*: the folder .*nodir does not exist"):
+        viz.main(pkd + ["--out", str(tmp_path / "nodir" / "v.png")])
+    with pytest.raises(SystemExit, match=r"--index -1: an image index is 0 or more"):
+        viz.main(pkd + out + ["--index", "-1"])
+    small = tmp_path / "pkd_4_images.py"  # the demo's test set, 4 images of it
+    small.write_text(f"from detectron2.config import LazyConfig\ncfg = LazyConfig.load('{demo}/pkd_retinanet.py')\n"
+                     "model, dataloader = cfg.model, cfg.dataloader\ndataloader.test.dataset.names.num_images = 4\n")
+    with pytest.raises(SystemExit, match=r"--index 4: the config's test set has 4 images \(0 to 3\)"):
+        viz.main(["pkd", "--config", str(small)] + pkd[3:] + out + ["--index", "4"])
+    levels = r"the levels both models have are \['p3', 'p4', 'p5', 'p6', 'p7'\]"
+    with pytest.raises(SystemExit, match=rf"--levels p3 p9: {levels}"):
+        viz.main(pkd + out + ["--levels", "p3", "p9"])
+    assert not (tmp_path / "v.png").exists()
+    d3 = ["d3etr", "--config", f"{demo}/d3etr_detr.py", "--teacher", ck["d3etr_detr", "teacher"],
+          "--student", ck["d3etr_detr", "student"]] + out
+    layers = len(instantiate(LazyConfig.load(f"{demo}/d3etr_detr.py").model.teacher).transformer.decoder.layers)
+    with pytest.raises(SystemExit, match=rf"--layer {layers}: the teacher's decoder has {layers} layers"):
+        viz.main(d3 + ["--layer", str(layers)])
+    with pytest.raises(SystemExit, match=rf"--layer -{layers + 1}: "):
+        viz.main(d3 + ["--layer", str(-layers - 1)])
+    for top in ("0", "-3"):
+        with pytest.raises(SystemExit, match=rf"--top {top}: draw at least 1 pair"):
+            viz.main(d3 + ["--top", top])
+    viz.main(d3 + ["--layer", str(-layers)])  # the first layer, counted from the last
+    assert (tmp_path / "v.png").stat().st_size > 1000

@@ -149,16 +149,35 @@ def draw_boxes(
 
 
 def _load_image(cfg, index: int):
+    """The test loader's ``index``-th batch (one image); SystemExit with the test set's size if
+    there is none."""
     from detectron2.config import instantiate
 
     cfg.dataloader.test.num_workers = 0
     cfg.dataloader.test.mapper.is_train = True  # keep the annotations, for the GT overlay
     cfg.dataloader.test.mapper.augmentations = []
     loader = instantiate(cfg.dataloader.test)
+    k = -1
     for k, inputs in enumerate(loader):
         if k == index:
             return inputs
-    raise IndexError(index)
+    raise SystemExit(f"[viz] --index {index}: the config's test set has {k + 1} images (0 to {k})")
+
+
+def _check_args(args):
+    """SystemExit naming the option, before anything loads: a checkpoint file that does not
+    exist, an output folder that does not exist, an index or count out of range."""
+    for opt in ("teacher", "before", "after", "student"):
+        path = getattr(args, opt, None)
+        if path and "://" not in path and not os.path.isfile(path):
+            raise SystemExit(f"[viz {args.view}] --{opt}: no checkpoint file {path}")
+    folder = os.path.dirname(args.out)
+    if folder and not os.path.isdir(folder):
+        raise SystemExit(f"[viz {args.view}] --out {args.out}: the folder {folder} does not exist")
+    if args.index < 0:
+        raise SystemExit(f"[viz {args.view}] --index {args.index}: an image index is 0 or more")
+    if getattr(args, "top", 1) < 1:
+        raise SystemExit(f"[viz {args.view}] --top {args.top}: draw at least 1 pair")
 
 
 def _kd_config(args):
@@ -224,7 +243,10 @@ def _pkd_view(args):
                 for k, v in m.backbone(images.tensor).items()
             }
     img = _rgb(s_fmt, inputs)
-    levels = args.levels or sorted(set(rows["teacher"]) & set(rows["student alone"]))[:4]
+    common = sorted(set(rows["teacher"]) & set(rows["student alone"]))
+    levels = args.levels or common[:4]
+    if not set(levels) <= set(common):
+        raise SystemExit(f"[viz pkd] --levels {' '.join(levels)}: the levels both models have are {common}")
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
 
@@ -318,7 +340,11 @@ def _d3etr_view(args):
         with s_cap:
             model.student(inputs)
     t, s = t_cap["head"], s_cap["head"]
-    l = args.layer % t["pred_logits"].shape[0]  # -1 = the last layer
+    layers = t["pred_logits"].shape[0]
+    if not -layers <= args.layer < layers:
+        raise SystemExit(f"[viz d3etr] --layer {args.layer}: the teacher's decoder has {layers} layers "
+                         f"(0 to {layers - 1}, or -{layers} to -1 from the last)")
+    l = args.layer % layers  # -1 = the last layer
     ti, si, _ = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
                           s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
     pairs = torch.stack([ti[0, 0], si[0, 0]], 1).cpu()  # (P, 2) of image 0
@@ -349,7 +375,7 @@ def main(argv=None):
     p.add_argument("--before", required=True, help="the student trained alone")
     p.add_argument("--after", required=True, help="the distilled student")
     p.add_argument("--index", type=int, default=0, help="test image index")
-    p.add_argument("--levels", nargs="*")
+    p.add_argument("--levels", nargs="*", help="FPN levels to draw (default: the first 4 both models have)")
     p.add_argument("--out", default="pkd_fpn.png")
     g = sub.add_parser("gid", help="selected general instances on an image")
     g.add_argument("--config", required=True, help="a config with a GIDDistiller")
@@ -362,10 +388,11 @@ def main(argv=None):
     d.add_argument("--teacher", required=True)
     d.add_argument("--student", required=True)
     d.add_argument("--index", type=int, default=0)
-    d.add_argument("--layer", type=int, default=-1)
-    d.add_argument("--top", type=int, default=8)
+    d.add_argument("--layer", type=int, default=-1, help="decoder layer (-1: the last)")
+    d.add_argument("--top", type=int, default=8, help="the most confident teacher queries drawn")
     d.add_argument("--out", default="d3etr_matches.png")
     args = parser.parse_args(argv)
+    _check_args(args)
     {"pkd": _pkd_view, "gid": _gid_view, "d3etr": _d3etr_view}[args.view](args)
 
 
