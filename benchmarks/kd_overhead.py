@@ -311,6 +311,14 @@ def _steps(model, batch, device):
     return student_step, teacher_forward, kd_step, opt_s, opt_kd, distiller_state
 
 
+def check_methods(methods, available, tool):
+    """SystemExit naming the ``methods`` (``--methods``) that are none of ``available``: a typo
+    gave an empty table."""
+    unknown = [m for m in methods or [] if m not in available]
+    if unknown:
+        raise SystemExit(f"[{tool}] --methods {' '.join(unknown)}: no such method here; available: {sorted(available)}")
+
+
 def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
@@ -342,7 +350,7 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
     return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_s=mem_s, mem_kd=mem_kd, spread=spread)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3,
@@ -357,20 +365,21 @@ def main():
     parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
                         help="LazyConfig overrides, each for the configs where its parent key exists, "
                         "e.g. model.distillers.d3etr.fixed_matching=False")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         # the cores this process may use (taskset, Slurm), not all of the machine's
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
         torch.set_num_threads(max(1, len(cores)))
 
-    runs = []
+    runs, available = [], set()
     for path in sorted(glob.glob(os.path.join(REPO, "configs/demo/*_*.py"))):
         name = os.path.basename(path)[:-3]
         method = name.split("_")[0]
-        if name.startswith("_") or method in ("teacher", "student") or (
-            args.methods and method not in args.methods
-        ):
+        if name.startswith("_") or method in ("teacher", "student"):
+            continue
+        available.add(method)
+        if args.methods and method not in args.methods:
             continue
         runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None, []))
         if not args.no_variants:
@@ -380,6 +389,7 @@ def main():
         for method, path in LARGE.items():
             if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
                 runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640, []))
+    check_methods(args.methods, available, "kd_overhead")
 
     if args.opts:
         check_overrides(sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead")

@@ -156,14 +156,14 @@ def report(title, config, device, batch_size, image_size, steps, top):
             print(f"      {row[0][:64]:<64s} {row[col] / 1e3:+8.2f} ms  {row[3]:+6.0f}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="the R50/R101 pairs instead of the demo configs")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps of each kind")
     parser.add_argument("--top", type=int, default=15, help="rows per table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs = []
     if args.large:
@@ -174,6 +174,7 @@ def main():
             method = name.split("_")[0]
             if not name.startswith("_") and method not in ("teacher", "student"):
                 runs.append((method, f"demo {name}", os.path.relpath(path, kd_overhead.REPO), 8, 128))
+    kd_overhead.check_methods(args.methods, {r[0] for r in runs}, "kd_profile")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
     for method, title, path, batch_size, image_size in runs:
         if args.methods and method not in args.methods:

@@ -218,3 +218,24 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two(tmp_path):
             f.write(json.dumps({"time": t, "iteration": 1}) + "\n")
         f.write(json.dumps({"bbox/AP": 1.0}) + "\n")
     assert abs(_seconds_per_iter(str(tmp_path)) - 0.25) < 1e-12
+
+
+def test_a_mistyped_method_is_an_error_not_an_empty_table(monkeypatch, capsys):
+    # `kd_overhead.py --methods gdi` printed the header and no row, and exited 0
+    import sys
+
+    import pytest
+
+    kd_overhead, kd_profile = _kd_overhead(), _benchmark("kd_profile")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for module, tool, argv in ((kd_overhead, "kd_overhead", ["--methods", "gid", "gdi", "--device", "cpu"]),
+                               (kd_profile, "kd_profile", ["--methods", "gid", "gdi", "--device", "cpu"]),
+                               (kd_profile, "kd_profile", ["--methods", "pkdgid", "--large", "--device", "cpu"])):
+        monkeypatch.setattr(sys, "argv", [tool + ".py", *argv])
+        monkeypatch.setattr(module, "bench" if tool == "kd_overhead" else "report",
+                            lambda *a, **k: pytest.fail("nothing may run"))
+        bad = argv[2] if argv[2] != "--large" else "pkdgid"
+        with pytest.raises(SystemExit, match=rf"\[{tool}\] --methods {bad}: no such method here; available: \[.*'gid'"):
+            module.main()
+    kd_overhead.check_methods(["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead")  # known ones pass
+    kd_overhead.check_methods(None, {"pkd"}, "kd_overhead")
