@@ -351,3 +351,16 @@ def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path
         with pytest.raises(KeyboardInterrupt):
             repro.main([config, *opts, *out])
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("method", ["student", "teacher"])
+def test_demo_rejects_the_teacher_and_the_student_as_methods(tmp_path, monkeypatch, method):
+    # `--methods student` trained configs/demo/student_retinanet.py twice into one folder (the
+    # student-alone row's and the "student + student" row's), the second retraining over the
+    # first with other arguments; `--methods teacher` retrained the teacher at the students' iterations
+    from detkd import demo
+
+    monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("nothing may train"))
+    with pytest.raises(SystemExit, match=rf"--methods {method}: the teacher and the student alone are in every "
+                                         r"table; methods are distillation configs: \['d3etr', 'gid', 'pkd'"):
+        demo.main(["--methods", "pkd", method, "--output", str(tmp_path / "demo")])

@@ -310,6 +310,10 @@ def main(argv=None):
 
     def family(method):
         """The detector family of a method's demo config: --detector, else any that exists."""
+        if method in ("teacher", "student"):  # its run folder is that of the table's own row
+            kd = sorted({os.path.basename(p).split("_")[0] for p in glob.glob(cfg("*_*"))} - {"", "teacher", "student"})
+            raise SystemExit(f"[demo] --methods {method}: the teacher and the student alone are in every table; "
+                             f"methods are distillation configs: {kd}")
         found = sorted(os.path.basename(p)[len(method) + 1:-3] for p in glob.glob(cfg(f"{method}_*")))
         if args.detector in found:
             return args.detector
