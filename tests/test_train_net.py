@@ -621,3 +621,35 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     msg = str(e.value)
     assert msg == ("The model predicts 3 classes but the training dataset 'detkd_test_two' has 2 "
                    "(cat, dog). Set model.roi_heads.num_classes = 2."), msg
+
+
+def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path):
+    # kd_diag/pearson_<level> is logged every diag_period iterations only: with detectron2's
+    # default smoothing, metrics.json / TensorBoard showed the median of the last 20 logged values
+    # (20 * diag_period iterations) under each iteration, not that iteration's correlation.
+    import numpy as np
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from detkd.engine import unwrap_model
+
+    out = tmp_path / "d"
+    cfg = _small_cfg(out, max_iter=3)
+    cfg.model.diag_period = 2
+    trainer = _run(cfg)
+    logged = {m["iteration"]: m["kd_diag/pearson_p3"] for m in _metrics(str(out)) if "kd_diag/pearson_p3" in m}
+    assert sorted(logged) == [0, 2]
+    # independently: the student before iteration 2's step (model_0000001.pth, saved after
+    # iteration 1) and the frozen teacher on the batch (every batch is the same 4 images)
+    kd = unwrap_model(trainer.model)
+    model = KDTrainer.build_model(cfg)
+    DetectionCheckpointer(model).load(str(out / "model_0000001.pth"))
+    batch = next(iter(KDTrainer.build_train_loader(cfg)))
+    with torch.no_grad():
+        student = model.student.train()
+        s = student.backbone(student.preprocess_image(batch).tensor)["p3"]
+        t = kd.teacher.backbone(kd.teacher_images(batch).tensor)["p3"]
+    expected = np.corrcoef(s.mean(1).flatten().numpy(), t.mean(1).flatten().numpy())[0, 1]
+    assert logged[2] == pytest.approx(expected, abs=1e-4)
+    raw = dict((it, v) for v, it in trainer.storage.history("kd_diag/pearson_p3").values())
+    assert logged == pytest.approx(raw, abs=1e-6) and abs(raw[2] - raw[0]) > 1e-4

@@ -279,7 +279,8 @@ class DistillationDetector(nn.Module):
             diag_period (int): every ``diag_period`` iterations, when some distiller reads the
                 backbone of both models, log the Pearson correlation between the student's and
                 the teacher's channel-mean activation maps of each level of equal stride
-                (``kd_diag/pearson_<level>``); 0 disables it.
+                (``kd_diag/pearson_<level>``, unsmoothed: metrics.json holds each logged
+                iteration's own value); 0 disables it.
             teacher_precision (str): "fp32", or "fp16" / "bf16" to run the teacher's forward
                 under ``torch.autocast`` with that dtype (about half the teacher's time on GPUs
                 with tensor cores). Its outputs are cast back to fp32 before the distillers.
@@ -564,7 +565,9 @@ class DistillationDetector(nn.Module):
                 a = F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=False)
             a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
             r = (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12)
-            put_scalar(f"kd_diag/pearson_{s}", r)
+            # logged every diag_period iterations only: unsmoothed, or the writers would show
+            # the median of the last 20 logged values (20 * diag_period iterations) under each
+            put_scalar(f"kd_diag/pearson_{s}", r, smoothing_hint=False)
 
     def export_student(self, path: str) -> None:
         """Write the student alone as a checkpoint that stock detectron2 loads
