@@ -653,3 +653,45 @@ def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path)
     assert logged[2] == pytest.approx(expected, abs=1e-4)
     raw = dict((it, v) for v, it in trainer.storage.history("kd_diag/pearson_p3").values())
     assert logged == pytest.approx(raw, abs=1e-6) and abs(raw[2] - raw[0]) > 1e-4
+
+
+def test_a_failed_write_of_the_last_checkpoint_tag_keeps_the_previous_tag(tmp_path, monkeypatch):
+    # fvcore's tag_last_checkpoint opens last_checkpoint with "w" (emptying it) and then writes
+    # the name: a failure in between (a full disk, a preemption) left an empty tag, which
+    # --resume cannot use, while the checkpoint it named was intact
+    from detectron2.utils.file_io import PathManager
+
+    out = tmp_path / "tag"
+    _run(_small_cfg(out, max_iter=2))
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    real_open = PathManager.open
+
+    class _FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+    def open_(path, mode="r", **kwargs):
+        f = real_open(path, mode, **kwargs)
+        return _FullDisk(f) if "last_checkpoint" in str(path) and "w" in mode else f
+
+    trainer = KDTrainer(_small_cfg(out, max_iter=4))
+    trainer.resume_or_load(resume=True)
+    monkeypatch.setattr(PathManager, "open", open_)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.train()  # the first save, model_0000003.pth, is written; its tag is not
+    monkeypatch.undo()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = KDTrainer(_small_cfg(out, max_iter=4))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2

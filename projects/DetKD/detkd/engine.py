@@ -319,6 +319,23 @@ class _RunCheckpointer(DetectionCheckpointer):
         _save(data, save_file)
         self.tag_last_checkpoint(basename)
 
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """fvcore's, written under a temporary name and then renamed (a local folder): its
+        ``open(..., "w")`` empties ``last_checkpoint`` before writing the name, so a failure in
+        between (a full disk, a preemption) left an empty tag that ``--resume`` cannot use."""
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        if "://" in save_file:  # another PathManager handler: fvcore's own write
+            return super().tag_last_checkpoint(last_filename_basename)
+        tmp = save_file + ".tmp"
+        try:
+            with self.path_manager.open(tmp, "w") as f:
+                f.write(last_filename_basename)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, save_file)
+
     def _check_finite(self, name) -> None:
         tensors = [
             (k, t)
