@@ -178,6 +178,29 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert hb[it] == pytest.approx(ha[it], rel=1e-5), (key, it)
 
 
+def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplog):
+    """A run of 5 iterations stopped before iteration 4 (last checkpoint: iteration 3), resumed
+    with train.max_iter=10: step 4 trains at the new schedule's lr (4/10 of the way: the base
+    lr), not the one the old schedule gave it (4/5: past the 80 % step, a tenth). Resumed past
+    train.max_iter, it trains nothing and says so."""
+    from detectron2.config import instantiate
+
+    _run(_small_cfg(tmp_path / "r", 5), interrupt=4)
+    cfg = _small_cfg(tmp_path / "r", 10)
+    multiplier = instantiate(cfg.lr_multiplier)
+    assert multiplier(4 / 5) == pytest.approx(0.1) and multiplier(4 / 10) == 1.0  # the case tested
+    resumed = _run(cfg, resume=True)
+    assert resumed.start_iter == 4
+    lr = dict((it, v) for v, it in resumed.storage.history("lr").values())
+    for it in range(4, 10):
+        assert lr[it] == pytest.approx(cfg.optimizer.lr * multiplier(it / 10), rel=1e-6), it
+
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        past = _run(_small_cfg(tmp_path / "r", 6), resume=True)
+    assert past.start_iter == 10
+    assert "has trained 10 iterations, more than train.max_iter=6" in caplog.text
+
+
 def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     cfg = _small_cfg(tmp_path / "t", max_iter=1)
     cfg.train.teacher_eval_at_start = True

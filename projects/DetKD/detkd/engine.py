@@ -512,6 +512,19 @@ class KDTrainer(DefaultTrainer):
             finally:
                 self.checkpointer.strict = False
             self.start_iter = self.iter + 1
+            # The optimizer's saved lr is the one the old schedule gave this step; with
+            # train.max_iter (or lr_multiplier) changed, the first resumed step would train at
+            # it. Set it from this config's schedule (the same value when nothing changed).
+            if isinstance(self.scheduler, LRMultiplier) and self.start_iter < self.max_iter:
+                for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                    group["lr"] = lr
+            if self.start_iter > self.max_iter:
+                logger.warning(
+                    f"--resume: the run in {self.cfg.train.output_dir!r} has trained "
+                    f"{self.start_iter} iterations, more than train.max_iter={self.max_iter}: "
+                    "nothing is trained, and its last checkpoint is evaluated and exported as "
+                    "this run's final model. To train on, raise train.max_iter."
+                )
         else:
             if not resume and self.checkpointer.has_checkpoint():
                 logger.warning(
