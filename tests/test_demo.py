@@ -364,3 +364,38 @@ def test_demo_rejects_the_teacher_and_the_student_as_methods(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=rf"--methods {method}: the teacher and the student alone are in every "
                                          r"table; methods are distillation configs: \['d3etr', 'gid', 'pkd'"):
         demo.main(["--methods", "pkd", method, "--output", str(tmp_path / "demo")])
+
+
+def test_paths_from_here_quotes_a_path_that_hydra_would_parse_as_syntax(tmp_path, monkeypatch):
+    # `cd "exp (2),a"; python -m detkd.repro CONFIG train.teacher_checkpoint=t.pth`: the absolute
+    # path passed on, unquoted, was a hydra parse error ('(') or a sweep (','), a traceback
+    # before anything ran; quoted, it reaches the config as that path
+    from detectron2.config import LazyConfig
+
+    from detkd import demo, repro
+
+    here = tmp_path / "exp (2),it's [a]"
+    here.mkdir()
+    (here / "t.pth").write_bytes(b"")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "t.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "plain")  # a path hydra reads as it is: unquoted, as before
+    assert demo.paths_from_here(["train.teacher_checkpoint=t.pth"]) == [
+        f"train.teacher_checkpoint={tmp_path / 'plain' / 't.pth'}"]
+    monkeypatch.chdir(here)
+    opts = demo.paths_from_here(["train.teacher_checkpoint=t.pth", "train.max_iter=5"])
+    assert opts[1] == "train.max_iter=5"
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py")), opts)
+    assert cfg.train.teacher_checkpoint == str(here / "t.pth") and cfg.train.max_iter == 5
+
+    calls = []
+
+    def fake_run(cmd, check, cwd):
+        calls.append(cmd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):  # the pair checks pass; the baseline starts
+        repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), "train.teacher_checkpoint=t.pth",
+                    "--output", str(tmp_path / "o")])
+    assert len(calls) == 1

@@ -110,7 +110,8 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
 def paths_from_here(opts: Sequence[str]) -> List[str]:
     """
     ``opts`` with each ``key=value`` whose value names an existing file or folder relative to
-    the working directory given as that absolute path. The runs (``train_net.py``) start in the
+    the working directory given as that absolute path (quoted where hydra's override grammar
+    needs it: a folder ``exp (2)``). The runs (``train_net.py``) start in the
     repository root, where a relative path (``train.teacher_checkpoint=teacher.pth`` typed in
     another folder) would name another file, or none. Values that are Python literals
     (numbers, booleans, quoted strings), absolute paths and URLs are kept, as are all values
@@ -124,9 +125,24 @@ def paths_from_here(opts: Sequence[str]) -> List[str]:
                 ast.literal_eval(value)
             except (ValueError, SyntaxError):  # not a literal: a path
                 if os.path.abspath(value) != os.path.abspath(os.path.join(REPO, value)):
-                    o = f"{key}={os.path.abspath(value)}"
+                    o = f"{key}={_override_value(os.path.abspath(value))}"
         out.append(o)
     return out
+
+
+def _override_value(path: str) -> str:
+    """``path`` as the value of a ``key=value`` override: as it is, or quoted where hydra's
+    override grammar would read some of its characters as syntax (a folder ``exp (2)`` or
+    ``a,b``: a parse error, a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        if parser.parse_overrides([f"k={path}"])[0].value() == path:
+            return path
+    except Exception:  # hydra's OverrideParseException
+        pass
+    return "'" + path.replace("'", "\\'") + "'"
 
 
 _COMMAND_FILE = "demo_command.json"  # a finished run's train_net.py arguments
