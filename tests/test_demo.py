@@ -314,11 +314,13 @@ def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, m
     with pytest.raises(Stop):
         demo.main(["--output", str(tmp_path / "demo"), "--", "train.init_checkpoint=ckpt/teacher.pth"])
     assert seen == [[f"train.init_checkpoint={teacher}"]]
-    # values that are literals, absolute, URLs or not files here are kept as they are
+    # values that are literals, absolute, URLs, not files here or bare words (a folder `cuda`
+    # here does not make train.device=cuda a path) are kept as they are
     (tmp_path / "5").write_text("")
+    (tmp_path / "cuda").mkdir()
     keep = ["train.max_iter=5", "train.init_checkpoint=/x/y.pth", "train.init_checkpoint=detectron2://a.pkl",
-            "train.init_checkpoint=nope.pth", "+foo=ckpt"]
-    assert demo.paths_from_here(keep) == keep[:4] + [f"+foo={tmp_path / 'ckpt'}"]
+            "train.init_checkpoint=nope.pth", "train.device=cuda", "+foo=ckpt", "+foo=./ckpt"]
+    assert demo.paths_from_here(keep) == keep[:6] + [f"+foo={tmp_path / 'ckpt'}"]
     monkeypatch.chdir(REPO)  # from the repository root, nothing changes
     assert demo.paths_from_here(["train.init_checkpoint=configs"]) == ["train.init_checkpoint=configs"]
 

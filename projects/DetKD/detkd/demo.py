@@ -114,13 +114,15 @@ def paths_from_here(opts: Sequence[str]) -> List[str]:
     needs it: a folder ``exp (2)``). The runs (``train_net.py``) start in the
     repository root, where a relative path (``train.teacher_checkpoint=teacher.pth`` typed in
     another folder) would name another file, or none. Values that are Python literals
-    (numbers, booleans, quoted strings), absolute paths and URLs are kept, as are all values
-    when the working directory is the repository root.
+    (numbers, booleans, quoted strings), bare words without ``/`` or ``.`` (``cuda``, a dataset
+    name, even where a file of that name is here), absolute paths and URLs are kept, as are all
+    values when the working directory is the repository root.
     """
     out = []
     for o in opts:
         key, sep, value = o.partition("=")
-        if sep and value and not os.path.isabs(value) and "://" not in value and os.path.exists(value):
+        pathlike = "/" in value or os.sep in value or "." in value  # not a bare word: `cuda`
+        if sep and pathlike and not os.path.isabs(value) and "://" not in value and os.path.exists(value):
             try:
                 ast.literal_eval(value)
             except (ValueError, SyntaxError):  # not a literal: a path
