@@ -76,6 +76,20 @@ def test_pkd_resizes_student_bilinearly_and_sums_levels():
     assert total == pytest.approx(pkd_level_loss(up, t1).item() + pkd_level_loss(s2, t2).item(), rel=1e-6)
 
 
+def test_pkd_resizes_maps_that_differ_in_width_only():
+    # (4, 5) vs (4, 6): the heights agree, so comparing heights alone skipped the resize and
+    # broadcast a width-1 map over the other (a wrong value) or failed on a raw shape error
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(2, 3, 4, 6, generator=g)
+    for w in (5, 1):
+        s = torch.randn(2, 3, 4, w, generator=g)
+        up = F.interpolate(s, size=(4, 6), mode="bilinear", align_corners=False)
+        assert pkd_level_loss(s, t).item() == pytest.approx(pkd_level_loss(up, t).item(), rel=1e-6)
+        down = F.interpolate(t, size=(4, w), mode="bilinear", align_corners=False)
+        got = pkd_level_loss(s, t, resize_student=False).item()
+        assert got == pytest.approx(pkd_level_loss(s, down).item(), rel=1e-6)
+
+
 def test_pkd_gradient_through_statistics():
     # Gradients flow through the student's mean and std (not detached): check numerically.
     g = torch.Generator().manual_seed(3)

@@ -55,9 +55,9 @@ def pkd_level_loss(
 
     Args:
         feat_s (Tensor): student map, shape (N, C, Hs, Ws).
-        feat_t (Tensor): teacher map, shape (N, C, H, W). If ``Hs != H`` the student map is
-            resized bilinearly to (H, W) (``resize_student=True``) or the teacher map to
-            (Hs, Ws) otherwise.
+        feat_t (Tensor): teacher map, shape (N, C, H, W). If ``(Hs, Ws) != (H, W)`` the
+            student map is resized bilinearly to (H, W) (``resize_student=True``) or the teacher
+            map to (Hs, Ws) otherwise.
 
     Returns:
         Tensor: scalar.
@@ -67,7 +67,7 @@ def pkd_level_loss(
             f"PKD: student map {tuple(feat_s.shape)} and teacher map {tuple(feat_t.shape)} "
             "differ in batch size or channels (use an adapter for channels)"
         )
-    if feat_s.shape[2] != feat_t.shape[2]:
+    if feat_s.shape[2:] != feat_t.shape[2:]:  # also maps of equal height, other width
         if resize_student:
             feat_s = F.interpolate(feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False)
         else:
