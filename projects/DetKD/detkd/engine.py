@@ -111,9 +111,6 @@ def check_override_keys(cfg, overrides) -> None:
     ``train.cudnn_benchmark``). Each override is checked against the config as the overrides
     before it leave it (``model.distillers={...} model.distillers.pkd.loss_weight=5``).
     """
-    import copy
-    import difflib
-
     from detectron2.config import LazyConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig, OmegaConf
@@ -573,12 +570,7 @@ class KDTrainer(DefaultTrainer):
             ret.append(ExportStudentHook(cfg.train.output_dir))
         ret.append(_EvalHook(cfg.train.eval_period, test_and_save_results))
         if comm.is_main_process():
-            ret.append(
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, self.max_iter),
-                    period=cfg.train.log_period,
-                )
-            )
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.train.log_period))
         return ret
 
     def build_writers(self):
