@@ -41,7 +41,6 @@ import warnings
 import torch
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import build_detection_train_loader
 from detectron2.utils.events import EventStorage, get_event_storage
 
 from detkd.demo import applicable_overrides, check_overrides

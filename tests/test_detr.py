@@ -1,5 +1,4 @@
 """Conditional DETR and D3ETR: matching vs brute force, attention maps, query groups, losses."""
-import copy
 import itertools
 
 import numpy as np

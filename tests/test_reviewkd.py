@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from detkd import DistillationDetector, export_student
 from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
 
-from conftest import BackboneOnlyDetector, history, load_config, short_train, make_inputs, tiny_retinanet_cfg
+from conftest import BackboneOnlyDetector, history, short_train, make_inputs, tiny_retinanet_cfg
 
 
 def _pool(x, p):
