@@ -6,15 +6,12 @@ need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head, ``"proposal_
 for the RPN, ``"anchor_generator"``, DETR decoder layers ...) and :class:`FeatureCapture` records
 those outputs while the detector runs unchanged.
 """
-import logging
 from typing import Any, Dict, Iterable, List
 
 import torch
 from torch import nn
 
 __all__ = ["FeatureCapture"]
-
-logger = logging.getLogger(__name__)
 
 
 def _map_tensors(fn, obj):
