@@ -14,6 +14,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
+from ..capture import _map_tensors
+
 
 __all__ = [
     "Distiller",
@@ -169,13 +171,7 @@ def deferred_scalars():
 
 def float_tensors(obj):
     """Cast every floating tensor inside nested dicts / lists / tuples to fp32."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return type(obj)((k, float_tensors(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(float_tensors(v) for v in obj)
-    return obj
+    return _map_tensors(lambda t: t.float() if t.is_floating_point() else t, obj)
 
 
 def pair_fpn_levels(
