@@ -10,6 +10,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 
+from detkd import DistillationDetector
 from detkd.modeling.resnet import basic_resnet_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +82,19 @@ def build(cfg):
     model = instantiate(cfg)
     model.train()
     return model
+
+
+def tiny_kd(name, distiller, student=None, teacher=None):
+    """A DistillationDetector (train mode, seeded) with the one distiller ``name``, between two
+    tiny RetinaNets by default (the teacher wider)."""
+    torch.manual_seed(0)
+    return build(
+        L(DistillationDetector)(
+            student=student or tiny_retinanet_cfg(),
+            teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={name: distiller},
+        )
+    )
 
 
 def short_train(config, output_dir, iters=3):

@@ -10,21 +10,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 
-from detkd import DistillationDetector, PKDDistiller, export_student, load_student, load_teacher
+from detkd import PKDDistiller, export_student, load_student, load_teacher
 from detkd.checkpoint import TeacherCheckpointError, save_student
 
-from conftest import make_inputs, tiny_retinanet_cfg
+from conftest import make_inputs, tiny_kd, tiny_retinanet_cfg
 
 
 def _kd():
-    torch.manual_seed(0)
-    return instantiate(
-        L(DistillationDetector)(
-            student=tiny_retinanet_cfg(),
-            teacher=tiny_retinanet_cfg(width=32, fpn=128),
-            distillers={"pkd": L(PKDDistiller)()},
-        )
-    )
+    return tiny_kd("pkd", L(PKDDistiller)())
 
 
 def _write_zoo_pkl(model, path):

@@ -6,14 +6,14 @@ import torch
 from torchvision.ops import box_iou
 
 from detectron2.config import LazyCall as L
-from detectron2.config import instantiate
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from detkd import DistillationDetector
 from detkd.losses import GIDDistiller, relation_loss, select_general_instances
 
-from conftest import history, load_config, short_train, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+from conftest import (
+    history, load_config, short_train, make_inputs, tiny_faster_rcnn_cfg, tiny_kd, tiny_retinanet_cfg,
+)
 
 
 def test_selection_winners_nms_topk_and_empty_images():
@@ -79,14 +79,7 @@ def test_relation_loss_batched_over_images_is_mean_of_per_image_losses():
 
 
 def _kd(student=None, teacher=None, **kw):
-    torch.manual_seed(0)
-    return instantiate(
-        L(DistillationDetector)(
-            student=student or tiny_retinanet_cfg(),
-            teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
-            distillers={"gid": L(GIDDistiller)(**kw)},
-        )
-    ).train()
+    return tiny_kd("gid", L(GIDDistiller)(**kw), student, teacher)
 
 
 def test_fpn_level_of_known_box_sizes():

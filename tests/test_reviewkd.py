@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from detkd import DistillationDetector, export_student
 from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
 
-from conftest import BackboneOnlyDetector, history, short_train, make_inputs, tiny_retinanet_cfg
+from conftest import BackboneOnlyDetector, history, short_train, make_inputs, tiny_kd, tiny_retinanet_cfg
 
 
 def _pool(x, p):
@@ -185,14 +185,7 @@ def test_abf_fusion_equals_concatenated_attention(sizes):
 
 
 def _kd(student=None, teacher=None, **kw):
-    torch.manual_seed(0)
-    return instantiate(
-        L(DistillationDetector)(
-            student=student or tiny_retinanet_cfg(),
-            teacher=teacher or tiny_retinanet_cfg(width=32, fpn=128),
-            distillers={"reviewkd": L(ReviewKDDistiller)(**kw)},
-        )
-    ).train()
+    return tiny_kd("reviewkd", L(ReviewKDDistiller)(**kw), student, teacher)
 
 
 def test_review_order_deepest_first():
