@@ -416,9 +416,9 @@ class DistillationDetector(nn.Module):
             order, padded to a multiple of the larger of the two models' size divisibilities
             (the student's own padding when its divisibility is the larger one) and to the
             student's square size, if any, so that feature maps of equal stride have equal
-            sizes on both sides (:meth:`_check_aligned` reports a pair where they do not). A teacher's own square padding (e.g. ViTDet's
-            ``square_pad=1024``) is not applied: its maps would cover a larger area than the
-            student's (METHODS.md 0: both inputs are padded to the same size).
+            sizes on both sides (:meth:`_check_aligned` reports a pair where they do not).
+            A teacher's own square padding (e.g. ViTDet's ``square_pad=1024``) is not applied:
+            its maps would cover a larger area than the student's (METHODS.md 0: both inputs are padded to the same size).
         """
         return normalized_images(
             self._teacher, batched_inputs, flip_channels=self.flip_teacher_channels,
