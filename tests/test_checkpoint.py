@@ -352,3 +352,43 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
     assert torch.equal(exported["weight"], torch.ones(3, 2))
     assert sorted(os.listdir(store / "run")) == ["last_checkpoint", "model_final.pth", "model_final_student.pth"]
     assert os.listdir(cwd) == []
+
+
+@pytest.mark.parametrize("config", ["configs/PKD/retinanet_R18_from_mask_rcnn_R101_2x.py",
+                                    "configs/ReviewKD/faster_rcnn_R18_from_faster_rcnn_R101.py"])
+def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(config, tmp_path):
+    """The R18 configs' init: torchvision's ResNet-18 ImageNet weights converted by detectron2's
+    tools/convert-torchvision-to-d2.py (random weights here, as nothing is downloaded). The
+    student's ResNet then computes torchvision's ResNet-18: res5 equals layer4 on one input, so
+    every weight, the strides (BasicBlock: in the first 3x3) and the BatchNorms landed."""
+    import subprocess
+    import sys
+
+    import detectron2
+    import torchvision
+
+    from conftest import load_config
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(detectron2.__file__)), "tools",
+                        "convert-torchvision-to-d2.py")
+    assert os.path.isfile(tool), f"detectron2's {tool} is missing (installed as ENVIRONMENT.md says?)"
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    for m in tv.modules():  # BatchNorm statistics other than 0/1, so that they are checked too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    subprocess.run([sys.executable, tool, str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl")],
+                   check=True, capture_output=True)
+
+    cfg = load_config(config)
+    assert os.path.basename(cfg.train.init_checkpoint) == "R-18.pkl"
+    student = instantiate(cfg.model.student).eval()
+    load_student(student, str(tmp_path / "R-18.pkl"))
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+        got = student.backbone.bottom_up(x)["res5"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
