@@ -13,7 +13,7 @@ from detectron2.config import LazyCall as L
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import hooks
 
-from detkd.engine import KDTrainer
+from detkd.engine import KDTrainer, unwrap_model
 
 from conftest import REPO, load_config, tiny_retinanet_cfg
 
@@ -644,6 +644,63 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     msg = str(e.value)
     assert msg == ("The model predicts 3 classes but the training dataset 'detkd_test_two' has 2 "
                    "(cat, dog). Set model.roi_heads.num_classes = 2."), msg
+
+
+def test_loader_channel_order_must_match_the_students(tmp_path):
+    # an RGB student (torchvision-converted weights, as configs/PKD/retinanet_R18_from_mask_rcnn_
+    # R101_2x.py) whose loader was left at detectron2's BGR trained silently on swapped channels,
+    # and its BGR teacher got the images flipped from the student's declared order: RGB. Refused
+    # before training, for either key forgotten, a test loader of its own, and a plain detector.
+    from detectron2.config import instantiate
+
+    from detkd.engine import check_input_format
+
+    cfg = _small_cfg(tmp_path / "f", max_iter=2)
+    assert cfg.model.student.get("input_format", "BGR") == "BGR"
+    cfg.model.student.input_format = "RGB"  # the loader left at BGR
+    with pytest.raises(ValueError, match=r"dataloader\.train\.mapper\.image_format is 'BGR' but the "
+                                         r"student takes 'RGB' images \(model\.student\.input_format\).*"
+                                         r"teacher's images would be flipped.*torchvision.*'RGB'"):
+        KDTrainer(cfg)
+    cfg.dataloader.train.mapper.image_format = "RGB"  # the test loader's follows (coco.py)
+    trainer = KDTrainer(cfg)  # both RGB: accepted, and the BGR teacher gets them flipped
+    assert unwrap_model(trainer.model).flip_teacher_channels
+    cfg.dataloader.test.mapper.image_format = "BGR"  # a test loader of its own, left at BGR
+    with pytest.raises(ValueError, match=r"dataloader\.test\.mapper\.image_format is 'BGR' but the student"):
+        check_input_format(cfg, trainer.model)
+    check_input_format(cfg, trainer.model, splits=("train",))
+    # a student without input_format (detectron2's FCOS): model.student_input_format is its order
+    cfg.model.student_input_format = "RGB"
+    kd = instantiate(cfg.model)
+    kd.student.input_format = None  # as detectron2's FCOS, which has no such attribute
+    with pytest.raises(ValueError, match=r"'BGR' but the student takes 'RGB' images \(model\.student_input_format\)"):
+        check_input_format(cfg, kd)
+    # a plain detector (a baseline, a teacher): its own input_format
+    cfg.model.student.input_format = "BGR"
+    plain = instantiate(cfg.model.student)
+    check_input_format(cfg, plain, splits=("test",))
+    with pytest.raises(ValueError, match=r"dataloader\.train\.mapper\.image_format is 'RGB' but the model "
+                                         r"takes 'BGR' images \(model\.input_format\)"):
+        check_input_format(cfg, plain)
+
+
+def test_eval_only_refuses_a_test_loader_in_another_channel_order(tmp_path):
+    # --eval-only evaluated the BGR demo student on RGB images without a word
+    from detectron2.config import instantiate
+
+    from detkd.checkpoint import save_student
+
+    ckpt = tmp_path / "student.pth"
+    save_student(instantiate(load_config("configs/demo/pkd_retinanet.py").model.student), str(ckpt))
+    cmd = [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "--eval-only",
+           f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.dataset.names.num_images=4",
+           "dataloader.test.num_workers=0", f"train.init_checkpoint={ckpt}", "dataloader.test.mapper.image_format=RGB"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("ValueError: dataloader.test.mapper.image_format is 'RGB' but the student takes 'BGR' images "
+            "(model.student.input_format)") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "eval" / "eval_results.json").exists()
 
 
 def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path):

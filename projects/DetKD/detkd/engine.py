@@ -54,7 +54,7 @@ from .checkpoint import (
     load_teacher,
     save_student,
 )
-from .distiller import DistillationDetector
+from .distiller import DistillationDetector, channel_orders
 
 __all__ = [
     "KDTrainer",
@@ -66,6 +66,7 @@ __all__ = [
     "check_override_keys",
     "check_test_datasets",
     "check_student_classes",
+    "check_input_format",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,57 @@ def check_student_classes(cfg, model) -> None:
                 f"dataset {name!r} has {len(classes)} "
                 f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
                 f"Set {where} = {len(classes)}{note}."
+            )
+
+
+def _mapper_format(cfg, split: str):
+    """``dataloader.<split>.mapper.image_format`` when it is "RGB" or "BGR", else None (no such
+    key, e.g. a mapper of another kind, or another format)."""
+    try:
+        fmt = cfg.dataloader[split].mapper.image_format
+    except Exception:  # a missing key (AttributeError, KeyError, omegaconf's errors)
+        return None
+    return fmt if fmt in ("RGB", "BGR") else None
+
+
+def check_input_format(cfg, model, splits=("train", "test")) -> None:
+    """
+    Fail when a data loader's channel order (``dataloader.<split>.mapper.image_format``)
+    differs from the one the trained detector normalises its images for (``model.student``'s
+    ``input_format``, or ``model.student_input_format`` for a student without one; a plain
+    detector's ``input_format``). detectron2 ties the two only in its yacs configs
+    (``INPUT.FORMAT``); in a LazyConfig they are two keys, and a config that changes one of
+    them (e.g. an RGB student of torchvision weights whose loader was left at BGR) trained
+    silently on swapped channels. In a distillation run the teacher's images came out wrong
+    too: they are flipped from the student's declared order, not the loader's.
+    """
+    kd = unwrap_model(model)
+    if isinstance(kd, DistillationDetector):
+        s_fmt = channel_orders(
+            kd.student, kd.teacher, cfg.model.get("student_input_format"), cfg.model.get("teacher_input_format")
+        )[0]
+        where = (
+            "model.student_input_format" if getattr(kd.student, "input_format", None) is None
+            else "model.student.input_format"
+        )
+        who = "the student"
+    else:
+        s_fmt, where, who = getattr(kd, "input_format", None), "model.input_format", "the model"
+    if s_fmt not in ("RGB", "BGR"):
+        return
+    for split in splits:
+        fmt = _mapper_format(cfg, split)
+        if fmt is not None and fmt != s_fmt:
+            teacher = (
+                " (and the teacher's images would be flipped from the wrong order)"
+                if isinstance(kd, DistillationDetector) else ""
+            )
+            raise ValueError(
+                f"dataloader.{split}.mapper.image_format is {fmt!r} but {who} takes {s_fmt!r} "
+                f"images ({where}): its images would reach it with the channels swapped{teacher}. "
+                "Set both to the channel order of the weights it starts from (torchvision's "
+                "ImageNet weights converted to detectron2: 'RGB', with torchvision's pixel_mean / "
+                "pixel_std; MSRA weights and detectron2's model zoo: 'BGR')."
             )
 
 
@@ -461,6 +513,7 @@ class KDTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         check_student_classes(cfg, model)  # the datasets' metadata is filled once loaded
+        check_input_format(cfg, model)
 
         model = ddp_model(model, **cfg.train.ddp)
         self._trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
