@@ -393,3 +393,41 @@ def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(con
         expected = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
         got = student.backbone.bottom_up(x)["res5"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_checkpoint_of_a_smaller_or_maskless_detector_names_the_fix(tmp_path):
+    # an R50 file for the R101 teacher, a Faster R-CNN file for the Mask R-CNN teacher of
+    # configs/PKD/retinanet_R18_from_mask_rcnn_R101_2x.py: the error listed the unloaded keys and
+    # asked "Is it the checkpoint of the architecture in model.teacher?"; it now says which
+    # and what to set (as for a larger architecture's file)
+    from detectron2 import model_zoo
+    from detectron2.layers import ShapeSpec
+
+    from conftest import tiny_faster_rcnn_cfg
+
+    deep = tiny_retinanet_cfg()  # ResNet-18 layout: 2 blocks a stage
+    shallow = tiny_retinanet_cfg()
+    shallow.backbone.bottom_up.stages.depth = 10  # 1 block a stage
+    _write_zoo_pkl(instantiate(shallow), tmp_path / "shallow.pkl")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(deep), str(tmp_path / "shallow.pkl"))
+    msg = str(e.value)
+    assert "leaves 40 teacher parameters unloaded" in msg, msg
+    assert ("fills only part of these containers (backbone.bottom_up.res2: 1 of its 2, backbone.bottom_up.res3: "
+            "1 of its 2, backbone.bottom_up.res4: 1 of its 2, backbone.bottom_up.res5: 1 of its 2)") in msg, msg
+    assert "smaller architecture" in msg and "stages.depth=50 for an R50 checkpoint" in msg
+    assert "has nothing of" not in msg
+
+    mask = tiny_faster_rcnn_cfg()
+    zoo = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model.roi_heads
+    mask.roi_heads.update(mask_in_features=zoo.mask_in_features, mask_pooler=zoo.mask_pooler,
+                          mask_head=zoo.mask_head)
+    mask.roi_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
+    mask.roi_heads.mask_head.conv_dims = [16, 16]
+    _write_zoo_pkl(instantiate(tiny_faster_rcnn_cfg()), tmp_path / "faster.pkl")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(mask), str(tmp_path / "faster.pkl"))
+    msg = str(e.value)
+    assert "The file has nothing of ['roi_heads.mask_head']" in msg, msg
+    assert "Faster R-CNN file for a Mask R-CNN teacher" in msg and "twins.py's faster_rcnn" in msg
+    assert "fills only part" not in msg

@@ -73,6 +73,55 @@ def _module_extras(model: nn.Module, unexpected) -> list:
     return extras
 
 
+def _missing_hint(model: nn.Module, missing) -> str:
+    """What the ``missing`` keys of ``model`` say about the file: containers it fills only in
+    part (``res4`` with 6 of an R101's 23 blocks: a smaller architecture's file) and parts of
+    ``model`` it has nothing of (the mask head of a Mask R-CNN teacher: a Faster R-CNN file)."""
+    missing = set(missing)
+    # (fvcore never reports BatchNorm's num_batches_tracked as missing)
+    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    modules = dict(model.named_modules())
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    partial, absent = {}, []
+    for key in sorted(missing):
+        parts = key.split(".")
+        for i in range(1, len(parts)):  # the shallowest module of which the file has nothing
+            prefix = ".".join(parts[:i]) + "."
+            if all(k in missing for k in keys if k.startswith(prefix)):
+                name = prefix[:-1]
+                if name not in absent:
+                    absent.append(name)
+                break
+    for name in absent:
+        parent, _, child = name.rpartition(".")
+        owner = modules.get(parent) if parent else None
+        if isinstance(owner, containers):
+            loaded = [c for c in owner._modules if any(
+                k.startswith(f"{parent}.{c}.") and k not in missing for k in keys)]
+            if loaded:
+                partial[parent] = (len(loaded), len(owner._modules))
+    whole = [n for n in absent if n.rpartition(".")[0] not in partial]
+    hints = []
+    if partial:
+        counts = ", ".join(f"{c}: {a} of its {b}" for c, (a, b) in partial.items())
+        hints.append(
+            f"The file fills only part of these containers ({counts}): it is the checkpoint of a "
+            "smaller architecture (e.g. a shallower backbone: an R50 file for an R101 teacher). "
+            "Set model.teacher to the checkpoint's architecture (e.g. "
+            "model.teacher.backbone.bottom_up.stages.depth=50 for an R50 checkpoint) or use a "
+            "checkpoint of model.teacher's."
+        )
+    if whole:
+        hints.append(
+            f"The file has nothing of {whole[:10]}: it is the checkpoint of a detector without "
+            "these parts (e.g. a Faster R-CNN file for a Mask R-CNN teacher, which has "
+            "roi_heads.mask_head). Use the checkpoint of model.teacher's architecture (e.g. the "
+            "model zoo's mask_rcnn_R_101_FPN_3x), or a teacher config without those parts (for "
+            "a Faster R-CNN: configs/common/twins.py's faster_rcnn)."
+        )
+    return " ".join(hints)
+
+
 def _describe_mismatch(inc, shapes_hint: str, unexpected) -> list:
     """Sentences naming the keys of detectron2's incompatible-keys record ``inc`` that do not
     fit (of its unexpected keys, those in ``unexpected``)."""
@@ -246,8 +295,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
         keys = inc.missing_keys
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
-            f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. Is it the checkpoint of the "
-            "architecture in model.teacher?" + run_note
+            f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. "
+            + (_missing_hint(teacher, keys) or "Is it the checkpoint of the architecture in model.teacher?")
+            + run_note
         )
     extras = _module_extras(teacher, inc.unexpected_keys) if inc is not None else []
     if extras:
