@@ -431,3 +431,26 @@ def test_teacher_checkpoint_of_a_smaller_or_maskless_detector_names_the_fix(tmp_
     assert "The file has nothing of ['roi_heads.mask_head']" in msg, msg
     assert "Faster R-CNN file for a Mask R-CNN teacher" in msg and "twins.py's faster_rcnn" in msg
     assert "fills only part" not in msg
+
+
+def test_an_init_checkpoint_of_which_nothing_fits_the_student_is_an_error(tmp_path):
+    """An unconverted torchvision ResNet-18 .pth as train.init_checkpoint: detectron2 logs every
+    key as unused and trains from scratch; DetKD stops and names the converter. A file that
+    fits part of the student (its backbone) still loads, with the rest logged."""
+    import torchvision
+
+    from detkd.checkpoint import CheckpointMismatchError
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    student = instantiate(tiny_retinanet_cfg())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"):
+        load_student(student, str(tmp_path / "r18.pth"))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+    donor = instantiate(tiny_retinanet_cfg())
+    part = {k: v for k, v in donor.state_dict().items() if k.startswith("backbone.bottom_up.")}
+    torch.save({"model": part}, tmp_path / "backbone.pth")
+    load_student(student, str(tmp_path / "backbone.pth"))
+    got = student.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in part.items())

@@ -180,7 +180,9 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
     """
     Load ``path`` into ``student`` (``train.init_checkpoint``), like detectron2 loads
     ``MODEL.WEIGHTS``: missing keys are logged, not fatal (e.g. an ImageNet backbone only).
-    An empty path does nothing.
+    An empty path does nothing; a file of which nothing fits the student (an unconverted
+    torchvision ``.pth``, another model's checkpoint) raises :class:`CheckpointMismatchError`,
+    where detectron2 would log it and train from scratch.
 
     Args:
         strict (bool): the weights must be the student's, all of them (``--eval-only``): an
@@ -198,6 +200,20 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
     ckpt = _DetectorCheckpointer(student)
     ckpt.load(path, checkpointables=[])
     inc = ckpt.last_incompatible
+    if inc is not None:
+        not_loaded = set(inc.missing_keys) | {k for k, _, _ in inc.incorrect_shapes}
+        # detectron2 leaves BatchNorm's step counters out of the missing keys
+        own = [k for k in student.state_dict() if not k.endswith("num_batches_tracked")]
+        if own and not_loaded.issuperset(own):  # detectron2 would only log it and train from scratch
+            theirs = list(inc.unexpected_keys)[:3]
+            raise CheckpointMismatchError(
+                f"train.init_checkpoint {path!r} holds none of the student's weights: none of its "
+                f"keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one of the "
+                f"student's ({', '.join(own[:3])}, ...). A torchvision checkpoint must first be "
+                "converted with detectron2's tools/convert-torchvision-to-d2.py; otherwise use "
+                "weights of this student's architecture (an ImageNet backbone in detectron2's "
+                "format, or a checkpoint of the same detector)."
+            )
     if strict and inc is not None:
         problems = _describe_mismatch(
             inc,
