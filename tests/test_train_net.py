@@ -99,6 +99,17 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     assert any("teacher/bbox/AP" in m for m in logged) and any("bbox/AP" in m for m in logged)
     assert (out / "model_final_student.pth").is_file()
 
+    # --resume on both processes: they agree (through the main one) not to evaluate the
+    # teacher again, whose results metrics.json holds; both go on from iteration 3
+    cmd[cmd.index("train.max_iter=3")] = "train.max_iter=4"
+    proc = subprocess.run(cmd[:2] + ["--resume"] + cmd[2:], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with open(out / "log.txt.rank1") as f:
+        assert "Starting training from iteration 3" in f.read()
+    logged = _metrics(str(out))
+    assert [m["iteration"] for m in logged if any(k.startswith("teacher/") for k in m)] == [0]
+    assert [m["iteration"] for m in logged if "loss_d3etr_cls" in m] == [0, 1, 2, 3]
+
 
 def test_bad_teacher_path_fails_before_training(tmp_path):
     cfg = _small_cfg(tmp_path / "bad", max_iter=2)
@@ -213,6 +224,30 @@ def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     logged = _metrics(str(tmp_path / "t"))
     assert any("teacher/bbox/AP50" in m for m in logged)
     assert any("bbox/AP50" in m for m in logged)  # the student's own, separate
+
+
+def test_teacher_eval_at_start_is_not_repeated_on_resume(tmp_path):
+    """A run stopped before iteration 2 and resumed: the teacher was evaluated once, at the
+    start, and its results stay in metrics.json; a resumed run without them (the key turned on
+    only now) evaluates it."""
+    def hook(trainer):
+        return [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+
+    cfg = _small_cfg(tmp_path / "t", max_iter=3)
+    cfg.train.teacher_eval_at_start = True
+    cfg.dataloader.test.dataset.names.num_images = 2
+    first = _run(cfg, interrupt=2)
+    assert "bbox" in hook(first).results
+    resumed = _run(cfg, resume=True)
+    assert resumed.start_iter == 2 and hook(resumed).results is None
+    logged = [m for m in _metrics(str(tmp_path / "t")) if any(k.startswith("teacher/") for k in m)]
+    assert [m["iteration"] for m in logged] == [0]
+
+    plain = _small_cfg(tmp_path / "p", max_iter=3)
+    _run(plain, interrupt=2)
+    plain.train.teacher_eval_at_start = True
+    plain.dataloader.test.dataset.names.num_images = 2
+    assert "bbox" in hook(_run(plain, resume=True)).results
 
 
 def test_teacher_eval_at_start_leaves_the_random_states_unchanged(tmp_path):

@@ -463,14 +463,33 @@ class TeacherEvalHook(hooks.HookBase):
     ``dataloader.evaluator`` and log its results as ``teacher/<task>/<metric>`` (e.g.
     ``teacher/bbox/AP``), never under the student's keys. Enabled by
     ``train.teacher_eval_at_start=True``; results are also kept in ``self.results``. The
-    random states are restored after it: the training run is the same as without it.
+    random states are restored after it: the training run is the same as without it. A resumed
+    run whose ``metrics.json`` already holds the teacher's results does not evaluate it again
+    (on COCO, a whole evaluation per ``--resume``).
     """
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.results = None
 
+    def _logged_before(self) -> bool:
+        """Whether this run's metrics.json has the teacher's results (the main process's view,
+        shared with every process so that all of them evaluate, or none)."""
+        found = False
+        if comm.is_main_process() and self.trainer.start_iter > 0:
+            path = os.path.join(self.cfg.train.output_dir, "metrics.json")
+            if PathManager.isfile(path):
+                with PathManager.open(path) as f:
+                    found = any('"teacher/' in line for line in f)
+        return comm.all_gather(found)[0] if comm.get_world_size() > 1 else found
+
     def before_train(self):
+        if self._logged_before():
+            logger.info(
+                "Resumed: the teacher's evaluation before training is in this run's metrics.json "
+                "(teacher/*); it is not repeated."
+            )
+            return
         kd = unwrap_model(self.trainer.model)
         folder = os.path.join(self.cfg.train.output_dir, "inference_teacher")
         evaluator = KDTrainer.build_evaluator(self.cfg, output_folder=folder)
