@@ -262,7 +262,9 @@ class ReviewKDDistiller(Distiller):
                 compare the fused map resized bilinearly to the teacher level's size ([INFER], as
                 PKD does; the paper pairs equal strides).
             mid_channels (int or None): ABF inner channels; default the teacher's channels.
-            norm (str): norm of the ABF convs ("SyncBN" for multi-GPU runs if wanted).
+            norm (str): norm of the ABF convs. "BN" (METHODS.md 2.2) uses each process's
+                batch statistics; "SyncBN" pools them over GPUs, "naiveSyncBN" also over CPU
+                processes (``--num-gpus N`` without CUDA), where "SyncBN" is refused.
         """
         super().__init__()
         self.loss_weight = loss_weight
