@@ -12,7 +12,7 @@ suffix-matching heuristics would otherwise fill both backbones from one file.
 """
 import logging
 import os
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import nn
@@ -73,13 +73,18 @@ def _module_extras(model: nn.Module, unexpected) -> list:
     return extras
 
 
+def _reportable_keys(model: nn.Module) -> List[str]:
+    """``model``'s state keys that a load can report as missing (fvcore never reports
+    BatchNorm's ``num_batches_tracked``)."""
+    return [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+
+
 def _missing_hint(model: nn.Module, missing) -> str:
     """What the ``missing`` keys of ``model`` say about the file: containers it fills only in
     part (``res4`` with 6 of an R101's 23 blocks: a smaller architecture's file) and parts of
     ``model`` it has nothing of (the mask head of a Mask R-CNN teacher: a Faster R-CNN file)."""
     missing = set(missing)
-    # (fvcore never reports BatchNorm's num_batches_tracked as missing)
-    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    keys = _reportable_keys(model)
     modules = dict(model.named_modules())
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     partial, absent = {}, []
@@ -202,8 +207,7 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
     inc = ckpt.last_incompatible
     if inc is not None:
         not_loaded = set(inc.missing_keys) | {k for k, _, _ in inc.incorrect_shapes}
-        # detectron2 leaves BatchNorm's step counters out of the missing keys
-        own = [k for k in student.state_dict() if not k.endswith("num_batches_tracked")]
+        own = _reportable_keys(student)
         if own and not_loaded.issuperset(own):  # detectron2 would only log it and train from scratch
             theirs = list(inc.unexpected_keys)[:3]
             raise CheckpointMismatchError(

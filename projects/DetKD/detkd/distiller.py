@@ -336,6 +336,7 @@ class DistillationDetector(nn.Module):
             if fmt not in (None, "RGB", "BGR"):
                 raise ValueError(f"DistillationDetector supports RGB/BGR inputs, got {fmt!r}")
         self.flip_teacher_channels = s_fmt is not None and t_fmt != s_fmt
+        self.student_format = s_fmt  # the student's data order as decided here (None: unknown)
 
         _check_taps(distillers, student, teacher)
         s_names = sorted({n for d in distillers.values() for n in d.student_taps(student)})

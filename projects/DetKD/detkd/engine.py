@@ -54,7 +54,7 @@ from .checkpoint import (
     load_teacher,
     save_student,
 )
-from .distiller import DistillationDetector, channel_orders
+from .distiller import DistillationDetector
 
 __all__ = [
     "KDTrainer",
@@ -262,9 +262,7 @@ def check_input_format(cfg, model, splits=("train", "test")) -> None:
     """
     kd = unwrap_model(model)
     if isinstance(kd, DistillationDetector):
-        s_fmt = channel_orders(
-            kd.student, kd.teacher, cfg.model.get("student_input_format"), cfg.model.get("teacher_input_format")
-        )[0]
+        s_fmt = kd.student_format
         where = (
             "model.student_input_format" if getattr(kd.student, "input_format", None) is None
             else "model.student.input_format"
