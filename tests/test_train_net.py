@@ -212,6 +212,29 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
     assert "has trained 10 iterations, more than train.max_iter=6" in caplog.text
 
 
+def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(tmp_path, caplog):
+    """A checkpoint whose trainer state lacks the LR scheduler's (other tools, a run without the
+    LRScheduler hook): the resumed run trains at the schedule's lr for its iteration, not at
+    the warm-up lr of step 0 (1 % of the base lr here), and says so."""
+    from detectron2.config import instantiate
+
+    _run(_small_cfg(tmp_path / "s", 10), interrupt=4)
+    path = tmp_path / "s" / "model_0000003.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["trainer"]["hooks"]["LRScheduler"]
+    torch.save(checkpoint, path)
+    cfg = _small_cfg(tmp_path / "s", 10)
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        resumed = _run(cfg, resume=True)
+    assert resumed.start_iter == 4
+    assert "holds no learning-rate schedule state for iteration 4" in caplog.text
+    lr = dict((it, v) for v, it in resumed.storage.history("lr").values())
+    multiplier = instantiate(cfg.lr_multiplier)
+    assert multiplier(0.0) == pytest.approx(0.01)  # where the schedule would have restarted
+    for it in range(4, 10):
+        assert lr[it] == pytest.approx(cfg.optimizer.lr * multiplier(it / 10), rel=1e-6), it
+
+
 def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     cfg = _small_cfg(tmp_path / "t", max_iter=1)
     cfg.train.teacher_eval_at_start = True

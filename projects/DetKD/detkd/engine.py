@@ -582,9 +582,20 @@ class KDTrainer(DefaultTrainer):
             # The optimizer's saved lr is the one the old schedule gave this step; with
             # train.max_iter (or lr_multiplier) changed, the first resumed step would train at
             # it. Set it from this config's schedule (the same value when nothing changed).
-            if isinstance(self.scheduler, LRMultiplier) and self.start_iter < self.max_iter:
-                for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-                    group["lr"] = lr
+            if isinstance(self.scheduler, LRMultiplier):
+                # The schedule's position is the iteration: a checkpoint without the scheduler's
+                # state (written by other tools, or with the LRScheduler hook left out) would
+                # leave it at step 0 and train the resumed run at the warm-up lr again.
+                if self.scheduler.last_epoch != self.start_iter:
+                    logger.warning(
+                        f"--resume: {path} holds no learning-rate schedule state for iteration "
+                        f"{self.start_iter} (the schedule was at step {self.scheduler.last_epoch}); "
+                        "the schedule goes on from the checkpoint's iteration."
+                    )
+                    self.scheduler.last_epoch = self.start_iter
+                if self.start_iter < self.max_iter:
+                    for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                        group["lr"] = lr
             if self.start_iter > self.max_iter:
                 logger.warning(
                     f"--resume: the run in {self.cfg.train.output_dir!r} has trained "
