@@ -9,3 +9,4 @@ from .detr import (
     detr_param_groups,
 )
 from .resnet import basic_resnet_stages
+from .from_yacs import build_yacs_detector, load_yacs_config

@@ -1,0 +1,141 @@
+"""Teachers and students from detectron2 yacs .yaml configs (detkd.modeling.build_yacs_detector):
+the model zoo's .yaml builds the same detector as DetKD's LazyConfig twin, a yacs pair trains
+with PKD, and its exported student runs in stock detectron2's DefaultPredictor."""
+import numpy as np
+import pytest
+import torch
+
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import DefaultPredictor
+
+from detkd.modeling import build_yacs_detector, load_yacs_config
+
+from conftest import load_config
+from test_train_net import _run, _small_cfg
+
+ZOO_TEACHER = "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml"
+
+
+def _add_demo_keys(cfg):
+    """An add_config function: a project's own key, as add_pointrend_config adds its own."""
+    cfg.MODEL.DEMO_KEY = 1
+
+
+def _tiny_retinanet_yaml(path, fpn, rgb=False):
+    """A RetinaNet R-18 for the shapes data (3 classes, 128 px images kept at their size); RGB
+    with torchvision's pixel statistics (a converted torchvision R-18), or the zoo's BGR."""
+    rgb_keys = (
+        "  PIXEL_MEAN: [123.675, 116.28, 103.53]\n  PIXEL_STD: [58.395, 57.12, 57.375]\n" if rgb else ""
+    )
+    path.write_text(
+        f'_BASE_: "{model_zoo.get_config_file("Base-RetinaNet.yaml")}"\n'
+        "MODEL:\n" + rgb_keys +
+        "  RESNETS: {DEPTH: 18, RES2_OUT_CHANNELS: 64}\n"
+        f"  FPN: {{OUT_CHANNELS: {fpn}}}\n"
+        "  RETINANET: {NUM_CLASSES: 3, NUM_CONVS: 1, SCORE_THRESH_TEST: 0.0}\n"
+        f"INPUT: {{MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 128, FORMAT: {'RGB' if rgb else 'BGR'}}}\n"
+    )
+    return str(path)
+
+
+def test_model_zoo_yaml_builds_the_same_teacher_as_the_lazyconfig_twin():
+    """The .yaml of the model zoo's Mask R-CNN R101 3x and the teacher of
+    configs/PKD/retinanet_R50_from_mask_rcnn_R101_2x.py: same parameters and buffers, input
+    format and pixel statistics; with one state dict, the same FPN maps and detections."""
+    torch.manual_seed(0)
+    yacs = build_yacs_detector(ZOO_TEACHER, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    lazy_cfg = load_config("configs/PKD/retinanet_R50_from_mask_rcnn_R101_2x.py").model.teacher
+    lazy_cfg.roi_heads.box_predictor.test_score_thresh = 0.0
+    lazy = instantiate(lazy_cfg)
+    a, b = yacs.state_dict(), lazy.state_dict()
+    assert sorted(a) == sorted(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert yacs.input_format == lazy.input_format == "BGR"
+    assert torch.equal(yacs.pixel_mean, lazy.pixel_mean) and torch.equal(yacs.pixel_std, lazy.pixel_std)
+    lazy.load_state_dict(a)
+    yacs.eval(), lazy.eval()
+    x = [{"image": torch.rand(3, 96, 128) * 255}]
+    with torch.no_grad():
+        images = yacs.preprocess_image(x)
+        fa = yacs.backbone(images.tensor)
+        fb = lazy.backbone(lazy.preprocess_image(x).tensor)
+        assert list(fa) == list(fb) == ["p2", "p3", "p4", "p5", "p6"]
+        for k in fa:
+            assert torch.equal(fa[k], fb[k]), k
+        # the heads on unit-scale maps (a random R101 with identity FrozenBN gives ~1e6)
+        f = {k: v / v.std() for k, v in fa.items()}
+        (pa,), _ = yacs.proposal_generator(images, f)
+        (pb,), _ = lazy.proposal_generator(images, f)
+        assert len(pa) == len(pb) > 0 and torch.equal(pa.proposal_boxes.tensor, pb.proposal_boxes.tensor)
+        (da,), _ = yacs.roi_heads(images, f, [pa])
+        (db,), _ = lazy.roi_heads(images, f, [pb])
+    assert len(da) == len(db) > 0
+    assert torch.equal(da.pred_boxes.tensor, db.pred_boxes.tensor)
+    assert torch.equal(da.scores, db.scores) and torch.equal(da.pred_masks, db.pred_masks)
+
+
+def test_yacs_pair_trains_with_pkd_and_its_student_runs_in_default_predictor(tmp_path):
+    """A yacs teacher (loaded from its checkpoint file) and a yacs student in a PKD run; the
+    config node is saved and loaded as train_net.py's config.yaml; the exported student loads
+    into DefaultPredictor with its own .yaml and predicts what the trained student predicts."""
+    t_yaml = _tiny_retinanet_yaml(tmp_path / "teacher.yaml", fpn=64)
+    s_yaml = _tiny_retinanet_yaml(tmp_path / "student.yaml", fpn=32, rgb=True)
+    torch.manual_seed(1)
+    teacher = build_yacs_detector(t_yaml)
+    assert teacher.backbone.output_shape()["p3"].channels == 64 and teacher.num_classes == 3
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+
+    cfg = _small_cfg(tmp_path / "run", max_iter=2)
+    cfg.model.student = L(build_yacs_detector)(config_file=s_yaml)
+    cfg.model.teacher = L(build_yacs_detector)(config_file=t_yaml, opts=["MODEL.RETINANET.NUM_CONVS", 1])
+    cfg.train.update(teacher_checkpoint=str(tmp_path / "teacher.pth"), teacher_random_init=False)
+    for loader in (cfg.dataloader.train, cfg.dataloader.test):  # the student's order
+        loader.mapper.image_format = "RGB"
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    saved = LazyConfig.load(str(tmp_path / "config.yaml"))
+    assert saved.model.teacher.config_file == t_yaml and list(saved.model.teacher.opts) == ["MODEL.RETINANET.NUM_CONVS", 1]
+    assert type(instantiate(saved.model.student)).__name__ == "RetinaNet"
+
+    trainer = _run(cfg)
+    kd = trainer.model
+    loaded = kd.teacher.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in teacher.state_dict().items())
+    pkd = [v for v, _ in trainer.storage.history("loss_pkd").values()]
+    assert len(pkd) == 2 and all(v > 0 for v in pkd)
+    exported = tmp_path / "run" / "model_final_student.pth"
+    assert exported.is_file()
+
+    ycfg = load_yacs_config(s_yaml)
+    ycfg.MODEL.WEIGHTS, ycfg.MODEL.DEVICE = str(exported), "cpu"
+    predictor = DefaultPredictor(ycfg)
+    assert kd.student.input_format == "RGB" and kd.teacher.input_format == "BGR"
+    image = np.random.RandomState(0).randint(0, 256, (96, 128, 3)).astype(np.uint8)  # BGR
+    got = predictor(image)["instances"]  # DefaultPredictor turns it to the student's RGB
+    student = kd.student.eval()
+    with torch.no_grad():
+        x = torch.as_tensor(image[:, :, ::-1].transpose(2, 0, 1).astype("float32"))
+        want = student([{"image": x, "height": 96, "width": 128}])[0]["instances"]
+    assert len(got) == len(want) > 0
+    assert torch.allclose(got.pred_boxes.tensor, want.pred_boxes.tensor, atol=1e-4)
+    assert torch.allclose(got.scores, want.scores, atol=1e-6)
+
+
+def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a file nor a config of detectron2's model zoo"):
+        build_yacs_detector(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="is a LazyConfig: use its model node"):
+        build_yacs_detector("common/models/retinanet.py")
+    yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=32)
+    with pytest.raises(KeyError, match="MODEL.NO_SUCH_KEY.*add_config"):
+        build_yacs_detector(yaml, opts=["MODEL.NO_SUCH_KEY", 1])
+    with pytest.raises(ValueError, match="KEY, value pairs"):
+        build_yacs_detector(yaml, opts=["MODEL.RETINANET.NUM_CONVS"])
+    with pytest.raises(ImportError, match="no_such_module.add_cfg"):
+        build_yacs_detector(yaml, add_config=["no_such_module.add_cfg"])
+    # a project's key: refused by the defaults, read once its add_config function ran
+    (tmp_path / "p.yaml").write_text(f'_BASE_: "{yaml}"\nMODEL: {{DEMO_KEY: 5}}\n')
+    with pytest.raises(KeyError, match="DEMO_KEY"):
+        load_yacs_config(str(tmp_path / "p.yaml"))
+    assert load_yacs_config(str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]).MODEL.DEMO_KEY == 5
