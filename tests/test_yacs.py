@@ -127,6 +127,9 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
         build_yacs_detector(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="is a LazyConfig: use its model node"):
         build_yacs_detector("common/models/retinanet.py")
+    LazyConfig.save(load_config("configs/demo/teacher_retinanet.py"), str(tmp_path / "run_config.yaml"))
+    with pytest.raises(ValueError, match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model"):
+        build_yacs_detector(str(tmp_path / "run_config.yaml"))
     yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=32)
     with pytest.raises(KeyError, match="MODEL.NO_SUCH_KEY.*add_config"):
         build_yacs_detector(yaml, opts=["MODEL.NO_SUCH_KEY", 1])

@@ -74,6 +74,12 @@ def load_yacs_config(
     try:
         cfg.merge_from_file(path)
     except KeyError as e:  # yacs: "Non-existent config key: ..."
+        lazy = CfgNode.load_yaml_with_base(path, allow_unsafe=True)
+        if isinstance(lazy, dict) and "model" in lazy and "MODEL" not in lazy:
+            raise ValueError(
+                f"{path} is a LazyConfig (e.g. the config.yaml of a DetKD or LazyConfig run), not a "
+                "yacs config: use its model node, LazyConfig.load(path).model"
+            ) from e
         raise KeyError(f"{path}: {e.args[0] if e.args else e}. {hint}") from e
     opts = list(opts or [])
     if len(opts) % 2:
