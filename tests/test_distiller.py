@@ -1,5 +1,6 @@
 """DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
 import logging
+import math
 import re
 
 import pytest
@@ -706,3 +707,17 @@ def test_clone_taps_for_a_student_that_changes_a_tap_in_place():
             got = model(inputs)["loss_pkd"]
     torch.testing.assert_close(got, expected)
     assert got.requires_grad
+
+
+def test_names_the_readme_and_errors_cite_are_importable_and_zero_loss_is_plus_zero():
+    """`detkd.losses.put_scalar` and `detkd.losses.zero_loss` (README, the distiller errors);
+    zero_loss is +0.0 also for negative inputs (``x.sum() * 0.0`` is -0.0) and gives every
+    input a (zero) gradient."""
+    from detkd.losses import put_scalar, zero_loss  # noqa: F401
+
+    x, w = torch.tensor([-3.0, 1.0], requires_grad=True), torch.full((2, 2), -1.0, requires_grad=True)
+    assert math.copysign(1.0, (x.sum() * 0.0).item()) == -1.0  # the case
+    loss = zero_loss(x, w)
+    assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros(2)) and torch.equal(w.grad, torch.zeros(2, 2))

@@ -209,7 +209,7 @@ def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
             raise ValueError(
                 f"{where} returned {key!r} as {what}; a loss must be a scalar floating tensor: "
                 "reduce it (e.g. .mean() over the batch), and return a zero loss as a tensor "
-                "connected to the inputs (e.g. feat.sum() * 0.0), not a Python number."
+                "connected to the inputs (detkd.losses.zero_loss(feat)), not a Python number."
             )
 
 

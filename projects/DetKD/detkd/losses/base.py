@@ -24,6 +24,7 @@ __all__ = [
     "put_scalar",
     "deferred_scalars",
     "float_tensors",
+    "zero_loss",
 ]
 
 
@@ -109,7 +110,7 @@ class Distiller(nn.Module):
         Returns:
             dict[str, Tensor]: scalar losses named ``loss_<method>[_<part>]`` (anything else is
             an error: detectron2 adds every value of the dict to the training loss). A zero
-            loss is a tensor connected to the inputs (``feat.sum() * 0.0``); diagnostics go to
+            loss is a tensor connected to the inputs (:func:`zero_loss`); diagnostics go to
             :func:`put_scalar`.
         """
         raise NotImplementedError
@@ -167,6 +168,18 @@ def deferred_scalars():
             values[i] = v
     for (storage, name, _, kwargs), v in zip(pending, values):
         storage.put_scalar(name, v, **kwargs)
+
+
+def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """
+    A loss of exactly +0.0 connected to the autograd graphs of ``tensors`` (every process of a
+    DDP run then has gradients for the same parameters). ``x.sum() * 0.0`` alone is -0.0 when
+    the sum is negative, which logs as "-0.0".
+
+    Returns:
+        Tensor: scalar.
+    """
+    return sum(t.sum() for t in tensors) * 0.0 + 0.0
 
 
 def float_tensors(obj):

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..modeling.detr import giou_cxcywh, solve_assignments
 from ..utils import host_tensor
-from .base import Distiller, put_scalar
+from .base import Distiller, put_scalar, zero_loss
 
 __all__ = ["D3ETRDistiller", "soft_bce_cost", "bernoulli_kl", "attention_kl", "hungarian_match"]
 
@@ -363,7 +363,7 @@ class D3ETRDistiller(Distiller):
         the mean over a layer's pairs, summed over layers.
         """
         if s_logits.shape[1] == 0:
-            zero = s_logits.sum() * 0.0
+            zero = zero_loss(s_logits)
             return dict(cls=zero, l1=zero, giou=zero)
         giou = giou_cxcywh(s_boxes, t_boxes)
         return dict(
@@ -475,7 +475,7 @@ class D3ETRDistiller(Distiller):
             if sa is not None:
                 totals["sa"] = totals["sa"] + sa
         if not torch.is_tensor(totals["sa"]):
-            totals["sa"] = s_logits.sum() * 0.0
+            totals["sa"] = zero_loss(s_logits)
 
         out = {f"loss_d3etr_{k}": self.weights[k] * v for k, v in totals.items()}
         out.update(aux_gt)

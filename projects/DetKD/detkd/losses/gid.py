@@ -36,7 +36,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, pairwise_iou
 
 from ..utils import host_tensor
-from .base import Distiller, pair_fpn_levels, put_scalar
+from .base import Distiller, pair_fpn_levels, put_scalar, zero_loss
 
 logger = logging.getLogger(__name__)
 
@@ -546,7 +546,7 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     counts = [student.shape[0]] if counts is None else list(counts)
     blocks = _ImageBlocks(counts, student.device, student.dtype)
     if not blocks.keep:
-        return student.sum() * 0.0
+        return zero_loss(student)
     with torch.no_grad():
         gram_t = blocks.grams(_gram(teacher, blocks))
     return _relation_from_grams(blocks.grams(_gram(student, blocks)), gram_t, blocks)
@@ -569,7 +569,7 @@ def feature_and_relation_losses(
     blocks = _ImageBlocks(list(counts), student.device, student.dtype)
     sse, gram_s = _SquaredErrorAndGram.apply(student, teacher.detach(), blocks)
     if not blocks.keep:
-        return sse, student.sum() * 0.0
+        return sse, zero_loss(student)
     with torch.no_grad():
         gram_t = blocks.grams(_gram(teacher, blocks))
     return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
@@ -939,7 +939,7 @@ class GIDDistiller(Distiller):
         if n_total:
             feat = sse / (n_total * bins)
         else:
-            feat = s_roi.sum() * 0.0 + sum(p.sum() for p in self.adapter.parameters()) * 0.0
+            feat = zero_loss(s_roi, *self.adapter.parameters())
         losses = {
             "loss_gid_feat": self.weights["feat"] * feat,
             "loss_gid_relation": self.weights["relation"] * rel,
