@@ -142,3 +142,30 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(KeyError, match="DEMO_KEY"):
         load_yacs_config(str(tmp_path / "p.yaml"))
     assert load_yacs_config(str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]).MODEL.DEMO_KEY == 5
+
+
+def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):
+    """detectron2's FrozenBatchNorm2d (the norm of the yacs defaults and of the model zoo's
+    detectors) fills running_mean / running_var itself when a file lacks them, so a load never
+    reports them missing: an unconverted torchvision .pth loaded into a FrozenBN student passed
+    silently (training from scratch), and an R-18 file for an R-34 teacher got no "smaller
+    architecture" hint."""
+    import torchvision
+
+    from detkd.checkpoint import CheckpointMismatchError, TeacherCheckpointError, load_student, load_teacher
+
+    yaml = _tiny_retinanet_yaml(tmp_path / "r18.yaml", fpn=16)
+    student = build_yacs_detector(yaml)
+    assert type(student.backbone.bottom_up.stem.conv1.norm).__name__ == "FrozenBatchNorm2d"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"):
+        load_student(student, str(tmp_path / "tv.pth"))
+
+    torch.save({"model": student.state_dict()}, tmp_path / "r18.pth")
+    teacher = build_yacs_detector(yaml, opts=["MODEL.RESNETS.DEPTH", 34])  # 3, 4, 6, 3 blocks
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(teacher, str(tmp_path / "r18.pth"))
+    msg = str(e.value)
+    assert ("fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, backbone.bottom_up.res3: "
+            "2 of its 4, backbone.bottom_up.res4: 2 of its 6, backbone.bottom_up.res5: 2 of its 3)") in msg, msg
+    assert "smaller architecture" in msg

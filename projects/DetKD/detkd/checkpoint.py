@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
@@ -74,9 +75,17 @@ def _module_extras(model: nn.Module, unexpected) -> list:
 
 
 def _reportable_keys(model: nn.Module) -> List[str]:
-    """``model``'s state keys that a load can report as missing (fvcore never reports
-    BatchNorm's ``num_batches_tracked``)."""
-    return [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    """``model``'s state keys that a load can report as missing: fvcore never reports
+    BatchNorm's ``num_batches_tracked``, and detectron2's FrozenBatchNorm2d fills its
+    ``running_mean`` / ``running_var`` itself (0 and 1) when a file without its version metadata
+    lacks them (an ImageNet .pkl, a torchvision .pth, another model's file), so they never are
+    (the norm of detectron2's yacs defaults and of the model zoo's detectors)."""
+    frozen = {
+        f"{name}.{buf}" if name else buf
+        for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)
+        for buf in ("running_mean", "running_var")
+    }
+    return [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in frozen]
 
 
 def _missing_hint(model: nn.Module, missing) -> str:
