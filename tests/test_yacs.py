@@ -9,6 +9,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import DefaultPredictor
+from omegaconf import OmegaConf
 
 from detkd.modeling import build_yacs_detector, load_yacs_config
 
@@ -169,3 +170,21 @@ def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):
     assert ("fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, backbone.bottom_up.res3: "
             "2 of its 4, backbone.bottom_up.res4: 2 of its 6, backbone.bottom_up.res5: 2 of its 3)") in msg, msg
     assert "smaller architecture" in msg
+
+
+def test_opts_with_list_values_from_a_lazyconfig_node(tmp_path):
+    """opts such as ["MODEL.PIXEL_MEAN", [...]] (an RGB student's torchvision statistics) in a
+    config's node, or in a `model.student.opts=[...]` override: instantiate hands them over as
+    omegaconf ListConfigs, which yacs refused (a type mismatch with its list)."""
+    yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=16)
+    mean, sizes = [123.675, 116.28, 103.53], [[16], [32], [64], [128], [256]]
+    node = L(build_yacs_detector)(
+        config_file=yaml, opts=["MODEL.PIXEL_MEAN", mean, "MODEL.ANCHOR_GENERATOR.SIZES", sizes]
+    )
+    LazyConfig.save(OmegaConf.create({"model": node}, flags={"allow_objects": True}), str(tmp_path / "config.yaml"))
+    for n in (node, LazyConfig.load(str(tmp_path / "config.yaml")).model):
+        model = instantiate(n)
+        assert torch.equal(model.pixel_mean.flatten(), torch.tensor(mean))
+        anchors = list(model.anchor_generator.cell_anchors)
+        assert [a.shape[0] for a in anchors] == [3] * 5  # 1 size x 3 ratios
+        assert anchors[0][1].tolist() == [-8.0, -8.0, 8.0, 8.0]

@@ -26,6 +26,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.registry import locate
 
+from omegaconf import OmegaConf
+
 __all__ = ["build_yacs_detector", "load_yacs_config"]
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,9 @@ def load_yacs_config(
                 "yacs config: use its model node, LazyConfig.load(path).model"
             ) from e
         raise KeyError(f"{path}: {e.args[0] if e.args else e}. {hint}") from e
-    opts = list(opts or [])
+    # A LazyConfig node's lists reach here as omegaconf ListConfigs (instantiate, overrides):
+    # yacs takes only plain values (a ListConfig value, e.g. MODEL.PIXEL_MEAN's, is a type mismatch).
+    opts = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (opts or [])]
     if len(opts) % 2:
         raise ValueError(f"build_yacs_detector: opts must be KEY, value pairs; got {len(opts)} items: {opts}")
     try:
