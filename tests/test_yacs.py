@@ -1,6 +1,8 @@
 """Teachers and students from detectron2 yacs .yaml configs (detkd.modeling.build_yacs_detector):
 the model zoo's .yaml builds the same detector as DetKD's LazyConfig twin, a yacs pair trains
 with PKD, and its exported student runs in stock detectron2's DefaultPredictor."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,44 @@ def test_opts_with_list_values_from_a_lazyconfig_node(tmp_path):
         anchors = list(model.anchor_generator.cell_anchors)
         assert [a.shape[0] for a in anchors] == [3] * 5  # 1 size x 3 ratios
         assert anchors[0][1].tolist() == [-8.0, -8.0, 8.0, 8.0]
+
+
+class _FolderURLs:
+    """An iopath handler of ``yacstest://NAME`` URLs served from a folder, which, like the http
+    handler, cannot say whether a URL is a file (no ``_isfile``)."""
+
+    def __new__(cls, folder):
+        from iopath.common.file_io import PathHandler
+
+        class Handler(PathHandler):
+            PREFIX = "yacstest://"
+
+            def _get_supported_prefixes(self):
+                return [self.PREFIX]
+
+            def _local(self, path):
+                return os.path.join(folder, path[len(self.PREFIX):])
+
+            def _get_local_path(self, path, **kwargs):
+                return self._local(path)
+
+            def _open(self, path, mode="r", **kwargs):
+                return open(self._local(path), mode)
+
+        return Handler()
+
+
+def test_a_yaml_url_is_read_through_path_manager(tmp_path):
+    """config_file may be "anything detectron2's PathManager opens": an http URL's handler
+    cannot tell whether it is a file, and its NotImplementedError (with no message) stopped the
+    build (detectron2's merge_from_file asks it too). The URL's local copy is read, its relative
+    _BASE_ beside it."""
+    from detectron2.utils.file_io import PathManager
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    _tiny_retinanet_yaml(folder / "base.yaml", fpn=16)
+    (folder / "child.yaml").write_text('_BASE_: "base.yaml"\nMODEL: {RETINANET: {NUM_CLASSES: 5}}\n')
+    PathManager.register_handler(_FolderURLs(str(folder)), allow_override=True)
+    cfg = load_yacs_config("yacstest://child.yaml")
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16

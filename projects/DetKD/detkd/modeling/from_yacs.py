@@ -57,7 +57,13 @@ def load_yacs_config(
             f"build_yacs_detector reads yacs .yaml configs; {path} is a LazyConfig: use its model "
             f"node directly (detectron2.model_zoo.get_config({path!r}).model or LazyConfig.load)"
         )
-    if not PathManager.isfile(path):
+    try:
+        exists = PathManager.isfile(path)
+    except NotImplementedError:
+        # a handler that cannot tell (http URLs), which detectron2's merge_from_file asks: read
+        # its local copy (downloaded and cached; a relative _BASE_ is looked up beside it)
+        path, exists = PathManager.get_local_path(path), True
+    if not exists:
         try:
             path = model_zoo.get_config_file(path)
         except RuntimeError:
