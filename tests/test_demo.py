@@ -401,3 +401,52 @@ def test_paths_from_here_quotes_a_path_that_hydra_would_parse_as_syntax(tmp_path
         repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), "train.teacher_checkpoint=t.pth",
                     "--output", str(tmp_path / "o")])
     assert len(calls) == 1
+
+
+def test_repro_checks_a_yacs_teacher_config_before_the_baseline_trains(tmp_path, monkeypatch):
+    # a teacher of detkd.modeling.build_yacs_detector is built only by the distilled run, which
+    # trains second: a .yaml it cannot read (a path relative to the folder repro was started
+    # in, while train_net.py runs in the repository root; a key of opts) failed it only after
+    # the baseline's whole schedule
+    from detectron2 import model_zoo
+
+    from detkd import repro
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    (tmp_path / "t.pth").write_bytes(b"")
+    (tmp_path / "teacher.yaml").write_text(
+        f'_BASE_: "{model_zoo.get_config_file("Base-RetinaNet.yaml")}"\nMODEL: {{RETINANET: {{NUM_CLASSES: 3}}}}\n'
+    )
+    config = tmp_path / "kd.py"
+    config.write_text(
+        "import os\n"
+        "from detectron2.config import LazyCall as L\nfrom detectron2.config import LazyConfig\n"
+        "from detkd.modeling import build_yacs_detector\n"
+        f"_c = LazyConfig.load({os.path.join(REPO, 'configs/demo/pkd_retinanet.py')!r})\n"
+        "model, dataloader, optimizer, lr_multiplier, train = (\n"
+        "    _c.model, _c.dataloader, _c.optimizer, _c.lr_multiplier, _c.train)\n"
+        "model.teacher = L(build_yacs_detector)(config_file=os.environ['YACS_TEACHER'], opts=[])\n"
+    )
+    args = [str(config), "--baseline", "configs/demo/student_retinanet.py", "train.teacher_checkpoint=t.pth",
+            "--output", str(tmp_path / "o")]
+    monkeypatch.setenv("YACS_TEACHER", "teacher.yaml")  # here, not in the repository root
+    with pytest.raises(SystemExit, match=r"model\.teacher\.config_file of kd\.py, teacher\.yaml, is neither a file "
+                                         r"nor a config of detectron2's model zoo \(train_net\.py looks for a "
+                                         r"relative path under "):
+        repro.main(args)
+    monkeypatch.setenv("YACS_TEACHER", str(tmp_path / "teacher.yaml"))
+    with pytest.raises(SystemExit, match=r"model\.teacher of kd\.py: opts of .*teacher\.yaml: .*MODEL\.NO_SUCH_KEY"):
+        repro.main(args + ["model.teacher.opts=[MODEL.NO_SUCH_KEY,1]"])
+    calls = []
+
+    def fake_run(cmd, check, cwd):
+        calls.append(cmd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    for teacher in (str(tmp_path / "teacher.yaml"), "COCO-Detection/retinanet_R_50_FPN_1x.yaml"):
+        monkeypatch.setenv("YACS_TEACHER", teacher)
+        with pytest.raises(KeyboardInterrupt):
+            repro.main(args)
+    assert len(calls) == 2

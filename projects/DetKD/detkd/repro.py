@@ -127,6 +127,64 @@ def check_pair(config: str, baseline: str, opts) -> None:
             + ("" if os.path.isabs(local) else f" (train_net.py looks for it under {REPO})")
             + ": train the teacher first, or set train.teacher_checkpoint=<the teacher's weights>"
         )
+    # A teacher of a yacs config (detkd.modeling.build_yacs_detector) is also built only then.
+    for key, node in _yacs_nodes(OmegaConf.select(kd, "model.teacher"), "model.teacher"):
+        _check_yacs_node(key, node, os.path.basename(config))
+
+
+def _yacs_nodes(node, key):
+    """(key, node) of the ``build_yacs_detector`` nodes in ``node`` (itself included)."""
+    from omegaconf import DictConfig, ListConfig
+
+    from .modeling import build_yacs_detector
+
+    if isinstance(node, DictConfig):
+        target = node.get("_target_", None)
+        if isinstance(target, str):
+            from detectron2.utils.registry import locate
+
+            target = locate(target)
+        if target is build_yacs_detector:
+            yield key, node
+            return
+        for k in node:
+            yield from _yacs_nodes(node[k], f"{key}.{k}")
+    elif isinstance(node, ListConfig):
+        for i, v in enumerate(node):
+            yield from _yacs_nodes(v, f"{key}[{i}]")
+
+
+def _check_yacs_node(key: str, node, name: str) -> None:
+    """SystemExit unless the yacs config of ``node`` reads as train_net.py will read it: its
+    ``config_file`` from the repository root (or the model zoo), then its ``opts``. URLs, and
+    ``add_config`` functions this process cannot import, are left to the run."""
+    from detectron2 import model_zoo
+    from omegaconf import OmegaConf
+
+    from .modeling import load_yacs_config
+
+    given = str(node.config_file)
+    local = given[len("file://"):] if given.startswith("file://") else given
+    if "://" in local:
+        return
+    path = os.path.join(REPO, local)  # an absolute local stays itself
+    if not os.path.isfile(path):
+        try:
+            path = model_zoo.get_config_file(local)
+        except RuntimeError:
+            raise SystemExit(
+                f"[repro] {key}.config_file of {name}, {given}, is neither a file nor a config of "
+                f"detectron2's model zoo (train_net.py looks for a relative path under {REPO}): "
+                "give the teacher's .yaml from there, or as an absolute path"
+            ) from None
+    opts = node.get("opts", None)
+    opts = OmegaConf.to_container(opts) if OmegaConf.is_config(opts) else opts
+    try:
+        load_yacs_config(path, opts, list(node.get("add_config", ())))
+    except ImportError:
+        return
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"[repro] {key} of {name}: {e.args[0] if e.args else e}") from e
 
 
 def _teacher_metrics(output_dir):

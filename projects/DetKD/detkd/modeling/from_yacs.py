@@ -18,6 +18,7 @@ teacher or the student of a DetKD config without writing its architecture again:
 The arguments are strings, so the node is saved in the run's ``config.yaml`` like any other.
 """
 import logging
+import os
 from typing import Optional, Sequence
 
 from detectron2 import model_zoo
@@ -70,7 +71,8 @@ def load_yacs_config(
             raise FileNotFoundError(
                 f"build_yacs_detector: {config_file!r} is neither a file nor a config of "
                 "detectron2's model zoo (e.g. 'COCO-Detection/retinanet_R_101_FPN_3x.yaml'); give "
-                "the .yaml's path (relative paths start from the working directory)"
+                f"the .yaml's path (relative paths start from the working directory, {os.getcwd()}: "
+                "the repository root in the train_net.py runs of detkd.demo and detkd.repro)"
             ) from None
     cfg = get_cfg()
     for name in add_config:
