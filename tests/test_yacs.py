@@ -145,6 +145,12 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(KeyError, match="DEMO_KEY"):
         load_yacs_config(str(tmp_path / "p.yaml"))
     assert load_yacs_config(str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]).MODEL.DEMO_KEY == 5
+    # a meta-architecture detectron2 has no yacs builder for (FCOS: a LazyConfig only) said
+    # "No object named 'FCOS' found in 'META_ARCH' registry!"
+    (tmp_path / "fcos.yaml").write_text(f'_BASE_: "{yaml}"\nMODEL: {{META_ARCHITECTURE: FCOS}}\n')
+    with pytest.raises(KeyError, match=r"META_ARCHITECTURE 'FCOS' is not a registered meta-architecture "
+                                       r"\(GeneralizedRCNN, .*RetinaNet.*\).*add_config.*common/models/fcos\.py"):
+        build_yacs_detector(str(tmp_path / "fcos.yaml"))
 
 
 def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.registry import locate
 
@@ -126,6 +126,19 @@ def build_yacs_detector(
         logger.info(
             f"build_yacs_detector({config_file!r}): MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not loaded; "
             "the weights come from train.teacher_checkpoint / train.init_checkpoint"
+        )
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in META_ARCH_REGISTRY:
+        fcos = (
+            " detectron2's FCOS has no yacs config, only a LazyConfig: use "
+            "model_zoo.get_config('common/models/fcos.py').model (or DetKD's configs/common/twins.py)."
+            if arch == "FCOS" else ""
+        )
+        raise KeyError(
+            f"build_yacs_detector({config_file!r}): MODEL.META_ARCHITECTURE {arch!r} is not a "
+            f"registered meta-architecture ({', '.join(sorted(k for k, _ in META_ARCH_REGISTRY))}). "
+            "A project's own registers when its module is imported: name a function of that module "
+            f"in add_config.{fcos}"
         )
     cfg.MODEL.DEVICE = "cpu"
     return build_model(cfg)
