@@ -237,3 +237,39 @@ def test_a_yaml_url_is_read_through_path_manager(tmp_path):
     PathManager.register_handler(_FolderURLs(str(folder)), allow_override=True)
     cfg = load_yacs_config("yacstest://child.yaml")
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16
+
+
+def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
+    """A yacs node has no input_format / num_classes arguments (train_net.py refuses a
+    model.student.input_format override): the errors of a loader in another channel order and
+    of another class count named those keys; they name the .yaml's, and where to set them."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from detkd.engine import KDTrainer, check_input_format, check_override_keys
+    from test_train_net import _coco_json
+
+    s_yaml = _tiny_retinanet_yaml(tmp_path / "student.yaml", fpn=16, rgb=True)
+    cfg = _small_cfg(tmp_path / "run", max_iter=2)
+    cfg.model.student = L(build_yacs_detector)(config_file=s_yaml)
+    cfg.model.teacher = L(build_yacs_detector)(config_file=_tiny_retinanet_yaml(tmp_path / "t.yaml", fpn=32))
+    with pytest.raises(KeyError, match="'model.student' has no key 'input_format'"):
+        check_override_keys(cfg, ["model.student.input_format=BGR"])
+    with pytest.raises(ValueError, match=r"image_format is 'BGR' but the student takes 'RGB' images \(INPUT\.FORMAT "
+                                         r"of model\.student's \.yaml or model\.student\.opts\)"):
+        KDTrainer(cfg)
+    plain = build_yacs_detector(s_yaml)
+    with pytest.raises(ValueError, match=r"the model takes 'RGB' images \(INPUT\.FORMAT of model's \.yaml or model\.opts\)"):
+        check_input_format(OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader}), plain)
+
+    for loader in (cfg.dataloader.train, cfg.dataloader.test):
+        loader.mapper.image_format = "RGB"
+    if "detkd_yacs_two" not in DatasetCatalog.list():
+        register_coco_instances("detkd_yacs_two", {}, _coco_json(tmp_path / "two.json", ["cat", "dog"]), str(tmp_path))
+    cfg.dataloader.train.dataset.names = "detkd_yacs_two"
+    with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset 'detkd_yacs_two' "
+                                         r"has 2 \(cat, dog\)\. Set MODEL\.RETINANET\.NUM_CLASSES: 2 in "
+                                         r"model\.student's \.yaml or model\.student\.opts \(the teacher's"):
+        KDTrainer(cfg)
+    cfg.model.student.opts = ["MODEL.RETINANET.NUM_CLASSES", 2]  # the fix it names
+    KDTrainer(cfg)

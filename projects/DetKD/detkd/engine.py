@@ -210,6 +210,22 @@ def _class_count(model):
     return n if isinstance(n, int) else None
 
 
+def _is_yacs_node(cfg, key: str) -> bool:
+    """Whether ``cfg``'s ``key`` is a :func:`detkd.modeling.build_yacs_detector` node, whose
+    settings are the keys of a yacs .yaml (``INPUT.FORMAT``), not the model's arguments."""
+    from omegaconf import OmegaConf
+
+    from .modeling.from_yacs import build_yacs_detector
+
+    try:
+        target = OmegaConf.select(cfg, key + "._target_", default=None)
+    except Exception:  # not a node
+        return False
+    if isinstance(target, str):
+        target = locate(target)
+    return target is build_yacs_detector
+
+
 def check_student_classes(cfg, model) -> None:
     """
     Fail when the trained detector's class count (``model.student``'s, or a plain detector's)
@@ -227,15 +243,21 @@ def check_student_classes(cfg, model) -> None:
         if classes is not None and len(classes) != n_student:
             # the config key of the trained detector: model.student.* in a distillation config,
             # model.* in a plain detector's (a teacher's or a baseline's)
-            where = ("model.student." if kd else "model.") + (
-                "roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes"
-            )
+            node = "model.student" if kd else "model"
+            if _is_yacs_node(cfg, node):  # its keys are the .yaml's
+                yacs_key = "MODEL.ROI_HEADS.NUM_CLASSES" if hasattr(student, "roi_heads") else (
+                    f"MODEL.{type(student).__name__.upper()}.NUM_CLASSES"
+                )
+                fix = f"Set {yacs_key}: {len(classes)} in {node}'s .yaml or {node}.opts"
+            else:
+                where = node + "." + ("roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes")
+                fix = f"Set {where} = {len(classes)}"
             note = " (the teacher's class count is checked against its checkpoint)" if kd else ""
             raise ValueError(
                 f"The {'student' if kd else 'model'} predicts {n_student} classes but the training "
                 f"dataset {name!r} has {len(classes)} "
                 f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
-                f"Set {where} = {len(classes)}{note}."
+                f"{fix}{note}."
             )
 
 
@@ -270,6 +292,9 @@ def check_input_format(cfg, model, splits=("train", "test")) -> None:
         who = "the student"
     else:
         s_fmt, where, who = getattr(kd, "input_format", None), "model.input_format", "the model"
+    node = where.rpartition(".")[0]
+    if where.endswith(".input_format") and _is_yacs_node(cfg, node):  # its keys are the .yaml's
+        where = f"INPUT.FORMAT of {node}'s .yaml or {node}.opts"
     if s_fmt not in ("RGB", "BGR"):
         return
     for split in splits:
