@@ -85,7 +85,9 @@ def _reportable_keys(model: nn.Module) -> List[str]:
         for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)
         for buf in ("running_mean", "running_var")
     }
-    return [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in frozen]
+    return [
+        k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in frozen
+    ]
 
 
 def _missing_hint(model: nn.Module, missing) -> str:

@@ -250,7 +250,8 @@ def check_student_classes(cfg, model) -> None:
                 )
                 fix = f"Set {yacs_key}: {len(classes)} in {node}'s .yaml or {node}.opts"
             else:
-                where = node + "." + ("roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes")
+                key = "roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes"
+                where = f"{node}.{key}"
                 fix = f"Set {where} = {len(classes)}"
             note = " (the teacher's class count is checked against its checkpoint)" if kd else ""
             raise ValueError(

@@ -71,8 +71,9 @@ def load_yacs_config(
             raise FileNotFoundError(
                 f"build_yacs_detector: {config_file!r} is neither a file nor a config of "
                 "detectron2's model zoo (e.g. 'COCO-Detection/retinanet_R_101_FPN_3x.yaml'); give "
-                f"the .yaml's path (relative paths start from the working directory, {os.getcwd()}: "
-                "the repository root in the train_net.py runs of detkd.demo and detkd.repro)"
+                "the .yaml's path (relative paths start from the working directory, "
+                f"{os.getcwd()}: the repository root in the train_net.py runs of detkd.demo and "
+                "detkd.repro)"
             ) from None
     cfg = get_cfg()
     for name in add_config:
@@ -92,7 +93,8 @@ def load_yacs_config(
             ) from e
         raise KeyError(f"{path}: {e.args[0] if e.args else e}. {hint}") from e
     # A LazyConfig node's lists reach here as omegaconf ListConfigs (instantiate, overrides):
-    # yacs takes only plain values (a ListConfig value, e.g. MODEL.PIXEL_MEAN's, is a type mismatch).
+    # yacs takes only plain values (a ListConfig value, e.g. MODEL.PIXEL_MEAN's, is a type
+    # mismatch).
     opts = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (opts or [])]
     if len(opts) % 2:
         raise ValueError(f"build_yacs_detector: opts must be KEY, value pairs; got {len(opts)} items: {opts}")
@@ -131,12 +133,14 @@ def build_yacs_detector(
     if arch not in META_ARCH_REGISTRY:
         fcos = (
             " detectron2's FCOS has no yacs config, only a LazyConfig: use "
-            "model_zoo.get_config('common/models/fcos.py').model (or DetKD's configs/common/twins.py)."
+            "model_zoo.get_config('common/models/fcos.py').model (or DetKD's "
+            "configs/common/twins.py)."
             if arch == "FCOS" else ""
         )
         raise KeyError(
             f"build_yacs_detector({config_file!r}): MODEL.META_ARCHITECTURE {arch!r} is not a "
-            f"registered meta-architecture ({', '.join(sorted(k for k, _ in META_ARCH_REGISTRY))}). "
+            f"registered meta-architecture ({', '.join(sorted(k for k, _ in META_ARCH_REGISTRY))})"
+            ". "
             "A project's own registers when its module is imported: name a function of that module "
             f"in add_config.{fcos}"
         )
