@@ -145,6 +145,7 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(KeyError, match="DEMO_KEY"):
         load_yacs_config(str(tmp_path / "p.yaml"))
     assert load_yacs_config(str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]).MODEL.DEMO_KEY == 5
+    assert load_yacs_config(str(tmp_path / "p.yaml"), add_config="test_yacs._add_demo_keys").MODEL.DEMO_KEY == 5
     # a meta-architecture detectron2 has no yacs builder for (FCOS: a LazyConfig only) said
     # "No object named 'FCOS' found in 'META_ARCH' registry!"
     (tmp_path / "fcos.yaml").write_text(f'_BASE_: "{yaml}"\nMODEL: {{META_ARCHITECTURE: FCOS}}\n')

@@ -19,7 +19,7 @@ The arguments are strings, so the node is saved in the run's ``config.yaml`` lik
 """
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_yacs_config(
-    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Sequence[str] = ()
+    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Union[str, Sequence[str]] = ()
 ) -> CfgNode:
     """
     The yacs config of a ``.yaml`` file: detectron2's defaults (``get_cfg``), the keys the
@@ -46,7 +46,7 @@ def load_yacs_config(
             or a model-zoo config name such as ``"COCO-Detection/retinanet_R_101_FPN_3x.yaml"``
             (``detectron2.model_zoo.get_config_file``).
         opts (list[str] or None): ``["KEY", value, "KEY", value, ...]`` as ``merge_from_list``.
-        add_config (list[str]): import paths of functions ``f(cfg)`` that add a project's keys
+        add_config (str or list[str]): import paths of functions ``f(cfg)`` that add a project's keys
             before the file is read, e.g. ``"detectron2.projects.point_rend.add_pointrend_config"``.
 
     Returns:
@@ -76,6 +76,8 @@ def load_yacs_config(
                 "detkd.repro)"
             ) from None
     cfg = get_cfg()
+    if isinstance(add_config, str):  # one function: not its characters
+        add_config = [add_config]
     for name in add_config:
         fn = locate(name)
         if fn is None:
@@ -106,7 +108,7 @@ def load_yacs_config(
 
 
 def build_yacs_detector(
-    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Sequence[str] = ()
+    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Union[str, Sequence[str]] = ()
 ):
     """
     The detector a yacs config describes, built by ``detectron2.modeling.build_model`` with
