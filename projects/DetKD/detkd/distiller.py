@@ -55,12 +55,20 @@ def _padding_constraints(model: nn.Module):
     return getattr(getattr(model, "backbone", None), "padding_constraints", None)
 
 
-def _size_divisibility(model: nn.Module) -> int:
+def _size_divisibility(model: nn.Module, *, required: bool = False) -> int:
+    """The multiple ``model`` pads its inputs to in detectron2's preprocessing; with
+    ``required``, the multiple its backbone needs: also the one detectron2's
+    SimpleFeaturePyramid (ViTDet) declares under the misspelt key ``"size_divisiblity"``, which
+    detectron2's preprocessing does not read (ViTDet's square padding to 1024 is a multiple).
+    A teacher is not padded to its square size (:meth:`DistillationDetector.teacher_images`),
+    so it needs this one: without it, a ViT teacher drops the rows and columns past the last
+    multiple of its patch size."""
     div = getattr(model, "size_divisibility", None)
     if div is None:  # detectron2's preprocessing: padding_constraints' value overrides
-        div = (_padding_constraints(model) or {}).get(
-            "size_divisibility", getattr(model.backbone, "size_divisibility", 0)
-        )
+        constraints = _padding_constraints(model) or {}
+        div = constraints.get("size_divisibility", getattr(model.backbone, "size_divisibility", 0))
+        if required:
+            div = max(int(div or 0), int(constraints.get("size_divisiblity", 0) or 0))
     return int(div or 0)
 
 
@@ -90,7 +98,7 @@ def normalized_images(
     if flip_channels:
         images = [x.flip(0) for x in images]
     images = [(x - model.pixel_mean) / model.pixel_std for x in images]
-    div = max(_size_divisibility(model), size_divisibility)
+    div = max(_size_divisibility(model, required=True), size_divisibility)
     if square_size is None:
         square_size = _square_size(model)
     return ImageList.from_tensors(images, div, padding_constraints={"square_size": square_size})
@@ -540,7 +548,7 @@ class DistillationDetector(nn.Module):
             f"The student's '{s}' map is {tuple(hs)} but the teacher's '{t}' of the same "
             f"stride is {tuple(ht)}: the two models pad their inputs to different sizes "
             f"(size divisibility: student {_size_divisibility(self.student)}, teacher "
-            f"{_size_divisibility(self._teacher)})."
+            f"{_size_divisibility(self._teacher, required=True)})."
         )
         if not self._sizes_resized:
             raise ValueError(

@@ -1,0 +1,108 @@
+"""Teachers and students beyond the ResNet-FPN twins: a ViTDet-style teacher (detectron2's
+SimpleFeaturePyramid), students with a Backbone of their own (level names of their own)."""
+import pytest
+import torch
+from torch import nn
+
+from detectron2.config import LazyCall as L
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import Backbone, SimpleFeaturePyramid
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.utils.events import EventStorage
+
+from detkd import DistillationDetector, GIDDistiller, PKDDistiller, ReviewKDDistiller
+
+from conftest import build, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+
+
+class Patchify(Backbone):
+    """ViT's patch embedding alone (a stride-16 conv, which drops the rows and columns past the
+    last multiple of 16): the single-scale ``net`` of a ViTDet-style SimpleFeaturePyramid,
+    without the transformer blocks (timm) of detectron2's ViT."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=16, stride=16)
+        self._out_features = ["last_feat"]
+        self._out_feature_channels = {"last_feat": dim}
+        self._out_feature_strides = {"last_feat": 16}
+
+    def forward(self, x):
+        return {"last_feat": self.proj(x)}
+
+
+class StridedNet(Backbone):
+    """A custom student backbone: stride-2 convs of ``width`` channels, levels named by stride
+    (``s8``, ``s16``, ``s32``), no FPN and no size divisibility."""
+
+    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            Conv2d(3 if i == 0 else width, width, 3, stride=2, padding=1, bias=False,
+                   norm=get_norm("BN", width), activation=nn.ReLU())
+            for i in range(5)
+        )
+        self._out_features = list(out_features)
+        self._strides = strides
+
+    def forward(self, x):
+        out = {}
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if f"s{2 ** (i + 1)}" in self._out_features:
+                out[f"s{2 ** (i + 1)}"] = x
+        return out
+
+    def output_shape(self):
+        width = self.convs[0].out_channels
+        return {
+            n: ShapeSpec(channels=width, stride=int(n[1:]) if self._strides else None)
+            for n in self._out_features
+        }
+
+
+def vitdet_teacher(fpn=32):
+    """A tiny ViTDet-style Faster R-CNN: SimpleFeaturePyramid (p2-p6) on a stride-16 map, no
+    square padding (its padding_constraints declare a size divisibility of 32)."""
+    model = tiny_faster_rcnn_cfg(width=16, fpn=fpn)
+    model.backbone = L(SimpleFeaturePyramid)(
+        net=L(Patchify)(dim=32), in_feature="last_feat", out_channels=fpn,
+        scale_factors=(4.0, 2.0, 1.0, 0.5), top_block=L(LastLevelMaxPool)(), norm="LN",
+        square_pad=0,
+    )
+    return model
+
+
+def custom_retinanet(width=8, **backbone):
+    """A RetinaNet whose head sits directly on a StridedNet (levels s8, s16, s32)."""
+    model = tiny_retinanet_cfg(width=width, fpn=width)
+    model.backbone = L(StridedNet)(width=width, **backbone)
+    model.head_in_features = ["s8", "s16", "s32"]
+    model.head.input_shape = [ShapeSpec(channels=width)] * 3
+    model.head.conv_dims = [width]
+    model.anchor_generator.update(sizes=[[16], [32], [64]], aspect_ratios=[1.0], strides=[8, 16, 32])
+    model.head.num_anchors = 1
+    return model
+
+
+def test_vitdet_style_teacher_gets_inputs_padded_to_its_declared_size_divisibility():
+    """detectron2's SimpleFeaturePyramid declares its size divisibility (32) under the misspelt
+    key 'size_divisiblity' and relies on its square padding, which the teacher's images do not
+    get (they are padded as the student's): for a student without a size divisibility, the
+    teacher's images were not padded at all, so its patch embedding dropped the image's last
+    rows and columns, and a size mismatch was reported as 'student 0, teacher 0'."""
+    torch.manual_seed(0)
+    model = build(L(DistillationDetector)(
+        student=custom_retinanet(), teacher=vitdet_teacher(),
+        distillers={"pkd": L(PKDDistiller)(num_levels=None)},
+    ))
+    assert model.distillers["pkd"].pairs == [("s8", "p3"), ("s16", "p4"), ("s32", "p5")]
+    inputs = make_inputs(n=2, size=(100, 130))
+    assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (100, 130)
+    assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 160)
+    match = r"'s8' map is \(13, 17\).*'p3'.*\(16, 20\).*student 0, teacher 32"
+    with EventStorage(), pytest.raises(ValueError, match=match):
+        model(inputs)
+    with EventStorage():  # sizes of the divisibility: equal maps, the loss trains
+        losses = model(make_inputs(n=2, size=(96, 128)))
+    assert torch.isfinite(losses["loss_pkd"]) and losses["loss_pkd"] > 0
