@@ -106,3 +106,20 @@ def test_vitdet_style_teacher_gets_inputs_padded_to_its_declared_size_divisibili
     with EventStorage():  # sizes of the divisibility: equal maps, the loss trains
         losses = model(make_inputs(n=2, size=(96, 128)))
     assert torch.isfinite(losses["loss_pkd"]) and losses["loss_pkd"] > 0
+
+
+@pytest.mark.parametrize("distiller", [
+    L(PKDDistiller)(num_levels=None), L(ReviewKDDistiller)(),
+    L(GIDDistiller)(selection="location", response=False),
+])
+def test_a_custom_backbone_without_strides_is_a_clear_error(distiller):
+    """Levels are ordered and paired by stride: a Backbone whose output_shape() gives none (a
+    detectron2 RetinaNet trains without them) was a bare "'<' not supported between
+    'NoneType' and 'NoneType'" from sorting."""
+    student = custom_retinanet(strides=False)
+    match = (r"distillers\['kd'\].*student backbone's output_shape\(\) gives no stride for "
+             r"\['s8', 's16', 's32'\].*ShapeSpec\(channels=\.\.\., stride=\.\.\.\)")
+    with pytest.raises(ValueError, match=match):
+        build(L(DistillationDetector)(
+            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32), distillers={"kd": distiller},
+        ))

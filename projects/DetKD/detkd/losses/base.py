@@ -221,6 +221,14 @@ def pair_fpn_levels(
             raise ValueError(
                 f"{side} backbone has no feature(s) {unknown}; it outputs {sorted(shapes)}"
             )
+        no_stride = [n for n in names if not shapes[n].stride]
+        if no_stride:  # levels are ordered (and paired) by stride
+            raise ValueError(
+                f"{side} backbone's output_shape() gives no stride for {no_stride}: "
+                f"{ {n: shapes[n] for n in no_stride} }. Levels are paired by stride; a custom "
+                "Backbone must return ShapeSpec(channels=..., stride=...) for each feature (or "
+                "set _out_feature_strides, which Backbone.output_shape() reads)."
+            )
         return sorted(names, key=lambda n: shapes[n].stride)
 
     s_levels = levels(student_shapes, student_levels, "student")
