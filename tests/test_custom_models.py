@@ -123,3 +123,29 @@ def test_a_custom_backbone_without_strides_is_a_clear_error(distiller):
         build(L(DistillationDetector)(
             student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32), distillers={"kd": distiller},
         ))
+
+
+def test_gid_on_levels_that_are_no_pyramid_is_a_clear_error():
+    """A custom student with levels s8 and s32 only: GID's ROIAlign needs consecutive strides
+    (detectron2's ROIPooler asserted "Sizes of input featuremaps do not form a pyramid!",
+    naming neither the levels nor the fix); num_levels=1 keeps s8 alone, which trains."""
+    student = custom_retinanet(out_features=("s8", "s32"))
+    student.update(head_in_features=["s8", "s32"])
+    student.head.input_shape = [ShapeSpec(channels=8)] * 2
+    student.anchor_generator.update(sizes=[[16], [64]], strides=[8, 32])
+
+    def kd(**gid):
+        torch.manual_seed(0)
+        return build(L(DistillationDetector)(
+            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32),
+            distillers={"gid": L(GIDDistiller)(selection="location", response=False, **gid)},
+        ))
+
+    match = r"paired levels \[\('s8', 'p3'\), \('s32', 'p5'\)\] have strides \[8, 32\].*num_levels"
+    with pytest.raises(ValueError, match=match):
+        kd()
+    model = kd(num_levels=1)
+    assert model.distillers["gid"].pairs == [("s8", "p3")]
+    with EventStorage():
+        losses = model(make_inputs(n=2, size=(96, 128)))
+    assert torch.isfinite(losses["loss_gid_feat"]) and torch.isfinite(losses["loss_gid_relation"])

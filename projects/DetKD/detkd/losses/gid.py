@@ -801,6 +801,14 @@ class GIDDistiller(Distiller):
             roi_levels = getattr(student.roi_heads, "box_in_features", None)
         self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels, student_levels=roi_levels)
         strides = [s_shapes[s].stride for s, _ in self.pairs]
+        if any(st & (st - 1) for st in strides) or any(b != 2 * a for a, b in zip(strides, strides[1:])):
+            raise ValueError(
+                f"GID: the paired levels {self.pairs} have strides {strides}; ROIAlign pools each "
+                "GI from one level of a pyramid (detectron2's ROIPooler rule), which needs "
+                "consecutive power-of-2 strides (e.g. 8, 16, 32). Keep a run of consecutive "
+                "strides with num_levels (finest first), or give the student a backbone with such "
+                "levels (e.g. an FPN)."
+            )
         self.strides = strides
         self.pooler = ROIPooler(
             output_size=self.pooler_resolution,
