@@ -33,9 +33,9 @@ class Patchify(Backbone):
 
 class StridedNet(Backbone):
     """A custom student backbone: stride-2 convs of ``width`` channels, levels named by stride
-    (``s8``, ``s16``, ``s32``), no FPN and no size divisibility."""
+    (``s8``, ``s16``, ``s32``), no FPN; no size divisibility unless given."""
 
-    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True):
+    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True, size_divisibility=0):
         super().__init__()
         self.convs = nn.ModuleList(
             Conv2d(3 if i == 0 else width, width, 3, stride=2, padding=1, bias=False,
@@ -44,6 +44,11 @@ class StridedNet(Backbone):
         )
         self._out_features = list(out_features)
         self._strides = strides
+        self._size_divisibility = size_divisibility
+
+    @property
+    def size_divisibility(self):
+        return self._size_divisibility
 
     def forward(self, x):
         out = {}
@@ -91,20 +96,27 @@ def test_vitdet_style_teacher_gets_inputs_padded_to_its_declared_size_divisibili
     get (they are padded as the student's): for a student without a size divisibility, the
     teacher's images were not padded at all, so its patch embedding dropped the image's last
     rows and columns, and a size mismatch was reported as 'student 0, teacher 0'."""
-    torch.manual_seed(0)
-    model = build(L(DistillationDetector)(
-        student=custom_retinanet(), teacher=vitdet_teacher(),
-        distillers={"pkd": L(PKDDistiller)(num_levels=None)},
-    ))
+
+    def kd(**student):
+        torch.manual_seed(0)
+        return build(L(DistillationDetector)(
+            student=custom_retinanet(**student), teacher=vitdet_teacher(),
+            distillers={"pkd": L(PKDDistiller)(num_levels=None)},
+        ))
+
+    model = kd()
     assert model.distillers["pkd"].pairs == [("s8", "p3"), ("s16", "p4"), ("s32", "p5")]
     inputs = make_inputs(n=2, size=(100, 130))
     assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (100, 130)
     assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 160)
-    match = r"'s8' map is \(13, 17\).*'p3'.*\(16, 20\).*student 0, teacher 32"
+    match = (r"'s8' map is \(13, 17\).*'p3'.*\(16, 20\).*student 0, teacher 32\).*"
+             r"backbone's size_divisibility property: a custom Backbone overrides it")
     with EventStorage(), pytest.raises(ValueError, match=match):
         model(inputs)
-    with EventStorage():  # sizes of the divisibility: equal maps, the loss trains
-        losses = model(make_inputs(n=2, size=(96, 128)))
+    model = kd(size_divisibility=32)  # the fix the error names: equal maps, the loss trains
+    assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (128, 160)
+    with EventStorage():
+        losses = model(inputs)
     assert torch.isfinite(losses["loss_pkd"]) and losses["loss_pkd"] > 0
 
 

@@ -552,7 +552,9 @@ class DistillationDetector(nn.Module):
         )
         if not self._sizes_resized:
             raise ValueError(
-                msg + " Use a student whose size divisibility is a multiple of the teacher's."
+                msg + " Use a student whose size divisibility is a multiple of the teacher's "
+                "(detectron2's detectors pad their images to a multiple of their backbone's "
+                "size_divisibility property: a custom Backbone overrides it)."
             )
         logger.warning(
             msg + " The distillers resize the student's maps onto the teacher's, which cover the "
