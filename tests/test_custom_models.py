@@ -35,7 +35,8 @@ class StridedNet(Backbone):
     """A custom student backbone: stride-2 convs of ``width`` channels, levels named by stride
     (``s8``, ``s16``, ``s32``), no FPN; no size divisibility unless given."""
 
-    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True, size_divisibility=0):
+    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True,
+                 size_divisibility=0):
         super().__init__()
         self.convs = nn.ModuleList(
             Conv2d(3 if i == 0 else width, width, 3, stride=2, padding=1, bias=False,
@@ -85,7 +86,9 @@ def custom_retinanet(width=8, **backbone):
     model.head_in_features = ["s8", "s16", "s32"]
     model.head.input_shape = [ShapeSpec(channels=width)] * 3
     model.head.conv_dims = [width]
-    model.anchor_generator.update(sizes=[[16], [32], [64]], aspect_ratios=[1.0], strides=[8, 16, 32])
+    model.anchor_generator.update(
+        sizes=[[16], [32], [64]], aspect_ratios=[1.0], strides=[8, 16, 32]
+    )
     model.head.num_anchors = 1
     return model
 
@@ -133,7 +136,8 @@ def test_a_custom_backbone_without_strides_is_a_clear_error(distiller):
              r"\['s8', 's16', 's32'\].*ShapeSpec\(channels=\.\.\., stride=\.\.\.\)")
     with pytest.raises(ValueError, match=match):
         build(L(DistillationDetector)(
-            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32), distillers={"kd": distiller},
+            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32),
+            distillers={"kd": distiller},
         ))
 
 
