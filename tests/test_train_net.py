@@ -833,3 +833,56 @@ def test_a_failed_write_of_the_last_checkpoint_tag_keeps_the_previous_tag(tmp_pa
     resumed = KDTrainer(_small_cfg(out, max_iter=4))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
+
+
+def _own_coco(root, name, cat_ids=(3, 7, 42)):
+    """A registered COCO-format dataset of 2 written 64x64 images, categories of the given
+    (non-contiguous) ids, one box per category."""
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    images, anns = [], []
+    for i in (1, 2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(root / f"im{i}.png")
+        images.append({"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64})
+        for c in cat_ids:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c,
+                         "bbox": [4, 4, 30, 30], "area": 900, "iscrowd": 0})
+    cats = [{"id": c, "name": f"cat{c}"} for c in cat_ids]
+    data = {"images": images, "annotations": anns, "categories": cats}
+    (root / f"{name}.json").write_text(json.dumps(data))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        from detectron2.data import MetadataCatalog
+
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(root / f"{name}.json"), str(root))
+    return name
+
+
+def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_error(tmp_path):
+    # A teacher of other classes (README: an 80-class model-zoo teacher, which PKD accepts) on
+    # the user's 3-class test data (COCO ids 3, 7, 42): COCOEvaluator stopped the run on an
+    # AssertionError on the first prediction of a class >= 3 (a teacher of fewer classes was
+    # scored against a wrong mapping). Refused before training, naming the key; nothing saved.
+    val = _own_coco(tmp_path, "detkd_test_own_val")
+    cfg = _small_cfg(tmp_path / "e", max_iter=2)
+    cfg.dataloader.test.dataset.names = val
+    cfg.train.teacher_eval_at_start = True
+    cfg.model.teacher.num_classes = 80
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    match = (r"train\.teacher_eval_at_start: the teacher predicts 80 classes but the test dataset "
+             r"'detkd_test_own_val' has 3 \(cat3, cat7, cat42\).*Set train\.teacher_eval_at_start=False")
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert not (tmp_path / "e" / "last_checkpoint").exists()
+    # the teacher of the data's 3 classes is evaluated on them (ids 3, 7, 42 mapped back)
+    cfg.model.teacher.num_classes = 3
+    cfg.train.output_dir = str(tmp_path / "ok")
+    cfg.train.max_iter = 1
+    trainer = _run(cfg)
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    assert {"AP-cat3", "AP-cat7", "AP-cat42"} <= set(hook.results["bbox"])

@@ -66,6 +66,7 @@ __all__ = [
     "check_override_keys",
     "check_test_datasets",
     "check_student_classes",
+    "check_teacher_eval_classes",
     "check_input_format",
 ]
 
@@ -259,6 +260,40 @@ def check_student_classes(cfg, model) -> None:
                 f"dataset {name!r} has {len(classes)} "
                 f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
                 f"{fix}{note}."
+            )
+
+
+def _loaded_classes(name: str):
+    """The ``thing_classes`` of the registered dataset ``name``, loading it when its metadata
+    does not have them yet (detectron2's COCO loader fills them when it reads the json), or None
+    (e.g. a dataset without classes)."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is None:
+        DatasetCatalog.get(name)
+    return meta.get("thing_classes")
+
+
+def check_teacher_eval_classes(cfg, model) -> None:
+    """
+    Fail before ``train.teacher_eval_at_start`` evaluates a teacher whose class count differs
+    from the test data's (``dataloader.test.dataset.names``): a teacher of another class set
+    (e.g. a model-zoo COCO teacher of 80 classes, which PKD, ReviewKD and GID's location
+    selection accept) stopped the run in COCOEvaluator's assertion on its first prediction of a
+    class the dataset does not have, and one of fewer classes was scored against a wrong
+    mapping. A LazyCall ``names`` (the shapes data) is not checked.
+    """
+    teacher = unwrap_model(model).teacher
+    n_teacher = _class_count(teacher)
+    for name in _dataset_names(cfg, "test") if n_teacher is not None else ():
+        classes = _loaded_classes(name)
+        if classes is not None and len(classes) != n_teacher:
+            raise ValueError(
+                f"train.teacher_eval_at_start: the teacher predicts {n_teacher} classes but the "
+                f"test dataset {name!r} has {len(classes)} "
+                f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}), so "
+                "its predictions cannot be evaluated on it (a teacher of another class set, e.g. "
+                "a model-zoo COCO teacher). Set train.teacher_eval_at_start=False (distillation "
+                "does not need it), or evaluate the teacher on its own data with its own config."
             )
 
 
@@ -515,6 +550,7 @@ class TeacherEvalHook(hooks.HookBase):
             )
             return
         kd = unwrap_model(self.trainer.model)
+        check_teacher_eval_classes(self.cfg, kd)
         folder = os.path.join(self.cfg.train.output_dir, "inference_teacher")
         evaluator = KDTrainer.build_evaluator(self.cfg, output_folder=folder)
         if evaluator is None:
