@@ -886,3 +886,24 @@ def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_erro
     trainer = _run(cfg)
     hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
     assert {"AP-cat3", "AP-cat7", "AP-cat42"} <= set(hook.results["bbox"])
+
+
+def test_test_data_of_other_classes_than_the_training_data_is_an_error_before_training(tmp_path):
+    # A val.json listing only the categories it annotates (ids 7, 42) next to a train.json of
+    # ids 3, 7, 42: the student's class 0 (id 3) was evaluated as the val data's class 0 (id 7),
+    # a shifted mapping without a word. Refused before training; equal lists are accepted.
+    train = _own_coco(tmp_path, "detkd_test_own_train")
+    (tmp_path / "v").mkdir()
+    val = _own_coco(tmp_path / "v", "detkd_test_own_val_sub", cat_ids=(7, 42))
+    cfg = _small_cfg(tmp_path / "c", max_iter=2)
+    cfg.dataloader.train.dataset.names = train
+    cfg.dataloader.train.sampler = None
+    cfg.dataloader.test.dataset.names = val
+    match = (r"The classes of the test dataset 'detkd_test_own_val_sub' \(2: cat7, cat42\) are not "
+             r"those of the training dataset 'detkd_test_own_train' \(3: cat3, cat7, cat42\); they "
+             r"differ from class 0 on.*same categories")
+    with pytest.raises(ValueError, match=match):
+        KDTrainer(cfg)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.pth"))
+    cfg.dataloader.test.dataset.names = _own_coco(tmp_path / "v", "detkd_test_own_val_all")
+    KDTrainer(cfg)  # the same categories: accepted

@@ -67,6 +67,7 @@ __all__ = [
     "check_test_datasets",
     "check_student_classes",
     "check_teacher_eval_classes",
+    "check_test_classes",
     "check_input_format",
 ]
 
@@ -271,6 +272,39 @@ def _loaded_classes(name: str):
     if meta.get("thing_classes") is None:
         DatasetCatalog.get(name)
     return meta.get("thing_classes")
+
+
+def check_test_classes(cfg) -> None:
+    """
+    Fail when a test dataset's classes (``dataloader.test.dataset.names``) are not the training
+    data's, in name and order: the student's class i is the training data's i-th category, but
+    COCOEvaluator reports it as the test data's i-th (detectron2 numbers each json's categories
+    by sorted id). Two json files of one dataset with different category lists (e.g. a val.json
+    that lists only the categories it annotates) were evaluated against a shifted mapping
+    without a word, or stopped at the end of training on COCOEvaluator's assertion. Datasets
+    without ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
+    """
+    train = _dataset_names(cfg, "train")
+    expected = MetadataCatalog.get(train[0]).get("thing_classes") if train else None
+    if expected is None:  # filled by the training loader, built before this check
+        return
+
+    def listed(c):
+        return f"{len(c)}: {', '.join(map(str, c[:5]))}{', ...' if len(c) > 5 else ''}"
+
+    for name in _dataset_names(cfg, "test"):
+        classes = _loaded_classes(name)
+        if classes is None or list(classes) == list(expected):
+            continue
+        pairs = enumerate(zip(classes, expected))
+        diff = next((i for i, (a, b) in pairs if a != b), min(len(classes), len(expected)))
+        raise ValueError(
+            f"The classes of the test dataset {name!r} ({listed(classes)}) are not those of the "
+            f"training dataset {train[0]!r} ({listed(expected)}); they differ from class {diff} "
+            "on: the student's class i would be evaluated as the test data's class i. Give both "
+            "json files the same categories (ids and names, also those a split does not "
+            "annotate; detectron2 numbers them by sorted id)."
+        )
 
 
 def check_teacher_eval_classes(cfg, model) -> None:
@@ -592,6 +626,7 @@ class KDTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         check_student_classes(cfg, model)  # the datasets' metadata is filled once loaded
+        check_test_classes(cfg)
         check_input_format(cfg, model)
 
         model = ddp_model(model, **cfg.train.ddp)
