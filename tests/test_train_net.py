@@ -740,6 +740,19 @@ def test_loader_channel_order_must_match_the_students(tmp_path):
     with pytest.raises(ValueError, match=r"dataloader\.train\.mapper\.image_format is 'RGB' but the model "
                                          r"takes 'BGR' images \(model\.input_format\)"):
         check_input_format(cfg, plain)
+    # a loader in another colour space (detectron2's "YUV-BT.601": float64 images) stopped the
+    # first step in the teacher's first convolution on "expected scalar type Double but found
+    # Float"; refused before training too. "L" (grey, broadcast over the 3 channels) is no mismatch.
+    cfg.dataloader.train.mapper.image_format = "YUV-BT.601"
+    match = (r"dataloader\.train\.mapper\.image_format is 'YUV-BT\.601' but the model takes 'BGR' "
+             r"images \(model\.input_format\): its images would reach it in YUV-BT\.601.*'BGR'")
+    with pytest.raises(ValueError, match=match):
+        check_input_format(cfg, plain)
+    cfg.model.student_input_format = None
+    with pytest.raises(ValueError, match=r"'YUV-BT\.601' but the student takes 'BGR' images"):
+        KDTrainer(cfg)
+    cfg.dataloader.train.mapper.image_format = "L"
+    check_input_format(cfg, plain)
 
 
 def test_eval_only_refuses_a_test_loader_in_another_channel_order(tmp_path):

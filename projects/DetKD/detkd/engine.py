@@ -332,13 +332,14 @@ def check_teacher_eval_classes(cfg, model) -> None:
 
 
 def _mapper_format(cfg, split: str):
-    """``dataloader.<split>.mapper.image_format`` when it is "RGB" or "BGR", else None (no such
-    key, e.g. a mapper of another kind, or another format)."""
+    """``dataloader.<split>.mapper.image_format``, or None: no such key (e.g. a mapper of another
+    kind), or "L" (one grey channel, which the normalisation of an RGB/BGR detector broadcasts
+    over its three: grayscale training, not a mismatch)."""
     try:
         fmt = cfg.dataloader[split].mapper.image_format
     except Exception:  # a missing key (AttributeError, KeyError, omegaconf's errors)
         return None
-    return fmt if fmt in ("RGB", "BGR") else None
+    return fmt if isinstance(fmt, str) and fmt != "L" else None
 
 
 def check_input_format(cfg, model, splits=("train", "test")) -> None:
@@ -370,13 +371,17 @@ def check_input_format(cfg, model, splits=("train", "test")) -> None:
     for split in splits:
         fmt = _mapper_format(cfg, split)
         if fmt is not None and fmt != s_fmt:
-            teacher = (
-                " (and the teacher's images would be flipped from the wrong order)"
-                if isinstance(kd, DistillationDetector) else ""
-            )
+            if fmt in ("RGB", "BGR"):
+                teacher = (
+                    " (and the teacher's images would be flipped from the wrong order)"
+                    if isinstance(kd, DistillationDetector) else ""
+                )
+                problem = f"its images would reach it with the channels swapped{teacher}"
+            else:  # e.g. "YUV-BT.601" (float64: a dtype error in the first convolution), "RGBA"
+                problem = f"its images would reach it in {fmt}, which it is not normalised for"
             raise ValueError(
                 f"dataloader.{split}.mapper.image_format is {fmt!r} but {who} takes {s_fmt!r} "
-                f"images ({where}): its images would reach it with the channels swapped{teacher}. "
+                f"images ({where}): {problem}. "
                 "Set both to the channel order of the weights it starts from (torchvision's "
                 "ImageNet weights converted to detectron2: 'RGB', with torchvision's pixel_mean / "
                 "pixel_std; MSRA weights and detectron2's model zoo: 'BGR')."
