@@ -28,7 +28,14 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from detkd.checkpoint import load_student
-from detkd.engine import KDTrainer, check_input_format, check_override_keys, ddp_model, student_of
+from detkd.engine import (
+    KDTrainer,
+    check_input_format,
+    check_override_keys,
+    check_student_classes,
+    ddp_model,
+    student_of,
+)
 
 logger = logging.getLogger("detectron2")
 
@@ -96,6 +103,7 @@ def main(args):
         # Evaluates the student: a DistillationDetector in eval mode never runs its teacher.
         model = KDTrainer.build_model(cfg)
         check_input_format(cfg, model, splits=("test",))
+        check_student_classes(cfg, model, split="test")
         load_student(student_of(model), cfg.train.init_checkpoint, strict=True)
         model = ddp_model(model)
         results = KDTrainer.test(cfg, model)

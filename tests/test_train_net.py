@@ -920,3 +920,36 @@ def test_test_data_of_other_classes_than_the_training_data_is_an_error_before_tr
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.pth"))
     cfg.dataloader.test.dataset.names = _own_coco(tmp_path / "v", "detkd_test_own_val_all")
     KDTrainer(cfg)  # the same categories: accepted
+
+
+def test_eval_only_refuses_a_student_of_another_class_count_than_the_test_data(tmp_path):
+    # --eval-only of a 3-class student on 2-class data ran the whole inference, then stopped on
+    # COCOEvaluator's assertion (a prediction of class 2); now refused before, naming the fix.
+    from detectron2.config import instantiate
+
+    from detkd.checkpoint import save_student
+
+    _own_coco(tmp_path, "detkd_test_eval_only_2cls", cat_ids=(7, 42))  # writes the json
+    (tmp_path / "own.py").write_text(
+        "from detectron2.config import LazyConfig\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "from detectron2.data.datasets import register_coco_instances\n"
+        f"base = LazyConfig.load({os.path.join(REPO, 'configs/demo/pkd_retinanet.py')!r})\n"
+        "model, dataloader, train = base.model, base.dataloader, base.train\n"
+        "optimizer, lr_multiplier = base.optimizer, base.lr_multiplier\n"
+        "if 'own_val' not in DatasetCatalog.list():\n"
+        f"    register_coco_instances('own_val', {{}}, {str(tmp_path / 'detkd_test_eval_only_2cls.json')!r}, "
+        f"{str(tmp_path)!r})\n"
+        "dataloader.test.dataset.names = 'own_val'\n"
+    )
+    ckpt = tmp_path / "student.pth"
+    save_student(instantiate(load_config("configs/demo/pkd_retinanet.py").model.student), str(ckpt))
+    cmd = [sys.executable, "train_net.py", "--config-file", str(tmp_path / "own.py"), "--eval-only",
+           f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.num_workers=0",
+           f"train.init_checkpoint={ckpt}"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 (cat7, cat42). "
+            "Set model.student.num_classes = 2") in proc.stderr, proc.stderr[-2000:]
+    assert "Start inference" not in proc.stdout + proc.stderr

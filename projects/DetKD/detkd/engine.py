@@ -228,20 +228,25 @@ def _is_yacs_node(cfg, key: str) -> bool:
     return target is build_yacs_detector
 
 
-def check_student_classes(cfg, model) -> None:
+def check_student_classes(cfg, model, split: str = "train") -> None:
     """
     Fail when the trained detector's class count (``model.student``'s, or a plain detector's)
     differs from the training data's (the ``thing_classes``
     of the datasets ``dataloader.train.dataset.names`` names, once loaded): a student with fewer
     classes would crash or take the data's last classes for background, one with more would
     never see its extra classes and evaluate against a wrong mapping. Datasets without
-    ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
+    ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked. With
+    ``split="test"`` (``--eval-only``), the test datasets' (loaded if need be): COCOEvaluator
+    would stop on its first prediction of a class the data lacks, after the whole inference.
     """
     student = student_of(model)
     kd = isinstance(unwrap_model(model), DistillationDetector)
     n_student = _class_count(student)
-    for name in _dataset_names(cfg, "train") if n_student is not None else ():
-        classes = MetadataCatalog.get(name).get("thing_classes")
+    for name in _dataset_names(cfg, split) if n_student is not None else ():
+        if split == "train":  # filled by the training loader, built before this check
+            classes = MetadataCatalog.get(name).get("thing_classes")
+        else:
+            classes = _loaded_classes(name)
         if classes is not None and len(classes) != n_student:
             # the config key of the trained detector: model.student.* in a distillation config,
             # model.* in a plain detector's (a teacher's or a baseline's)
@@ -257,8 +262,8 @@ def check_student_classes(cfg, model) -> None:
                 fix = f"Set {where} = {len(classes)}"
             note = " (the teacher's class count is checked against its checkpoint)" if kd else ""
             raise ValueError(
-                f"The {'student' if kd else 'model'} predicts {n_student} classes but the training "
-                f"dataset {name!r} has {len(classes)} "
+                f"The {'student' if kd else 'model'} predicts {n_student} classes but the "
+                f"{'training' if split == 'train' else 'test'} dataset {name!r} has {len(classes)} "
                 f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
                 f"{fix}{note}."
             )
