@@ -340,9 +340,14 @@ class DistillationDetector(nn.Module):
                 "teacher unflipped. If the training data is in the other order, set "
                 "model.student_input_format to it."
             )
-        for fmt in (s_fmt, t_fmt):
+        for side, fmt in (("student", s_fmt), ("teacher", t_fmt)):
             if fmt not in (None, "RGB", "BGR"):
-                raise ValueError(f"DistillationDetector supports RGB/BGR inputs, got {fmt!r}")
+                raise ValueError(
+                    f"DistillationDetector supports RGB/BGR inputs, got {fmt!r} for the {side} "
+                    f"(model.{side}.input_format, or model.{side}_input_format): give it the "
+                    "channel order of its weights, 'RGB' or 'BGR' (grey images reach a detector "
+                    "as three equal channels, so an 'L' loader needs no 'L' model)"
+                )
         self.flip_teacher_channels = s_fmt is not None and t_fmt != s_fmt
         self.student_format = s_fmt  # the student's data order as decided here (None: unknown)
 
