@@ -1062,3 +1062,48 @@ def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
         want_ca = want_ca + _row_kl(t_ca[:, 0], s_ca[:, :, N:].mean(1))
     assert got["loss_d3etr_sa"].item() == pytest.approx(want_sa.item(), rel=1e-9)
     assert got["loss_d3etr_ca"].item() == pytest.approx(want_ca.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_d3etr_takes_head_averaged_3d_attention_maps(fixed):
+    """nn.MultiheadAttention's default weights are averaged over the heads, (B, Q, S): they are
+    maps of one head (METHODS.md 4.1: head-averaged maps on both sides). A per-head other side
+    is averaged too. Identity match (equal predictions)."""
+    from types import SimpleNamespace
+
+    B, N, K, HW = 2, 4, 3, 5
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, B, N, K, generator=g, dtype=torch.float64)
+    boxes = _spread_boxes(B, N)
+    nq = 2 * N if fixed else N
+    t_sa, t_ca = _softmax_rows(B, N, N, g=g), _softmax_rows(B, N, HW, g=g)  # head-averaged
+    own_sa, aux_sa = _softmax_rows(B, 2, N, N, g=g), _softmax_rows(B, 2, N, N, g=g)
+    s_ca = _softmax_rows(B, 2, nq, HW, g=g)
+    s_head = {"pred_logits": torch.cat([logits] * (nq // N), 2), "pred_boxes": torch.cat([boxes] * (nq // N), 2)}
+    t_taps = _one_layer_taps({"pred_logits": logits, "pred_boxes": boxes}, t_sa, t_ca)
+    d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
+    ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
+    want_sa = _row_kl(t_sa, own_sa.mean(1))
+    want_ca = _row_kl(t_ca, s_ca[:, :, :N].mean(1))
+    if fixed:
+        want_sa = want_sa + _row_kl(t_sa, aux_sa.mean(1))
+        want_ca = want_ca + _row_kl(t_ca, s_ca[:, :, N:].mean(1))
+    # the student per head (2 heads), then head-averaged too (a full map, or per-group blocks)
+    full_sa = torch.zeros(B, 2, nq, nq, dtype=torch.float64)
+    full_sa[:, :, :N, :N] = own_sa
+    if fixed:
+        full_sa[:, :, N:, N:] = aux_sa
+    for s_sa, ca in [(full_sa, s_ca), (full_sa.mean(1), s_ca.mean(1))] + (
+        [((own_sa.mean(1), aux_sa.mean(1)), s_ca.mean(1))] if fixed else []
+    ):
+        with EventStorage():
+            got = d(_one_layer_taps(s_head, s_sa, ca), t_taps, ctx)
+        assert got["loss_d3etr_l1"].item() == 0.0  # identity match
+        assert got["loss_d3etr_sa"].item() == pytest.approx(want_sa.item(), rel=1e-9)
+        assert got["loss_d3etr_ca"].item() == pytest.approx(want_ca.item(), rel=1e-9)
+    # an attention module returning its output alone (or no weights) is named, with the fix
+    for bad in [s_ca, (s_ca, None)]:
+        taps = _one_layer_taps(s_head, full_sa, s_ca)
+        taps["transformer.decoder.layers.0.cross_attn"] = bad
+        with EventStorage(), pytest.raises(ValueError, match=r"student's transformer.decoder.layers.0.cross_attn.*need_weights=True"):
+            d(taps, t_taps, ctx)

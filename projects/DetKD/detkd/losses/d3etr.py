@@ -231,6 +231,44 @@ class _PendingMatch:
         return idx[..., 0], idx[..., 1], matched.mean(axis=1)
 
 
+def _attention_map(taps, layer: int, kind: str, side: str):
+    """
+    The attention weights of ``transformer.decoder.layers.<layer>.<kind>`` from its recorded
+    ``(output, weights)``: per-head (B, M, Q, S) as they are, head-averaged (B, Q, S) (e.g.
+    ``nn.MultiheadAttention``'s default ``average_attn_weights=True``) as (B, 1, Q, S); also
+    a tuple of such per-group blocks (a grouped self-attention). Anything else is an error
+    naming the module and the fix.
+    """
+    name = f"transformer.decoder.layers.{layer}.{kind}"
+    out = taps[name]
+    weights = out[1] if isinstance(out, (tuple, list)) and len(out) >= 2 else None
+
+    def as_4d(w):
+        if torch.is_tensor(w) and w.dim() in (3, 4):
+            return w if w.dim() == 4 else w.unsqueeze(1)
+        return None
+
+    if isinstance(weights, (tuple, list)):
+        blocks = tuple(as_4d(w) for w in weights)
+        if blocks and all(b is not None for b in blocks):
+            return blocks
+    else:
+        found = as_4d(weights)
+        if found is not None:
+            return found
+    what = (
+        f"a {type(out).__name__}" if not isinstance(out, (tuple, list))
+        else f"a {len(out)}-tuple" if len(out) < 2
+        else f"weights {type(weights).__name__}" + (f" of shape {tuple(weights.shape)}" if torch.is_tensor(weights) else "")
+    )
+    raise ValueError(
+        f"D3ETR reads attention weights from the {side}'s {name}, which returned {what}: it "
+        "must return (output, weights) with weights the softmax rows, per head (B, M, Q, S) "
+        "or averaged over the heads (B, Q, S), padded keys 0 (nn.MultiheadAttention: call it "
+        "with need_weights=True, and average_attn_weights=False for per-head maps)"
+    )
+
+
 class D3ETRDistiller(Distiller):
     """
     Distill a DETR-style student from a DETR-style teacher with :paper:`D3ETR`'s MixMatcher.
@@ -453,10 +491,10 @@ class D3ETRDistiller(Distiller):
             totals = {k: totals[k] + aux[k] for k in totals}
         totals["sa"], totals["ca"] = 0.0, 0.0
         for l in range(L):  # attention maps come one tensor per layer
-            t_sa = teacher_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nt, Nt)
-            t_ca = teacher_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nt, HW)
-            s_sa = student_taps[f"transformer.decoder.layers.{l}.self_attn"][1]  # (B, M, Nq, Nq) or blocks
-            s_ca = student_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]  # (B, M, Nq, HW)
+            t_sa = _attention_map(teacher_taps, l, "self_attn", "teacher")  # (B, M, Nt, Nt)
+            t_ca = _attention_map(teacher_taps, l, "cross_attn", "teacher")  # (B, M, Nt, HW)
+            s_sa = _attention_map(student_taps, l, "self_attn", "student")  # (B, M, Nq, Nq) or blocks
+            s_ca = _attention_map(student_taps, l, "cross_attn", "student")  # (B, M, Nq, HW)
             # s_sa: the whole map, or (with the auxiliary group) a tuple of per-group blocks
             if t_sa.shape[1] != s_ca.shape[1]:  # different head counts: compare head averages
                 t_sa, t_ca = t_sa.mean(1, keepdim=True), t_ca.mean(1, keepdim=True)
