@@ -297,11 +297,17 @@ def test_d3etr_needs_detr_pairs():
 
     real = instantiate(detr_cfg())
     student = types.SimpleNamespace(
-        **{a: getattr(real, a) for a in ("head", "transformer", "query_embed", "num_queries")}
+        **{a: getattr(real, a) for a in ("head", "transformer", "query_embed", "num_queries", "num_classes")}
     )
     teacher = instantiate(detr_cfg(frozen=True))
-    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses'\]"):
+    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses', 'prepare_targets'\]"):
         D3ETRDistiller().bind(student, teacher)
+    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses'\]"):
+        D3ETRDistiller(aux_gt_loss=False).bind(student, teacher)
+    D3ETRDistiller(fixed_matching=False, aux_gt_loss=False).bind(student, teacher)
+    # the teacher runs to its head through forward_predictions
+    with pytest.raises(TypeError, match=r"teacher .*lacks \['forward_predictions'\]"):
+        D3ETRDistiller(fixed_matching=False, aux_gt_loss=False).bind(real, student)
 
 
 @pytest.mark.parametrize("config", ["configs/demo/student_detr.py", "configs/demo/d3etr_detr.py"])
@@ -1107,3 +1113,143 @@ def test_d3etr_takes_head_averaged_3d_attention_maps(fixed):
         taps["transformer.decoder.layers.0.cross_attn"] = bad
         with EventStorage(), pytest.raises(ValueError, match=r"student's transformer.decoder.layers.0.cross_attn.*need_weights=True"):
             d(taps, t_taps, ctx)
+
+
+class _OwnDETR(torch.nn.Module):
+    """A DETR-style detector written from D3ETRDistiller's documented protocol alone:
+    nn.MultiheadAttention (head-averaged weights by default), no encoder, a stride-16 conv
+    backbone, sigmoid class logits, its own matcher, targets and ground-truth losses."""
+
+    def __init__(self, d=32, heads=4, layers=2, num_queries=5, num_classes=3, head=None):
+        super().__init__()
+        from torch import nn
+
+        conv = lambda i, o: nn.Conv2d(i, o, 3, 2, 1)  # noqa: E731
+        self.backbone = nn.Sequential(conv(3, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, d))
+        self.transformer = nn.Module()
+        self.transformer.decoder = nn.Module()
+        self.transformer.decoder.layers = nn.ModuleList(
+            nn.ModuleDict(dict(self_attn=nn.MultiheadAttention(d, heads, batch_first=True),
+                               cross_attn=nn.MultiheadAttention(d, heads, batch_first=True)))
+            for _ in range(layers)
+        )
+        self.query_embed = nn.Embedding(num_queries, d)
+        self.cls, self.box = nn.Linear(d, num_classes), nn.Linear(d, 4)
+        self.head = head or (lambda hs: {"pred_logits": self.cls(hs), "pred_boxes": self.box(hs).sigmoid()})
+        self.head = self.head if isinstance(self.head, nn.Module) else _Lambda(self.head)
+        self.num_queries, self.num_classes, self.input_format, self.size_divisibility = num_queries, num_classes, "BGR", 32
+        self.register_buffer("pixel_mean", torch.tensor([103.5, 116.3, 123.7]).view(3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor([57.4, 57.1, 58.4]).view(3, 1, 1), False)
+        self.extra = None
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @__import__("contextlib").contextmanager
+    def extra_query_group(self, queries):
+        self.extra = queries
+        try:
+            yield
+        finally:
+            self.extra = None
+
+    def forward_predictions(self, images):
+        x = images.tensor
+        pad = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool)
+        for i, (h, w) in enumerate(images.image_sizes):
+            pad[i, :h, :w] = False
+        f = self.backbone(x)
+        kpm = torch.nn.functional.interpolate(pad[:, None].float(), size=f.shape[-2:]).bool()[:, 0].flatten(1)
+        mem = f.flatten(2).transpose(1, 2)
+        q, mask = self.query_embed.weight, None
+        if self.training and self.extra is not None:
+            n, q = q.shape[0], torch.cat([q, self.extra])
+            mask = torch.ones(len(q), len(q), dtype=torch.bool)
+            mask[:n, :n] = mask[n:, n:] = False  # True: blocked
+        qpos = q[None].expand(x.shape[0], -1, -1)
+        tgt, states = torch.zeros_like(qpos), []
+        for layer in self.transformer.decoder.layers:
+            tgt = tgt + layer["self_attn"](tgt + qpos, tgt + qpos, tgt, attn_mask=mask)[0]
+            tgt = tgt + layer["cross_attn"](tgt + qpos, mem, mem, key_padding_mask=kpm)[0]
+            states.append(tgt)
+        return self.head(torch.stack(states))
+
+    def prepare_targets(self, instances):
+        from torchvision.ops import box_convert
+
+        scale = lambda i: torch.tensor(i.image_size[::-1] * 2, dtype=torch.float32)  # noqa: E731
+        return [dict(labels=i.gt_classes, boxes=box_convert(i.gt_boxes.tensor / scale(i), "xyxy", "cxcywh")) for i in instances]
+
+    def matcher(self, logits, boxes, targets):  # the cheapest valid assignment: by index
+        return [(torch.arange(min(len(t["labels"]), logits.shape[1])),) * 2 for t in targets]
+
+    def compute_gt_losses(self, logits, boxes, targets, indices_last_layer=None):
+        losses = {}
+        for l in range(logits.shape[0]):
+            idx = indices_last_layer if l == logits.shape[0] - 1 and indices_last_layer is not None else self.matcher(logits[l], boxes[l], targets)
+            l1 = sum((boxes[l, b, p] - t["boxes"][g]).abs().sum() for b, ((p, g), t) in enumerate(zip(idx, targets)))
+            losses[f"loss_bbox_{l}"] = l1 + 0 * logits[l].sum()
+        return losses
+
+    def forward(self, batched_inputs):
+        from detectron2.structures import ImageList
+
+        images = ImageList.from_tensors([(x["image"] - self.pixel_mean) / self.pixel_std for x in batched_inputs], 32)
+        out = self.forward_predictions(images)
+        N = self.num_queries
+        targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+        return self.compute_gt_losses(out["pred_logits"][:, :, :N], out["pred_boxes"][:, :, :N], targets)
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _own_kd(student, teacher, **kw):
+    torch.manual_seed(0)
+    return DistillationDetector(student=student, teacher=teacher, distillers={"d3etr": D3ETRDistiller(**kw)}).train()
+
+
+def test_d3etr_on_a_detector_of_ones_own_following_the_documented_protocol():
+    """Student and teacher copies of a protocol-following DETR (head-averaged maps): every
+    distillation term is 0, with and without the auxiliary group (its ground-truth losses are
+    there); paired with a ConditionalDETR teacher (other width, heads, queries), all terms
+    are finite and train the projection."""
+    for kw in [dict(fixed_matching=False, aux_gt_loss=False), {}]:
+        torch.manual_seed(0)
+        student, teacher = _OwnDETR(), _OwnDETR()
+        teacher.load_state_dict(student.state_dict())
+        with EventStorage():
+            losses = _own_kd(student, teacher, **kw)(make_inputs(n=2))
+        kd = {k: v.item() for k, v in losses.items() if k.startswith("loss_d3etr") and "aux" not in k}
+        assert len(kd) == 5 and all(abs(v) < 1e-6 for v in kd.values()), kd
+        assert ("loss_d3etr_aux_bbox_1" in losses) == ("fixed_matching" not in kw)
+    model = _own_kd(_OwnDETR(heads=2, layers=3, num_queries=8), instantiate(detr_cfg()))
+    with EventStorage():
+        losses = model(make_inputs(n=2))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.distillers["d3etr"].query_proj.weight.grad.abs().sum() > 0
+
+
+def test_d3etr_names_a_head_that_breaks_the_protocol():
+    """A softmax head (K + 1 logits: DETR's 'no object' column) was distilled as K + 1
+    sigmoid classes without a word; a head returning the last layer only crashed deep."""
+    softmax = _OwnDETR(num_classes=3)
+    softmax.cls = torch.nn.Linear(32, 4)
+    last_only = _OwnDETR()
+    last_only.head = _Lambda(lambda hs: {"pred_logits": last_only.cls(hs[-1]), "pred_boxes": last_only.box(hs[-1]).sigmoid()})
+    one_layer = _OwnDETR()
+    one_layer.head = _Lambda(lambda hs: {"pred_logits": one_layer.cls(hs[-1:]), "pred_boxes": one_layer.box(hs[-1:]).sigmoid()})
+    for teacher, match in [(softmax, r"teacher's head .*4 class logits, num_classes is 3.*sigmoid"),
+                           (last_only, r"teacher's head returned pred_logits \(1, 5, 3\).*\(L, B, N, K\)"),
+                           (one_layer, r"teacher's head .*1 layers of predictions for 2 decoder layers")]:
+        for kw in [dict(fixed_matching=False, aux_gt_loss=False), {}]:
+            with EventStorage(), pytest.raises(ValueError, match=match):
+                _own_kd(_OwnDETR(), teacher, **kw)(make_inputs(n=1))

@@ -273,13 +273,44 @@ class D3ETRDistiller(Distiller):
     """
     Distill a DETR-style student from a DETR-style teacher with :paper:`D3ETR`'s MixMatcher.
 
-    Requirements (checked in :meth:`bind`): both models expose ``head`` (a submodule returning
-    ``{"pred_logits": (L, B, N, K), "pred_boxes": (L, B, N, 4)}``), decoder layers
-    ``transformer.decoder.layers[i]`` with ``self_attn`` / ``cross_attn`` submodules returning
-    ``(output, weights)``, ``query_embed``, ``num_queries``; the student also provides
-    ``extra_query_group(queries)``, ``matcher`` and ``compute_gt_losses(...)``
-    (:class:`detkd.modeling.ConditionalDETR` does). Same class count and decoder depth on both
-    sides. Different head counts: attention maps are compared head-averaged. Different query
+    Requirements (attributes checked in :meth:`bind`, shapes at the first step);
+    :class:`detkd.modeling.ConditionalDETR` meets them, and a DETR-style detector of your own
+    may too. Both models:
+
+    * ``num_classes`` (K, the same on both sides) and ``num_queries`` (N, own queries);
+    * ``head``: a submodule called once per forward, returning ``{"pred_logits": (L, B, N, K),
+      "pred_boxes": (L, B, N, 4)}``: the predictions of all L decoder layers (the auxiliary
+      ones included, the last layer last), per-class sigmoid logits (no "no object" column: a
+      softmax DETR is not supported) and sigmoid-normalised (cx, cy, w, h) boxes in [0, 1];
+    * ``transformer.decoder.layers[i]`` (same L on both sides) with submodules ``self_attn``
+      and ``cross_attn`` returning ``(output, weights)``: weights the softmax rows, per head
+      (B, M, N, N) / (B, M, N, HW), or averaged over the heads (B, N, N) / (B, N, HW)
+      (``nn.MultiheadAttention``'s default; compared as one head), padded image positions 0.
+      Both memories have the same HW positions (same stride and padding);
+    * ``query_embed``: an ``nn.Embedding`` whose (N, D) ``weight`` holds the learned queries.
+
+    The teacher also has ``forward_predictions(images)`` (an ImageList, normalised and padded
+    from the teacher's ``pixel_mean``, ``pixel_std`` and size divisibility): it runs backbone,
+    encoder, decoder and ``head``, no loss. With ``fixed_matching`` the student also has:
+
+    * ``extra_query_group(queries)``: a context manager; ``queries`` is the teacher's
+      ``query_embed.weight`` (Nt, D_t), projected to D_s if the widths differ. Within it, a
+      training forward appends these Nt queries to its own as a second group (the same role
+      its own ``query_embed`` rows play), in order, after its N own ones: the head returns N +
+      Nt queries; the group is blocked from the own queries in self-attention (the map is
+      (B, M, N + Nt, N + Nt) with 0 between groups, or a tuple of the per-group blocks) and the
+      student's own losses use its first N queries only;
+    * ``matcher(logits, boxes, targets)``: (B, Nt, K) and (B, Nt, 4) of the teacher's last
+      layer -> per image (prediction indices, target indices) (or a ``match_layers_flat``
+      method, see :class:`detkd.modeling.HungarianMatcher`);
+    * ``compute_gt_losses(pred_logits, pred_boxes, targets, indices_last_layer=...)``: the
+      ground-truth losses of (L, B, Nt, K / 4) predictions, ``indices_last_layer`` the
+      matcher's output replacing the match of the last layer; returns ``{"loss_<name>": scalar}``;
+    * with ``aux_gt_loss``, ``prepare_targets(instances)``: the list of
+      ``batched_inputs[i]["instances"]`` -> the ``targets`` that matcher and
+      ``compute_gt_losses`` take.
+
+    Different head counts: attention maps are compared head-averaged. Different query
     counts: adaptive matching still works (a partial match; group 1's
     self-attention term is then skipped, group 2's is kept); different hidden sizes: a trainable linear
     projection maps the teacher's queries for the fixed group (dropped at export).
@@ -323,7 +354,8 @@ class D3ETRDistiller(Distiller):
         if aux_gt_loss and not fixed_matching:
             raise ValueError("aux_gt_loss=True needs fixed_matching=True (the auxiliary group)")
         self.query_proj = None
-        self.num_layers = 0
+        self.num_layers = 0  # set by bind (0: unbound, the head's outputs are not checked)
+        self.num_classes = None
 
     @staticmethod
     def _attn_names(model, num_layers):
@@ -340,15 +372,18 @@ class D3ETRDistiller(Distiller):
         return ["head"] + self._attn_names(teacher, self.num_layers)
 
     def bind(self, student, teacher):
-        detr = ("head", "transformer", "query_embed", "num_queries")
+        detr = ("head", "transformer", "query_embed", "num_queries", "num_classes")
         group = ("extra_query_group", "matcher", "compute_gt_losses") if self.fixed_matching else ()
+        group += ("prepare_targets",) if self.aux_gt_loss else ()
         for side, m in (("student", student), ("teacher", teacher)):
-            needed = detr + (group if side == "student" else ())
+            # the teacher runs up to its head only, through forward_predictions (run_teacher)
+            needed = detr + (group if side == "student" else ("forward_predictions",))
             missing = [a for a in needed if not hasattr(m, a)]
             if missing:
                 raise TypeError(
                     f"D3ETR needs DETR-style detectors; the {side} ({type(m).__name__}) lacks "
-                    f"{missing}. Use detkd.modeling.ConditionalDETR on both sides."
+                    f"{missing}. Use detkd.modeling.ConditionalDETR, or implement them as "
+                    "D3ETRDistiller's docstring describes."
                 )
         ls, lt = len(student.transformer.decoder.layers), len(teacher.transformer.decoder.layers)
         if ls != lt:
@@ -358,7 +393,7 @@ class D3ETRDistiller(Distiller):
                 f"D3ETR: class-count mismatch (student {student.num_classes}, teacher "
                 f"{teacher.num_classes}); the prediction distillation needs the same classes"
             )
-        self.num_layers = ls
+        self.num_layers, self.num_classes = ls, student.num_classes
         d_s, d_t = student.query_embed.embedding_dim, teacher.query_embed.embedding_dim
         if self.fixed_matching and d_s != d_t:
             self.query_proj = nn.Linear(d_t, d_s)
@@ -375,6 +410,8 @@ class D3ETRDistiller(Distiller):
 
         def start(module, inputs, out):
             if t_head is not None:
+                self._check_head(t_head, "teacher")
+                self._check_head(out, "student")
                 self._pending = self._start_match(
                     t_head["pred_logits"], t_head["pred_boxes"],
                     out["pred_logits"][:, :, :Ns], out["pred_boxes"][:, :, :Ns], owner=ctx,
@@ -388,6 +425,40 @@ class D3ETRDistiller(Distiller):
                     queries = self.query_proj(queries)
                 stack.enter_context(ctx.student.extra_query_group(queries))
             return stack.pop_all()
+
+    def _check_head(self, out, side: str) -> None:
+        """The ``head``'s output must be ``{"pred_logits": (L, B, N, K), "pred_boxes": (L, B,
+        N, 4)}`` with L the decoder layers (all of them, not the last one alone) and K the
+        classes (per-class sigmoid logits, no "no object" column); checked on shapes only."""
+        logits = out.get("pred_logits") if isinstance(out, dict) else None
+        boxes = out.get("pred_boxes") if isinstance(out, dict) else None
+        if not (torch.is_tensor(logits) and torch.is_tensor(boxes)):
+            raise ValueError(
+                f"D3ETR: the {side}'s head returned a {type(out).__name__}"
+                + (f" with keys {sorted(out)}" if isinstance(out, dict) else "")
+                + '; it must return {"pred_logits": (L, B, N, K), "pred_boxes": (L, B, N, 4)}'
+            )
+        shapes = f"pred_logits {tuple(logits.shape)}, pred_boxes {tuple(boxes.shape)}"
+        L, K = self.num_layers, self.num_classes
+        if logits.dim() != 4 or boxes.dim() != 4 or boxes.shape[-1] != 4 or logits.shape[:3] != boxes.shape[:3]:
+            raise ValueError(
+                f"D3ETR: the {side}'s head returned {shapes}; it must return (L, B, N, K) and "
+                "(L, B, N, 4) normalised (cx, cy, w, h): the predictions of every decoder layer, "
+                "stacked"
+            )
+        if L and logits.shape[0] != L:
+            raise ValueError(
+                f"D3ETR: the {side}'s head returned {shapes}: {logits.shape[0]} layers of "
+                f"predictions for {L} decoder layers (transformer.decoder.layers); it must "
+                "return one per decoder layer, the last one last (no encoder or extra outputs)"
+            )
+        if K is not None and logits.shape[-1] != K:
+            raise ValueError(
+                f"D3ETR: the {side}'s head returned {shapes}: {logits.shape[-1]} class logits, "
+                f"num_classes is {K}. D3ETR's class terms are per-class sigmoid (Bernoulli) "
+                "scores, as in focal-loss DETRs; a softmax head with a 'no object' column "
+                "(K + 1 logits) is not supported"
+            )
 
     def _cancel_pending(self) -> None:
         pending, self._pending = getattr(self, "_pending", None), None
@@ -450,6 +521,8 @@ class D3ETRDistiller(Distiller):
     def forward(self, student_taps, teacher_taps, ctx):
         student = ctx.student
         t_head, s_head = teacher_taps["head"], student_taps["head"]
+        self._check_head(t_head, "teacher")
+        self._check_head(s_head, "student")
         t_logits, t_boxes = t_head["pred_logits"], t_head["pred_boxes"]  # (L, B, Nt, K/4)
         s_logits, s_boxes = s_head["pred_logits"], s_head["pred_boxes"]  # (L, B, Ns+Na, K/4)
         L, B, Nt = t_logits.shape[:3]
