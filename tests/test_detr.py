@@ -1253,3 +1253,13 @@ def test_d3etr_names_a_head_that_breaks_the_protocol():
         for kw in [dict(fixed_matching=False, aux_gt_loss=False), {}]:
             with EventStorage(), pytest.raises(ValueError, match=match):
                 _own_kd(_OwnDETR(), teacher, **kw)(make_inputs(n=1))
+
+
+def test_d3etr_names_gt_loss_keys_without_loss_prefix():
+    """compute_gt_losses keys are renamed loss_d3etr_aux_<name>: 'bbox_0' and 'bbox_1' both
+    became 'loss_d3etr_aux_' and one of them was dropped without a word."""
+    student = _OwnDETR()
+    own = student.compute_gt_losses
+    student.compute_gt_losses = lambda *a, **k: {n[len("loss_"):]: v for n, v in own(*a, **k).items()}
+    with EventStorage(), pytest.raises(ValueError, match=r"compute_gt_losses returned keys \['bbox_0', 'bbox_1'\]"):
+        _own_kd(student, _OwnDETR())(make_inputs(n=1))

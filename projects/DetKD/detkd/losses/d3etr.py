@@ -676,4 +676,10 @@ class D3ETRDistiller(Distiller):
             else:
                 teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
         losses = student.compute_gt_losses(aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices)
+        bad = [k for k in losses if not k.startswith("loss_")]
+        if bad:  # renamed loss_d3etr_aux_<name> below: other keys would collide and be lost
+            raise ValueError(
+                f"D3ETR: the student's compute_gt_losses returned keys {bad}; its keys must be "
+                "'loss_<name>' (they become loss_d3etr_aux_<name>)"
+            )
         return {"loss_d3etr_aux_" + k[len("loss_"):]: v for k, v in losses.items()}
