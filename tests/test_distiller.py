@@ -721,3 +721,27 @@ def test_names_the_readme_and_errors_cite_are_importable_and_zero_loss_is_plus_z
     assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
     loss.backward()
     assert torch.equal(x.grad, torch.zeros(2)) and torch.equal(w.grad, torch.zeros(2, 2))
+
+
+def test_bound_distillers_are_logged_with_their_level_pairs(caplog):
+    """The run's log says what each distiller distils once bound: its level pairs (chosen by
+    stride or index, num_levels, student/teacher_levels), and what it trains. It said nothing:
+    a heterogeneous pairing by index was visible only in the code."""
+    from detkd.losses import ReviewKDDistiller
+
+    cfg = kd_cfg(num_levels=None, pair_by="index", student_levels=["p4", "p5"], teacher_levels=["p3", "p4"])
+    cfg.distillers["reviewkd"] = L(ReviewKDDistiller)(num_levels=2)
+    with caplog.at_level(logging.INFO, logger="detkd.distiller"):
+        model = build(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Distillers bound")]
+    abfs = sum(p.numel() for p in model.distillers["reviewkd"].parameters())
+    assert lines == [
+        "Distillers bound: pkd (PKDDistiller): levels p4->p3, p5->p4, "
+        f"{2 * (64 * 128 + 128)} trainable parameters; "
+        f"reviewkd (ReviewKDDistiller): levels p3->p3, p4->p4, {abfs} trainable parameters"
+    ]
+    caplog.clear()
+    cfg.distillers = {}
+    with caplog.at_level(logging.INFO, logger="detkd.distiller"):
+        build(cfg)
+    assert "No distillers: the student trains alone." in [r.getMessage() for r in caplog.records]

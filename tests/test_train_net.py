@@ -41,6 +41,7 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     log = (out / "log.txt").read_text()  # DetKD's own messages reach the run's log
     assert f"Student exported to {out / 'model_final_student.pth'}" in log
     assert "the teacher keeps random weights" in log
+    assert "Distillers bound: pkd (PKDDistiller): levels p3->p3, p4->p4, p5->p5, p6->p6, " in log
     logged = _metrics(str(out))
     assert [m["iteration"] for m in logged if "loss_pkd" in m] == [0, 1, 2]
     assert all(m["loss_pkd"] > 0 for m in logged if "loss_pkd" in m)

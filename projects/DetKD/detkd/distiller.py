@@ -168,6 +168,21 @@ def _state_names(module: nn.Module) -> set:
     return names
 
 
+def _describe_bound(name: str, distiller: Distiller) -> str:
+    """What a bound distiller distils, for the run's log: its level pairs (student -> teacher,
+    chosen by stride or index, num_levels ...), its decoder layers, its trainable parameters."""
+    parts = []
+    pairs = getattr(distiller, "pairs", None)
+    if pairs:
+        parts.append("levels " + ", ".join(f"{s}->{t}" for s, t in pairs))
+    layers = getattr(distiller, "num_layers", None)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        parts.append(f"{layers} decoder layers")
+    trainable = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
+    parts.append(f"{trainable} trainable parameters")
+    return f"{name} ({type(distiller).__name__}): {', '.join(parts)}"
+
+
 def _check_taps(distillers: Dict[str, Distiller], student: nn.Module, teacher: nn.Module) -> None:
     """Every tap a distiller declares names a submodule of its side: the error names the
     distiller, the side and the closest names (FeatureCapture's own lists every name of a
@@ -329,6 +344,11 @@ class DistillationDetector(nn.Module):
                     e.add_note(f"raised by distillers['{name}'] ({type(d).__name__}).bind(student, teacher)")
                 raise
         self.distillers = nn.ModuleDict(distillers)
+        logger.info(
+            "Distillers bound: " + "; ".join(_describe_bound(n, d) for n, d in distillers.items())
+            if distillers
+            else "No distillers: the student trains alone."
+        )
         # What each distiller saves and trains, fixed once bound (see _check_distiller_state).
         self._bound_state = {name: _state_names(d) for name, d in distillers.items()}
 
