@@ -194,7 +194,7 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
     """A run of 5 iterations stopped before iteration 4 (last checkpoint: iteration 3), resumed
     with train.max_iter=10: step 4 trains at the new schedule's lr (4/10 of the way: the base
     lr), not the one the old schedule gave it (4/5: past the 80 % step, a tenth). Resumed past
-    train.max_iter, it trains nothing and says so."""
+    train.max_iter, or at it (a finished run), it trains nothing and says so."""
     from detectron2.config import instantiate
 
     _run(_small_cfg(tmp_path / "r", 5), interrupt=4)
@@ -211,6 +211,11 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
         past = _run(_small_cfg(tmp_path / "r", 6), resume=True)
     assert past.start_iter == 10
     assert "has trained 10 iterations, more than train.max_iter=6" in caplog.text
+    caplog.clear()  # the finished run resumed as it was (a relaunched job): it says so too
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        again = _run(_small_cfg(tmp_path / "r", 10), resume=True)
+    assert again.start_iter == 10
+    assert "has trained 10 iterations, all of train.max_iter=10: nothing is trained" in caplog.text
 
 
 def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(tmp_path, caplog):

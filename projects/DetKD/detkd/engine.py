@@ -703,10 +703,11 @@ class KDTrainer(DefaultTrainer):
                 if self.start_iter < self.max_iter:
                     for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
                         group["lr"] = lr
-            if self.start_iter > self.max_iter:
+            if self.start_iter >= self.max_iter:  # also a finished run resumed as it was
+                how = "more than" if self.start_iter > self.max_iter else "all of"
                 logger.warning(
                     f"--resume: the run in {self.cfg.train.output_dir!r} has trained "
-                    f"{self.start_iter} iterations, more than train.max_iter={self.max_iter}: "
+                    f"{self.start_iter} iterations, {how} train.max_iter={self.max_iter}: "
                     "nothing is trained, and its last checkpoint is evaluated and exported as "
                     "this run's final model. To train on, raise train.max_iter."
                 )
