@@ -95,6 +95,8 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     assert "Starting training from iteration 0" in log
     threads = max(1, (os.cpu_count() or 1) // 2)  # the cores split between the two processes
     assert f"CPU-only run with 2 processes: {threads} threads each" in log
+    assert "Teacher evaluation before training" not in log  # it has no results: it said "{}"
+    assert "Teacher evaluation before training: {'bbox': {'AP': " in (out / "log.txt").read_text()
     logged = _metrics(str(out))
     assert [m["iteration"] for m in logged if "loss_d3etr_cls" in m] == [0, 1, 2]
     assert any("teacher/bbox/AP" in m for m in logged) and any("bbox/AP" in m for m in logged)

@@ -603,8 +603,8 @@ class TeacherEvalHook(hooks.HookBase):
         # evaluation's loader draws from the global RNGs: training then draws as without it
         with _rng_preserved():
             self.results = KDTrainer.test(self.cfg, kd.teacher_inference, evaluator)
-        logger.info(f"Teacher evaluation before training: {dict(self.results)}")
-        if comm.is_main_process():
+        if comm.is_main_process():  # the other processes' results are empty ({})
+            logger.info(f"Teacher evaluation before training: {dict(self.results)}")
             flat = {
                 f"teacher/{task}/{k}": v
                 for task, res in self.results.items()
