@@ -209,6 +209,7 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
     for it in range(4, 10):
         assert lr[it] == pytest.approx(cfg.optimizer.lr * multiplier(it / 10), rel=1e-6), it
 
+    assert "base learning rates" not in caplog.text  # the same optimizer.lr: no warning
     with caplog.at_level(logging.WARNING, logger="detkd.engine"):
         past = _run(_small_cfg(tmp_path / "r", 6), resume=True)
     assert past.start_iter == 10
@@ -218,6 +219,20 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
         again = _run(_small_cfg(tmp_path / "r", 10), resume=True)
     assert again.start_iter == 10
     assert "has trained 10 iterations, all of train.max_iter=10: nothing is trained" in caplog.text
+
+
+def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, caplog):
+    """optimizer.lr changed on --resume: the run's base lr is kept (README), which the log now
+    says instead of ignoring the new value without a word."""
+    _run(_small_cfg(tmp_path / "b", 4), interrupt=2)
+    cfg = _small_cfg(tmp_path / "b", 4)
+    cfg.optimizer.lr = 0.5
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        resumed = _run(cfg, resume=True)
+    assert "the run's base learning rates [0.002] are kept" in caplog.text
+    assert "this config's [0.5]" in caplog.text
+    lr = dict((it, v) for v, it in resumed.storage.history("lr").values())
+    assert lr[2] == pytest.approx(0.002, rel=1e-6)
 
 
 def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(tmp_path, caplog):

@@ -671,6 +671,7 @@ class KDTrainer(DefaultTrainer):
             path = self.checkpointer.get_checkpoint_file()
             if not PathManager.isfile(path):
                 raise self._unusable_last_checkpoint(path, "does not exist")
+            config_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
             self.checkpointer.strict = True
             try:
                 self.checkpointer.resume_or_load("", resume=True)
@@ -686,6 +687,14 @@ class KDTrainer(DefaultTrainer):
             finally:
                 self.checkpointer.strict = False
             self.start_iter = self.iter + 1
+            run_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
+            if None not in config_lrs + run_lrs and config_lrs != run_lrs:
+                logger.warning(
+                    f"--resume: the run's base learning rates {sorted(set(run_lrs))} are kept "
+                    f"(from {path}); this config's {sorted(set(config_lrs))} (optimizer.lr and its "
+                    "parameter groups) are not used. To train at another base lr, start a new run "
+                    "(train.init_checkpoint=<this checkpoint>) in another train.output_dir."
+                )
             # The optimizer's saved lr is the one the old schedule gave this step; with
             # train.max_iter (or lr_multiplier) changed, the first resumed step would train at
             # it. Set it from this config's schedule (the same value when nothing changed).
