@@ -46,7 +46,10 @@ def _share_cpu_threads() -> None:
     if comm.get_local_size() > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
         torch.set_num_threads(threads)
-        logger.info(f"CPU-only run with {comm.get_local_size()} processes: {threads} threads each")
+        logger.info(
+            f"CPU-only run with {comm.get_local_size()} processes: "
+            f"{threads} thread{'' if threads == 1 else 's'} each"
+        )
 
 
 def _read_run_config(cfg):

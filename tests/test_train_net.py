@@ -41,6 +41,7 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     log = (out / "log.txt").read_text()  # DetKD's own messages reach the run's log
     assert f"Student exported to {out / 'model_final_student.pth'}" in log
     assert "the teacher keeps random weights" in log
+    assert "train.init_checkpoint is empty: the student starts from its random initialisation" in log
     assert "Distillers bound: pkd (PKDDistiller): levels p3->p3, p4->p4, p5->p5, p6->p6, " in log
     logged = _metrics(str(out))
     assert [m["iteration"] for m in logged if "loss_pkd" in m] == [0, 1, 2]
@@ -94,7 +95,7 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
         log = f.read()
     assert "Starting training from iteration 0" in log
     threads = max(1, (os.cpu_count() or 1) // 2)  # the cores split between the two processes
-    assert f"CPU-only run with 2 processes: {threads} threads each" in log
+    assert f"CPU-only run with 2 processes: {threads} thread{'' if threads == 1 else 's'} each" in log
     assert "Teacher evaluation before training" not in log  # it has no results: it said "{}"
     assert "Teacher evaluation before training: {'bbox': {'AP': " in (out / "log.txt").read_text()
     logged = _metrics(str(out))
