@@ -977,3 +977,25 @@ def test_eval_only_refuses_a_student_of_another_class_count_than_the_test_data(t
     assert ("ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 (cat7, cat42). "
             "Set model.student.num_classes = 2") in proc.stderr, proc.stderr[-2000:]
     assert "Start inference" not in proc.stdout + proc.stderr
+
+
+def test_class_checks_of_the_test_data_skip_a_config_without_an_evaluator(tmp_path):
+    # A config without dataloader.evaluator evaluates nothing (KDTrainer.test skips it, the
+    # teacher's evaluation at the start too): test data of other classes than the training
+    # data's (e.g. a base config's test set left in place) is never scored, and was refused
+    # before training ("Give both json files the same categories").
+    train = _own_coco(tmp_path, "detkd_test_noeval_train")
+    (tmp_path / "v").mkdir()
+    val = _own_coco(tmp_path / "v", "detkd_test_noeval_val", cat_ids=(7, 42))
+    cfg = _small_cfg(tmp_path / "n", max_iter=1)
+    cfg.dataloader.train.dataset.names = train
+    cfg.dataloader.train.sampler = None
+    cfg.dataloader.test.dataset.names = val
+    with pytest.raises(ValueError, match="The classes of the test dataset 'detkd_test_noeval_val'"):
+        KDTrainer(cfg)  # with an evaluator: refused, as before
+    del cfg.dataloader.evaluator
+    cfg.train.teacher_eval_at_start = True  # the teacher's 3 classes, the test data's 2
+    trainer = _run(cfg)
+    assert trainer.iter == 1 and trainer._last_eval_results == {}  # trained, not evaluated
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    assert hook.results is None

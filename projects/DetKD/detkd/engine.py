@@ -236,12 +236,15 @@ def check_student_classes(cfg, model, split: str = "train") -> None:
     classes would crash or take the data's last classes for background, one with more would
     never see its extra classes and evaluate against a wrong mapping. Datasets without
     ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked. With
-    ``split="test"`` (``--eval-only``), the test datasets' (loaded if need be): COCOEvaluator
-    would stop on its first prediction of a class the data lacks, after the whole inference.
+    ``split="test"`` (``--eval-only``), the test datasets' (loaded if need be; not without
+    ``dataloader.evaluator``, which evaluates nothing): COCOEvaluator would stop on its first
+    prediction of a class the data lacks, after the whole inference.
     """
     student = student_of(model)
     kd = isinstance(unwrap_model(model), DistillationDetector)
     n_student = _class_count(student)
+    if split != "train" and not _evaluates(cfg):  # nothing is evaluated on them
+        n_student = None
     for name in _dataset_names(cfg, split) if n_student is not None else ():
         if split == "train":  # filled by the training loader, built before this check
             classes = MetadataCatalog.get(name).get("thing_classes")
@@ -269,6 +272,16 @@ def check_student_classes(cfg, model, split: str = "train") -> None:
             )
 
 
+def _evaluates(cfg) -> bool:
+    """Whether the config evaluates on ``dataloader.test``: without ``dataloader.evaluator``
+    nothing is scored (:meth:`KDTrainer.test` and the teacher's evaluation skip it), so the test
+    data's classes matter to nothing."""
+    try:
+        return "evaluator" in cfg.dataloader
+    except Exception:  # no dataloader node
+        return False
+
+
 def _loaded_classes(name: str):
     """The ``thing_classes`` of the registered dataset ``name``, loading it when its metadata
     does not have them yet (detectron2's COCO loader fills them when it reads the json), or None
@@ -287,11 +300,13 @@ def check_test_classes(cfg) -> None:
     by sorted id). Two json files of one dataset with different category lists (e.g. a val.json
     that lists only the categories it annotates) were evaluated against a shifted mapping
     without a word, or stopped at the end of training on COCOEvaluator's assertion. Datasets
-    without ``thing_classes`` and a LazyCall ``names`` (the shapes data) are not checked.
+    without ``thing_classes``, a LazyCall ``names`` (the shapes data) and a config without
+    ``dataloader.evaluator`` (nothing is evaluated) are not checked.
     """
     train = _dataset_names(cfg, "train")
     expected = MetadataCatalog.get(train[0]).get("thing_classes") if train else None
-    if expected is None:  # filled by the training loader, built before this check
+    # filled by the training loader, built before this check; no evaluator: nothing is scored
+    if expected is None or not _evaluates(cfg):
         return
 
     def listed(c):
@@ -319,10 +334,11 @@ def check_teacher_eval_classes(cfg, model) -> None:
     (e.g. a model-zoo COCO teacher of 80 classes, which PKD, ReviewKD and GID's location
     selection accept) stopped the run in COCOEvaluator's assertion on its first prediction of a
     class the dataset does not have, and one of fewer classes was scored against a wrong
-    mapping. A LazyCall ``names`` (the shapes data) is not checked.
+    mapping. A LazyCall ``names`` (the shapes data) and a config without
+    ``dataloader.evaluator`` (the teacher is not evaluated) are not checked.
     """
     teacher = unwrap_model(model).teacher
-    n_teacher = _class_count(teacher)
+    n_teacher = _class_count(teacher) if _evaluates(cfg) else None  # else it is not evaluated
     for name in _dataset_names(cfg, "test") if n_teacher is not None else ():
         classes = _loaded_classes(name)
         if classes is not None and len(classes) != n_teacher:
