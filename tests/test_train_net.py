@@ -999,3 +999,27 @@ def test_class_checks_of_the_test_data_skip_a_config_without_an_evaluator(tmp_pa
     assert trainer.iter == 1 and trainer._last_eval_results == {}  # trained, not evaluated
     hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
     assert hook.results is None
+
+
+def test_resume_without_schedule_state_at_another_lr_trains_at_the_runs(tmp_path, caplog):
+    """Both --resume cases at once: the warning says the run's base lr (in the checkpoint's
+    optimizer state) is kept, and the schedule, which went on from the checkpoint's iteration
+    with this config's base lr, trained at the new lr instead."""
+    from detectron2.config import instantiate
+
+    _run(_small_cfg(tmp_path / "s", 6), interrupt=3)
+    path = tmp_path / "s" / "model_0000001.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["trainer"]["hooks"]["LRScheduler"]
+    torch.save(checkpoint, path)
+    cfg = _small_cfg(tmp_path / "s", 6)
+    cfg.optimizer.lr = 0.5
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        resumed = _run(cfg, resume=True)
+    assert resumed.start_iter == 2
+    assert "the run's base learning rates [0.002] are kept" in caplog.text
+    assert "holds no learning-rate schedule state for iteration 2" in caplog.text
+    lr = dict((it, v) for v, it in resumed.storage.history("lr").values())
+    multiplier = instantiate(cfg.lr_multiplier)
+    for it in range(2, 6):
+        assert lr[it] == pytest.approx(0.002 * multiplier(it / 6), rel=1e-6), it

@@ -725,6 +725,8 @@ class KDTrainer(DefaultTrainer):
                         "the schedule goes on from the checkpoint's iteration."
                     )
                     self.scheduler.last_epoch = self.start_iter
+                    # its base lrs are this config's: the run's (the optimizer's) are kept
+                    self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
                 if self.start_iter < self.max_iter:
                     for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
                         group["lr"] = lr
