@@ -721,6 +721,8 @@ def test_names_the_readme_and_errors_cite_are_importable_and_zero_loss_is_plus_z
     assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
     loss.backward()
     assert torch.equal(x.grad, torch.zeros(2)) and torch.equal(w.grad, torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="needs the tensors"):  # not a Python 0.0
+        zero_loss()
 
 
 def test_bound_distillers_are_logged_with_their_level_pairs(caplog):

@@ -212,7 +212,9 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
                 "train.init_checkpoint to the student's weights (model_final_student.pth, or a "
                 "run's model_final.pth)."
             )
-        logger.info("train.init_checkpoint is empty: the student starts from its random initialisation.")
+        logger.info(
+            "train.init_checkpoint is empty: the student starts from its random initialisation."
+        )
         return
     ckpt = _DetectorCheckpointer(student)
     ckpt.load(path, checkpointables=[])

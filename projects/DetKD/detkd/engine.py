@@ -720,9 +720,10 @@ class KDTrainer(DefaultTrainer):
                 # leave it at step 0 and train the resumed run at the warm-up lr again.
                 if self.scheduler.last_epoch != self.start_iter:
                     logger.warning(
-                        f"--resume: {path} holds no learning-rate schedule state for iteration "
-                        f"{self.start_iter} (the schedule was at step {self.scheduler.last_epoch}); "
-                        "the schedule goes on from the checkpoint's iteration."
+                        f"--resume: {path} holds no learning-rate schedule state for "
+                        f"iteration {self.start_iter} (the schedule was at step "
+                        f"{self.scheduler.last_epoch}); the schedule goes on from the "
+                        "checkpoint's iteration."
                     )
                     self.scheduler.last_epoch = self.start_iter
                     # its base lrs are this config's: the run's (the optimizer's) are kept

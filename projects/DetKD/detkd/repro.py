@@ -181,7 +181,8 @@ def _check_yacs_node(key: str, node, name: str) -> None:
     opts = OmegaConf.to_container(opts) if OmegaConf.is_config(opts) else opts
     try:
         add_config = node.get("add_config", ())
-        add_config = OmegaConf.to_container(add_config) if OmegaConf.is_config(add_config) else add_config
+        if OmegaConf.is_config(add_config):
+            add_config = OmegaConf.to_container(add_config)
         load_yacs_config(path, opts, add_config)
     except ImportError:
         return

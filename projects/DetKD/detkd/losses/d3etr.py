@@ -259,7 +259,8 @@ def _attention_map(taps, layer: int, kind: str, side: str):
     what = (
         f"a {type(out).__name__}" if not isinstance(out, (tuple, list))
         else f"a {len(out)}-tuple" if len(out) < 2
-        else f"weights {type(weights).__name__}" + (f" of shape {tuple(weights.shape)}" if torch.is_tensor(weights) else "")
+        else f"weights {type(weights).__name__}"
+        + (f" of shape {tuple(weights.shape)}" if torch.is_tensor(weights) else "")
     )
     raise ValueError(
         f"D3ETR reads attention weights from the {side}'s {name}, which returned {what}: it "
@@ -440,7 +441,10 @@ class D3ETRDistiller(Distiller):
             )
         shapes = f"pred_logits {tuple(logits.shape)}, pred_boxes {tuple(boxes.shape)}"
         L, K = self.num_layers, self.num_classes
-        if logits.dim() != 4 or boxes.dim() != 4 or boxes.shape[-1] != 4 or logits.shape[:3] != boxes.shape[:3]:
+        if (
+            logits.dim() != 4 or boxes.dim() != 4 or boxes.shape[-1] != 4
+            or logits.shape[:3] != boxes.shape[:3]
+        ):
             raise ValueError(
                 f"D3ETR: the {side}'s head returned {shapes}; it must return (L, B, N, K) and "
                 "(L, B, N, 4) normalised (cx, cy, w, h): the predictions of every decoder layer, "
@@ -566,7 +570,7 @@ class D3ETRDistiller(Distiller):
         for l in range(L):  # attention maps come one tensor per layer
             t_sa = _attention_map(teacher_taps, l, "self_attn", "teacher")  # (B, M, Nt, Nt)
             t_ca = _attention_map(teacher_taps, l, "cross_attn", "teacher")  # (B, M, Nt, HW)
-            s_sa = _attention_map(student_taps, l, "self_attn", "student")  # (B, M, Nq, Nq) or blocks
+            s_sa = _attention_map(student_taps, l, "self_attn", "student")  # (B, M, Nq, Nq), blocks
             s_ca = _attention_map(student_taps, l, "cross_attn", "student")  # (B, M, Nq, HW)
             # s_sa: the whole map, or (with the auxiliary group) a tuple of per-group blocks
             if t_sa.shape[1] != s_ca.shape[1]:  # different head counts: compare head averages

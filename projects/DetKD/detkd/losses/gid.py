@@ -802,7 +802,7 @@ class GIDDistiller(Distiller):
         self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels, student_levels=roi_levels)
         strides = [s_shapes[s].stride for s, _ in self.pairs]
         pyramid = all(b == 2 * a for a, b in zip(strides, strides[1:]))
-        if not pyramid or any(st & (st - 1) for st in strides):
+        if not pyramid or any(int(st) != st or int(st) & (int(st) - 1) for st in strides):
             raise ValueError(
                 f"GID: the paired levels {self.pairs} have strides {strides}; ROIAlign pools each "
                 "GI from one level of a pyramid (detectron2's ROIPooler rule), which needs "

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_yacs_config(
-    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Union[str, Sequence[str]] = ()
+    config_file: str,
+    opts: Optional[Sequence[str]] = None,
+    add_config: Union[str, Sequence[str]] = (),
 ) -> CfgNode:
     """
     The yacs config of a ``.yaml`` file: detectron2's defaults (``get_cfg``), the keys the
@@ -46,8 +48,9 @@ def load_yacs_config(
             or a model-zoo config name such as ``"COCO-Detection/retinanet_R_101_FPN_3x.yaml"``
             (``detectron2.model_zoo.get_config_file``).
         opts (list[str] or None): ``["KEY", value, "KEY", value, ...]`` as ``merge_from_list``.
-        add_config (str or list[str]): import paths of functions ``f(cfg)`` that add a project's keys
-            before the file is read, e.g. ``"detectron2.projects.point_rend.add_pointrend_config"``.
+        add_config (str or list[str]): import paths of functions ``f(cfg)`` that add a project's
+            keys before the file is read, e.g.
+            ``"detectron2.projects.point_rend.add_pointrend_config"``.
 
     Returns:
         CfgNode
@@ -83,15 +86,18 @@ def load_yacs_config(
         if fn is None:
             raise ImportError(f"build_yacs_detector: cannot import add_config function {name!r}")
         fn(cfg)
-    hint = "A project's own keys need its add_config function (add_config=['module.add_xxx_config'])"
+    hint = (
+        "A project's own keys need its add_config function "
+        "(add_config=['module.add_xxx_config'])"
+    )
     try:
         cfg.merge_from_file(path)
     except KeyError as e:  # yacs: "Non-existent config key: ..."
         lazy = CfgNode.load_yaml_with_base(path, allow_unsafe=True)
         if isinstance(lazy, dict) and "model" in lazy and "MODEL" not in lazy:
             raise ValueError(
-                f"{path} is a LazyConfig (e.g. the config.yaml of a DetKD or LazyConfig run), not a "
-                "yacs config: use its model node, LazyConfig.load(path).model"
+                f"{path} is a LazyConfig (e.g. the config.yaml of a DetKD or LazyConfig run), "
+                "not a yacs config: use its model node, LazyConfig.load(path).model"
             ) from e
         raise KeyError(f"{path}: {e.args[0] if e.args else e}. {hint}") from e
     # A LazyConfig node's lists reach here as omegaconf ListConfigs (instantiate, overrides):
@@ -99,7 +105,9 @@ def load_yacs_config(
     # mismatch).
     opts = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (opts or [])]
     if len(opts) % 2:
-        raise ValueError(f"build_yacs_detector: opts must be KEY, value pairs; got {len(opts)} items: {opts}")
+        raise ValueError(
+            f"build_yacs_detector: opts must be KEY, value pairs; got {len(opts)} items: {opts}"
+        )
     try:
         cfg.merge_from_list(opts)
     except (KeyError, AssertionError) as e:  # yacs asserts: "Non-existent key: ..."
@@ -108,7 +116,9 @@ def load_yacs_config(
 
 
 def build_yacs_detector(
-    config_file: str, opts: Optional[Sequence[str]] = None, add_config: Union[str, Sequence[str]] = ()
+    config_file: str,
+    opts: Optional[Sequence[str]] = None,
+    add_config: Union[str, Sequence[str]] = (),
 ):
     """
     The detector a yacs config describes, built by ``detectron2.modeling.build_model`` with
@@ -128,8 +138,8 @@ def build_yacs_detector(
     cfg = load_yacs_config(config_file, opts, add_config)
     if cfg.MODEL.WEIGHTS:
         logger.info(
-            f"build_yacs_detector({config_file!r}): MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not loaded; "
-            "the weights come from train.teacher_checkpoint / train.init_checkpoint"
+            f"build_yacs_detector({config_file!r}): MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not "
+            "loaded; the weights come from train.teacher_checkpoint / train.init_checkpoint"
         )
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in META_ARCH_REGISTRY:
