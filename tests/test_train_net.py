@@ -925,17 +925,24 @@ def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_erro
     assert {"AP-cat3", "AP-cat7", "AP-cat42"} <= set(hook.results["bbox"])
 
 
+def _cfg_of_own_data_with_a_subset_val(tmp_path, prefix, output_dir, max_iter):
+    """_small_cfg on datasets of one's own: <prefix>_train of category ids 3, 7, 42 and
+    <prefix>_val_sub, whose json lists only the categories 7, 42."""
+    train = _own_coco(tmp_path, f"{prefix}_train")
+    (tmp_path / "v").mkdir()
+    val = _own_coco(tmp_path / "v", f"{prefix}_val_sub", cat_ids=(7, 42))
+    cfg = _small_cfg(output_dir, max_iter=max_iter)
+    cfg.dataloader.train.dataset.names = train
+    cfg.dataloader.train.sampler = None
+    cfg.dataloader.test.dataset.names = val
+    return cfg
+
+
 def test_test_data_of_other_classes_than_the_training_data_is_an_error_before_training(tmp_path):
     # A val.json listing only the categories it annotates (ids 7, 42) next to a train.json of
     # ids 3, 7, 42: the student's class 0 (id 3) was evaluated as the val data's class 0 (id 7),
     # a shifted mapping without a word. Refused before training; equal lists are accepted.
-    train = _own_coco(tmp_path, "detkd_test_own_train")
-    (tmp_path / "v").mkdir()
-    val = _own_coco(tmp_path / "v", "detkd_test_own_val_sub", cat_ids=(7, 42))
-    cfg = _small_cfg(tmp_path / "c", max_iter=2)
-    cfg.dataloader.train.dataset.names = train
-    cfg.dataloader.train.sampler = None
-    cfg.dataloader.test.dataset.names = val
+    cfg = _cfg_of_own_data_with_a_subset_val(tmp_path, "detkd_test_own", tmp_path / "c", max_iter=2)
     match = (r"The classes of the test dataset 'detkd_test_own_val_sub' \(2: cat7, cat42\) are not "
              r"those of the training dataset 'detkd_test_own_train' \(3: cat3, cat7, cat42\); they "
              r"differ from class 0 on.*same categories")
@@ -984,14 +991,8 @@ def test_class_checks_of_the_test_data_skip_a_config_without_an_evaluator(tmp_pa
     # teacher's evaluation at the start too): test data of other classes than the training
     # data's (e.g. a base config's test set left in place) is never scored, and was refused
     # before training ("Give both json files the same categories").
-    train = _own_coco(tmp_path, "detkd_test_noeval_train")
-    (tmp_path / "v").mkdir()
-    val = _own_coco(tmp_path / "v", "detkd_test_noeval_val", cat_ids=(7, 42))
-    cfg = _small_cfg(tmp_path / "n", max_iter=1)
-    cfg.dataloader.train.dataset.names = train
-    cfg.dataloader.train.sampler = None
-    cfg.dataloader.test.dataset.names = val
-    with pytest.raises(ValueError, match="The classes of the test dataset 'detkd_test_noeval_val'"):
+    cfg = _cfg_of_own_data_with_a_subset_val(tmp_path, "detkd_test_noeval", tmp_path / "n", max_iter=1)
+    with pytest.raises(ValueError, match="The classes of the test dataset 'detkd_test_noeval_val_sub'"):
         KDTrainer(cfg)  # with an evaluator: refused, as before
     del cfg.dataloader.evaluator
     cfg.train.teacher_eval_at_start = True  # the teacher's 3 classes, the test data's 2
