@@ -236,17 +236,24 @@ def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, c
     assert lr[2] == pytest.approx(0.002, rel=1e-6)
 
 
+def _run_without_schedule_state(output_dir, max_iter, interrupt):
+    """A run stopped before iteration ``interrupt`` whose last checkpoint (written every 2
+    iterations) then loses the LR scheduler's state, as one written by other tools."""
+    _run(_small_cfg(output_dir, max_iter), interrupt=interrupt)
+    with open(output_dir / "last_checkpoint") as f:
+        path = output_dir / f.read().strip()
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["trainer"]["hooks"]["LRScheduler"]
+    torch.save(checkpoint, path)
+
+
 def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(tmp_path, caplog):
     """A checkpoint whose trainer state lacks the LR scheduler's (other tools, a run without the
     LRScheduler hook): the resumed run trains at the schedule's lr for its iteration, not at
     the warm-up lr of step 0 (1 % of the base lr here), and says so."""
     from detectron2.config import instantiate
 
-    _run(_small_cfg(tmp_path / "s", 10), interrupt=4)
-    path = tmp_path / "s" / "model_0000003.pth"
-    checkpoint = torch.load(path, weights_only=False)
-    del checkpoint["trainer"]["hooks"]["LRScheduler"]
-    torch.save(checkpoint, path)
+    _run_without_schedule_state(tmp_path / "s", max_iter=10, interrupt=4)
     cfg = _small_cfg(tmp_path / "s", 10)
     with caplog.at_level(logging.WARNING, logger="detkd.engine"):
         resumed = _run(cfg, resume=True)
@@ -1008,11 +1015,7 @@ def test_resume_without_schedule_state_at_another_lr_trains_at_the_runs(tmp_path
     with this config's base lr, trained at the new lr instead."""
     from detectron2.config import instantiate
 
-    _run(_small_cfg(tmp_path / "s", 6), interrupt=3)
-    path = tmp_path / "s" / "model_0000001.pth"
-    checkpoint = torch.load(path, weights_only=False)
-    del checkpoint["trainer"]["hooks"]["LRScheduler"]
-    torch.save(checkpoint, path)
+    _run_without_schedule_state(tmp_path / "s", max_iter=6, interrupt=3)
     cfg = _small_cfg(tmp_path / "s", 6)
     cfg.optimizer.lr = 0.5
     with caplog.at_level(logging.WARNING, logger="detkd.engine"):
