@@ -333,3 +333,47 @@ def test_view_option_errors_name_the_option(tmp_path):
             viz.main(d3 + ["--top", top])
     viz.main(d3 + ["--layer", str(-layers)])  # the first layer, counted from the last
     assert (tmp_path / "v.png").stat().st_size > 1000
+
+
+def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_own(tmp_path, monkeypatch):
+    """README, Other backbones: a custom student backbone (levels s8, s16, s32) with an FPN
+    teacher (p2-p6), paired by stride as PKD pairs them. The view paired levels by name: no
+    common level, and it failed with an IndexError from matplotlib's axes."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+
+    cfg_path = tmp_path / "pkd_custom_student.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyCall as L\n"
+        "from conftest import tiny_faster_rcnn_cfg\n"
+        "from test_custom_models import custom_retinanet\n"
+        "from detkd import DistillationDetector, PKDDistiller\n"
+        "from detectron2.config import LazyConfig\n"
+        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n"
+        "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
+        "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    torch.manual_seed(0)
+    nets = {"t": instantiate(cfg.model.teacher), "s": instantiate(cfg.model.student)}
+    for n, m in nets.items():
+        torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
+    inputs = make_inputs(1, size=(70, 100), seed=5)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    got = {}
+    monkeypatch.setattr(viz, "draw_fpn_activations",
+                        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
+    args = ["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"), "--before",
+            str(tmp_path / "s.pth"), "--after", str(tmp_path / "s.pth"), "--out", str(tmp_path / "p.png")]
+    viz.main(args)
+    assert got["levels"] == ["s8", "s16", "s32"]  # finest first, the student's names
+    t = nets["t"].eval()
+    x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
+    with torch.no_grad():
+        feats = t.backbone(ImageList.from_tensors([x], 32).tensor)
+    for lvl, t_lvl, s in (("s8", "p3", 8), ("s16", "p4", 16), ("s32", "p5", 32)):
+        hs, ws = -(-70 // s), -(-100 // s)
+        assert torch.allclose(got["rows"]["teacher"][lvl], feats[t_lvl][0, :, :hs, :ws], atol=1e-5)
+        assert tuple(got["rows"]["student + KD"][lvl].shape[-2:]) == (hs, ws)
+    viz.main(args + ["--levels", "s16"])
+    assert got["levels"] == ["s16"]

@@ -229,24 +229,39 @@ def _pkd_view(args):
     # order; the teacher sees them in its own. One padding for all rows (equal map sizes).
     s_fmt, t_fmt = _formats(cfg, models["student alone"], teacher)
     div = max(_size_divisibility(m) for m in models.values())
+    # Levels paired by stride, as PKD pairs them (pair_fpn_levels), finest first, and named by
+    # the student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
+    shapes = {name: m.backbone.output_shape() for name, m in models.items()}
+    s_shapes = shapes["student alone"]
+    t_by_stride = {v.stride: k for k, v in shapes["teacher"].items() if v.stride}
+    by_stride = sorted((k for k in s_shapes if s_shapes[k].stride), key=lambda k: s_shapes[k].stride)
+    common = [k for k in by_stride if s_shapes[k].stride in t_by_stride]
+    if not common:
+        raise SystemExit(
+            f"[viz pkd] the student's levels { {k: v.stride for k, v in s_shapes.items()} } and "
+            f"the teacher's { {k: v.stride for k, v in shapes['teacher'].items()} } share no stride"
+        )
+    levels = args.levels or common[:4]
+    if not set(levels) <= set(common):
+        raise SystemExit(
+            f"[viz pkd] --levels {' '.join(levels)}: the levels both models have are {common} "
+            "(the student's levels of a stride the teacher has)"
+        )
     rows = {}
     h, w = inputs[0]["image"].shape[-2:]
     with torch.no_grad():
         for name, m in models.items():
             flip = name == "teacher" and s_fmt is not None and t_fmt != s_fmt
             images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
-            strides = {k: v.stride for k, v in m.backbone.output_shape().items()}
+            feats = m.backbone(images.tensor)
             # Each map cropped to the image (the padding to the size divisibility is no part of
             # the picture in the first column): cells covering the image, ceil(side / stride).
-            rows[name] = {
-                k: v[0, :, : -(-h // strides[k]), : -(-w // strides[k])]
-                for k, v in m.backbone(images.tensor).items()
-            }
+            rows[name] = {}
+            for k in levels:
+                stride = s_shapes[k].stride
+                v = feats[t_by_stride[stride] if name == "teacher" else k]
+                rows[name][k] = v[0, :, : -(-h // stride), : -(-w // stride)]
     img = _rgb(s_fmt, inputs)
-    common = sorted(set(rows["teacher"]) & set(rows["student alone"]))
-    levels = args.levels or common[:4]
-    if not set(levels) <= set(common):
-        raise SystemExit(f"[viz pkd] --levels {' '.join(levels)}: the levels both models have are {common}")
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
 
@@ -375,7 +390,8 @@ def main(argv=None):
     p.add_argument("--before", required=True, help="the student trained alone")
     p.add_argument("--after", required=True, help="the distilled student")
     p.add_argument("--index", type=int, default=0, help="test image index")
-    p.add_argument("--levels", nargs="*", help="FPN levels to draw (default: the first 4 both models have)")
+    p.add_argument("--levels", nargs="*", help="the student's levels to draw, each beside the "
+                   "teacher's of its stride (default: the 4 finest both models have)")
     p.add_argument("--out", default="pkd_fpn.png")
     g = sub.add_parser("gid", help="selected general instances on an image")
     g.add_argument("--config", required=True, help="a config with a GIDDistiller")
