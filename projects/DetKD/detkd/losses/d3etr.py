@@ -525,18 +525,18 @@ class D3ETRDistiller(Distiller):
     def forward(self, student_taps, teacher_taps, ctx):
         student = ctx.student
         t_head, s_head = teacher_taps["head"], student_taps["head"]
-        self._check_head(t_head, "teacher")
-        self._check_head(s_head, "student")
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None and pending.owner is not ctx:  # not this step's: start afresh
+            pending.cancel()
+            pending = None
+        if pending is None:  # the head hook (which checks both heads) did not start this step's
+            self._check_head(t_head, "teacher")
+            self._check_head(s_head, "student")
         t_logits, t_boxes = t_head["pred_logits"], t_head["pred_boxes"]  # (L, B, Nt, K/4)
         s_logits, s_boxes = s_head["pred_logits"], s_head["pred_boxes"]  # (L, B, Ns+Na, K/4)
         L, B, Nt = t_logits.shape[:3]
         Ns = student.num_queries
         g1_logits, g1_boxes = s_logits[:, :, :Ns], s_boxes[:, :, :Ns]
-
-        pending, self._pending = getattr(self, "_pending", None), None
-        if pending is not None and pending.owner is not ctx:  # not this step's: start afresh
-            pending.cancel()
-            pending = None
         if pending is None:
             pending = self._start_match(t_logits, t_boxes, g1_logits, g1_boxes)
 
