@@ -772,6 +772,27 @@ def test_matcher_default_costs_are_focal_2_l1_5_giou_2():
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
 
 
+@pytest.mark.parametrize(
+    "dtype, confident, expected", [(torch.bfloat16, 7.0, 1), (torch.float16, 9.0, 0)]
+)
+def test_matcher_costs_in_fp32_for_low_precision_predictions(dtype, confident, expected):
+    """Under AMP the student's logits and boxes are fp16 / bf16. Costs in that precision: in
+    fp16 a sigmoid of a logit > ~8.3 rounds to 1 and log(1 - p + 1e-8) is log(0) (a -inf cost:
+    scipy's "matrix contains invalid numeric entries"); in bf16 p rounds to 1 from logit ~6.2
+    and the focal term becomes -log(1e-8) = 18.4 instead of ~the logit, outweighing the boxes.
+    One target of class 0; prediction 0 more confident but 1/8 off, prediction 1 exact (all
+    inputs exact in both dtypes). Float64 costs (focal 2, L1 5, GIoU 2): -10.524 / -10.959
+    with logits 7 / 6 (prediction 1 matched), -13.538 / -10.959 with 9 / 6 (prediction 0)."""
+    from detkd.modeling import HungarianMatcher
+
+    gt = torch.tensor([[0.5, 0.5, 0.25, 0.25]])
+    logits = torch.tensor([[[confident, -3.0], [6.0, -3.0]]], dtype=dtype)
+    boxes = torch.tensor([[[0.625, 0.5, 0.25, 0.25], [0.5, 0.5, 0.25, 0.25]]], dtype=dtype)
+    targets = [{"labels": torch.tensor([0]), "boxes": gt}]
+    rows, cols = HungarianMatcher()(logits, boxes, targets)[0]
+    assert (rows.tolist(), cols.tolist()) == ([expected], [0])
+
+
 def test_attention_is_scaled_dot_product_per_head():
     """softmax(q_h k_h^T / sqrt(d_h)) per head, padded keys weighted 0, then the output
     projection of the concatenated heads."""

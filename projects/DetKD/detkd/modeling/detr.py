@@ -530,13 +530,19 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return []
         labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
-        gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
-        p = logits.sigmoid()[..., labels]  # (L, B, N, Gt)
-        neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
-        pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
-        cost = self.cost_class * (pos - neg) + self.cost_bbox * (boxes[..., :, None, :] - gt).abs().sum(-1)
-        cost = cost - self.cost_giou * giou_cxcywh(boxes[..., :, None, :], gt)
-        cost = cost.float().cpu().numpy()  # one device -> host copy for all layers and images
+        # In fp32 also under AMP: in fp16 a score sigmoid rounds to 1 (logit > ~8.3) makes
+        # log(1 - p + 1e-8) = log(0) (1e-8 is 0 in fp16), a -inf cost scipy refuses; in bf16 it
+        # is log(1e-8), which outweighs the box costs and changes the match.
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, boxes = logits.float(), boxes.float()
+            gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
+            p = logits.sigmoid()[..., labels]  # (L, B, N, Gt)
+            neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
+            pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+            l1 = (boxes[..., :, None, :] - gt).abs().sum(-1)
+            cost = self.cost_class * (pos - neg) + self.cost_bbox * l1
+            cost = cost - self.cost_giou * giou_cxcywh(boxes[..., :, None, :], gt)
+        cost = cost.cpu().numpy()  # one device -> host copy for all layers and images
         starts = np.cumsum([0] + sizes)
         L, B = logits.shape[:2]
         todo = [(l, b) for l in range(L) for b in range(B) if sizes[b]]
