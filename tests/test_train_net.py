@@ -366,6 +366,25 @@ def test_clip_grad_clips_the_global_norm_at_every_step(tmp_path):
     assert norms["clipped"] == pytest.approx([1e-3, 1e-3], rel=1e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_grad_under_amp_clips_the_unscaled_gradients(fused):
+    """Under AMP (AMPTrainer: GradScaler.step) the clip applies to the unscaled gradients, also
+    for an optimizer that unscales them in its own step (fused=True), which the hook gets
+    still scaled (by 1024 here). Gradient (3, 4), norm 5, clipped to 1: SGD with lr 1 steps by
+    -(0.6, 0.8); a limit of 100 leaves it at -(3, 4). The fused step once moved by 1/1024 of it."""
+    from detkd.engine import _clip_before_step
+
+    for max_norm, expected in ((1.0, [-0.6, -0.8]), (100.0, [-3.0, -4.0])):
+        w = torch.nn.Parameter(torch.zeros(2))
+        optimizer = torch.optim.SGD([w], lr=1.0, fused=fused)
+        _clip_before_step(optimizer, max_norm)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale((w * torch.tensor([3.0, 4.0])).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert w.detach().tolist() == pytest.approx(expected, rel=1e-5)
+
+
 def test_teacher_eval_at_start_feeds_the_teacher_its_own_channel_order(tmp_path):
     # an RGB student with a BGR teacher (configs/ReviewKD's R18 <- MSRA R101): the test loader
     # gives RGB images; the teacher must see them flipped, as in training

@@ -421,11 +421,15 @@ def _clip_before_step(optimizer, max_norm: float) -> None:
     (``train.clip_grad``, e.g. DETR's 0.1), as an optimizer step pre-hook: ``optimizer.step``
     itself stays the bound method that torch's LR schedulers wrap. Under AMP, GradScaler
     unscales the gradients before it calls ``step`` (so they are clipped unscaled) and skips
-    the step, hook included, when they overflowed."""
+    the step, hook included, when they overflowed; an optimizer that unscales in its own step
+    (``fused=True``) gets them still scaled, with the scale as ``optimizer.grad_scale``: the
+    scaled norm is clipped at ``max_norm * grad_scale`` (``max_norm`` once unscaled)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def clip(opt, args, kwargs):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scale = getattr(opt, "grad_scale", None)
+        limit = max_norm if scale is None else scale.to(torch.float32) * max_norm
+        torch.nn.utils.clip_grad_norm_(params, limit)
 
     optimizer.register_step_pre_hook(clip)
 
