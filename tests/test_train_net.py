@@ -224,7 +224,7 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
 
 def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, caplog):
     """optimizer.lr changed on --resume: the run's base lr is kept (README), which the log now
-    says instead of ignoring the new value without a word."""
+    says instead of ignoring the new value without a word. Then AMP switched on at resume."""
     _run(_small_cfg(tmp_path / "b", 4), interrupt=2)
     cfg = _small_cfg(tmp_path / "b", 4)
     cfg.optimizer.lr = 0.5
@@ -234,6 +234,23 @@ def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, c
     assert "this config's [0.5]" in caplog.text
     lr = dict((it, v) for v, it in resumed.storage.history("lr").values())
     assert lr[2] == pytest.approx(0.002, rel=1e-6)
+
+    # The same run resumed with train.amp.enabled switched on: its checkpoint has no
+    # grad-scaler state, on which detectron2's AMPTrainer stopped with a bare KeyError. It
+    # goes on from its iteration with a fresh scaler, and says so. (AMPTrainer trains only
+    # on CUDA; only the resume is run here.)
+    from detectron2.engine import AMPTrainer
+
+    cfg = _small_cfg(tmp_path / "b", 6)
+    cfg.train.amp.enabled = True
+    amp = KDTrainer(cfg)
+    assert isinstance(amp._trainer, AMPTrainer)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        amp.resume_or_load(resume=True)
+    assert amp.start_iter == 4
+    assert "iteration 3 of the run was trained without AMP" in caplog.text
+    assert "loss scale starts afresh" in caplog.text
 
 
 def _run_without_schedule_state(output_dir, max_iter, interrupt):
@@ -1046,3 +1063,4 @@ def test_resume_without_schedule_state_at_another_lr_trains_at_the_runs(tmp_path
     multiplier = instantiate(cfg.lr_multiplier)
     for it in range(2, 6):
         assert lr[it] == pytest.approx(0.002 * multiplier(it / 6), rel=1e-6), it
+

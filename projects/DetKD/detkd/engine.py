@@ -771,6 +771,24 @@ class KDTrainer(DefaultTrainer):
             f"--resume: the last checkpoint of {out!r}, {path}, {problem}. To continue, {fix}."
         )
 
+    def load_state_dict(self, state_dict):
+        """
+        Restore the run's trainer state (iteration, hooks, optimizer, AMP grad scaler). A run
+        resumed with ``train.amp.enabled`` switched on from a checkpoint trained without AMP
+        has no grad-scaler state (detectron2's AMPTrainer would stop on a bare ``KeyError``):
+        the scaler starts afresh, as in a new AMP run, and a warning says so.
+        """
+        inner = state_dict.get("_trainer", {})
+        if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
+            logger.warning(
+                f"--resume: iteration {state_dict.get('iteration')} of the run was trained "
+                "without AMP (its checkpoint has no grad-scaler state); with train.amp.enabled "
+                "the loss scale starts afresh."
+            )
+            inner = {**inner, "grad_scaler": self._trainer.grad_scaler.state_dict()}
+            state_dict = {**state_dict, "_trainer": inner}
+        super().load_state_dict(state_dict)
+
     def build_hooks(self):
         cfg = self.cfg
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
