@@ -377,3 +377,85 @@ def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_o
         assert tuple(got["rows"]["student + KD"][lvl].shape[-2:]) == (hs, ws)
     viz.main(args + ["--levels", "s16"])
     assert got["levels"] == ["s16"]
+
+
+def _demo_checkpoints(tmp_path, cfg, seed=0):
+    """Random teacher and student weights of ``cfg.model`` saved as t.pth and s.pth."""
+    from detectron2.config import instantiate
+
+    torch.manual_seed(seed)
+    paths = []
+    for role, name in (("teacher", "t.pth"), ("student", "s.pth")):
+        torch.save({"model": instantiate(cfg.model[role]).state_dict()}, tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
+    """The models see the test image as dataloader.test.mapper makes it (here resized by its
+    ResizeShortestEdge): the views dropped the mapper's augmentations and ran the models on
+    the file's own size. Picture, ground truth and boxes are in the resized image's
+    coordinates; checked against detectron2's transform applied to the file independently."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+    from detectron2.structures import BoxMode
+
+    cfg_path = tmp_path / "gid_resized.py"
+    cfg_path.write_text(
+        "import detectron2.data.transforms as T\n"
+        "from detectron2.config import LazyCall as L, LazyConfig\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/gid_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\n"
+        "dataloader.test.dataset.names.num_images = 4\n"
+        "dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=200, max_size=300)]\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    t, s = _demo_checkpoints(tmp_path, cfg)
+    records = DatasetCatalog.get(instantiate(cfg.dataloader.test.dataset.names))
+    index = next(i for i, r in enumerate(records) if r["annotations"])
+    record = records[index]
+    image = utils.read_image(record["file_name"], format="BGR")
+    tf = T.ResizeShortestEdge(200, 300).get_transform(image)
+    resized = tf.apply_image(image)
+    assert resized.shape[:2] != image.shape[:2]
+    gt = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]])
+    gt = tf.apply_box(gt)
+
+    from detkd.losses import GIDDistiller
+
+    seen = {}
+    select = GIDDistiller._select
+
+    def spy_select(self, s_out, t_out, image_sizes):
+        seen["image_sizes"] = list(image_sizes)
+        return select(self, s_out, t_out, image_sizes)
+
+    monkeypatch.setattr(GIDDistiller, "_select", spy_select)
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes",
+                        lambda image, boxes, colors, path, **kw: drawn.update(image=image, boxes=boxes, **kw))
+    viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s,
+              "--index", str(index), "--out", str(tmp_path / "gid.png")])
+    assert np.array_equal(drawn["image"], resized[:, :, ::-1])  # the resized image, as RGB
+    assert seen["image_sizes"] == [resized.shape[:2]]  # what the models ran on
+    assert np.allclose(drawn["gt_boxes"], gt, atol=1e-3)
+    # The boxes: those a training step selects on the resized image (the file resized above).
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    kd = instantiate(cfg.model)
+    kd.teacher.load_state_dict(torch.load(t)["model"])
+    kd.student.load_state_dict(torch.load(s)["model"])
+    h, w = resized.shape[:2]
+    inst = Instances((h, w), gt_boxes=Boxes(torch.as_tensor(gt, dtype=torch.float32)),
+                     gt_classes=torch.tensor([a["category_id"] - 1 for a in record["annotations"]]))
+    inputs = [{"image": torch.as_tensor(resized.transpose(2, 0, 1).copy()), "instances": inst}]
+    selected = []
+    monkeypatch.setattr(GIDDistiller, "_select",
+                        lambda *a: selected.append(select(*a)) or selected[-1])
+    with EventStorage():
+        _frozen_norm_train(kd)(inputs)
+    (boxes, _), = selected[0]
+    assert len(boxes) > 0 and np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-3)

@@ -149,13 +149,15 @@ def draw_boxes(
 
 
 def _load_image(cfg, index: int):
-    """The test loader's ``index``-th batch (one image); SystemExit with the test set's size if
-    there is none."""
+    """The test loader's ``index``-th batch (one image) as the config's test mapper makes it, its
+    augmentations included (e.g. COCO's ResizeShortestEdge): the image the models see at test
+    time. The views draw on this image, in its coordinates. SystemExit with the test set's size
+    if there is none."""
     from detectron2.config import instantiate
 
     cfg.dataloader.test.num_workers = 0
-    cfg.dataloader.test.mapper.is_train = True  # keep the annotations, for the GT overlay
-    cfg.dataloader.test.mapper.augmentations = []
+    # Keep the annotations, transformed as the image is, for the GT overlay.
+    cfg.dataloader.test.mapper.is_train = True
     loader = instantiate(cfg.dataloader.test)
     k = -1
     for k, inputs in enumerate(loader):
@@ -319,7 +321,7 @@ def _gid_view(args):
     t_out = dense_outputs(model.teacher, model._teacher_capture.as_dict(), decode)
     s_out = dense_outputs(model.student, cap.as_dict(), decode)
     (boxes, scores), = gid._select(s_out, t_out, images.image_sizes)
-    # The loader resized nothing for the demo; boxes are in input coordinates.
+    # Boxes, GT and picture in the coordinates of the image the models ran on (_load_image).
     gt = inputs[0]["instances"].gt_boxes if "instances" in inputs[0] else None
     colors = {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
     names = list(colors)
