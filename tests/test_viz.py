@@ -18,6 +18,7 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
         "model = cfg.model\n"
         "model.student.input_format = 'RGB'\n"
         "dataloader = cfg.dataloader\n"
+        "dataloader.test.mapper.image_format = 'RGB'  # else refused, as in training\n"
     )
     cfg = LazyConfig.load(str(cfg_path))
     torch.manual_seed(0)
@@ -67,7 +68,8 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
         "del m.head.num_anchors\n"
     )
     cases = {  # the teacher is BGR, or the student is
-        "fcos_student_rgb": "m = model.student\n" + fcos + "model.student_input_format = 'RGB'\n",
+        "fcos_student_rgb": "m = model.student\n" + fcos + "model.student_input_format = 'RGB'\n"
+        "cfg.dataloader.test.mapper.image_format = 'RGB'\n",  # else refused, as in training
         "fcos_teacher": "m = model.teacher\n" + fcos,
     }
     for case, change in cases.items():
@@ -459,3 +461,28 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
         _frozen_norm_train(kd)(inputs)
     (boxes, _), = selected[0]
     assert len(boxes) > 0 and np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-3)
+
+
+def test_views_check_the_test_loaders_channel_order_as_training_does(tmp_path):
+    """A test loader in RGB for a BGR student: evaluation (train_net.py) refuses it, the views
+    ran on the swapped channels and drew maps and boxes of an image the models never see."""
+    import pytest
+    from detectron2.config import LazyConfig
+
+    for view, name in (("pkd", "pkd_retinanet"), ("gid", "gid_retinanet"), ("d3etr", "d3etr_detr")):
+        cfg_path = tmp_path / f"{name}_rgb_loader.py"
+        cfg_path.write_text(
+            "from detectron2.config import LazyConfig\n"
+            f"cfg = LazyConfig.load('{REPO}/configs/demo/{name}.py')\n"
+            "model, dataloader = cfg.model, cfg.dataloader\n"
+            "dataloader.test.dataset.names.num_images = 4\n"
+            "dataloader.test.mapper.image_format = 'RGB'\n"
+        )
+        t, s = _demo_checkpoints(tmp_path, LazyConfig.load(str(cfg_path)))
+        weights = ["--before", s, "--after", s] if view == "pkd" else ["--student", s]
+        with pytest.raises(ValueError, match=r"dataloader\.test\.mapper\.image_format is 'RGB' but "
+                           r"the student takes 'BGR' images \(model\.student\.input_format\)"):
+            viz.main([view, "--config", str(cfg_path), "--teacher", t, *weights,
+                      "--out", str(tmp_path / f"{view}.png")])
+        assert not (tmp_path / f"{view}.png").exists()
+

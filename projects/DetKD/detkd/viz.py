@@ -213,23 +213,19 @@ def _distiller(model, cls_name: str, args):
 def _pkd_view(args):
     from detectron2.config import instantiate
 
-    from .checkpoint import load_student, load_teacher
+    from .checkpoint import load_student
 
     cfg = _kd_config(args)
+    # The teacher and the student trained alone in the config's DistillationDetector: its
+    # input-format check and channel orders, and its teacher input (teacher_images).
+    model = _kd_model(cfg, args.teacher, args.before)
+    after = instantiate(cfg.model.student).eval()
+    load_student(after, args.after, strict=True)  # a picture of a half-loaded student misleads
+    models = {"teacher": model.teacher, "student alone": model.student, "student + KD": after}
     inputs = _load_image(cfg, args.index)
-    models = {}
-    teacher = instantiate(cfg.model.teacher).eval()
-    load_teacher(teacher, args.teacher)
-    models["teacher"] = teacher
-    for name, path in (("student alone", args.before), ("student + KD", args.after)):
-        student = instantiate(cfg.model.student).eval()
-        load_student(student, path, strict=True)  # a picture of a half-loaded student misleads
-        models[name] = student
     from .distiller import _size_divisibility, normalized_images
 
-    # As DistillationDetector.teacher_images: the loader's images are in the student's channel
-    # order; the teacher sees them in its own. One padding for all rows (equal map sizes).
-    s_fmt, t_fmt = _formats(cfg, models["student alone"], teacher)
+    # One padding for all rows (equal map sizes).
     div = max(_size_divisibility(m) for m in models.values())
     # Levels paired by stride, as PKD pairs them (pair_fpn_levels), finest first, and named by
     # the student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
@@ -253,7 +249,7 @@ def _pkd_view(args):
     h, w = inputs[0]["image"].shape[-2:]
     with torch.no_grad():
         for name, m in models.items():
-            flip = name == "teacher" and s_fmt is not None and t_fmt != s_fmt
+            flip = name == "teacher" and model.flip_teacher_channels
             images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
             feats = m.backbone(images.tensor)
             # Each map cropped to the image (the padding to the size divisibility is no part of
@@ -263,31 +259,24 @@ def _pkd_view(args):
                 stride = s_shapes[k].stride
                 v = feats[t_by_stride[stride] if name == "teacher" else k]
                 rows[name][k] = v[0, :, : -(-h // stride), : -(-w // stride)]
-    img = _rgb(s_fmt, inputs)
+    img = _rgb(model.student_format, inputs)
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
 
 
 def _kd_model(cfg, teacher_ckpt, student_ckpt):
+    """The config's DistillationDetector in eval mode, the test loader's channel order checked
+    as in evaluation (check_input_format), the weights loaded."""
     from detectron2.config import instantiate
 
     from .checkpoint import load_student, load_teacher
+    from .engine import check_input_format
 
     model = instantiate(cfg.model)
+    check_input_format(cfg, model, splits=("test",))
     load_teacher(model.teacher, teacher_ckpt)
     load_student(model.student, student_ckpt, strict=True)  # every student weight, or an error
     return model.eval()
-
-
-def _formats(cfg, student, teacher):
-    """The channel orders (student's data, teacher's) as DistillationDetector decides them: the
-    config's model.student_input_format / teacher_input_format, else the models' input_format
-    (detectron2's FCOS has none), a teacher without one taking the student's."""
-    from .distiller import channel_orders
-
-    return channel_orders(
-        student, teacher, cfg.model.get("student_input_format"), cfg.model.get("teacher_input_format")
-    )
 
 
 def _rgb(fmt, inputs):
@@ -305,8 +294,8 @@ def _gid_view(args):
     from .losses.gid import dense_outputs
 
     cfg = _kd_config(args)
-    inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
+    inputs = _load_image(cfg, args.index)
     gid = _distiller(model, "GIDDistiller", args)
     # clone: RetinaNet inference applies sigmoid_ in place to a view of the head logits.
     cap = FeatureCapture(model.student, gid.student_taps(model.student), clone=True)
@@ -329,7 +318,7 @@ def _gid_view(args):
     iou = pairwise_iou(boxes, gt).amax(dim=1) if gt is not None and len(gt) and len(boxes) else torch.zeros(len(boxes))
     for v in iou.tolist():
         cols.append(colors[names[0] if v >= 0.5 else names[1] if v >= 0.1 else names[2]])
-    image = _rgb(_formats(cfg, model.student, model.teacher)[0], inputs)
+    image = _rgb(model.student_format, inputs)
     draw_boxes(image, boxes.tensor.numpy(), cols, args.out,
                labels=[f"{x:.2f}" for x in scores.tolist()],
                gt_boxes=gt.tensor.numpy() if gt is not None else None,
@@ -346,8 +335,8 @@ def _d3etr_view(args):
     from .distiller import run_teacher
 
     cfg = _kd_config(args)
-    inputs = _load_image(cfg, args.index)
     model = _kd_model(cfg, args.teacher, args.student)
+    inputs = _load_image(cfg, args.index)
     d3 = _distiller(model, "D3ETRDistiller", args)
     # As in training: the teacher sees the images in its own channel order and normalisation,
     # padded as the student pads them (teacher_images); the student its own inputs.
@@ -374,7 +363,7 @@ def _d3etr_view(args):
     boxes = torch.cat([tb, sb]).numpy()
     k = len(top)
     gt = inputs[0].get("instances")
-    image = _rgb(_formats(cfg, model.student, model.teacher)[0], inputs)
+    image = _rgb(model.student_format, inputs)
     draw_boxes(image, boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
                pairs=[(i, i + k) for i in range(k)],
                gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
