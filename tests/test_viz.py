@@ -486,3 +486,45 @@ def test_views_check_the_test_loaders_channel_order_as_training_does(tmp_path):
                       "--out", str(tmp_path / f"{view}.png")])
         assert not (tmp_path / f"{view}.png").exists()
 
+
+def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
+    """A square-padding (ViTDet-style) backbone on one side: training pads the teacher's input
+    as the student pads its own (DistillationDetector.teacher_images), the student's as it
+    pads it itself. The view padded the teacher to its own square (192 x 192 for a 70 x 100
+    image the student pads to 96 x 128), and a square student's teacher not at all."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+
+    inputs = make_inputs(1, size=(70, 100), seed=5)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    for side in ("teacher", "student"):
+        cfg_path = tmp_path / f"pkd_square_{side}.py"
+        cfg_path.write_text(
+            "from detectron2.config import LazyConfig\n"
+            f"cfg = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py')\n"
+            "model, dataloader = cfg.model, cfg.dataloader\n"
+            f"model.{side}.backbone.square_pad = 192\n"
+        )
+        cfg = LazyConfig.load(str(cfg_path))
+        t_path, s_path = _demo_checkpoints(tmp_path, cfg, seed=1)
+        got = {}
+        monkeypatch.setattr(viz, "draw_fpn_activations",
+                            lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
+        viz.main(["pkd", "--config", str(cfg_path), "--teacher", t_path, "--before", s_path,
+                  "--after", s_path, "--out", str(tmp_path / "pkd.png")])
+        t, s = instantiate(cfg.model.teacher).eval(), instantiate(cfg.model.student).eval()
+        t.load_state_dict(torch.load(t_path)["model"])
+        s.load_state_dict(torch.load(s_path)["model"])
+        size = 192 if side == "student" else 0  # the student's square, for both models
+        image = inputs[0]["image"].float()
+        with torch.no_grad():
+            padded = ImageList.from_tensors([(image - t.pixel_mean) / t.pixel_std], 32,
+                                            padding_constraints={"square_size": size}).tensor
+            assert padded.shape[-2:] == ((192, 192) if size else (96, 128))
+            t_feats = t.backbone(padded)
+            s_feats = s.backbone(s.preprocess_image(inputs).tensor)
+        for lvl, st in zip(got["levels"], (8, 16, 32, 64)):
+            hs, ws = -(-70 // st), -(-100 // st)
+            assert torch.allclose(got["rows"]["teacher"][lvl], t_feats[lvl][0, :, :hs, :ws], atol=1e-4), (side, lvl)
+            for name in ("student alone", "student + KD"):
+                assert torch.allclose(got["rows"][name][lvl], s_feats[lvl][0, :, :hs, :ws], atol=1e-4), (side, lvl)

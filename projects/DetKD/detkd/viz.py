@@ -223,10 +223,6 @@ def _pkd_view(args):
     load_student(after, args.after, strict=True)  # a picture of a half-loaded student misleads
     models = {"teacher": model.teacher, "student alone": model.student, "student + KD": after}
     inputs = _load_image(cfg, args.index)
-    from .distiller import _size_divisibility, normalized_images
-
-    # One padding for all rows (equal map sizes).
-    div = max(_size_divisibility(m) for m in models.values())
     # Levels paired by stride, as PKD pairs them (pair_fpn_levels), finest first, and named by
     # the student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
     shapes = {name: m.backbone.output_shape() for name, m in models.items()}
@@ -249,8 +245,10 @@ def _pkd_view(args):
     h, w = inputs[0]["image"].shape[-2:]
     with torch.no_grad():
         for name, m in models.items():
-            flip = name == "teacher" and model.flip_teacher_channels
-            images = normalized_images(m, inputs, flip_channels=flip, size_divisibility=div)
+            # Each model's input as in training: the teacher's from teacher_images (its channel
+            # order and normalisation, padded as the student pads its own), each student's its
+            # own preprocessing.
+            images = model.teacher_images(inputs) if name == "teacher" else m.preprocess_image(inputs)
             feats = m.backbone(images.tensor)
             # Each map cropped to the image (the padding to the size divisibility is no part of
             # the picture in the first column): cells covering the image, ceil(side / stride).
