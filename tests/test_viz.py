@@ -411,7 +411,8 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
         f"cfg = LazyConfig.load('{REPO}/configs/demo/gid_retinanet.py')\n"
         "model, dataloader = cfg.model, cfg.dataloader\n"
         "dataloader.test.dataset.names.num_images = 4\n"
-        "dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=200, max_size=300)]\n"
+        "dataloader.test.mapper.augmentations = [\n"
+        "    L(T.ResizeShortestEdge)(short_edge_length=200, max_size=300)]\n"
     )
     cfg = LazyConfig.load(str(cfg_path))
     t, s = _demo_checkpoints(tmp_path, cfg)
@@ -422,7 +423,8 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
     tf = T.ResizeShortestEdge(200, 300).get_transform(image)
     resized = tf.apply_image(image)
     assert resized.shape[:2] != image.shape[:2]
-    gt = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record["annotations"]])
+    gt = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                   for a in record["annotations"]])
     gt = tf.apply_box(gt)
 
     from detkd.losses import GIDDistiller
@@ -436,8 +438,8 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GIDDistiller, "_select", spy_select)
     drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes",
-                        lambda image, boxes, colors, path, **kw: drawn.update(image=image, boxes=boxes, **kw))
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
+                        drawn.update(image=image, boxes=boxes, **kw))
     viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s,
               "--index", str(index), "--out", str(tmp_path / "gid.png")])
     assert np.array_equal(drawn["image"], resized[:, :, ::-1])  # the resized image, as RGB
@@ -508,8 +510,8 @@ def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
         cfg = LazyConfig.load(str(cfg_path))
         t_path, s_path = _demo_checkpoints(tmp_path, cfg, seed=1)
         got = {}
-        monkeypatch.setattr(viz, "draw_fpn_activations",
-                            lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
+        monkeypatch.setattr(viz, "draw_fpn_activations", lambda image, rows, levels, *a, **kw:
+                            got.update(rows=rows, levels=levels) or {})
         viz.main(["pkd", "--config", str(cfg_path), "--teacher", t_path, "--before", s_path,
                   "--after", s_path, "--out", str(tmp_path / "pkd.png")])
         t, s = instantiate(cfg.model.teacher).eval(), instantiate(cfg.model.student).eval()
@@ -525,6 +527,8 @@ def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
             s_feats = s.backbone(s.preprocess_image(inputs).tensor)
         for lvl, st in zip(got["levels"], (8, 16, 32, 64)):
             hs, ws = -(-70 // st), -(-100 // st)
-            assert torch.allclose(got["rows"]["teacher"][lvl], t_feats[lvl][0, :, :hs, :ws], atol=1e-4), (side, lvl)
+            rows = got["rows"]
+            t_map, s_map = t_feats[lvl][0, :, :hs, :ws], s_feats[lvl][0, :, :hs, :ws]
+            assert torch.allclose(rows["teacher"][lvl], t_map, atol=1e-4), (side, lvl)
             for name in ("student alone", "student + KD"):
-                assert torch.allclose(got["rows"][name][lvl], s_feats[lvl][0, :, :hs, :ws], atol=1e-4), (side, lvl)
+                assert torch.allclose(rows[name][lvl], s_map, atol=1e-4), (side, lvl)

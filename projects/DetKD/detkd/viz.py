@@ -8,6 +8,11 @@ Pictures of what distillation does (PNG files).
   pairs, used by the GID view (selected general instances) and the D3ETR view (matched
   teacher/student boxes).
 
+The command line views run the models as training and evaluation do: on the test image as
+``dataloader.test.mapper`` makes it (resized by its augmentations), the loader's channel order
+checked (``check_input_format``), the teacher's input from ``DistillationDetector.teacher_images``;
+they draw on that image, in its coordinates.
+
 Command line::
 
     python -m detkd.viz pkd --config configs/demo/pkd_retinanet.py \\
@@ -248,7 +253,10 @@ def _pkd_view(args):
             # Each model's input as in training: the teacher's from teacher_images (its channel
             # order and normalisation, padded as the student pads its own), each student's its
             # own preprocessing.
-            images = model.teacher_images(inputs) if name == "teacher" else m.preprocess_image(inputs)
+            if name == "teacher":
+                images = model.teacher_images(inputs)
+            else:
+                images = m.preprocess_image(inputs)
             feats = m.backbone(images.tensor)
             # Each map cropped to the image (the padding to the size divisibility is no part of
             # the picture in the first column): cells covering the image, ceil(side / stride).
