@@ -532,3 +532,31 @@ def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
             assert torch.allclose(rows["teacher"][lvl], t_map, atol=1e-4), (side, lvl)
             for name in ("student alone", "student + KD"):
                 assert torch.allclose(rows[name][lvl], s_map, atol=1e-4), (side, lvl)
+
+
+def test_index_counts_images_when_the_test_loader_batches_several(tmp_path):
+    """A test loader of batch size 2 (faster evaluation): --index is still an image of the test
+    set, one image. It was a batch: --index 1 gave images 2 and 3, and the GID view failed to
+    unpack two images' selections."""
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg_path = tmp_path / "gid_batch2.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/gid_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\n"
+        "dataloader.test.dataset.names.num_images = 4\n"
+        "dataloader.test.batch_size = 2\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    inputs = viz._load_image(cfg, 1)
+    cfg = LazyConfig.load(str(cfg_path))
+    cfg.dataloader.test.batch_size = 1
+    cfg.dataloader.test.num_workers = 0
+    expected = next(x for k, x in enumerate(instantiate(cfg.dataloader.test)) if k == 1)
+    assert len(inputs) == 1 and inputs[0]["file_name"] == expected[0]["file_name"]
+    assert torch.equal(inputs[0]["image"], expected[0]["image"])
+    t, s = _demo_checkpoints(tmp_path, cfg)
+    viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s, "--index", "1",
+              "--out", str(tmp_path / "gid.png")])
+    assert (tmp_path / "gid.png").stat().st_size > 1000

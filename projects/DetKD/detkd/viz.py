@@ -161,6 +161,8 @@ def _load_image(cfg, index: int):
     from detectron2.config import instantiate
 
     cfg.dataloader.test.num_workers = 0
+    if "batch_size" in cfg.dataloader.test:  # one image per batch: --index counts images
+        cfg.dataloader.test.batch_size = 1
     # Keep the annotations, transformed as the image is, for the GT overlay.
     cfg.dataloader.test.mapper.is_train = True
     loader = instantiate(cfg.dataloader.test)
