@@ -154,7 +154,7 @@ def draw_boxes(
 
 
 def _load_image(cfg, index: int):
-    """The test loader's ``index``-th batch (one image) as the config's test mapper makes it, its
+    """The test set's ``index``-th image (a batch of one) as the config's test mapper makes it, its
     augmentations included (e.g. COCO's ResizeShortestEdge): the image the models see at test
     time. The views draw on this image, in its coordinates. SystemExit with the test set's size
     if there is none."""
