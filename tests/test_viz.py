@@ -560,3 +560,52 @@ def test_index_counts_images_when_the_test_loader_batches_several(tmp_path):
     viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s, "--index", "1",
               "--out", str(tmp_path / "gid.png")])
     assert (tmp_path / "gid.png").stat().st_size > 1000
+
+
+def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, monkeypatch):
+    """A PKD config pairing by index (the comment in configs/PKD/retinanet_R50_from_mask_rcnn_
+    R101_2x.py: teacher p2-p5 with student p3-p6): the view drew each student level beside the
+    teacher's level of its stride, pairs the distiller never distils. It now draws the
+    distiller's pairs, the teacher's map on the student's cells (bilinear), and --levels still
+    takes any level of a stride both models have."""
+    import torch.nn.functional as F
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import ImageList
+
+    cfg_path = tmp_path / "pkd_by_index.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyCall as L\n"
+        "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
+        "from detkd import DistillationDetector, PKDDistiller\n"
+        "from detectron2.config import LazyConfig\n"
+        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n"
+        "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(),\n"
+        "    distillers={'pkd': L(PKDDistiller)(num_levels=3, pair_by='index')})\n"
+    )
+    cfg = LazyConfig.load(str(cfg_path))
+    torch.manual_seed(0)
+    nets = {"t": instantiate(cfg.model.teacher), "s": instantiate(cfg.model.student)}
+    for n, m in nets.items():
+        torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
+    inputs = make_inputs(1, size=(70, 100), seed=5)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    got = {}
+    monkeypatch.setattr(viz, "draw_fpn_activations",
+                        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
+    args = ["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"), "--before",
+            str(tmp_path / "s.pth"), "--after", str(tmp_path / "s.pth"), "--out", str(tmp_path / "p.png")]
+    viz.main(args)
+    assert got["levels"] == ["p3", "p4", "p5"]  # the distiller's three pairs
+    t = nets["t"].eval()
+    x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
+    with torch.no_grad():
+        feats = t.backbone(ImageList.from_tensors([x], 32).tensor)
+    for lvl, t_lvl, s in (("p3", "p2", 8), ("p4", "p3", 16), ("p5", "p4", 32)):
+        hs, ws = -(-70 // s), -(-100 // s)
+        ht, wt = -(-70 // (s // 2)), -(-100 // (s // 2))
+        want = F.interpolate(feats[t_lvl][:, :, :ht, :wt], size=(hs, ws), mode="bilinear", align_corners=False)[0]
+        assert torch.allclose(got["rows"]["teacher"][lvl], want, atol=1e-5), lvl
+        assert tuple(got["rows"]["student + KD"][lvl].shape[-2:]) == (hs, ws)
+    viz.main(args + ["--levels", "p6"])  # not distilled: beside the teacher's p6, by stride
+    hs, ws = -(-70 // 64), -(-100 // 64)
+    assert torch.allclose(got["rows"]["teacher"]["p6"], feats["p6"][0, :, :hs, :ws], atol=1e-5)

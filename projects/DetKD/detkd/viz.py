@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["max_activation", "draw_fpn_activations", "draw_boxes", "main"]
 
@@ -230,23 +231,30 @@ def _pkd_view(args):
     load_student(after, args.after, strict=True)  # a picture of a half-loaded student misleads
     models = {"teacher": model.teacher, "student alone": model.student, "student + KD": after}
     inputs = _load_image(cfg, args.index)
-    # Levels paired by stride, as PKD pairs them (pair_fpn_levels), finest first, and named by
-    # the student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
+    # The level pairs the config's PKD distiller distils (its pair_by, num_levels, ...), else
+    # levels paired by stride as PKD pairs them by default; finest first, named by the
+    # student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
     shapes = {name: m.backbone.output_shape() for name, m in models.items()}
-    s_shapes = shapes["student alone"]
-    t_by_stride = {v.stride: k for k, v in shapes["teacher"].items() if v.stride}
+    s_shapes, t_shapes = shapes["student alone"], shapes["teacher"]
+    t_by_stride = {v.stride: k for k, v in t_shapes.items() if v.stride}
     by_stride = sorted((k for k in s_shapes if s_shapes[k].stride), key=lambda k: s_shapes[k].stride)
-    common = [k for k in by_stride if s_shapes[k].stride in t_by_stride]
+    pairs = {k: t_by_stride[s_shapes[k].stride] for k in by_stride if s_shapes[k].stride in t_by_stride}
+    default = list(pairs)[:4]
+    pkd = [d for d in model.distillers.values() if type(d).__name__ == "PKDDistiller"]
+    if pkd:
+        pairs.update(pkd[0].pairs)
+        default = [s for s, _ in pkd[0].pairs]
+    common = sorted(pairs, key=lambda k: s_shapes[k].stride or 0)
     if not common:
         raise SystemExit(
             f"[viz pkd] the student's levels { {k: v.stride for k, v in s_shapes.items()} } and "
-            f"the teacher's { {k: v.stride for k, v in shapes['teacher'].items()} } share no stride"
+            f"the teacher's { {k: v.stride for k, v in t_shapes.items()} } share no stride"
         )
-    levels = args.levels or common[:4]
+    levels = args.levels or default
     if not set(levels) <= set(common):
         raise SystemExit(
             f"[viz pkd] --levels {' '.join(levels)}: the levels both models have are {common} "
-            "(the student's levels of a stride the teacher has)"
+            "(the student's levels of a stride the teacher has, or that the PKDDistiller pairs)"
         )
     rows = {}
     h, w = inputs[0]["image"].shape[-2:]
@@ -265,8 +273,15 @@ def _pkd_view(args):
             rows[name] = {}
             for k in levels:
                 stride = s_shapes[k].stride
-                v = feats[t_by_stride[stride] if name == "teacher" else k]
-                rows[name][k] = v[0, :, : -(-h // stride), : -(-w // stride)]
+                if name == "teacher":
+                    t_stride = t_shapes[pairs[k]].stride
+                    v = feats[pairs[k]][:, :, : -(-h // t_stride), : -(-w // t_stride)]
+                    if t_stride != stride:  # paired by index: drawn on the student's cells
+                        v = F.interpolate(v, size=(-(-h // stride), -(-w // stride)),
+                                          mode="bilinear", align_corners=False)
+                    rows[name][k] = v[0]
+                else:
+                    rows[name][k] = feats[k][0, :, : -(-h // stride), : -(-w // stride)]
     img = _rgb(model.student_format, inputs)
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
@@ -390,7 +405,8 @@ def main(argv=None):
     p.add_argument("--after", required=True, help="the distilled student")
     p.add_argument("--index", type=int, default=0, help="test image index")
     p.add_argument("--levels", nargs="*", help="the student's levels to draw, each beside the "
-                   "teacher's of its stride (default: the 4 finest both models have)")
+                   "teacher's it is paired with (default: the pairs of the config's PKDDistiller, "
+                   "else the 4 finest levels of a stride both models have)")
     p.add_argument("--out", default="pkd_fpn.png")
     g = sub.add_parser("gid", help="selected general instances on an image")
     g.add_argument("--config", required=True, help="a config with a GIDDistiller")
