@@ -450,3 +450,28 @@ def test_repro_checks_a_yacs_teacher_config_before_the_baseline_trains(tmp_path,
         with pytest.raises(KeyboardInterrupt):
             repro.main(args)
     assert len(calls) == 2
+
+
+def test_demo_and_repro_refuse_overrides_of_the_keys_they_set_per_run(tmp_path, monkeypatch):
+    """`train.output_dir=X` came after each run's own folder: every run of the table or pair
+    trained into X (the distilled run replaced the baseline's checkpoints; the demo failed after
+    the teacher's run, repro read metrics where no run wrote). The demo's `train.seed` gave the
+    seed-0 rows (and the teacher) another seed, its `train.teacher_checkpoint` was silently
+    replaced by the demo's teacher. Each is refused before anything trains, naming the option."""
+    import re
+
+    from detkd import demo, repro
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    out = ["--output", str(tmp_path / "o")]
+    for opt, fix in (("train.output_dir=x", "pass --output DIR"), ("train.seed=5", "pass --seeds"),
+                     ("train.teacher_checkpoint=t.pth", "the teacher that the demo trains")):
+        with pytest.raises(SystemExit, match=rf"\[demo\] the override {re.escape(opt)} .*{fix}"):
+            demo.main(["--methods", "pkd", *out, "--", "train.max_iter=2", opt])
+    for opt in ("train.output_dir=x", "++train.output_dir=x", "~train.output_dir"):
+        with pytest.raises(SystemExit, match=rf"\[repro\] the override {re.escape(opt)} .*pass --output DIR"):
+            repro.main(["configs/demo/pkd_retinanet.py", opt, "train.teacher_random_init=True", *out])
+    # the keys repro's pairs share stay settable
+    with pytest.raises(pytest.fail.Exception, match="nothing may train"):
+        repro.main(["configs/demo/pkd_retinanet.py", "train.seed=3", "train.teacher_checkpoint=",
+                    "train.teacher_random_init=True", *out])

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 __all__ = [
     "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
-    "paths_from_here",
+    "paths_from_here", "check_reserved",
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -105,6 +105,18 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
             check_override_keys(_LOADED[os.path.abspath(c)], applicable_overrides(c, opts))
         except KeyError as e:
             raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
+
+
+def check_reserved(opts: Sequence[str], reserved: Dict[str, str], tool: str) -> None:
+    """Raise SystemExit naming an override of ``opts`` that sets (or deletes) a key the tool sets
+    itself for each run (``reserved``: key -> what to pass instead). ``train.output_dir`` would
+    put every run of a pair or table into one folder: the later runs replace the earlier ones'
+    checkpoints and metrics, and the tool reads its results where no run wrote."""
+    for o in opts:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in reserved:
+            raise SystemExit(f"[{tool}] the override {o} is not for {tool}: it sets {key} of each run "
+                             f"itself; {reserved[key]}")
 
 
 def paths_from_here(opts: Sequence[str]) -> List[str]:
@@ -316,6 +328,12 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
+    check_reserved(args.opts, {
+        "train.output_dir": "each run's folder is <--output>/<run>: pass --output DIR",
+        "train.seed": "the student runs' seeds are --seeds (the teachers keep seed 0): pass --seeds N ...",
+        "train.teacher_checkpoint": "the distilled runs take the teacher that the demo trains, "
+                                    "in <--output>/teacher_<detector>",
+    }, "demo")
     args.opts = paths_from_here(args.opts)  # the runs start in the repository root
 
     log = lambda s: print(s, flush=True)  # noqa: E731

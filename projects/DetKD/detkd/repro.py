@@ -22,7 +22,9 @@ import re
 import subprocess
 import sys
 
-from .demo import REPO, applicable_overrides, check_overrides, final_metrics, paths_from_here
+from .demo import (
+    REPO, applicable_overrides, check_overrides, check_reserved, final_metrics, paths_from_here,
+)
 
 __all__ = ["baseline_of", "check_pair", "main"]
 
@@ -209,6 +211,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
+    check_reserved(args.opts, {"train.output_dir": "the runs go to <--output>/<config name>/baseline and "
+                               "distilled: pass --output DIR"}, "repro")
     config = _resolve(args.config)  # a missing config is reported as such, before its twin
     baseline = _resolve(args.baseline or baseline_of(args.config))
     args.config = config
