@@ -13,16 +13,17 @@ the same table on a held-out split of N images (seed 7) that no run trained on o
 """
 import argparse
 
+from detkd.demo import int_at_least
 from detkd.demo import main as demo
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--iters", type=int_at_least(1), default=None)
     parser.add_argument("--output", default="output/bench/effectiveness")
     parser.add_argument("--methods", nargs="+", default=["pkd", "reviewkd", "gid", "pkdgid", "d3etr"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--heldout", type=int, default=0, metavar="N")
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0])
+    parser.add_argument("--heldout", type=int_at_least(0), default=0, metavar="N")
     args = parser.parse_args()
     argv = ["--methods", *args.methods, "--output", args.output, "--seeds", *map(str, args.seeds)]
     argv += ["--heldout", str(args.heldout)]

@@ -43,7 +43,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from detkd.demo import applicable_overrides, check_overrides
+from detkd.demo import applicable_overrides, check_overrides, int_at_least
 from detkd.distiller import run_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,8 +351,8 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--iters", type=int_at_least(1), default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int_at_least(1), default=3,
                         help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")

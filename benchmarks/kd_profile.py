@@ -38,6 +38,8 @@ import kd_overhead  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.utils.events import EventStorage, get_event_storage  # noqa: E402
 
+from detkd.demo import int_at_least  # noqa: E402
+
 
 def build_steps(config, device, batch_size, image_size):
     """(student_step, kd_step) closures on one fixed batch, lr 0 (as in kd_overhead.py)."""
@@ -161,8 +163,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="the R50/R101 pairs instead of the demo configs")
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps of each kind")
-    parser.add_argument("--top", type=int, default=15, help="rows per table")
+    parser.add_argument("--steps", type=int_at_least(1), default=3, help="profiled steps of each kind")
+    parser.add_argument("--top", type=int_at_least(1), default=15, help="rows per table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs = []

@@ -239,3 +239,41 @@ def test_a_mistyped_method_is_an_error_not_an_empty_table(monkeypatch, capsys):
             module.main()
     kd_overhead.check_methods(["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead")  # known ones pass
     kd_overhead.check_methods(None, {"pkd"}, "kd_overhead")
+
+
+def test_counts_below_their_minimum_are_usage_errors(monkeypatch, capsys):
+    # `kd_overhead.py --iters 0` built every model and printed "failed: IndexError: list index
+    # out of range" in each row (medians of no times), `--rounds 0` a ZeroDivisionError;
+    # `kd_profile.py --steps 0` empty tables; `detkd.demo --iters 0` (and effectiveness.py's)
+    # trained the configs' full schedule; a negative seed drew a random one per run
+    import subprocess
+    import sys
+
+    import pytest
+
+    from detkd import demo, repro
+
+    kd_overhead, kd_profile = _kd_overhead(), _benchmark("kd_profile")
+    effectiveness = _benchmark("effectiveness")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for module in (kd_overhead, kd_profile):
+        monkeypatch.setattr(module, "bench" if module is kd_overhead else "report",
+                            lambda *a, **k: pytest.fail("nothing may run"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    cases = [
+        (kd_overhead.main, ["--iters", "0"], "--iters: 0 is less than 1"),
+        (kd_overhead.main, ["--rounds", "0"], "--rounds: 0 is less than 1"),
+        (kd_profile.main, ["--steps", "0"], "--steps: 0 is less than 1"),
+        (demo.main, ["--iters", "0"], "--iters: 0 is less than 1"),
+        (demo.main, ["--seeds", "0", "-1"], "--seeds: -1 is less than 0"),
+        (demo.main, ["--heldout", "-5"], "--heldout: -5 is less than 0"),
+        (demo.main, ["--iters", "ten"], "--iters: 'ten' is not an integer"),
+        (effectiveness.main, ["--iters", "0"], "--iters: 0 is less than 1"),
+        (repro.main, ["configs/demo/pkd_retinanet.py", "--num-gpus", "0"], "--num-gpus: 0 is less than 1"),
+    ]
+    for main, argv, message in cases:
+        monkeypatch.setattr(sys, "argv", ["tool.py", *argv])  # effectiveness.py reads sys.argv
+        with pytest.raises(SystemExit) as e:
+            main() if main is effectiveness.main else main(argv)
+        assert e.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv

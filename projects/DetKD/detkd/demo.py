@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 __all__ = [
     "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
-    "paths_from_here", "check_reserved",
+    "paths_from_here", "check_reserved", "int_at_least",
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -117,6 +117,22 @@ def check_reserved(opts: Sequence[str], reserved: Dict[str, str], tool: str) -> 
         if key in reserved:
             raise SystemExit(f"[{tool}] the override {o} is not for {tool}: it sets {key} of each run "
                              f"itself; {reserved[key]}")
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer no smaller than ``minimum`` (``--iters 0`` was taken as
+    the configs' own schedule, or failed in every row)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
 
 
 def paths_from_here(opts: Sequence[str]) -> List[str]:
@@ -318,12 +334,12 @@ def main(argv=None):
     parser.add_argument("--detector", default="retinanet",
                         help="preferred suffix of configs/demo/<method>_<detector>.py (d3etr uses detr)")
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--iters", type=int, default=None,
+    parser.add_argument("--iters", type=int_at_least(1), default=None,
                         help="override train.max_iter of every student run (teachers get twice as many)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0],
                         help="train.seed of the student runs (teachers keep seed 0); seed s > 0 runs go "
                         "to <run>_seed<s>. Several seeds: mean and sd per row, deltas paired by seed")
-    parser.add_argument("--heldout", type=int, default=0, metavar="N",
+    parser.add_argument("--heldout", type=int_at_least(0), default=0, metavar="N",
                         help="also evaluate every run on a held-out split of N images (seed 7) and print that table")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")

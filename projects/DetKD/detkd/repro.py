@@ -23,7 +23,8 @@ import subprocess
 import sys
 
 from .demo import (
-    REPO, applicable_overrides, check_overrides, check_reserved, final_metrics, paths_from_here,
+    REPO, applicable_overrides, check_overrides, check_reserved, final_metrics, int_at_least,
+    paths_from_here,
 )
 
 __all__ = ["baseline_of", "check_pair", "main"]
@@ -207,7 +208,7 @@ def main(argv=None):
     parser.add_argument("config")
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--output", default="output/repro")
-    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--num-gpus", type=int_at_least(1), default=1)
     parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
