@@ -475,3 +475,32 @@ def test_demo_and_repro_refuse_overrides_of_the_keys_they_set_per_run(tmp_path, 
     with pytest.raises(pytest.fail.Exception, match="nothing may train"):
         repro.main(["configs/demo/pkd_retinanet.py", "train.seed=3", "train.teacher_checkpoint=",
                     "train.teacher_random_init=True", *out])
+
+
+def test_a_failed_run_is_reported_with_its_log_not_a_traceback(tmp_path, monkeypatch):
+    """`detkd.demo -- train.device=cuda` on a machine without one: the teacher's run failed and
+    the demo ended in a CalledProcessError traceback, the run's error only in a log file that it
+    did not name. repro's runs print to the console: their failure names the run."""
+    from detkd import demo, repro
+
+    def failing_train_net(cmd, stdout=None, **kwargs):
+        if stdout is not None:  # the demo's runs write to their log file
+            stdout.write("[11/30 20:00:00 detectron2]: Config ...\nRuntimeError: Found no NVIDIA driver\n")
+            stdout.flush()
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "run", failing_train_net)
+    config = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    log = tmp_path / "student_retinanet.log"
+    with pytest.raises(SystemExit, match=rf"\[demo\] the run failed \(exit status 1\); its log {log} ends "
+                       r"with:\n    \[11/30.*\n    RuntimeError: Found no NVIDIA driver$"):
+        demo._train(config, str(tmp_path / "student_retinanet"), ["train.device=cuda"], False, lambda s: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=rf"its log {run / 'heldout_4' / 'log.txt'} ends with:\n.*\n    RuntimeError: Found no NVIDIA"):
+        demo.heldout_metrics(config, str(run), 4, [], lambda s: None)
+    with pytest.raises(SystemExit, match=r"\[repro\] the baseline run \(student_retinanet\.py\) failed \(exit "
+                       r"status 1\): its error is in its output above"):
+        repro.main(["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
+                    "--output", str(tmp_path / "o")])

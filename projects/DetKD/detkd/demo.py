@@ -195,6 +195,22 @@ def _newer_teacher(output_dir: str, cmd) -> bool:
     return any(os.path.isfile(t) and os.path.getmtime(t) > os.path.getmtime(weights) for t in teachers)
 
 
+def _run_logged(cmd, log_path: str) -> None:
+    """Run ``cmd`` (``train_net.py``) in the repository root, its output written to ``log_path``;
+    SystemExit naming the log and quoting its last lines if the run fails (the error was only in
+    the log, behind a CalledProcessError traceback that did not name it)."""
+    with open(log_path, "w") as f:
+        try:
+            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+            return
+        except subprocess.CalledProcessError as e:
+            status = e.returncode
+    with open(log_path, errors="replace") as f:
+        tail = f.read().splitlines()[-10:]
+    raise SystemExit(f"[demo] the run failed (exit status {status}); its log {log_path} ends with:\n"
+                     + "\n".join("    " + line for line in tail))
+
+
 def _train(config: str, output_dir: str, opts, force: bool, log):
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
            f"train.output_dir={output_dir}"] + applicable_overrides(config, opts)
@@ -210,8 +226,7 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
             return final_metrics(output_dir), None
     log("[demo] " + " ".join(cmd[1:]))
     start = time.time()
-    with open(os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"), "w") as f:
-        subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+    _run_logged(cmd, os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"))
     with open(os.path.join(output_dir, _COMMAND_FILE), "w") as f:
         json.dump(cmd[1:], f, indent=1)
     return final_metrics(output_dir), time.time() - start
@@ -238,8 +253,7 @@ def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
                f"{names}.seed={HELDOUT_SEED}"]
         log(f"[demo] held-out evaluation of {output_dir}")
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "log.txt"), "w") as f:
-            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+        _run_logged(cmd, os.path.join(out, "log.txt"))
     with open(path) as f:
         return json.load(f)["bbox"]
 

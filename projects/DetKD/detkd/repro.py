@@ -232,7 +232,11 @@ def main(argv=None):
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
         cmd += applicable_overrides(cfg, args.opts)  # e.g. model.distillers.* only for the distilled run
         print("[repro] " + " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO)
+        try:
+            subprocess.run(cmd, check=True, cwd=REPO)
+        except subprocess.CalledProcessError as e:  # its error is in the output above
+            raise SystemExit(f"[repro] the {tag} run ({os.path.basename(cfg)}) failed (exit status "
+                             f"{e.returncode}): its error is in its output above") from None
         runs[tag] = run_dir
     teacher = _teacher_metrics(runs["distilled"]) or {}
     base, dist = final_metrics(runs["baseline"]), final_metrics(runs["distilled"])
