@@ -318,6 +318,18 @@ def check_methods(methods, available, tool):
         raise SystemExit(f"[{tool}] --methods {' '.join(unknown)}: no such method here; available: {sorted(available)}")
 
 
+def parse_device(text):
+    """An argparse ``type``: a torch device this machine has (``--device cuda`` without CUDA was a
+    RuntimeError traceback from the first CUDA call)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available here: use --device cpu")
+    return device
+
+
 def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
@@ -354,7 +366,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int_at_least(1), default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int_at_least(1), default=3,
                         help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--no-variants", action="store_true",

@@ -160,7 +160,8 @@ def report(title, config, device, batch_size, image_size, steps, top):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=kd_overhead.parse_device,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--large", action="store_true", help="the R50/R101 pairs instead of the demo configs")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--steps", type=int_at_least(1), default=3, help="profiled steps of each kind")

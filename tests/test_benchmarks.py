@@ -277,3 +277,26 @@ def test_counts_below_their_minimum_are_usage_errors(monkeypatch, capsys):
             main() if main is effectiveness.main else main(argv)
         assert e.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, capsys):
+    # `--device cuda` without CUDA was a RuntimeError traceback ("Found no NVIDIA driver") from
+    # the first CUDA call, `--device gpu` one from torch.device
+    import sys
+
+    import pytest
+
+    kd_overhead, kd_profile = _kd_overhead(), _benchmark("kd_profile")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    for module in (kd_overhead, kd_profile):
+        monkeypatch.setattr(module, "bench" if module is kd_overhead else "report",
+                            lambda *a, **k: pytest.fail("nothing may run"))
+        for device, message in (("cuda", "CUDA is not available here: use --device cpu"),
+                                ("gpu", "'gpu' is not a torch device (cpu, cuda, cuda:1, ...)")):
+            monkeypatch.setattr(sys, "argv", ["tool.py"])
+            with pytest.raises(SystemExit) as e:
+                module.main(["--methods", "pkd", "--device", device])
+            assert e.value.code == 2
+            assert f"argument --device: {message}" in capsys.readouterr().err
+    assert kd_overhead.parse_device("cpu") == torch.device("cpu")
