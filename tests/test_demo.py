@@ -188,7 +188,7 @@ def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, mo
     assert cwd == REPO
     assert args[:4] == ["--config-file", os.path.join(REPO, "configs/PKD/baseline_retinanet_R50_2x.py"),
                         "--num-gpus", "8"]
-    assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
+    assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "PKD" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
     assert args[5:] == ["train.teacher_checkpoint=", "train.max_iter=5"]
 
 
@@ -504,3 +504,26 @@ def test_a_failed_run_is_reported_with_its_log_not_a_traceback(tmp_path, monkeyp
                        r"status 1\): its error is in its output above"):
         repro.main(["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
                     "--output", str(tmp_path / "o")])
+
+
+def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path, monkeypatch):
+    """configs/PKD and configs/GID both hold retinanet_R50_from_retinanet_R101_2x.py: both
+    repro runs went to <--output>/retinanet_R50_from_retinanet_R101_2x/{baseline,distilled}, and
+    the second replaced the first's checkpoints (and appended to its metrics.json)."""
+    from detkd import repro
+
+    class Stop(Exception):
+        pass
+
+    dirs = []
+
+    def fake_run(cmd, check, cwd):
+        dirs.append(next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1])
+        raise Stop
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(repro, "check_pair", lambda *a: None)  # checked elsewhere; slow on COCO configs
+    for method in ("PKD", "GID"):
+        with pytest.raises(Stop):
+            repro.main([f"configs/{method}/retinanet_R50_from_retinanet_R101_2x.py", "--output", str(tmp_path)])
+    assert dirs == [str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline") for m in ("PKD", "GID")]

@@ -9,7 +9,9 @@ fixed one), schedule, initialisation, training data, optimizer and student (:fun
 after the overrides. The teacher is evaluated once before distillation
 (``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. The runs
 start in the repository root; configs, ``--output`` and the override values that name files
-here (``train.teacher_checkpoint=T.pth``) are taken relative to the working directory. Usage::
+here (``train.teacher_checkpoint=T.pth``) are taken relative to the working directory. The runs
+go to ``<--output>/<config's folder>/<config's name>/{baseline,distilled}`` (e.g.
+``output/repro/PKD/retinanet_R50_from_retinanet_R101_2x/baseline``). Usage::
 
     python -m detkd.repro configs/PKD/retinanet_R50_from_retinanet_R101_2x.py --num-gpus 8
     python -m detkd.repro configs/demo/pkd_retinanet.py train.max_iter=300 \\
@@ -220,8 +222,10 @@ def main(argv=None):
     args.opts = paths_from_here(args.opts)  # paths as given here, not from the repository root
     check_overrides([baseline, args.config], args.opts, tool="repro")
     check_pair(args.config, baseline, args.opts)
+    # <config's folder>/<config's name>: configs/PKD and configs/GID hold configs of the same
+    # names (retinanet_R50_from_retinanet_R101_2x.py), whose runs must not replace each other's
     name = os.path.basename(args.config)[:-3]
-    out = os.path.abspath(os.path.join(args.output, name))
+    out = os.path.abspath(os.path.join(args.output, os.path.basename(os.path.dirname(args.config)), name))
     runs = {}
     for tag, cfg, extra in (
         ("baseline", baseline, ["train.teacher_checkpoint="]),
