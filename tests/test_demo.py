@@ -240,13 +240,18 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"model\.student differ"):
         repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
                          os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.head.prior_prob=0.1"])
-    # the pair kept paired for another class count: model.num_classes also reaches the distilled
-    # config (its parent 'model' exists there), whose train_net.py run refused it only after the
-    # baseline had trained
-    refused = r"pkd_retinanet\.py: Override 'model\.num_classes': 'model' has no key"
+    # the pair kept paired for another class count: model.num_classes reached the distilled
+    # config too (its parent 'model' exists there), whose train_net.py run refused it only after
+    # the baseline had trained; it is the baseline's key (the distilled config lacks it), so it
+    # reaches the baseline only. A key that neither config has is refused before anything trains.
+    pkd, student = (os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student"))
+    classes = ["model.student.num_classes=5", "model.num_classes=5"]
+    assert repro.pair_overrides(pkd, student, classes) == classes[:1]
+    assert repro.pair_overrides(student, pkd, classes) == classes[1:]
+    repro.check_pair(pkd, student, classes + ["train.teacher_checkpoint=", "train.teacher_random_init=True"])
+    refused = r"student_retinanet\.py: Override 'model\.num_clases': 'model' has no key .*'model\.num_classes'"
     with pytest.raises(SystemExit, match=refused):
-        repro.main(["configs/demo/pkd_retinanet.py", "model.student.num_classes=5", "model.num_classes=5",
-                    *out])
+        repro.main(["configs/demo/pkd_retinanet.py", "model.student.num_classes=5", "model.num_clases=5", *out])
 
 
 def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
@@ -527,3 +532,39 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
         with pytest.raises(Stop):
             repro.main([f"configs/{method}/retinanet_R50_from_retinanet_R101_2x.py", "--output", str(tmp_path)])
     assert dirs == [str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline") for m in ("PKD", "GID")]
+
+
+def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, monkeypatch):
+    """A baseline of one's own on detectron2's `train` dict (no DetKD keys): repro gave its run
+    `train.teacher_checkpoint=` (refused by train_net.py as a typo: 'train' has no key
+    'teacher_checkpoint'), and `train.teacher_checkpoint=T` or `train.teacher_random_init=True`,
+    meant for the distilled run, were refused for the baseline before anything trained. They now
+    reach the distilled run only; an override of a key neither config has stays an error."""
+    from detkd import repro
+
+    base = tmp_path / "my_baseline.py"
+    base.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
+        "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, c.lr_multiplier\n"
+        "train = {k: v for k, v in c.train.items() if not k.startswith('teacher_')}\n"
+    )
+    cmds = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, check, cwd):
+        cmds.append(cmd[2:])
+        if len(cmds) == 2:
+            raise Stop
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "train.max_iter=2"]
+    with pytest.raises(Stop):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, "--output", str(tmp_path / "o")])
+    baseline, distilled = cmds
+    assert baseline[-1:] == ["train.max_iter=2"] and not any("teacher" in a for a in baseline), baseline
+    assert distilled[-4:] == ["train.teacher_eval_at_start=True", *opts], distilled
+    with pytest.raises(SystemExit, match=r"my_baseline\.py: Override 'train\.max_ite'"):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], "train.max_ite=2"])

@@ -87,14 +87,16 @@ def applicable_overrides(config: str, opts: Sequence[str]) -> List[str]:
             if p is None or OmegaConf.select(cfg, p, default=_MISSING) is not _MISSING]
 
 
-def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo") -> None:
+def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo", select=None) -> None:
     """Raise SystemExit naming the overrides of ``opts`` that apply to none of ``configs``
     (a typo, or a method that is not run), or one that ``train_net.py`` would refuse in a config
     it applies to (a key its parent does not have, e.g. ``model.distillers.pkd.loss_wieght=10``:
-    :func:`detkd.engine.check_override_keys`), before anything trains."""
+    :func:`detkd.engine.check_override_keys`), before anything trains. ``select(config)``: the
+    overrides that reach ``config``'s run (default: :func:`applicable_overrides`)."""
     from .engine import check_override_keys
 
-    used = {o for c in configs for o in applicable_overrides(c, opts)}
+    select = select or (lambda c: applicable_overrides(c, opts))
+    used = {o for c in configs for o in select(c)}
     unused = [o for o in opts if o not in used]
     if unused:
         names = ", ".join(os.path.basename(c) for c in configs)
@@ -102,7 +104,7 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
                          "their parent keys exist in none of them")
     for c in configs:  # else the run of that config fails, after the runs before it trained
         try:
-            check_override_keys(_LOADED[os.path.abspath(c)], applicable_overrides(c, opts))
+            check_override_keys(_LOADED[os.path.abspath(c)], select(c))
         except KeyError as e:
             raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
 

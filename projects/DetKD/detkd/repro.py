@@ -25,11 +25,11 @@ import subprocess
 import sys
 
 from .demo import (
-    REPO, applicable_overrides, check_overrides, check_reserved, final_metrics, int_at_least,
-    paths_from_here,
+    _LOADED, _MISSING, REPO, applicable_overrides, check_overrides, check_reserved, final_metrics,
+    int_at_least, paths_from_here,
 )
 
-__all__ = ["baseline_of", "check_pair", "main"]
+__all__ = ["baseline_of", "check_pair", "pair_overrides", "main"]
 
 _SCHEDULE = re.compile(r"_(\d+x|\d+ep)$")
 
@@ -63,6 +63,30 @@ def _resolve(config: str) -> str:
     return path
 
 
+def _key(opt: str) -> str:
+    return opt.split("=", 1)[0].lstrip("+~")
+
+
+def pair_overrides(config: str, other: str, opts):
+    """
+    The overrides of ``opts`` for the run of ``config`` in a pair with ``other``: those whose
+    parent key ``config`` has (:func:`detkd.demo.applicable_overrides`), less those whose key
+    ``config`` lacks and ``other`` has. ``train.teacher_checkpoint=T`` is for the distilled run;
+    a baseline whose ``train`` is detectron2's own (no DetKD keys) has the parent ``train`` but
+    not the key, and its run refused the override as a typo.
+    """
+    from omegaconf import OmegaConf
+
+    mine = applicable_overrides(config, opts)
+    applicable_overrides(other, [])  # loaded (demo._LOADED) for the look-ups below
+    cfg, theirs = _LOADED[os.path.abspath(config)], _LOADED[os.path.abspath(other)]
+
+    def has(c, key):
+        return OmegaConf.select(c, key, default=_MISSING) is not _MISSING
+
+    return [o for o in mine if has(cfg, _key(o)) or not has(theirs, _key(o))]
+
+
 # What a baseline and a distilled run must share to be compared: (distilled key, baseline key).
 _PAIRED = (
     ("train.seed", "train.seed"),
@@ -89,7 +113,7 @@ def check_pair(config: str, baseline: str, opts) -> None:
     from .engine import check_override_keys
 
     def load(path):  # a fresh copy: apply_overrides changes it
-        cfg, here = LazyConfig.load(path), applicable_overrides(path, opts)
+        cfg, here = LazyConfig.load(path), pair_overrides(path, baseline if path == config else config, opts)
         try:  # as train_net.py will, before the other run trains for nothing
             check_override_keys(cfg, here)
         except KeyError as e:
@@ -195,6 +219,14 @@ def _check_yacs_node(key: str, node, name: str) -> None:
         raise SystemExit(f"[repro] {key} of {name}: {e.args[0] if e.args else e}") from e
 
 
+def _has_teacher_key(path) -> bool:
+    from omegaconf import OmegaConf
+
+    applicable_overrides(path, [])  # loaded (demo._LOADED)
+    cfg = _LOADED[os.path.abspath(path)]
+    return OmegaConf.select(cfg, "train.teacher_checkpoint", default=_MISSING) is not _MISSING
+
+
 def _teacher_metrics(output_dir):
     path = os.path.join(output_dir, "metrics.json")
     res = {}
@@ -211,16 +243,19 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--output", default="output/repro")
     parser.add_argument("--num-gpus", type=int_at_least(1), default=1)
-    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists)")
+    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists; "
+                        "a key that one config of the pair has and the other lacks: that one's run only)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
-    check_reserved(args.opts, {"train.output_dir": "the runs go to <--output>/<config name>/baseline and "
-                               "distilled: pass --output DIR"}, "repro")
+    check_reserved(args.opts, {"train.output_dir": "the runs go to <--output>/<config's folder>/<config's "
+                               "name>/baseline and distilled: pass --output DIR"}, "repro")
     config = _resolve(args.config)  # a missing config is reported as such, before its twin
     baseline = _resolve(args.baseline or baseline_of(args.config))
     args.config = config
     args.opts = paths_from_here(args.opts)  # paths as given here, not from the repository root
-    check_overrides([baseline, args.config], args.opts, tool="repro")
+    other = {baseline: args.config, args.config: baseline}
+    check_overrides([baseline, args.config], args.opts, tool="repro",
+                    select=lambda c: pair_overrides(c, other[c], args.opts))
     check_pair(args.config, baseline, args.opts)
     # <config's folder>/<config's name>: configs/PKD and configs/GID hold configs of the same
     # names (retinanet_R50_from_retinanet_R101_2x.py), whose runs must not replace each other's
@@ -228,13 +263,14 @@ def main(argv=None):
     out = os.path.abspath(os.path.join(args.output, os.path.basename(os.path.dirname(args.config)), name))
     runs = {}
     for tag, cfg, extra in (
-        ("baseline", baseline, ["train.teacher_checkpoint="]),
+        # a baseline config with the key may name a teacher that its run would not use
+        ("baseline", baseline, ["train.teacher_checkpoint="] if _has_teacher_key(baseline) else []),
         ("distilled", args.config, ["train.teacher_eval_at_start=True"]),
     ):
         run_dir = os.path.join(out, tag)
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
-        cmd += applicable_overrides(cfg, args.opts)  # e.g. model.distillers.* only for the distilled run
+        cmd += pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
         print("[repro] " + " ".join(cmd[1:]), flush=True)
         try:
             subprocess.run(cmd, check=True, cwd=REPO)
