@@ -133,6 +133,12 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
     LazyConfig.save(load_config("configs/demo/teacher_retinanet.py"), str(tmp_path / "run_config.yaml"))
     with pytest.raises(ValueError, match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model"):
         build_yacs_detector(str(tmp_path / "run_config.yaml"))
+    # an R-CNN run's config.yaml (box_head.input_shape is a ShapeSpec): yacs's value-type
+    # assertion fired before the key check, a bare AssertionError about a ShapeSpec
+    LazyConfig.save(load_config("configs/PKD/faster_rcnn_R50_from_faster_rcnn_R101_2x.py"),
+                    str(tmp_path / "rcnn_run_config.yaml"))
+    with pytest.raises(ValueError, match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model"):
+        build_yacs_detector(str(tmp_path / "rcnn_run_config.yaml"))
     yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=32)
     with pytest.raises(KeyError, match="MODEL.NO_SUCH_KEY.*add_config"):
         build_yacs_detector(yaml, opts=["MODEL.NO_SUCH_KEY", 1])

@@ -92,13 +92,17 @@ def load_yacs_config(
     )
     try:
         cfg.merge_from_file(path)
-    except KeyError as e:  # yacs: "Non-existent config key: ..."
+    except (KeyError, AssertionError) as e:
+        # yacs: "Non-existent config key: ..." (KeyError); a LazyConfig's objects, e.g. the
+        # ShapeSpec of an R-CNN's box_head.input_shape, fail its value-type assertion first
         lazy = CfgNode.load_yaml_with_base(path, allow_unsafe=True)
         if isinstance(lazy, dict) and "model" in lazy and "MODEL" not in lazy:
             raise ValueError(
                 f"{path} is a LazyConfig (e.g. the config.yaml of a DetKD or LazyConfig run), "
                 "not a yacs config: use its model node, LazyConfig.load(path).model"
             ) from e
+        if not isinstance(e, KeyError):
+            raise
         raise KeyError(f"{path}: {e.args[0] if e.args else e}. {hint}") from e
     # A LazyConfig node's lists reach here as omegaconf ListConfigs (instantiate, overrides):
     # yacs takes only plain values (a ListConfig value, e.g. MODEL.PIXEL_MEAN's, is a type
