@@ -32,6 +32,7 @@ from detkd.engine import (
     KDTrainer,
     check_input_format,
     check_override_keys,
+    check_run_inputs_kept,
     check_student_classes,
     ddp_model,
     student_of,
@@ -95,6 +96,13 @@ def main(args):
     resuming = args.resume and not args.eval_only and comm.is_main_process()
     in_run = args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
     run_config = _read_run_config(cfg) if resuming or in_run else None
+    # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
+    # checkpoint (by the run's own) are refused here, before anything is written
+    check_run_inputs_kept(
+        cfg,
+        checkpoints=not args.eval_only,
+        config_yaml=not (args.eval_only and _holds_training_run(cfg)),  # else restored below
+    )
     default_setup(cfg, args)
     if in_run and run_config is not None:
         _keep_run_config(cfg, run_config)

@@ -280,3 +280,55 @@ def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
         KDTrainer(cfg)
     cfg.model.student.opts = ["MODEL.RETINANET.NUM_CLASSES", 2]  # the fix it names
     KDTrainer(cfg)
+
+
+def test_a_run_in_its_teachers_folder_is_refused_before_it_overwrites_the_teacher(tmp_path):
+    """train.output_dir = the folder DefaultTrainer trained the teacher in (its config.yaml and
+    model_final.pth): default_setup replaced the teacher's config.yaml with the run's before the
+    yacs teacher was built from it (then a misleading 'is a LazyConfig' error, the .yaml lost),
+    and a run that got past it saved its own model_final.pth over the teacher's weights."""
+    import importlib.util
+
+    from detkd.engine import KDTrainer
+
+    from conftest import REPO
+
+    folder = tmp_path / "my_teacher"  # as DefaultTrainer leaves it
+    folder.mkdir()
+    _tiny_retinanet_yaml(folder / "config.yaml", fpn=32)
+    teacher = build_yacs_detector(str(folder / "config.yaml"))
+    torch.save({"model": teacher.state_dict(), "iteration": 9}, folder / "model_final.pth")
+    (folder / "last_checkpoint").write_text("model_final.pth")
+    saved = {f: (folder / f).read_bytes() for f in ("config.yaml", "model_final.pth")}
+
+    config = tmp_path / "my_kd.py"
+    config.write_text(
+        "from detectron2.config import LazyCall as L, LazyConfig\n"
+        "from detkd.modeling import build_yacs_detector\n"
+        f"_c = LazyConfig.load({os.path.join(REPO, 'configs/demo/pkd_retinanet.py')!r})\n"
+        "model, dataloader, optimizer, lr_multiplier, train = "
+        "_c.model, _c.dataloader, _c.optimizer, _c.lr_multiplier, _c.train\n"
+        f"model.teacher = L(build_yacs_detector)(config_file={str(folder / 'config.yaml')!r})\n"
+        f"train.teacher_checkpoint = {str(folder / 'model_final.pth')!r}\n"
+        f"train.output_dir = {str(folder)!r}\n"
+    )
+    spec = importlib.util.spec_from_file_location("detkd_train_net", os.path.join(REPO, "train_net.py"))
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    args = train_net.default_argument_parser().parse_args(["--config-file", str(config)])
+    with pytest.raises(ValueError, match=r"model\.teacher\.config_file '.*my_teacher/config\.yaml' is the "
+                                         r"config\.yaml of this run's train\.output_dir"):
+        train_net.main(args)
+    assert {f: (folder / f).read_bytes() for f in saved} == saved
+
+    # KDTrainer (and train_net.py with the teacher's .yaml elsewhere): its checkpoint
+    cfg = _small_cfg(folder, max_iter=2)
+    elsewhere = _tiny_retinanet_yaml(tmp_path / "elsewhere.yaml", fpn=32)
+    cfg.model.teacher = L(build_yacs_detector)(config_file=elsewhere)
+    cfg.train.update(teacher_checkpoint=str(folder / "model_final.pth"), teacher_random_init=False)
+    with pytest.raises(ValueError, match=r"train\.teacher_checkpoint '.*my_teacher/model_final\.pth' is in this "
+                                         r"run's train\.output_dir .* the teacher's weights would be replaced"):
+        KDTrainer(cfg)
+    cfg.train.teacher_checkpoint = str(folder / "teacher_weights.pth")  # another name: kept
+    KDTrainer(cfg)
+    assert {f: (folder / f).read_bytes() for f in saved} == saved

@@ -26,6 +26,7 @@ import inspect
 import logging
 import os
 import random
+import re
 import weakref
 from typing import List
 
@@ -69,6 +70,7 @@ __all__ = [
     "check_teacher_eval_classes",
     "check_test_classes",
     "check_input_format",
+    "check_run_inputs_kept",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,61 @@ def check_override_keys(cfg, overrides) -> None:
             LazyConfig.apply_overrides(cfg, [text])
         except Exception:  # e.g. a deletion: train_net.py's own apply_overrides reports it
             pass
+
+
+def _is_local(path) -> bool:
+    return isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
+
+
+def _local_path(path: str) -> str:
+    return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = True) -> None:
+    """
+    Fail before anything is written when the run would overwrite a file it reads from its own
+    ``train.output_dir`` (e.g. the folder its teacher was trained in): the ``.yaml`` of a
+    :func:`detkd.modeling.build_yacs_detector` node that is the folder's ``config.yaml`` (the
+    one detectron2's DefaultTrainer wrote next to the teacher), which ``default_setup``
+    replaces with this run's config before the model is built; or the teacher's checkpoint
+    under a name the run saves its own checkpoints to (``model_final.pth``,
+    ``model_0004999.pth``, ``model_final_student.pth``), which the run would replace with the
+    student's weights.
+
+    Args:
+        checkpoints (bool): the run saves checkpoints (training; not ``--eval-only``).
+        config_yaml (bool): the run writes ``train.output_dir/config.yaml`` (train_net.py).
+    """
+    from omegaconf import OmegaConf
+
+    out = cfg.train.get("output_dir", None)
+    if not _is_local(out):
+        return
+    out = _local_path(out)
+    fix = " Give this run another train.output_dir (or move the teacher's files out of it)."
+    run_config = os.path.join(out, "config.yaml")
+    for node in ("model.teacher", "model.student", "model") if config_yaml else ():
+        if not _is_yacs_node(cfg, node):
+            continue
+        config_file = OmegaConf.select(cfg, node + ".config_file", default=None)
+        if _is_local(config_file) and _local_path(config_file) == run_config:
+            raise ValueError(
+                f"{node}.config_file {config_file!r} is the config.yaml of this run's "
+                f"train.output_dir ({cfg.train.output_dir!r}), which the run replaces with its "
+                "own config before building the model: that .yaml would be lost." + fix
+            )
+    teacher_ckpt = cfg.train.get("teacher_checkpoint", "")
+    if checkpoints and _is_local(teacher_ckpt):
+        path = _local_path(teacher_ckpt)
+        prefix = re.escape(str(cfg.train.get("checkpointer", {}).get("file_prefix", "model")))
+        if os.path.dirname(path) == out and re.fullmatch(
+            rf"{prefix}_(final|\d{{7}})\.pth|model_final_student\.pth", os.path.basename(path)
+        ):
+            raise ValueError(
+                f"train.teacher_checkpoint {teacher_ckpt!r} is in this run's train.output_dir "
+                f"({cfg.train.output_dir!r}) under a name the run saves its own checkpoints to: "
+                "the teacher's weights would be replaced by the student's." + fix
+            )
 
 
 def _dataset_names(cfg, split: str) -> List[str]:
@@ -652,6 +709,7 @@ class KDTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         check_test_datasets(cfg)
+        check_run_inputs_kept(cfg, config_yaml=False)  # train_net.py checks config.yaml itself
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
