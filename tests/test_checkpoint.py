@@ -454,3 +454,22 @@ def test_an_init_checkpoint_of_which_nothing_fits_the_student_is_an_error(tmp_pa
     load_student(student, str(tmp_path / "backbone.pth"))
     got = student.state_dict()
     assert all(torch.equal(got[k], v) for k, v in part.items())
+
+
+def test_an_unloadable_init_checkpoint_names_the_key_and_the_fix(tmp_path):
+    """A paper config's init_checkpoint is a detectron2:// URL (ImageNet R-50), or a converted
+    R-18.pkl the user has to make: offline or without the file, load_student stopped on fvcore's
+    bare "AssertionError: Checkpoint R-18.pkl not found!" or urllib's URLError, naming neither
+    train.init_checkpoint nor what to do (the teacher's loader says both)."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    student = instantiate(tiny_retinanet_cfg())
+    with pytest.raises(CheckpointMismatchError, match=r"Cannot load train\.init_checkpoint '.*R-18\.pkl' "
+                                                      r"\(AssertionError: .*not found.*\); check that the file exists"):
+        load_student(student, str(tmp_path / "R-18.pkl"))
+    # a URL that cannot be fetched (a closed local port: no network needed)
+    with pytest.raises(CheckpointMismatchError, match=r"could not be downloaded \(no network\?\).*set "
+                                                      r"train\.init_checkpoint to the local file"):
+        load_student(student, "http://127.0.0.1:9/R-50.pkl")
+    with pytest.raises(TeacherCheckpointError, match=r"could not be downloaded .*set train\.teacher_checkpoint"):
+        load_teacher(instantiate(tiny_retinanet_cfg()), "http://127.0.0.1:9/R-101.pkl")

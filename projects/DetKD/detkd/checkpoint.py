@@ -192,6 +192,13 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         return self.last_incompatible
 
 
+def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
+    """What to check when the checkpoint ``path`` (of config key ``key``) cannot be loaded."""
+    if "://" not in path or path.startswith("file://"):
+        return "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
+    return f"it could not be downloaded (no network?): download it elsewhere and set {key} to the local file"
+
+
 def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None:
     """
     Load ``path`` into ``student`` (``train.init_checkpoint``), like detectron2 loads
@@ -217,7 +224,14 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
         )
         return
     ckpt = _DetectorCheckpointer(student)
-    ckpt.load(path, checkpointables=[])
+    try:
+        ckpt.load(path, checkpointables=[])
+    except Exception as e:  # fvcore's "Checkpoint x not found!", urllib's URLError (offline)
+        raise CheckpointMismatchError(
+            f"Cannot load train.init_checkpoint {path!r} ({type(e).__name__}: {e}); "
+            + _unreadable_hint(path)
+            + " (an empty train.init_checkpoint starts the student from random weights)."
+        ) from e
     inc = ckpt.last_incompatible
     if inc is not None:
         not_loaded = set(inc.missing_keys) | {k for k, _, _ in inc.incorrect_shapes}
@@ -288,15 +302,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
     try:
         ckpt.load(path, checkpointables=[])
     except Exception as e:
-        local = not ("://" in path) or path.startswith("file://")
-        hint = (
-            "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
-            if local
-            else "it could not be downloaded (no network?): download it elsewhere and set "
-            "train.teacher_checkpoint to the local file"
-        )
         raise TeacherCheckpointError(
-            f"Cannot load the teacher checkpoint {path!r} ({type(e).__name__}: {e}); {hint}."
+            f"Cannot load the teacher checkpoint {path!r} ({type(e).__name__}: {e}); "
+            f"{_unreadable_hint(path, 'train.teacher_checkpoint')}."
         ) from e
     inc = ckpt.last_incompatible
     # A distillation run's checkpoint in train.teacher_checkpoint: its student was loaded (a
