@@ -73,7 +73,9 @@ def test_teacher_errors_are_clear(tmp_path):
     # Class-count mismatch: an 80-class teacher checkpoint for a 3-class teacher.
     other = instantiate(tiny_retinanet_cfg(width=32, fpn=128, num_classes=80))
     torch.save({"model": other.state_dict()}, tmp_path / "coco.pth")
-    with pytest.raises(TeacherCheckpointError, match="shape mismatch.*cls_score.*class-count"):
+    with pytest.raises(TeacherCheckpointError, match="shape mismatch.*cls_score.*class-count.*"
+                       r"build_yacs_detector teacher: MODEL\.RETINANET\.NUM_CLASSES in its \.yaml or "
+                       r"model\.teacher\.opts"):
         load_teacher(kd.teacher, str(tmp_path / "coco.pth"))
     # A checkpoint that leaves teacher parameters unloaded: missing keys are listed.
     state = {k: v for k, v in kd.teacher.state_dict().items() if not k.startswith("head.")}

@@ -271,6 +271,13 @@ def _broadcast_from_main(module: nn.Module) -> None:
             torch.distributed.broadcast(t.data, src=0)
 
 
+def _yacs_classes_key(model) -> str:
+    """The yacs key of ``model``'s class count (MODEL.ROI_HEADS.NUM_CLASSES for R-CNNs)."""
+    if hasattr(model, "roi_heads"):
+        return "MODEL.ROI_HEADS.NUM_CLASSES"
+    return f"MODEL.{type(model).__name__.upper()}.NUM_CLASSES"
+
+
 def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -> None:
     """
     Load the teacher's weights strictly (``train.teacher_checkpoint``).
@@ -330,7 +337,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} does not fit the teacher model (shape mismatch: "
             f"{shapes}). A class-count mismatch means model.teacher's num_classes must match "
-            "the checkpoint's; otherwise the teacher config is not the checkpoint's architecture."
+            f"the checkpoint's (for a build_yacs_detector teacher: {_yacs_classes_key(teacher)} "
+            "in its .yaml or model.teacher.opts); otherwise the teacher config is not the "
+            "checkpoint's architecture."
             + run_note
         )
     if inc is not None and inc.missing_keys:

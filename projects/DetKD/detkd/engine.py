@@ -51,6 +51,7 @@ from .checkpoint import (
     CheckpointMismatchError,
     _describe_mismatch,
     _save,
+    _yacs_classes_key,
     load_student,
     load_teacher,
     save_student,
@@ -312,10 +313,7 @@ def check_student_classes(cfg, model, split: str = "train") -> None:
             # model.* in a plain detector's (a teacher's or a baseline's)
             node = "model.student" if kd else "model"
             if _is_yacs_node(cfg, node):  # its keys are the .yaml's
-                yacs_key = "MODEL.ROI_HEADS.NUM_CLASSES" if hasattr(student, "roi_heads") else (
-                    f"MODEL.{type(student).__name__.upper()}.NUM_CLASSES"
-                )
-                fix = f"Set {yacs_key}: {len(classes)} in {node}'s .yaml or {node}.opts"
+                fix = f"Set {_yacs_classes_key(student)}: {len(classes)} in {node}'s .yaml or {node}.opts"
             else:
                 key = "roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes"
                 where = f"{node}.{key}"
