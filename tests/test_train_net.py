@@ -1064,3 +1064,24 @@ def test_resume_without_schedule_state_at_another_lr_trains_at_the_runs(tmp_path
     for it in range(2, 6):
         assert lr[it] == pytest.approx(0.002 * multiplier(it / 6), rel=1e-6), it
 
+
+
+def test_a_plain_model_config_that_keeps_a_teacher_checkpoint_in_its_own_folder_trains(tmp_path):
+    """README (Your own data): train the teacher with the distillation config's `model = teacher`
+    and `train.output_dir = "output/my_teacher"`. Its train.teacher_checkpoint still names
+    output/my_teacher/model_final.pth, the file this very run writes; a plain model never reads
+    train.teacher_checkpoint, yet the run was refused ("the teacher's weights would be replaced by
+    the student's"). A DistillationDetector with that setting is still refused."""
+    from detkd.engine import check_run_inputs_kept
+
+    out = str(tmp_path / "my_teacher")
+    kd = load_config("configs/demo/pkd_retinanet.py")
+    kd.train.teacher_checkpoint = os.path.join(out, "model_final.pth")
+    kd.train.output_dir = out
+    with pytest.raises(ValueError, match="teacher's weights would be replaced"):
+        check_run_inputs_kept(kd)
+    plain = load_config("configs/demo/pkd_retinanet.py")
+    plain.model = plain.model.teacher  # the README's `model = teacher`
+    plain.train.teacher_checkpoint = os.path.join(out, "model_final.pth")
+    plain.train.output_dir = out
+    check_run_inputs_kept(plain)  # nothing to lose: no error

@@ -212,7 +212,10 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
                 "own config before building the model: that .yaml would be lost." + fix
             )
     teacher_ckpt = cfg.train.get("teacher_checkpoint", "")
-    if checkpoints and _is_local(teacher_ckpt):
+    # only a DistillationDetector reads train.teacher_checkpoint (KDTrainer.resume_or_load): a
+    # plain model, e.g. the teacher trained by a copy of its distillation config with
+    # `model = teacher`, has no teacher whose weights could be lost
+    if checkpoints and _is_local(teacher_ckpt) and _may_build_kd_model(cfg):
         path = _local_path(teacher_ckpt)
         prefix = re.escape(str(cfg.train.get("checkpointer", {}).get("file_prefix", "model")))
         if os.path.dirname(path) == out and re.fullmatch(
@@ -223,6 +226,26 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
                 f"({cfg.train.output_dir!r}) under a name the run saves its own checkpoints to: "
                 "the teacher's weights would be replaced by the student's." + fix
             )
+
+
+def _may_build_kd_model(cfg) -> bool:
+    """False when ``cfg.model`` is a LazyCall of a class that is not a
+    :class:`DistillationDetector` (a plain detector) or of ``build_yacs_detector``; True
+    otherwise (another factory function may return one)."""
+    from omegaconf import OmegaConf
+
+    if _is_yacs_node(cfg, "model"):  # detectron2's build_model: never a DistillationDetector
+        return False
+    try:
+        target = OmegaConf.select(cfg, "model._target_", default=None)
+    except Exception:  # model is not a node
+        return True
+    if isinstance(target, str):
+        try:
+            target = locate(target)
+        except Exception:
+            return True
+    return not inspect.isclass(target) or issubclass(target, DistillationDetector)
 
 
 def _dataset_names(cfg, split: str) -> List[str]:
