@@ -568,3 +568,42 @@ def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, mo
     assert distilled[-4:] == ["train.teacher_eval_at_start=True", *opts], distilled
     with pytest.raises(SystemExit, match=r"my_baseline\.py: Override 'train\.max_ite'"):
         repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], "train.max_ite=2"])
+
+
+def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp_path, monkeypatch):
+    """A baseline on detectron2's own `train` dict has no train.seed, which the distilled config
+    has (0): check_pair refuses the pair ('train.seed (0 vs None) differ'), and `+train.seed=0`
+    (a key added on purpose, which train_net.py accepts) is how to pair it. pair_overrides gave a
+    key that only the distilled config has to the distilled run only, `+` included: the baseline
+    never got its seed and the pair could not be run at all."""
+    from detkd import repro
+
+    base = tmp_path / "my_baseline.py"
+    base.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
+        "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, c.lr_multiplier\n"
+        "train = {k: v for k, v in c.train.items() if not k.startswith('teacher_') and k != 'seed'}\n"
+    )
+    pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    assert repro.pair_overrides(str(base), pkd, ["+train.seed=0", "train.seed=0"]) == ["+train.seed=0"]
+    assert repro.pair_overrides(pkd, str(base), ["+train.seed=0"]) == ["+train.seed=0"]
+    cmds = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, check, cwd):
+        cmds.append(cmd[2:])
+        if len(cmds) == 2:
+            raise Stop
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "+train.seed=0"]
+    out = ["--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"train\.seed \(0 vs None\)"):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], *out])
+    with pytest.raises(Stop):
+        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, *out])
+    baseline, distilled = cmds
+    assert baseline[-1] == "+train.seed=0" and distilled[-1] == "+train.seed=0", (baseline, distilled)

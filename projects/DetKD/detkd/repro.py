@@ -71,11 +71,16 @@ def pair_overrides(config: str, other: str, opts):
     """
     The overrides of ``opts`` for the run of ``config`` in a pair with ``other``: those whose
     parent key ``config`` has (:func:`detkd.demo.applicable_overrides`), less those whose key
-    ``config`` lacks and ``other`` has. ``train.teacher_checkpoint=T`` is for the distilled run;
-    a baseline whose ``train`` is detectron2's own (no DetKD keys) has the parent ``train`` but
-    not the key, and its run refused the override as a typo.
+    ``config`` lacks and ``other`` has, and that ``config``'s run would refuse as a typo
+    (:func:`detkd.engine.check_override_keys`). ``train.teacher_checkpoint=T`` is for the
+    distilled run; a baseline whose ``train`` is detectron2's own (no DetKD keys) has the parent
+    ``train`` but not the key, and its run refused the override as a typo. ``+key=value`` (adds
+    the key on purpose, e.g. ``+train.seed=0`` to such a baseline, whose ``train`` has no seed)
+    and an argument of a LazyCall that ``config`` leaves at its default reach ``config``'s run.
     """
     from omegaconf import OmegaConf
+
+    from .engine import check_override_keys
 
     mine = applicable_overrides(config, opts)
     applicable_overrides(other, [])  # loaded (demo._LOADED) for the look-ups below
@@ -84,7 +89,14 @@ def pair_overrides(config: str, other: str, opts):
     def has(c, key):
         return OmegaConf.select(c, key, default=_MISSING) is not _MISSING
 
-    return [o for o in mine if has(cfg, _key(o)) or not has(theirs, _key(o))]
+    def accepted(o):  # as config's train_net.py run takes it
+        try:
+            check_override_keys(cfg, [o])
+        except KeyError:
+            return False
+        return True
+
+    return [o for o in mine if has(cfg, _key(o)) or not has(theirs, _key(o)) or accepted(o)]
 
 
 # What a baseline and a distilled run must share to be compared: (distilled key, baseline key).
@@ -244,7 +256,8 @@ def main(argv=None):
     parser.add_argument("--output", default="output/repro")
     parser.add_argument("--num-gpus", type=int_at_least(1), default=1)
     parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists; "
-                        "a key that one config of the pair has and the other lacks: that one's run only)")
+                        "a key that one config of the pair has and the other lacks: that one's run only, "
+                        "unless +key=value adds it on purpose)")
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
     check_reserved(args.opts, {"train.output_dir": "the runs go to <--output>/<config's folder>/<config's "
