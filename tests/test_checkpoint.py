@@ -475,3 +475,21 @@ def test_an_unloadable_init_checkpoint_names_the_key_and_the_fix(tmp_path):
         load_student(student, "http://127.0.0.1:9/R-50.pkl")
     with pytest.raises(TeacherCheckpointError, match=r"could not be downloaded .*set train\.teacher_checkpoint"):
         load_teacher(instantiate(tiny_retinanet_cfg()), "http://127.0.0.1:9/R-101.pkl")
+
+
+def test_an_unloadable_checkpoint_to_evaluate_does_not_suggest_an_empty_one(tmp_path):
+    """--eval-only (load_student strict): the error for a file that cannot be loaded suggested
+    'an empty train.init_checkpoint starts the student from random weights', which --eval-only
+    refuses ('there are no weights to evaluate'). Training (not strict) keeps the suggestion."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    student = instantiate(tiny_retinanet_cfg())
+    missing = str(tmp_path / "model_final.pth")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_student(student, missing, strict=True)
+    assert "Cannot load train.init_checkpoint" in str(e.value) and "random weights" not in str(e.value)
+    assert str(e.value).endswith(".pkl/.pth checkpoint.")
+    with pytest.raises(CheckpointMismatchError, match=r"an empty train\.init_checkpoint starts the student from random"):
+        load_student(student, missing)
+    with pytest.raises(CheckpointMismatchError, match="there are no weights to evaluate"):
+        load_student(student, "", strict=True)  # what the suggestion led to

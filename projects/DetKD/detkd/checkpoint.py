@@ -230,7 +230,8 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
         raise CheckpointMismatchError(
             f"Cannot load train.init_checkpoint {path!r} ({type(e).__name__}: {e}); "
             + _unreadable_hint(path)
-            + " (an empty train.init_checkpoint starts the student from random weights)."
+            # --eval-only (strict) refuses an empty one: there would be no weights to evaluate
+            + ("." if strict else " (an empty train.init_checkpoint starts the student from random weights).")
         ) from e
     inc = ckpt.last_incompatible
     if inc is not None:
