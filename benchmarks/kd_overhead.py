@@ -327,6 +327,9 @@ def parse_device(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to cuda:{n - 1})")
     return device
 
 

@@ -300,3 +300,19 @@ def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, capsys):
             assert e.value.code == 2
             assert f"argument --device: {message}" in capsys.readouterr().err
     assert kd_overhead.parse_device("cpu") == torch.device("cpu")
+
+
+def test_a_cuda_device_index_this_machine_lacks_is_a_usage_error(monkeypatch):
+    # `--device cuda:1` on a machine with one GPU passed the check (CUDA is available) and
+    # failed at the first CUDA call ("invalid device ordinal") after the configs were built
+    import argparse
+
+    import pytest
+
+    kd_overhead = _kd_overhead()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+        kd_overhead.parse_device("cuda:1")
+    assert kd_overhead.parse_device("cuda:0") == torch.device("cuda", 0)
+    assert kd_overhead.parse_device("cuda") == torch.device("cuda")
