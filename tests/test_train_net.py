@@ -3,6 +3,7 @@ export, and resume equal to an uninterrupted run."""
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -102,6 +103,25 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     assert [m["iteration"] for m in logged if "loss_d3etr_cls" in m] == [0, 1, 2]
     assert any("teacher/bbox/AP" in m for m in logged) and any("bbox/AP" in m for m in logged)
     assert (out / "model_final_student.pth").is_file()
+
+    # --eval-only on two processes with one test image: the second process has none and never
+    # runs a forward; DDP's buffer broadcast before the first forward left the main one waiting
+    eval_cmd = [
+        sys.executable, "train_net.py", "--num-gpus", "2", "--eval-only", "--config-file",
+        "configs/demo/d3etr_detr.py", f"train.output_dir={tmp_path / 'eval1'}", "train.teacher_checkpoint=",
+        f"train.init_checkpoint={out / 'model_final_student.pth'}",
+        "dataloader.test.dataset.names.num_images=1", "dataloader.test.num_workers=0",
+    ]
+    with subprocess.Popen(eval_cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as proc:
+        try:
+            output = proc.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its worker processes too
+            proc.communicate()
+            pytest.fail("--eval-only on two processes with one test image hung")
+    assert proc.returncode == 0, output[-3000:]
+    assert "copypaste: AP,AP50,AP75" in output
 
     # --resume on both processes: they agree (through the main one) not to evaluate the
     # teacher again, whose results metrics.json holds; both go on from iteration 3
