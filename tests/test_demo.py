@@ -534,21 +534,24 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
     assert dirs == [str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline") for m in ("PKD", "GID")]
 
 
-def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, monkeypatch):
-    """A baseline of one's own on detectron2's `train` dict (no DetKD keys): repro gave its run
-    `train.teacher_checkpoint=` (refused by train_net.py as a typo: 'train' has no key
-    'teacher_checkpoint'), and `train.teacher_checkpoint=T` or `train.teacher_random_init=True`,
-    meant for the distilled run, were refused for the baseline before anything trained. They now
-    reach the distilled run only; an override of a key neither config has stays an error."""
-    from detkd import repro
-
+def _baseline_on_d2_train(tmp_path, drop=""):
+    """A baseline config of one's own: the demo student on a `train` dict without DetKD's
+    teacher keys (detectron2's own), less the keys in ``drop``."""
     base = tmp_path / "my_baseline.py"
     base.write_text(
         "from detectron2.config import LazyConfig\n"
         f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
         "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, c.lr_multiplier\n"
-        "train = {k: v for k, v in c.train.items() if not k.startswith('teacher_')}\n"
+        f"train = {{k: v for k, v in c.train.items() if not k.startswith('teacher_') and k not in {drop!r}.split()}}\n"
     )
+    return base
+
+
+def _repro_commands(monkeypatch, argv):
+    """The train_net.py arguments of the baseline and the distilled run that repro.main(argv)
+    starts (nothing trains)."""
+    from detkd import repro
+
     cmds = []
 
     class Stop(Exception):
@@ -560,10 +563,24 @@ def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, mo
             raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "train.max_iter=2"]
     with pytest.raises(Stop):
-        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, "--output", str(tmp_path / "o")])
-    baseline, distilled = cmds
+        repro.main(argv)
+    return cmds
+
+
+def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, monkeypatch):
+    """A baseline of one's own on detectron2's `train` dict (no DetKD keys): repro gave its run
+    `train.teacher_checkpoint=` (refused by train_net.py as a typo: 'train' has no key
+    'teacher_checkpoint'), and `train.teacher_checkpoint=T` or `train.teacher_random_init=True`,
+    meant for the distilled run, were refused for the baseline before anything trained. They now
+    reach the distilled run only; an override of a key neither config has stays an error."""
+    from detkd import repro
+
+    base = _baseline_on_d2_train(tmp_path)
+    opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "train.max_iter=2"]
+    baseline, distilled = _repro_commands(
+        monkeypatch, ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, "--output", str(tmp_path / "o")]
+    )
     assert baseline[-1:] == ["train.max_iter=2"] and not any("teacher" in a for a in baseline), baseline
     assert distilled[-4:] == ["train.teacher_eval_at_start=True", *opts], distilled
     with pytest.raises(SystemExit, match=r"my_baseline\.py: Override 'train\.max_ite'"):
@@ -578,32 +595,15 @@ def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp
     never got its seed and the pair could not be run at all."""
     from detkd import repro
 
-    base = tmp_path / "my_baseline.py"
-    base.write_text(
-        "from detectron2.config import LazyConfig\n"
-        f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
-        "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, c.lr_multiplier\n"
-        "train = {k: v for k, v in c.train.items() if not k.startswith('teacher_') and k != 'seed'}\n"
-    )
+    base = _baseline_on_d2_train(tmp_path, drop="seed")
     pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
     assert repro.pair_overrides(str(base), pkd, ["+train.seed=0", "train.seed=0"]) == ["+train.seed=0"]
     assert repro.pair_overrides(pkd, str(base), ["+train.seed=0"]) == ["+train.seed=0"]
-    cmds = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_run(cmd, check, cwd):
-        cmds.append(cmd[2:])
-        if len(cmds) == 2:
-            raise Stop
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
     opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "+train.seed=0"]
     out = ["--output", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"train\.seed \(0 vs None\)"):
         repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], *out])
-    with pytest.raises(Stop):
-        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, *out])
-    baseline, distilled = cmds
+    baseline, distilled = _repro_commands(
+        monkeypatch, ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, *out]
+    )
     assert baseline[-1] == "+train.seed=0" and distilled[-1] == "+train.seed=0", (baseline, distilled)

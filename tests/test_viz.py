@@ -337,23 +337,17 @@ def test_view_option_errors_name_the_option(tmp_path):
     assert (tmp_path / "v.png").stat().st_size > 1000
 
 
-def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_own(tmp_path, monkeypatch):
-    """README, Other backbones: a custom student backbone (levels s8, s16, s32) with an FPN
-    teacher (p2-p6), paired by stride as PKD pairs them. The view paired levels by name: no
-    common level, and it failed with an IndexError from matplotlib's axes."""
+def _run_pkd_view(tmp_path, monkeypatch, model_lines):
+    """Run the PKD view on a config of the demo's data and ``model_lines`` (the code that sets
+    ``model``), random weights, one 70 x 100 image; what it would draw and the views' args."""
     from detectron2.config import LazyConfig, instantiate
-    from detectron2.structures import ImageList
 
-    cfg_path = tmp_path / "pkd_custom_student.py"
+    cfg_path = tmp_path / "pkd_view.py"
     cfg_path.write_text(
         "from detectron2.config import LazyCall as L\n"
-        "from conftest import tiny_faster_rcnn_cfg\n"
-        "from test_custom_models import custom_retinanet\n"
-        "from detkd import DistillationDetector, PKDDistiller\n"
         "from detectron2.config import LazyConfig\n"
-        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n"
-        "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
-        "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
+        "from detkd import DistillationDetector, PKDDistiller\n"
+        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n" + model_lines
     )
     cfg = LazyConfig.load(str(cfg_path))
     torch.manual_seed(0)
@@ -368,6 +362,21 @@ def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_o
     args = ["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"), "--before",
             str(tmp_path / "s.pth"), "--after", str(tmp_path / "s.pth"), "--out", str(tmp_path / "p.png")]
     viz.main(args)
+    return nets, inputs, got, args
+
+
+def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_own(tmp_path, monkeypatch):
+    """README, Other backbones: a custom student backbone (levels s8, s16, s32) with an FPN
+    teacher (p2-p6), paired by stride as PKD pairs them. The view paired levels by name: no
+    common level, and it failed with an IndexError from matplotlib's axes."""
+    from detectron2.structures import ImageList
+
+    nets, inputs, got, args = _run_pkd_view(tmp_path, monkeypatch, (
+        "from conftest import tiny_faster_rcnn_cfg\n"
+        "from test_custom_models import custom_retinanet\n"
+        "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
+        "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
+    ))
     assert got["levels"] == ["s8", "s16", "s32"]  # finest first, the student's names
     t = nets["t"].eval()
     x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
@@ -569,32 +578,13 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
     distiller's pairs, the teacher's map on the student's cells (bilinear), and --levels still
     takes any level of a stride both models have."""
     import torch.nn.functional as F
-    from detectron2.config import LazyConfig, instantiate
     from detectron2.structures import ImageList
 
-    cfg_path = tmp_path / "pkd_by_index.py"
-    cfg_path.write_text(
-        "from detectron2.config import LazyCall as L\n"
+    nets, inputs, got, args = _run_pkd_view(tmp_path, monkeypatch, (
         "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
-        "from detkd import DistillationDetector, PKDDistiller\n"
-        "from detectron2.config import LazyConfig\n"
-        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n"
         "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(),\n"
         "    distillers={'pkd': L(PKDDistiller)(num_levels=3, pair_by='index')})\n"
-    )
-    cfg = LazyConfig.load(str(cfg_path))
-    torch.manual_seed(0)
-    nets = {"t": instantiate(cfg.model.teacher), "s": instantiate(cfg.model.student)}
-    for n, m in nets.items():
-        torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
-    inputs = make_inputs(1, size=(70, 100), seed=5)
-    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    got = {}
-    monkeypatch.setattr(viz, "draw_fpn_activations",
-                        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
-    args = ["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"), "--before",
-            str(tmp_path / "s.pth"), "--after", str(tmp_path / "s.pth"), "--out", str(tmp_path / "p.png")]
-    viz.main(args)
+    ))
     assert got["levels"] == ["p3", "p4", "p5"]  # the distiller's three pairs
     t = nets["t"].eval()
     x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
