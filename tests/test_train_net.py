@@ -76,6 +76,21 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
         pytest.approx(written[k], abs=1e-4) for k in ("AP", "AP50", "AP75")]
 
 
+def _run_or_fail_if_hung(cmd, env, hung, timeout=150):
+    """Run ``cmd`` in the repository root in a session of its own; fail with ``hung`` (its
+    worker processes killed too) past ``timeout`` s, or with its output's end if it fails."""
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as proc:
+        try:
+            output = proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(hung)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
 def test_train_net_two_processes_on_the_cpu(tmp_path):
     """``--num-gpus 2`` without CUDA: two processes over gloo (DDP with detectron2's train.ddp,
     find_unused_parameters=False), D3ETR on the DETR demo pair with the teacher evaluated at the
@@ -112,22 +127,17 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
         f"train.init_checkpoint={out / 'model_final_student.pth'}",
         "dataloader.test.dataset.names.num_images=1", "dataloader.test.num_workers=0",
     ]
-    with subprocess.Popen(eval_cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as proc:
-        try:
-            output = proc.communicate(timeout=120)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its worker processes too
-            proc.communicate()
-            pytest.fail("--eval-only on two processes with one test image hung")
-    assert proc.returncode == 0, output[-3000:]
+    output = _run_or_fail_if_hung(eval_cmd, env, "--eval-only on two processes with one test image hung")
     assert "copypaste: AP,AP50,AP75" in output
 
     # --resume on both processes: they agree (through the main one) not to evaluate the
-    # teacher again, whose results metrics.json holds; both go on from iteration 3
+    # teacher again, whose results metrics.json holds; both go on from iteration 3. With
+    # train.ddp.broadcast_buffers=True and one test image, the final evaluation ran through
+    # DDP's wrapper and hung as --eval-only did.
     cmd[cmd.index("train.max_iter=3")] = "train.max_iter=4"
-    proc = subprocess.run(cmd[:2] + ["--resume"] + cmd[2:], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    cmd[cmd.index("dataloader.test.dataset.names.num_images=8")] = "dataloader.test.dataset.names.num_images=1"
+    _run_or_fail_if_hung(cmd[:2] + ["--resume"] + cmd[2:] + ["train.ddp.broadcast_buffers=True"], env,
+                         "the final evaluation of a run with train.ddp.broadcast_buffers=True hung")
     with open(out / "log.txt.rank1") as f:
         assert "Starting training from iteration 3" in f.read()
     logged = _metrics(str(out))

@@ -970,6 +970,10 @@ class KDTrainer(DefaultTrainer):
         Evaluate the student (a DistillationDetector in eval mode runs the student only) on
         ``dataloader.test`` with ``dataloader.evaluator``.
 
+        The model runs outside its DDP wrapper: with ``train.ddp.broadcast_buffers=True`` the
+        wrapper broadcasts buffers before a forward, and a process that the inference sampler
+        gives no image (fewer test images than processes) never joins it.
+
         Returns:
             dict: the evaluator's results, e.g. ``{"bbox": {"AP": ..., "AP50": ...}}``.
         """
@@ -977,7 +981,7 @@ class KDTrainer(DefaultTrainer):
         if evaluator is None:
             logger.warning("No dataloader.evaluator in the config: skipping evaluation.")
             return {}
-        results = inference_on_dataset(model, cls.build_test_loader(cfg), evaluator)
+        results = inference_on_dataset(unwrap_model(model), cls.build_test_loader(cfg), evaluator)
         if comm.is_main_process() and results:
             print_csv_format(results)
         return results
