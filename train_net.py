@@ -116,9 +116,7 @@ def main(args):
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
         load_student(student_of(model), cfg.train.init_checkpoint, strict=True)
-        # no buffer broadcast before a forward: with fewer test images than processes, a process
-        # without images never runs the forward whose broadcast the others wait for (a hang)
-        model = ddp_model(model, broadcast_buffers=False)
+        model = ddp_model(model)  # KDTrainer.test evaluates the module inside (no buffer broadcast)
         results = KDTrainer.test(cfg, model)
         if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)
             with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:

@@ -192,9 +192,14 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         return self.last_incompatible
 
 
+def _is_local(path) -> bool:
+    """Whether ``path`` is a non-empty local path (plain or ``file://``), not a URL."""
+    return isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
+
+
 def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
     """What to check when the checkpoint ``path`` (of config key ``key``) cannot be loaded."""
-    if "://" not in path or path.startswith("file://"):
+    if _is_local(path):
         return "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
     return f"it could not be downloaded (no network?): download it elsewhere and set {key} to the local file"
 

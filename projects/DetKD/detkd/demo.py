@@ -75,16 +75,26 @@ def applicable_overrides(config: str, opts: Sequence[str]) -> List[str]:
     the student-alone config, which have no ``model.distillers.pkd``: there it would add a key
     that their model cannot take). Other forms are kept.
     """
+    cfg = _loaded(config)
+    parents = [_override_parent(o) for o in opts]
+    return [o for o, p in zip(opts, parents) if p is None or _has_key(cfg, p)]
+
+
+def _loaded(config: str):
+    """``LazyConfig.load(config)``, loaded once per path (read only: not to be changed)."""
     from detectron2.config import LazyConfig
-    from omegaconf import OmegaConf
 
     path = os.path.abspath(config)
     if path not in _LOADED:
         _LOADED[path] = LazyConfig.load(path)
-    cfg = _LOADED[path]
-    parents = [_override_parent(o) for o in opts]
-    return [o for o, p in zip(opts, parents)
-            if p is None or OmegaConf.select(cfg, p, default=_MISSING) is not _MISSING]
+    return _LOADED[path]
+
+
+def _has_key(cfg, key: str) -> bool:
+    """Whether the config ``cfg`` has the dotted ``key``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
 
 
 def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo", select=None) -> None:
@@ -104,7 +114,7 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
                          "their parent keys exist in none of them")
     for c in configs:  # else the run of that config fails, after the runs before it trained
         try:
-            check_override_keys(_LOADED[os.path.abspath(c)], select(c))
+            check_override_keys(_loaded(c), select(c))
         except KeyError as e:
             raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
 

@@ -50,6 +50,7 @@ from detectron2.utils.registry import locate
 from .checkpoint import (
     CheckpointMismatchError,
     _describe_mismatch,
+    _is_local,
     _save,
     _yacs_classes_key,
     load_student,
@@ -170,10 +171,6 @@ def check_override_keys(cfg, overrides) -> None:
             pass
 
 
-def _is_local(path) -> bool:
-    return isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
-
-
 def _local_path(path: str) -> str:
     return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
 
@@ -232,19 +229,9 @@ def _may_build_kd_model(cfg) -> bool:
     """False when ``cfg.model`` is a LazyCall of a class that is not a
     :class:`DistillationDetector` (a plain detector) or of ``build_yacs_detector``; True
     otherwise (another factory function may return one)."""
-    from omegaconf import OmegaConf
-
     if _is_yacs_node(cfg, "model"):  # detectron2's build_model: never a DistillationDetector
         return False
-    try:
-        target = OmegaConf.select(cfg, "model._target_", default=None)
-    except Exception:  # model is not a node
-        return True
-    if isinstance(target, str):
-        try:
-            target = locate(target)
-        except Exception:
-            return True
+    target = _node_target(cfg, "model")
     return not inspect.isclass(target) or issubclass(target, DistillationDetector)
 
 
@@ -296,17 +283,21 @@ def _class_count(model):
 def _is_yacs_node(cfg, key: str) -> bool:
     """Whether ``cfg``'s ``key`` is a :func:`detkd.modeling.build_yacs_detector` node, whose
     settings are the keys of a yacs .yaml (``INPUT.FORMAT``), not the model's arguments."""
-    from omegaconf import OmegaConf
-
     from .modeling.from_yacs import build_yacs_detector
+
+    return _node_target(cfg, key) is build_yacs_detector
+
+
+def _node_target(cfg, key: str):
+    """What ``cfg``'s ``key`` LazyCalls (its ``_target_``, located), or None when ``key`` is no
+    LazyCall node."""
+    from omegaconf import OmegaConf
 
     try:
         target = OmegaConf.select(cfg, key + "._target_", default=None)
     except Exception:  # not a node
-        return False
-    if isinstance(target, str):
-        target = locate(target)
-    return target is build_yacs_detector
+        return None
+    return locate(target) if isinstance(target, str) else target
 
 
 def check_student_classes(cfg, model, split: str = "train") -> None:
@@ -345,9 +336,14 @@ def check_student_classes(cfg, model, split: str = "train") -> None:
             raise ValueError(
                 f"The {'student' if kd else 'model'} predicts {n_student} classes but the "
                 f"{'training' if split == 'train' else 'test'} dataset {name!r} has {len(classes)} "
-                f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}). "
+                f"({_listed(classes)}). "
                 f"{fix}{note}."
             )
+
+
+def _listed(classes) -> str:
+    """The first five class names, for an error message."""
+    return ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
 
 
 def _evaluates(cfg) -> bool:
@@ -387,9 +383,6 @@ def check_test_classes(cfg) -> None:
     if expected is None or not _evaluates(cfg):
         return
 
-    def listed(c):
-        return f"{len(c)}: {', '.join(map(str, c[:5]))}{', ...' if len(c) > 5 else ''}"
-
     for name in _dataset_names(cfg, "test"):
         classes = _loaded_classes(name)
         if classes is None or list(classes) == list(expected):
@@ -397,11 +390,12 @@ def check_test_classes(cfg) -> None:
         pairs = enumerate(zip(classes, expected))
         diff = next((i for i, (a, b) in pairs if a != b), min(len(classes), len(expected)))
         raise ValueError(
-            f"The classes of the test dataset {name!r} ({listed(classes)}) are not those of the "
-            f"training dataset {train[0]!r} ({listed(expected)}); they differ from class {diff} "
-            "on: the student's class i would be evaluated as the test data's class i. Give both "
-            "json files the same categories (ids and names, also those a split does not "
-            "annotate; detectron2 numbers them by sorted id)."
+            f"The classes of the test dataset {name!r} ({len(classes)}: {_listed(classes)}) are "
+            f"not those of the training dataset {train[0]!r} ({len(expected)}: "
+            f"{_listed(expected)}); they differ from class {diff} on: the student's class i "
+            "would be evaluated as the test data's class i. Give both json files the same "
+            "categories (ids and names, also those a split does not annotate; detectron2 "
+            "numbers them by sorted id)."
         )
 
 
@@ -422,8 +416,7 @@ def check_teacher_eval_classes(cfg, model) -> None:
         if classes is not None and len(classes) != n_teacher:
             raise ValueError(
                 f"train.teacher_eval_at_start: the teacher predicts {n_teacher} classes but the "
-                f"test dataset {name!r} has {len(classes)} "
-                f"({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''}), so "
+                f"test dataset {name!r} has {len(classes)} ({_listed(classes)}), so "
                 "its predictions cannot be evaluated on it (a teacher of another class set, e.g. "
                 "a model-zoo COCO teacher). Set train.teacher_eval_at_start=False (distillation "
                 "does not need it), or evaluate the teacher on its own data with its own config."

@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 from .demo import (
-    _LOADED, _MISSING, REPO, applicable_overrides, check_overrides, check_reserved, final_metrics,
+    REPO, _has_key, _loaded, applicable_overrides, check_overrides, check_reserved, final_metrics,
     int_at_least, paths_from_here,
 )
 
@@ -78,16 +78,10 @@ def pair_overrides(config: str, other: str, opts):
     the key on purpose, e.g. ``+train.seed=0`` to such a baseline, whose ``train`` has no seed)
     and an argument of a LazyCall that ``config`` leaves at its default reach ``config``'s run.
     """
-    from omegaconf import OmegaConf
-
     from .engine import check_override_keys
 
     mine = applicable_overrides(config, opts)
-    applicable_overrides(other, [])  # loaded (demo._LOADED) for the look-ups below
-    cfg, theirs = _LOADED[os.path.abspath(config)], _LOADED[os.path.abspath(other)]
-
-    def has(c, key):
-        return OmegaConf.select(c, key, default=_MISSING) is not _MISSING
+    cfg, theirs = _loaded(config), _loaded(other)
 
     def accepted(o):  # as config's train_net.py run takes it
         try:
@@ -96,7 +90,7 @@ def pair_overrides(config: str, other: str, opts):
             return False
         return True
 
-    return [o for o in mine if has(cfg, _key(o)) or not has(theirs, _key(o)) or accepted(o)]
+    return [o for o in mine if _has_key(cfg, _key(o)) or not _has_key(theirs, _key(o)) or accepted(o)]
 
 
 # What a baseline and a distilled run must share to be compared: (distilled key, baseline key).
@@ -231,14 +225,6 @@ def _check_yacs_node(key: str, node, name: str) -> None:
         raise SystemExit(f"[repro] {key} of {name}: {e.args[0] if e.args else e}") from e
 
 
-def _has_teacher_key(path) -> bool:
-    from omegaconf import OmegaConf
-
-    applicable_overrides(path, [])  # loaded (demo._LOADED)
-    cfg = _LOADED[os.path.abspath(path)]
-    return OmegaConf.select(cfg, "train.teacher_checkpoint", default=_MISSING) is not _MISSING
-
-
 def _teacher_metrics(output_dir):
     path = os.path.join(output_dir, "metrics.json")
     res = {}
@@ -277,7 +263,7 @@ def main(argv=None):
     runs = {}
     for tag, cfg, extra in (
         # a baseline config with the key may name a teacher that its run would not use
-        ("baseline", baseline, ["train.teacher_checkpoint="] if _has_teacher_key(baseline) else []),
+        ("baseline", baseline, ["train.teacher_checkpoint="] if _has_key(_loaded(baseline), "train.teacher_checkpoint") else []),
         ("distilled", args.config, ["train.teacher_eval_at_start=True"]),
     ):
         run_dir = os.path.join(out, tag)

@@ -222,6 +222,7 @@ def _pkd_view(args):
     from detectron2.config import instantiate
 
     from .checkpoint import load_student
+    from .losses import pair_fpn_levels
 
     cfg = _kd_config(args)
     # The teacher and the student trained alone in the config's DistillationDetector: its
@@ -236,20 +237,16 @@ def _pkd_view(args):
     # student's levels: a backbone may name its own (s8, s16, ... with an FPN teacher's p3..).
     shapes = {name: m.backbone.output_shape() for name, m in models.items()}
     s_shapes, t_shapes = shapes["student alone"], shapes["teacher"]
-    t_by_stride = {v.stride: k for k, v in t_shapes.items() if v.stride}
-    by_stride = sorted((k for k in s_shapes if s_shapes[k].stride), key=lambda k: s_shapes[k].stride)
-    pairs = {k: t_by_stride[s_shapes[k].stride] for k in by_stride if s_shapes[k].stride in t_by_stride}
+    try:
+        pairs = dict(pair_fpn_levels(s_shapes, t_shapes))
+    except ValueError as e:  # no stride in common, or a level without a stride
+        raise SystemExit(f"[viz pkd] {e}") from None
     default = list(pairs)[:4]
     pkd = [d for d in model.distillers.values() if type(d).__name__ == "PKDDistiller"]
     if pkd:
         pairs.update(pkd[0].pairs)
         default = [s for s, _ in pkd[0].pairs]
-    common = sorted(pairs, key=lambda k: s_shapes[k].stride or 0)
-    if not common:
-        raise SystemExit(
-            f"[viz pkd] the student's levels { {k: v.stride for k, v in s_shapes.items()} } and "
-            f"the teacher's { {k: v.stride for k, v in t_shapes.items()} } share no stride"
-        )
+    common = sorted(pairs, key=lambda k: s_shapes[k].stride)
     levels = args.levels or default
     if not set(levels) <= set(common):
         raise SystemExit(
