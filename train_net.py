@@ -116,7 +116,9 @@ def main(args):
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
         load_student(student_of(model), cfg.train.init_checkpoint, strict=True)
-        model = ddp_model(model)  # KDTrainer.test evaluates the module inside (no buffer broadcast)
+        # no buffer broadcast before a forward: with fewer test images than processes, a process
+        # without images never runs the forward whose broadcast the others wait for (a hang)
+        model = ddp_model(model, broadcast_buffers=False)
         results = KDTrainer.test(cfg, model)
         if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)
             with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
@@ -136,10 +138,22 @@ def main(args):
     return results
 
 
+def _main_in_process(args):
+    """``main`` in one of ``launch``'s processes, which then leave together and close their
+    process group: a process that finished first (e.g. one the evaluation gave no image) and
+    exited with the group's threads alive was at times aborted ("terminate called without an
+    active exception"), failing the whole launch."""
+    results = main(args)
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return results
+
+
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     launch(
-        main,
+        _main_in_process,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
