@@ -41,11 +41,19 @@ from detkd.engine import (
 logger = logging.getLogger("detectron2")
 
 
+def _usable_cpus() -> int:
+    """The number of cores this process may run on: its CPU affinity where the OS reports one."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _share_cpu_threads() -> None:
     """Processes of a CPU-only multi-process run (``--num-gpus N`` without CUDA) split the
-    machine's cores instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
+    cores this process may run on (its CPU affinity, e.g. a Slurm or cgroup binding, not the
+    machine's count) instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
     if comm.get_local_size() > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
+        threads = max(1, _usable_cpus() // comm.get_local_size())
         torch.set_num_threads(threads)
         logger.info(
             f"CPU-only run with {comm.get_local_size()} processes: "

@@ -91,6 +91,25 @@ def _run_or_fail_if_hung(cmd, env, hung, timeout=150):
     return output
 
 
+def test_cpu_processes_split_the_cores_they_may_run_on(monkeypatch):
+    """A CPU-only run of N processes gives each 1/N of the cores in the process's CPU affinity
+    (a Slurm or cgroup binding), not of the machine's os.cpu_count()."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("the OS reports no CPU affinity")
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    allowed = 2 * (os.cpu_count() or 1) + 2  # a count the machine's cores cannot give
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(allowed)))
+    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 2)
+    monkeypatch.setattr(train_net.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = []
+    monkeypatch.setattr(train_net.torch, "set_num_threads", threads.append)
+    train_net._share_cpu_threads()
+    assert threads == [allowed // 2]
+
+
 def test_train_net_two_processes_on_the_cpu(tmp_path):
     """``--num-gpus 2`` without CUDA: two processes over gloo (DDP with detectron2's train.ddp,
     find_unused_parameters=False), D3ETR on the DETR demo pair with the teacher evaluated at the
@@ -110,7 +129,8 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     with open(out / "log.txt.rank1") as f:  # the second process ran the same training loop
         log = f.read()
     assert "Starting training from iteration 0" in log
-    threads = max(1, (os.cpu_count() or 1) // 2)  # the cores split between the two processes
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, cores // 2)  # the cores split between the two processes
     assert f"CPU-only run with 2 processes: {threads} thread{'' if threads == 1 else 's'} each" in log
     assert "Teacher evaluation before training" not in log  # it has no results: it said "{}"
     assert "Teacher evaluation before training: {'bbox': {'AP': " in (out / "log.txt").read_text()
