@@ -303,6 +303,23 @@ def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, c
     assert "loss scale starts afresh" in caplog.text
 
 
+def test_amp_on_the_cpu_is_an_error_before_any_hook_runs(tmp_path):
+    """train.amp.enabled with train.device='cpu': detectron2's AMPTrainer asserted CUDA at its
+    first step, after the hooks' before_train (here the teacher's evaluation had already run and
+    been logged); now a ValueError that names the keys, before any hook or step."""
+    cfg = _small_cfg(tmp_path / "amp", 2)
+    cfg.train.update(device="cpu", teacher_eval_at_start=True)
+    cfg.train.amp.enabled = True
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    started = []
+    trainer.register_hooks([hooks.CallbackHook(before_train=lambda t: started.append(t.iter))])
+    with pytest.raises(ValueError, match=r"train.amp.enabled=True, but the model is on 'cpu'.*train.device='cpu'"):
+        trainer.train()
+    assert started == [] and trainer.iter == 0
+    assert (tmp_path / "amp" / "metrics.json").read_text() == ""  # no teacher evaluation logged
+
+
 def _run_without_schedule_state(output_dir, max_iter, interrupt):
     """A run stopped before iteration ``interrupt`` whose last checkpoint (written every 2
     iterations) then loses the LR scheduler's state, as one written by other tools."""

@@ -887,8 +887,24 @@ class KDTrainer(DefaultTrainer):
     def build_writers(self):
         return default_writers(self.cfg.train.output_dir, self.max_iter)
 
+    def _check_amp_device(self) -> None:
+        """``train.amp.enabled`` with a model outside CUDA: detectron2's AMPTrainer (CUDA's fp16
+        autocast and grad scaler) asserts CUDA at its first step, after the hooks'
+        ``before_train`` (a teacher evaluation, ...); said here, before anything runs."""
+        if not isinstance(self._trainer, AMPTrainer):
+            return
+        device = next(unwrap_model(self.model).parameters()).device
+        if device.type != "cuda":
+            raise ValueError(
+                f"train.amp.enabled=True, but the model is on {device.type!r} "
+                f"(train.device={self.cfg.train.get('device')!r}): detectron2's AMPTrainer trains "
+                "on CUDA only (fp16 autocast and a CUDA grad scaler). Set train.amp.enabled=False, "
+                "or train.device='cuda' on a machine with a GPU."
+            )
+
     def train(self):
         """Run training; returns the last evaluation results (or None)."""
+        self._check_amp_device()
         TrainerBase.train(self, self.start_iter, self.max_iter)
         return getattr(self, "_last_eval_results", None)
 
