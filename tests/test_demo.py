@@ -126,6 +126,36 @@ def test_demo_retrains_a_distilled_run_whose_teacher_was_trained_again(tmp_path,
     assert len(trained) == 2 and any("its teacher was trained again" in line for line in logs)
 
 
+def test_demo_never_reuses_the_weights_of_a_retraining_that_failed(tmp_path, monkeypatch):
+    # a 40-iteration run, then one of 20 that writes its model_final.pth and fails in its final
+    # evaluation: a third call with the first run's arguments must retrain, not reuse the 20-iteration
+    # weights under the 40-iteration run's command and metrics
+    from detkd import demo
+
+    config = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    out = tmp_path / "student_retinanet"
+    out.mkdir()
+    calls = []
+
+    def fake_train_net(cmd, **kwargs):
+        calls.append(cmd[1:])
+        (out / "model_final.pth").write_bytes(cmd[-1].encode())
+        if "train.max_iter=20" in cmd:  # fails in its final evaluation: no metrics
+            raise subprocess.CalledProcessError(1, cmd)
+        with open(out / "metrics.json", "a") as f:
+            f.write(json.dumps({"bbox/AP": 40.0, "iteration": 39}) + "\n")
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
+    logs = []
+    demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
+    with pytest.raises(SystemExit, match="the run failed"):
+        demo._train(config, str(out), ["train.max_iter=20"], False, logs.append)
+    assert (out / "model_final.pth").read_bytes() == b"train.max_iter=20"
+    res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
+    assert len(calls) == 3 and "train.max_iter=40" in calls[2] and "[demo] reusing" not in logs[-1]
+    assert (out / "model_final.pth").read_bytes() == b"train.max_iter=40" and res["AP"] == 40.0
+
+
 def test_demo_summary_over_seeds_pairs_the_deltas():
     from detkd.demo import summarize
 
