@@ -409,7 +409,8 @@ def main(argv=None):
         check_overrides(sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"teacher precision {args.teacher_precision}")
-    head = f"{'method':<9}{'setting':<46}{'student':>9}{'teacher':>9}{'kd':>9}{'ratio':>7}{'floor':>7}{'target':>7}"
+    # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
+    head = f"{'method':<9}{'setting':<46}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"
     head += f"{'mem ratio':>11}{'rounds':>13}"
     print(head)
     print("-" * len(head))
@@ -427,8 +428,8 @@ def main(argv=None):
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         print(
-            f"{method:<9}{setting:<46}{r['student'] * 1e3:>7.1f}ms{r['teacher'] * 1e3:>7.1f}ms"
-            f"{r['kd'] * 1e3:>7.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}{spread:>13}",
+            f"{method:<9}{setting:<46}{r['student'] * 1e3:>10.1f}ms{r['teacher'] * 1e3:>10.1f}ms"
+            f"{r['kd'] * 1e3:>10.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}{spread:>13}",
             flush=True,
         )
 
