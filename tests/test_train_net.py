@@ -3,6 +3,7 @@ export, and resume equal to an uninterrupted run."""
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1152,3 +1153,35 @@ def test_a_plain_model_config_that_keeps_a_teacher_checkpoint_in_its_own_folder_
     plain.train.teacher_checkpoint = os.path.join(out, "model_final.pth")
     plain.train.output_dir = out
     check_run_inputs_kept(plain)  # nothing to lose: no error
+
+
+def test_training_data_without_a_usable_annotation_is_an_error_naming_filter_empty(tmp_path):
+    # detectron2 drops images without annotations (or with only iscrowd=1 ones) from training;
+    # when that left none, its assertion said only "No valid data found in <name>"
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from PIL import Image
+
+    name = "detkd_test_no_usable_annotation"
+    images = []
+    for i in (1, 2):
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / f"im{i}.png")
+        images.append({"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64})
+    anns = [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 1}]
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(tmp_path / "train.json"), str(tmp_path))
+    cfg = _small_cfg(tmp_path / "e", max_iter=2)
+    cfg.dataloader.train.dataset.names = name
+    cfg.dataloader.train.dataset.filter_empty = True
+    with pytest.raises(ValueError, match=re.escape(
+            f"no image of '{name}' has an annotation to train on (2 images: 1 without annotations, "
+            "1 with only iscrowd=1 ones)") + ".*set dataloader.train.dataset.filter_empty = False"):
+        KDTrainer(cfg)
+    cfg.dataloader.train.dataset.filter_empty = False  # the fix it names: both images, no boxes
+    cfg.dataloader.train.sampler.size = 2
+    batch = next(iter(KDTrainer.build_train_loader(cfg)))
+    assert len(batch) == 4 and all(len(d["instances"]) == 0 for d in batch)

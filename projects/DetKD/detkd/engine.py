@@ -271,6 +271,23 @@ def check_test_datasets(cfg) -> None:
             )
 
 
+def _no_training_images(names: List[str]) -> str:
+    """The error for training datasets ``names`` of which detectron2's ``filter_empty`` kept no
+    image: how many images they have, without and with only ``iscrowd=1`` annotations."""
+    dicts = [d for name in names for d in DatasetCatalog.get(name)]
+    crowd = sum(
+        1 for d in dicts if d.get("annotations") and all(a.get("iscrowd", 0) for a in d["annotations"])
+    )
+    return (
+        f"dataloader.train: no image of {', '.join(map(repr, names))} has an annotation to train on "
+        f"({len(dicts)} images: {len(dicts) - crowd} without annotations, {crowd} with only "
+        "iscrowd=1 ones), and detectron2 drops such images from training "
+        "(dataloader.train.dataset.filter_empty, True by default), which left none. Check the "
+        "json's \"annotations\" (their image_id must be an image's id), or set "
+        "dataloader.train.dataset.filter_empty = False to train on the images as background."
+    )
+
+
 def _class_count(model):
     """A detector's number of classes (RetinaNet, FCOS, ConditionalDETR: ``num_classes``; an
     R-CNN: its ROI heads'), or None (e.g. a proposal network)."""
@@ -952,7 +969,17 @@ class KDTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return instantiate(cfg.dataloader.train)
+        """``dataloader.train``, instantiated. Training data whose every image detectron2 drops
+        (no annotation but ``iscrowd=1`` ones, with ``filter_empty``, its default) is a
+        ValueError that says so and names the fix, instead of detectron2's assertion "No valid
+        data found in <names>"."""
+        try:
+            return instantiate(cfg.dataloader.train)
+        except AssertionError as e:
+            names = _dataset_names(cfg, "train")
+            if not names or not str(e).startswith("No valid data found"):
+                raise
+            raise ValueError(_no_training_images(names)) from e
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name=None):
