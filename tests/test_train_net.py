@@ -1185,3 +1185,35 @@ def test_training_data_without_a_usable_annotation_is_an_error_naming_filter_emp
     cfg.dataloader.train.sampler.size = 2
     batch = next(iter(KDTrainer.build_train_loader(cfg)))
     assert len(batch) == 4 and all(len(d["instances"]) == 0 for d in batch)
+
+
+def test_a_test_dataset_without_images_is_an_error_before_training(tmp_path):
+    # detectron2's test loader stopped on it ("Dataset '...' is empty!") at the first
+    # evaluation, by default after the whole run; --eval-only names it the same way
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from detkd.engine import check_student_classes
+
+    name = "detkd_test_no_images"
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    (tmp_path / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+
+    def register():  # fresh metadata, as in a new process
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, str(tmp_path / "val.json"), str(tmp_path))
+
+    register()
+    cfg = _small_cfg(tmp_path / "t", max_iter=2)
+    cfg.dataloader.test.dataset.names = name
+    message = re.escape(f"The test dataset '{name}' (dataloader.test.dataset.names) has no images")
+    with pytest.raises(ValueError, match=message):
+        KDTrainer(cfg)
+    assert not (tmp_path / "t" / "last_checkpoint").exists()
+    from detectron2.config import instantiate
+
+    register()
+    with pytest.raises(ValueError, match=message):
+        check_student_classes(cfg, instantiate(cfg.model), split="test")

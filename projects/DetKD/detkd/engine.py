@@ -376,10 +376,15 @@ def _evaluates(cfg) -> bool:
 def _loaded_classes(name: str):
     """The ``thing_classes`` of the registered dataset ``name``, loading it when its metadata
     does not have them yet (detectron2's COCO loader fills them when it reads the json), or None
-    (e.g. a dataset without classes)."""
+    (e.g. a dataset without classes). A dataset so loaded that has no images is an error."""
     meta = MetadataCatalog.get(name)
-    if meta.get("thing_classes") is None:
-        DatasetCatalog.get(name)
+    if meta.get("thing_classes") is None and not DatasetCatalog.get(name):
+        raise ValueError(
+            f"The test dataset {name!r} (dataloader.test.dataset.names) has no images, so there "
+            "is nothing to evaluate: detectron2's test loader would stop on it (\"Dataset "
+            f"'{name}' is empty!\"), in a training run at its first evaluation. Check the "
+            "json's \"images\" (and the folder registered with it), or test on another dataset."
+        )
     return meta.get("thing_classes")
 
 
@@ -392,17 +397,19 @@ def check_test_classes(cfg) -> None:
     that lists only the categories it annotates) were evaluated against a shifted mapping
     without a word, or stopped at the end of training on COCOEvaluator's assertion. Datasets
     without ``thing_classes``, a LazyCall ``names`` (the shapes data) and a config without
-    ``dataloader.evaluator`` (nothing is evaluated) are not checked.
+    ``dataloader.evaluator`` (nothing is evaluated) are not checked. A test dataset that is
+    loaded here (its metadata has no classes yet) and has no images is an error too: detectron2
+    stopped on it only at the first evaluation, by default after the whole run.
     """
     train = _dataset_names(cfg, "train")
     expected = MetadataCatalog.get(train[0]).get("thing_classes") if train else None
     # filled by the training loader, built before this check; no evaluator: nothing is scored
-    if expected is None or not _evaluates(cfg):
+    if not _evaluates(cfg):
         return
 
     for name in _dataset_names(cfg, "test"):
-        classes = _loaded_classes(name)
-        if classes is None or list(classes) == list(expected):
+        classes = _loaded_classes(name)  # a test dataset without images: an error before training
+        if expected is None or classes is None or list(classes) == list(expected):
             continue
         pairs = enumerate(zip(classes, expected))
         diff = next((i for i, (a, b) in pairs if a != b), min(len(classes), len(expected)))
