@@ -53,6 +53,38 @@ def test_pkd_level_with_one_value_per_channel_is_zero_not_nan():
     assert total.item() == pytest.approx(pkd_level_loss(big_s, big_t).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("value", [0.1, 3.7, 123.456])
+def test_pkd_of_constant_float32_maps_equals_the_hand_computation(value):
+    """A constant channel (e.g. an image of one colour) standardises to zeros: a constant
+    student against any teacher gives (M-1)/(2M) (the teacher's standardised map, mean square
+    (M-1)/M, halved), two constant maps 0 with gradient 0, and the gradient is the float64
+    definition's. In float32, centring left a rounding residue that 1 / (std + 1e-6) scaled up:
+    0.506 instead of 0.4875 at 3.7, 0.074 instead of 0 for two constant maps (the definition
+    itself: 29.6 at 123.456)."""
+    from detkd.losses.pkd import _standardize_channels
+
+    g = torch.Generator().manual_seed(0)
+    N, C, H, W = 2, 3, 4, 5
+    M = N * H * W
+    t = torch.randn(N, C, H, W, generator=g)
+    const = torch.full((N, C, H, W), value)
+    std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
+    expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
+    definition = lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2  # noqa: E731
+    for loss in (pkd_level_loss, definition):
+        s = const.clone().requires_grad_()
+        got = loss(s, t)
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+        s64 = const.double().requires_grad_()
+        (grad64,) = torch.autograd.grad(definition(s64, t.double()), s64)
+        torch.testing.assert_close(torch.autograd.grad(got, s)[0], grad64.float(), rtol=1e-4, atol=1e-3)
+        assert loss(t.clone().requires_grad_(), const).item() == pytest.approx(expected, rel=1e-6)
+        s = const.clone().requires_grad_()
+        both = loss(s, torch.full_like(const, -2.3))
+        assert both.item() == 0.0
+        assert torch.equal(torch.autograd.grad(both, s)[0], torch.zeros_like(s))
+
+
 def test_pkd_invariant_to_per_channel_affine_teacher():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)

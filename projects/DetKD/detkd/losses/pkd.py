@@ -41,6 +41,10 @@ def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     """
     C = feat.shape[1]
     x = feat.transpose(0, 1).reshape(C, -1)  # (C, M)
+    # Shifted by each channel's first value (the result is shift-invariant): a constant
+    # channel is then exactly 0. Its float32 mean is not always its value, and the rounding
+    # residue, divided by std + eps ~ eps, gave it a row of arbitrary size instead of zeros.
+    x = x - x[:, :1]
     mean = x.mean(dim=1, keepdim=True)
     std = x.std(dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0)  # unbiased, as the reference
     return (x - mean) / (std + eps)
@@ -100,8 +104,13 @@ class _PKDLevelLoss(torch.autograd.Function):
         dims, C = (0, 2, 3), s.shape[1]
         M = s.numel() // C
         # Centred maps, then plain sums (torch.var_mean over dims (0, 2, 3) is ~20x slower on CPU).
-        sc = s - s.mean(dim=dims, keepdim=True)
-        tc = t - t.mean(dim=dims, keepdim=True)
+        # Each channel shifted by its first value first, as _standardize_channels: a constant
+        # channel is centred to exact zeros, not to a rounding residue that 1 / (std + eps)
+        # would scale up (float32 maps of one value gave losses from 0.07 to 0.9, not 0).
+        sc = s - s[:1, :, :1, :1]
+        sc.sub_(sc.mean(dim=dims, keepdim=True))
+        tc = t - t[:1, :, :1, :1]
+        tc.sub_(tc.mean(dim=dims, keepdim=True))
         q_s, q_t = (sc * sc).sum(dim=dims), (tc * tc).sum(dim=dims)  # (C,) = (M - 1) var
         cov = (sc * tc).sum(dim=dims)
         # M = 1 (batch 1, a 1x1 map): q = 0 and std 0, a constant channel (not 0 / 0)
