@@ -452,6 +452,30 @@ def test_feature_and_relation_losses_equal_separate_autograd_terms(counts):
     assert torch.autograd.gradcheck(lambda x: sum(feature_and_relation_losses(x, t, counts)), (s,))
 
 
+@pytest.mark.parametrize("counts", [[5, 5], [5, 2, 4]])
+def test_relation_loss_of_identical_gis_is_the_definitions_not_rounding_noise(counts):
+    """GIs of equal features (a flat image region): every distance is 0, on both sides a
+    relation loss of 0. From Gram matrices of the raw float32 features the distances were
+    rounding residues of |x|^2 and, normalised by their own mean, gave ~1 (0.9-1.8). With one
+    student GI moved, the hand computation: an image of n GIs has 2(n-1) pairs at n/2 times the
+    mean distance (SmoothL1(n/2 - 1) against the teacher's 1 each) and the others at ~0 (0.5
+    each): 0.7 for n = 5, 0.5 for n = 4; images of fewer than 3 GIs are left out."""
+    from detkd.losses.gid import feature_and_relation_losses
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.cat([(30 * torch.randn(1, 490, generator=g)).expand(n, -1) for n in counts])
+    t = torch.cat([(30 * torch.randn(1, 490, generator=g)).expand(n, -1) for n in counts])
+    for loss in (lambda a: relation_loss(a, t, counts), lambda a: feature_and_relation_losses(a, t, counts)[1]):
+        a = s.clone().requires_grad_()
+        got = loss(a)
+        assert got.item() == 0.0
+        assert torch.equal(torch.autograd.grad(got, a)[0], torch.zeros_like(a))
+        moved = s.clone()
+        moved[[sum(counts[:i]) for i in range(len(counts))], 0] += 0.3  # each image's first GI
+        expected = [{5: 0.7, 4: 0.5}[n] for n in counts if n >= 3]
+        assert loss(moved.requires_grad_()).item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+
+
 def test_one_shared_box_decoding_equals_decoding_both_models():
     """GISM with one decoding (of each prediction's more confident model's deltas) selects
     exactly the boxes that decoding both models and choosing boxes selects; the losses and

@@ -442,6 +442,7 @@ class _ImageBlocks:
     """
 
     def __init__(self, counts: List[int], device, dtype):
+        self.counts = counts
         self.keep = [i for i, g in enumerate(counts) if g >= 3]
         if not self.keep:
             return
@@ -462,8 +463,24 @@ class _ImageBlocks:
         return gram[self.rows[:, :, None], self.rows[:, None, :]]
 
 
+def _shifted(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
+    """
+    (Gt, D) rows, each image's minus its first row (detached): the distances the Gram matrix
+    gives are the same, and so is their gradient (a fixed shift of every point leaves them
+    unchanged), but ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` no longer cancels large norms: GIs of
+    equal features are exactly 0 apart, not a rounding residue of ``|x|^2`` (which the
+    normalisation by the residues' mean made a relation loss of ~1 for two sets of identical
+    GIs, where the definition's is 0), and near-equal ones keep their digits.
+    """
+    if blocks.uniform:
+        x = x.reshape(len(blocks.keep), blocks.G, -1)
+        return (x - x[:, :1].detach()).reshape(-1, x.shape[-1])
+    return torch.cat([rows - rows[:1].detach() for rows in x.split(blocks.counts)])
+
+
 def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
-    """(Gt, D) -> (M, G, G) per-image blocks when uniform, else the (Gt, Gt) Gram matrix."""
+    """(Gt, D) rows (see :func:`_shifted`) -> (M, G, G) per-image blocks when uniform, else the
+    (Gt, Gt) Gram matrix."""
     if blocks.uniform:
         x = x.reshape(len(blocks.keep), blocks.G, -1)
     return x @ x.transpose(-1, -2)
@@ -471,11 +488,11 @@ def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
 
 class _SquaredErrorAndGram(torch.autograd.Function):
     """
-    ``(sum((a - t)^2), _gram(a))`` for GI features a (trainable) and t (teacher, constant): the
-    feature loss's sum and the student Gram matrix the relation loss reads, with one backward
-    that writes one (Gt, D) tensor, ``2 g_sse (a - t) + (g + g^T) @ a``. (Autograd writes
-    the squared-error gradient, each Gram operand's gradient and their sum separately: each a
-    (Gt, D) tensor, the largest ones in GID's step.)
+    ``(sum((a - t)^2), _gram(_shifted(a)))`` for GI features a (trainable) and t (teacher,
+    constant): the feature loss's sum and the student Gram matrix the relation loss reads, with
+    one backward that writes one (Gt, D) tensor, ``2 g_sse (a - t) + (g + g^T) @ a'`` (a': the
+    shifted rows). (Autograd writes the squared-error gradient, each Gram operand's gradient
+    and their sum separately: each a (Gt, D) tensor, the largest ones in GID's step.)
     """
 
     @staticmethod
@@ -484,6 +501,7 @@ class _SquaredErrorAndGram(torch.autograd.Function):
         flat = diff.flatten()
         ctx.blocks = blocks
         if blocks.keep:
+            a = _shifted(a, blocks)  # the Gram's gradient is the same for the shifted rows
             gram = _gram(a, blocks)
         else:
             gram = a.new_zeros(0)
@@ -548,8 +566,9 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     if not blocks.keep:
         return zero_loss(student)
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(teacher, blocks))
-    return _relation_from_grams(blocks.grams(_gram(student, blocks)), gram_t, blocks)
+        gram_t = blocks.grams(_gram(_shifted(teacher, blocks), blocks))
+    gram_s = blocks.grams(_gram(_shifted(student, blocks), blocks))
+    return _relation_from_grams(gram_s, gram_t, blocks)
 
 
 def feature_and_relation_losses(
@@ -571,7 +590,7 @@ def feature_and_relation_losses(
     if not blocks.keep:
         return sse, zero_loss(student)
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(teacher, blocks))
+        gram_t = blocks.grams(_gram(_shifted(teacher, blocks), blocks))
     return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
 
 
