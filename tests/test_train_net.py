@@ -747,17 +747,24 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
 
 
 def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
-    # a test set that fails to load (here a registered one whose loader raises) fails only in the
-    # final evaluation, after training: the finished run's student must still be exported (it was
-    # not: the export hook ran after the evaluation hook, and TrainerBase stops at the first
-    # after_train that raises)
+    # a test set that fails to load at the final evaluation, after training (here a registered
+    # one whose loader reads at the startup checks and raises afterwards, as a json removed
+    # during the run): the finished run's student must still be exported (it was not: the export
+    # hook ran after the evaluation hook, and TrainerBase stops at the first after_train that
+    # raises)
     from detectron2.data import DatasetCatalog
 
+    calls = []
+
     def broken():
+        calls.append(1)
+        if len(calls) == 1:  # KDTrainer's check that the test set has images
+            return [{"file_name": "x.png", "image_id": 0, "height": 64, "width": 64}]
         raise RuntimeError("detkd_test_broken_dataset: unreadable annotations")
 
-    if "detkd_test_broken_dataset" not in DatasetCatalog.list():
-        DatasetCatalog.register("detkd_test_broken_dataset", broken)
+    if "detkd_test_broken_dataset" in DatasetCatalog.list():
+        DatasetCatalog.remove("detkd_test_broken_dataset")
+    DatasetCatalog.register("detkd_test_broken_dataset", broken)
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
     cfg.dataloader.test.dataset.names = "detkd_test_broken_dataset"
     trainer = KDTrainer(cfg)
