@@ -9,7 +9,18 @@ import pytest
 from conftest import REPO
 
 
-def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
+def _demo_in_process(cmd, capsys):
+    """``python -m detkd.demo ...`` (``cmd``) called in this process (the runs it trains are still
+    train_net.py processes): what it prints. Saves the interpreter start and imports of a process."""
+    from detkd.demo import main
+
+    assert cmd[1:3] == ["-m", "detkd.demo"]
+    capsys.readouterr()
+    main(cmd[3:])
+    return capsys.readouterr().out
+
+
+def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "detkd.demo", "--methods", "pkd", "d3etr", "--iters", "2", "--output", str(out),
            "--", "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
@@ -32,16 +43,13 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
          "--teacher", str(out / "teacher_detr/model_final.pth"),
          "--student", str(out / "d3etr_detr/model_final_student.pth"), "--out", str(tmp_path / "d3.png")])
     assert (tmp_path / "gid.png").stat().st_size > 1000 and (tmp_path / "d3.png").stat().st_size > 1000
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0
-    assert again.stdout.count("[demo] reusing") == 6
+    # the first call above is the command line itself; the others call its main() in this process
+    assert _demo_in_process(cmd, capsys).count("[demo] reusing") == 6
     # A second seed: the seed-0 runs and the teacher are reused, the student runs repeat.
     assert cmd[4:7] == ["pkd", "d3etr", "--iters"]
     # and every run evaluated on a held-out split too (a second table)
     seeds = cmd[:4] + ["pkd", "--seeds", "0", "1", "--heldout", "6"] + cmd[6:]
-    proc = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("[demo] reusing") == 3
+    assert _demo_in_process(seeds, capsys).count("[demo] reusing") == 3
     with open(out / "student_retinanet_seed1" / "config.yaml") as f:
         assert "seed: 1" in f.read()
     assert (out / "pkd_retinanet_seed1" / "model_final_student.pth").is_file()
@@ -65,14 +73,11 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path):
     with open(out / "pkd_retinanet_seed1" / "heldout_6" / "config.yaml") as f:
         text = f.read()
     assert "num_images: 6" in text and "seed: 7" in text
-    again = subprocess.run(seeds, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "held-out evaluation" not in again.stdout  # cached
+    assert "held-out evaluation" not in _demo_in_process(seeds, capsys)  # cached
     # seeds without 0: the PKD picture comes from the first seed's runs (all reused here)
     os.remove(out / "pkd_fpn.png")
     only1 = cmd[:4] + ["pkd", "--seeds", "1"] + cmd[6:]
-    proc = subprocess.run(only1, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("[demo] reusing") == 3 and (out / "pkd_fpn.png").is_file()
+    assert _demo_in_process(only1, capsys).count("[demo] reusing") == 3 and (out / "pkd_fpn.png").is_file()
 
 
 def test_demo_reuses_a_finished_run_only_if_trained_with_the_same_arguments(tmp_path, monkeypatch):
