@@ -500,12 +500,10 @@ class _SquaredErrorAndGram(torch.autograd.Function):
         diff = a - t
         flat = diff.flatten()
         ctx.blocks = blocks
-        if blocks.keep:
-            a = _shifted(a, blocks)  # the Gram's gradient is the same for the shifted rows
-            gram = _gram(a, blocks)
-        else:
-            gram = a.new_zeros(0)
-        ctx.save_for_backward(a, diff)  # not the teacher's t: nothing of it is kept for backward
+        gram = _gram(_shifted(a, blocks), blocks) if blocks.keep else a.new_zeros(0)
+        # a itself, not its shifted copy (a second (Gt, D) tensor kept until backward); not the
+        # teacher's t: nothing of it is kept for backward
+        ctx.save_for_backward(a, diff)
         return torch.dot(flat, flat), gram
 
     @staticmethod
@@ -514,12 +512,20 @@ class _SquaredErrorAndGram(torch.autograd.Function):
         a, diff = ctx.saved_tensors
         grad = diff * (2 * g_sse)
         if ctx.blocks.keep and g_gram is not None:
+            # (g + g^T) @ a' with a' = a - a_0 (each image's rows minus its first row), written
+            # as (g + g^T) @ a - rowsum(g + g^T) a_0: no shifted copy of a
             sym = g_gram + g_gram.transpose(-1, -2)
+            rowsum = sym.sum(dim=-1, keepdim=True)
             if ctx.blocks.uniform:
                 M, G = len(ctx.blocks.keep), ctx.blocks.G
-                grad.view(M, G, -1).baddbmm_(sym, a.view(M, G, -1))
+                grad3, a3 = grad.view(M, G, -1), a.view(M, G, -1)
+                grad3.baddbmm_(sym, a3).addcmul_(rowsum, a3[:, :1], value=-1.0)
             else:
                 grad.addmm_(sym, a)
+                start = 0
+                for n in ctx.blocks.counts:  # per image (a few per batch), not per GI
+                    grad[start:start + n].addcmul_(rowsum[start:start + n], a[start:start + 1], value=-1.0)
+                    start += n
         return grad, None, None
 
 
