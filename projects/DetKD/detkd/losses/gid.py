@@ -470,7 +470,8 @@ def _shifted(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
     unchanged), but ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` no longer cancels large norms: GIs of
     equal features are exactly 0 apart, not a rounding residue of ``|x|^2`` (which the
     normalisation by the residues' mean made a relation loss of ~1 for two sets of identical
-    GIs, where the definition's is 0), and near-equal ones keep their digits.
+    GIs, where the definition's is 0). (Two close GIs far from the first still lose digits to
+    float32 rounding of their distance.)
     """
     if blocks.uniform:
         x = x.reshape(len(blocks.keep), blocks.G, -1)
@@ -479,8 +480,9 @@ def _shifted(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
 
 
 def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
-    """(Gt, D) rows (see :func:`_shifted`) -> (M, G, G) per-image blocks when uniform, else the
-    (Gt, Gt) Gram matrix."""
+    """(Gt, D) rows -> the Gram matrix of the rows shifted by :func:`_shifted`: (M, G, G)
+    per-image blocks when uniform, else (Gt, Gt)."""
+    x = _shifted(x, blocks)
     if blocks.uniform:
         x = x.reshape(len(blocks.keep), blocks.G, -1)
     return x @ x.transpose(-1, -2)
@@ -488,7 +490,7 @@ def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
 
 class _SquaredErrorAndGram(torch.autograd.Function):
     """
-    ``(sum((a - t)^2), _gram(_shifted(a)))`` for GI features a (trainable) and t (teacher,
+    ``(sum((a - t)^2), _gram(a))`` for GI features a (trainable) and t (teacher,
     constant): the feature loss's sum and the student Gram matrix the relation loss reads, with
     one backward that writes one (Gt, D) tensor, ``2 g_sse (a - t) + (g + g^T) @ a'`` (a': the
     shifted rows). (Autograd writes the squared-error gradient, each Gram operand's gradient
@@ -500,7 +502,7 @@ class _SquaredErrorAndGram(torch.autograd.Function):
         diff = a - t
         flat = diff.flatten()
         ctx.blocks = blocks
-        gram = _gram(_shifted(a, blocks), blocks) if blocks.keep else a.new_zeros(0)
+        gram = _gram(a, blocks) if blocks.keep else a.new_zeros(0)
         # a itself, not its shifted copy (a second (Gt, D) tensor kept until backward); not the
         # teacher's t: nothing of it is kept for backward
         ctx.save_for_backward(a, diff)
@@ -572,8 +574,8 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
     if not blocks.keep:
         return zero_loss(student)
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(_shifted(teacher, blocks), blocks))
-    gram_s = blocks.grams(_gram(_shifted(student, blocks), blocks))
+        gram_t = blocks.grams(_gram(teacher, blocks))
+    gram_s = blocks.grams(_gram(student, blocks))
     return _relation_from_grams(gram_s, gram_t, blocks)
 
 
@@ -596,7 +598,7 @@ def feature_and_relation_losses(
     if not blocks.keep:
         return sse, zero_loss(student)
     with torch.no_grad():
-        gram_t = blocks.grams(_gram(_shifted(teacher, blocks), blocks))
+        gram_t = blocks.grams(_gram(teacher, blocks))
     return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
 
 
