@@ -389,3 +389,64 @@ def test_readme_own_data_config_trains_outside_the_repository(tmp_path):
     with open(out / "metrics.json") as f:
         lines = f.read()
     assert "loss_pkd" in lines and "loss_gid_feat" in lines and "bbox/AP" in lines
+
+
+
+def _demo_tables():
+    """The README's two demo result tables (validation, held-out): {row name: (AP, per-seed
+    values, ΔAP sd)}; a row's per-seed values are its APs (student alone) or ΔAPs."""
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    section = text.split("### Demo (synthetic shapes, CPU)", 1)[1].split("### Paper settings", 1)[0]
+    tables, rows = [], None
+    for line in section.splitlines():
+        if line.startswith("| model"):
+            rows = {}
+            tables.append(rows)
+        elif rows is not None and line.startswith("|") and "---" not in line:
+            cols = [c.strip() for c in line.strip("|").split("|")]
+            seeds = re.search(r"\(([^)]*)\)", cols[5])
+            values = None
+            if seeds:
+                values = [float(v.replace(" AP", "").replace("−", "-"))
+                          for v in seeds.group(1).split("/")]
+            sd = float(cols[6]) if cols[6] else None
+            rows[cols[0].replace("*", "")] = (float(cols[1]), values, sd)
+    return tables, text
+
+
+def test_readme_demo_claims_match_its_tables():
+    """The demo section's statements computed from its own tables: the spread of paired ΔAP sds
+    of this version's RetinaNet rows (the Notes), the largest move of a PKD (α=1) run by the flip
+    fix, and the held-out split's ranking of the RetinaNet rows against the validation split's."""
+    import re
+
+    (val, held), text = _demo_tables()
+    retina = [n for n in val
+              if "DETR" not in n and "teacher" not in n and "before the flip" not in n]
+    sds = [t[n][2] for t in (val, held) for n in retina if n in t and t[n][2] is not None]
+    stated = re.search(r"paired ΔAP sd (\d+\.\d)–(\d+\.\d) AP", text).groups()
+    assert stated == (f"{min(sds):.1f}", f"{max(sds):.1f}"), (stated, sorted(sds))
+
+    student = val["student alone"][1]
+    after = val["student + PKD (α=1)"][1]
+    before = val["before the flip fix: student + PKD (α=1)"][1]
+    moves = [abs(a - b) for a, b in zip(after, before)]
+    seed = max(range(len(moves)), key=moves.__getitem__)
+    claim = re.search(
+        r"moved single runs by up to (\d+) AP \(seed (\d): (\d+\.\d+) → (\d+\.\d+)", text
+    ).groups()
+    expected = (str(round(moves[seed])), str(seed), f"{student[seed] + before[seed]:.2f}",
+                f"{student[seed] + after[seed]:.2f}")
+    assert claim == expected, (claim, expected)
+
+    both = [n for n in retina if n in held]
+    swapped = {(a, b) for a in both for b in both
+               if val[a][0] > val[b][0] and held[a][0] < held[b][0]}
+    a10 = "papers' weights: student + PKD (α=10)"
+    a10_gid = a10 + " + GID"
+    assert swapped == {(a10_gid, a10), ("student alone", a10), ("student alone", a10_gid)}
+    lower = [n for n in both if n != "student alone" and held[n][0] < val[n][0]]
+    assert lower == ["student + GID"], lower  # "the distilled students higher, except GID's"
