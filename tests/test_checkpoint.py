@@ -493,3 +493,83 @@ def test_an_unloadable_checkpoint_to_evaluate_does_not_suggest_an_empty_one(tmp_
         load_student(student, missing)
     with pytest.raises(CheckpointMismatchError, match="there are no weights to evaluate"):
         load_student(student, "", strict=True)  # what the suggestion led to
+
+
+def _caffe2_name(key):
+    """The Caffe2 / Detectron1 model-zoo name of a tiny Faster R-CNN's ``key`` (BasicBlocks,
+    FPN, RPN, box head), the inverse of detectron2's ``convert_c2_detectron_names``."""
+    import re
+
+    suffix = {"weight": "w", "bias": "b", "running_mean": "rm", "running_var": "riv"}
+    m = re.fullmatch(r"backbone\.bottom_up\.(.*)\.(weight|bias|running_mean|running_var)", key)
+    if m:
+        path, p = m.groups()
+        if path.startswith("stem.conv1"):
+            return "res_conv1_bn_" + {"w": "s"}.get(suffix[p], suffix[p]) if "norm" in path else "conv1_w"
+        stage, block, conv = re.fullmatch(r"(res\d)\.(\d+)\.(\w+?)(?:\.norm)?", path).groups()
+        branch = {"conv1": "branch2a", "conv2": "branch2b", "shortcut": "branch1"}[conv]
+        if path.endswith(".norm"):
+            return f"{stage}_{block}_{branch}_bn_" + {"w": "s"}.get(suffix[p], suffix[p])
+        return f"{stage}_{block}_{branch}_{suffix[p]}"
+    m = re.fullmatch(r"backbone\.fpn_(lateral|output)(\d)\.(weight|bias)", key)
+    if m:
+        kind, s, p = m.groups()
+        return (f"fpn_inner_res{s}_0_sum_lateral_" if kind == "lateral" else f"fpn_res{s}_0_sum_") + suffix[p]
+    m = re.fullmatch(r"proposal_generator\.rpn_head\.(\w+)\.(weight|bias)", key)
+    if m:
+        name = {"conv": "conv_rpn_fpn2", "objectness_logits": "rpn_cls_logits_fpn2",
+                "anchor_deltas": "rpn_bbox_pred_fpn2"}[m.group(1)]
+        return f"{name}_{suffix[m.group(2)]}"
+    m = re.fullmatch(r"roi_heads\.box_head\.fc(\d)\.(weight|bias)", key)
+    if m:
+        return f"fc{int(m.group(1)) + 5}_{suffix[m.group(2)]}"
+    m = re.fullmatch(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)", key)
+    return f"{m.group(1)}_{suffix[m.group(2)]}"
+
+
+def _write_caffe2_pkl(model, path):
+    """``model`` in a Detectron1 model-zoo .pkl ("blobs" of Caffe2 names, background class first),
+    which detectron2 loads with its name-matching heuristics."""
+    blobs = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        name, v = _caffe2_name(k), v.detach().numpy()
+        if name.startswith("cls_score"):  # background: the last class in detectron2, the first here
+            v = np.concatenate([v[-1:], v[:-1]])
+        elif name.startswith("bbox_pred"):  # class-specific boxes, with background's 4 first
+            v = np.concatenate([np.zeros_like(v[:4]), v])
+        blobs[name] = v
+    with open(path, "wb") as f:
+        pickle.dump({"blobs": blobs}, f)
+
+
+def _tiny_rcnn(depth=10, num_classes=3):
+    from detkd.modeling.resnet import basic_resnet_stages
+
+    from conftest import tiny_faster_rcnn_cfg
+
+    cfg = tiny_faster_rcnn_cfg(num_classes=num_classes)
+    cfg.backbone.bottom_up.stages = L(basic_resnet_stages)(depth=depth, width=16, norm="BN")
+    model = instantiate(cfg)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5) if "running" in name else t.normal_()
+    return model.requires_grad_(False).eval()
+
+
+def test_teacher_from_a_caffe2_pkl_is_exact_and_a_deeper_backbones_is_an_error(tmp_path):
+    # The heuristics' unmatched keys keep the file's names (res2.1.* for backbone.bottom_up.res2):
+    # a deeper backbone's file loaded into the first blocks with a warning only.
+    source = _tiny_rcnn()
+    _write_caffe2_pkl(source, tmp_path / "r10.pkl")
+    teacher = _tiny_rcnn()
+    load_teacher(teacher, str(tmp_path / "r10.pkl"))
+    assert _same_weights(teacher, source)
+
+    _write_caffe2_pkl(_tiny_rcnn(depth=18), tmp_path / "r18.pkl")
+    with pytest.raises(TeacherCheckpointError, match=r"has 40 weights that model.teacher has no place "
+                       r"for: \['res2\.1\.conv1\.norm\.bias'.*larger architecture"):
+        load_teacher(_tiny_rcnn(), str(tmp_path / "r18.pkl"))
+

@@ -59,17 +59,35 @@ def _module_extras(model: nn.Module, unexpected) -> list:
     an existing submodule lacks (``conv.bias`` of a conv without bias). Keys of whole parts the
     model does not have (e.g. the mask head of a Mask R-CNN checkpoint loaded into a Faster
     R-CNN) and top-level buffers (pixel_mean/std of old checkpoints) are not.
+
+    The keys of a file loaded by detectron2's name-matching heuristics (a Caffe2 / Detectron1
+    ``.pkl``, ``matching_heuristics``) that matched nothing keep the file's names, without
+    the model's prefixes (``res4.6.conv1.weight`` for ``backbone.bottom_up.res4``): a key
+    whose leading names are no module of ``model`` is placed by the modules whose names end
+    with them (all of them must be such an owner).
     """
     modules = dict(model.named_modules())
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+    def is_extra(owner, i, parts) -> bool:
+        return isinstance(owner, containers) or (i > 0 and i == len(parts) - 1)
+
     extras = []
     for key in unexpected:
         parts = key.split(".")
         i = len(parts) - 1
         while i > 0 and ".".join(parts[:i]) not in modules:
             i -= 1
-        owner = modules[".".join(parts[:i])] if i > 0 else model
-        if isinstance(owner, containers) or (i > 0 and i == len(parts) - 1):
+        if i == 0:  # no module of this name: one of the model's, by suffix (heuristic names)
+            for j in range(len(parts) - 1, 0, -1):
+                suffix = "." + ".".join(parts[:j])
+                owners = [m for n, m in modules.items() if n.endswith(suffix)]
+                if owners:
+                    if all(is_extra(m, j, parts) for m in owners):
+                        extras.append(key)
+                    break
+            continue
+        if is_extra(modules[".".join(parts[:i])], i, parts):
             extras.append(key)
     return extras
 
