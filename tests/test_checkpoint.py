@@ -573,3 +573,16 @@ def test_teacher_from_a_caffe2_pkl_is_exact_and_a_deeper_backbones_is_an_error(t
                        r"for: \['res2\.1\.conv1\.norm\.bias'.*larger architecture"):
         load_teacher(_tiny_rcnn(), str(tmp_path / "r18.pkl"))
 
+
+def test_a_caffe2_teacher_pkl_of_another_class_count_is_a_shape_mismatch(tmp_path):
+    # detectron2's heuristics skip a tensor of another shape with a warning: the 80-class file's
+    # predictor was reported as a part the file lacks ("The file has nothing of
+    # ['roi_heads.box_predictor']: ... a Faster R-CNN file for a Mask R-CNN teacher").
+    _write_caffe2_pkl(_tiny_rcnn(num_classes=80), tmp_path / "coco.pkl")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(_tiny_rcnn(), str(tmp_path / "coco.pkl"))
+    msg = str(e.value)
+    assert ("shape mismatch: roi_heads.box_predictor.cls_score.weight: file (81, 64) vs model (4, 64)"
+            in msg), msg
+    assert "class-count mismatch" in msg and "MODEL.ROI_HEADS.NUM_CLASSES" in msg
+    assert "has nothing of" not in msg and "unloaded" not in msg

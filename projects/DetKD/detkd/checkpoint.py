@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -206,8 +207,47 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         self.last_was_run = any(k.startswith(STUDENT_PREFIX) for k in keys)
         self.last_had_teacher = self.last_was_run and any(k.startswith("teacher.") for k in keys)
         checkpoint["model"] = student_state_dict(checkpoint["model"])
+        aligned = None
+        if checkpoint.get("matching_heuristics", False):
+            # detectron2's name matching (a Caffe2 / Detectron1 .pkl), done here to see its
+            # result: it skips a tensor of another shape with a warning, which then left only a
+            # "missing" model key and an "unexpected" file key (cls_score of an 80-class file)
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            checkpoint["model"] = align_and_update_state_dicts(
+                self.model.state_dict(),
+                checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
+            )
+            checkpoint["matching_heuristics"] = False
+            aligned = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
         self.last_incompatible = super()._load_model(checkpoint)
+        if aligned is not None and self.last_incompatible is not None:
+            _shape_mismatches_by_suffix(self.model, self.last_incompatible, aligned)
         return self.last_incompatible
+
+
+def _shape_mismatches_by_suffix(model: nn.Module, inc, shapes: Dict[str, tuple]) -> None:
+    """
+    Move the pairs of a heuristic load that detectron2 matched by name but skipped for their
+    shapes (a model key missing, a file key that is a dot-suffix of it unexpected) from
+    ``inc.missing_keys`` / ``inc.unexpected_keys`` to ``inc.incorrect_shapes`` (key, file
+    shape, model shape), as a load without heuristics reports them.
+
+    Args:
+        shapes (dict[str, tuple]): the shape of every tensor of the aligned file, by key.
+    """
+    state = model.state_dict()
+    unexpected = set(inc.unexpected_keys)
+    for key in list(inc.missing_keys):
+        found = [u for u in unexpected if key == u or key.endswith("." + u)]
+        if not found or key not in state:
+            continue
+        u = max(found, key=len)  # detectron2's choice: the longest match
+        if shapes[u] != tuple(state[key].shape):
+            inc.missing_keys.remove(key)
+            inc.unexpected_keys.remove(u)
+            unexpected.discard(u)
+            inc.incorrect_shapes.append((key, shapes[u], tuple(state[key].shape)))
 
 
 def _is_local(path) -> bool:
