@@ -112,6 +112,28 @@ def test_a_second_export_replaces_the_first(tmp_path):
     assert os.listdir(tmp_path) == ["model_final_student.pth"]  # no .tmp left behind
 
 
+
+def test_export_never_replaces_a_run_checkpoint(tmp_path):
+    # export_student(ckpt, ckpt) wrote the student alone over the run's model_final.pth: its
+    # adapters, optimizer and iteration were gone and --resume refused the folder
+    kd = _kd()
+    opt = torch.optim.SGD(kd.parameters(), lr=0.1)
+    DetectionCheckpointer(kd, str(tmp_path), optimizer=opt).save("model_final", iteration=9)
+    run = str(tmp_path / "model_final.pth")
+    before = (tmp_path / "model_final.pth").read_bytes()
+    with pytest.raises(ValueError, match="model_final.pth' is a training run's checkpoint.*another file name"):
+        export_student(run, run)
+    # a plain detector's run checkpoint (a baseline's) is one too
+    DetectionCheckpointer(kd.student, str(tmp_path), optimizer=opt).save("baseline", iteration=9)
+    with pytest.raises(ValueError, match="training run's checkpoint"):
+        export_student(run, str(tmp_path / "baseline.pth"))
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    # an older export is replaced
+    out = str(tmp_path / "student.pth")
+    torch.save({"model": {"old": torch.zeros(1)}}, out)
+    state = export_student(run, out)
+    assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
+
 def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_path):
     kd = _kd()
     for p in kd.distillers.parameters():

@@ -485,7 +485,28 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
 
     Returns:
         dict: the student state dict written (no ``distillers.*`` / teacher keys).
+
+    Raises:
+        ValueError: if ``output`` is a run checkpoint (e.g. ``checkpoint`` itself): the student
+            alone would replace the run's distillers, optimizer, scheduler and iteration, and
+            ``--resume`` would refuse the folder. An older student export is replaced.
     """
+    if PathManager.exists(output):
+        try:
+            with PathManager.open(output, "rb") as f:
+                existing = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception:  # not a checkpoint: nothing of a run to lose
+            existing = None
+        if isinstance(existing, dict) and (
+            any(k.startswith(STUDENT_PREFIX) for k in existing.get("model", {}))
+            or "optimizer" in existing
+        ):
+            raise ValueError(
+                f"export_student: {output!r} is a training run's checkpoint (model, optimizer, "
+                "iteration): writing the student alone there would lose the rest of it (and "
+                "--resume would refuse it). Give the student another file name (e.g. "
+                "model_final_student.pth)."
+            )
     if isinstance(checkpoint, str):
         with PathManager.open(checkpoint, "rb") as f:
             # Our own run checkpoints hold optimizer/scheduler state, not only tensors.
