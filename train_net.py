@@ -100,10 +100,12 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     # default_setup replaces OUTPUT_DIR/config.yaml; a --resume refused below (a run of another
     # config, a bad teacher) puts back the config of the run whose checkpoints are there, and so
-    # does --eval-only in a training run's folder (its own config goes to config_eval.yaml).
+    # does a new run there that fails before training (a bad teacher path, a class mismatch), and
+    # --eval-only in a training run's folder (its own config goes to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
     in_run = args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
-    run_config = _read_run_config(cfg) if resuming or in_run else None
+    restart = not args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
+    run_config = _read_run_config(cfg) if resuming or in_run or restart else None
     # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
     # checkpoint (by the run's own) are refused here, before anything is written
     check_run_inputs_kept(

@@ -746,6 +746,32 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert (out / "config.yaml").read_bytes() == written
 
 
+
+def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, monkeypatch):
+    """A run started again (no --resume) in a finished run's folder that fails before training
+    (here a wrong teacher path) replaced the folder's config.yaml, the only record of the
+    checkpoints' config, by its own; the checkpoints and the tag were kept."""
+    from detectron2.engine import default_argument_parser
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    out = tmp_path / "run"
+    out.mkdir()
+    kept = {"model_final.pth": b"run", "model_final_student.pth": b"student",
+            "last_checkpoint": b"model_final.pth", "config.yaml": b"the run's config"}
+    for name, data in kept.items():
+        (out / name).write_bytes(data)
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), f"train.output_dir={out}",
+        f"train.teacher_checkpoint={tmp_path / 'missing_teacher.pkl'}",
+        "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    ])
+    with pytest.raises(RuntimeError, match="missing_teacher.pkl"):
+        train_net.main(args)
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
 def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
     # a test set that fails to load at the final evaluation, after training (here a registered
     # one whose loader reads at the startup checks and raises afterwards, as a json removed
