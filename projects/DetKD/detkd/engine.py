@@ -867,13 +867,36 @@ class KDTrainer(DefaultTrainer):
             f"--resume: the last checkpoint of {out!r}, {path}, {problem}. To continue, {fix}."
         )
 
+    # A plain detector's (a teacher's or baseline's run) EMA loss normaliser, a float attribute
+    # outside its state_dict; a DistillationDetector saves its student's itself (extra state).
+    _MODEL_STATS_KEY = "model_ema_stats"
+
+    def state_dict(self):
+        """detectron2's trainer state, plus a plain detector's EMA loss normaliser (RetinaNet's,
+        FCOS's ``loss_normalizer``): without it a resumed baseline restarted it at 100 and its
+        losses differed from an uninterrupted run's (by 5 % on the demo's first resumed step)."""
+        ret = super().state_dict()
+        model = unwrap_model(self.model)
+        if not isinstance(model, DistillationDetector):
+            stats = {
+                k: float(getattr(model, k)) for k in DistillationDetector._STUDENT_EMA_ATTRS
+                if isinstance(getattr(model, k, None), (int, float))
+            }
+            if stats:
+                ret[self._MODEL_STATS_KEY] = stats
+        return ret
+
     def load_state_dict(self, state_dict):
         """
-        Restore the run's trainer state (iteration, hooks, optimizer, AMP grad scaler). A run
+        Restore the run's trainer state (iteration, hooks, optimizer, AMP grad scaler, a plain
+        detector's EMA loss normaliser). A run
         resumed with ``train.amp.enabled`` switched on from a checkpoint trained without AMP
         has no grad-scaler state (detectron2's AMPTrainer would stop on a bare ``KeyError``):
         the scaler starts afresh, as in a new AMP run, and a warning says so.
         """
+        model = unwrap_model(self.model)
+        for k, v in state_dict.get(self._MODEL_STATS_KEY, {}).items():
+            setattr(model, k, v)  # set at the first step (detectron2's DenseDetector._ema_update)
         inner = state_dict.get("_trainer", {})
         if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
             logger.warning(
