@@ -60,6 +60,23 @@ def test_teacher_from_zoo_pkl_pth_and_detectron2_url(tmp_path, monkeypatch):
     assert _same_weights(kd.student, fresh.student)
 
 
+
+def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
+    # detectron2 takes a .pkl without "__author__" for Caffe2 blobs and renames its keys
+    # (fpn_lateral3 -> fpn.lateral3): a plain pickled state dict left "128 teacher parameters
+    # unloaded" (named as the file has them), and {"model": ...} stopped on "Unsupported type
+    # found in checkpoint! model: <class 'dict'>"
+    source = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    for p in source.parameters():
+        p.data.normal_()
+    state = {k: v.detach().numpy() for k, v in source.state_dict().items()}
+    for name, data in (("plain.pkl", state), ("model.pkl", {"model": state})):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(data, f)
+        kd = _kd()
+        load_teacher(kd.teacher, str(tmp_path / name))
+        assert _same_weights(kd.teacher, source), name
+
 def test_teacher_errors_are_clear(tmp_path):
     kd = _kd()
     with pytest.raises(TeacherCheckpointError, match="teacher_checkpoint is empty.*teacher_random_init"):

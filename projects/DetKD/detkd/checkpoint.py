@@ -202,6 +202,27 @@ class _DetectorCheckpointer(DetectionCheckpointer):
     last_was_run = False
     last_had_teacher = False
 
+    def _load_file(self, filename):
+        """detectron2's, except for a ``.pkl`` without ``"__author__"`` that holds PyTorch-named
+        weights (``pickle.dump(model.state_dict())``, or ``{"model": ...}``): detectron2 takes
+        every such file for Caffe2 blobs and renames its keys (``fpn_lateral3`` to
+        ``fpn.lateral3``), so no key fitted ("leaves 128 teacher parameters unloaded:
+        ['backbone.fpn_lateral3.weight', ...]", the keys the file has) or, for ``{"model":
+        ...}``, it stopped on "Unsupported type found in checkpoint! model: <class 'dict'>".
+        Caffe2 blob names have no dots: such a file is loaded by its own names."""
+        loaded = super()._load_file(filename)
+        if not (filename.endswith(".pkl") and loaded.get("__author__") == "Caffe2"):
+            return loaded
+        data = loaded["model"]
+        state = data["model"] if isinstance(data.get("model"), dict) else data
+        if not any("." in k for k in state):
+            return loaded  # Caffe2 / Detectron1 blobs
+        return {
+            "model": state,
+            "__author__": "a pickled state dict",
+            "matching_heuristics": bool(state is not data and data.get("matching_heuristics", False)),
+        }
+
     def _load_model(self, checkpoint):
         keys = checkpoint["model"].keys()
         self.last_was_run = any(k.startswith(STUDENT_PREFIX) for k in keys)
