@@ -273,17 +273,22 @@ def _nms_top(cand, scores, nms_thresh: float, topk: int):
         (list[(Tensor, Tensor)], list[int]): per image, boxes (G, 4) and scores (G,); G per image.
     """
     N, m = scores.shape
-    image = torch.arange(N, device=scores.device)[:, None].expand(N, m)
-    ok = torch.isfinite(scores)
-    cand, scores, image = cand[ok], scores[ok], image[ok]  # (P, 4), (P,), (P,)
+    device = scores.device
+    # The finite candidates: one nonzero (a boolean mask per tensor synchronises once each)
+    ok = torch.isfinite(scores).flatten().nonzero().squeeze(1)  # (P,) in (image, rank) order
+    cand, scores = cand.flatten(0, 1).index_select(0, ok), scores.flatten().index_select(0, ok)
+    image = torch.div(ok, m, rounding_mode="floor")  # (P,)
     # by score, all images together; detectron2's batched_nms runs on fp32 boxes, and torchvision
     # wants scores of the boxes' dtype (float64 inputs would fail)
     kept = batched_nms(cand, scores.float(), image, nms_thresh)
     kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, score order kept
-    counts = torch.bincount(image[kept], minlength=N)  # (N,)
-    rank = torch.arange(len(kept), device=scores.device) - (counts.cumsum(0) - counts)[image[kept]]
-    kept = kept[rank < topk]
+    # per-image counts without bincount (on CUDA it reads the largest index first: a sync)
+    counts = torch.zeros(N, dtype=torch.long, device=device)
+    counts.scatter_add_(0, image[kept], torch.ones_like(kept))  # (N,)
+    rank = torch.arange(len(kept), device=device) - (counts.cumsum(0) - counts)[image[kept]]
     sizes = counts.clamp(max=topk).tolist()  # one host sync for the whole batch
+    # the survivors of rank < topk, in order, without a boolean mask (its size is sum(sizes))
+    kept = kept[torch.sort((rank >= topk).to(torch.uint8), stable=True).indices[: sum(sizes)]]
     return list(zip(cand[kept].split(sizes), scores[kept].split(sizes))), sizes
 
 
