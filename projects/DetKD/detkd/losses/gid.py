@@ -442,6 +442,7 @@ class _ImageBlocks:
     Attributes:
         keep (list[int]): images with at least 3 GIs (M of them); G: the most GIs of one.
         uniform (bool): every image has exactly G GIs (rows reshape to (M, G, D)).
+        first (Tensor): (Gt,) the first row of each row's image (when not uniform).
         rows (Tensor): (M, G) row of each slot (padding slots -> row 0).
         pair (Tensor): (M, G, G) bool, real off-diagonal pairs; n_pairs (Tensor): (M,).
     """
@@ -453,6 +454,9 @@ class _ImageBlocks:
             return
         G = self.G = max(counts[i] for i in self.keep)
         self.uniform = len(self.keep) == len(counts) and all(c == G for c in counts)
+        if not self.uniform:  # one host-to-device copy: per-row shifts without a loop over images
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            self.first = host_tensor([s for s, c in zip(starts, counts) for _ in range(c)], device)
         starts_n = host_tensor([[sum(counts[:i]), counts[i]] for i in self.keep], device)  # (M, 2)
         starts, n = starts_n[:, 0], starts_n[:, 1]  # (M,) first row, GIs of each kept image
         slot = torch.arange(G, device=device)
@@ -481,7 +485,7 @@ def _shifted(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
     if blocks.uniform:
         x = x.reshape(len(blocks.keep), blocks.G, -1)
         return (x - x[:, :1].detach()).reshape(-1, x.shape[-1])
-    return torch.cat([rows - rows[:1].detach() for rows in x.split(blocks.counts)])
+    return x - x.detach().index_select(0, blocks.first)
 
 
 def _gram(x: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
@@ -528,11 +532,7 @@ class _SquaredErrorAndGram(torch.autograd.Function):
                 grad3, a3 = grad.view(M, G, -1), a.view(M, G, -1)
                 grad3.baddbmm_(sym, a3).addcmul_(rowsum, a3[:, :1], value=-1.0)
             else:
-                grad.addmm_(sym, a)
-                start = 0
-                for n in ctx.blocks.counts:  # per image (a few per batch), not per GI
-                    grad[start:start + n].addcmul_(rowsum[start:start + n], a[start:start + 1], value=-1.0)
-                    start += n
+                grad.addmm_(sym, a).addcmul_(rowsum, a.index_select(0, ctx.blocks.first), value=-1.0)
         return grad, None, None
 
 
