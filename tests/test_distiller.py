@@ -1,4 +1,5 @@
 """DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
+import copy
 import logging
 import math
 import re
@@ -747,3 +748,45 @@ def test_bound_distillers_are_logged_with_their_level_pairs(caplog):
     with caplog.at_level(logging.INFO, logger="detkd.distiller"):
         build(cfg)
     assert "No distillers: the student trains alone." in [r.getMessage() for r in caplog.records]
+
+
+def test_inputs_on_device_moves_images_once_and_instances_on_request():
+    """The training step moves the images (and a detectron2 student's instances) to the device
+    once, before the teacher runs, in new dicts: the models' own `.to(device)` then copy nothing
+    (on CUDA, the student's plain copy waited for the teacher's forward); "meta" stands in for a
+    device here, the teacher_images and the student's inputs are the same tensors."""
+    from detkd.distiller import inputs_on_device
+
+    inputs = make_inputs(2)
+    inputs[1]["extra"] = extra = torch.ones(2)
+    moved = inputs_on_device(inputs, "meta")
+    assert [x["image"].device.type for x in moved] == ["meta", "meta"]
+    assert [tuple(x["image"].shape) for x in moved] == [tuple(x["image"].shape) for x in inputs]
+    assert all(m["instances"] is x["instances"] for m, x in zip(moved, inputs))  # not asked for
+    assert moved[1]["extra"] is extra and moved[0]["height"] == inputs[0]["height"]
+    assert all(x["image"].device.type == "cpu" for x in inputs)  # the caller's dicts unchanged
+    both = inputs_on_device(inputs, "meta", instances=True)
+    assert [x["instances"].gt_boxes.tensor.device.type for x in both] == ["meta", "meta"]
+    assert [len(x["instances"]) for x in both] == [2, 2]
+    assert inputs[0]["instances"].gt_boxes.tensor.device.type == "cpu"
+    same = inputs_on_device(inputs, "cpu")  # already there: the very tensors
+    assert all(m["image"] is x["image"] for m, x in zip(same, inputs))
+
+    # In a step: the student gets the moved inputs (a detectron2 student: with its instances),
+    # the caller's are untouched, and the losses are those of the caller's inputs.
+    torch.manual_seed(0)
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
+        distillers={"pkd": PKDDistiller()},
+    ).train()
+    alone = copy.deepcopy(model.student)  # the student's losses of the caller's inputs
+    seen = []
+    model.student.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with EventStorage():
+        want = alone(inputs)
+        losses = model(inputs)
+    assert seen[0] is not inputs and all(a is not b for a, b in zip(seen[0], inputs))
+    assert all(a["instances"] is not b["instances"] for a, b in zip(seen[0], inputs))
+    assert all(a["image"] is b["image"] for a, b in zip(seen[0], inputs))  # on the CPU: no copy
+    for k in want:
+        assert torch.equal(losses[k], want[k]), k

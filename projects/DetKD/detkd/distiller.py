@@ -17,6 +17,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
 from .capture import FeatureCapture
+from .utils import host_tensor
 from .losses.base import (
     DistillContext,
     Distiller,
@@ -102,6 +103,36 @@ def normalized_images(
     if square_size is None:
         square_size = _square_size(model)
     return ImageList.from_tensors(images, div, padding_constraints={"square_size": square_size})
+
+
+def inputs_on_device(batched_inputs: List[dict], device, *, instances: bool = False) -> List[dict]:
+    """
+    ``batched_inputs`` in new dicts (the caller's are unchanged) with each ``"image"`` on
+    ``device``, copied from host memory through pinned memory without blocking
+    (:func:`detkd.utils.host_tensor`), and with ``instances`` each ``"instances"`` too
+    (``Instances.to``). A training step of :class:`DistillationDetector` moves them once for
+    both models: the models' own ``x["image"].to(device)`` then copies nothing, where the
+    student's plain copies from pageable memory (detectron2's preprocessing) made the host wait
+    for the teacher's whole forward on the device before queueing the student's, and copied
+    every image a second time.
+
+    Returns:
+        list[dict]: images (3, H, W) on ``device``; other entries as given.
+    """
+    device = torch.device(device)
+
+    def moved(img):
+        if img.device == device:
+            return img
+        return host_tensor(img, device) if img.device.type == "cpu" else img.to(device)
+
+    out = []
+    for x in batched_inputs:
+        x = dict(x, image=moved(x["image"]))
+        if instances and x.get("instances") is not None:
+            x["instances"] = x["instances"].to(device)
+        out.append(x)
+    return out
 
 
 def _head_stage(model: nn.Module, features: Dict[str, torch.Tensor]) -> None:
@@ -497,6 +528,13 @@ class DistillationDetector(nn.Module):
             return self._forward_train(batched_inputs)
 
     def _forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        # Images on the device once, before the teacher is queued (see inputs_on_device); the
+        # ground truth too for detectron2's detectors, which move it first thing themselves
+        # (our DETR copies it from the host in one pinned batch: left there).
+        batched_inputs = inputs_on_device(
+            batched_inputs, self._teacher.pixel_mean.device,  # where teacher_images puts them
+            instances=isinstance(self.student, (GeneralizedRCNN, DenseDetector)),
+        )
         images = self.teacher_images(batched_inputs)
         teacher_taps = {}
         if self._teacher_capture.names:

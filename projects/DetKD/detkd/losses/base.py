@@ -36,7 +36,8 @@ class DistillContext:
     Attributes:
         student (nn.Module): the student detector (being trained).
         teacher (nn.Module): the frozen teacher detector (eval mode).
-        batched_inputs (list[dict]): the detectron2 inputs of this step (with "instances").
+        batched_inputs (list[dict]): the detectron2 inputs of this step (with "instances"),
+            images on the student's device (and detectron2 students' instances).
         teacher_images (ImageList): the teacher's normalized, padded images. The student's
             padded images have the same ``image_sizes``.
         autocast (bool): the step runs under mixed precision (``torch.autocast`` of the images'
