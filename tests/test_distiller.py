@@ -757,7 +757,7 @@ def test_inputs_on_device_moves_images_once_and_instances_on_request():
     device here, the teacher_images and the student's inputs are the same tensors."""
     from detkd.distiller import inputs_on_device
 
-    inputs = make_inputs(2)
+    inputs = make_inputs(2, size=(64, 64))
     inputs[1]["extra"] = extra = torch.ones(2)
     moved = inputs_on_device(inputs, "meta")
     assert [x["image"].device.type for x in moved] == ["meta", "meta"]
@@ -790,3 +790,41 @@ def test_inputs_on_device_moves_images_once_and_instances_on_request():
     assert all(a["image"] is b["image"] for a, b in zip(seen[0], inputs))  # on the CPU: no copy
     for k in want:
         assert torch.equal(losses[k], want[k]), k
+
+
+def test_scalars_after_backward_are_written_by_write_pending_scalars_at_their_iteration():
+    """With scalars_after_backward (KDTrainer's hook sets it), a step's logged tensor scalars
+    are written by write_pending_scalars (after the backward pass: no device-to-host copy at
+    the end of the forward), with the values and iteration of the default path; unwritten ones
+    are written by the next training forward. _KDScalarsHook drives it in a trainer."""
+    from detectron2.engine import SimpleTrainer
+
+    from detkd.engine import _KDScalarsHook
+
+    torch.manual_seed(0)
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
+        distillers={"pkd": PKDDistiller()},
+    ).train()
+    inputs = make_inputs(2, size=(64, 64))
+    with EventStorage() as ref:
+        model(inputs)
+    want = ref.latest()["pkd/p3"]  # (value, iteration 0), written at the end of the forward
+    model.scalars_after_backward = True
+    with EventStorage() as storage:
+        model(inputs)
+        assert "pkd/p3" not in storage.latest()
+        storage.iter = 1
+        model(inputs)  # iteration 0's, not written by anyone, are written first
+        assert storage.latest()["pkd/p3"] == want  # the very value, at its own iteration
+        model.write_pending_scalars()
+        assert [it for _, it in storage.history("pkd/p3").values()] == [0, 1]
+
+    model.scalars_after_backward = False
+    trainer = SimpleTrainer(model, iter([inputs]), torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer.register_hooks([_KDScalarsHook()])
+    seen = []
+    trainer._write_metrics = lambda *a, **k: seen.append(dict(trainer.storage.latest()))
+    trainer.train(0, 1)
+    assert seen[0]["pkd/p3"][1] == 0  # written before detectron2 logs the losses
+    assert not model.scalars_after_backward and not model._pending_scalars

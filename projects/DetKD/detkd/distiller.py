@@ -25,6 +25,7 @@ from .losses.base import (
     float_tensors,
     pair_fpn_levels,
     put_scalar,
+    write_deferred_scalars,
 )
 
 __all__ = ["DistillationDetector", "run_teacher"]
@@ -409,6 +410,10 @@ class DistillationDetector(nn.Module):
         self._teacher_capture = FeatureCapture(teacher, t_names, clone=clone_taps)
 
         self.diag_period = diag_period
+        # True (KDTrainer): the step's logged tensor scalars are written by
+        # write_pending_scalars, after the backward pass (see there), not at the end of forward
+        self.scalars_after_backward = False
+        self._pending_scalars = []
         # Levels of equal stride of the two backbones, when some distiller reads both: their
         # maps must have equal sizes (checked every step on the finest, logged periodically).
         self._stride_pairs = []
@@ -523,9 +528,24 @@ class DistillationDetector(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         # Logged tensor scalars (distillers, diagnostics) are written at the end of the step's
-        # forward with one device-to-host copy instead of one synchronisation each.
-        with deferred_scalars():
+        # forward with one device-to-host copy instead of one synchronisation each, or with
+        # scalars_after_backward by write_pending_scalars.
+        self.write_pending_scalars()  # a previous step's, if nothing wrote them
+        pending = self._pending_scalars if self.scalars_after_backward else None
+        with deferred_scalars(pending):
             return self._forward_train(batched_inputs)
+
+    def write_pending_scalars(self) -> None:
+        """
+        Write the tensor scalars that the last training forward logged (with
+        ``scalars_after_backward``; else there are none) to the event storage, at the iteration
+        they were logged at, with one device-to-host copy. :class:`detkd.engine.KDTrainer` calls
+        it after the backward pass, right before detectron2's trainer copies the losses to the
+        host: at the end of the forward the copy made the host wait for the device to finish
+        the forward before it could queue the backward pass.
+        """
+        pending, self._pending_scalars = self._pending_scalars, []
+        write_deferred_scalars(pending)
 
     def _forward_train(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
         # Images on the device once, before the teacher is queued (see inputs_on_device); the

@@ -628,6 +628,24 @@ class _RunCheckpointer(DetectionCheckpointer):
         )
 
 
+class _KDScalarsHook(hooks.HookBase):
+    """Writes the scalars a :class:`DistillationDetector` step logged, after the backward pass
+    (:meth:`DistillationDetector.write_pending_scalars`). A hook of the trainer that runs the
+    step (KDTrainer's inner SimpleTrainer / AMPTrainer, whose ``train`` is not called: KDTrainer
+    sets ``scalars_after_backward`` itself)."""
+
+    def before_train(self):
+        unwrap_model(self.trainer.model).scalars_after_backward = True
+
+    def after_backward(self):
+        unwrap_model(self.trainer.model).write_pending_scalars()
+
+    def after_train(self):
+        model = unwrap_model(self.trainer.model)
+        model.write_pending_scalars()  # those of a last step that stopped after its forward
+        model.scalars_after_backward = False
+
+
 class ExportStudentHook(hooks.HookBase):
     """After a training run that reached ``max_iter``, write the student alone to
     ``OUTPUT_DIR/model_final_student.pth`` (main process only)."""
@@ -759,6 +777,10 @@ class KDTrainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
             model, data_loader, optimizer
         )
+        if isinstance(unwrap_model(model), DistillationDetector):
+            # on the trainer that runs the step: DefaultTrainer's own hooks get no after_backward
+            unwrap_model(model).scalars_after_backward = True
+            self._trainer.register_hooks([_KDScalarsHook()])
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = _RunCheckpointer(
             model, cfg.train.output_dir, trainer=weakref.proxy(self)

@@ -5,7 +5,7 @@ What every DetKD distiller shares: the :class:`Distiller` interface used by
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -147,19 +147,33 @@ def put_scalar(name: str, value, **kwargs) -> None:
 
 
 @contextlib.contextmanager
-def deferred_scalars():
+def deferred_scalars(pending: Optional[list] = None):
     """
     Collect the tensor scalars that :func:`put_scalar` gets inside this block and write them to
     the event storage at its end, with one device-to-host copy per device (one synchronisation
     instead of one per scalar). Used by :meth:`detkd.DistillationDetector.forward` around the
     distillers; nothing is written if the block raises.
+
+    Args:
+        pending (list or None): append the collected scalars to this list instead of writing
+            them; :func:`write_deferred_scalars` writes them later (with the iteration they
+            were put at).
     """
-    pending = []
-    _deferred().append(pending)
+    collected = []
+    _deferred().append(collected)
     try:
         yield
     finally:
         _deferred().pop()
+    if pending is not None:
+        pending.extend(collected)
+    else:
+        write_deferred_scalars(collected)
+
+
+def write_deferred_scalars(pending: list) -> None:
+    """Write the scalars that :func:`deferred_scalars` collected into ``pending`` to their event
+    storages, with one device-to-host copy per device."""
     values = [None] * len(pending)
     by_device: Dict[torch.device, List[int]] = {}
     for i, item in enumerate(pending):
