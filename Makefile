@@ -6,6 +6,7 @@ METHOD ?= pkd
 ITERS ?=
 SEEDS ?= 0 1 2
 HELDOUT ?= 1024
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: venv demo test instant bench clean-demo
 
@@ -17,8 +18,10 @@ venv:
 demo: venv
 	$(PY) -m detkd.demo --methods $(METHOD) $(if $(ITERS),--iters $(ITERS))
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; default: one per core, at most 4);
+# TEST_WORKERS=1 runs it in one process.
 test: venv
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
 
 # The GPU smoke tier: 40 iterations of each configs/quick_schedules/*_instant_test.py on
 # coco_2017_val_100 (needs COCO under $$DETECTRON2_DATASETS and the model zoo; not run by CI).

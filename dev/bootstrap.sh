@@ -28,7 +28,7 @@ if ! "$VPY" -c "import detectron2" >/dev/null 2>&1; then
 fi
 quiet "$VPY" -m pip install -q "numpy<2" pycocotools fvcore iopath "omegaconf>=2.1,<2.4" \
     "hydra-core>=1.1" termcolor yacs tabulate cloudpickle tqdm tensorboard matplotlib black \
-    packaging Pillow "setuptools<81" opencv-python-headless scipy pytest pytest-timeout
+    packaging Pillow "setuptools<81" opencv-python-headless scipy pytest pytest-timeout pytest-xdist
 quiet "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
 "$VPY" -c "import torch, detectron2, detkd; print('[bootstrap] torch', torch.__version__, '| detectron2', detectron2.__version__, '| detkd ok')"
 rm -f "$VENV"/.detkd-bootstrap-*

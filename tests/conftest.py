@@ -15,7 +15,8 @@ from detkd.modeling.resnet import basic_resnet_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-torch.set_num_threads(2)
+# 2 threads in all: each of pytest-xdist's worker processes (`make test`) gets its share
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session", autouse=True)
