@@ -60,7 +60,6 @@ def test_teacher_from_zoo_pkl_pth_and_detectron2_url(tmp_path, monkeypatch):
     assert _same_weights(kd.student, fresh.student)
 
 
-
 def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
     # detectron2 takes a .pkl without "__author__" for Caffe2 blobs and renames its keys
     # (fpn_lateral3 -> fpn.lateral3): a plain pickled state dict left "128 teacher parameters
@@ -76,6 +75,7 @@ def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
         kd = _kd()
         load_teacher(kd.teacher, str(tmp_path / name))
         assert _same_weights(kd.teacher, source), name
+
 
 def test_teacher_errors_are_clear(tmp_path):
     kd = _kd()
@@ -129,7 +129,6 @@ def test_a_second_export_replaces_the_first(tmp_path):
     assert os.listdir(tmp_path) == ["model_final_student.pth"]  # no .tmp left behind
 
 
-
 def test_export_never_replaces_a_run_checkpoint(tmp_path):
     # export_student(ckpt, ckpt) wrote the student alone over the run's model_final.pth: its
     # adapters, optimizer and iteration were gone and --resume refused the folder
@@ -150,6 +149,7 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     torch.save({"model": {"old": torch.zeros(1)}}, out)
     state = export_student(run, out)
     assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
+
 
 def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_path):
     kd = _kd()

@@ -391,7 +391,6 @@ def test_readme_own_data_config_trains_outside_the_repository(tmp_path):
     assert "loss_pkd" in lines and "loss_gid_feat" in lines and "bbox/AP" in lines
 
 
-
 def _demo_tables():
     """The README's two demo result tables (validation, held-out): {row name: (AP, per-seed
     values, ΔAP sd)}; a row's per-seed values are its APs (student alone) or ΔAPs."""

@@ -307,8 +307,6 @@ def test_host_tensor_values_dtype_device():
     assert t.dtype == torch.int64 and t.tolist() == [0, 1, 2]
 
 
-
-
 def _probe_distiller(records, key="loss_probe"):
     from detkd.losses import Distiller
 

@@ -244,7 +244,6 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert hb[it] == pytest.approx(ha[it], rel=1e-5), (key, it)
 
 
-
 def test_resume_of_a_plain_detector_keeps_its_ema_loss_normalizer(tmp_path):
     # A teacher's or baseline's run: RetinaNet's loss_normalizer (an EMA of the number of
     # positive anchors, a float attribute outside the state_dict) restarted at 100 on resume;
@@ -264,6 +263,7 @@ def test_resume_of_a_plain_detector_keeps_its_ema_loss_normalizer(tmp_path):
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
     assert resumed.model.loss_normalizer == 42.5
+
 
 def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplog):
     """A run of 5 iterations stopped before iteration 4 (last checkpoint: iteration 3), resumed
@@ -767,7 +767,6 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert (out / "config.yaml").read_bytes() == written
 
 
-
 def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, monkeypatch):
     """A run started again (no --resume) in a finished run's folder that fails before training
     (here a wrong teacher path) replaced the folder's config.yaml, the only record of the
@@ -792,6 +791,7 @@ def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, mo
     with pytest.raises(RuntimeError, match="missing_teacher.pkl"):
         train_net.main(args)
     assert {name: (out / name).read_bytes() for name in kept} == kept
+
 
 def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
     # a test set that fails to load at the final evaluation, after training (here a registered
@@ -1185,7 +1185,6 @@ def test_resume_without_schedule_state_at_another_lr_trains_at_the_runs(tmp_path
     multiplier = instantiate(cfg.lr_multiplier)
     for it in range(2, 6):
         assert lr[it] == pytest.approx(0.002 * multiplier(it / 6), rel=1e-6), it
-
 
 
 def test_a_plain_model_config_that_keeps_a_teacher_checkpoint_in_its_own_folder_trains(tmp_path):
