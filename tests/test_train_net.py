@@ -1270,3 +1270,31 @@ def test_a_test_dataset_without_images_is_an_error_before_training(tmp_path):
     register()
     with pytest.raises(ValueError, match=message):
         check_student_classes(cfg, instantiate(cfg.model), split="test")
+
+
+def test_kd_scalars_of_a_step_whose_backward_failed_are_written_and_the_flag_reset(tmp_path):
+    # the step's KD scalars wait in the model for the hook's after_backward; a step that fails
+    # after its forward (here at zero_grad, right before the backward) left them unwritten (the
+    # inner trainer's hooks got no after_train), and scalars_after_backward stayed set after the
+    # run: a later plain SimpleTrainer of the model never wrote its last step's scalars
+    from detkd.engine import unwrap_model
+
+    cfg = _small_cfg(tmp_path / "f", max_iter=3)
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    optimizer = trainer._trainer.optimizer
+    zero_grad = optimizer.zero_grad
+
+    def failing_zero_grad(*args, **kwargs):
+        if trainer.iter == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return zero_grad(*args, **kwargs)
+
+    optimizer.zero_grad = failing_zero_grad
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    kd = unwrap_model(trainer.model)
+    assert [it for _, it in trainer.storage.history("pkd/p3").values()] == [0, 1]
+    logged = [m["iteration"] for m in _metrics(str(tmp_path / "f")) if "pkd/p3" in m]
+    assert logged == [0, 1]
+    assert not kd.scalars_after_backward and not kd._pending_scalars

@@ -977,6 +977,22 @@ class KDTrainer(DefaultTrainer):
         TrainerBase.train(self, self.start_iter, self.max_iter)
         return getattr(self, "_last_eval_results", None)
 
+    def before_train(self):
+        # the inner trainer's hooks (_KDScalarsHook) get no before_train / after_train
+        # otherwise: its own train is never called
+        for h in self._trainer._hooks:
+            h.before_train()
+        super().before_train()
+
+    def after_train(self):
+        # first the inner trainer's hooks: the scalars of a step that failed after its forward
+        # are written before KDTrainer's writers' last write, and scalars_after_backward reset
+        try:
+            for h in self._trainer._hooks:
+                h.after_train()
+        finally:
+            super().after_train()
+
     @classmethod
     def build_model(cls, cfg):
         """
