@@ -625,3 +625,25 @@ def test_a_caffe2_teacher_pkl_of_another_class_count_is_a_shape_mismatch(tmp_pat
             in msg), msg
     assert "class-count mismatch" in msg and "MODEL.ROI_HEADS.NUM_CLASSES" in msg
     assert "has nothing of" not in msg and "unloaded" not in msg
+
+
+def test_init_checkpoint_from_a_pickled_backbone_state_dict_without_author(tmp_path):
+    # a .pkl of the backbone's own state dict (stem.conv1.weight, res2.0.conv1.norm.running_mean)
+    # is matched by name suffix, as detectron2 matches every .pkl: the pickled-state-dict
+    # handling loaded it by its full names only, which refused it ("holds none of the
+    # student's weights"); before that, Caffe2's renaming (running_mean -> running.mean) left
+    # every BN's running statistics at their initial values
+    source = instantiate(tiny_retinanet_cfg())
+    bottom_up = source.backbone.bottom_up
+    for t in bottom_up.state_dict().values():
+        if t.is_floating_point():
+            t.uniform_(0.5, 1.5)
+    state = {k: v.numpy() for k, v in bottom_up.state_dict().items()}
+    with open(tmp_path / "backbone.pkl", "wb") as f:
+        pickle.dump(state, f)
+    kd = _kd()
+    load_student(kd.student, str(tmp_path / "backbone.pkl"))
+    got = kd.student.backbone.bottom_up.state_dict()
+    assert any(k.endswith("running_mean") for k in got)
+    for k, v in bottom_up.state_dict().items():
+        assert torch.equal(got[k], v), k

@@ -209,7 +209,9 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         ``fpn.lateral3``), so no key fitted ("leaves 128 teacher parameters unloaded:
         ['backbone.fpn_lateral3.weight', ...]", the keys the file has) or, for ``{"model":
         ...}``, it stopped on "Unsupported type found in checkpoint! model: <class 'dict'>".
-        Caffe2 blob names have no dots: such a file is loaded by its own names."""
+        Caffe2 blob names have no dots: such a file is loaded by its own names, matched by
+        name suffix as detectron2 matches any .pkl (a backbone's alone, ``stem.conv1.weight``,
+        fits ``backbone.bottom_up.stem.conv1.weight``) but without Caffe2's renaming."""
         loaded = super()._load_file(filename)
         if not (filename.endswith(".pkl") and loaded.get("__author__") == "Caffe2"):
             return loaded
@@ -220,7 +222,7 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         return {
             "model": state,
             "__author__": "a pickled state dict",
-            "matching_heuristics": bool(state is not data and data.get("matching_heuristics", False)),
+            "matching_heuristics": bool(data.get("matching_heuristics", True)) if state is not data else True,
         }
 
     def _load_model(self, checkpoint):
