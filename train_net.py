@@ -103,9 +103,8 @@ def main(args):
     # does a new run there that fails before training (a bad teacher path, a class mismatch), and
     # --eval-only in a training run's folder (its own config goes to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
-    in_run = args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
-    restart = not args.eval_only and comm.is_main_process() and _holds_training_run(cfg)
-    run_config = _read_run_config(cfg) if resuming or in_run or restart else None
+    in_run = comm.is_main_process() and _holds_training_run(cfg)  # a training run's folder
+    run_config = _read_run_config(cfg) if resuming or in_run else None
     # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
     # checkpoint (by the run's own) are refused here, before anything is written
     check_run_inputs_kept(
@@ -114,7 +113,7 @@ def main(args):
         config_yaml=not (args.eval_only and _holds_training_run(cfg)),  # else restored below
     )
     default_setup(cfg, args)
-    if in_run and run_config is not None:
+    if args.eval_only and in_run and run_config is not None:
         _keep_run_config(cfg, run_config)
     # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")

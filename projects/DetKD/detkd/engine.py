@@ -632,7 +632,7 @@ class _KDScalarsHook(hooks.HookBase):
     """Writes the scalars a :class:`DistillationDetector` step logged, after the backward pass
     (:meth:`DistillationDetector.write_pending_scalars`). A hook of the trainer that runs the
     step (KDTrainer's inner SimpleTrainer / AMPTrainer, whose ``train`` is not called: KDTrainer
-    sets ``scalars_after_backward`` itself)."""
+    calls its hooks' ``before_train`` / ``after_train``)."""
 
     def before_train(self):
         unwrap_model(self.trainer.model).scalars_after_backward = True
@@ -779,7 +779,6 @@ class KDTrainer(DefaultTrainer):
         )
         if isinstance(unwrap_model(model), DistillationDetector):
             # on the trainer that runs the step: DefaultTrainer's own hooks get no after_backward
-            unwrap_model(model).scalars_after_backward = True
             self._trainer.register_hooks([_KDScalarsHook()])
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = _RunCheckpointer(

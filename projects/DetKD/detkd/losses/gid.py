@@ -454,10 +454,10 @@ class _ImageBlocks:
             return
         G = self.G = max(counts[i] for i in self.keep)
         self.uniform = len(self.keep) == len(counts) and all(c == G for c in counts)
+        first = [sum(counts[:i]) for i in range(len(counts))]  # each image's first row
         if not self.uniform:  # one host-to-device copy: per-row shifts without a loop over images
-            starts = [sum(counts[:i]) for i in range(len(counts))]
-            self.first = host_tensor([s for s, c in zip(starts, counts) for _ in range(c)], device)
-        starts_n = host_tensor([[sum(counts[:i]), counts[i]] for i in self.keep], device)  # (M, 2)
+            self.first = host_tensor([f for f, c in zip(first, counts) for _ in range(c)], device)
+        starts_n = host_tensor([[first[i], counts[i]] for i in self.keep], device)  # (M, 2)
         starts, n = starts_n[:, 0], starts_n[:, 1]  # (M,) first row, GIs of each kept image
         slot = torch.arange(G, device=device)
         valid = slot[None, :] < n[:, None]  # (M, G)
