@@ -150,6 +150,13 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     state = export_student(run, out)
     assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
 
+    # files whose "model" entry is not a state dict: replaced as output, refused as input
+    for other in ({"model": torch.zeros(3)}, {"model": [1, 2]}, [torch.zeros(1)]):
+        torch.save(other, out)
+        assert export_student(run, out).keys() == state.keys()
+        with pytest.raises(ValueError, match="no 'student.\\*' keys; it is not a DetKD run"):
+            export_student(other, str(tmp_path / "x.pth"))
+
 
 def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_path):
     kd = _kd()

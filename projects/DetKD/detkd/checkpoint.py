@@ -520,8 +520,12 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
                 existing = torch.load(f, map_location="cpu", weights_only=False)
         except Exception:  # not a checkpoint: nothing of a run to lose
             existing = None
+        existing_model = existing.get("model") if isinstance(existing, dict) else None
         if isinstance(existing, dict) and (
-            any(k.startswith(STUDENT_PREFIX) for k in existing.get("model", {}))
+            (
+                isinstance(existing_model, dict)
+                and any(str(k).startswith(STUDENT_PREFIX) for k in existing_model)
+            )
             or "optimizer" in existing
         ):
             raise ValueError(
@@ -534,8 +538,8 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
         with PathManager.open(checkpoint, "rb") as f:
             # Our own run checkpoints hold optimizer/scheduler state, not only tensors.
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
-    state = checkpoint.get("model", checkpoint)
-    if not any(k.startswith(STUDENT_PREFIX) for k in state):
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not any(str(k).startswith(STUDENT_PREFIX) for k in state):
         raise ValueError(
             "export_student: the checkpoint has no 'student.*' keys; it is not a DetKD run "
             "checkpoint (a plain detector's checkpoint is already a student checkpoint)."
