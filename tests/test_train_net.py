@@ -637,7 +637,11 @@ def test_a_diverged_step_never_replaces_the_last_good_checkpoint(tmp_path):
     trainer.resume_or_load(resume=False)
     with pytest.raises(FloatingPointError, match=r"Checkpoint 'model_0000001' not written: the training diverged, "
                        r"1 weights are NaN or inf \(\['student\.head\.cls_score\.weight'\]\)\. The last checkpoint "
-                       r"is still .*model_0000000\.pth: continue from it with --resume"):
+                       r"is still .*model_0000000\.pth: continue from it with --resume and "
+                       r"train\.clip_grad\.enabled=True \(--resume keeps the run's base lr: "
+                       r"for a lower optimizer\.lr, start a new run from it, "
+                       r"train\.init_checkpoint=.*model_0000000\.pth, in another "
+                       r"train\.output_dir\)\.$"):
         trainer.train()
     # before: model_0000001.pth with NaN weights was tagged last and model_0000000.pth deleted
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"

@@ -617,14 +617,17 @@ class _RunCheckpointer(DetectionCheckpointer):
             return
         last = self.get_checkpoint_file() if self.has_checkpoint() else ""
         where = (
-            f"The last checkpoint is still {last}: continue from it with --resume"
+            f"The last checkpoint is still {last}: continue from it with --resume and "
+            "train.clip_grad.enabled=True (--resume keeps the run's base lr: for a lower "
+            f"optimizer.lr, start a new run from it, train.init_checkpoint={last}, in another "
+            "train.output_dir)"
             if last
-            else "No earlier checkpoint was written: start the run again"
+            else "No earlier checkpoint was written: start the run again, with a lower "
+            "optimizer.lr or train.clip_grad.enabled=True"
         )
         raise FloatingPointError(
             f"Checkpoint {name!r} not written: the training diverged, {len(bad)} weights are "
-            f"NaN or inf ({bad[:10]}{' ...' if len(bad) > 10 else ''}). {where}, with a lower "
-            "optimizer.lr or train.clip_grad enabled."
+            f"NaN or inf ({bad[:10]}{' ...' if len(bad) > 10 else ''}). {where}."
         )
 
 
