@@ -378,7 +378,8 @@ def main(argv=None):
                         help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
     parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
                         help="LazyConfig overrides, each for the configs where its parent key exists, "
-                        "e.g. model.distillers.d3etr.fixed_matching=False")
+                        "e.g. model.distillers.d3etr.fixed_matching=False "
+                        "model.distillers.d3etr.aux_gt_loss=False")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":

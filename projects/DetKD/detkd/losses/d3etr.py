@@ -353,7 +353,11 @@ class D3ETRDistiller(Distiller):
         self.fixed_matching = fixed_matching
         self.aux_gt_loss = aux_gt_loss
         if aux_gt_loss and not fixed_matching:
-            raise ValueError("aux_gt_loss=True needs fixed_matching=True (the auxiliary group)")
+            raise ValueError(
+                "aux_gt_loss=True (the default) trains the auxiliary query group of "
+                "fixed_matching=True on the ground truth; with fixed_matching=False there is no "
+                "such group: set aux_gt_loss=False too (adaptive matching only)"
+            )
         self.query_proj = None
         self.num_layers = 0  # set by bind (0: unbound, the head's outputs are not checked)
         self.num_classes = None
