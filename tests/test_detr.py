@@ -1284,3 +1284,27 @@ def test_d3etr_names_gt_loss_keys_without_loss_prefix():
     student.compute_gt_losses = lambda *a, **k: {n[len("loss_"):]: v for n, v in own(*a, **k).items()}
     with EventStorage(), pytest.raises(ValueError, match=r"compute_gt_losses returned keys \['bbox_0', 'bbox_1'\]"):
         _own_kd(student, _OwnDETR())(make_inputs(n=1))
+
+
+def test_conditional_detr_refuses_mismatched_sizes_naming_the_fix():
+    """A position embedding of another width than d_model failed in the first forward with a
+    bare broadcast error ("The size of tensor a (64) must match the size of tensor b (96)"), an
+    in_feature the backbone does not output with a bare KeyError('res5'), and a head count
+    that does not divide d_model with an AssertionError without a message."""
+    cfg = detr_cfg()  # d_model 64, num_pos_feats 32, in_feature res4, 4 heads
+    cfg.position_embedding.num_pos_feats = 48
+    with pytest.raises(ValueError, match=r"num_pos_feats=48 gives 96-dim positions, but the "
+                       r"transformer's d_model is 64: set num_pos_feats = d_model / 2 = 32"):
+        instantiate(cfg)
+    cfg = detr_cfg()
+    cfg.in_feature = "res5"
+    with pytest.raises(ValueError, match=r"in_feature='res5' is not an output of the backbone "
+                       r"\(\['res4'\]\)"):
+        instantiate(cfg)
+    cfg = detr_cfg()
+    cfg.transformer.nhead = 6
+    with pytest.raises(ValueError, match=r"6 heads do not divide qk_dim=64 / v_dim=64"):
+        instantiate(cfg)
+    model = instantiate(detr_cfg()).eval()  # the config's own sizes
+    out = model([{"image": torch.rand(3, 64, 80) * 255}])
+    assert len(out) == 1 and len(out[0]["instances"]) == 30 * 3  # every (query, class) pair

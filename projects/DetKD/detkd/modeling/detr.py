@@ -263,7 +263,12 @@ class Attention(nn.Module):
 
     def __init__(self, *, qk_dim: int, v_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
-        assert qk_dim % num_heads == 0 and v_dim % num_heads == 0
+        if qk_dim % num_heads or v_dim % num_heads:
+            raise ValueError(
+                f"Attention: {num_heads} heads do not divide qk_dim={qk_dim} / v_dim={v_dim}; "
+                "choose a head count that divides the hidden size (ConditionalDETRTransformer: "
+                "nhead a divisor of d_model)"
+            )
         self.num_heads = num_heads
         self.out_proj = nn.Linear(v_dim, v_dim)
         self.dropout = Dropout(dropout)
@@ -611,7 +616,21 @@ class ConditionalDETR(nn.Module):
         self.backbone = backbone
         self.in_feature = in_feature
         d = transformer.decoder.norm.normalized_shape[0]
-        self.input_proj = nn.Conv2d(backbone.output_shape()[in_feature].channels, d, kernel_size=1)
+        outputs = backbone.output_shape()
+        if in_feature not in outputs:
+            raise ValueError(
+                f"ConditionalDETR: in_feature={in_feature!r} is not an output of the backbone "
+                f"({sorted(outputs)}); set in_feature to one of them, or add it to the "
+                "backbone's out_features"
+            )
+        num_pos_feats = getattr(position_embedding, "num_pos_feats", None)
+        if num_pos_feats is not None and 2 * num_pos_feats != d:
+            raise ValueError(
+                f"ConditionalDETR: position_embedding.num_pos_feats={num_pos_feats} gives "
+                f"{2 * num_pos_feats}-dim positions, but the transformer's d_model is {d}: set "
+                f"num_pos_feats = d_model / 2 = {d // 2}"
+            )
+        self.input_proj = nn.Conv2d(outputs[in_feature].channels, d, kernel_size=1)
         self.position_embedding = position_embedding
         self.transformer = transformer
         self.query_embed = nn.Embedding(num_queries, d)
