@@ -154,6 +154,12 @@ def test_level_pairing_by_stride_and_index():
         pair_fpn_levels(odd, c5)
     with pytest.raises(ValueError, match="no feature.*'p9'"):
         pair_fpn_levels(RETINA, RCNN, student_levels=["p9"])
+    # a slice bound before: -1 distilled all pairs but the coarsest, 0 none (PKD then failed
+    # on a loss of Python float 0.0, ReviewKD on an IndexError)
+    for bad in (-1, 0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"num_levels must be a positive int .* got {bad!r}"):
+            pair_fpn_levels(RETINA, RCNN, num_levels=bad)
+    assert len(pair_fpn_levels(RETINA, RCNN, num_levels=1)) == 1
 
 
 _Det = BackboneOnlyDetector

@@ -230,6 +230,13 @@ def pair_fpn_levels(
     """
     if pair_by not in ("stride", "index"):
         raise ValueError(f"pair_by must be 'stride' or 'index', got {pair_by!r}")
+    if num_levels is not None and (
+        not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1
+    ):  # a slice bound: -1 would drop the coarsest pair, 0 every pair
+        raise ValueError(
+            f"num_levels must be a positive int (the first num_levels pairs, finest first) or "
+            f"None (all pairs), got {num_levels!r}"
+        )
 
     def levels(shapes, names, side):
         names = list(names) if names is not None else list(shapes)
