@@ -1,7 +1,8 @@
 """
 The demo student distilled by GID from the demo teacher: 10 general instances per image,
-ROIAlign features (1x1 adapter 64 -> 128 channels), relation and response. GI boxes smaller than
-6 px are dropped (the paper's 10 px is for ~800 px COCO images; demo images are 96-160 px).
+ROIAlign features (1x1 adapter 64 -> 128 channels), relation and response. GI boxes with a side
+of at most 6 px are dropped (the paper's 10 px is for ~800 px COCO images; demo images are
+96-160 px).
 Run after teacher_retinanet.py (`make demo METHOD=gid`).
 """
 from detectron2.config import LazyCall as L

@@ -161,7 +161,8 @@ def register_shapes(
     ``COCOEvaluator(dataset_name=...)``.
 
     Args:
-        split (str): "train" or "val"; the default seed differs per split (0 / 1).
+        split (str): the split's name ("train", "val", the demo's "heldout"); the default
+            seed is 0 for "train", 1 for any other split (the demo passes its held-out seed).
         num_images, seed, image_size, max_objects, empty_fraction: see :func:`write_shapes`.
         root (str): parent folder; default :func:`shapes_root`.
 
