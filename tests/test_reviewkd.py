@@ -318,6 +318,16 @@ def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_c
     assert got.item() == pytest.approx(2.5 * expected.item(), rel=1e-5)
 
 
+def test_mid_channels_is_a_positive_int_or_none():
+    """mid_channels=0 was read as unset: ABFs of the teacher's 16 channels, without a word."""
+    d = ReviewKDDistiller(mid_channels=4)
+    d.bind(_Det(8), _Det(16))
+    assert all(a.conv1.out_channels == 4 and a.conv2.in_channels == 4 for a in d.abfs.values())
+    for bad in (0, -8, 4.0):
+        with pytest.raises(ValueError, match=rf"mid_channels must be a positive int, .* {bad!r}"):
+            ReviewKDDistiller(mid_channels=bad)
+
+
 def test_abf_convs_use_kaiming_uniform_with_a_1():
     """METHODS.md 2.2: conv1 / conv2 weights from kaiming_uniform_(a=1): U(-b, b) with
     b = sqrt(6 / ((1 + a^2) fan_in)) = sqrt(3 / fan_in)."""

@@ -267,6 +267,13 @@ class ReviewKDDistiller(Distiller):
                 processes (``--num-gpus N`` without CUDA), where "SyncBN" is refused.
         """
         super().__init__()
+        if mid_channels is not None and (
+            not isinstance(mid_channels, int) or isinstance(mid_channels, bool) or mid_channels < 1
+        ):  # 0 read as "unset" (the teacher's channels) before
+            raise ValueError(
+                f"ReviewKD: mid_channels must be a positive int, or None for the teacher's "
+                f"channels, got {mid_channels!r}"
+            )
         self.loss_weight = loss_weight
         self.num_levels = num_levels
         self.pair_by = pair_by
