@@ -15,4 +15,5 @@ train.export_student = True
 train.teacher_eval_at_start = False
 # Clip the global gradient norm before every optimizer step (the DETR configs enable it).
 train.clip_grad = dict(enabled=False, max_norm=0.1)
+# detectron2's default_setup seeds process r with seed + r (detectron2's default, -1, draws one).
 train.seed = 0
