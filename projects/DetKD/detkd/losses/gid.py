@@ -780,7 +780,11 @@ class GIDDistiller(Distiller):
     def bind(self, student, teacher):
         for side, m in (("student", student), ("teacher", teacher)):
             if not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator"):
-                raise TypeError(f"GID: the {side} ({type(m).__name__}) has no dense head or RPN")
+                raise TypeError(
+                    f"GID: the {side} ({type(m).__name__}) has no dense head or RPN, whose "
+                    "predictions GID selects its instances from (RetinaNet, FCOS, a "
+                    "GeneralizedRCNN with an RPN); distil its features with PKD or ReviewKD"
+                )
         same_family = isinstance(student, GeneralizedRCNN) == isinstance(teacher, GeneralizedRCNN) and (
             isinstance(student, FCOS) == isinstance(teacher, FCOS)
         )
@@ -854,7 +858,11 @@ class GIDDistiller(Distiller):
         cs = {s_shapes[s].channels for s, _ in self.pairs}
         ct = {t_shapes[t].channels for _, t in self.pairs}
         if len(cs) != 1 or len(ct) != 1:
-            raise ValueError(f"GID: FPN levels must share one channel count per model ({cs}, {ct})")
+            raise ValueError(
+                f"GID: the paired levels {self.pairs} must share one channel count per model "
+                f"(student {sorted(cs)}, teacher {sorted(ct)}): one 1x1 adapter serves every "
+                "level. Keep levels of one width with num_levels (finest first)"
+            )
         cs, ct = cs.pop(), ct.pop()
         self.adapter = nn.Conv2d(cs, ct, kernel_size=1)
         if cs == ct:
