@@ -513,6 +513,8 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
         ValueError: if ``output`` is a run checkpoint (e.g. ``checkpoint`` itself): the student
             alone would replace the run's distillers, optimizer, scheduler and iteration, and
             ``--resume`` would refuse the folder. An older student export is replaced.
+        ValueError: if ``checkpoint`` holds no ``student.*`` weights (not a DetKD run's
+            checkpoint: a plain detector's is already a student checkpoint).
     """
     if PathManager.exists(output):
         try:
