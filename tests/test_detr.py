@@ -69,6 +69,33 @@ def test_solve_assignments_solves_small_calls_in_the_calling_thread(monkeypatch)
             assert np.array_equal(r, rr) and np.array_equal(c, cc)
     detr._POOL.pop(("test-large", 2)).shutdown()
 
+
+def test_solve_assignments_keeps_one_pool_per_name_whatever_the_number_of_problems(monkeypatch):
+    """The number of problems varies from step to step (L times the images with ground truth):
+    one pool of torch.get_num_threads() threads serves every count, instead of one pool per
+    count whose idle threads add up (2 + 3 + 4 = 9 here, 135 at 16 threads)."""
+    import threading
+
+    from scipy.optimize import linear_sum_assignment
+
+    from detkd.modeling import detr
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    rng = np.random.default_rng(0)
+    pool = "test-bounded"
+    for n in (2, 3, 4, 3, 2):
+        costs = [rng.random((120, 120)) for _ in range(n)]  # n * 120^3 > the serial threshold
+        got = detr.solve_assignments(costs, pool=pool)
+        for (r, c), cost in zip(got, costs):
+            rr, cc = linear_sum_assignment(cost)
+            assert np.array_equal(r, rr) and np.array_equal(c, cc)
+    keys = [k for k in detr._POOL if k[0] == pool]
+    threads = [t for t in threading.enumerate() if t.name.startswith(f"detkd-hungarian-{pool}_")]
+    for k in keys:
+        detr._POOL.pop(k).shutdown()
+    assert keys == [(pool, 4)]
+    assert 2 <= len(threads) <= 4
+
 def test_class_cost_and_bernoulli_kl_formulas():
     g = torch.Generator().manual_seed(0)
     zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)

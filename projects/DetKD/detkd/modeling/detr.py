@@ -88,15 +88,19 @@ def solve_assignments(
         def solve(c):
             return None if stop.is_set() else linear_sum_assignment(c)
 
-    workers = min(max(1, torch.get_num_threads()), len(costs))
+    threads = max(1, torch.get_num_threads())
     # Small problems (ground-truth matching, a few boxes per image) take microseconds each:
     # handing them to threads costs more than solving them here.
     work = sum(c.shape[0] * c.shape[1] * min(c.shape) for c in costs)
-    if workers <= 1 or work < SERIAL_ASSIGNMENT_WORK:
+    if min(threads, len(costs)) <= 1 or work < SERIAL_ASSIGNMENT_WORK:
         return [solve(c) for c in costs]
-    key = (pool, workers)
+    # One pool per name and thread count, whatever the number of problems (it varies with the
+    # images that have ground truth): a call of n problems starts at most n of its threads.
+    # Keyed by min(threads, n), each count of problems kept a pool of its own, idle threads
+    # adding up to threads * (threads + 1) / 2 - 1 per name (135 at 16 threads, not 16).
+    key = (pool, threads)
     if key not in _POOL:
-        _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"detkd-hungarian-{pool}")
+        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix=f"detkd-hungarian-{pool}")
     return list(_POOL[key].map(solve, costs))
 
 
