@@ -269,7 +269,7 @@ class ReviewKDDistiller(Distiller):
         super().__init__()
         if mid_channels is not None and (
             not isinstance(mid_channels, int) or isinstance(mid_channels, bool) or mid_channels < 1
-        ):  # 0 read as "unset" (the teacher's channels) before
+        ):  # None, not 0, means the teacher's channels
             raise ValueError(
                 f"ReviewKD: mid_channels must be a positive int, or None for the teacher's "
                 f"channels, got {mid_channels!r}"

@@ -95,9 +95,8 @@ def solve_assignments(
     if min(threads, len(costs)) <= 1 or work < SERIAL_ASSIGNMENT_WORK:
         return [solve(c) for c in costs]
     # One pool per name and thread count, whatever the number of problems (it varies with the
-    # images that have ground truth): a call of n problems starts at most n of its threads.
-    # Keyed by min(threads, n), each count of problems kept a pool of its own, idle threads
-    # adding up to threads * (threads + 1) / 2 - 1 per name (135 at 16 threads, not 16).
+    # images that have ground truth, and a pool per count would keep idle threads of each): a
+    # call of n problems starts at most n of its threads.
     key = (pool, threads)
     if key not in _POOL:
         _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix=f"detkd-hungarian-{pool}")
