@@ -274,3 +274,46 @@ def test_distiller_resize_student_false_resizes_the_teacher_map():
             s, t = s_feats["p3"], t_small
         mean_1_minus_r, M = _one_minus_pearson(s, t)
         assert out == pytest.approx((M - 1) / M * mean_1_minus_r, rel=1e-4), resize_student
+
+
+def test_pkd_trainable_teacher_map_gives_the_same_value_as_a_constant_one():
+    """The autograd path taken for a teacher map that requires grad computes the same loss,
+    (M-1)/M * mean_c (1 - r_c), as the closed-form path of a constant teacher map."""
+    g = torch.Generator().manual_seed(9)
+    t = torch.randn(2, 3, 4, 5, generator=g)
+    s = 0.5 * t + torch.randn(2, 3, 4, 5, generator=g)
+    mean_1_minus_r, M = _one_minus_pearson(s, t)
+    trainable = pkd_level_loss(s, t.clone().requires_grad_()).item()
+    assert trainable == pytest.approx((M - 1) / M * mean_1_minus_r, rel=1e-4)
+    assert trainable == pytest.approx(pkd_level_loss(s, t).item(), rel=1e-5)
+
+
+def test_level_pairing_orders_levels_by_stride_not_by_dict_order():
+    """Shapes given coarsest first (a dict in any order) are still paired finest first."""
+    s_shapes = _shapes(["p5", "p3", "p4"], [32, 8, 16], 256)
+    t_shapes = _shapes(["p4", "p2", "p3"], [16, 4, 8], 256)
+    assert pair_fpn_levels(s_shapes, t_shapes, pair_by="index") == [
+        ("p3", "p2"), ("p4", "p3"), ("p5", "p4")
+    ]
+    assert pair_fpn_levels(s_shapes, t_shapes, num_levels=1) == [("p3", "p3")]
+
+
+def test_distiller_logs_each_level_under_the_student_levels_name():
+    """Per-level values go to the event storage as pkd/<student level>: with index pairing the
+    student's p3 (paired with the teacher's p2) logs as pkd/p3, its value the level's loss."""
+    from detectron2.utils.events import EventStorage
+
+    d = PKDDistiller(loss_weight=3.0, num_levels=2, pair_by="index")
+    d.bind(_Det(RETINA), _Det(RCNN))
+    assert d.pairs == [("p3", "p2"), ("p4", "p3")]
+    g = torch.Generator().manual_seed(10)
+    t_feats = {n: torch.randn(2, 4, 3, 4, generator=g) for n in RCNN}
+    s_feats = {n: torch.randn(2, 4, 3, 4, generator=g) for n in RETINA}
+    with EventStorage() as storage:
+        out = d({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)["loss_pkd"].item()
+        logged = {k: v.latest() for k, v in storage.histories().items()}
+    assert sorted(logged) == ["pkd/p3", "pkd/p4"]
+    expected = {s: pkd_level_loss(s_feats[s], t_feats[t]).item() for s, t in d.pairs}
+    for s in ("p3", "p4"):
+        assert logged[f"pkd/{s}"] == pytest.approx(expected[s], rel=1e-6)
+    assert out == pytest.approx(3.0 * (expected["p3"] + expected["p4"]), rel=1e-6)
