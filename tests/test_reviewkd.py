@@ -272,8 +272,9 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
     d = model.distillers["reviewkd"]
     assert d.pairs == [("p3", "p2"), ("p4", "p3"), ("p5", "p4")]
     inputs = make_inputs()
-    with EventStorage():
+    with EventStorage() as storage:
         loss = model(inputs)["loss_reviewkd"]
+        logged = {k: v.latest() for k, v in storage.histories().items() if k.startswith("reviewkd/")}
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert model.student.backbone.fpn_output3.weight.grad is not None
@@ -281,12 +282,16 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
         s = model.student.backbone(model.student.preprocess_image(inputs).tensor)
         t = model.teacher.backbone(model.teacher_images(inputs).tensor)
         fused = d.review(s)
-        expect = sum(
-            hcl_level_loss(F.interpolate(fused[a], size=t[b].shape[2:], mode="bilinear", align_corners=False), t[b])
+        levels = {
+            a: hcl_level_loss(F.interpolate(fused[a], size=t[b].shape[2:], mode="bilinear", align_corners=False), t[b])
             for a, b in d.pairs
-        )
+        }
     assert fused["p3"].shape[2:] != t["p2"].shape[2:]
-    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(levels.values()).item(), rel=1e-5)
+    # per-level values are logged under the student level's name (reviewkd/p3 for the pair (p3, p2))
+    assert sorted(logged) == ["reviewkd/p3", "reviewkd/p4", "reviewkd/p5"]
+    for a in levels:
+        assert logged[f"reviewkd/{a}"] == pytest.approx(levels[a].item(), rel=1e-5)
 
 
 def _Det(channels):
