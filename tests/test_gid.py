@@ -577,8 +577,9 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
         d.adapter.bias.normal_(0, 0.1)
     saved = []
     d.register_forward_hook(lambda m, args, out: saved.append((args, out)))
-    with EventStorage():
+    with EventStorage() as storage:
         model(make_inputs(n=2, size=(96, 128), boxes_per_image=2, seed=1))
+    logged = {k: v[0] for k, v in storage.latest().items()}
     (s_taps, t_taps, ctx), got = saved[0]
     student, teacher = model.student, model.teacher
     K = student.num_classes
@@ -623,6 +624,9 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
                 "loss_gid_response_cls": 0.1 * cls, "loss_gid_response_reg": 1.0 * reg}
     for k, v in expected.items():
         assert got[k].item() == pytest.approx(float(v), rel=1e-4), k
+    # the logged diagnostics: GIs and response positives per image
+    assert logged["gid/num_instances"] == pytest.approx(G / 2)
+    assert logged["gid/num_response_positives"] == pytest.approx(n_pos / 2)
 
 
 def test_selection_of_float64_inputs_equals_float32():
