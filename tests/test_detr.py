@@ -414,13 +414,15 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
         s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g).requires_grad_())
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=Ns))
-    with EventStorage():
+    with EventStorage() as storage:
         got = d(s_taps, t_taps, ctx)
+        logged = {k: v[0] for k, v in storage.latest().items()}
 
     def xyxy(b):
         return box_convert(b, "cxcywh", "xyxy")
 
     ref = {k: 0.0 for k in ("cls", "l1", "giou", "sa", "ca")}
+    match_cost = [0.0] * L  # the logged d3etr/match_cost_<l>: mean matched cost, mean over images
     for l in range(L):
         t_sa, t_ca = t_taps[f"transformer.decoder.layers.{l}.self_attn"][1], t_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
         s_sa, s_ca = s_taps[f"transformer.decoder.layers.{l}.self_attn"][1], s_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
@@ -441,6 +443,7 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
                 pm = min(itertools.permutations(range(Nt), Ns), key=lambda pm: sum(cost[pm[j], j] for j in range(Ns)))
                 pairs = sorted((pm[j], j) for j in range(Ns))
             groups[0] += [(b, i, j) for i, j in pairs]
+            match_cost[l] += sum(float(cost[i, j]) for i, j in pairs) / len(pairs) / B
             ti, sj = [i for i, _ in pairs], [j for _, j in pairs]
             if Nt == Ns:  # self-attention needs a full permutation
                 rows = torch.stack([s_sa[b, :, sj[i], sj] for i in range(Nt)], 1)  # (M, N, N)
@@ -460,6 +463,8 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
     weights = dict(cls=1, l1=5, giou=2, sa=1, ca=1)
     for k, v in ref.items():
         assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * float(v), rel=1e-6), k
+    for l in range(L):
+        assert logged[f"d3etr/match_cost_{l}"] == pytest.approx(match_cost[l], rel=1e-5), l
     # Attention terms: the gradients reaching the student's maps equal those of the reference.
     maps = [s_taps[f"transformer.decoder.layers.{l}.{a}"][1] for l in range(L) for a in ("self_attn", "cross_attn")]
     g_got = torch.autograd.grad(got["loss_d3etr_sa"] + 0.7 * got["loss_d3etr_ca"], maps, allow_unused=True)
@@ -973,6 +978,10 @@ def test_attention_kl_is_teacher_to_student_kl_averaged_over_rows():
     assert attention_kl(t, s).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
     assert attention_kl(t[None, None], s[None, None]).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
     assert attention_kl(t, t).item() == pytest.approx(0.0, abs=1e-15)
+    # a tiny student weight (above the 1e-12 clamp) is taken as it is: KL 0.5 * log(0.5 / 1e-9)
+    tiny = torch.tensor([[1e-9, 0.5, 0.5 - 1e-9]], dtype=torch.float64)
+    half = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+    assert attention_kl(half, tiny).item() == pytest.approx(0.5 * math.log(0.5 / 1e-9), rel=1e-9)
 
 
 def test_d3etr_loss_weights_scale_their_own_terms():
@@ -1335,3 +1344,25 @@ def test_conditional_detr_refuses_mismatched_sizes_naming_the_fix():
     model = instantiate(detr_cfg()).eval()  # the config's own sizes
     out = model([{"image": torch.rand(3, 64, 80) * 255}])
     assert len(out) == 1 and len(out[0]["instances"]) == 30 * 3  # every (query, class) pair
+
+
+def test_row_cross_entropy_gradient_is_zero_where_the_student_map_is_below_the_clamp():
+    """The attention terms' log(max(s, 1e-12)) has no gradient where s < 1e-12 (a student
+    weight of exactly 0, e.g. a masked position, against a teacher weight > 0): the hand-written
+    backward gives 0 there, as autograd on the definition, not teacher / 1e-12 = 3e11. Elsewhere
+    the gradient is w * T / s."""
+    from detkd.losses.d3etr import _RowCrossEntropy
+
+    s = torch.tensor([[[0.0, 0.25, 0.75], [0.5, 0.5, 0.0]]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[[0.2, 0.3, 0.5], [0.6, 0.4, 0.0]]], dtype=torch.float64)
+    w = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
+    whole = slice(None)
+    for blocks, rows in (([(whole, whole, t, w)], slice(None)), ([(slice(0, 1), whole, t[:, :1], w[:, :1])], slice(0, 1))):
+        got = _RowCrossEntropy.apply(s, blocks)
+        ref = (w[:, rows, None] * t[:, rows] * s[:, rows].clamp(min=1e-12).log()).sum()
+        assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+        (g_got,) = torch.autograd.grad(got, s)
+        (g_ref,) = torch.autograd.grad(ref, s)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=0.0)
+        assert g_got[0, 0, 0] == 0.0
+    assert g_got[0, 0, 1].item() == pytest.approx(0.5 * 0.3 / 0.25)
