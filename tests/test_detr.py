@@ -1353,11 +1353,13 @@ def test_row_cross_entropy_gradient_is_zero_where_the_student_map_is_below_the_c
     the gradient is w * T / s."""
     from detkd.losses.d3etr import _RowCrossEntropy
 
-    s = torch.tensor([[[0.0, 0.25, 0.75], [0.5, 0.5, 0.0]]], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([[[0.0, 0.25, 0.75], [0.5, 0.5, 0.0]]], dtype=torch.float64)
+    s.requires_grad_()
     t = torch.tensor([[[0.2, 0.3, 0.5], [0.6, 0.4, 0.0]]], dtype=torch.float64)
     w = torch.tensor([[0.5, 2.0]], dtype=torch.float64)
     whole = slice(None)
-    for blocks, rows in (([(whole, whole, t, w)], slice(None)), ([(slice(0, 1), whole, t[:, :1], w[:, :1])], slice(0, 1))):
+    first_row = [(slice(0, 1), whole, t[:, :1], w[:, :1])]  # a block: rows 0:1
+    for blocks, rows in (([(whole, whole, t, w)], slice(None)), (first_row, slice(0, 1))):
         got = _RowCrossEntropy.apply(s, blocks)
         ref = (w[:, rows, None] * t[:, rows] * s[:, rows].clamp(min=1e-12).log()).sum()
         assert got.item() == pytest.approx(ref.item(), rel=1e-12)

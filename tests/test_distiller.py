@@ -44,6 +44,9 @@ def test_teacher_frozen_three_ways(kd_model):
     assert all(not p.requires_grad for p in t.parameters())
     model.train()
     assert model.training and model.student.training and not t.training
+    t.train()  # the teacher is no registered submodule: train() itself puts it back in eval
+    model.train()
+    assert not t.training and not any(m.training for m in t.modules())
     # BN of the teacher stays in eval: its running stats do not move during a train step.
     bn = [m for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
     before = bn.running_mean.clone()
