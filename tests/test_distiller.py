@@ -225,6 +225,20 @@ def test_pearson_diagnostic_matches_numpy(kd_model):
     assert logged["kd_diag/pearson_p4"][0] == pytest.approx(expected, abs=1e-4)
 
 
+def test_pearson_diagnostic_logged_every_diag_period_iterations_only(kd_model):
+    """diag_period=20 (the default): the diagnostic is logged at iterations 0, 20, ..., not at
+    the others, and without smoothing."""
+    kd_model.train()
+    assert kd_model.diag_period == 20
+    inputs = make_inputs()
+    for it, expected in ((1, False), (19, False), (20, True), (40, True)):
+        with EventStorage(start_iter=it) as storage:
+            kd_model(inputs)
+            assert ("kd_diag/pearson_p4" in storage.latest()) == expected, it
+    # unsmoothed: the writers show the value logged, not a median over 20 logged values
+    assert storage.smoothing_hints()["kd_diag/pearson_p4"] is False
+
+
 def test_half_precision_teacher_option():
     torch.manual_seed(0)
     cfg = kd_cfg()
