@@ -317,3 +317,20 @@ def test_distiller_logs_each_level_under_the_student_levels_name():
     for s in ("p3", "p4"):
         assert logged[f"pkd/{s}"] == pytest.approx(expected[s], rel=1e-6)
     assert out == pytest.approx(3.0 * (expected["p3"] + expected["p4"]), rel=1e-6)
+
+
+def test_distiller_applies_its_adapter_to_the_student_map():
+    """A student level of other channels goes through its 1x1 adapter before the loss: the loss
+    equals the level loss of conv1x1(student map) against the teacher map."""
+    d = PKDDistiller(loss_weight=1.0, num_levels=1)
+    d.bind(_Det(_shapes(["p3"], [8], 3)), _Det(_shapes(["p3"], [8], 5)))
+    g = torch.Generator().manual_seed(11)
+    s = {"p3": torch.randn(2, 3, 4, 5, generator=g)}
+    t = {"p3": torch.randn(2, 5, 4, 5, generator=g)}
+    with torch.no_grad():
+        d.adapters["p3"].weight.copy_(torch.randn(5, 3, 1, 1, generator=g))
+        d.adapters["p3"].bias.copy_(torch.randn(5, generator=g))
+        adapted = F.conv2d(s["p3"], d.adapters["p3"].weight, d.adapters["p3"].bias)
+        out = d({"backbone": s}, {"backbone": t}, ctx=None)["loss_pkd"].item()
+    mean_1_minus_r, M = _one_minus_pearson(adapted, t["p3"])
+    assert out == pytest.approx((M - 1) / M * mean_1_minus_r, rel=1e-4)
