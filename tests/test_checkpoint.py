@@ -646,11 +646,51 @@ def test_init_checkpoint_from_a_pickled_backbone_state_dict_without_author(tmp_p
         if t.is_floating_point():
             t.uniform_(0.5, 1.5)
     state = {k: v.numpy() for k, v in bottom_up.state_dict().items()}
-    with open(tmp_path / "backbone.pkl", "wb") as f:
-        pickle.dump(state, f)
-    kd = _kd()
-    load_student(kd.student, str(tmp_path / "backbone.pkl"))
-    got = kd.student.backbone.bottom_up.state_dict()
-    assert any(k.endswith("running_mean") for k in got)
-    for k, v in bottom_up.state_dict().items():
-        assert torch.equal(got[k], v), k
+    # also as {"model": ...} without "matching_heuristics": matched by suffix too
+    for data in (state, {"model": state}):
+        with open(tmp_path / "backbone.pkl", "wb") as f:
+            pickle.dump(data, f)
+        kd = _kd()
+        load_student(kd.student, str(tmp_path / "backbone.pkl"))
+        got = kd.student.backbone.bottom_up.state_dict()
+        assert any(k.endswith("running_mean") for k in got)
+        for k, v in bottom_up.state_dict().items():
+            assert torch.equal(got[k], v), k
+
+
+def test_strict_student_load_refuses_the_checkpoint_of_a_larger_architecture(tmp_path):
+    # --eval-only with the weights of a student with one head conv more: every model key is in
+    # the file, but the file's extra convs have no place in the model (evaluating it would
+    # measure another detector); as train.init_checkpoint it is allowed
+    from detkd.checkpoint import CheckpointMismatchError
+
+    cfg = tiny_retinanet_cfg()
+    cfg.head.conv_dims = [64, 64, 64]
+    larger = instantiate(cfg)
+    torch.save({"model": larger.state_dict()}, tmp_path / "larger.pth")
+    match = (r"does not fit the model of this config \(4 keys of the file are not in the model: "
+             r"\['head\.cls_subnet\.4\.weight'")
+    with pytest.raises(CheckpointMismatchError, match=match):
+        load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "larger.pth"), strict=True)
+    student = instantiate(tiny_retinanet_cfg())
+    load_student(student, str(tmp_path / "larger.pth"))
+    assert torch.equal(student.head.cls_subnet[2].weight, larger.head.cls_subnet[2].weight)
+
+
+def test_a_save_that_fails_keeps_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    # save_student writes <path>.tmp and renames it: a write that fails half-way (a full disk)
+    # leaves the previous file as it was and no .tmp behind
+    student = instantiate(tiny_retinanet_cfg())
+    path = str(tmp_path / "s.pth")
+    save_student(student, path)
+    before = (tmp_path / "s.pth").read_bytes()
+
+    def half_written(obj, f, *args, **kwargs):
+        f.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_student(student, path)
+    assert os.listdir(tmp_path) == ["s.pth"]
+    assert (tmp_path / "s.pth").read_bytes() == before
