@@ -843,3 +843,48 @@ def test_scalars_after_backward_are_written_by_write_pending_scalars_at_their_it
     trainer.train(0, 1)
     assert seen[0]["pkd/p3"][1] == 0  # written before detectron2 logs the losses
     assert not model.scalars_after_backward and not model._pending_scalars
+
+
+def test_teacher_inference_gives_the_teachers_predictions_in_its_channel_order():
+    """teacher_inference (train.teacher_eval_at_start) returns the teacher's own predictions
+    for the student's inputs, flipped to the teacher's channel order, in training mode too, and
+    leaves the caller's images alone."""
+    torch.manual_seed(0)
+    student = instantiate(tiny_retinanet_cfg())
+    teacher = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    student.input_format, teacher.input_format = "BGR", "RGB"
+    reference = copy.deepcopy(teacher).eval()
+    model = DistillationDetector(student=student, teacher=teacher, distillers={}).train()
+    inputs = make_inputs(2, size=(64, 64))
+    images = [x["image"].clone() for x in inputs]
+    got = model.teacher_inference(inputs)
+    with torch.no_grad():
+        want = reference([dict(x, image=x["image"].flip(0)) for x in inputs])
+        unflipped = reference(inputs)
+    for g, w, u in zip(got, want, unflipped):
+        assert len(w["instances"]) > 0
+        assert not torch.equal(w["instances"].scores, u["instances"].scores)  # the flip matters
+        assert torch.equal(g["instances"].scores, w["instances"].scores)
+        assert torch.equal(g["instances"].pred_boxes.tensor, w["instances"].pred_boxes.tensor)
+    assert all(torch.equal(x["image"], i) for x, i in zip(inputs, images))
+    assert not model.teacher.training
+
+
+def test_extra_state_keeps_the_students_loss_normalizer_and_no_missing_one():
+    """The wrapper's extra state saves the student's EMA loss normaliser (not in the student's
+    state_dict); a student that had none yet (NaN in the file) still has none once loaded."""
+    def build_model():
+        return DistillationDetector(
+            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            distillers={},
+        )
+
+    saved, loaded = build_model(), build_model()
+    assert not hasattr(saved.student, "loss_normalizer")
+    state = saved.state_dict()
+    assert math.isnan(state["_extra_state"].item())
+    loaded.load_state_dict(state)
+    assert not hasattr(loaded.student, "loss_normalizer")
+    saved.student.loss_normalizer = 42.5
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.student.loss_normalizer == 42.5
