@@ -694,3 +694,15 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_whole(tmp_path, monkeyp
         save_student(student, path)
     assert os.listdir(tmp_path) == ["s.pth"]
     assert (tmp_path / "s.pth").read_bytes() == before
+
+
+def test_teacher_checkpoint_with_a_parameter_a_module_lacks_is_an_error(tmp_path):
+    # a file whose stem conv has a bias (another architecture's) for a teacher whose stem conv
+    # has none: the bias has no place in model.teacher, which is not the file's architecture
+    kd = _kd()
+    key = "backbone.bottom_up.stem.conv1.bias"
+    assert kd.teacher.backbone.bottom_up.stem.conv1.bias is None
+    torch.save({"model": {**kd.teacher.state_dict(), key: torch.zeros(32)}}, tmp_path / "b.pth")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(kd.teacher, str(tmp_path / "b.pth"))
+    assert f"has 1 weights that model.teacher has no place for: ['{key}']" in str(e.value)
