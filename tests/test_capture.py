@@ -74,3 +74,68 @@ def test_taps_recorded_under_inference_mode_are_readable():
         out = net(x)
     assert cap["head"].is_inference() and torch.equal(cap["head"], out)
     assert torch.equal(cap.as_dict()["body"], net.body(x))
+
+
+class _Structured(nn.Module):
+    """A module whose output nests tensors in a dict and a tuple, changed in place afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"a": y, "b": (y * 2, [y + 1])}
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Structured()
+
+    def forward(self, x, skip=False):
+        if skip:
+            return x
+        out = self.inner(x)
+        out["a"].zero_()
+        out["b"][0].zero_()
+        out["b"][1][0].zero_()
+        return out
+
+
+def test_clone_copies_tensors_nested_in_dicts_tuples_and_lists_and_keeps_their_gradient():
+    """clone=True stores copies of every tensor of a nested output (an in-place change of the
+    model's own output afterwards is then harmless), and the copies stay in the autograd graph:
+    a loss on them reaches the module's parameters."""
+    net = _Outer()
+    x = torch.randn(1, 3, 2, 2)
+    y = net.inner.conv(x).detach()
+    cap = FeatureCapture(net, ["inner"], clone=True)
+    with cap:
+        net(x)
+    tap = cap["inner"]
+    assert torch.equal(tap["a"], y) and torch.equal(tap["b"][0], 2 * y)
+    assert torch.equal(tap["b"][1][0], y + 1)
+    assert isinstance(tap["b"], tuple) and isinstance(tap["b"][1], list)
+    # d/dbias of sum(a + b0 + b1[0]) = (1 + 2 + 1) * H * W per output channel
+    loss = tap["a"].sum() + tap["b"][0].sum() + tap["b"][1][0].sum()
+    (grad,) = torch.autograd.grad(loss, net.inner.conv.bias)
+    assert torch.equal(grad, torch.full((2,), 16.0))
+
+
+def test_each_forward_starts_from_no_taps_and_unrequested_names_are_named():
+    """Entering the context forgets the previous forward's taps: a module that did not run in
+    this forward is an error, not the last forward's output. A name that was never requested
+    is reported as such."""
+    net = _Outer()
+    cap = FeatureCapture(net, ["inner"], clone=True)
+    with cap:
+        net(torch.randn(1, 3, 2, 2))
+    assert "inner" in cap
+    with cap:
+        net(torch.randn(1, 3, 2, 2), skip=True)
+    assert "inner" not in cap
+    with pytest.raises(KeyError, match="'inner' did not fire"):
+        cap["inner"]
+    with pytest.raises(KeyError, match="'inner.conv' is not a recorded tap; taps: \\['inner'\\]"):
+        cap["inner.conv"]
