@@ -1368,3 +1368,138 @@ def test_row_cross_entropy_gradient_is_zero_where_the_student_map_is_below_the_c
         torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=0.0)
         assert g_got[0, 0, 0] == 0.0
     assert g_got[0, 0, 1].item() == pytest.approx(0.5 * 0.3 / 0.25)
+
+
+def test_inverse_sigmoid_and_head_boxes_from_the_reference_point():
+    """inverse_sigmoid(x) = log(x / (1 - x)), both clamped at 1e-5; the head's box centre is
+    sigmoid(delta_xy + logit(reference)) = r e^delta / (r e^delta + 1 - r), its size
+    sigmoid(delta_wh)."""
+    from detkd.modeling.detr import DETRHead, inverse_sigmoid
+
+    got = inverse_sigmoid(torch.tensor([0.0, 1e-6, 0.3, 1.0], dtype=torch.float64))
+    want = [math.log(1e-5), math.log(1e-5 / (1 - 1e-6)), math.log(0.3 / 0.7), -math.log(1e-5)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    head = DETRHead(8, 2).double()
+    bias = torch.tensor([0.5, -1.0, 0.2, -0.3], dtype=torch.float64)
+    with torch.no_grad():
+        head.bbox_embed.layers[-1].bias.copy_(bias)  # the last layer's weight is 0: delta = bias
+    ref = torch.tensor([[[0.05, 0.5], [0.3, 0.97], [0.6, 0.2]]], dtype=torch.float64)
+    states = torch.randn(2, 1, 3, 8, dtype=torch.float64)
+    out = head(states, ref)
+    e = bias[:2].exp()
+    xy = ref * e / (ref * e + 1 - ref)
+    wh = torch.sigmoid(bias[2:]).expand(3, 2)
+    assert out["pred_boxes"].shape == (2, 1, 3, 4)
+    for l in range(2):
+        torch.testing.assert_close(out["pred_boxes"][l, 0], torch.cat([xy[0], wh], -1))
+    torch.testing.assert_close(out["pred_logits"], head.class_embed(states))
+
+
+def test_point_sine_embedding_equals_the_position_embedding_at_cell_centres():
+    """Conditional DETR's spatial query lives in the keys' positional space: the sine embedding
+    of the normalised point ((j + 0.5) / W, (i + 0.5) / H) is the sine position embedding of
+    cell (i, j) of an unpadded H x W map (y features first, then x)."""
+    from detkd.modeling.detr import PositionEmbeddingSine, sine_embed_of_points
+
+    H, W, d = 3, 5, 16
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    pos = PositionEmbeddingSine(num_pos_feats=d // 2)(mask)  # (1, d, H, W)
+    i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    points = torch.stack([(j + 0.5) / W, (i + 0.5) / H], -1).reshape(1, H * W, 2)
+    got = sine_embed_of_points(points, d)  # (1, HW, d)
+    torch.testing.assert_close(got, pos.flatten(2).transpose(1, 2), atol=1e-5, rtol=0)
+    # by hand: feature 0 is sin(2 pi y), feature d / 2 + 3 is cos(2 pi x / 10000^(2 / 8))
+    y, x = 0.5 / H, 1.5 / W
+    assert got[0, 1, 0].item() == pytest.approx(math.sin(2 * math.pi * y), abs=1e-6)
+    want = math.cos(2 * math.pi * x / 10000 ** (2 / 8))
+    assert got[0, 1, d // 2 + 3].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_conditional_decoder_cross_attention_inputs_follow_the_paper():
+    """Conditional DETR (Sec. 3.3) read through hooks on a 3-layer decoder: reference points
+    s = sigmoid(MLP(query_pos)); per head, cross-attention query [content ; lambda_q * PE(s)],
+    lambda_q = 1 at the first layer and query_scale(previous layer output) after; key
+    [content ; PE(position)]; the first layer also adds the positional query and key to the
+    content parts; the states are the decoder norm of each layer's output."""
+    from detkd.modeling.detr import ConditionalDETRTransformer, sine_embed_of_points
+
+    torch.manual_seed(0)
+    d, M, B, Nq, HW = 8, 2, 2, 4, 5
+    tr = ConditionalDETRTransformer(
+        d_model=d, nhead=M, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=16,
+        dropout=0.0,
+    ).double().eval()
+    dec = tr.decoder
+    src = torch.randn(B, HW, d, dtype=torch.float64)
+    pos = torch.randn(B, HW, d, dtype=torch.float64)
+    query_pos = torch.randn(B, Nq, d, dtype=torch.float64)
+    seen = {}
+    hooks = [tr.encoder[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("memory", o))]
+    for i, layer in enumerate(dec.layers):
+        hooks += [
+            layer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("in", i), a[0])),
+            layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("out", i), o)),
+            layer.norm1.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("sa", i), o)),
+            layer.cross_attn.register_forward_pre_hook(
+                lambda m, a, i=i: seen.__setitem__(("ca", i), a)
+            ),
+        ]
+    with torch.no_grad():
+        states, reference = tr(src, pos, torch.zeros(B, HW, dtype=torch.bool), query_pos)
+        for h in hooks:
+            h.remove()
+        ref = dec.ref_point_head(query_pos).sigmoid()
+        torch.testing.assert_close(reference, ref)
+        sine = sine_embed_of_points(ref, d)
+        memory = seen["memory"]
+        for i, layer in enumerate(dec.layers):
+            tgt = seen[("sa", i)]
+            q_content, k_content = layer.ca_qcontent(tgt), layer.ca_kcontent(memory)
+            if i == 0:
+                q_content = q_content + layer.ca_qpos(query_pos)
+                k_content = k_content + layer.ca_kpos(pos)
+                scale = 1.0
+            else:
+                assert torch.equal(seen[("in", i)], seen[("out", i - 1)])
+                scale = dec.query_scale(seen[("out", i - 1)])
+            q_sine = layer.ca_qpos_sine(sine * scale)
+            k_pos = layer.ca_kpos(pos)
+            q_want = torch.cat([q_content.view(B, Nq, M, -1), q_sine.view(B, Nq, M, -1)], 3)
+            k_want = torch.cat([k_content.view(B, HW, M, -1), k_pos.view(B, HW, M, -1)], 3)
+            q, k, v = seen[("ca", i)]
+            torch.testing.assert_close(q, q_want.flatten(2))
+            torch.testing.assert_close(k, k_want.flatten(2))
+            torch.testing.assert_close(v, layer.ca_v(memory))
+            torch.testing.assert_close(states[i], dec.norm(seen[("out", i)]))
+
+
+def test_inference_keeps_the_top_query_class_pairs_of_the_last_layer_in_input_pixels():
+    """Top-k over all (query, class) sigmoid scores: index q * K + c; boxes cxcywh -> XYXY in the
+    padded-free image (h, w), clipped, then rescaled to the requested output size."""
+    model = instantiate(detr_cfg())
+    model.select_box_nums_for_evaluation = 3
+    logits = torch.tensor([[[-1.0, 2.0], [0.5, -3.0], [3.0, -2.0]]])  # (B=1, N=3, K=2)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.9, 0.25, 0.4, 0.1], [0.25, 0.75, 0.1, 0.2]]])
+    # image of h = 40, w = 80 shown at 80 x 160: every coordinate doubles
+    (out,) = model.inference(logits, boxes, [{"height": 80, "width": 160}], [(40, 80)])
+    inst = out["instances"]
+    assert inst.image_size == (80, 160)
+    torch.testing.assert_close(inst.scores, torch.sigmoid(torch.tensor([3.0, 2.0, 0.5])))
+    assert inst.pred_classes.tolist() == [0, 1, 0]
+    # query 2: (20, 30, 8, 8) px -> (16, 26, 24, 34); query 0: (40, 20, 16, 16) -> (32, 12, 48, 28);
+    # query 1: (72, 10, 32, 4) -> (56, 8, 88, 12), clipped at x = 80
+    want = torch.tensor([[16.0, 26, 24, 34], [32, 12, 48, 28], [56, 8, 80, 12]]) * 2
+    torch.testing.assert_close(inst.pred_boxes.tensor, want)
+
+    # the model's eval forward reports the last decoder layer's predictions
+    model.eval()
+    images = [{"image": torch.rand(3, 48, 64) * 255, "height": 48, "width": 64}]
+    with torch.no_grad():
+        (got,) = model(images)
+        pred = model.forward_predictions(model.preprocess_image(images))
+        last = pred["pred_logits"][-1], pred["pred_boxes"][-1]
+        (want,) = model.inference(*last, images, [(48, 64)])
+    assert not torch.equal(pred["pred_logits"][0], pred["pred_logits"][-1])
+    got, want = got["instances"], want["instances"]
+    torch.testing.assert_close(got.scores, want.scores)
+    torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
