@@ -144,7 +144,7 @@ def test_extra_query_group_leaves_own_group_unchanged():
     inputs = make_inputs(n=2)
     cap = _decoder_taps(model)
     with cap, torch.no_grad():
-        model(inputs)
+        plain_losses = model(inputs)
     plain = {k: v.clone() for k, v in cap["head"].items()}
     plain_sa = cap["transformer.decoder.layers.2.self_attn"][1].clone()
     extra = torch.randn(12, 64)
@@ -158,7 +158,10 @@ def test_extra_query_group_leaves_own_group_unchanged():
     assert own.shape == (2, 4, 30, 30) and aux.shape == (2, 4, 12, 12)
     torch.testing.assert_close(own, plain_sa, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux.sum(-1), torch.ones(2, 4, 12))
-    assert "loss_class" in losses
+    # the ground-truth losses are the own group's (the N own queries only, whatever N2)
+    assert list(losses) == list(plain_losses)
+    for k, v in plain_losses.items():
+        torch.testing.assert_close(losses[k], v, atol=1e-5, rtol=1e-5)
     model.eval()
     with torch.no_grad(), model.extra_query_group(extra):
         out = model(inputs)  # the group exists in training only
