@@ -222,7 +222,7 @@ class _DetectorCheckpointer(DetectionCheckpointer):
         return {
             "model": state,
             "__author__": "a pickled state dict",
-            "matching_heuristics": bool(data.get("matching_heuristics", True)) if state is not data else True,
+            "matching_heuristics": state is data or bool(data.get("matching_heuristics", True)),
         }
 
     def _load_model(self, checkpoint):
