@@ -1302,3 +1302,30 @@ def test_kd_scalars_of_a_step_whose_backward_failed_are_written_and_the_flag_res
     logged = [m["iteration"] for m in _metrics(str(tmp_path / "f")) if "pkd/p3" in m]
     assert logged == [0, 1]
     assert not kd.scalars_after_backward and not kd._pending_scalars
+
+
+def _needs_a(a, b=None):
+    """A LazyCall target without ``**kwargs`` (override-key tests)."""
+    return a
+
+
+def _takes_kwargs(a, **kwargs):
+    """A LazyCall target with ``**kwargs`` (override-key tests)."""
+    return a
+
+
+def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
+    # An argument a LazyCall leaves unset is a valid key only as the override's last part: a key
+    # below it (model.x.b.c, b unset) would make b a dict nobody asked for; a target with
+    # **kwargs takes any name.
+    from detkd.engine import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.model.distillers.x = L(_needs_a)(a=1)
+    cfg.model.distillers.y = L(_takes_kwargs)(a=1)
+    check_override_keys(cfg, ["model.distillers.x.b=2"])  # an argument left at its default
+    with pytest.raises(KeyError, match=r"'model\.distillers\.x' has no key 'b'"):
+        check_override_keys(cfg, ["model.distillers.x.b.c=2"])
+    with pytest.raises(KeyError, match=r"'model\.distillers\.x' has no key 'c'"):
+        check_override_keys(cfg, ["model.distillers.x.c=2"])
+    check_override_keys(cfg, ["model.distillers.y.anything=2"])  # **kwargs
