@@ -1329,3 +1329,38 @@ def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
     with pytest.raises(KeyError, match=r"'model\.distillers\.x' has no key 'c'"):
         check_override_keys(cfg, ["model.distillers.x.c=2"])
     check_override_keys(cfg, ["model.distillers.y.anything=2"])  # **kwargs
+
+
+def _keeps_a_kd_model(**kwargs):
+    """A factory function as cfg.model (it may return a DistillationDetector)."""
+    raise AssertionError("not built by check_run_inputs_kept")
+
+
+def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp_path):
+    # The teacher's checkpoint under any name the run saves to (periodic model_<7 digits>.pth,
+    # not a 6-digit one), only when the run saves (not --eval-only); a factory function as
+    # cfg.model counts as a possible DistillationDetector; the student's .yaml is checked too.
+    from detkd.engine import check_run_inputs_kept
+    from detkd.modeling import build_yacs_detector
+
+    out = str(tmp_path / "run")
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.train.output_dir = out
+    for name in ("model_0004999.pth", "model_final.pth", "model_final_student.pth"):
+        cfg.train.teacher_checkpoint = os.path.join(out, name)
+        with pytest.raises(ValueError, match="teacher's weights would be replaced"):
+            check_run_inputs_kept(cfg)
+        check_run_inputs_kept(cfg, checkpoints=False)  # --eval-only saves nothing
+    cfg.train.teacher_checkpoint = os.path.join(out, "model_004999.pth")  # not a run's name
+    check_run_inputs_kept(cfg)
+    cfg.train.teacher_checkpoint = os.path.join(out, "model_final.pth")
+    factory = load_config("configs/demo/pkd_retinanet.py")
+    factory.train.update(output_dir=out, teacher_checkpoint=os.path.join(out, "model_final.pth"))
+    factory.model = L(_keeps_a_kd_model)(student=factory.model.student)
+    with pytest.raises(ValueError, match="teacher's weights would be replaced"):
+        check_run_inputs_kept(factory)
+    cfg.train.teacher_checkpoint = ""
+    cfg.model.student = L(build_yacs_detector)(config_file=os.path.join(out, "config.yaml"))
+    with pytest.raises(ValueError, match=r"model\.student\.config_file .* is the config\.yaml of this run's"):
+        check_run_inputs_kept(cfg)
+    check_run_inputs_kept(cfg, config_yaml=False)
