@@ -1364,3 +1364,47 @@ def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp
     with pytest.raises(ValueError, match=r"model\.student\.config_file .* is the config\.yaml of this run's"):
         check_run_inputs_kept(cfg)
     check_run_inputs_kept(cfg, config_yaml=False)
+
+
+def _dataset_of_classes(name, classes):
+    """A registered one-image dataset whose metadata has ``thing_classes`` ``classes``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [{"file_name": "x.png", "image_id": 0, "height": 8, "width": 8}])
+    MetadataCatalog.get(name).set(thing_classes=list(classes))
+    return name
+
+
+def test_class_checks_refuse_fewer_classes_and_another_order(tmp_path):
+    # the student (and the evaluated teacher) of fewer classes than the data is refused as one
+    # of more; test data of the training data's classes in another order is refused; without
+    # dataloader.evaluator, --eval-only's check of the test data is skipped
+    from types import SimpleNamespace
+
+    from detkd.engine import check_student_classes, check_teacher_eval_classes, check_test_classes
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcd", "abcd")
+    cfg.dataloader.test.dataset.names = _dataset_of_classes("detkd_test_abcd_val", "abcd")
+    for n in (3, 5):
+        with pytest.raises(ValueError, match=rf"The model predicts {n} classes but the training dataset "
+                                             rf"'detkd_test_abcd' has 4 \(a, b, c, d\)"):
+            check_student_classes(cfg, SimpleNamespace(num_classes=n))
+        with pytest.raises(ValueError, match=rf"the teacher predicts {n} classes but the test dataset "
+                                             r"'detkd_test_abcd_val' has 4"):
+            check_teacher_eval_classes(cfg, SimpleNamespace(teacher=SimpleNamespace(num_classes=n)))
+    check_student_classes(cfg, SimpleNamespace(num_classes=4))
+    check_teacher_eval_classes(cfg, SimpleNamespace(teacher=SimpleNamespace(num_classes=4)))
+    check_test_classes(cfg)
+    cfg.dataloader.test.dataset.names = _dataset_of_classes("detkd_test_bacd_val", "bacd")
+    with pytest.raises(ValueError, match=r"'detkd_test_bacd_val' \(4: b, a, c, d\) are not those of the training "
+                                         r"dataset 'detkd_test_abcd' \(4: a, b, c, d\); they differ from class 0 on"):
+        check_test_classes(cfg)
+    cfg.dataloader.test.dataset.names = "detkd_test_abcd_val"
+    with pytest.raises(ValueError, match=r"predicts 3 classes but the test dataset 'detkd_test_abcd_val' has 4"):
+        check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
+    del cfg.dataloader.evaluator  # nothing is evaluated: not checked
+    check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
