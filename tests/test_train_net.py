@@ -1408,3 +1408,21 @@ def test_class_checks_refuse_fewer_classes_and_another_order(tmp_path):
         check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
     del cfg.dataloader.evaluator  # nothing is evaluated: not checked
     check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
+
+
+def test_clip_grad_is_off_unless_enabled():
+    # train.clip_grad = dict(enabled=False, max_norm=...) (every config's default) must leave the
+    # gradients as they are: gradient (3, 4), SGD at lr 1 steps by -(3, 4); enabled with
+    # max_norm 1e-3 it steps by -(6e-4, 8e-4)
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.optimizer = load_config("configs/PKD/baseline_retinanet_R50_2x.py").optimizer
+    cfg.optimizer.update(lr=1.0, momentum=0.0, weight_decay=0.0)
+    for enabled, expected in ((False, [-3.0, -4.0]), (True, [-6e-4, -8e-4])):
+        cfg.train.clip_grad = dict(enabled=enabled, max_norm=1e-3)
+        model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+        optimizer = KDTrainer.build_optimizer(cfg, model)
+        (model.weight * torch.tensor([3.0, 4.0])).sum().backward()
+        optimizer.step()
+        assert model.weight.detach().flatten().tolist() == pytest.approx(expected, rel=1e-5), enabled
