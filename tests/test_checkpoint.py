@@ -706,3 +706,28 @@ def test_teacher_checkpoint_with_a_parameter_a_module_lacks_is_an_error(tmp_path
     with pytest.raises(TeacherCheckpointError) as e:
         load_teacher(kd.teacher, str(tmp_path / "b.pth"))
     assert f"has 1 weights that model.teacher has no place for: ['{key}']" in str(e.value)
+
+
+def test_run_checkpointer_refuses_a_nan_buffer_and_strictly_a_file_with_extra_keys(tmp_path):
+    # A BatchNorm whose running mean turned NaN (a diverged step's forward) gives NaN outputs at
+    # inference like a NaN weight: the checkpoint is refused. Under --resume (strict), a file
+    # with a key the model lacks (another run's extra module) is refused like a missing one.
+    from detkd.checkpoint import CheckpointMismatchError
+    from detkd.engine import _RunCheckpointer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ckpt = _RunCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000000", iteration=0)
+    with torch.no_grad():
+        model[1].running_mean[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"Checkpoint 'model_0000001' not written: .* 1 weights are NaN "
+                                                 r"or inf \(\['1\.running_mean'\]\)"):
+        ckpt.save("model_0000001", iteration=1)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    extra = torch.load(tmp_path / "model_0000000.pth", weights_only=False)
+    extra["model"]["2.weight"] = torch.ones(2)
+    torch.save(extra, tmp_path / "model_0000000.pth")
+    ckpt.strict = True
+    with pytest.raises(CheckpointMismatchError, match=r"2\.weight"):
+        ckpt.resume_or_load("", resume=True)
+    _RunCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)  # not strict: logged only
