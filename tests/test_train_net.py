@@ -1426,3 +1426,34 @@ def test_clip_grad_is_off_unless_enabled():
         (model.weight * torch.tensor([3.0, 4.0])).sum().backward()
         optimizer.step()
         assert model.weight.detach().flatten().tolist() == pytest.approx(expected, rel=1e-5), enabled
+
+
+def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkpoint_into_the_teacher(tmp_path):
+    # a new run: train.init_checkpoint's weights in the student (only), the teacher's file in
+    # the teacher; an empty teacher_checkpoint without teacher_random_init is refused
+    from detectron2.config import instantiate
+
+    from detkd.checkpoint import save_student
+
+    files = {}
+    for name, (width, fpn) in (("student", (8, 32)), ("teacher", (16, 64))):
+        src = instantiate(tiny_retinanet_cfg(width=width, fpn=fpn))
+        with torch.no_grad():
+            for p in src.parameters():
+                p.uniform_(2.0, 3.0)  # far from any initialisation
+        save_student(src, str(tmp_path / f"{name}.pth"))
+        files[name] = src.state_dict()
+    cfg = _small_cfg(tmp_path / "new", max_iter=1)
+    cfg.train.update(init_checkpoint=str(tmp_path / "student.pth"), teacher_checkpoint=str(tmp_path / "teacher.pth"),
+                     teacher_random_init=False)
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    kd = unwrap_model(trainer.model)
+    for part in ("student", "teacher"):
+        state = getattr(kd, part).state_dict()
+        for k, v in files[part].items():
+            assert torch.equal(state[k], v), (part, k)
+    assert trainer.start_iter == 0
+    cfg.train.teacher_checkpoint = ""
+    with pytest.raises(RuntimeError, match="teacher_checkpoint"):
+        KDTrainer(cfg).resume_or_load(resume=False)
