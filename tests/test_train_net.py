@@ -1457,3 +1457,43 @@ def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkp
     cfg.train.teacher_checkpoint = ""
     with pytest.raises(RuntimeError, match="teacher_checkpoint"):
         KDTrainer(cfg).resume_or_load(resume=False)
+
+
+def test_rng_preserved_restores_python_numpy_and_torch_states():
+    import random
+
+    import numpy as np
+
+    from detkd.engine import _rng_preserved
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with _rng_preserved():
+        random.random(), np.random.rand(3), torch.rand(3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_teacher_eval_is_skipped_only_for_a_resumed_run_whose_metrics_hold_teacher_keys(tmp_path):
+    # metrics.json of an earlier run in the folder: a new run (start_iter 0, no --resume)
+    # evaluates its teacher again; a resumed one does when the file has no teacher/ key (a
+    # student metric whose name merely contains "teacher" is not the teacher's evaluation)
+    from types import SimpleNamespace
+
+    from detkd.engine import TeacherEvalHook
+
+    cfg = _small_cfg(tmp_path, max_iter=1)
+    hook = TeacherEvalHook(cfg)
+    metrics = tmp_path / "metrics.json"
+    for start_iter, lines, logged in (
+        (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], True),
+        (0, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], False),
+        (2, ['{"iteration": 0, "bbox/AP-teacher": 1.0, "loss_teacher_kd": 0.5}'], False),
+    ):
+        metrics.write_text("\n".join(lines) + "\n")
+        hook.trainer = SimpleNamespace(start_iter=start_iter)
+        assert hook._logged_before() is logged, (start_iter, lines)
