@@ -1497,3 +1497,32 @@ def test_teacher_eval_is_skipped_only_for_a_resumed_run_whose_metrics_hold_teach
         metrics.write_text("\n".join(lines) + "\n")
         hook.trainer = SimpleNamespace(start_iter=start_iter)
         assert hook._logged_before() is logged, (start_iter, lines)
+
+
+def test_hooks_follow_export_student_and_teacher_eval_keys_and_kd_only(tmp_path):
+    # train.export_student (True when a config lacks it) and teacher_eval_at_start only for a
+    # DistillationDetector: a plain detector (the README's `model = teacher` in a copy of the
+    # distillation config) gets neither hook; KDTrainer.before_train starts the inner trainer's
+    # hooks (KD scalars written after the backward)
+    def names(cfg):
+        return [type(h).__name__ for h in KDTrainer(cfg)._hooks]
+
+    cfg = _small_cfg(tmp_path / "h", max_iter=1)
+    cfg.train.teacher_eval_at_start = True
+    assert {"ExportStudentHook", "TeacherEvalHook"} <= set(names(cfg))
+    cfg.train.export_student = False
+    assert "ExportStudentHook" not in names(cfg)
+    del cfg.train.export_student
+    assert "ExportStudentHook" in names(cfg)
+    plain = _small_cfg(tmp_path / "p", max_iter=1)
+    plain.model = plain.model.teacher
+    plain.train.teacher_eval_at_start = True
+    assert not {"ExportStudentHook", "TeacherEvalHook"} & set(names(plain))
+
+    from detectron2.utils.events import EventStorage
+
+    trainer = KDTrainer(_small_cfg(tmp_path / "b", max_iter=1))
+    assert not unwrap_model(trainer.model).scalars_after_backward
+    with EventStorage(0) as trainer.storage:
+        trainer.before_train()
+    assert unwrap_model(trainer.model).scalars_after_backward
