@@ -1526,3 +1526,24 @@ def test_hooks_follow_export_student_and_teacher_eval_keys_and_kd_only(tmp_path)
     with EventStorage(0) as trainer.storage:
         trainer.before_train()
     assert unwrap_model(trainer.model).scalars_after_backward
+
+
+def test_cpu_processes_keep_the_users_omp_num_threads(monkeypatch):
+    """OMP_NUM_THREADS set by the user, or a single process: its thread count is kept (no
+    torch.set_num_threads)."""
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 2)
+    monkeypatch.setattr(train_net.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    threads = []
+    monkeypatch.setattr(train_net.torch, "set_num_threads", threads.append)
+    train_net._share_cpu_threads()
+    assert threads == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    train_net._share_cpu_threads()
+    assert threads == [max(1, train_net._usable_cpus() // 2)]
+    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 1)  # one process: torch's own count
+    train_net._share_cpu_threads()
+    assert len(threads) == 1
