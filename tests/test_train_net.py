@@ -1547,3 +1547,40 @@ def test_cpu_processes_keep_the_users_omp_num_threads(monkeypatch):
     monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 1)  # one process: torch's own count
     train_net._share_cpu_threads()
     assert len(threads) == 1
+
+
+class _DirEvaluator:
+    """An evaluator config target that takes ``output_dir`` (build_evaluator tests)."""
+
+    def __init__(self, output_dir=None):
+        self.output_dir = output_dir
+
+
+def _assert_other(**kwargs):
+    raise AssertionError("an assertion of the loader's own")
+
+
+def test_build_evaluator_keeps_a_set_output_dir_and_train_loader_keeps_other_assertions(tmp_path):
+    # build_evaluator fills only an unset output_dir (train.output_dir/inference, or the
+    # teacher's folder); build_train_loader turns only detectron2's "No valid data found" into
+    # the filter_empty message, not any other assertion of the loader
+    cfg = _small_cfg(tmp_path / "o", max_iter=1)
+    cfg.dataloader.evaluator = L(_DirEvaluator)()
+    assert KDTrainer.build_evaluator(cfg).output_dir == os.path.join(str(tmp_path / "o"), "inference")
+    assert KDTrainer.build_evaluator(cfg, output_folder="elsewhere").output_dir == "elsewhere"
+    cfg.dataloader.evaluator.output_dir = "mine"
+    assert KDTrainer.build_evaluator(cfg, output_folder="elsewhere").output_dir == "mine"
+    cfg.dataloader.train = L(_assert_other)(dataset=dict(names=_dataset_of_classes("detkd_test_ab", "ab")))
+    with pytest.raises(AssertionError, match="an assertion of the loader's own"):
+        KDTrainer.build_train_loader(cfg)
+
+
+def test_an_unusable_last_checkpoint_names_the_three_latest_others(tmp_path):
+    from types import SimpleNamespace
+
+    for name in ("model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_0000007.pth",
+                 "model_final_student.pth", "model_final.pth"):
+        (tmp_path / name).write_bytes(b"")
+    cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path)))
+    e = KDTrainer._unusable_last_checkpoint(SimpleNamespace(cfg=cfg), str(tmp_path / "model_final.pth"), "is bad")
+    assert "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)" in str(e)
