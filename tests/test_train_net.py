@@ -1584,3 +1584,19 @@ def test_an_unusable_last_checkpoint_names_the_three_latest_others(tmp_path):
     cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path)))
     e = KDTrainer._unusable_last_checkpoint(SimpleNamespace(cfg=cfg), str(tmp_path / "model_final.pth"), "is bad")
     assert "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)" in str(e)
+
+
+def test_ddp_model_leaves_device_ids_unset_for_a_model_off_cuda(monkeypatch):
+    # DDP over gloo of a CPU model needs device_ids=None (detectron2 passes the local rank's GPU);
+    # a single process and a given device_ids are left to detectron2
+    import detkd.engine as engine
+
+    seen = []
+    monkeypatch.setattr(engine, "create_ddp_model", lambda model, **kwargs: seen.append(kwargs) or model)
+    model = torch.nn.Linear(2, 2)
+    engine.ddp_model(model, broadcast_buffers=False)
+    monkeypatch.setattr(engine.comm, "get_world_size", lambda: 2)
+    engine.ddp_model(model, broadcast_buffers=False)
+    engine.ddp_model(model, device_ids=[3])
+    assert seen == [{"broadcast_buffers": False}, {"broadcast_buffers": False, "device_ids": None},
+                    {"device_ids": [3]}]
