@@ -168,6 +168,31 @@ def test_student_without_input_format_takes_student_input_format(caplog):
     assert not build(cfg).flip_teacher_channels
 
 
+def test_a_teacher_without_input_format_takes_the_students_channel_order():
+    """A teacher that declares no input_format (detectron2's FCOS) is fed the student's data
+    unflipped, with its own pixel mean/std: channel_orders gives it the student's order (a
+    teacher order of None compared unequal with the student's BGR and flipped the images)."""
+    from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+    from detkd.distiller import channel_orders
+
+    fcos = tiny_retinanet_cfg(width=32, fpn=128)
+    fcos._target_ = FCOS
+    del fcos.anchor_generator, fcos.box2box_transform, fcos.anchor_matcher, fcos.input_format
+    fcos.head._target_ = FCOSHead
+    del fcos.head.num_anchors
+    fcos.pixel_mean, fcos.pixel_std = [10.0, 20.0, 30.0], [2.0, 4.0, 8.0]
+    model = build(kd_cfg(teacher=fcos))  # the student: a BGR RetinaNet
+    assert channel_orders(model.student, model.teacher) == ("BGR", "BGR")
+    assert channel_orders(model.student, model.teacher, teacher_input_format="RGB") == ("BGR", "RGB")
+    assert not model.flip_teacher_channels
+    inputs = make_inputs(n=1, size=(50, 70))
+    images = model.teacher_images(inputs)
+    expected = (inputs[0]["image"].float() - torch.tensor([10.0, 20.0, 30.0]).view(3, 1, 1)) / (
+        torch.tensor([2.0, 4.0, 8.0]).view(3, 1, 1))
+    assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
+
+
 def test_heterogeneous_faster_rcnn_teacher_retinanet_student_trains():
     torch.manual_seed(0)
     model = build(kd_cfg(teacher=tiny_faster_rcnn_cfg(fpn=32), pair_by="stride"))
