@@ -10,12 +10,13 @@ import torch
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.solver.build import get_default_optimizer_params
+from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 
 from detkd import DistillationDetector, PKDDistiller
 from detkd.losses import Distiller
 
-from conftest import build, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
+from conftest import build, load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
 
 
 def kd_cfg(teacher=None, student=None, **pkd):
@@ -67,6 +68,34 @@ def test_teacher_outputs_have_no_graph(kd_model):
         run_teacher(kd_model.teacher, images, kd_model._teacher_capture)
     feats = kd_model._teacher_capture["backbone"]
     assert all(f.grad_fn is None and not f.requires_grad for f in feats.values())
+
+
+def test_run_teacher_runs_only_the_stages_the_taps_need_and_names_taps_it_never_reached():
+    """run_teacher stops where the taps stop: a DETR teacher read at its backbone only runs the
+    backbone (not its transformer: forward_predictions only when a tap lies beyond the
+    backbone); a tap of a part that no stage runs (a Faster R-CNN's box head) is an error
+    naming it, not a KeyError in a distiller."""
+    from detkd import FeatureCapture
+    from detkd.distiller import run_teacher
+
+    torch.manual_seed(0)
+    detr = instantiate(load_config("configs/common/models/tiny_detr.py").model).eval()
+    images = detr.preprocess_image(make_inputs(n=1, size=(64, 96)))
+    calls, handle = _count_calls(detr.transformer)
+    with torch.no_grad():
+        cap = FeatureCapture(detr, ["backbone"])
+        run_teacher(detr, images, cap)
+        assert "backbone" in cap and calls == []
+        cap = FeatureCapture(detr, ["backbone", "head"])
+        run_teacher(detr, images, cap)
+        assert "backbone" in cap and "head" in cap and calls == [1]
+    handle.remove()
+
+    rcnn = instantiate(tiny_faster_rcnn_cfg()).eval()
+    images = ImageList.from_tensors([torch.zeros(3, 64, 96)], 32)
+    cap = FeatureCapture(rcnn, ["backbone", "roi_heads.box_head"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"Teacher taps \['roi_heads.box_head'\] were not produced"):
+        run_teacher(rcnn, images, cap)
 
 
 def test_teacher_not_in_state_dict_optimizer_or_parameters(kd_model):
