@@ -293,6 +293,21 @@ def test_pearson_diagnostic_logged_every_diag_period_iterations_only(kd_model):
     assert storage.smoothing_hints()["kd_diag/pearson_p4"] is False
 
 
+def test_diag_period_0_disables_the_pearson_diagnostic():
+    """diag_period=0 (documented: disables it) is accepted, and a step at iteration 0 logs no
+    kd_diag/pearson_* scalar (nor divides by the period); a negative period is an error."""
+    cfg = kd_cfg()
+    cfg.diag_period = 0
+    torch.manual_seed(0)
+    model = build(cfg)
+    with EventStorage(start_iter=0) as storage:
+        model(make_inputs())
+        assert not [k for k in storage.latest() if k.startswith("kd_diag/")]
+    cfg.diag_period = -1
+    with pytest.raises(ValueError, match="diag_period must be an int >= 0"):
+        build(cfg)
+
+
 def test_half_precision_teacher_option():
     torch.manual_seed(0)
     cfg = kd_cfg()
