@@ -399,7 +399,10 @@ def _probe_distiller(records, key="loss_probe"):
     class Probe(Distiller):
         def forward(self, student_taps, teacher_taps, ctx):
             feats = list(student_taps["backbone"].values()) + list(teacher_taps["backbone"].values())
-            records.append(dict(autocast=torch.is_autocast_enabled("cpu"), dtypes={f.dtype for f in feats}))
+            with ctx.amp():  # the step's precision, for a distiller's own trainable layers
+                amp = torch.is_autocast_enabled("cpu")
+            records.append(dict(autocast=torch.is_autocast_enabled("cpu"), dtypes={f.dtype for f in feats},
+                                amp=amp))
             return {key: feats[0].sum() * 0.0}
 
     return Probe()
@@ -407,7 +410,8 @@ def _probe_distiller(records, key="loss_probe"):
 
 def test_teacher_runs_under_no_grad_and_distillers_in_fp32_outside_autocast():
     """METHODS.md 0: the teacher runs under no_grad; distillation arithmetic runs in fp32
-    (autocast off, fp32 taps) also when the step is under AMP."""
+    (autocast off, fp32 taps) also when the step is under AMP, where ctx.amp() turns the step's
+    autocast back on (ReviewKD's ABFs), and in an fp32 step does not."""
     torch.manual_seed(0)
     records, grad_enabled = [], []
     model = DistillationDetector(
@@ -419,7 +423,10 @@ def test_teacher_runs_under_no_grad_and_distillers_in_fp32_outside_autocast():
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(inputs)
     assert grad_enabled == [False]
-    assert records == [dict(autocast=False, dtypes={torch.float32})]
+    assert records == [dict(autocast=False, dtypes={torch.float32}, amp=True)]
+    with EventStorage():
+        model(inputs)
+    assert records[1] == dict(autocast=False, dtypes={torch.float32}, amp=False)
 
 
 def test_a_distiller_loss_key_that_clashes_is_an_error():
