@@ -561,6 +561,17 @@ def test_maps_of_equal_stride_and_different_sizes_are_a_clear_error():
     match = r"'p3' map is \(16, 20\).*\(16, 24\).*student 32, teacher 64"
     with EventStorage(), pytest.raises(ValueError, match=match):
         model(make_inputs(n=2, size=(128, 160)))
+    # ReviewKD resizes (a warning alone), PKD beside it does not: still the error
+    from detkd import ReviewKDDistiller
+
+    torch.manual_seed(0)
+    model = build(L(DistillationDetector)(
+        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(width=32, fpn=128),
+        distillers={"reviewkd": L(ReviewKDDistiller)(), "pkd": L(PKDDistiller)()},
+    ))
+    model.teacher.backbone._size_divisibility = 64
+    with EventStorage(), pytest.raises(ValueError, match=match):
+        model(make_inputs(n=2, size=(128, 160)))
 
 
 def test_maps_of_equal_stride_and_different_sizes_train_with_a_warning_where_resized():
