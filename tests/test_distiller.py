@@ -623,6 +623,12 @@ def test_a_teacher_sharing_trainable_parameters_with_the_student_is_an_error():
         DistillationDetector(student=student, teacher=teacher, distillers={})
     assert all(p.requires_grad for p in student.parameters())
     assert student.training
+    # frozen parameters (requires_grad False in the student too) may be shared: nothing to lose
+    teacher = instantiate(tiny_retinanet_cfg())
+    teacher.head = student.head
+    student.head.requires_grad_(False)
+    model = DistillationDetector(student=student, teacher=teacher, distillers={})
+    assert model.teacher.head is model.student.head
 
 
 def test_teacher_is_in_eval_mode_from_construction_without_a_train_call():
