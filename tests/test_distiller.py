@@ -981,3 +981,23 @@ def test_extra_state_keeps_the_students_loss_normalizer_and_no_missing_one():
     saved.student.loss_normalizer = 42.5
     loaded.load_state_dict(saved.state_dict())
     assert loaded.student.loss_normalizer == 42.5
+
+
+def test_without_distillers_the_student_trains_alone_and_the_teacher_never_runs():
+    """With no distillers no tap is recorded on the teacher: a training step never runs it
+    (not even its backbone) and returns the student's own losses, those of the student alone."""
+    torch.manual_seed(0)
+    student = instantiate(tiny_retinanet_cfg())
+    reference = copy.deepcopy(student).train()
+    model = DistillationDetector(
+        student=student, teacher=instantiate(tiny_retinanet_cfg(width=32, fpn=128)), distillers={}
+    ).train()
+    calls, handle = _count_calls(model.teacher.backbone)
+    inputs = make_inputs(2, size=(64, 64))
+    with EventStorage(0):
+        losses = model(inputs)
+        want = reference(inputs)
+    handle.remove()
+    assert calls == []
+    assert sorted(losses) == sorted(want)
+    assert all(torch.allclose(losses[k], want[k]) for k in want)
