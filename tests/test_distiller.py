@@ -94,7 +94,8 @@ def test_run_teacher_runs_only_the_stages_the_taps_need_and_names_taps_it_never_
     rcnn = instantiate(tiny_faster_rcnn_cfg()).eval()
     images = ImageList.from_tensors([torch.zeros(3, 64, 96)], 32)
     cap = FeatureCapture(rcnn, ["backbone", "roi_heads.box_head"])
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"Teacher taps \['roi_heads.box_head'\] were not produced"):
+    match = r"Teacher taps \['roi_heads.box_head'\] were not produced"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
         run_teacher(rcnn, images, cap)
 
 
@@ -213,7 +214,8 @@ def test_a_teacher_without_input_format_takes_the_students_channel_order():
     fcos.pixel_mean, fcos.pixel_std = [10.0, 20.0, 30.0], [2.0, 4.0, 8.0]
     model = build(kd_cfg(teacher=fcos))  # the student: a BGR RetinaNet
     assert channel_orders(model.student, model.teacher) == ("BGR", "BGR")
-    assert channel_orders(model.student, model.teacher, teacher_input_format="RGB") == ("BGR", "RGB")
+    given = channel_orders(model.student, model.teacher, teacher_input_format="RGB")
+    assert given == ("BGR", "RGB")
     assert not model.flip_teacher_channels
     inputs = make_inputs(n=1, size=(50, 70))
     images = model.teacher_images(inputs)
@@ -401,8 +403,8 @@ def _probe_distiller(records, key="loss_probe"):
             feats = list(student_taps["backbone"].values()) + list(teacher_taps["backbone"].values())
             with ctx.amp():  # the step's precision, for a distiller's own trainable layers
                 amp = torch.is_autocast_enabled("cpu")
-            records.append(dict(autocast=torch.is_autocast_enabled("cpu"), dtypes={f.dtype for f in feats},
-                                amp=amp))
+            records.append(dict(autocast=torch.is_autocast_enabled("cpu"),
+                                dtypes={f.dtype for f in feats}, amp=amp))
             return {key: feats[0].sum() * 0.0}
 
     return Probe()
