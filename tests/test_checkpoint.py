@@ -69,7 +69,10 @@ def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
     for p in source.parameters():
         p.data.normal_()
     state = {k: v.detach().numpy() for k, v in source.state_dict().items()}
-    for name, data in (("plain.pkl", state), ("model.pkl", {"model": state})):
+    # a key without a dot (an older checkpoint's top-level pixel_mean) does not make it Caffe2's
+    dotless = dict(state, pixel_mean=np.zeros((3, 1, 1), dtype=np.float32))
+    files = (("plain.pkl", state), ("model.pkl", {"model": state}), ("dotless.pkl", dotless))
+    for name, data in files:
         with open(tmp_path / name, "wb") as f:
             pickle.dump(data, f)
         kd = _kd()
