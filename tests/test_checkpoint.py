@@ -142,6 +142,10 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     before = (tmp_path / "model_final.pth").read_bytes()
     with pytest.raises(ValueError, match="model_final.pth' is a training run's checkpoint.*another file name"):
         export_student(run, run)
+    # a run's model alone (DetectionCheckpointer without the optimizer) is one too
+    DetectionCheckpointer(kd, str(tmp_path)).save("model_only")
+    with pytest.raises(ValueError, match="training run's checkpoint"):
+        export_student(run, str(tmp_path / "model_only.pth"))
     # a plain detector's run checkpoint (a baseline's) is one too
     DetectionCheckpointer(kd.student, str(tmp_path), optimizer=opt).save("baseline", iteration=9)
     with pytest.raises(ValueError, match="training run's checkpoint"):
