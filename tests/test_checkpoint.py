@@ -157,6 +157,11 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     state = export_student(run, out)
     assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
 
+    # a file that is no checkpoint at all: nothing of a run to lose, replaced
+    with open(out, "w") as f:
+        f.write("not a checkpoint")
+    assert export_student(run, out).keys() == state.keys()
+    assert torch.load(out, weights_only=False)["model"].keys() == state.keys()
     # files whose "model" entry is not a state dict: replaced as output, refused as input
     for other in ({"model": torch.zeros(3)}, {"model": [1, 2]}, [torch.zeros(1)]):
         torch.save(other, out)
