@@ -508,6 +508,13 @@ def test_an_init_checkpoint_of_which_nothing_fits_the_student_is_an_error(tmp_pa
     with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"):
         load_student(student, str(tmp_path / "r18.pth"))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    # the same for a student with FrozenBN (detectron2's ImageNet-initialised R-50s), whose
+    # running statistics a load fills itself and never reports as missing
+    cfg = tiny_retinanet_cfg()
+    cfg.backbone.bottom_up.stem.norm = "FrozenBN"
+    cfg.backbone.bottom_up.stages.norm = "FrozenBN"
+    with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights"):
+        load_student(instantiate(cfg), str(tmp_path / "r18.pth"))
 
     donor = instantiate(tiny_retinanet_cfg())
     part = {k: v for k, v in donor.state_dict().items() if k.startswith("backbone.bottom_up.")}
