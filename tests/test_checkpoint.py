@@ -751,3 +751,27 @@ def test_run_checkpointer_refuses_a_nan_buffer_and_strictly_a_file_with_extra_ke
     with pytest.raises(CheckpointMismatchError, match=r"2\.weight"):
         ckpt.resume_or_load("", resume=True)
     _RunCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)  # not strict: logged only
+
+
+def test_resume_accepts_a_run_checkpoint_without_the_wrappers_extra_state(tmp_path):
+    """A run checkpoint of an older version has no '_extra_state' (the student's EMA loss
+    normaliser): --resume (a strict load) restores it, with nothing reported missing; a
+    parameter missing from it is still an error."""
+    from detkd.checkpoint import CheckpointMismatchError
+    from detkd.engine import _RunCheckpointer
+
+    kd = _kd()
+    for p in kd.student.parameters():
+        p.data.normal_()
+    state = {k: v for k, v in kd.state_dict().items() if k != "_extra_state"}
+    torch.save({"model": state}, tmp_path / "old.pth")
+    other = _kd()
+    ckpt = _RunCheckpointer(other, str(tmp_path))
+    ckpt.strict = True
+    ckpt.load(str(tmp_path / "old.pth"), checkpointables=[])
+    assert _same_weights(other.student, kd.student)
+    del state["student.head.cls_score.bias"]
+    torch.save({"model": state}, tmp_path / "older.pth")
+    match = r"1 model parameters are not in the file: \['student.head.cls_score.bias'\]"
+    with pytest.raises(CheckpointMismatchError, match=match):
+        ckpt.load(str(tmp_path / "older.pth"), checkpointables=[])
