@@ -1003,3 +1003,16 @@ def test_without_distillers_the_student_trains_alone_and_the_teacher_never_runs(
     assert calls == []
     assert sorted(losses) == sorted(want)
     assert all(torch.allclose(losses[k], want[k]) for k in want)
+
+
+def test_a_training_step_keeps_no_tapped_maps_after_it_returns():
+    """Both captures are emptied once the distillers have their taps: the teacher's and the
+    student's recorded maps are not kept alive (device memory) through the backward pass and
+    the optimizer step until the next forward."""
+    torch.manual_seed(0)
+    model = build(kd_cfg())
+    with EventStorage():
+        losses = model(make_inputs(n=1, size=(64, 64)))
+    assert "loss_pkd" in losses
+    assert "backbone" not in model._teacher_capture
+    assert "backbone" not in model._student_capture
