@@ -226,6 +226,37 @@ def test_cpu_dropout_keep_rate_scale_and_gradient():
     assert torch.equal(Dropout(0.0).train()(x), x)
 
 
+def test_attention_dropout_acts_on_the_weights_in_training_and_heads_must_divide():
+    """Attention's dropout (the transformer's dropout) drops attention weights in training:
+    the output is (kept weights / (1 - p)) @ v, not weights @ v; eval mode does not drop.
+    Dropout(1.0) drops everything (zeros, not 0 * inf); a head count that does not divide the
+    widths is an error naming the fix."""
+    from detkd.modeling import Attention, Dropout
+
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(qk_dim=8, v_dim=8, num_heads=2, dropout=0.5).double()
+    q, k, v = (torch.randn(2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    attn.eval()
+    out_eval, w = attn(q, k, v)
+    attn.train()
+    torch.manual_seed(1)
+    out, w_train = attn(q, k, v)
+    torch.testing.assert_close(w_train, w)  # the returned weights are the undropped ones
+    assert not torch.allclose(out, out_eval)
+    # the dropped weights that give this output: the same keep mask as a Dropout drawn alike
+    drop = Dropout(0.5).train()
+    torch.manual_seed(1)
+    dropped = drop(w)
+    assert 0.4 < (dropped == 0).double().mean().item() < 0.6
+    heads_out = dropped @ v.view(2, 40, 2, 4).transpose(1, 2)  # (B, M, Nq, dh)
+    ref = attn.out_proj(heads_out.transpose(1, 2).reshape(2, 40, 8))
+    torch.testing.assert_close(out, ref)
+    x = torch.rand(10, 10) + 0.5
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros(10, 10))
+    with pytest.raises(ValueError, match=r"4 heads do not divide qk_dim=10 / v_dim=10"):
+        Attention(qk_dim=10, v_dim=10, num_heads=4)
+
+
 def test_training_losses_empty_images_and_loss_falls_on_shapes():
     torch.manual_seed(0)
     model = instantiate(detr_cfg()).train()
