@@ -1562,3 +1562,69 @@ def test_matcher_minimises_the_documented_cost_on_random_problems():
         perms = itertools.permutations(range(8), 3)
         best = min(sum(cost[r, c].item() for c, r in enumerate(pm)) for pm in perms)
         assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-6)
+
+
+def _reference_attention(attn, q, k, v, key_padding_mask=None):
+    """softmax(q_h k_h^T / sqrt(dh)) v_h per head (padded keys left out), then out_proj."""
+    B, Nq, D = q.shape
+    M = attn.num_heads
+    heads = lambda x: x.view(B, x.shape[1], M, -1).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = heads(q), heads(k), heads(v)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    out = (logits.softmax(-1) @ vh).transpose(1, 2).reshape(B, Nq, -1)
+    return attn.out_proj(out)
+
+
+def test_encoder_layer_and_decoder_self_attention_follow_detr():
+    """DETR's post-norm encoder layer: queries and keys from src + pos, values from src alone,
+    padded keys masked, out = norm2(x + FFN(x)) with x = norm1(src + attention); the Conditional
+    DETR decoder layer's self-attention: query content(tgt) + pos(query_pos), key the same with
+    its own projections, value from tgt, x = norm1(tgt + attention), each query group apart."""
+    from detkd.modeling.detr import DecoderLayer, EncoderLayer
+
+    torch.manual_seed(0)
+    d, M, B, HW = 8, 2, 2, 6
+    enc = EncoderLayer(d, M, 16, 0.0).double().eval()
+    for p in enc.parameters():  # LayerNorms away from the identity
+        torch.nn.init.normal_(p)
+    src, pos = (torch.randn(B, HW, d, dtype=torch.float64) for _ in range(2))
+    pad = torch.zeros(B, HW, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        got = enc(src, pos, pad)
+        qk = src + pos
+        x = enc.norm1(src + _reference_attention(
+            enc.self_attn, enc.q_proj(qk), enc.k_proj(qk), enc.v_proj(src), pad))
+        want = enc.norm2(x + enc.ffn(x))
+    torch.testing.assert_close(got, want)
+
+    dec = DecoderLayer(d, M, 16, 0.0).double().eval()
+    for p in dec.parameters():
+        torch.nn.init.normal_(p)
+    tgt, query_pos = (torch.randn(B, 5, d, dtype=torch.float64) for _ in range(2))
+    seen = {}
+    dec.norm1.register_forward_hook(lambda m, a, o: seen.__setitem__("norm1", (a[0], o)))
+    memory = torch.randn(B, HW, d, dtype=torch.float64)
+    sine = torch.randn(B, 5, d, dtype=torch.float64)
+    for groups in (None, [3, 2]):
+        with torch.no_grad():
+            dec(tgt, memory, pos, query_pos, sine, True, groups, pad)
+            q = dec.sa_qcontent(tgt) + dec.sa_qpos(query_pos)
+            k = dec.sa_kcontent(tgt) + dec.sa_kpos(query_pos)
+            v = dec.sa_v(tgt)
+            if groups is None:
+                out = _reference_attention(dec.self_attn, q, k, v)
+            else:  # each group attends to its own queries only
+                out = torch.cat([_reference_attention(dec.self_attn, *(x[:, s] for x in (q, k, v)))
+                                 for s in (slice(0, 3), slice(3, 5))], 1)
+        torch.testing.assert_close(seen["norm1"][0], tgt + out)
+        torch.testing.assert_close(seen["norm1"][1], dec.norm1(tgt + out))
+    # the layer's output: norm3(x + FFN(x)) of the cross-attention block's x = norm2(...)
+    dec.norm2.register_forward_hook(lambda m, a, o: seen.__setitem__("norm2", o))
+    with torch.no_grad():
+        got = dec(tgt, memory, pos, query_pos, sine, False, None, pad)
+        x = seen["norm2"]
+        torch.testing.assert_close(got, dec.norm3(x + dec.ffn(x)))
+
