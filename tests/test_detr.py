@@ -1628,3 +1628,19 @@ def test_encoder_layer_and_decoder_self_attention_follow_detr():
         x = seen["norm2"]
         torch.testing.assert_close(got, dec.norm3(x + dec.ffn(x)))
 
+
+def test_conditional_detr_decoder_starts_from_zero_content_and_every_parameter_trains():
+    """The decoder's content queries start at 0 (Conditional DETR: the positional queries
+    enter through query_pos only), and every parameter gets a gradient from the ground-truth
+    losses: the positional query projection exists in the first decoder layer only (an unused
+    one stops DDP, find_unused_parameters=False)."""
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg()).train()
+    first = []
+    model.transformer.decoder.layers[0].register_forward_pre_hook(lambda m, a: first.append(a[0]))
+    losses = model(make_inputs(n=2))
+    sum(losses.values()).backward()
+    assert len(first) == 1 and first[0].abs().max() == 0
+    assert [l.ca_qpos is not None for l in model.transformer.decoder.layers] == [True, False, False]
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
