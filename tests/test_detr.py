@@ -1644,3 +1644,28 @@ def test_conditional_detr_decoder_starts_from_zero_content_and_every_parameter_t
     assert [l.ca_qpos is not None for l in model.transformer.decoder.layers] == [True, False, False]
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
+
+def test_detr_head_prior_param_groups_and_eval_without_the_auxiliary_group():
+    """The class bias starts at the focal-loss prior -log((1 - 0.01) / 0.01) (every score 0.01);
+    detr_param_groups gives the backbone lr * backbone_lr_factor and the rest lr; in eval mode
+    extra_query_group adds no queries (the head sees the model's own N)."""
+    from detkd.modeling import detr_param_groups
+    from detkd.modeling.detr import DETRHead
+
+    head = DETRHead(8, 3)
+    torch.testing.assert_close(head.class_embed.bias, torch.full((3,), -math.log(99.0)))
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg())
+    rest, backbone = detr_param_groups(model, lr=1e-4, backbone_lr_factor=0.1)
+    assert (rest["lr"], backbone["lr"]) == (1e-4, pytest.approx(1e-5))
+    def ids(prefix):
+        return {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
+
+    assert {id(p) for p in backbone["params"]} == ids("backbone.")
+    assert {id(p) for p in rest["params"]} == ids("") - ids("backbone.")
+    model.eval()
+    images = model.preprocess_image(make_inputs(n=1))
+    with torch.no_grad(), model.extra_query_group(torch.randn(12, 64)):
+        out = model.forward_predictions(images)
+    assert out["pred_logits"].shape == (3, 1, 30, 3)
+
