@@ -1669,3 +1669,13 @@ def test_detr_head_prior_param_groups_and_eval_without_the_auxiliary_group():
         out = model.forward_predictions(images)
     assert out["pred_logits"].shape == (3, 1, 30, 3)
 
+
+def test_gt_losses_of_a_batch_without_boxes_are_finite():
+    """A batch whose images have no ground truth (DETR's normaliser is at least 1): the class
+    loss pushes every score down (finite, > 0), the box losses are 0 (no matched pairs)."""
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg()).train()
+    losses = model(make_inputs(n=2, empty=(0, 1)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_class"] > 0 and losses["loss_bbox"] == 0 and losses["loss_giou"] == 0
+
