@@ -1679,3 +1679,37 @@ def test_gt_losses_of_a_batch_without_boxes_are_finite():
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_class"] > 0 and losses["loss_bbox"] == 0 and losses["loss_giou"] == 0
 
+
+def test_gt_losses_of_a_given_last_layer_assignment_by_hand():
+    """compute_gt_losses with the last layer's assignment given (D3ETR's auxiliary group):
+    per-image (prediction, target) pairs index the concatenated targets from each image's
+    offset, equal the (4, P) form, leave the caller's tensor unchanged; the class loss is the
+    focal loss with the model's focal_alpha / focal_gamma, written out, over num_boxes."""
+    torch.manual_seed(0)
+    model = instantiate(detr_cfg())
+    model.focal_alpha, model.focal_gamma = 0.6, 1.5
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
+        {"labels": torch.tensor([0, 2]),
+         "boxes": torch.tensor([[0.5, 0.6, 0.3, 0.1], [0.2, 0.7, 0.1, 0.3]])},
+    ]
+    logits = torch.randn(3, 2, 30, 3)
+    boxes = torch.rand(3, 2, 30, 4) * 0.5 + 0.1
+    pairs = [(torch.tensor([4]), torch.tensor([0])), (torch.tensor([7, 2]), torch.tensor([1, 0]))]
+    flat = torch.tensor([[0, 0, 0], [0, 1, 1], [4, 7, 2], [0, 2, 1]])
+    given = model.compute_gt_losses(logits, boxes, targets, indices_last_layer=pairs)
+    from_flat = model.compute_gt_losses(logits, boxes, targets, indices_last_layer=flat)
+    assert torch.equal(flat, torch.tensor([[0, 0, 0], [0, 1, 1], [4, 7, 2], [0, 2, 1]]))
+    for k in ("loss_class", "loss_bbox", "loss_giou"):
+        torch.testing.assert_close(given[k], from_flat[k])
+    gt = torch.cat([t["boxes"] for t in targets])
+    src = boxes[2, [0, 1, 1], [4, 7, 2]]
+    torch.testing.assert_close(given["loss_bbox"], 5.0 * (src - gt[[0, 2, 1]]).abs().sum() / 3)
+    onehot = torch.zeros(2, 30, 3)
+    onehot[0, 4, 1] = onehot[1, 7, 2] = onehot[1, 2, 0] = 1.0
+    p = logits[2].sigmoid()
+    ce = -(onehot * p.log() + (1 - onehot) * (1 - p).log())
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    a_t = 0.6 * onehot + 0.4 * (1 - onehot)
+    focal = (a_t * ce * (1 - p_t) ** 1.5).sum() / 3
+    torch.testing.assert_close(given["loss_class"], 2.0 * focal)
