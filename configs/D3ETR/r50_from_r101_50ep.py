@@ -2,6 +2,5 @@
 from .conditional_detr_r50_50ep import lr_multiplier, train
 from .r50_from_r101_12ep import dataloader, model, optimizer
 
-model.teacher.backbone.stages.depth = 101
 train.teacher_checkpoint = "output/D3ETR/conditional_detr_r101_50ep/model_final.pth"
 train.output_dir = "output/D3ETR/r50_from_r101_50ep"
