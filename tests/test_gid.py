@@ -1003,3 +1003,80 @@ def test_distiller_cuts_candidates_per_fpn_level(selection):
     assert all(len(b) <= 5 for b in per_image)  # what a cut of 5 per image would give
     assert [len(g) for g in gi_boxes] == [len(r) for r in ref]
     assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, ref))
+
+
+def test_roi_align_sampling_points_exactly_on_the_minus_1_and_size_bounds_count():
+    """torchvision's roi_align (ROIAlignV2) samples a point at exactly -1 or exactly the map size
+    (clamped to the edge pixel) and gives 0 only further out. Box [-3, 7] on a 4x4 map, one bin,
+    2x2 points: -3.5 + (2.5, 7.5) = -1 and 4 on each axis -> pixels 0 and 3 -> the corners' mean
+    (0 + 3 + 12 + 15) / 4 = 7.5; a box 0.001 wider on each side has every point outside: 0."""
+    from torchvision.ops import roi_align
+
+    from detkd.losses.gid import roi_align_gather, roi_align_sampling
+
+    f = torch.arange(16.0, dtype=torch.float64).view(1, 1, 4, 4)
+    for box, expected in (([-3.0, -3.0, 7.0, 7.0], 7.5), ([-3.001, -3.001, 7.001, 7.001], 0.0),
+                          ([-3.0, 0.0, 7.0, 2.0], 3.5)):  # y points at 0.5 and 1.5: rows 0-2
+        b = torch.tensor([box], dtype=torch.float64)
+        one = torch.tensor([0])
+        pos, wt = roi_align_sampling(b, one, one, [(1, 4, 4)], [1.0], output_size=1)
+        rois = torch.cat([torch.zeros(1, 1, dtype=torch.float64), b], 1)
+        ref = roi_align(f, rois, 1, 1.0, 2, aligned=True)
+        assert ref.item() == pytest.approx(expected, abs=1e-12)
+        assert roi_align_gather([f], pos, wt).item() == pytest.approx(expected, abs=1e-12), box
+
+
+def test_flatten_levels_gives_a_non_leaf_map_its_gradient_in_the_maps_memory_format():
+    """The FPN maps are non-leaf tensors: the gradient reaching them is read with a hook (a
+    leaf's .grad is re-laid out to the leaf's strides by autograd whatever backward gives).
+    NCHW map -> NCHW-contiguous gradient, channels-last map -> channels-last gradient."""
+    from detkd.losses.gid import flatten_levels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=g, requires_grad=True)
+    w = torch.randn(2 * 4 * 5, 3, generator=g)
+    nchw, cl = torch.contiguous_format, torch.channels_last
+    for fmt, other in ((nchw, cl), (cl, nchw)):
+        m = (x * 1.0).contiguous(memory_format=fmt)
+        seen = []
+        m.register_hook(seen.append)
+        (flatten_levels([m]) * w).sum().backward()
+        assert seen[0].is_contiguous(memory_format=fmt)
+        assert not seen[0].is_contiguous(memory_format=other)
+        assert torch.equal(seen[0], w.view(2, 4, 5, 3).permute(0, 3, 1, 2))
+
+
+def test_batched_matcher_positives_at_exactly_the_threshold_that_ends_a_positive_band():
+    # labels [1, 0]: IoU < 0.5 is positive, exactly 0.5 is not (low <= IoU < high bands)
+    from detectron2.modeling.matcher import Matcher
+
+    from detkd.losses.gid import batched_matcher_positives
+
+    matcher = Matcher([0.5], [1, 0], allow_low_quality_matches=False)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 19.0], [0.0, 0.0, 10.0, 5.0]])
+    gt = Boxes(torch.tensor([[0.0, 0.0, 10.0, 20.0]]))  # IoU 0.5, 0.95, 0.25
+    got = batched_matcher_positives(matcher, [gt], anchors)
+    _, lab = matcher(box_iou(gt.tensor, anchors))
+    assert got[0].tolist() == (lab == 1).tolist() == [False, False, True]
+
+
+def test_fpn_level_clamps_at_the_coarsest_level():
+    d = _kd().distillers["gid"]
+    # sqrt(area) past 224 * 2^4 (eq. 1 gives level 8 and more): the coarsest level, p7
+    big = Boxes(torch.tensor([[0.0, 0.0, 4e3, 4e3], [0.0, 0.0, 1e5, 1e5], [0, 0, 3583.0, 3583.0]]))
+    assert d.box_levels([big]) == ["p7", "p7", "p7"]
+
+
+def test_anchor_offset_and_box_transform_clamp_differences_are_seen():
+    """A teacher whose anchors are shifted (anchor offset 0.5 vs 0) predicts at other anchors:
+    bind rejects it. A teacher whose box transform clamps differently decodes its own boxes
+    (no shared decoding)."""
+    other = tiny_retinanet_cfg()
+    other.anchor_generator.offset = 0.5
+    with pytest.raises(ValueError, match="different anchors"):
+        _kd(teacher=other)
+    other = tiny_retinanet_cfg()
+    other.box2box_transform.scale_clamp = 2.0
+    model = _kd(teacher=other)
+    assert model.teacher.box2box_transform.scale_clamp == 2.0
+    assert not model.distillers["gid"].shared_decoding and _kd().distillers["gid"].shared_decoding
