@@ -1016,3 +1016,16 @@ def test_a_training_step_keeps_no_tapped_maps_after_it_returns():
     assert "loss_pkd" in losses
     assert "backbone" not in model._teacher_capture
     assert "backbone" not in model._student_capture
+
+
+def test_put_scalar_outside_deferred_scalars_keeps_its_options_and_float_tensors_casts_floats():
+    from detkd.losses.base import float_tensors, put_scalar
+
+    with EventStorage() as storage:
+        put_scalar("a", 1.5, smoothing_hint=False)
+        put_scalar("b", torch.tensor(2.0), smoothing_hint=False)
+        assert storage.latest()["a"][0] == 1.5 and storage.latest()["b"][0] == 2.0
+        assert storage.smoothing_hints()["a"] is False and storage.smoothing_hints()["b"] is False
+    out = float_tensors({"x": [torch.ones(2, dtype=torch.float16), (torch.tensor([1, 2]),)]})
+    assert out["x"][0].dtype == torch.float32
+    assert out["x"][1][0].dtype == torch.int64 and out["x"][1][0].tolist() == [1, 2]
