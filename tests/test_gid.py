@@ -1080,3 +1080,15 @@ def test_anchor_offset_and_box_transform_clamp_differences_are_seen():
     model = _kd(teacher=other)
     assert model.teacher.box2box_transform.scale_clamp == 2.0
     assert not model.distillers["gid"].shared_decoding and _kd().distillers["gid"].shared_decoding
+
+
+def test_pre_nms_topk_cuts_a_level_of_exactly_one_more_prediction():
+    # levels of 3 predictions, pre_nms_topk 2: each level's third is no candidate
+    t = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])[None, :, None]
+    x = torch.arange(6.0)[:, None] * 30
+    tb = torch.cat([x, torch.zeros(6, 1), x + 20, torch.full((6, 1), 20.0)], 1)[None]
+    boxes, scores = select_general_instances(
+        t, torch.zeros_like(t), tb, tb, [(50, 200)], pre_nms_topk=2, level_sizes=[3, 3]
+    )[0]
+    assert scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.5])
+    assert boxes.tensor[:, 0].tolist() == [0.0, 30.0, 90.0, 120.0]
