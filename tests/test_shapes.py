@@ -71,3 +71,33 @@ def test_rewriting_a_dataset_replaces_images_without_touching_open_files(tmp_pat
         assert reader.read() == b"complete file being read by another process"
     assert first.read_bytes() == expected
     assert sorted(os.listdir(tmp_path / "images")) == ["000000.jpg", "000001.jpg"]
+
+
+def test_annotations_describe_the_drawn_shapes(tmp_path):
+    """Each annotation from its own polygon: vertex count of its class (square 4, circle 24,
+    triangle 3, all at one radius from the centre), bbox the polygon's bounds, area the bbox's;
+    objects of an image farther apart than 0.8 (r1 + r2); 1 to max_objects objects per image,
+    max_objects reached; both ends of image_size reached."""
+    coco = json.load(open(write_shapes(str(tmp_path), 40, seed=3, image_size=(60, 64), max_objects=3)))
+    vertices = {1: 4, 2: 24, 3: 3}
+    placed = {}
+    for ann in coco["annotations"]:
+        pts = np.array(ann["segmentation"][0]).reshape(-1, 2)
+        assert len(pts) == vertices[ann["category_id"]], ann
+        centre = pts.mean(0)
+        radii = np.linalg.norm(pts - centre, axis=1)
+        assert np.allclose(radii, radii[0], rtol=1e-6)
+        x0, y0 = pts.min(0)
+        x1, y1 = pts.max(0)
+        assert np.allclose(ann["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=1e-6)
+        assert abs(ann["area"] - (x1 - x0) * (y1 - y0)) < 1e-6
+        placed.setdefault(ann["image_id"], []).append((centre, radii[0]))
+    for objs in placed.values():
+        for i in range(len(objs)):
+            for j in range(i):
+                (ci, ri), (cj, rj) = objs[i], objs[j]
+                assert np.linalg.norm(ci - cj) > 0.8 * (ri + rj)
+    counts = [len(v) for v in placed.values()]
+    assert max(counts) == 3 and min(counts) >= 1
+    sides = {v for im in coco["images"] for v in (im["height"], im["width"])}
+    assert min(sides) == 60 and max(sides) == 64
