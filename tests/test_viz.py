@@ -599,3 +599,88 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
     viz.main(args + ["--levels", "p6"])  # not distilled: beside the teacher's p6, by stride
     hs, ws = -(-70 // 64), -(-100 // 64)
     assert torch.allclose(got["rows"]["teacher"]["p6"], feats["p6"][0, :, :hs, :ws], atol=1e-5)
+
+
+def test_max_activation_is_the_channel_max_scaled_to_0_1():
+    """What the PKD picture shows with vmin 0, vmax 1: per cell the max over channels, its
+    minimum at 0 and maximum at 1 (the correlations alone do not see the scaling); a constant
+    map is 0, not NaN."""
+    feat = torch.tensor([[[1.0, -2.0, 3.0], [0.0, 5.0, 2.0]],
+                         [[2.0, -4.0, 1.0], [0.5, 1.0, 7.0]]])  # (2, 2, 3): max [[2, -2, 3], [0.5, 5, 7]]
+    expected = (np.array([[2.0, -2.0, 3.0], [0.5, 5.0, 7.0]]) + 2.0) / 9.0
+    assert np.allclose(viz.max_activation(feat), expected, atol=1e-6)
+    assert np.array_equal(viz.max_activation(torch.full((3, 2, 2), 4.0)), np.zeros((2, 2)))
+
+
+def _drawn_figure(monkeypatch, draw, *args, **kwargs):
+    """The matplotlib figure that ``draw(*args, **kwargs)`` saves (kept from being closed)."""
+    import matplotlib.figure
+
+    saved = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: saved.update(fig=fig))
+    draw(*args, **kwargs)
+    return saved["fig"]
+
+
+def test_draw_boxes_draws_each_box_its_colour_and_lines_between_pair_centres(tmp_path, monkeypatch):
+    """The D3ETR picture's elements: each box a rectangle of its XYXY corners and colour, GT boxes
+    dashed white, label text at the box's corner, and a line between the centres of each pair."""
+    from matplotlib.colors import to_rgba
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    boxes = np.array([[2.0, 4.0, 12.0, 10.0], [20.0, 6.0, 30.0, 26.0], [40.0, 1.0, 58.0, 9.0]])
+    fig = _drawn_figure(monkeypatch, viz.draw_boxes, image, boxes, ["red", "lime", "blue"], str(tmp_path / "b.png"),
+                        labels=["a", "b", "c"], pairs=[(0, 1), (2, 0)], gt_boxes=np.array([[5.0, 5.0, 15.0, 25.0]]))
+    ax = fig.axes[0]
+    rects = [(p.get_xy(), p.get_width(), p.get_height(), p.get_edgecolor(), p.get_linestyle()) for p in ax.patches]
+    assert rects[0][:3] == ((5.0, 5.0), 10.0, 20.0) and rects[0][3] == to_rgba("white") and rects[0][4] in ("--", "dashed")
+    for (xy, w, h, col, ls), box, c in zip(rects[1:], boxes, ["red", "lime", "blue"]):
+        assert (tuple(xy), w, h) == ((box[0], box[1]), box[2] - box[0], box[3] - box[1]) and col == to_rgba(c)
+        assert ls in ("-", "solid")
+    assert len(rects) == 4
+    assert [(t.get_text(), t.get_position()) for t in ax.texts] == [("a", (2.0, 4.0)), ("b", (20.0, 6.0)),
+                                                                    ("c", (40.0, 1.0))]
+    lines = [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines]
+    assert lines == [([7.0, 25.0], [7.0, 16.0]), ([49.0, 7.0], [5.0, 7.0])]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(tmp_path, monkeypatch):
+    """The GID picture's colour classes: IoU >= 0.5 with some GT box positive (lime), >= 0.1
+    semi-positive (orange), else negative (red), the best IoU over the GT boxes per instance
+    (boxes given to the view as the distiller's selection: IoUs 1, 0.5 and 0.1 exactly, 1/3,
+    0.05, 0 against a 2-box ground truth), the scores as labels."""
+    from detectron2.config import LazyConfig
+    from detectron2.structures import Boxes
+
+    from detkd.losses import GIDDistiller
+
+    cfg_path = f"{REPO}/configs/demo/gid_retinanet.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    inputs = make_inputs(1, size=(64, 96), seed=2)
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 30.0, 70.0, 50.0]])
+    inputs[0]["instances"].gt_boxes = Boxes(gt)
+    inputs[0]["instances"].gt_classes = torch.tensor([0, 1])
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    chosen = torch.tensor([
+        [50.0, 30.0, 70.0, 50.0],   # IoU 1 with the second GT box
+        [0.0, 0.0, 10.0, 20.0],     # 0.5 with the first
+        [50.0, 30.0, 70.0, 130.0],  # 0.1 with the second (400 / 4000)
+        [0.0, 0.0, 10.0, 30.0],     # 1/3 with the first
+        [0.0, 0.0, 20.0, 50.0],     # 0.1 with the first: semi-positive too
+        [80.0, 0.0, 90.0, 10.0],    # 0
+        [0.0, 0.0, 200.0, 5.0],     # 50 / 2000 = 0.025 with the first
+    ])
+    scores = torch.linspace(0.9, 0.3, len(chosen))
+    monkeypatch.setattr(GIDDistiller, "_select", lambda self, *a: [(Boxes(chosen), scores)])
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
+                        drawn.update(boxes=boxes, colors=colors, **kw))
+    viz.main(["gid", "--config", cfg_path, "--teacher", t, "--student", s, "--out", str(tmp_path / "g.png")])
+    assert np.array_equal(drawn["boxes"], chosen.numpy())
+    assert drawn["colors"] == ["lime", "lime", "orange", "orange", "orange", "red", "red"]
+    assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]
+    assert np.array_equal(drawn["gt_boxes"], gt.numpy())
+    assert drawn["legend"] == {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
