@@ -684,3 +684,28 @@ def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(tm
     assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]
     assert np.array_equal(drawn["gt_boxes"], gt.numpy())
     assert drawn["legend"] == {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
+
+
+def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
+    """--layer -L of an L-layer decoder is layer 0 (as Python indexes): the same boxes and title
+    as --layer 0, other boxes than --layer -1 (the last)."""
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg_path = f"{REPO}/configs/demo/d3etr_detr.py"
+    cfg = LazyConfig.load(cfg_path)
+    t, s = _demo_checkpoints(tmp_path, cfg)
+    layers = len(instantiate(cfg.model.teacher).transformer.decoder.layers)
+    assert layers > 1
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96), seed=1))
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
+                        drawn.update(boxes=boxes, colors=colors, **kw))
+    got = {}
+    for layer in (0, -layers, -1):
+        viz.main(["d3etr", "--config", cfg_path, "--teacher", t, "--student", s, "--top", "3",
+                  "--layer", str(layer), "--out", str(tmp_path / "d.png")])
+        got[layer] = dict(drawn)
+    assert got[-layers]["title"].startswith("D3ETR layer 0:") and got[-1]["title"].startswith(f"D3ETR layer {layers - 1}:")
+    assert np.array_equal(got[-layers]["boxes"], got[0]["boxes"])
+    assert not np.allclose(got[-1]["boxes"], got[0]["boxes"])
+    assert got[0]["colors"] == ["deepskyblue"] * 3 + ["red"] * 3 and got[0]["pairs"] == [(0, 3), (1, 4), (2, 5)]
