@@ -1,6 +1,7 @@
 """The embedded demo driver end to end (2 iterations per run): table, reuse, DETR family."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -642,3 +643,66 @@ def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp
         monkeypatch, ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, *out]
     )
     assert baseline[-1] == "+train.seed=0" and distilled[-1] == "+train.seed=0", (baseline, distilled)
+
+
+def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monkeypatch, capsys):
+    """The pair's results (train_net.py faked: each run writes its metrics.json): the teacher row
+    from the distilled run's teacher/bbox/* keys (its last values), the student and distilled
+    rows from each run's last bbox/* results, the delta distilled AP - baseline AP."""
+    from detkd import repro
+
+    def fake_run(cmd, check, cwd):
+        out = next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1]
+        os.makedirs(out)
+        if out.endswith("baseline"):
+            lines = [{"bbox/AP": 99.0, "iteration": 4}, {"loss": 1.0},
+                     {"bbox/AP": 20.0, "bbox/AP50": 30.0, "bbox/AP75": 15.0, "iteration": 9}]
+        else:
+            lines = [{"teacher/bbox/AP": 1.0, "teacher/bbox/AP50": 2.0, "teacher/bbox/AP75": 3.0, "iteration": 0},
+                     {"teacher/bbox/AP": 50.0, "teacher/bbox/AP50": 60.0, "teacher/bbox/AP75": 40.0, "iteration": 0},
+                     {"bbox/AP": 23.5, "bbox/AP50": 31.0, "bbox/AP75": 19.25, "iteration": 9}]
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in lines))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    capsys.readouterr()
+    res = repro.main(["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
+                      "--output", str(tmp_path / "o")])
+    assert res == {"teacher": {"AP": 50.0, "AP50": 60.0, "AP75": 40.0},
+                   "baseline": {"AP": 20.0, "AP50": 30.0, "AP75": 15.0},
+                   "distilled": {"AP": 23.5, "AP50": 31.0, "AP75": 19.25}}
+    table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
+    assert [line.split() for line in table] == [
+        ["AP", "AP50", "AP75"], ["teacher", "50.00", "60.00", "40.00"], ["student", "20.00", "30.00", "15.00"],
+        ["distilled", "23.50", "31.00", "19.25"], ["delta", "+3.50"]]
+
+
+def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
+    """check_pair compares seed, schedule, initialisation, student, training data, optimizer and
+    LR schedule: a baseline of one's own that differs from the distilled config in one of them
+    only is refused, naming that key."""
+    from detkd import repro
+
+    pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    ok = ["train.teacher_checkpoint=", "train.teacher_random_init=True"]
+    changes = {
+        "train.seed": "train.seed = 4",
+        "train.max_iter": "train.max_iter = 7",
+        "train.init_checkpoint": "train.init_checkpoint = 'other.pth'",
+        "model.student": "model.head.prior_prob = 0.2",
+        "dataloader.train": "dataloader.train.total_batch_size = 3",
+        "optimizer": "optimizer.lr = 0.5",
+        "lr_multiplier": "lr_multiplier.warmup_length = 0.2",
+    }
+    for key, line in changes.items():
+        base = tmp_path / f"baseline_{key.replace('.', '_')}.py"
+        base.write_text(
+            "from detectron2.config import LazyConfig\n"
+            f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
+            "model, dataloader, optimizer, lr_multiplier, train = c.model, c.dataloader, c.optimizer, "
+            "c.lr_multiplier, c.train\n" + line + "\n"
+        )
+        with pytest.raises(SystemExit, match=rf"the same way: {re.escape(key)}( \(.*\))? differ"):
+            repro.check_pair(pkd, str(base), ok)
+    base.write_text(base.read_text().replace(changes["lr_multiplier"], ""))
+    repro.check_pair(pkd, str(base), ok)  # the unchanged twin
