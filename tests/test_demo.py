@@ -706,3 +706,86 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
             repro.check_pair(pkd, str(base), ok)
     base.write_text(base.read_text().replace(changes["lr_multiplier"], ""))
     repro.check_pair(pkd, str(base), ok)  # the unchanged twin
+
+
+def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkeypatch):
+    """detkd.demo's runs (train_net.py faked): one teacher at twice the students' iterations,
+    each seed's student alone and distilled runs (train.seed, <run>_seed<s> folders) with the
+    teacher's final weights, the PKD picture of the first seed's runs, the held-out evaluation
+    of every run, and both tables' means, sds, paired deltas and s/iter of those results."""
+    from detkd import demo, viz
+
+    out = tmp_path / "demo"
+    ap = {"teacher_retinanet": 50.0, "student_retinanet": 40.0, "student_retinanet_seed2": 44.0,
+          "pkd_retinanet": 43.0, "pkd_retinanet_seed2": 45.0, "gid_retinanet": 38.0, "gid_retinanet_seed2": 46.0}
+    trained = []
+
+    def fake_train(config, output_dir, opts, force, log):
+        name = os.path.basename(output_dir)
+        trained.append((os.path.basename(config), name, list(opts)))
+        os.makedirs(output_dir)
+        times = (0.5,) if name.startswith("teacher") else (0.4, 0.6) if name.endswith("seed2") else (0.1, 0.6, 0.2)
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            f.write("".join(json.dumps({"time": t, "iteration": i}) + "\n" for i, t in enumerate(times)))
+        a = ap[name]
+        return {"AP": a, "AP50": a + 10, "AP75": a - 10}, None
+
+    held = []
+
+    def fake_heldout(config, output_dir, num_images, opts, log):
+        held.append((os.path.basename(config), os.path.basename(output_dir), num_images, list(opts)))
+        a = ap[os.path.basename(output_dir)] / 2
+        return {"AP": a, "AP50": a + 1, "AP75": a - 1}
+
+    pictures = []
+    monkeypatch.setattr(demo, "_train", fake_train)
+    monkeypatch.setattr(demo, "heldout_metrics", fake_heldout)
+    monkeypatch.setattr(viz, "main", lambda argv: pictures.append(argv))
+    demo.main(["--methods", "pkd", "gid", "--iters", "5", "--seeds", "0", "2", "--heldout", "6",
+               "--output", str(out), "--", "dataloader.train.num_workers=0"])
+    nw, tc = "dataloader.train.num_workers=0", f"train.teacher_checkpoint={out / 'teacher_retinanet' / 'model_final.pth'}"
+    assert trained == [
+        ("teacher_retinanet.py", "teacher_retinanet", ["train.max_iter=10", nw]),
+        ("student_retinanet.py", "student_retinanet", ["train.max_iter=5", nw]),
+        ("pkd_retinanet.py", "pkd_retinanet", ["train.max_iter=5", nw, tc]),
+        ("gid_retinanet.py", "gid_retinanet", ["train.max_iter=5", nw, tc]),
+        ("student_retinanet.py", "student_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2"]),
+        ("pkd_retinanet.py", "pkd_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2", tc]),
+        ("gid_retinanet.py", "gid_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2", tc]),
+    ]
+    assert held == [(c, d, 6, [nw]) for c, d, _ in trained]
+    (picture,) = pictures
+    assert picture[:3] == ["pkd", "--config", os.path.join(REPO, "configs/demo/pkd_retinanet.py")]
+    assert picture[3:9] == ["--teacher", str(out / "teacher_retinanet" / "model_final.pth"),
+                            "--before", str(out / "student_retinanet" / "model_final.pth"),
+                            "--after", str(out / "pkd_retinanet" / "model_final_student.pth")]
+    val, heldout = (out / "results.txt").read_text().split("held-out split (6 images, seed 7):")
+
+    def rows(table):
+        lines = [line for line in table.strip().splitlines()[2:]]
+        return {line[:28].strip(): line[28:].split()[:-1] for line in lines}
+
+    # AP sd AP50 AP75 dAP sd s/iter seeds (sd, dAP, its sd: none for one run)
+    assert rows(val) == {
+        "teacher (retinanet)": ["50.00", "60.00", "40.00", "0.500", "0"],
+        "student alone (retinanet)": ["42.00", "2.83", "52.00", "32.00", "0.350", "0,2"],
+        "student + pkd": ["44.00", "1.41", "54.00", "34.00", "+2.00", "1.41", "0.350", "0,2"],
+        "student + gid": ["42.00", "5.66", "52.00", "32.00", "+0.00", "2.83", "0.350", "0,2"],
+    }
+    assert rows(heldout) == {
+        "teacher (retinanet)": ["25.00", "26.00", "24.00", "0.500", "0"],
+        "student alone (retinanet)": ["21.00", "1.41", "22.00", "20.00", "0.350", "0,2"],
+        "student + pkd": ["22.00", "0.71", "23.00", "21.00", "+1.00", "0.71", "0.350", "0,2"],
+        "student + gid": ["21.00", "2.83", "22.00", "20.00", "+0.00", "1.41", "0.350", "0,2"],
+    }
+    # one seed: no sd columns, the delta of that seed
+    out = tmp_path / "one"
+    demo.main(["--methods", "gid", "--output", str(out)])
+    assert rows((out / "results.txt").read_text()) == {
+        "teacher (retinanet)": ["50.00", "60.00", "40.00", "0.500"],
+        "student alone (retinanet)": ["40.00", "50.00", "30.00", "0.200"],
+        "student + gid": ["38.00", "48.00", "28.00", "-2.00", "0.200"],
+    }
+    assert trained[-3:] == [("teacher_retinanet.py", "teacher_retinanet", []),
+                            ("student_retinanet.py", "student_retinanet", []),
+                            ("gid_retinanet.py", "gid_retinanet", [tc.replace(str(tmp_path / "demo"), str(out))])]
