@@ -789,3 +789,42 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     assert trained[-3:] == [("teacher_retinanet.py", "teacher_retinanet", []),
                             ("student_retinanet.py", "student_retinanet", []),
                             ("gid_retinanet.py", "gid_retinanet", [tc.replace(str(tmp_path / "demo"), str(out))])]
+
+
+def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_once(tmp_path, monkeypatch):
+    """heldout_metrics (train_net.py --eval-only faked): the run's model_final.pth evaluated on
+    the held-out split (its own seed 7, N images), the user's overrides that apply given first
+    so that they cannot replace those settings; cached, redone once the weights are newer."""
+    from detectron2.config import LazyConfig
+
+    from detkd import demo
+
+    config = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    run = tmp_path / "student_retinanet"
+    run.mkdir()
+    weights = run / "model_final.pth"
+    weights.write_bytes(b"")
+    os.utime(weights, (1e9, 1e9))
+    calls = []
+
+    def fake_train_net(cmd, cwd, stdout, stderr, check):
+        calls.append(cmd)
+        out = next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1]
+        with open(os.path.join(out, "eval_results.json"), "w") as f:
+            json.dump({"bbox": {"AP": 10.0 * len(calls), "AP50": 20.0}}, f)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
+    opts = ["dataloader.test.num_workers=0", "train.init_checkpoint=", "dataloader.test.dataset.names.num_images=3",
+            "model.distillers.pkd.loss_weight=2"]  # the last: not for this config
+    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None) == {"AP": 10.0, "AP50": 20.0}
+    (cmd,) = calls
+    assert cmd[1:5] == [os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only"]
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config), cmd[5:])
+    names = cfg.dataloader.test.dataset.names
+    assert (names.split, names.num_images, names.seed) == ("heldout", 6, demo.HELDOUT_SEED) and demo.HELDOUT_SEED == 7
+    assert cfg.train.init_checkpoint == str(weights) and cfg.train.output_dir == str(run / "heldout_6")
+    assert cfg.dataloader.test.num_workers == 0 and not any("distillers" in a for a in cmd)
+    # cached while the results are newer than the weights; evaluated again once they are not
+    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 10.0 and len(calls) == 1
+    os.utime(weights, (4e9, 4e9))
+    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 20.0 and len(calls) == 2
