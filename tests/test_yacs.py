@@ -332,3 +332,12 @@ def test_a_run_in_its_teachers_folder_is_refused_before_it_overwrites_the_teache
     cfg.train.teacher_checkpoint = str(folder / "teacher_weights.pth")  # another name: kept
     KDTrainer(cfg)
     assert {f: (folder / f).read_bytes() for f in saved} == saved
+
+
+def test_a_yacs_file_with_a_stray_lowercase_model_key_is_a_key_error_not_a_lazyconfig(tmp_path):
+    """A yacs .yaml (it has MODEL) with a mistyped key `model:` is a yacs config with a key
+    detectron2 does not have, named as such, not reported as a LazyConfig's config.yaml."""
+    yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=16)
+    (tmp_path / "typo.yaml").write_text(f'_BASE_: "{yaml}"\nmodel: {{RETINANET: {{NUM_CLASSES: 2}}}}\n')
+    with pytest.raises(KeyError, match=r"typo\.yaml: Non-existent config key: model.*add_config"):
+        load_yacs_config(str(tmp_path / "typo.yaml"))
