@@ -828,3 +828,15 @@ def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_o
     assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 10.0 and len(calls) == 1
     os.utime(weights, (4e9, 4e9))
     assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 20.0 and len(calls) == 2
+
+
+def test_repro_gives_a_deletion_override_to_the_config_of_the_pair_that_has_the_key():
+    """`~model.distillers.pkd.loss_weight` (back to the distiller's default) is for the distilled
+    run only, as `model.distillers.pkd.loss_weight=3` is: its key, less the `~`, is the
+    distilled config's; the baseline's run would refuse it (no such key)."""
+    from detkd import repro
+
+    pkd, student = (os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student"))
+    opts = ["~model.distillers.pkd.loss_weight", "model.distillers.pkd.loss_weight=3", "train.max_iter=4"]
+    assert repro.pair_overrides(student, pkd, opts) == ["train.max_iter=4"]
+    assert repro.pair_overrides(pkd, student, opts) == opts
