@@ -743,7 +743,8 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     monkeypatch.setattr(viz, "main", lambda argv: pictures.append(argv))
     demo.main(["--methods", "pkd", "gid", "--iters", "5", "--seeds", "0", "2", "--heldout", "6",
                "--output", str(out), "--", "dataloader.train.num_workers=0"])
-    nw, tc = "dataloader.train.num_workers=0", f"train.teacher_checkpoint={out / 'teacher_retinanet' / 'model_final.pth'}"
+    nw = "dataloader.train.num_workers=0"
+    tc = f"train.teacher_checkpoint={out / 'teacher_retinanet' / 'model_final.pth'}"
     assert trained == [
         ("teacher_retinanet.py", "teacher_retinanet", ["train.max_iter=10", nw]),
         ("student_retinanet.py", "student_retinanet", ["train.max_iter=5", nw]),
@@ -762,8 +763,7 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     val, heldout = (out / "results.txt").read_text().split("held-out split (6 images, seed 7):")
 
     def rows(table):
-        lines = [line for line in table.strip().splitlines()[2:]]
-        return {line[:28].strip(): line[28:].split()[:-1] for line in lines}
+        return {line[:28].strip(): line[28:].split()[:-1] for line in table.strip().splitlines()[2:]}
 
     # AP sd AP50 AP75 dAP sd s/iter seeds (sd, dAP, its sd: none for one run)
     assert rows(val) == {

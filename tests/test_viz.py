@@ -633,7 +633,8 @@ def test_draw_boxes_draws_each_box_its_colour_and_lines_between_pair_centres(tmp
                         labels=["a", "b", "c"], pairs=[(0, 1), (2, 0)], gt_boxes=np.array([[5.0, 5.0, 15.0, 25.0]]))
     ax = fig.axes[0]
     rects = [(p.get_xy(), p.get_width(), p.get_height(), p.get_edgecolor(), p.get_linestyle()) for p in ax.patches]
-    assert rects[0][:3] == ((5.0, 5.0), 10.0, 20.0) and rects[0][3] == to_rgba("white") and rects[0][4] in ("--", "dashed")
+    assert rects[0][:3] == ((5.0, 5.0), 10.0, 20.0) and rects[0][3] == to_rgba("white")
+    assert rects[0][4] in ("--", "dashed")
     for (xy, w, h, col, ls), box, c in zip(rects[1:], boxes, ["red", "lime", "blue"]):
         assert (tuple(xy), w, h) == ((box[0], box[1]), box[2] - box[0], box[3] - box[1]) and col == to_rgba(c)
         assert ls in ("-", "solid")
@@ -705,7 +706,8 @@ def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
         viz.main(["d3etr", "--config", cfg_path, "--teacher", t, "--student", s, "--top", "3",
                   "--layer", str(layer), "--out", str(tmp_path / "d.png")])
         got[layer] = dict(drawn)
-    assert got[-layers]["title"].startswith("D3ETR layer 0:") and got[-1]["title"].startswith(f"D3ETR layer {layers - 1}:")
+    assert got[-layers]["title"].startswith("D3ETR layer 0:")
+    assert got[-1]["title"].startswith(f"D3ETR layer {layers - 1}:")
     assert np.array_equal(got[-layers]["boxes"], got[0]["boxes"])
     assert not np.allclose(got[-1]["boxes"], got[0]["boxes"])
     assert got[0]["colors"] == ["deepskyblue"] * 3 + ["red"] * 3 and got[0]["pairs"] == [(0, 3), (1, 4), (2, 5)]
