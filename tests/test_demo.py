@@ -637,6 +637,7 @@ def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp
     assert repro.pair_overrides(pkd, str(base), ["+train.seed=0"]) == ["+train.seed=0"]
     opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "+train.seed=0"]
     out = ["--output", str(tmp_path / "o")]
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     with pytest.raises(SystemExit, match=r"train\.seed \(0 vs None\)"):
         repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], *out])
     baseline, distilled = _repro_commands(
