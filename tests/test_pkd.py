@@ -334,3 +334,37 @@ def test_distiller_applies_its_adapter_to_the_student_map():
         out = d({"backbone": s}, {"backbone": t}, ctx=None)["loss_pkd"].item()
     mean_1_minus_r, M = _one_minus_pearson(adapted, t["p3"])
     assert out == pytest.approx((M - 1) / M * mean_1_minus_r, rel=1e-4)
+
+
+def test_pkd_of_constant_channels_of_different_values_is_centred_per_channel():
+    """Each channel is shifted by its own first value: channels constant at different values
+    (0.1, 3.7, 123.456 in float32) standardise to zeros, student side or teacher side, in the
+    closed form and in the definition (a shift by one value for all channels left a rounding
+    residue that 1 / (std + 1e-6) scaled up)."""
+    from detkd.losses.pkd import _standardize_channels
+
+    g = torch.Generator().manual_seed(12)
+    N, C, H, W = 2, 3, 4, 5
+    M = N * H * W
+    const = torch.tensor([0.1, 3.7, 123.456]).view(1, C, 1, 1).expand(N, C, H, W).contiguous()
+    assert torch.equal(_standardize_channels(const), torch.zeros(C, M))
+    t = torch.randn(N, C, H, W, generator=g)
+    std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
+    expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
+    definition = lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2  # noqa: E731
+    other = torch.tensor([-2.3, 55.5, 0.7]).view(1, C, 1, 1).expand(N, C, H, W).contiguous()
+    for loss in (pkd_level_loss, definition):
+        assert loss(const.clone().requires_grad_(), t).item() == pytest.approx(expected, rel=1e-6)
+        assert loss(t.clone().requires_grad_(), const).item() == pytest.approx(expected, rel=1e-6)
+        s = const.clone().requires_grad_()
+        both = loss(s, other)
+        assert both.item() == 0.0
+        assert torch.equal(torch.autograd.grad(both, s)[0], torch.zeros_like(s))
+
+
+def test_pkd_refuses_maps_of_different_batch_or_channels():
+    """A student map of another batch size (or channels) is an error, not a broadcast value."""
+    t = torch.randn(2, 3, 4, 4)
+    for s in (torch.randn(1, 3, 4, 4), torch.randn(2, 4, 4, 4)):
+        with pytest.raises(ValueError, match="differ in batch size or channels"):
+            pkd_level_loss(s, t)
