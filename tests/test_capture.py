@@ -139,3 +139,52 @@ def test_each_forward_starts_from_no_taps_and_unrequested_names_are_named():
         cap["inner"]
     with pytest.raises(KeyError, match="'inner.conv' is not a recorded tap; taps: \\['inner'\\]"):
         cap["inner.conv"]
+
+
+class _LateInplace(nn.Module):
+    """Changes in place only the last tensor of its nested output, after returning it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Structured()
+
+    def forward(self, x):
+        out = self.inner(x)
+        out["b"][1][0].zero_()
+        return out
+
+
+def test_inplace_change_of_any_nested_tensor_is_detected():
+    """Every tensor of a nested output is checked, not only the first one."""
+    net = _LateInplace()
+    cap = FeatureCapture(net, ["inner"])
+    with cap:
+        net(torch.randn(1, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="'inner' was modified in place"):
+        cap["inner"]
+
+
+def test_exceptions_in_the_context_propagate_and_hooks_are_removed():
+    net = Net()
+    cap = FeatureCapture(net, ["head"])
+    with pytest.raises(ZeroDivisionError):
+        with cap:
+            net(torch.randn(1, 3, 4, 4))
+            1 / 0
+    assert not net.head._forward_hooks
+
+
+def test_clone_keeps_the_dict_type_of_an_output():
+    from collections import OrderedDict
+
+    class _Ordered(nn.Module):
+        def forward(self, x):
+            return OrderedDict(b=x + 1, a=x * 2)
+
+    net = nn.Sequential(_Ordered())
+    cap = FeatureCapture(net, ["0"], clone=True)
+    x = torch.randn(1, 2)
+    with cap:
+        net(x)
+    assert type(cap["0"]) is OrderedDict and list(cap["0"]) == ["b", "a"]
+    assert torch.equal(cap["0"]["a"], x * 2)
