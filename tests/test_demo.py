@@ -559,7 +559,7 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
     dirs = []
 
     def fake_run(cmd, check, cwd):
-        dirs.append(next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1])
+        dirs.append(_output_dir(cmd))
         raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
@@ -568,6 +568,11 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
         with pytest.raises(Stop):
             repro.main([f"configs/{method}/retinanet_R50_from_retinanet_R101_2x.py", "--output", str(tmp_path)])
     assert dirs == [str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline") for m in ("PKD", "GID")]
+
+
+def _output_dir(cmd):
+    """The train.output_dir=... value of a train_net.py command line."""
+    return next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1]
 
 
 def _baseline_on_d2_train(tmp_path, drop=""):
@@ -653,7 +658,7 @@ def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monke
     from detkd import repro
 
     def fake_run(cmd, check, cwd):
-        out = next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1]
+        out = _output_dir(cmd)
         os.makedirs(out)
         if out.endswith("baseline"):
             lines = [{"bbox/AP": 99.0, "iteration": 4}, {"loss": 1.0},
@@ -810,7 +815,7 @@ def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_o
 
     def fake_train_net(cmd, cwd, stdout, stderr, check):
         calls.append(cmd)
-        out = next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1]
+        out = _output_dir(cmd)
         with open(os.path.join(out, "eval_results.json"), "w") as f:
             json.dump({"bbox": {"AP": 10.0 * len(calls), "AP50": 20.0}}, f)
 

@@ -105,6 +105,15 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
         assert np.array_equal(got["image"], rgb if flipped else rgb[:, :, ::-1]), case
 
 
+def _capture_draw_boxes(monkeypatch):
+    """A dict that each call of viz.draw_boxes fills (image, boxes, colors and its keyword
+    arguments) in place of drawing."""
+    drawn = {}
+    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
+                        drawn.update(image=image, boxes=boxes, colors=colors, **kw))
+    return drawn
+
+
 def _frozen_norm_train(model):
     """Training mode with BatchNorm on its running statistics: the student's outputs are those
     of eval mode, so a training step selects from what the views see."""
@@ -149,8 +158,7 @@ def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_
     torch.save({"model": student.state_dict()}, tmp_path / "s.pth")
     inputs = make_inputs(1, size=(96, 128), seed=3)
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw: drawn.update(boxes=boxes, **kw))
+    drawn = _capture_draw_boxes(monkeypatch)
     viz.main(["gid", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
               "--student", str(tmp_path / "s.pth"), "--out", str(tmp_path / "gid.png")])
 
@@ -196,8 +204,7 @@ def test_d3etr_view_runs_the_teacher_on_its_own_channel_order(tmp_path, monkeypa
     torch.save({"model": student.state_dict()}, tmp_path / "s.pth")
     inputs = make_inputs(1, size=(90, 120), seed=4)  # images in the student's (BGR) order
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw: drawn.update(boxes=boxes, **kw))
+    drawn = _capture_draw_boxes(monkeypatch)
     viz.main(["d3etr", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
               "--student", str(tmp_path / "s.pth"), "--top", "5", "--out", str(tmp_path / "d3.png")])
 
@@ -446,9 +453,7 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
         return select(self, s_out, t_out, image_sizes)
 
     monkeypatch.setattr(GIDDistiller, "_select", spy_select)
-    drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
-                        drawn.update(image=image, boxes=boxes, **kw))
+    drawn = _capture_draw_boxes(monkeypatch)
     viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s,
               "--index", str(index), "--out", str(tmp_path / "gid.png")])
     assert np.array_equal(drawn["image"], resized[:, :, ::-1])  # the resized image, as RGB
@@ -676,9 +681,7 @@ def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(tm
     ])
     scores = torch.linspace(0.9, 0.3, len(chosen))
     monkeypatch.setattr(GIDDistiller, "_select", lambda self, *a: [(Boxes(chosen), scores)])
-    drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
-                        drawn.update(boxes=boxes, colors=colors, **kw))
+    drawn = _capture_draw_boxes(monkeypatch)
     viz.main(["gid", "--config", cfg_path, "--teacher", t, "--student", s, "--out", str(tmp_path / "g.png")])
     assert np.array_equal(drawn["boxes"], chosen.numpy())
     assert drawn["colors"] == ["lime", "lime", "orange", "orange", "orange", "red", "red"]
@@ -698,9 +701,7 @@ def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
     layers = len(instantiate(cfg.model.teacher).transformer.decoder.layers)
     assert layers > 1
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96), seed=1))
-    drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
-                        drawn.update(boxes=boxes, colors=colors, **kw))
+    drawn = _capture_draw_boxes(monkeypatch)
     got = {}
     for layer in (0, -layers, -1):
         viz.main(["d3etr", "--config", cfg_path, "--teacher", t, "--student", s, "--top", "3",
