@@ -58,14 +58,20 @@ LARGE = {
 
 # Cheaper, non-paper settings of the methods whose paper settings add trainable compute by
 # design (ReviewKD's full-width ABFs, D3ETR's auxiliary query group): measured on the demo pair
-# after the paper setting, as separate rows, so the trade-off is printed too.
+# after the paper setting, as separate rows, so the trade-off is printed too. ReviewKD's
+# abf_precision=bf16 keeps the paper's ABFs and changes only their arithmetic (bfloat16 on
+# channels-last maps): also measured on the R50 pair (LARGE_VARIANTS).
 VARIANTS = {
-    "reviewkd": [("mid_channels=64", ["model.distillers.reviewkd.mid_channels=64"])],
+    "reviewkd": [
+        ("mid_channels=64", ["model.distillers.reviewkd.mid_channels=64"]),
+        ("abf_precision=bf16", ['model.distillers.reviewkd.abf_precision="bf16"']),
+    ],
     "d3etr": [(
         "adaptive matching only",
         ["model.distillers.d3etr.fixed_matching=False", "model.distillers.d3etr.aux_gt_loss=False"],
     )],
 }
+LARGE_VARIANTS = {"reviewkd": [VARIANTS["reviewkd"][1]]}
 
 
 # The trainable compute a method adds by design, timed alone as a training step; its "floor"
@@ -403,7 +409,11 @@ def main(argv=None):
     if args.large or device.type == "cuda":
         for method, path in LARGE.items():
             if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
-                runs.append((method, f"R50 pair {os.path.basename(path)[:-3]}", path, 2, 640, []))
+                setting = f"R50 pair {os.path.basename(path)[:-3]}"
+                runs.append((method, setting, path, 2, 640, []))
+                if not args.no_variants:
+                    for label, opts in LARGE_VARIANTS.get(method, []):
+                        runs.append((method, f"{setting}, {label}", path, 2, 640, opts))
     check_methods(args.methods, available, "kd_overhead")
 
     if args.opts:
@@ -411,7 +421,8 @@ def main(argv=None):
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"teacher precision {args.teacher_precision}")
     # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
-    head = f"{'method':<9}{'setting':<46}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"
+    sw = max([46] + [len(r[1]) + 2 for r in runs])  # the setting column fits the longest setting
+    head = f"{'method':<9}{'setting':<{sw}}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"
     head += f"{'mem ratio':>11}{'rounds':>13}"
     print(head)
     print("-" * len(head))
@@ -419,7 +430,7 @@ def main(argv=None):
         try:
             r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, [*variant, *args.opts], args.rounds, method)
         except Exception as e:  # report and go on with the other settings
-            print(f"{method:<9}{setting:<46} failed: {type(e).__name__}: {e}", flush=True)
+            print(f"{method:<9}{setting:<{sw}} failed: {type(e).__name__}: {e}", flush=True)
             continue
         ratio = r["kd"] / (r["student"] + r["teacher"])
         mem = ""
@@ -429,7 +440,7 @@ def main(argv=None):
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         print(
-            f"{method:<9}{setting:<46}{r['student'] * 1e3:>10.1f}ms{r['teacher'] * 1e3:>10.1f}ms"
+            f"{method:<9}{setting:<{sw}}{r['student'] * 1e3:>10.1f}ms{r['teacher'] * 1e3:>10.1f}ms"
             f"{r['kd'] * 1e3:>10.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}{spread:>13}",
             flush=True,
         )

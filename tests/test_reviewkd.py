@@ -424,3 +424,99 @@ def test_hcl_casts_the_teacher_to_the_students_dtype():
     got = hcl_level_loss(s, t)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(_hcl_reference(s.double(), t.float().double()).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [((4, 6), (8, 12)), ((1, 1), (2, 2)), ((13, 21), (25, 42))])
+def test_abf_fusion_of_channels_last_maps_equals_the_nchw_fusion_and_stays_channels_last(sizes):
+    """abf_precision="bf16" fuses channels-last maps: the exact 2x step on their (N, H, W, C)
+    views (NCHW views cannot split a channels-last map's H and W) and the general path give
+    the NCHW fusion's values and gradients, and a channels-last result."""
+    g = torch.Generator().manual_seed(0)
+    (h, w), (H, W) = sizes
+    abf = ABF(3, 4, 5, fuse=True).double()
+    with torch.no_grad():
+        abf.att.weight.normal_(generator=g)
+        abf.att.bias.normal_(generator=g)
+    u = torch.randn(2, 4, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = abf._fuse(u, r)
+    got = abf._fuse(u.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, ref)
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    params = [u, r, abf.att.weight, abf.att.bias]
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(ref, params, dy)):
+        torch.testing.assert_close(a, b)
+
+
+def _review_loss_and_grads(d, s, t):
+    out = d.review(s)
+    loss = hcl_loss([out[k] for k in s], [t[k] for k in s])
+    return out, loss, torch.autograd.grad(loss, [*s.values(), *d.parameters()])
+
+
+def test_abf_precision_bf16_runs_the_abfs_in_bf16_channels_last_and_returns_fp32_nchw():
+    """abf_precision="bf16": the ABFs' convs run in bfloat16 on channels-last maps in an fp32
+    step; review() hands back fp32 NCHW maps, the student's maps get fp32 NCHW gradients, the
+    ABF weights and their gradients stay fp32, and every value is the fp32 chain's within bf16
+    rounding (~2^-8 relative), not equal to it."""
+    torch.manual_seed(0)
+    ref, low = ReviewKDDistiller(), ReviewKDDistiller(abf_precision="bf16")
+    for d in (ref, low):
+        d.bind(_Det(8), _Det(16))
+        d.eval()  # BN statistics fixed: both chains compute the same function
+    low.load_state_dict(ref.state_dict())
+    seen = []
+    hooks = [
+        conv.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype, o.is_contiguous())))
+        for d in (ref, low) for abf in d.abfs.values() for conv in (abf.conv1, abf.conv2)
+    ]
+    g = torch.Generator().manual_seed(1)
+    s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g, requires_grad=True) for k in (3, 4, 5)}
+    t = {f"p{k}": torch.randn(2, 16, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
+    out_ref, loss_ref, grads_ref = _review_loss_and_grads(ref, s, t)
+    n = len(seen)
+    out_low, loss_low, grads_low = _review_loss_and_grads(low, s, t)
+    for h in hooks:
+        h.remove()
+    assert seen[:n] == [(torch.float32, torch.float32, True)] * 6
+    assert seen[n:] == [(torch.bfloat16, torch.bfloat16, False)] * 6  # channels-last maps (N, C, 8+, 8+)
+    assert all(o.dtype == torch.float32 and o.is_contiguous() for o in out_low.values())
+    assert all(p.dtype == torch.float32 for p in low.parameters())
+    assert loss_low.dtype == torch.float32
+    assert loss_low.item() == pytest.approx(loss_ref.item(), rel=1e-2) and loss_low.item() != loss_ref.item()
+    for a, b in zip(grads_low[:3], grads_ref[:3]):  # autograd.grad: the raw gradient, no leaf re-layout
+        assert a.is_contiguous()  # the student's maps: NCHW gradients
+    for a, b in zip(grads_low, grads_ref):
+        assert a.dtype == torch.float32
+        assert 0 < ((a - b).norm() / b.norm()).item() < 3e-2
+    for k in s:
+        assert 0 < ((out_low[k] - out_ref[k]).norm() / out_ref[k].norm()).item() < 2e-2
+
+
+def test_abf_precision_bf16_in_a_training_step_of_the_wrapper():
+    """Through DistillationDetector: the fp32 step's loss_reviewkd is fp32 and within bf16
+    rounding of the fp32 ABFs' value, and the student's FPN gets an fp32 gradient in its own
+    (NCHW) layout."""
+    model, low = _kd(), _kd(abf_precision="bf16")
+    low.load_state_dict(model.state_dict())
+    inputs = make_inputs()
+    values = []
+    for m in (model, low):
+        m.distillers.eval()  # BN statistics fixed: both runs see the same ABF function
+        with EventStorage():
+            loss = m(inputs)["loss_reviewkd"]
+        loss.backward()
+        values.append(loss)
+    grad = low.student.backbone.fpn_output3.weight.grad
+    assert values[1].dtype == torch.float32 and values[1].item() == pytest.approx(values[0].item(), rel=1e-2)
+    assert grad.dtype == torch.float32 and grad.is_contiguous()
+    ref = model.student.backbone.fpn_output3.weight.grad
+    assert 0 < ((grad - ref).norm() / ref.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float16", "fp32", torch.bfloat16])
+def test_abf_precision_is_none_or_bf16(bad):
+    with pytest.raises(ValueError, match=r"abf_precision must be None .* or 'bf16'") as e:
+        ReviewKDDistiller(abf_precision=bad)
+    assert ("grad scaler" in str(e.value)) == (bad == "fp16")
