@@ -308,13 +308,16 @@ def test_d3etr_losses_zero_for_a_copy_positive_after_perturbation():
         assert "d3etr/match_cost_0" in storage.latest()
     kd = {k: v for k, v in losses.items() if k.startswith("loss_d3etr") and "aux" not in k}
     assert set(kd) == {f"loss_d3etr_{k}" for k in ("cls", "l1", "giou", "sa", "ca")}
-    assert all(abs(v.item()) < 1e-5 for v in kd.values()), kd
+    # ~0, not exactly 0: with the auxiliary group appended (2x the queries) the decoder's matmuls
+    # may block differently and round the own group's boxes differently (seen: 7.7e-7 on an AMX
+    # CPU, a GIoU term ~1e-4 on small boxes); a wrong match or target gives O(1) (below)
+    assert all(abs(v.item()) < 1e-3 for v in kd.values()), kd
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     with EventStorage():
         losses = model(inputs)
-    assert all(losses[k].item() > 1e-4 for k in kd)
+    assert all(losses[k].item() > 0.1 for k in kd), {k: losses[k].item() for k in kd}
     sum(losses.values()).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(k.startswith("loss_d3etr_aux_") for k in losses)

@@ -28,7 +28,7 @@ import os
 import random
 import re
 import weakref
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -540,6 +540,9 @@ class _RunCheckpointer(DetectionCheckpointer):
     mismatch and continue with partly random weights, or fail later with a raw shape error)."""
 
     strict = False
+    # the run's train.clip_grad.max_norm where clipping is on, else None: what a diverged run's
+    # error advises (a lower limit, or turning clipping on)
+    clip_max_norm: Optional[float] = None
 
     def _load_file(self, filename):
         try:
@@ -616,14 +619,18 @@ class _RunCheckpointer(DetectionCheckpointer):
         if not bad:
             return
         last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        clip = (
+            "train.clip_grad.enabled=True" if self.clip_max_norm is None
+            else f"a lower train.clip_grad.max_norm (now {self.clip_max_norm:g})"
+        )
         where = (
             f"The last checkpoint is still {last}: continue from it with --resume and "
-            "train.clip_grad.enabled=True (--resume keeps the run's base lr: for a lower "
+            f"{clip} (--resume keeps the run's base lr: for a lower "
             f"optimizer.lr, start a new run from it, train.init_checkpoint={last}, in another "
             "train.output_dir)"
             if last
             else "No earlier checkpoint was written: start the run again, with a lower "
-            "optimizer.lr or train.clip_grad.enabled=True"
+            f"optimizer.lr or {clip}"
         )
         raise FloatingPointError(
             f"Checkpoint {name!r} not written: the training diverged, {len(bad)} weights are "
@@ -787,6 +794,9 @@ class KDTrainer(DefaultTrainer):
         self.checkpointer = _RunCheckpointer(
             model, cfg.train.output_dir, trainer=weakref.proxy(self)
         )
+        clip = cfg.train.get("clip_grad", None)
+        if clip and clip.get("enabled", False):
+            self.checkpointer.clip_max_norm = float(clip.max_norm)
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         self.cfg = cfg
