@@ -155,16 +155,22 @@ def test_abf_shapes_with_mismatched_channels_and_deepest_level():
         finer(torch.randn(2, 64, 25, 42))
 
 
+def _fusing_abf(g):
+    """A float64 ABF(3 -> 4 -> 5) with a residual input and N(0, 1) attention weights (drawn from g)."""
+    abf = ABF(3, 4, 5, fuse=True).double()
+    with torch.no_grad():
+        abf.att.weight.normal_(generator=g)
+        abf.att.bias.normal_(generator=g)
+    return abf
+
+
 @pytest.mark.parametrize("sizes", [((4, 6), (8, 12)), ((13, 21), (25, 42)), ((4, 6), (8, 11)), ((4, 6), (7, 12))])
 def test_abf_fusion_equals_concatenated_attention(sizes):
     """The split attention conv (u part at full, residual part at the residual's resolution) and
     the broadcast 2x step give ReviewKD's fusion on [u; nearest(r)]: values and all gradients."""
     g = torch.Generator().manual_seed(0)
     (h, w), (H, W) = sizes
-    abf = ABF(3, 4, 5, fuse=True).double()
-    with torch.no_grad():
-        abf.att.weight.normal_(generator=g)
-        abf.att.bias.normal_(generator=g)
+    abf = _fusing_abf(g)
     x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64, requires_grad=True)
     res = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
 
@@ -433,10 +439,7 @@ def test_abf_fusion_of_channels_last_maps_equals_the_nchw_fusion_and_stays_chann
     the NCHW fusion's values and gradients, and a channels-last result."""
     g = torch.Generator().manual_seed(0)
     (h, w), (H, W) = sizes
-    abf = ABF(3, 4, 5, fuse=True).double()
-    with torch.no_grad():
-        abf.att.weight.normal_(generator=g)
-        abf.att.bias.normal_(generator=g)
+    abf = _fusing_abf(g)
     u = torch.randn(2, 4, H, W, generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     ref = abf._fuse(u, r)
