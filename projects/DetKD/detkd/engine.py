@@ -511,6 +511,12 @@ def student_of(model):
     return model.student if isinstance(model, DistillationDetector) else model
 
 
+def _clip_max_norm(cfg) -> Optional[float]:
+    """``train.clip_grad.max_norm`` where ``train.clip_grad.enabled``, else None."""
+    clip = cfg.train.get("clip_grad", None)
+    return float(clip.max_norm) if clip and clip.get("enabled", False) else None
+
+
 def _clip_before_step(optimizer, max_norm: float) -> None:
     """Clip the global gradient norm of the optimizer's parameters before every step
     (``train.clip_grad``, e.g. DETR's 0.1), as an optimizer step pre-hook: ``optimizer.step``
@@ -794,9 +800,7 @@ class KDTrainer(DefaultTrainer):
         self.checkpointer = _RunCheckpointer(
             model, cfg.train.output_dir, trainer=weakref.proxy(self)
         )
-        clip = cfg.train.get("clip_grad", None)
-        if clip and clip.get("enabled", False):
-            self.checkpointer.clip_max_norm = float(clip.max_norm)
+        self.checkpointer.clip_max_norm = _clip_max_norm(cfg)
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         self.cfg = cfg
@@ -1036,9 +1040,9 @@ class KDTrainer(DefaultTrainer):
         # the distillers' adapters reach the optimizer.
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
-        clip = cfg.train.get("clip_grad", None)
-        if clip and clip.get("enabled", False):
-            _clip_before_step(optimizer, float(clip.max_norm))
+        max_norm = _clip_max_norm(cfg)
+        if max_norm is not None:
+            _clip_before_step(optimizer, max_norm)
         return optimizer
 
     @classmethod
