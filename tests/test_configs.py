@@ -416,13 +416,40 @@ def _demo_tables():
     return tables, text
 
 
+def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
+    """The first demo table (gradient clipping, seeds 0 and 1): every distilled row's ΔAP is the
+    mean of its per-seed ΔAPs and its AP the student's plus that; sds are the sample sds; the
+    text's per-seed bf16 - fp32 ReviewKD differences follow from the rows."""
+    import re
+    import statistics
+
+    tables, text = _demo_tables()
+    clipped = tables[0]
+    student = clipped["student alone"]
+    assert student[0] == pytest.approx(statistics.mean(student[1]), abs=0.006)
+    sd = re.search(r"\| student alone \| [\d.]+ \| ([\d.]+) \|", text).group(1)
+    assert float(sd) == pytest.approx(statistics.stdev(student[1]), abs=0.006)
+    rows = [n for n in clipped if "teacher" not in n and n != "student alone"]
+    assert len(rows) == 3
+    for name in rows:
+        ap, deltas, dsd = clipped[name]
+        assert ap == pytest.approx(student[0] + statistics.mean(deltas), abs=0.011), name
+        assert dsd == pytest.approx(statistics.stdev(deltas), abs=0.011), name
+    bf16 = clipped['student + ReviewKD, `abf_precision="bf16"`'][1]
+    fp32 = clipped["student + ReviewKD (p3-p5, λ=0.1)"][1]
+    stated = re.search(r"differ from the fp32 ones by (\S+) and (\S+) AP", text).groups()
+    assert [float(v.replace("−", "-")) for v in stated] == pytest.approx(
+        [b - f for b, f in zip(bf16, fp32)], abs=0.006)
+
+
 def test_readme_demo_claims_match_its_tables():
     """The demo section's statements computed from its own tables: the spread of paired ΔAP sds
     of this version's RetinaNet rows (the Notes), the largest move of a PKD (α=1) run by the flip
     fix, and the held-out split's ranking of the RetinaNet rows against the validation split's."""
     import re
 
-    (val, held), text = _demo_tables()
+    tables, text = _demo_tables()
+    val, held = tables[-2:]  # the clipped version's table (2026-12-02) comes first
     retina = [n for n in val
               if "DETR" not in n and "teacher" not in n and "before the flip" not in n]
     sds = [t[n][2] for t in (val, held) for n in retina if n in t and t[n][2] is not None]
