@@ -1,7 +1,7 @@
 """Small device helpers shared by the models and the distillers."""
 import torch
 
-__all__ = ["host_tensor"]
+__all__ = ["host_tensor", "memory_format_of"]
 
 
 def host_tensor(data, device, dtype=None) -> torch.Tensor:
@@ -22,3 +22,10 @@ def host_tensor(data, device, dtype=None) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-d map laid out NHWC (and not also NCHW, as when C == 1
+    or H == W == 1), else ``torch.contiguous_format``."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc and not x.is_contiguous() else torch.contiguous_format

@@ -35,7 +35,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, pairwise_iou
 
-from ..utils import host_tensor
+from ..utils import host_tensor, memory_format_of
 from .base import Distiller, pair_fpn_levels, put_scalar, zero_loss
 
 logger = logging.getLogger(__name__)
@@ -367,8 +367,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        ctx.memory_format = memory_format_of(x)
         return x.view_as(x)
 
     @staticmethod

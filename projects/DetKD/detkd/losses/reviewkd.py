@@ -31,11 +31,12 @@ from torch import nn
 from detectron2.layers import Conv2d, NaiveSyncBatchNorm, get_norm
 from detectron2.utils import comm
 
+from ..utils import memory_format_of
 from .base import Distiller, pair_fpn_levels, put_scalar
 
 __all__ = ["ABF", "hcl_loss", "hcl_level_loss", "ReviewKDDistiller"]
 
-_ABF_PRECISIONS = {None: None, "bf16": torch.bfloat16}
+_ABF_PRECISIONS = (None, "bf16")
 _POOL_SIZES = (4, 2, 1)  # HCL's pyramid; the i-th size used (1-based) weighs 0.5^i
 
 
@@ -171,20 +172,12 @@ class _Recast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype, memory_format):
         ctx.dtype = x.dtype
-        ctx.memory_format = _memory_format(x)
+        ctx.memory_format = memory_format_of(x)
         return x.to(dtype=dtype, memory_format=memory_format)
 
     @staticmethod
     def backward(ctx, grad):
         return grad.to(dtype=ctx.dtype, memory_format=ctx.memory_format), None, None
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d map laid out NHWC (and not also NCHW, e.g. C == 1), else NCHW."""
-    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if nhwc and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class ABF(nn.Module):
@@ -249,7 +242,7 @@ class ABF(nn.Module):
         weight = self.att.weight  # (2, 2 * Cm, 1, 1): [u part, r part]
         logits_u = F.conv2d(u, weight[:, :C], self.att.bias)  # (N, 2, H, W)
         logits_r = F.conv2d(residual, weight[:, C:])  # (N, 2, h, w)
-        if (H, W) == (2 * h, 2 * w) and _memory_format(u) is torch.channels_last:
+        if (H, W) == (2 * h, 2 * w) and memory_format_of(u) is torch.channels_last:
             return self._fuse_2x_channels_last(u, residual, logits_u, logits_r)
         if (H, W) == (2 * h, 2 * w):  # nearest 2x: output (i, j) reads (i // 2, j // 2)
             a = (logits_u.view(N, 2, h, 2, w, 2) + logits_r[:, :, :, None, :, None]).sigmoid()
@@ -338,7 +331,7 @@ class ReviewKDDistiller(Distiller):
                 f"ReviewKD: mid_channels must be a positive int, or None for the teacher's "
                 f"channels, got {mid_channels!r}"
             )
-        if abf_precision is not None and (not isinstance(abf_precision, str) or abf_precision != "bf16"):
+        if abf_precision not in _ABF_PRECISIONS:
             raise ValueError(
                 f"ReviewKD: abf_precision must be None (the training step's precision) or 'bf16', "
                 f"got {abf_precision!r}"
@@ -375,26 +368,22 @@ class ReviewKDDistiller(Distiller):
             dict[str, Tensor]: fused map per paired student level, in the teacher's channels;
             with ``abf_precision`` set, fp32 NCHW maps computed in that precision.
         """
-        dtype = _ABF_PRECISIONS[self.abf_precision]
+        bf16 = self.abf_precision == "bf16"
+        precision = contextlib.nullcontext()  # None: the caller's precision
+        if bf16:
+            device_type = next(iter(student_feats.values())).device.type
+            precision = torch.autocast(device_type, dtype=torch.bfloat16)
         outs, residual = {}, None
-        with self._abf_autocast(student_feats):
+        with precision:
             for s, _ in reversed(self.pairs):
                 x = student_feats[s]
-                if dtype is not None:  # one copy into bf16 NHWC; fp32 NCHW gradients back
-                    x = _Recast.apply(x, dtype, torch.channels_last)
+                if bf16:  # one copy into bf16 NHWC; fp32 NCHW gradients back
+                    x = _Recast.apply(x, torch.bfloat16, torch.channels_last)
                 outs[s], residual = self.abfs[s](x, residual)
-        if dtype is not None:
-            fp32 = torch.float32
-            outs = {s: _Recast.apply(o, fp32, torch.contiguous_format) for s, o in outs.items()}
+        if bf16:
+            nchw = torch.contiguous_format
+            outs = {s: _Recast.apply(o, torch.float32, nchw) for s, o in outs.items()}
         return outs
-
-    def _abf_autocast(self, student_feats: Dict[str, torch.Tensor]):
-        """autocast in ``abf_precision``, or nothing (the caller's precision) for None."""
-        dtype = _ABF_PRECISIONS[self.abf_precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        device_type = next(iter(student_feats.values())).device.type
-        return torch.autocast(device_type, dtype=dtype)
 
     def _check_batch_statistics(self, student_feats: Dict[str, torch.Tensor]) -> None:
         """A BatchNorm of an ABF cannot train on one value per channel (one image, a 1x1 map:
