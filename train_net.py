@@ -76,6 +76,20 @@ def _holds_training_run(cfg) -> bool:
     return bool(out) and PathManager.isfile(os.path.join(out, "last_checkpoint"))
 
 
+def _checkpoint_tag(cfg):
+    """``train.output_dir/last_checkpoint``'s content and modification time (a save rewrites
+    it, also with the same name), or None: whether a run wrote a checkpoint since."""
+    path = os.path.join(cfg.train.output_dir, "last_checkpoint") if cfg.train.get("output_dir") else None
+    if not path or not PathManager.isfile(path):
+        return None
+    with PathManager.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data, os.stat(path).st_mtime_ns
+    except OSError:  # not a local path: the content alone
+        return data, None
+
+
 def _write_run_config(cfg, data: bytes) -> None:
     with PathManager.open(os.path.join(cfg.train.output_dir, "config.yaml"), "wb") as f:
         f.write(data)
@@ -100,8 +114,9 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     # default_setup replaces OUTPUT_DIR/config.yaml; a --resume refused below (a run of another
     # config, a bad teacher) puts back the config of the run whose checkpoints are there, and so
-    # does a new run there that fails before training (a bad teacher path, a class mismatch), and
-    # --eval-only in a training run's folder (its own config goes to config_eval.yaml).
+    # does a run there that fails before it writes a checkpoint (a bad teacher path, a class
+    # mismatch, AMP on the CPU), and --eval-only in a training run's folder (its own config goes
+    # to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
     in_run = comm.is_main_process() and _holds_training_run(cfg)  # a training run's folder
     run_config = _read_run_config(cfg) if resuming or in_run else None
@@ -134,14 +149,18 @@ def main(args):
                 json.dump(results, f, indent=1)
         return results
 
+    tag = _checkpoint_tag(cfg)
     try:
         trainer = KDTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
     except BaseException:
-        if run_config is not None:
+        # a run that failed before writing a checkpoint (in construction, loading, or train()'s
+        # checks and hooks before the first save: AMP on the CPU, a teacher evaluation that
+        # fails) leaves the folder's checkpoints those of the run before it: so is its config
+        if run_config is not None and _checkpoint_tag(cfg) == tag:
             _write_run_config(cfg, run_config)
         raise
-    results = trainer.train()
     if comm.is_main_process() and results:
         logger.info(f"Final evaluation: {dict(results)}")
     return results

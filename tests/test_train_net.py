@@ -778,10 +778,12 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert (out / "config.yaml").read_bytes() == written
 
 
-def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["teacher path", "amp on the cpu"])
+def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, monkeypatch, failure):
     """A run started again (no --resume) in a finished run's folder that fails before training
-    (here a wrong teacher path) replaced the folder's config.yaml, the only record of the
-    checkpoints' config, by its own; the checkpoints and the tag were kept."""
+    replaced the folder's config.yaml, the only record of the checkpoints' config, by its own;
+    the checkpoints and the tag were kept. Failures in construction (a wrong teacher path) and,
+    after it, in train()'s checks before the first step (train.amp.enabled on the CPU)."""
     from detectron2.engine import default_argument_parser
 
     monkeypatch.syspath_prepend(REPO)
@@ -793,15 +795,53 @@ def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, mo
             "last_checkpoint": b"model_final.pth", "config.yaml": b"the run's config"}
     for name, data in kept.items():
         (out / name).write_bytes(data)
+    if failure == "teacher path":
+        opts, error = [f"train.teacher_checkpoint={tmp_path / 'missing_teacher.pkl'}"], (RuntimeError, "missing_teacher.pkl")
+    else:
+        opts = ["train.teacher_checkpoint=", "train.teacher_random_init=True", "train.amp.enabled=True"]
+        error = (ValueError, "train.amp.enabled=True, but the model is on 'cpu'")
     args = default_argument_parser().parse_args([
         "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), f"train.output_dir={out}",
-        f"train.teacher_checkpoint={tmp_path / 'missing_teacher.pkl'}",
         "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", *opts,
     ])
-    with pytest.raises(RuntimeError, match="missing_teacher.pkl"):
+    with pytest.raises(error[0], match=error[1]):
         train_net.main(args)
     assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+def test_a_new_run_failing_after_its_first_checkpoint_keeps_its_own_config_yaml(tmp_path, monkeypatch):
+    """The other side of the test above: a run in a finished run's folder that wrote a
+    checkpoint before failing (here at its third step, checkpoints every step) replaced the
+    folder's checkpoints with its own, so its config.yaml stays (not the run's before it)."""
+    from detectron2.engine import default_argument_parser
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, data in {"last_checkpoint": b"model_0000001.pth", "config.yaml": b"the run's config"}.items():
+        (out / name).write_bytes(data)
+    step = train_net.KDTrainer.run_step
+
+    def failing_step(trainer):
+        if trainer.iter == 2:
+            raise FloatingPointError("stopped at step 2")
+        step(trainer)
+
+    monkeypatch.setattr(train_net.KDTrainer, "run_step", failing_step)
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), f"train.output_dir={out}",
+        "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.checkpointer.period=1",
+        "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
+    ])
+    with pytest.raises(FloatingPointError, match="stopped at step 2"):
+        train_net.main(args)
+    assert (out / "last_checkpoint").read_bytes() == b"model_0000001.pth"  # the same name, rewritten
+    assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
+    assert b"PKDDistiller" in (out / "config.yaml").read_bytes()
 
 
 def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp_path):
