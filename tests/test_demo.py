@@ -217,14 +217,17 @@ def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, mo
         raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
+    (tmp_path / "teacher.pth").write_bytes(b"")
     with pytest.raises(Stop):
-        repro.main([config, "--num-gpus", "8", "train.max_iter=5", "--output", str(tmp_path / "o")])
+        repro.main([config, "--num-gpus", "8", "train.max_iter=5", "--output", str(tmp_path / "o"),
+                    "train.teacher_checkpoint=teacher.pth"])
     (cmd, cwd), = calls
     args = cmd[2:]
     assert cwd == REPO
     assert args[:4] == ["--config-file", os.path.join(REPO, "configs/PKD/baseline_retinanet_R50_2x.py"),
                         "--num-gpus", "8"]
     assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "PKD" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
+    # the teacher is the distilled run's: the baseline's config.yaml does not name it
     assert args[5:] == ["train.teacher_checkpoint=", "train.max_iter=5"]
 
 

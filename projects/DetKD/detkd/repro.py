@@ -269,7 +269,10 @@ def main(argv=None):
         run_dir = os.path.join(out, tag)
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
-        cmd += pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
+        opts = pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
+        if tag == "baseline":  # the teacher is the distilled run's (its config.yaml would show it)
+            opts = [o for o in opts if _key(o) != "train.teacher_checkpoint"]
+        cmd += opts
         print("[repro] " + " ".join(cmd[1:]), flush=True)
         try:
             subprocess.run(cmd, check=True, cwd=REPO)
