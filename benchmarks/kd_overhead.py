@@ -71,7 +71,7 @@ VARIANTS = {
         ["model.distillers.d3etr.fixed_matching=False", "model.distillers.d3etr.aux_gt_loss=False"],
     )],
 }
-LARGE_VARIANTS = {"reviewkd": [VARIANTS["reviewkd"][1]]}
+LARGE_VARIANTS = {"reviewkd": [v for v in VARIANTS["reviewkd"] if v[0] == "abf_precision=bf16"]}
 
 
 # The trainable compute a method adds by design, timed alone as a training step; its "floor"

@@ -316,3 +316,28 @@ def test_a_cuda_device_index_this_machine_lacks_is_a_usage_error(monkeypatch):
         kd_overhead.parse_device("cuda:1")
     assert kd_overhead.parse_device("cuda:0") == torch.device("cuda", 0)
     assert kd_overhead.parse_device("cuda") == torch.device("cuda")
+
+
+def test_variant_rows_override_keys_their_configs_have():
+    """kd_overhead's variant rows (VARIANTS on the demo configs, LARGE_VARIANTS on the R50 pairs):
+    each override names a key of the config it runs on (a renamed or mistyped one would stop the
+    benchmark at that row), and the R50 pair's row is the demo's bf16 ABF row, picked by label."""
+    import glob
+
+    from detectron2.config import LazyConfig
+
+    from detkd.engine import check_override_keys
+
+    kd = _kd_overhead()
+    for method, variants in kd.VARIANTS.items():
+        demo = glob.glob(os.path.join(REPO, "configs", "demo", method + "_*.py"))
+        assert demo, method
+        for path in demo:
+            for _, opts in variants:
+                check_override_keys(LazyConfig.load(path), opts)
+    (label, opts), = kd.LARGE_VARIANTS["reviewkd"]
+    assert label == "abf_precision=bf16" and (label, opts) in kd.VARIANTS["reviewkd"]
+    cfg = LazyConfig.load(os.path.join(REPO, kd.LARGE["reviewkd"]))
+    check_override_keys(cfg, opts)
+    assert LazyConfig.apply_overrides(cfg, opts).model.distillers.reviewkd.abf_precision == "bf16"
+    assert set(kd.LARGE_VARIANTS) == {"reviewkd"}
