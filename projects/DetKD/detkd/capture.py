@@ -133,7 +133,8 @@ class FeatureCapture:
             raise RuntimeError(
                 f"FeatureCapture: an output of '{name}' was modified in place after it was "
                 "recorded; construct the capture with clone=True for this model (in a "
-                "DistillationDetector: set model.clone_taps=True)."
+                "DistillationDetector: construct it with clone_taps=True, e.g. the config "
+                "override model.clone_taps=True)."
             )
         return out
 
