@@ -148,8 +148,9 @@ def test_demo_never_reuses_the_weights_of_a_retraining_that_failed(tmp_path, mon
         (out / "model_final.pth").write_bytes(cmd[-1].encode())
         if "train.max_iter=20" in cmd:  # fails in its final evaluation: no metrics
             raise subprocess.CalledProcessError(1, cmd)
-        with open(out / "metrics.json", "a") as f:
-            f.write(json.dumps({"bbox/AP": 40.0, "iteration": 39}) + "\n")
+        with open(out / "metrics.json", "a") as f:  # detectron2's JSONWriter appends
+            f.write(json.dumps({"time": 0.1 * len(calls), "iteration": 19}) + "\n")
+            f.write(json.dumps({"bbox/AP": 40.0 + len(calls), "iteration": 39}) + "\n")
 
     monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
     logs = []
@@ -159,7 +160,10 @@ def test_demo_never_reuses_the_weights_of_a_retraining_that_failed(tmp_path, mon
     assert (out / "model_final.pth").read_bytes() == b"train.max_iter=20"
     res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
     assert len(calls) == 3 and "train.max_iter=40" in calls[2] and "[demo] reusing" not in logs[-1]
-    assert (out / "model_final.pth").read_bytes() == b"train.max_iter=40" and res["AP"] == 40.0
+    assert (out / "model_final.pth").read_bytes() == b"train.max_iter=40" and res["AP"] == 43.0
+    # the replaced runs' lines are gone: the s/iter column is the third run's alone
+    assert len((out / "metrics.json").read_text().splitlines()) == 2
+    assert demo._seconds_per_iter(str(out)) == pytest.approx(0.3)
 
 
 def test_demo_summary_over_seeds_pairs_the_deltas():

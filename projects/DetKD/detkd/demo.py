@@ -241,8 +241,11 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
     # the folder's run is being replaced: a run that fails after writing its model_final.pth
     # (in its final evaluation, or stopped there) must not leave the command of the run before it,
     # which would make the next call with that run's arguments reuse these weights and its metrics
-    if os.path.isfile(os.path.join(output_dir, _COMMAND_FILE)):
-        os.remove(os.path.join(output_dir, _COMMAND_FILE))
+    # Its metrics.json goes too: detectron2's writer appends to it, and the new run's final
+    # metrics and s/iter would be read among the old run's lines.
+    for name in (_COMMAND_FILE, "metrics.json"):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
     _run_logged(cmd, os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"))
     with open(os.path.join(output_dir, _COMMAND_FILE), "w") as f:
         json.dump(cmd[1:], f, indent=1)
