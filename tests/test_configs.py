@@ -417,10 +417,10 @@ def _demo_tables():
 
 
 def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
-    """The first two demo tables (gradient clipping, seeds 0 and 1; validation and held-out
-    splits): every distilled row's ΔAP is the mean of its per-seed ΔAPs and its AP its student's
-    (RetinaNet or DETR) plus that; sds are the sample sds; the text's per-seed bf16 - fp32
-    ReviewKD differences follow from the rows."""
+    """The first two demo tables (gradient clipping, seeds 0-2; validation and held-out splits):
+    every distilled row's ΔAP is the mean of its per-seed ΔAPs and its AP its student's (RetinaNet
+    or DETR, over the same seeds) plus that; sds are the sample sds; the text's per-seed bf16 -
+    fp32 ReviewKD differences follow from the rows."""
     import re
     import statistics
 
@@ -434,8 +434,9 @@ def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
             assert student[0] == pytest.approx(statistics.mean(student[1]), abs=0.006)
             assert sd == pytest.approx(statistics.stdev(student[1]), abs=0.011)
             for name in [n for n in rows if n.startswith("DETR") == base.startswith("DETR")]:
-                ap, deltas, dsd = clipped[name]
-                assert ap == pytest.approx(student[0] + statistics.mean(deltas), abs=0.011), name
+                ap, deltas, dsd = clipped[name]  # a row of fewer seeds pairs with the first ones
+                base_ap = statistics.mean(student[1][:len(deltas)])
+                assert ap == pytest.approx(base_ap + statistics.mean(deltas), abs=0.011), name
                 assert dsd == pytest.approx(statistics.stdev(deltas), abs=0.011), name
     clipped = tables[0]
     bf16 = clipped['student + ReviewKD, `abf_precision="bf16"`'][1]
