@@ -61,13 +61,18 @@ def _share_cpu_threads() -> None:
         )
 
 
-def _read_run_config(cfg):
-    """The bytes of ``train.output_dir/config.yaml`` (the config of the run there), or None."""
-    path = os.path.join(cfg.train.output_dir, "config.yaml") if cfg.train.get("output_dir") else None
+def _read_output_file(cfg, name: str):
+    """The bytes of ``train.output_dir/<name>``, or None."""
+    path = os.path.join(cfg.train.output_dir, name) if cfg.train.get("output_dir") else None
     if not path or not PathManager.isfile(path):
         return None
     with PathManager.open(path, "rb") as f:
         return f.read()
+
+
+def _read_run_config(cfg):
+    """The bytes of ``train.output_dir/config.yaml`` (the config of the run there), or None."""
+    return _read_output_file(cfg, "config.yaml")
 
 
 def _holds_training_run(cfg) -> bool:
@@ -79,13 +84,11 @@ def _holds_training_run(cfg) -> bool:
 def _checkpoint_tag(cfg):
     """``train.output_dir/last_checkpoint``'s content and modification time (a save rewrites
     it, also with the same name), or None: whether a run wrote a checkpoint since."""
-    path = os.path.join(cfg.train.output_dir, "last_checkpoint") if cfg.train.get("output_dir") else None
-    if not path or not PathManager.isfile(path):
+    data = _read_output_file(cfg, "last_checkpoint")
+    if data is None:
         return None
-    with PathManager.open(path, "rb") as f:
-        data = f.read()
     try:
-        return data, os.stat(path).st_mtime_ns
+        return data, os.stat(os.path.join(cfg.train.output_dir, "last_checkpoint")).st_mtime_ns
     except OSError:  # not a local path: the content alone
         return data, None
 
@@ -149,7 +152,7 @@ def main(args):
                 json.dump(results, f, indent=1)
         return results
 
-    tag = _checkpoint_tag(cfg)
+    tag = _checkpoint_tag(cfg) if run_config is not None else None  # main process: see run_config
     try:
         trainer = KDTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
