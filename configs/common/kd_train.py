@@ -13,7 +13,7 @@ train.teacher_random_init = False
 train.export_student = True
 # Evaluate the loaded teacher once before training; logged as teacher/bbox/AP etc.
 train.teacher_eval_at_start = False
-# Clip the global gradient norm before every optimizer step (the DETR configs enable it).
+# Clip the global gradient norm before every optimizer step (the D3ETR COCO configs enable it).
 train.clip_grad = dict(enabled=False, max_norm=0.1)
 # detectron2's default_setup seeds process r with seed + r (detectron2's default, -1, draws one).
 train.seed = 0
