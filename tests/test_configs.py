@@ -413,6 +413,8 @@ def _demo_tables():
                           for v in seeds.group(1).split("/")]
             sd = float(cols[6]) if cols[6] else None
             rows[cols[0].replace("*", "")] = (float(cols[1]), values, sd)
+        elif not line.startswith("|"):
+            rows = None  # a table ends at its first other line (other tables have other columns)
     return tables, text
 
 
@@ -480,3 +482,44 @@ def test_readme_demo_claims_match_its_tables():
     assert swapped == {(a10_gid, a10), ("student alone", a10), ("student alone", a10_gid)}
     lower = [n for n in both if n != "student alone" and held[n][0] < val[n][0]]
     assert lower == ["student + GID"], lower  # "the distilled students higher, except GID's"
+
+
+def test_readme_other_cpu_family_table_is_consistent():
+    """The demo section's AMD (no AMX) ReviewKD table: each distilled row's ΔAP is the mean of its
+    per-seed ΔAPs (sd: their sample sd) and its AP the student's plus that, on both splits; the
+    student's AP and sd follow from its per-seed APs; the text's per-seed bf16 - fp32 differences
+    and the step-time saving follow from the rows."""
+    import re
+    import statistics
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    start = text.index("| run, AMD EPYC (no AMX)")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        rows[cols[0]] = cols
+
+    def seeds(cell):
+        return [float(v.replace(" AP", "")) for v in re.search(r"\(([^)]*)\)", cell).group(1).split("/")]
+
+    student = rows["student alone"]
+    fp32, bf16 = rows["student + ReviewKD (p3-p5, λ=0.1)"], rows['student + ReviewKD, `abf_precision="bf16"`']
+    for ap_col, seed_col, sd_col in ((1, 2, 3), (4, 5, 6)):  # validation, held-out
+        base = seeds(student[seed_col])
+        assert float(student[ap_col]) == pytest.approx(statistics.mean(base), abs=0.006)
+        assert float(student[sd_col]) == pytest.approx(statistics.stdev(base), abs=0.011)
+        for row in (fp32, bf16):
+            deltas = seeds(row[seed_col])
+            mean = float(re.search(r"\*\*([+\-][\d.]+)\*\*", row[seed_col]).group(1))
+            assert mean == pytest.approx(statistics.mean(deltas), abs=0.006), row[0]
+            assert float(row[ap_col]) == pytest.approx(statistics.mean(base) + mean, abs=0.011), row[0]
+            assert float(row[sd_col]) == pytest.approx(statistics.stdev(deltas), abs=0.011), row[0]
+    stated = re.search(r"pairs \(([^;]*) validation; ([^)]*) held-out\)", text).groups()
+    diffs = [float(v.replace("−", "-")) for part in stated for v in part.split(",")]
+    expected = [b - f for col in (2, 5) for b, f in zip(seeds(bf16[col]), seeds(fp32[col]))]
+    assert diffs == pytest.approx(expected, abs=0.011)
+    saving = re.search(r"step is (\d+) % shorter", text).group(1)
+    assert int(saving) == round(100 * (1 - float(bf16[7]) / float(fp32[7])))
