@@ -6,6 +6,9 @@ For each config (default: the demo configs; ``--large``: the R50/R101 pairs of
 ``kd_overhead.py`` does), warms up, and prints
 
 * the median time of a student step and of a KD step;
+* the distillers' own cost (:func:`distiller_split`): the time of their ``forward`` calls, and
+  of their forward + backward as the KD step less the same step whose distillers return no
+  losses, against student step + teacher forward (kd_overhead.py's denominator);
 * on CUDA, the host synchronisations of one step of each, by call site
   (``torch.cuda.set_sync_debug_mode``): each one makes the host wait for the device queue;
 * the ops whose self CPU time (dispatch, launches) and self device time grow most from the
@@ -21,6 +24,7 @@ Usage::
 """
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import sys
@@ -41,12 +45,19 @@ from detectron2.utils.events import EventStorage, get_event_storage  # noqa: E40
 from detkd.demo import int_at_least  # noqa: E402
 
 
-def build_steps(config, device, batch_size, image_size):
-    """(student_step, kd_step) closures on one fixed batch, lr 0 (as in kd_overhead.py)."""
+def build_model(config, device, batch_size, image_size):
+    """(DistillationDetector in train mode, one fixed batch) of ``config``, as kd_overhead.py
+    builds them."""
     cfg = LazyConfig.load(os.path.join(kd_overhead.REPO, config))
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
-    batch = kd_overhead._batch(cfg, batch_size, image_size)
+    return model, kd_overhead._batch(cfg, batch_size, image_size)
+
+
+def build_steps(config, device, batch_size, image_size, built=None):
+    """(student_step, kd_step) closures on one fixed batch, lr 0 (as in kd_overhead.py);
+    ``built``: :func:`build_model`'s result to use instead of building one."""
+    model, batch = built or build_model(config, device, batch_size, image_size)
     opt_s = torch.optim.SGD(model.student.parameters(), lr=0.0, momentum=0.9)
     opt_kd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
@@ -64,6 +75,75 @@ def build_steps(config, device, batch_size, image_size):
         opt_kd.step()
 
     return student_step, kd_step
+
+
+@contextlib.contextmanager
+def without_distiller_losses(model):
+    """Within the block, every distiller of ``model`` returns no losses: the KD step still runs
+    the teacher, the taps and whatever a distiller does around the student's forward (e.g.
+    D3ETR's auxiliary query group), but not the distillers' own forward and backward."""
+    saved = {name: d.forward for name, d in model.distillers.items()}
+    try:
+        for d in model.distillers.values():
+            d.forward = lambda student_taps, teacher_taps, ctx: {}
+        yield
+    finally:
+        for name, d in model.distillers.items():
+            d.forward = saved[name]
+
+
+@contextlib.contextmanager
+def timed_distiller_forwards(model, device, times):
+    """Within the block, the seconds of each call of any distiller's ``forward`` are appended to
+    ``times`` (on CUDA with a synchronisation before and after: these steps are not the timed
+    ones)."""
+    saved = {name: d.forward for name, d in model.distillers.items()}
+
+    def timed(forward):
+        def call(*args, **kwargs):
+            kd_overhead._sync(device)
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            kd_overhead._sync(device)
+            times.append(time.perf_counter() - start)
+            return out
+        return call
+
+    try:
+        for name, d in model.distillers.items():
+            d.forward = timed(saved[name])
+        yield
+    finally:
+        for name, d in model.distillers.items():
+            d.forward = saved[name]
+
+
+def distiller_split(model, batch, device, iters):
+    """
+    The distillers' own cost per KD step, in ms: ``forward`` (their ``forward`` calls, summed
+    per step), ``own`` (KD step minus the same step with :func:`without_distiller_losses`: their
+    forward and backward), ``floor`` (student step + teacher forward, the ratio's denominator) and
+    the two KD steps' medians, ``kd`` and ``kd_no_losses``. The four steps are interleaved as in
+    kd_overhead.py; the forwards are timed in ``iters`` further KD steps.
+    """
+    student_step, teacher_forward, kd_step = kd_overhead._steps(model, batch, device)[:3]
+
+    def kd_no_losses():
+        with without_distiller_losses(model):
+            kd_step()
+
+    fns = [student_step, teacher_forward, kd_no_losses, kd_step]
+    t_s, t_t, t_none, t_kd = (kd_overhead._median(t) for t in kd_overhead._timed_interleaved(fns, iters, device))
+    forwards = []
+    with timed_distiller_forwards(model, device, forwards):
+        for _ in range(iters):
+            kd_step()
+    per_step = sum(forwards) / iters
+    ms = 1e3
+    return dict(
+        forward=per_step * ms, own=(t_kd - t_none) * ms, floor=(t_s + t_t) * ms,
+        kd=t_kd * ms, kd_no_losses=t_none * ms,
+    )
 
 
 def sync_recorder(sites, depth=3):
@@ -128,7 +208,8 @@ def op_differences(student, kd):
 
 
 def report(title, config, device, batch_size, image_size, steps, top):
-    student_step, kd_step = build_steps(config, device, batch_size, image_size)
+    built = build_model(config, device, batch_size, image_size)
+    student_step, kd_step = build_steps(config, device, batch_size, image_size, built)
     with EventStorage():
         for _ in range(3):  # warm-up
             student_step()
@@ -137,7 +218,13 @@ def report(title, config, device, batch_size, image_size, steps, top):
         t_s, t_kd = (kd_overhead._median(t) for t in times)
         sync_s, sync_kd = sync_sites(student_step, device), sync_sites(kd_step, device)
         ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
+        split = distiller_split(*built, device, 2 * steps + 1)
     print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
+    print(
+        f"   the distillers' own cost: forward {split['forward']:.1f} ms, forward + backward "
+        f"{split['own']:.1f} ms (KD step {split['kd']:.1f} ms - {split['kd_no_losses']:.1f} ms with no "
+        f"distillation losses), against student step + teacher forward {split['floor']:.1f} ms"
+    )
     if device.type == "cuda":
         main = [sum(n for k, n in c.items() if k[2] is None) for c in (sync_s, sync_kd)]
         other = sum(n for k, n in sync_kd.items() if k[2] is not None)

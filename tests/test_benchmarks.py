@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,3 +342,30 @@ def test_variant_rows_override_keys_their_configs_have():
     check_override_keys(cfg, opts)
     assert LazyConfig.apply_overrides(cfg, opts).model.distillers.reviewkd.abf_precision == "bf16"
     assert set(kd.LARGE_VARIANTS) == {"reviewkd"}
+
+
+def test_distiller_split_removes_and_times_exactly_the_distillers_forward():
+    """kd_profile's split: inside ``without_distiller_losses`` the KD step's losses are the
+    student's alone (no loss_pkd) and the distiller's forward is back afterwards; the forward
+    timer sees one call per KD step; the split's numbers are its steps' differences."""
+    prof = _kd_profile()
+    from detectron2.utils.events import EventStorage
+
+    cpu = torch.device("cpu")
+    model, batch = prof.build_model("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    pkd = model.distillers["pkd"]
+    forward = pkd.forward
+    with EventStorage():
+        with prof.without_distiller_losses(model):
+            keys = set(model(batch))
+        assert keys and not any(k.startswith("loss_pkd") for k in keys)
+        assert pkd.forward == forward
+        assert "loss_pkd" in model(batch)
+        times = []
+        with prof.timed_distiller_forwards(model, cpu, times):
+            model(batch)
+            model(batch)
+        assert len(times) == 2 and all(t > 0 for t in times) and pkd.forward == forward
+        split = prof.distiller_split(model, batch, cpu, 1)
+    assert split["own"] == pytest.approx(split["kd"] - split["kd_no_losses"])
+    assert 0 < split["forward"] < split["kd"] and split["floor"] > 0
