@@ -78,26 +78,30 @@ def build_steps(config, device, batch_size, image_size, built=None):
 
 
 @contextlib.contextmanager
+def _replaced_forwards(model, replace):
+    """Within the block, each distiller ``d`` of ``model`` runs ``replace(d.forward)`` as its
+    ``forward`` (an instance attribute, removed on exit)."""
+    distillers = list(model.distillers.values())
+    try:
+        for d in distillers:
+            d.forward = replace(d.forward)
+        yield
+    finally:
+        for d in distillers:
+            d.__dict__.pop("forward", None)
+
+
 def without_distiller_losses(model):
     """Within the block, every distiller of ``model`` returns no losses: the KD step still runs
     the teacher, the taps and whatever a distiller does around the student's forward (e.g.
     D3ETR's auxiliary query group), but not the distillers' own forward and backward."""
-    saved = {name: d.forward for name, d in model.distillers.items()}
-    try:
-        for d in model.distillers.values():
-            d.forward = lambda student_taps, teacher_taps, ctx: {}
-        yield
-    finally:
-        for name, d in model.distillers.items():
-            d.forward = saved[name]
+    return _replaced_forwards(model, lambda forward: lambda student_taps, teacher_taps, ctx: {})
 
 
-@contextlib.contextmanager
 def timed_distiller_forwards(model, device, times):
     """Within the block, the seconds of each call of any distiller's ``forward`` are appended to
     ``times`` (on CUDA with a synchronisation before and after: these steps are not the timed
     ones)."""
-    saved = {name: d.forward for name, d in model.distillers.items()}
 
     def timed(forward):
         def call(*args, **kwargs):
@@ -109,13 +113,7 @@ def timed_distiller_forwards(model, device, times):
             return out
         return call
 
-    try:
-        for name, d in model.distillers.items():
-            d.forward = timed(saved[name])
-        yield
-    finally:
-        for name, d in model.distillers.items():
-            d.forward = saved[name]
+    return _replaced_forwards(model, timed)
 
 
 def distiller_split(model, batch, device, iters):
