@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_overhead  # noqa: E402
 
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
-from detectron2.utils.events import EventStorage, get_event_storage  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
 
 from detkd.demo import int_at_least  # noqa: E402
 
@@ -55,25 +55,10 @@ def build_model(config, device, batch_size, image_size):
 
 
 def build_steps(config, device, batch_size, image_size, built=None):
-    """(student_step, kd_step) closures on one fixed batch, lr 0 (as in kd_overhead.py);
-    ``built``: :func:`build_model`'s result to use instead of building one."""
+    """(student_step, kd_step) closures on one fixed batch, lr 0: kd_overhead.py's steps (its
+    ``_steps``); ``built``: :func:`build_model`'s result to use instead of building one."""
     model, batch = built or build_model(config, device, batch_size, image_size)
-    opt_s = torch.optim.SGD(model.student.parameters(), lr=0.0, momentum=0.9)
-    opt_kd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-
-    def student_step():
-        loss = sum(model.student(batch).values())
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
-
-    def kd_step():
-        get_event_storage().step()
-        loss = sum(model(batch).values())
-        opt_kd.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_kd.step()
-
+    student_step, _, kd_step = kd_overhead._steps(model, batch, device)[:3]
     return student_step, kd_step
 
 
@@ -116,15 +101,16 @@ def timed_distiller_forwards(model, device, times):
     return _replaced_forwards(model, timed)
 
 
-def distiller_split(model, batch, device, iters):
+def distiller_split(model, batch, device, iters, steps=None):
     """
     The distillers' own cost per KD step, in ms: ``forward`` (their ``forward`` calls, summed
     per step), ``own`` (KD step minus the same step with :func:`without_distiller_losses`: their
     forward and backward), ``floor`` (student step + teacher forward, the ratio's denominator) and
     the two KD steps' medians, ``kd`` and ``kd_no_losses``. The four steps are interleaved as in
-    kd_overhead.py; the forwards are timed in ``iters`` further KD steps.
+    kd_overhead.py; the forwards are timed in ``iters`` further KD steps. ``steps``:
+    ``kd_overhead._steps(model, batch, device)`` already built for ``model`` (one optimizer state).
     """
-    student_step, teacher_forward, kd_step = kd_overhead._steps(model, batch, device)[:3]
+    student_step, teacher_forward, kd_step = (steps or kd_overhead._steps(model, batch, device))[:3]
 
     def kd_no_losses():
         with without_distiller_losses(model):
@@ -206,8 +192,9 @@ def op_differences(student, kd):
 
 
 def report(title, config, device, batch_size, image_size, steps, top):
-    built = build_model(config, device, batch_size, image_size)
-    student_step, kd_step = build_steps(config, device, batch_size, image_size, built)
+    model, batch = build_model(config, device, batch_size, image_size)
+    closures = kd_overhead._steps(model, batch, device)
+    student_step, kd_step = closures[0], closures[2]
     with EventStorage():
         for _ in range(3):  # warm-up
             student_step()
@@ -216,7 +203,7 @@ def report(title, config, device, batch_size, image_size, steps, top):
         t_s, t_kd = (kd_overhead._median(t) for t in times)
         sync_s, sync_kd = sync_sites(student_step, device), sync_sites(kd_step, device)
         ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
-        split = distiller_split(*built, device, 2 * steps + 1)
+        split = distiller_split(model, batch, device, 2 * steps + 1, closures)
     print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
     print(
         f"   the distillers' own cost: forward {split['forward']:.1f} ms, forward + backward "

@@ -391,11 +391,19 @@ def test_readme_own_data_config_trains_outside_the_repository(tmp_path):
     assert "loss_pkd" in lines and "loss_gid_feat" in lines and "bbox/AP" in lines
 
 
+def _seed_values(cell):
+    """The per-seed values in parentheses of a README table cell, "(a / b / c[ AP])", or None."""
+    import re
+
+    seeds = re.search(r"\(([^)]*)\)", cell)
+    if not seeds:
+        return None
+    return [float(v.replace(" AP", "").replace("−", "-")) for v in seeds.group(1).split("/")]
+
+
 def _demo_tables():
     """The README's two demo result tables (validation, held-out): {row name: (AP, per-seed
     values, ΔAP sd)}; a row's per-seed values are its APs (student alone) or ΔAPs."""
-    import re
-
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     section = text.split("### Demo (synthetic shapes, CPU)", 1)[1].split("### Paper settings", 1)[0]
@@ -406,11 +414,7 @@ def _demo_tables():
             tables.append(rows)
         elif rows is not None and line.startswith("|") and "---" not in line:
             cols = [c.strip() for c in line.strip("|").split("|")]
-            seeds = re.search(r"\(([^)]*)\)", cols[5])
-            values = None
-            if seeds:
-                values = [float(v.replace(" AP", "").replace("−", "-"))
-                          for v in seeds.group(1).split("/")]
+            values = _seed_values(cols[5])
             sd = float(cols[6]) if cols[6] else None
             rows[cols[0].replace("*", "")] = (float(cols[1]), values, sd)
         elif not line.startswith("|"):
@@ -502,24 +506,21 @@ def test_readme_other_cpu_family_table_is_consistent():
         cols = [c.strip() for c in line.strip("|").split("|")]
         rows[cols[0]] = cols
 
-    def seeds(cell):
-        return [float(v.replace(" AP", "")) for v in re.search(r"\(([^)]*)\)", cell).group(1).split("/")]
-
     student = rows["student alone"]
     fp32, bf16 = rows["student + ReviewKD (p3-p5, λ=0.1)"], rows['student + ReviewKD, `abf_precision="bf16"`']
     for ap_col, seed_col, sd_col in ((1, 2, 3), (4, 5, 6)):  # validation, held-out
-        base = seeds(student[seed_col])
+        base = _seed_values(student[seed_col])
         assert float(student[ap_col]) == pytest.approx(statistics.mean(base), abs=0.006)
         assert float(student[sd_col]) == pytest.approx(statistics.stdev(base), abs=0.011)
         for row in (fp32, bf16):
-            deltas = seeds(row[seed_col])
+            deltas = _seed_values(row[seed_col])
             mean = float(re.search(r"\*\*([+\-][\d.]+)\*\*", row[seed_col]).group(1))
             assert mean == pytest.approx(statistics.mean(deltas), abs=0.006), row[0]
             assert float(row[ap_col]) == pytest.approx(statistics.mean(base) + mean, abs=0.011), row[0]
             assert float(row[sd_col]) == pytest.approx(statistics.stdev(deltas), abs=0.011), row[0]
     stated = re.search(r"pairs \(([^;]*) validation; ([^)]*) held-out\)", text).groups()
     diffs = [float(v.replace("−", "-")) for part in stated for v in part.split(",")]
-    expected = [b - f for col in (2, 5) for b, f in zip(seeds(bf16[col]), seeds(fp32[col]))]
+    expected = [b - f for col in (2, 5) for b, f in zip(_seed_values(bf16[col]), _seed_values(fp32[col]))]
     assert diffs == pytest.approx(expected, abs=0.011)
     saving = re.search(r"step is (\d+) % shorter", text).group(1)
     assert int(saving) == round(100 * (1 - float(bf16[7]) / float(fp32[7])))
