@@ -20,7 +20,7 @@ the host, and the CPU column and the call counts tell what a distiller costs.
 
 Usage::
 
-    python benchmarks/kd_profile.py [--large] [--methods gid ...] [--top 25] [--steps 3]
+    python benchmarks/kd_profile.py [--large] [--methods gid ...] [--top 25] [--steps 3] [--compile]
 """
 import argparse
 import collections
@@ -65,15 +65,19 @@ def build_steps(config, device, batch_size, image_size, built=None):
 @contextlib.contextmanager
 def _replaced_forwards(model, replace):
     """Within the block, each distiller ``d`` of ``model`` runs ``replace(d.forward)`` as its
-    ``forward`` (an instance attribute, removed on exit)."""
+    ``forward`` (an instance attribute, removed on exit, or put back to an enclosing block's)."""
     distillers = list(model.distillers.values())
+    outer = [d.__dict__.get("forward") for d in distillers]  # an enclosing block's replacement
     try:
         for d in distillers:
             d.forward = replace(d.forward)
         yield
     finally:
-        for d in distillers:
-            d.__dict__.pop("forward", None)
+        for d, forward in zip(distillers, outer):
+            if forward is None:
+                d.__dict__.pop("forward", None)
+            else:
+                d.forward = forward
 
 
 def without_distiller_losses(model):
@@ -99,6 +103,12 @@ def timed_distiller_forwards(model, device, times):
         return call
 
     return _replaced_forwards(model, timed)
+
+
+def compiled_distiller_forwards(model):
+    """Within the block, every distiller's ``forward`` runs under ``torch.compile`` (inductor,
+    default options; compiled on its first calls, one graph per region between graph breaks)."""
+    return _replaced_forwards(model, torch.compile)
 
 
 def distiller_split(model, batch, device, iters, steps=None):
@@ -191,7 +201,7 @@ def op_differences(student, kd):
     return [(k, *(a - b for a, b in zip(kd.get(k, zero), student.get(k, zero)))) for k in names]
 
 
-def report(title, config, device, batch_size, image_size, steps, top):
+def report(title, config, device, batch_size, image_size, steps, top, compiled=False):
     model, batch = build_model(config, device, batch_size, image_size)
     closures = kd_overhead._steps(model, batch, device)
     student_step, kd_step = closures[0], closures[2]
@@ -204,12 +214,25 @@ def report(title, config, device, batch_size, image_size, steps, top):
         sync_s, sync_kd = sync_sites(student_step, device), sync_sites(kd_step, device)
         ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
         split = distiller_split(model, batch, device, 2 * steps + 1, closures)
+        if compiled:
+            with compiled_distiller_forwards(model):
+                start = time.perf_counter()
+                for _ in range(3):  # compiles (and recompiles, where a guard fails once)
+                    kd_step()
+                compile_s = time.perf_counter() - start
+                split_c = distiller_split(model, batch, device, 2 * steps + 1, closures)
     print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
     print(
         f"   the distillers' own cost: forward {split['forward']:.1f} ms, forward + backward "
         f"{split['own']:.1f} ms (KD step {split['kd']:.1f} ms - {split['kd_no_losses']:.1f} ms with no "
         f"distillation losses), against student step + teacher forward {split['floor']:.1f} ms"
     )
+    if compiled:
+        print(
+            f"   under torch.compile: forward {split_c['forward']:.1f} ms, forward + backward "
+            f"{split_c['own']:.1f} ms (KD step {split_c['kd']:.1f} ms), against "
+            f"{split_c['floor']:.1f} ms; {compile_s:.0f} s in the first 3 steps (compilation)"
+        )
     if device.type == "cuda":
         main = [sum(n for k, n in c.items() if k[2] is None) for c in (sync_s, sync_kd)]
         other = sum(n for k, n in sync_kd.items() if k[2] is not None)
@@ -238,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--steps", type=int_at_least(1), default=3, help="profiled steps of each kind")
     parser.add_argument("--top", type=int_at_least(1), default=15, help="rows per table")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the distillers' own cost with their forward under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs = []
@@ -255,7 +280,7 @@ def main(argv=None):
         if args.methods and method not in args.methods:
             continue
         start = time.perf_counter()
-        report(title, path, device, batch_size, image_size, args.steps, args.top)
+        report(title, path, device, batch_size, image_size, args.steps, args.top, args.compile)
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -369,3 +369,28 @@ def test_distiller_split_removes_and_times_exactly_the_distillers_forward():
         split = prof.distiller_split(model, batch, cpu, 1)
     assert split["own"] == pytest.approx(split["kd"] - split["kd_no_losses"])
     assert 0 < split["forward"] < split["kd"] and split["floor"] > 0
+
+
+def test_distiller_split_blocks_nest_inside_the_compiled_forwards():
+    """``kd_profile --compile`` times the split inside ``compiled_distiller_forwards``: an inner
+    block (no losses, timed forwards) must put the compiled forward back on exit, not the class's
+    eager one; the outer block then restores the class's method. Nothing is called compiled here
+    (compilation is lazy), so this costs no compile time."""
+    prof = _kd_profile()
+    from detectron2.utils.events import EventStorage
+
+    cpu = torch.device("cpu")
+    model, batch = prof.build_model("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    pkd = model.distillers["pkd"]
+    eager = pkd.forward
+    with prof.compiled_distiller_forwards(model):
+        compiled = pkd.forward
+        assert compiled != eager and getattr(compiled, "_torchdynamo_orig_callable", None) == eager
+        with EventStorage(), prof.without_distiller_losses(model):
+            keys = set(model(batch))
+        assert keys and not any(k.startswith("loss_pkd") for k in keys)
+        assert pkd.forward is compiled
+        with prof.timed_distiller_forwards(model, cpu, []):
+            assert pkd.forward is not compiled
+        assert pkd.forward is compiled
+    assert pkd.forward == eager and "forward" not in vars(pkd)
