@@ -105,7 +105,7 @@ def short_train(config, output_dir, iters=3):
     from detkd.engine import KDTrainer
 
     cfg = load_config(config)
-    cfg.train.update(output_dir=str(output_dir), max_iter=iters, teacher_checkpoint="",
+    cfg.train.update(output_dir=str(output_dir), max_iter=iters, teacher_checkpoint="", init_checkpoint="",
                      teacher_random_init=True, log_period=1, device="cpu")
     cfg.dataloader.train.dataset.names.num_images = 16
     cfg.dataloader.test.dataset.names.num_images = 8

@@ -775,3 +775,51 @@ def test_resume_accepts_a_run_checkpoint_without_the_wrappers_extra_state(tmp_pa
     match = r"1 model parameters are not in the file: \['student.head.cls_score.bias'\]"
     with pytest.raises(CheckpointMismatchError, match=match):
         ckpt.load(str(tmp_path / "older.pth"), checkpointables=[])
+
+
+def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path):
+    """export_backbone writes a RetinaNet's backbone.bottom_up.* as a model-zoo style .pkl:
+    DetKD's loader and stock detectron2's both put every tensor into a Conditional DETR's
+    backbone.* (res5, which the DETR on res4 lacks, is left out); a run checkpoint gives its
+    student's backbone; a wrong prefix or a non-.pkl output is a clear error."""
+    from detkd import export_backbone
+    from conftest import load_config
+
+    source = instantiate(tiny_retinanet_cfg())
+    with torch.no_grad():
+        for t in source.state_dict().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+    expected = source.backbone.bottom_up.state_dict()
+    torch.save({"model": source.state_dict()}, tmp_path / "retinanet.pth")
+    written = export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pkl"))
+    assert set(written) == set(expected) and all(np.array_equal(written[k], expected[k].numpy()) for k in expected)
+
+    detr_cfg = load_config("configs/common/models/tiny_detr.py").model  # width 16, on res4
+    loaders = (
+        lambda m: load_student(m, str(tmp_path / "backbone.pkl")),
+        lambda m: DetectionCheckpointer(m).load(str(tmp_path / "backbone.pkl")),  # stock detectron2
+    )
+    for load in loaders:
+        torch.manual_seed(0)
+        detr = instantiate(detr_cfg)
+        others = {k: v.clone() for k, v in detr.state_dict().items() if not k.startswith("backbone.")}
+        load(detr)
+        got = detr.backbone.state_dict()
+        assert got.keys() <= expected.keys() and {k.split(".")[0] for k in got} == {"stem", "res2", "res3", "res4"}
+        for k, v in got.items():
+            assert torch.equal(v, expected[k]), k
+        assert all(torch.equal(detr.state_dict()[k], v) for k, v in others.items())  # only the backbone
+
+    kd = _kd()  # a DetKD run checkpoint: its student's backbone (the teacher's is wider)
+    torch.save({"model": kd.state_dict(), "iteration": 3}, tmp_path / "run.pth")
+    written = export_backbone(str(tmp_path / "run.pth"), str(tmp_path / "student_backbone.pkl"))
+    student = kd.student.backbone.bottom_up.state_dict()
+    assert set(written) == set(student) and all(np.array_equal(written[k], student[k].numpy()) for k in student)
+
+    torch.save({"model": detr.state_dict()}, tmp_path / "detr.pth")
+    with pytest.raises(ValueError, match=r"no weights under 'backbone\.bottom_up\.'.*'backbone\.' for a DETR"):
+        export_backbone(str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"))
+    assert set(export_backbone(str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"), prefix="backbone.")) == set(got)
+    with pytest.raises(ValueError, match=r"write a \.pkl"):
+        export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pth"))

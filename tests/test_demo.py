@@ -853,3 +853,82 @@ def test_repro_gives_a_deletion_override_to_the_config_of_the_pair_that_has_the_
     opts = ["~model.distillers.pkd.loss_weight", "model.distillers.pkd.loss_weight=3", "train.max_iter=4"]
     assert repro.pair_overrides(student, pkd, opts) == ["train.max_iter=4"]
     assert repro.pair_overrides(pkd, student, opts) == opts
+
+
+def test_demo_starts_the_detr_runs_from_the_retinanets_backbones(tmp_path, monkeypatch):
+    """The DETR teacher starts from the RetinaNet teacher's backbone, every DETR student run (alone
+    and D3ETR, every seed) from the seed-0 RetinaNet student's: those runs are trained first
+    (once, also when they are rows of the table), their backbones written to <output>/backbones
+    by export_backbone and passed as train.init_checkpoint; written again only when their run was
+    trained again; a user's train.init_checkpoint is refused (train_net.py faked, real exports)."""
+    import numpy as np
+    import torch
+    from detectron2.config import instantiate
+
+    from conftest import tiny_retinanet_cfg
+    from detkd import demo
+
+    out = tmp_path / "demo"
+    trained, weights = [], {}
+
+    def fake_train(config, output_dir, opts, force, log):
+        name = os.path.basename(output_dir)
+        trained.append((os.path.basename(config), name, list(opts)))
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            f.write(json.dumps({"time": 0.1, "iteration": 0}) + "\n")
+        if name in ("teacher_retinanet", "student_retinanet"):
+            torch.manual_seed(len(trained))
+            model = instantiate(tiny_retinanet_cfg(width=32 if name.startswith("teacher") else 16))
+            weights[name] = model.backbone.bottom_up.state_dict()
+            torch.save({"model": model.state_dict()}, os.path.join(output_dir, "model_final.pth"))
+        return {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, None
+
+    monkeypatch.setattr(demo, "_train", fake_train)
+    demo.main(["--methods", "d3etr", "--iters", "5", "--seeds", "0", "1", "--output", str(out)])
+    t_init = f"train.init_checkpoint={out / 'backbones' / 'teacher_retinanet.pkl'}"
+    s_init = f"train.init_checkpoint={out / 'backbones' / 'student_retinanet.pkl'}"
+    tc = f"train.teacher_checkpoint={out / 'teacher_detr' / 'model_final.pth'}"
+    assert trained == [
+        ("teacher_retinanet.py", "teacher_retinanet", ["train.max_iter=10"]),
+        ("teacher_detr.py", "teacher_detr", ["train.max_iter=10", t_init]),
+        ("student_retinanet.py", "student_retinanet", ["train.max_iter=5"]),
+        ("student_detr.py", "student_detr", ["train.max_iter=5", s_init]),
+        ("d3etr_detr.py", "d3etr_detr", ["train.max_iter=5", s_init, tc]),
+        ("student_detr.py", "student_detr_seed1", ["train.max_iter=5", "train.seed=1", s_init]),
+        ("d3etr_detr.py", "d3etr_detr_seed1", ["train.max_iter=5", "train.seed=1", s_init, tc]),
+    ]
+    table = (out / "results.txt").read_text()
+    assert "teacher (detr)" in table and "retinanet" not in table  # backbone sources are no rows
+    for role in ("teacher", "student"):
+        with open(out / "backbones" / f"{role}_retinanet.pkl", "rb") as f:
+            data = __import__("pickle").load(f)
+        expected = weights[f"{role}_retinanet"]
+        assert data["matching_heuristics"] and set(data["model"]) == set(expected)
+        assert all(np.array_equal(data["model"][k], v.numpy()) for k, v in expected.items())
+
+    # again, every run finished: the backbones are not written again (the DETR runs would retrain);
+    # a RetinaNet student trained again since: its backbone is
+    pkl = out / "backbones" / "student_retinanet.pkl"
+    before = {p: p.stat().st_mtime_ns for p in (pkl, out / "backbones" / "teacher_retinanet.pkl")}
+    monkeypatch.setattr(demo, "_train", lambda config, output_dir, opts, force, log: ({"AP": 1.0}, None))
+    demo.main(["--methods", "d3etr", "--iters", "5", "--output", str(out)])
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    source = out / "student_retinanet" / "model_final.pth"
+    os.utime(source, ns=(before[pkl] + 10**9, before[pkl] + 10**9))
+    demo.main(["--methods", "d3etr", "--iters", "5", "--output", str(out)])
+    assert pkl.stat().st_mtime_ns > before[pkl]
+    assert (out / "backbones" / "teacher_retinanet.pkl").stat().st_mtime_ns == before[out / "backbones" / "teacher_retinanet.pkl"]
+
+    # with a RetinaNet method too, its teacher and student are trained once, as rows and sources
+    trained.clear()
+    monkeypatch.setattr(demo, "_train", fake_train)
+    from detkd import viz
+
+    monkeypatch.setattr(viz, "main", lambda argv: None)  # the PKD picture of a "pkd" run
+    demo.main(["--methods", "pkd", "d3etr", "--output", str(tmp_path / "both")])
+    names = [name for _, name, _ in trained]
+    assert sorted(names) == sorted(set(names)) and len(names) == 6
+    assert "teacher (retinanet)" in (tmp_path / "both" / "results.txt").read_text()
+    with pytest.raises(SystemExit, match=r"train\.init_checkpoint.*backbones of the demo's retinanet runs"):
+        demo.main(["--methods", "d3etr", "--output", str(out), "--", "train.init_checkpoint=x.pkl"])

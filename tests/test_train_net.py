@@ -120,6 +120,7 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
         sys.executable, "train_net.py", "--num-gpus", "2", "--config-file", "configs/demo/d3etr_detr.py",
         "train.max_iter=3", "train.log_period=1", f"train.output_dir={out}",
         "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.teacher_eval_at_start=True",
+        "train.init_checkpoint=",
         "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
         "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
         "dataloader.train.total_batch_size=4",

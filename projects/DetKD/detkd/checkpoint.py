@@ -3,7 +3,9 @@ Weights in and out of a :class:`detkd.DistillationDetector`.
 
 * the student is initialised from ``train.init_checkpoint`` (:func:`load_student`),
 * the teacher from ``train.teacher_checkpoint`` (:func:`load_teacher`, strict),
-* the trained student leaves alone (:func:`export_student`), loadable by stock detectron2.
+* the trained student leaves alone (:func:`export_student`), loadable by stock detectron2;
+* a trained detector's backbone leaves alone (:func:`export_backbone`), as a pretrained backbone
+  for another detector (the CPU demo's DETRs start from its RetinaNets' backbones).
 
 Both loaders go through detectron2's :class:`DetectionCheckpointer`, so ``detectron2://``
 model-zoo URLs, model-zoo ``.pkl`` files (dict with "model" of numpy arrays) and ``.pth`` files
@@ -12,6 +14,7 @@ suffix-matching heuristics would otherwise fill both backbones from one file.
 """
 import logging
 import os
+import pickle
 from typing import Any, Dict, List, Union
 
 import torch
@@ -30,6 +33,7 @@ __all__ = [
     "load_teacher",
     "save_student",
     "export_student",
+    "export_backbone",
     "student_state_dict",
 ]
 
@@ -468,14 +472,16 @@ def save_student(student: nn.Module, path: str) -> None:
     _save({"model": state, "__author__": "DetKD"}, path)
 
 
-def _save(obj, path: str) -> None:
+def _save(obj, path: str, dump=None) -> None:
+    """``dump(obj, file)`` (default ``torch.save``) into ``path`` through a temporary file (see
+    below)."""
     remote = "://" in path  # a path of another PathManager handler (e.g. iopath's S3)
     if not remote:  # (os.path.abspath of a URL is a local path: it made local folders)
         PathManager.mkdirs(os.path.dirname(os.path.abspath(path)))
     tmp = path + ".tmp"
     try:
         with PathManager.open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
     except BaseException:
         if PathManager.exists(tmp):  # e.g. a full disk: free what was written
             PathManager.rm(tmp)
@@ -549,3 +555,61 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
     student = student_state_dict(state)
     _save({"model": student, "__author__": "DetKD"}, output)
     return student
+
+
+def export_backbone(
+    checkpoint: Union[str, Dict[str, Any]], output: str, prefix: str = "backbone.bottom_up."
+) -> Dict[str, Any]:
+    """
+    Write the backbone of a trained detector as a pretrained-backbone file, the model zoo's
+    ``ImageNetPretrained`` format: a ``.pkl`` of ``{"model": {name: ndarray}, "__author__": ...,
+    "matching_heuristics": True}`` with the names below ``prefix`` (``stem.conv1.weight``,
+    ``res2.0.conv1.weight``, ...). ``train.init_checkpoint`` (DetKD's loaders and stock
+    detectron2's ``DetectionCheckpointer``) then matches them by name suffix into any detector
+    with that backbone: ``backbone.bottom_up.*`` of a RetinaNet / R-CNN / FCOS, ``backbone.*`` of
+    a :class:`detkd.modeling.ConditionalDETR`; what the other backbone lacks (e.g. res5 for a
+    DETR on res4) is left out with detectron2's "not used by the model" warning.
+
+    The DETRs of the CPU demo start from the demo RetinaNets' backbones this way: a DETR trained
+    from scratch barely leaves its first plateau in the demo's schedule, and DETRs are trained from
+    pretrained backbones (ImageNet's in the papers).
+
+    Args:
+        checkpoint (str or dict): a detector checkpoint (``model_final.pth``), a DetKD run's (its
+            ``student.*`` part is read) or either one loaded.
+        output (str): the file to write (``.pkl``; replaced if it exists).
+        prefix (str): the backbone's key prefix in ``checkpoint``: ``"backbone.bottom_up."`` for
+            FPN detectors, ``"backbone."`` for a DETR or a C4 detector.
+
+    Returns:
+        dict: the written ``{name: ndarray}``.
+
+    Raises:
+        ValueError: ``output`` does not end with ``.pkl`` (detectron2 matches by suffix only the
+            model zoo's formats), or no key of ``checkpoint`` starts with ``prefix`` (the message
+            names the prefixes the file has).
+    """
+    if not output.endswith(".pkl"):
+        raise ValueError(
+            f"export_backbone: write a .pkl (got {output!r}): detectron2 matches a pretrained "
+            "backbone's names by suffix only in the model zoo's .pkl format"
+        )
+    if isinstance(checkpoint, str):
+        with PathManager.open(checkpoint, "rb") as f:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=False)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    state = student_state_dict(state) if isinstance(state, dict) else {}
+    backbone = {
+        k[len(prefix):]: v.detach().cpu().numpy()
+        for k, v in state.items()
+        if k.startswith(prefix) and torch.is_tensor(v)
+    }
+    if not backbone:
+        heads = sorted({".".join(str(k).split(".")[:2]) + "." for k in state})
+        raise ValueError(
+            f"export_backbone: no weights under {prefix!r} in the checkpoint (it has {heads[:8]}); "
+            "pass prefix='backbone.bottom_up.' for an FPN detector, 'backbone.' for a DETR"
+        )
+    _save({"model": backbone, "__author__": "DetKD export_backbone", "matching_heuristics": True},
+          output, dump=pickle.dump)
+    return backbone
