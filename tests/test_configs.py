@@ -488,39 +488,67 @@ def test_readme_demo_claims_match_its_tables():
     assert lower == ["student + GID"], lower  # "the distilled students higher, except GID's"
 
 
+def _two_split_table(header):
+    """(README text, {run: cells}) of the README table whose header starts with ``header``, with
+    the columns run | AP | ΔAP (per seed) | sd | held-out AP | held-out ΔAP (per seed) | sd | ..."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    rows = {}
+    for line in text[text.index(header):].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        rows[cols[0]] = cols
+    return text, rows
+
+
+def _check_two_split_rows(student, distilled):
+    """On both splits of a :func:`_two_split_table`: the student's AP and sd follow from its
+    per-seed APs; each distilled row's bold ΔAP is the mean of its per-seed ΔAPs, its sd their
+    sample sd and its AP the student's plus the ΔAP."""
+    import re
+    import statistics
+
+    for ap_col, seed_col, sd_col in ((1, 2, 3), (4, 5, 6)):  # validation, held-out
+        base = _seed_values(student[seed_col])
+        assert float(student[ap_col]) == pytest.approx(statistics.mean(base), abs=0.006)
+        assert float(student[sd_col]) == pytest.approx(statistics.stdev(base), abs=0.011)
+        for row in distilled:
+            deltas = _seed_values(row[seed_col])
+            mean = float(re.search(r"\*\*([+\-][\d.]+)\*\*", row[seed_col]).group(1))
+            assert mean == pytest.approx(statistics.mean(deltas), abs=0.006), row[0]
+            assert float(row[ap_col]) == pytest.approx(statistics.mean(base) + mean, abs=0.011), row[0]
+            assert float(row[sd_col]) == pytest.approx(statistics.stdev(deltas), abs=0.011), row[0]
+
+
 def test_readme_other_cpu_family_table_is_consistent():
     """The demo section's AMD (no AMX) ReviewKD table: each distilled row's ΔAP is the mean of its
     per-seed ΔAPs (sd: their sample sd) and its AP the student's plus that, on both splits; the
     student's AP and sd follow from its per-seed APs; the text's per-seed bf16 - fp32 differences
     and the step-time saving follow from the rows."""
     import re
-    import statistics
 
-    with open(os.path.join(REPO, "README.md")) as f:
-        text = f.read()
-    start = text.index("| run, AMD EPYC (no AMX)")
-    rows = {}
-    for line in text[start:].splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        cols = [c.strip() for c in line.strip("|").split("|")]
-        rows[cols[0]] = cols
-
+    text, rows = _two_split_table("| run, AMD EPYC (no AMX)")
     student = rows["student alone"]
     fp32, bf16 = rows["student + ReviewKD (p3-p5, λ=0.1)"], rows['student + ReviewKD, `abf_precision="bf16"`']
-    for ap_col, seed_col, sd_col in ((1, 2, 3), (4, 5, 6)):  # validation, held-out
-        base = _seed_values(student[seed_col])
-        assert float(student[ap_col]) == pytest.approx(statistics.mean(base), abs=0.006)
-        assert float(student[sd_col]) == pytest.approx(statistics.stdev(base), abs=0.011)
-        for row in (fp32, bf16):
-            deltas = _seed_values(row[seed_col])
-            mean = float(re.search(r"\*\*([+\-][\d.]+)\*\*", row[seed_col]).group(1))
-            assert mean == pytest.approx(statistics.mean(deltas), abs=0.006), row[0]
-            assert float(row[ap_col]) == pytest.approx(statistics.mean(base) + mean, abs=0.011), row[0]
-            assert float(row[sd_col]) == pytest.approx(statistics.stdev(deltas), abs=0.011), row[0]
+    _check_two_split_rows(student, [fp32, bf16])
     stated = re.search(r"pairs \(([^;]*) validation; ([^)]*) held-out\)", text).groups()
     diffs = [float(v.replace("−", "-")) for part in stated for v in part.split(",")]
     expected = [b - f for col in (2, 5) for b, f in zip(_seed_values(bf16[col]), _seed_values(fp32[col]))]
     assert diffs == pytest.approx(expected, abs=0.011)
     saving = re.search(r"step is (\d+) % shorter", text).group(1)
     assert int(saving) == round(100 * (1 - float(bf16[7]) / float(fp32[7])))
+
+
+def test_readme_pretrained_backbone_detr_table_is_consistent():
+    """The demo section's DETR table (pretrained backbones, seeds 0-2, both splits): the student's
+    AP and sd follow from its per-seed APs, D3ETR's ΔAP, sd and AP from its per-seed ΔAPs; the
+    text's shares of the teacher's AP follow from the rows."""
+    import re
+
+    text, rows = _two_split_table("| run, DETRs from pretrained backbones")
+    teacher, student, d3etr = (rows[k] for k in (
+        "teacher (Conditional DETR, d=96, 2000 it)", "DETR student alone", "DETR student + D3ETR"))
+    _check_two_split_rows(student, [d3etr])
+    shares = re.search(r"reaches (\d+) % of the teacher's AP, the student\s+alone (\d+) %", text).groups()
+    assert [int(v) for v in shares] == [round(100 * float(r[1]) / float(teacher[1])) for r in (d3etr, student)]

@@ -129,7 +129,19 @@ def test_demo_retrains_a_distilled_run_whose_teacher_was_trained_again(tmp_path,
     assert len(trained) == 1 and "[demo] reusing" in logs[-1]
     os.utime(teacher, (2e9, 2e9))  # the teacher trained again: newer than the student's weights
     demo._train(config, str(out), opts, False, logs.append)
-    assert len(trained) == 2 and any("its teacher was trained again" in line for line in logs)
+    assert len(trained) == 2 and any("its teacher or pretrained backbone was trained again" in line for line in logs)
+    # so does a pretrained backbone (train.init_checkpoint) written again since (the DETR runs')
+    backbone = tmp_path / "student_retinanet.pkl"
+    backbone.write_bytes(b"")
+    opts.append(f"train.init_checkpoint={backbone}")
+    os.utime(teacher, (1e9, 1e9))
+    demo._train(config, str(out), opts, False, logs.append)  # other arguments: trained
+    os.utime(backbone, (1e9, 1e9))
+    demo._train(config, str(out), opts, False, logs.append)
+    assert len(trained) == 3 and "[demo] reusing" in logs[-1]
+    os.utime(backbone, (2e9, 2e9))
+    demo._train(config, str(out), opts, False, logs.append)
+    assert len(trained) == 4 and "pretrained backbone was trained again" in logs[-2]
 
 
 def test_demo_never_reuses_the_weights_of_a_retraining_that_failed(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """
 The tiny DETR student distilled by D3ETR from the DETR demo teacher (hidden 64 vs 96: the
 teacher's queries reach the auxiliary group through a trainable projection).
-Run after teacher_detr.py (`make demo METHOD=d3etr` does both).
+Run after teacher_detr.py; like student_detr.py, its backbone starts from the demo RetinaNet
+student's (`make demo METHOD=d3etr` trains and writes all of them).
 """
 from detectron2.config import LazyCall as L
 
