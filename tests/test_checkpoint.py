@@ -823,3 +823,9 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
     assert set(export_backbone(str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"), prefix="backbone.")) == set(got)
     with pytest.raises(ValueError, match=r"write a \.pkl"):
         export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pth"))
+    # a checkpoint stored in bfloat16 (numpy has no such dtype): its values, as float32
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    written = export_backbone({"model": half}, str(tmp_path / "bf16.pkl"))
+    key = "res2.0.conv1.weight"
+    assert written[key].dtype == np.float32
+    assert np.array_equal(written[key], half["backbone.bottom_up." + key].float().numpy())

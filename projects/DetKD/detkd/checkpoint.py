@@ -599,8 +599,8 @@ def export_backbone(
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     state = student_state_dict(state) if isinstance(state, dict) else {}
-    backbone = {
-        k[len(prefix):]: v.detach().cpu().numpy()
+    backbone = {  # bfloat16 (which numpy lacks) as float32
+        k[len(prefix):]: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
         for k, v in state.items()
         if k.startswith(prefix) and torch.is_tensor(v)
     }
