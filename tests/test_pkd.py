@@ -30,6 +30,23 @@ def test_pkd_equals_one_minus_pearson():
     assert 0.3 < got < 1.5
 
 
+@pytest.mark.parametrize("dtype, r", [(torch.float16, 0.99), (torch.bfloat16, 0.999)])
+def test_pkd_of_half_precision_maps_is_computed_in_float32(dtype, r):
+    """Maps in fp16 / bf16 are upcast before the per-channel sums: in fp16 a channel's sum of
+    squares over 2 * 64 * 64 values of std 4 (~1.3e5) overflowed to inf and the loss was NaN; in
+    bf16 the closed form's difference of nearly equal terms was off by about 2x at r = 0.999."""
+    g = torch.Generator().manual_seed(0)
+    t = 4 * torch.randn(2, 3, 64, 64, generator=g)
+    s = r * t + 4 * (1 - r * r) ** 0.5 * torch.randn(2, 3, 64, 64, generator=g)
+    s, t = s.to(dtype).requires_grad_(), t.to(dtype)
+    expected, M = _one_minus_pearson(s.detach().float(), t.float())  # of the half-precision values
+    got = pkd_level_loss(s, t)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx((M - 1) / M * expected, rel=1e-3)
+    (grad,) = torch.autograd.grad(got, [s])
+    assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
+
+
 def test_pkd_identical_and_anticorrelated():
     t = torch.randn(3, 4, 5, 5)
     assert pkd_level_loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)

@@ -331,6 +331,54 @@ def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_c
     assert got.item() == pytest.approx(2.5 * expected.item(), rel=1e-5)
 
 
+def test_abfs_share_one_inner_width_when_the_teachers_levels_differ_in_channels():
+    """Each level's fused residual feeds the next finer ABF, so the chain has one inner width:
+    by default the widest paired teacher level's (a teacher without FPN: res3-res5 of 16, 32, 64
+    channels here). Per-level widths failed at the first step with a bare conv shape error."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from detectron2.layers import ShapeSpec
+
+    torch.manual_seed(0)
+    widths = {"res3": (16, 3), "res4": (32, 4), "res5": (64, 5)}
+    teacher = BackboneOnlyDetector({n: ShapeSpec(channels=c, stride=2**k) for n, (c, k) in widths.items()})
+    d = ReviewKDDistiller()
+    d.bind(_Det(8), teacher)
+    assert d.pairs == [("p3", "res3"), ("p4", "res4"), ("p5", "res5")]
+    assert {k: (a.conv1.out_channels, a.conv2.out_channels) for k, a in d.abfs.items()} == {
+        "p3": (64, 16), "p4": (64, 32), "p5": (64, 64)
+    }
+    d.eval()
+    g = torch.Generator().manual_seed(1)
+    s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
+    t = {n: torch.randn(2, c, 2 ** (8 - k), 2 ** (8 - k), generator=g) for n, (c, k) in widths.items()}
+    got = d({"backbone": s}, {"backbone": t}, SimpleNamespace(amp=contextlib.nullcontext))["loss_reviewkd"]
+    with torch.no_grad():
+        fused = d.review(s)
+        expected = sum(_hcl_reference(fused[k].double(), t[n].double()) for k, n in d.pairs)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    d2 = ReviewKDDistiller(mid_channels=24)  # an explicit width is kept for every level
+    d2.bind(_Det(8), teacher)
+    assert {a.conv1.out_channels for a in d2.abfs.values()} == {24}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hcl_of_half_precision_maps_is_computed_in_float32(dtype):
+    """A (1, 4, 64, 64) difference of variance ~8 has a sum of squares ~1.3e5, past fp16's
+    65504: summed in fp16 the loss was inf. The maps are upcast; the gradient comes back in the
+    input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    s = (2 * torch.randn(1, 4, 64, 64, generator=g)).to(dtype).requires_grad_()
+    t = (2 * torch.randn(1, 4, 64, 64, generator=g)).to(dtype)
+    got = hcl_level_loss(s, t)
+    expected = _hcl_reference(s.detach().double(), t.double()).item()
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    (grad,) = torch.autograd.grad(got, [s])
+    assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
+
+
 def test_mid_channels_is_a_positive_int_or_none():
     """mid_channels=0 was read as unset: ABFs of the teacher's 16 channels, without a word."""
     d = ReviewKDDistiller(mid_channels=4)

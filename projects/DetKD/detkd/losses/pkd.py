@@ -50,6 +50,10 @@ def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     return (x - mean) / (std + eps)
 
 
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def pkd_level_loss(
     feat_s: torch.Tensor, feat_t: torch.Tensor, resize_student: bool = True
 ) -> torch.Tensor:
@@ -66,6 +70,10 @@ def pkd_level_loss(
     Returns:
         Tensor: scalar.
     """
+    # Half-precision maps are summed in float32 (METHODS: distillation-loss arithmetic in fp32): a sum over
+    # N*H*W values of a p2 map overflows fp16, and bf16 loses the difference of the closed
+    # form's nearly equal terms. The gradient is cast back to the input's dtype by autograd.
+    feat_s, feat_t = _as_float32(feat_s), _as_float32(feat_t)
     if feat_s.shape[:2] != feat_t.shape[:2]:
         raise ValueError(
             f"PKD: student map {tuple(feat_s.shape)} and teacher map {tuple(feat_t.shape)} "

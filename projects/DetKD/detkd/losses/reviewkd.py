@@ -134,7 +134,7 @@ def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
     Args:
         student, teacher (Tensor): (N, C, H, W) of equal shape (the teacher is cast to the
-            student's dtype).
+            student's dtype; half-precision maps are computed in float32).
 
     Returns:
         Tensor: scalar.
@@ -143,6 +143,10 @@ def hcl_level_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
         raise ValueError(f"HCL: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
     sizes = tuple(size for size in _POOL_SIZES if size < student.shape[2])
     weights = tuple(0.5 ** (i + 1) for i in range(len(sizes)))
+    if student.dtype in (torch.float16, torch.bfloat16):
+        # summed in float32 (METHODS: distillation-loss arithmetic in fp32): the sum of squares
+        # of a p2 map overflows fp16; autograd casts the gradient back to the student's dtype
+        student = student.float()
     return _HCLLevelLoss.apply(student, teacher.to(student.dtype), sizes, weights)
 
 
@@ -310,7 +314,10 @@ class ReviewKDDistiller(Distiller):
                 different strides (e.g. a RetinaNet student's p3-p7 with an R-CNN teacher's p2-p6)
                 compare the fused map resized bilinearly to the teacher level's size ([INFER], as
                 PKD does; the paper pairs equal strides).
-            mid_channels (int or None): ABF inner channels; default the teacher's channels.
+            mid_channels (int or None): ABF inner channels, one width for the whole review
+                chain (each level's fused residual feeds the next finer ABF); default the
+                teacher's channels (256 for an FPN), the largest of its paired levels' when they
+                differ (a teacher backbone without FPN, e.g. res3-res5).
             norm (str): norm of the ABF convs. "BN" (METHODS.md 2.2) uses each process's
                 batch statistics; "SyncBN" pools them over GPUs, "naiveSyncBN" also over CPU
                 processes (``--num-gpus N`` without CUDA), where "SyncBN" is refused.
@@ -353,8 +360,8 @@ class ReviewKDDistiller(Distiller):
             s_shapes, t_shapes, num_levels=self.num_levels, pair_by=self.pair_by
         )
         deepest = self.pairs[-1][0]
+        mid = self.mid_channels or max(t_shapes[t].channels for _, t in self.pairs)
         for s, t in self.pairs:
-            mid = self.mid_channels or t_shapes[t].channels
             self.abfs[s] = ABF(s_shapes[s].channels, mid, t_shapes[t].channels, fuse=s != deepest, norm=self.norm)
 
     def review(self, student_feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
