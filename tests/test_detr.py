@@ -721,6 +721,38 @@ def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(mo
     assert len(g1) == len(g2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
+def test_d3etr_failure_inside_the_distiller_cancels_its_match(monkeypatch):
+    """A failure in the distiller's own forward after it took the step's pending match (here in
+    the auxiliary group's ground-truth losses) cancels that match: the host thread does not go
+    on solving it (before, it was neither used nor cancelled)."""
+    from detkd.losses import d3etr
+
+    model = _d3etr()
+    started = []
+    real_start = d3etr.D3ETRDistiller._start_match
+
+    def spy(self, *args, **kwargs):
+        started.append(real_start(self, *args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(d3etr.D3ETRDistiller, "_start_match", spy)
+    calls = []
+    real = type(model.student).compute_gt_losses
+
+    def fail_in_the_distiller(*args, **kwargs):  # 1st call: the student's losses; 2nd: D3ETR's
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("failure inside the distiller")
+        return real(model.student, *args, **kwargs)
+
+    monkeypatch.setattr(model.student, "compute_gt_losses", fail_in_the_distiller)
+    with EventStorage(), pytest.raises(RuntimeError, match="inside the distiller"):
+        model(make_inputs(n=2))
+    assert len(started) == 1 and model.distillers["d3etr"]._pending is None
+    with pytest.raises(RuntimeError, match="cancelled"):
+        started[0].result(torch.device("cpu"))
+
+
 def test_d3etr_match_left_by_a_failed_step_is_cancelled_not_solved(monkeypatch):
     """A step that fails after the head hook started its match leaves that match queued on the
     match thread; the next step cancels it, so its problems are never solved (the next match
@@ -860,6 +892,35 @@ def test_matcher_costs_in_fp32_for_low_precision_predictions(dtype, confident, e
     targets = [{"labels": torch.tensor([0]), "boxes": gt}]
     rows, cols = HungarianMatcher()(logits, boxes, targets)[0]
     assert (rows.tolist(), cols.tolist()) == ([expected], [0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gt_box_losses_of_low_precision_predictions_are_computed_in_float32(dtype):
+    """Under AMP the head's boxes come in bf16 / fp16; the ground-truth L1 and GIoU are computed
+    in float32 against float32 targets. In bf16 the corners c +- w/2 of small boxes collapsed:
+    GIoU was off by ~60 % (NaN for boxes of a few pixels) and the targets were rounded too."""
+    model = instantiate(detr_cfg())
+    model.aux_loss = False
+    g = torch.Generator().manual_seed(5)
+    G, N, K = 6, 10, 3
+    gt = torch.cat([torch.rand(G, 2, generator=g) * 0.8 + 0.1, torch.rand(G, 2, generator=g) * 0.006 + 0.004], -1)
+    targets = [{"labels": torch.randint(0, K, (G,), generator=g), "boxes": gt}]
+    boxes = torch.rand(1, 1, N, 4, generator=g) * 0.3 + 0.1
+    boxes[0, 0, :G] = gt + 0.0005 * torch.randn(G, 4, generator=g)  # near-converged small boxes
+    logits = torch.randn(1, 1, N, K, generator=g)
+    low_logits, low_boxes = logits.to(dtype).requires_grad_(), boxes.to(dtype).requires_grad_()
+    match = [(torch.arange(G), torch.arange(G))]
+    got = model.compute_gt_losses(low_logits, low_boxes, targets, indices_last_layer=match)
+    # the reference: the same low-precision values, in float64, against the float64 targets
+    ref_logits, ref_boxes = low_logits.detach().double().requires_grad_(), low_boxes.detach().double().requires_grad_()
+    (want,) = _reference_gt_losses(model, ref_logits, ref_boxes, [{**targets[0], "boxes": gt.double()}], [match], float(G))
+    for k in ("loss_class", "loss_bbox", "loss_giou"):
+        assert got[k].dtype == torch.float32
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-4), k
+    ga = torch.autograd.grad(got["loss_giou"] + got["loss_bbox"], low_boxes)[0]
+    gb = torch.autograd.grad(want["loss_giou"] + want["loss_bbox"], ref_boxes)[0]
+    assert ga.dtype == dtype
+    torch.testing.assert_close(ga.double(), gb.to(dtype).double(), rtol=2e-2, atol=1e-2)
 
 
 def test_attention_is_scaled_dot_product_per_head():
@@ -1207,6 +1268,35 @@ def test_d3etr_takes_head_averaged_3d_attention_maps(fixed):
         taps["transformer.decoder.layers.0.cross_attn"] = bad
         with EventStorage(), pytest.raises(ValueError, match=r"student's transformer.decoder.layers.0.cross_attn.*need_weights=True"):
             d(taps, t_taps, ctx)
+
+
+def test_d3etr_mixed_per_head_and_averaged_modules_compare_head_averages():
+    """Each attention module may return per-head or head-averaged maps. Unless all four maps
+    (teacher and student, self- and cross-attention) have one head count, all are averaged:
+    a teacher's averaged cross-attention was compared with each student head (here every student
+    head equals it, so the KL of the averages is 0 but 1.27 was returned), and an averaged
+    student self-attention beside per-head ones failed in the row cross-entropy."""
+    from types import SimpleNamespace
+
+    B, N, K, HW, M = 2, 4, 3, 5, 2
+    g = torch.Generator().manual_seed(4)
+    head = {"pred_logits": torch.randn(1, B, N, K, generator=g, dtype=torch.float64), "pred_boxes": _spread_boxes(B, N)}
+    t_sa, t_ca_avg = _softmax_rows(B, M, N, N, g=g), _softmax_rows(B, N, HW, g=g)
+    s_sa, s_ca = _softmax_rows(B, M, N, N, g=g), _softmax_rows(B, M, N, HW, g=g)
+    d = D3ETRDistiller(fixed_matching=False, aux_gt_loss=False)
+    ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
+    equal_heads = t_ca_avg[:, None].expand(B, M, N, HW).clone()
+    cases = [  # (student sa, student ca, teacher sa, teacher ca)
+        (s_sa, equal_heads, t_sa, t_ca_avg),  # the teacher's cross-attention averaged
+        (s_sa.mean(1), s_ca, t_sa, equal_heads),  # the student's self-attention averaged
+    ]
+    for ssa, sca, tsa, tca in cases:
+        with EventStorage():
+            got = d(_one_layer_taps(head, ssa, sca), _one_layer_taps(head, tsa, tca), ctx)
+        avg = lambda x: x if x.dim() == 3 else x.mean(1)  # noqa: E731
+        assert got["loss_d3etr_sa"].item() == pytest.approx(_row_kl(avg(tsa), avg(ssa)).item(), rel=1e-9)
+        assert got["loss_d3etr_ca"].item() == pytest.approx(_row_kl(avg(tca), avg(sca)).item(), rel=1e-9, abs=1e-12)
+    assert _row_kl(t_ca_avg, equal_heads.mean(1)).item() == pytest.approx(0.0, abs=1e-12)
 
 
 class _OwnDETR(torch.nn.Module):

@@ -504,6 +504,58 @@ def test_one_shared_box_decoding_equals_decoding_both_models():
     assert not GIDDistiller._same_box_transform(student, teacher)
 
 
+def test_response_regression_compares_boxes_when_the_box_transforms_differ():
+    """A teacher whose box transform has other weights encodes the same box as other deltas: its
+    boxes are encoded again as the student's deltas. Here the teacher is the student with its
+    regression outputs doubled and weights (2, 2, 2, 2): the same boxes, so the regression term
+    is 0 (raw deltas gave loss_gid_response_reg 2.5)."""
+    teacher = tiny_retinanet_cfg()
+    teacher.box2box_transform.weights = [2.0] * 4
+    model = _kd(teacher=teacher)
+    d = model.distillers["gid"]
+    assert d.reencode_teacher_deltas and not d.shared_decoding
+    student, teacher = model.student, model.teacher
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        teacher.head.bbox_pred.weight.mul_(2.0)
+        teacher.head.bbox_pred.bias.mul_(2.0)
+    for m in student.modules():  # batch statistics would make the student's maps differ
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    inputs = make_inputs(n=2, boxes_per_image=3, seed=4)
+    with EventStorage() as storage:
+        losses = model(inputs)
+        assert storage.latest()["gid/num_response_positives"][0] > 0
+    assert losses["loss_gid_response_reg"].item() == pytest.approx(0.0, abs=1e-5)
+    d.reencode_teacher_deltas = False  # the raw deltas of two encodings
+    with EventStorage():
+        assert model(inputs)["loss_gid_response_reg"].item() > 0.5
+    # a scale_clamp of its own does not change what a delta means; another type does
+    from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
+
+    teacher.box2box_transform = Box2BoxTransform(weights=(1.0,) * 4, scale_clamp=2.0)
+    assert GIDDistiller._same_deltas(student, teacher)
+    teacher.box2box_transform = Box2BoxTransformLinear()
+    assert not GIDDistiller._same_deltas(student, teacher)
+
+
+def test_a_model_without_dense_head_or_rpn_is_refused_with_the_alternatives():
+    """GID selects from dense predictions: an R-CNN on precomputed proposals (no RPN) failed with
+    a bare AttributeError; it is refused like a backbone-only model, naming PKD / ReviewKD."""
+    from detectron2.layers import ShapeSpec
+
+    from conftest import BackboneOnlyDetector
+
+    no_rpn = tiny_faster_rcnn_cfg()
+    no_rpn.proposal_generator = None
+    with pytest.raises(TypeError, match=r"student \(GeneralizedRCNN\) has no dense head or RPN.*PKD or ReviewKD"):
+        _kd(student=no_rpn, teacher=tiny_faster_rcnn_cfg())
+    d = GIDDistiller()
+    backbone_only = BackboneOnlyDetector({"p3": ShapeSpec(channels=8, stride=8)})
+    with pytest.raises(TypeError, match=r"teacher \(BackboneOnlyDetector\) has no dense head"):
+        d.bind(_kd().student, backbone_only)
+
+
 def test_gt_overlap_ratio_counts_gis_over_half_iou_with_their_own_images_gt():
     from types import SimpleNamespace
 

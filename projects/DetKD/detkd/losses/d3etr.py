@@ -544,18 +544,23 @@ class D3ETRDistiller(Distiller):
         if pending is None:
             pending = self._start_match(t_logits, t_boxes, g1_logits, g1_boxes)
 
-        # While the host solves the matching: what does not depend on it (group 2).
-        if self.fixed_matching:
-            a = slice(Ns, Ns + Nt)
-            aux = self._pair_losses(
-                s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
-                t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
-            )
-        aux_gt = {}
-        if self.aux_gt_loss:
-            aux_gt = self._aux_gt_losses(
-                student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes
-            )
+        # While the host solves the matching: what does not depend on it (group 2). A failure
+        # here gives the match up, so that the host does not go on solving it.
+        try:
+            if self.fixed_matching:
+                a = slice(Ns, Ns + Nt)
+                aux = self._pair_losses(
+                    s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
+                    t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
+                )
+            aux_gt = {}
+            if self.aux_gt_loss:
+                aux_gt = self._aux_gt_losses(
+                    student, ctx, s_logits[:, :, Ns:], s_boxes[:, :, Ns:], t_logits, t_boxes
+                )
+        except BaseException:
+            pending.cancel()
+            raise
 
         ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes, pending)  # (L, B, P)
         for l, c in enumerate(mean_cost):
@@ -576,8 +581,13 @@ class D3ETRDistiller(Distiller):
             t_ca = _attention_map(teacher_taps, l, "cross_attn", "teacher")  # (B, M, Nt, HW)
             s_sa = _attention_map(student_taps, l, "self_attn", "student")  # (B, M, Nq, Nq), blocks
             s_ca = _attention_map(student_taps, l, "cross_attn", "student")  # (B, M, Nq, HW)
-            # s_sa: the whole map, or (with the auxiliary group) a tuple of per-group blocks
-            if t_sa.shape[1] != s_ca.shape[1]:  # different head counts: compare head averages
+            # s_sa: the whole map, or (with the auxiliary group) a tuple of per-group blocks.
+            # Head counts of all four maps (a head-averaged map counts 1): unless all are equal,
+            # every map is head-averaged, so that a teacher's averaged map is never compared
+            # with each of the student's heads.
+            heads = {t_sa.shape[1], t_ca.shape[1], s_ca.shape[1]}
+            heads.update(x.shape[1] for x in (s_sa if isinstance(s_sa, (tuple, list)) else (s_sa,)))
+            if len(heads) > 1:  # different head counts: compare head averages
                 t_sa, t_ca = t_sa.mean(1, keepdim=True), t_ca.mean(1, keepdim=True)
                 s_ca = s_ca.mean(1, keepdim=True)
                 if isinstance(s_sa, (tuple, list)):

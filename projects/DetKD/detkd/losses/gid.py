@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import batched_nms, cat
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.fcos import FCOS
@@ -665,7 +665,11 @@ class GIDDistiller(Distiller):
     counts (a trainable 1x1 adapter after ROIAlign, identity-initialised when channels are equal
     — [INFER]: linear as the paper says, and cheaper than the port's 3x3 conv on whole maps).
     The relation term pairs the GIs of each image and averages the images' losses ([INFER],
-    the paper's reading, METHODS.md 3.3); the port pairs all GIs of the batch.
+    the paper's reading, METHODS.md 3.3); the port pairs all GIs of the batch. The response's
+    L1 compares raw anchor deltas (METHODS.md 3.4); where the two box transforms encode a box as
+    different deltas (other weights or types), the teacher's decoded boxes are encoded as the
+    student's deltas first ([INFER]: raw deltas of two encodings would pull the student towards
+    boxes the teacher did not predict).
 
     Loss keys: ``loss_gid_feat``, ``loss_gid_relation``, ``loss_gid_response_cls``,
     ``loss_gid_response_reg``, and for FCOS ``loss_gid_response_ctr`` (soft BCE on the
@@ -730,6 +734,9 @@ class GIDDistiller(Distiller):
         self.class_agnostic = False
         self.pairs: List[Tuple[str, str]] = []
         self.shared_decoding = False  # set in bind(): one box decoding for both models
+        # set in bind(): the two box transforms encode a box as different deltas (other weights,
+        # or other types), so the teacher's boxes are encoded again in the student's deltas
+        self.reencode_teacher_deltas = False
         self.adapter: Optional[nn.Conv2d] = None
 
     @staticmethod
@@ -776,9 +783,23 @@ class GIDDistiller(Distiller):
             and ta.scale_clamp == tb.scale_clamp
         )
 
+    @classmethod
+    def _same_deltas(cls, a, b) -> bool:
+        """Whether a box has the same deltas under both models' box transforms (a different
+        ``scale_clamp`` only bounds decoding: it does not change what a delta means)."""
+        ta, tb = cls._dense(a, "box2box_transform"), cls._dense(b, "box2box_transform")
+        if type(ta) is not type(tb):
+            return False
+        if isinstance(ta, Box2BoxTransform):
+            return tuple(ta.weights) == tuple(tb.weights)
+        if isinstance(ta, Box2BoxTransformLinear):
+            return ta.normalize_by_size == tb.normalize_by_size
+        return False  # a transform of its own: encoded again, which is right for any
+
     def bind(self, student, teacher):
         for side, m in (("student", student), ("teacher", teacher)):
-            if not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator"):
+            no_rpn = isinstance(m, GeneralizedRCNN) and getattr(m, "proposal_generator", None) is None
+            if no_rpn or (not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator")):
                 raise TypeError(
                     f"GID: the {side} ({type(m).__name__}) has no dense head or RPN, whose "
                     "predictions GID selects its instances from (RetinaNet, FCOS, a "
@@ -830,6 +851,9 @@ class GIDDistiller(Distiller):
                 "selection still needs aligned predictions)."
             )
         self.shared_decoding = self.selection == "anchor" and self._same_box_transform(student, teacher)
+        self.reencode_teacher_deltas = (
+            self.selection == "anchor" and self.response and not self._same_deltas(student, teacher)
+        )
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
         roi_levels = None  # an R-CNN pools from its box head's levels (p2-p5, not the RPN's p6)
         if self.num_levels is None and isinstance(student, GeneralizedRCNN):
@@ -1002,7 +1026,13 @@ class GIDDistiller(Distiller):
 
             s_logits, t_logits = rows(s_out["logits"]), rows(t_out["logits"])  # (P, K)
             cls = F.binary_cross_entropy_with_logits(s_logits, t_logits.sigmoid(), reduction="sum")
-            reg = (rows(s_out["deltas"]) - rows(t_out["deltas"])).abs().sum()
+            t_deltas = rows(t_out["deltas"])  # (P, 4)
+            if self.reencode_teacher_deltas:  # the teacher's boxes as the student's deltas
+                anchors = Boxes.cat(s_out["anchors"]).tensor  # (R, 4), the same on both sides
+                t_deltas = s_out["box2box"].get_deltas(
+                    anchors[idx % len(anchors)], rows(t_out["boxes"])
+                ).to(t_deltas.dtype)
+            reg = (rows(s_out["deltas"]) - t_deltas).abs().sum()
             put_scalar("gid/num_response_positives", len(idx) / len(mask))
             losses["loss_gid_response_cls"] = self.weights["cls"] * cls / n_pos
             losses["loss_gid_response_reg"] = self.weights["reg"] * reg / n_pos

@@ -733,6 +733,11 @@ class ConditionalDETR(nn.Module):
         Returns:
             dict: ``loss_class``, ``loss_bbox``, ``loss_giou``, each (S,): one value per layer.
         """
+        # At least in fp32, also under AMP: in bf16 a small box's corners c +- w/2 collapse (GIoU
+        # off by ~60 %, NaN for boxes of a few pixels) and the targets would be rounded too.
+        # The gradient flows back to the low-precision predictions through the casts.
+        dtype = torch.promote_types(boxes.dtype, torch.float32)
+        logits, boxes = logits.to(torch.promote_types(logits.dtype, torch.float32)), boxes.to(dtype)
         layer, image, pred, tgt = match.unbind(0)
         labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
         gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
@@ -743,9 +748,7 @@ class ConditionalDETR(nn.Module):
         src, dst = boxes[layer, image, pred], gt[tgt]  # (P, 4) matched predictions and their targets
         l1 = (src - dst).abs().sum(-1)
         giou = 1 - giou_cxcywh(src, dst)
-        # per-layer sums of the pairs' terms (at least in fp32: also under AMP)
         terms = torch.stack([l1, giou])  # (2, P)
-        terms = terms.to(torch.promote_types(terms.dtype, torch.float32))
         box = terms.new_zeros(2, logits.shape[0]).index_add(1, layer, terms) / num_boxes  # (2, S)
         return {
             "loss_class": self.loss_weights["class_"] * cls,
