@@ -1029,3 +1029,18 @@ def test_put_scalar_outside_deferred_scalars_keeps_its_options_and_float_tensors
     out = float_tensors({"x": [torch.ones(2, dtype=torch.float16), (torch.tensor([1, 2]),)]})
     assert out["x"][0].dtype == torch.float32
     assert out["x"][1][0].dtype == torch.int64 and out["x"][1][0].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_is_refused_with_the_amp_fix(dtype):
+    """The distillers compute in float32 on float32 copies of the taps: adapters cast with the
+    model failed with a bare dtype error in their first layer; the error names AMP instead."""
+    from conftest import tiny_kd
+
+    model = tiny_kd("pkd", L(PKDDistiller)())
+    model.distillers.to(dtype)
+    with EventStorage(), pytest.raises(TypeError, match=rf"distillers\['pkd'\].*{str(dtype)} parameters.*train.amp.enabled"):
+        model(make_inputs(n=2))
+    model.distillers.float()
+    with EventStorage():
+        assert torch.isfinite(model(make_inputs(n=2))["loss_pkd"])

@@ -578,6 +578,7 @@ class DistillationDetector(nn.Module):
         self._check_aligned(student_taps, teacher_taps)
         self._log_feature_correlation(student_taps, teacher_taps)
         # Distillation arithmetic in fp32, also under AMP (normalisation statistics).
+        self._check_distiller_dtypes()
         student_taps, teacher_taps = float_tensors(student_taps), float_tensors(teacher_taps)
         student_keys = set(losses)
         with torch.autocast(images.tensor.device.type, enabled=False):
@@ -600,6 +601,21 @@ class DistillationDetector(nn.Module):
                     )
                 losses.update(d_losses)
         return losses
+
+    def _check_distiller_dtypes(self) -> None:
+        """The distillers compute in float32 on float32 copies of the taps: parameters cast to
+        half precision (``model.half()``, ``model.to(torch.bfloat16)``) would fail in their first
+        layer with a bare dtype error, so they are named here with the fix."""
+        for name, d in self.distillers.items():
+            low = sorted({str(p.dtype) for p in d.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+            if low:
+                raise TypeError(
+                    f"distillers['{name}'] ({type(d).__name__}) has {'/'.join(low)} parameters: "
+                    "DetKD computes distillation losses in float32 and keeps the model's weights "
+                    "in float32. For mixed precision train with AMP (train.amp.enabled=True) "
+                    "instead of casting the model; a half-precision teacher is "
+                    "teacher_precision='fp16' or 'bf16'."
+                )
 
     def _check_distiller_state(self, name: str, distiller: Distiller) -> None:
         """Parameters (or saved buffers) that a distiller creates in forward() are not in the
