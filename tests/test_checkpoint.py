@@ -829,3 +829,23 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
     key = "res2.0.conv1.weight"
     assert written[key].dtype == np.float32
     assert np.array_equal(written[key], half["backbone.bottom_up." + key].float().numpy())
+
+
+def test_a_pretrained_backbone_as_teacher_or_evaluated_student_is_named_as_such(tmp_path):
+    """A pretrained-backbone file (export_backbone's, or an ImageNet .pkl) where a trained
+    detector is needed, as train.teacher_checkpoint or as the weights of --eval-only, is named
+    as a pretrained backbone with the fix; the hints for a detector file without some parts
+    ("a Faster R-CNN file for a Mask R-CNN teacher") and for another config did not fit it."""
+    from detkd import export_backbone
+    from detkd.checkpoint import CheckpointMismatchError
+
+    source = instantiate(tiny_retinanet_cfg())
+    torch.save({"model": source.state_dict()}, tmp_path / "retinanet.pth")
+    export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pkl"))
+    with pytest.raises(TeacherCheckpointError, match=r"pretrained backbone.*not a trained detector.*model_final") as e:
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))
+    assert "Faster R-CNN file" not in str(e.value)
+    with pytest.raises(CheckpointMismatchError, match=r"pretrained backbone.*Set train.init_checkpoint to the trained") as e:
+        load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"), strict=True)
+    assert "with the config it was trained with" not in str(e.value)
+    load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))  # training: fine

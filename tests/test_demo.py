@@ -286,7 +286,7 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
         repro.main(["configs/demo/pkd_retinanet.py", "train.seed=-1", *out])
     with pytest.raises(SystemExit, match=r"train\.max_iter \(1000 vs 2000\), model\.student differ"):
         repro.main(["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/teacher_retinanet.py", *out])
-    with pytest.raises(SystemExit, match=r"model\.student, optimizer differ"):
+    with pytest.raises(SystemExit, match=r"model\.student, optimizer, train\.clip_grad differ"):
         repro.main(["configs/demo/d3etr_detr.py", "--baseline", "configs/demo/student_retinanet.py", *out])
     # overrides for both runs keep a pair paired; one for the baseline only would not
     repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
@@ -703,9 +703,10 @@ def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monke
 
 
 def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
-    """check_pair compares seed, schedule, initialisation, student, training data, optimizer and
-    LR schedule: a baseline of one's own that differs from the distilled config in one of them
-    only is refused, naming that key."""
+    """check_pair compares seed, schedule, initialisation, student, training data, optimizer,
+    LR schedule, gradient clipping and AMP: a baseline of one's own that differs from the
+    distilled config in one of them only is refused, naming that key (clipping and AMP absent
+    or disabled are the same: off)."""
     from detkd import repro
 
     pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
@@ -718,6 +719,8 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
         "dataloader.train": "dataloader.train.total_batch_size = 3",
         "optimizer": "optimizer.lr = 0.5",
         "lr_multiplier": "lr_multiplier.warmup_length = 0.2",
+        "train.clip_grad": "train.clip_grad.enabled = False",
+        "train.amp": "train.amp = dict(enabled=True)",
     }
     for key, line in changes.items():
         base = tmp_path / f"baseline_{key.replace('.', '_')}.py"
@@ -729,8 +732,11 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
         )
         with pytest.raises(SystemExit, match=rf"the same way: {re.escape(key)}( \(.*\))? differ"):
             repro.check_pair(pkd, str(base), ok)
-    base.write_text(base.read_text().replace(changes["lr_multiplier"], ""))
+    base.write_text(base.read_text().replace(changes["train.amp"], ""))
     repro.check_pair(pkd, str(base), ok)  # the unchanged twin
+    # AMP absent in one config and disabled in the other: both off
+    base.write_text(base.read_text() + "del train['amp']\n")
+    repro.check_pair(pkd, str(base), ok)
 
 
 def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkeypatch):

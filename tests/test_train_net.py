@@ -326,6 +326,55 @@ def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, c
     assert "loss scale starts afresh" in caplog.text
 
 
+def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimizer_is_refused(tmp_path, caplog):
+    """--resume restores the run's optimizer: settings changed in the config (weight decay,
+    momentum) are kept from the run and the log says so (they were dropped without a word). Another
+    optimizer class is refused like another model (AdamW's load stopped on a bare KeyError 'step',
+    SGD's first step on 'momentum'), also for a checkpoint that does not name its optimizer's
+    class; nothing is overwritten."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    out = tmp_path / "o"
+    _run(_small_cfg(out, 2))
+    cfg = _small_cfg(out, 4)
+    cfg.optimizer.update(weight_decay=0.05, momentum=0.0)
+    with caplog.at_level(logging.WARNING, logger="detkd.engine"):
+        trainer = KDTrainer(cfg)
+        trainer.resume_or_load(resume=True)
+    assert "the run's optimizer settings are kept" in caplog.text
+    assert "momentum 0.9 (this config: 0.0)" in caplog.text and "weight_decay 0.0001 (this config: 0.05)" in caplog.text
+    assert {g["momentum"] for g in trainer.optimizer.param_groups} == {0.9}
+    assert trainer.start_iter == 2
+
+    adamw = load_config("configs/demo/student_retinanet.py").optimizer
+    last = (out / "last_checkpoint").read_text()
+    files = sorted(os.listdir(out))
+    cfg = _small_cfg(out, 4)
+    cfg.optimizer = adamw
+    with pytest.raises(CheckpointMismatchError, match=r"the run's optimizer is torch.optim.sgd.SGD, this config's torch.optim.adamw.AdamW.*new train.output_dir"):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    # a checkpoint that does not name its optimizer's class (other tools, earlier versions)
+    path = out / last
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["trainer"]["optimizer_class"]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointMismatchError, match=r"optimizer state does not fit this config's torch.optim.adamw.AdamW"):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    assert (out / "last_checkpoint").read_text() == last and sorted(os.listdir(out)) == files
+
+    # an AdamW run resumed with SGD: the groups lack SGD's settings
+    out2 = tmp_path / "a"
+    cfg = _small_cfg(out2, 2)
+    cfg.optimizer = adamw
+    _run(cfg)
+    path = out2 / (out2 / "last_checkpoint").read_text()
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["trainer"]["optimizer_class"]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointMismatchError, match=r"parameter groups lack \[.*'momentum'.*\], settings of this config's torch.optim.sgd.SGD"):
+        KDTrainer(_small_cfg(out2, 4)).resume_or_load(resume=True)
+
+
 def test_amp_on_the_cpu_is_an_error_before_any_hook_runs(tmp_path):
     """train.amp.enabled with train.device='cpu': detectron2's AMPTrainer asserted CUDA at its
     first step, after the hooks' before_train (here the teacher's evaluation had already run and

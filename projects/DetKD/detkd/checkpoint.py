@@ -113,10 +113,33 @@ def _reportable_keys(model: nn.Module) -> List[str]:
     ]
 
 
+def _backbone_only(model: nn.Module, missing) -> bool:
+    """Whether a load left unloaded everything of ``model`` but (part of) its backbone: the file
+    is a pretrained backbone (an ImageNet ``.pkl``, :func:`export_backbone`'s file), not a
+    trained detector's checkpoint."""
+    missing = set(missing)
+    keys = _reportable_keys(model)
+    loaded = [k for k in keys if k not in missing]
+    return bool(loaded) and all(k.startswith("backbone.") for k in loaded) and any(
+        not k.startswith("backbone.") for k in missing
+    )
+
+
+_BACKBONE_ONLY = (
+    "The file holds backbone weights only: it is a pretrained backbone (an ImageNet .pkl, or "
+    "export_backbone's file), not a trained detector's checkpoint."
+)
+
+
 def _missing_hint(model: nn.Module, missing) -> str:
     """What the ``missing`` keys of ``model`` say about the file: containers it fills only in
     part (``res4`` with 6 of an R101's 23 blocks: a smaller architecture's file) and parts of
     ``model`` it has nothing of (the mask head of a Mask R-CNN teacher: a Faster R-CNN file)."""
+    if _backbone_only(model, missing):
+        return (
+            f"{_BACKBONE_ONLY} Use the trained detector's checkpoint (e.g. the model zoo's "
+            "model_final_*.pkl of model.teacher's architecture, or a run's model_final.pth)."
+        )
     missing = set(missing)
     keys = _reportable_keys(model)
     modules = dict(model.named_modules())
@@ -344,10 +367,18 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
             _module_extras(student, inc.unexpected_keys),
         )
         if problems:
-            raise CheckpointMismatchError(
-                f"The checkpoint {path!r} does not fit the model of this config ({'; '.join(problems)}). "
+            fix = (
                 "Evaluate it with the config it was trained with (for a distilled run's student, "
                 "the distillation config or the student's own config)."
+            )
+            if _backbone_only(student, inc.missing_keys):
+                fix = (
+                    f"{_BACKBONE_ONLY} Set train.init_checkpoint to the trained student's weights "
+                    "(model_final_student.pth, or a run's model_final.pth)."
+                )
+            raise CheckpointMismatchError(
+                f"The checkpoint {path!r} does not fit the model of this config ({'; '.join(problems)}). "
+                + fix
             )
 
 

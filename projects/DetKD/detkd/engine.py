@@ -763,6 +763,20 @@ class TeacherEvalHook(hooks.HookBase):
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
 
 
+# Parameter-group entries that are not settings of the optimizer: the parameters, and the lrs
+# (the base lr has its own warning on --resume; the current lr is the schedule's).
+_NOT_SETTINGS = ("params", "lr", "initial_lr")
+
+
+def _same_setting(a, b) -> bool:
+    """Equal optimizer settings (betas come back from a checkpoint as lists, not tuples)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return a == b
+
+
 class KDTrainer(DefaultTrainer):
     """
     DefaultTrainer built from a LazyConfig (see the module docstring for the keys). Same
@@ -826,6 +840,9 @@ class KDTrainer(DefaultTrainer):
             if not PathManager.isfile(path):
                 raise self._unusable_last_checkpoint(path, "does not exist")
             config_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
+            config_groups = [
+                {k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in self.optimizer.param_groups
+            ]
             self.checkpointer.strict = True
             try:
                 self.checkpointer.resume_or_load("", resume=True)
@@ -847,6 +864,17 @@ class KDTrainer(DefaultTrainer):
                     f"--resume: the run's base learning rates {sorted(set(run_lrs))} are kept "
                     f"(from {path}); this config's {sorted(set(config_lrs))} (optimizer.lr and its "
                     "parameter groups) are not used. To train at another base lr, start a new run "
+                    "(train.init_checkpoint=<this checkpoint>) in another train.output_dir."
+                )
+            changed = sorted({
+                f"{k} {run[k]!r} (this config: {v!r})"
+                for cfg_group, run in zip(config_groups, self.optimizer.param_groups)
+                for k, v in cfg_group.items() if k in run and not _same_setting(run[k], v)
+            })
+            if changed:
+                logger.warning(
+                    f"--resume: the run's optimizer settings are kept (from {path}): "
+                    f"{'; '.join(changed)}. To train with this config's, start a new run "
                     "(train.init_checkpoint=<this checkpoint>) in another train.output_dir."
                 )
             # The optimizer's saved lr is the one the old schedule gave this step; with
@@ -908,6 +936,13 @@ class KDTrainer(DefaultTrainer):
     # A plain detector's (a teacher's or baseline's run) EMA loss normaliser, a float attribute
     # outside its state_dict; a DistillationDetector saves its student's itself (extra state).
     _MODEL_STATS_KEY = "model_ema_stats"
+    # The optimizer's class: its state_dict does not say, and another optimizer's state fails in
+    # torch's load_state_dict or at the first step with a bare KeyError ('step', 'momentum').
+    _OPTIMIZER_KEY = "optimizer_class"
+
+    @staticmethod
+    def _class_name(obj) -> str:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
     def state_dict(self):
         """detectron2's trainer state, plus a plain detector's EMA loss normaliser (RetinaNet's,
@@ -922,6 +957,7 @@ class KDTrainer(DefaultTrainer):
             }
             if stats:
                 ret[self._MODEL_STATS_KEY] = stats
+        ret[self._OPTIMIZER_KEY] = self._class_name(self.optimizer)
         return ret
 
     def load_state_dict(self, state_dict):
@@ -933,6 +969,10 @@ class KDTrainer(DefaultTrainer):
         the scaler starts afresh, as in a new AMP run, and a warning says so.
         """
         model = unwrap_model(self.model)
+        state_dict = dict(state_dict)
+        theirs, ours = state_dict.pop(self._OPTIMIZER_KEY, None), self._class_name(self.optimizer)
+        if theirs is not None and theirs != ours:
+            raise CheckpointMismatchError(f"the run's optimizer is {theirs}, this config's {ours}")
         for k, v in state_dict.get(self._MODEL_STATS_KEY, {}).items():
             setattr(model, k, v)  # set at the first step (detectron2's DenseDetector._ema_update)
         inner = state_dict.get("_trainer", {})
@@ -944,7 +984,19 @@ class KDTrainer(DefaultTrainer):
             )
             inner = {**inner, "grad_scaler": self._trainer.grad_scaler.state_dict()}
             state_dict = {**state_dict, "_trainer": inner}
-        super().load_state_dict(state_dict)
+        try:
+            super().load_state_dict(state_dict)
+        except (KeyError, ValueError) as e:  # torch's optimizer load (a checkpoint without the class)
+            raise CheckpointMismatchError(
+                f"its optimizer state does not fit this config's {ours} ({type(e).__name__}: {e})"
+            ) from e
+        # Another optimizer's parameter groups lack this one's settings (torch fills in only the
+        # ones it added in later versions): the first step would stop on a bare KeyError.
+        lacking = sorted({k for g in self.optimizer.param_groups for k in self.optimizer.defaults if k not in g})
+        if lacking:
+            raise CheckpointMismatchError(
+                f"its optimizer's parameter groups lack {lacking}, settings of this config's {ours}"
+            )
 
     def build_hooks(self):
         cfg = self.cfg

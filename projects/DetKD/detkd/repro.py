@@ -102,14 +102,26 @@ _PAIRED = (
     ("dataloader.train", "dataloader.train"),
     ("optimizer", "optimizer"),
     ("lr_multiplier", "lr_multiplier"),
+    ("train.clip_grad", "train.clip_grad"),
+    ("train.amp", "train.amp"),
 )
+
+
+def _training_setting(key, v):
+    """``train.clip_grad`` / ``train.amp`` as they act: absent or disabled is off, whatever else
+    they hold (detectron2's configs have no clip_grad; DetKD's default is disabled)."""
+    if key in ("train.clip_grad", "train.amp"):
+        if not isinstance(v, dict) or not v.get("enabled", False):
+            return {"enabled": False}
+    return v
 
 
 def check_pair(config: str, baseline: str, opts) -> None:
     """
     SystemExit unless ``config`` (with the overrides of ``opts`` that apply to it) distils and
     ``baseline`` trains the same student alone with the same seed (a fixed one: a negative
-    ``train.seed`` draws one per run), schedule, initialisation, training data and optimizer,
+    ``train.seed`` draws one per run), schedule, initialisation, training data, optimizer,
+    gradient clipping and mixed precision,
     unless ``train_net.py`` accepts the overrides of each (:func:`check_override_keys`), and
     unless the distilled run's ``train.teacher_checkpoint`` is a URL or a file that exists.
     """
@@ -134,7 +146,7 @@ def check_pair(config: str, baseline: str, opts) -> None:
 
     def value(cfg, key):
         v = OmegaConf.select(cfg, key, default=None)
-        return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        return _training_setting(key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
 
     seed = value(kd, "train.seed")
     if not isinstance(seed, int) or seed < 0:
