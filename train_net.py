@@ -111,6 +111,30 @@ def _keep_run_config(cfg, run_config: bytes) -> None:
                 f"{os.path.join(out, 'config_eval.yaml')}")
 
 
+def _warn_if_teacher_changed(cfg, run_config: bytes) -> None:
+    """--resume with another ``train.teacher_checkpoint`` than the run's (its ``config.yaml``):
+    checkpoints do not hold the teacher, so the rest of the run would distil from another
+    teacher without a word."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # detectron2's config.yaml tags python objects: not built
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        theirs = (yaml.load(run_config, Loader=Loader) or {}).get("train", {}).get("teacher_checkpoint")
+    except (yaml.YAMLError, AttributeError):  # not a config detectron2 wrote: nothing to compare
+        return
+    ours = cfg.train.get("teacher_checkpoint")
+    if isinstance(theirs, str) and theirs != ours and (theirs or ours):
+        logging.getLogger("detkd.train_net").warning(
+            f"--resume: train.teacher_checkpoint is {ours!r}, the run in {cfg.train.output_dir!r} "
+            f"was trained with {theirs!r} (its config.yaml); the rest of the run distils from "
+            "this one. If that file moved, this is the same teacher; otherwise resume with "
+            f"train.teacher_checkpoint={theirs}."
+        )
+
+
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
@@ -123,6 +147,8 @@ def main(args):
     resuming = args.resume and not args.eval_only and comm.is_main_process()
     in_run = comm.is_main_process() and _holds_training_run(cfg)  # a training run's folder
     run_config = _read_run_config(cfg) if resuming or in_run else None
+    if resuming and run_config is not None and _holds_training_run(cfg):
+        _warn_if_teacher_changed(cfg, run_config)
     # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
     # checkpoint (by the run's own) are refused here, before anything is written
     check_run_inputs_kept(

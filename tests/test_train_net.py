@@ -1697,3 +1697,27 @@ def test_ddp_model_leaves_device_ids_unset_for_a_model_off_cuda(monkeypatch):
     engine.ddp_model(model, device_ids=[3])
     assert seen == [{"broadcast_buffers": False}, {"broadcast_buffers": False, "device_ids": None},
                     {"device_ids": [3]}]
+
+
+def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch, caplog):
+    """Checkpoints do not hold the teacher: a --resume whose train.teacher_checkpoint differs from
+    the run's (its config.yaml, as detectron2 writes it) warns that the rest of the run distils
+    from another teacher; the same teacher, or a config.yaml that is not a config, says nothing."""
+    from detectron2.config import LazyConfig
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.train.update(output_dir=str(tmp_path), teacher_checkpoint="teachers/old.pth")
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    run_config = (tmp_path / "config.yaml").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="detkd.train_net"):
+        train_net._warn_if_teacher_changed(cfg, run_config)
+        assert caplog.text == ""
+        train_net._warn_if_teacher_changed(cfg, b"not: [a config")
+        assert caplog.text == ""
+        cfg.train.teacher_checkpoint = "teachers/new.pth"
+        train_net._warn_if_teacher_changed(cfg, run_config)
+    assert "train.teacher_checkpoint is 'teachers/new.pth'" in caplog.text
+    assert "trained with 'teachers/old.pth'" in caplog.text and "train.teacher_checkpoint=teachers/old.pth" in caplog.text
