@@ -55,7 +55,9 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
 def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkeypatch):
     """As DistillationDetector: an FCOS student's data order is model.student_input_format
     (the view ignored it: RGB data reached the BGR teacher unflipped and was shown as BGR), and
-    an FCOS teacher takes the student's order (the view flipped the data for it)."""
+    an FCOS teacher takes the student's order (the view flipped the data for it); the picture
+    shows the data in the loader's order (the test mapper's image_format), also for an FCOS
+    student of unknown order beside an RGB teacher (it was drawn as BGR)."""
     from detectron2.config import LazyConfig, instantiate
     from detectron2.structures import ImageList
 
@@ -71,9 +73,14 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
         "fcos_student_rgb": "m = model.student\n" + fcos + "model.student_input_format = 'RGB'\n"
         "cfg.dataloader.test.mapper.image_format = 'RGB'\n",  # else refused, as in training
         "fcos_teacher": "m = model.teacher\n" + fcos,
+        # an FCOS student of unknown order beside an RGB teacher: the data is taken as the
+        # teacher's (RGB, as the loader's), and was drawn as BGR
+        "fcos_student_rgb_teacher": "m = model.student\n" + fcos + "model.teacher.input_format = 'RGB'\n"
+        "cfg.dataloader.test.mapper.image_format = 'RGB'\n",
     }
     for case, change in cases.items():
-        flipped = case == "fcos_student_rgb"
+        flipped = case == "fcos_student_rgb"  # for the teacher
+        rgb_data = case != "fcos_teacher"
         cfg_path = tmp_path / f"{case}.py"
         cfg_path.write_text(
             "from detectron2.config import LazyConfig\n"
@@ -102,7 +109,7 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
             assert torch.allclose(v, expected, atol=1e-5), (case, lvl)
         # the picture: RGB data as it is, BGR data flipped
         rgb = inputs[0]["image"].permute(1, 2, 0).numpy()
-        assert np.array_equal(got["image"], rgb if flipped else rgb[:, :, ::-1]), case
+        assert np.array_equal(got["image"], rgb if rgb_data else rgb[:, :, ::-1]), case
 
 
 def _capture_draw_boxes(monkeypatch):
@@ -580,8 +587,8 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
     """A PKD config pairing by index (the comment in configs/PKD/retinanet_R50_from_mask_rcnn_
     R101_2x.py: teacher p2-p5 with student p3-p6): the view drew each student level beside the
     teacher's level of its stride, pairs the distiller never distils. It now draws the
-    distiller's pairs, the teacher's map on the student's cells (bilinear), and --levels still
-    takes any level of a stride both models have."""
+    distiller's pairs, the teacher's map on the student's cells (bilinear, whole padded maps as
+    in training), and --levels still takes any level of a stride both models have."""
     import torch.nn.functional as F
     from detectron2.structures import ImageList
 
@@ -597,9 +604,17 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
         feats = t.backbone(ImageList.from_tensors([x], 32).tensor)
     for lvl, t_lvl, s in (("p3", "p2", 8), ("p4", "p3", 16), ("p5", "p4", 32)):
         hs, ws = -(-70 // s), -(-100 // s)
-        ht, wt = -(-70 // (s // 2)), -(-100 // (s // 2))
-        want = F.interpolate(feats[t_lvl][:, :, :ht, :wt], size=(hs, ws), mode="bilinear", align_corners=False)[0]
+        # the whole padded (96 x 128) map resized onto the student's, as PKD pairs them, then
+        # cropped to the image's cells (cropping first stretched another stretch of the image:
+        # at p5 the teacher's cells were centred at y = 13, 40, 67 px against 16, 48, 80)
+        full = F.interpolate(feats[t_lvl], size=(96 // s, 128 // s), mode="bilinear", align_corners=False)
+        want = full[0, :, :hs, :ws]
         assert torch.allclose(got["rows"]["teacher"][lvl], want, atol=1e-5), lvl
+        # bilinear resizing keeps a linear ramp linear: a teacher map of its cells' centre rows
+        # (in pixels) becomes the student cells' centre rows (inside the border cells)
+        ramp = ((torch.arange(96 // (s // 2)) + 0.5) * (s // 2)).view(1, 1, -1, 1).expand(1, 1, -1, 128 // (s // 2))
+        centres = F.interpolate(ramp, size=(96 // s, 128 // s), mode="bilinear", align_corners=False)[0, 0, 1:-1, 0]
+        assert torch.allclose(centres, (torch.arange(1, 96 // s - 1) + 0.5) * s)
         assert tuple(got["rows"]["student + KD"][lvl].shape[-2:]) == (hs, ws)
     viz.main(args + ["--levels", "p6"])  # not distilled: beside the teacher's p6, by stride
     hs, ws = -(-70 // 64), -(-100 // 64)

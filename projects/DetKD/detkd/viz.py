@@ -271,15 +271,18 @@ def _pkd_view(args):
             for k in levels:
                 stride = s_shapes[k].stride
                 if name == "teacher":
-                    t_stride = t_shapes[pairs[k]].stride
-                    v = feats[pairs[k]][:, :, : -(-h // t_stride), : -(-w // t_stride)]
-                    if t_stride != stride:  # paired by index: drawn on the student's cells
-                        v = F.interpolate(v, size=(-(-h // stride), -(-w // stride)),
+                    v = feats[pairs[k]]
+                    if t_shapes[pairs[k]].stride != stride:
+                        # paired by index: the whole padded map resized onto the student's map of
+                        # the same padded input (as PKD pairs them in training), then cropped:
+                        # cropping first would stretch another part of the image over the cells
+                        hp, wp = images.tensor.shape[-2:]
+                        v = F.interpolate(v, size=(-(-hp // stride), -(-wp // stride)),
                                           mode="bilinear", align_corners=False)
-                    rows[name][k] = v[0]
+                    rows[name][k] = v[0, :, : -(-h // stride), : -(-w // stride)]
                 else:
                     rows[name][k] = feats[k][0, :, : -(-h // stride), : -(-w // stride)]
-    img = _rgb(model.student_format, inputs)
+    img = _rgb(cfg, model, inputs)
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
 
@@ -299,8 +302,18 @@ def _kd_model(cfg, teacher_ckpt, student_ckpt):
     return model.eval()
 
 
-def _rgb(fmt, inputs):
-    """The loader's image (in the student's channel order ``fmt``, BGR when unknown) as RGB."""
+def _rgb(cfg, model, inputs):
+    """The loader's image as RGB. Its channel order: the test mapper's ``image_format``, else the
+    one the DistillationDetector assumes (the student's, or for a student without one, e.g.
+    detectron2's FCOS, the teacher's), else detectron2's default BGR."""
+    from omegaconf import OmegaConf
+
+    from .distiller import _input_format
+
+    fmt = (
+        OmegaConf.select(cfg, "dataloader.test.mapper.image_format", default=None)
+        or model.student_format or _input_format(model.teacher) or "BGR"
+    )
     img = inputs[0]["image"].permute(1, 2, 0).numpy()
     return np.ascontiguousarray(img if fmt == "RGB" else img[:, :, ::-1])
 
@@ -338,7 +351,7 @@ def _gid_view(args):
     iou = pairwise_iou(boxes, gt).amax(dim=1) if gt is not None and len(gt) and len(boxes) else torch.zeros(len(boxes))
     for v in iou.tolist():
         cols.append(colors[names[0] if v >= 0.5 else names[1] if v >= 0.1 else names[2]])
-    image = _rgb(model.student_format, inputs)
+    image = _rgb(cfg, model, inputs)
     draw_boxes(image, boxes.tensor.numpy(), cols, args.out,
                labels=[f"{x:.2f}" for x in scores.tolist()],
                gt_boxes=gt.tensor.numpy() if gt is not None else None,
@@ -383,7 +396,7 @@ def _d3etr_view(args):
     boxes = torch.cat([tb, sb]).numpy()
     k = len(top)
     gt = inputs[0].get("instances")
-    image = _rgb(model.student_format, inputs)
+    image = _rgb(cfg, model, inputs)
     draw_boxes(image, boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
                pairs=[(i, i + k) for i in range(k)],
                gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
