@@ -436,12 +436,12 @@ def main(argv=None):
         mem = ""
         if r["mem_s"] is not None and r["mem_kd"] is not None:
             mem = f"{r['mem_kd'] / r['mem_s']:.2f}"
-        target = TARGETS.get(method, float("nan"))
+        target = f"{TARGETS[method]:.2f}" if method in TARGETS else ""  # PKD + GID has none
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else ""
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if r["spread"] else ""
         print(
             f"{method:<9}{setting:<{sw}}{r['student'] * 1e3:>10.1f}ms{r['teacher'] * 1e3:>10.1f}ms"
-            f"{r['kd'] * 1e3:>10.1f}ms{ratio:>7.2f}{floor:>7}{target:>7.2f}{mem:>11}{spread:>13}",
+            f"{r['kd'] * 1e3:>10.1f}ms{ratio:>7.2f}{floor:>7}{target:>7}{mem:>11}{spread:>13}",
             flush=True,
         )
 
