@@ -188,3 +188,35 @@ def test_clone_keeps_the_dict_type_of_an_output():
         net(x)
     assert type(cap["0"]) is OrderedDict and list(cap["0"]) == ["b", "a"]
     assert torch.equal(cap["0"]["a"], x * 2)
+
+
+@pytest.mark.parametrize("clone", [False, True])
+def test_namedtuple_and_defaultdict_outputs_are_recorded_and_checked(clone):
+    """A submodule returning a namedtuple or a defaultdict (a detector of one's own): rebuilding
+    them as ``type(obj)(generator)`` raised TypeError in the hook, also without clone (the
+    version check walked the output the same way). Their types, fields and factory are kept,
+    and an in-place change of a tensor inside is still detected."""
+    from collections import defaultdict, namedtuple
+
+    Pred = namedtuple("Pred", ["logits", "boxes"])
+
+    class _Outputs(nn.Module):
+        def forward(self, x):
+            maps = defaultdict(list, p3=x * 2)
+            return Pred(logits=x + 1, boxes=[x * 3]), maps
+
+    net = nn.Sequential(_Outputs())
+    cap = FeatureCapture(net, ["0"], clone=clone)
+    x = torch.randn(1, 2)
+    with cap:
+        pred, maps = net(x)
+    got_pred, got_maps = cap["0"]
+    assert type(got_pred) is Pred and torch.equal(got_pred.logits, x + 1) and torch.equal(got_pred.boxes[0], x * 3)
+    assert type(got_maps) is defaultdict and got_maps.default_factory is list and torch.equal(got_maps["p3"], x * 2)
+    assert (got_pred.logits is pred.logits) != clone
+    pred.logits.add_(1)  # after the forward, on the model's own output
+    if clone:
+        assert torch.equal(cap["0"][0].logits, x + 1)
+    else:
+        with pytest.raises(RuntimeError, match="in place"):
+            cap["0"]

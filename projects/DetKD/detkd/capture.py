@@ -6,6 +6,7 @@ need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head, ``"proposal_
 for the RPN, ``"anchor_generator"``, DETR decoder layers ...) and :class:`FeatureCapture` records
 those outputs while the detector runs unchanged.
 """
+import copy
 from typing import Any, Dict, Iterable, List
 
 import torch
@@ -15,20 +16,28 @@ __all__ = ["FeatureCapture"]
 
 
 def _map_tensors(fn, obj):
-    """Apply ``fn`` to every tensor inside nested dicts / lists / tuples."""
+    """Apply ``fn`` to every tensor inside nested dicts / lists / tuples, keeping their types
+    (a namedtuple, a defaultdict with its factory)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return type(obj)((k, _map_tensors(fn, v)) for k, v in obj.items())
+        out = copy.copy(obj)  # the same type and attributes (a defaultdict's factory)
+        for k, v in obj.items():
+            out[k] = _map_tensors(fn, v)
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple: positional fields
+        return type(obj)(*(_map_tensors(fn, v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tensors(fn, v) for v in obj)
     return obj
 
 
 def _tensors(obj) -> List[torch.Tensor]:
-    out = []
-    _map_tensors(lambda t: out.append(t) or t, obj)
-    return out
+    """The tensors inside nested dicts / lists / tuples, in order (nothing is rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [t for v in values for t in _tensors(v)]
 
 
 def _versions(obj) -> List[int]:
