@@ -1,8 +1,10 @@
 """The synthetic shapes dataset: deterministic COCO JSON read by detectron2's own loader."""
 import json
+import math
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -75,7 +77,7 @@ def test_rewriting_a_dataset_replaces_images_without_touching_open_files(tmp_pat
 
 def test_annotations_describe_the_drawn_shapes(tmp_path):
     """Each annotation from its own polygon: vertex count of its class (square 4, circle 24,
-    triangle 3, all at one radius from the centre), bbox the polygon's bounds, area the bbox's;
+    triangle 3, all at one radius from the centre), bbox the polygon's bounds, area the polygon's;
     objects of an image farther apart than 0.8 (r1 + r2); 1 to max_objects objects per image,
     max_objects reached; both ends of image_size reached."""
     coco = json.load(open(write_shapes(str(tmp_path), 40, seed=3, image_size=(60, 64), max_objects=3)))
@@ -90,7 +92,11 @@ def test_annotations_describe_the_drawn_shapes(tmp_path):
         x0, y0 = pts.min(0)
         x1, y1 = pts.max(0)
         assert np.allclose(ann["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=1e-6)
-        assert abs(ann["area"] - (x1 - x0) * (y1 - y0)) < 1e-6
+        # COCO's area is the object's (its size range in COCOEvaluator), not the box's: a
+        # regular n-gon of circumradius r has area n r^2 sin(2 pi / n) / 2
+        n, r = len(pts), radii[0]
+        assert ann["area"] == pytest.approx(n * r * r * math.sin(2 * math.pi / n) / 2, rel=1e-6)
+        assert ann["area"] < (x1 - x0) * (y1 - y0)
         placed.setdefault(ann["image_id"], []).append((centre, radii[0]))
     for objs in placed.values():
         for i in range(len(objs)):
@@ -101,3 +107,16 @@ def test_annotations_describe_the_drawn_shapes(tmp_path):
     assert max(counts) == 3 and min(counts) >= 1
     sides = {v for im in coco["images"] for v in (im["height"], im["width"])}
     assert min(sides) == 60 and max(sides) == 64
+
+
+def test_temporary_names_are_unique_across_machines_and_left_behind_by_no_write(tmp_path, monkeypatch):
+    """Processes of two machines sharing a filesystem can have one pid: the temporary files of
+    concurrent writers of the same dataset were both '<name>.tmp<pid>', and the second rename
+    failed. Each name is unique now, and a finished write leaves no temporary file."""
+    from detkd.data import shapes
+
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    assert shapes._tmp_path("a.jpg") != shapes._tmp_path("a.jpg")
+    write_shapes(str(tmp_path), 3, seed=1)
+    left = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp") or ".tmp" in f]
+    assert left == []

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from typing import Tuple
 
 import numpy as np
@@ -37,6 +38,18 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float):
     else:
         pts = [(cx + r * math.cos(k * math.pi / 12), cy + r * math.sin(k * math.pi / 12)) for k in range(24)]
     return pts
+
+
+def _polygon_area(pts) -> float:
+    """Area of a simple polygon given by its vertices (shoelace formula)."""
+    x, y = np.array(pts, dtype=np.float64).T
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def _tmp_path(path: str) -> str:
+    """A temporary name beside ``path``, unique across processes and machines (processes of
+    two machines sharing a filesystem can have the same pid)."""
+    return f"{path}.{uuid.uuid4().hex}.tmp"
 
 
 def _draw_image(rng: np.random.Generator, size: Tuple[int, int], max_objects: int, empty: bool):
@@ -79,7 +92,10 @@ def _draw_image(rng: np.random.Generator, size: Tuple[int, int], max_objects: in
             {
                 "category_id": cls + 1,
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "area": float((x1 - x0) * (y1 - y0)),
+                # the object's area (COCO's, which COCOEvaluator's small / medium / large
+                # ranges read), the polygon's by the shoelace formula; the polygon lies inside
+                # the image (its vertices are within r of a centre at least r from each side)
+                "area": _polygon_area(pts),
                 "segmentation": [[float(v) for p in pts for v in p]],
                 "iscrowd": 0,
             }
@@ -124,8 +140,9 @@ def write_shapes(
         # (deterministic) dataset, and a process that already reads it never sees a file that
         # another one is rewriting in place.
         path = os.path.join(img_dir, name)
-        img.save(path + f".tmp{os.getpid()}", format="JPEG", quality=95)
-        os.replace(path + f".tmp{os.getpid()}", path)
+        tmp = _tmp_path(path)
+        img.save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, path)
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for a in anns:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=i + 1))
@@ -135,7 +152,7 @@ def write_shapes(
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n} for k, n in enumerate(SHAPES_CLASSES)],
     }
-    tmp = json_file + f".tmp{os.getpid()}"
+    tmp = _tmp_path(json_file)
     with open(tmp, "w") as f:
         json.dump(coco, f)
     os.replace(tmp, json_file)  # atomic: a JSON file present means a complete dataset
