@@ -200,6 +200,15 @@ def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_
         assert torch.equal(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor)
         assert torch.equal(x["instances"].scores, y["instances"].scores)
 
+    # A .pkl output is the model zoo's format (numpy arrays in a pickle), which stock detectron2
+    # reads by its suffix; a torch.save file under that name it could not read.
+    export_student(str(tmp_path / "model_0000009.pth"), str(tmp_path / "student.pkl"))
+    with open(tmp_path / "student.pkl", "rb") as f:
+        assert isinstance(pickle.load(f)["model"]["head.cls_score.weight"], np.ndarray)
+    stock3 = instantiate(tiny_retinanet_cfg())
+    DetectionCheckpointer(stock3).load(str(tmp_path / "student.pkl"))
+    assert all(torch.equal(v, stock2.state_dict()[k]) for k, v in stock3.state_dict().items())
+
     # The wrapper's own export writes the same file contents.
     kd.export_student(str(tmp_path / "direct.pth"))
     direct = torch.load(tmp_path / "direct.pth", weights_only=False)["model"]

@@ -17,6 +17,7 @@ import os
 import pickle
 from typing import Any, Dict, List, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -541,7 +542,9 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
     Args:
         checkpoint (str or dict): path of a run checkpoint (``model_0004999.pth``,
             ``model_final.pth``) or its loaded dict.
-        output (str): where to write the student checkpoint (``.pth``).
+        output (str): where to write the student checkpoint: ``.pth`` (torch), or ``.pkl`` for
+            the model zoo's format (numpy arrays in a pickle, which detectron2 reads as a
+            ``.pkl``; a ``torch.save`` file under that name it could not read).
 
     Returns:
         dict: the student state dict written (no ``distillers.*`` / teacher keys).
@@ -584,8 +587,19 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
             "checkpoint (a plain detector's checkpoint is already a student checkpoint)."
         )
     student = student_state_dict(state)
-    _save({"model": student, "__author__": "DetKD"}, output)
+    if output.endswith(".pkl"):  # the model zoo's format: numpy arrays in a pickle (exact names)
+        _save({"model": _numpy_state(student), "__author__": "DetKD"}, output, dump=pickle.dump)
+    else:
+        _save({"model": student, "__author__": "DetKD"}, output)
     return student
+
+
+def _numpy_state(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """A state dict's tensors as numpy arrays (bfloat16, which numpy lacks, as float32)."""
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+        for k, v in state.items() if torch.is_tensor(v)
+    }
 
 
 def export_backbone(
@@ -630,11 +644,7 @@ def export_backbone(
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     state = student_state_dict(state) if isinstance(state, dict) else {}
-    backbone = {  # bfloat16 (which numpy lacks) as float32
-        k[len(prefix):]: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-        for k, v in state.items()
-        if k.startswith(prefix) and torch.is_tensor(v)
-    }
+    backbone = _numpy_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     if not backbone:
         heads = sorted({".".join(str(k).split(".")[:2]) + "." for k in state})
         raise ValueError(
