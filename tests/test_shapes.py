@@ -120,3 +120,14 @@ def test_temporary_names_are_unique_across_machines_and_left_behind_by_no_write(
     write_shapes(str(tmp_path), 3, seed=1)
     left = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp") or ".tmp" in f]
     assert left == []
+
+
+def test_the_same_folder_relative_and_absolute_registers_once(tmp_path, monkeypatch):
+    """A root given relative, then absolute (or after a chdir elsewhere, the same absolute
+    folder), is the same dataset: it was refused as 'already registered with another folder'."""
+    monkeypatch.chdir(tmp_path)
+    name = register_shapes("val", 5, seed=11, root="rel")
+    assert register_shapes("val", 5, seed=11, root=str(tmp_path / "rel")) == name
+    assert MetadataCatalog.get(name).json_file == str(tmp_path / "rel" / name / "annotations.json")
+    with pytest.raises(ValueError, match="already registered with another folder"):
+        register_shapes("val", 5, seed=11, root=str(tmp_path / "other"))

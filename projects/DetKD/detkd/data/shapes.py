@@ -196,7 +196,8 @@ def register_shapes(
         name += f"_o{max_objects}"
     if empty_fraction != 0.1:
         name += f"_e{empty_fraction:g}"
-    folder = os.path.join(root or shapes_root(), name)
+    # absolute: the same folder given relative and absolute registers once (not a collision)
+    folder = os.path.abspath(os.path.join(root or shapes_root(), name))
     json_file = os.path.join(folder, "annotations.json")
     if not os.path.isfile(json_file):
         logger.info(f"Writing the synthetic shapes dataset {name} to {folder}")
