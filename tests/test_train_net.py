@@ -117,7 +117,9 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     start. Both processes train all iterations; the main one logs and exports the student."""
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "train_net.py", "--num-gpus", "2", "--config-file", "configs/demo/d3etr_detr.py",
+        # --dist-url auto: a free port (detectron2's default port is fixed per user, so another
+        # two-process run on the machine at the same time would hold it)
+        sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file", "configs/demo/d3etr_detr.py",
         "train.max_iter=3", "train.log_period=1", f"train.output_dir={out}",
         "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.teacher_eval_at_start=True",
         "train.init_checkpoint=",
@@ -144,7 +146,7 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     # --eval-only on two processes with one test image: the second process has none and never
     # runs a forward; DDP's buffer broadcast before the first forward left the main one waiting
     eval_cmd = [
-        sys.executable, "train_net.py", "--num-gpus", "2", "--eval-only", "--config-file",
+        sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--eval-only", "--config-file",
         "configs/demo/d3etr_detr.py", f"train.output_dir={tmp_path / 'eval1'}", "train.teacher_checkpoint=",
         f"train.init_checkpoint={out / 'model_final_student.pth'}",
         "dataloader.test.dataset.names.num_images=1", "dataloader.test.num_workers=0",
