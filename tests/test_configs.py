@@ -552,3 +552,21 @@ def test_readme_pretrained_backbone_detr_table_is_consistent():
     _check_two_split_rows(student, [d3etr])
     shares = re.search(r"reaches (\d+) % of the teacher's AP, the student\s+alone (\d+) %", text).groups()
     assert [int(v) for v in shares] == [round(100 * float(r[1]) / float(teacher[1])) for r in (d3etr, student)]
+
+
+def test_demo_configs_imported_as_python_modules_keep_the_student_apart():
+    """``from configs.demo.pkdgid_retinanet import model`` (a config of one's own importing a
+    demo config as a module): the teacher configs edited the student config's shared objects,
+    so the student became a copy of the teacher (FPN 128, d = 96) without a word."""
+    import subprocess
+    import sys
+
+    code = (
+        "from configs.demo.pkdgid_retinanet import model as r\n"
+        "from configs.demo.d3etr_detr import model as d, train\n"
+        "print(r.student.backbone.out_channels, r.teacher.backbone.out_channels, "
+        "d.student.transformer.d_model, d.teacher.transformer.d_model, train.output_dir)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["64", "128", "64", "96", "output/demo/d3etr_detr"]

@@ -6,7 +6,14 @@ start from ImageNet backbones: ``python -m detkd.demo --methods d3etr`` trains t
 writes its backbone with :func:`detkd.checkpoint.export_backbone` (by hand:
 ``export_backbone("output/demo/teacher_retinanet/model_final.pth", train.init_checkpoint)``).
 """
+import copy
+
 from .student_detr import dataloader, lr_multiplier, model, optimizer, train
+
+# Copies: under a plain Python import (``from configs.demo.<this> import model``, which
+# train_net.py's path allows) the student config's objects are shared, and the edits below
+# would make the student a copy of the teacher (LazyConfig.load loads each file afresh).
+model, train = copy.deepcopy(model), copy.deepcopy(train)
 
 model.backbone.stem.out_channels = 32
 model.backbone.stages.width = 32

@@ -1,7 +1,14 @@
 """The demo teacher: a wider RetinaNet (R18 layout, width 32, FPN 128, 3-conv head)."""
+import copy
+
 from detectron2.layers import ShapeSpec
 
 from .student_retinanet import dataloader, lr_multiplier, model, optimizer, train
+
+# Copies: under a plain Python import (``from configs.demo.<this> import model``, which
+# train_net.py's path allows) the student config's objects are shared, and the edits below
+# would make the student a copy of the teacher (LazyConfig.load loads each file afresh).
+model, train = copy.deepcopy(model), copy.deepcopy(train)
 
 model.backbone.bottom_up.stem.out_channels = 32
 model.backbone.out_channels = 128
