@@ -858,3 +858,37 @@ def test_a_pretrained_backbone_as_teacher_or_evaluated_student_is_named_as_such(
         load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"), strict=True)
     assert "with the config it was trained with" not in str(e.value)
     load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))  # training: fine
+
+
+def _share_buffers_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    from detkd.engine import share_student_buffers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        kd = _kd()
+        bn = [m for m in kd.student.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+        bn.running_mean.fill_(float(rank + 1))  # each process's own statistics, as after DDP training
+        bn.num_batches_tracked.fill_(10 * (rank + 1))
+        with torch.no_grad():
+            bn.weight.fill_(float(rank + 1))  # parameters are DDP's business: not touched
+        share_student_buffers(kd)
+        torch.save({"mean": bn.running_mean, "n": bn.num_batches_tracked, "w": bn.weight.detach()},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_in_training_uses_rank_0s_batch_norm_statistics_in_every_process(tmp_path):
+    """With DDP's broadcast_buffers=False each process keeps its own BatchNorm statistics; the
+    evaluation during training ran each process's images with them, while checkpoints hold rank
+    0's, so the logged AP was not the saved model's. share_student_buffers (called before that
+    evaluation) gives every process rank 0's buffers and leaves the parameters alone."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_share_buffers_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.all(got["mean"] == 1.0) and int(got["n"]) == 10
+        assert torch.all(got["w"] == float(r + 1))
