@@ -1723,3 +1723,20 @@ def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch, c
         train_net._warn_if_teacher_changed(cfg, run_config)
     assert "train.teacher_checkpoint is 'teachers/new.pth'" in caplog.text
     assert "trained with 'teachers/old.pth'" in caplog.text and "train.teacher_checkpoint=teachers/old.pth" in caplog.text
+
+
+def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
+    """The demo configs' data is a LazyCall of register_shapes: the class-count checks read no
+    dataset name from it and a student of 2 (or 5) classes trained on the 3 shapes silently.
+    The name it registers is read now, so the check names the mismatch and the fix."""
+    from detectron2.config import instantiate
+
+    from detkd.engine import _dataset_names, check_student_classes
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.train.dataset.names.num_images = 4  # the default root, as the other tests
+    assert _dataset_names(cfg, "train") == ["detkd_shapes_train_4_s0"]
+    cfg.model.student.num_classes = 2
+    with pytest.raises(ValueError, match=r"student predicts 2 classes but the training dataset "
+                       r"'detkd_shapes_train_4_s0' has 3 .*model.student.num_classes = 3"):
+        check_student_classes(cfg, instantiate(cfg.model), split="train")

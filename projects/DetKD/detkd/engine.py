@@ -237,12 +237,19 @@ def _may_build_kd_model(cfg) -> bool:
 
 def _dataset_names(cfg, split: str) -> List[str]:
     """The registered-dataset names ``dataloader.<split>.dataset.names`` gives (a name or a list
-    of names); [] when it is anything else (e.g. a LazyCall that builds the data, as the shapes
-    configs do) or missing."""
+    of names), also the name that a LazyCall of :func:`detkd.data.register_shapes` registers
+    (the demo configs'; it writes the data only once and returns the same name on every call);
+    [] when it is anything else (another LazyCall, whose side effects are its own) or missing."""
     try:
         names = cfg.dataloader[split].dataset.names
     except (AttributeError, KeyError):
         return []
+    from .data import register_shapes
+
+    if _node_target(cfg.dataloader[split].dataset, "names") is register_shapes:
+        from detectron2.config import instantiate
+
+        names = instantiate(names)
     if isinstance(names, str):
         return [names]
     if isinstance(names, (list, tuple)) or type(names).__name__ == "ListConfig":
