@@ -586,6 +586,10 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
     # optimizer step failed with a raw "size of tensor a (27) must match the size of tensor b (36)"
     cfg = _small_cfg(out, 4)
     cfg.model.student.num_classes = 4
+    (tmp_path / "four").mkdir()
+    four = _own_coco(tmp_path / "four", "detkd_test_four", cat_ids=(3, 7, 42, 50))  # 4 classes: the checks pass
+    cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = four
+    cfg.dataloader.train.sampler = None
     with pytest.raises(CheckpointMismatchError, match=r"--resume: the last checkpoint of .*model_final\.pth\) does "
                        r"not fit the model of this config \(shape mismatch: student\.head\.cls_score\.weight: "
                        r"file \(27, 32, 3, 3\) vs model \(36, 32, 3, 3\).*new train\.output_dir"):
@@ -594,7 +598,7 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
     plain = load_config("configs/demo/student_retinanet.py")
     plain.model = tiny_retinanet_cfg(width=8, fpn=32)
     plain.train.update(output_dir=str(tmp_path / "alone"), max_iter=1, eval_period=0)
-    plain.dataloader = cfg.dataloader
+    plain.dataloader = _small_cfg(out, 4).dataloader
     KDTrainer(plain).train()
     cfg = _small_cfg(tmp_path / "alone", 4)
     with pytest.raises(CheckpointMismatchError, match=r"model parameters are not in the file: \['student\."):
@@ -975,7 +979,7 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset "
                                          r"'detkd_test_two' has 2 \(cat, dog\)\. Set model\.student\.num_classes = 2"):
         KDTrainer(cfg)
-    cfg.dataloader.train.dataset.names = "detkd_test_three"
+    cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = "detkd_test_three"
     KDTrainer(cfg)  # 3 and 3: accepted
     # an R-CNN's classes are its ROI heads'; the message names that key, under model.student
     # in a distillation config and under model in a plain detector's (a teacher's, a baseline's:
@@ -1173,7 +1177,10 @@ def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_erro
     # AssertionError on the first prediction of a class >= 3 (a teacher of fewer classes was
     # scored against a wrong mapping). Refused before training, naming the key; nothing saved.
     val = _own_coco(tmp_path, "detkd_test_own_val")
+    (tmp_path / "t").mkdir()
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
+    cfg.dataloader.train.dataset.names = _own_coco(tmp_path / "t", "detkd_test_own_tr")  # the same 3 classes
+    cfg.dataloader.train.sampler = None
     cfg.dataloader.test.dataset.names = val
     cfg.train.teacher_eval_at_start = True
     cfg.model.teacher.num_classes = 80

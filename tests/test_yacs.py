@@ -273,7 +273,7 @@ def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
         loader.mapper.image_format = "RGB"
     if "detkd_yacs_two" not in DatasetCatalog.list():
         register_coco_instances("detkd_yacs_two", {}, _coco_json(tmp_path / "two.json", ["cat", "dog"]), str(tmp_path))
-    cfg.dataloader.train.dataset.names = "detkd_yacs_two"
+    cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = "detkd_yacs_two"
     with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset 'detkd_yacs_two' "
                                          r"has 2 \(cat, dog\)\. Set MODEL\.RETINANET\.NUM_CLASSES: 2 in "
                                          r"model\.student's \.yaml or model\.student\.opts \(the teacher's"):
