@@ -439,13 +439,34 @@ def test_a_distiller_loss_key_that_clashes_is_an_error():
     with EventStorage(), pytest.raises(KeyError, match=r"'probe' \(.*\) returned loss keys \['loss_cls'\] that the "
                                                      r"student already returned.*name the distiller's losses"):
         model(make_inputs(n=1, size=(64, 64)))
-    # two distillers with one key: one per method
+    # two distillers of one method (PKD on p2-p3 and on p4-p5): the second one's keys get its
+    # config name appended, and each equals the loss of that distiller alone
+    torch.manual_seed(0)
+    student, teacher = instantiate(tiny_retinanet_cfg()), instantiate(tiny_retinanet_cfg(width=16, fpn=64))
+    inputs = make_inputs(n=1, size=(64, 64))
+
+    def losses_of(distillers):
+        torch.manual_seed(0)
+        m = DistillationDetector(student=copy.deepcopy(student), teacher=copy.deepcopy(teacher),
+                                 distillers=distillers).train()
+        with EventStorage():
+            return {k: v.item() for k, v in m(inputs).items()}
+
+    fine = dict(student_levels=["p3", "p4"], teacher_levels=["p3", "p4"], num_levels=None)
+    coarse = dict(student_levels=["p5", "p6"], teacher_levels=["p5", "p6"], num_levels=None)
+    both = losses_of({"pkd": PKDDistiller(**fine), "pkd_coarse": PKDDistiller(**coarse)})
+    assert both["loss_pkd"] == pytest.approx(losses_of({"pkd": PKDDistiller(**fine)})["loss_pkd"], rel=1e-6)
+    assert both["loss_pkd_pkd_coarse"] == pytest.approx(
+        losses_of({"pkd": PKDDistiller(**coarse)})["loss_pkd"], rel=1e-6)
+    assert both["loss_pkd"] != pytest.approx(both["loss_pkd_pkd_coarse"], rel=1e-3)
+    # one whose renamed key is taken too
     model = DistillationDetector(
         student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
-        distillers={"a": _probe_distiller([], key="loss_same"), "b": _probe_distiller([], key="loss_same")},
+        distillers={"a": _probe_distiller([], key="loss_same"), "x": _probe_distiller([], key="loss_same_b"),
+                    "b": _probe_distiller([], key="loss_same")},
     ).train()
     with EventStorage(), pytest.raises(KeyError, match=r"'b' \(.*\) returned loss keys \['loss_same'\] that another "
-                                                     r"distiller already returned.*one distiller per method"):
+                                                     r"distiller already returned.*\['loss_same_b'\].*another name"):
         model(make_inputs(n=1, size=(64, 64)))
 
 

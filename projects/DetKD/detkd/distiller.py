@@ -236,6 +236,32 @@ def _check_taps(distillers: Dict[str, Distiller], student: nn.Module, teacher: n
             )
 
 
+def _rename_apart(name: str, distiller, d_losses: dict, losses: dict, student_keys: set) -> dict:
+    """The loss dict of distiller ``name`` with its keys made unique among those already in
+    ``losses``: a key another distiller returned (two distillers of one method, e.g. PKD on two
+    sets of levels) gets ``_<name>`` appended, the config's name of the distiller, so both are
+    summed and logged apart (``loss_pkd`` and ``loss_pkd_<name>``). A key of the student's own
+    losses is an error: the distiller is summed into the detector's loss under its name."""
+    clash = set(d_losses) & set(losses)
+    if not clash:
+        return d_losses
+    if clash & student_keys:
+        raise KeyError(
+            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys {sorted(clash & student_keys)} "
+            "that the student already returned; loss keys must be unique: name the distiller's losses "
+            "loss_<method>[_<part>]"
+        )
+    renamed = {(f"{k}_{name}" if k in clash else k): v for k, v in d_losses.items()}
+    still = set(renamed) & set(losses)
+    if still or len(renamed) != len(d_losses):
+        raise KeyError(
+            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys {sorted(clash)} that "
+            f"another distiller already returned, and {sorted(still) or 'the renamed keys'} with its name "
+            "appended clash too; loss keys must be unique: give the distiller another name in model.distillers"
+        )
+    return renamed
+
+
 def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
     """A distiller's forward must return ``{"loss_<method>[_<part>]": scalar tensor}``:
     detectron2's trainer adds every value of the loss dict to the loss it backpropagates and
@@ -586,19 +612,7 @@ class DistillationDetector(nn.Module):
                 d_losses = d(student_taps, teacher_taps, ctx)
                 _check_distiller_losses(name, d, d_losses)
                 self._check_distiller_state(name, d)
-                clash = set(d_losses) & set(losses)
-                if clash:
-                    if clash & student_keys:
-                        whose, fix = "the student", "name the distiller's losses loss_<method>[_<part>]"
-                    else:
-                        whose, fix = "another distiller", (
-                            "use one distiller per method (each covers several levels itself, e.g. "
-                            "PKD's num_levels / student_levels), or name each one's losses apart"
-                        )
-                    raise KeyError(
-                        f"distiller '{name}' ({type(d).__name__}) returned loss keys {sorted(clash)} "
-                        f"that {whose} already returned; loss keys must be unique: {fix}"
-                    )
+                d_losses = _rename_apart(name, d, d_losses, losses, student_keys)
                 losses.update(d_losses)
         return losses
 
