@@ -1065,3 +1065,21 @@ def test_a_model_cast_to_half_precision_is_refused_with_the_amp_fix(dtype):
     model.distillers.float()
     with EventStorage():
         assert torch.isfinite(model(make_inputs(n=2))["loss_pkd"])
+
+
+def test_a_head_reading_a_level_its_backbone_lacks_is_a_clear_error():
+    # a RetinaNet teacher config whose head reads p8 of an FPN of p3-p7 failed in the first
+    # step with a bare KeyError: 'p8'; an RPN's in_features likewise
+    teacher = tiny_retinanet_cfg()
+    teacher.head_in_features = ["p3", "p4", "p5", "p6", "p8"]
+    with pytest.raises(ValueError, match=r"The teacher's RetinaNet reads features \['p8'\] that its backbone \(FPN\) "
+                                         r"does not output \(it outputs \['p3', 'p4', 'p5', 'p6', 'p7'\]\)\. "
+                                         r"Set model\.teacher\.head_in_features"):
+        DistillationDetector(student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(teacher),
+                             distillers={"pkd": PKDDistiller()})
+    student = tiny_faster_rcnn_cfg()
+    student.proposal_generator.in_features = ["p2", "p3", "p9"]
+    with pytest.raises(ValueError, match=r"The student's GeneralizedRCNN reads features \['p9'\].*"
+                                         r"model\.student\.proposal_generator\.in_features"):
+        DistillationDetector(student=instantiate(student), teacher=instantiate(tiny_faster_rcnn_cfg()),
+                             distillers={"pkd": PKDDistiller()})

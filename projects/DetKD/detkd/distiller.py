@@ -309,6 +309,33 @@ def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
+def _check_head_levels(student: nn.Module, teacher: nn.Module) -> None:
+    """A dense head (RetinaNet, FCOS) or RPN that reads a feature its backbone does not output
+    (``head_in_features=["p3", ..., "p8"]`` on an FPN of p3-p7, a teacher config edited for
+    another backbone) failed in the first step with a bare ``KeyError: 'p8'``: named here,
+    with the levels there are and the key to set."""
+    for side, model in (("student", student), ("teacher", teacher)):
+        backbone = getattr(model, "backbone", None)
+        if backbone is None or not hasattr(backbone, "output_shape"):
+            continue
+        if isinstance(model, DenseDetector):
+            wanted, key = list(model.head_in_features), "head_in_features"
+        elif isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None:
+            wanted = list(getattr(model.proposal_generator, "in_features", []))
+            key = "proposal_generator.in_features"
+        else:
+            continue
+        outputs = list(backbone.output_shape())
+        missing = [f for f in wanted if f not in outputs]
+        if missing:
+            raise ValueError(
+                f"The {side}'s {type(model).__name__} reads features {missing} that its backbone "
+                f"({type(backbone).__name__}) does not output (it outputs {outputs}). Set "
+                f"model.{side}.{key} to levels among those, or give the backbone these levels "
+                "(e.g. the FPN's top_block)."
+            )
+
+
 class DistillationDetector(nn.Module):
     """
     A student detector trained with a frozen teacher twin and any number of distillers.
@@ -380,6 +407,7 @@ class DistillationDetector(nn.Module):
             raise ValueError(f"diag_period must be an int >= 0 (0 disables it), got {diag_period!r}")
         self.teacher_precision = teacher_precision
         _check_not_shared(student, teacher)
+        _check_head_levels(student, teacher)
         self.student = student
         teacher.requires_grad_(False)
         teacher.eval()
