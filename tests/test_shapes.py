@@ -131,3 +131,23 @@ def test_the_same_folder_relative_and_absolute_registers_once(tmp_path, monkeypa
     assert MetadataCatalog.get(name).json_file == str(tmp_path / "rel" / name / "annotations.json")
     with pytest.raises(ValueError, match="already registered with another folder"):
         register_shapes("val", 5, seed=11, root=str(tmp_path / "other"))
+
+
+def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
+    """A folder that an older DetKD wrote (other box areas, no version in its json) was reused
+    for ever: the same name is written again once, then reused."""
+    name = register_shapes("val", 6, seed=21, root=str(tmp_path))
+    json_file = tmp_path / name / "annotations.json"
+    fresh = json.loads(json_file.read_text())
+    assert fresh["info"]["version"] == 2
+    stamp = os.stat(json_file).st_mtime_ns
+    register_shapes("val", 6, seed=21, root=str(tmp_path))
+    assert os.stat(json_file).st_mtime_ns == stamp  # this version's folder: reused
+    for old_info in ({"description": "DetKD synthetic shapes, seed 21"}, {"version": 1}):
+        stale = dict(fresh, info=old_info)
+        stale["annotations"] = [dict(a, area=a["bbox"][2] * a["bbox"][3]) for a in fresh["annotations"]]
+        json_file.write_text(json.dumps(stale))
+        assert register_shapes("val", 6, seed=21, root=str(tmp_path)) == name
+        assert json.loads(json_file.read_text()) == fresh
+    # the areas differ (COCOEvaluator reads them from this json for APs / APm / APl)
+    assert any(a["area"] != a["bbox"][2] * a["bbox"][3] for a in fresh["annotations"])

@@ -104,6 +104,20 @@ def _draw_image(rng: np.random.Generator, size: Tuple[int, int], max_objects: in
     return img, anns
 
 
+# Bumped when the written data changes for the same arguments (2: box areas are the shapes'
+# polygon areas, were the box areas), so a folder written by an older DetKD is written again.
+SHAPES_FORMAT = 2
+
+
+def _written_by_this_version(json_file: str) -> bool:
+    """Whether ``json_file`` exists and was written with this :data:`SHAPES_FORMAT`."""
+    try:
+        with open(json_file) as f:
+            return json.load(f).get("info", {}).get("version") == SHAPES_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def write_shapes(
     folder: str,
     num_images: int,
@@ -147,7 +161,7 @@ def write_shapes(
         for a in anns:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=i + 1))
     coco = {
-        "info": {"description": f"DetKD synthetic shapes, seed {seed}"},
+        "info": {"description": f"DetKD synthetic shapes, seed {seed}", "version": SHAPES_FORMAT},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": k + 1, "name": n} for k, n in enumerate(SHAPES_CLASSES)],
@@ -199,8 +213,10 @@ def register_shapes(
     # absolute: the same folder given relative and absolute registers once (not a collision)
     folder = os.path.abspath(os.path.join(root or shapes_root(), name))
     json_file = os.path.join(folder, "annotations.json")
-    if not os.path.isfile(json_file):
-        logger.info(f"Writing the synthetic shapes dataset {name} to {folder}")
+    if not _written_by_this_version(json_file):
+        what = "Rewriting the synthetic shapes dataset (written by an older DetKD)" if os.path.isfile(json_file) \
+            else "Writing the synthetic shapes dataset"
+        logger.info(f"{what} {name} to {folder}")
         write_shapes(
             folder,
             num_images,
