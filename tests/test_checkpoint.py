@@ -150,7 +150,36 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     DetectionCheckpointer(kd.student, str(tmp_path), optimizer=opt).save("baseline", iteration=9)
     with pytest.raises(ValueError, match="training run's checkpoint"):
         export_student(run, str(tmp_path / "baseline.pth"))
+    # a plain detector trained by DefaultTrainer / KDTrainer (a teacher's, a baseline's): its
+    # optimizer is under "trainer", beside "iteration"; save_student refuses it too
+    class _Trainer:
+        def state_dict(self):
+            return {"optimizer": opt.state_dict(), "iteration": 9}
+
+        def load_state_dict(self, state):
+            pass
+
+    DetectionCheckpointer(kd.student, str(tmp_path), trainer=_Trainer()).save("teacher_run", iteration=9)
+    teacher_run = (tmp_path / "teacher_run.pth").read_bytes()
+    assert set(torch.load(tmp_path / "teacher_run.pth", weights_only=False)) == {"model", "trainer", "iteration"}
+    with pytest.raises(ValueError, match=r"teacher_run\.pth' is a training run's checkpoint or other weights "
+                                         r"\(keys \['iteration', 'trainer'\]\).*another file name"):
+        export_student(run, str(tmp_path / "teacher_run.pth"))
+    with pytest.raises(ValueError, match=r"save_student: .*teacher_run\.pth' is a training run's checkpoint"):
+        kd.export_student(str(tmp_path / "teacher_run.pth"))
+    # a raw state dict (torch.save(model.state_dict())) is weights of another model: kept too
+    torch.save(kd.student.state_dict(), tmp_path / "raw.pth")
+    with pytest.raises(ValueError, match=r"other weights \(keys \['backbone\."):
+        export_student(run, str(tmp_path / "raw.pth"))
+    assert (tmp_path / "teacher_run.pth").read_bytes() == teacher_run
     assert (tmp_path / "model_final.pth").read_bytes() == before
+    # a folder: a clear error, and no hidden temporary file left in it
+    (tmp_path / "exports").mkdir()
+    for folder in (str(tmp_path / "exports"), str(tmp_path / "exports") + "/"):
+        with pytest.raises(ValueError, match=r"is a folder; give the student's file name in it \(e\.g\. "
+                                             r"'.*exports/model_final_student\.pth'\)"):
+            export_student(run, folder)
+    assert not list((tmp_path / "exports").iterdir())
     # an older export is replaced
     out = str(tmp_path / "student.pth")
     torch.save({"model": {"old": torch.zeros(1)}}, out)
@@ -213,6 +242,13 @@ def test_run_checkpoint_has_no_teacher_and_export_loads_in_stock_detectron2(tmp_
     kd.export_student(str(tmp_path / "direct.pth"))
     direct = torch.load(tmp_path / "direct.pth", weights_only=False)["model"]
     assert all(torch.equal(direct[k], loaded[k]) for k in loaded)
+    # ... also as a .pkl (it wrote a torch file under that name, which nothing could load);
+    # written again over the earlier .pkl export (read as a pickle: an export, not a run's)
+    for _ in range(2):
+        kd.export_student(str(tmp_path / "direct.pkl"))
+        stock4 = instantiate(tiny_retinanet_cfg())
+        DetectionCheckpointer(stock4).load(str(tmp_path / "direct.pkl"))
+        assert all(torch.equal(v, stock2.state_dict()[k]) for k, v in stock4.state_dict().items())
     with pytest.raises(ValueError, match="no 'student.\\*' keys"):
         export_student(out, str(tmp_path / "again.pth"))
 

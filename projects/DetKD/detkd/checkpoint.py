@@ -499,9 +499,76 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
 
 def save_student(student: nn.Module, path: str) -> None:
     """Save ``student.state_dict()`` as ``{"model": ...}``, the format stock detectron2's
-    DetectionCheckpointer loads (e.g. ``lazyconfig_train_net.py --eval-only``)."""
+    DetectionCheckpointer loads (e.g. ``lazyconfig_train_net.py --eval-only``): a ``.pth``
+    (torch), or a ``.pkl`` in the model zoo's format; see :func:`_write_student` (it refuses to
+    replace a run checkpoint)."""
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    _save({"model": state, "__author__": "DetKD"}, path)
+    _write_student(state, path, "save_student")
+
+
+# The keys of a file that holds weights only (DetKD's student exports, the model zoo's .pkl):
+# anything else (DefaultTrainer's / KDTrainer's "trainer" and "iteration", an "optimizer") is
+# a run's state that a student export written over it would lose.
+_WEIGHTS_ONLY_KEYS = {"model", "__author__", "matching_heuristics"}
+
+
+def _load_any(path: str):
+    """The object in ``path``: a torch file, else a plain pickle (the model zoo's .pkl); None
+    when it is neither."""
+    try:
+        with PathManager.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception:
+        pass
+    try:
+        with PathManager.open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception:  # not a checkpoint: nothing of a run to lose
+        return None
+
+
+def _write_student(state: Dict[str, Any], output: str, caller: str) -> None:
+    """
+    Write a student's state dict to ``output``: ``.pkl`` in the model zoo's format (numpy arrays
+    in a pickle, which detectron2 reads as a ``.pkl``; a ``torch.save`` file under that name it
+    could not read), else ``torch.save``. An older student export (or a file that is no
+    checkpoint) is replaced.
+
+    Raises:
+        ValueError: see :func:`_check_student_output`.
+    """
+    _check_student_output(output, caller)
+    if output.endswith(".pkl"):  # the model zoo's format: numpy arrays in a pickle (exact names)
+        _save({"model": _numpy_state(state), "__author__": "DetKD"}, output, dump=pickle.dump)
+    else:
+        _save({"model": state, "__author__": "DetKD"}, output)
+
+
+def _check_student_output(output: str, caller: str) -> None:
+    """
+    Raises:
+        ValueError: ``output`` is a folder, or a file of a run or of other weights (keys other
+            than :data:`_WEIGHTS_ONLY_KEYS`, or ``student.*`` weights): a DetKD run's
+            ``model_final.pth``, a teacher's or baseline's trained by DefaultTrainer, a raw state
+            dict. The student alone there would lose the rest (and ``--resume`` would refuse it).
+    """
+    if output.endswith(("/", os.sep)) or (PathManager.exists(output) and PathManager.isdir(output)):
+        raise ValueError(
+            f"{caller}: {output!r} is a folder; give the student's file name in it (e.g. "
+            f"{os.path.join(output, 'model_final_student.pth')!r})."
+        )
+    if PathManager.exists(output):
+        existing = _load_any(output)
+        if isinstance(existing, dict):
+            model = existing.get("model")
+            others = sorted(str(k) for k in existing if k not in _WEIGHTS_ONLY_KEYS)
+            if others or (isinstance(model, dict) and any(str(k).startswith(STUDENT_PREFIX) for k in model)):
+                what = f"keys {others[:6]}{' ...' if len(others) > 6 else ''}" if others else "a DetKD run's model"
+                raise ValueError(
+                    f"{caller}: {output!r} is a training run's checkpoint or other weights ({what}): "
+                    "writing the student alone there would lose the rest of it (and --resume would "
+                    "refuse it). Give the student another file name (e.g. model_final_student.pth)."
+                )
 
 
 def _save(obj, path: str, dump=None) -> None:
@@ -521,7 +588,12 @@ def _save(obj, path: str, dump=None) -> None:
     # Never leave a half-written checkpoint under the final name, and replace an older one:
     # iopath's mv refuses to overwrite (it only logs it), so a re-export would keep the old file.
     if not remote:  # a local file: atomic replace
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:  # e.g. path is a folder: leave no full-size hidden file behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return
     if PathManager.exists(path):
         PathManager.rm(path)
@@ -556,26 +628,7 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
         ValueError: if ``checkpoint`` holds no ``student.*`` weights (not a DetKD run's
             checkpoint: a plain detector's is already a student checkpoint).
     """
-    if PathManager.exists(output):
-        try:
-            with PathManager.open(output, "rb") as f:
-                existing = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception:  # not a checkpoint: nothing of a run to lose
-            existing = None
-        existing_model = existing.get("model") if isinstance(existing, dict) else None
-        if isinstance(existing, dict) and (
-            (
-                isinstance(existing_model, dict)
-                and any(str(k).startswith(STUDENT_PREFIX) for k in existing_model)
-            )
-            or "optimizer" in existing
-        ):
-            raise ValueError(
-                f"export_student: {output!r} is a training run's checkpoint (model, optimizer, "
-                "iteration): writing the student alone there would lose the rest of it (and "
-                "--resume would refuse it). Give the student another file name (e.g. "
-                "model_final_student.pth)."
-            )
+    _check_student_output(output, "export_student")  # before a (large) run checkpoint is read
     if isinstance(checkpoint, str):
         with PathManager.open(checkpoint, "rb") as f:
             # Our own run checkpoints hold optimizer/scheduler state, not only tensors.
@@ -587,10 +640,7 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
             "checkpoint (a plain detector's checkpoint is already a student checkpoint)."
         )
     student = student_state_dict(state)
-    if output.endswith(".pkl"):  # the model zoo's format: numpy arrays in a pickle (exact names)
-        _save({"model": _numpy_state(student), "__author__": "DetKD"}, output, dump=pickle.dump)
-    else:
-        _save({"model": student, "__author__": "DetKD"}, output)
+    _write_student(student, output, "export_student")
     return student
 
 

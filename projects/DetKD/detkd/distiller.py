@@ -723,8 +723,9 @@ class DistillationDetector(nn.Module):
 
     def export_student(self, path: str) -> None:
         """Write the student alone as a checkpoint that stock detectron2 loads
-        (``{"model": student.state_dict()}``). :func:`detkd.checkpoint.export_student` does the
-        same from a run's checkpoint file."""
+        (``{"model": student.state_dict()}``; ``.pkl``: the model zoo's numpy format); a run's
+        checkpoint at ``path`` is an error, not replaced. :func:`detkd.checkpoint.export_student`
+        does the same from a run's checkpoint file."""
         from .checkpoint import save_student
 
         save_student(self.student, path)
