@@ -111,10 +111,11 @@ def _keep_run_config(cfg, run_config: bytes) -> None:
                 f"{os.path.join(out, 'config_eval.yaml')}")
 
 
-def _warn_if_teacher_changed(cfg, run_config: bytes) -> None:
+def _teacher_change(cfg, run_config: bytes):
     """--resume with another ``train.teacher_checkpoint`` than the run's (its ``config.yaml``):
     checkpoints do not hold the teacher, so the rest of the run would distil from another
-    teacher without a word."""
+    teacher without a word. Returns the warning to log (None: the same teacher, or a
+    config.yaml that is not a config); logged by ``main`` once log.txt is set up."""
     import yaml
 
     class Loader(yaml.SafeLoader):  # detectron2's config.yaml tags python objects: not built
@@ -124,15 +125,16 @@ def _warn_if_teacher_changed(cfg, run_config: bytes) -> None:
     try:
         theirs = (yaml.load(run_config, Loader=Loader) or {}).get("train", {}).get("teacher_checkpoint")
     except (yaml.YAMLError, AttributeError):  # not a config detectron2 wrote: nothing to compare
-        return
+        return None
     ours = cfg.train.get("teacher_checkpoint")
     if isinstance(theirs, str) and theirs != ours and (theirs or ours):
-        logging.getLogger("detkd.train_net").warning(
+        return (
             f"--resume: train.teacher_checkpoint is {ours!r}, the run in {cfg.train.output_dir!r} "
             f"was trained with {theirs!r} (its config.yaml); the rest of the run distils from "
-            "this one. If that file moved, this is the same teacher; otherwise resume with "
-            f"train.teacher_checkpoint={theirs}."
+            "this one (train.teacher_eval_at_start evaluates it again). If that file moved, this "
+            f"is the same teacher; otherwise resume with train.teacher_checkpoint={theirs}."
         )
+    return None
 
 
 def main(args):
@@ -147,8 +149,11 @@ def main(args):
     resuming = args.resume and not args.eval_only and comm.is_main_process()
     in_run = comm.is_main_process() and _holds_training_run(cfg)  # a training run's folder
     run_config = _read_run_config(cfg) if resuming or in_run else None
+    teacher_change = None
     if resuming and run_config is not None and _holds_training_run(cfg):
-        _warn_if_teacher_changed(cfg, run_config)
+        teacher_change = _teacher_change(cfg, run_config)
+    # --eval-only in a training run's folder: its predictions (inference/) are the run's too
+    eval_in_run = args.eval_only and _holds_training_run(cfg)
     # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
     # checkpoint (by the run's own) are refused here, before anything is written
     check_run_inputs_kept(
@@ -161,6 +166,8 @@ def main(args):
         _keep_run_config(cfg, run_config)
     # DetKD's own messages (teacher loaded, student exported) on the console and in log.txt
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")
+    if teacher_change:  # now also in log.txt
+        logging.getLogger("detkd.train_net").warning(teacher_change)
     _share_cpu_threads()
 
     if args.eval_only:
@@ -172,7 +179,11 @@ def main(args):
         # no buffer broadcast before a forward: with fewer test images than processes, a process
         # without images never runs the forward whose broadcast the others wait for (a hang)
         model = ddp_model(model, broadcast_buffers=False)
-        results = KDTrainer.test(cfg, model)
+        folder = os.path.join(cfg.train.output_dir, "inference_eval") if eval_in_run else None
+        if folder:
+            logger.info(f"Evaluating in a training run's folder: its inference/ is kept, these "
+                        f"predictions go to {folder}")
+        results = KDTrainer.test(cfg, model, KDTrainer.build_evaluator(cfg, output_folder=folder))
         if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)
             with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
                 json.dump(results, f, indent=1)
@@ -181,6 +192,7 @@ def main(args):
     tag = _checkpoint_tag(cfg) if run_config is not None else None  # main process: see run_config
     try:
         trainer = KDTrainer(cfg)
+        trainer.teacher_changed = teacher_change is not None
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     except BaseException:

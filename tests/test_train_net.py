@@ -53,8 +53,10 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     assert not any(k.startswith(("student.", "teacher", "distillers")) for k in student)
 
     # --eval-only on the exported student evaluates with COCOEvaluator; in the training run's
-    # folder, the run's config.yaml stays and the evaluation's goes beside it.
+    # folder, the run's config.yaml stays and the evaluation's goes beside it, and so do the
+    # run's predictions (inference/: they were replaced by those of the evaluated checkpoint).
     run_config = (out / "config.yaml").read_bytes()
+    run_predictions = (out / "inference" / "coco_instances_results.json").read_bytes()
     proc = subprocess.run(
         [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py",
          "--eval-only", f"train.init_checkpoint={out / 'model_final_student.pth'}",
@@ -69,6 +71,8 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     eval_config = (out / "config_eval.yaml").read_text()
     assert f"init_checkpoint: {out / 'model_final_student.pth'}" in eval_config
     assert "max_iter: 3" not in eval_config  # the evaluation's own overrides
+    assert (out / "inference" / "coco_instances_results.json").read_bytes() == run_predictions
+    assert (out / "inference_eval" / "coco_instances_results.json").is_file()
     with open(out / "eval_results.json") as f:
         written = json.load(f)["bbox"]
     printed = [line for line in (proc.stdout + proc.stderr).splitlines() if "copypaste: " in line]
@@ -295,6 +299,10 @@ def test_resume_with_another_max_iter_trains_on_the_new_schedule(tmp_path, caplo
         again = _run(_small_cfg(tmp_path / "r", 10), resume=True)
     assert again.start_iter == 10
     assert "has trained 10 iterations, all of train.max_iter=10: nothing is trained" in caplog.text
+    # what is logged after training (the evaluation of the last checkpoint) is at the run's own
+    # iteration count: TrainerBase.train counted one more, a step that was never trained
+    assert past.iter == past.storage.iter == 10 and again.iter == again.storage.iter == 10
+    assert resumed.iter == resumed.storage.iter == 10  # a run that trained: as detectron2 has it
 
 
 def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, caplog):
@@ -632,6 +640,12 @@ def test_override_typos_are_errors_that_name_the_key():
         check_override_keys(cfg, ["train.max_ite=2"])
     with pytest.raises(KeyError, match=r"no key 'teacher_chekpoint'\. Did you mean 'train\.teacher_checkpoint'"):
         check_override_keys(cfg, ["train.max_iter=2", "train.teacher_chekpoint=/some/teacher.pth"])
+    # a flag typed after the overrides (detectron2's parser takes it as one): Hydra's bare
+    # LexerNoViableAltException before
+    with pytest.raises(ValueError, match=r"\['--resume'\] come after the key=value overrides.*put the flags "
+                                         r"\(--resume, --eval-only, --num-gpus, \.\.\.\) before them.*"
+                                         r"--config-file <config> --resume key=value"):
+        check_override_keys(cfg, ["train.max_iter=2", "--resume"])
     with pytest.raises(KeyError, match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'"):
         check_override_keys(cfg, ["model.student.num_clases=4"])
     with pytest.raises(KeyError, match=r"'model\.distillers\.pkd' has no key 'loss_weigth'.*'model\.distillers\.pkd\.loss_weight'"):
@@ -1603,6 +1617,10 @@ def test_teacher_eval_is_skipped_only_for_a_resumed_run_whose_metrics_hold_teach
         metrics.write_text("\n".join(lines) + "\n")
         hook.trainer = SimpleNamespace(start_iter=start_iter)
         assert hook._logged_before() is logged, (start_iter, lines)
+        # resumed with another teacher checkpoint (train_net.py): those results are another
+        # teacher's, so the teacher is evaluated again
+        hook.trainer = SimpleNamespace(start_iter=start_iter, teacher_changed=True)
+        assert hook._logged_before() is False
 
 
 def test_hooks_follow_export_student_and_teacher_eval_keys_and_kd_only(tmp_path):
@@ -1708,7 +1726,46 @@ def test_ddp_model_leaves_device_ids_unset_for_a_model_off_cuda(monkeypatch):
                     {"device_ids": [3]}]
 
 
-def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch, caplog):
+def test_resume_with_another_teacher_logs_it_in_log_txt_and_evaluates_the_teacher_again(tmp_path, monkeypatch):
+    """train_net.py --resume with another train.teacher_checkpoint: the warning was printed
+    before log.txt was set up (not in it, no timestamp), and teacher_eval_at_start skipped the
+    evaluation because metrics.json held the old teacher's AP: the only teacher AP on record
+    was that of a teacher no longer used."""
+    from detectron2.config import instantiate
+    from detectron2.engine import default_argument_parser
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    teacher = instantiate(load_config("configs/demo/pkd_retinanet.py").model.teacher)
+    for name in ("a.pth", "b.pth"):
+        torch.save({"model": teacher.state_dict()}, tmp_path / name)
+    out = tmp_path / "run"
+
+    def main(max_iter, teacher_file, *flags):
+        train_net.main(default_argument_parser().parse_args([
+            "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *flags,
+            f"train.output_dir={out}", f"train.max_iter={max_iter}", f"train.teacher_checkpoint={teacher_file}",
+            "train.teacher_eval_at_start=True", "train.eval_period=0", "train.checkpointer.period=1",
+            "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
+            "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
+        ]))
+
+    def teacher_evals():
+        return [m for m in _metrics(str(out)) if any(k.startswith("teacher/") for k in m)]
+
+    main(1, tmp_path / "a.pth")
+    assert len(teacher_evals()) == 1
+    main(2, tmp_path / "a.pth", "--resume")  # the same teacher: not evaluated again
+    assert len(teacher_evals()) == 1
+    main(3, tmp_path / "b.pth", "--resume")
+    assert len(teacher_evals()) == 2
+    log = (out / "log.txt").read_text()
+    assert f"--resume: train.teacher_checkpoint is '{tmp_path / 'b.pth'}'" in log
+    assert "Resumed with another teacher checkpoint: the teacher is evaluated again." in log
+
+
+def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch):
     """Checkpoints do not hold the teacher: a --resume whose train.teacher_checkpoint differs from
     the run's (its config.yaml, as detectron2 writes it) warns that the rest of the run distils
     from another teacher; the same teacher, or a config.yaml that is not a config, says nothing."""
@@ -1721,15 +1778,12 @@ def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch, c
     cfg.train.update(output_dir=str(tmp_path), teacher_checkpoint="teachers/old.pth")
     LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
     run_config = (tmp_path / "config.yaml").read_bytes()
-    with caplog.at_level(logging.WARNING, logger="detkd.train_net"):
-        train_net._warn_if_teacher_changed(cfg, run_config)
-        assert caplog.text == ""
-        train_net._warn_if_teacher_changed(cfg, b"not: [a config")
-        assert caplog.text == ""
-        cfg.train.teacher_checkpoint = "teachers/new.pth"
-        train_net._warn_if_teacher_changed(cfg, run_config)
-    assert "train.teacher_checkpoint is 'teachers/new.pth'" in caplog.text
-    assert "trained with 'teachers/old.pth'" in caplog.text and "train.teacher_checkpoint=teachers/old.pth" in caplog.text
+    assert train_net._teacher_change(cfg, run_config) is None
+    assert train_net._teacher_change(cfg, b"not: [a config") is None
+    cfg.train.teacher_checkpoint = "teachers/new.pth"
+    note = train_net._teacher_change(cfg, run_config)
+    assert "train.teacher_checkpoint is 'teachers/new.pth'" in note
+    assert "trained with 'teachers/old.pth'" in note and "train.teacher_checkpoint=teachers/old.pth" in note
 
 
 def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
@@ -1747,3 +1801,15 @@ def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
     with pytest.raises(ValueError, match=r"student predicts 2 classes but the training dataset "
                        r"'detkd_shapes_train_4_s0' has 3 .*model.student.num_classes = 3"):
         check_student_classes(cfg, instantiate(cfg.model), split="train")
+
+
+def test_max_iter_below_one_is_a_clear_error(tmp_path):
+    # train.max_iter=0 (to "just evaluate the teacher") stopped in the lr scheduler on a bare
+    # ZeroDivisionError
+    for bad in (0, -5, 2.5):
+        cfg = _small_cfg(tmp_path / "z", max_iter=2)
+        cfg.train.max_iter = bad
+        with pytest.raises(ValueError, match=rf"train\.max_iter must be an int >= 1, got {bad}.*--eval-only "
+                                             r"with train\.init_checkpoint="):
+            KDTrainer(cfg)
+    assert not (tmp_path / "z").exists() or not any((tmp_path / "z").glob("*.pth"))

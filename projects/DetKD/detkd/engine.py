@@ -122,6 +122,13 @@ def check_override_keys(cfg, overrides) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig, OmegaConf
 
+    flags = [o for o in overrides if str(o).startswith("--")]
+    if flags:  # detectron2's parser takes everything after the first override as one
+        raise ValueError(
+            f"{flags} come after the key=value overrides, which take every argument after the "
+            "first one: put the flags (--resume, --eval-only, --num-gpus, ...) before them, e.g. "
+            f"train_net.py --config-file <config> {' '.join(flags)} key=value ..."
+        )
     missing = object()
 
     def check(cfg, o) -> None:
@@ -739,7 +746,9 @@ class TeacherEvalHook(hooks.HookBase):
     ``train.teacher_eval_at_start=True``; results are also kept in ``self.results``. The
     random states are restored after it: the training run is the same as without it. A resumed
     run whose ``metrics.json`` already holds the teacher's results does not evaluate it again
-    (on COCO, a whole evaluation per ``--resume``).
+    (on COCO, a whole evaluation per ``--resume``), unless it resumes with another
+    ``train.teacher_checkpoint`` than the run's (``trainer.teacher_changed``, set by
+    train_net.py).
     """
 
     def __init__(self, cfg):
@@ -750,7 +759,9 @@ class TeacherEvalHook(hooks.HookBase):
         """Whether this run's metrics.json has the teacher's results (the main process's view,
         shared with every process so that all of them evaluate, or none)."""
         found = False
-        if comm.is_main_process() and self.trainer.start_iter > 0:
+        if getattr(self.trainer, "teacher_changed", False):  # its results are another teacher's
+            logger.info("Resumed with another teacher checkpoint: the teacher is evaluated again.")
+        elif comm.is_main_process() and self.trainer.start_iter > 0:
             path = os.path.join(self.cfg.train.output_dir, "metrics.json")
             if PathManager.isfile(path):
                 with PathManager.open(path) as f:
@@ -816,6 +827,14 @@ class KDTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        max_iter = cfg.train.max_iter
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(
+                f"train.max_iter must be an int >= 1, got {max_iter!r} (the lr schedule divides by "
+                "it). To evaluate a model without training, run train_net.py --eval-only with "
+                "train.init_checkpoint=<its weights> (the teacher: with the teacher's config)."
+            )
+        self.teacher_changed = False  # train_net.py: --resume with another teacher checkpoint
         check_test_datasets(cfg)
         check_run_inputs_kept(cfg, config_yaml=False)  # train_net.py checks config.yaml itself
         model = self.build_model(cfg)
@@ -1076,6 +1095,11 @@ class KDTrainer(DefaultTrainer):
         super().before_train()
 
     def after_train(self):
+        if self.start_iter >= self.max_iter:
+            # nothing trained (a finished run resumed): TrainerBase.train counted one iteration
+            # all the same, and the evaluation of the last checkpoint was logged one (or more)
+            # past the iterations trained; it is logged at the run's own count
+            self.iter = self.start_iter
         # first the inner trainer's hooks: the scalars of a step that failed after its forward
         # are written before KDTrainer's writers' last write, and scalars_after_backward reset
         try:
