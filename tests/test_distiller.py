@@ -597,13 +597,16 @@ def test_maps_of_equal_stride_and_different_sizes_are_a_clear_error():
         model(make_inputs(n=2, size=(128, 160)))
 
 
-def test_maps_of_equal_stride_and_different_sizes_train_with_a_warning_where_resized():
-    """ReviewKD resizes the student's maps onto the teacher's (as across strides): a pair whose
-    teacher pads to a larger size divisibility (e.g. a C4 student without any, an FPN teacher)
-    trains, with one warning naming the cause."""
+def test_maps_of_equal_stride_and_different_sizes_are_compared_where_both_cover_the_image():
+    """A teacher that pads to a larger size divisibility (64, the student 32): ReviewKD compares
+    each pair of equal stride on the cells both maps cover, which are aligned (both grids start
+    at the image's corner). It resized the student's map onto the teacher's, so the student's
+    image was stretched over the teacher's extra padding (cells up to 24 px apart). One note in
+    the log names the cause."""
     import logging
 
     from detkd import ReviewKDDistiller
+    from detkd.losses import reviewkd
 
     torch.manual_seed(0)
     model = build(L(DistillationDetector)(
@@ -611,19 +614,41 @@ def test_maps_of_equal_stride_and_different_sizes_train_with_a_warning_where_res
         distillers={"reviewkd": L(ReviewKDDistiller)()},
     ))
     model.teacher.backbone._size_divisibility = 64
+    inputs = make_inputs(n=2, size=(128, 160))
+    seen = []
+    hcl = reviewkd.hcl_level_loss
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("detkd.distiller").addHandler(handler)
+    log = logging.getLogger("detkd.distiller")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
     try:
-        with EventStorage():
+        with EventStorage(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(reviewkd, "hcl_level_loss", lambda a, b: seen.append((a, b)) or hcl(a, b))
             for _ in range(2):
-                losses = model(make_inputs(n=2, size=(128, 160)))
+                losses = model(inputs)
     finally:
-        logging.getLogger("detkd.distiller").removeHandler(handler)
+        log.removeHandler(handler)
+        log.setLevel(level)
     assert torch.isfinite(losses["loss_reviewkd"])
-    assert [r.levelno for r in records] == [logging.WARNING]
-    assert "student 32, teacher 64" in records[0].getMessage()
+    size_notes = [r for r in records if "pad their inputs to different sizes" in r.getMessage()]
+    assert len(size_notes) == 1 and "student 32, teacher 64" in size_notes[0].getMessage()
+    # the teacher's maps (128 x 192 input) cropped to the student's (128 x 160), not resized
+    with torch.no_grad():
+        images = model.teacher.preprocess_image(inputs)
+        assert tuple(images.tensor.shape[-2:]) == (128, 192)
+        feats_t = model.teacher.backbone(images.tensor)
+        feats_s = model.student.backbone(model.student.preprocess_image(inputs).tensor)
+    pairs = model.distillers["reviewkd"].pairs
+    assert len(seen) == 2 * len(pairs)
+    for (out, ref), (s, t) in zip(seen[-len(pairs):], pairs):
+        h, w = feats_s[s].shape[-2:]
+        assert out.shape[-2:] == (h, w) and feats_t[t].shape[-1] >= w
+        torch.testing.assert_close(ref, feats_t[t][:, :, :h, :w])
+    s, t = pairs[0]
+    assert feats_t[t].shape[-1] > feats_s[s].shape[-1]  # the case tested: 24 vs 20 columns at p3
 
 
 def test_a_distiller_rejecting_the_pair_is_named_in_the_error():

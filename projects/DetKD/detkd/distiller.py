@@ -676,9 +676,9 @@ class DistillationDetector(nn.Module):
 
     def _check_aligned(self, student_taps, teacher_taps) -> None:
         """Maps of equal stride must cover the same padded image: a distiller would otherwise
-        pair predictions or features of different positions (GID, PKD). Distillers that resize
-        the student's maps onto the teacher's (``resizes_levels``: ReviewKD) train on such a
-        pair, as on pairs of different strides, with a warning."""
+        pair predictions or features of different positions (GID, PKD). Distillers that compare
+        the part both maps cover (``resizes_levels``: ReviewKD) train on such a pair, with a
+        note in the log."""
         if not self._stride_pairs:
             return
         s, t = self._stride_pairs[0]  # the finest: no rounding of odd sizes yet
@@ -697,10 +697,9 @@ class DistillationDetector(nn.Module):
                 "(detectron2's detectors pad their images to a multiple of their backbone's "
                 "size_divisibility property: a custom Backbone overrides it)."
             )
-        logger.warning(
-            msg + " The distillers resize the student's maps onto the teacher's, which cover the "
-            "teacher's extra padding too; a student whose size divisibility is a multiple of the "
-            "teacher's avoids it."
+        logger.info(
+            msg + " The distillers compare the part of each pair of maps that both cover (the "
+            "image and the padding common to both)."
         )
         self._size_warned = True
 

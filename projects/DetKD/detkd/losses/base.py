@@ -73,10 +73,11 @@ class Distiller(nn.Module):
     trained with the student, saved in run checkpoints and dropped by student export.
 
     Attributes:
-        resizes_levels (bool): :meth:`forward` resizes a student map onto the teacher map it is
-            compared with when their sizes differ (ReviewKD), so it trains on a pair whose
-            maps of equal stride differ in size (a teacher that pads its inputs to a larger size
-            divisibility than the student's) instead of failing.
+        resizes_levels (bool): :meth:`forward` handles a student map and the teacher map it is
+            compared with of different sizes (ReviewKD: maps of equal stride are cropped to the
+            part both cover, others resized), so it trains on a pair whose maps of equal stride
+            differ in size (models that pad their inputs to different size divisibilities)
+            instead of failing.
     """
 
     resizes_levels = False

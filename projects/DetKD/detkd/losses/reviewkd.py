@@ -352,6 +352,7 @@ class ReviewKDDistiller(Distiller):
         self.mid_channels = mid_channels
         self.norm = norm
         self.pairs: List[Tuple[str, str]] = []
+        self._equal_stride: Dict[str, bool] = {}  # per student level of self.pairs
         self.abfs = nn.ModuleDict()
 
     def bind(self, student, teacher):
@@ -359,6 +360,7 @@ class ReviewKDDistiller(Distiller):
         self.pairs = pair_fpn_levels(
             s_shapes, t_shapes, num_levels=self.num_levels, pair_by=self.pair_by
         )
+        self._equal_stride = {s: s_shapes[s].stride == t_shapes[t].stride for s, t in self.pairs}
         deepest = self.pairs[-1][0]
         mid = self.mid_channels or max(t_shapes[t].channels for _, t in self.pairs)
         for s, t in self.pairs:
@@ -424,8 +426,15 @@ class ReviewKDDistiller(Distiller):
         total = 0.0
         for s, t in self.pairs:
             out, ref = fused[s], feats_t[t]
-            if out.shape[2:] != ref.shape[2:]:  # pair_by="index" across strides: as PKD does
-                out = F.interpolate(out, size=ref.shape[2:], mode="bilinear", align_corners=False)
+            if out.shape[2:] != ref.shape[2:]:
+                if self._equal_stride[s]:
+                    # the models pad to different size divisibilities: both grids start at the
+                    # image's corner with one stride, so the part both cover is aligned cell for
+                    # cell (a resize would shift the image by up to the extra padding)
+                    h, w = min(out.shape[2], ref.shape[2]), min(out.shape[3], ref.shape[3])
+                    out, ref = out[:, :, :h, :w], ref[:, :, :h, :w]
+                else:  # pair_by="index" across strides: as PKD does
+                    out = F.interpolate(out, size=ref.shape[2:], mode="bilinear", align_corners=False)
             level = hcl_level_loss(out, ref)
             put_scalar(f"reviewkd/{s}", level)
             total = total + level
