@@ -228,7 +228,7 @@ def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, mo
     class Stop(Exception):
         pass
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         calls.append((cmd, cwd))
         raise Stop
 
@@ -348,7 +348,7 @@ def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, m
     class Stop(Exception):
         pass
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         calls.append((cmd, cwd))
         if len(calls) == 2:
             raise Stop
@@ -402,7 +402,7 @@ def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path
     # a file that exists, a URL, or an empty one with a random teacher asked for: the runs start
     calls = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         calls.append(cmd)
         raise KeyboardInterrupt
 
@@ -452,7 +452,7 @@ def test_paths_from_here_quotes_a_path_that_hydra_would_parse_as_syntax(tmp_path
 
     calls = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         calls.append(cmd)
         raise KeyboardInterrupt
 
@@ -500,7 +500,7 @@ def test_repro_checks_a_yacs_teacher_config_before_the_baseline_trains(tmp_path,
         repro.main(args + ["model.teacher.opts=[MODEL.NO_SUCH_KEY,1]"])
     calls = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         calls.append(cmd)
         raise KeyboardInterrupt
 
@@ -577,7 +577,7 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
 
     dirs = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         dirs.append(_output_dir(cmd))
         raise Stop
 
@@ -617,7 +617,7 @@ def _repro_commands(monkeypatch, argv):
     class Stop(Exception):
         pass
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         cmds.append(cmd[2:])
         if len(cmds) == 2:
             raise Stop
@@ -676,7 +676,7 @@ def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monke
     rows from each run's last bbox/* results, the delta distilled AP - baseline AP."""
     from detkd import repro
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, env):
         out = _output_dir(cmd)
         os.makedirs(out)
         if out.endswith("baseline"):
@@ -791,6 +791,7 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     assert picture[3:9] == ["--teacher", str(out / "teacher_retinanet" / "model_final.pth"),
                             "--before", str(out / "student_retinanet" / "model_final.pth"),
                             "--after", str(out / "pkd_retinanet" / "model_final_student.pth")]
+    assert picture[-2:] == ["--", nw]  # the distilled run's overrides: its model and test data
     val, heldout = (out / "results.txt").read_text().split("held-out split (6 images, seed 7):")
 
     def rows(table):
@@ -838,7 +839,7 @@ def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_o
     os.utime(weights, (1e9, 1e9))
     calls = []
 
-    def fake_train_net(cmd, cwd, stdout, stderr, check):
+    def fake_train_net(cmd, cwd, stdout, stderr, check, env):
         calls.append(cmd)
         out = _output_dir(cmd)
         with open(os.path.join(out, "eval_results.json"), "w") as f:
@@ -950,3 +951,75 @@ def test_demo_starts_the_detr_runs_from_the_retinanets_backbones(tmp_path, monke
     assert "teacher (retinanet)" in (tmp_path / "both" / "results.txt").read_text()
     with pytest.raises(SystemExit, match=r"train\.init_checkpoint.*backbones of the demo's retinanet runs"):
         demo.main(["--methods", "d3etr", "--output", str(out), "--", "train.init_checkpoint=x.pkl"])
+
+
+def test_demo_refuses_overrides_that_reach_its_two_students_differently(tmp_path, monkeypatch):
+    """An override reaches a config where its parent key exists: model.anchor_matcher.* reached
+    the student alone (and the teacher), not the distilled student (model.student.*), and the
+    table's delta compared two different students. Refused before training, naming the fix;
+    given to both, accepted."""
+    from detkd import demo
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    thr = "model.anchor_matcher.thresholds=[0.5,0.6]"
+    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py and student_retinanet\.py would train different "
+                                         r"students: model\.student differ.*model\.X=\.\.\. model\.student\.X="):
+        demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", thr])
+    with pytest.raises(SystemExit, match=r"model\.student differ"):  # the other way round
+        demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", "model.student.head.conv_dims=[8]"])
+    kd, alone = (os.path.join(REPO, "configs/demo", f"{n}.py") for n in ("pkd_retinanet", "student_retinanet"))
+    demo.check_same_students([(kd, alone)], [thr, "model.student.anchor_matcher.thresholds=[0.5,0.6]"])
+    demo.check_same_students([(kd, alone)], ["model.distillers.pkd.loss_weight=3"])  # the distiller only
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_the_runs_read_the_data_where_this_process_does(tmp_path, monkeypatch):
+    """A relative $DETKD_DATASETS (or the default ./datasets) named two folders: the runs start in
+    the repository root, the demo's picture is drawn here. The runs get it absolute."""
+    from detkd import repro
+    from detkd.demo import run_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DETKD_DATASETS", "rel_data")
+    assert run_env()["DETKD_DATASETS"] == str(tmp_path / "rel_data")
+    monkeypatch.delenv("DETKD_DATASETS")
+    assert run_env()["DETKD_DATASETS"] == str(tmp_path / "datasets")
+    seen = []
+
+    def fake_run(cmd, check, cwd, env):
+        seen.append(env["DETKD_DATASETS"])
+        out = _output_dir(cmd)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.json"), "a") as f:
+            f.write(json.dumps({"bbox/AP": 1.0, "bbox/AP50": 2.0, "bbox/AP75": 3.0, "iteration": 1}) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    res = repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), "train.teacher_random_init=True",
+                      "train.teacher_checkpoint=", "--output", str(tmp_path / "o")])
+    assert seen == [str(tmp_path / "datasets")] * 2
+    assert res["teacher"] == {}
+
+
+def test_repro_run_again_in_its_folder_reports_this_runs_results_only(tmp_path, monkeypatch, capsys):
+    """detectron2's writer appends to metrics.json: a second repro in the same folder whose
+    distilled run does not evaluate its teacher (train.teacher_eval_at_start=False) printed the
+    first run's teacher AP. Each run starts without the folder's old metrics.json."""
+    from detkd import repro
+
+    def fake_run(cmd, check, cwd, env):
+        out = _output_dir(cmd)
+        os.makedirs(out, exist_ok=True)
+        lines = [{"bbox/AP": 10.0 if out.endswith("baseline") else 12.0, "iteration": 1}]
+        if "train.teacher_eval_at_start=False" not in cmd and out.endswith("distilled"):
+            lines.insert(0, {"teacher/bbox/AP": 40.0, "iteration": 0})
+        with open(os.path.join(out, "metrics.json"), "a") as f:  # as detectron2's writer
+            f.write("".join(json.dumps(m) + "\n" for m in lines))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = ["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
+            "--output", str(tmp_path / "o")]
+    assert repro.main(args)["teacher"] == {"AP": 40.0}
+    res = repro.main(args + ["train.teacher_eval_at_start=False"])
+    assert res["teacher"] == {} and res["distilled"]["AP"] == 12.0
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert table.splitlines()[1].split() == ["teacher", "nan", "nan", "nan"]

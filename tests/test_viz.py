@@ -1,5 +1,6 @@
 """detkd.viz: the values its pictures show, against independent computations on tiny random models."""
 import numpy as np
+import pytest
 import torch
 
 import detkd.viz as viz
@@ -727,3 +728,21 @@ def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
     assert np.array_equal(got[-layers]["boxes"], got[0]["boxes"])
     assert not np.allclose(got[-1]["boxes"], got[0]["boxes"])
     assert got[0]["colors"] == ["deepskyblue"] * 3 + ["red"] * 3 and got[0]["pairs"] == [(0, 3), (1, 4), (2, 5)]
+
+
+def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(tmp_path, monkeypatch):
+    """The picture of a run trained with overrides (the demo's: levels, widths, test data) was
+    drawn from the config as written: other levels, other images, or weights that did not fit.
+    The view takes them as key=value after its options; a typo in them is named."""
+    from types import SimpleNamespace
+
+    from detkd.viz import _kd_config
+
+    monkeypatch.chdir(tmp_path)  # configs/... from outside the repository: found under it
+    args = SimpleNamespace(view="pkd", config="configs/demo/pkd_retinanet.py",
+                           opts=["model.distillers.pkd.num_levels=2", "dataloader.test.dataset.names.num_images=8"])
+    cfg = _kd_config(args)
+    assert cfg.model.distillers.pkd.num_levels == 2 and cfg.dataloader.test.dataset.names.num_images == 8
+    args.opts = ["model.distillers.pkd.num_levls=2"]
+    with pytest.raises(SystemExit, match=r"\[viz pkd\] Override 'model\.distillers\.pkd\.num_levls': .* Did you mean 'model\.distillers\.pkd\.num_levels'"):
+        _kd_config(args)

@@ -37,11 +37,11 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
-    "paths_from_here", "check_reserved", "int_at_least",
+    "paths_from_here", "check_reserved", "int_at_least", "check_same_students", "run_env",
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -122,6 +122,51 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
             check_override_keys(_loaded(c), select(c))
         except KeyError as e:
             raise SystemExit(f"[{tool}] {os.path.basename(c)}: {e.args[0]}") from e
+
+
+def run_env() -> Dict[str, str]:
+    """The environment of a ``train_net.py`` run started in the repository root: the synthetic
+    data's folder (``$DETKD_DATASETS``, default ``./datasets``) as an absolute path from here,
+    where this process (e.g. the PKD picture) reads it; relative, the runs wrote it under the
+    repository and the picture here, twice."""
+    from .data.shapes import shapes_root
+
+    return dict(os.environ, DETKD_DATASETS=os.path.abspath(shapes_root()))
+
+
+def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -> None:
+    """
+    Raise SystemExit unless, for each ``(distilled config, student-alone config)`` pair, the
+    overrides of ``opts`` that reach each run (:func:`applicable_overrides`) leave them training
+    the same student the same way (:data:`detkd.repro._PAIRED`: ``model.student`` vs ``model``,
+    data, optimizer, schedule, ...). An override reaches a config where its parent key exists:
+    ``model.anchor_matcher.thresholds=...`` reaches the student alone's ``model``, not the
+    distilled config's (there it is ``model.student.anchor_matcher``), and the table's delta
+    compared two different students without a word.
+    """
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    from .repro import _PAIRED, _training_setting
+
+    def value(cfg, key):
+        v = OmegaConf.select(cfg, key, default=None)
+        return _training_setting(key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+
+    for kd_config, base_config in pairs:
+        kd = LazyConfig.apply_overrides(LazyConfig.load(kd_config), applicable_overrides(kd_config, opts))
+        base = LazyConfig.apply_overrides(LazyConfig.load(base_config), applicable_overrides(base_config, opts))
+        differ = [k for k, kb in _PAIRED if value(kd, k) != value(base, kb)]
+        if differ:
+            hint = ""
+            if "model.student" in differ:
+                hint = (" An override of the student alone's model.X reaches the distilled config as "
+                        "model.student.X: give both (model.X=... model.student.X=...).")
+            raise SystemExit(
+                f"[demo] with the overrides, {os.path.basename(kd_config)} and {os.path.basename(base_config)} "
+                f"would train different students: {', '.join(differ)} differ (distilled vs alone), and "
+                f"the table's delta would compare them.{hint}"
+            )
 
 
 def check_reserved(opts: Sequence[str], reserved: Dict[str, str], tool: str) -> None:
@@ -219,7 +264,7 @@ def _run_logged(cmd, log_path: str) -> None:
     the log, behind a CalledProcessError traceback that did not name it)."""
     with open(log_path, "w") as f:
         try:
-            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True, env=run_env())
             return
         except subprocess.CalledProcessError as e:
             status = e.returncode
@@ -461,6 +506,7 @@ def main(argv=None):
     if args.opts:  # every override must reach some run (a typo fails here, before training)
         check_overrides([cfg(f"{m}_{d}") for m, d in dets.items()]
                         + [cfg(f"{r}_{d}") for d in set(dets.values()) for r in ("teacher", "student")], args.opts)
+        check_same_students([(cfg(f"{m}_{d}"), cfg(f"student_{d}")) for m, d in dets.items()], args.opts)
     for seed in args.seeds:
         suffix = f"_seed{seed}" if seed else ""
         seed_opts = [f"train.seed={seed}"] if seed else []
@@ -502,11 +548,15 @@ def main(argv=None):
 
         det = family("pkd")
         first = f"_seed{args.seeds[0]}" if args.seeds[0] else ""  # the first seed's runs
-        viz(["pkd", "--config", cfg(f"pkd_{det}"),
-             "--teacher", os.path.join(out, f"teacher_{det}", "model_final.pth"),
-             "--before", os.path.join(out, f"student_{det}{first}", "model_final.pth"),
-             "--after", os.path.join(out, f"pkd_{det}{first}", "model_final_student.pth"),
-             "--index", "3", "--out", os.path.join(out, "pkd_fpn.png")])
+        try:  # with the distilled run's overrides: its levels, widths and test data
+            viz(["pkd", "--config", cfg(f"pkd_{det}"),
+                 "--teacher", os.path.join(out, f"teacher_{det}", "model_final.pth"),
+                 "--before", os.path.join(out, f"student_{det}{first}", "model_final.pth"),
+                 "--after", os.path.join(out, f"pkd_{det}{first}", "model_final_student.pth"),
+                 "--index", "3", "--out", os.path.join(out, "pkd_fpn.png"),
+                 "--", *applicable_overrides(cfg(f"pkd_{det}"), args.opts)])
+        except (Exception, SystemExit) as e:  # the table is saved: a picture does not undo it
+            log(f"[demo] the PKD picture ({os.path.join(out, 'pkd_fpn.png')}) failed: {type(e).__name__}: {e}")
     log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "
         "its output folder.")

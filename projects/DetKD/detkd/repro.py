@@ -26,7 +26,7 @@ import sys
 
 from .demo import (
     REPO, _has_key, _loaded, applicable_overrides, check_overrides, check_reserved, final_metrics,
-    int_at_least, paths_from_here,
+    int_at_least, paths_from_here, run_env,
 )
 
 __all__ = ["baseline_of", "check_pair", "pair_overrides", "main"]
@@ -279,6 +279,12 @@ def main(argv=None):
         ("distilled", args.config, ["train.teacher_eval_at_start=True"]),
     ):
         run_dir = os.path.join(out, tag)
+        # a new run in an earlier one's folder: detectron2's writer appends to metrics.json, and
+        # the table would read the earlier run's results (the teacher's too, when this run does
+        # not evaluate it)
+        for stale in ("metrics.json",):
+            if os.path.isfile(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
         opts = pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
@@ -287,7 +293,7 @@ def main(argv=None):
         cmd += opts
         print("[repro] " + " ".join(cmd[1:]), flush=True)
         try:
-            subprocess.run(cmd, check=True, cwd=REPO)
+            subprocess.run(cmd, check=True, cwd=REPO, env=run_env())  # the data's folder: as here
         except subprocess.CalledProcessError as e:  # its error is in the output above
             raise SystemExit(f"[repro] the {tag} run ({os.path.basename(cfg)}) failed (exit status "
                              f"{e.returncode}): its error is in its output above") from None

@@ -194,9 +194,21 @@ def _kd_config(args):
     """The distillation config of ``args.config``; SystemExit with the reason if it is none."""
     from detectron2.config import LazyConfig
 
+    from .demo import REPO
+    from .engine import check_override_keys
+
+    if not os.path.isfile(args.config) and os.path.isfile(os.path.join(REPO, args.config)):
+        args.config = os.path.join(REPO, args.config)  # configs/... from outside the repository
     if not os.path.isfile(args.config):
-        raise SystemExit(f"[viz {args.view}] config not found: {args.config}")
+        raise SystemExit(f"[viz {args.view}] config not found: {args.config} (neither here nor under {REPO})")
     cfg = LazyConfig.load(args.config)
+    opts = list(getattr(args, "opts", None) or [])
+    if opts:  # the run's overrides: the model (levels, widths) and test data it trained with
+        try:
+            check_override_keys(cfg, opts)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"[viz {args.view}] {e.args[0]}") from e
+        cfg = LazyConfig.apply_overrides(cfg, opts)
     model = cfg.get("model")
     if model is None or "teacher" not in model or "student" not in model:
         raise SystemExit(
@@ -432,6 +444,9 @@ def main(argv=None):
     d.add_argument("--layer", type=int, default=-1, help="decoder layer (-1: the last)")
     d.add_argument("--top", type=int, default=8, help="the most confident teacher queries drawn")
     d.add_argument("--out", default="d3etr_matches.png")
+    for sp in (p, g, d):
+        sp.add_argument("opts", nargs="*", help="key=value overrides of the config, as the run was "
+                        "trained with (last, after --)")
     args = parser.parse_args(argv)
     _check_args(args)
     {"pkd": _pkd_view, "gid": _gid_view, "d3etr": _d3etr_view}[args.view](args)
