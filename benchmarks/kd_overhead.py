@@ -301,11 +301,17 @@ def _steps(model, batch, device):
             run_teacher(teacher, model.teacher_images(batch), model._teacher_capture)
         model._teacher_capture.clear()
 
+    # as under KDTrainer (engine._KDScalarsHook): the step's logged scalars are read after the
+    # backward pass, not between forward and backward (on a GPU, a host sync before the backward
+    # is queued, which training does not have)
+    model.scalars_after_backward = True
+
     def kd_step():
         get_event_storage().step()  # diagnostics run every `diag_period` iterations, as in training
         loss = sum(model(batch).values())
         opt_kd.zero_grad(set_to_none=True)
         loss.backward()
+        model.write_pending_scalars()
         opt_kd.step()
 
     def distiller_state():
@@ -314,6 +320,15 @@ def _steps(model, batch, device):
         return [*params, *(p.grad for p in params if p.grad is not None), *state]
 
     return student_step, teacher_forward, kd_step, opt_s, opt_kd, distiller_state
+
+
+def cpu_threads(device) -> None:
+    """On a CPU, torch's threads: ``$OMP_NUM_THREADS`` when set (the user's choice, e.g. on a shared
+    machine, kept), else one per core this process may use (taskset, Slurm), not all of the
+    machine's."""
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(max(1, len(cores)))
 
 
 def check_methods(methods, available, tool):
@@ -388,10 +403,7 @@ def main(argv=None):
                         "model.distillers.d3etr.aux_gt_loss=False")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        # the cores this process may use (taskset, Slurm), not all of the machine's
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-        torch.set_num_threads(max(1, len(cores)))
+    cpu_threads(device)
 
     runs, available = [], set()
     for path in sorted(glob.glob(os.path.join(REPO, "configs/demo/*_*.py"))):
@@ -419,7 +431,8 @@ def main(argv=None):
     if args.opts:
         check_overrides(sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"teacher precision {args.teacher_precision}")
+          f"teacher precision {args.teacher_precision}"
+          + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
     # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
     sw = max([46] + [len(r[1]) + 2 for r in runs])  # the setting column fits the longest setting
     head = f"{'method':<9}{'setting':<{sw}}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"

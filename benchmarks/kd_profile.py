@@ -55,11 +55,10 @@ def build_model(config, device, batch_size, image_size):
 
 
 def build_steps(config, device, batch_size, image_size, built=None):
-    """(student_step, kd_step) closures on one fixed batch, lr 0: kd_overhead.py's steps (its
-    ``_steps``); ``built``: :func:`build_model`'s result to use instead of building one."""
+    """(student_step, teacher_forward, kd_step) closures on one fixed batch, lr 0: kd_overhead.py's
+    steps (its ``_steps``); ``built``: :func:`build_model`'s result to use instead of building one."""
     model, batch = built or build_model(config, device, batch_size, image_size)
-    student_step, _, kd_step = kd_overhead._steps(model, batch, device)[:3]
-    return student_step, kd_step
+    return kd_overhead._steps(model, batch, device)[:3]
 
 
 @contextlib.contextmanager
@@ -191,20 +190,25 @@ def op_table(fn, device, steps):
     }
 
 
-def op_differences(student, kd):
+def op_differences(student, kd, teacher=None):
     """
-    Per op, KD step minus student step: rows (name, d self CPU us, d self device us, d calls),
-    for the ops of either table.
+    Per op, KD step minus student step minus teacher forward (``teacher``: its table, already in
+    the ratio's denominator, so not the distillation's cost): rows (name, d self CPU us,
+    d self device us, d calls), for the ops of any table.
     """
     zero = (0.0, 0.0, 0.0)
-    names = sorted(set(student) | set(kd))
-    return [(k, *(a - b for a, b in zip(kd.get(k, zero), student.get(k, zero)))) for k in names]
+    teacher = teacher or {}
+    names = sorted(set(student) | set(kd) | set(teacher))
+    return [
+        (k, *(a - b - c for a, b, c in zip(kd.get(k, zero), student.get(k, zero), teacher.get(k, zero))))
+        for k in names
+    ]
 
 
 def report(title, config, device, batch_size, image_size, steps, top, compiled=False):
     model, batch = build_model(config, device, batch_size, image_size)
     closures = kd_overhead._steps(model, batch, device)
-    student_step, kd_step = closures[0], closures[2]
+    student_step, teacher_forward, kd_step = closures[0], closures[1], closures[2]
     with EventStorage():
         for _ in range(3):  # warm-up
             student_step()
@@ -213,6 +217,7 @@ def report(title, config, device, batch_size, image_size, steps, top, compiled=F
         t_s, t_kd = (kd_overhead._median(t) for t in times)
         sync_s, sync_kd = sync_sites(student_step, device), sync_sites(kd_step, device)
         ops_s, ops_kd = op_table(student_step, device, steps), op_table(kd_step, device, steps)
+        ops_t = op_table(teacher_forward, device, steps)
         split = distiller_split(model, batch, device, 2 * steps + 1, closures)
         if compiled:
             with compiled_distiller_forwards(model):
@@ -243,12 +248,13 @@ def report(title, config, device, batch_size, image_size, steps, top, compiled=F
         extra = sync_kd - sync_s
         for (message, where, thread), n in extra.most_common(top):
             print(f"   +{n:<3d} {where}" + (f"  [thread {thread}]" if thread else ""))
-    calls = sum(v[2] for v in ops_kd.values()) - sum(v[2] for v in ops_s.values())
-    print(f"   ops per step: student {sum(v[2] for v in ops_s.values()):.0f}, KD {sum(v[2] for v in ops_kd.values()):.0f} ({calls:+.0f})")
-    rows = op_differences(ops_s, ops_kd)
+    n_s, n_t, n_kd = (sum(v[2] for v in ops.values()) for ops in (ops_s, ops_t, ops_kd))
+    print(f"   ops per step: student {n_s:.0f}, teacher forward {n_t:.0f}, KD {n_kd:.0f} ({n_kd - n_s - n_t:+.0f})")
+    rows = op_differences(ops_s, ops_kd, ops_t)
     columns = [("self CPU", 1)] + ([("self device", 2)] if device.type == "cuda" else [])
     for label, col in columns:
-        print(f"   largest {label} time added by the KD step (ms per step, calls):")
+        print(f"   largest {label} time the KD step adds to the student step and the teacher forward "
+              "(ms per step, calls):")
         for row in sorted(rows, key=lambda r: -r[col])[:top]:
             print(f"      {row[0][:64]:<64s} {row[col] / 1e3:+8.2f} ms  {row[3]:+6.0f}")
 
@@ -265,6 +271,7 @@ def main(argv=None):
                         help="also the distillers' own cost with their forward under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    kd_overhead.cpu_threads(device)  # as kd_overhead.py times these steps
     runs = []
     if args.large:
         runs = [(m, f"R50 pair {os.path.basename(p)[:-3]}", p, 2, 640) for m, p in kd_overhead.LARGE.items()]
@@ -275,7 +282,8 @@ def main(argv=None):
             if not name.startswith("_") and method not in ("teacher", "student"):
                 runs.append((method, f"demo {name}", os.path.relpath(path, kd_overhead.REPO), 8, 128))
     kd_overhead.check_methods(args.methods, {r[0] for r in runs}, "kd_profile")
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"
+          + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
     for method, title, path, batch_size, image_size in runs:
         if args.methods and method not in args.methods:
             continue

@@ -87,6 +87,11 @@ def test_op_differences_are_kd_minus_student_per_op():
     kd = {"conv": (25.0, 9.0, 5.0), "mine": (7.0, 2.0, 4.0)}
     rows = {r[0]: r[1:] for r in prof.op_differences(student, kd)}
     assert rows == {"conv": (15.0, 5.0, 3.0), "add": (-1.0, -0.5, -3.0), "mine": (7.0, 2.0, 4.0)}
+    # less the teacher forward's ops (in the ratio's denominator: not the distillation's cost)
+    teacher = {"conv": (12.0, 3.0, 2.0), "pool": (2.0, 1.0, 1.0)}
+    rows = {r[0]: r[1:] for r in prof.op_differences(student, kd, teacher)}
+    assert rows == {"conv": (3.0, 2.0, 1.0), "add": (-1.0, -0.5, -3.0), "mine": (7.0, 2.0, 4.0),
+                    "pool": (-2.0, -1.0, -1.0)}
 
 
 def test_profile_of_the_demo_pkd_step_shows_the_distiller_ops():
@@ -96,16 +101,22 @@ def test_profile_of_the_demo_pkd_step_shows_the_distiller_ops():
     from detectron2.utils.events import EventStorage
 
     cpu = torch.device("cpu")
-    student_step, kd_step = prof.build_steps("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    built = prof.build_model("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    student_step, teacher_forward, kd_step = prof.build_steps(None, cpu, 2, 64, built=built)
     with EventStorage():
         kd_step()
         ops_s, ops_kd = prof.op_table(student_step, cpu, 1), prof.op_table(kd_step, cpu, 1)
+        ops_t = prof.op_table(teacher_forward, cpu, 1)
         assert prof.sync_sites(kd_step, cpu) == {}  # host synchronisations are counted on CUDA only
-    rows = {r[0]: r[1:] for r in prof.op_differences(ops_s, ops_kd)}
+    rows = {r[0]: r[1:] for r in prof.op_differences(ops_s, ops_kd, ops_t)}
     assert "_PKDLevelLoss" not in ops_s
     n_levels = rows["_PKDLevelLoss"][2]
     assert n_levels >= 3 and rows["_PKDLevelLossBackward"][2] == n_levels
     assert sum(v[2] for v in ops_kd.values()) > sum(v[2] for v in ops_s.values())
+    # with the teacher's forward taken out, the convolutions the KD step adds are the
+    # distillers' own (PKD's 4 1x1 adapters; with the teacher's, 32)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in built[0].distillers.modules())
+    assert rows["aten::convolution"][2] == n_convs
 
 
 def test_profile_sync_recorder_names_the_thread_that_synchronised():
@@ -394,3 +405,39 @@ def test_distiller_split_blocks_nest_inside_the_compiled_forwards():
             assert pkd.forward is not compiled
         assert pkd.forward is compiled
     assert pkd.forward == eager and "forward" not in vars(pkd)
+
+
+def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_follow_omp(monkeypatch):
+    """The KD step read its logged scalars between forward and backward (scalars_after_backward
+    False: on a GPU a host sync before the backward is queued, which KDTrainer's steps do not
+    have); it reads them after, as _KDScalarsHook does. A user's $OMP_NUM_THREADS is kept."""
+    from detectron2.utils.events import EventStorage
+
+    prof = _kd_profile()
+    kd_overhead = _kd_overhead()
+    cpu = torch.device("cpu")
+    model, batch = prof.build_model("configs/demo/pkd_retinanet.py", cpu, 2, 64)
+    order = []
+    write = model.write_pending_scalars
+    def write_and_record():
+        if model._pending_scalars:  # (each forward first writes a previous step's: none here)
+            order.append("scalars")
+        write()
+
+    monkeypatch.setattr(model, "write_pending_scalars", write_and_record)
+    kd_step = prof.build_steps(None, cpu, 2, 64, built=(model, batch))[2]
+    loss_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: order.append("backward") or loss_backward(*a, **k))
+    with EventStorage() as storage:
+        kd_step()
+    assert model.scalars_after_backward is True and order == ["backward", "scalars"]
+    assert any(k.startswith("kd_diag/") or k.startswith("pkd") for k in storage.histories())
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    kd_overhead.cpu_threads(cpu)
+    assert threads == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    kd_overhead.cpu_threads(cpu)
+    assert len(threads) == 1 and threads[0] >= 1
