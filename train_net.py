@@ -147,19 +147,20 @@ def main(args):
     # mismatch, AMP on the CPU), and --eval-only in a training run's folder (its own config goes
     # to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
-    in_run = comm.is_main_process() and _holds_training_run(cfg)  # a training run's folder
+    holds_run = _holds_training_run(cfg)  # a training run's folder (read before anything is written)
+    in_run = comm.is_main_process() and holds_run
     run_config = _read_run_config(cfg) if resuming or in_run else None
     teacher_change = None
-    if resuming and run_config is not None and _holds_training_run(cfg):
+    if resuming and run_config is not None and holds_run:
         teacher_change = _teacher_change(cfg, run_config)
     # --eval-only in a training run's folder: its predictions (inference/) are the run's too
-    eval_in_run = args.eval_only and _holds_training_run(cfg)
+    eval_in_run = args.eval_only and holds_run
     # a teacher trained in train.output_dir: its config.yaml (replaced by default_setup) and its
     # checkpoint (by the run's own) are refused here, before anything is written
     check_run_inputs_kept(
         cfg,
         checkpoints=not args.eval_only,
-        config_yaml=not (args.eval_only and _holds_training_run(cfg)),  # else restored below
+        config_yaml=not eval_in_run,  # else restored below
     )
     default_setup(cfg, args)
     if args.eval_only and in_run and run_config is not None:

@@ -538,6 +538,11 @@ def _write_student(state: Dict[str, Any], output: str, caller: str) -> None:
         ValueError: see :func:`_check_student_output`.
     """
     _check_student_output(output, caller)
+    _dump_student(state, output)
+
+
+def _dump_student(state: Dict[str, Any], output: str) -> None:
+    """:func:`_write_student` without the check of ``output`` (done by the caller)."""
     if output.endswith(".pkl"):  # the model zoo's format: numpy arrays in a pickle (exact names)
         _save({"model": _numpy_state(state), "__author__": "DetKD"}, output, dump=pickle.dump)
     else:
@@ -640,7 +645,7 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
             "checkpoint (a plain detector's checkpoint is already a student checkpoint)."
         )
     student = student_state_dict(state)
-    _write_student(student, output, "export_student")
+    _dump_student(student, output)  # output checked above
     return student
 
 

@@ -138,25 +138,20 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
     """
     Raise SystemExit unless, for each ``(distilled config, student-alone config)`` pair, the
     overrides of ``opts`` that reach each run (:func:`applicable_overrides`) leave them training
-    the same student the same way (:data:`detkd.repro._PAIRED`: ``model.student`` vs ``model``,
+    the same student the same way (:func:`detkd.repro.paired_differences`: ``model.student`` vs ``model``,
     data, optimizer, schedule, ...). An override reaches a config where its parent key exists:
     ``model.anchor_matcher.thresholds=...`` reaches the student alone's ``model``, not the
     distilled config's (there it is ``model.student.anchor_matcher``), and the table's delta
     compared two different students without a word.
     """
     from detectron2.config import LazyConfig
-    from omegaconf import OmegaConf
 
-    from .repro import _PAIRED, _training_setting
-
-    def value(cfg, key):
-        v = OmegaConf.select(cfg, key, default=None)
-        return _training_setting(key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+    from .repro import paired_differences
 
     for kd_config, base_config in pairs:
         kd = LazyConfig.apply_overrides(LazyConfig.load(kd_config), applicable_overrides(kd_config, opts))
         base = LazyConfig.apply_overrides(LazyConfig.load(base_config), applicable_overrides(base_config, opts))
-        differ = [k for k, kb in _PAIRED if value(kd, k) != value(base, kb)]
+        differ = paired_differences(kd, base)
         if differ:
             hint = ""
             if "model.student" in differ:

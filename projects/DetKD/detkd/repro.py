@@ -107,6 +107,20 @@ _PAIRED = (
 )
 
 
+def paired_value(cfg, key):
+    """``key`` of ``cfg`` as a plain value, as :data:`_PAIRED` compares it (None if absent)."""
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.select(cfg, key, default=None)
+    return _training_setting(key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+
+
+def paired_differences(kd, base):
+    """The :data:`_PAIRED` keys (the distilled config's) in which the loaded distilled config
+    ``kd`` and baseline ``base`` do not train the student the same way."""
+    return [k for k, kb in _PAIRED if paired_value(kd, k) != paired_value(base, kb)]
+
+
 def _training_setting(key, v):
     """``train.clip_grad`` / ``train.amp`` as they act: absent or disabled is off, whatever else
     they hold (detectron2's configs have no clip_grad; DetKD's default is disabled)."""
@@ -144,14 +158,11 @@ def check_pair(config: str, baseline: str, opts) -> None:
     if OmegaConf.select(base, "model.teacher", default=None) is not None:
         raise SystemExit(f"[repro] the baseline {baseline} is a distillation config; pass the student's own config")
 
-    def value(cfg, key):
-        v = OmegaConf.select(cfg, key, default=None)
-        return _training_setting(key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
-
+    value = paired_value
     seed = value(kd, "train.seed")
     if not isinstance(seed, int) or seed < 0:
         raise SystemExit(f"[repro] train.seed is {seed!r}: each run would draw its own seed; set train.seed=N")
-    differ = [k for k, kb in _PAIRED if value(kd, k) != value(base, kb)]
+    differ = paired_differences(kd, base)
     if differ:
         shown = [f"{k} ({value(kd, k)!r} vs {value(base, kb)!r})" if not isinstance(value(kd, k), (dict, list))
                  else k for k, kb in _PAIRED if k in differ]
@@ -282,9 +293,8 @@ def main(argv=None):
         # a new run in an earlier one's folder: detectron2's writer appends to metrics.json, and
         # the table would read the earlier run's results (the teacher's too, when this run does
         # not evaluate it)
-        for stale in ("metrics.json",):
-            if os.path.isfile(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
+        if os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            os.remove(os.path.join(run_dir, "metrics.json"))
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
         opts = pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
