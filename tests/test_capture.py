@@ -220,3 +220,104 @@ def test_namedtuple_and_defaultdict_outputs_are_recorded_and_checked(clone):
     else:
         with pytest.raises(RuntimeError, match="in place"):
             cap["0"]
+
+
+def test_a_failed_forward_leaves_no_taps_and_no_graph():
+    """A forward that raises inside the context keeps none of its taps: they would hold the
+    failed step's autograd graph alive into the next step."""
+    net = Net()
+    cap = FeatureCapture(net, ["body"])
+    with pytest.raises(ZeroDivisionError):
+        with cap:
+            net(torch.randn(1, 3, 4, 4, requires_grad=True))
+            1 / 0
+    assert "body" not in cap
+
+
+def test_a_tap_called_twice_in_one_forward_is_an_error():
+    """A weight-shared submodule applied twice (e.g. per level) would keep only its last call."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.shared(x), self.shared(x[..., :2, :2])
+
+    net = Twice()
+    cap = FeatureCapture(net, ["shared"])
+    with pytest.raises(RuntimeError, match=r"'shared' \(Conv2d\) was called more than once"):
+        with cap:
+            net(torch.randn(1, 3, 4, 4))
+    assert not net.shared._forward_hooks and "shared" not in cap
+    with cap:  # one call per forward, forward after forward: fine
+        net.shared(torch.randn(1, 3, 4, 4))
+    with cap:
+        y = net.shared(torch.randn(1, 3, 4, 4))
+    assert torch.equal(cap["shared"], y)
+
+
+def test_an_entry_of_an_output_dict_replaced_later_does_not_reach_the_tap():
+    class Feats(nn.Module):
+        def forward(self, x):
+            return {"p3": x * 2, "p4": x * 3}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Feats()
+
+        def forward(self, x):
+            f = self.backbone(x)
+            f["p3"] = f["p3"] * 0  # out of place: no version counter changes
+            f["p9"] = x
+            return f
+
+    x = torch.randn(1, 2)
+    for clone in (False, True):
+        model = Model()
+        cap = FeatureCapture(model, ["backbone"], clone=clone)
+        with cap:
+            model(x)
+        assert sorted(cap["backbone"]) == ["p3", "p4"] and torch.equal(cap["backbone"]["p3"], x * 2)
+
+
+@pytest.mark.parametrize("clone", [False, True])
+def test_boxes_and_instances_are_copied_or_checked(clone):
+    """An anchor generator's list[Boxes] (GID taps one) and Instances are recorded as new
+    structures: ``Boxes.clip`` on the model's own (it replaces ``.tensor``) does not reach the
+    tap; ``clone`` copies their tensors, and without it an in-place change of a tensor inside is
+    an error when the tap is read."""
+    from detectron2.structures import Boxes, Instances
+
+    class Anchors(nn.Module):
+        def forward(self, x):
+            inst = Instances((8, 8), pred_boxes=Boxes(torch.tensor([[-1.0, -1.0, 9.0, 9.0]])), scores=x[:1])
+            return [Boxes(torch.tensor([[-10.0, -10.0, 50.0, 50.0]]))], inst
+
+    net = nn.Sequential(Anchors())
+    cap = FeatureCapture(net, ["0"], clone=clone)
+    with cap:
+        anchors, inst = net(torch.ones(2))
+    got_anchors, got_inst = cap["0"]
+    assert type(got_anchors[0]) is Boxes and type(got_inst) is Instances and got_inst.image_size == (8, 8)
+    assert (got_anchors[0].tensor is anchors[0].tensor) != clone
+    anchors[0].clip((32, 32))
+    inst.pred_boxes.clip((8, 8))
+    got_anchors, got_inst = cap["0"]
+    assert torch.equal(got_anchors[0].tensor, torch.tensor([[-10.0, -10.0, 50.0, 50.0]]))
+    assert torch.equal(got_inst.pred_boxes.tensor, torch.tensor([[-1.0, -1.0, 9.0, 9.0]]))
+    assert torch.equal(got_inst.scores, torch.ones(1))
+
+    for change in (lambda a, i: a[0].tensor.add_(1), lambda a, i: i.pred_boxes.tensor.mul_(2)):
+        cap = FeatureCapture(net, ["0"], clone=clone)
+        with cap:
+            anchors, inst = net(torch.ones(2))
+        change(anchors, inst)
+        if clone:
+            assert torch.equal(cap["0"][0][0].tensor, torch.tensor([[-10.0, -10.0, 50.0, 50.0]]))
+            assert torch.equal(cap["0"][1].pred_boxes.tensor, torch.tensor([[-1.0, -1.0, 9.0, 9.0]]))
+        else:
+            with pytest.raises(RuntimeError, match="modified in place"):
+                cap["0"]

@@ -4,6 +4,7 @@ import logging
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -625,10 +626,11 @@ def test_maps_of_equal_stride_and_different_sizes_are_compared_where_both_cover_
     level = log.level
     log.setLevel(logging.INFO)
     try:
-        with EventStorage(), pytest.MonkeyPatch.context() as mp:
+        with EventStorage() as storage, pytest.MonkeyPatch.context() as mp:
             mp.setattr(reviewkd, "hcl_level_loss", lambda a, b: seen.append((a, b)) or hcl(a, b))
             for _ in range(2):
                 losses = model(inputs)
+            logged = storage.latest()
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -649,6 +651,12 @@ def test_maps_of_equal_stride_and_different_sizes_are_compared_where_both_cover_
         torch.testing.assert_close(ref, feats_t[t][:, :, :h, :w])
     s, t = pairs[0]
     assert feats_t[t].shape[-1] > feats_s[s].shape[-1]  # the case tested: 24 vs 20 columns at p3
+    # the kd_diag/pearson_* diagnostic compares the same cells (it stretched the student's map)
+    for s in ("p3", "p4", "p5"):
+        a, b = feats_s[s].mean(1), feats_t[s].mean(1)
+        b = b[..., : a.shape[-2], : a.shape[-1]]
+        expected = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+        assert logged[f"kd_diag/pearson_{s}"][0] == pytest.approx(expected, abs=1e-5), s
 
 
 def test_a_distiller_rejecting_the_pair_is_named_in_the_error():
@@ -1061,6 +1069,27 @@ def test_a_training_step_keeps_no_tapped_maps_after_it_returns():
         losses = model(make_inputs(n=1, size=(64, 64)))
     assert "loss_pkd" in losses
     assert "backbone" not in model._teacher_capture
+    assert "backbone" not in model._student_capture
+
+
+def test_a_failed_training_step_keeps_no_tapped_maps():
+    """A step that fails after the student's forward (here its tapped p3 changed in place, an
+    error when read) or inside it keeps none of its taps: they would hold the failed step's
+    autograd graph into the next step (e.g. a retry after an out-of-memory error)."""
+    torch.manual_seed(0)
+    model = build(kd_cfg())
+
+    def change_p3(module, inputs, output):
+        inputs[0][0].mul_(1)
+
+    handle = model.student.head.register_forward_hook(change_p3)
+    with EventStorage(), pytest.raises(RuntimeError, match="'backbone' was modified in place"):
+        model(make_inputs(n=1, size=(64, 64)))
+    handle.remove()
+    assert "backbone" not in model._student_capture and "backbone" not in model._teacher_capture
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in make_inputs(n=1, size=(64, 64))]
+    with EventStorage(), pytest.raises(AssertionError, match="annotations are missing"):
+        model(inputs)
     assert "backbone" not in model._student_capture
 
 

@@ -12,14 +12,21 @@ from typing import Any, Dict, Iterable, List
 import torch
 from torch import nn
 
+from detectron2.structures import Boxes, Instances, RotatedBoxes
+
 __all__ = ["FeatureCapture"]
 
 
 def _map_tensors(fn, obj):
-    """Apply ``fn`` to every tensor inside nested dicts / lists / tuples, keeping their types
-    (a namedtuple, a defaultdict with its factory)."""
+    """Apply ``fn`` to every tensor inside nested dicts / lists / tuples and detectron2's
+    ``Boxes`` / ``RotatedBoxes`` / ``Instances``, rebuilding the containers with their types (a
+    namedtuple, a defaultdict with its factory)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if isinstance(obj, (Boxes, RotatedBoxes)):  # e.g. an anchor generator's list[Boxes]
+        return type(obj)(fn(obj.tensor))
+    if isinstance(obj, Instances):
+        return Instances(obj.image_size, **{k: _map_tensors(fn, v) for k, v in obj.get_fields().items()})
     if isinstance(obj, dict):
         out = copy.copy(obj)  # the same type and attributes (a defaultdict's factory)
         for k, v in obj.items():
@@ -33,9 +40,14 @@ def _map_tensors(fn, obj):
 
 
 def _tensors(obj) -> List[torch.Tensor]:
-    """The tensors inside nested dicts / lists / tuples, in order (nothing is rebuilt)."""
+    """The tensors inside nested dicts / lists / tuples, ``Boxes`` and ``Instances``, in order
+    (nothing is rebuilt)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
+    if isinstance(obj, (Boxes, RotatedBoxes)):
+        return [obj.tensor]
+    if isinstance(obj, Instances):
+        obj = obj.get_fields()
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
     return [t for v in values for t in _tensors(v)]
 
@@ -66,6 +78,12 @@ class FeatureCapture:
     reads; this is detected through the tensor's version counter and reported as an error when
     the tap is read. Pass ``clone=True`` to store copies instead (costs one copy of the tap).
     Outputs made under ``torch.inference_mode`` have no version counter and are not checked.
+    Containers (dicts, lists, tuples, ``Boxes``, ``Instances``) are recorded as shallow copies,
+    so a later ``features["p3"] = ...`` by the model does not reach the tap.
+
+    A tap records one call per forward: a submodule called twice inside one ``with`` block
+    (e.g. a weight-shared head applied level by level) is an error, not a silently kept last
+    call. A forward that raises leaves nothing recorded (no autograd graph is kept alive).
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, clone: bool = False):
@@ -93,8 +111,16 @@ class FeatureCapture:
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            if self.clone:
-                output = _map_tensors(lambda t: t.clone(), output)
+            if name in self._outputs:
+                raise RuntimeError(
+                    f"FeatureCapture: '{name}' ({type(module).__name__}) was called more than "
+                    "once in one forward pass; a tap records one call. Tap a submodule that "
+                    "runs once per forward (e.g. the module that loops over the levels), or "
+                    "one module per call."
+                )
+            # clone=False: new containers around the same tensors (a later replacement of an
+            # entry of the model's dict is not seen by the tap; in-place ops are checked)
+            output = _map_tensors((lambda t: t.clone()) if self.clone else (lambda t: t), output)
             self._outputs[name] = output
             self._versions[name] = _versions(output)
 
@@ -106,10 +132,12 @@ class FeatureCapture:
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if exc_type is not None:
+            self.clear()  # a failed forward's taps (and the autograd graph they hold) go now
         return False
 
     def clear(self):

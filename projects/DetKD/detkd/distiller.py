@@ -7,7 +7,6 @@ import logging
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import instantiate
@@ -614,8 +613,10 @@ class DistillationDetector(nn.Module):
         if self._teacher_capture.names:
             with torch.no_grad(), self._teacher_autocast(images.tensor.device.type):
                 run_teacher(self._teacher, images, self._teacher_capture)
-            teacher_taps = self._teacher_capture.as_dict()
-            self._teacher_capture.clear()
+            try:
+                teacher_taps = self._teacher_capture.as_dict()
+            finally:
+                self._teacher_capture.clear()
         amp = torch.is_autocast_enabled(images.tensor.device.type)
         ctx = DistillContext(self.student, self._teacher, batched_inputs, images, autocast=amp)
 
@@ -626,8 +627,10 @@ class DistillationDetector(nn.Module):
                     stack.enter_context(cm)
             with self._student_capture:
                 losses = dict(self.student(batched_inputs))
-        student_taps = self._student_capture.as_dict()
-        self._student_capture.clear()
+        try:
+            student_taps = self._student_capture.as_dict()
+        finally:  # also when a tap is unreadable: no graph held into the next step
+            self._student_capture.clear()
 
         self._check_aligned(student_taps, teacher_taps)
         self._log_feature_correlation(student_taps, teacher_taps)
@@ -712,8 +715,10 @@ class DistillationDetector(nn.Module):
         for s, t in self._diag_pairs:
             a = student_taps["backbone"][s].float().mean(dim=1, keepdim=True)  # (N, 1, H, W)
             b = teacher_taps["backbone"][t].float().mean(dim=1, keepdim=True)
-            if a.shape[-2:] != b.shape[-2:]:
-                a = F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=False)
+            # equal strides: maps of different sizes (models padding to different size
+            # divisibilities) are compared on the cells both cover, aligned from the image's corner
+            h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+            a, b = a[..., :h, :w], b[..., :h, :w]
             a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
             r = (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12)
             # logged every diag_period iterations only: unsmoothed, or the writers would show
