@@ -402,6 +402,22 @@ def test_amp_on_the_cpu_is_an_error_before_any_hook_runs(tmp_path):
     assert (tmp_path / "amp" / "metrics.json").read_text() == ""  # no teacher evaluation logged
 
 
+def test_train_before_resume_or_load_is_an_error_not_a_random_teacher(tmp_path):
+    """KDTrainer(cfg).train() without resume_or_load (which loads train.teacher_checkpoint) would
+    distil from the teacher's random initialisation without a word: a clear error, before any
+    hook or step, naming the call to make."""
+    cfg = _small_cfg(tmp_path / "noload", 1)
+    trainer = KDTrainer(cfg)
+    started = []
+    trainer.register_hooks([hooks.CallbackHook(before_train=lambda t: started.append(t.iter))])
+    with pytest.raises(RuntimeError, match=r"teacher was not loaded.*resume_or_load\(resume=False\)"):
+        trainer.train()
+    assert started == []
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert started == [0] and trainer.iter == 1
+
+
 def _run_without_schedule_state(output_dir, max_iter, interrupt):
     """A run stopped before iteration ``interrupt`` whose last checkpoint (written every 2
     iterations) then loses the LR scheduler's state, as one written by other tools."""
@@ -1454,6 +1470,34 @@ def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
 def _keeps_a_kd_model(**kwargs):
     """A factory function as cfg.model (it may return a DistillationDetector)."""
     raise AssertionError("not built by check_run_inputs_kept")
+
+
+def test_an_init_checkpoint_the_run_would_overwrite_is_refused(tmp_path):
+    """train.init_checkpoint in the run's own folder under a name the run saves to (e.g. training
+    on from a finished run's model_final.pth in the same folder): the run replaced the file it
+    started from. Refused before anything is written, for a plain model too; --eval-only (which
+    saves nothing) and other names are fine."""
+    from detkd.engine import check_run_inputs_kept
+
+    out = tmp_path / "run"
+    for config in ("configs/demo/pkd_retinanet.py", "configs/demo/student_retinanet.py"):
+        cfg = load_config(config)
+        cfg.train.update(output_dir=str(out), teacher_checkpoint="")
+        for name in ("model_0000099.pth", "model_final.pth", "model_final_student.pth"):
+            cfg.train.init_checkpoint = str(out / name)
+            with pytest.raises(ValueError, match=r"train\.init_checkpoint .*model_.*is in this run's train\.output_dir "
+                               r".*the weights the student starts from would be replaced.*copy the file out"):
+                check_run_inputs_kept(cfg)
+            check_run_inputs_kept(cfg, checkpoints=False)
+        cfg.train.init_checkpoint = str(out / "start.pth")
+        check_run_inputs_kept(cfg)
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"weights")
+    cfg = _small_cfg(out, 1)
+    cfg.train.init_checkpoint = str(out / "model_final.pth")
+    with pytest.raises(ValueError, match="would be replaced"):
+        KDTrainer(cfg)
+    assert (out / "model_final.pth").read_bytes() == b"weights"
 
 
 def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp_path):

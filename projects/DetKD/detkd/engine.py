@@ -189,9 +189,10 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
     :func:`detkd.modeling.build_yacs_detector` node that is the folder's ``config.yaml`` (the
     one detectron2's DefaultTrainer wrote next to the teacher), which ``default_setup``
     replaces with this run's config before the model is built; or the teacher's checkpoint
-    under a name the run saves its own checkpoints to (``model_final.pth``,
-    ``model_0004999.pth``, ``model_final_student.pth``), which the run would replace with the
-    student's weights.
+    (``train.teacher_checkpoint``) or the student's starting weights
+    (``train.init_checkpoint``) under a name the run saves its own checkpoints to
+    (``model_final.pth``, ``model_0004999.pth``, ``model_final_student.pth``), which the run
+    would replace.
 
     Args:
         checkpoints (bool): the run saves checkpoints (training; not ``--eval-only``).
@@ -215,20 +216,26 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
                 f"train.output_dir ({cfg.train.output_dir!r}), which the run replaces with its "
                 "own config before building the model: that .yaml would be lost." + fix
             )
-    teacher_ckpt = cfg.train.get("teacher_checkpoint", "")
+    if not checkpoints:
+        return
+    prefix = re.escape(str(cfg.train.get("checkpointer", {}).get("file_prefix", "model")))
+    saved_as = rf"{prefix}_(final|\d{{7}})\.pth|model_final_student\.pth"
     # only a DistillationDetector reads train.teacher_checkpoint (KDTrainer.resume_or_load): a
     # plain model, e.g. the teacher trained by a copy of its distillation config with
     # `model = teacher`, has no teacher whose weights could be lost
-    if checkpoints and _is_local(teacher_ckpt) and _may_build_kd_model(cfg):
-        path = _local_path(teacher_ckpt)
-        prefix = re.escape(str(cfg.train.get("checkpointer", {}).get("file_prefix", "model")))
-        if os.path.dirname(path) == out and re.fullmatch(
-            rf"{prefix}_(final|\d{{7}})\.pth|model_final_student\.pth", os.path.basename(path)
-        ):
+    inputs = [("train.init_checkpoint", "the weights the student starts from", True),
+              ("train.teacher_checkpoint", "the teacher's weights", _may_build_kd_model(cfg))]
+    for key, what, read in inputs:
+        value = cfg.train.get(key.split(".", 1)[1], "")
+        if not (read and _is_local(value)):
+            continue
+        path = _local_path(value)
+        if os.path.dirname(path) == out and re.fullmatch(saved_as, os.path.basename(path)):
             raise ValueError(
-                f"train.teacher_checkpoint {teacher_ckpt!r} is in this run's train.output_dir "
-                f"({cfg.train.output_dir!r}) under a name the run saves its own checkpoints to: "
-                "the teacher's weights would be replaced by the student's." + fix
+                f"{key} {value!r} is in this run's train.output_dir ({cfg.train.output_dir!r}) "
+                f"under a name the run saves its own checkpoints to: {what} would be replaced by "
+                "this run's. Give this run another train.output_dir (or copy the file out of it "
+                f"and set {key} to the copy)."
             )
 
 
@@ -859,6 +866,7 @@ class KDTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         self.cfg = cfg
+        self._teacher_loaded = False  # resume_or_load loads it
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
@@ -876,6 +884,7 @@ class KDTrainer(DefaultTrainer):
                 self.cfg.train.get("teacher_checkpoint", ""),
                 allow_random=self.cfg.train.get("teacher_random_init", False),
             )
+            self._teacher_loaded = True
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
             if not PathManager.isfile(path):
@@ -1082,8 +1091,16 @@ class KDTrainer(DefaultTrainer):
             )
 
     def train(self):
-        """Run training; returns the last evaluation results (or None)."""
+        """Run training; returns the last evaluation results (or None). For a
+        :class:`DistillationDetector`, call :meth:`resume_or_load` first: it loads the teacher."""
         self._check_amp_device()
+        if isinstance(unwrap_model(self.model), DistillationDetector) and not self._teacher_loaded:
+            raise RuntimeError(
+                "KDTrainer.train(): the teacher was not loaded, and a distillation run would learn "
+                "from a randomly initialised teacher. Call trainer.resume_or_load(resume=False) "
+                "(or resume=True) before trainer.train(), as train_net.py does: it loads "
+                "train.teacher_checkpoint into model.teacher and train.init_checkpoint into the student."
+            )
         TrainerBase.train(self, self.start_iter, self.max_iter)
         return getattr(self, "_last_eval_results", None)
 
