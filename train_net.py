@@ -14,6 +14,7 @@ Usage::
     python train_net.py --config-file CFG --resume                  # continue an interrupted run
     python train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final_student.pth
         # (results also in train.output_dir/eval_results.json)
+    python train_net.py --config-file CFG --eval-only --resume      # the run's last checkpoint
 """
 import json
 import logging
@@ -30,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 from detkd.checkpoint import load_student
 from detkd.engine import (
     KDTrainer,
+    check_config_sections,
     check_input_format,
     check_override_keys,
     check_run_inputs_kept,
@@ -79,6 +81,12 @@ def _holds_training_run(cfg) -> bool:
     """Whether ``train.output_dir`` holds a training run's checkpoints (``last_checkpoint``)."""
     out = cfg.train.get("output_dir")
     return bool(out) and PathManager.isfile(os.path.join(out, "last_checkpoint"))
+
+
+def _last_checkpoint_file(cfg) -> str:
+    """The checkpoint that ``train.output_dir/last_checkpoint`` names (detectron2's format)."""
+    name = _read_output_file(cfg, "last_checkpoint").decode().strip()
+    return os.path.join(cfg.train.output_dir, name)
 
 
 def _checkpoint_tag(cfg):
@@ -139,6 +147,7 @@ def _teacher_change(cfg, run_config: bytes):
 
 def main(args):
     cfg = LazyConfig.load(args.config_file)
+    check_config_sections(cfg, args.config_file, training=not args.eval_only)
     check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     # default_setup replaces OUTPUT_DIR/config.yaml; a --resume refused below (a run of another
@@ -176,7 +185,12 @@ def main(args):
         model = KDTrainer.build_model(cfg)
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
-        load_student(student_of(model), cfg.train.init_checkpoint, strict=True)
+        weights = cfg.train.init_checkpoint
+        if args.resume and holds_run:  # as detectron2's tools/train_net.py: the run's last checkpoint
+            weights = _last_checkpoint_file(cfg)
+            logger.info(f"--eval-only --resume: evaluating the last checkpoint of {cfg.train.output_dir}, "
+                        f"{weights} (train.init_checkpoint is not read)")
+        load_student(student_of(model), weights, strict=True)
         # no buffer broadcast before a forward: with fewer test images than processes, a process
         # without images never runs the forward whose broadcast the others wait for (a hang)
         model = ddp_model(model, broadcast_buffers=False)

@@ -700,6 +700,119 @@ def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_ear
         check_override_keys(cfg, ["train.cudnn_benchmark=True", "train.max_ite=2"])
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("checkpointer.period", 0, r"train\.checkpointer\.period must be an int >= 1.*above train\.max_iter \(2\)"),
+    ("checkpointer.max_to_keep", 0, r"train\.checkpointer\.max_to_keep must be an int >= 1 .* or None"),
+    ("log_period", 0, r"train\.log_period must be an int >= 1"),
+    ("eval_period", -1, r"train\.eval_period must be an int >= 0"),
+    ("clip_grad.max_norm", -1.0, r"train\.clip_grad\.max_norm must be a number > 0 .*turns every gradient around"),
+    ("clip_grad.max_norm", 0, r"train\.clip_grad\.max_norm must be a number > 0"),
+])
+def test_train_periods_and_limits_that_fail_late_or_train_wrongly_are_clear_errors(tmp_path, key, value, match):
+    """checkpointer.period=0 / log_period=0 stopped the run after its first step with a
+    ZeroDivisionError in fvcore / detectron2, max_to_keep=0 on a bare assertion; a clipping limit
+    <= 0 trained without a word (-1 flips every gradient, 0 zeroes them)."""
+    from omegaconf import OmegaConf
+
+    cfg = _small_cfg(tmp_path / "run", 2)
+    cfg.train.clip_grad.enabled = True
+    OmegaConf.update(cfg.train, key, value)
+    with pytest.raises(ValueError, match=match):
+        KDTrainer(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.train.clip_grad.enabled = False
+    if key.startswith("clip_grad"):
+        KDTrainer(cfg)  # the limit is not read without clipping
+
+
+def test_cuda_device_without_cuda_and_a_folder_as_checkpoint_are_clear_errors(tmp_path):
+    from detkd.checkpoint import CheckpointMismatchError, TeacherCheckpointError
+
+    cfg = _small_cfg(tmp_path / "run", 2)
+    if not torch.cuda.is_available():  # the COCO configs' train.device on a machine without CUDA
+        cfg.train.device = "cuda"
+        with pytest.raises(RuntimeError, match=r"train\.device='cuda', but torch finds no CUDA GPU.*train\.device=cpu"):
+            KDTrainer.build_model(cfg)
+        cfg.train.device = "cpu"
+    # a folder given as a checkpoint: "Checkpoint ... not found!" named a path that exists
+    folder = tmp_path / "teacher_run"
+    folder.mkdir()
+    (folder / "model_final.pth").write_bytes(b"")
+    cfg.train.update(teacher_checkpoint=str(folder), teacher_random_init=False)
+    trainer = KDTrainer(cfg)
+    with pytest.raises(TeacherCheckpointError, match=r"it is a folder, not a checkpoint file: set "
+                       r"train\.teacher_checkpoint to the file in it \(e\.g\. .*teacher_run/model_final\.pth; "
+                       r"the folder holds model_final\.pth\)"):
+        trainer.resume_or_load(resume=False)
+    cfg.train.update(teacher_checkpoint="", teacher_random_init=True, init_checkpoint=str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match=r"it is a folder, not a checkpoint file: set train\.init_checkpoint"):
+        KDTrainer(cfg).resume_or_load(resume=False)
+    # --resume: last_checkpoint empty, or naming a folder (both "does not exist")
+    cfg.train.init_checkpoint = ""
+    out = tmp_path / "run"
+    (out / "inference").mkdir(parents=True)
+    for content, problem in (("", "is not a file: last_checkpoint is empty"), ("inference", "is a folder")):
+        (out / "last_checkpoint").write_text(content)
+        with pytest.raises(CheckpointMismatchError, match=rf"--resume: the last checkpoint of .*, {problem}\. "
+                                                          r"To continue, there is no other checkpoint there"):
+            KDTrainer(cfg).resume_or_load(resume=True)
+
+
+def test_a_yacs_config_or_a_lazyconfig_without_a_section_is_a_clear_error(tmp_path):
+    """A model-zoo .yaml as --config-file ended in omegaconf's "Missing key train"; a LazyConfig
+    without `optimizer` in "Missing key optimizer" after config.yaml and log.txt were written."""
+    from detectron2 import model_zoo
+
+    from detkd.engine import check_config_sections
+
+    yaml_file = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", yaml_file, "train.max_iter=2",
+         f"train.output_dir={tmp_path / 'yacs'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert re.search(r"ValueError: .*retinanet_R_50_FPN_1x\.yaml is a yacs config \(it has \['MODEL', '_BASE_'\]\).*"
+                     r"build_yacs_detector", proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "yacs").exists()
+    cfg = load_config("configs/demo/student_retinanet.py")
+    del cfg["optimizer"], cfg["lr_multiplier"]
+    with pytest.raises(ValueError, match=r"x\.py defines no optimizer, lr_multiplier: a LazyConfig run reads model, "
+                                         r"dataloader, train, optimizer, lr_multiplier at its top level \(training\)"):
+        check_config_sections(cfg, "x.py")
+    check_config_sections(cfg, "x.py", training=False)  # --eval-only reads neither
+    del cfg["dataloader"]
+    with pytest.raises(ValueError, match=r"defines no dataloader: .*\(--eval-only\)"):
+        check_config_sections(cfg, "x.py", training=False)
+    check_config_sections(load_config("configs/demo/pkd_retinanet.py"), "pkd_retinanet.py")
+
+
+def test_a_sweep_override_and_a_distillers_dict_that_would_merge_are_clear_errors():
+    """``optimizer.lr=1,5`` (a Hydra sweep) failed in omegaconf without naming the override;
+    ``model.distillers={gid:{...}}`` on the PKD config merged (PKD and GID ran, rc 0) and
+    ``model.distillers={}`` ran PKD."""
+    from omegaconf import OmegaConf
+
+    from detectron2.config import LazyConfig
+
+    from detkd.engine import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    with pytest.raises(ValueError, match=r"'optimizer\.lr=1,5' is a Hydra sweep.*1\.5, not 1,5.*\[1,5\]"):
+        check_override_keys(cfg, ["optimizer.lr=1,5"])
+    merged = LazyConfig.apply_overrides(load_config("configs/demo/pkd_retinanet.py"),
+                                        ["model.distillers={gid:{_target_:detkd.losses.GIDDistiller}}"])
+    assert sorted(OmegaConf.to_container(merged.model.distillers)) == ["gid", "pkd"]  # what LazyConfig does
+    for value in ("{}", "{gid:{_target_:detkd.losses.GIDDistiller}}"):
+        with pytest.raises(ValueError, match=r"a dict override merges into the config's model\.distillers.*"
+                                             r"\['pkd'\] would still run.*configs/demo/"):
+            check_override_keys(cfg, [f"model.distillers={value}"])
+    # accepted: the config's distillers named (replaced or extended), or one added by its key
+    check_override_keys(cfg, ["model.distillers={pkd:{loss_weight:2},gid:{_target_:detkd.losses.GIDDistiller}}"])
+    check_override_keys(cfg, ["+model.distillers.gid={_target_:detkd.losses.GIDDistiller}"])
+    check_override_keys(cfg, ["optimizer.betas=[0.9,0.99]", "train.output_dir='a,b'"])
+
+
 class _NaNGradient(hooks.HookBase):
     """At iteration ``at`` the gradient of one student weight is NaN while the loss is finite
     (e.g. the backward of a sqrt at 0): the step writes NaN into the weights and detectron2's
@@ -1807,6 +1920,49 @@ def test_resume_with_another_teacher_logs_it_in_log_txt_and_evaluates_the_teache
     log = (out / "log.txt").read_text()
     assert f"--resume: train.teacher_checkpoint is '{tmp_path / 'b.pth'}'" in log
     assert "Resumed with another teacher checkpoint: the teacher is evaluated again." in log
+
+
+def test_eval_only_with_resume_evaluates_the_runs_last_checkpoint(tmp_path, monkeypatch):
+    """--eval-only --resume in a run's folder evaluates the checkpoint last_checkpoint names, as
+    detectron2's tools/train_net.py does; it said only "train.init_checkpoint is empty"."""
+    from detectron2.engine import default_argument_parser
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    out = tmp_path / "run"
+
+    def main(*args):
+        return train_net.main(default_argument_parser().parse_args([
+            "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *args,
+            f"train.output_dir={out}", "train.max_iter=2", "train.teacher_checkpoint=",
+            "train.teacher_random_init=True", "train.checkpointer.period=1",
+            "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
+            "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
+        ]))
+
+    main()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    student = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
+    loaded = []
+    monkeypatch.setattr(train_net, "load_student", lambda model, path, strict: loaded.append(path) or
+                        model.load_state_dict(student if path.endswith("final.pth") else
+                                              {k[len("student."):]: v for k, v in torch.load(
+                                                  path, weights_only=False)["model"].items()
+                                               if k.startswith("student.")}))
+    main("--eval-only", "--resume")
+    (out / "last_checkpoint").write_text("model_0000000.pth")
+    main("--eval-only", "--resume")
+    assert loaded == [str(out / "model_final.pth"), str(out / "model_0000000.pth")]
+    assert "--eval-only --resume: evaluating the last checkpoint of" in (out / "log.txt").read_text()
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(REPO)
+    (out / "last_checkpoint").write_text("model_final.pth")
+    predictions = out / "inference_eval" / "coco_instances_results.json"
+    main("--eval-only", "--resume", "model.student.test_score_thresh=0.0")  # the real loading
+    resumed = json.loads(predictions.read_text())
+    main("--eval-only", f"train.init_checkpoint={out / 'model_final_student.pth'}", "model.student.test_score_thresh=0.0")
+    assert resumed and resumed == json.loads(predictions.read_text())
 
 
 def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch):

@@ -309,6 +309,14 @@ def _is_local(path) -> bool:
 def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
     """What to check when the checkpoint ``path`` (of config key ``key``) cannot be loaded."""
     if _is_local(path):
+        local = path[len("file://"):] if path.startswith("file://") else path
+        if os.path.isdir(local):
+            found = sorted(f for f in os.listdir(local) if f.endswith((".pth", ".pkl")))
+            example = os.path.join(local, found[-1] if found else "model_final.pth")
+            return (
+                f"it is a folder, not a checkpoint file: set {key} to the file in it (e.g. "
+                f"{example}{'; the folder holds ' + ', '.join(found[:6]) if found else ''})"
+            )
         return "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
     return f"it could not be downloaded (no network?): download it elsewhere and set {key} to the local file"
 

@@ -24,6 +24,7 @@ import copy
 import difflib
 import inspect
 import logging
+import math
 import os
 import random
 import re
@@ -66,6 +67,7 @@ __all__ = [
     "unwrap_model",
     "student_of",
     "ddp_model",
+    "check_config_sections",
     "check_override_keys",
     "check_test_datasets",
     "check_student_classes",
@@ -102,6 +104,34 @@ def ddp_model(model, **kwargs):
     return create_ddp_model(model, **kwargs)
 
 
+def check_config_sections(cfg, config_file: str, *, training: bool = True) -> None:
+    """
+    Raise ``ValueError`` when ``config_file`` is not a LazyConfig that ``train_net.py`` can run:
+    a yacs ``.yaml`` (detectron2's ``tools/train_net.py`` format: ``MODEL``, ``_BASE_``), or a
+    LazyConfig without one of the top-level keys a run reads (``model``, ``dataloader``,
+    ``train``, and for training ``optimizer`` and ``lr_multiplier``). Both failed later with an
+    omegaconf ``Missing key`` trace, the second after ``config.yaml`` and ``log.txt`` were written.
+    """
+    yacs = [k for k in ("MODEL", "_BASE_", "SOLVER", "DATASETS") if k in cfg]
+    if yacs:
+        raise ValueError(
+            f"{config_file} is a yacs config (it has {yacs}), the format of detectron2's "
+            "tools/train_net.py; DetKD's train_net.py runs LazyConfig .py files. Take a config of "
+            "configs/ and set its model to your yacs model with "
+            "L(detkd.modeling.build_yacs_detector)(config_file=...) (README: \"A teacher or "
+            "student from a yacs .yaml config\")."
+        )
+    needed = ["model", "dataloader", "train"] + (["optimizer", "lr_multiplier"] if training else [])
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"{config_file} defines no {', '.join(missing)}: a LazyConfig run reads "
+            f"{', '.join(needed)} at its top level ({'training' if training else '--eval-only'}). "
+            "Define or import them there, as configs/demo/student_retinanet.py does (e.g. "
+            "`from ..common.kd_train import train`)."
+        )
+
+
 # Keys that are read with a default where a config lacks them, so an override of them is valid
 # although the configs do not set them (detectron2's default_setup: train.cudnn_benchmark).
 _OPTIONAL_OVERRIDE_KEYS = ("train.cudnn_benchmark",)
@@ -117,6 +147,11 @@ def check_override_keys(cfg, overrides) -> None:
     reads with a default although configs rarely set them (``_OPTIONAL_OVERRIDE_KEYS``, e.g.
     ``train.cudnn_benchmark``). Each override is checked against the config as the overrides
     before it leave it (``model.distillers={...} model.distillers.pkd.loss_weight=5``).
+
+    Also ``ValueError`` for a Hydra sweep (``optimizer.lr=1,5``: LazyConfig fails on it with an
+    omegaconf trace that does not name the override) and for a dict override of
+    ``*.distillers`` that leaves out distillers of the config: LazyConfig merges dicts, so
+    ``model.distillers={gid:{...}}`` on the PKD config would run PKD and GID.
     """
     from detectron2.config import LazyConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -131,8 +166,24 @@ def check_override_keys(cfg, overrides) -> None:
         )
     missing = object()
 
-    def check(cfg, o) -> None:
+    def check(cfg, text, o) -> None:
         key = o.key_or_group
+        if o.is_sweep_override():
+            raise ValueError(
+                f"Override {text!r} is a Hydra sweep (a comma outside brackets or quotes), which "
+                "LazyConfig cannot apply: write one value (1.5, not 1,5), a list in brackets "
+                f"({key}=[1,5]) or a quoted string ('{key}=\"a,b\"')."
+            )
+        old, value = OmegaConf.select(cfg, key, default=missing), o.value()
+        if key.split(".")[-1] == "distillers" and isinstance(old, DictConfig) and isinstance(value, dict):
+            kept = [str(k) for k in old.keys() if k not in value]
+            if kept:
+                raise ValueError(
+                    f"Override {text!r}: a dict override merges into the config's {key}, it does "
+                    f"not replace it: {kept} would still run. An override cannot remove a "
+                    f"distiller; choose them in a config file that sets {key} (configs/demo/ has "
+                    "one per method, and pkdgid_retinanet.py with two)."
+                )
         if (
             o.is_add()
             or o.is_force_add()
@@ -171,7 +222,7 @@ def check_override_keys(cfg, overrides) -> None:
     overrides = list(overrides)
     cfg = copy.deepcopy(cfg)  # the earlier overrides are applied to a copy, not to the caller's
     for text, o in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        check(cfg, o)
+        check(cfg, text, o)
         try:
             LazyConfig.apply_overrides(cfg, [text])
         except Exception:  # e.g. a deletion: train_net.py's own apply_overrides reports it
@@ -547,6 +598,53 @@ def share_student_buffers(model) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_train_settings(cfg) -> None:
+    """Periods and limits of ``train`` that detectron2 and fvcore divide by or assert on deep in
+    the run (``ZeroDivisionError`` after the first step for ``train.checkpointer.period=0``, by
+    analogy with ``train.eval_period=0`` = off), or that train wrongly without a word
+    (``train.clip_grad.max_norm <= 0``: a negative norm limit flips every gradient, 0 zeroes
+    them): a ``ValueError`` naming the key and the fix, before anything is built."""
+    ckpt = cfg.train.get("checkpointer", None) or {}
+    period = ckpt.get("period", None)
+    if not _is_int(period) or period < 1:
+        raise ValueError(
+            f"train.checkpointer.period must be an int >= 1 (iterations between checkpoints), got "
+            f"{period!r}; for model_final.pth only, set it above train.max_iter "
+            f"({cfg.train.max_iter})."
+        )
+    keep = ckpt.get("max_to_keep", None)
+    if keep is not None and (not _is_int(keep) or keep < 1):
+        raise ValueError(
+            f"train.checkpointer.max_to_keep must be an int >= 1 (how many periodic checkpoints "
+            f"to keep) or None (keep all), got {keep!r}."
+        )
+    log_period = cfg.train.get("log_period", 20)
+    if not _is_int(log_period) or log_period < 1:
+        raise ValueError(
+            f"train.log_period must be an int >= 1 (iterations between metrics writes), got "
+            f"{log_period!r}; to log rarely, set it to train.max_iter ({cfg.train.max_iter})."
+        )
+    eval_period = cfg.train.get("eval_period", 0)
+    if not _is_int(eval_period) or eval_period < 0:
+        raise ValueError(
+            f"train.eval_period must be an int >= 0 (0: evaluate once, at the end), got {eval_period!r}."
+        )
+    clip = cfg.train.get("clip_grad", None)
+    if clip and clip.get("enabled", False):
+        norm = clip.get("max_norm", None)
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 < norm < math.inf:
+            raise ValueError(
+                f"train.clip_grad.max_norm must be a number > 0 (the largest global gradient norm) "
+                f"while train.clip_grad.enabled, got {norm!r}: a negative limit turns every "
+                "gradient around, 0 zeroes them. To train without clipping, set "
+                "train.clip_grad.enabled=False."
+            )
+
+
 def _clip_max_norm(cfg) -> Optional[float]:
     """``train.clip_grad.max_norm`` where ``train.clip_grad.enabled``, else None."""
     clip = cfg.train.get("clip_grad", None)
@@ -841,6 +939,7 @@ class KDTrainer(DefaultTrainer):
                 "it). To evaluate a model without training, run train_net.py --eval-only with "
                 "train.init_checkpoint=<its weights> (the teacher: with the teacher's config)."
             )
+        _check_train_settings(cfg)
         self.teacher_changed = False  # train_net.py: --resume with another teacher checkpoint
         check_test_datasets(cfg)
         check_run_inputs_kept(cfg, config_yaml=False)  # train_net.py checks config.yaml itself
@@ -888,7 +987,12 @@ class KDTrainer(DefaultTrainer):
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
             if not PathManager.isfile(path):
-                raise self._unusable_last_checkpoint(path, "does not exist")
+                named = os.path.relpath(path, self.cfg.train.output_dir)
+                problem = (
+                    "is not a file: last_checkpoint is empty" if named == "."
+                    else "is a folder" if PathManager.isdir(path) else "does not exist"
+                )
+                raise self._unusable_last_checkpoint(path, problem)
             config_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
             config_groups = [
                 {k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in self.optimizer.param_groups
@@ -1146,7 +1250,15 @@ class KDTrainer(DefaultTrainer):
                 model = instantiate(model_cfg)
         else:
             model = instantiate(model_cfg)
-        model.to(cfg.train.device)
+        device = str(cfg.train.device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"train.device={device!r}, but torch finds no CUDA GPU on this machine "
+                "(torch.cuda.is_available() is False): run on a machine with a GPU and a CUDA "
+                "build of torch, or set train.device=cpu (the configs/demo/ runs' setting; slow "
+                "for COCO-sized models)."
+            )
+        model.to(device)
         logger.info("Model:\n{}".format(model))
         return model
 
