@@ -1,6 +1,7 @@
 """Conditional DETR and D3ETR: matching vs brute force, attention maps, query groups, losses."""
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1806,3 +1807,30 @@ def test_gt_losses_of_a_given_last_layer_assignment_by_hand():
     a_t = 0.6 * onehot + 0.4 * (1 - onehot)
     focal = (a_t * ce * (1 - p_t) ** 1.5).sum() / 3
     torch.testing.assert_close(given["loss_class"], 2.0 * focal)
+
+
+_D3ETR_WEIGHTS = [
+    "cls_weight", "l1_weight", "giou_weight", "sa_weight", "ca_weight",
+    "match_cost_class", "match_cost_bbox", "match_cost_giou",
+]
+
+
+@pytest.mark.parametrize("arg", _D3ETR_WEIGHTS)
+@pytest.mark.parametrize("bad", ["abc", None, -1, float("nan"), float("inf"), True])
+def test_d3etr_weights_must_be_finite_non_negative_numbers(arg, bad):
+    """A string or None weight failed at the first step; a negative loss weight trained the
+    student away from the teacher, a negative match weight matched the worst pairs."""
+    with pytest.raises(
+        ValueError,
+        match=rf"D3ETRDistiller: {arg} must be a finite number >= 0 "
+        rf"\(model\.distillers\.<name>\.{arg}\), got {re.escape(repr(bad))}$",
+    ):
+        D3ETRDistiller(**{arg: bad})
+
+
+def test_d3etr_zero_weights_are_allowed_and_switches_must_be_bools():
+    d = D3ETRDistiller(cls_weight=0, match_cost_class=0, l1_weight=3)
+    assert d.weights["cls"] == 0.0 and d.weights["l1"] == 3.0 and d.match_weights == (0.0, 5.0, 2.0)
+    for arg in ("fixed_matching", "aux_gt_loss"):
+        with pytest.raises(ValueError, match=rf"D3ETRDistiller: {arg} must be True or False .* got 'no'"):
+            D3ETRDistiller(**{arg: "no"})  # a string: true

@@ -1,5 +1,6 @@
 """GID: GI selection on hand-built maps, relation loss formula, FPN levels, response mask."""
 import math
+import re
 
 import pytest
 import torch
@@ -1144,3 +1145,59 @@ def test_pre_nms_topk_cuts_a_level_of_exactly_one_more_prediction():
     )[0]
     assert scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.5])
     assert boxes.tensor[:, 0].tolist() == [0.0, 30.0, 90.0, 120.0]
+
+
+_GID_WEIGHTS = [
+    "feat_weight", "relation_weight", "response_cls_weight", "response_reg_weight", "response_ctr_weight",
+]
+
+
+@pytest.mark.parametrize("arg", _GID_WEIGHTS)
+@pytest.mark.parametrize("bad", ["abc", -1, float("nan"), float("inf"), True])
+def test_weights_must_be_finite_non_negative_numbers(arg, bad):
+    """A string weight failed at the first step, a negative one trained the student away from
+    the teacher (or, for response weights, from its responses)."""
+    with pytest.raises(
+        ValueError,
+        match=rf"GIDDistiller: {arg} must be a finite number >= 0 "
+        rf"\(model\.distillers\.<name>\.{arg}\), got {re.escape(repr(bad))}$",
+    ):
+        GIDDistiller(**{arg: bad})
+
+
+def test_weight_none_is_an_error_but_response_ctr_weight_none_follows_the_cls_weight():
+    with pytest.raises(ValueError, match=r"GIDDistiller: feat_weight must be a finite number >= 0 .* got None"):
+        GIDDistiller(feat_weight=None)
+    d = GIDDistiller(response_cls_weight=0.3, response_ctr_weight=None, feat_weight=0)
+    assert d.weights["ctr"] == 0.3 and d.weights["feat"] == 0.0  # 0 turns a term off
+
+
+@pytest.mark.parametrize("arg", ["topk", "pre_nms_topk", "pooler_resolution"])
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "10", None])
+def test_counts_and_sizes_must_be_ints_of_at_least_one(arg, bad):
+    """topk=0 and pre_nms_topk=0 selected no GI: every GID loss 0, without a word;
+    pooler_resolution=0 failed at the first step on a reshape."""
+    with pytest.raises(
+        ValueError,
+        match=rf"GIDDistiller: {arg} must be an int >= 1 \(.*\) "
+        rf"\(model\.distillers\.<name>\.{arg}\), got {re.escape(repr(bad))}$",
+    ):
+        GIDDistiller(**{arg: bad})
+    assert getattr(GIDDistiller(**{arg: 1}), arg) == 1
+
+
+def test_thresholds_switches_and_levels_are_checked_at_construction():
+    for bad in (1.5, -0.1, float("nan"), "0.3"):
+        msg = rf"GIDDistiller: nms_thresh must be a number in \[0, 1\] .* got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=msg):
+            GIDDistiller(nms_thresh=bad)
+    with pytest.raises(ValueError, match=r"GIDDistiller: min_size must be a finite number >= 0 .* got -1"):
+        GIDDistiller(min_size=-1)
+    with pytest.raises(ValueError, match=r"GIDDistiller: response must be True or False .* got 'False'"):
+        GIDDistiller(response="False")  # a string: true
+    with pytest.raises(ValueError, match=r"GIDDistiller: num_levels must be a positive int .* got 0"):
+        GIDDistiller(num_levels=0)
+    with pytest.raises(ValueError, match=r"GID: selection must be 'anchor' or 'location', got 'box'"):
+        GIDDistiller(selection="box")  # was checked at bind only
+    d = GIDDistiller(nms_thresh=1, min_size=0)
+    assert (d.nms_thresh, d.min_size) == (1.0, 0.0)

@@ -1,4 +1,6 @@
 """PKD loss values against independent formulas, and level pairing of the distiller."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -385,3 +387,112 @@ def test_pkd_refuses_maps_of_different_batch_or_channels():
     for s in (torch.randn(1, 3, 4, 4), torch.randn(2, 4, 4, 4)):
         with pytest.raises(ValueError, match="differ in batch size or channels"):
             pkd_level_loss(s, t)
+
+
+@pytest.mark.parametrize("bad", ["abc", None, -1, -0.5, float("nan"), float("inf"), True, [6.0]])
+def test_loss_weight_must_be_a_finite_non_negative_number(bad):
+    """"abc" failed at the first step (a TypeError from `"abc" * tensor`), None likewise, and -1
+    was accepted: it trained the student away from the teacher."""
+    with pytest.raises(
+        ValueError,
+        match=r"PKDDistiller: loss_weight must be a finite number >= 0 "
+        rf"\(model\.distillers\.<name>\.loss_weight\), got {re.escape(repr(bad))}$",
+    ):
+        PKDDistiller(loss_weight=bad)
+
+
+def test_loss_weight_zero_turns_the_loss_off_and_ints_are_weights():
+    assert PKDDistiller(loss_weight=6).loss_weight == 6.0
+    d = PKDDistiller(loss_weight=0, num_levels=1)
+    d.bind(_Det(RETINA), _Det(RCNN))
+    feats = {n: torch.randn(2, 256, 3, 4) for n in ("p2", "p3")}
+    out = d({"backbone": feats}, {"backbone": feats}, ctx=None)["loss_pkd"]
+    assert torch.is_tensor(out) and out.item() == 0.0
+
+
+def test_other_arguments_are_checked_at_construction():
+    """num_levels and pair_by were checked only at bind; resize_student="False" (a string) was
+    true and resized the student."""
+    with pytest.raises(ValueError, match=r"PKDDistiller: num_levels must be a positive int .* got 0"):
+        PKDDistiller(num_levels=0)
+    with pytest.raises(ValueError, match=r"PKDDistiller: pair_by must be 'stride' or 'index', got 'order'"):
+        PKDDistiller(pair_by="order")
+    with pytest.raises(ValueError, match=r"PKDDistiller: resize_student must be True or False .* got 'False'"):
+        PKDDistiller(resize_student="False")
+
+
+@pytest.mark.parametrize("arg", ["student_levels", "teacher_levels"])
+def test_level_lists_must_be_lists_of_names(arg):
+    """The override `model.distillers.pkd.student_levels=p3` gives the string "p3", which was
+    split into the features 'p' and '3' ("no feature(s) ['p', '3']") at bind."""
+    msg = (rf"{arg} must be a list of level names, e.g. \[p3\] "
+           rf"\(override: 'model\.distillers\.<name>\.{arg}=\[p3\]'\).* got 'p3'")
+    with pytest.raises(ValueError, match="PKDDistiller: " + msg):
+        PKDDistiller(**{arg: "p3"})
+    with pytest.raises(ValueError, match=msg):
+        pair_fpn_levels(RETINA, RCNN, **{arg: "p3"})
+    with pytest.raises(ValueError, match=rf"PKDDistiller: {arg} must be a list of level names.* got \['p3', 3\]"):
+        PKDDistiller(**{arg: ["p3", 3]})
+    with pytest.raises(ValueError, match=rf"{arg} is empty: list the levels .* or set it to None"):
+        PKDDistiller(**{arg: []})
+    with pytest.raises(ValueError, match=rf"{arg} lists \['p3'\] more than once"):
+        PKDDistiller(**{arg: ["p3", "p4", "p3"]})
+
+
+def test_level_lists_from_a_config_are_accepted():
+    """A list from a LazyConfig override is an omegaconf ListConfig; a tuple is fine too."""
+    from omegaconf import ListConfig
+
+    d = PKDDistiller(num_levels=None, student_levels=ListConfig(["p4", "p3"]), teacher_levels=("p3", "p4"))
+    d.bind(_Det(RETINA), _Det(RCNN))
+    assert d.pairs == [("p3", "p3"), ("p4", "p4")]
+
+
+def test_a_listed_level_without_a_partner_is_an_error():
+    """Explicitly listed levels were dropped without a word when they found no partner: by
+    stride, student [p3, p4] with teacher [p3] distilled p3 alone; by index, with teacher [p5],
+    p3 -> p5 alone."""
+    d = PKDDistiller(num_levels=None, student_levels=["p3", "p4"], teacher_levels=["p3"])
+    with pytest.raises(
+        ValueError,
+        match=r"student_levels lists \[\('p4', 16\)\], but no teacher level has that stride .*"
+        r"Add the teacher's level of that stride to teacher_levels, remove \['p4'\] from "
+        r"student_levels, or pair the levels by order with pair_by='index'",
+    ):
+        d.bind(_Det(RETINA), _Det(RCNN))
+    d = PKDDistiller(num_levels=None, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p5"])
+    with pytest.raises(
+        ValueError,
+        match=r"student_levels lists 2 levels \['p3', 'p4'\], the teacher side has 1 \(\['p5'\]\); "
+        r"pair_by='index' .* leaves \['p4'\] without a partner",
+    ):
+        d.bind(_Det(RETINA), _Det(RCNN))
+    # the teacher's side too: a RetinaNet student has no level of the teacher's p2's stride
+    with pytest.raises(ValueError, match=r"teacher_levels lists \[\('p2', 4\)\], but no student level"):
+        pair_fpn_levels(RETINA, RCNN, teacher_levels=["p2", "p3"])
+    with pytest.raises(ValueError, match=r"teacher_levels lists 3 levels .* leaves \['p4'\] without"):
+        pair_fpn_levels(
+            RETINA, RCNN, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p2", "p3", "p4"]
+        )
+    # strict=False (GID's box-head levels): the lists only restrict each side, as before
+    lists = dict(student_levels=["p3", "p4"], teacher_levels=["p3"])
+    assert pair_fpn_levels(RETINA, RCNN, **lists, strict=False) == [("p3", "p3")]
+    # a list on one side: the other side's unlisted levels may stay unpaired
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=["p4", "p5"]) == [("p4", "p4"), ("p5", "p5")]
+    assert pair_fpn_levels(RETINA, RCNN, pair_by="index", teacher_levels=["p4"]) == [("p3", "p4")]
+
+
+def test_a_listed_level_cut_off_by_num_levels_is_an_error():
+    """PKD's default num_levels=4 silently dropped the fifth of five listed levels."""
+    d = PKDDistiller(student_levels=["p3", "p4", "p5", "p6", "p7"], pair_by="index")
+    with pytest.raises(
+        ValueError,
+        match=r"num_levels=4 keeps the first 4 of the level pairs .* leaves out \['p7'\] listed in "
+        r"student_levels: set num_levels=None",
+    ):
+        d.bind(_Det(RETINA), _Det(RCNN))
+    with pytest.raises(ValueError, match=r"only 1 pairs exist .*; lower num_levels, or set it to None"):
+        PKDDistiller(student_levels=["p3"], teacher_levels=["p3"]).bind(_Det(RETINA), _Det(RCNN))
+    d = PKDDistiller(student_levels=["p3", "p4", "p5", "p6", "p7"], pair_by="index", num_levels=None)
+    d.bind(_Det(RETINA), _Det(RCNN))
+    assert d.pairs == [("p3", "p2"), ("p4", "p3"), ("p5", "p4"), ("p6", "p5"), ("p7", "p6")]

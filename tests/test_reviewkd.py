@@ -1,5 +1,6 @@
 """ReviewKD: HCL against explicit pooling, ABF shapes, review order, gradients, checkpoints."""
 import os
+import re
 
 import pytest
 import torch
@@ -571,3 +572,29 @@ def test_abf_precision_is_none_or_bf16(bad):
     with pytest.raises(ValueError, match=r"abf_precision must be None .* or 'bf16'") as e:
         ReviewKDDistiller(abf_precision=bad)
     assert ("grad scaler" in str(e.value)) == (bad == "fp16")
+
+
+@pytest.mark.parametrize("bad", ["abc", None, -1, float("nan"), float("inf"), False])
+def test_loss_weight_must_be_a_finite_non_negative_number(bad):
+    """"abc" and None failed at the first step, -1 trained the student away from the teacher."""
+    with pytest.raises(
+        ValueError,
+        match=r"ReviewKDDistiller: loss_weight must be a finite number >= 0 "
+        rf"\(model\.distillers\.<name>\.loss_weight\), got {re.escape(repr(bad))}$",
+    ):
+        ReviewKDDistiller(loss_weight=bad)
+    assert ReviewKDDistiller(loss_weight=0).loss_weight == 0.0  # turns the loss off
+    assert ReviewKDDistiller(loss_weight=2).loss_weight == 2.0
+
+
+def test_num_levels_pair_by_and_norm_are_checked_at_construction():
+    """num_levels and pair_by were checked at bind only; an unknown norm name was a bare
+    KeyError('bn') from detectron2's get_norm at bind."""
+    with pytest.raises(ValueError, match=r"ReviewKDDistiller: num_levels must be a positive int .* got -1"):
+        ReviewKDDistiller(num_levels=-1)
+    with pytest.raises(ValueError, match=r"ReviewKDDistiller: pair_by must be 'stride' or 'index', got 'order'"):
+        ReviewKDDistiller(pair_by="order")
+    with pytest.raises(ValueError, match=r"ReviewKD: norm must be a detectron2 norm name .* got 'bn'"):
+        ReviewKDDistiller(norm="bn")
+    for norm in ("BN", "GN", "SyncBN", "naiveSyncBN", ""):
+        ReviewKDDistiller(norm=norm)

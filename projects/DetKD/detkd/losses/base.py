@@ -3,7 +3,10 @@ What every DetKD distiller shares: the :class:`Distiller` interface used by
 :class:`detkd.DistillationDetector`, the context it receives, FPN level pairing and small helpers.
 """
 import contextlib
+import math
+import numbers
 import threading
+from collections.abc import Sequence as _SequenceABC
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +24,13 @@ __all__ = [
     "Distiller",
     "DistillContext",
     "pair_fpn_levels",
+    "check_weight",
+    "check_positive_int",
+    "check_fraction",
+    "check_flag",
+    "check_level_names",
+    "check_num_levels",
+    "check_pair_by",
     "put_scalar",
     "deferred_scalars",
     "float_tensors",
@@ -205,6 +215,134 @@ def float_tensors(obj):
     return _map_tensors(lambda t: t.float() if t.is_floating_point() else t, obj)
 
 
+# Constructor-argument checks shared by the distillers. A distiller is built from a LazyConfig
+# (`model.distillers.<name>`), where a command-line override such as
+# `model.distillers.pkd.loss_weight=abc` arrives as any Python value: a bad value is an error
+# at construction naming the argument, its config key and the value, not a failure (or a silent
+# change of the method) at the first training step.
+
+
+def _key(arg: str) -> str:
+    return f"model.distillers.<name>.{arg}"
+
+
+def check_weight(owner: str, arg: str, value) -> float:
+    """
+    A loss or cost weight (or another amount that must not be negative, e.g. a size): a real
+    number (bool excluded), finite and >= 0. A weight of 0 turns its term off; a negative loss
+    weight would train the student away from the teacher.
+
+    Args:
+        owner (str): the class, named in the error (e.g. "PKDDistiller").
+        arg (str): the argument's name.
+        value: the argument.
+
+    Returns:
+        float: ``value``.
+    """
+    if (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+        or not math.isfinite(value) or value < 0
+    ):
+        raise ValueError(
+            f"{owner}: {arg} must be a finite number >= 0 ({_key(arg)}), got {value!r}"
+        )
+    return float(value)
+
+
+def check_positive_int(owner: str, arg: str, value, meaning: str = "") -> int:
+    """
+    A count or size: an int >= 1 (bool excluded).
+
+    Args:
+        owner (str): the class, named in the error; arg (str): the argument's name.
+        meaning (str): what the argument counts, said in the error (e.g. "GIs per image").
+
+    Returns:
+        int: ``value``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(
+            f"{owner}: {arg} must be an int >= 1{what} ({_key(arg)}), got {value!r}"
+        )
+    return int(value)
+
+
+def check_fraction(owner: str, arg: str, value) -> float:
+    """A number in [0, 1] (bool excluded), e.g. an IoU threshold. Returns it as a float."""
+    if (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+        or not (0 <= value <= 1)  # also False for NaN
+    ):
+        raise ValueError(f"{owner}: {arg} must be a number in [0, 1] ({_key(arg)}), got {value!r}")
+    return float(value)
+
+
+def check_flag(owner: str, arg: str, value) -> bool:
+    """A switch: True or False (a string such as "False" would be true)."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{owner}: {arg} must be True or False ({_key(arg)}=True / False), got {value!r}"
+        )
+    return value
+
+
+def check_num_levels(num_levels, owner: Optional[str] = None) -> Optional[int]:
+    """``num_levels`` of :func:`pair_fpn_levels`: a positive int or None. Returns it."""
+    if num_levels is not None and (
+        not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1
+    ):  # a slice bound: -1 would drop the coarsest pair, 0 every pair
+        raise ValueError(
+            f"{owner + ': ' if owner else ''}num_levels must be a positive int (the first "
+            f"num_levels pairs, finest first) or None (all pairs), got {num_levels!r}"
+        )
+    return num_levels
+
+
+def check_pair_by(pair_by, owner: Optional[str] = None) -> str:
+    """``pair_by`` of :func:`pair_fpn_levels`: "stride" or "index". Returns it."""
+    if not isinstance(pair_by, str) or pair_by not in ("stride", "index"):
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}pair_by must be 'stride' or 'index', got {pair_by!r}")
+    return pair_by
+
+
+def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[List[str]]:
+    """
+    ``student_levels`` / ``teacher_levels``: None (all levels) or a non-empty list (or tuple,
+    or omegaconf ListConfig) of distinct level names. A string is refused: the override
+    ``model.distillers.pkd.student_levels=p3`` gives the string "p3", which a list() would
+    split into the features "p" and "3".
+
+    Args:
+        arg (str): the argument's name; owner (str or None): the class, named in the error.
+
+    Returns:
+        list[str] or None: ``value`` as a list.
+    """
+    if value is None:
+        return None
+    prefix = f"{owner}: " if owner else ""
+    is_list = isinstance(value, _SequenceABC) and not isinstance(value, (str, bytes))
+    if not is_list or not all(isinstance(n, str) for n in value):
+        example = f"[{value}]" if isinstance(value, str) and value else "[p3, p4]"
+        raise ValueError(
+            f"{prefix}{arg} must be a list of level names, e.g. {example} (override: "
+            f"'{_key(arg)}={example}'), or None for all levels, got {value!r}"
+        )
+    names = list(value)
+    if not names:
+        raise ValueError(
+            f"{prefix}{arg} is empty: list the levels to distil (e.g. [p3, p4]), or set it to "
+            "None for all levels"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{prefix}{arg} lists {repeated} more than once: {names}")
+    return names
+
+
 def pair_fpn_levels(
     student_shapes: Dict[str, ShapeSpec],
     teacher_shapes: Dict[str, ShapeSpec],
@@ -213,6 +351,7 @@ def pair_fpn_levels(
     pair_by: str = "stride",
     student_levels: Sequence[str] = None,
     teacher_levels: Sequence[str] = None,
+    strict: bool = True,
 ) -> List[Tuple[str, str]]:
     """
     Pair the feature levels of two backbones (FPN outputs ``p2..p6``, ``p3..p7``, ...).
@@ -224,20 +363,22 @@ def pair_fpn_levels(
         pair_by (str): "stride" pairs levels of equal stride (p3 with p3 for a Faster R-CNN
             teacher and a RetinaNet student); "index" pairs the i-th finest level of each side
             (mmrazor's PKD setting: the teacher's p2 with the student's p3).
-        student_levels, teacher_levels (list[str] or None): restrict each side to these levels.
+        student_levels, teacher_levels (list[str] or None): restrict each side to these levels
+            (a list of distinct names, not a string: :func:`check_level_names`).
+        strict (bool): every level named in ``student_levels`` / ``teacher_levels`` must be
+            distilled: a listed level left without a partner (no level of its stride on the
+            other side; with "index", more levels than the other side has) or cut off by
+            ``num_levels`` is an error naming it. False: the lists only restrict each side
+            (GID's restriction to an R-CNN student's box-head levels, which the user did not
+            list).
 
     Returns:
         list[(str, str)]: (student level, teacher level) pairs, finest first.
     """
-    if pair_by not in ("stride", "index"):
-        raise ValueError(f"pair_by must be 'stride' or 'index', got {pair_by!r}")
-    if num_levels is not None and (
-        not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1
-    ):  # a slice bound: -1 would drop the coarsest pair, 0 every pair
-        raise ValueError(
-            f"num_levels must be a positive int (the first num_levels pairs, finest first) or "
-            f"None (all pairs), got {num_levels!r}"
-        )
+    check_pair_by(pair_by)
+    check_num_levels(num_levels)
+    student_levels = check_level_names("student_levels", student_levels)
+    teacher_levels = check_level_names("teacher_levels", teacher_levels)
 
     def levels(shapes, names, side):
         names = list(names) if names is not None else list(shapes)
@@ -274,11 +415,61 @@ def pair_fpn_levels(
                 f"{[(n, teacher_shapes[n].stride) for n in t_levels]} share no stride. "
                 "Use pair_by='index' to pair levels by order instead."
             )
+    # The sides whose levels were listed: (argument, the side's levels, its index in a pair).
+    listed = [
+        (arg, mine, i)
+        for arg, names, mine, i in (
+            ("student_levels", student_levels, s_levels, 0),
+            ("teacher_levels", teacher_levels, t_levels, 1),
+        )
+        if strict and names is not None
+    ]
+    for arg, mine, i in listed:
+        paired = {p[i] for p in pairs}
+        unpaired = [n for n in mine if n not in paired]
+        if not unpaired:
+            continue
+        if i == 0:
+            other_side, other = "teacher", t_levels
+            shapes, other_shapes = student_shapes, teacher_shapes
+        else:
+            other_side, other = "student", s_levels
+            shapes, other_shapes = teacher_shapes, student_shapes
+        if pair_by == "index":
+            raise ValueError(
+                f"FPN level mismatch: {arg} lists {len(mine)} levels {mine}, the {other_side} "
+                f"side has {len(other)} ({other}); pair_by='index' pairs the i-th finest levels "
+                f"of each side, which leaves {unpaired} without a partner. List as many levels "
+                f"on each side ({other_side}_levels), or remove {unpaired} from {arg}."
+            )
+        raise ValueError(
+            f"FPN level mismatch: {arg} lists {[(n, shapes[n].stride) for n in unpaired]}, but "
+            f"no {other_side} level has that stride ({other_side} levels "
+            f"{[(n, other_shapes[n].stride) for n in other]}), so pair_by='stride' leaves "
+            f"them without a partner. Add the {other_side}'s level of that stride to "
+            f"{other_side}_levels, remove {unpaired} from {arg}, or pair the levels by order "
+            "with pair_by='index'."
+        )
     if num_levels is not None:
         if num_levels > len(pairs):
+            fix = (
+                "; lower num_levels, or set it to None for all pairs"
+                if student_levels is not None or teacher_levels is not None
+                else "; lower num_levels."
+            )
             raise ValueError(
                 f"FPN level mismatch: {num_levels} levels requested but only {len(pairs)} "
-                f"pairs exist ({pairs}) with pair_by={pair_by!r}; lower num_levels."
+                f"pairs exist ({pairs}) with pair_by={pair_by!r}{fix}"
             )
+        dropped = pairs[num_levels:]
+        for arg, _, i in listed:
+            cut = [p[i] for p in dropped]
+            if cut:
+                raise ValueError(
+                    f"num_levels={num_levels} keeps the first {num_levels} of the level pairs "
+                    f"{pairs} (finest first), which leaves out {cut} listed in {arg}: set "
+                    f"num_levels=None to distil every listed level, or list only the levels to "
+                    "distil."
+                )
         pairs = pairs[:num_levels]
     return pairs

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..modeling.detr import giou_cxcywh, solve_assignments
 from ..utils import host_tensor
-from .base import Distiller, put_scalar, zero_loss
+from .base import Distiller, check_flag, check_weight, put_scalar, zero_loss
 
 __all__ = ["D3ETRDistiller", "soft_bce_cost", "bernoulli_kl", "attention_kl", "hungarian_match"]
 
@@ -346,12 +346,25 @@ class D3ETRDistiller(Distiller):
                 group (the "fixed" half of MixMatcher).
             aux_gt_loss (bool): train the auxiliary group on the ground truth too (with the
                 teacher's assignment at the last layer).
+
+        Every weight and matching cost weight must be a finite number >= 0 (0 turns a term
+        off; a negative match weight would prefer the worst pairs), the switches True or
+        False: a bad value is an error here, naming the argument and its config key.
         """
         super().__init__()
-        self.weights = dict(cls=cls_weight, l1=l1_weight, giou=giou_weight, sa=sa_weight, ca=ca_weight)
-        self.match_weights = (match_cost_class, match_cost_bbox, match_cost_giou)
-        self.fixed_matching = fixed_matching
-        self.aux_gt_loss = aux_gt_loss
+        owner = type(self).__name__
+        weights = dict(cls=cls_weight, l1=l1_weight, giou=giou_weight, sa=sa_weight, ca=ca_weight)
+        self.weights = {k: check_weight(owner, f"{k}_weight", v) for k, v in weights.items()}
+        self.match_weights = tuple(
+            check_weight(owner, arg, v)
+            for arg, v in (
+                ("match_cost_class", match_cost_class),
+                ("match_cost_bbox", match_cost_bbox),
+                ("match_cost_giou", match_cost_giou),
+            )
+        )
+        self.fixed_matching = check_flag(owner, "fixed_matching", fixed_matching)
+        self.aux_gt_loss = check_flag(owner, "aux_gt_loss", aux_gt_loss)
         if aux_gt_loss and not fixed_matching:
             raise ValueError(
                 "aux_gt_loss=True (the default) trains the auxiliary query group of "

@@ -36,7 +36,17 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, pairwise_iou
 
 from ..utils import host_tensor, memory_format_of
-from .base import Distiller, pair_fpn_levels, put_scalar, zero_loss
+from .base import (
+    Distiller,
+    check_flag,
+    check_fraction,
+    check_num_levels,
+    check_positive_int,
+    check_weight,
+    pair_fpn_levels,
+    put_scalar,
+    zero_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -719,16 +729,37 @@ class GIDDistiller(Distiller):
                 equal stride), e.g. 4 for Faster R-CNN (p2-p5); None: the levels a
                 GeneralizedRCNN student's box head pools from (``roi_heads.box_in_features``,
                 p2-p5: METHODS.md 3.2's clamp [2, 5]), all shared levels for other students.
+
+        Checked here, a bad value being an error naming the argument and its config key: the
+        weights are finite numbers >= 0 (0 turns a term off); ``topk``, ``pre_nms_topk`` and
+        ``pooler_resolution`` ints >= 1 (0 GIs or candidates would silently turn GID off);
+        ``nms_thresh`` in [0, 1]; ``min_size`` a finite number >= 0; ``num_levels`` a positive
+        int or None.
         """
         super().__init__()
+        owner = type(self).__name__
         if response_ctr_weight is None:
             response_ctr_weight = response_cls_weight
-        self.weights = dict(feat=feat_weight, relation=relation_weight,
-                            cls=response_cls_weight, reg=response_reg_weight, ctr=response_ctr_weight)
-        self.response = response
-        self.topk, self.nms_thresh, self.min_size, self.pre_nms_topk = topk, nms_thresh, min_size, pre_nms_topk
-        self.pooler_resolution = pooler_resolution
-        self.num_levels = num_levels
+        weights = dict(
+            feat=("feat_weight", feat_weight), relation=("relation_weight", relation_weight),
+            cls=("response_cls_weight", response_cls_weight),
+            reg=("response_reg_weight", response_reg_weight),
+            ctr=("response_ctr_weight", response_ctr_weight),
+        )
+        self.weights = {k: check_weight(owner, arg, v) for k, (arg, v) in weights.items()}
+        self.response = check_flag(owner, "response", response)
+        self.topk = check_positive_int(owner, "topk", topk, "GIs per image")
+        self.nms_thresh = check_fraction(owner, "nms_thresh", nms_thresh)
+        self.min_size = check_weight(owner, "min_size", min_size)
+        self.pre_nms_topk = check_positive_int(
+            owner, "pre_nms_topk", pre_nms_topk, "GI candidates per FPN level and image"
+        )
+        self.pooler_resolution = check_positive_int(
+            owner, "pooler_resolution", pooler_resolution, "the ROIAlign output size"
+        )
+        self.num_levels = check_num_levels(num_levels, owner)
+        if not isinstance(selection, str) or selection not in ("anchor", "location"):
+            raise ValueError(f"GID: selection must be 'anchor' or 'location', got {selection!r}")
         self.selection = selection
         self.location_strides = None  # set in bind() for selection="location"
         self.class_agnostic = False
@@ -809,8 +840,6 @@ class GIDDistiller(Distiller):
             isinstance(student, FCOS) == isinstance(teacher, FCOS)
         )
         k = lambda m: 1 if isinstance(m, GeneralizedRCNN) else m.num_classes  # noqa: E731
-        if self.selection not in ("anchor", "location"):
-            raise ValueError(f"GID: selection must be 'anchor' or 'location', got {self.selection!r}")
         problems = []
         if not same_family:
             problems.append(f"different heads ({type(student).__name__} vs {type(teacher).__name__})")
@@ -858,7 +887,11 @@ class GIDDistiller(Distiller):
         roi_levels = None  # an R-CNN pools from its box head's levels (p2-p5, not the RPN's p6)
         if self.num_levels is None and isinstance(student, GeneralizedRCNN):
             roi_levels = getattr(student.roi_heads, "box_in_features", None)
-        self.pairs = pair_fpn_levels(s_shapes, t_shapes, num_levels=self.num_levels, student_levels=roi_levels)
+        # roi_levels only restricts the student's side (strict=False): GID pairs those of its
+        # levels that the teacher has
+        self.pairs = pair_fpn_levels(
+            s_shapes, t_shapes, num_levels=self.num_levels, student_levels=roi_levels, strict=False
+        )
         strides = [s_shapes[s].stride for s, _ in self.pairs]
         pyramid = all(b == 2 * a for a, b in zip(strides, strides[1:]))
         if not pyramid or any(int(st) != st or int(st) & (int(st) - 1) for st in strides):

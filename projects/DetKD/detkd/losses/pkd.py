@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, pair_fpn_levels, put_scalar
+from .base import (
+    Distiller,
+    check_flag,
+    check_level_names,
+    check_num_levels,
+    check_pair_by,
+    check_weight,
+    pair_fpn_levels,
+    put_scalar,
+)
 
 __all__ = ["pkd_loss", "pkd_level_loss", "PKDDistiller"]
 
@@ -198,20 +207,28 @@ class PKDDistiller(Distiller):
         """
         Args:
             loss_weight (float): alpha; 6 for a two-stage teacher, 10 for a one-stage teacher.
+                A finite number >= 0 (0 turns the loss off).
             num_levels (int or None): distill the first ``num_levels`` level pairs (finest
-                first); None for all pairs.
+                first); None for all pairs. A positive int.
             pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`.
-            student_levels, teacher_levels (list[str] or None): restrict to these features.
+            student_levels, teacher_levels (list[str] or None): restrict to these features: a
+                list of distinct names (``[p3, p4]`` in an override, not ``p3``), each of
+                which must be distilled: a listed level left without a partner on the other
+                side, or cut off by ``num_levels``, is an error at :meth:`bind` (set
+                ``num_levels=None`` with explicit lists).
             resize_student (bool): when sizes differ, resize the student map (True) or the
                 teacher's (False), bilinearly.
+
+        Bad values are errors here, naming the argument (and its config key).
         """
         super().__init__()
-        self.loss_weight = loss_weight
-        self.num_levels = num_levels
-        self.pair_by = pair_by
-        self.student_levels = student_levels
-        self.teacher_levels = teacher_levels
-        self.resize_student = resize_student
+        owner = type(self).__name__
+        self.loss_weight = check_weight(owner, "loss_weight", loss_weight)
+        self.num_levels = check_num_levels(num_levels, owner)
+        self.pair_by = check_pair_by(pair_by, owner)
+        self.student_levels = check_level_names("student_levels", student_levels, owner)
+        self.teacher_levels = check_level_names("teacher_levels", teacher_levels, owner)
+        self.resize_student = check_flag(owner, "resize_student", resize_student)
         self.pairs = []
         self.adapters = nn.ModuleDict()
 

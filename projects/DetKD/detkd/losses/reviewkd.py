@@ -32,7 +32,14 @@ from detectron2.layers import Conv2d, NaiveSyncBatchNorm, get_norm
 from detectron2.utils import comm
 
 from ..utils import memory_format_of
-from .base import Distiller, pair_fpn_levels, put_scalar
+from .base import (
+    Distiller,
+    check_num_levels,
+    check_pair_by,
+    check_weight,
+    pair_fpn_levels,
+    put_scalar,
+)
 
 __all__ = ["ABF", "hcl_loss", "hcl_level_loss", "ReviewKDDistiller"]
 
@@ -307,9 +314,10 @@ class ReviewKDDistiller(Distiller):
     ):
         """
         Args:
-            loss_weight (float): lambda (R50 1.0, R18 1.2, MobileNetV2 2.0 for Faster R-CNN).
+            loss_weight (float): lambda (R50 1.0, R18 1.2, MobileNetV2 2.0 for Faster R-CNN);
+                a finite number >= 0 (0 turns the loss off).
             num_levels (int or None): review the first ``num_levels`` pairs (finest first); None
-                for all shared levels (p2-p6 / p3-p7 as the paper).
+                for all shared levels (p2-p6 / p3-p7 as the paper). A positive int.
             pair_by (str): "stride" or "index", see :func:`pair_fpn_levels`. Index pairs of
                 different strides (e.g. a RetinaNet student's p3-p7 with an R-CNN teacher's p2-p6)
                 compare the fused map resized bilinearly to the teacher level's size ([INFER], as
@@ -317,7 +325,7 @@ class ReviewKDDistiller(Distiller):
             mid_channels (int or None): ABF inner channels, one width for the whole review
                 chain (each level's fused residual feeds the next finer ABF); default the
                 teacher's channels (256 for an FPN), the largest of its paired levels' when they
-                differ (a teacher backbone without FPN, e.g. res3-res5).
+                differ (a teacher backbone without FPN, e.g. res3-res5). A positive int.
             norm (str): norm of the ABF convs. "BN" (METHODS.md 2.2) uses each process's
                 batch statistics; "SyncBN" pools them over GPUs, "naiveSyncBN" also over CPU
                 processes (``--num-gpus N`` without CUDA), where "SyncBN" is refused.
@@ -329,8 +337,14 @@ class ReviewKDDistiller(Distiller):
                 AMX, GPU tensor cores): on a 2-core AMX CPU the p2 ABF's 3x3 conv runs ~7x
                 faster. Not the paper's arithmetic; results within bf16 rounding. fp16 is not
                 offered: outside AMP no grad scaler guards its gradients against underflow.
+
+        Bad values are errors here, naming the argument (and its config key).
         """
         super().__init__()
+        owner = type(self).__name__
+        loss_weight = check_weight(owner, "loss_weight", loss_weight)
+        check_num_levels(num_levels, owner)
+        check_pair_by(pair_by, owner)
         if mid_channels is not None and (
             not isinstance(mid_channels, int) or isinstance(mid_channels, bool) or mid_channels < 1
         ):  # None, not 0, means the teacher's channels
@@ -338,6 +352,15 @@ class ReviewKDDistiller(Distiller):
                 f"ReviewKD: mid_channels must be a positive int, or None for the teacher's "
                 f"channels, got {mid_channels!r}"
             )
+        if isinstance(norm, str) and norm:
+            try:  # unknown names were a KeyError('bn') from detectron2 at bind
+                get_norm(norm, 32)
+            except KeyError:
+                raise ValueError(
+                    f"ReviewKD: norm must be a detectron2 norm name (detectron2.layers.get_norm: "
+                    f"'BN', 'SyncBN', 'naiveSyncBN', 'GN', 'FrozenBN', ...; case matters) "
+                    f"(model.distillers.<name>.norm), got {norm!r}"
+                ) from None
         if abf_precision not in _ABF_PRECISIONS:
             raise ValueError(
                 f"ReviewKD: abf_precision must be None (the training step's precision) or 'bf16', "
