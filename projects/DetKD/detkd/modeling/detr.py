@@ -192,8 +192,10 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 class PositionEmbeddingSine(nn.Module):
     """
     Normalised sine positional encoding of a padded feature map: DETR's, with the cell
-    centres at (i - 0.5) / n as in Deformable DETR (DETR itself uses i / n; weights of the
-    official Conditional DETR assume that). Teacher and student share it.
+    centres at (i - 0.5) / n as in Deformable DETR. DETR, the official Conditional DETR and
+    detrex use i / n: their checkpoints would not carry over exactly (DetKD's DETR teachers are
+    trained with this model, configs/D3ETR/conditional_detr_r101_*.py). Teacher and student
+    share it.
     Returns (B, 2 * num_pos_feats, H, W) from a padding mask (B, H, W) (True = padding).
     """
 
