@@ -419,6 +419,12 @@ def test_other_arguments_are_checked_at_construction():
         PKDDistiller(pair_by="order")
     with pytest.raises(ValueError, match=r"PKDDistiller: resize_student must be True or False .* got 'False'"):
         PKDDistiller(resize_student="False")
+    with pytest.raises(ValueError, match=r"resize_student must be True or False .* got 2"):
+        PKDDistiller(resize_student=2)
+    import numpy as np
+
+    for value, want in ((1, True), (0, False), (np.bool_(True), True), (np.bool_(False), False)):
+        assert PKDDistiller(resize_student=value).resize_student is want
 
 
 @pytest.mark.parametrize("arg", ["student_levels", "teacher_levels"])
@@ -469,17 +475,21 @@ def test_a_listed_level_without_a_partner_is_an_error():
         d.bind(_Det(RETINA), _Det(RCNN))
     # the teacher's side too: a RetinaNet student has no level of the teacher's p2's stride
     with pytest.raises(ValueError, match=r"teacher_levels lists \[\('p2', 4\)\], but no student level"):
-        pair_fpn_levels(RETINA, RCNN, teacher_levels=["p2", "p3"])
+        pair_fpn_levels(RETINA, RCNN, teacher_levels=["p2", "p3"], strict=True)
     with pytest.raises(ValueError, match=r"teacher_levels lists 3 levels .* leaves \['p4'\] without"):
         pair_fpn_levels(
-            RETINA, RCNN, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p2", "p3", "p4"]
+            RETINA, RCNN, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p2", "p3", "p4"],
+            strict=True,
         )
-    # strict=False (GID's box-head levels): the lists only restrict each side, as before
+    # strict=False (the function's default, GID's box-head levels): the lists only restrict
+    # each side, as before; any iterable of names is a list of levels
     lists = dict(student_levels=["p3", "p4"], teacher_levels=["p3"])
-    assert pair_fpn_levels(RETINA, RCNN, **lists, strict=False) == [("p3", "p3")]
+    assert pair_fpn_levels(RETINA, RCNN, **lists) == [("p3", "p3")]
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=RETINA.keys(), num_levels=2) == [("p3", "p3"), ("p4", "p4")]
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=(n for n in ["p5"])) == [("p5", "p5")]
     # a list on one side: the other side's unlisted levels may stay unpaired
-    assert pair_fpn_levels(RETINA, RCNN, student_levels=["p4", "p5"]) == [("p4", "p4"), ("p5", "p5")]
-    assert pair_fpn_levels(RETINA, RCNN, pair_by="index", teacher_levels=["p4"]) == [("p3", "p4")]
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=["p4", "p5"], strict=True) == [("p4", "p4"), ("p5", "p5")]
+    assert pair_fpn_levels(RETINA, RCNN, pair_by="index", teacher_levels=["p4"], strict=True) == [("p3", "p4")]
 
 
 def test_a_listed_level_cut_off_by_num_levels_is_an_error():

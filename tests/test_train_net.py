@@ -723,6 +723,9 @@ def test_train_periods_and_limits_that_fail_late_or_train_wrongly_are_clear_erro
     cfg.train.clip_grad.enabled = False
     if key.startswith("clip_grad"):
         KDTrainer(cfg)  # the limit is not read without clipping
+    else:  # a whole number written as a float (train.checkpointer.period=1e3) is fine
+        OmegaConf.update(cfg.train, key, 1000.0)
+        KDTrainer(cfg)
 
 
 def test_cuda_device_without_cuda_and_a_folder_as_checkpoint_are_clear_errors(tmp_path):
@@ -785,6 +788,11 @@ def test_a_yacs_config_or_a_lazyconfig_without_a_section_is_a_clear_error(tmp_pa
     with pytest.raises(ValueError, match=r"defines no dataloader: .*\(--eval-only\)"):
         check_config_sections(cfg, "x.py", training=False)
     check_config_sections(load_config("configs/demo/pkd_retinanet.py"), "pkd_retinanet.py")
+    own = load_config("configs/demo/pkd_retinanet.py")
+    own.DATASETS = dict(train="shapes_train")  # a .py config's own dict named like a yacs section
+    check_config_sections(own, "mine.py")
+    with pytest.raises(ValueError, match="is a yacs config"):
+        check_config_sections(own, "mine.yaml")
 
 
 def test_a_sweep_override_and_a_distillers_dict_that_would_merge_are_clear_errors():

@@ -113,7 +113,8 @@ def check_config_sections(cfg, config_file: str, *, training: bool = True) -> No
     omegaconf ``Missing key`` trace, the second after ``config.yaml`` and ``log.txt`` were written.
     """
     yacs = [k for k in ("MODEL", "_BASE_", "SOLVER", "DATASETS") if k in cfg]
-    if yacs:
+    # a .py LazyConfig may hold a dict of its own named like a yacs section
+    if yacs and (str(config_file).endswith((".yaml", ".yml")) or "model" not in cfg):
         raise ValueError(
             f"{config_file} is a yacs config (it has {yacs}), the format of detectron2's "
             "tools/train_net.py; DetKD's train_net.py runs LazyConfig .py files. Take a config of "
@@ -599,6 +600,9 @@ def share_student_buffers(model) -> None:
 
 
 def _is_int(x) -> bool:
+    """An int, or a float of a whole number (``1e3`` on the command line is 1000.0)."""
+    if isinstance(x, float):
+        return math.isfinite(x) and x == int(x)
     return isinstance(x, int) and not isinstance(x, bool)
 
 

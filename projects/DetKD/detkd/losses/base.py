@@ -6,10 +6,11 @@ import contextlib
 import math
 import numbers
 import threading
-from collections.abc import Sequence as _SequenceABC
+from collections.abc import Iterable as _IterableABC
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -280,7 +281,10 @@ def check_fraction(owner: str, arg: str, value) -> float:
 
 
 def check_flag(owner: str, arg: str, value) -> bool:
-    """A switch: True or False (a string such as "False" would be true)."""
+    """A switch: True or False, also 0 / 1 or a numpy bool (a string such as "False" would be
+    true, and is refused). Returns it as a bool."""
+    if isinstance(value, numbers.Integral) and value in (0, 1) or isinstance(value, np.bool_):
+        return bool(value)
     if not isinstance(value, bool):
         raise ValueError(
             f"{owner}: {arg} must be True or False ({_key(arg)}=True / False), got {value!r}"
@@ -311,7 +315,7 @@ def check_pair_by(pair_by, owner: Optional[str] = None) -> str:
 def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[List[str]]:
     """
     ``student_levels`` / ``teacher_levels``: None (all levels) or a non-empty list (or tuple,
-    or omegaconf ListConfig) of distinct level names. A string is refused: the override
+    or omegaconf ListConfig, any iterable but a string) of distinct level names. A string is refused: the override
     ``model.distillers.pkd.student_levels=p3`` gives the string "p3", which a list() would
     split into the features "p" and "3".
 
@@ -324,8 +328,9 @@ def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[
     if value is None:
         return None
     prefix = f"{owner}: " if owner else ""
-    is_list = isinstance(value, _SequenceABC) and not isinstance(value, (str, bytes))
-    if not is_list or not all(isinstance(n, str) for n in value):
+    if not isinstance(value, (str, bytes)) and isinstance(value, _IterableABC):
+        value = list(value)  # a list, tuple, ListConfig, dict_keys, generator ...
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         example = f"[{value}]" if isinstance(value, str) and value else "[p3, p4]"
         raise ValueError(
             f"{prefix}{arg} must be a list of level names, e.g. {example} (override: "
@@ -351,7 +356,7 @@ def pair_fpn_levels(
     pair_by: str = "stride",
     student_levels: Sequence[str] = None,
     teacher_levels: Sequence[str] = None,
-    strict: bool = True,
+    strict: bool = False,
 ) -> List[Tuple[str, str]]:
     """
     Pair the feature levels of two backbones (FPN outputs ``p2..p6``, ``p3..p7``, ...).
@@ -368,9 +373,9 @@ def pair_fpn_levels(
         strict (bool): every level named in ``student_levels`` / ``teacher_levels`` must be
             distilled: a listed level left without a partner (no level of its stride on the
             other side; with "index", more levels than the other side has) or cut off by
-            ``num_levels`` is an error naming it. False: the lists only restrict each side
-            (GID's restriction to an R-CNN student's box-head levels, which the user did not
-            list).
+            ``num_levels`` is an error naming it (PKD's explicit lists). False (the default):
+            the lists only restrict each side (e.g. GID's restriction to an R-CNN student's
+            box-head levels, which the user did not list).
 
     Returns:
         list[(str, str)]: (student level, teacher level) pairs, finest first.

@@ -241,6 +241,7 @@ class PKDDistiller(Distiller):
             pair_by=self.pair_by,
             student_levels=self.student_levels,
             teacher_levels=self.teacher_levels,
+            strict=True,  # every level the config lists is distilled
         )
         for s, t in self.pairs:
             cs, ct = s_shapes[s].channels, t_shapes[t].channels
