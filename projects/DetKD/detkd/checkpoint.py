@@ -306,10 +306,15 @@ def _is_local(path) -> bool:
     return isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
 
 
+def _local_path(path: str) -> str:
+    """The file system path of a local ``path`` (plain or ``file://``), resolved."""
+    return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
+
+
 def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
     """What to check when the checkpoint ``path`` (of config key ``key``) cannot be loaded."""
     if _is_local(path):
-        local = path[len("file://"):] if path.startswith("file://") else path
+        local = _local_path(path)
         if os.path.isdir(local):
             found = sorted(f for f in os.listdir(local) if f.endswith((".pth", ".pkl")))
             example = os.path.join(local, found[-1] if found else "model_final.pth")

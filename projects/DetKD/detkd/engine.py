@@ -52,6 +52,7 @@ from .checkpoint import (
     CheckpointMismatchError,
     _describe_mismatch,
     _is_local,
+    _local_path,
     _save,
     _yacs_classes_key,
     load_student,
@@ -228,10 +229,6 @@ def check_override_keys(cfg, overrides) -> None:
             LazyConfig.apply_overrides(cfg, [text])
         except Exception:  # e.g. a deletion: train_net.py's own apply_overrides reports it
             pass
-
-
-def _local_path(path: str) -> str:
-    return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
 
 
 def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = True) -> None:

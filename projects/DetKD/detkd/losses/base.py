@@ -314,10 +314,10 @@ def check_pair_by(pair_by, owner: Optional[str] = None) -> str:
 
 def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[List[str]]:
     """
-    ``student_levels`` / ``teacher_levels``: None (all levels) or a non-empty list (or tuple,
-    or omegaconf ListConfig, any iterable but a string) of distinct level names. A string is refused: the override
-    ``model.distillers.pkd.student_levels=p3`` gives the string "p3", which a list() would
-    split into the features "p" and "3".
+    ``student_levels`` / ``teacher_levels``: None (all levels) or a non-empty list (a tuple,
+    an omegaconf ListConfig, any iterable but a string) of distinct level names. A string is
+    refused: the override ``model.distillers.pkd.student_levels=p3`` gives the string "p3",
+    which a list() would split into the features "p" and "3".
 
     Args:
         arg (str): the argument's name; owner (str or None): the class, named in the error.
@@ -336,7 +336,7 @@ def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[
             f"{prefix}{arg} must be a list of level names, e.g. {example} (override: "
             f"'{_key(arg)}={example}'), or None for all levels, got {value!r}"
         )
-    names = list(value)
+    names = value
     if not names:
         raise ValueError(
             f"{prefix}{arg} is empty: list the levels to distil (e.g. [p3, p4]), or set it to "
