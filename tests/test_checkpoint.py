@@ -11,7 +11,7 @@ from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 
 from detkd import PKDDistiller, export_student, load_student, load_teacher
-from detkd.checkpoint import TeacherCheckpointError, save_student
+from detkd.checkpoint import TeacherCheckpointError, export_backbone, save_student
 
 from conftest import make_inputs, tiny_kd, tiny_retinanet_cfg
 
@@ -176,24 +176,52 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     # a folder: a clear error, and no hidden temporary file left in it
     (tmp_path / "exports").mkdir()
     for folder in (str(tmp_path / "exports"), str(tmp_path / "exports") + "/"):
-        with pytest.raises(ValueError, match=r"is a folder; give the student's file name in it \(e\.g\. "
+        with pytest.raises(ValueError, match=r"is a folder; give the file name in it \(e\.g\. "
                                              r"'.*exports/model_final_student\.pth'\)"):
             export_student(run, folder)
     assert not list((tmp_path / "exports").iterdir())
     # an older export is replaced
     out = str(tmp_path / "student.pth")
-    torch.save({"model": {"old": torch.zeros(1)}}, out)
+    torch.save({"model": {"old": torch.zeros(1)}, "__author__": "DetKD"}, out)
     state = export_student(run, out)
     assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
+    # weights DetKD did not write (only "model" and "__author__", as a student export): the
+    # teacher's model-zoo .pkl, a stock DetectionCheckpointer.save file; and a backbone export
+    _write_zoo_pkl(kd.teacher, tmp_path / "model_final_zoo.pkl")
+    DetectionCheckpointer(kd.student, str(tmp_path)).save("stock")
+    export_backbone(run, str(tmp_path / "backbone.pkl"))
+    for name, author in (("model_final_zoo.pkl", "Detectron2 Model Zoo"), ("stock.pth", None),
+                         ("backbone.pkl", "DetKD export_backbone")):
+        kept = (tmp_path / name).read_bytes()
+        with pytest.raises(ValueError, match=rf"{name}' is a training run's checkpoint or other weights "
+                                             rf"\(weights export_student did not write: __author__ "
+                                             rf"{author!r}\).*another file name"):
+            export_student(run, str(tmp_path / name))
+        with pytest.raises(ValueError, match=rf"save_student: .*{name}' is .*other weights"):
+            kd.export_student(str(tmp_path / name))
+        assert (tmp_path / name).read_bytes() == kept
+    # export_backbone: the same, but its own older file is what it replaces
+    export_backbone(run, str(tmp_path / "backbone.pkl"))
+    export_student(run, str(tmp_path / "student.pkl"))
+    for name in ("model_final_zoo.pkl", "student.pkl"):
+        kept = (tmp_path / name).read_bytes()
+        with pytest.raises(ValueError, match=rf"export_backbone: .*{name}' is .*other weights.*backbone\.pkl"):
+            export_backbone(run, str(tmp_path / name))
+        assert (tmp_path / name).read_bytes() == kept
 
     # a file that is no checkpoint at all: nothing of a run to lose, replaced
     with open(out, "w") as f:
         f.write("not a checkpoint")
     assert export_student(run, out).keys() == state.keys()
     assert torch.load(out, weights_only=False)["model"].keys() == state.keys()
-    # files whose "model" entry is not a state dict: replaced as output, refused as input
+    # files whose "model" entry is not a state dict: refused as input; as output, a list is
+    # replaced (nothing of a run), DetKD's own file replaced, another's kept
     for other in ({"model": torch.zeros(3)}, {"model": [1, 2]}, [torch.zeros(1)]):
         torch.save(other, out)
+        if isinstance(other, dict):
+            with pytest.raises(ValueError, match="other weights"):
+                export_student(run, out)
+            torch.save({**other, "__author__": "DetKD"}, out)
         assert export_student(run, out).keys() == state.keys()
         with pytest.raises(ValueError, match="no 'student.\\*' keys; it is not a DetKD run"):
             export_student(other, str(tmp_path / "x.pth"))
@@ -279,12 +307,12 @@ def test_teacher_checkpoint_of_a_larger_architecture_is_an_error(tmp_path):
     deeper = tiny_retinanet_cfg(width=32, fpn=128)
     deeper.backbone.bottom_up.stages.depth = 34
     torch.save({"model": instantiate(deeper).state_dict()}, tmp_path / "deep.pth")
-    with pytest.raises(TeacherCheckpointError, match=r"has 96 weights that model.teacher has no place "
+    with pytest.raises(TeacherCheckpointError, match=r"has 80 weights that model.teacher has no place "
                        r"for: \['backbone\.bottom_up\.res2\.2\.conv1\.weight'.*stages\.depth=101"):
         load_teacher(_kd().teacher, str(tmp_path / "deep.pth"))
     # the same file in the model zoo's .pkl format
     _write_zoo_pkl(instantiate(deeper), tmp_path / "deep.pkl")
-    with pytest.raises(TeacherCheckpointError, match="has 96 weights.*no place for"):
+    with pytest.raises(TeacherCheckpointError, match="has 80 weights.*no place for"):
         load_teacher(_kd().teacher, str(tmp_path / "deep.pkl"))
     # a head with one conv more
     wider_head = tiny_retinanet_cfg(width=32, fpn=128)
@@ -759,6 +787,51 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_whole(tmp_path, monkeyp
         save_student(student, path)
     assert os.listdir(tmp_path) == ["s.pth"]
     assert (tmp_path / "s.pth").read_bytes() == before
+
+
+def test_teacher_checkpoint_with_deformable_convs_is_an_error_and_bn_counters_are_ignored(tmp_path):
+    """A file with deformable convs' offsets inside the ResNet blocks (the model zoo's
+    *_dconv_c3-c5 detectors: conv2_offset beside conv2, whose weights were trained for the
+    deformable conv) for a teacher without them is another architecture: an error naming the
+    fix, not a warning. A BN/SyncBN-trained file's num_batches_tracked in a FrozenBN teacher
+    (the same eval maths; stock detectron2 loads it) loads, without a warning about them."""
+    import logging
+
+    source = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    for p in source.parameters():
+        p.data.normal_()
+    state = dict(source.state_dict())
+    offsets = {}
+    for stage in ("res3", "res4", "res5"):
+        for block in (0, 1):
+            if f"backbone.bottom_up.{stage}.{block}.conv2.weight" in state:
+                offsets[f"backbone.bottom_up.{stage}.{block}.conv2_offset.weight"] = torch.zeros(18, 4, 3, 3)
+    assert offsets
+    torch.save({"model": {**state, **offsets}}, tmp_path / "dcn.pth")
+    with pytest.raises(TeacherCheckpointError, match=rf"has {len(offsets)} weights that model.teacher has no "
+                       r"place for: \['backbone\.bottom_up\.res3\.0\.conv2_offset\.weight'.*"
+                       r"deformable convolutions.*deform_on_per_stage"):
+        load_teacher(_kd().teacher, str(tmp_path / "dcn.pth"))
+
+    # the tiny models use BN: the file is BN-trained, the teacher FrozenBN
+    assert sum(k.endswith("num_batches_tracked") for k in state) > 10
+    torch.save({"model": state}, tmp_path / "bn.pth")
+    frozen = tiny_retinanet_cfg(width=32, fpn=128)
+    frozen.backbone.bottom_up.stem.norm = frozen.backbone.bottom_up.stages.norm = "FrozenBN"
+    kd = tiny_kd("pkd", L(PKDDistiller)(), teacher=frozen)
+    assert not any(k.endswith("num_batches_tracked") for k in kd.teacher.state_dict())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("detkd.checkpoint").addHandler(handler)
+    try:
+        load_teacher(kd.teacher, str(tmp_path / "bn.pth"))
+    finally:
+        logging.getLogger("detkd.checkpoint").removeHandler(handler)
+    theirs = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert kd.teacher.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(kd.teacher.state_dict()[k], v) for k, v in theirs.items())
+    assert not [r for r in records if "does not have" in r.getMessage()]
 
 
 def test_teacher_checkpoint_with_a_parameter_a_module_lacks_is_an_error(tmp_path):

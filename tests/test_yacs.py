@@ -246,6 +246,17 @@ def test_a_yaml_url_is_read_through_path_manager(tmp_path):
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16
 
 
+def test_a_file_url_is_a_local_yaml(tmp_path):
+    """A file:// config_file is the local file, as DetKD's checkpoint paths and detkd.repro's
+    config check take it (PathManager.isfile says False for it: it was looked up in the model
+    zoo, "neither a file nor a config")."""
+    _tiny_retinanet_yaml(tmp_path / "r18.yaml", fpn=16)
+    cfg = load_yacs_config(f"file://{tmp_path / 'r18.yaml'}", opts=["MODEL.RETINANET.NUM_CLASSES", 5])
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16
+    model = build_yacs_detector(f"file://{tmp_path / 'r18.yaml'}")
+    assert model.backbone.output_shape()["p3"].channels == 16
+
+
 def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
     """A yacs node has no input_format / num_classes arguments (train_net.py refuses a
     model.student.input_format override): the errors of a loader in another channel order and

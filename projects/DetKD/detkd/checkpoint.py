@@ -61,10 +61,13 @@ def _module_extras(model: nn.Module, unexpected) -> list:
     """
     The unexpected checkpoint keys that show that ``model`` is not the checkpoint's
     architecture: a key inside a container the model has (``res4.6.*`` in a shallower ResNet's
-    ``res4``, ``cls_subnet.4.*`` in a head with fewer convs, a decoder layer more) or a parameter
-    an existing submodule lacks (``conv.bias`` of a conv without bias). Keys of whole parts the
-    model does not have (e.g. the mask head of a Mask R-CNN checkpoint loaded into a Faster
-    R-CNN) and top-level buffers (pixel_mean/std of old checkpoints) are not.
+    ``res4``, ``cls_subnet.4.*`` in a head with fewer convs, a decoder layer more), inside one
+    of a container's units (``res3.0.conv2_offset.*``: deformable convs beside the block's
+    ``conv2``, whose weights were trained for them) or a parameter an existing submodule lacks
+    (``conv.bias`` of a conv without bias). Keys of whole parts the model does not have (e.g.
+    the mask head of a Mask R-CNN checkpoint loaded into a Faster R-CNN), top-level buffers
+    (pixel_mean/std of old checkpoints) and BatchNorm's ``num_batches_tracked`` (a counter: a
+    BN- or SyncBN-trained file fits a FrozenBN model, as in stock detectron2) are not.
 
     The keys of a file loaded by detectron2's name-matching heuristics (a Caffe2 / Detectron1
     ``.pkl``, ``matching_heuristics``) that matched nothing keep the file's names, without
@@ -74,12 +77,19 @@ def _module_extras(model: nn.Module, unexpected) -> list:
     """
     modules = dict(model.named_modules())
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    units = {  # the modules held by a container: a ResNet block, a decoder layer, a head's conv
+        id(child) for m in modules.values() if isinstance(m, containers) for child in m.children()
+    }
 
     def is_extra(owner, i, parts) -> bool:
-        return isinstance(owner, containers) or (i > 0 and i == len(parts) - 1)
+        return (
+            isinstance(owner, containers) or id(owner) in units or (i > 0 and i == len(parts) - 1)
+        )
 
     extras = []
     for key in unexpected:
+        if key.endswith("num_batches_tracked"):
+            continue
         parts = key.split(".")
         i = len(parts) - 1
         while i > 0 and ".".join(parts[:i]) not in modules:
@@ -493,7 +503,13 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"place for: {extras[:20]}{' ...' if len(extras) > 20 else ''}. It is the checkpoint "
             "of a larger architecture (e.g. deeper backbone, more head convs or decoder layers): "
             "set model.teacher to the checkpoint's architecture (e.g. "
-            "model.teacher.backbone.bottom_up.stages.depth=101 for an R101 checkpoint)." + run_note
+            "model.teacher.backbone.bottom_up.stages.depth=101 for an R101 checkpoint)."
+            + (
+                " Its '*_offset' weights are deformable convolutions' offsets: build the teacher's "
+                "ResNet with them (deform_on_per_stage; MODEL.RESNETS.DEFORM_ON_PER_STAGE in a "
+                "yacs config)." if any("_offset." in k for k in extras) else ""
+            )
+            + run_note
         )
     if ckpt.last_had_teacher:
         raise TeacherCheckpointError(
@@ -502,10 +518,12 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             "which of the two is meant is ambiguous. Write the one meant to a checkpoint of its "
             "own, without the prefix, and set train.teacher_checkpoint to it."
         )
-    if inc is not None and inc.unexpected_keys:
+    # (BatchNorm's step counters of a BN-trained file in a FrozenBN teacher: nothing to report)
+    ignored = [k for k in inc.unexpected_keys if not k.endswith("num_batches_tracked")] if inc else []
+    if ignored:
         logger.warning(
             f"The teacher checkpoint {path!r} has weights of parts model.teacher does not have "
-            f"(ignored): {inc.unexpected_keys[:10]}{' ...' if len(inc.unexpected_keys) > 10 else ''}"
+            f"(ignored): {ignored[:10]}{' ...' if len(ignored) > 10 else ''}"
         )
     logger.info(f"Teacher weights loaded from {path}")
 
@@ -523,6 +541,10 @@ def save_student(student: nn.Module, path: str) -> None:
 # anything else (DefaultTrainer's / KDTrainer's "trainer" and "iteration", an "optimizer") is
 # a run's state that a student export written over it would lose.
 _WEIGHTS_ONLY_KEYS = {"model", "__author__", "matching_heuristics"}
+# The "__author__" of the student exports and of export_backbone's files: the only weights each
+# replaces (an older file of its own kind).
+_AUTHOR = "DetKD"
+_BACKBONE_AUTHOR = "DetKD export_backbone"
 
 
 def _load_any(path: str):
@@ -557,35 +579,50 @@ def _write_student(state: Dict[str, Any], output: str, caller: str) -> None:
 def _dump_student(state: Dict[str, Any], output: str) -> None:
     """:func:`_write_student` without the check of ``output`` (done by the caller)."""
     if output.endswith(".pkl"):  # the model zoo's format: numpy arrays in a pickle (exact names)
-        _save({"model": _numpy_state(state), "__author__": "DetKD"}, output, dump=pickle.dump)
+        _save({"model": _numpy_state(state), "__author__": _AUTHOR}, output, dump=pickle.dump)
     else:
-        _save({"model": state, "__author__": "DetKD"}, output)
+        _save({"model": state, "__author__": _AUTHOR}, output)
 
 
-def _check_student_output(output: str, caller: str) -> None:
+def _check_student_output(
+    output: str, caller: str, author: str = _AUTHOR, example: str = "model_final_student.pth"
+) -> None:
     """
+    Check that the file ``output`` may be written by ``caller``, which writes weights under
+    ``"__author__": author`` (a student export; ``example`` is a file name for it).
+
     Raises:
-        ValueError: ``output`` is a folder, or a file of a run or of other weights (keys other
-            than :data:`_WEIGHTS_ONLY_KEYS`, or ``student.*`` weights): a DetKD run's
-            ``model_final.pth``, a teacher's or baseline's trained by DefaultTrainer, a raw state
-            dict. The student alone there would lose the rest (and ``--resume`` would refuse it).
+        ValueError: ``output`` is a folder, or a file of a run or of other weights: keys other
+            than :data:`_WEIGHTS_ONLY_KEYS` (a teacher's or baseline's ``model_final.pth`` trained
+            by DefaultTrainer, a raw state dict), ``student.*`` weights (a DetKD run's
+            ``model_final.pth``), or weights ``caller`` did not write (the model zoo's ``.pkl``
+            of the teacher, an ImageNet backbone, stock ``DetectionCheckpointer.save`` files).
+            Writing there would lose them (and ``--resume`` would refuse a run's file). Only an
+            older file of ``caller``'s kind, or a file that is no checkpoint, is replaced.
     """
     if output.endswith(("/", os.sep)) or (PathManager.exists(output) and PathManager.isdir(output)):
         raise ValueError(
-            f"{caller}: {output!r} is a folder; give the student's file name in it (e.g. "
-            f"{os.path.join(output, 'model_final_student.pth')!r})."
+            f"{caller}: {output!r} is a folder; give the file name in it (e.g. "
+            f"{os.path.join(output, example)!r})."
         )
     if PathManager.exists(output):
         existing = _load_any(output)
         if isinstance(existing, dict):
             model = existing.get("model")
             others = sorted(str(k) for k in existing if k not in _WEIGHTS_ONLY_KEYS)
-            if others or (isinstance(model, dict) and any(str(k).startswith(STUDENT_PREFIX) for k in model)):
-                what = f"keys {others[:6]}{' ...' if len(others) > 6 else ''}" if others else "a DetKD run's model"
+            run = isinstance(model, dict) and any(str(k).startswith(STUDENT_PREFIX) for k in model)
+            written_by = existing.get("__author__")
+            if others:
+                what = f"keys {others[:6]}{' ...' if len(others) > 6 else ''}"
+            elif run:
+                what = "a DetKD run's model"
+            else:
+                what = f"weights {caller} did not write: __author__ {written_by!r}"
+            if others or run or written_by != author:
                 raise ValueError(
                     f"{caller}: {output!r} is a training run's checkpoint or other weights ({what}): "
-                    "writing the student alone there would lose the rest of it (and --resume would "
-                    "refuse it). Give the student another file name (e.g. model_final_student.pth)."
+                    "writing there would lose them (and --resume would refuse a run's file). Give "
+                    f"another file name (e.g. {example})."
                 )
 
 
@@ -690,7 +727,8 @@ def export_backbone(
     Args:
         checkpoint (str or dict): a detector checkpoint (``model_final.pth``), a DetKD run's (its
             ``student.*`` part is read) or either one loaded.
-        output (str): the file to write (``.pkl``; replaced if it exists).
+        output (str): the file to write (``.pkl``): an older file of export_backbone is replaced,
+            other weights are kept (a ValueError).
         prefix (str): the backbone's key prefix in ``checkpoint``: ``"backbone.bottom_up."`` for
             FPN detectors, ``"backbone."`` for a DETR or a C4 detector.
 
@@ -707,6 +745,7 @@ def export_backbone(
             f"export_backbone: write a .pkl (got {output!r}): detectron2 matches a pretrained "
             "backbone's names by suffix only in the model zoo's .pkl format"
         )
+    _check_student_output(output, "export_backbone", author=_BACKBONE_AUTHOR, example="backbone.pkl")
     if isinstance(checkpoint, str):
         with PathManager.open(checkpoint, "rb") as f:
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
@@ -719,6 +758,6 @@ def export_backbone(
             f"export_backbone: no weights under {prefix!r} in the checkpoint (it has {heads[:8]}); "
             "pass prefix='backbone.bottom_up.' for an FPN detector, 'backbone.' for a DETR"
         )
-    _save({"model": backbone, "__author__": "DetKD export_backbone", "matching_heuristics": True},
+    _save({"model": backbone, "__author__": _BACKBONE_AUTHOR, "matching_heuristics": True},
           output, dump=pickle.dump)
     return backbone

@@ -56,6 +56,8 @@ def load_yacs_config(
         CfgNode
     """
     path = str(config_file)
+    if path.startswith("file://"):  # a local file, as DetKD's checkpoint paths take it
+        path = path[len("file://"):]
     if path.endswith(".py"):
         raise ValueError(
             f"build_yacs_detector reads yacs .yaml configs; {path} is a LazyConfig: use its model "
