@@ -453,6 +453,28 @@ def test_feature_and_relation_losses_equal_separate_autograd_terms(counts):
     assert torch.autograd.gradcheck(lambda x: sum(feature_and_relation_losses(x, t, counts)), (s,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gi_losses_of_half_precision_features_are_computed_in_float32(dtype):
+    """The public GI losses on fp16/bf16 features (METHODS: loss arithmetic in fp32): the SSE of
+    10 + 10 GIs of 25,600 values overflowed fp16 (inf, the relation NaN) and bf16's Gram
+    distances gave a relation 15x too large. Values equal the float32 computation on the same
+    (rounded) inputs; the gradient comes back in the features' dtype."""
+    from detkd.losses.gid import feature_and_relation_losses
+
+    g = torch.Generator().manual_seed(0)
+    counts = [10, 10]
+    s = (torch.randn(20, 25600, generator=g) * 4).to(dtype).requires_grad_()
+    t = (s.detach().float() + 0.01 * torch.randn(20, 25600, generator=g)).to(dtype)
+    sse, rel = feature_and_relation_losses(s, t, counts)
+    ref_sse, ref_rel = feature_and_relation_losses(s.detach().float(), t.float(), counts)
+    assert sse.dtype == rel.dtype == torch.float32 and torch.isfinite(sse) and torch.isfinite(rel)
+    assert sse.item() == pytest.approx(ref_sse.item(), rel=1e-5)
+    assert rel.item() == pytest.approx(ref_rel.item(), rel=1e-4, abs=1e-9)
+    assert relation_loss(s, t, counts).item() == pytest.approx(ref_rel.item(), rel=1e-4, abs=1e-9)
+    (grad,) = torch.autograd.grad(sse + rel, s)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("counts", [[5, 5], [5, 2, 4]])
 def test_relation_loss_of_identical_gis_is_the_definitions_not_rounding_noise(counts):
     """GIs of equal features (a flat image region): every distance is 0, on both sides a

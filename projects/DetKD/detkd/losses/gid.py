@@ -565,6 +565,15 @@ def _relation_from_grams(gram_s: torch.Tensor, gram_t: torch.Tensor, blocks: _Im
     return (per / blocks.n_pairs).mean()
 
 
+def _in_float32(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Half-precision GI features in float32 (METHODS: distillation-loss arithmetic in fp32; a
+    feature SSE overflows fp16, bf16's Gram distances lose the relation); the teacher in the
+    student's dtype. Autograd casts the gradient back to the student's dtype."""
+    if student.dtype in (torch.float16, torch.bfloat16):
+        student = student.float()
+    return student, teacher.to(student.dtype)
+
+
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
     """
     GID relation loss (RKD distance loss with Huber beta = 1).
@@ -577,12 +586,13 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional
 
     Args:
         student, teacher (Tensor): (Gt, D) flattened GI features, the images' GIs one after the
-            other.
+            other (half-precision ones are computed in float32).
         counts (list[int] or None): GIs per image (sum = Gt); None: all rows are one image.
 
     Returns:
         Tensor: scalar.
     """
+    student, teacher = _in_float32(student, teacher)
     counts = [student.shape[0]] if counts is None else list(counts)
     blocks = _ImageBlocks(counts, student.device, student.dtype)
     if not blocks.keep:
@@ -601,12 +611,14 @@ def feature_and_relation_losses(
     one backward pass over the features (:class:`_SquaredErrorAndGram`).
 
     Args:
-        student (Tensor): (Gt, D) adapted student GI features; teacher (Tensor): (Gt, D).
+        student (Tensor): (Gt, D) adapted student GI features; teacher (Tensor): (Gt, D)
+            (half-precision ones are computed in float32).
         counts (list[int]): GIs per image.
 
     Returns:
         (Tensor, Tensor): the squared-error sum and the relation loss (scalars).
     """
+    student, teacher = _in_float32(student, teacher)
     blocks = _ImageBlocks(list(counts), student.device, student.dtype)
     sse, gram_s = _SquaredErrorAndGram.apply(student, teacher.detach(), blocks)
     if not blocks.keep:
