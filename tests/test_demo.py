@@ -721,6 +721,9 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
         "lr_multiplier": "lr_multiplier.warmup_length = 0.2",
         "train.clip_grad": "train.clip_grad.enabled = False",
         "train.amp": "train.amp = dict(enabled=True)",
+        # evaluated on other data: the delta would compare two test sets
+        "dataloader.test": "dataloader.test.dataset.names.num_images = 16",
+        "dataloader.evaluator": "dataloader.evaluator.max_dets_per_image = 10",
     }
     for key, line in changes.items():
         base = tmp_path / f"baseline_{key.replace('.', '_')}.py"
@@ -732,11 +735,47 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
         )
         with pytest.raises(SystemExit, match=rf"the same way: {re.escape(key)}( \(.*\))? differ"):
             repro.check_pair(pkd, str(base), ok)
-    base.write_text(base.read_text().replace(changes["train.amp"], ""))
+    base.write_text(base.read_text().replace(changes["dataloader.evaluator"], ""))
     repro.check_pair(pkd, str(base), ok)  # the unchanged twin
     # AMP absent in one config and disabled in the other: both off
     base.write_text(base.read_text() + "del train['amp']\n")
     repro.check_pair(pkd, str(base), ok)
+
+
+def test_repro_does_not_evaluate_a_teacher_of_another_class_set(tmp_path, monkeypatch):
+    """A teacher of another class set than the test data's (PKD accepts e.g. a model-zoo COCO
+    teacher) cannot be scored there: repro forced train.teacher_eval_at_start=True, and the
+    distilled run stopped on it after the baseline's whole schedule. It is now not evaluated
+    (said before anything trains) and its row shows '-'; a teacher of the data's classes is."""
+    from detkd import repro
+    from detectron2.config import LazyConfig
+
+    pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(pkd), ["model.teacher.num_classes=5"])
+    assert repro.teacher_not_evaluable(cfg).startswith("the teacher predicts 5 classes but the test dataset")
+    assert repro.teacher_not_evaluable(LazyConfig.load(pkd)) == ""
+    del cfg.dataloader["evaluator"]  # nothing is evaluated: nothing to say
+    assert repro.teacher_not_evaluable(cfg) == ""
+
+    calls = []
+
+    def fake_run(cmd, check, cwd, env):
+        calls.append(cmd)
+        out = _output_dir(cmd)
+        os.makedirs(out, exist_ok=True)
+        lines = [{"bbox/AP": 10.0 if out.endswith("baseline") else 12.0, "iteration": 1}]
+        if "train.teacher_eval_at_start=True" in cmd:
+            lines.insert(0, {"teacher/bbox/AP": 40.0, "iteration": 0})
+        with open(os.path.join(out, "metrics.json"), "a") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in lines))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    for classes, evaluated in ((5, False), (3, True)):
+        calls.clear()
+        out = repro.main([pkd, "--output", str(tmp_path / str(classes)), f"model.teacher.num_classes={classes}",
+                          "train.teacher_checkpoint=", "train.teacher_random_init=True"])
+        assert len(calls) == 2 and f"train.teacher_eval_at_start={evaluated}" in calls[1]
+        assert out["teacher"] == ({"AP": 40.0} if evaluated else {}) and out["distilled"]["AP"] == 12.0
 
 
 def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkeypatch):
@@ -1022,4 +1061,4 @@ def test_repro_run_again_in_its_folder_reports_this_runs_results_only(tmp_path, 
     res = repro.main(args + ["train.teacher_eval_at_start=False"])
     assert res["teacher"] == {} and res["distilled"]["AP"] == 12.0
     table = capsys.readouterr().out.split("\n\n")[-1]
-    assert table.splitlines()[1].split() == ["teacher", "nan", "nan", "nan"]
+    assert table.splitlines()[1].split() == ["teacher", "-", "-", "-"]

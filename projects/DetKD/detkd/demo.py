@@ -139,7 +139,7 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
     Raise SystemExit unless, for each ``(distilled config, student-alone config)`` pair, the
     overrides of ``opts`` that reach each run (:func:`applicable_overrides`) leave them training
     the same student the same way (:func:`detkd.repro.paired_differences`: ``model.student`` vs ``model``,
-    data, optimizer, schedule, ...). An override reaches a config where its parent key exists:
+    data, optimizer, schedule, test data and evaluator, ...). An override reaches a config where its parent key exists:
     ``model.anchor_matcher.thresholds=...`` reaches the student alone's ``model``, not the
     distilled config's (there it is ``model.student.anchor_matcher``), and the table's delta
     compared two different students without a word.
@@ -159,7 +159,8 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
                         "model.student.X: give both (model.X=... model.student.X=...).")
             raise SystemExit(
                 f"[demo] with the overrides, {os.path.basename(kd_config)} and {os.path.basename(base_config)} "
-                f"would train different students: {', '.join(differ)} differ (distilled vs alone), and "
+                f"would train or evaluate different students: {', '.join(differ)} differ (distilled vs "
+                "alone), and "
                 f"the table's delta would compare them.{hint}"
             )
 

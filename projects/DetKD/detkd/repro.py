@@ -6,8 +6,10 @@ The baseline twin is found by name next to the config (``<student>_from_<teacher
 -> ``baseline_<student>_<sched>.py``; demo ``<method>_<det>.py`` -> ``student_<det>.py``) or
 given with ``--baseline``. Before anything trains, the pair is checked to share the seed (a
 fixed one), schedule, initialisation, training data, optimizer and student (:func:`check_pair`),
-after the overrides. The teacher is evaluated once before distillation
-(``train.teacher_eval_at_start``) and reported from its own ``teacher/bbox/*`` keys. The runs
+after the overrides, and to be evaluated on the same test data. The teacher is evaluated once
+before distillation (``train.teacher_eval_at_start``) and reported from its own
+``teacher/bbox/*`` keys; a teacher of another class set than the test data's (e.g. a model-zoo
+COCO teacher on your own data) is not evaluated, and its row stays empty. The runs
 start in the repository root; configs, ``--output`` and the override values that name files
 here (``train.teacher_checkpoint=T.pth``) are taken relative to the working directory. The runs
 go to ``<--output>/<config's folder>/<config's name>/{baseline,distilled}`` (e.g.
@@ -104,6 +106,9 @@ _PAIRED = (
     ("lr_multiplier", "lr_multiplier"),
     ("train.clip_grad", "train.clip_grad"),
     ("train.amp", "train.amp"),
+    # and be evaluated the same way: a delta between two test sets measures nothing
+    ("dataloader.test", "dataloader.test"),
+    ("dataloader.evaluator", "dataloader.evaluator"),
 )
 
 
@@ -135,9 +140,13 @@ def check_pair(config: str, baseline: str, opts) -> None:
     SystemExit unless ``config`` (with the overrides of ``opts`` that apply to it) distils and
     ``baseline`` trains the same student alone with the same seed (a fixed one: a negative
     ``train.seed`` draws one per run), schedule, initialisation, training data, optimizer,
-    gradient clipping and mixed precision,
-    unless ``train_net.py`` accepts the overrides of each (:func:`check_override_keys`), and
-    unless the distilled run's ``train.teacher_checkpoint`` is a URL or a file that exists.
+    gradient clipping and mixed precision, and evaluates it on the same test data with the same
+    evaluator, unless ``train_net.py`` accepts the overrides of each
+    (:func:`check_override_keys`), and unless the distilled run's ``train.teacher_checkpoint``
+    is a URL or a file that exists.
+
+    Returns:
+        the distilled run's config (loaded, with its overrides).
     """
     from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
@@ -167,8 +176,8 @@ def check_pair(config: str, baseline: str, opts) -> None:
         shown = [f"{k} ({value(kd, k)!r} vs {value(base, kb)!r})" if not isinstance(value(kd, k), (dict, list))
                  else k for k, kb in _PAIRED if k in differ]
         raise SystemExit(
-            f"[repro] {os.path.basename(baseline)} does not train the student of {os.path.basename(config)} "
-            f"the same way: {', '.join(shown)} differ (distilled vs baseline)"
+            f"[repro] {os.path.basename(baseline)} does not train and evaluate the student of "
+            f"{os.path.basename(config)} the same way: {', '.join(shown)} differ (distilled vs baseline)"
         )
 
     # The distilled run trains second: a teacher it cannot load would fail only after the
@@ -188,6 +197,34 @@ def check_pair(config: str, baseline: str, opts) -> None:
     # A teacher of a yacs config (detkd.modeling.build_yacs_detector) is also built only then.
     for key, node in _yacs_nodes(OmegaConf.select(kd, "model.teacher"), "model.teacher"):
         _check_yacs_node(key, node, os.path.basename(config))
+    return kd
+
+
+def teacher_not_evaluable(kd) -> str:
+    """
+    Why the distilled run of the loaded config ``kd`` cannot evaluate its teacher on its test
+    data (:func:`detkd.engine.check_teacher_eval_classes`: a teacher of another class set, e.g.
+    a model-zoo COCO teacher of PKD, ReviewKD or GID's location selection), or "" when it can.
+    The teacher is built (not loaded) here to count its classes; a teacher this process cannot
+    build is left to the run.
+    """
+    from types import SimpleNamespace
+
+    from detectron2.config import instantiate
+
+    from .engine import _evaluates, check_teacher_eval_classes
+
+    if not _evaluates(kd):
+        return ""
+    try:
+        teacher = instantiate(kd.model.teacher)
+    except Exception:  # e.g. a project's model this process cannot import: the run will tell
+        return ""
+    try:
+        check_teacher_eval_classes(kd, SimpleNamespace(teacher=teacher))
+    except ValueError as e:
+        return str(e).split(", so ", 1)[0].replace("train.teacher_eval_at_start: ", "")
+    return ""
 
 
 def _yacs_nodes(node, key):
@@ -278,7 +315,12 @@ def main(argv=None):
     other = {baseline: args.config, args.config: baseline}
     check_overrides([baseline, args.config], args.opts, tool="repro",
                     select=lambda c: pair_overrides(c, other[c], args.opts))
-    check_pair(args.config, baseline, args.opts)
+    kd_cfg = check_pair(args.config, baseline, args.opts)
+    # a teacher of another class set distils but cannot be scored on the student's test data:
+    # its evaluation would stop the distilled run after the baseline's whole schedule
+    not_evaluable = teacher_not_evaluable(kd_cfg)
+    if not_evaluable:
+        print(f"[repro] the teacher is not evaluated ({not_evaluable}); its row stays empty", flush=True)
     # <config's folder>/<config's name>: configs/PKD and configs/GID hold configs of the same
     # names (retinanet_R50_from_retinanet_R101_2x.py), whose runs must not replace each other's
     name = os.path.basename(args.config)[:-3]
@@ -287,7 +329,7 @@ def main(argv=None):
     for tag, cfg, extra in (
         # a baseline config with the key may name a teacher that its run would not use
         ("baseline", baseline, ["train.teacher_checkpoint="] if _has_key(_loaded(baseline), "train.teacher_checkpoint") else []),
-        ("distilled", args.config, ["train.teacher_eval_at_start=True"]),
+        ("distilled", args.config, [f"train.teacher_eval_at_start={not not_evaluable}"]),
     ):
         run_dir = os.path.join(out, tag)
         # a new run in an earlier one's folder: detectron2's writer appends to metrics.json, and
@@ -318,7 +360,7 @@ def main(argv=None):
             )
     print(f"\n{'':<12}{'AP':>8}{'AP50':>8}{'AP75':>8}")
     for tag, res in (("teacher", teacher), ("student", base), ("distilled", dist)):
-        print(f"{tag:<12}" + "".join(f"{res.get(k, float('nan')):>8.2f}" for k in ("AP", "AP50", "AP75")))
+        print(f"{tag:<12}" + "".join(f"{res[k]:>8.2f}" if k in res else f"{'-':>8}" for k in ("AP", "AP50", "AP75")))
     print(f"{'delta':<12}{dist['AP'] - base['AP']:>+8.2f}")
     return dict(teacher=teacher, baseline=base, distilled=dist)
 
