@@ -151,3 +151,34 @@ def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
         assert json.loads(json_file.read_text()) == fresh
     # the areas differ (COCOEvaluator reads them from this json for APs / APm / APl)
     assert any(a["area"] != a["bbox"][2] * a["bbox"][3] for a in fresh["annotations"])
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(num_images=0), r"num_images must be an integer >= 1 \(got 0\)"),
+        (dict(max_objects=0), r"max_objects must be an integer >= 1 \(got 0\)"),
+        (dict(image_size=(160, 96)), r"image_size is \(min, max\).*16 <= min <= max \(got \(160, 96\)\)"),
+        (dict(image_size=96), r"image_size is \(min, max\)"),
+        (dict(image_size=(8, 8)), r"16 <= min <= max \(got \(8, 8\)\)"),
+        (dict(empty_fraction=1.5), r"empty_fraction must be in \[0, 1\] \(got 1\.5\)"),
+    ],
+)
+def test_generation_settings_out_of_range_are_named(tmp_path, setting, message):
+    """An out-of-range setting names itself (numpy's "low >= high" named none; no images
+    stopped detectron2's loader later, on "Dataset ... is empty!"), and nothing is written."""
+    kwargs = dict(dict(num_images=4), **setting)
+    n = kwargs.pop("num_images")
+    with pytest.raises(ValueError, match=message):
+        register_shapes("t", n, root=str(tmp_path), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        write_shapes(str(tmp_path / "w"), n, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_size_from_a_config_is_a_list(tmp_path):
+    """A config's list (a ListConfig after instantiate / overrides) is a valid image_size."""
+    from omegaconf import OmegaConf
+
+    name = register_shapes("listcfg", 2, image_size=OmegaConf.create([32, 40]), root=str(tmp_path))
+    assert name.endswith("_i32x40") and len(DatasetCatalog.get(name)) == 2

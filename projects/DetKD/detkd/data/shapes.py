@@ -118,6 +118,33 @@ def _written_by_this_version(json_file: str) -> bool:
         return False
 
 
+def _check_settings(num_images, image_size, max_objects, empty_fraction) -> None:
+    """ValueError naming a generation setting out of its range (numpy's "low >= high" named
+    none, and an empty split stopped detectron2's loader only later)."""
+
+    def whole(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not whole(num_images) or num_images < 1:
+        raise ValueError(f"shapes data: num_images must be an integer >= 1 (got {num_images!r})")
+    try:  # a tuple, list, or a config's ListConfig
+        size = () if isinstance(image_size, str) else tuple(image_size)
+    except TypeError:
+        size = ()
+    if len(size) != 2 or not all(whole(v) for v in size) or not 16 <= size[0] <= size[1]:
+        raise ValueError(
+            f"shapes data: image_size is (min, max) of each image side, integers with "
+            f"16 <= min <= max (got {image_size!r})"
+        )
+    if not whole(max_objects) or max_objects < 1:
+        raise ValueError(
+            f"shapes data: max_objects must be an integer >= 1 (got {max_objects!r}); "
+            "empty_fraction sets the share of images without objects"
+        )
+    if isinstance(empty_fraction, bool) or not isinstance(empty_fraction, (int, float)) or not 0 <= empty_fraction <= 1:
+        raise ValueError(f"shapes data: empty_fraction must be in [0, 1] (got {empty_fraction!r})")
+
+
 def write_shapes(
     folder: str,
     num_images: int,
@@ -134,13 +161,18 @@ def write_shapes(
         folder (str): output folder (images under ``folder/images``).
         num_images (int): number of images.
         seed (int): the dataset is a pure function of its arguments.
-        image_size (tuple[int, int]): (min, max) of each image side, sampled per image.
-        max_objects (int): up to this many objects per non-empty image.
-        empty_fraction (float): share of images without any object.
+        image_size (tuple[int, int]): (min, max) of each image side, sampled per image
+            (16 <= min <= max).
+        max_objects (int): up to this many objects per non-empty image (>= 1).
+        empty_fraction (float): share of images without any object (in [0, 1]).
+
+    Raises:
+        ValueError: a setting out of its range (named).
 
     Returns:
         str: the path of the JSON file.
     """
+    _check_settings(num_images, image_size, max_objects, empty_fraction)
     json_file = os.path.join(folder, "annotations.json")
     img_dir = os.path.join(folder, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -202,6 +234,7 @@ def register_shapes(
         generation settings that differ from the defaults (``_i<min>x<max>``, ``_o<max_objects>``,
         ``_e<empty_fraction>``), so that other settings never reuse a folder written with others.
     """
+    _check_settings(num_images, image_size, max_objects, empty_fraction)
     seed = (0 if split == "train" else 1) if seed is None else seed
     name = f"detkd_shapes_{split}_{num_images}_s{seed}"
     if tuple(image_size) != (96, 160):
