@@ -633,6 +633,23 @@ def test_max_activation_is_the_channel_max_scaled_to_0_1():
     assert np.array_equal(viz.max_activation(torch.full((3, 2, 2), 4.0)), np.zeros((2, 2)))
 
 
+def test_pkd_view_correlation_is_pearsons_and_undefined_for_a_constant_map(tmp_path, monkeypatch):
+    """r beside each level is numpy's Pearson r of the two max-activation maps; a level of one
+    cell (or any constant map) has none: it read r=0.00, also for the teacher with itself."""
+    g = torch.Generator().manual_seed(0)
+    teacher = {"p3": torch.randn(4, 5, 6, generator=g), "p7": torch.randn(4, 1, 1, generator=g)}
+    student = {"p3": teacher["p3"] + 0.5 * torch.randn(4, 5, 6, generator=g), "p7": torch.randn(4, 1, 1, generator=g)}
+    image = np.zeros((40, 48, 3), dtype=np.uint8)
+    fig = _drawn_figure(monkeypatch, viz.draw_fpn_activations, image, {"teacher": teacher, "student": student},
+                        ["p3", "p7"], str(tmp_path / "p.png"))
+    ref = np.corrcoef(viz.max_activation(student["p3"]).ravel(), viz.max_activation(teacher["p3"]).ravel())[0, 1]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"p3  r={ref:.2f}" in titles and "p7  r=n/a (constant map)" in titles
+    corr = viz.draw_fpn_activations(image, {"teacher": teacher, "student": student}, ["p3", "p7"], str(tmp_path / "q.png"))
+    assert corr["student"]["p3"] == pytest.approx(ref, rel=1e-6) and corr["teacher"]["p3"] == pytest.approx(1.0)
+    assert np.isnan(corr["student"]["p7"]) and np.isnan(corr["teacher"]["p7"])
+
+
 def _drawn_figure(monkeypatch, draw, *args, **kwargs):
     """The matplotlib figure that ``draw(*args, **kwargs)`` saves (kept from being closed)."""
     import matplotlib.figure

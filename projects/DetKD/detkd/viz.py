@@ -46,8 +46,11 @@ def max_activation(feat: torch.Tensor) -> np.ndarray:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps; NaN when one is constant (e.g. a level of one cell),
+    where it is undefined (it read 0.00, even for the teacher's map with itself)."""
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float((a * b).sum() / norm) if norm > 1e-12 else float("nan")
 
 
 def draw_fpn_activations(
@@ -70,7 +73,7 @@ def draw_fpn_activations(
 
     Returns:
         dict[str, dict[str, float]]: Pearson correlation of each row's max-activation map with
-        the reference row's, per level.
+        the reference row's, per level (NaN where a map is constant, e.g. a level of one cell).
     """
     import matplotlib
 
@@ -90,7 +93,8 @@ def draw_fpn_activations(
             corr[name][lvl] = _pearson(m, max_activation(rows[reference][lvl]))
             ax = axes[r, c + 1]
             ax.imshow(m, cmap="jet", vmin=0, vmax=1)
-            title = lvl if name == reference else f"{lvl}  r={corr[name][lvl]:.2f}"
+            r_text = "n/a (constant map)" if np.isnan(corr[name][lvl]) else f"{corr[name][lvl]:.2f}"
+            title = lvl if name == reference else f"{lvl}  r={r_text}"
             ax.set_title(title, fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
