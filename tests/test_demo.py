@@ -1001,8 +1001,8 @@ def test_demo_refuses_overrides_that_reach_its_two_students_differently(tmp_path
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     thr = "model.anchor_matcher.thresholds=[0.5,0.6]"
-    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py and student_retinanet\.py would train different "
-                                         r"students: model\.student differ.*model\.X=\.\.\. model\.student\.X="):
+    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py and student_retinanet\.py would train or evaluate "
+                                         r"different students: model\.student differ.*model\.X=\.\.\. model\.student\.X="):
         demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", thr])
     with pytest.raises(SystemExit, match=r"model\.student differ"):  # the other way round
         demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", "model.student.head.conv_dims=[8]"])
