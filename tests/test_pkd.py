@@ -1,4 +1,5 @@
 """PKD loss values against independent formulas, and level pairing of the distiller."""
+import os
 import re
 
 import numpy as np
@@ -408,6 +409,31 @@ def test_loss_weight_zero_turns_the_loss_off_and_ints_are_weights():
     feats = {n: torch.randn(2, 256, 3, 4) for n in ("p2", "p3")}
     out = d({"backbone": feats}, {"backbone": feats}, ctx=None)["loss_pkd"]
     assert torch.is_tensor(out) and out.item() == 0.0
+
+
+def test_none_written_on_the_command_line_is_named_with_its_spelling():
+    """README: "set num_levels=None with explicit lists". As an override, None is the string
+    'None' (the parser reads YAML, whose None is null): the error said "... or None ..., got
+    'None'". It now names null, which works."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from conftest import REPO
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py"))
+    levels = ["model.distillers.pkd.student_levels=[p3,p4]", "model.distillers.pkd.teacher_levels=[p3,p4]"]
+    bad = LazyConfig.apply_overrides(cfg, levels + ["model.distillers.pkd.num_levels=None"])
+    with pytest.raises(ValueError, match=r"got 'None' \(the string 'None': an override writes None as null, "
+                                         r"'model\.distillers\.<name>\.num_levels=null'\)"):
+        instantiate(bad.model.distillers.pkd)
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py"))
+    good = LazyConfig.apply_overrides(cfg, levels + ["model.distillers.pkd.num_levels=null"])
+    assert instantiate(good.model.distillers.pkd).num_levels is None
+    with pytest.raises(ValueError, match=r"student_levels must be a list .*got 'None' \(the string 'None'.*=null"):
+        PKDDistiller(student_levels="None")
+    from detkd import GIDDistiller
+
+    with pytest.raises(ValueError, match=r"response_ctr_weight must be .*got 'None' \(the string"):
+        GIDDistiller(response_ctr_weight="None")
 
 
 def test_other_arguments_are_checked_at_construction():

@@ -227,6 +227,14 @@ def _key(arg: str) -> str:
     return f"model.distillers.<name>.{arg}"
 
 
+def _null_hint(arg: str, value) -> str:
+    """What to write for None on the command line, when ``value`` is the string an override
+    ``...=None`` gives (the override parser reads YAML: None is spelt null there)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return f" (the string 'None': an override writes None as null, '{_key(arg)}=null')"
+    return ""
+
+
 def check_weight(owner: str, arg: str, value) -> float:
     """
     A loss or cost weight (or another amount that must not be negative, e.g. a size): a real
@@ -247,6 +255,7 @@ def check_weight(owner: str, arg: str, value) -> float:
     ):
         raise ValueError(
             f"{owner}: {arg} must be a finite number >= 0 ({_key(arg)}), got {value!r}"
+            + _null_hint(arg, value)
         )
     return float(value)
 
@@ -300,6 +309,7 @@ def check_num_levels(num_levels, owner: Optional[str] = None) -> Optional[int]:
         raise ValueError(
             f"{owner + ': ' if owner else ''}num_levels must be a positive int (the first "
             f"num_levels pairs, finest first) or None (all pairs), got {num_levels!r}"
+            + _null_hint("num_levels", num_levels)
         )
     return num_levels
 
@@ -331,10 +341,11 @@ def check_level_names(arg: str, value, owner: Optional[str] = None) -> Optional[
     if not isinstance(value, (str, bytes)) and isinstance(value, _IterableABC):
         value = list(value)  # a list, tuple, ListConfig, dict_keys, generator ...
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        example = f"[{value}]" if isinstance(value, str) and value else "[p3, p4]"
+        hint = _null_hint(arg, value)
+        example = f"[{value}]" if isinstance(value, str) and value and not hint else "[p3, p4]"
         raise ValueError(
             f"{prefix}{arg} must be a list of level names, e.g. {example} (override: "
-            f"'{_key(arg)}={example}'), or None for all levels, got {value!r}"
+            f"'{_key(arg)}={example}'), or None for all levels, got {value!r}{hint}"
         )
     names = value
     if not names:
@@ -473,8 +484,8 @@ def pair_fpn_levels(
                 raise ValueError(
                     f"num_levels={num_levels} keeps the first {num_levels} of the level pairs "
                     f"{pairs} (finest first), which leaves out {cut} listed in {arg}: set "
-                    f"num_levels=None to distil every listed level, or list only the levels to "
-                    "distil."
+                    f"num_levels=None (the override num_levels=null) to distil every listed level, "
+                    "or list only the levels to distil."
                 )
         pairs = pairs[:num_levels]
     return pairs
