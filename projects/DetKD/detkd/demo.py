@@ -403,16 +403,17 @@ def _table(runs, several_seeds: bool) -> str:
         ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
         delta = f"{r['delta']:+.2f}" if r["delta"] is not None else ""
         spi = [t for t in (_seconds_per_iter(d) for d in r["dirs"]) if t]
-        spi = statistics.median(spi) if spi else 0
+        # none logged: detectron2's timer skips each run's first iterations (a run of 2 has none)
+        spi = f"{statistics.median(spi):.3f}" if spi else "-"
         if not several_seeds:
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9.3f}  {r['dirs'][0]}")
+            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9}  {r['dirs'][0]}")
         else:
             several = len(r["seeds"]) > 1  # the teachers: one run
             dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None and several else ""
             sd = f"{r['sd']:.2f}" if several else ""
             seeds = ",".join(str(s) for s in r["seeds"])
             lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
-                         f"{spi:>9.3f}  {seeds:<5}  {r['dirs'][0]}")
+                         f"{spi:>9}  {seeds:<5}  {r['dirs'][0]}")
     return "\n".join(lines)
 
 
