@@ -208,22 +208,22 @@ def teacher_not_evaluable(kd) -> str:
     The teacher is built (not loaded) here to count its classes; a teacher this process cannot
     build is left to the run.
     """
-    from types import SimpleNamespace
-
     from detectron2.config import instantiate
 
-    from .engine import _evaluates, check_teacher_eval_classes
+    from .engine import _class_count, _dataset_names, _evaluates, _listed, _loaded_classes
 
     if not _evaluates(kd):
         return ""
     try:
-        teacher = instantiate(kd.model.teacher)
-    except Exception:  # e.g. a project's model this process cannot import: the run will tell
-        return ""
-    try:
-        check_teacher_eval_classes(kd, SimpleNamespace(teacher=teacher))
-    except ValueError as e:
-        return str(e).split(", so ", 1)[0].replace("train.teacher_eval_at_start: ", "")
+        n_teacher = _class_count(instantiate(kd.model.teacher))
+        names = _dataset_names(kd, "test") if n_teacher is not None else []
+        for name in names:
+            classes = _loaded_classes(name)
+            if classes is not None and len(classes) != n_teacher:
+                return (f"the teacher predicts {n_teacher} classes, the test dataset {name!r} has "
+                        f"{len(classes)}: {_listed(classes)}")
+    except Exception:  # a model this process cannot build, a test dataset not registered or
+        return ""  # empty: the runs stop on it at their start, with its message
     return ""
 
 
