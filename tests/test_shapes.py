@@ -158,9 +158,10 @@ def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
     [
         (dict(num_images=0), r"num_images must be an integer >= 1 \(got 0\)"),
         (dict(max_objects=0), r"max_objects must be an integer >= 1 \(got 0\)"),
-        (dict(image_size=(160, 96)), r"image_size is \(min, max\).*16 <= min <= max \(got \(160, 96\)\)"),
+        (dict(image_size=(160, 96)), r"image_size is \(min, max\).*1 <= min <= max \(got \(160, 96\)\)"),
         (dict(image_size=96), r"image_size is \(min, max\)"),
-        (dict(image_size=(8, 8)), r"16 <= min <= max \(got \(8, 8\)\)"),
+        (dict(image_size=(0, 8)), r"1 <= min <= max \(got \(0, 8\)\)"),
+        (dict(empty_fraction="0.1"), r"empty_fraction must be a number in \[0, 1\] \(got '0\.1'\)"),
         (dict(empty_fraction=1.5), r"empty_fraction must be in \[0, 1\] \(got 1\.5\)"),
     ],
 )
@@ -182,3 +183,6 @@ def test_image_size_from_a_config_is_a_list(tmp_path):
 
     name = register_shapes("listcfg", 2, image_size=OmegaConf.create([32, 40]), root=str(tmp_path))
     assert name.endswith("_i32x40") and len(DatasetCatalog.get(name)) == 2
+    # numpy numbers, and small images (the review found 8 x 8 refused by a floor of 16)
+    write_shapes(str(tmp_path / "np"), np.int64(2), image_size=(np.int32(8), 8), max_objects=np.int64(2),
+                 empty_fraction=np.float32(0.1))

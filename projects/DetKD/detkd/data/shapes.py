@@ -8,6 +8,7 @@ JSON file, then registered with detectron2's own COCO loader, so training reads 
 import json
 import logging
 import math
+import numbers
 import os
 import uuid
 from typing import Tuple
@@ -131,17 +132,19 @@ def _check_settings(num_images, image_size, max_objects, empty_fraction) -> None
         size = () if isinstance(image_size, str) else tuple(image_size)
     except TypeError:
         size = ()
-    if len(size) != 2 or not all(whole(v) for v in size) or not 16 <= size[0] <= size[1]:
+    if len(size) != 2 or not all(whole(v) for v in size) or not 1 <= size[0] <= size[1]:
         raise ValueError(
             f"shapes data: image_size is (min, max) of each image side, integers with "
-            f"16 <= min <= max (got {image_size!r})"
+            f"1 <= min <= max (got {image_size!r})"
         )
     if not whole(max_objects) or max_objects < 1:
         raise ValueError(
             f"shapes data: max_objects must be an integer >= 1 (got {max_objects!r}); "
             "empty_fraction sets the share of images without objects"
         )
-    if isinstance(empty_fraction, bool) or not isinstance(empty_fraction, (int, float)) or not 0 <= empty_fraction <= 1:
+    if isinstance(empty_fraction, bool) or not isinstance(empty_fraction, numbers.Real):
+        raise ValueError(f"shapes data: empty_fraction must be a number in [0, 1] (got {empty_fraction!r})")
+    if not 0 <= empty_fraction <= 1:  # also refuses NaN
         raise ValueError(f"shapes data: empty_fraction must be in [0, 1] (got {empty_fraction!r})")
 
 
@@ -162,7 +165,7 @@ def write_shapes(
         num_images (int): number of images.
         seed (int): the dataset is a pure function of its arguments.
         image_size (tuple[int, int]): (min, max) of each image side, sampled per image
-            (16 <= min <= max).
+            (1 <= min <= max).
         max_objects (int): up to this many objects per non-empty image (>= 1).
         empty_fraction (float): share of images without any object (in [0, 1]).
 
