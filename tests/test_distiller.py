@@ -217,6 +217,12 @@ def test_a_teacher_without_input_format_takes_the_students_channel_order():
     assert channel_orders(model.student, model.teacher) == ("BGR", "BGR")
     given = channel_orders(model.student, model.teacher, teacher_input_format="RGB")
     assert given == ("BGR", "RGB")
+    # a given teacher order contradicting the teacher's own input_format is an error, as the
+    # student's is (it was accepted, and the teacher saw images in the order it was not trained in)
+    assert channel_orders(model.teacher, model.student, teacher_input_format="BGR") == (None, "BGR")
+    with pytest.raises(ValueError, match=r"teacher_input_format='RGB' but the teacher's input_format is "
+                                         r"'BGR'.*Drop teacher_input_format"):
+        channel_orders(model.teacher, model.student, teacher_input_format="RGB")
     assert not model.flip_teacher_channels
     inputs = make_inputs(n=1, size=(50, 70))
     images = model.teacher_images(inputs)

@@ -39,7 +39,8 @@ def _input_format(model: nn.Module) -> Optional[str]:
 def channel_orders(student, teacher, student_input_format=None, teacher_input_format=None):
     """(student's data order, teacher's order) as DistillationDetector decides them: the given
     formats, else the models' ``input_format`` (detectron2's FCOS has none), a teacher without
-    one taking the student's. A given student format contradicting the student's own is an error."""
+    one taking the student's. A given format contradicting the model's own is an error (the
+    model normalises its images in its own order, and its checkpoint was trained in it)."""
     own = _input_format(student)
     if student_input_format and own and student_input_format != own:
         raise ValueError(
@@ -48,8 +49,17 @@ def channel_orders(student, teacher, student_input_format=None, teacher_input_fo
             "(it is for students without an input_format, e.g. detectron2's FCOS) or set the "
             "student's input_format."
         )
+    theirs = _input_format(teacher)
+    if teacher_input_format and theirs and teacher_input_format != theirs:
+        raise ValueError(
+            f"teacher_input_format={teacher_input_format!r} but the teacher's input_format is "
+            f"{theirs!r}: the teacher normalises its images as {theirs} (the order its "
+            "checkpoint was trained in), and DetKD flips the student's images into it. Drop "
+            "teacher_input_format (it is for teachers without an input_format, e.g. detectron2's "
+            "FCOS) or set the teacher's input_format."
+        )
     s_fmt = student_input_format or own
-    return s_fmt, teacher_input_format or _input_format(teacher) or s_fmt
+    return s_fmt, teacher_input_format or theirs or s_fmt
 
 
 def _padding_constraints(model: nn.Module):
@@ -376,8 +386,9 @@ class DistillationDetector(nn.Module):
                 instantiated); their losses join the loss dict. May be empty (the student
                 then trains alone).
             teacher_input_format (str or None): "RGB" or "BGR"; defaults to the teacher's
-                ``input_format`` attribute. When it differs from the student's, the channels of
-                the student's images are flipped for the teacher.
+                ``input_format`` attribute (for a teacher without one; contradicting it is an
+                error). When it differs from the student's, the channels of the student's
+                images are flipped for the teacher.
             student_input_format (str or None): "RGB" or "BGR", the channel order of the
                 training data; defaults to the student's ``input_format`` attribute. Needed
                 for a student without one (detectron2's FCOS) whose data is not in the
