@@ -36,28 +36,26 @@ def _input_format(model: nn.Module) -> Optional[str]:
     return getattr(model, "input_format", None)
 
 
+def _check_given_format(role: str, given: Optional[str], own: Optional[str]) -> None:
+    """ValueError when the format given for the ``role`` model contradicts its own input_format."""
+    if given and own and given != own:
+        why = " (the order its checkpoint was trained in)" if role == "teacher" else ""
+        raise ValueError(
+            f"{role}_input_format={given!r} but the {role}'s input_format is {own!r}: the {role} "
+            f"normalises its images as {own}{why}. Drop {role}_input_format (it is for "
+            f"{role}s without an input_format, e.g. detectron2's FCOS) or set the {role}'s "
+            "input_format."
+        )
+
+
 def channel_orders(student, teacher, student_input_format=None, teacher_input_format=None):
     """(student's data order, teacher's order) as DistillationDetector decides them: the given
     formats, else the models' ``input_format`` (detectron2's FCOS has none), a teacher without
     one taking the student's. A given format contradicting the model's own is an error (the
     model normalises its images in its own order, and its checkpoint was trained in it)."""
-    own = _input_format(student)
-    if student_input_format and own and student_input_format != own:
-        raise ValueError(
-            f"student_input_format={student_input_format!r} but the student's input_format is "
-            f"{own!r}: the student normalises its images as {own}. Drop student_input_format "
-            "(it is for students without an input_format, e.g. detectron2's FCOS) or set the "
-            "student's input_format."
-        )
-    theirs = _input_format(teacher)
-    if teacher_input_format and theirs and teacher_input_format != theirs:
-        raise ValueError(
-            f"teacher_input_format={teacher_input_format!r} but the teacher's input_format is "
-            f"{theirs!r}: the teacher normalises its images as {theirs} (the order its "
-            "checkpoint was trained in), and DetKD flips the student's images into it. Drop "
-            "teacher_input_format (it is for teachers without an input_format, e.g. detectron2's "
-            "FCOS) or set the teacher's input_format."
-        )
+    own, theirs = _input_format(student), _input_format(teacher)
+    _check_given_format("student", student_input_format, own)
+    _check_given_format("teacher", teacher_input_format, theirs)
     s_fmt = student_input_format or own
     return s_fmt, teacher_input_format or theirs or s_fmt
 
