@@ -27,6 +27,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from .utils import without_file_scheme
+
 __all__ = [
     "CheckpointMismatchError",
     "TeacherCheckpointError",
@@ -318,7 +320,7 @@ def _is_local(path) -> bool:
 
 def _local_path(path: str) -> str:
     """The file system path of a local ``path`` (plain or ``file://``), resolved."""
-    return os.path.realpath(path[len("file://"):] if path.startswith("file://") else path)
+    return os.path.realpath(without_file_scheme(path))
 
 
 def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
@@ -570,9 +572,9 @@ def _write_student(state: Dict[str, Any], output: str, caller: str) -> None:
     checkpoint) is replaced.
 
     Raises:
-        ValueError: see :func:`_check_student_output`.
+        ValueError: see :func:`_check_export_output`.
     """
-    _check_student_output(output, caller)
+    _check_export_output(output, caller)
     _dump_student(state, output)
 
 
@@ -584,7 +586,7 @@ def _dump_student(state: Dict[str, Any], output: str) -> None:
         _save({"model": state, "__author__": _AUTHOR}, output)
 
 
-def _check_student_output(
+def _check_export_output(
     output: str, caller: str, author: str = _AUTHOR, example: str = "model_final_student.pth"
 ) -> None:
     """
@@ -683,7 +685,7 @@ def export_student(checkpoint: Union[str, Dict[str, Any]], output: str) -> Dict[
         ValueError: if ``checkpoint`` holds no ``student.*`` weights (not a DetKD run's
             checkpoint: a plain detector's is already a student checkpoint).
     """
-    _check_student_output(output, "export_student")  # before a (large) run checkpoint is read
+    _check_export_output(output, "export_student")  # before a (large) run checkpoint is read
     if isinstance(checkpoint, str):
         with PathManager.open(checkpoint, "rb") as f:
             # Our own run checkpoints hold optimizer/scheduler state, not only tensors.
@@ -745,7 +747,7 @@ def export_backbone(
             f"export_backbone: write a .pkl (got {output!r}): detectron2 matches a pretrained "
             "backbone's names by suffix only in the model zoo's .pkl format"
         )
-    _check_student_output(output, "export_backbone", author=_BACKBONE_AUTHOR, example="backbone.pkl")
+    _check_export_output(output, "export_backbone", author=_BACKBONE_AUTHOR, example="backbone.pkl")
     if isinstance(checkpoint, str):
         with PathManager.open(checkpoint, "rb") as f:
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)

@@ -30,6 +30,7 @@ from .demo import (
     REPO, _has_key, _loaded, applicable_overrides, check_overrides, check_reserved, final_metrics,
     int_at_least, paths_from_here, run_env,
 )
+from .utils import without_file_scheme
 
 __all__ = ["baseline_of", "check_pair", "pair_overrides", "main"]
 
@@ -184,7 +185,7 @@ def check_pair(config: str, baseline: str, opts) -> None:
     # baseline's whole schedule. A local file is looked up as train_net.py will, from the
     # repository root (URLs are left to the run).
     teacher = value(kd, "train.teacher_checkpoint") or ""
-    local = teacher[len("file://"):] if teacher.startswith("file://") else teacher
+    local = without_file_scheme(teacher)
     if not teacher and not value(kd, "train.teacher_random_init"):
         raise SystemExit(f"[repro] train.teacher_checkpoint of {os.path.basename(config)} is empty: "
                          "set train.teacher_checkpoint=<the teacher's weights>")
@@ -259,7 +260,7 @@ def _check_yacs_node(key: str, node, name: str) -> None:
     from .modeling import load_yacs_config
 
     given = str(node.config_file)
-    local = given[len("file://"):] if given.startswith("file://") else given
+    local = without_file_scheme(given)
     if "://" in local:
         return
     path = os.path.join(REPO, local)  # an absolute local stays itself

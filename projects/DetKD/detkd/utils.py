@@ -1,7 +1,13 @@
-"""Small device helpers shared by the models and the distillers."""
+"""Small helpers shared by the models, the distillers and the tools."""
 import torch
 
-__all__ = ["host_tensor", "memory_format_of"]
+__all__ = ["host_tensor", "memory_format_of", "without_file_scheme"]
+
+
+def without_file_scheme(path: str) -> str:
+    """``path`` without a leading ``file://`` (a local path, as DetKD takes checkpoint and
+    config paths); other paths unchanged."""
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def host_tensor(data, device, dtype=None) -> torch.Tensor:

@@ -29,6 +29,8 @@ from detectron2.utils.registry import locate
 
 from omegaconf import OmegaConf
 
+from ..utils import without_file_scheme
+
 __all__ = ["build_yacs_detector", "load_yacs_config"]
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,7 @@ def load_yacs_config(
     Returns:
         CfgNode
     """
-    path = str(config_file)
-    if path.startswith("file://"):  # a local file, as DetKD's checkpoint paths take it
-        path = path[len("file://"):]
+    path = without_file_scheme(str(config_file))  # a local file, as DetKD's checkpoint paths take it
     if path.endswith(".py"):
         raise ValueError(
             f"build_yacs_detector reads yacs .yaml configs; {path} is a LazyConfig: use its model "
