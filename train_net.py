@@ -32,12 +32,16 @@ from detkd.checkpoint import load_student
 from detkd.engine import (
     KDTrainer,
     check_config_sections,
+    check_flag_order,
     check_input_format,
     check_override_keys,
     check_run_inputs_kept,
     check_student_classes,
     ddp_model,
+    last_checkpoint_problem,
     student_of,
+    unusable_last_checkpoint,
+    untagged_checkpoints_error,
 )
 
 logger = logging.getLogger("detectron2")
@@ -119,21 +123,32 @@ def _keep_run_config(cfg, run_config: bytes) -> None:
                 f"{os.path.join(out, 'config_eval.yaml')}")
 
 
+def _yaml_config(data: bytes):
+    """A ``config.yaml`` detectron2 wrote (``LazyConfig.save``), as plain dicts (python objects
+    it tags are not built: None), or None where it is not one."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        cfg = yaml.load(data, Loader=Loader)
+    except yaml.YAMLError:
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def _teacher_change(cfg, run_config: bytes):
     """--resume with another ``train.teacher_checkpoint`` than the run's (its ``config.yaml``):
     checkpoints do not hold the teacher, so the rest of the run would distil from another
     teacher without a word. Returns the warning to log (None: the same teacher, or a
     config.yaml that is not a config); logged by ``main`` once log.txt is set up."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):  # detectron2's config.yaml tags python objects: not built
-        pass
-
-    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
-    try:
-        theirs = (yaml.load(run_config, Loader=Loader) or {}).get("train", {}).get("teacher_checkpoint")
-    except (yaml.YAMLError, AttributeError):  # not a config detectron2 wrote: nothing to compare
+    run = _yaml_config(run_config)
+    train = run.get("train") if run is not None else None
+    if not isinstance(train, dict):  # not a config detectron2 wrote: nothing to compare
         return None
+    theirs = train.get("teacher_checkpoint")
     ours = cfg.train.get("teacher_checkpoint")
     if isinstance(theirs, str) and theirs != ours and (theirs or ours):
         return (
@@ -145,7 +160,46 @@ def _teacher_change(cfg, run_config: bytes):
     return None
 
 
+def _changes(theirs, ours, prefix: str):
+    """The dotted keys under ``prefix`` whose values differ between two plain configs, each as
+    ``key: <theirs> (this config: <ours>)``."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [
+            change
+            for k in sorted(set(theirs) | set(ours), key=str)
+            for change in _changes(theirs.get(k), ours.get(k), f"{prefix}.{k}")
+        ]
+    return [] if theirs == ours else [f"{prefix}: {theirs!r} (this config: {ours!r})"]
+
+
+def _model_change(cfg, run_config: bytes):
+    """--resume with a ``model`` section other than the run's (its ``config.yaml``, which
+    default_setup has just replaced by this config's): e.g. a distiller's ``loss_weight``. The
+    checkpoint fits (its tensors are checked on load), and the rest of the run trains with this
+    config's settings. Returns the warning to log, or None. (The teacher checkpoint and the
+    optimizer settings have their own warnings.)"""
+    theirs, ours = _yaml_config(run_config), _yaml_config(_read_run_config(cfg) or b"")
+    if theirs is None or ours is None:
+        return None
+    changes = _changes(theirs.get("model"), ours.get("model"), "model")
+    if not changes:
+        return None
+    return (
+        f"--resume: this config's model settings differ from those the run in "
+        f"{cfg.train.output_dir!r} was trained with (its config.yaml, now replaced by this "
+        f"config's): {'; '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}. The rest of "
+        "the run trains with this config's; to continue the run as it was, resume with its "
+        "settings."
+    )
+
+
 def main(args):
+    check_flag_order(args.opts)  # before the config is read: a --config-file among them leaves it empty
+    if not args.config_file:
+        raise ValueError(
+            "No config file: give one with --config-file before any key=value override, e.g. "
+            "train_net.py --config-file configs/demo/pkd_retinanet.py train.max_iter=100"
+        )
     cfg = LazyConfig.load(args.config_file)
     check_config_sections(cfg, args.config_file, training=not args.eval_only)
     check_override_keys(cfg, args.opts)  # a typo would otherwise add a key nothing reads
@@ -171,6 +225,15 @@ def main(args):
         checkpoints=not args.eval_only,
         config_yaml=not eval_in_run,  # else restored below
     )
+    if args.eval_only and args.resume:  # the run's last checkpoint: refused before anything is written
+        untagged = untagged_checkpoints_error(cfg.train.output_dir)
+        if untagged is not None:
+            raise untagged
+        if holds_run:
+            last = _last_checkpoint_file(cfg)
+            problem = last_checkpoint_problem(cfg.train.output_dir, last)
+            if problem:
+                raise unusable_last_checkpoint(cfg.train.output_dir, last, problem)
     default_setup(cfg, args)
     if args.eval_only and in_run and run_config is not None:
         _keep_run_config(cfg, run_config)
@@ -178,6 +241,10 @@ def main(args):
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="detkd")
     if teacher_change:  # now also in log.txt
         logging.getLogger("detkd.train_net").warning(teacher_change)
+    if resuming and run_config is not None and holds_run:
+        model_change = _model_change(cfg, run_config)
+        if model_change:
+            logging.getLogger("detkd.train_net").warning(model_change)
     _share_cpu_threads()
 
     if args.eval_only:
@@ -185,12 +252,17 @@ def main(args):
         model = KDTrainer.build_model(cfg)
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
-        weights = cfg.train.init_checkpoint
+        weights, key = cfg.train.init_checkpoint, "train.init_checkpoint"
         if args.resume and holds_run:  # as detectron2's tools/train_net.py: the run's last checkpoint
-            weights = _last_checkpoint_file(cfg)
+            weights, key = _last_checkpoint_file(cfg), f"the last checkpoint of {cfg.train.output_dir!r}"
             logger.info(f"--eval-only --resume: evaluating the last checkpoint of {cfg.train.output_dir}, "
                         f"{weights} (train.init_checkpoint is not read)")
-        load_student(student_of(model), weights, strict=True)
+        elif args.resume:
+            logger.warning(
+                f"--eval-only --resume: {cfg.train.output_dir!r} holds no training run (no "
+                f"last_checkpoint file): evaluating train.init_checkpoint {weights!r} instead."
+            )
+        load_student(student_of(model), weights, strict=True, key=key)
         # no buffer broadcast before a forward: with fewer test images than processes, a process
         # without images never runs the forward whose broadcast the others wait for (a hang)
         model = ddp_model(model, broadcast_buffers=False)

@@ -597,6 +597,39 @@ def test_an_init_checkpoint_of_which_nothing_fits_the_student_is_an_error(tmp_pa
     assert all(torch.equal(got[k], v) for k, v in part.items())
 
 
+def test_a_wider_teachers_checkpoint_as_init_checkpoint_is_an_error(tmp_path):
+    """The teacher's model_final.pth as the student's train.init_checkpoint: only the head's
+    class and box biases (1-D, as many as the classes/anchors) have the student's shapes, so
+    the load passed the nothing-fits check and the student trained from its random
+    initialisation, with a "Skip loading" line per tensor. It is an error naming what fit; a
+    file with one conv weight of the student's still loads (detectron2's partial init)."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    teacher = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    student = instantiate(tiny_retinanet_cfg())
+    own = student.state_dict()
+    fitting = sorted(k for k, v in teacher.state_dict().items() if k in own and v.shape == own[k].shape
+                     and not k.endswith("num_batches_tracked"))
+    assert fitting == ["head.bbox_pred.bias", "head.cls_score.bias"]  # the case tested
+    before = {k: v.clone() for k, v in own.items()}
+    with pytest.raises(CheckpointMismatchError, match=(
+        r"train\.init_checkpoint '.*teacher\.pth' holds none of the student's weights: only 2 of its "
+        r"tensors fit the student's, biases or norms \(head\.bbox_pred\.bias, head\.cls_score\.bias\), "
+        r"none of its convolution or linear weights \(e\.g\. backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
+        r"vs student \(64, 32, 1, 1\);.*a teacher's checkpoint \(another width or depth\) does not initialise")):
+        load_student(student, str(tmp_path / "teacher.pth"))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # checked first
+    # named by what the file is, where it is not train.init_checkpoint
+    with pytest.raises(CheckpointMismatchError, match=r"^the last checkpoint of 'x' '.*teacher\.pth' holds none"):
+        load_student(student, str(tmp_path / "teacher.pth"), key="the last checkpoint of 'x'")
+    target = own["head.cls_score.weight"].clone() + 1
+    one_conv = dict(teacher.state_dict(), **{"head.cls_score.weight": target})
+    torch.save({"model": one_conv}, tmp_path / "one_conv.pth")
+    load_student(student, str(tmp_path / "one_conv.pth"))
+    assert torch.equal(student.state_dict()["head.cls_score.weight"], target)
+
+
 def test_an_unloadable_init_checkpoint_names_the_key_and_the_fix(tmp_path):
     """A paper config's init_checkpoint is a detectron2:// URL (ImageNet R-50), or a converted
     R-18.pkl the user has to make: offline or without the file, load_student stopped on fvcore's

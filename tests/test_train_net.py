@@ -457,6 +457,8 @@ def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     keys = trainer.storage.latest()
     assert "teacher/bbox/AP" in keys or "teacher/bbox/AP50" in keys
     assert (tmp_path / "t" / "inference_teacher").is_dir()
+    record = json.loads((tmp_path / "t" / "inference_teacher" / "teacher_eval.json").read_text())
+    assert record["teacher_checkpoint"] == "" and record["results"]["teacher/bbox/AP50"] == hook.results["bbox"]["AP50"]
     logged = _metrics(str(tmp_path / "t"))
     assert any("teacher/bbox/AP50" in m for m in logged)
     assert any("bbox/AP50" in m for m in logged)  # the student's own, separate
@@ -633,6 +635,44 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
         KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=False)
     assert any("--resume was not given" in r.getMessage() and "model_final.pth" in r.getMessage()
                for r in caplog.records)
+
+
+def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_keep_the_checkpoints(tmp_path):
+    """--resume in a folder whose checkpoints have no last_checkpoint file (deleted, copied
+    there) logged "Starting training from iteration 0" and replaced model_*.pth and the
+    export; a run started without --resume over another model's finished run replaced its
+    model_final.pth and left a folder of two runs' files, with only a warning. Both are errors
+    that name the fix, and leave every file as it was. A new run of the same model there (a
+    re-run) still starts again, with the warning."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    out = tmp_path / "r"
+    _run(_small_cfg(out, 2))
+    (out / "last_checkpoint").unlink()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("model_")}
+    assert {"model_0000001.pth", "model_final.pth", "model_final_student.pth"} <= set(files)
+    with pytest.raises(CheckpointMismatchError, match=(
+            r"--resume: '.*r' holds run checkpoints \(model_0000001\.pth, model_final\.pth\) but no "
+            r"last_checkpoint file.*`echo model_final\.pth > .*r/last_checkpoint`.*another train\.output_dir")):
+        KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))} == files
+    (out / "last_checkpoint").write_text("model_0000001.pth")  # the fix named: the run goes on
+    assert _run(_small_cfg(out, 3), resume=True).start_iter == 2
+
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))}
+    wider = _small_cfg(out, 2)
+    wider.model.student = tiny_retinanet_cfg(width=16, fpn=32)
+    with pytest.raises(CheckpointMismatchError, match=(
+            r"'.*r' holds the run of another model \(its last checkpoint .*model_final\.pth does not fit "
+            r"this config's: shape mismatch: student\.backbone\.fpn_lateral3\.weight: file "
+            r"\(32, 16, 1, 1\) vs model \(32, 32, 1, 1\).*Start it in another train\.output_dir")):
+        KDTrainer(wider).resume_or_load(resume=False)
+    plain = _small_cfg(out, 2)
+    plain.model = tiny_retinanet_cfg(width=8, fpn=32)  # the student alone: no student. prefix
+    with pytest.raises(CheckpointMismatchError, match=r"model keys not in the file: \['backbone\."):
+        KDTrainer(plain).resume_or_load(resume=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
+    KDTrainer(_small_cfg(out, 2)).resume_or_load(resume=False)  # the same model: a re-run
 
 
 def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):
@@ -983,6 +1023,61 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert proc.returncode != 0
     assert "It was written by another model or config" in proc.stderr
     assert (out / "config.yaml").read_bytes() == written
+
+
+def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_model_changes(tmp_path, monkeypatch):
+    """train_net.py: a --config-file after the overrides (or none) failed with detectron2's
+    "Config file  has to be a python or yaml file"; --eval-only --resume with a last_checkpoint
+    naming a missing file or an empty one blamed train.init_checkpoint, which it had not read,
+    and with checkpoints but no last_checkpoint evaluated train.init_checkpoint; --resume with
+    other model settings (a distiller's loss_weight) replaced the run's config.yaml without a
+    word."""
+    from detectron2.config import LazyConfig
+    from detectron2.engine import default_argument_parser
+
+    from detkd.checkpoint import CheckpointMismatchError
+
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    config = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    parse = default_argument_parser().parse_args
+    with pytest.raises(ValueError, match=r"\['--config-file'\] come after the key=value overrides"):
+        train_net.main(parse(["train.max_iter=1", "--config-file", config]))
+    with pytest.raises(ValueError, match=r"No config file: give one with --config-file"):
+        train_net.main(parse(["train.max_iter=1"]))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_0000001.pth").write_bytes(b"a checkpoint")
+    (out / "config.yaml").write_bytes(b"the run's config")
+
+    def eval_only_resume():
+        train_net.main(parse(["--config-file", config, "--eval-only", "--resume", f"train.output_dir={out}",
+                              "dataloader.test.dataset.names.num_images=4", "dataloader.test.num_workers=0"]))
+
+    with pytest.raises(CheckpointMismatchError, match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint"):
+        eval_only_resume()
+    for tag, problem in (("model_9999999.pth", "does not exist"), ("", "is not a file: last_checkpoint is empty")):
+        (out / "last_checkpoint").write_text(tag)
+        with pytest.raises(CheckpointMismatchError, match=(
+                rf"^--resume: the last checkpoint of '.*run', .*run/{re.escape(tag)}, {problem}\. To continue, "
+                r"resume from another checkpoint there \(model_0000001\.pth\) by writing its name into")):
+            eval_only_resume()
+    assert (out / "config.yaml").read_bytes() == b"the run's config"  # refused before it was replaced
+
+    # --resume with another distiller weight: the warning names the key and both values
+    cfg = LazyConfig.load(config)
+    cfg.train.output_dir = str(out)
+    cfg.model.distillers.pkd.loss_weight = 1.0
+    LazyConfig.save(cfg, str(out / "config.yaml"))
+    run_config = (out / "config.yaml").read_bytes()
+    assert train_net._model_change(cfg, run_config) is None
+    cfg.model.distillers.pkd.loss_weight = 100.0
+    LazyConfig.save(cfg, str(out / "config.yaml"))  # what default_setup writes
+    change = train_net._model_change(cfg, run_config)
+    assert "model.distillers.pkd.loss_weight: 1.0 (this config: 100.0)" in change, change
+    assert change.count("(this config:") == 1
 
 
 @pytest.mark.parametrize("failure", ["teacher path", "amp on the cpu"])
@@ -1766,22 +1861,35 @@ def test_rng_preserved_restores_python_numpy_and_torch_states():
 def test_teacher_eval_is_skipped_only_for_a_resumed_run_whose_metrics_hold_teacher_keys(tmp_path):
     # metrics.json of an earlier run in the folder: a new run (start_iter 0, no --resume)
     # evaluates its teacher again; a resumed one does when the file has no teacher/ key (a
-    # student metric whose name merely contains "teacher" is not the teacher's evaluation)
+    # student metric whose name merely contains "teacher" is not the teacher's evaluation),
+    # or when the record of what was evaluated names another teacher checkpoint, or is missing
+    # (an earlier run of teacher T1 in the folder, then a new run of T2 there without the
+    # evaluation, resumed with it: T1's teacher/ lines were taken for T2's)
+    import json
     from types import SimpleNamespace
 
     from detkd.engine import TeacherEvalHook
 
     cfg = _small_cfg(tmp_path, max_iter=1)
+    cfg.train.teacher_checkpoint = "/teachers/t2.pth"
     hook = TeacherEvalHook(cfg)
     metrics = tmp_path / "metrics.json"
-    for start_iter, lines, logged in (
-        (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], True),
-        (0, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], False),
-        (2, ['{"iteration": 0, "bbox/AP-teacher": 1.0, "loss_teacher_kd": 0.5}'], False),
+    record = tmp_path / "inference_teacher" / "teacher_eval.json"
+    record.parent.mkdir()
+    for start_iter, lines, teacher, logged in (
+        (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], "/teachers/t2.pth", True),
+        (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], "/teachers/t1.pth", False),
+        (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], None, False),
+        (0, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], "/teachers/t2.pth", False),
+        (2, ['{"iteration": 0, "bbox/AP-teacher": 1.0, "loss_teacher_kd": 0.5}'], "/teachers/t2.pth", False),
     ):
         metrics.write_text("\n".join(lines) + "\n")
+        if teacher is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(json.dumps({"teacher_checkpoint": teacher}))
         hook.trainer = SimpleNamespace(start_iter=start_iter)
-        assert hook._logged_before() is logged, (start_iter, lines)
+        assert hook._logged_before() is logged, (start_iter, lines, teacher)
         # resumed with another teacher checkpoint (train_net.py): those results are another
         # teacher's, so the teacher is evaluated again
         hook.trainer = SimpleNamespace(start_iter=start_iter, teacher_changed=True)
@@ -1953,7 +2061,7 @@ def test_eval_only_with_resume_evaluates_the_runs_last_checkpoint(tmp_path, monk
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     student = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
     loaded = []
-    monkeypatch.setattr(train_net, "load_student", lambda model, path, strict: loaded.append(path) or
+    monkeypatch.setattr(train_net, "load_student", lambda model, path, strict, key: loaded.append(path) or
                         model.load_state_dict(student if path.endswith("final.pth") else
                                               {k[len("student."):]: v for k, v in torch.load(
                                                   path, weights_only=False)["model"].items()

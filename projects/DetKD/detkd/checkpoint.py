@@ -338,18 +338,23 @@ def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
     return f"it could not be downloaded (no network?): download it elsewhere and set {key} to the local file"
 
 
-def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None:
+def load_student(
+    student: nn.Module, path: str, *, strict: bool = False, key: str = "train.init_checkpoint"
+) -> None:
     """
     Load ``path`` into ``student`` (``train.init_checkpoint``), like detectron2 loads
     ``MODEL.WEIGHTS``: missing keys are logged, not fatal (e.g. an ImageNet backbone only).
-    An empty path does nothing; a file of which nothing fits the student (an unconverted
-    torchvision ``.pth``, another model's checkpoint) raises :class:`CheckpointMismatchError`,
-    where detectron2 would log it and train from scratch.
+    An empty path does nothing; a file of which none of the student's convolution or linear
+    weights loads (an unconverted torchvision ``.pth``, another model's checkpoint, a wider
+    teacher's of which only some biases fit) raises :class:`CheckpointMismatchError`, where
+    detectron2 would log it and train from scratch.
 
     Args:
         strict (bool): the weights must be the student's, all of them (``--eval-only``): an
             empty path, or a file that leaves student parameters unloaded, has tensors of other
             shapes or keys the student does not have, raises :class:`CheckpointMismatchError`.
+        key (str): what ``path`` is, as errors name it: the config key it was read from, or
+            e.g. "the last checkpoint of <folder>" (``--eval-only --resume``).
     """
     if not path:
         if strict:
@@ -367,8 +372,8 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
         ckpt.load(path, checkpointables=[])
     except Exception as e:  # fvcore's "Checkpoint x not found!", urllib's URLError (offline)
         raise CheckpointMismatchError(
-            f"Cannot load train.init_checkpoint {path!r} ({type(e).__name__}: {e}); "
-            + _unreadable_hint(path)
+            f"Cannot load {key} {path!r} ({type(e).__name__}: {e}); "
+            + _unreadable_hint(path, key)
             # --eval-only (strict) refuses an empty one: there would be no weights to evaluate
             + ("." if strict else " (an empty train.init_checkpoint starts the student from random weights).")
         ) from e
@@ -376,15 +381,37 @@ def load_student(student: nn.Module, path: str, *, strict: bool = False) -> None
     if inc is not None:
         not_loaded = set(inc.missing_keys) | {k for k, _, _ in inc.incorrect_shapes}
         own = _reportable_keys(student)
-        if own and not_loaded.issuperset(own):  # detectron2 would only log it and train from scratch
+        state = student.state_dict()
+        # detectron2 would only log it and train from scratch; so it would where only biases or
+        # norms fit (a wider teacher's checkpoint: its class/box biases have the student's
+        # shapes), which leaves every convolution and linear layer random
+        weights = [k for k in own if state[k].dim() >= 2]
+        if own and (
+            not_loaded.issuperset(own)
+            # strict (--eval-only) names every mismatch below instead
+            or (not strict and weights and not_loaded.issuperset(weights))
+        ):
             theirs = list(inc.unexpected_keys)[:3]
+            fit = sorted(k for k in own if k not in not_loaded)
+            shapes = [
+                f"{k}: file {tuple(a)} vs student {tuple(b)}"
+                for k, a, b in inc.incorrect_shapes if k in weights
+            ][:2]
+            what = (
+                f"only {len(fit)} of its tensors fit the student's, biases or norms "
+                f"({', '.join(fit[:3])}{', ...' if len(fit) > 3 else ''}), none of its convolution "
+                f"or linear weights{' (e.g. ' + '; '.join(shapes) + ')' if shapes else ''}"
+                if fit else
+                f"none of its keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one "
+                f"of the student's ({', '.join(own[:3])}, ...)"
+            )
             raise CheckpointMismatchError(
-                f"train.init_checkpoint {path!r} holds none of the student's weights: none of its "
-                f"keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one of the "
-                f"student's ({', '.join(own[:3])}, ...). A torchvision checkpoint must first be "
-                "converted with detectron2's tools/convert-torchvision-to-d2.py; otherwise use "
-                "weights of this student's architecture (an ImageNet backbone in detectron2's "
-                "format, or a checkpoint of the same detector)."
+                f"{key} {path!r} holds none of the student's weights: {what}. A torchvision "
+                "checkpoint must first be converted with detectron2's "
+                "tools/convert-torchvision-to-d2.py, and a teacher's checkpoint (another width or "
+                "depth) does not initialise the student; use weights of this student's "
+                "architecture (an ImageNet backbone in detectron2's format, or a checkpoint of the "
+                "same detector)."
             )
     if strict and inc is not None:
         problems = _describe_mismatch(

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import difflib
 import inspect
+import json
 import logging
 import math
 import os
@@ -139,6 +140,21 @@ def check_config_sections(cfg, config_file: str, *, training: bool = True) -> No
 _OPTIONAL_OVERRIDE_KEYS = ("train.cudnn_benchmark",)
 
 
+def check_flag_order(overrides) -> None:
+    """``ValueError`` for flags among the ``key=value`` overrides (``train_net.py --config-file
+    C key=value --resume``): detectron2's parser takes every argument after the first override
+    as one, so the flag would be an override (Hydra's bare lexer error), or, for
+    ``--config-file`` itself, leave the config file empty (detectron2's "Config file  has to be
+    a python or yaml file")."""
+    flags = [o for o in overrides if str(o).startswith("--")]
+    if flags:
+        raise ValueError(
+            f"{flags} come after the key=value overrides, which take every argument after the "
+            "first one: put the flags (--resume, --eval-only, --num-gpus, ...) before them, e.g. "
+            f"train_net.py --config-file <config> {' '.join(flags)} key=value ..."
+        )
+
+
 def check_override_keys(cfg, overrides) -> None:
     """
     Raise ``KeyError`` for a ``key=value`` override (``train_net.py ... key=value``) whose key is
@@ -159,13 +175,7 @@ def check_override_keys(cfg, overrides) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig, OmegaConf
 
-    flags = [o for o in overrides if str(o).startswith("--")]
-    if flags:  # detectron2's parser takes everything after the first override as one
-        raise ValueError(
-            f"{flags} come after the key=value overrides, which take every argument after the "
-            "first one: put the flags (--resume, --eval-only, --num-gpus, ...) before them, e.g. "
-            f"train_net.py --config-file <config> {' '.join(flags)} key=value ..."
-        )
+    check_flag_order(overrides)
     missing = object()
 
     def check(cfg, text, o) -> None:
@@ -603,12 +613,88 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# The keys of ``train`` that a run reads: detectron2's configs/common/train.py (its
+# lazyconfig_train_net.py and KDTrainer), detectron2's default_setup (seed, cudnn_benchmark) and
+# DetKD's configs/common/kd_train.py.
+_TRAIN_KEYS = (
+    "output_dir", "init_checkpoint", "max_iter", "amp", "ddp", "checkpointer", "eval_period",
+    "log_period", "device", "seed", "cudnn_benchmark", "teacher_checkpoint",
+    "teacher_random_init", "export_student", "teacher_eval_at_start", "clip_grad",
+)
+# A key of ``train`` that is not read, but this close (difflib's ratio) to one that is, is
+# taken for a typo. Every one-letter slip or swap in keys of 6 letters and more scores above it
+# (``eval_perod`` 0.95, ``max_nrom`` 0.88, ``devise`` 0.83), and a dropped or doubled letter in
+# 4 (``sed`` 0.86); names of keys of one's own stay below it (``teacher_eval_at_end`` 0.80,
+# ``student_checkpoint`` 0.79, ``amp_enabled`` 0.78, ``my_note`` 0.53).
+_TRAIN_KEY_CUTOFF = 0.82
+
+
+def _train_dict_keys() -> dict:
+    """The keys that are read of the dicts in ``train``, by dict. ``checkpointer`` and ``ddp``
+    become keyword arguments (of detectron2's PeriodicCheckpointer; of ``create_ddp_model`` and
+    torch's DistributedDataParallel), ``amp`` and ``clip_grad`` are read key by key."""
+
+    def args(fn, skip):
+        return [p for p in inspect.signature(fn).parameters if p not in skip]
+
+    return {
+        "checkpointer": args(hooks.PeriodicCheckpointer.__init__, ("self", "checkpointer")),
+        "ddp": ["fp16_compression"] + args(DistributedDataParallel.__init__, ("self", "module")),
+        "amp": ["enabled"],
+        "clip_grad": ["enabled", "max_norm"],
+    }
+
+
+def _check_train_keys(cfg) -> None:
+    """
+    Raise ``ValueError`` for a key of ``train`` (or of ``train.checkpointer``, ``train.ddp``,
+    ``train.amp``, ``train.clip_grad``) that no part of the run reads but that is a near miss of
+    one that is (``_TRAIN_KEY_CUTOFF``): a config file's ``train.teacher_eval_at_strat=True``
+    left the teacher unevaluated and ``train.clip_grad.max_nrom=0.5`` the default limit, without
+    a word (``check_override_keys`` only sees the command line). Other keys of one's own stay
+    allowed in ``train``, ``amp`` and ``clip_grad``; ``checkpointer`` and ``ddp`` take no others,
+    since every key of theirs becomes a keyword argument (a ``TypeError`` once the model is
+    built; for ``ddp``, once a run has more than one process).
+    """
+    nested = _train_dict_keys()
+    dicts = [("train", cfg.train, _TRAIN_KEYS)] + [
+        (f"train.{d}", cfg.train.get(d), known) for d, known in nested.items()
+    ]
+    for where, node, known in dicts:
+        if not hasattr(node, "keys"):
+            continue  # absent, None, or a value: read (and checked) where it is used
+        for name in (str(k) for k in node.keys()):
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=_TRAIN_KEY_CUTOFF)
+            if close:
+                now = repr(node.get(close[0])) if close[0] in node else "its default"
+                raise ValueError(
+                    f"{where}.{name}: the config sets {name!r}, a key that detectron2 and DetKD "
+                    f"do not read, so the run would ignore it and keep {where}.{close[0]} at "
+                    f"{now}. Did you mean {where}.{close[0]}? Correct the spelling in the config "
+                    "file (a key of your own needs a name that is not a near miss of one the run "
+                    "reads)."
+                )
+            if where in ("train.checkpointer", "train.ddp"):
+                callee = "PeriodicCheckpointer" if where == "train.checkpointer" else (
+                    "DistributedDataParallel"
+                )
+                raise ValueError(
+                    f"{where}.{name}: every key of {where} is passed to {callee} as a keyword "
+                    f"argument, and it takes no {name!r}. Remove it from the config, or use one of "
+                    f"{sorted(known)}."
+                )
+
+
 def _check_train_settings(cfg) -> None:
     """Periods and limits of ``train`` that detectron2 and fvcore divide by or assert on deep in
     the run (``ZeroDivisionError`` after the first step for ``train.checkpointer.period=0``, by
     analogy with ``train.eval_period=0`` = off), or that train wrongly without a word
     (``train.clip_grad.max_norm <= 0``: a negative norm limit flips every gradient, 0 zeroes
-    them): a ``ValueError`` naming the key and the fix, before anything is built."""
+    them), and misspelt keys (:func:`_check_train_keys`): a ``ValueError`` naming the key and the
+    fix, before anything is built."""
+    _check_train_keys(cfg)
     ckpt = cfg.train.get("checkpointer", None) or {}
     period = ckpt.get("period", None)
     if not _is_int(period) or period < 1:
@@ -668,6 +754,63 @@ def _clip_before_step(optimizer, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, limit)
 
     optimizer.register_step_pre_hook(clip)
+
+
+def run_checkpoints(folder: str) -> List[str]:
+    """The names of the run checkpoints in ``folder`` (``model_*.pth``: periodic ones, then
+    ``model_final.pth``), without the student export ``model_final_student.pth``; [] where
+    there is no such folder."""
+    if not folder or not PathManager.isdir(folder):
+        return []
+    return sorted(
+        f for f in PathManager.ls(folder)
+        if f.startswith("model_") and f.endswith(".pth") and f != "model_final_student.pth"
+    )
+
+
+def unusable_last_checkpoint(folder: str, path: str, problem: str) -> CheckpointMismatchError:
+    """The error of ``--resume`` (also with ``--eval-only``) when the file that ``folder``'s
+    last_checkpoint names, ``path``, is unusable (``problem``): it names the other checkpoints
+    there to resume from instead."""
+    name = os.path.basename(path)
+    others = [f for f in run_checkpoints(folder) if f != name]
+    fix = (
+        f"resume from another checkpoint there ({', '.join(others[-3:])}) by writing its name "
+        f"into {os.path.join(folder, 'last_checkpoint')}"
+        if others
+        else "there is no other checkpoint there: start the run again without --resume"
+    )
+    return CheckpointMismatchError(
+        f"--resume: the last checkpoint of {folder!r}, {path}, {problem}. To continue, {fix}."
+    )
+
+
+def last_checkpoint_problem(folder: str, path: str) -> Optional[str]:
+    """What makes ``path``, the file that ``folder``'s last_checkpoint names, unusable before it
+    is read (an empty tag, a folder, a missing file), or None."""
+    if PathManager.isfile(path):
+        return None
+    if os.path.relpath(path, folder) == ".":
+        return "is not a file: last_checkpoint is empty"
+    return "is a folder" if PathManager.isdir(path) else "does not exist"
+
+
+def untagged_checkpoints_error(folder: str) -> Optional[CheckpointMismatchError]:
+    """``--resume`` in a ``folder`` that holds run checkpoints but no ``last_checkpoint`` file
+    (deleted, checkpoints copied there, a crash between the first save and its tag):
+    detectron2 starts again at iteration 0 and replaces them. The error to raise instead, or
+    None (no such checkpoints, or a tagged run)."""
+    found = run_checkpoints(folder)
+    if not found or PathManager.exists(os.path.join(folder, "last_checkpoint")):
+        return None
+    tag = os.path.join(folder, "last_checkpoint")
+    return CheckpointMismatchError(
+        f"--resume: {folder!r} holds run checkpoints ({', '.join(found[-3:])}) but no "
+        f"last_checkpoint file naming the one to continue from; the run would start again at "
+        f"iteration 0 and replace them. To continue from one, write its name into {tag} (e.g. "
+        f"`echo {found[-1]} > {tag}`); to start a new run, use another train.output_dir. No "
+        "checkpoint was overwritten."
+    )
 
 
 class _UnreadableCheckpoint(Exception):
@@ -861,9 +1004,14 @@ class TeacherEvalHook(hooks.HookBase):
         self.cfg = cfg
         self.results = None
 
+    # what the evaluation was of: train.teacher_checkpoint (its results are in metrics.json)
+    RECORD = os.path.join("inference_teacher", "teacher_eval.json")
+
     def _logged_before(self) -> bool:
         """Whether this run's metrics.json has the teacher's results (the main process's view,
-        shared with every process so that all of them evaluate, or none)."""
+        shared with every process so that all of them evaluate, or none): ``teacher/*`` keys,
+        and a record (:attr:`RECORD`) that they are of this ``train.teacher_checkpoint`` (those
+        of an earlier run in the folder, of another teacher, stay in the appended file)."""
         found = False
         if getattr(self.trainer, "teacher_changed", False):  # its results are another teacher's
             logger.info("Resumed with another teacher checkpoint: the teacher is evaluated again.")
@@ -872,7 +1020,29 @@ class TeacherEvalHook(hooks.HookBase):
             if PathManager.isfile(path):
                 with PathManager.open(path) as f:
                     found = any('"teacher/' in line for line in f)
+            if found:
+                evaluated = self._recorded_teacher()
+                found = evaluated == self.cfg.train.get("teacher_checkpoint", "")
+                if not found:
+                    of = f"it is of {evaluated!r}" if evaluated is not None else f"no {self.RECORD}"
+                    logger.info(
+                        "metrics.json holds a teacher evaluation (teacher/*), but not one of this "
+                        f"train.teacher_checkpoint ({of}: an earlier run in this folder): the "
+                        "teacher is evaluated."
+                    )
         return comm.all_gather(found)[0] if comm.get_world_size() > 1 else found
+
+    def _recorded_teacher(self) -> Optional[str]:
+        """The teacher checkpoint of the evaluation recorded in :attr:`RECORD`, or None."""
+        path = os.path.join(self.cfg.train.output_dir, self.RECORD)
+        if not PathManager.isfile(path):
+            return None
+        try:
+            with PathManager.open(path) as f:
+                teacher = json.load(f).get("teacher_checkpoint")
+        except (ValueError, AttributeError):  # not written by this hook
+            return None
+        return teacher if isinstance(teacher, str) else None
 
     def before_train(self):
         if self._logged_before():
@@ -900,6 +1070,13 @@ class TeacherEvalHook(hooks.HookBase):
                 if isinstance(v, (int, float))
             }
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
+            record = os.path.join(self.cfg.train.output_dir, self.RECORD)
+            PathManager.mkdirs(os.path.dirname(record))
+            with PathManager.open(record, "w") as f:
+                json.dump(
+                    {"teacher_checkpoint": self.cfg.train.get("teacher_checkpoint", ""), "results": flat},
+                    f, indent=1,
+                )
 
 
 # Parameter-group entries that are not settings of the optimizer: the parameters, and the lrs
@@ -977,6 +1154,10 @@ class KDTrainer(DefaultTrainer):
         optimizer, scheduler, iteration); otherwise load ``train.init_checkpoint`` into the
         student only and start at iteration 0.
         """
+        if resume:
+            untagged = untagged_checkpoints_error(self.cfg.train.output_dir)
+            if untagged is not None:
+                raise untagged
         model = unwrap_model(self.model)
         if isinstance(model, DistillationDetector):
             load_teacher(
@@ -987,12 +1168,8 @@ class KDTrainer(DefaultTrainer):
             self._teacher_loaded = True
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
-            if not PathManager.isfile(path):
-                named = os.path.relpath(path, self.cfg.train.output_dir)
-                problem = (
-                    "is not a file: last_checkpoint is empty" if named == "."
-                    else "is a folder" if PathManager.isdir(path) else "does not exist"
-                )
+            problem = last_checkpoint_problem(self.cfg.train.output_dir, path)
+            if problem:
                 raise self._unusable_last_checkpoint(path, problem)
             config_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
             config_groups = [
@@ -1062,9 +1239,19 @@ class KDTrainer(DefaultTrainer):
                 )
         else:
             if not resume and self.checkpointer.has_checkpoint():
+                last = self.checkpointer.get_checkpoint_file()
+                other = self._other_model(last)
+                if other:
+                    raise CheckpointMismatchError(
+                        f"{self.cfg.train.output_dir!r} holds the run of another model (its last "
+                        f"checkpoint {last} does not fit this config's: {other}), whose "
+                        "checkpoints this run would replace. Start it in another "
+                        "train.output_dir (or delete that run's files first); no checkpoint was "
+                        "overwritten."
+                    )
                 logger.warning(
                     f"{self.cfg.train.output_dir!r} holds a run's checkpoints (last: "
-                    f"{self.checkpointer.get_checkpoint_file()}) and --resume was not given: "
+                    f"{last}) and --resume was not given: "
                     "training starts again at iteration 0, and its checkpoints replace those of "
                     "the same names. Pass --resume to continue that run instead."
                 )
@@ -1072,21 +1259,39 @@ class KDTrainer(DefaultTrainer):
 
     def _unusable_last_checkpoint(self, path, problem):
         """The error of ``--resume`` when the file that last_checkpoint names is unusable."""
-        out = self.cfg.train.output_dir
-        name = os.path.basename(path)
-        others = sorted(
-            f for f in PathManager.ls(out)
-            if f.startswith("model_") and f.endswith(".pth") and f not in (name, "model_final_student.pth")
-        )
-        fix = (
-            f"resume from another checkpoint there ({', '.join(others[-3:])}) by writing its name "
-            f"into {os.path.join(out, 'last_checkpoint')}"
-            if others
-            else "there is no other checkpoint there: start the run again without --resume"
-        )
-        return CheckpointMismatchError(
-            f"--resume: the last checkpoint of {out!r}, {path}, {problem}. To continue, {fix}."
-        )
+        return unusable_last_checkpoint(self.cfg.train.output_dir, path, problem)
+
+    def _other_model(self, path) -> Optional[str]:
+        """How the model part of the run checkpoint ``path`` differs from this trainer's model
+        (keys or shapes: another detector, class count or width), or None where it fits or
+        cannot be read (a damaged file is no run to keep: the warning of a new run there says
+        which files it replaces)."""
+        if not path.endswith(".pth"):  # a run's checkpoints are .pth (a .pkl is renamed on load)
+            return None
+        try:
+            with PathManager.open(path, "rb") as f:
+                data = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception:
+            return None
+        theirs = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(theirs, dict):
+            return None
+        ours = self.checkpointer.model.state_dict()
+        shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None  # noqa: E731
+        problems = []
+        wrong = [
+            f"{k}: file {shape(theirs[k])} vs model {shape(v)}"
+            for k, v in ours.items() if k in theirs and shape(theirs[k]) != shape(v)
+        ]
+        if wrong:
+            problems.append(f"shape mismatch: {'; '.join(wrong[:2])}")
+        missing = [k for k in ours if k not in theirs]
+        if missing:
+            problems.append(f"model keys not in the file: {missing[:3]}")
+        extra = [k for k in theirs if k not in ours]
+        if extra:
+            problems.append(f"file keys the model lacks: {extra[:3]}")
+        return "; ".join(problems) or None
 
     # A plain detector's (a teacher's or baseline's run) EMA loss normaliser, a float attribute
     # outside its state_dict; a DistillationDetector saves its student's itself (extra state).
