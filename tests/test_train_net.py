@@ -699,7 +699,7 @@ def test_override_typos_are_errors_that_name_the_key():
     # a flag typed after the overrides (detectron2's parser takes it as one): Hydra's bare
     # LexerNoViableAltException before
     with pytest.raises(ValueError, match=r"\['--resume'\] come after the key=value overrides.*put the flags "
-                                         r"\(--resume, --eval-only, --num-gpus, \.\.\.\) before them.*"
+                                         r"\(--config-file, --resume, --eval-only, --num-gpus, \.\.\.\) before them.*"
                                          r"--config-file <config> --resume key=value"):
         check_override_keys(cfg, ["train.max_iter=2", "--resume"])
     with pytest.raises(KeyError, match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'"):
@@ -1042,7 +1042,8 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
 
     config = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
     parse = default_argument_parser().parse_args
-    with pytest.raises(ValueError, match=r"\['--config-file'\] come after the key=value overrides"):
+    with pytest.raises(ValueError, match=r"\['--config-file'\] come after the key=value overrides.*e\.g\. "
+                                         r"train_net\.py --config-file <config> key=value \.\.\.$"):
         train_net.main(parse(["train.max_iter=1", "--config-file", config]))
     with pytest.raises(ValueError, match=r"No config file: give one with --config-file"):
         train_net.main(parse(["train.max_iter=1"]))

@@ -148,10 +148,11 @@ def check_flag_order(overrides) -> None:
     a python or yaml file")."""
     flags = [o for o in overrides if str(o).startswith("--")]
     if flags:
+        others = "".join(f" {f}" for f in flags if f != "--config-file")
         raise ValueError(
             f"{flags} come after the key=value overrides, which take every argument after the "
-            "first one: put the flags (--resume, --eval-only, --num-gpus, ...) before them, e.g. "
-            f"train_net.py --config-file <config> {' '.join(flags)} key=value ..."
+            "first one: put the flags (--config-file, --resume, --eval-only, --num-gpus, ...) "
+            f"before them, e.g. train_net.py --config-file <config>{others} key=value ..."
         )
 
 
