@@ -38,6 +38,7 @@ from detkd.engine import (
     check_run_inputs_kept,
     check_student_classes,
     ddp_model,
+    file_prefix,
     last_checkpoint_problem,
     student_of,
     unusable_last_checkpoint,
@@ -226,14 +227,14 @@ def main(args):
         config_yaml=not eval_in_run,  # else restored below
     )
     if args.eval_only and args.resume:  # the run's last checkpoint: refused before anything is written
-        untagged = untagged_checkpoints_error(cfg.train.output_dir)
+        untagged = untagged_checkpoints_error(cfg.train.output_dir, file_prefix(cfg))
         if untagged is not None:
             raise untagged
         if holds_run:
             last = _last_checkpoint_file(cfg)
             problem = last_checkpoint_problem(cfg.train.output_dir, last)
             if problem:
-                raise unusable_last_checkpoint(cfg.train.output_dir, last, problem)
+                raise unusable_last_checkpoint(cfg.train.output_dir, last, problem, file_prefix(cfg))
     default_setup(cfg, args)
     if args.eval_only and in_run and run_config is not None:
         _keep_run_config(cfg, run_config)

@@ -90,16 +90,25 @@ def test_demo_reuses_a_finished_run_only_if_trained_with_the_same_arguments(tmp_
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"")
     (out / "metrics.json").write_text(json.dumps({"bbox/AP": 1.0, "iteration": 20}) + "\n")
-    trained = []
+    (out / "model_0000019.pth").write_bytes(b"")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    (out / "model_teacher.pth").write_bytes(b"a file of one's own")
+    trained, seen = [], []
 
     def fake_train_net(cmd, **kwargs):  # a finished run of these arguments
         trained.append(cmd[1:])
+        seen.append(sorted(p.name for p in out.iterdir()))
         (out / "metrics.json").write_text(json.dumps({"bbox/AP": 2.0, "iteration": 40}) + "\n")
+        (out / "model_final.pth").write_bytes(b"")
 
     monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
     logs = []
     res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
     assert len(trained) == 1 and "train.max_iter=40" in trained[0] and res["AP"] == 2.0
+    # the retrained run starts without the earlier run's files (train_net.py refuses to start
+    # over another model's checkpoints, e.g. after model.distillers.pkd.num_levels=2); a file of
+    # one's own stays
+    assert seen[0] == ["model_teacher.pth"]
     assert any("retraining" in line for line in logs)
     res, _ = demo._train(config, str(out), ["train.max_iter=40"], False, logs.append)
     assert len(trained) == 1 and res["AP"] == 2.0 and "[demo] reusing" in logs[-1]
@@ -1067,7 +1076,14 @@ def test_repro_run_again_in_its_folder_reports_this_runs_results_only(tmp_path, 
     args = ["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
             "--output", str(tmp_path / "o")]
     assert repro.main(args)["teacher"] == {"AP": 40.0}
+    run = tmp_path / "o" / "demo" / "pkd_retinanet" / "distilled"
+    for name in ("model_final.pth", "model_0000000.pth", "last_checkpoint", "model_final_student.pth"):
+        (run / name).write_bytes(b"the first run's")
+    (run / "model_mine.pth").write_bytes(b"kept")
     res = repro.main(args + ["train.teacher_eval_at_start=False"])
+    # the earlier run's checkpoints went with its metrics.json (train_net.py refuses to start
+    # over another model's run); a file of one's own stays
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "model_mine.pth"]
     assert res["teacher"] == {} and res["distilled"]["AP"] == 12.0
     table = capsys.readouterr().out.split("\n\n")[-1]
     assert table.splitlines()[1].split() == ["teacher", "-", "-", "-"]

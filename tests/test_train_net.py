@@ -672,7 +672,19 @@ def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_ke
     with pytest.raises(CheckpointMismatchError, match=r"model keys not in the file: \['backbone\."):
         KDTrainer(plain).resume_or_load(resume=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
-    KDTrainer(_small_cfg(out, 2)).resume_or_load(resume=False)  # the same model: a re-run
+    # the same model: a re-run, also over a checkpoint of an older version without the
+    # student's extra state (which --resume accepts too)
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert "_extra_state" in final["model"]
+    del final["model"]["_extra_state"]
+    torch.save(final, out / "model_final.pth")
+    KDTrainer(_small_cfg(out, 2)).resume_or_load(resume=False)
+    # a file of one's own named like a checkpoint is no run to continue: --resume starts one
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model_teacher.pth").write_bytes(b"kept")
+    assert _run(_small_cfg(mine, 1), resume=True).start_iter == 0
+    assert (mine / "model_teacher.pth").read_bytes() == b"kept"
 
 
 def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):

@@ -39,6 +39,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .utils import remove_run_files
+
 __all__ = [
     "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
     "paths_from_here", "check_reserved", "int_at_least", "check_same_students", "run_env",
@@ -289,10 +291,12 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
     # (in its final evaluation, or stopped there) must not leave the command of the run before it,
     # which would make the next call with that run's arguments reuse these weights and its metrics
     # Its metrics.json goes too: detectron2's writer appends to it, and the new run's final
-    # metrics and s/iter would be read among the old run's lines.
-    for name in (_COMMAND_FILE, "metrics.json"):
-        if os.path.isfile(os.path.join(output_dir, name)):
-            os.remove(os.path.join(output_dir, name))
+    # metrics and s/iter would be read among the old run's lines. So do its checkpoints:
+    # train_net.py refuses to start over those of another model (e.g. after
+    # model.distillers.pkd.num_levels=2, other adapters).
+    if os.path.isfile(os.path.join(output_dir, _COMMAND_FILE)):
+        os.remove(os.path.join(output_dir, _COMMAND_FILE))
+    remove_run_files(output_dir)
     _run_logged(cmd, os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"))
     with open(os.path.join(output_dir, _COMMAND_FILE), "w") as f:
         json.dump(cmd[1:], f, indent=1)

@@ -50,6 +50,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
 from .checkpoint import (
+    _OPTIONAL_KEYS,
     CheckpointMismatchError,
     _describe_mismatch,
     _is_local,
@@ -61,6 +62,7 @@ from .checkpoint import (
     save_student,
 )
 from .distiller import DistillationDetector
+from .utils import is_run_checkpoint
 
 __all__ = [
     "KDTrainer",
@@ -757,24 +759,27 @@ def _clip_before_step(optimizer, max_norm: float) -> None:
     optimizer.register_step_pre_hook(clip)
 
 
-def run_checkpoints(folder: str) -> List[str]:
-    """The names of the run checkpoints in ``folder`` (``model_*.pth``: periodic ones, then
-    ``model_final.pth``), without the student export ``model_final_student.pth``; [] where
-    there is no such folder."""
+def file_prefix(cfg) -> str:
+    """The name prefix of a run's checkpoints (``train.checkpointer.file_prefix``, "model")."""
+    return str((cfg.train.get("checkpointer", None) or {}).get("file_prefix", "model"))
+
+
+def run_checkpoints(folder: str, prefix: str = "model") -> List[str]:
+    """The names of the run checkpoints in ``folder`` (:func:`detkd.utils.is_run_checkpoint`:
+    periodic ones, then ``model_final.pth``); [] where there is no such folder."""
     if not folder or not PathManager.isdir(folder):
         return []
-    return sorted(
-        f for f in PathManager.ls(folder)
-        if f.startswith("model_") and f.endswith(".pth") and f != "model_final_student.pth"
-    )
+    return sorted(f for f in PathManager.ls(folder) if is_run_checkpoint(f, prefix))
 
 
-def unusable_last_checkpoint(folder: str, path: str, problem: str) -> CheckpointMismatchError:
+def unusable_last_checkpoint(
+    folder: str, path: str, problem: str, prefix: str = "model"
+) -> CheckpointMismatchError:
     """The error of ``--resume`` (also with ``--eval-only``) when the file that ``folder``'s
     last_checkpoint names, ``path``, is unusable (``problem``): it names the other checkpoints
     there to resume from instead."""
     name = os.path.basename(path)
-    others = [f for f in run_checkpoints(folder) if f != name]
+    others = [f for f in run_checkpoints(folder, prefix) if f != name]
     fix = (
         f"resume from another checkpoint there ({', '.join(others[-3:])}) by writing its name "
         f"into {os.path.join(folder, 'last_checkpoint')}"
@@ -796,12 +801,12 @@ def last_checkpoint_problem(folder: str, path: str) -> Optional[str]:
     return "is a folder" if PathManager.isdir(path) else "does not exist"
 
 
-def untagged_checkpoints_error(folder: str) -> Optional[CheckpointMismatchError]:
+def untagged_checkpoints_error(folder: str, prefix: str = "model") -> Optional[CheckpointMismatchError]:
     """``--resume`` in a ``folder`` that holds run checkpoints but no ``last_checkpoint`` file
     (deleted, checkpoints copied there, a crash between the first save and its tag):
     detectron2 starts again at iteration 0 and replaces them. The error to raise instead, or
     None (no such checkpoints, or a tagged run)."""
-    found = run_checkpoints(folder)
+    found = run_checkpoints(folder, prefix)
     if not found or PathManager.exists(os.path.join(folder, "last_checkpoint")):
         return None
     tag = os.path.join(folder, "last_checkpoint")
@@ -1156,7 +1161,7 @@ class KDTrainer(DefaultTrainer):
         student only and start at iteration 0.
         """
         if resume:
-            untagged = untagged_checkpoints_error(self.cfg.train.output_dir)
+            untagged = untagged_checkpoints_error(self.cfg.train.output_dir, file_prefix(self.cfg))
             if untagged is not None:
                 raise untagged
         model = unwrap_model(self.model)
@@ -1260,7 +1265,7 @@ class KDTrainer(DefaultTrainer):
 
     def _unusable_last_checkpoint(self, path, problem):
         """The error of ``--resume`` when the file that last_checkpoint names is unusable."""
-        return unusable_last_checkpoint(self.cfg.train.output_dir, path, problem)
+        return unusable_last_checkpoint(self.cfg.train.output_dir, path, problem, file_prefix(self.cfg))
 
     def _other_model(self, path) -> Optional[str]:
         """How the model part of the run checkpoint ``path`` differs from this trainer's model
@@ -1286,7 +1291,7 @@ class KDTrainer(DefaultTrainer):
         ]
         if wrong:
             problems.append(f"shape mismatch: {'; '.join(wrong[:2])}")
-        missing = [k for k in ours if k not in theirs]
+        missing = [k for k in ours if k not in theirs and k not in _OPTIONAL_KEYS]
         if missing:
             problems.append(f"model keys not in the file: {missing[:3]}")
         extra = [k for k in theirs if k not in ours]

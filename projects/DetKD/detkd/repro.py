@@ -30,7 +30,7 @@ from .demo import (
     REPO, _has_key, _loaded, applicable_overrides, check_overrides, check_reserved, final_metrics,
     int_at_least, paths_from_here, run_env,
 )
-from .utils import without_file_scheme
+from .utils import remove_run_files, without_file_scheme
 
 __all__ = ["baseline_of", "check_pair", "pair_overrides", "main"]
 
@@ -335,9 +335,9 @@ def main(argv=None):
         run_dir = os.path.join(out, tag)
         # a new run in an earlier one's folder: detectron2's writer appends to metrics.json, and
         # the table would read the earlier run's results (the teacher's too, when this run does
-        # not evaluate it)
-        if os.path.isfile(os.path.join(run_dir, "metrics.json")):
-            os.remove(os.path.join(run_dir, "metrics.json"))
+        # not evaluate it); train_net.py refuses to start over the checkpoints of another
+        # model's run (other overrides): the earlier run's files go
+        remove_run_files(run_dir)
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
                "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
         opts = pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run

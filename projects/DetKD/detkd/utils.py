@@ -1,13 +1,44 @@
 """Small helpers shared by the models, the distillers and the tools."""
+import os
+import re
+from typing import List
+
 import torch
 
-__all__ = ["host_tensor", "memory_format_of", "without_file_scheme"]
+__all__ = [
+    "host_tensor", "is_run_checkpoint", "memory_format_of", "remove_run_files", "without_file_scheme",
+]
 
 
 def without_file_scheme(path: str) -> str:
     """``path`` without a leading ``file://`` (a local path, as DetKD takes checkpoint and
     config paths); other paths unchanged."""
     return path[len("file://"):] if path.startswith("file://") else path
+
+
+def is_run_checkpoint(name: str, prefix: str = "model") -> bool:
+    """Whether the file name ``name`` is one a training run saves its checkpoints under
+    (detectron2's PeriodicCheckpointer, ``train.checkpointer.file_prefix``: ``model_0004999.pth``,
+    ``model_final.pth``); not the student export ``model_final_student.pth``, nor a file of
+    one's own such as ``model_teacher.pth``."""
+    return re.fullmatch(rf"{re.escape(prefix)}_(final|\d{{7}})\.pth", name) is not None
+
+
+def remove_run_files(folder: str, prefix: str = "model") -> List[str]:
+    """
+    Remove the files of the training run in ``folder`` that a new run there replaces: its
+    checkpoints (:func:`is_run_checkpoint`), ``last_checkpoint``, the student export and
+    ``metrics.json`` (detectron2's writer appends to it). For tools that retrain a folder they
+    manage (``detkd.demo``, ``detkd.repro``): ``train_net.py`` refuses to start a run over the
+    checkpoints of another model's run. Returns the names removed.
+    """
+    if not os.path.isdir(folder):
+        return []
+    fixed = ("last_checkpoint", "model_final_student.pth", "metrics.json")
+    names = sorted(n for n in os.listdir(folder) if n in fixed or is_run_checkpoint(n, prefix))
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    return names
 
 
 def host_tensor(data, device, dtype=None) -> torch.Tensor:
