@@ -375,6 +375,54 @@ def test_d3etr_needs_detr_pairs():
         D3ETRDistiller(fixed_matching=False, aux_gt_loss=False).bind(real, student)
 
 
+def test_d3etr_pair_errors_name_the_fix_and_ca_weight_0_trains_memories_of_other_strides():
+    """A student encoding res4 (stride 16) and a teacher res5 (stride 32): bound without a
+    word, then the first step stopped on "cross-attention key counts differ", also with
+    ca_weight=0, which switches off the one term that compares the memories. Now bind names
+    the strides and both fixes, and ca_weight=0 trains (the other terms unchanged); the layer
+    and class mismatches name their fixes too."""
+    res5 = detr_cfg(frozen=True)
+    res5.backbone.out_features = ["res5"]
+    res5.in_feature = "res5"
+    with pytest.raises(ValueError, match=(
+            r"distillers\['d3etr'\] \(D3ETRDistiller\): D3ETR: the cross-attention maps are compared key by "
+            r"key.*student's memory has stride 16 \(in_feature='res4'\) and the teacher's 32 \(in_feature="
+            r"'res5'\).*model\.student\.in_feature.*ca_weight=0")):
+        _d3etr(teacher=res5)
+    model = _d3etr(teacher=res5, ca_weight=0.0)
+    inputs = make_inputs(2, size=(64, 64))
+    with EventStorage(0):
+        losses = model(inputs)
+    assert float(losses["loss_d3etr_ca"]) == 0.0
+    assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_d3etr_cls"]) > 0
+    sum(losses.values()).backward()
+
+    deeper = detr_cfg(frozen=True)
+    deeper.transformer.num_decoder_layers = 4
+    with pytest.raises(ValueError, match=r"the student has 3 decoder layers, the teacher 4\. Give the student as "
+                                         r"many \(model\.student\.transformer\.num_decoder_layers=4"):
+        _d3etr(teacher=deeper)
+    other = detr_cfg(frozen=True)
+    other.num_classes = 5
+    with pytest.raises(ValueError, match=r"class-count mismatch \(student \d+, teacher 5\).*distil features only "
+                                         r"\(PKD, ReviewKD\)"):
+        _d3etr(teacher=other)
+
+
+def test_a_distillers_failure_in_a_step_is_noted_with_its_name(monkeypatch):
+    # bind errors named the distiller; an error in its forward (a raw torch one, or of one of
+    # two distillers of the same method) did not
+    model = _d3etr()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a raw shape error")
+
+    monkeypatch.setattr(model.distillers["d3etr"], "forward", broken)
+    with pytest.raises(RuntimeError, match="a raw shape error") as e, EventStorage(0):
+        model(make_inputs(2, size=(64, 64)))
+    assert "raised by distillers['d3etr'] (D3ETRDistiller).forward" in e.value.__notes__
+
+
 @pytest.mark.parametrize("config", ["configs/demo/student_detr.py", "configs/demo/d3etr_detr.py"])
 def test_demo_configs_train_and_evaluate(tmp_path, config):
     trainer, results = short_train(config, tmp_path, iters=2)

@@ -598,3 +598,18 @@ def test_num_levels_pair_by_and_norm_are_checked_at_construction():
         ReviewKDDistiller(norm="bn")
     for norm in ("BN", "GN", "SyncBN", "naiveSyncBN", ""):
         ReviewKDDistiller(norm=norm)
+
+
+def test_group_norm_with_channels_not_divisible_by_32_names_the_setting():
+    """norm='GN' (32 groups) with mid_channels=48, or a teacher FPN of 80 channels: torch's
+    "num_channels (48) must be divisible by num_groups (32)" named neither the setting nor the
+    fix (with mid_channels unset, the user never wrote 48 or 80)."""
+    with pytest.raises(ValueError, match=r"ReviewKD: norm='GN' normalises the ABFs' middle convolutions in 32 "
+                                         r"groups.*mid_channels is 48\. Set model\.distillers\.<name>\.mid_channels "
+                                         r"to a multiple of 32, or norm='BN'"):
+        _kd(norm="GN", mid_channels=48)
+    with pytest.raises(ValueError, match=r"the teacher's \{'p3': 80, .*'p7': 80\} are not multiples of 32\. Set "
+                                         r"model\.distillers\.<name>\.norm='BN'"):
+        _kd(teacher=tiny_retinanet_cfg(width=32, fpn=80), norm="GN")
+    model = _kd(teacher=tiny_retinanet_cfg(width=32, fpn=96), norm="GN", mid_channels=64)
+    assert model.distillers["reviewkd"].abfs["p3"].att is not None  # multiples of 32: built

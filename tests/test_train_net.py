@@ -1986,13 +1986,12 @@ def test_build_evaluator_keeps_a_set_output_dir_and_train_loader_keeps_other_ass
 
 
 def test_an_unusable_last_checkpoint_names_the_three_latest_others(tmp_path):
-    from types import SimpleNamespace
+    from detkd.engine import unusable_last_checkpoint
 
     for name in ("model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_0000007.pth",
-                 "model_final_student.pth", "model_final.pth"):
+                 "model_final_student.pth", "model_final.pth", "model_teacher.pth"):
         (tmp_path / name).write_bytes(b"")
-    cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path)))
-    e = KDTrainer._unusable_last_checkpoint(SimpleNamespace(cfg=cfg), str(tmp_path / "model_final.pth"), "is bad")
+    e = unusable_last_checkpoint(str(tmp_path), str(tmp_path / "model_final.pth"), "is bad")
     assert "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)" in str(e)
 
 

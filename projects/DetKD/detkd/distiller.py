@@ -649,7 +649,12 @@ class DistillationDetector(nn.Module):
         student_keys = set(losses)
         with torch.autocast(images.tensor.device.type, enabled=False):
             for name, d in self.distillers.items():
-                d_losses = d(student_taps, teacher_taps, ctx)
+                try:
+                    d_losses = d(student_taps, teacher_taps, ctx)
+                except Exception as e:  # which of several distillers failed (its message kept)
+                    if hasattr(e, "add_note"):  # Python >= 3.11
+                        e.add_note(f"raised by distillers['{name}'] ({type(d).__name__}).forward")
+                    raise
                 _check_distiller_losses(name, d, d_losses)
                 self._check_distiller_state(name, d)
                 d_losses = _rename_apart(name, d, d_losses, losses, student_keys)

@@ -270,6 +270,16 @@ def _attention_map(taps, layer: int, kind: str, side: str):
     )
 
 
+def _memory_stride(detr) -> Optional[int]:
+    """The stride of a DETR's encoder memory (its backbone's ``in_feature``), or None where the
+    detector does not say (a DETR-style detector of one's own)."""
+    name = getattr(detr, "in_feature", None)
+    try:
+        return int(detr.backbone.output_shape()[name].stride)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
 class D3ETRDistiller(Distiller):
     """
     Distill a DETR-style student from a DETR-style teacher with :paper:`D3ETR`'s MixMatcher.
@@ -405,11 +415,27 @@ class D3ETRDistiller(Distiller):
                 )
         ls, lt = len(student.transformer.decoder.layers), len(teacher.transformer.decoder.layers)
         if ls != lt:
-            raise ValueError(f"D3ETR distills layer by layer: student has {ls} decoder layers, teacher {lt}")
+            raise ValueError(
+                f"D3ETR distills layer by layer: the student has {ls} decoder layers, the teacher "
+                f"{lt}. Give the student as many (model.student.transformer.num_decoder_layers="
+                f"{lt} for a ConditionalDETR)."
+            )
         if student.num_classes != teacher.num_classes:
             raise ValueError(
                 f"D3ETR: class-count mismatch (student {student.num_classes}, teacher "
-                f"{teacher.num_classes}); the prediction distillation needs the same classes"
+                f"{teacher.num_classes}); the prediction distillation compares class scores one "
+                "by one. Use a teacher trained on the student's classes (set num_classes of both "
+                "to the data's), or distil features only (PKD, ReviewKD), which need no shared "
+                "classes."
+            )
+        strides = [_memory_stride(m) for m in (student, teacher)]
+        if self.weights["ca"] and None not in strides and strides[0] != strides[1]:
+            raise ValueError(
+                f"D3ETR: the cross-attention maps are compared key by key, over the encoder "
+                f"memory's cells, but the student's memory has stride {strides[0]} (in_feature="
+                f"{student.in_feature!r}) and the teacher's {strides[1]} (in_feature="
+                f"{teacher.in_feature!r}). Give both the same stride (model.student.in_feature), "
+                "or set model.distillers.<name>.ca_weight=0 to distil without that term."
             )
         self.num_layers, self.num_classes = ls, student.num_classes
         d_s, d_t = student.query_embed.embedding_dim, teacher.query_embed.embedding_dim
@@ -607,17 +633,21 @@ class D3ETRDistiller(Distiller):
                     s_sa = tuple(x.mean(1, keepdim=True) for x in s_sa)
                 else:
                     s_sa = s_sa.mean(1, keepdim=True)
-            if t_ca.shape[-1] != s_ca.shape[-1]:
-                raise ValueError(
-                    f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, student "
-                    f"{s_ca.shape[-1]}): both memories must have the same stride and padding"
-                )
-            totals["ca"] = totals["ca"] + self._cross_attention_kl(t_ca, s_ca, ti[l], si[l], Ns)
+            if self.weights["ca"]:  # ca_weight=0: pairs whose memories differ train too
+                if t_ca.shape[-1] != s_ca.shape[-1]:
+                    raise ValueError(
+                        f"D3ETR: cross-attention key counts differ (teacher {t_ca.shape[-1]}, "
+                        f"student {s_ca.shape[-1]}): both memories must have the same stride and "
+                        "padding (in_feature, size_divisibility), or set "
+                        "model.distillers.<name>.ca_weight=0 to distil without that term"
+                    )
+                totals["ca"] = totals["ca"] + self._cross_attention_kl(t_ca, s_ca, ti[l], si[l], Ns)
             sa = self._self_attention_kl(t_sa, s_sa, ti[l], si[l], Ns)
             if sa is not None:
                 totals["sa"] = totals["sa"] + sa
-        if not torch.is_tensor(totals["sa"]):
-            totals["sa"] = zero_loss(s_logits)
+        for k in ("sa", "ca"):
+            if not torch.is_tensor(totals[k]):
+                totals[k] = zero_loss(s_logits)
 
         out = {f"loss_d3etr_{k}": self.weights[k] * v for k, v in totals.items()}
         out.update(aux_gt)

@@ -386,6 +386,21 @@ class ReviewKDDistiller(Distiller):
         self._equal_stride = {s: s_shapes[s].stride == t_shapes[t].stride for s, t in self.pairs}
         deepest = self.pairs[-1][0]
         mid = self.mid_channels or max(t_shapes[t].channels for _, t in self.pairs)
+        if self.norm == "GN":  # detectron2's get_norm: 32 groups, which must divide the channels
+            teacher = {t: t_shapes[t].channels for _, t in self.pairs if t_shapes[t].channels % 32}
+            if teacher:
+                raise ValueError(
+                    f"ReviewKD: norm='GN' normalises the ABFs' output convolutions (the teacher's "
+                    f"channels) in 32 groups, which must divide them; the teacher's {teacher} are "
+                    "not multiples of 32. Set model.distillers.<name>.norm='BN' (or another norm)."
+                )
+            if mid % 32:
+                given = "" if self.mid_channels else " (mid_channels=None: the teacher's widest level)"
+                raise ValueError(
+                    f"ReviewKD: norm='GN' normalises the ABFs' middle convolutions in 32 groups, "
+                    f"which must divide their channels; mid_channels is {mid}{given}. Set "
+                    "model.distillers.<name>.mid_channels to a multiple of 32, or norm='BN'."
+                )
         for s, t in self.pairs:
             self.abfs[s] = ABF(s_shapes[s].channels, mid, t_shapes[t].channels, fuse=s != deepest, norm=self.norm)
 
