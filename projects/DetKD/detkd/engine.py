@@ -1283,7 +1283,10 @@ class KDTrainer(DefaultTrainer):
         if not isinstance(theirs, dict):
             return None
         ours = self.checkpointer.model.state_dict()
-        shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None  # noqa: E731
+
+        def shape(v):
+            return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
         problems = []
         wrong = [
             f"{k}: file {shape(theirs[k])} vs model {shape(v)}"
