@@ -226,15 +226,15 @@ def main(args):
         checkpoints=not args.eval_only,
         config_yaml=not eval_in_run,  # else restored below
     )
-    if args.eval_only and args.resume:  # the run's last checkpoint: refused before anything is written
+    if args.resume:  # refused before anything is written (also by KDTrainer.resume_or_load)
         untagged = untagged_checkpoints_error(cfg.train.output_dir, file_prefix(cfg))
         if untagged is not None:
             raise untagged
-        if holds_run:
-            last = _last_checkpoint_file(cfg)
-            problem = last_checkpoint_problem(cfg.train.output_dir, last)
-            if problem:
-                raise unusable_last_checkpoint(cfg.train.output_dir, last, problem, file_prefix(cfg))
+    if args.eval_only and args.resume and holds_run:  # the run's last checkpoint is evaluated
+        last = _last_checkpoint_file(cfg)
+        problem = last_checkpoint_problem(cfg.train.output_dir, last)
+        if problem:
+            raise unusable_last_checkpoint(cfg.train.output_dir, last, problem, file_prefix(cfg))
     default_setup(cfg, args)
     if args.eval_only and in_run and run_config is not None:
         _keep_run_config(cfg, run_config)

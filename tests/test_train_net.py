@@ -1071,6 +1071,13 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
 
     with pytest.raises(CheckpointMismatchError, match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint"):
         eval_only_resume()
+    # a training --resume is refused before default_setup writes config.yaml and the logs
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model_0000001.pth").write_bytes(b"a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint"):
+        train_net.main(parse(["--config-file", config, "--resume", f"train.output_dir={bare}"]))
+    assert [p.name for p in bare.iterdir()] == ["model_0000001.pth"]
     for tag, problem in (("model_9999999.pth", "does not exist"), ("", "is not a file: last_checkpoint is empty")):
         (out / "last_checkpoint").write_text(tag)
         with pytest.raises(CheckpointMismatchError, match=(
