@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import re
 import weakref
 from typing import List, Optional
 
@@ -280,8 +279,7 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
             )
     if not checkpoints:
         return
-    prefix = re.escape(str(cfg.train.get("checkpointer", {}).get("file_prefix", "model")))
-    saved_as = rf"{prefix}_(final|\d{{7}})\.pth|model_final_student\.pth"
+    prefix = file_prefix(cfg)
     # only a DistillationDetector reads train.teacher_checkpoint (KDTrainer.resume_or_load): a
     # plain model, e.g. the teacher trained by a copy of its distillation config with
     # `model = teacher`, has no teacher whose weights could be lost
@@ -292,7 +290,9 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
         if not (read and _is_local(value)):
             continue
         path = _local_path(value)
-        if os.path.dirname(path) == out and re.fullmatch(saved_as, os.path.basename(path)):
+        name = os.path.basename(path)
+        saved_as = is_run_checkpoint(name, prefix) or name == "model_final_student.pth"
+        if os.path.dirname(path) == out and saved_as:
             raise ValueError(
                 f"{key} {value!r} is in this run's train.output_dir ({cfg.train.output_dir!r}) "
                 f"under a name the run saves its own checkpoints to: {what} would be replaced by "
