@@ -761,7 +761,7 @@ def test_repro_does_not_evaluate_a_teacher_of_another_class_set(tmp_path, monkey
 
     pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(pkd), ["model.teacher.num_classes=5"])
-    assert repro.teacher_not_evaluable(cfg).startswith("the teacher predicts 5 classes, the test dataset")
+    assert repro.teacher_not_evaluable(cfg).startswith("the teacher predicts 5 classes but the test dataset")
     assert repro.teacher_not_evaluable(LazyConfig.load(pkd)) == ""
     del cfg.dataloader["evaluator"]  # nothing is evaluated: nothing to say
     assert repro.teacher_not_evaluable(cfg) == ""

@@ -386,7 +386,11 @@ def test_mid_channels_is_a_positive_int_or_none():
     d.bind(_Det(8), _Det(16))
     assert all(a.conv1.out_channels == 4 and a.conv2.in_channels == 4 for a in d.abfs.values())
     for bad in (0, -8, 4.0):
-        with pytest.raises(ValueError, match=rf"mid_channels must be a positive int, .* {bad!r}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"mid_channels must be an int >= 1 \(or None for the teacher's channels\) "
+            rf"\(model\.distillers\.<name>\.mid_channels\), got {bad!r}",
+        ):
             ReviewKDDistiller(mid_channels=bad)
 
 

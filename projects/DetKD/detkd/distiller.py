@@ -489,7 +489,7 @@ class DistillationDetector(nn.Module):
         self._diag_pairs = self._stride_pairs if diag_period else []
         # Maps of equal stride that differ in size (a teacher padding to a larger size
         # divisibility than the student's) are an error unless every distiller reading both
-        # backbones resizes them (ReviewKD): then a warning, once.
+        # backbones resizes them (ReviewKD): then a note in the log, once.
         readers = [
             d for d in distillers.values()
             if "backbone" in d.student_taps(student) and "backbone" in d.teacher_taps(teacher)

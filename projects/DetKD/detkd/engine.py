@@ -3,8 +3,8 @@
 teacher of a :class:`detkd.DistillationDetector`.
 
 The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds six ``train`` keys
-(``configs/common/kd_train.py``):
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys and sets a
+default for detectron2's ``train.seed`` (``configs/common/kd_train.py``):
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
 * ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
@@ -323,8 +323,6 @@ def _dataset_names(cfg, split: str) -> List[str]:
     from .data import register_shapes
 
     if _node_target(cfg.dataloader[split].dataset, "names") is register_shapes:
-        from detectron2.config import instantiate
-
         names = instantiate(names)
     if isinstance(names, str):
         return [names]
@@ -506,28 +504,41 @@ def check_test_classes(cfg) -> None:
         )
 
 
-def check_teacher_eval_classes(cfg, model) -> None:
+def teacher_class_mismatch(cfg, teacher) -> str:
     """
-    Fail before ``train.teacher_eval_at_start`` evaluates a teacher whose class count differs
-    from the test data's (``dataloader.test.dataset.names``): a teacher of another class set
-    (e.g. a model-zoo COCO teacher of 80 classes, which PKD, ReviewKD and GID's location
-    selection accept) stopped the run in COCOEvaluator's assertion on its first prediction of a
-    class the dataset does not have, and one of fewer classes was scored against a wrong
-    mapping. A LazyCall ``names`` (the shapes data) and a config without
-    ``dataloader.evaluator`` (the teacher is not evaluated) are not checked.
+    Why ``teacher`` (a built detector) cannot be evaluated on ``cfg``'s test data, or "": its
+    class count differs from that of a dataset of ``dataloader.test.dataset.names``. A LazyCall
+    ``names`` (the shapes data) and a config without ``dataloader.evaluator`` (the teacher is
+    not evaluated) are not checked.
     """
-    teacher = unwrap_model(model).teacher
     n_teacher = _class_count(teacher) if _evaluates(cfg) else None  # else it is not evaluated
     for name in _dataset_names(cfg, "test") if n_teacher is not None else ():
         classes = _loaded_classes(name)
         if classes is not None and len(classes) != n_teacher:
-            raise ValueError(
-                f"train.teacher_eval_at_start: the teacher predicts {n_teacher} classes but the "
-                f"test dataset {name!r} has {len(classes)} ({_listed(classes)}), so "
-                "its predictions cannot be evaluated on it (a teacher of another class set, e.g. "
-                "a model-zoo COCO teacher). Set train.teacher_eval_at_start=False (distillation "
-                "does not need it), or evaluate the teacher on its own data with its own config."
+            return (
+                f"the teacher predicts {n_teacher} classes but the test dataset {name!r} has "
+                f"{len(classes)} ({_listed(classes)})"
             )
+    return ""
+
+
+def check_teacher_eval_classes(cfg, model) -> None:
+    """
+    Fail before ``train.teacher_eval_at_start`` evaluates a teacher whose class count differs
+    from the test data's (:func:`teacher_class_mismatch`): a teacher of another class set
+    (e.g. a model-zoo COCO teacher of 80 classes, which PKD, ReviewKD and GID's location
+    selection accept) stopped the run in COCOEvaluator's assertion on its first prediction of a
+    class the dataset does not have, and one of fewer classes was scored against a wrong
+    mapping.
+    """
+    mismatch = teacher_class_mismatch(cfg, unwrap_model(model).teacher)
+    if mismatch:
+        raise ValueError(
+            f"train.teacher_eval_at_start: {mismatch}, so its predictions cannot be evaluated "
+            "on it (a teacher of another class set, e.g. a model-zoo COCO teacher). Set "
+            "train.teacher_eval_at_start=False (distillation does not need it), or evaluate the "
+            "teacher on its own data with its own config."
+        )
 
 
 def _mapper_format(cfg, split: str):
@@ -1104,7 +1115,11 @@ class KDTrainer(DefaultTrainer):
     DefaultTrainer built from a LazyConfig (see the module docstring for the keys). Same
     hooks as detectron2's: iteration timer, LR scheduler, periodic checkpoints, evaluation
     every ``train.eval_period`` with ``dataloader.evaluator`` (COCOEvaluator), console / JSON /
-    TensorBoard writers of every loss, plus :class:`ExportStudentHook`.
+    TensorBoard writers of every loss, plus DetKD's :class:`TeacherEvalHook` (with
+    ``train.teacher_eval_at_start``), :class:`ExportStudentHook` (with
+    ``train.export_student``) and, for a DistillationDetector, ``_KDScalarsHook`` (writes the
+    distillers' scalars after the backward pass). The evaluation hook is ``_EvalHook``:
+    detectron2's, without the final evaluation of a run that stopped before ``max_iter``.
     """
 
     def __init__(self, cfg):
@@ -1530,8 +1545,9 @@ class KDTrainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """
-        Evaluate the student (a DistillationDetector in eval mode runs the student only) on
-        ``dataloader.test`` with ``dataloader.evaluator``.
+        Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``: the student (a
+        DistillationDetector in eval mode runs the student only), or any callable on batched
+        inputs (:class:`TeacherEvalHook` passes ``DistillationDetector.teacher_inference``).
 
         The model runs outside its DDP wrapper: with ``train.ddp.broadcast_buffers=True`` the
         wrapper broadcasts buffers before a forward, and a process that the inference sampler

@@ -211,21 +211,14 @@ def teacher_not_evaluable(kd) -> str:
     """
     from detectron2.config import instantiate
 
-    from .engine import _class_count, _dataset_names, _evaluates, _listed, _loaded_classes
+    from .engine import _evaluates, teacher_class_mismatch
 
-    if not _evaluates(kd):
+    if not _evaluates(kd):  # not evaluated: no teacher to build
         return ""
     try:
-        n_teacher = _class_count(instantiate(kd.model.teacher))
-        names = _dataset_names(kd, "test") if n_teacher is not None else []
-        for name in names:
-            classes = _loaded_classes(name)
-            if classes is not None and len(classes) != n_teacher:
-                return (f"the teacher predicts {n_teacher} classes, the test dataset {name!r} has "
-                        f"{len(classes)}: {_listed(classes)}")
+        return teacher_class_mismatch(kd, instantiate(kd.model.teacher))
     except Exception:  # a model this process cannot build, a test dataset not registered or
         return ""  # empty: the runs stop on it at their start, with its message
-    return ""
 
 
 def _yacs_nodes(node, key):

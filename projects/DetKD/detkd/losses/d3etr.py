@@ -91,7 +91,9 @@ def bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 
 def attention_kl(teacher_attn: torch.Tensor, student_attn: torch.Tensor) -> torch.Tensor:
     """
-    Mean over rows of ``KL(A_t[row] || A_s[row])``.
+    Mean over rows of ``KL(A_t[row] || A_s[row])``: D3ETR's attention-map loss (METHODS.md 4.3)
+    written out, a reference for checks; :class:`D3ETRDistiller` computes the same sums in
+    fewer passes (``_row_entropy`` and ``_RowCrossEntropy``).
 
     Args:
         teacher_attn, student_attn (Tensor): (..., Q, S) softmax rows over S keys, paired rows.
@@ -386,7 +388,8 @@ class D3ETRDistiller(Distiller):
         self.num_classes = None
 
     @staticmethod
-    def _attn_names(model, num_layers):
+    def _attn_names(num_layers):
+        """The capture taps of the decoder layers' self- and cross-attention maps."""
         return [
             f"transformer.decoder.layers.{i}.{kind}"
             for i in range(num_layers)
@@ -394,10 +397,10 @@ class D3ETRDistiller(Distiller):
         ]
 
     def student_taps(self, student):
-        return ["head"] + self._attn_names(student, self.num_layers)
+        return ["head"] + self._attn_names(self.num_layers)
 
     def teacher_taps(self, teacher):
-        return ["head"] + self._attn_names(teacher, self.num_layers)
+        return ["head"] + self._attn_names(self.num_layers)
 
     def bind(self, student, teacher):
         detr = ("head", "transformer", "query_embed", "num_queries", "num_classes")
@@ -531,7 +534,8 @@ class D3ETRDistiller(Distiller):
     def _start_match(self, t_logits, t_boxes, s_logits, s_boxes, owner=None) -> _PendingMatch:
         """
         Start the adaptive matching of every layer and image: one batched cost tensor
-        ``1 * soft-BCE class cost + 5 * L1 - 2 * GIoU`` (no gradient), solved on a host
+        ``match_cost_class * soft-BCE class cost + match_cost_bbox * L1 - match_cost_giou * GIoU``
+        (1, 5, 2 by default; no gradient), solved on a host
         thread (:class:`_PendingMatch`).
 
         Args:
@@ -608,7 +612,7 @@ class D3ETRDistiller(Distiller):
         # Predictions, all layers at once: group 1 on its matched pairs, group 2 query by query.
         lidx = torch.arange(L, device=ti.device)[:, None, None]  # (L, 1, 1)
         bidx = torch.arange(B, device=ti.device)[None, :, None]  # (1, B, 1)
-        totals = self._pair_losses(
+        totals = self._pair_losses(  # matched pairs as (L, B * P, K) logits, (L, B * P, 4) boxes
             g1_logits[lidx, bidx, si].flatten(1, 2), g1_boxes[lidx, bidx, si].flatten(1, 2),
             t_logits[lidx, bidx, ti].flatten(1, 2), t_boxes[lidx, bidx, ti].flatten(1, 2),
         )

@@ -136,7 +136,9 @@ def per_location(out: Dict, strides: List[int], class_agnostic: bool) -> Tuple[t
         sc = scores_l[i].view(N, R // A, A, K)  # (N, HW, A, K)
         best = sc.amax(dim=3).argmax(dim=2)  # (N, HW)
         sc = torch.gather(sc, 2, best[:, :, None, None].expand(N, R // A, 1, K)).squeeze(2)
-        bx = torch.gather(boxes_l[i].view(N, R // A, A, 4), 2, best[:, :, None, None].expand(N, R // A, 1, 4))
+        bx = torch.gather(  # (N, HW, 1, 4)
+            boxes_l[i].view(N, R // A, A, 4), 2, best[:, :, None, None].expand(N, R // A, 1, 4)
+        )
         res_s.append(sc.amax(dim=2, keepdim=True) if class_agnostic else sc)
         res_b.append(bx.squeeze(2))
     return cat(res_s, dim=1), cat(res_b, dim=1)
@@ -961,6 +963,12 @@ class GIDDistiller(Distiller):
         :attr:`pooler`) of the GI boxes on the paired student and teacher levels; one gather
         per side (:func:`roi_align_gather`), sampling positions shared when the maps' sizes
         match.
+
+        Args:
+            s_feats (list[Tensor]): the paired student levels, finest first, each (N, Cs, Hl, Wl).
+            t_feats (list[Tensor]): the paired teacher levels, each (N, Ct, Hl', Wl').
+            boxes (list[Boxes]): per image, its Gi GI boxes (Gi, 4) XYXY in input pixels;
+                Gt = sum Gi.
 
         Returns:
             (Tensor, Tensor): (Gt * S * S, Cs) student and (Gt * S * S, Ct) teacher rows.

@@ -75,6 +75,7 @@ def pkd_level_loss(
         feat_t (Tensor): teacher map, shape (N, C, H, W). If ``(Hs, Ws) != (H, W)`` the
             student map is resized bilinearly to (H, W) (``resize_student=True``) or the teacher
             map to (Hs, Ws) otherwise.
+        resize_student (bool): which map is resized when the sizes differ (see feat_t).
 
     Returns:
         Tensor: scalar.
@@ -165,6 +166,8 @@ def pkd_loss(
 
     Args:
         student_feats, teacher_feats (Tensor or list[Tensor]): paired maps, each (N, C, H, W).
+        resize_student (bool): per level, resize the student map to the teacher's size (True)
+            or the teacher's to the student's when they differ (:func:`pkd_level_loss`).
 
     Returns:
         Tensor: scalar ``sum_l mse(norm_s_l, norm_t_l) / 2``.

@@ -36,6 +36,7 @@ from .base import (
     Distiller,
     check_num_levels,
     check_pair_by,
+    check_positive_int,
     check_weight,
     pair_fpn_levels,
     put_scalar,
@@ -193,7 +194,7 @@ class _Recast(torch.autograd.Function):
 
 class ABF(nn.Module):
     """
-    Attention-based fusion of one level (ReviewKD's ABF).
+    Attention-based fusion of one level (:paper:`ReviewKD`'s ABF).
 
     ``u = BN(conv1x1(x))``; if a residual from the deeper level is given, it is resized (nearest)
     to ``u``'s size, two spatial attention maps ``a = sigmoid(conv1x1([u; r]))`` are predicted and
@@ -345,12 +346,9 @@ class ReviewKDDistiller(Distiller):
         loss_weight = check_weight(owner, "loss_weight", loss_weight)
         check_num_levels(num_levels, owner)
         check_pair_by(pair_by, owner)
-        if mid_channels is not None and (
-            not isinstance(mid_channels, int) or isinstance(mid_channels, bool) or mid_channels < 1
-        ):  # None, not 0, means the teacher's channels
-            raise ValueError(
-                f"ReviewKD: mid_channels must be a positive int, or None for the teacher's "
-                f"channels, got {mid_channels!r}"
+        if mid_channels is not None:  # None, not 0, means the teacher's channels
+            mid_channels = check_positive_int(
+                owner, "mid_channels", mid_channels, "or None for the teacher's channels"
             )
         if isinstance(norm, str) and norm:
             try:  # unknown names were a KeyError('bn') from detectron2 at bind
@@ -409,11 +407,12 @@ class ReviewKDDistiller(Distiller):
         Run the review chain, deepest level first.
 
         Args:
-            student_feats (dict[str, Tensor]): the student's FPN dict.
+            student_feats (dict[str, Tensor]): the student's FPN dict, level -> (N, Cs, H, W).
 
         Returns:
-            dict[str, Tensor]: fused map per paired student level, in the teacher's channels;
-            with ``abf_precision`` set, fp32 NCHW maps computed in that precision.
+            dict[str, Tensor]: fused map per paired student level, (N, Ct, H, W) in the
+            teacher's channels at the student level's size; with ``abf_precision`` set, fp32
+            NCHW maps computed in that precision.
         """
         bf16 = self.abf_precision == "bf16"
         precision = contextlib.nullcontext()  # None: the caller's precision

@@ -393,8 +393,9 @@ class DecoderLayer(nn.Module):
         q, k, k_pos = self.ca_qcontent(tgt), self.ca_kcontent(memory), self.ca_kpos(pos)
         if is_first:  # the first layer also adds the positional query (paper, Sec. 3.3)
             q, k = q + self.ca_qpos(query_pos), k + k_pos
-        q = torch.cat([q.view(B, Nq, M, -1), self.ca_qpos_sine(query_sine_embed).view(B, Nq, M, -1)], dim=3)
-        k = torch.cat([k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3)
+        q_sine = self.ca_qpos_sine(query_sine_embed).view(B, Nq, M, -1)
+        q = torch.cat([q.view(B, Nq, M, -1), q_sine], dim=3)  # (B, Nq, M, 2 * d / M)
+        k = torch.cat([k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3)  # (B, S, M, 2d/M)
         out, _ = self.cross_attn(q.flatten(2), k.flatten(2), self.ca_v(memory), key_padding_mask=key_padding_mask)
         tgt = self.norm2(tgt + self.drop2(out))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
@@ -470,7 +471,8 @@ class DETRHead(nn.Module):
 
 
 class HungarianMatcher(nn.Module):
-    """Bipartite matching of predictions to ground truth with focal class + L1 + GIoU costs."""
+    """Bipartite matching of predictions to ground truth with focal class + L1 + GIoU costs, as
+    :paper:`DETR` (Hungarian matching) with Deformable DETR's focal-loss class cost."""
 
     def __init__(self, *, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha=0.25, gamma=2.0):
         super().__init__()
