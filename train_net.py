@@ -16,12 +16,12 @@ Usage::
         # (results also in train.output_dir/eval_results.json)
     python train_net.py --config-file CFG --eval-only --resume      # the run's last checkpoint
 """
+
 import json
 import logging
 import os
 
 import torch
-
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
@@ -41,8 +41,8 @@ from detkd.engine import (
     file_prefix,
     last_checkpoint_problem,
     student_of,
-    unusable_last_checkpoint,
     untagged_checkpoints_error,
+    unusable_last_checkpoint,
 )
 
 logger = logging.getLogger("detectron2")
@@ -59,7 +59,11 @@ def _share_cpu_threads() -> None:
     """Processes of a CPU-only multi-process run (``--num-gpus N`` without CUDA) split the
     cores this process may run on (its CPU affinity, e.g. a Slurm or cgroup binding, not the
     machine's count) instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
-    if comm.get_local_size() > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    if (
+        comm.get_local_size() > 1
+        and not torch.cuda.is_available()
+        and "OMP_NUM_THREADS" not in os.environ
+    ):
         threads = max(1, _usable_cpus() // comm.get_local_size())
         torch.set_num_threads(threads)
         logger.info(
@@ -120,8 +124,10 @@ def _keep_run_config(cfg, run_config: bytes) -> None:
     with PathManager.open(os.path.join(out, "config_eval.yaml"), "wb") as f:
         f.write(written)
     _write_run_config(cfg, run_config)
-    logger.info(f"Evaluating in a training run's folder: its config.yaml is kept, this one is in "
-                f"{os.path.join(out, 'config_eval.yaml')}")
+    logger.info(
+        f"Evaluating in a training run's folder: its config.yaml is kept, this one is in "
+        f"{os.path.join(out, 'config_eval.yaml')}"
+    )
 
 
 def _yaml_config(data: bytes):
@@ -195,7 +201,9 @@ def _model_change(cfg, run_config: bytes):
 
 
 def main(args):
-    check_flag_order(args.opts)  # before the config is read: a --config-file among them leaves it empty
+    check_flag_order(
+        args.opts
+    )  # before the config is read: a --config-file among them leaves it empty
     if not args.config_file:
         raise ValueError(
             "No config file: give one with --config-file before any key=value override, e.g. "
@@ -211,7 +219,9 @@ def main(args):
     # mismatch, AMP on the CPU), and --eval-only in a training run's folder (its own config goes
     # to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
-    holds_run = _holds_training_run(cfg)  # a training run's folder (read before anything is written)
+    holds_run = _holds_training_run(
+        cfg
+    )  # a training run's folder (read before anything is written)
     in_run = comm.is_main_process() and holds_run
     run_config = _read_run_config(cfg) if resuming or in_run else None
     teacher_change = None
@@ -254,10 +264,17 @@ def main(args):
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
         weights, key = cfg.train.init_checkpoint, "train.init_checkpoint"
-        if args.resume and holds_run:  # as detectron2's tools/train_net.py: the run's last checkpoint
-            weights, key = _last_checkpoint_file(cfg), f"the last checkpoint of {cfg.train.output_dir!r}"
-            logger.info(f"--eval-only --resume: evaluating the last checkpoint of {cfg.train.output_dir}, "
-                        f"{weights} (train.init_checkpoint is not read)")
+        if (
+            args.resume and holds_run
+        ):  # as detectron2's tools/train_net.py: the run's last checkpoint
+            weights, key = (
+                _last_checkpoint_file(cfg),
+                f"the last checkpoint of {cfg.train.output_dir!r}",
+            )
+            logger.info(
+                f"--eval-only --resume: evaluating the last checkpoint of {cfg.train.output_dir}, "
+                f"{weights} (train.init_checkpoint is not read)"
+            )
         elif args.resume:
             logger.warning(
                 f"--eval-only --resume: {cfg.train.output_dir!r} holds no training run (no "
@@ -269,8 +286,10 @@ def main(args):
         model = ddp_model(model, broadcast_buffers=False)
         folder = os.path.join(cfg.train.output_dir, "inference_eval") if eval_in_run else None
         if folder:
-            logger.info(f"Evaluating in a training run's folder: its inference/ is kept, these "
-                        f"predictions go to {folder}")
+            logger.info(
+                f"Evaluating in a training run's folder: its inference/ is kept, these "
+                f"predictions go to {folder}"
+            )
         results = KDTrainer.test(cfg, model, KDTrainer.build_evaluator(cfg, output_folder=folder))
         if comm.is_main_process() and results:  # for scripts (e.g. detkd.demo --heldout)
             with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:

@@ -11,6 +11,7 @@ With several ``--seeds`` every student run is repeated per seed (same teacher) a
 gives each row's mean and standard deviation, with deltas paired by seed. ``--heldout N`` adds
 the same table on a held-out split of N images (seed 7) that no run trained on or was chosen by.
 """
+
 import argparse
 
 from detkd.demo import int_at_least
@@ -18,10 +19,14 @@ from detkd.demo import main as demo
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int_at_least(1), default=None)
     parser.add_argument("--output", default="output/bench/effectiveness")
-    parser.add_argument("--methods", nargs="+", default=["pkd", "reviewkd", "gid", "pkdgid", "d3etr"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["pkd", "reviewkd", "gid", "pkdgid", "d3etr"]
+    )
     parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0])
     parser.add_argument("--heldout", type=int_at_least(0), default=0, metavar="N")
     args = parser.parse_args()

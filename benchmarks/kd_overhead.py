@@ -32,6 +32,7 @@ Usage::
     python benchmarks/kd_overhead.py [--iters 10] [--rounds 3] [--device cuda] [--large]
         [--methods gid ...] [--no-variants] [--teacher-precision fp16] [--set key=value ...]
 """
+
 import argparse
 import contextlib
 import glob
@@ -43,7 +44,6 @@ import time
 import warnings
 
 import torch
-
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage, get_event_storage
 
@@ -70,10 +70,15 @@ VARIANTS = {
         ("mid_channels=64", ["model.distillers.reviewkd.mid_channels=64"]),
         ("abf_precision=bf16", ['model.distillers.reviewkd.abf_precision="bf16"']),
     ],
-    "d3etr": [(
-        "adaptive matching only",
-        ["model.distillers.d3etr.fixed_matching=False", "model.distillers.d3etr.aux_gt_loss=False"],
-    )],
+    "d3etr": [
+        (
+            "adaptive matching only",
+            [
+                "model.distillers.d3etr.fixed_matching=False",
+                "model.distillers.d3etr.aux_gt_loss=False",
+            ],
+        )
+    ],
 }
 LARGE_VARIANTS = {"reviewkd": [v for v in VARIANTS["reviewkd"] if v[0] == "abf_precision=bf16"]}
 
@@ -168,7 +173,8 @@ def _ratio_spread(t_s, t_t, t_kd, rounds):
     if rounds < 2 or n < 1:
         return None
     ratios = [
-        _median(t_kd[i * n:(i + 1) * n]) / (_median(t_s[i * n:(i + 1) * n]) + _median(t_t[i * n:(i + 1) * n]))
+        _median(t_kd[i * n : (i + 1) * n])
+        / (_median(t_s[i * n : (i + 1) * n]) + _median(t_t[i * n : (i + 1) * n]))
         for i in range(rounds)
     ]
     return min(ratios), max(ratios)
@@ -238,8 +244,12 @@ def _peak(fn, device, resident=None, foreign=()):
             prof.stop()
         hooks = [m.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for m in modules]
         try:
-            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                           with_stack=True)
+            prof = profile(
+                activities=[ProfilerActivity.CPU],
+                profile_memory=True,
+                record_shapes=True,
+                with_stack=True,
+            )
             prof.start()
             try:
                 fn()
@@ -256,8 +266,15 @@ def _peak(fn, device, resident=None, foreign=()):
                     _, sizes = json.load(f)  # [times, [bytes per category] per time]
         except Exception:  # an older or newer profiler without the timeline
             return None
-    unused = [t for m in modules if m not in ran for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
-    return max((sum(s) for s in sizes), default=0) + sum(t.numel() * t.element_size() for t in unused)
+    unused = [
+        t
+        for m in modules
+        if m not in ran
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    ]
+    return max((sum(s) for s in sizes), default=0) + sum(
+        t.numel() * t.element_size() for t in unused
+    )
 
 
 def _batch(cfg, batch_size, image_size):
@@ -335,7 +352,11 @@ def cpu_threads(device) -> None:
     machine, kept), else one per core this process may use (taskset, Slurm), not all of the
     machine's."""
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        cores = (
+            os.sched_getaffinity(0)
+            if hasattr(os, "sched_getaffinity")
+            else range(os.cpu_count() or 1)
+        )
         torch.set_num_threads(max(1, len(cores)))
 
 
@@ -344,7 +365,9 @@ def check_methods(methods, available, tool):
     gave an empty table."""
     unknown = [m for m in methods or [] if m not in available]
     if unknown:
-        raise SystemExit(f"[{tool}] --methods {' '.join(unknown)}: no such method here; available: {sorted(available)}")
+        raise SystemExit(
+            f"[{tool}] --methods {' '.join(unknown)}: no such method here; available: {sorted(available)}"
+        )
 
 
 def parse_device(text):
@@ -353,24 +376,46 @@ def parse_device(text):
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available here: use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
         n = torch.cuda.device_count()
-        raise argparse.ArgumentTypeError(f"this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to cuda:{n - 1})")
+        raise argparse.ArgumentTypeError(
+            f"this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to cuda:{n - 1})"
+        )
     return device
 
 
-def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32", overrides=(), rounds=3, method=None):
+def bench(
+    config,
+    iters,
+    device,
+    batch_size,
+    image_size,
+    teacher_precision="fp32",
+    overrides=(),
+    rounds=3,
+    method=None,
+):
     cfg = LazyConfig.load(os.path.join(REPO, config))
     cfg.model.teacher_precision = teacher_precision
-    cfg = LazyConfig.apply_overrides(cfg, applicable_overrides(os.path.join(REPO, config), list(overrides)))
+    cfg = LazyConfig.apply_overrides(
+        cfg, applicable_overrides(os.path.join(REPO, config), list(overrides))
+    )
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     batch = _batch(cfg, batch_size, image_size)
     teacher = model.teacher
-    student_step, teacher_forward, kd_step, _, opt_kd, distiller_state = _steps(model, batch, device)
+    student_step, teacher_forward, kd_step, _, opt_kd, distiller_state = _steps(
+        model, batch, device
+    )
 
     method = method or os.path.basename(config).split("_")[0].lower()
     kind, floor_step = FLOORS.get(method, lambda *a: (None, None))(model, batch, opt_kd)
@@ -388,27 +433,56 @@ def bench(config, iters, device, batch_size, image_size, teacher_precision="fp32
         mem_kd = _peak(kd_step, device, teacher)
     floor = None
     if t_floor:  # the floor's step either adds to (a) + (b) or replaces (a)
-        floor = (t_s + t_t + t_floor[0]) / (t_s + t_t) if kind == "extra" else (t_floor[0] + t_t) / (t_s + t_t)
+        floor = (
+            (t_s + t_t + t_floor[0]) / (t_s + t_t)
+            if kind == "extra"
+            else (t_floor[0] + t_t) / (t_s + t_t)
+        )
     # mem_s is (a) plus the teacher's weights: _peak counts them as resident in both steps
-    return dict(student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_s=mem_s, mem_kd=mem_kd, spread=spread)
+    return dict(
+        student=t_s, teacher=t_t, kd=t_kd, floor=floor, mem_s=mem_s, mem_kd=mem_kd, spread=spread
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int_at_least(1), default=10, help="timed steps per round")
-    parser.add_argument("--rounds", type=int_at_least(1), default=3,
-                        help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count")
-    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)")
+    parser.add_argument(
+        "--rounds",
+        type=int_at_least(1),
+        default=3,
+        help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count",
+    )
+    parser.add_argument(
+        "--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)"
+    )
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--no-variants", action="store_true",
-                        help="skip the cheaper non-paper settings (ReviewKD mid_channels=64, D3ETR adaptive only)")
-    parser.add_argument("--teacher-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="DistillationDetector.teacher_precision (both (b) and (c) use it)")
-    parser.add_argument("--set", dest="opts", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="LazyConfig overrides, each for the configs where its parent key exists, "
-                        "e.g. model.distillers.d3etr.fixed_matching=False "
-                        "model.distillers.d3etr.aux_gt_loss=False")
+    parser.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the cheaper non-paper settings (ReviewKD mid_channels=64, D3ETR adaptive only)",
+    )
+    parser.add_argument(
+        "--teacher-precision",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="DistillationDetector.teacher_precision (both (b) and (c) use it)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="opts",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="LazyConfig overrides, each for the configs where its parent key exists, "
+        "e.g. model.distillers.d3etr.fixed_matching=False "
+        "model.distillers.d3etr.aux_gt_loss=False",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cpu_threads(device)
@@ -425,10 +499,14 @@ def main(argv=None):
         runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None, []))
         if not args.no_variants:
             for label, opts in VARIANTS.get(method, []):
-                runs.append((method, f"demo {name}, {label}", os.path.relpath(path, REPO), 8, None, opts))
+                runs.append(
+                    (method, f"demo {name}, {label}", os.path.relpath(path, REPO), 8, None, opts)
+                )
     if args.large or device.type == "cuda":
         for method, path in LARGE.items():
-            if os.path.isfile(os.path.join(REPO, path)) and (not args.methods or method in args.methods):
+            if os.path.isfile(os.path.join(REPO, path)) and (
+                not args.methods or method in args.methods
+            ):
                 setting = f"R50 pair {os.path.basename(path)[:-3]}"
                 runs.append((method, setting, path, 2, 640, []))
                 if not args.no_variants:
@@ -437,10 +515,14 @@ def main(argv=None):
     check_methods(args.methods, available, "kd_overhead")
 
     if args.opts:
-        check_overrides(sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead")
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"teacher precision {args.teacher_precision}"
-          + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+        check_overrides(
+            sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead"
+        )
+    print(
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"teacher precision {args.teacher_precision}"
+        + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
+    )
     # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
     sw = max([46] + [len(r[1]) + 2 for r in runs])  # the setting column fits the longest setting
     head = f"{'method':<9}{'setting':<{sw}}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"
@@ -449,7 +531,17 @@ def main(argv=None):
     print("-" * len(head))
     for method, setting, path, bs, size, variant in runs:
         try:
-            r = bench(path, args.iters, device, bs, size or 128, args.teacher_precision, [*variant, *args.opts], args.rounds, method)
+            r = bench(
+                path,
+                args.iters,
+                device,
+                bs,
+                size or 128,
+                args.teacher_precision,
+                [*variant, *args.opts],
+                args.rounds,
+                method,
+            )
         except Exception as e:  # report and go on with the other settings
             print(f"{method:<9}{setting:<{sw}} failed: {type(e).__name__}: {e}", flush=True)
             continue

@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/kd_profile.py [--large] [--methods gid ...] [--top 25] [--steps 3] [--compile]
 """
+
 import argparse
 import collections
 import contextlib
@@ -37,12 +38,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kd_overhead  # noqa: E402
-
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from detkd.demo import int_at_least  # noqa: E402
+
+import kd_overhead  # noqa: E402
 
 
 def build_model(config, device, batch_size, image_size):
@@ -56,7 +57,8 @@ def build_model(config, device, batch_size, image_size):
 
 def build_steps(config, device, batch_size, image_size, built=None):
     """(student_step, teacher_forward, kd_step) closures on one fixed batch, lr 0: kd_overhead.py's
-    steps (its ``_steps``); ``built``: :func:`build_model`'s result to use instead of building one."""
+    steps (its ``_steps``); ``built``: :func:`build_model`'s result to use instead of building one.
+    """
     model, batch = built or build_model(config, device, batch_size, image_size)
     return kd_overhead._steps(model, batch, device)[:3]
 
@@ -99,6 +101,7 @@ def timed_distiller_forwards(model, device, times):
             kd_overhead._sync(device)
             times.append(time.perf_counter() - start)
             return out
+
         return call
 
     return _replaced_forwards(model, timed)
@@ -126,7 +129,9 @@ def distiller_split(model, batch, device, iters, steps=None):
             kd_step()
 
     fns = [student_step, teacher_forward, kd_no_losses, kd_step]
-    t_s, t_t, t_none, t_kd = (kd_overhead._median(t) for t in kd_overhead._timed_interleaved(fns, iters, device))
+    t_s, t_t, t_none, t_kd = (
+        kd_overhead._median(t) for t in kd_overhead._timed_interleaved(fns, iters, device)
+    )
     forwards = []
     with timed_distiller_forwards(model, device, forwards):
         for _ in range(iters):
@@ -134,8 +139,11 @@ def distiller_split(model, batch, device, iters, steps=None):
     per_step = sum(forwards) / iters
     ms = 1e3
     return dict(
-        forward=per_step * ms, own=(t_kd - t_none) * ms, floor=(t_s + t_t) * ms,
-        kd=t_kd * ms, kd_no_losses=t_none * ms,
+        forward=per_step * ms,
+        own=(t_kd - t_none) * ms,
+        floor=(t_s + t_t) * ms,
+        kd=t_kd * ms,
+        kd_no_losses=t_none * ms,
     )
 
 
@@ -147,8 +155,14 @@ def sync_recorder(sites, depth=3):
     not stall the step's queueing)."""
 
     def record(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if "/detkd/" in f.filename or "/detectron2/" in f.filename]
-        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames[-depth:]))
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "/detkd/" in f.filename or "/detectron2/" in f.filename
+        ]
+        where = " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in reversed(frames[-depth:])
+        )
         thread = threading.current_thread()
         name = None if thread is threading.main_thread() else thread.name
         sites[(str(message).split("\n")[0][:50], where, name)] += 1
@@ -185,7 +199,11 @@ def op_table(fn, device, steps):
                 fn()
             kd_overhead._sync(device)
     return {
-        e.key: (e.self_cpu_time_total / steps, getattr(e, "self_device_time_total", 0.0) / steps, e.count / steps)
+        e.key: (
+            e.self_cpu_time_total / steps,
+            getattr(e, "self_device_time_total", 0.0) / steps,
+            e.count / steps,
+        )
         for e in prof.key_averages()
     }
 
@@ -200,7 +218,13 @@ def op_differences(student, kd, teacher=None):
     teacher = teacher or {}
     names = sorted(set(student) | set(kd) | set(teacher))
     return [
-        (k, *(a - b - c for a, b, c in zip(kd.get(k, zero), student.get(k, zero), teacher.get(k, zero))))
+        (
+            k,
+            *(
+                a - b - c
+                for a, b, c in zip(kd.get(k, zero), student.get(k, zero), teacher.get(k, zero))
+            ),
+        )
         for k in names
     ]
 
@@ -249,41 +273,64 @@ def report(title, config, device, batch_size, image_size, steps, top, compiled=F
         for (message, where, thread), n in extra.most_common(top):
             print(f"   +{n:<3d} {where}" + (f"  [thread {thread}]" if thread else ""))
     n_s, n_t, n_kd = (sum(v[2] for v in ops.values()) for ops in (ops_s, ops_t, ops_kd))
-    print(f"   ops per step: student {n_s:.0f}, teacher forward {n_t:.0f}, KD {n_kd:.0f} ({n_kd - n_s - n_t:+.0f})")
+    print(
+        f"   ops per step: student {n_s:.0f}, teacher forward {n_t:.0f}, KD {n_kd:.0f} ({n_kd - n_s - n_t:+.0f})"
+    )
     rows = op_differences(ops_s, ops_kd, ops_t)
     columns = [("self CPU", 1)] + ([("self device", 2)] if device.type == "cuda" else [])
     for label, col in columns:
-        print(f"   largest {label} time the KD step adds to the student step and the teacher forward "
-              "(ms per step, calls):")
+        print(
+            f"   largest {label} time the KD step adds to the student step and the teacher forward "
+            "(ms per step, calls):"
+        )
         for row in sorted(rows, key=lambda r: -r[col])[:top]:
             print(f"      {row[0][:64]:<64s} {row[col] / 1e3:+8.2f} ms  {row[3]:+6.0f}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=kd_overhead.parse_device,
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--large", action="store_true", help="the R50/R101 pairs instead of the demo configs")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        type=kd_overhead.parse_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    parser.add_argument(
+        "--large", action="store_true", help="the R50/R101 pairs instead of the demo configs"
+    )
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--steps", type=int_at_least(1), default=3, help="profiled steps of each kind")
+    parser.add_argument(
+        "--steps", type=int_at_least(1), default=3, help="profiled steps of each kind"
+    )
     parser.add_argument("--top", type=int_at_least(1), default=15, help="rows per table")
-    parser.add_argument("--compile", action="store_true",
-                        help="also the distillers' own cost with their forward under torch.compile")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the distillers' own cost with their forward under torch.compile",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     kd_overhead.cpu_threads(device)  # as kd_overhead.py times these steps
     runs = []
     if args.large:
-        runs = [(m, f"R50 pair {os.path.basename(p)[:-3]}", p, 2, 640) for m, p in kd_overhead.LARGE.items()]
+        runs = [
+            (m, f"R50 pair {os.path.basename(p)[:-3]}", p, 2, 640)
+            for m, p in kd_overhead.LARGE.items()
+        ]
     else:
         for path in sorted(glob.glob(os.path.join(kd_overhead.REPO, "configs/demo/*_*.py"))):
             name = os.path.basename(path)[:-3]
             method = name.split("_")[0]
             if not name.startswith("_") and method not in ("teacher", "student"):
-                runs.append((method, f"demo {name}", os.path.relpath(path, kd_overhead.REPO), 8, 128))
+                runs.append(
+                    (method, f"demo {name}", os.path.relpath(path, kd_overhead.REPO), 8, 128)
+                )
     kd_overhead.check_methods(args.methods, {r[0] for r in runs}, "kd_profile")
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"
-          + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+    print(
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"
+        + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
+    )
     for method, title, path, batch_size, image_size in runs:
         if args.methods and method not in args.methods:
             continue

@@ -1,9 +1,8 @@
 """Shared fixtures: tiny detectors built from the project's LazyConfigs, on the CPU."""
+
 import os
 
-import pytest
 import torch
-
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
@@ -12,6 +11,8 @@ from detectron2.structures import Boxes, Instances
 
 from detkd import DistillationDetector
 from detkd.modeling.resnet import basic_resnet_stages
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,8 +106,15 @@ def short_train(config, output_dir, iters=3):
     from detkd.engine import KDTrainer
 
     cfg = load_config(config)
-    cfg.train.update(output_dir=str(output_dir), max_iter=iters, teacher_checkpoint="", init_checkpoint="",
-                     teacher_random_init=True, log_period=1, device="cpu")
+    cfg.train.update(
+        output_dir=str(output_dir),
+        max_iter=iters,
+        teacher_checkpoint="",
+        init_checkpoint="",
+        teacher_random_init=True,
+        log_period=1,
+        device="cpu",
+    )
     cfg.dataloader.train.dataset.names.num_images = 16
     cfg.dataloader.test.dataset.names.num_images = 8
     cfg.dataloader.train.update(num_workers=0, total_batch_size=4)

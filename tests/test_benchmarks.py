@@ -1,9 +1,11 @@
 """The benchmark's measuring helpers (the benchmarks themselves print ratios, they are not tests)."""
+
 import importlib.util
 import os
 
-import pytest
 import torch
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,8 +54,9 @@ def test_ratio_spread_is_the_range_of_per_round_median_ratios():
 
 
 def test_cpu_peak_counts_the_resident_modules_weights_that_the_call_does_not_run():
-    import pytest
     from torch import nn
+
+    import pytest
 
     kd = _kd_overhead()
     teacher = nn.Sequential(nn.Linear(500, 500), nn.Linear(500, 100))  # 1,002,000 + 200,400 bytes
@@ -67,7 +70,10 @@ def test_cpu_peak_counts_the_resident_modules_weights_that_the_call_does_not_run
         torch.empty(250_000).fill_(1.0)  # 1 MB
 
     # the first layer's weights are used (seen by the profiler), the second's added as resident
-    assert kd._peak(first_layer_only, torch.device("cpu"), teacher) == 1_002_000 + 2000 + 2000 + 200_400
+    assert (
+        kd._peak(first_layer_only, torch.device("cpu"), teacher)
+        == 1_002_000 + 2000 + 2000 + 200_400
+    )
     assert kd._peak(nothing_of_the_teacher, torch.device("cpu"), teacher) == 1_000_000 + 1_202_400
 
     def broken():
@@ -90,8 +96,12 @@ def test_op_differences_are_kd_minus_student_per_op():
     # less the teacher forward's ops (in the ratio's denominator: not the distillation's cost)
     teacher = {"conv": (12.0, 3.0, 2.0), "pool": (2.0, 1.0, 1.0)}
     rows = {r[0]: r[1:] for r in prof.op_differences(student, kd, teacher)}
-    assert rows == {"conv": (3.0, 2.0, 1.0), "add": (-1.0, -0.5, -3.0), "mine": (7.0, 2.0, 4.0),
-                    "pool": (-2.0, -1.0, -1.0)}
+    assert rows == {
+        "conv": (3.0, 2.0, 1.0),
+        "add": (-1.0, -0.5, -3.0),
+        "mine": (7.0, 2.0, 4.0),
+        "pool": (-2.0, -1.0, -1.0),
+    }
 
 
 def test_profile_of_the_demo_pkd_step_shows_the_distiller_ops():
@@ -129,7 +139,11 @@ def test_profile_sync_recorder_names_the_thread_that_synchronised():
     sites = collections.Counter()
     record = prof.sync_recorder(sites)
     record("called a synchronizing CUDA operation\nmore", UserWarning, "x.py", 1)
-    worker = threading.Thread(target=record, args=("called a synchronizing CUDA operation", UserWarning, "x.py", 1), name="detkd-d3etr-match_0")
+    worker = threading.Thread(
+        target=record,
+        args=("called a synchronizing CUDA operation", UserWarning, "x.py", 1),
+        name="detkd-d3etr-match_0",
+    )
     worker.start()
     worker.join()
     assert {(k[0], k[2]) for k in sites} == {
@@ -175,16 +189,24 @@ def test_student_and_kd_steps_keep_one_momentum_buffer_per_parameter():
     torch.manual_seed(0)
     model = instantiate(cfg.model).train()
     batch = kd._batch(cfg, 2, 64)
-    student_step, _, kd_step, opt_s, opt_kd, distiller_state = kd._steps(model, batch, torch.device("cpu"))
+    student_step, _, kd_step, opt_s, opt_kd, distiller_state = kd._steps(
+        model, batch, torch.device("cpu")
+    )
     with EventStorage():
         student_step()
         kd_step()
         student_step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     buffers = {
-        v.data_ptr(): v for opt in (opt_s, opt_kd) for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+        v.data_ptr(): v
+        for opt in (opt_s, opt_kd)
+        for st in opt.state.values()
+        for v in st.values()
+        if torch.is_tensor(v)
     }
-    n_student, n_distillers = nbytes(model.student.parameters()), nbytes(model.distillers.parameters())
+    n_student, n_distillers = nbytes(model.student.parameters()), nbytes(
+        model.distillers.parameters()
+    )
     assert n_distillers > 0
     assert nbytes(buffers.values()) == n_student + n_distillers
     assert nbytes(distiller_state()) == 3 * n_distillers  # weights, gradients, momentum
@@ -203,8 +225,12 @@ def test_cuda_peak_is_the_second_call_less_the_foreign_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 10_000_000)
 
     def fake(ptr, numel, device="cuda"):
-        return SimpleNamespace(device=torch.device(device), data_ptr=lambda: ptr, numel=lambda: numel,
-                               element_size=lambda: 4)
+        return SimpleNamespace(
+            device=torch.device(device),
+            data_ptr=lambda: ptr,
+            numel=lambda: numel,
+            element_size=lambda: 4,
+        )
 
     weight = fake(1, 100_000)
     foreign = [weight, fake(2, 50_000), weight, None, fake(3, 1_000_000, device="cpu")]
@@ -240,16 +266,26 @@ def test_a_mistyped_method_is_an_error_not_an_empty_table(monkeypatch, capsys):
 
     kd_overhead, kd_profile = _kd_overhead(), _benchmark("kd_profile")
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    for module, tool, argv in ((kd_overhead, "kd_overhead", ["--methods", "gid", "gdi", "--device", "cpu"]),
-                               (kd_profile, "kd_profile", ["--methods", "gid", "gdi", "--device", "cpu"]),
-                               (kd_profile, "kd_profile", ["--methods", "pkdgid", "--large", "--device", "cpu"])):
+    for module, tool, argv in (
+        (kd_overhead, "kd_overhead", ["--methods", "gid", "gdi", "--device", "cpu"]),
+        (kd_profile, "kd_profile", ["--methods", "gid", "gdi", "--device", "cpu"]),
+        (kd_profile, "kd_profile", ["--methods", "pkdgid", "--large", "--device", "cpu"]),
+    ):
         monkeypatch.setattr(sys, "argv", [tool + ".py", *argv])
-        monkeypatch.setattr(module, "bench" if tool == "kd_overhead" else "report",
-                            lambda *a, **k: pytest.fail("nothing may run"))
+        monkeypatch.setattr(
+            module,
+            "bench" if tool == "kd_overhead" else "report",
+            lambda *a, **k: pytest.fail("nothing may run"),
+        )
         bad = argv[2] if argv[2] != "--large" else "pkdgid"
-        with pytest.raises(SystemExit, match=rf"\[{tool}\] --methods {bad}: no such method here; available: \[.*'gid'"):
+        with pytest.raises(
+            SystemExit,
+            match=rf"\[{tool}\] --methods {bad}: no such method here; available: \[.*'gid'",
+        ):
             module.main()
-    kd_overhead.check_methods(["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead")  # known ones pass
+    kd_overhead.check_methods(
+        ["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead"
+    )  # known ones pass
     kd_overhead.check_methods(None, {"pkd"}, "kd_overhead")
 
 
@@ -261,16 +297,19 @@ def test_counts_below_their_minimum_are_usage_errors(monkeypatch, capsys):
     import subprocess
     import sys
 
-    import pytest
-
     from detkd import demo, repro
+
+    import pytest
 
     kd_overhead, kd_profile = _kd_overhead(), _benchmark("kd_profile")
     effectiveness = _benchmark("effectiveness")
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     for module in (kd_overhead, kd_profile):
-        monkeypatch.setattr(module, "bench" if module is kd_overhead else "report",
-                            lambda *a, **k: pytest.fail("nothing may run"))
+        monkeypatch.setattr(
+            module,
+            "bench" if module is kd_overhead else "report",
+            lambda *a, **k: pytest.fail("nothing may run"),
+        )
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     cases = [
         (kd_overhead.main, ["--iters", "0"], "--iters: 0 is less than 1"),
@@ -281,7 +320,11 @@ def test_counts_below_their_minimum_are_usage_errors(monkeypatch, capsys):
         (demo.main, ["--heldout", "-5"], "--heldout: -5 is less than 0"),
         (demo.main, ["--iters", "ten"], "--iters: 'ten' is not an integer"),
         (effectiveness.main, ["--iters", "0"], "--iters: 0 is less than 1"),
-        (repro.main, ["configs/demo/pkd_retinanet.py", "--num-gpus", "0"], "--num-gpus: 0 is less than 1"),
+        (
+            repro.main,
+            ["configs/demo/pkd_retinanet.py", "--num-gpus", "0"],
+            "--num-gpus: 0 is less than 1",
+        ),
     ]
     for main, argv, message in cases:
         monkeypatch.setattr(sys, "argv", ["tool.py", *argv])  # effectiveness.py reads sys.argv
@@ -302,10 +345,15 @@ def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     for module in (kd_overhead, kd_profile):
-        monkeypatch.setattr(module, "bench" if module is kd_overhead else "report",
-                            lambda *a, **k: pytest.fail("nothing may run"))
-        for device, message in (("cuda", "CUDA is not available here: use --device cpu"),
-                                ("gpu", "'gpu' is not a torch device (cpu, cuda, cuda:1, ...)")):
+        monkeypatch.setattr(
+            module,
+            "bench" if module is kd_overhead else "report",
+            lambda *a, **k: pytest.fail("nothing may run"),
+        )
+        for device, message in (
+            ("cuda", "CUDA is not available here: use --device cpu"),
+            ("gpu", "'gpu' is not a torch device (cpu, cuda, cuda:1, ...)"),
+        ):
             monkeypatch.setattr(sys, "argv", ["tool.py"])
             with pytest.raises(SystemExit) as e:
                 module.main(["--methods", "pkd", "--device", device])
@@ -324,7 +372,9 @@ def test_a_cuda_device_index_this_machine_lacks_is_a_usage_error(monkeypatch):
     kd_overhead = _kd_overhead()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(argparse.ArgumentTypeError, match=r"this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+    with pytest.raises(
+        argparse.ArgumentTypeError, match=r"this machine has 1 CUDA device \(cuda:0 to cuda:0\)"
+    ):
         kd_overhead.parse_device("cuda:1")
     assert kd_overhead.parse_device("cuda:0") == torch.device("cuda", 0)
     assert kd_overhead.parse_device("cuda") == torch.device("cuda")
@@ -347,7 +397,7 @@ def test_variant_rows_override_keys_their_configs_have():
         for path in demo:
             for _, opts in variants:
                 check_override_keys(LazyConfig.load(path), opts)
-    (label, opts), = kd.LARGE_VARIANTS["reviewkd"]
+    ((label, opts),) = kd.LARGE_VARIANTS["reviewkd"]
     assert label == "abf_precision=bf16" and (label, opts) in kd.VARIANTS["reviewkd"]
     cfg = LazyConfig.load(os.path.join(REPO, kd.LARGE["reviewkd"]))
     check_override_keys(cfg, opts)
@@ -407,7 +457,9 @@ def test_distiller_split_blocks_nest_inside_the_compiled_forwards():
     assert pkd.forward == eager and "forward" not in vars(pkd)
 
 
-def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_follow_omp(monkeypatch):
+def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_follow_omp(
+    monkeypatch,
+):
     """The KD step read its logged scalars between forward and backward (scalars_after_backward
     False: on a GPU a host sync before the backward is queued, which KDTrainer's steps do not
     have); it reads them after, as _KDScalarsHook does. A user's $OMP_NUM_THREADS is kept."""
@@ -419,6 +471,7 @@ def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_f
     model, batch = prof.build_model("configs/demo/pkd_retinanet.py", cpu, 2, 64)
     order = []
     write = model.write_pending_scalars
+
     def write_and_record():
         if model._pending_scalars:  # (each forward first writes a previous step's: none here)
             order.append("scalars")
@@ -427,7 +480,9 @@ def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_f
     monkeypatch.setattr(model, "write_pending_scalars", write_and_record)
     kd_step = prof.build_steps(None, cpu, 2, 64, built=(model, batch))[2]
     loss_backward = torch.Tensor.backward
-    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: order.append("backward") or loss_backward(*a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "backward", lambda *a, **k: order.append("backward") or loss_backward(*a, **k)
+    )
     with EventStorage() as storage:
         kd_step()
     assert model.scalars_after_backward is True and order == ["backward", "scalars"]

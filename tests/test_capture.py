@@ -1,9 +1,11 @@
 """FeatureCapture: clear errors for bad names and unfired hooks; no silent in-place corruption."""
-import pytest
+
 import torch
 from torch import nn
 
 from detkd import FeatureCapture
+
+import pytest
 
 
 class Net(nn.Module):
@@ -211,8 +213,16 @@ def test_namedtuple_and_defaultdict_outputs_are_recorded_and_checked(clone):
     with cap:
         pred, maps = net(x)
     got_pred, got_maps = cap["0"]
-    assert type(got_pred) is Pred and torch.equal(got_pred.logits, x + 1) and torch.equal(got_pred.boxes[0], x * 3)
-    assert type(got_maps) is defaultdict and got_maps.default_factory is list and torch.equal(got_maps["p3"], x * 2)
+    assert (
+        type(got_pred) is Pred
+        and torch.equal(got_pred.logits, x + 1)
+        and torch.equal(got_pred.boxes[0], x * 3)
+    )
+    assert (
+        type(got_maps) is defaultdict
+        and got_maps.default_factory is list
+        and torch.equal(got_maps["p3"], x * 2)
+    )
     assert (got_pred.logits is pred.logits) != clone
     pred.logits.add_(1)  # after the forward, on the model's own output
     if clone:
@@ -293,7 +303,9 @@ def test_boxes_and_instances_are_copied_or_checked(clone):
 
     class Anchors(nn.Module):
         def forward(self, x):
-            inst = Instances((8, 8), pred_boxes=Boxes(torch.tensor([[-1.0, -1.0, 9.0, 9.0]])), scores=x[:1])
+            inst = Instances(
+                (8, 8), pred_boxes=Boxes(torch.tensor([[-1.0, -1.0, 9.0, 9.0]])), scores=x[:1]
+            )
             return [Boxes(torch.tensor([[-10.0, -10.0, 50.0, 50.0]]))], inst
 
     net = nn.Sequential(Anchors())
@@ -301,7 +313,11 @@ def test_boxes_and_instances_are_copied_or_checked(clone):
     with cap:
         anchors, inst = net(torch.ones(2))
     got_anchors, got_inst = cap["0"]
-    assert type(got_anchors[0]) is Boxes and type(got_inst) is Instances and got_inst.image_size == (8, 8)
+    assert (
+        type(got_anchors[0]) is Boxes
+        and type(got_inst) is Instances
+        and got_inst.image_size == (8, 8)
+    )
     assert (got_anchors[0].tensor is anchors[0].tensor) != clone
     anchors[0].clip((32, 32))
     inst.pred_boxes.clip((8, 8))
@@ -317,7 +333,9 @@ def test_boxes_and_instances_are_copied_or_checked(clone):
         change(anchors, inst)
         if clone:
             assert torch.equal(cap["0"][0][0].tensor, torch.tensor([[-10.0, -10.0, 50.0, 50.0]]))
-            assert torch.equal(cap["0"][1].pred_boxes.tensor, torch.tensor([[-1.0, -1.0, 9.0, 9.0]]))
+            assert torch.equal(
+                cap["0"][1].pred_boxes.tensor, torch.tensor([[-1.0, -1.0, 9.0, 9.0]])
+            )
         else:
             with pytest.raises(RuntimeError, match="modified in place"):
                 cap["0"]

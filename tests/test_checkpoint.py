@@ -1,11 +1,10 @@
 """Teacher/student loading in the model zoo's formats, strict teacher errors, student export."""
+
 import os
 import pickle
 
 import numpy as np
-import pytest
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
@@ -13,6 +12,7 @@ from detectron2.config import instantiate
 from detkd import PKDDistiller, export_student, load_student, load_teacher
 from detkd.checkpoint import TeacherCheckpointError, export_backbone, save_student
 
+import pytest
 from conftest import make_inputs, tiny_kd, tiny_retinanet_cfg
 
 
@@ -82,10 +82,14 @@ def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
 
 def test_teacher_errors_are_clear(tmp_path):
     kd = _kd()
-    with pytest.raises(TeacherCheckpointError, match="teacher_checkpoint is empty.*teacher_random_init"):
+    with pytest.raises(
+        TeacherCheckpointError, match="teacher_checkpoint is empty.*teacher_random_init"
+    ):
         load_teacher(kd.teacher, "")
     load_teacher(kd.teacher, "", allow_random=True)  # explicitly intended
-    with pytest.raises(TeacherCheckpointError, match="Cannot load the teacher checkpoint.*nope.pkl.*exists"):
+    with pytest.raises(
+        TeacherCheckpointError, match="Cannot load the teacher checkpoint.*nope.pkl.*exists"
+    ):
         load_teacher(kd.teacher, str(tmp_path / "nope.pkl"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherCheckpointError, match="Cannot load"):
@@ -93,14 +97,20 @@ def test_teacher_errors_are_clear(tmp_path):
     # Class-count mismatch: an 80-class teacher checkpoint for a 3-class teacher.
     other = instantiate(tiny_retinanet_cfg(width=32, fpn=128, num_classes=80))
     torch.save({"model": other.state_dict()}, tmp_path / "coco.pth")
-    with pytest.raises(TeacherCheckpointError, match="shape mismatch.*cls_score.*class-count.*"
-                       r"build_yacs_detector teacher: MODEL\.RETINANET\.NUM_CLASSES in its \.yaml or "
-                       r"model\.teacher\.opts"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match="shape mismatch.*cls_score.*class-count.*"
+        r"build_yacs_detector teacher: MODEL\.RETINANET\.NUM_CLASSES in its \.yaml or "
+        r"model\.teacher\.opts",
+    ):
         load_teacher(kd.teacher, str(tmp_path / "coco.pth"))
     # A checkpoint that leaves teacher parameters unloaded: missing keys are listed.
     state = {k: v for k, v in kd.teacher.state_dict().items() if not k.startswith("head.")}
     torch.save({"model": state}, tmp_path / "partial.pth")
-    with pytest.raises(TeacherCheckpointError, match=r"leaves 12 teacher parameters unloaded: \['head\.cls_subnet\.0\.weight'"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"leaves 12 teacher parameters unloaded: \['head\.cls_subnet\.0\.weight'",
+    ):
         load_teacher(kd.teacher, str(tmp_path / "partial.pth"))
 
 
@@ -140,7 +150,9 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     DetectionCheckpointer(kd, str(tmp_path), optimizer=opt).save("model_final", iteration=9)
     run = str(tmp_path / "model_final.pth")
     before = (tmp_path / "model_final.pth").read_bytes()
-    with pytest.raises(ValueError, match="model_final.pth' is a training run's checkpoint.*another file name"):
+    with pytest.raises(
+        ValueError, match="model_final.pth' is a training run's checkpoint.*another file name"
+    ):
         export_student(run, run)
     # a run's model alone (DetectionCheckpointer without the optimizer) is one too
     DetectionCheckpointer(kd, str(tmp_path)).save("model_only")
@@ -150,6 +162,7 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     DetectionCheckpointer(kd.student, str(tmp_path), optimizer=opt).save("baseline", iteration=9)
     with pytest.raises(ValueError, match="training run's checkpoint"):
         export_student(run, str(tmp_path / "baseline.pth"))
+
     # a plain detector trained by DefaultTrainer / KDTrainer (a teacher's, a baseline's): its
     # optimizer is under "trainer", beside "iteration"; save_student refuses it too
     class _Trainer:
@@ -159,13 +172,24 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
         def load_state_dict(self, state):
             pass
 
-    DetectionCheckpointer(kd.student, str(tmp_path), trainer=_Trainer()).save("teacher_run", iteration=9)
+    DetectionCheckpointer(kd.student, str(tmp_path), trainer=_Trainer()).save(
+        "teacher_run", iteration=9
+    )
     teacher_run = (tmp_path / "teacher_run.pth").read_bytes()
-    assert set(torch.load(tmp_path / "teacher_run.pth", weights_only=False)) == {"model", "trainer", "iteration"}
-    with pytest.raises(ValueError, match=r"teacher_run\.pth' is a training run's checkpoint or other weights "
-                                         r"\(keys \['iteration', 'trainer'\]\).*another file name"):
+    assert set(torch.load(tmp_path / "teacher_run.pth", weights_only=False)) == {
+        "model",
+        "trainer",
+        "iteration",
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"teacher_run\.pth' is a training run's checkpoint or other weights "
+        r"\(keys \['iteration', 'trainer'\]\).*another file name",
+    ):
         export_student(run, str(tmp_path / "teacher_run.pth"))
-    with pytest.raises(ValueError, match=r"save_student: .*teacher_run\.pth' is a training run's checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"save_student: .*teacher_run\.pth' is a training run's checkpoint"
+    ):
         kd.export_student(str(tmp_path / "teacher_run.pth"))
     # a raw state dict (torch.save(model.state_dict())) is weights of another model: kept too
     torch.save(kd.student.state_dict(), tmp_path / "raw.pth")
@@ -176,26 +200,39 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     # a folder: a clear error, and no hidden temporary file left in it
     (tmp_path / "exports").mkdir()
     for folder in (str(tmp_path / "exports"), str(tmp_path / "exports") + "/"):
-        with pytest.raises(ValueError, match=r"is a folder; give the file name in it \(e\.g\. "
-                                             r"'.*exports/model_final_student\.pth'\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"is a folder; give the file name in it \(e\.g\. "
+            r"'.*exports/model_final_student\.pth'\)",
+        ):
             export_student(run, folder)
     assert not list((tmp_path / "exports").iterdir())
     # an older export is replaced
     out = str(tmp_path / "student.pth")
     torch.save({"model": {"old": torch.zeros(1)}, "__author__": "DetKD"}, out)
     state = export_student(run, out)
-    assert torch.load(out, weights_only=False)["model"].keys() == state.keys() == kd.student.state_dict().keys()
+    assert (
+        torch.load(out, weights_only=False)["model"].keys()
+        == state.keys()
+        == kd.student.state_dict().keys()
+    )
     # weights DetKD did not write (only "model" and "__author__", as a student export): the
     # teacher's model-zoo .pkl, a stock DetectionCheckpointer.save file; and a backbone export
     _write_zoo_pkl(kd.teacher, tmp_path / "model_final_zoo.pkl")
     DetectionCheckpointer(kd.student, str(tmp_path)).save("stock")
     export_backbone(run, str(tmp_path / "backbone.pkl"))
-    for name, author in (("model_final_zoo.pkl", "Detectron2 Model Zoo"), ("stock.pth", None),
-                         ("backbone.pkl", "DetKD export_backbone")):
+    for name, author in (
+        ("model_final_zoo.pkl", "Detectron2 Model Zoo"),
+        ("stock.pth", None),
+        ("backbone.pkl", "DetKD export_backbone"),
+    ):
         kept = (tmp_path / name).read_bytes()
-        with pytest.raises(ValueError, match=rf"{name}' is a training run's checkpoint or other weights "
-                                             rf"\(weights export_student did not write: __author__ "
-                                             rf"{author!r}\).*another file name"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}' is a training run's checkpoint or other weights "
+            rf"\(weights export_student did not write: __author__ "
+            rf"{author!r}\).*another file name",
+        ):
             export_student(run, str(tmp_path / name))
         with pytest.raises(ValueError, match=rf"save_student: .*{name}' is .*other weights"):
             kd.export_student(str(tmp_path / name))
@@ -205,7 +242,9 @@ def test_export_never_replaces_a_run_checkpoint(tmp_path):
     export_student(run, str(tmp_path / "student.pkl"))
     for name in ("model_final_zoo.pkl", "student.pkl"):
         kept = (tmp_path / name).read_bytes()
-        with pytest.raises(ValueError, match=rf"export_backbone: .*{name}' is .*other weights.*backbone\.pkl"):
+        with pytest.raises(
+            ValueError, match=rf"export_backbone: .*{name}' is .*other weights.*backbone\.pkl"
+        ):
             export_backbone(run, str(tmp_path / name))
         assert (tmp_path / name).read_bytes() == kept
 
@@ -307,8 +346,11 @@ def test_teacher_checkpoint_of_a_larger_architecture_is_an_error(tmp_path):
     deeper = tiny_retinanet_cfg(width=32, fpn=128)
     deeper.backbone.bottom_up.stages.depth = 34
     torch.save({"model": instantiate(deeper).state_dict()}, tmp_path / "deep.pth")
-    with pytest.raises(TeacherCheckpointError, match=r"has 80 weights that model.teacher has no place "
-                       r"for: \['backbone\.bottom_up\.res2\.2\.conv1\.weight'.*stages\.depth=101"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"has 80 weights that model.teacher has no place "
+        r"for: \['backbone\.bottom_up\.res2\.2\.conv1\.weight'.*stages\.depth=101",
+    ):
         load_teacher(_kd().teacher, str(tmp_path / "deep.pth"))
     # the same file in the model zoo's .pkl format
     _write_zoo_pkl(instantiate(deeper), tmp_path / "deep.pkl")
@@ -318,7 +360,9 @@ def test_teacher_checkpoint_of_a_larger_architecture_is_an_error(tmp_path):
     wider_head = tiny_retinanet_cfg(width=32, fpn=128)
     wider_head.head.conv_dims = [128, 128, 128]
     torch.save({"model": instantiate(wider_head).state_dict()}, tmp_path / "head.pth")
-    with pytest.raises(TeacherCheckpointError, match=r"has 4 weights.*'head\.cls_subnet\.4\.weight'"):
+    with pytest.raises(
+        TeacherCheckpointError, match=r"has 4 weights.*'head\.cls_subnet\.4\.weight'"
+    ):
         load_teacher(_kd().teacher, str(tmp_path / "head.pth"))
     # Parts the teacher does not have at all (e.g. the mask head of a Mask R-CNN checkpoint for a
     # Faster R-CNN teacher) and old top-level buffers are ignored: the teacher loads exactly.
@@ -352,8 +396,11 @@ def test_strict_student_load_for_evaluation(tmp_path):
     # the teacher's weights (another width) or another class count: an error, not an
     # evaluation of a half-random student
     torch.save({"model": kd.teacher.state_dict()}, tmp_path / "teacher.pth")
-    with pytest.raises(CheckpointMismatchError, match=r"teacher\.pth' does not fit the model of this config "
-                       r"\(shape mismatch: backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) vs model \(64, 32, 1, 1\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"teacher\.pth' does not fit the model of this config "
+        r"\(shape mismatch: backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) vs model \(64, 32, 1, 1\)",
+    ):
         load_student(_kd().student, str(tmp_path / "teacher.pth"), strict=True)
     five = instantiate(tiny_retinanet_cfg(num_classes=5))
     with pytest.raises(CheckpointMismatchError, match="head.cls_score.weight.*num_classes") as e:
@@ -362,7 +409,9 @@ def test_strict_student_load_for_evaluation(tmp_path):
     # backbone only: parameters are named as missing
     state = {k: v for k, v in kd.student.state_dict().items() if k.startswith("backbone.")}
     torch.save({"model": state}, tmp_path / "backbone.pth")
-    with pytest.raises(CheckpointMismatchError, match=r"12 model parameters are not in the file: \['head\."):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"12 model parameters are not in the file: \['head\."
+    ):
         load_student(_kd().student, str(tmp_path / "backbone.pth"), strict=True)
     load_student(_kd().student, str(tmp_path / "backbone.pth"))  # train.init_checkpoint: allowed
 
@@ -380,21 +429,30 @@ def test_a_distillation_run_checkpoint_as_teacher(tmp_path):
     assert _same_weights(narrow, kd.student)
     # the file meant as "that run's teacher": the error says that the student was loaded and
     # that the run's teacher is not in it (it only spoke of num_classes / the architecture)
-    with pytest.raises(TeacherCheckpointError, match=r"shape mismatch: .*The file is a distillation run's "
-                       r"checkpoint: its student \('student\.\*' weights\) was loaded as the teacher\. A DetKD "
-                       r"run's checkpoints do not hold its teacher: set train\.teacher_checkpoint to the "
-                       r"teacher's own weights"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"shape mismatch: .*The file is a distillation run's "
+        r"checkpoint: its student \('student\.\*' weights\) was loaded as the teacher\. A DetKD "
+        r"run's checkpoints do not hold its teacher: set train\.teacher_checkpoint to the "
+        r"teacher's own weights",
+    ):
         load_teacher(_kd().teacher, run)
     # another framework's checkpoint with student.* and teacher.* weights: its teacher.* part was
     # silently ignored, and its student loaded into a teacher of that architecture
     state = dict(torch.load(run, weights_only=False)["model"])
     state.update({"teacher." + k: v for k, v in kd.teacher.state_dict().items()})
     torch.save({"model": state}, tmp_path / "both.pth")
-    with pytest.raises(TeacherCheckpointError, match=r"shape mismatch: .*Its 'teacher\.\*' weights \(not a DetKD "
-                       r"checkpoint: DetKD never saves the teacher\) are not read: write them to a checkpoint"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"shape mismatch: .*Its 'teacher\.\*' weights \(not a DetKD "
+        r"checkpoint: DetKD never saves the teacher\) are not read: write them to a checkpoint",
+    ):
         load_teacher(_kd().teacher, str(tmp_path / "both.pth"))
-    with pytest.raises(TeacherCheckpointError, match=r"has both 'student\.\*' and 'teacher\.\*' weights .* "
-                       r"which of the two is meant is ambiguous"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"has both 'student\.\*' and 'teacher\.\*' weights .* "
+        r"which of the two is meant is ambiguous",
+    ):
         load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "both.pth"))
 
 
@@ -432,9 +490,9 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
     out of the URL (os.path.abspath('kdtest://run/x.pth') is a local path)."""
     import shutil
 
+    from detectron2.utils.file_io import PathManager
     from iopath.common.file_io import PathHandler
 
-    from detectron2.utils.file_io import PathManager
     from detkd.engine import _RunCheckpointer
 
     store = tmp_path / "store"
@@ -447,7 +505,7 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
             return [self.PREFIX]
 
         def _local(self, path):
-            return os.path.join(store, path[len(self.PREFIX):])
+            return os.path.join(store, path[len(self.PREFIX) :])
 
         def _open(self, path, mode="r", buffering=-1, **kwargs):
             return open(self._local(path), mode)
@@ -479,17 +537,28 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
             model.weight.fill_(i)
         ckpt.save("model_final", iteration=i)
         saved = torch.load(store / "run" / "model_final.pth", weights_only=False)
-        assert saved["iteration"] == i and torch.equal(saved["model"]["weight"], torch.full((3, 2), float(i)))
+        assert saved["iteration"] == i and torch.equal(
+            saved["model"]["weight"], torch.full((3, 2), float(i))
+        )
     assert (store / "run" / "last_checkpoint").read_text() == "model_final.pth"
     save_student(model, NoRename.PREFIX + "run/model_final_student.pth")
     exported = torch.load(store / "run" / "model_final_student.pth", weights_only=False)["model"]
     assert torch.equal(exported["weight"], torch.ones(3, 2))
-    assert sorted(os.listdir(store / "run")) == ["last_checkpoint", "model_final.pth", "model_final_student.pth"]
+    assert sorted(os.listdir(store / "run")) == [
+        "last_checkpoint",
+        "model_final.pth",
+        "model_final_student.pth",
+    ]
     assert os.listdir(cwd) == []
 
 
-@pytest.mark.parametrize("config", ["configs/PKD/retinanet_R18_from_mask_rcnn_R101_2x.py",
-                                    "configs/ReviewKD/faster_rcnn_R18_from_faster_rcnn_R101.py"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "configs/PKD/retinanet_R18_from_mask_rcnn_R101_2x.py",
+        "configs/ReviewKD/faster_rcnn_R18_from_faster_rcnn_R101.py",
+    ],
+)
 def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(config, tmp_path):
     """The R18 configs' init: torchvision's ResNet-18 ImageNet weights converted by detectron2's
     tools/convert-torchvision-to-d2.py (random weights here, as nothing is downloaded). The
@@ -503,9 +572,14 @@ def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(con
 
     from conftest import load_config
 
-    tool = os.path.join(os.path.dirname(os.path.dirname(detectron2.__file__)), "tools",
-                        "convert-torchvision-to-d2.py")
-    if not os.path.isfile(tool):  # shipped by the wheel `make test` installs; not by a pip source install
+    tool = os.path.join(
+        os.path.dirname(os.path.dirname(detectron2.__file__)),
+        "tools",
+        "convert-torchvision-to-d2.py",
+    )
+    if not os.path.isfile(
+        tool
+    ):  # shipped by the wheel `make test` installs; not by a pip source install
         pytest.skip(f"this detectron2 installation has no {tool}")
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None).eval()
@@ -515,8 +589,11 @@ def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(con
             m.running_var.uniform_(0.5, 2.0)
             m.bias.data.uniform_(-0.5, 0.5)
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
-    subprocess.run([sys.executable, tool, str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, tool, str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl")],
+        check=True,
+        capture_output=True,
+    )
 
     cfg = load_config(config)
     assert os.path.basename(cfg.train.init_checkpoint) == "R-18.pkl"
@@ -524,7 +601,9 @@ def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(con
     load_student(student, str(tmp_path / "R-18.pkl"))
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
-        expected = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+        expected = tv.layer4(
+            tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
+        )
         got = student.backbone.bottom_up(x)["res5"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -547,15 +626,18 @@ def test_teacher_checkpoint_of_a_smaller_or_maskless_detector_names_the_fix(tmp_
         load_teacher(instantiate(deep), str(tmp_path / "shallow.pkl"))
     msg = str(e.value)
     assert "leaves 40 teacher parameters unloaded" in msg, msg
-    assert ("fills only part of these containers (backbone.bottom_up.res2: 1 of its 2, backbone.bottom_up.res3: "
-            "1 of its 2, backbone.bottom_up.res4: 1 of its 2, backbone.bottom_up.res5: 1 of its 2)") in msg, msg
+    assert (
+        "fills only part of these containers (backbone.bottom_up.res2: 1 of its 2, backbone.bottom_up.res3: "
+        "1 of its 2, backbone.bottom_up.res4: 1 of its 2, backbone.bottom_up.res5: 1 of its 2)"
+    ) in msg, msg
     assert "smaller architecture" in msg and "stages.depth=50 for an R50 checkpoint" in msg
     assert "has nothing of" not in msg
 
     mask = tiny_faster_rcnn_cfg()
     zoo = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model.roi_heads
-    mask.roi_heads.update(mask_in_features=zoo.mask_in_features, mask_pooler=zoo.mask_pooler,
-                          mask_head=zoo.mask_head)
+    mask.roi_heads.update(
+        mask_in_features=zoo.mask_in_features, mask_pooler=zoo.mask_pooler, mask_head=zoo.mask_head
+    )
     mask.roi_heads.mask_head.input_shape = ShapeSpec(channels=64, width=14, height=14)
     mask.roi_heads.mask_head.conv_dims = [16, 16]
     _write_zoo_pkl(instantiate(tiny_faster_rcnn_cfg()), tmp_path / "faster.pkl")
@@ -578,7 +660,9 @@ def test_an_init_checkpoint_of_which_nothing_fits_the_student_is_an_error(tmp_pa
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     student = instantiate(tiny_retinanet_cfg())
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"
+    ):
         load_student(student, str(tmp_path / "r18.pth"))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     # the same for a student with FrozenBN (detectron2's ImageNet-initialised R-50s), whose
@@ -609,19 +693,28 @@ def test_a_wider_teachers_checkpoint_as_init_checkpoint_is_an_error(tmp_path):
     torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
     student = instantiate(tiny_retinanet_cfg())
     own = student.state_dict()
-    fitting = sorted(k for k, v in teacher.state_dict().items() if k in own and v.shape == own[k].shape
-                     and not k.endswith("num_batches_tracked"))
+    fitting = sorted(
+        k
+        for k, v in teacher.state_dict().items()
+        if k in own and v.shape == own[k].shape and not k.endswith("num_batches_tracked")
+    )
     assert fitting == ["head.bbox_pred.bias", "head.cls_score.bias"]  # the case tested
     before = {k: v.clone() for k, v in own.items()}
-    with pytest.raises(CheckpointMismatchError, match=(
-        r"train\.init_checkpoint '.*teacher\.pth' holds none of the student's weights: only 2 of its "
-        r"tensors fit the student's, biases or norms \(head\.bbox_pred\.bias, head\.cls_score\.bias\), "
-        r"none of its convolution or linear weights \(e\.g\. backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
-        r"vs student \(64, 32, 1, 1\);.*a teacher's checkpoint \(another width or depth\) does not initialise")):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=(
+            r"train\.init_checkpoint '.*teacher\.pth' holds none of the student's weights: only 2 of its "
+            r"tensors fit the student's, biases or norms \(head\.bbox_pred\.bias, head\.cls_score\.bias\), "
+            r"none of its convolution or linear weights \(e\.g\. backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
+            r"vs student \(64, 32, 1, 1\);.*a teacher's checkpoint \(another width or depth\) does not initialise"
+        ),
+    ):
         load_student(student, str(tmp_path / "teacher.pth"))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # checked first
     # named by what the file is, where it is not train.init_checkpoint
-    with pytest.raises(CheckpointMismatchError, match=r"^the last checkpoint of 'x' '.*teacher\.pth' holds none"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"^the last checkpoint of 'x' '.*teacher\.pth' holds none"
+    ):
         load_student(student, str(tmp_path / "teacher.pth"), key="the last checkpoint of 'x'")
     target = own["head.cls_score.weight"].clone() + 1
     one_conv = dict(teacher.state_dict(), **{"head.cls_score.weight": target})
@@ -638,14 +731,22 @@ def test_an_unloadable_init_checkpoint_names_the_key_and_the_fix(tmp_path):
     from detkd.checkpoint import CheckpointMismatchError
 
     student = instantiate(tiny_retinanet_cfg())
-    with pytest.raises(CheckpointMismatchError, match=r"Cannot load train\.init_checkpoint '.*R-18\.pkl' "
-                                                      r"\(AssertionError: .*not found.*\); check that the file exists"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"Cannot load train\.init_checkpoint '.*R-18\.pkl' "
+        r"\(AssertionError: .*not found.*\); check that the file exists",
+    ):
         load_student(student, str(tmp_path / "R-18.pkl"))
     # a URL that cannot be fetched (a closed local port: no network needed)
-    with pytest.raises(CheckpointMismatchError, match=r"could not be downloaded \(no network\?\).*set "
-                                                      r"train\.init_checkpoint to the local file"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"could not be downloaded \(no network\?\).*set "
+        r"train\.init_checkpoint to the local file",
+    ):
         load_student(student, "http://127.0.0.1:9/R-50.pkl")
-    with pytest.raises(TeacherCheckpointError, match=r"could not be downloaded .*set train\.teacher_checkpoint"):
+    with pytest.raises(
+        TeacherCheckpointError, match=r"could not be downloaded .*set train\.teacher_checkpoint"
+    ):
         load_teacher(instantiate(tiny_retinanet_cfg()), "http://127.0.0.1:9/R-101.pkl")
 
 
@@ -659,9 +760,14 @@ def test_an_unloadable_checkpoint_to_evaluate_does_not_suggest_an_empty_one(tmp_
     missing = str(tmp_path / "model_final.pth")
     with pytest.raises(CheckpointMismatchError) as e:
         load_student(student, missing, strict=True)
-    assert "Cannot load train.init_checkpoint" in str(e.value) and "random weights" not in str(e.value)
+    assert "Cannot load train.init_checkpoint" in str(e.value) and "random weights" not in str(
+        e.value
+    )
     assert str(e.value).endswith(".pkl/.pth checkpoint.")
-    with pytest.raises(CheckpointMismatchError, match=r"an empty train\.init_checkpoint starts the student from random"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"an empty train\.init_checkpoint starts the student from random",
+    ):
         load_student(student, missing)
     with pytest.raises(CheckpointMismatchError, match="there are no weights to evaluate"):
         load_student(student, "", strict=True)  # what the suggestion led to
@@ -677,7 +783,11 @@ def _caffe2_name(key):
     if m:
         path, p = m.groups()
         if path.startswith("stem.conv1"):
-            return "res_conv1_bn_" + {"w": "s"}.get(suffix[p], suffix[p]) if "norm" in path else "conv1_w"
+            return (
+                "res_conv1_bn_" + {"w": "s"}.get(suffix[p], suffix[p])
+                if "norm" in path
+                else "conv1_w"
+            )
         stage, block, conv = re.fullmatch(r"(res\d)\.(\d+)\.(\w+?)(?:\.norm)?", path).groups()
         branch = {"conv1": "branch2a", "conv2": "branch2b", "shortcut": "branch1"}[conv]
         if path.endswith(".norm"):
@@ -686,11 +796,16 @@ def _caffe2_name(key):
     m = re.fullmatch(r"backbone\.fpn_(lateral|output)(\d)\.(weight|bias)", key)
     if m:
         kind, s, p = m.groups()
-        return (f"fpn_inner_res{s}_0_sum_lateral_" if kind == "lateral" else f"fpn_res{s}_0_sum_") + suffix[p]
+        return (
+            f"fpn_inner_res{s}_0_sum_lateral_" if kind == "lateral" else f"fpn_res{s}_0_sum_"
+        ) + suffix[p]
     m = re.fullmatch(r"proposal_generator\.rpn_head\.(\w+)\.(weight|bias)", key)
     if m:
-        name = {"conv": "conv_rpn_fpn2", "objectness_logits": "rpn_cls_logits_fpn2",
-                "anchor_deltas": "rpn_bbox_pred_fpn2"}[m.group(1)]
+        name = {
+            "conv": "conv_rpn_fpn2",
+            "objectness_logits": "rpn_cls_logits_fpn2",
+            "anchor_deltas": "rpn_bbox_pred_fpn2",
+        }[m.group(1)]
         return f"{name}_{suffix[m.group(2)]}"
     m = re.fullmatch(r"roi_heads\.box_head\.fc(\d)\.(weight|bias)", key)
     if m:
@@ -741,8 +856,11 @@ def test_teacher_from_a_caffe2_pkl_is_exact_and_a_deeper_backbones_is_an_error(t
     assert _same_weights(teacher, source)
 
     _write_caffe2_pkl(_tiny_rcnn(depth=18), tmp_path / "r18.pkl")
-    with pytest.raises(TeacherCheckpointError, match=r"has 40 weights that model.teacher has no place "
-                       r"for: \['res2\.1\.conv1\.norm\.bias'.*larger architecture"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"has 40 weights that model.teacher has no place "
+        r"for: \['res2\.1\.conv1\.norm\.bias'.*larger architecture",
+    ):
         load_teacher(_tiny_rcnn(), str(tmp_path / "r18.pkl"))
 
 
@@ -754,8 +872,10 @@ def test_a_caffe2_teacher_pkl_of_another_class_count_is_a_shape_mismatch(tmp_pat
     with pytest.raises(TeacherCheckpointError) as e:
         load_teacher(_tiny_rcnn(), str(tmp_path / "coco.pkl"))
     msg = str(e.value)
-    assert ("shape mismatch: roi_heads.box_predictor.cls_score.weight: file (81, 64) vs model (4, 64)"
-            in msg), msg
+    assert (
+        "shape mismatch: roi_heads.box_predictor.cls_score.weight: file (81, 64) vs model (4, 64)"
+        in msg
+    ), msg
     assert "class-count mismatch" in msg and "MODEL.ROI_HEADS.NUM_CLASSES" in msg
     assert "has nothing of" not in msg and "unloaded" not in msg
 
@@ -794,8 +914,10 @@ def test_strict_student_load_refuses_the_checkpoint_of_a_larger_architecture(tmp
     cfg.head.conv_dims = [64, 64, 64]
     larger = instantiate(cfg)
     torch.save({"model": larger.state_dict()}, tmp_path / "larger.pth")
-    match = (r"does not fit the model of this config \(4 keys of the file are not in the model: "
-             r"\['head\.cls_subnet\.4\.weight'")
+    match = (
+        r"does not fit the model of this config \(4 keys of the file are not in the model: "
+        r"\['head\.cls_subnet\.4\.weight'"
+    )
     with pytest.raises(CheckpointMismatchError, match=match):
         load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "larger.pth"), strict=True)
     student = instantiate(tiny_retinanet_cfg())
@@ -838,12 +960,17 @@ def test_teacher_checkpoint_with_deformable_convs_is_an_error_and_bn_counters_ar
     for stage in ("res3", "res4", "res5"):
         for block in (0, 1):
             if f"backbone.bottom_up.{stage}.{block}.conv2.weight" in state:
-                offsets[f"backbone.bottom_up.{stage}.{block}.conv2_offset.weight"] = torch.zeros(18, 4, 3, 3)
+                offsets[f"backbone.bottom_up.{stage}.{block}.conv2_offset.weight"] = torch.zeros(
+                    18, 4, 3, 3
+                )
     assert offsets
     torch.save({"model": {**state, **offsets}}, tmp_path / "dcn.pth")
-    with pytest.raises(TeacherCheckpointError, match=rf"has {len(offsets)} weights that model.teacher has no "
-                       r"place for: \['backbone\.bottom_up\.res3\.0\.conv2_offset\.weight'.*"
-                       r"deformable convolutions.*deform_on_per_stage"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=rf"has {len(offsets)} weights that model.teacher has no "
+        r"place for: \['backbone\.bottom_up\.res3\.0\.conv2_offset\.weight'.*"
+        r"deformable convolutions.*deform_on_per_stage",
+    ):
         load_teacher(_kd().teacher, str(tmp_path / "dcn.pth"))
 
     # the tiny models use BN: the file is BN-trained, the teacher FrozenBN
@@ -891,8 +1018,11 @@ def test_run_checkpointer_refuses_a_nan_buffer_and_strictly_a_file_with_extra_ke
     ckpt.save("model_0000000", iteration=0)
     with torch.no_grad():
         model[1].running_mean[1] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"Checkpoint 'model_0000001' not written: .* 1 weights are NaN "
-                                                 r"or inf \(\['1\.running_mean'\]\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Checkpoint 'model_0000001' not written: .* 1 weights are NaN "
+        r"or inf \(\['1\.running_mean'\]\)",
+    ):
         ckpt.save("model_0000001", iteration=1)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
     extra = torch.load(tmp_path / "model_0000000.pth", weights_only=False)
@@ -901,7 +1031,9 @@ def test_run_checkpointer_refuses_a_nan_buffer_and_strictly_a_file_with_extra_ke
     ckpt.strict = True
     with pytest.raises(CheckpointMismatchError, match=r"2\.weight"):
         ckpt.resume_or_load("", resume=True)
-    _RunCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)  # not strict: logged only
+    _RunCheckpointer(model, str(tmp_path)).resume_or_load(
+        "", resume=True
+    )  # not strict: logged only
 
 
 def test_resume_accepts_a_run_checkpoint_without_the_wrappers_extra_state(tmp_path):
@@ -934,6 +1066,7 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
     backbone.* (res5, which the DETR on res4 lacks, is left out); a run checkpoint gives its
     student's backbone; a wrong prefix or a non-.pkl output is a clear error."""
     from detkd import export_backbone
+
     from conftest import load_config
 
     source = instantiate(tiny_retinanet_cfg())
@@ -944,7 +1077,9 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
     expected = source.backbone.bottom_up.state_dict()
     torch.save({"model": source.state_dict()}, tmp_path / "retinanet.pth")
     written = export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pkl"))
-    assert set(written) == set(expected) and all(np.array_equal(written[k], expected[k].numpy()) for k in expected)
+    assert set(written) == set(expected) and all(
+        np.array_equal(written[k], expected[k].numpy()) for k in expected
+    )
 
     detr_cfg = load_config("configs/common/models/tiny_detr.py").model  # width 16, on res4
     loaders = (
@@ -954,28 +1089,48 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
     for load in loaders:
         torch.manual_seed(0)
         detr = instantiate(detr_cfg)
-        others = {k: v.clone() for k, v in detr.state_dict().items() if not k.startswith("backbone.")}
+        others = {
+            k: v.clone() for k, v in detr.state_dict().items() if not k.startswith("backbone.")
+        }
         load(detr)
         got = detr.backbone.state_dict()
-        assert got.keys() <= expected.keys() and {k.split(".")[0] for k in got} == {"stem", "res2", "res3", "res4"}
+        assert got.keys() <= expected.keys() and {k.split(".")[0] for k in got} == {
+            "stem",
+            "res2",
+            "res3",
+            "res4",
+        }
         for k, v in got.items():
             assert torch.equal(v, expected[k]), k
-        assert all(torch.equal(detr.state_dict()[k], v) for k, v in others.items())  # only the backbone
+        assert all(
+            torch.equal(detr.state_dict()[k], v) for k, v in others.items()
+        )  # only the backbone
 
     kd = _kd()  # a DetKD run checkpoint: its student's backbone (the teacher's is wider)
     torch.save({"model": kd.state_dict(), "iteration": 3}, tmp_path / "run.pth")
     written = export_backbone(str(tmp_path / "run.pth"), str(tmp_path / "student_backbone.pkl"))
     student = kd.student.backbone.bottom_up.state_dict()
-    assert set(written) == set(student) and all(np.array_equal(written[k], student[k].numpy()) for k in student)
+    assert set(written) == set(student) and all(
+        np.array_equal(written[k], student[k].numpy()) for k in student
+    )
 
     torch.save({"model": detr.state_dict()}, tmp_path / "detr.pth")
-    with pytest.raises(ValueError, match=r"no weights under 'backbone\.bottom_up\.'.*'backbone\.' for a DETR"):
+    with pytest.raises(
+        ValueError, match=r"no weights under 'backbone\.bottom_up\.'.*'backbone\.' for a DETR"
+    ):
         export_backbone(str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"))
-    assert set(export_backbone(str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"), prefix="backbone.")) == set(got)
+    assert set(
+        export_backbone(
+            str(tmp_path / "detr.pth"), str(tmp_path / "detr_backbone.pkl"), prefix="backbone."
+        )
+    ) == set(got)
     with pytest.raises(ValueError, match=r"write a \.pkl"):
         export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pth"))
     # a checkpoint stored in bfloat16 (numpy has no such dtype): its values, as float32
-    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    half = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in source.state_dict().items()
+    }
     written = export_backbone({"model": half}, str(tmp_path / "bf16.pkl"))
     key = "res2.0.conv1.weight"
     assert written[key].dtype == np.float32
@@ -993,13 +1148,20 @@ def test_a_pretrained_backbone_as_teacher_or_evaluated_student_is_named_as_such(
     source = instantiate(tiny_retinanet_cfg())
     torch.save({"model": source.state_dict()}, tmp_path / "retinanet.pth")
     export_backbone(str(tmp_path / "retinanet.pth"), str(tmp_path / "backbone.pkl"))
-    with pytest.raises(TeacherCheckpointError, match=r"pretrained backbone.*not a trained detector.*model_final") as e:
+    with pytest.raises(
+        TeacherCheckpointError, match=r"pretrained backbone.*not a trained detector.*model_final"
+    ) as e:
         load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))
     assert "Faster R-CNN file" not in str(e.value)
-    with pytest.raises(CheckpointMismatchError, match=r"pretrained backbone.*Set train.init_checkpoint to the trained") as e:
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"pretrained backbone.*Set train.init_checkpoint to the trained",
+    ) as e:
         load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"), strict=True)
     assert "with the config it was trained with" not in str(e.value)
-    load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))  # training: fine
+    load_student(
+        instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl")
+    )  # training: fine
 
 
 def _share_buffers_worker(rank, init_file, out_dir):
@@ -1011,13 +1173,17 @@ def _share_buffers_worker(rank, init_file, out_dir):
     try:
         kd = _kd()
         bn = [m for m in kd.student.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-        bn.running_mean.fill_(float(rank + 1))  # each process's own statistics, as after DDP training
+        bn.running_mean.fill_(
+            float(rank + 1)
+        )  # each process's own statistics, as after DDP training
         bn.num_batches_tracked.fill_(10 * (rank + 1))
         with torch.no_grad():
             bn.weight.fill_(float(rank + 1))  # parameters are DDP's business: not touched
         share_student_buffers(kd)
-        torch.save({"mean": bn.running_mean, "n": bn.num_batches_tracked, "w": bn.weight.detach()},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"mean": bn.running_mean, "n": bn.num_batches_tracked, "w": bn.weight.detach()},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

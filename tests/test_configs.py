@@ -1,13 +1,13 @@
 """Every config under configs/ loads, has the five names, and its model instantiates on CPU."""
+
 import glob
 import os
 
-import pytest
 import torch
-
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
 
+import pytest
 from conftest import REPO
 
 CONFIGS = sorted(
@@ -32,8 +32,10 @@ def test_config_instantiates(path):
     assert sum(p.numel() for p in model.parameters()) > 0
     if hasattr(model, "teacher"):
         assert all(not p.requires_grad for p in model.teacher.parameters())
-        assert cfg.train.teacher_checkpoint or cfg.train.get("teacher_random_init", False) or (
-            "demo" in path
+        assert (
+            cfg.train.teacher_checkpoint
+            or cfg.train.get("teacher_random_init", False)
+            or ("demo" in path)
         ), f"{path}: a distillation config without train.teacher_checkpoint"
 
 
@@ -47,7 +49,9 @@ def test_teacher_urls_are_the_model_zoo_checkpoints():
     }
     for key, url in coco_kd.TEACHERS.items():
         expected = model_zoo.get_checkpoint_url(zoo[key])
-        assert url.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == expected
+        assert (
+            url.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/") == expected
+        )
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -71,8 +75,12 @@ def test_every_trainable_parameter_gets_a_gradient(path):
     assert not unused, f"{path}: parameters without a gradient: {unused}"
 
 
-DEMO_KD = [p for p in CONFIGS if os.sep + "demo" + os.sep in p
-           and not os.path.basename(p).startswith(("teacher_", "student_"))]
+DEMO_KD = [
+    p
+    for p in CONFIGS
+    if os.sep + "demo" + os.sep in p
+    and not os.path.basename(p).startswith(("teacher_", "student_"))
+]
 
 
 @pytest.mark.parametrize("path", DEMO_KD)
@@ -94,7 +102,7 @@ def _zoo_yaml(url):
     """detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl ->
     COCO-Detection/retinanet_R_101_FPN_3x.yaml (the config its weights were trained with)."""
     assert url.startswith("detectron2://"), url
-    folder, name = url[len("detectron2://"):].split("/")[:2]
+    folder, name = url[len("detectron2://") :].split("/")[:2]
     return f"{folder}/{name}.yaml"
 
 
@@ -129,7 +137,10 @@ def test_teachers_have_the_architecture_of_their_model_zoo_weights():
         assert shapes == ref_shapes, path
         t = cfg.model.teacher
         assert [list(t.pixel_mean), list(t.pixel_std), t.input_format] == [
-            list(zoo.MODEL.PIXEL_MEAN), list(zoo.MODEL.PIXEL_STD), zoo.INPUT.FORMAT], path
+            list(zoo.MODEL.PIXEL_MEAN),
+            list(zoo.MODEL.PIXEL_STD),
+            zoo.INPUT.FORMAT,
+        ], path
         assert t.backbone.bottom_up.stages.stride_in_1x1 == zoo.MODEL.RESNETS.STRIDE_IN_1X1, path
         # what the teacher is fed: the loader's images, flipped by DistillationDetector only when
         # the student's format (model.student_input_format for FCOS, which declares none) is
@@ -183,8 +194,15 @@ def test_students_take_the_input_of_their_imagenet_weights(path):
         assert resnet.stages.stride_in_1x1 == (fmt == "BGR"), path
 
 
-KD = [p for p in CONFIGS if "from" in os.path.basename(p) or (
-    os.sep + "demo" + os.sep in p and not os.path.basename(p).startswith(("teacher_", "student_")))]
+KD = [
+    p
+    for p in CONFIGS
+    if "from" in os.path.basename(p)
+    or (
+        os.sep + "demo" + os.sep in p
+        and not os.path.basename(p).startswith(("teacher_", "student_"))
+    )
+]
 
 
 @pytest.mark.parametrize("path", KD)
@@ -212,7 +230,7 @@ def test_trained_teachers_come_from_a_config_with_the_same_model(path):
     cfg = LazyConfig.load(os.path.join(REPO, path))
     folder, name = os.path.split(cfg.train.teacher_checkpoint)
     assert name == "model_final.pth" and folder.startswith("output/"), cfg.train.teacher_checkpoint
-    source = LazyConfig.load(os.path.join(REPO, "configs", folder[len("output/"):] + ".py"))
+    source = LazyConfig.load(os.path.join(REPO, "configs", folder[len("output/") :] + ".py"))
     assert source.train.output_dir == folder
     assert LazyConfig.to_py(source.model) == LazyConfig.to_py(cfg.model.teacher)
 
@@ -231,10 +249,17 @@ def _paper_table_rows():
 def test_readme_paper_table_rows_name_their_configs_teacher_detector_and_schedule():
     """Each row of the README's COCO table links a config that exists, whose model-zoo teacher
     (id and zoo box AP), student detector and schedule are the ones the row names."""
-    zoo_ap = {"retinanet_R_101_FPN_3x": "40.4", "faster_rcnn_R_101_FPN_3x": "42.0",
-              "mask_rcnn_R_101_FPN_3x": "42.9"}
-    detector = {"RetinaNet": "RetinaNet", "FCOS": "FCOS", "GeneralizedRCNN": "Faster R-CNN",
-                "ConditionalDETR": "Conditional DETR"}
+    zoo_ap = {
+        "retinanet_R_101_FPN_3x": "40.4",
+        "faster_rcnn_R_101_FPN_3x": "42.0",
+        "mask_rcnn_R_101_FPN_3x": "42.9",
+    }
+    detector = {
+        "RetinaNet": "RetinaNet",
+        "FCOS": "FCOS",
+        "GeneralizedRCNN": "Faster R-CNN",
+        "ConditionalDETR": "Conditional DETR",
+    }
     rows = _paper_table_rows()
     assert len(rows) >= 10
     for path, cols in rows:
@@ -268,14 +293,38 @@ def test_paper_configs_carry_the_methods_hyperparameters():
     weights 1, MixMatcher on (4.2-4.3), with the Conditional DETR recipe (4.1, 4.3)."""
     from detkd.losses import D3ETRDistiller, GIDDistiller, PKDDistiller, ReviewKDDistiller
 
-    gid = dict(feat_weight=5e-4, relation_weight=40.0, response_cls_weight=0.1,
-               response_reg_weight=1.0, topk=10, nms_thresh=0.3, min_size=10.0,
-               pre_nms_topk=3000, pooler_resolution=10)
-    d3etr = dict(cls_weight=1.0, l1_weight=5.0, giou_weight=2.0, sa_weight=1.0, ca_weight=1.0,
-                 match_cost_class=1.0, match_cost_bbox=5.0, match_cost_giou=2.0,
-                 fixed_matching=True, aux_gt_loss=True)
-    detr = dict(num_queries=300, loss_class_weight=2.0, loss_bbox_weight=5.0,
-                loss_giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0, aux_loss=True)
+    gid = dict(
+        feat_weight=5e-4,
+        relation_weight=40.0,
+        response_cls_weight=0.1,
+        response_reg_weight=1.0,
+        topk=10,
+        nms_thresh=0.3,
+        min_size=10.0,
+        pre_nms_topk=3000,
+        pooler_resolution=10,
+    )
+    d3etr = dict(
+        cls_weight=1.0,
+        l1_weight=5.0,
+        giou_weight=2.0,
+        sa_weight=1.0,
+        ca_weight=1.0,
+        match_cost_class=1.0,
+        match_cost_bbox=5.0,
+        match_cost_giou=2.0,
+        fixed_matching=True,
+        aux_gt_loss=True,
+    )
+    detr = dict(
+        num_queries=300,
+        loss_class_weight=2.0,
+        loss_bbox_weight=5.0,
+        loss_giou_weight=2.0,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        aux_loss=True,
+    )
     transformer = dict(d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6)
     seen = set()
     for path in PAPER:
@@ -326,6 +375,7 @@ def _tiny_coco(root, split, n, empty=0):
     import json
 
     import numpy as np
+
     from PIL import Image
 
     os.makedirs(os.path.join(root, split))
@@ -337,8 +387,16 @@ def _tiny_coco(root, split, n, empty=0):
             x, y = rng.randint(0, 50), rng.randint(0, 34)
             s, c = rng.randint(12, 28), rng.randint(1, 3)
             img[y : y + s, x : x + s] = (255, 60, 60) if c == 1 else (60, 255, 60)
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=c, bbox=[x, y, s, s],
-                             area=float(s * s), iscrowd=0))
+            anns.append(
+                dict(
+                    id=len(anns) + 1,
+                    image_id=i + 1,
+                    category_id=c,
+                    bbox=[x, y, s, s],
+                    area=float(s * s),
+                    iscrowd=0,
+                )
+            )
         Image.fromarray(img).save(os.path.join(root, split, f"{i}.png"))
         images.append(dict(id=i + 1, file_name=f"{i}.png", width=80, height=64))
     cats = [dict(id=1, name="square"), dict(id=2, name="patch")]
@@ -374,9 +432,15 @@ def test_readme_own_data_config_trains_outside_the_repository(tmp_path):
                 DatasetCatalog.remove(name)
 
     cmd = [
-        sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", "my_kd.py",
-        "train.max_iter=2", "train.teacher_checkpoint=", "train.teacher_random_init=True",
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        "my_kd.py",
+        "train.max_iter=2",
+        "train.teacher_checkpoint=",
+        "train.teacher_random_init=True",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
     ]
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects", "DetKD"))
@@ -431,7 +495,9 @@ def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
     import statistics
 
     tables, text = _demo_tables()
-    sds = [float(v) for v in re.findall(r"\| (?:DETR )?student alone \| [\d.]+ \| ([\d.]+) \|", text)]
+    sds = [
+        float(v) for v in re.findall(r"\| (?:DETR )?student alone \| [\d.]+ \| ([\d.]+) \|", text)
+    ]
     for clipped, student_sds in zip(tables[:2], (sds[:2], sds[2:4])):  # validation, held-out
         rows = [n for n in clipped if "teacher" not in n and "student alone" not in n]
         assert len(rows) == 6 - (clipped is tables[1])  # the held-out table has no bf16 row
@@ -441,7 +507,7 @@ def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
             assert sd == pytest.approx(statistics.stdev(student[1]), abs=0.011)
             for name in [n for n in rows if n.startswith("DETR") == base.startswith("DETR")]:
                 ap, deltas, dsd = clipped[name]  # a row of fewer seeds pairs with the first ones
-                base_ap = statistics.mean(student[1][:len(deltas)])
+                base_ap = statistics.mean(student[1][: len(deltas)])
                 assert ap == pytest.approx(base_ap + statistics.mean(deltas), abs=0.011), name
                 assert dsd == pytest.approx(statistics.stdev(deltas), abs=0.011), name
     clipped = tables[0]
@@ -449,7 +515,8 @@ def test_readme_clipped_demo_table_is_consistent_and_its_bf16_claim_holds():
     fp32 = clipped["student + ReviewKD (p3-p5, λ=0.1)"][1]
     stated = re.search(r"differ from the fp32 ones by (\S+) and (\S+) AP", text).groups()
     assert [float(v.replace("−", "-")) for v in stated] == pytest.approx(
-        [b - f for b, f in zip(bf16, fp32)], abs=0.006)
+        [b - f for b, f in zip(bf16, fp32)], abs=0.006
+    )
 
 
 def test_readme_demo_claims_match_its_tables():
@@ -460,8 +527,9 @@ def test_readme_demo_claims_match_its_tables():
 
     tables, text = _demo_tables()
     val, held = tables[-2:]  # the clipped version's table (2026-12-02) comes first
-    retina = [n for n in val
-              if "DETR" not in n and "teacher" not in n and "before the flip" not in n]
+    retina = [
+        n for n in val if "DETR" not in n and "teacher" not in n and "before the flip" not in n
+    ]
     sds = [t[n][2] for t in (val, held) for n in retina if n in t and t[n][2] is not None]
     stated = re.search(r"paired ΔAP sd (\d+\.\d)–(\d+\.\d) AP", text).groups()
     assert stated == (f"{min(sds):.1f}", f"{max(sds):.1f}"), (stated, sorted(sds))
@@ -474,13 +542,18 @@ def test_readme_demo_claims_match_its_tables():
     claim = re.search(
         r"moved single runs by up to (\d+) AP \(seed (\d): (\d+\.\d+) → (\d+\.\d+)", text
     ).groups()
-    expected = (str(round(moves[seed])), str(seed), f"{student[seed] + before[seed]:.2f}",
-                f"{student[seed] + after[seed]:.2f}")
+    expected = (
+        str(round(moves[seed])),
+        str(seed),
+        f"{student[seed] + before[seed]:.2f}",
+        f"{student[seed] + after[seed]:.2f}",
+    )
     assert claim == expected, (claim, expected)
 
     both = [n for n in retina if n in held]
-    swapped = {(a, b) for a in both for b in both
-               if val[a][0] > val[b][0] and held[a][0] < held[b][0]}
+    swapped = {
+        (a, b) for a in both for b in both if val[a][0] > val[b][0] and held[a][0] < held[b][0]
+    }
     a10 = "papers' weights: student + PKD (α=10)"
     a10_gid = a10 + " + GID"
     assert swapped == {(a10_gid, a10), ("student alone", a10), ("student alone", a10_gid)}
@@ -494,7 +567,7 @@ def _two_split_table(header):
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     rows = {}
-    for line in text[text.index(header):].splitlines()[2:]:
+    for line in text[text.index(header) :].splitlines()[2:]:
         if not line.startswith("|"):
             break
         cols = [c.strip() for c in line.strip("|").split("|")]
@@ -517,7 +590,9 @@ def _check_two_split_rows(student, distilled):
             deltas = _seed_values(row[seed_col])
             mean = float(re.search(r"\*\*([+\-][\d.]+)\*\*", row[seed_col]).group(1))
             assert mean == pytest.approx(statistics.mean(deltas), abs=0.006), row[0]
-            assert float(row[ap_col]) == pytest.approx(statistics.mean(base) + mean, abs=0.011), row[0]
+            assert float(row[ap_col]) == pytest.approx(
+                statistics.mean(base) + mean, abs=0.011
+            ), row[0]
             assert float(row[sd_col]) == pytest.approx(statistics.stdev(deltas), abs=0.011), row[0]
 
 
@@ -530,11 +605,16 @@ def test_readme_other_cpu_family_table_is_consistent():
 
     text, rows = _two_split_table("| run, AMD EPYC (no AMX)")
     student = rows["student alone"]
-    fp32, bf16 = rows["student + ReviewKD (p3-p5, λ=0.1)"], rows['student + ReviewKD, `abf_precision="bf16"`']
+    fp32, bf16 = (
+        rows["student + ReviewKD (p3-p5, λ=0.1)"],
+        rows['student + ReviewKD, `abf_precision="bf16"`'],
+    )
     _check_two_split_rows(student, [fp32, bf16])
     stated = re.search(r"pairs \(([^;]*) validation; ([^)]*) held-out\)", text).groups()
     diffs = [float(v.replace("−", "-")) for part in stated for v in part.split(",")]
-    expected = [b - f for col in (2, 5) for b, f in zip(_seed_values(bf16[col]), _seed_values(fp32[col]))]
+    expected = [
+        b - f for col in (2, 5) for b, f in zip(_seed_values(bf16[col]), _seed_values(fp32[col]))
+    ]
     assert diffs == pytest.approx(expected, abs=0.011)
     saving = re.search(r"step is (\d+) % shorter", text).group(1)
     assert int(saving) == round(100 * (1 - float(bf16[7]) / float(fp32[7])))
@@ -547,11 +627,21 @@ def test_readme_pretrained_backbone_detr_table_is_consistent():
     import re
 
     text, rows = _two_split_table("| run, DETRs from pretrained backbones")
-    teacher, student, d3etr = (rows[k] for k in (
-        "teacher (Conditional DETR, d=96, 2000 it)", "DETR student alone", "DETR student + D3ETR"))
+    teacher, student, d3etr = (
+        rows[k]
+        for k in (
+            "teacher (Conditional DETR, d=96, 2000 it)",
+            "DETR student alone",
+            "DETR student + D3ETR",
+        )
+    )
     _check_two_split_rows(student, [d3etr])
-    shares = re.search(r"reaches (\d+) % of the teacher's AP, the student\s+alone (\d+) %", text).groups()
-    assert [int(v) for v in shares] == [round(100 * float(r[1]) / float(teacher[1])) for r in (d3etr, student)]
+    shares = re.search(
+        r"reaches (\d+) % of the teacher's AP, the student\s+alone (\d+) %", text
+    ).groups()
+    assert [int(v) for v in shares] == [
+        round(100 * float(r[1]) / float(teacher[1])) for r in (d3etr, student)
+    ]
 
 
 def test_demo_configs_imported_as_python_modules_keep_the_student_apart():
@@ -567,6 +657,8 @@ def test_demo_configs_imported_as_python_modules_keep_the_student_apart():
         "print(r.student.backbone.out_channels, r.teacher.backbone.out_channels, "
         "d.student.transformer.d_model, d.teacher.transformer.d_model, train.output_dir)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["64", "128", "64", "96", "output/demo/d3etr_detr"]

@@ -1,17 +1,17 @@
 """Teachers and students beyond the ResNet-FPN twins: a ViTDet-style teacher (detectron2's
 SimpleFeaturePyramid), students with a Backbone of their own (level names of their own)."""
-import pytest
-import torch
-from torch import nn
 
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import Backbone, SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from detkd import DistillationDetector, GIDDistiller, PKDDistiller, ReviewKDDistiller
 
+import pytest
 from conftest import build, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
 
 
@@ -35,12 +35,21 @@ class StridedNet(Backbone):
     """A custom student backbone: stride-2 convs of ``width`` channels, levels named by stride
     (``s8``, ``s16``, ``s32``), no FPN; no size divisibility unless given."""
 
-    def __init__(self, width=8, out_features=("s8", "s16", "s32"), strides=True,
-                 size_divisibility=0):
+    def __init__(
+        self, width=8, out_features=("s8", "s16", "s32"), strides=True, size_divisibility=0
+    ):
         super().__init__()
         self.convs = nn.ModuleList(
-            Conv2d(3 if i == 0 else width, width, 3, stride=2, padding=1, bias=False,
-                   norm=get_norm("BN", width), activation=nn.ReLU())
+            Conv2d(
+                3 if i == 0 else width,
+                width,
+                3,
+                stride=2,
+                padding=1,
+                bias=False,
+                norm=get_norm("BN", width),
+                activation=nn.ReLU(),
+            )
             for i in range(5)
         )
         self._out_features = list(out_features)
@@ -72,8 +81,12 @@ def vitdet_teacher(fpn=32):
     square padding (its padding_constraints declare a size divisibility of 32)."""
     model = tiny_faster_rcnn_cfg(width=16, fpn=fpn)
     model.backbone = L(SimpleFeaturePyramid)(
-        net=L(Patchify)(dim=32), in_feature="last_feat", out_channels=fpn,
-        scale_factors=(4.0, 2.0, 1.0, 0.5), top_block=L(LastLevelMaxPool)(), norm="LN",
+        net=L(Patchify)(dim=32),
+        in_feature="last_feat",
+        out_channels=fpn,
+        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=L(LastLevelMaxPool)(),
+        norm="LN",
         square_pad=0,
     )
     return model
@@ -102,18 +115,23 @@ def test_vitdet_style_teacher_gets_inputs_padded_to_its_declared_size_divisibili
 
     def kd(**student):
         torch.manual_seed(0)
-        return build(L(DistillationDetector)(
-            student=custom_retinanet(**student), teacher=vitdet_teacher(),
-            distillers={"pkd": L(PKDDistiller)(num_levels=None)},
-        ))
+        return build(
+            L(DistillationDetector)(
+                student=custom_retinanet(**student),
+                teacher=vitdet_teacher(),
+                distillers={"pkd": L(PKDDistiller)(num_levels=None)},
+            )
+        )
 
     model = kd()
     assert model.distillers["pkd"].pairs == [("s8", "p3"), ("s16", "p4"), ("s32", "p5")]
     inputs = make_inputs(n=2, size=(100, 130))
     assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (100, 130)
     assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 160)
-    match = (r"'s8' map is \(13, 17\).*'p3'.*\(16, 20\).*student 0, teacher 32\).*"
-             r"backbone's size_divisibility property: a custom Backbone overrides it")
+    match = (
+        r"'s8' map is \(13, 17\).*'p3'.*\(16, 20\).*student 0, teacher 32\).*"
+        r"backbone's size_divisibility property: a custom Backbone overrides it"
+    )
     with EventStorage(), pytest.raises(ValueError, match=match):
         model(inputs)
     model = kd(size_divisibility=32)  # the fix the error names: equal maps, the loss trains
@@ -123,22 +141,31 @@ def test_vitdet_style_teacher_gets_inputs_padded_to_its_declared_size_divisibili
     assert torch.isfinite(losses["loss_pkd"]) and losses["loss_pkd"] > 0
 
 
-@pytest.mark.parametrize("distiller", [
-    L(PKDDistiller)(num_levels=None), L(ReviewKDDistiller)(),
-    L(GIDDistiller)(selection="location", response=False),
-])
+@pytest.mark.parametrize(
+    "distiller",
+    [
+        L(PKDDistiller)(num_levels=None),
+        L(ReviewKDDistiller)(),
+        L(GIDDistiller)(selection="location", response=False),
+    ],
+)
 def test_a_custom_backbone_without_strides_is_a_clear_error(distiller):
     """Levels are ordered and paired by stride: a Backbone whose output_shape() gives none (a
     detectron2 RetinaNet trains without them) was a bare "'<' not supported between
     'NoneType' and 'NoneType'" from sorting."""
     student = custom_retinanet(strides=False)
-    match = (r"distillers\['kd'\].*student backbone's output_shape\(\) gives no stride for "
-             r"\['s8', 's16', 's32'\].*ShapeSpec\(channels=\.\.\., stride=\.\.\.\)")
+    match = (
+        r"distillers\['kd'\].*student backbone's output_shape\(\) gives no stride for "
+        r"\['s8', 's16', 's32'\].*ShapeSpec\(channels=\.\.\., stride=\.\.\.\)"
+    )
     with pytest.raises(ValueError, match=match):
-        build(L(DistillationDetector)(
-            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32),
-            distillers={"kd": distiller},
-        ))
+        build(
+            L(DistillationDetector)(
+                student=student,
+                teacher=tiny_retinanet_cfg(width=16, fpn=32),
+                distillers={"kd": distiller},
+            )
+        )
 
 
 def test_gid_on_levels_that_are_no_pyramid_is_a_clear_error():
@@ -152,10 +179,13 @@ def test_gid_on_levels_that_are_no_pyramid_is_a_clear_error():
 
     def kd(**gid):
         torch.manual_seed(0)
-        return build(L(DistillationDetector)(
-            student=student, teacher=tiny_retinanet_cfg(width=16, fpn=32),
-            distillers={"gid": L(GIDDistiller)(selection="location", response=False, **gid)},
-        ))
+        return build(
+            L(DistillationDetector)(
+                student=student,
+                teacher=tiny_retinanet_cfg(width=16, fpn=32),
+                distillers={"gid": L(GIDDistiller)(selection="location", response=False, **gid)},
+            )
+        )
 
     match = r"paired levels \[\('s8', 'p3'\), \('s32', 'p5'\)\] have strides \[8, 32\].*num_levels"
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """The embedded demo driver end to end (2 iterations per run): table, reuse, DETR family."""
+
 import json
 import os
 import re
@@ -6,13 +7,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def _demo_in_process(cmd, capsys):
     """``python -m detkd.demo ...`` (``cmd``) called in this process (the runs it trains are still
-    train_net.py processes): what it prints. Saves the interpreter start and imports of a process."""
+    train_net.py processes): what it prints. Saves the interpreter start and imports of a process.
+    """
     from detkd.demo import main
 
     assert cmd[1:3] == ["-m", "detkd.demo"]
@@ -23,27 +24,69 @@ def _demo_in_process(cmd, capsys):
 
 def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "detkd.demo", "--methods", "pkd", "d3etr", "--iters", "2", "--output", str(out),
-           "--", "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
-           "dataloader.train.num_workers=0", "dataloader.test.num_workers=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "detkd.demo",
+        "--methods",
+        "pkd",
+        "d3etr",
+        "--iters",
+        "2",
+        "--output",
+        str(out),
+        "--",
+        "dataloader.train.dataset.names.num_images=16",
+        "dataloader.test.dataset.names.num_images=8",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     table = (out / "results.txt").read_text()
-    for row in ("teacher (retinanet)", "student alone (retinanet)", "student + pkd",
-                "teacher (detr)", "student alone (detr)", "student + d3etr"):
+    for row in (
+        "teacher (retinanet)",
+        "student alone (retinanet)",
+        "student + pkd",
+        "teacher (detr)",
+        "student alone (detr)",
+        "student + d3etr",
+    ):
         assert row in table, table
     assert (out / "pkd_fpn.png").is_file()
     assert (out / "d3etr_detr" / "model_final_student.pth").is_file()
     # The GID and D3ETR pictures from these runs' checkpoints.
     from detkd.viz import main as viz
 
-    viz(["gid", "--config", os.path.join(REPO, "configs/demo/gid_retinanet.py"),
-         "--teacher", str(out / "teacher_retinanet/model_final.pth"),
-         "--student", str(out / "student_retinanet/model_final.pth"), "--out", str(tmp_path / "gid.png")])
-    viz(["d3etr", "--config", os.path.join(REPO, "configs/demo/d3etr_detr.py"),
-         "--teacher", str(out / "teacher_detr/model_final.pth"),
-         "--student", str(out / "d3etr_detr/model_final_student.pth"), "--out", str(tmp_path / "d3.png")])
-    assert (tmp_path / "gid.png").stat().st_size > 1000 and (tmp_path / "d3.png").stat().st_size > 1000
+    viz(
+        [
+            "gid",
+            "--config",
+            os.path.join(REPO, "configs/demo/gid_retinanet.py"),
+            "--teacher",
+            str(out / "teacher_retinanet/model_final.pth"),
+            "--student",
+            str(out / "student_retinanet/model_final.pth"),
+            "--out",
+            str(tmp_path / "gid.png"),
+        ]
+    )
+    viz(
+        [
+            "d3etr",
+            "--config",
+            os.path.join(REPO, "configs/demo/d3etr_detr.py"),
+            "--teacher",
+            str(out / "teacher_detr/model_final.pth"),
+            "--student",
+            str(out / "d3etr_detr/model_final_student.pth"),
+            "--out",
+            str(tmp_path / "d3.png"),
+        ]
+    )
+    assert (tmp_path / "gid.png").stat().st_size > 1000 and (
+        tmp_path / "d3.png"
+    ).stat().st_size > 1000
     # the first call above is the command line itself; the others call its main() in this process
     assert _demo_in_process(cmd, capsys).count("[demo] reusing") == 6
     # A second seed: the seed-0 runs and the teacher are reused, the student runs repeat.
@@ -59,10 +102,18 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path, capsys):
     assert "0,1" in held.split("student + pkd")[1].splitlines()[0]
     with open(out / "pkd_retinanet_seed1" / "config.yaml") as f:
         assert "seed: 1" in f.read()
-    runs = ["teacher_retinanet", "student_retinanet", "student_retinanet_seed1", "pkd_retinanet", "pkd_retinanet_seed1"]
+    runs = [
+        "teacher_retinanet",
+        "student_retinanet",
+        "student_retinanet_seed1",
+        "pkd_retinanet",
+        "pkd_retinanet_seed1",
+    ]
     ap = {}
     for run in runs:
-        with open(out / run / "heldout_6" / "config.yaml") as f:  # the held-out split, not the val split
+        with open(
+            out / run / "heldout_6" / "config.yaml"
+        ) as f:  # the held-out split, not the val split
             assert "split: heldout" in f.read()
         with open(out / run / "heldout_6" / "eval_results.json") as f:
             ap[run] = json.load(f)["bbox"]["AP"]
@@ -78,7 +129,10 @@ def test_demo_runs_pkd_and_d3etr_and_reuses_finished_runs(tmp_path, capsys):
     # seeds without 0: the PKD picture comes from the first seed's runs (all reused here)
     os.remove(out / "pkd_fpn.png")
     only1 = cmd[:4] + ["pkd", "--seeds", "1"] + cmd[6:]
-    assert _demo_in_process(only1, capsys).count("[demo] reusing") == 3 and (out / "pkd_fpn.png").is_file()
+    assert (
+        _demo_in_process(only1, capsys).count("[demo] reusing") == 3
+        and (out / "pkd_fpn.png").is_file()
+    )
 
 
 def test_demo_reuses_a_finished_run_only_if_trained_with_the_same_arguments(tmp_path, monkeypatch):
@@ -138,7 +192,9 @@ def test_demo_retrains_a_distilled_run_whose_teacher_was_trained_again(tmp_path,
     assert len(trained) == 1 and "[demo] reusing" in logs[-1]
     os.utime(teacher, (2e9, 2e9))  # the teacher trained again: newer than the student's weights
     demo._train(config, str(out), opts, False, logs.append)
-    assert len(trained) == 2 and any("its teacher or pretrained backbone was trained again" in line for line in logs)
+    assert len(trained) == 2 and any(
+        "its teacher or pretrained backbone was trained again" in line for line in logs
+    )
     # so does a pretrained backbone (train.init_checkpoint) written again since (the DETR runs')
     backbone = tmp_path / "student_retinanet.pkl"
     backbone.write_bytes(b"")
@@ -195,9 +251,12 @@ def test_demo_summary_over_seeds_pairs_the_deltas():
 
     runs = [
         ("teacher", 0, res(50.0), "t", None),
-        ("student alone", 0, res(40.0), "s0", None), ("student + kd", 0, res(43.0), "k0", "student alone"),
-        ("student alone", 1, res(44.0), "s1", None), ("student + kd", 1, res(45.0), "k1", "student alone"),
-        ("student alone", 2, res(42.0), "s2", None), ("student + kd", 2, res(47.0), "k2", "student alone"),
+        ("student alone", 0, res(40.0), "s0", None),
+        ("student + kd", 0, res(43.0), "k0", "student alone"),
+        ("student alone", 1, res(44.0), "s1", None),
+        ("student + kd", 1, res(45.0), "k1", "student alone"),
+        ("student alone", 2, res(42.0), "s2", None),
+        ("student + kd", 2, res(47.0), "k2", "student alone"),
     ]
     rows = {r["name"]: r for r in summarize(runs)}
     assert list(rows) == ["teacher", "student alone", "student + kd"]
@@ -212,13 +271,27 @@ def test_demo_summary_over_seeds_pairs_the_deltas():
 def test_repro_finds_baseline_twins():
     from detkd.repro import baseline_of
 
-    assert baseline_of("configs/PKD/retinanet_R50_from_retinanet_R101_2x.py") == "configs/PKD/baseline_retinanet_R50_2x.py"
-    assert baseline_of("configs/PKD/fcos_R50_from_retinanet_R101_1x.py") == "configs/PKD/baseline_fcos_R50_1x.py"
-    assert baseline_of("configs/ReviewKD/faster_rcnn_R18_from_faster_rcnn_R101.py") == "configs/ReviewKD/baseline_faster_rcnn_R18.py"
-    assert baseline_of("configs/GID/faster_rcnn_R50_from_faster_rcnn_R101_2x.py") == "configs/GID/baseline_faster_rcnn_R50_2x.py"
+    assert (
+        baseline_of("configs/PKD/retinanet_R50_from_retinanet_R101_2x.py")
+        == "configs/PKD/baseline_retinanet_R50_2x.py"
+    )
+    assert (
+        baseline_of("configs/PKD/fcos_R50_from_retinanet_R101_1x.py")
+        == "configs/PKD/baseline_fcos_R50_1x.py"
+    )
+    assert (
+        baseline_of("configs/ReviewKD/faster_rcnn_R18_from_faster_rcnn_R101.py")
+        == "configs/ReviewKD/baseline_faster_rcnn_R18.py"
+    )
+    assert (
+        baseline_of("configs/GID/faster_rcnn_R50_from_faster_rcnn_R101_2x.py")
+        == "configs/GID/baseline_faster_rcnn_R50_2x.py"
+    )
     assert baseline_of("configs/demo/gid_retinanet.py") == "configs/demo/student_retinanet.py"
     assert baseline_of("configs/demo/d3etr_detr.py") == "configs/demo/student_detr.py"
-    assert baseline_of("configs/D3ETR/r50_from_r101_12ep.py") == "configs/D3ETR/baseline_r50_12ep.py"
+    assert (
+        baseline_of("configs/D3ETR/r50_from_r101_12ep.py") == "configs/D3ETR/baseline_r50_12ep.py"
+    )
 
 
 @pytest.mark.parametrize("where", ["repo-relative", "cwd-relative"])
@@ -244,14 +317,29 @@ def test_repro_passes_options_after_the_config_and_absolute_configs(tmp_path, mo
     monkeypatch.setattr(subprocess, "run", fake_run)
     (tmp_path / "teacher.pth").write_bytes(b"")
     with pytest.raises(Stop):
-        repro.main([config, "--num-gpus", "8", "train.max_iter=5", "--output", str(tmp_path / "o"),
-                    "train.teacher_checkpoint=teacher.pth"])
-    (cmd, cwd), = calls
+        repro.main(
+            [
+                config,
+                "--num-gpus",
+                "8",
+                "train.max_iter=5",
+                "--output",
+                str(tmp_path / "o"),
+                "train.teacher_checkpoint=teacher.pth",
+            ]
+        )
+    ((cmd, cwd),) = calls
     args = cmd[2:]
     assert cwd == REPO
-    assert args[:4] == ["--config-file", os.path.join(REPO, "configs/PKD/baseline_retinanet_R50_2x.py"),
-                        "--num-gpus", "8"]
-    assert args[4] == "train.output_dir=" + str(tmp_path / "o" / "PKD" / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
+    assert args[:4] == [
+        "--config-file",
+        os.path.join(REPO, "configs/PKD/baseline_retinanet_R50_2x.py"),
+        "--num-gpus",
+        "8",
+    ]
+    assert args[4] == "train.output_dir=" + str(
+        tmp_path / "o" / "PKD" / "retinanet_R50_from_retinanet_R101_2x" / "baseline"
+    )
     # the teacher is the distilled run's: the baseline's config.yaml does not name it
     assert args[5:] == ["train.teacher_checkpoint=", "train.max_iter=5"]
 
@@ -262,7 +350,11 @@ def test_overrides_reach_only_the_configs_that_have_their_parent_key():
     from detkd.demo import applicable_overrides, check_overrides
 
     demo = os.path.join(REPO, "configs", "demo")
-    opts = ["model.distillers.pkd.loss_weight=10", "train.max_iter=5", "dataloader.train.total_batch_size=2"]
+    opts = [
+        "model.distillers.pkd.loss_weight=10",
+        "train.max_iter=5",
+        "dataloader.train.total_batch_size=2",
+    ]
     pkd, student, gid = (os.path.join(demo, f"{n}_retinanet.py") for n in ("pkd", "student", "gid"))
     assert applicable_overrides(pkd, opts) == opts
     assert applicable_overrides(student, opts) == opts[1:]
@@ -285,37 +377,77 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"config not found: configs/PKD/nope_from_x_2x\.py"):
         repro.main(["configs/PKD/nope_from_x_2x.py", *out])
     (tmp_path / "mykd.py").write_text("")
-    with pytest.raises(SystemExit, match=r"mykd\.py: no baseline twin follows from the name; pass --baseline"):
+    with pytest.raises(
+        SystemExit, match=r"mykd\.py: no baseline twin follows from the name; pass --baseline"
+    ):
         repro.baseline_of(str(tmp_path / "mykd.py"))
     with pytest.raises(SystemExit, match="teacher_retinanet.py is not a distillation config"):
-        repro.main(["configs/demo/teacher_retinanet.py", *out])  # its "twin" student_retinanet.py exists
-    with pytest.raises(SystemExit, match="the baseline .*gid_retinanet.py is a distillation config"):
-        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/gid_retinanet.py", *out])
+        repro.main(
+            ["configs/demo/teacher_retinanet.py", *out]
+        )  # its "twin" student_retinanet.py exists
+    with pytest.raises(
+        SystemExit, match="the baseline .*gid_retinanet.py is a distillation config"
+    ):
+        repro.main(
+            ["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/gid_retinanet.py", *out]
+        )
     with pytest.raises(SystemExit, match=r"train.seed is -1: each run would draw its own seed"):
         repro.main(["configs/demo/pkd_retinanet.py", "train.seed=-1", *out])
-    with pytest.raises(SystemExit, match=r"train\.max_iter \(1000 vs 2000\), model\.student differ"):
-        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", "configs/demo/teacher_retinanet.py", *out])
+    with pytest.raises(
+        SystemExit, match=r"train\.max_iter \(1000 vs 2000\), model\.student differ"
+    ):
+        repro.main(
+            [
+                "configs/demo/pkd_retinanet.py",
+                "--baseline",
+                "configs/demo/teacher_retinanet.py",
+                *out,
+            ]
+        )
     with pytest.raises(SystemExit, match=r"model\.student, optimizer, train\.clip_grad differ"):
-        repro.main(["configs/demo/d3etr_detr.py", "--baseline", "configs/demo/student_retinanet.py", *out])
+        repro.main(
+            ["configs/demo/d3etr_detr.py", "--baseline", "configs/demo/student_retinanet.py", *out]
+        )
     # overrides for both runs keep a pair paired; one for the baseline only would not
-    repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
-                     os.path.join(REPO, "configs/demo/student_retinanet.py"),
-                     ["train.max_iter=5", "train.seed=3", "train.teacher_checkpoint=", "train.teacher_random_init=True"])
+    repro.check_pair(
+        os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+        os.path.join(REPO, "configs/demo/student_retinanet.py"),
+        [
+            "train.max_iter=5",
+            "train.seed=3",
+            "train.teacher_checkpoint=",
+            "train.teacher_random_init=True",
+        ],
+    )
     with pytest.raises(SystemExit, match=r"model\.student differ"):
-        repro.check_pair(os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
-                         os.path.join(REPO, "configs/demo/student_retinanet.py"), ["model.head.prior_prob=0.1"])
+        repro.check_pair(
+            os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+            os.path.join(REPO, "configs/demo/student_retinanet.py"),
+            ["model.head.prior_prob=0.1"],
+        )
     # the pair kept paired for another class count: model.num_classes reached the distilled
     # config too (its parent 'model' exists there), whose train_net.py run refused it only after
     # the baseline had trained; it is the baseline's key (the distilled config lacks it), so it
     # reaches the baseline only. A key that neither config has is refused before anything trains.
-    pkd, student = (os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student"))
+    pkd, student = (
+        os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student")
+    )
     classes = ["model.student.num_classes=5", "model.num_classes=5"]
     assert repro.pair_overrides(pkd, student, classes) == classes[:1]
     assert repro.pair_overrides(student, pkd, classes) == classes[1:]
-    repro.check_pair(pkd, student, classes + ["train.teacher_checkpoint=", "train.teacher_random_init=True"])
+    repro.check_pair(
+        pkd, student, classes + ["train.teacher_checkpoint=", "train.teacher_random_init=True"]
+    )
     refused = r"student_retinanet\.py: Override 'model\.num_clases': 'model' has no key .*'model\.num_classes'"
     with pytest.raises(SystemExit, match=refused):
-        repro.main(["configs/demo/pkd_retinanet.py", "model.student.num_classes=5", "model.num_clases=5", *out])
+        repro.main(
+            [
+                "configs/demo/pkd_retinanet.py",
+                "model.student.num_classes=5",
+                "model.num_clases=5",
+                *out,
+            ]
+        )
 
 
 def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
@@ -324,7 +456,9 @@ def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
     from detkd import demo
 
     monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
-    with pytest.raises(SystemExit, match=r"no config configs/demo/gdi_\*\.py; available: .*'gid_retinanet'"):
+    with pytest.raises(
+        SystemExit, match=r"no config configs/demo/gdi_\*\.py; available: .*'gid_retinanet'"
+    ):
         demo.main(["--methods", "pkd", "gdi", "--output", str(tmp_path / "demo")])
 
 
@@ -336,10 +470,15 @@ def test_demo_rejects_an_override_train_net_would_refuse_before_training(tmp_pat
 
     monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     out = ["--methods", "pkd", "--output", str(tmp_path / "demo"), "--"]
-    with pytest.raises(SystemExit, match=r"\[demo\] pkd_retinanet\.py: Override 'model\.distillers\.pkd\.loss_wieght'"
-                       r".*Did you mean 'model\.distillers\.pkd\.loss_weight'"):
+    with pytest.raises(
+        SystemExit,
+        match=r"\[demo\] pkd_retinanet\.py: Override 'model\.distillers\.pkd\.loss_wieght'"
+        r".*Did you mean 'model\.distillers\.pkd\.loss_weight'",
+    ):
         demo.main(out + ["model.distillers.pkd.loss_wieght=10"])
-    with pytest.raises(SystemExit, match=r"\[demo\] .*_retinanet\.py: Override 'train\.max_ite'.*'train\.max_iter'"):
+    with pytest.raises(
+        SystemExit, match=r"\[demo\] .*_retinanet\.py: Override 'train\.max_ite'.*'train\.max_iter'"
+    ):
         demo.main(out + ["train.max_ite=5"])
 
 
@@ -363,10 +502,21 @@ def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, m
             raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    opts = ["train.teacher_checkpoint=ckpt/teacher.pth", "train.max_iter=5", "train.init_checkpoint=",
-            "dataloader.train.total_batch_size=2"]
+    opts = [
+        "train.teacher_checkpoint=ckpt/teacher.pth",
+        "train.max_iter=5",
+        "train.init_checkpoint=",
+        "dataloader.train.total_batch_size=2",
+    ]
     with pytest.raises(Stop):
-        repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *opts, "--output", str(tmp_path / "o")])
+        repro.main(
+            [
+                os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                *opts,
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     (_, cwd), (distilled, _) = calls
     assert cwd == REPO
     teacher = str(tmp_path / "ckpt" / "teacher.pth")
@@ -381,17 +531,28 @@ def test_repro_and_demo_pass_paths_relative_to_the_working_directory(tmp_path, m
 
     monkeypatch.setattr(demo, "_train", fake_train)
     with pytest.raises(Stop):
-        demo.main(["--output", str(tmp_path / "demo"), "--", "train.init_checkpoint=ckpt/teacher.pth"])
+        demo.main(
+            ["--output", str(tmp_path / "demo"), "--", "train.init_checkpoint=ckpt/teacher.pth"]
+        )
     assert seen == [[f"train.init_checkpoint={teacher}"]]
     # values that are literals, absolute, URLs, not files here or bare words (a folder `cuda`
     # here does not make train.device=cuda a path) are kept as they are
     (tmp_path / "5").write_text("")
     (tmp_path / "cuda").mkdir()
-    keep = ["train.max_iter=5", "train.init_checkpoint=/x/y.pth", "train.init_checkpoint=detectron2://a.pkl",
-            "train.init_checkpoint=nope.pth", "train.device=cuda", "+foo=ckpt", "+foo=./ckpt"]
+    keep = [
+        "train.max_iter=5",
+        "train.init_checkpoint=/x/y.pth",
+        "train.init_checkpoint=detectron2://a.pkl",
+        "train.init_checkpoint=nope.pth",
+        "train.device=cuda",
+        "+foo=ckpt",
+        "+foo=./ckpt",
+    ]
     assert demo.paths_from_here(keep) == keep[:6] + [f"+foo={tmp_path / 'ckpt'}"]
     monkeypatch.chdir(REPO)  # from the repository root, nothing changes
-    assert demo.paths_from_here(["train.init_checkpoint=configs"]) == ["train.init_checkpoint=configs"]
+    assert demo.paths_from_here(["train.init_checkpoint=configs"]) == [
+        "train.init_checkpoint=configs"
+    ]
 
 
 def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path, monkeypatch):
@@ -401,12 +562,22 @@ def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
-    config, out = os.path.join(REPO, "configs/demo/pkd_retinanet.py"), ["--output", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match=r"the teacher checkpoint .*missing\.pth of pkd_retinanet\.py does not exist"):
+    config, out = os.path.join(REPO, "configs/demo/pkd_retinanet.py"), [
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(
+        SystemExit,
+        match=r"the teacher checkpoint .*missing\.pth of pkd_retinanet\.py does not exist",
+    ):
         repro.main([config, f"train.teacher_checkpoint={tmp_path / 'missing.pth'}", *out])
-    with pytest.raises(SystemExit, match=r"teacher checkpoint nope/t\.pth .* \(train_net\.py looks for it under "):
+    with pytest.raises(
+        SystemExit, match=r"teacher checkpoint nope/t\.pth .* \(train_net\.py looks for it under "
+    ):
         repro.main([config, "train.teacher_checkpoint=nope/t.pth", *out])
-    with pytest.raises(SystemExit, match=r"train\.teacher_checkpoint of pkd_retinanet\.py is empty"):
+    with pytest.raises(
+        SystemExit, match=r"train\.teacher_checkpoint of pkd_retinanet\.py is empty"
+    ):
         repro.main([config, "train.teacher_checkpoint=", *out])
     # a file that exists, a URL, or an empty one with a random teacher asked for: the runs start
     calls = []
@@ -417,8 +588,11 @@ def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     (tmp_path / "t.pth").write_bytes(b"")
-    for opts in (["train.teacher_checkpoint=t.pth"], ["train.teacher_checkpoint=detectron2://x/model_final.pkl"],
-                 ["train.teacher_checkpoint=", "train.teacher_random_init=True"]):
+    for opts in (
+        ["train.teacher_checkpoint=t.pth"],
+        ["train.teacher_checkpoint=detectron2://x/model_final.pkl"],
+        ["train.teacher_checkpoint=", "train.teacher_random_init=True"],
+    ):
         with pytest.raises(KeyboardInterrupt):
             repro.main([config, *opts, *out])
     assert len(calls) == 3
@@ -432,8 +606,11 @@ def test_demo_rejects_the_teacher_and_the_student_as_methods(tmp_path, monkeypat
     from detkd import demo
 
     monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("nothing may train"))
-    with pytest.raises(SystemExit, match=rf"--methods {method}: the teacher and the student alone are in every "
-                                         r"table; methods are distillation configs: \['d3etr', 'gid', 'pkd'"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"--methods {method}: the teacher and the student alone are in every "
+        r"table; methods are distillation configs: \['d3etr', 'gid', 'pkd'",
+    ):
         demo.main(["--methods", "pkd", method, "--output", str(tmp_path / "demo")])
 
 
@@ -452,11 +629,14 @@ def test_paths_from_here_quotes_a_path_that_hydra_would_parse_as_syntax(tmp_path
     (tmp_path / "plain" / "t.pth").write_bytes(b"")
     monkeypatch.chdir(tmp_path / "plain")  # a path hydra reads as it is: unquoted, as before
     assert demo.paths_from_here(["train.teacher_checkpoint=t.pth"]) == [
-        f"train.teacher_checkpoint={tmp_path / 'plain' / 't.pth'}"]
+        f"train.teacher_checkpoint={tmp_path / 'plain' / 't.pth'}"
+    ]
     monkeypatch.chdir(here)
     opts = demo.paths_from_here(["train.teacher_checkpoint=t.pth", "train.max_iter=5"])
     assert opts[1] == "train.max_iter=5"
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py")), opts)
+    cfg = LazyConfig.apply_overrides(
+        LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py")), opts
+    )
     assert cfg.train.teacher_checkpoint == str(here / "t.pth") and cfg.train.max_iter == 5
 
     calls = []
@@ -467,8 +647,14 @@ def test_paths_from_here_quotes_a_path_that_hydra_would_parse_as_syntax(tmp_path
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(KeyboardInterrupt):  # the pair checks pass; the baseline starts
-        repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), "train.teacher_checkpoint=t.pth",
-                    "--output", str(tmp_path / "o")])
+        repro.main(
+            [
+                os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                "train.teacher_checkpoint=t.pth",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     assert len(calls) == 1
 
 
@@ -497,15 +683,26 @@ def test_repro_checks_a_yacs_teacher_config_before_the_baseline_trains(tmp_path,
         "    _c.model, _c.dataloader, _c.optimizer, _c.lr_multiplier, _c.train)\n"
         "model.teacher = L(build_yacs_detector)(config_file=os.environ['YACS_TEACHER'], opts=[])\n"
     )
-    args = [str(config), "--baseline", "configs/demo/student_retinanet.py", "train.teacher_checkpoint=t.pth",
-            "--output", str(tmp_path / "o")]
+    args = [
+        str(config),
+        "--baseline",
+        "configs/demo/student_retinanet.py",
+        "train.teacher_checkpoint=t.pth",
+        "--output",
+        str(tmp_path / "o"),
+    ]
     monkeypatch.setenv("YACS_TEACHER", "teacher.yaml")  # here, not in the repository root
-    with pytest.raises(SystemExit, match=r"model\.teacher\.config_file of kd\.py, teacher\.yaml, is neither a file "
-                                         r"nor a config of detectron2's model zoo \(train_net\.py looks for a "
-                                         r"relative path under "):
+    with pytest.raises(
+        SystemExit,
+        match=r"model\.teacher\.config_file of kd\.py, teacher\.yaml, is neither a file "
+        r"nor a config of detectron2's model zoo \(train_net\.py looks for a "
+        r"relative path under ",
+    ):
         repro.main(args)
     monkeypatch.setenv("YACS_TEACHER", str(tmp_path / "teacher.yaml"))
-    with pytest.raises(SystemExit, match=r"model\.teacher of kd\.py: opts of .*teacher\.yaml: .*MODEL\.NO_SUCH_KEY"):
+    with pytest.raises(
+        SystemExit, match=r"model\.teacher of kd\.py: opts of .*teacher\.yaml: .*MODEL\.NO_SUCH_KEY"
+    ):
         repro.main(args + ["model.teacher.opts=[MODEL.NO_SUCH_KEY,1]"])
     calls = []
 
@@ -533,17 +730,31 @@ def test_demo_and_repro_refuse_overrides_of_the_keys_they_set_per_run(tmp_path, 
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     out = ["--output", str(tmp_path / "o")]
-    for opt, fix in (("train.output_dir=x", "pass --output DIR"), ("train.seed=5", "pass --seeds"),
-                     ("train.teacher_checkpoint=t.pth", "the teacher that the demo trains")):
+    for opt, fix in (
+        ("train.output_dir=x", "pass --output DIR"),
+        ("train.seed=5", "pass --seeds"),
+        ("train.teacher_checkpoint=t.pth", "the teacher that the demo trains"),
+    ):
         with pytest.raises(SystemExit, match=rf"\[demo\] the override {re.escape(opt)} .*{fix}"):
             demo.main(["--methods", "pkd", *out, "--", "train.max_iter=2", opt])
     for opt in ("train.output_dir=x", "++train.output_dir=x", "~train.output_dir"):
-        with pytest.raises(SystemExit, match=rf"\[repro\] the override {re.escape(opt)} .*pass --output DIR"):
-            repro.main(["configs/demo/pkd_retinanet.py", opt, "train.teacher_random_init=True", *out])
+        with pytest.raises(
+            SystemExit, match=rf"\[repro\] the override {re.escape(opt)} .*pass --output DIR"
+        ):
+            repro.main(
+                ["configs/demo/pkd_retinanet.py", opt, "train.teacher_random_init=True", *out]
+            )
     # the keys repro's pairs share stay settable
     with pytest.raises(pytest.fail.Exception, match="nothing may train"):
-        repro.main(["configs/demo/pkd_retinanet.py", "train.seed=3", "train.teacher_checkpoint=",
-                    "train.teacher_random_init=True", *out])
+        repro.main(
+            [
+                "configs/demo/pkd_retinanet.py",
+                "train.seed=3",
+                "train.teacher_checkpoint=",
+                "train.teacher_random_init=True",
+                *out,
+            ]
+        )
 
 
 def test_a_failed_run_is_reported_with_its_log_not_a_traceback(tmp_path, monkeypatch):
@@ -554,25 +765,49 @@ def test_a_failed_run_is_reported_with_its_log_not_a_traceback(tmp_path, monkeyp
 
     def failing_train_net(cmd, stdout=None, **kwargs):
         if stdout is not None:  # the demo's runs write to their log file
-            stdout.write("[11/30 20:00:00 detectron2]: Config ...\nRuntimeError: Found no NVIDIA driver\n")
+            stdout.write(
+                "[11/30 20:00:00 detectron2]: Config ...\nRuntimeError: Found no NVIDIA driver\n"
+            )
             stdout.flush()
         raise subprocess.CalledProcessError(1, cmd)
 
     monkeypatch.setattr(subprocess, "run", failing_train_net)
     config = os.path.join(REPO, "configs/demo/student_retinanet.py")
     log = tmp_path / "student_retinanet.log"
-    with pytest.raises(SystemExit, match=rf"\[demo\] the run failed \(exit status 1\); its log {log} ends "
-                       r"with:\n    \[11/30.*\n    RuntimeError: Found no NVIDIA driver$"):
-        demo._train(config, str(tmp_path / "student_retinanet"), ["train.device=cuda"], False, lambda s: None)
+    with pytest.raises(
+        SystemExit,
+        match=rf"\[demo\] the run failed \(exit status 1\); its log {log} ends "
+        r"with:\n    \[11/30.*\n    RuntimeError: Found no NVIDIA driver$",
+    ):
+        demo._train(
+            config,
+            str(tmp_path / "student_retinanet"),
+            ["train.device=cuda"],
+            False,
+            lambda s: None,
+        )
     run = tmp_path / "run"
     run.mkdir()
     (run / "model_final.pth").write_bytes(b"")
-    with pytest.raises(SystemExit, match=rf"its log {run / 'heldout_4' / 'log.txt'} ends with:\n.*\n    RuntimeError: Found no NVIDIA"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"its log {run / 'heldout_4' / 'log.txt'} ends with:\n.*\n    RuntimeError: Found no NVIDIA",
+    ):
         demo.heldout_metrics(config, str(run), 4, [], lambda s: None)
-    with pytest.raises(SystemExit, match=r"\[repro\] the baseline run \(student_retinanet\.py\) failed \(exit "
-                       r"status 1\): its error is in its output above"):
-        repro.main(["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
-                    "--output", str(tmp_path / "o")])
+    with pytest.raises(
+        SystemExit,
+        match=r"\[repro\] the baseline run \(student_retinanet\.py\) failed \(exit "
+        r"status 1\): its error is in its output above",
+    ):
+        repro.main(
+            [
+                "configs/demo/pkd_retinanet.py",
+                "train.teacher_random_init=True",
+                "train.teacher_checkpoint=",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path, monkeypatch):
@@ -591,11 +826,22 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
         raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr(repro, "check_pair", lambda *a: None)  # checked elsewhere; slow on COCO configs
+    monkeypatch.setattr(
+        repro, "check_pair", lambda *a: None
+    )  # checked elsewhere; slow on COCO configs
     for method in ("PKD", "GID"):
         with pytest.raises(Stop):
-            repro.main([f"configs/{method}/retinanet_R50_from_retinanet_R101_2x.py", "--output", str(tmp_path)])
-    assert dirs == [str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline") for m in ("PKD", "GID")]
+            repro.main(
+                [
+                    f"configs/{method}/retinanet_R50_from_retinanet_R101_2x.py",
+                    "--output",
+                    str(tmp_path),
+                ]
+            )
+    assert dirs == [
+        str(tmp_path / m / "retinanet_R50_from_retinanet_R101_2x" / "baseline")
+        for m in ("PKD", "GID")
+    ]
 
 
 def _output_dir(cmd):
@@ -648,12 +894,24 @@ def test_repro_with_a_baseline_whose_train_dict_has_no_teacher_keys(tmp_path, mo
     base = _baseline_on_d2_train(tmp_path)
     opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "train.max_iter=2"]
     baseline, distilled = _repro_commands(
-        monkeypatch, ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, "--output", str(tmp_path / "o")]
+        monkeypatch,
+        [
+            "configs/demo/pkd_retinanet.py",
+            "--baseline",
+            str(base),
+            *opts,
+            "--output",
+            str(tmp_path / "o"),
+        ],
     )
-    assert baseline[-1:] == ["train.max_iter=2"] and not any("teacher" in a for a in baseline), baseline
+    assert baseline[-1:] == ["train.max_iter=2"] and not any(
+        "teacher" in a for a in baseline
+    ), baseline
     assert distilled[-4:] == ["train.teacher_eval_at_start=True", *opts], distilled
     with pytest.raises(SystemExit, match=r"my_baseline\.py: Override 'train\.max_ite'"):
-        repro.main(["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], "train.max_ite=2"])
+        repro.main(
+            ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts[:2], "train.max_ite=2"]
+        )
 
 
 def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp_path, monkeypatch):
@@ -666,7 +924,9 @@ def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp
 
     base = _baseline_on_d2_train(tmp_path, drop="seed")
     pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
-    assert repro.pair_overrides(str(base), pkd, ["+train.seed=0", "train.seed=0"]) == ["+train.seed=0"]
+    assert repro.pair_overrides(str(base), pkd, ["+train.seed=0", "train.seed=0"]) == [
+        "+train.seed=0"
+    ]
     assert repro.pair_overrides(pkd, str(base), ["+train.seed=0"]) == ["+train.seed=0"]
     opts = ["train.teacher_random_init=True", "train.teacher_checkpoint=", "+train.seed=0"]
     out = ["--output", str(tmp_path / "o")]
@@ -676,7 +936,10 @@ def test_repro_adds_a_key_on_purpose_to_the_config_of_the_pair_that_lacks_it(tmp
     baseline, distilled = _repro_commands(
         monkeypatch, ["configs/demo/pkd_retinanet.py", "--baseline", str(base), *opts, *out]
     )
-    assert baseline[-1] == "+train.seed=0" and distilled[-1] == "+train.seed=0", (baseline, distilled)
+    assert baseline[-1] == "+train.seed=0" and distilled[-1] == "+train.seed=0", (
+        baseline,
+        distilled,
+    )
 
 
 def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monkeypatch, capsys):
@@ -689,26 +952,54 @@ def test_repro_table_reports_the_runs_last_results_and_the_delta(tmp_path, monke
         out = _output_dir(cmd)
         os.makedirs(out)
         if out.endswith("baseline"):
-            lines = [{"bbox/AP": 99.0, "iteration": 4}, {"loss": 1.0},
-                     {"bbox/AP": 20.0, "bbox/AP50": 30.0, "bbox/AP75": 15.0, "iteration": 9}]
+            lines = [
+                {"bbox/AP": 99.0, "iteration": 4},
+                {"loss": 1.0},
+                {"bbox/AP": 20.0, "bbox/AP50": 30.0, "bbox/AP75": 15.0, "iteration": 9},
+            ]
         else:
-            lines = [{"teacher/bbox/AP": 1.0, "teacher/bbox/AP50": 2.0, "teacher/bbox/AP75": 3.0, "iteration": 0},
-                     {"teacher/bbox/AP": 50.0, "teacher/bbox/AP50": 60.0, "teacher/bbox/AP75": 40.0, "iteration": 0},
-                     {"bbox/AP": 23.5, "bbox/AP50": 31.0, "bbox/AP75": 19.25, "iteration": 9}]
+            lines = [
+                {
+                    "teacher/bbox/AP": 1.0,
+                    "teacher/bbox/AP50": 2.0,
+                    "teacher/bbox/AP75": 3.0,
+                    "iteration": 0,
+                },
+                {
+                    "teacher/bbox/AP": 50.0,
+                    "teacher/bbox/AP50": 60.0,
+                    "teacher/bbox/AP75": 40.0,
+                    "iteration": 0,
+                },
+                {"bbox/AP": 23.5, "bbox/AP50": 31.0, "bbox/AP75": 19.25, "iteration": 9},
+            ]
         with open(os.path.join(out, "metrics.json"), "w") as f:
             f.write("".join(json.dumps(m) + "\n" for m in lines))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     capsys.readouterr()
-    res = repro.main(["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
-                      "--output", str(tmp_path / "o")])
-    assert res == {"teacher": {"AP": 50.0, "AP50": 60.0, "AP75": 40.0},
-                   "baseline": {"AP": 20.0, "AP50": 30.0, "AP75": 15.0},
-                   "distilled": {"AP": 23.5, "AP50": 31.0, "AP75": 19.25}}
+    res = repro.main(
+        [
+            "configs/demo/pkd_retinanet.py",
+            "train.teacher_random_init=True",
+            "train.teacher_checkpoint=",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert res == {
+        "teacher": {"AP": 50.0, "AP50": 60.0, "AP75": 40.0},
+        "baseline": {"AP": 20.0, "AP50": 30.0, "AP75": 15.0},
+        "distilled": {"AP": 23.5, "AP50": 31.0, "AP75": 19.25},
+    }
     table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
     assert [line.split() for line in table] == [
-        ["AP", "AP50", "AP75"], ["teacher", "50.00", "60.00", "40.00"], ["student", "20.00", "30.00", "15.00"],
-        ["distilled", "23.50", "31.00", "19.25"], ["delta", "+3.50"]]
+        ["AP", "AP50", "AP75"],
+        ["teacher", "50.00", "60.00", "40.00"],
+        ["student", "20.00", "30.00", "15.00"],
+        ["distilled", "23.50", "31.00", "19.25"],
+        ["delta", "+3.50"],
+    ]
 
 
 def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
@@ -756,12 +1047,15 @@ def test_repro_does_not_evaluate_a_teacher_of_another_class_set(tmp_path, monkey
     teacher) cannot be scored there: repro forced train.teacher_eval_at_start=True, and the
     distilled run stopped on it after the baseline's whole schedule. It is now not evaluated
     (said before anything trains) and its row shows '-'; a teacher of the data's classes is."""
-    from detkd import repro
     from detectron2.config import LazyConfig
+
+    from detkd import repro
 
     pkd = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(pkd), ["model.teacher.num_classes=5"])
-    assert repro.teacher_not_evaluable(cfg).startswith("the teacher predicts 5 classes but the test dataset")
+    assert repro.teacher_not_evaluable(cfg).startswith(
+        "the teacher predicts 5 classes but the test dataset"
+    )
     assert repro.teacher_not_evaluable(LazyConfig.load(pkd)) == ""
     del cfg.dataloader["evaluator"]  # nothing is evaluated: nothing to say
     assert repro.teacher_not_evaluable(cfg) == ""
@@ -781,10 +1075,20 @@ def test_repro_does_not_evaluate_a_teacher_of_another_class_set(tmp_path, monkey
     monkeypatch.setattr(subprocess, "run", fake_run)
     for classes, evaluated in ((5, False), (3, True)):
         calls.clear()
-        out = repro.main([pkd, "--output", str(tmp_path / str(classes)), f"model.teacher.num_classes={classes}",
-                          "train.teacher_checkpoint=", "train.teacher_random_init=True"])
+        out = repro.main(
+            [
+                pkd,
+                "--output",
+                str(tmp_path / str(classes)),
+                f"model.teacher.num_classes={classes}",
+                "train.teacher_checkpoint=",
+                "train.teacher_random_init=True",
+            ]
+        )
         assert len(calls) == 2 and f"train.teacher_eval_at_start={evaluated}" in calls[1]
-        assert out["teacher"] == ({"AP": 40.0} if evaluated else {}) and out["distilled"]["AP"] == 12.0
+        assert (
+            out["teacher"] == ({"AP": 40.0} if evaluated else {}) and out["distilled"]["AP"] == 12.0
+        )
 
 
 def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkeypatch):
@@ -795,24 +1099,39 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     from detkd import demo, viz
 
     out = tmp_path / "demo"
-    ap = {"teacher_retinanet": 50.0, "student_retinanet": 40.0, "student_retinanet_seed2": 44.0,
-          "pkd_retinanet": 43.0, "pkd_retinanet_seed2": 45.0, "gid_retinanet": 38.0, "gid_retinanet_seed2": 46.0}
+    ap = {
+        "teacher_retinanet": 50.0,
+        "student_retinanet": 40.0,
+        "student_retinanet_seed2": 44.0,
+        "pkd_retinanet": 43.0,
+        "pkd_retinanet_seed2": 45.0,
+        "gid_retinanet": 38.0,
+        "gid_retinanet_seed2": 46.0,
+    }
     trained = []
 
     def fake_train(config, output_dir, opts, force, log):
         name = os.path.basename(output_dir)
         trained.append((os.path.basename(config), name, list(opts)))
         os.makedirs(output_dir)
-        times = (0.5,) if name.startswith("teacher") else (0.4, 0.6) if name.endswith("seed2") else (0.1, 0.6, 0.2)
+        times = (
+            (0.5,)
+            if name.startswith("teacher")
+            else (0.4, 0.6) if name.endswith("seed2") else (0.1, 0.6, 0.2)
+        )
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            f.write("".join(json.dumps({"time": t, "iteration": i}) + "\n" for i, t in enumerate(times)))
+            f.write(
+                "".join(json.dumps({"time": t, "iteration": i}) + "\n" for i, t in enumerate(times))
+            )
         a = ap[name]
         return {"AP": a, "AP50": a + 10, "AP75": a - 10}, None
 
     held = []
 
     def fake_heldout(config, output_dir, num_images, opts, log):
-        held.append((os.path.basename(config), os.path.basename(output_dir), num_images, list(opts)))
+        held.append(
+            (os.path.basename(config), os.path.basename(output_dir), num_images, list(opts))
+        )
         a = ap[os.path.basename(output_dir)] / 2
         return {"AP": a, "AP50": a + 1, "AP75": a - 1}
 
@@ -820,8 +1139,24 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
     monkeypatch.setattr(demo, "_train", fake_train)
     monkeypatch.setattr(demo, "heldout_metrics", fake_heldout)
     monkeypatch.setattr(viz, "main", lambda argv: pictures.append(argv))
-    demo.main(["--methods", "pkd", "gid", "--iters", "5", "--seeds", "0", "2", "--heldout", "6",
-               "--output", str(out), "--", "dataloader.train.num_workers=0"])
+    demo.main(
+        [
+            "--methods",
+            "pkd",
+            "gid",
+            "--iters",
+            "5",
+            "--seeds",
+            "0",
+            "2",
+            "--heldout",
+            "6",
+            "--output",
+            str(out),
+            "--",
+            "dataloader.train.num_workers=0",
+        ]
+    )
     nw = "dataloader.train.num_workers=0"
     tc = f"train.teacher_checkpoint={out / 'teacher_retinanet' / 'model_final.pth'}"
     assert trained == [
@@ -829,21 +1164,32 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
         ("student_retinanet.py", "student_retinanet", ["train.max_iter=5", nw]),
         ("pkd_retinanet.py", "pkd_retinanet", ["train.max_iter=5", nw, tc]),
         ("gid_retinanet.py", "gid_retinanet", ["train.max_iter=5", nw, tc]),
-        ("student_retinanet.py", "student_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2"]),
+        (
+            "student_retinanet.py",
+            "student_retinanet_seed2",
+            ["train.max_iter=5", nw, "train.seed=2"],
+        ),
         ("pkd_retinanet.py", "pkd_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2", tc]),
         ("gid_retinanet.py", "gid_retinanet_seed2", ["train.max_iter=5", nw, "train.seed=2", tc]),
     ]
     assert held == [(c, d, 6, [nw]) for c, d, _ in trained]
     (picture,) = pictures
     assert picture[:3] == ["pkd", "--config", os.path.join(REPO, "configs/demo/pkd_retinanet.py")]
-    assert picture[3:9] == ["--teacher", str(out / "teacher_retinanet" / "model_final.pth"),
-                            "--before", str(out / "student_retinanet" / "model_final.pth"),
-                            "--after", str(out / "pkd_retinanet" / "model_final_student.pth")]
+    assert picture[3:9] == [
+        "--teacher",
+        str(out / "teacher_retinanet" / "model_final.pth"),
+        "--before",
+        str(out / "student_retinanet" / "model_final.pth"),
+        "--after",
+        str(out / "pkd_retinanet" / "model_final_student.pth"),
+    ]
     assert picture[-2:] == ["--", nw]  # the distilled run's overrides: its model and test data
     val, heldout = (out / "results.txt").read_text().split("held-out split (6 images, seed 7):")
 
     def rows(table):
-        return {line[:28].strip(): line[28:].split()[:-1] for line in table.strip().splitlines()[2:]}
+        return {
+            line[:28].strip(): line[28:].split()[:-1] for line in table.strip().splitlines()[2:]
+        }
 
     # AP sd AP50 AP75 dAP sd s/iter seeds (sd, dAP, its sd: none for one run)
     assert rows(val) == {
@@ -866,21 +1212,30 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
         "student alone (retinanet)": ["40.00", "50.00", "30.00", "0.200"],
         "student + gid": ["38.00", "48.00", "28.00", "-2.00", "0.200"],
     }
-    assert trained[-3:] == [("teacher_retinanet.py", "teacher_retinanet", []),
-                            ("student_retinanet.py", "student_retinanet", []),
-                            ("gid_retinanet.py", "gid_retinanet", [tc.replace(str(tmp_path / "demo"), str(out))])]
+    assert trained[-3:] == [
+        ("teacher_retinanet.py", "teacher_retinanet", []),
+        ("student_retinanet.py", "student_retinanet", []),
+        ("gid_retinanet.py", "gid_retinanet", [tc.replace(str(tmp_path / "demo"), str(out))]),
+    ]
     # runs too short for detectron2's timer (it skips the first iterations): no time, "-" (was 0.000)
     for name in ("teacher_retinanet", "student_retinanet", "gid_retinanet"):
         with open(out / name / "metrics.json", "w") as f:
             f.write(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")
     res = {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}
-    table = demo._table([("teacher (retinanet)", 0, res, str(out / "teacher_retinanet"), None),
-                         ("student alone (retinanet)", 0, res, str(out / "student_retinanet"), None),
-                         ("student + gid", 0, res, str(out / "gid_retinanet"), "student alone (retinanet)")], False)
+    table = demo._table(
+        [
+            ("teacher (retinanet)", 0, res, str(out / "teacher_retinanet"), None),
+            ("student alone (retinanet)", 0, res, str(out / "student_retinanet"), None),
+            ("student + gid", 0, res, str(out / "gid_retinanet"), "student alone (retinanet)"),
+        ],
+        False,
+    )
     assert [r[-1] for r in rows(table).values()] == ["-", "-", "-"]
 
 
-def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_once(tmp_path, monkeypatch):
+def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_once(
+    tmp_path, monkeypatch
+):
     """heldout_metrics (train_net.py --eval-only faked): the run's model_final.pth evaluated on
     the held-out split (its own seed 7, N images), the user's overrides that apply given first
     so that they cannot replace those settings; cached, redone once the weights are newer."""
@@ -903,20 +1258,39 @@ def test_heldout_metrics_evaluates_the_runs_final_weights_on_the_heldout_split_o
             json.dump({"bbox": {"AP": 10.0 * len(calls), "AP50": 20.0}}, f)
 
     monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
-    opts = ["dataloader.test.num_workers=0", "train.init_checkpoint=", "dataloader.test.dataset.names.num_images=3",
-            "model.distillers.pkd.loss_weight=2"]  # the last: not for this config
-    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None) == {"AP": 10.0, "AP50": 20.0}
+    opts = [
+        "dataloader.test.num_workers=0",
+        "train.init_checkpoint=",
+        "dataloader.test.dataset.names.num_images=3",
+        "model.distillers.pkd.loss_weight=2",
+    ]  # the last: not for this config
+    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None) == {
+        "AP": 10.0,
+        "AP50": 20.0,
+    }
     (cmd,) = calls
     assert cmd[1:5] == [os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only"]
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config), cmd[5:])
     names = cfg.dataloader.test.dataset.names
-    assert (names.split, names.num_images, names.seed) == ("heldout", 6, demo.HELDOUT_SEED) and demo.HELDOUT_SEED == 7
-    assert cfg.train.init_checkpoint == str(weights) and cfg.train.output_dir == str(run / "heldout_6")
+    assert (names.split, names.num_images, names.seed) == (
+        "heldout",
+        6,
+        demo.HELDOUT_SEED,
+    ) and demo.HELDOUT_SEED == 7
+    assert cfg.train.init_checkpoint == str(weights) and cfg.train.output_dir == str(
+        run / "heldout_6"
+    )
     assert cfg.dataloader.test.num_workers == 0 and not any("distillers" in a for a in cmd)
     # cached while the results are newer than the weights; evaluated again once they are not
-    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 10.0 and len(calls) == 1
+    assert (
+        demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 10.0
+        and len(calls) == 1
+    )
     os.utime(weights, (4e9, 4e9))
-    assert demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 20.0 and len(calls) == 2
+    assert (
+        demo.heldout_metrics(config, str(run), 6, opts, lambda s: None)["AP"] == 20.0
+        and len(calls) == 2
+    )
 
 
 def test_repro_gives_a_deletion_override_to_the_config_of_the_pair_that_has_the_key():
@@ -925,8 +1299,14 @@ def test_repro_gives_a_deletion_override_to_the_config_of_the_pair_that_has_the_
     distilled config's; the baseline's run would refuse it (no such key)."""
     from detkd import repro
 
-    pkd, student = (os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student"))
-    opts = ["~model.distillers.pkd.loss_weight", "model.distillers.pkd.loss_weight=3", "train.max_iter=4"]
+    pkd, student = (
+        os.path.join(REPO, f"configs/demo/{n}_retinanet.py") for n in ("pkd", "student")
+    )
+    opts = [
+        "~model.distillers.pkd.loss_weight",
+        "model.distillers.pkd.loss_weight=3",
+        "train.max_iter=4",
+    ]
     assert repro.pair_overrides(student, pkd, opts) == ["train.max_iter=4"]
     assert repro.pair_overrides(pkd, student, opts) == opts
 
@@ -941,8 +1321,9 @@ def test_demo_starts_the_detr_runs_from_the_retinanets_backbones(tmp_path, monke
     import torch
     from detectron2.config import instantiate
 
-    from conftest import tiny_retinanet_cfg
     from detkd import demo
+
+    from conftest import tiny_retinanet_cfg
 
     out = tmp_path / "demo"
     trained, weights = [], {}
@@ -987,14 +1368,18 @@ def test_demo_starts_the_detr_runs_from_the_retinanets_backbones(tmp_path, monke
     # a RetinaNet student trained again since: its backbone is
     pkl = out / "backbones" / "student_retinanet.pkl"
     before = {p: p.stat().st_mtime_ns for p in (pkl, out / "backbones" / "teacher_retinanet.pkl")}
-    monkeypatch.setattr(demo, "_train", lambda config, output_dir, opts, force, log: ({"AP": 1.0}, None))
+    monkeypatch.setattr(
+        demo, "_train", lambda config, output_dir, opts, force, log: ({"AP": 1.0}, None)
+    )
     demo.main(["--methods", "d3etr", "--iters", "5", "--output", str(out)])
     assert {p: p.stat().st_mtime_ns for p in before} == before
     source = out / "student_retinanet" / "model_final.pth"
     os.utime(source, ns=(before[pkl] + 10**9, before[pkl] + 10**9))
     demo.main(["--methods", "d3etr", "--iters", "5", "--output", str(out)])
     assert pkl.stat().st_mtime_ns > before[pkl]
-    assert (out / "backbones" / "teacher_retinanet.pkl").stat().st_mtime_ns == before[out / "backbones" / "teacher_retinanet.pkl"]
+    assert (out / "backbones" / "teacher_retinanet.pkl").stat().st_mtime_ns == before[
+        out / "backbones" / "teacher_retinanet.pkl"
+    ]
 
     # with a RetinaNet method too, its teacher and student are trained once, as rows and sources
     trained.clear()
@@ -1006,7 +1391,9 @@ def test_demo_starts_the_detr_runs_from_the_retinanets_backbones(tmp_path, monke
     names = [name for _, name, _ in trained]
     assert sorted(names) == sorted(set(names)) and len(names) == 6
     assert "teacher (retinanet)" in (tmp_path / "both" / "results.txt").read_text()
-    with pytest.raises(SystemExit, match=r"train\.init_checkpoint.*backbones of the demo's retinanet runs"):
+    with pytest.raises(
+        SystemExit, match=r"train\.init_checkpoint.*backbones of the demo's retinanet runs"
+    ):
         demo.main(["--methods", "d3etr", "--output", str(out), "--", "train.init_checkpoint=x.pkl"])
 
 
@@ -1019,14 +1406,33 @@ def test_demo_refuses_overrides_that_reach_its_two_students_differently(tmp_path
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     thr = "model.anchor_matcher.thresholds=[0.5,0.6]"
-    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py and student_retinanet\.py would train or evaluate "
-                                         r"different students: model\.student differ.*model\.X=\.\.\. model\.student\.X="):
+    with pytest.raises(
+        SystemExit,
+        match=r"pkd_retinanet\.py and student_retinanet\.py would train or evaluate "
+        r"different students: model\.student differ.*model\.X=\.\.\. model\.student\.X=",
+    ):
         demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", thr])
     with pytest.raises(SystemExit, match=r"model\.student differ"):  # the other way round
-        demo.main(["--methods", "pkd", "--output", str(tmp_path / "o"), "--", "model.student.head.conv_dims=[8]"])
-    kd, alone = (os.path.join(REPO, "configs/demo", f"{n}.py") for n in ("pkd_retinanet", "student_retinanet"))
-    demo.check_same_students([(kd, alone)], [thr, "model.student.anchor_matcher.thresholds=[0.5,0.6]"])
-    demo.check_same_students([(kd, alone)], ["model.distillers.pkd.loss_weight=3"])  # the distiller only
+        demo.main(
+            [
+                "--methods",
+                "pkd",
+                "--output",
+                str(tmp_path / "o"),
+                "--",
+                "model.student.head.conv_dims=[8]",
+            ]
+        )
+    kd, alone = (
+        os.path.join(REPO, "configs/demo", f"{n}.py")
+        for n in ("pkd_retinanet", "student_retinanet")
+    )
+    demo.check_same_students(
+        [(kd, alone)], [thr, "model.student.anchor_matcher.thresholds=[0.5,0.6]"]
+    )
+    demo.check_same_students(
+        [(kd, alone)], ["model.distillers.pkd.loss_weight=3"]
+    )  # the distiller only
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
@@ -1048,16 +1454,28 @@ def test_the_runs_read_the_data_where_this_process_does(tmp_path, monkeypatch):
         out = _output_dir(cmd)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.json"), "a") as f:
-            f.write(json.dumps({"bbox/AP": 1.0, "bbox/AP50": 2.0, "bbox/AP75": 3.0, "iteration": 1}) + "\n")
+            f.write(
+                json.dumps({"bbox/AP": 1.0, "bbox/AP50": 2.0, "bbox/AP75": 3.0, "iteration": 1})
+                + "\n"
+            )
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    res = repro.main([os.path.join(REPO, "configs/demo/pkd_retinanet.py"), "train.teacher_random_init=True",
-                      "train.teacher_checkpoint=", "--output", str(tmp_path / "o")])
+    res = repro.main(
+        [
+            os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+            "train.teacher_random_init=True",
+            "train.teacher_checkpoint=",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert seen == [str(tmp_path / "datasets")] * 2
     assert res["teacher"] == {}
 
 
-def test_repro_run_again_in_its_folder_reports_this_runs_results_only(tmp_path, monkeypatch, capsys):
+def test_repro_run_again_in_its_folder_reports_this_runs_results_only(
+    tmp_path, monkeypatch, capsys
+):
     """detectron2's writer appends to metrics.json: a second repro in the same folder whose
     distilled run does not evaluate its teacher (train.teacher_eval_at_start=False) printed the
     first run's teacher AP. Each run starts without the folder's old metrics.json."""
@@ -1073,11 +1491,21 @@ def test_repro_run_again_in_its_folder_reports_this_runs_results_only(tmp_path, 
             f.write("".join(json.dumps(m) + "\n" for m in lines))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    args = ["configs/demo/pkd_retinanet.py", "train.teacher_random_init=True", "train.teacher_checkpoint=",
-            "--output", str(tmp_path / "o")]
+    args = [
+        "configs/demo/pkd_retinanet.py",
+        "train.teacher_random_init=True",
+        "train.teacher_checkpoint=",
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert repro.main(args)["teacher"] == {"AP": 40.0}
     run = tmp_path / "o" / "demo" / "pkd_retinanet" / "distilled"
-    for name in ("model_final.pth", "model_0000000.pth", "last_checkpoint", "model_final_student.pth"):
+    for name in (
+        "model_final.pth",
+        "model_0000000.pth",
+        "last_checkpoint",
+        "model_final_student.pth",
+    ):
         (run / name).write_bytes(b"the first run's")
     (run / "model_mine.pth").write_bytes(b"kept")
     res = repro.main(args + ["train.teacher_eval_at_start=False"])

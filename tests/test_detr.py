@@ -1,12 +1,11 @@
 """Conditional DETR and D3ETR: matching vs brute force, attention maps, query groups, losses."""
+
 import itertools
 import math
 import re
 
 import numpy as np
-import pytest
 import torch
-
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.utils.events import EventStorage
@@ -14,7 +13,8 @@ from detectron2.utils.events import EventStorage
 from detkd import D3ETRDistiller, DistillationDetector, FeatureCapture, export_student
 from detkd.losses.d3etr import bernoulli_kl, hungarian_match, soft_bce_cost
 
-from conftest import history, load_config, short_train, make_inputs
+import pytest
+from conftest import history, load_config, make_inputs, short_train
 
 
 def detr_cfg(frozen=False, dropout=0.0):
@@ -35,9 +35,15 @@ def test_hungarian_equals_brute_force(shape):
         got = cost[match[:, 0], match[:, 1]].sum().item()
         n, m = shape
         if n <= m:
-            best = min(sum(cost[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(m), n))
+            best = min(
+                sum(cost[i, p[i]].item() for i in range(n))
+                for p in itertools.permutations(range(m), n)
+            )
         else:
-            best = min(sum(cost[p[j], j].item() for j in range(m)) for p in itertools.permutations(range(n), m))
+            best = min(
+                sum(cost[p[j], j].item() for j in range(m))
+                for p in itertools.permutations(range(n), m)
+            )
         assert len(match) == min(shape) and got == pytest.approx(best, abs=1e-6)
 
 
@@ -50,7 +56,6 @@ def test_hungarian_match_with_stop_set_skips_the_problems():
     assert all(np.array_equal(a, b) for a, b in zip(solved, hungarian_match(cost)))
     stop.set()
     assert hungarian_match(cost, stop=stop) is None
-
 
 
 def test_solve_assignments_solves_small_calls_in_the_calling_thread(monkeypatch):
@@ -97,9 +102,12 @@ def test_solve_assignments_keeps_one_pool_per_name_whatever_the_number_of_proble
     assert keys == [(pool, 4)]
     assert 2 <= len(threads) <= 4
 
+
 def test_class_cost_and_bernoulli_kl_formulas():
     g = torch.Generator().manual_seed(0)
-    zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    zt, zs = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(
+        5, 4, generator=g, dtype=torch.float64
+    )
     q = zt.sigmoid()
     ref = torch.zeros(3, 5, dtype=torch.float64)
     for i in range(3):
@@ -116,7 +124,10 @@ def test_class_cost_and_bernoulli_kl_formulas():
 def _decoder_taps(model):
     names = ["head"]
     for i in range(len(model.transformer.decoder.layers)):
-        names += [f"transformer.decoder.layers.{i}.self_attn", f"transformer.decoder.layers.{i}.cross_attn"]
+        names += [
+            f"transformer.decoder.layers.{i}.self_attn",
+            f"transformer.decoder.layers.{i}.cross_attn",
+        ]
     return FeatureCapture(model, names)
 
 
@@ -178,25 +189,27 @@ def test_grouped_self_attention_equals_block_mask(groups):
     g = torch.Generator().manual_seed(0)
     B, N, D, M = 2, sum(groups), 8, 2
     attn = Attention(qk_dim=D, v_dim=D, num_heads=M).double()
-    q, k, v = (torch.randn(B, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(B, N, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
     mask = torch.full((N, N), float("-inf"), dtype=torch.float64)
     start = 0
     for n in groups:
-        mask[start:start + n, start:start + n] = 0
+        mask[start : start + n, start : start + n] = 0
         start += n
     out_ref, w_ref = attn(q, k, v, attn_mask=mask)
     out, blocks = attn(q, k, v, groups=groups)
     torch.testing.assert_close(out, out_ref)
     start = 0
     for n, w in zip(groups, blocks):
-        torch.testing.assert_close(w, w_ref[:, :, start:start + n, start:start + n])
+        torch.testing.assert_close(w, w_ref[:, :, start : start + n, start : start + n])
         start += n
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     dw = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in blocks]
     dw_full = torch.zeros_like(w_ref)
     start = 0
     for n, x in zip(groups, dw):
-        dw_full[:, :, start:start + n, start:start + n] = x
+        dw_full[:, :, start : start + n, start : start + n] = x
         start += n
     got = torch.autograd.grad([out, *blocks], [q, k, v], [dout, *dw])
     ref = torch.autograd.grad([out_ref, w_ref], [q, k, v], [dout, dw_full])
@@ -362,12 +375,20 @@ def test_d3etr_needs_detr_pairs():
 
     real = instantiate(detr_cfg())
     student = types.SimpleNamespace(
-        **{a: getattr(real, a) for a in ("head", "transformer", "query_embed", "num_queries", "num_classes")}
+        **{
+            a: getattr(real, a)
+            for a in ("head", "transformer", "query_embed", "num_queries", "num_classes")
+        }
     )
     teacher = instantiate(detr_cfg(frozen=True))
-    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses', 'prepare_targets'\]"):
+    with pytest.raises(
+        TypeError,
+        match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses', 'prepare_targets'\]",
+    ):
         D3ETRDistiller().bind(student, teacher)
-    with pytest.raises(TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses'\]"):
+    with pytest.raises(
+        TypeError, match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses'\]"
+    ):
         D3ETRDistiller(aux_gt_loss=False).bind(student, teacher)
     D3ETRDistiller(fixed_matching=False, aux_gt_loss=False).bind(student, teacher)
     # the teacher runs to its head through forward_predictions
@@ -384,10 +405,14 @@ def test_d3etr_pair_errors_name_the_fix_and_ca_weight_0_trains_memories_of_other
     res5 = detr_cfg(frozen=True)
     res5.backbone.out_features = ["res5"]
     res5.in_feature = "res5"
-    with pytest.raises(ValueError, match=(
+    with pytest.raises(
+        ValueError,
+        match=(
             r"distillers\['d3etr'\] \(D3ETRDistiller\): D3ETR: the cross-attention maps are compared key by "
             r"key.*student's memory has stride 16 \(in_feature='res4'\) and the teacher's 32 \(in_feature="
-            r"'res5'\).*model\.student\.in_feature.*ca_weight=0")):
+            r"'res5'\).*model\.student\.in_feature.*ca_weight=0"
+        ),
+    ):
         _d3etr(teacher=res5)
     model = _d3etr(teacher=res5, ca_weight=0.0)
     inputs = make_inputs(2, size=(64, 64))
@@ -399,13 +424,19 @@ def test_d3etr_pair_errors_name_the_fix_and_ca_weight_0_trains_memories_of_other
 
     deeper = detr_cfg(frozen=True)
     deeper.transformer.num_decoder_layers = 4
-    with pytest.raises(ValueError, match=r"the student has 3 decoder layers, the teacher 4\. Give the student as "
-                                         r"many \(model\.student\.transformer\.num_decoder_layers=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"the student has 3 decoder layers, the teacher 4\. Give the student as "
+        r"many \(model\.student\.transformer\.num_decoder_layers=4",
+    ):
         _d3etr(teacher=deeper)
     other = detr_cfg(frozen=True)
     other.num_classes = 5
-    with pytest.raises(ValueError, match=r"class-count mismatch \(student \d+, teacher 5\).*distil features only "
-                                         r"\(PKD, ReviewKD\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"class-count mismatch \(student \d+, teacher 5\).*distil features only "
+        r"\(PKD, ReviewKD\)",
+    ):
         _d3etr(teacher=other)
 
 
@@ -461,14 +492,19 @@ def _row_kl(p, q):
 
 def _one_layer_taps(head, sa, ca):
     """Taps of a one-layer decoder: the head's predictions and layer 0's attention maps."""
-    return {"head": head, "transformer.decoder.layers.0.self_attn": (None, sa),
-            "transformer.decoder.layers.0.cross_attn": (None, ca)}
+    return {
+        "head": head,
+        "transformer.decoder.layers.0.self_attn": (None, sa),
+        "transformer.decoder.layers.0.cross_attn": (None, ca),
+    }
 
 
 def _spread_boxes(B, N=4):
     """(1, B, N, 4) cxcywh boxes, N = 4 apart on the diagonal: one cost-free identity match."""
     centers = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)[:N]
-    boxes = torch.stack([centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1)
+    boxes = torch.stack(
+        [centers, centers, torch.full_like(centers, 0.1), torch.full_like(centers, 0.1)], -1
+    )
     return boxes.expand(1, B, N, 4).clone()
 
 
@@ -486,18 +522,38 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
     g = torch.Generator().manual_seed(3)
 
     def preds(n):
-        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        boxes = torch.cat(
+            [
+                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
+                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
+            ],
+            -1,
+        )
         return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
 
     nq = Ns + Nt if fixed else Ns
     t_logits, t_boxes = preds(Nt)
     s_logits, s_boxes = preds(nq)
-    t_taps, s_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}, {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
+    t_taps, s_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}, {
+        "head": {"pred_logits": s_logits, "pred_boxes": s_boxes}
+    }
     for l in range(L):
-        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, Nt, Nt, g=g))
-        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, Nt, HW, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g).requires_grad_())
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g).requires_grad_())
+        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
+            None,
+            _softmax_rows(B, M, Nt, Nt, g=g),
+        )
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, Nt, HW, g=g),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
+            None,
+            _softmax_rows(B, M, nq, nq, g=g).requires_grad_(),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, nq, HW, g=g).requires_grad_(),
+        )
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=Ns))
     with EventStorage() as storage:
@@ -510,8 +566,14 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
     ref = {k: 0.0 for k in ("cls", "l1", "giou", "sa", "ca")}
     match_cost = [0.0] * L  # the logged d3etr/match_cost_<l>: mean matched cost, mean over images
     for l in range(L):
-        t_sa, t_ca = t_taps[f"transformer.decoder.layers.{l}.self_attn"][1], t_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
-        s_sa, s_ca = s_taps[f"transformer.decoder.layers.{l}.self_attn"][1], s_taps[f"transformer.decoder.layers.{l}.cross_attn"][1]
+        t_sa, t_ca = (
+            t_taps[f"transformer.decoder.layers.{l}.self_attn"][1],
+            t_taps[f"transformer.decoder.layers.{l}.cross_attn"][1],
+        )
+        s_sa, s_ca = (
+            s_taps[f"transformer.decoder.layers.{l}.self_attn"][1],
+            s_taps[f"transformer.decoder.layers.{l}.cross_attn"][1],
+        )
         groups = [[]]  # group 1 pairs, then group 2 pairs: (b, teacher i, student j)
         for b in range(B):
             zt, zs = t_logits[l, b], s_logits[l, b, :Ns]
@@ -523,10 +585,16 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
                     cost[i, j] = bce + 5 * (t_boxes[l, b, i] - s_boxes[l, b, j]).abs().sum()
             cost -= 2 * generalized_box_iou(xyxy(t_boxes[l, b]), xyxy(s_boxes[l, b, :Ns]))
             if Nt <= Ns:  # every teacher query i gets a student query pm[i]
-                pm = min(itertools.permutations(range(Ns), Nt), key=lambda pm: sum(cost[i, pm[i]] for i in range(Nt)))
+                pm = min(
+                    itertools.permutations(range(Ns), Nt),
+                    key=lambda pm: sum(cost[i, pm[i]] for i in range(Nt)),
+                )
                 pairs = [(i, pm[i]) for i in range(Nt)]
             else:  # every student query j gets a teacher query pm[j]
-                pm = min(itertools.permutations(range(Nt), Ns), key=lambda pm: sum(cost[pm[j], j] for j in range(Ns)))
+                pm = min(
+                    itertools.permutations(range(Nt), Ns),
+                    key=lambda pm: sum(cost[pm[j], j] for j in range(Ns)),
+                )
                 pairs = sorted((pm[j], j) for j in range(Ns))
             groups[0] += [(b, i, j) for i, j in pairs]
             match_cost[l] += sum(float(cost[i, j]) for i, j in pairs) / len(pairs) / B
@@ -545,26 +613,41 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
             q, p = zt.sigmoid(), zs.sigmoid()
             ref["cls"] += (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum(-1).mean()
             ref["l1"] += (t_boxes[l, bi, ti] - s_boxes[l, bi, si]).abs().sum(-1).mean()
-            ref["giou"] += (1 - generalized_box_iou(xyxy(s_boxes[l, bi, si]), xyxy(t_boxes[l, bi, ti])).diag()).mean()
+            ref["giou"] += (
+                1 - generalized_box_iou(xyxy(s_boxes[l, bi, si]), xyxy(t_boxes[l, bi, ti])).diag()
+            ).mean()
     weights = dict(cls=1, l1=5, giou=2, sa=1, ca=1)
     for k, v in ref.items():
         assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * float(v), rel=1e-6), k
     for l in range(L):
         assert logged[f"d3etr/match_cost_{l}"] == pytest.approx(match_cost[l], rel=1e-5), l
     # Attention terms: the gradients reaching the student's maps equal those of the reference.
-    maps = [s_taps[f"transformer.decoder.layers.{l}.{a}"][1] for l in range(L) for a in ("self_attn", "cross_attn")]
-    g_got = torch.autograd.grad(got["loss_d3etr_sa"] + 0.7 * got["loss_d3etr_ca"], maps, allow_unused=True)
+    maps = [
+        s_taps[f"transformer.decoder.layers.{l}.{a}"][1]
+        for l in range(L)
+        for a in ("self_attn", "cross_attn")
+    ]
+    g_got = torch.autograd.grad(
+        got["loss_d3etr_sa"] + 0.7 * got["loss_d3etr_ca"], maps, allow_unused=True
+    )
     g_ref = torch.autograd.grad(ref["sa"] + 0.7 * ref["ca"], maps, allow_unused=True)
     for a, b, x in zip(g_got, g_ref, maps):  # unused maps (no self-attention term): no gradient
-        torch.testing.assert_close(*(torch.zeros_like(x) if y is None else y for y in (a, b)), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            *(torch.zeros_like(x) if y is None else y for y in (a, b)), rtol=1e-9, atol=1e-12
+        )
     if fixed:  # a grouped self-attention hands the student's maps over as per-group blocks
         blocked = dict(s_taps)
         for l in range(L):
             sa = s_taps[f"transformer.decoder.layers.{l}.self_attn"][1]
-            blocked[f"transformer.decoder.layers.{l}.self_attn"] = (None, (sa[:, :, :Ns, :Ns], sa[:, :, Ns:, Ns:]))
+            blocked[f"transformer.decoder.layers.{l}.self_attn"] = (
+                None,
+                (sa[:, :, :Ns, :Ns], sa[:, :, Ns:, Ns:]),
+            )
         with EventStorage():
             got_b = d(blocked, t_taps, ctx)
-        assert got_b["loss_d3etr_sa"].item() == pytest.approx(got["loss_d3etr_sa"].item(), rel=1e-12)
+        assert got_b["loss_d3etr_sa"].item() == pytest.approx(
+            got["loss_d3etr_sa"].item(), rel=1e-12
+        )
         g_blk = torch.autograd.grad(got_b["loss_d3etr_sa"] + 0.7 * got_b["loss_d3etr_ca"], maps)
         for a, b in zip(g_blk, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -576,16 +659,36 @@ def test_giou_cxcywh_equals_torchvision_values_and_the_xyxy_gradients():
     from detkd.modeling.detr import giou_cxcywh, paired_giou
 
     g = torch.Generator().manual_seed(3)
-    a = torch.cat([torch.rand(2, 7, 2, generator=g), torch.rand(2, 7, 2, generator=g) * 0.6 + 0.01], -1)
-    b = torch.cat([torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g) * 0.6 + 0.01], -1)
+    a = torch.cat(
+        [torch.rand(2, 7, 2, generator=g), torch.rand(2, 7, 2, generator=g) * 0.6 + 0.01], -1
+    )
+    b = torch.cat(
+        [torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g) * 0.6 + 0.01], -1
+    )
     # hand-made pairs: identical, nested, disjoint along x, touching, apart on both axes
-    a[0, :5] = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.4, 0.4], [0.2, 0.5, 0.1, 0.1],
-                             [0.2, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
-    b[0, :5] = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.1, 0.2], [0.4, 0.5, 0.1, 0.1],
-                             [0.4, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
+    a[0, :5] = torch.tensor(
+        [
+            [0.5, 0.5, 0.2, 0.2],
+            [0.5, 0.5, 0.4, 0.4],
+            [0.2, 0.5, 0.1, 0.1],
+            [0.2, 0.5, 0.2, 0.2],
+            [0.1, 0.1, 0.1, 0.1],
+        ]
+    )
+    b[0, :5] = torch.tensor(
+        [
+            [0.5, 0.5, 0.2, 0.2],
+            [0.5, 0.5, 0.1, 0.2],
+            [0.4, 0.5, 0.1, 0.1],
+            [0.4, 0.5, 0.2, 0.2],
+            [0.9, 0.9, 0.1, 0.1],
+        ]
+    )
     pairwise = giou_cxcywh(a[:, :, None, :], b[:, None, :, :])  # (2, 7, 5)
     for i in range(2):
-        ref = generalized_box_iou(box_convert(a[i], "cxcywh", "xyxy"), box_convert(b[i], "cxcywh", "xyxy"))
+        ref = generalized_box_iou(
+            box_convert(a[i], "cxcywh", "xyxy"), box_convert(b[i], "cxcywh", "xyxy")
+        )
         torch.testing.assert_close(pairwise[i], ref, atol=1e-6, rtol=0)
     # by hand: identical 1; nested 0.02 / 0.16 (hull = union = the larger box); apart on x by
     # one width (hull 0.3 x 0.1, union 0.02): -0.01 / 0.03; touching: 0 - (0.08 - 0.08) / 0.08;
@@ -597,7 +700,8 @@ def test_giou_cxcywh_equals_torchvision_values_and_the_xyxy_gradients():
     w = torch.rand(5, generator=g)
     gx, gy = torch.autograd.grad((giou_cxcywh(x, y) * w).sum(), (x, y))
     rx, ry = torch.autograd.grad(
-        (paired_giou(box_convert(x, "cxcywh", "xyxy"), box_convert(y, "cxcywh", "xyxy")) * w).sum(), (x, y)
+        (paired_giou(box_convert(x, "cxcywh", "xyxy"), box_convert(y, "cxcywh", "xyxy")) * w).sum(),
+        (x, y),
     )
     torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gy, ry, atol=1e-5, rtol=1e-5)
@@ -617,7 +721,9 @@ def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():
     got = pairwise_giou(a, b)
     for i in range(3):
         assert torch.allclose(got[i], generalized_box_iou(a[i], b[i]), atol=1e-6)
-        assert torch.allclose(paired_giou(a[i, :4], b[i]), generalized_box_iou(a[i, :4], b[i]).diag(), atol=1e-6)
+        assert torch.allclose(
+            paired_giou(a[i, :4], b[i]), generalized_box_iou(a[i, :4], b[i]).diag(), atol=1e-6
+        )
     matcher = HungarianMatcher()
     logits = torch.randn(3, 2, 6, 4, generator=g)
     boxes = torch.rand(3, 2, 6, 4, generator=g) * 0.5 + 0.1
@@ -630,12 +736,15 @@ def test_pairwise_giou_and_batched_matcher_equal_torchvision_and_per_layer():
         lg, bx, t = logits[l, 0], boxes[l, 0], targets[0]
         p = lg.sigmoid()[:, t["labels"]]
         cost = 2 * (0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p**2 * -(1 - p + 1e-8).log())
-        cost = cost + 5 * torch.cdist(bx, t["boxes"], p=1) - 2 * generalized_box_iou(
-            box_convert_xyxy(bx), box_convert_xyxy(t["boxes"])
+        cost = (
+            cost
+            + 5 * torch.cdist(bx, t["boxes"], p=1)
+            - 2 * generalized_box_iou(box_convert_xyxy(bx), box_convert_xyxy(t["boxes"]))
         )
         rows, cols = batched[l][0]
         best = min(
-            sum(cost[r, c].item() for c, r in enumerate(pm)) for pm in itertools.permutations(range(6), 3)
+            sum(cost[r, c].item() for c, r in enumerate(pm))
+            for pm in itertools.permutations(range(6), 3)
         )
         assert len(rows) == 3 and cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
         assert len(batched[l][1][0]) == 0
@@ -660,10 +769,21 @@ def _reference_gt_losses(model, logits, boxes, targets, indices_per_layer, num_b
             src, dst = boxes[l, b, p], targets[b]["boxes"][g]
             l1 = l1 + (src - dst).abs().sum()
             if len(p):
-                giou = giou + (1 - generalized_box_iou(box_convert_xyxy(src), box_convert_xyxy(dst)).diag()).sum()
+                giou = (
+                    giou
+                    + (
+                        1 - generalized_box_iou(box_convert_xyxy(src), box_convert_xyxy(dst)).diag()
+                    ).sum()
+                )
         # METHODS.md 4.1: focal loss with alpha = 0.25, gamma = 2 (the model's defaults)
         cls = sigmoid_focal_loss(logits[l], onehot, 0.25, 2.0, reduction="sum")
-        out.append({"loss_class": 2 * cls / num_boxes, "loss_bbox": 5 * l1 / num_boxes, "loss_giou": 2 * giou / num_boxes})
+        out.append(
+            {
+                "loss_class": 2 * cls / num_boxes,
+                "loss_bbox": 5 * l1 / num_boxes,
+                "loss_giou": 2 * giou / num_boxes,
+            }
+        )
     return out
 
 
@@ -677,7 +797,10 @@ def test_all_layer_gt_losses_equal_a_per_layer_per_image_reference(aux_loss):
     boxes = (torch.rand(L, B, N, 4, generator=g) * 0.4 + 0.2).requires_grad_()
     sizes = [3, 0, 2]  # an image without ground truth
     targets = [
-        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2}
+        {
+            "labels": torch.randint(0, K, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2,
+        }
         for n in sizes
     ]
     num_boxes = 5.0
@@ -685,23 +808,44 @@ def test_all_layer_gt_losses_equal_a_per_layer_per_image_reference(aux_loss):
     per_layer = model.matcher.match_layers(logits.detach(), boxes.detach(), targets)
     flat = model.matcher.match_layers_flat(logits.detach(), boxes.detach(), targets)
     starts = [0, 3, 3]
-    expect = [(l, b, int(p), int(t) + starts[b]) for l in range(L) for b in range(B) for p, t in zip(*per_layer[l][b])]
+    expect = [
+        (l, b, int(p), int(t) + starts[b])
+        for l in range(L)
+        for b in range(B)
+        for p, t in zip(*per_layer[l][b])
+    ]
     assert [tuple(c) for c in flat.t().tolist()] == expect
-    assert flat.dtype == torch.long and flat.shape == (4, L * (3 + 0 + 2))  # min(N, G) pairs per image and layer
+    assert flat.dtype == torch.long and flat.shape == (
+        4,
+        L * (3 + 0 + 2),
+    )  # min(N, G) pairs per image and layer
 
     # a given last-layer assignment (D3ETR's teacher assignment), as per-image pairs or flat
-    given = [(torch.tensor([6, 0, 2]), torch.tensor([1, 2, 0])), (torch.zeros(0, dtype=torch.long),) * 2,
-             (torch.tensor([4, 5]), torch.tensor([1, 0]))]
+    given = [
+        (torch.tensor([6, 0, 2]), torch.tensor([1, 2, 0])),
+        (torch.zeros(0, dtype=torch.long),) * 2,
+        (torch.tensor([4, 5]), torch.tensor([1, 0])),
+    ]
     given_flat = model._flat_match(given, targets, "cpu")
     assert given_flat.tolist() == [[0] * 5, [0, 0, 0, 2, 2], [6, 0, 2, 4, 5], [1, 2, 0, 4, 3]]
     for last in (None, given, given_flat):
         got = model.compute_gt_losses(logits, boxes, targets, indices_last_layer=last)
         layers = list(range(L)) if aux_loss else [L - 1]
         indices = [per_layer[l] if (l < L - 1 or last is None) else given for l in layers]
-        ref = _reference_gt_losses(model, logits[layers], boxes[layers], targets, indices, num_boxes)
-        names = [k + ("" if l == L - 1 else f"_{l}") for l in layers for k in ("loss_class", "loss_bbox", "loss_giou")]
+        ref = _reference_gt_losses(
+            model, logits[layers], boxes[layers], targets, indices, num_boxes
+        )
+        names = [
+            k + ("" if l == L - 1 else f"_{l}")
+            for l in layers
+            for k in ("loss_class", "loss_bbox", "loss_giou")
+        ]
         assert list(got) == names
-        want = {k + ("" if l == L - 1 else f"_{l}"): v for l, r in zip(layers, ref) for k, v in r.items()}
+        want = {
+            k + ("" if l == L - 1 else f"_{l}"): v
+            for l, r in zip(layers, ref)
+            for k, v in r.items()
+        }
         for k in names:
             assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, got[k], want[k])
         # gradients too (weighted sum of all terms, one backward each)
@@ -716,14 +860,26 @@ def test_prepare_targets_normalises_each_image_by_its_size():
     from detectron2.structures import Boxes, Instances
 
     model = instantiate(detr_cfg())
-    a = Instances((100, 200), gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 200.0, 100.0]])),
-                  gt_classes=torch.tensor([2, 0]))
-    empty = Instances((64, 64), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
-    c = Instances((50, 40), gt_boxes=Boxes(torch.tensor([[4.0, 5.0, 8.0, 25.0]])), gt_classes=torch.tensor([1]))
+    a = Instances(
+        (100, 200),
+        gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 200.0, 100.0]])),
+        gt_classes=torch.tensor([2, 0]),
+    )
+    empty = Instances(
+        (64, 64), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long)
+    )
+    c = Instances(
+        (50, 40),
+        gt_boxes=Boxes(torch.tensor([[4.0, 5.0, 8.0, 25.0]])),
+        gt_classes=torch.tensor([1]),
+    )
     t = model.prepare_targets([a, empty, c])
     assert [x["labels"].tolist() for x in t] == [[2, 0], [], [1]]
     # (cx, cy, w, h) / (W, H, W, H)
-    assert torch.allclose(t[0]["boxes"], torch.tensor([[30 / 200, 40 / 100, 40 / 200, 40 / 100], [0.5, 0.5, 1.0, 1.0]]))
+    assert torch.allclose(
+        t[0]["boxes"],
+        torch.tensor([[30 / 200, 40 / 100, 40 / 200, 40 / 100], [0.5, 0.5, 1.0, 1.0]]),
+    )
     assert t[1]["boxes"].shape == (0, 4)
     assert torch.allclose(t[2]["boxes"], torch.tensor([[6 / 40, 15 / 50, 4 / 40, 20 / 50]]))
     assert model.prepare_targets([]) == []
@@ -749,6 +905,7 @@ def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(mo
 
     runs = []
     for hook in (True, False):
+
         def start_or_drop(self, *a, owner=None, _h=hook):
             return spy(self, *a, owner=owner, hook=_h)
 
@@ -763,7 +920,9 @@ def test_d3etr_match_started_from_the_student_head_equals_a_synchronous_match(mo
         runs.append((losses, costs, grads))
     # run 1: started from the head hook, with the step's context; run 2: the hook's start is
     # dropped (None), so the forward starts the match itself (owner None)
-    assert owners[0] is not None and owners[1] is not None and owners[2] is None and len(owners) == 3
+    assert (
+        owners[0] is not None and owners[1] is not None and owners[2] is None and len(owners) == 3
+    )
     (l1, c1, g1), (l2, c2, g2) = runs
     assert l1.keys() == l2.keys() and all(torch.equal(l1[k], l2[k]) for k in l1)
     assert c1 == c2 and all(c > 0 for c in c1)
@@ -885,10 +1044,17 @@ def test_gt_losses_normalise_by_the_boxes_of_all_processes(tmp_path):
     logits = torch.randn(L, 2, N, K, generator=g)
     boxes = torch.rand(L, 2, N, 4, generator=g) * 0.4 + 0.2
     targets = [
-        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2}
+        {
+            "labels": torch.randint(0, K, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.2,
+        }
         for n in (1, 4)
     ]
-    mp.spawn(_num_boxes_worker, args=(str(tmp_path / "init"), str(tmp_path), logits, boxes, targets), nprocs=2)
+    mp.spawn(
+        _num_boxes_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), logits, boxes, targets),
+        nprocs=2,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     single = instantiate(detr_cfg()).compute_gt_losses(logits, boxes, targets)
@@ -915,7 +1081,10 @@ def test_matcher_default_costs_are_focal_2_l1_5_giou_2():
         focal = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p**2 * -(1 - p + 1e-8).log()
         cost = class_weight * focal + 5 * torch.cdist(boxes, gt, p=1)
         cost = cost - 2 * generalized_box_iou(box_convert_xyxy(boxes), box_convert_xyxy(gt))
-        return min(itertools.permutations(range(2)), key=lambda pm: sum(cost[i, pm[i]].item() for i in range(2)))
+        return min(
+            itertools.permutations(range(2)),
+            key=lambda pm: sum(cost[i, pm[i]].item() for i in range(2)),
+        )
 
     assert best(2.0) == (1, 0) and best(1.0) == (0, 1)  # the case discriminates the weight
     rows, cols = HungarianMatcher()(logits[None], boxes[None], [{"labels": labels, "boxes": gt}])[0]
@@ -952,7 +1121,10 @@ def test_gt_box_losses_of_low_precision_predictions_are_computed_in_float32(dtyp
     model.aux_loss = False
     g = torch.Generator().manual_seed(5)
     G, N, K = 6, 10, 3
-    gt = torch.cat([torch.rand(G, 2, generator=g) * 0.8 + 0.1, torch.rand(G, 2, generator=g) * 0.006 + 0.004], -1)
+    gt = torch.cat(
+        [torch.rand(G, 2, generator=g) * 0.8 + 0.1, torch.rand(G, 2, generator=g) * 0.006 + 0.004],
+        -1,
+    )
     targets = [{"labels": torch.randint(0, K, (G,), generator=g), "boxes": gt}]
     boxes = torch.rand(1, 1, N, 4, generator=g) * 0.3 + 0.1
     boxes[0, 0, :G] = gt + 0.0005 * torch.randn(G, 4, generator=g)  # near-converged small boxes
@@ -961,8 +1133,13 @@ def test_gt_box_losses_of_low_precision_predictions_are_computed_in_float32(dtyp
     match = [(torch.arange(G), torch.arange(G))]
     got = model.compute_gt_losses(low_logits, low_boxes, targets, indices_last_layer=match)
     # the reference: the same low-precision values, in float64, against the float64 targets
-    ref_logits, ref_boxes = low_logits.detach().double().requires_grad_(), low_boxes.detach().double().requires_grad_()
-    (want,) = _reference_gt_losses(model, ref_logits, ref_boxes, [{**targets[0], "boxes": gt.double()}], [match], float(G))
+    ref_logits, ref_boxes = (
+        low_logits.detach().double().requires_grad_(),
+        low_boxes.detach().double().requires_grad_(),
+    )
+    (want,) = _reference_gt_losses(
+        model, ref_logits, ref_boxes, [{**targets[0], "boxes": gt.double()}], [match], float(G)
+    )
     for k in ("loss_class", "loss_bbox", "loss_giou"):
         assert got[k].dtype == torch.float32
         assert got[k].item() == pytest.approx(want[k].item(), rel=1e-4), k
@@ -986,7 +1163,7 @@ def test_attention_is_scaled_dot_product_per_head():
     out, weights = attn(q, k, v, key_padding_mask=pad)
     heads, maps = [], []
     for h in range(2):
-        qh, kh, vh = q[..., 4 * h:4 * h + 4], k[..., 4 * h:4 * h + 4], v[..., 3 * h:3 * h + 3]
+        qh, kh, vh = q[..., 4 * h : 4 * h + 4], k[..., 4 * h : 4 * h + 4], v[..., 3 * h : 3 * h + 3]
         logits = qh @ kh.transpose(1, 2) / 2.0  # sqrt(d_h) = sqrt(4)
         logits = logits.masked_fill(pad[:, None, :], float("-inf"))
         w = logits.softmax(-1)
@@ -1013,14 +1190,19 @@ def test_d3etr_auxiliary_group_takes_the_teachers_assignment_at_the_last_layer()
 
     (aux_logits, aux_boxes), (t_logits, t_boxes) = preds(), preds()
     inputs = make_inputs(n=B, boxes_per_image=3, seed=2)
-    got = d._aux_gt_losses(model, SimpleNamespace(batched_inputs=inputs), aux_logits, aux_boxes, t_logits, t_boxes)
+    got = d._aux_gt_losses(
+        model, SimpleNamespace(batched_inputs=inputs), aux_logits, aux_boxes, t_logits, t_boxes
+    )
     targets = model.prepare_targets([x["instances"] for x in inputs])
     own = [model.matcher(aux_logits[l], aux_boxes[l], targets) for l in range(L)]
     teacher = model.matcher(t_logits[-1], t_boxes[-1], targets)
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(own[-1], teacher))  # they differ here
     ref = _reference_gt_losses(model, aux_logits, aux_boxes, targets, own[:-1] + [teacher], 6.0)
-    want = {f"loss_d3etr_aux_{k[len('loss_'):]}" + ("" if l == L - 1 else f"_{l}"): v
-            for l, r in enumerate(ref) for k, v in r.items()}
+    want = {
+        f"loss_d3etr_aux_{k[len('loss_'):]}" + ("" if l == L - 1 else f"_{l}"): v
+        for l, r in enumerate(ref)
+        for k, v in r.items()
+    }
     assert set(got) == set(want)
     for k in want:
         assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
@@ -1044,8 +1226,12 @@ def test_d3etr_different_head_counts_compare_head_averaged_maps():
         got = d(s_taps, t_taps, SimpleNamespace(student=SimpleNamespace(num_queries=N)))
     assert got["loss_d3etr_l1"].item() == 0.0  # identity match
 
-    assert got["loss_d3etr_sa"].item() == pytest.approx(_row_kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9)
-    assert got["loss_d3etr_ca"].item() == pytest.approx(_row_kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9)
+    assert got["loss_d3etr_sa"].item() == pytest.approx(
+        _row_kl(t_sa.mean(1), s_sa[:, 0]).item(), rel=1e-9
+    )
+    assert got["loss_d3etr_ca"].item() == pytest.approx(
+        _row_kl(t_ca.mean(1), s_ca[:, 0]).item(), rel=1e-9
+    )
 
 
 def test_d3etr_baseline_trains_on_detrs_augmentation():
@@ -1103,7 +1289,9 @@ def test_d3etr_adaptive_match_cost_sums_the_class_cost_over_classes():
             bce = -(q[i] * p[j].log() + (1 - q[i]) * (1 - p[j]).log()).sum()
             cost[i, j] = bce + 5 * (t_boxes[0, 0, i] - s_boxes[0, 0, j]).abs().sum()
     cost -= 2 * generalized_box_iou(xyxy(t_boxes[0, 0]), xyxy(s_boxes[0, 0]))
-    best = min(itertools.permutations(range(2)), key=lambda pm: sum(cost[i, pm[i]] for i in range(2)))
+    best = min(
+        itertools.permutations(range(2)), key=lambda pm: sum(cost[i, pm[i]] for i in range(2))
+    )
     assert best == (0, 1)  # the classes decide
     d = D3ETRDistiller()
     ti, si, mean_cost = d._match(t_logits, t_boxes, s_logits, s_boxes)
@@ -1123,7 +1311,9 @@ def test_attention_kl_is_teacher_to_student_kl_averaged_over_rows():
     row0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.5)
     row1 = 0.2 * math.log(0.2 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.5 * math.log(0.5 / 0.25)
     assert attention_kl(t, s).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
-    assert attention_kl(t[None, None], s[None, None]).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert attention_kl(t[None, None], s[None, None]).item() == pytest.approx(
+        (row0 + row1) / 2, rel=1e-12
+    )
     assert attention_kl(t, t).item() == pytest.approx(0.0, abs=1e-15)
     # a tiny student weight (above the 1e-12 clamp) is taken as it is: KL 0.5 * log(0.5 / 1e-9)
     tiny = torch.tensor([[1e-9, 0.5, 0.5 - 1e-9]], dtype=torch.float64)
@@ -1140,7 +1330,13 @@ def test_d3etr_loss_weights_scale_their_own_terms():
     g = torch.Generator().manual_seed(11)
 
     def preds(n):
-        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        boxes = torch.cat(
+            [
+                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
+                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
+            ],
+            -1,
+        )
         return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
 
     t_logits, t_boxes = preds(N)
@@ -1149,9 +1345,18 @@ def test_d3etr_loss_weights_scale_their_own_terms():
     s_taps = {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
     for l in range(L):
         t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, N, N, g=g))
-        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, N, HW, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, 2 * N, 2 * N, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, 2 * N, HW, g=g))
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, N, HW, g=g),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
+            None,
+            _softmax_rows(B, M, 2 * N, 2 * N, g=g),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, 2 * N, HW, g=g),
+        )
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
     keys = ("cls", "l1", "giou", "sa", "ca")
     unit = D3ETRDistiller(aux_gt_loss=False, **{f"{k}_weight": 1.0 for k in keys})
@@ -1161,7 +1366,9 @@ def test_d3etr_loss_weights_scale_their_own_terms():
         base, got = unit(s_taps, t_taps, ctx), weighted(s_taps, t_taps, ctx)
     for k in keys:
         assert base[f"loss_d3etr_{k}"].item() > 1e-3, k
-        assert got[f"loss_d3etr_{k}"].item() == pytest.approx(weights[k] * base[f"loss_d3etr_{k}"].item(), rel=1e-12), k
+        assert got[f"loss_d3etr_{k}"].item() == pytest.approx(
+            weights[k] * base[f"loss_d3etr_{k}"].item(), rel=1e-12
+        ), k
 
 
 def test_d3etr_auxiliary_group_runs_the_teachers_queries():
@@ -1174,8 +1381,10 @@ def test_d3etr_auxiliary_group_runs_the_teachers_queries():
     with torch.no_grad():
         model.teacher.query_embed.weight.normal_(0, 1.0)
     heads = {}
-    hooks = [m.head.register_forward_hook(lambda mod, i, out, side=side: heads.__setitem__(side, out))
-             for side, m in (("student", model.student), ("teacher", model.teacher))]
+    hooks = [
+        m.head.register_forward_hook(lambda mod, i, out, side=side: heads.__setitem__(side, out))
+        for side, m in (("student", model.student), ("teacher", model.teacher))
+    ]
     try:
         with EventStorage():
             model(make_inputs(n=2))
@@ -1204,7 +1413,13 @@ def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
     nq = Ns + Nt if fixed else Ns
 
     def preds(n):
-        boxes = torch.cat([torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2, torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05], -1)
+        boxes = torch.cat(
+            [
+                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
+                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
+            ],
+            -1,
+        )
         return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
 
     t_logits, t_boxes = preds(Nt)
@@ -1212,11 +1427,27 @@ def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
     t_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}
     s_taps = {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
     for l in range(L):
-        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, Nt, Nt, g=g))
-        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, Nt, HW, g=g))
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (None, _softmax_rows(B, M, nq, nq, g=g).requires_grad_())
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (None, _softmax_rows(B, M, nq, HW, g=g).requires_grad_())
-    maps = [s_taps[f"transformer.decoder.layers.{l}.{a}"][1] for l in range(L) for a in ("self_attn", "cross_attn")]
+        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
+            None,
+            _softmax_rows(B, M, Nt, Nt, g=g),
+        )
+        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, Nt, HW, g=g),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
+            None,
+            _softmax_rows(B, M, nq, nq, g=g).requires_grad_(),
+        )
+        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
+            None,
+            _softmax_rows(B, M, nq, HW, g=g).requires_grad_(),
+        )
+    maps = [
+        s_taps[f"transformer.decoder.layers.{l}.{a}"][1]
+        for l in range(L)
+        for a in ("self_attn", "cross_attn")
+    ]
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=Ns))
 
@@ -1225,7 +1456,9 @@ def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
             out = d(s_taps, t_taps, ctx)
         total = out["loss_d3etr_sa"] + out["loss_d3etr_ca"]
         grads = torch.autograd.grad(total, maps, allow_unused=True)
-        return total.detach(), [torch.zeros_like(m) if x is None else x for x, m in zip(grads, maps)]
+        return total.detach(), [
+            torch.zeros_like(m) if x is None else x for x, m in zip(grads, maps)
+        ]
 
     ref_total, ref_grads = run()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -1257,7 +1490,10 @@ def test_d3etr_student_with_more_heads_is_compared_head_averaged(fixed):
     own_sa, aux_sa = _softmax_rows(B, 3, N, N, g=g), _softmax_rows(B, 3, N, N, g=g)
     s_ca = _softmax_rows(B, 3, nq, HW, g=g)
     s_sa = (own_sa, aux_sa) if fixed else own_sa  # a grouped self-attention's per-group blocks
-    s_head = {"pred_logits": torch.cat([logits] * (nq // N), 2), "pred_boxes": torch.cat([boxes] * (nq // N), 2)}
+    s_head = {
+        "pred_logits": torch.cat([logits] * (nq // N), 2),
+        "pred_boxes": torch.cat([boxes] * (nq // N), 2),
+    }
     t_taps = _one_layer_taps({"pred_logits": logits, "pred_boxes": boxes}, t_sa, t_ca)
     s_taps = _one_layer_taps(s_head, s_sa, s_ca)
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
@@ -1289,7 +1525,10 @@ def test_d3etr_takes_head_averaged_3d_attention_maps(fixed):
     t_sa, t_ca = _softmax_rows(B, N, N, g=g), _softmax_rows(B, N, HW, g=g)  # head-averaged
     own_sa, aux_sa = _softmax_rows(B, 2, N, N, g=g), _softmax_rows(B, 2, N, N, g=g)
     s_ca = _softmax_rows(B, 2, nq, HW, g=g)
-    s_head = {"pred_logits": torch.cat([logits] * (nq // N), 2), "pred_boxes": torch.cat([boxes] * (nq // N), 2)}
+    s_head = {
+        "pred_logits": torch.cat([logits] * (nq // N), 2),
+        "pred_boxes": torch.cat([boxes] * (nq // N), 2),
+    }
     t_taps = _one_layer_taps({"pred_logits": logits, "pred_boxes": boxes}, t_sa, t_ca)
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=N))
@@ -1315,7 +1554,13 @@ def test_d3etr_takes_head_averaged_3d_attention_maps(fixed):
     for bad in [s_ca, (s_ca, None)]:
         taps = _one_layer_taps(s_head, full_sa, s_ca)
         taps["transformer.decoder.layers.0.cross_attn"] = bad
-        with EventStorage(), pytest.raises(ValueError, match=r"student's transformer.decoder.layers.0.cross_attn.*need_weights=True"):
+        with (
+            EventStorage(),
+            pytest.raises(
+                ValueError,
+                match=r"student's transformer.decoder.layers.0.cross_attn.*need_weights=True",
+            ),
+        ):
             d(taps, t_taps, ctx)
 
 
@@ -1329,7 +1574,10 @@ def test_d3etr_mixed_per_head_and_averaged_modules_compare_head_averages():
 
     B, N, K, HW, M = 2, 4, 3, 5, 2
     g = torch.Generator().manual_seed(4)
-    head = {"pred_logits": torch.randn(1, B, N, K, generator=g, dtype=torch.float64), "pred_boxes": _spread_boxes(B, N)}
+    head = {
+        "pred_logits": torch.randn(1, B, N, K, generator=g, dtype=torch.float64),
+        "pred_boxes": _spread_boxes(B, N),
+    }
     t_sa, t_ca_avg = _softmax_rows(B, M, N, N, g=g), _softmax_rows(B, N, HW, g=g)
     s_sa, s_ca = _softmax_rows(B, M, N, N, g=g), _softmax_rows(B, M, N, HW, g=g)
     d = D3ETRDistiller(fixed_matching=False, aux_gt_loss=False)
@@ -1343,8 +1591,12 @@ def test_d3etr_mixed_per_head_and_averaged_modules_compare_head_averages():
         with EventStorage():
             got = d(_one_layer_taps(head, ssa, sca), _one_layer_taps(head, tsa, tca), ctx)
         avg = lambda x: x if x.dim() == 3 else x.mean(1)  # noqa: E731
-        assert got["loss_d3etr_sa"].item() == pytest.approx(_row_kl(avg(tsa), avg(ssa)).item(), rel=1e-9)
-        assert got["loss_d3etr_ca"].item() == pytest.approx(_row_kl(avg(tca), avg(sca)).item(), rel=1e-9, abs=1e-12)
+        assert got["loss_d3etr_sa"].item() == pytest.approx(
+            _row_kl(avg(tsa), avg(ssa)).item(), rel=1e-9
+        )
+        assert got["loss_d3etr_ca"].item() == pytest.approx(
+            _row_kl(avg(tca), avg(sca)).item(), rel=1e-9, abs=1e-12
+        )
     assert _row_kl(t_ca_avg, equal_heads.mean(1)).item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -1358,19 +1610,32 @@ class _OwnDETR(torch.nn.Module):
         from torch import nn
 
         conv = lambda i, o: nn.Conv2d(i, o, 3, 2, 1)  # noqa: E731
-        self.backbone = nn.Sequential(conv(3, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, d))
+        self.backbone = nn.Sequential(
+            conv(3, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, d)
+        )
         self.transformer = nn.Module()
         self.transformer.decoder = nn.Module()
         self.transformer.decoder.layers = nn.ModuleList(
-            nn.ModuleDict(dict(self_attn=nn.MultiheadAttention(d, heads, batch_first=True),
-                               cross_attn=nn.MultiheadAttention(d, heads, batch_first=True)))
+            nn.ModuleDict(
+                dict(
+                    self_attn=nn.MultiheadAttention(d, heads, batch_first=True),
+                    cross_attn=nn.MultiheadAttention(d, heads, batch_first=True),
+                )
+            )
             for _ in range(layers)
         )
         self.query_embed = nn.Embedding(num_queries, d)
         self.cls, self.box = nn.Linear(d, num_classes), nn.Linear(d, 4)
-        self.head = head or (lambda hs: {"pred_logits": self.cls(hs), "pred_boxes": self.box(hs).sigmoid()})
+        self.head = head or (
+            lambda hs: {"pred_logits": self.cls(hs), "pred_boxes": self.box(hs).sigmoid()}
+        )
         self.head = self.head if isinstance(self.head, nn.Module) else _Lambda(self.head)
-        self.num_queries, self.num_classes, self.input_format, self.size_divisibility = num_queries, num_classes, "BGR", 32
+        self.num_queries, self.num_classes, self.input_format, self.size_divisibility = (
+            num_queries,
+            num_classes,
+            "BGR",
+            32,
+        )
         self.register_buffer("pixel_mean", torch.tensor([103.5, 116.3, 123.7]).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor([57.4, 57.1, 58.4]).view(3, 1, 1), False)
         self.extra = None
@@ -1393,7 +1658,11 @@ class _OwnDETR(torch.nn.Module):
         for i, (h, w) in enumerate(images.image_sizes):
             pad[i, :h, :w] = False
         f = self.backbone(x)
-        kpm = torch.nn.functional.interpolate(pad[:, None].float(), size=f.shape[-2:]).bool()[:, 0].flatten(1)
+        kpm = (
+            torch.nn.functional.interpolate(pad[:, None].float(), size=f.shape[-2:])
+            .bool()[:, 0]
+            .flatten(1)
+        )
         mem = f.flatten(2).transpose(1, 2)
         q, mask = self.query_embed.weight, None
         if self.training and self.extra is not None:
@@ -1412,7 +1681,13 @@ class _OwnDETR(torch.nn.Module):
         from torchvision.ops import box_convert
 
         scale = lambda i: torch.tensor(i.image_size[::-1] * 2, dtype=torch.float32)  # noqa: E731
-        return [dict(labels=i.gt_classes, boxes=box_convert(i.gt_boxes.tensor / scale(i), "xyxy", "cxcywh")) for i in instances]
+        return [
+            dict(
+                labels=i.gt_classes,
+                boxes=box_convert(i.gt_boxes.tensor / scale(i), "xyxy", "cxcywh"),
+            )
+            for i in instances
+        ]
 
     def matcher(self, logits, boxes, targets):  # the cheapest valid assignment: by index
         return [(torch.arange(min(len(t["labels"]), logits.shape[1])),) * 2 for t in targets]
@@ -1420,19 +1695,30 @@ class _OwnDETR(torch.nn.Module):
     def compute_gt_losses(self, logits, boxes, targets, indices_last_layer=None):
         losses = {}
         for l in range(logits.shape[0]):
-            idx = indices_last_layer if l == logits.shape[0] - 1 and indices_last_layer is not None else self.matcher(logits[l], boxes[l], targets)
-            l1 = sum((boxes[l, b, p] - t["boxes"][g]).abs().sum() for b, ((p, g), t) in enumerate(zip(idx, targets)))
+            idx = (
+                indices_last_layer
+                if l == logits.shape[0] - 1 and indices_last_layer is not None
+                else self.matcher(logits[l], boxes[l], targets)
+            )
+            l1 = sum(
+                (boxes[l, b, p] - t["boxes"][g]).abs().sum()
+                for b, ((p, g), t) in enumerate(zip(idx, targets))
+            )
             losses[f"loss_bbox_{l}"] = l1 + 0 * logits[l].sum()
         return losses
 
     def forward(self, batched_inputs):
         from detectron2.structures import ImageList
 
-        images = ImageList.from_tensors([(x["image"] - self.pixel_mean) / self.pixel_std for x in batched_inputs], 32)
+        images = ImageList.from_tensors(
+            [(x["image"] - self.pixel_mean) / self.pixel_std for x in batched_inputs], 32
+        )
         out = self.forward_predictions(images)
         N = self.num_queries
         targets = self.prepare_targets([x["instances"] for x in batched_inputs])
-        return self.compute_gt_losses(out["pred_logits"][:, :, :N], out["pred_boxes"][:, :, :N], targets)
+        return self.compute_gt_losses(
+            out["pred_logits"][:, :, :N], out["pred_boxes"][:, :, :N], targets
+        )
 
 
 class _Lambda(torch.nn.Module):
@@ -1446,7 +1732,9 @@ class _Lambda(torch.nn.Module):
 
 def _own_kd(student, teacher, **kw):
     torch.manual_seed(0)
-    return DistillationDetector(student=student, teacher=teacher, distillers={"d3etr": D3ETRDistiller(**kw)}).train()
+    return DistillationDetector(
+        student=student, teacher=teacher, distillers={"d3etr": D3ETRDistiller(**kw)}
+    ).train()
 
 
 def test_d3etr_on_a_detector_of_ones_own_following_the_documented_protocol():
@@ -1460,7 +1748,9 @@ def test_d3etr_on_a_detector_of_ones_own_following_the_documented_protocol():
         teacher.load_state_dict(student.state_dict())
         with EventStorage():
             losses = _own_kd(student, teacher, **kw)(make_inputs(n=2))
-        kd = {k: v.item() for k, v in losses.items() if k.startswith("loss_d3etr") and "aux" not in k}
+        kd = {
+            k: v.item() for k, v in losses.items() if k.startswith("loss_d3etr") and "aux" not in k
+        }
         assert len(kd) == 5 and all(abs(v) < 1e-6 for v in kd.values()), kd
         assert ("loss_d3etr_aux_bbox_1" in losses) == ("fixed_matching" not in kw)
     model = _own_kd(_OwnDETR(heads=2, layers=3, num_queries=8), instantiate(detr_cfg()))
@@ -1477,12 +1767,24 @@ def test_d3etr_names_a_head_that_breaks_the_protocol():
     softmax = _OwnDETR(num_classes=3)
     softmax.cls = torch.nn.Linear(32, 4)
     last_only = _OwnDETR()
-    last_only.head = _Lambda(lambda hs: {"pred_logits": last_only.cls(hs[-1]), "pred_boxes": last_only.box(hs[-1]).sigmoid()})
+    last_only.head = _Lambda(
+        lambda hs: {
+            "pred_logits": last_only.cls(hs[-1]),
+            "pred_boxes": last_only.box(hs[-1]).sigmoid(),
+        }
+    )
     one_layer = _OwnDETR()
-    one_layer.head = _Lambda(lambda hs: {"pred_logits": one_layer.cls(hs[-1:]), "pred_boxes": one_layer.box(hs[-1:]).sigmoid()})
-    for teacher, match in [(softmax, r"teacher's head .*4 class logits, num_classes is 3.*sigmoid"),
-                           (last_only, r"teacher's head returned pred_logits \(1, 5, 3\).*\(L, B, N, K\)"),
-                           (one_layer, r"teacher's head .*1 layers of predictions for 2 decoder layers")]:
+    one_layer.head = _Lambda(
+        lambda hs: {
+            "pred_logits": one_layer.cls(hs[-1:]),
+            "pred_boxes": one_layer.box(hs[-1:]).sigmoid(),
+        }
+    )
+    for teacher, match in [
+        (softmax, r"teacher's head .*4 class logits, num_classes is 3.*sigmoid"),
+        (last_only, r"teacher's head returned pred_logits \(1, 5, 3\).*\(L, B, N, K\)"),
+        (one_layer, r"teacher's head .*1 layers of predictions for 2 decoder layers"),
+    ]:
         for kw in [dict(fixed_matching=False, aux_gt_loss=False), {}]:
             with EventStorage(), pytest.raises(ValueError, match=match):
                 _own_kd(_OwnDETR(), teacher, **kw)(make_inputs(n=1))
@@ -1493,8 +1795,13 @@ def test_d3etr_names_gt_loss_keys_without_loss_prefix():
     became 'loss_d3etr_aux_' and one of them was dropped without a word."""
     student = _OwnDETR()
     own = student.compute_gt_losses
-    student.compute_gt_losses = lambda *a, **k: {n[len("loss_"):]: v for n, v in own(*a, **k).items()}
-    with EventStorage(), pytest.raises(ValueError, match=r"compute_gt_losses returned keys \['bbox_0', 'bbox_1'\]"):
+    student.compute_gt_losses = lambda *a, **k: {
+        n[len("loss_") :]: v for n, v in own(*a, **k).items()
+    }
+    with (
+        EventStorage(),
+        pytest.raises(ValueError, match=r"compute_gt_losses returned keys \['bbox_0', 'bbox_1'\]"),
+    ):
         _own_kd(student, _OwnDETR())(make_inputs(n=1))
 
 
@@ -1505,13 +1812,17 @@ def test_conditional_detr_refuses_mismatched_sizes_naming_the_fix():
     that does not divide d_model with an AssertionError without a message."""
     cfg = detr_cfg()  # d_model 64, num_pos_feats 32, in_feature res4, 4 heads
     cfg.position_embedding.num_pos_feats = 48
-    with pytest.raises(ValueError, match=r"num_pos_feats=48 gives 96-dim positions, but the "
-                       r"transformer's d_model is 64: set num_pos_feats = d_model / 2 = 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_pos_feats=48 gives 96-dim positions, but the "
+        r"transformer's d_model is 64: set num_pos_feats = d_model / 2 = 32",
+    ):
         instantiate(cfg)
     cfg = detr_cfg()
     cfg.in_feature = "res5"
-    with pytest.raises(ValueError, match=r"in_feature='res5' is not an output of the backbone "
-                       r"\(\['res4'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"in_feature='res5' is not an output of the backbone " r"\(\['res4'\]\)"
+    ):
         instantiate(cfg)
     cfg = detr_cfg()
     cfg.transformer.nhead = 6
@@ -1601,10 +1912,18 @@ def test_conditional_decoder_cross_attention_inputs_follow_the_paper():
 
     torch.manual_seed(0)
     d, M, B, Nq, HW = 8, 2, 2, 4, 5
-    tr = ConditionalDETRTransformer(
-        d_model=d, nhead=M, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=16,
-        dropout=0.0,
-    ).double().eval()
+    tr = (
+        ConditionalDETRTransformer(
+            d_model=d,
+            nhead=M,
+            num_encoder_layers=1,
+            num_decoder_layers=3,
+            dim_feedforward=16,
+            dropout=0.0,
+        )
+        .double()
+        .eval()
+    )
     dec = tr.decoder
     src = torch.randn(B, HW, d, dtype=torch.float64)
     pos = torch.randn(B, HW, d, dtype=torch.float64)
@@ -1737,8 +2056,12 @@ def test_encoder_layer_and_decoder_self_attention_follow_detr():
     with torch.no_grad():
         got = enc(src, pos, pad)
         qk = src + pos
-        x = enc.norm1(src + _reference_attention(
-            enc.self_attn, enc.q_proj(qk), enc.k_proj(qk), enc.v_proj(src), pad))
+        x = enc.norm1(
+            src
+            + _reference_attention(
+                enc.self_attn, enc.q_proj(qk), enc.k_proj(qk), enc.v_proj(src), pad
+            )
+        )
         want = enc.norm2(x + enc.ffn(x))
     torch.testing.assert_close(got, want)
 
@@ -1759,8 +2082,13 @@ def test_encoder_layer_and_decoder_self_attention_follow_detr():
             if groups is None:
                 out = _reference_attention(dec.self_attn, q, k, v)
             else:  # each group attends to its own queries only
-                out = torch.cat([_reference_attention(dec.self_attn, *(x[:, s] for x in (q, k, v)))
-                                 for s in (slice(0, 3), slice(3, 5))], 1)
+                out = torch.cat(
+                    [
+                        _reference_attention(dec.self_attn, *(x[:, s] for x in (q, k, v)))
+                        for s in (slice(0, 3), slice(3, 5))
+                    ],
+                    1,
+                )
         torch.testing.assert_close(seen["norm1"][0], tgt + out)
         torch.testing.assert_close(seen["norm1"][1], dec.norm1(tgt + out))
     # the layer's output: norm3(x + FFN(x)) of the cross-attention block's x = norm2(...)
@@ -1800,6 +2128,7 @@ def test_detr_head_prior_param_groups_and_eval_without_the_auxiliary_group():
     model = instantiate(detr_cfg())
     rest, backbone = detr_param_groups(model, lr=1e-4, backbone_lr_factor=0.1)
     assert (rest["lr"], backbone["lr"]) == (1e-4, pytest.approx(1e-5))
+
     def ids(prefix):
         return {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
 
@@ -1832,8 +2161,10 @@ def test_gt_losses_of_a_given_last_layer_assignment_by_hand():
     model.focal_alpha, model.focal_gamma = 0.6, 1.5
     targets = [
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
-        {"labels": torch.tensor([0, 2]),
-         "boxes": torch.tensor([[0.5, 0.6, 0.3, 0.1], [0.2, 0.7, 0.1, 0.3]])},
+        {
+            "labels": torch.tensor([0, 2]),
+            "boxes": torch.tensor([[0.5, 0.6, 0.3, 0.1], [0.2, 0.7, 0.1, 0.3]]),
+        },
     ]
     logits = torch.randn(3, 2, 30, 3)
     boxes = torch.rand(3, 2, 30, 4) * 0.5 + 0.1
@@ -1858,8 +2189,14 @@ def test_gt_losses_of_a_given_last_layer_assignment_by_hand():
 
 
 _D3ETR_WEIGHTS = [
-    "cls_weight", "l1_weight", "giou_weight", "sa_weight", "ca_weight",
-    "match_cost_class", "match_cost_bbox", "match_cost_giou",
+    "cls_weight",
+    "l1_weight",
+    "giou_weight",
+    "sa_weight",
+    "ca_weight",
+    "match_cost_class",
+    "match_cost_bbox",
+    "match_cost_giou",
 ]
 
 
@@ -1880,5 +2217,7 @@ def test_d3etr_zero_weights_are_allowed_and_switches_must_be_bools():
     d = D3ETRDistiller(cls_weight=0, match_cost_class=0, l1_weight=3)
     assert d.weights["cls"] == 0.0 and d.weights["l1"] == 3.0 and d.match_weights == (0.0, 5.0, 2.0)
     for arg in ("fixed_matching", "aux_gt_loss"):
-        with pytest.raises(ValueError, match=rf"D3ETRDistiller: {arg} must be True or False .* got 'no'"):
+        with pytest.raises(
+            ValueError, match=rf"D3ETRDistiller: {arg} must be True or False .* got 'no'"
+        ):
             D3ETRDistiller(**{arg: "no"})  # a string: true

@@ -1,13 +1,12 @@
 """DistillationDetector: frozen teacher (three ways), what runs when, heterogeneous pairs."""
+
 import copy
 import logging
 import math
 import re
 
 import numpy as np
-import pytest
 import torch
-
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.solver.build import get_default_optimizer_params
@@ -17,6 +16,7 @@ from detectron2.utils.events import EventStorage
 from detkd import DistillationDetector, PKDDistiller
 from detkd.losses import Distiller
 
+import pytest
 from conftest import build, load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_retinanet_cfg
 
 
@@ -176,24 +176,32 @@ def test_student_without_input_format_takes_student_input_format(caplog):
     with caplog.at_level(logging.WARNING, logger="detkd.distiller"):
         model = build(kd_cfg(teacher=teacher, student=fcos))
     assert not model.flip_teacher_channels
-    assert any("declares no input_format" in r.getMessage() and "(BGR)" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "declares no input_format" in r.getMessage() and "(BGR)" in r.getMessage()
+        for r in caplog.records
+    )
     cfg = kd_cfg(teacher=teacher, student=fcos)
     cfg.student_input_format = "RGB"
     model = build(cfg)
     assert model.flip_teacher_channels
     inputs = make_inputs(n=1, size=(50, 70))
     images = model.teacher_images(inputs)
-    expected = (inputs[0]["image"].float().flip(0) - torch.tensor(teacher.pixel_mean).view(3, 1, 1)) / (
-        torch.tensor(teacher.pixel_std).view(3, 1, 1))
+    expected = (
+        inputs[0]["image"].float().flip(0) - torch.tensor(teacher.pixel_mean).view(3, 1, 1)
+    ) / (torch.tensor(teacher.pixel_std).view(3, 1, 1))
     assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
     cfg.student_input_format = "YUV"
-    with pytest.raises(ValueError, match=r"supports RGB/BGR inputs, got 'YUV' for the student \(model.student.input_format.*'RGB' or 'BGR'"):
+    with pytest.raises(
+        ValueError,
+        match=r"supports RGB/BGR inputs, got 'YUV' for the student \(model.student.input_format.*'RGB' or 'BGR'",
+    ):
         build(cfg)
     # a student that declares its own order: a different student_input_format is a contradiction
     cfg = kd_cfg(teacher=teacher, student=tiny_retinanet_cfg())
     cfg.student_input_format = "RGB"
-    with pytest.raises(ValueError, match=r"student_input_format='RGB' but the student's input_format is 'BGR'"):
+    with pytest.raises(
+        ValueError, match=r"student_input_format='RGB' but the student's input_format is 'BGR'"
+    ):
         build(cfg)
     cfg.student_input_format = "BGR"
     assert not build(cfg).flip_teacher_channels
@@ -220,14 +228,18 @@ def test_a_teacher_without_input_format_takes_the_students_channel_order():
     # a given teacher order contradicting the teacher's own input_format is an error, as the
     # student's is (it was accepted, and the teacher saw images in the order it was not trained in)
     assert channel_orders(model.teacher, model.student, teacher_input_format="BGR") == (None, "BGR")
-    with pytest.raises(ValueError, match=r"teacher_input_format='RGB' but the teacher's input_format is "
-                                         r"'BGR'.*Drop teacher_input_format"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher_input_format='RGB' but the teacher's input_format is "
+        r"'BGR'.*Drop teacher_input_format",
+    ):
         channel_orders(model.teacher, model.student, teacher_input_format="RGB")
     assert not model.flip_teacher_channels
     inputs = make_inputs(n=1, size=(50, 70))
     images = model.teacher_images(inputs)
     expected = (inputs[0]["image"].float() - torch.tensor([10.0, 20.0, 30.0]).view(3, 1, 1)) / (
-        torch.tensor([2.0, 4.0, 8.0]).view(3, 1, 1))
+        torch.tensor([2.0, 4.0, 8.0]).view(3, 1, 1)
+    )
     assert torch.allclose(images.tensor[0, :, :50, :70], expected, atol=1e-5)
 
 
@@ -325,7 +337,9 @@ def test_half_precision_teacher_option():
     with EventStorage():
         full = model(inputs)["loss_pkd"]
     dtypes = []
-    hook = model.teacher.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["p3"].dtype))
+    hook = model.teacher.backbone.register_forward_hook(
+        lambda m, i, o: dtypes.append(o["p3"].dtype)
+    )
     model.teacher_precision = "bf16"
     with EventStorage():
         half = model(inputs)
@@ -340,10 +354,14 @@ def test_half_precision_teacher_option():
         build(cfg)
     cfg.teacher_precision = "fp32"
     cfg.diag_period = -1  # it logged every step
-    with pytest.raises(ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got -1"):
+    with pytest.raises(
+        ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got -1"
+    ):
         build(cfg)
     cfg.diag_period = True
-    with pytest.raises(ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got True"):
+    with pytest.raises(
+        ValueError, match=r"diag_period must be an int >= 0 \(0 disables it\), got True"
+    ):
         build(cfg)
 
 
@@ -407,11 +425,18 @@ def _probe_distiller(records, key="loss_probe"):
 
     class Probe(Distiller):
         def forward(self, student_taps, teacher_taps, ctx):
-            feats = list(student_taps["backbone"].values()) + list(teacher_taps["backbone"].values())
+            feats = list(student_taps["backbone"].values()) + list(
+                teacher_taps["backbone"].values()
+            )
             with ctx.amp():  # the step's precision, for a distiller's own trainable layers
                 amp = torch.is_autocast_enabled("cpu")
-            records.append(dict(autocast=torch.is_autocast_enabled("cpu"),
-                                dtypes={f.dtype for f in feats}, amp=amp))
+            records.append(
+                dict(
+                    autocast=torch.is_autocast_enabled("cpu"),
+                    dtypes={f.dtype for f in feats},
+                    amp=amp,
+                )
+            )
             return {key: feats[0].sum() * 0.0}
 
     return Probe()
@@ -424,10 +449,13 @@ def test_teacher_runs_under_no_grad_and_distillers_in_fp32_outside_autocast():
     torch.manual_seed(0)
     records, grad_enabled = [], []
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"probe": _probe_distiller(records)},
     ).train()
-    model.teacher.backbone.register_forward_hook(lambda *a: grad_enabled.append(torch.is_grad_enabled()))
+    model.teacher.backbone.register_forward_hook(
+        lambda *a: grad_enabled.append(torch.is_grad_enabled())
+    )
     inputs = make_inputs(n=1, size=(64, 64))
     with EventStorage(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(inputs)
@@ -440,44 +468,63 @@ def test_teacher_runs_under_no_grad_and_distillers_in_fp32_outside_autocast():
 
 def test_a_distiller_loss_key_that_clashes_is_an_error():
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"probe": _probe_distiller([], key="loss_cls")},
     ).train()
-    with EventStorage(), pytest.raises(KeyError, match=r"'probe' \(.*\) returned loss keys \['loss_cls'\] that the "
-                                                     r"student already returned.*name the distiller's losses"):
+    with EventStorage(), pytest.raises(
+        KeyError,
+        match=r"'probe' \(.*\) returned loss keys \['loss_cls'\] that the "
+        r"student already returned.*name the distiller's losses",
+    ):
         model(make_inputs(n=1, size=(64, 64)))
     # two distillers of one method (PKD on p2-p3 and on p4-p5): the second one's keys get its
     # config name appended, and each equals the loss of that distiller alone
     torch.manual_seed(0)
-    student, teacher = instantiate(tiny_retinanet_cfg()), instantiate(tiny_retinanet_cfg(width=16, fpn=64))
+    student, teacher = instantiate(tiny_retinanet_cfg()), instantiate(
+        tiny_retinanet_cfg(width=16, fpn=64)
+    )
     inputs = make_inputs(n=1, size=(64, 64))
 
     def losses_of(distillers):
         torch.manual_seed(0)
-        m = DistillationDetector(student=copy.deepcopy(student), teacher=copy.deepcopy(teacher),
-                                 distillers=distillers).train()
+        m = DistillationDetector(
+            student=copy.deepcopy(student), teacher=copy.deepcopy(teacher), distillers=distillers
+        ).train()
         with EventStorage():
             return {k: v.item() for k, v in m(inputs).items()}
 
     fine = dict(student_levels=["p3", "p4"], teacher_levels=["p3", "p4"], num_levels=None)
     coarse = dict(student_levels=["p5", "p6"], teacher_levels=["p5", "p6"], num_levels=None)
     both = losses_of({"pkd": PKDDistiller(**fine), "pkd_coarse": PKDDistiller(**coarse)})
-    assert both["loss_pkd"] == pytest.approx(losses_of({"pkd": PKDDistiller(**fine)})["loss_pkd"], rel=1e-6)
+    assert both["loss_pkd"] == pytest.approx(
+        losses_of({"pkd": PKDDistiller(**fine)})["loss_pkd"], rel=1e-6
+    )
     assert both["loss_pkd_pkd_coarse"] == pytest.approx(
-        losses_of({"pkd": PKDDistiller(**coarse)})["loss_pkd"], rel=1e-6)
+        losses_of({"pkd": PKDDistiller(**coarse)})["loss_pkd"], rel=1e-6
+    )
     assert both["loss_pkd"] != pytest.approx(both["loss_pkd_pkd_coarse"], rel=1e-3)
     # one whose renamed key is taken too
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
-        distillers={"a": _probe_distiller([], key="loss_same"), "x": _probe_distiller([], key="loss_same_b"),
-                    "b": _probe_distiller([], key="loss_same")},
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={
+            "a": _probe_distiller([], key="loss_same"),
+            "x": _probe_distiller([], key="loss_same_b"),
+            "b": _probe_distiller([], key="loss_same"),
+        },
     ).train()
-    with EventStorage(), pytest.raises(KeyError, match=r"'b' \(.*\) returned loss keys \['loss_same'\] that another "
-                                                     r"distiller already returned.*\['loss_same_b'\].*another name"):
+    with EventStorage(), pytest.raises(
+        KeyError,
+        match=r"'b' \(.*\) returned loss keys \['loss_same'\] that another "
+        r"distiller already returned.*\['loss_same_b'\].*another name",
+    ):
         model(make_inputs(n=1, size=(64, 64)))
 
 
-@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python >= 3.11")
+@pytest.mark.skipif(
+    not hasattr(Exception, "add_note"), reason="exception notes need Python >= 3.11"
+)
 def test_any_error_from_bind_names_the_distiller():
     class _Broken(Distiller):
         def bind(self, student, teacher):
@@ -485,7 +532,8 @@ def test_any_error_from_bind_names_the_distiller():
 
     with pytest.raises(AttributeError) as e:
         DistillationDetector(
-            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            student=instantiate(tiny_retinanet_cfg()),
+            teacher=instantiate(tiny_retinanet_cfg()),
             distillers={"mine": _Broken()},
         )
     assert "raised by distillers['mine'] (_Broken).bind(student, teacher)" in e.value.__notes__
@@ -521,10 +569,14 @@ def _tiny_mask_rcnn_cfg(width, fpn):
 
     model = tiny_faster_rcnn_cfg(width=width, fpn=fpn)
     full = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model.roi_heads
-    model.roi_heads.update(mask_in_features=full.mask_in_features, mask_pooler=full.mask_pooler,
-                           mask_head=full.mask_head)
-    model.roi_heads.mask_head.update(input_shape=ShapeSpec(channels=fpn, width=14, height=14),
-                                     conv_dims=[16, 16], num_classes=3)
+    model.roi_heads.update(
+        mask_in_features=full.mask_in_features,
+        mask_pooler=full.mask_pooler,
+        mask_head=full.mask_head,
+    )
+    model.roi_heads.mask_head.update(
+        input_shape=ShapeSpec(channels=fpn, width=14, height=14), conv_dims=[16, 16], num_classes=3
+    )
     return model
 
 
@@ -537,10 +589,13 @@ def test_mask_rcnn_pair_with_pkd_and_gid_keeps_the_students_own_losses():
     from detkd import GIDDistiller
 
     torch.manual_seed(0)
-    model = build(L(DistillationDetector)(
-        student=_tiny_mask_rcnn_cfg(8, 32), teacher=_tiny_mask_rcnn_cfg(16, 64),
-        distillers={"pkd": L(PKDDistiller)(loss_weight=1.0), "gid": L(GIDDistiller)()},
-    ))
+    model = build(
+        L(DistillationDetector)(
+            student=_tiny_mask_rcnn_cfg(8, 32),
+            teacher=_tiny_mask_rcnn_cfg(16, 64),
+            distillers={"pkd": L(PKDDistiller)(loss_weight=1.0), "gid": L(GIDDistiller)()},
+        )
+    )
     batch = make_inputs()
     for x in batch:
         inst = x["instances"]
@@ -554,7 +609,9 @@ def test_mask_rcnn_pair_with_pkd_and_gid_keeps_the_students_own_losses():
         torch.manual_seed(1)
         alone = model.student(batch)
     assert set(alone) <= set(losses) and "loss_mask" in alone
-    assert {"loss_pkd", "loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls"} <= set(losses)
+    assert {"loss_pkd", "loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls"} <= set(
+        losses
+    )
     for k, v in alone.items():
         assert torch.equal(losses[k], v), k
     sum(losses.values()).backward()
@@ -595,10 +652,13 @@ def test_maps_of_equal_stride_and_different_sizes_are_a_clear_error():
     from detkd import ReviewKDDistiller
 
     torch.manual_seed(0)
-    model = build(L(DistillationDetector)(
-        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(width=32, fpn=128),
-        distillers={"reviewkd": L(ReviewKDDistiller)(), "pkd": L(PKDDistiller)()},
-    ))
+    model = build(
+        L(DistillationDetector)(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={"reviewkd": L(ReviewKDDistiller)(), "pkd": L(PKDDistiller)()},
+        )
+    )
     model.teacher.backbone._size_divisibility = 64
     with EventStorage(), pytest.raises(ValueError, match=match):
         model(make_inputs(n=2, size=(128, 160)))
@@ -616,10 +676,13 @@ def test_maps_of_equal_stride_and_different_sizes_are_compared_where_both_cover_
     from detkd.losses import reviewkd
 
     torch.manual_seed(0)
-    model = build(L(DistillationDetector)(
-        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(width=32, fpn=128),
-        distillers={"reviewkd": L(ReviewKDDistiller)()},
-    ))
+    model = build(
+        L(DistillationDetector)(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={"reviewkd": L(ReviewKDDistiller)()},
+        )
+    )
     model.teacher.backbone._size_divisibility = 64
     inputs = make_inputs(n=2, size=(128, 160))
     seen = []
@@ -651,7 +714,7 @@ def test_maps_of_equal_stride_and_different_sizes_are_compared_where_both_cover_
         feats_s = model.student.backbone(model.student.preprocess_image(inputs).tensor)
     pairs = model.distillers["reviewkd"].pairs
     assert len(seen) == 2 * len(pairs)
-    for (out, ref), (s, t) in zip(seen[-len(pairs):], pairs):
+    for (out, ref), (s, t) in zip(seen[-len(pairs) :], pairs):
         h, w = feats_s[s].shape[-2:]
         assert out.shape[-2:] == (h, w) and feats_t[t].shape[-1] >= w
         torch.testing.assert_close(ref, feats_t[t][:, :, :h, :w])
@@ -725,22 +788,36 @@ class _ReturnsDistiller(Distiller):
     "make, match",
     [
         # a per-image loss: detectron2's backward would fail on it without naming the distiller
-        (lambda f: {"loss_mine": f.pow(2).mean(dim=(1, 2, 3))}, r"'loss_mine' as a torch.float32 tensor of shape \(2,\).*\.mean\(\)"),
+        (
+            lambda f: {"loss_mine": f.pow(2).mean(dim=(1, 2, 3))},
+            r"'loss_mine' as a torch.float32 tensor of shape \(2,\).*\.mean\(\)",
+        ),
         # a diagnostic among the losses would be added to the trained loss
-        (lambda f: {"loss_mine": f.mean(), "num_pos": f.new_tensor(3.0)}, r"the key 'num_pos'.*start with 'loss_'.*put_scalar"),
-        (lambda f: {"loss_mine": 0.0}, r"'loss_mine' as a float; a loss must be a scalar floating tensor"),
+        (
+            lambda f: {"loss_mine": f.mean(), "num_pos": f.new_tensor(3.0)},
+            r"the key 'num_pos'.*start with 'loss_'.*put_scalar",
+        ),
+        (
+            lambda f: {"loss_mine": 0.0},
+            r"'loss_mine' as a float; a loss must be a scalar floating tensor",
+        ),
         (lambda f: f.mean(), r"returned a Tensor; it must return a dict"),
     ],
 )
 def test_a_distiller_returning_something_else_than_scalar_losses_is_an_error_naming_it(make, match):
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"mine": _ReturnsDistiller(make)},
     ).train()
-    with EventStorage(), pytest.raises((ValueError, TypeError), match=r"distillers\['mine'\] \(_ReturnsDistiller\)\.forward.*" + match):
+    with EventStorage(), pytest.raises(
+        (ValueError, TypeError),
+        match=r"distillers\['mine'\] \(_ReturnsDistiller\)\.forward.*" + match,
+    ):
         model(make_inputs(n=2, size=(64, 64)))
     ok = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"mine": _ReturnsDistiller(lambda f: {"loss_mine": f.pow(2).mean()})},
     ).train()
     with EventStorage():
@@ -767,19 +844,26 @@ class _LazyAdapterDistiller(Distiller):
         return {"loss_lazy": g.pow(2).mean()}
 
 
-@pytest.mark.parametrize("kind, names", [("adapter", "'adapter.bias', 'adapter.weight'"), ("buffer", "'ema'")])
+@pytest.mark.parametrize(
+    "kind, names", [("adapter", "'adapter.bias', 'adapter.weight'"), ("buffer", "'ema'")]
+)
 def test_a_distiller_creating_parameters_in_forward_is_an_error(kind, names):
     """An adapter built in forward() instead of bind() is not in the optimizer (built before the
     first step): it never trained, silently, and --resume then refused the run's checkpoints
     as another model's. A persistent buffer has the second problem."""
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"lazy": _LazyAdapterDistiller(kind)},
     ).train()
-    with EventStorage(), pytest.raises(RuntimeError, match=rf"distillers\['lazy'\] \(_LazyAdapterDistiller\) created \[{names}\] in forward\(\).*bind\(student, teacher\)"):
+    with EventStorage(), pytest.raises(
+        RuntimeError,
+        match=rf"distillers\['lazy'\] \(_LazyAdapterDistiller\) created \[{names}\] in forward\(\).*bind\(student, teacher\)",
+    ):
         model(make_inputs(n=1, size=(64, 64)))
     ok = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"lazy": _LazyAdapterDistiller("none")},
     ).train()
     with EventStorage():
@@ -802,15 +886,22 @@ class _TapsDistiller(Distiller):
 @pytest.mark.parametrize(
     "taps, match",
     [
-        (dict(teacher=["heads"]), r"\(_TapsDistiller\)\.teacher_taps names \['heads'\], which the teacher \(RetinaNet\) does not have\. Close names: \['head'"),
-        (dict(student=["backbone.fpn_output9"]), r"\(_TapsDistiller\)\.student_taps names \['backbone.fpn_output9'\], which the student \(RetinaNet\).*'backbone.fpn_output3'"),
+        (
+            dict(teacher=["heads"]),
+            r"\(_TapsDistiller\)\.teacher_taps names \['heads'\], which the teacher \(RetinaNet\) does not have\. Close names: \['head'",
+        ),
+        (
+            dict(student=["backbone.fpn_output9"]),
+            r"\(_TapsDistiller\)\.student_taps names \['backbone.fpn_output9'\], which the student \(RetinaNet\).*'backbone.fpn_output3'",
+        ),
     ],
 )
 def test_a_tap_that_names_no_submodule_is_an_error_naming_the_distiller_and_side(taps, match):
     """Student and teacher are often of the same class: the error says whose taps are wrong."""
     with pytest.raises(KeyError, match=r"distillers\['good'\]|distillers\['bad'\]") as e:
         DistillationDetector(
-            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            student=instantiate(tiny_retinanet_cfg()),
+            teacher=instantiate(tiny_retinanet_cfg()),
             distillers={"good": _TapsDistiller(), "bad": _TapsDistiller(**taps)},
         )
     assert re.search(r"distillers\['bad'\] " + match, str(e.value))
@@ -823,11 +914,17 @@ def test_training_losses_under_inference_mode_equal_those_under_no_grad():
     from detkd.losses import GIDDistiller, ReviewKDDistiller
 
     torch.manual_seed(0)
-    model = instantiate(L(DistillationDetector)(
-        student=tiny_retinanet_cfg(),
-        teacher=tiny_retinanet_cfg(width=32, fpn=128),
-        distillers={"pkd": L(PKDDistiller)(), "reviewkd": L(ReviewKDDistiller)(), "gid": L(GIDDistiller)()},
-    )).train()
+    model = instantiate(
+        L(DistillationDetector)(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_retinanet_cfg(width=32, fpn=128),
+            distillers={
+                "pkd": L(PKDDistiller)(),
+                "reviewkd": L(ReviewKDDistiller)(),
+                "gid": L(GIDDistiller)(),
+            },
+        )
+    ).train()
     for m in model.modules():  # BatchNorm statistics would change between the two passes
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.0
@@ -839,7 +936,9 @@ def test_training_losses_under_inference_mode_equal_those_under_no_grad():
         model.student.loss_normalizer = 100.0
         with torch.inference_mode():
             got = model(inputs)
-        assert set(got) == set(expected) and {"loss_pkd", "loss_reviewkd", "loss_gid_feat"} <= set(got)
+        assert set(got) == set(expected) and {"loss_pkd", "loss_reviewkd", "loss_gid_feat"} <= set(
+            got
+        )
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
         losses = model(inputs)
@@ -853,7 +952,9 @@ def test_clone_taps_for_a_student_that_changes_a_tap_in_place():
     reads the backbone's output as recorded: its loss equals that of the unchanged student."""
     torch.manual_seed(0)
     cfg = L(DistillationDetector)(
-        student=tiny_retinanet_cfg(), teacher=tiny_retinanet_cfg(), distillers={"pkd": L(PKDDistiller)()},
+        student=tiny_retinanet_cfg(),
+        teacher=tiny_retinanet_cfg(),
+        distillers={"pkd": L(PKDDistiller)()},
     )
     plain = instantiate(cfg).train()
     state = plain.state_dict()
@@ -872,7 +973,9 @@ def test_clone_taps_for_a_student_that_changes_a_tap_in_place():
         model.student.head.register_forward_pre_hook(bump_p3)
         with EventStorage():
             if not clone:
-                with pytest.raises(RuntimeError, match=r"'backbone' was modified in place.*model\.clone_taps=True"):
+                with pytest.raises(
+                    RuntimeError, match=r"'backbone' was modified in place.*model\.clone_taps=True"
+                ):
                     model(inputs)
                 continue
             got = model(inputs)["loss_pkd"]
@@ -886,7 +989,9 @@ def test_names_the_readme_and_errors_cite_are_importable_and_zero_loss_is_plus_z
     input a (zero) gradient."""
     from detkd.losses import put_scalar, zero_loss  # noqa: F401
 
-    x, w = torch.tensor([-3.0, 1.0], requires_grad=True), torch.full((2, 2), -1.0, requires_grad=True)
+    x, w = torch.tensor([-3.0, 1.0], requires_grad=True), torch.full(
+        (2, 2), -1.0, requires_grad=True
+    )
     assert math.copysign(1.0, (x.sum() * 0.0).item()) == -1.0  # the case
     loss = zero_loss(x, w)
     assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0
@@ -902,11 +1007,15 @@ def test_bound_distillers_are_logged_with_their_level_pairs(caplog):
     a heterogeneous pairing by index was visible only in the code."""
     from detkd.losses import ReviewKDDistiller
 
-    cfg = kd_cfg(num_levels=None, pair_by="index", student_levels=["p4", "p5"], teacher_levels=["p3", "p4"])
+    cfg = kd_cfg(
+        num_levels=None, pair_by="index", student_levels=["p4", "p5"], teacher_levels=["p3", "p4"]
+    )
     cfg.distillers["reviewkd"] = L(ReviewKDDistiller)(num_levels=2)
     with caplog.at_level(logging.INFO, logger="detkd.distiller"):
         model = build(cfg)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Distillers bound")]
+    lines = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("Distillers bound")
+    ]
     abfs = sum(p.numel() for p in model.distillers["reviewkd"].parameters())
     assert lines == [
         "Distillers bound: pkd (PKDDistiller): levels p4->p3, p5->p4, "
@@ -946,7 +1055,8 @@ def test_inputs_on_device_moves_images_once_and_instances_on_request():
     # the caller's are untouched, and the losses are those of the caller's inputs.
     torch.manual_seed(0)
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
         distillers={"pkd": PKDDistiller()},
     ).train()
     alone = copy.deepcopy(model.student)  # the student's losses of the caller's inputs
@@ -973,7 +1083,8 @@ def test_scalars_after_backward_are_written_by_write_pending_scalars_at_their_it
 
     torch.manual_seed(0)
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg(fpn=128)),
         distillers={"pkd": PKDDistiller()},
     ).train()
     inputs = make_inputs(2, size=(64, 64))
@@ -1028,9 +1139,11 @@ def test_teacher_inference_gives_the_teachers_predictions_in_its_channel_order()
 def test_extra_state_keeps_the_students_loss_normalizer_and_no_missing_one():
     """The wrapper's extra state saves the student's EMA loss normaliser (not in the student's
     state_dict); a student that had none yet (NaN in the file) still has none once loaded."""
+
     def build_model():
         return DistillationDetector(
-            student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+            student=instantiate(tiny_retinanet_cfg()),
+            teacher=instantiate(tiny_retinanet_cfg()),
             distillers={},
         )
 
@@ -1093,7 +1206,9 @@ def test_a_failed_training_step_keeps_no_tapped_maps():
         model(make_inputs(n=1, size=(64, 64)))
     handle.remove()
     assert "backbone" not in model._student_capture and "backbone" not in model._teacher_capture
-    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in make_inputs(n=1, size=(64, 64))]
+    inputs = [
+        {k: v for k, v in x.items() if k != "instances"} for x in make_inputs(n=1, size=(64, 64))
+    ]
     with EventStorage(), pytest.raises(AssertionError, match="annotations are missing"):
         model(inputs)
     assert "backbone" not in model._student_capture
@@ -1120,7 +1235,9 @@ def test_a_model_cast_to_half_precision_is_refused_with_the_amp_fix(dtype):
 
     model = tiny_kd("pkd", L(PKDDistiller)())
     model.distillers.to(dtype)
-    with EventStorage(), pytest.raises(TypeError, match=rf"distillers\['pkd'\].*{str(dtype)} parameters.*train.amp.enabled"):
+    with EventStorage(), pytest.raises(
+        TypeError, match=rf"distillers\['pkd'\].*{str(dtype)} parameters.*train.amp.enabled"
+    ):
         model(make_inputs(n=2))
     model.distillers.float()
     with EventStorage():
@@ -1132,17 +1249,29 @@ def test_a_head_reading_a_level_its_backbone_lacks_is_a_clear_error():
     # step with a bare KeyError: 'p8'; an RPN's in_features likewise
     teacher = tiny_retinanet_cfg()
     teacher.head_in_features = ["p3", "p4", "p5", "p6", "p8"]
-    with pytest.raises(ValueError, match=r"The teacher's RetinaNet reads features \['p8'\] that its backbone \(FPN\) "
-                                         r"does not output \(it outputs \['p3', 'p4', 'p5', 'p6', 'p7'\]\)\. "
-                                         r"Set model\.teacher\.head_in_features"):
-        DistillationDetector(student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(teacher),
-                             distillers={"pkd": PKDDistiller()})
+    with pytest.raises(
+        ValueError,
+        match=r"The teacher's RetinaNet reads features \['p8'\] that its backbone \(FPN\) "
+        r"does not output \(it outputs \['p3', 'p4', 'p5', 'p6', 'p7'\]\)\. "
+        r"Set model\.teacher\.head_in_features",
+    ):
+        DistillationDetector(
+            student=instantiate(tiny_retinanet_cfg()),
+            teacher=instantiate(teacher),
+            distillers={"pkd": PKDDistiller()},
+        )
     student = tiny_faster_rcnn_cfg()
     student.proposal_generator.in_features = ["p2", "p3", "p9"]
-    with pytest.raises(ValueError, match=r"The student's GeneralizedRCNN reads features \['p9'\].*"
-                                         r"model\.student\.proposal_generator\.in_features"):
-        DistillationDetector(student=instantiate(student), teacher=instantiate(tiny_faster_rcnn_cfg()),
-                             distillers={"pkd": PKDDistiller()})
+    with pytest.raises(
+        ValueError,
+        match=r"The student's GeneralizedRCNN reads features \['p9'\].*"
+        r"model\.student\.proposal_generator\.in_features",
+    ):
+        DistillationDetector(
+            student=instantiate(student),
+            teacher=instantiate(tiny_faster_rcnn_cfg()),
+            distillers={"pkd": PKDDistiller()},
+        )
 
 
 def _teacher_outputs_saved_for_backward(model, inputs):
@@ -1160,9 +1289,12 @@ def _teacher_outputs_saved_for_backward(model, inputs):
             for t in _tensors(out):
                 kept.append(t)  # alive until the end: no storage address is reused meanwhile
                 produced.setdefault(t.untyped_storage().data_ptr(), name)
+
         return hook
 
-    handles = [m.register_forward_hook(record(n or "<teacher>")) for n, m in model.teacher.named_modules()]
+    handles = [
+        m.register_forward_hook(record(n or "<teacher>")) for n, m in model.teacher.named_modules()
+    ]
     saved = collections.Counter()
 
     def pack(t):
@@ -1183,7 +1315,9 @@ def _teacher_outputs_saved_for_backward(model, inputs):
     return dict(saved)
 
 
-@pytest.mark.parametrize("config", ["pkd_retinanet", "reviewkd_retinanet", "gid_retinanet", "d3etr_detr"])
+@pytest.mark.parametrize(
+    "config", ["pkd_retinanet", "reviewkd_retinanet", "gid_retinanet", "d3etr_detr"]
+)
 def test_no_teacher_activation_is_kept_for_backward(config):
     """The issue's "no teacher activations kept for backward", checked directly for every
     method's demo config: none of the teacher's module outputs is saved by autograd during a
@@ -1197,11 +1331,16 @@ def test_no_teacher_activation_is_kept_for_backward(config):
 def test_the_saved_teacher_activation_check_catches_a_distiller_that_keeps_one():
     class _KeepsTeacherMap(Distiller):
         def forward(self, student_taps, teacher_taps, ctx):
-            return {"loss_keep": (student_taps["backbone"]["p3"] * teacher_taps["backbone"]["p3"]).mean()}
+            return {
+                "loss_keep": (
+                    student_taps["backbone"]["p3"] * teacher_taps["backbone"]["p3"]
+                ).mean()
+            }
 
     torch.manual_seed(0)
     model = DistillationDetector(
-        student=instantiate(tiny_retinanet_cfg()), teacher=instantiate(tiny_retinanet_cfg()),
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
         distillers={"keep": _KeepsTeacherMap()},
     ).train()
     saved = _teacher_outputs_saved_for_backward(model, make_inputs(n=2, size=(64, 64)))

@@ -1,19 +1,25 @@
 """GID: GI selection on hand-built maps, relation loss formula, FPN levels, response mask."""
+
 import math
 import re
 
-import pytest
 import torch
-from torchvision.ops import box_iou
-
 from detectron2.config import LazyCall as L
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
+from torchvision.ops import box_iou
 
 from detkd.losses import GIDDistiller, relation_loss, select_general_instances
 
+import pytest
 from conftest import (
-    history, load_config, short_train, make_inputs, tiny_faster_rcnn_cfg, tiny_kd, tiny_retinanet_cfg,
+    history,
+    load_config,
+    make_inputs,
+    short_train,
+    tiny_faster_rcnn_cfg,
+    tiny_kd,
+    tiny_retinanet_cfg,
 )
 
 
@@ -22,9 +28,14 @@ def test_selection_winners_nms_topk_and_empty_images():
     t = torch.tensor([[0.9, 0.1], [0.2, 0.1], [0.5, 0.5], [0.0, 0.8], [0.3, 0.3]])
     s = torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.5, 0.4], [0.0, 0.1], [0.3, 0.3]])
     # GI scores: 0.8, 0.7, 0.1, 0.7, 0.0
-    tb = torch.tensor([[0, 0, 40, 40], [50, 50, 90, 90], [10, 60, 30, 90], [2, 2, 41, 41], [0, 0, 5, 5]], dtype=torch.float)
+    tb = torch.tensor(
+        [[0, 0, 40, 40], [50, 50, 90, 90], [10, 60, 30, 90], [2, 2, 41, 41], [0, 0, 5, 5]],
+        dtype=torch.float,
+    )
     sb = tb + torch.tensor([1.0, 1.0, 1.0, 1.0])
-    sel = select_general_instances(t[None], s[None], tb[None], sb[None], [(100, 100)], topk=10, min_size=10)
+    sel = select_general_instances(
+        t[None], s[None], tb[None], sb[None], [(100, 100)], topk=10, min_size=10
+    )
     boxes, scores = sel[0]
     # r=3 (0.7) overlaps r=0 (0.8) at IoU > 0.3 and is suppressed; r=4 is too small (5 px).
     assert scores.tolist() == pytest.approx([0.8, 0.7, 0.1])
@@ -36,14 +47,18 @@ def test_selection_winners_nms_topk_and_empty_images():
     # Clipping to a 30x30 image leaves no box wider than 10 px except r=0 and r=3.
     clipped = select_general_instances(t[None], s[None], tb[None], sb[None], [(30, 30)], topk=10)
     assert clipped[0][0].tensor.tolist() == [[0, 0, 30, 30]]
-    empty = select_general_instances(t[None], s[None], tb[None], sb[None], [(100, 100)], min_size=60)
+    empty = select_general_instances(
+        t[None], s[None], tb[None], sb[None], [(100, 100)], min_size=60
+    )
     assert len(empty[0][0]) == 0 and empty[0][1].numel() == 0
 
 
 def _relation_reference(s, t):
     n = len(s)
+
     def dist(x):
         return [[math.dist(x[i].tolist(), x[j].tolist()) for j in range(n)] for i in range(n)]
+
     ds, dt = dist(s), dist(t)
     phi_s = sum(ds[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
     phi_t = sum(dt[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
@@ -73,7 +88,9 @@ def test_relation_loss_batched_over_images_is_mean_of_per_image_losses():
     s = torch.randn(sum(counts), 12, generator=g, dtype=torch.float64)
     t = torch.randn(sum(counts), 12, generator=g, dtype=torch.float64)
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    expected = [_relation_reference(s[a:a + n], t[a:a + n]) for a, n in zip(starts, counts) if n >= 3]
+    expected = [
+        _relation_reference(s[a : a + n], t[a : a + n]) for a, n in zip(starts, counts) if n >= 3
+    ]
     got = relation_loss(s, t, counts).item()
     assert got == pytest.approx(sum(expected) / len(expected), rel=1e-9)
     assert relation_loss(s[:6], t[:6], [2, 2, 2]).item() == 0.0
@@ -104,10 +121,17 @@ def test_fpn_levels_equal_detectron2_assign_boxes_to_levels():
         xy = torch.rand(n, 2, generator=g) * 300
         boxes.append(Boxes(torch.cat([xy, xy + torch.rand(n, 2, generator=g) ** 3 * 1500], 1)))
     edges = torch.tensor([[0.0, 0.0, 224.0 * 2.0**k, 224.0] for k in (-4, -2, -1, 0, 1, 2, 4, 6)])
-    near = torch.tensor([[0.0, 0.0, 224.0 * 2.0**k + e, 224.0 * 2.0**k + e]
-                         for k in (-1, 0, 1, 2) for e in (-0.3, 0.3)])  # squares just off them
+    near = torch.tensor(
+        [
+            [0.0, 0.0, 224.0 * 2.0**k + e, 224.0 * 2.0**k + e]
+            for k in (-1, 0, 1, 2)
+            for e in (-0.3, 0.3)
+        ]
+    )  # squares just off them
     boxes.append(Boxes(torch.cat([edges, near, torch.tensor([[5.0, 5.0, 5.0, 9.0]])])))
-    ref = assign_boxes_to_levels(boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level)
+    ref = assign_boxes_to_levels(
+        boxes, p.min_level, p.max_level, p.canonical_box_size, p.canonical_level
+    )
     got = d._levels(Boxes.cat(boxes).tensor)
     assert got.dtype == torch.int64 and torch.equal(got, ref)
     assert set(ref.tolist()) == {0, 1, 2, 3, 4}  # every level of p3-p7
@@ -137,13 +161,18 @@ def test_heterogeneous_pairs_are_clear_errors():
     del fcos.anchor_generator, fcos.box2box_transform, fcos.anchor_matcher, fcos.input_format
     fcos.head._target_ = FCOSHead
     del fcos.head.num_anchors
-    with pytest.raises(ValueError, match="different heads.*selection='location', response=False.*PKD or ReviewKD"):
+    with pytest.raises(
+        ValueError, match="different heads.*selection='location', response=False.*PKD or ReviewKD"
+    ):
         _kd(teacher=fcos)
     with pytest.raises(ValueError, match=r"different class counts \(3 vs 5\)\. Use"):
         _kd(teacher=tiny_retinanet_cfg(num_classes=5))
     # an R-CNN of 3 classes counts 1 here (its RPN's objectness): the message says why
-    with pytest.raises(ValueError, match=r"different class counts \(1 vs 3\) \(an R-CNN's dense "
-                                         r"predictions are its RPN's: one class, objectness\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different class counts \(1 vs 3\) \(an R-CNN's dense "
+        r"predictions are its RPN's: one class, objectness\)",
+    ):
         _kd(student=tiny_faster_rcnn_cfg(num_classes=3))
     other = tiny_retinanet_cfg()
     other.anchor_generator.sizes = [[x] for x in [16, 32, 64, 128, 256]]
@@ -182,7 +211,10 @@ def test_location_selection_on_an_aligned_pair_selects_per_anchor_and_says_so():
     gid = model.distillers["gid"]
     assert gid.location_strides is None and gid.response
     assert [r.levelno for r in records] == [logging.WARNING]
-    assert "selected per anchor" in records[0].getMessage() and "response term" in records[0].getMessage()
+    assert (
+        "selected per anchor" in records[0].getMessage()
+        and "response term" in records[0].getMessage()
+    )
     with EventStorage():
         losses = model(make_inputs())
     assert "loss_gid_response_cls" in losses
@@ -192,9 +224,13 @@ def test_per_location_picks_the_best_anchor():
     from detkd.losses.gid import per_location
 
     # one level, 2 locations x 3 anchors, 2 classes
-    logits = torch.tensor([[[0.0, 1.0], [3.0, -1.0], [0.5, 0.5], [-2.0, -2.0], [-1.0, 2.0], [0.0, 0.0]]])
+    logits = torch.tensor(
+        [[[0.0, 1.0], [3.0, -1.0], [0.5, 0.5], [-2.0, -2.0], [-1.0, 2.0], [0.0, 0.0]]]
+    )
     boxes = torch.arange(24, dtype=torch.float).view(1, 6, 4)
-    out = dict(logits=logits, boxes=boxes, anchors=[Boxes(torch.zeros(6, 4))], num_anchors=[3], strides=[8])
+    out = dict(
+        logits=logits, boxes=boxes, anchors=[Boxes(torch.zeros(6, 4))], num_anchors=[3], strides=[8]
+    )
     scores, bx = per_location(out, [8], class_agnostic=False)
     assert torch.allclose(scores, logits[:, [1, 4]].sigmoid())
     assert torch.equal(bx, boxes[:, [1, 4]])
@@ -207,7 +243,12 @@ def test_gradients_and_empty_selection():
     with EventStorage() as storage:
         losses = model(make_inputs(empty=(1,)))
         logged = storage.latest()
-    assert set(losses) >= {"loss_gid_feat", "loss_gid_relation", "loss_gid_response_cls", "loss_gid_response_reg"}
+    assert set(losses) >= {
+        "loss_gid_feat",
+        "loss_gid_relation",
+        "loss_gid_response_cls",
+        "loss_gid_response_reg",
+    }
     assert logged["gid/num_instances"][0] == 10.0
     sum(v for k, v in losses.items() if "gid" in k).backward()
     assert model.distillers["gid"].adapter.weight.grad is not None
@@ -223,7 +264,9 @@ def test_gradients_and_empty_selection():
 
 
 def test_faster_rcnn_pair_uses_rpn():
-    model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64), num_levels=4)
+    model = _kd(
+        student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64), num_levels=4
+    )
     d = model.distillers["gid"]
     assert [s for s, _ in d.pairs] == ["p2", "p3", "p4", "p5"]
     with EventStorage():
@@ -236,7 +279,9 @@ def test_faster_rcnn_pair_uses_rpn():
 def test_faster_rcnn_default_levels_are_the_box_heads_p2_to_p5():
     """METHODS.md 3.2: GIs of an R-CNN are pooled from p2-p5 (clamp [2, 5]), the levels its box
     head pools from, not the RPN's p6; a RetinaNet pair keeps all its shared levels."""
-    d = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64)).distillers["gid"]
+    d = _kd(
+        student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=64)
+    ).distillers["gid"]
     assert [s for s, _ in d.pairs] == ["p2", "p3", "p4", "p5"]
     assert (d.pooler.min_level, d.pooler.max_level) == (2, 5)
     assert [s for s, _ in _kd().distillers["gid"].pairs] == ["p3", "p4", "p5", "p6", "p7"]
@@ -250,7 +295,9 @@ def test_demo_config_trains_through_kdtrainer(tmp_path):
         assert len(values) == 3 and all(v == v for v in values), key
 
 
-def _select_reference(t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_topk, level_sizes=None):
+def _select_reference(
+    t, s, tb, sb, sizes, topk, nms_thresh, min_size, pre_nms_topk, level_sizes=None
+):
     """Per-image GISM with detectron2's ops: the definition the batched code must equal
     (METHODS.md 3.1: the pre-NMS top-k is taken per FPN level, NMS across levels)."""
     from torchvision.ops import nms
@@ -286,7 +333,9 @@ def test_selection_of_a_batch_equals_per_image_reference():
     s[3] = t[3]  # no disagreement at all: every GI score is 0
     sb[2] = tb[2] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # image 2: every box too small, no GI
     for topk, pre in ((10, 3000), (4, 50)):
-        got = select_general_instances(t, s, tb, sb, sizes, topk=topk, nms_thresh=0.3, min_size=10, pre_nms_topk=pre)
+        got = select_general_instances(
+            t, s, tb, sb, sizes, topk=topk, nms_thresh=0.3, min_size=10, pre_nms_topk=pre
+        )
         ref = _select_reference(t, s, tb, sb, sizes, topk, 0.3, 10, pre)
         assert len(got[0][0]) == topk and len(got[2][0]) == 0
         assert len(got[3][0]) > 0 and not got[3][1].any()  # ties: which boxes win is arbitrary
@@ -296,7 +345,12 @@ def test_selection_of_a_batch_equals_per_image_reference():
 
 @pytest.mark.parametrize(
     "thresholds,labels,allow_low",
-    [([0.4, 0.5], [0, -1, 1], True), ([0.3, 0.7], [0, -1, 1], True), ([0.5], [0, 1], False), ([0.5], [1, 0], True)],
+    [
+        ([0.4, 0.5], [0, -1, 1], True),
+        ([0.3, 0.7], [0, -1, 1], True),
+        ([0.5], [0, 1], False),
+        ([0.5], [1, 0], True),
+    ],
 )
 def test_batched_matcher_positives_equal_detectron2_matcher(thresholds, labels, allow_low):
     from detectron2.modeling.matcher import Matcher
@@ -329,7 +383,9 @@ def test_selection_widens_past_clusters_of_duplicates():
     tb = torch.tensor([10.0, 10.0, 50.0, 50.0]).repeat(1, R, 1) + torch.rand(1, R, 4, generator=g)
     xy = torch.rand(R - 120, 2, generator=g) * 150
     tb[0, 120:] = torch.cat([xy, xy + 12 + torch.rand(R - 120, 2, generator=g) * 20], -1)
-    got = select_general_instances(t, s, tb, tb.clone(), [(200, 200)], topk=10, nms_thresh=0.3, min_size=5)
+    got = select_general_instances(
+        t, s, tb, tb.clone(), [(200, 200)], topk=10, nms_thresh=0.3, min_size=5
+    )
     ref = _select_reference(t, s, tb, tb.clone(), [(200, 200)], 10, 0.3, 5, 3000)
     assert len(got[0][0]) == 10
     assert torch.equal(got[0][1], ref[0][1]) and torch.equal(got[0][0].tensor, ref[0][0])
@@ -340,16 +396,31 @@ def test_pre_nms_topk_is_per_level():
     # level 1 (20) everywhere; with a cut of 3 per level, the candidates are level 0's 3 best and
     # level 1's 3 best (a cut of 3 per image would keep level 0's 3 alone).
     R0, R1 = 30, 20
-    xy = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(5.0), indexing="ij"), -1).reshape(-1, 2) * 40
+    xy = (
+        torch.stack(
+            torch.meshgrid(torch.arange(10.0), torch.arange(5.0), indexing="ij"), -1
+        ).reshape(-1, 2)
+        * 40
+    )
     tb = torch.cat([xy, xy + 20], -1)[None]  # (1, 50, 4), no two boxes overlap
     t = torch.cat([torch.linspace(0.9, 0.6, R0), torch.linspace(0.5, 0.1, R1)])[None, :, None]
     s = torch.zeros_like(t)
     got = select_general_instances(
-        t, s, tb, tb.clone(), [(400, 400)], topk=10, min_size=5, pre_nms_topk=3, level_sizes=[R0, R1]
+        t,
+        s,
+        tb,
+        tb.clone(),
+        [(400, 400)],
+        topk=10,
+        min_size=5,
+        pre_nms_topk=3,
+        level_sizes=[R0, R1],
     )[0]
     torch.testing.assert_close(got[1], torch.cat([t[0, :3, 0], t[0, R0 : R0 + 3, 0]]))
     torch.testing.assert_close(got[0].tensor, torch.cat([tb[0, :3], tb[0, R0 : R0 + 3]]))
-    one_level = select_general_instances(t, s, tb, tb.clone(), [(400, 400)], topk=10, min_size=5, pre_nms_topk=3)[0]
+    one_level = select_general_instances(
+        t, s, tb, tb.clone(), [(400, 400)], topk=10, min_size=5, pre_nms_topk=3
+    )[0]
     torch.testing.assert_close(one_level[1], t[0, :3, 0])
     with pytest.raises(ValueError, match="do not add up"):
         select_general_instances(t, s, tb, tb, [(400, 400)], level_sizes=[R0, R1 + 1])
@@ -373,7 +444,9 @@ def test_selection_per_level_equals_reference_when_widened_past_the_cut(pre):
         tb[:, best] = torch.tensor([10.0, 10.0, 50.0, 50.0]) + torch.rand(N, 20, 4, generator=g)
     sb = tb.clone()
     img = [(200, 200), (180, 190)]
-    got = select_general_instances(t, s, tb, sb, img, topk=10, min_size=5, pre_nms_topk=pre, level_sizes=sizes_l)
+    got = select_general_instances(
+        t, s, tb, sb, img, topk=10, min_size=5, pre_nms_topk=pre, level_sizes=sizes_l
+    )
     ref = _select_reference(t, s, tb, sb, img, 10, 0.3, 5, pre, level_sizes=sizes_l)
     for (gb, gs), (rb, rs) in zip(got, ref):
         assert len(gs) == 10
@@ -389,13 +462,18 @@ def test_pool_equals_detectron2_roipooler_values_and_gradients():
     g = torch.Generator().manual_seed(7)
     N, S = 3, 10
     strides, sizes = [8, 16, 32, 64], [(20, 26), (10, 13), (5, 7), (3, 4)]
-    feats = [torch.randn(N, 6, h, w, generator=g, dtype=torch.float64, requires_grad=True) for h, w in sizes]
+    feats = [
+        torch.randn(N, 6, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+        for h, w in sizes
+    ]
     boxes = []
     for n in (7, 0, 12):  # an image without GIs; boxes of every level, some crossing the border
         xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 220 - 20
         wh = torch.rand(n, 2, generator=g, dtype=torch.float64) ** 2 * 300 + 1
         boxes.append(Boxes(torch.cat([xy, xy + wh], 1)))
-    pooler = ROIPooler(S, [1.0 / s for s in strides], 2, "ROIAlignV2", canonical_box_size=224, canonical_level=4)
+    pooler = ROIPooler(
+        S, [1.0 / s for s in strides], 2, "ROIAlignV2", canonical_box_size=224, canonical_level=4
+    )
     ref = pooler(feats, boxes)  # (G, C, S, S)
 
     gid = GIDDistiller(pooler_resolution=S)
@@ -403,7 +481,9 @@ def test_pool_equals_detectron2_roipooler_values_and_gradients():
     got, got_t = gid.pool(feats, [f.detach() * 2 for f in feats], boxes)  # (G*S*S, C)
     got = got.view(-1, S, S, 6).permute(0, 3, 1, 2)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(got_t.view(-1, S, S, 6).permute(0, 3, 1, 2), 2 * ref.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        got_t.view(-1, S, S, 6).permute(0, 3, 1, 2), 2 * ref.detach(), rtol=1e-9, atol=1e-9
+    )
     w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     g_ref = torch.autograd.grad((ref * w).sum(), feats)
     g_got = torch.autograd.grad((got * w).sum(), feats)
@@ -412,8 +492,14 @@ def test_pool_equals_detectron2_roipooler_values_and_gradients():
 
     # A hand-computed bin: one 1x1-bin box on a 2x2 map, sampling points at (0.25, 0.75) px.
     f = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
-    pos, wt = roi_align_sampling(torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64), torch.tensor([0]),
-                                 torch.tensor([0]), [(1, 2, 2)], [1.0], output_size=1)
+    pos, wt = roi_align_sampling(
+        torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        [(1, 2, 2)],
+        [1.0],
+        output_size=1,
+    )
     # aligned: points at -0.5 + (0.5, 1.5) = 0 and 1 on each axis -> the mean of the 4 pixels
     assert roi_align_gather([f], pos, wt).item() == pytest.approx(2.5)
 
@@ -488,7 +574,10 @@ def test_relation_loss_of_identical_gis_is_the_definitions_not_rounding_noise(co
     g = torch.Generator().manual_seed(0)
     s = torch.cat([(30 * torch.randn(1, 490, generator=g)).expand(n, -1) for n in counts])
     t = torch.cat([(30 * torch.randn(1, 490, generator=g)).expand(n, -1) for n in counts])
-    for loss in (lambda a: relation_loss(a, t, counts), lambda a: feature_and_relation_losses(a, t, counts)[1]):
+    for loss in (
+        lambda a: relation_loss(a, t, counts),
+        lambda a: feature_and_relation_losses(a, t, counts)[1],
+    ):
         a = s.clone().requires_grad_()
         got = loss(a)
         assert got.item() == 0.0
@@ -496,7 +585,9 @@ def test_relation_loss_of_identical_gis_is_the_definitions_not_rounding_noise(co
         moved = s.clone()
         moved[[sum(counts[:i]) for i in range(len(counts))], 0] += 0.3  # each image's first GI
         expected = [{5: 0.7, 4: 0.5}[n] for n in counts if n >= 3]
-        assert loss(moved.requires_grad_()).item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+        assert loss(moved.requires_grad_()).item() == pytest.approx(
+            sum(expected) / len(expected), rel=1e-4
+        )
 
 
 def test_one_shared_box_decoding_equals_decoding_both_models():
@@ -571,7 +662,9 @@ def test_a_model_without_dense_head_or_rpn_is_refused_with_the_alternatives():
 
     no_rpn = tiny_faster_rcnn_cfg()
     no_rpn.proposal_generator = None
-    with pytest.raises(TypeError, match=r"student \(GeneralizedRCNN\) has no dense head or RPN.*PKD or ReviewKD"):
+    with pytest.raises(
+        TypeError, match=r"student \(GeneralizedRCNN\) has no dense head or RPN.*PKD or ReviewKD"
+    ):
         _kd(student=no_rpn, teacher=tiny_faster_rcnn_cfg())
     d = GIDDistiller()
     backbone_only = BackboneOnlyDetector({"p3": ShapeSpec(channels=8, stride=8)})
@@ -638,7 +731,6 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
     torchvision NMS, ROIPooler (ROIAlignV2, 10x10), the adapter as a 1x1 conv, the written-out
     relation loss per image, the student's anchor Matcher, and BCE / L1 written out."""
     import torch.nn.functional as F
-
     from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
     from detectron2.modeling.poolers import ROIPooler
     from detectron2.structures import pairwise_iou
@@ -661,8 +753,10 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
 
     def flat(taps):
         cls, reg = taps["head"]
-        return (torch.cat([permute_to_N_HWA_K(x, K) for x in cls], 1).detach(),
-                torch.cat([permute_to_N_HWA_K(x, 4) for x in reg], 1).detach())
+        return (
+            torch.cat([permute_to_N_HWA_K(x, K) for x in cls], 1).detach(),
+            torch.cat([permute_to_N_HWA_K(x, 4) for x in reg], 1).detach(),
+        )
 
     (zs, ds), (zt, dt) = flat(s_taps), flat(t_taps)
     anchors = Boxes.cat(s_taps["anchor_generator"]).tensor
@@ -675,7 +769,14 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
     assert all(n >= 3 for n in counts)  # every image has a relation term
 
     levels = ["p3", "p4", "p5", "p6", "p7"]
-    pooler = ROIPooler(10, [1.0 / 2**k for k in range(3, 8)], 2, "ROIAlignV2", canonical_box_size=224, canonical_level=4)
+    pooler = ROIPooler(
+        10,
+        [1.0 / 2**k for k in range(3, 8)],
+        2,
+        "ROIAlignV2",
+        canonical_box_size=224,
+        canonical_level=4,
+    )
     with torch.no_grad():
         ps = pooler([s_taps["backbone"][k] for k in levels], boxes)  # (G, C, 10, 10)
         pt = pooler([t_taps["backbone"][k] for k in levels], boxes)
@@ -684,19 +785,25 @@ def test_distiller_losses_equal_a_reference_written_from_the_definitions():
     feat = ((ps - pt) ** 2).sum() / (G * 100)
     starts = [sum(counts[:i]) for i in range(len(counts))]
     rel = sum(
-        _relation_reference(ps[a:a + n].flatten(1).double(), pt[a:a + n].flatten(1).double())
+        _relation_reference(ps[a : a + n].flatten(1).double(), pt[a : a + n].flatten(1).double())
         for a, n in zip(starts, counts)
     ) / len(counts)
 
-    pos = torch.stack([student.anchor_matcher(pairwise_iou(b, Boxes(anchors)))[1] == 1 for b in boxes])
+    pos = torch.stack(
+        [student.anchor_matcher(pairwise_iou(b, Boxes(anchors)))[1] == 1 for b in boxes]
+    )
     n_pos = int(pos.sum())
     assert n_pos > 0
     z, q = zs[pos], zt[pos].sigmoid()
     cls = -(q * F.logsigmoid(z) + (1 - q) * F.logsigmoid(-z)).sum() / n_pos
     reg = (ds[pos] - dt[pos]).abs().sum() / n_pos
 
-    expected = {"loss_gid_feat": 5e-4 * feat, "loss_gid_relation": 40.0 * rel,
-                "loss_gid_response_cls": 0.1 * cls, "loss_gid_response_reg": 1.0 * reg}
+    expected = {
+        "loss_gid_feat": 5e-4 * feat,
+        "loss_gid_relation": 40.0 * rel,
+        "loss_gid_response_cls": 0.1 * cls,
+        "loss_gid_response_reg": 1.0 * reg,
+    }
     for k, v in expected.items():
         assert got[k].item() == pytest.approx(float(v), rel=1e-4), k
     # the logged diagnostics: GIs and response positives per image
@@ -713,7 +820,9 @@ def test_selection_of_float64_inputs_equals_float32():
     tb = torch.cat([xy, xy + 12 + torch.rand(2, 200, 2, generator=g) * 30], -1)
     sb = tb + torch.rand(2, 200, 4, generator=g) * 4
     got32 = select_general_instances(t, s, tb, sb, [(100, 100), (90, 120)])
-    got64 = select_general_instances(t.double(), s.double(), tb.double(), sb.double(), [(100, 100), (90, 120)])
+    got64 = select_general_instances(
+        t.double(), s.double(), tb.double(), sb.double(), [(100, 100), (90, 120)]
+    )
     for (b32, s32), (b64, s64) in zip(got32, got64):
         assert len(b32) == 10 and s64.dtype == torch.float64
         assert torch.equal(b64.tensor, b32.tensor) and torch.allclose(s64, s32.double())
@@ -763,7 +872,9 @@ def _spread_fcos(model, seed):
     confident, varied class and centerness scores."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.head.bbox_pred.bias.copy_(torch.tensor([1.5, 1.2, 1.8, 1.4]) + 0.3 * torch.rand(4, generator=g))
+        model.head.bbox_pred.bias.copy_(
+            torch.tensor([1.5, 1.2, 1.8, 1.4]) + 0.3 * torch.rand(4, generator=g)
+        )
         model.head.bbox_pred.weight.mul_(30)
         model.head.cls_score.weight.mul_(100)
         model.head.ctrness.weight.mul_(50)
@@ -798,11 +909,16 @@ def _feature_relation_reference(d, s_fpn, t_fpn, boxes, levels):
     """METHODS.md 3.2 / 3.3 with ROIPooler (ROIAlignV2, 10x10, canonical 224 at level 4) and the
     adapter as a 1x1 conv; the relation per image (>= 3 GIs), averaged over those images."""
     import torch.nn.functional as F
-
     from detectron2.modeling.poolers import ROIPooler
 
-    pooler = ROIPooler(10, [1.0 / 2 ** int(k[1:]) for k in levels], 2, "ROIAlignV2",
-                       canonical_box_size=224, canonical_level=4)
+    pooler = ROIPooler(
+        10,
+        [1.0 / 2 ** int(k[1:]) for k in levels],
+        2,
+        "ROIAlignV2",
+        canonical_box_size=224,
+        canonical_level=4,
+    )
     with torch.no_grad():
         ps = pooler([s_fpn[k] for k in levels], [Boxes(b) for b in boxes])
         pt = pooler([t_fpn[k] for k in levels], [Boxes(b) for b in boxes])
@@ -811,8 +927,9 @@ def _feature_relation_reference(d, s_fpn, t_fpn, boxes, levels):
     feat = ((ps - pt) ** 2).sum() / (sum(counts) * 100)
     starts = [sum(counts[:i]) for i in range(len(counts))]
     rels = [
-        _relation_reference(ps[a:a + n].flatten(1).double(), pt[a:a + n].flatten(1).double())
-        for a, n in zip(starts, counts) if n >= 3
+        _relation_reference(ps[a : a + n].flatten(1).double(), pt[a : a + n].flatten(1).double())
+        for a, n in zip(starts, counts)
+        if n >= 3
     ]
     return float(feat), sum(rels) / len(rels), counts
 
@@ -838,20 +955,28 @@ def test_fcos_pair_losses_equal_a_reference_written_from_the_definitions():
     student, teacher, K = model.student, model.teacher, model.student.num_classes
 
     def flat(taps):
-        return [torch.cat([permute_to_N_HWA_K(x, k) for x in maps], 1).detach()
-                for maps, k in zip(taps["head"], (K, 4, 1))]
+        return [
+            torch.cat([permute_to_N_HWA_K(x, k) for x in maps], 1).detach()
+            for maps, k in zip(taps["head"], (K, 4, 1))
+        ]
 
     (zs, ds, cs), (zt, dt, ct) = flat(s_taps), flat(t_taps)
     anchors = student.anchor_generator([s_taps["backbone"][k] for k in student.head_in_features])
     flat_anchors = Boxes.cat(anchors).tensor
     sb = torch.stack([student.box2box_transform.apply_deltas(x, flat_anchors) for x in ds])
     tb = torch.stack([teacher.box2box_transform.apply_deltas(x, flat_anchors) for x in dt])
-    sel = _select_reference(zt.sigmoid(), zs.sigmoid(), tb, sb, ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000)
+    sel = _select_reference(
+        zt.sigmoid(), zs.sigmoid(), tb, sb, ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000
+    )
     boxes = [b for b, _ in sel]
     assert [len(b) for b in boxes] == [10, 10]
     assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, boxes))
     feat, rel, _ = _feature_relation_reference(
-        model.distillers["gid"], s_taps["backbone"], t_taps["backbone"], boxes, ["p3", "p4", "p5", "p6", "p7"]
+        model.distillers["gid"],
+        s_taps["backbone"],
+        t_taps["backbone"],
+        boxes,
+        ["p3", "p4", "p5", "p6", "p7"],
     )
     gts = []
     for b in boxes:
@@ -893,7 +1018,9 @@ def test_faster_rcnn_pair_losses_equal_a_reference_written_from_the_definitions(
     on objectness and L1 on the RPN deltas (METHODS.md 3.4)."""
     from detectron2.structures import pairwise_iou
 
-    model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32), num_levels=4)
+    model = _kd(
+        student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32), num_levels=4
+    )
     for m in (model.student, model.teacher):  # varied, unsaturated objectness
         with torch.no_grad():
             m.proposal_generator.rpn_head.objectness_logits.weight.mul_(15)
@@ -904,8 +1031,10 @@ def test_faster_rcnn_pair_losses_equal_a_reference_written_from_the_definitions(
     def flat(taps, rpn):  # as RPN.forward flattens its head's outputs
         obj, deltas = taps["proposal_generator.rpn_head"]
         obj = torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in obj], 1).detach()
-        deltas = [x.view(x.shape[0], -1, 4, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2).detach()
-                  for x in deltas]
+        deltas = [
+            x.view(x.shape[0], -1, 4, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2).detach()
+            for x in deltas
+        ]
         return obj, deltas
 
     (os_, ds), (ot, dt) = flat(s_taps, rpn_s), flat(t_taps, rpn_t)
@@ -913,16 +1042,31 @@ def test_faster_rcnn_pair_losses_equal_a_reference_written_from_the_definitions(
     sb = torch.cat(rpn_s._decode_proposals(anchors, ds), 1)
     tb = torch.cat(rpn_t._decode_proposals(anchors, dt), 1)
     ds, dt = torch.cat(ds, 1), torch.cat(dt, 1)
-    sel = _select_reference(ot.sigmoid()[..., None], os_.sigmoid()[..., None], tb, sb,
-                            ctx.teacher_images.image_sizes, 10, 0.3, 10.0, 3000)
+    sel = _select_reference(
+        ot.sigmoid()[..., None],
+        os_.sigmoid()[..., None],
+        tb,
+        sb,
+        ctx.teacher_images.image_sizes,
+        10,
+        0.3,
+        10.0,
+        3000,
+    )
     boxes = [b for b, _ in sel]
     assert [len(b) for b in boxes] == [10, 10]
     assert all(torch.allclose(g, r) for g, r in zip(gi_boxes, boxes))
     feat, rel, _ = _feature_relation_reference(
-        model.distillers["gid"], s_taps["backbone"], t_taps["backbone"], boxes, ["p2", "p3", "p4", "p5"]
+        model.distillers["gid"],
+        s_taps["backbone"],
+        t_taps["backbone"],
+        boxes,
+        ["p2", "p3", "p4", "p5"],
     )
     all_anchors = Boxes.cat(anchors)
-    pos = torch.stack([rpn_s.anchor_matcher(pairwise_iou(Boxes(b), all_anchors))[1] == 1 for b in boxes])
+    pos = torch.stack(
+        [rpn_s.anchor_matcher(pairwise_iou(Boxes(b), all_anchors))[1] == 1 for b in boxes]
+    )
     n_pos = int(pos.sum())
     assert pos.sum(1).min() > 0
     expected = {
@@ -971,24 +1115,38 @@ def _per_location_reference(model, taps, strides, class_agnostic):
     return torch.cat(scores, 1), torch.cat(boxes, 1)
 
 
-@pytest.mark.parametrize("pair", ["fcos_from_retinanet", "fcos_from_retinanet_5_classes", "retinanet_from_faster_rcnn"])
+@pytest.mark.parametrize(
+    "pair", ["fcos_from_retinanet", "fcos_from_retinanet_5_classes", "retinanet_from_faster_rcnn"]
+)
 def test_location_selection_losses_equal_a_reference_written_from_the_definitions(pair):
     """selection='location': one prediction per location of the shared strides (the best anchor
     of each), class-agnostic when the class counts differ; feature and relation terms only."""
     if pair == "retinanet_from_faster_rcnn":
-        model = _kd(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(width=32),
-                    selection="location", response=False)
+        model = _kd(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_faster_rcnn_cfg(width=32),
+            selection="location",
+            response=False,
+        )
         _spread_retinanet(model.student)
         with torch.no_grad():
             model.teacher.proposal_generator.rpn_head.objectness_logits.weight.mul_(15)
         strides, agnostic, levels = [8, 16, 32, 64], True, ["p3", "p4", "p5", "p6"]
     else:
         classes = 5 if pair.endswith("5_classes") else 3
-        model = _kd(student=_fcos_cfg(), teacher=tiny_retinanet_cfg(width=32, num_classes=classes),
-                    selection="location", response=False)
+        model = _kd(
+            student=_fcos_cfg(),
+            teacher=tiny_retinanet_cfg(width=32, num_classes=classes),
+            selection="location",
+            response=False,
+        )
         _spread_fcos(model.student, 1)
         _spread_retinanet(model.teacher)
-        strides, agnostic, levels = [8, 16, 32, 64, 128], classes != 3, ["p3", "p4", "p5", "p6", "p7"]
+        strides, agnostic, levels = (
+            [8, 16, 32, 64, 128],
+            classes != 3,
+            ["p3", "p4", "p5", "p6", "p7"],
+        )
     d = model.distillers["gid"]
     assert d.location_strides == strides and d.class_agnostic == agnostic
     losses, got, s_taps, t_taps, ctx, gi_boxes = _run_recording(model)
@@ -1014,10 +1172,20 @@ def test_no_general_instance_gives_zero_losses_with_a_gradient_path(family):
     if family == "fcos":
         model = _kd(student=_fcos_cfg(), teacher=_fcos_cfg(width=32), min_size=1000.0)
     elif family == "faster_rcnn":
-        model = _kd(student=tiny_faster_rcnn_cfg(), teacher=tiny_faster_rcnn_cfg(width=32), num_levels=4, min_size=1000.0)
+        model = _kd(
+            student=tiny_faster_rcnn_cfg(),
+            teacher=tiny_faster_rcnn_cfg(width=32),
+            num_levels=4,
+            min_size=1000.0,
+        )
     else:
-        model = _kd(student=_fcos_cfg(), teacher=tiny_retinanet_cfg(num_classes=5), min_size=1000.0,
-                    selection="location", response=False)
+        model = _kd(
+            student=_fcos_cfg(),
+            teacher=tiny_retinanet_cfg(num_classes=5),
+            min_size=1000.0,
+            selection="location",
+            response=False,
+        )
     with EventStorage() as storage:
         losses = model(make_inputs(empty=(1,)))
         assert storage.latest()["gid/num_instances"][0] == 0.0
@@ -1033,7 +1201,13 @@ def test_distiller_defaults_are_the_ports_hyperparameters():
     """METHODS.md 3.1-3.5: K = 10 GIs per image, NMS IoU 0.3, sides <= 10 px dropped, 3000
     candidates before NMS, 10x10 ROIAlign; weights 5e-4 / 40 / 0.1 / 1.0 (centerness as cls)."""
     d = GIDDistiller()
-    assert (d.topk, d.nms_thresh, d.min_size, d.pre_nms_topk, d.pooler_resolution) == (10, 0.3, 10.0, 3000, 10)
+    assert (d.topk, d.nms_thresh, d.min_size, d.pre_nms_topk, d.pooler_resolution) == (
+        10,
+        0.3,
+        10.0,
+        3000,
+        10,
+    )
     assert d.weights == dict(feat=5e-4, relation=40.0, cls=0.1, reg=1.0, ctr=0.1)
     assert d.response and d.selection == "anchor"
 
@@ -1045,9 +1219,15 @@ def test_distiller_cuts_candidates_per_fpn_level(selection):
     from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
     teacher = _fcos_cfg(width=32) if selection == "anchor" else tiny_retinanet_cfg(width=32)
-    model = _kd(student=_fcos_cfg(), teacher=teacher, pre_nms_topk=5, min_size=1.0, nms_thresh=0.9,
-                selection=selection,
-                response=False)
+    model = _kd(
+        student=_fcos_cfg(),
+        teacher=teacher,
+        pre_nms_topk=5,
+        min_size=1.0,
+        nms_thresh=0.9,
+        selection=selection,
+        response=False,
+    )
     _spread_fcos(model.student, 1)
     if selection == "anchor":
         _spread_fcos(model.teacher, 2)
@@ -1072,7 +1252,12 @@ def test_distiller_cuts_candidates_per_fpn_level(selection):
     ss, sb = scores_boxes(model.student, s_taps, model.student)
     ts, tb = scores_boxes(model.teacher, t_taps, model.teacher)
     sizes = ctx.teacher_images.image_sizes
-    ref = [b for b, _ in _select_reference(ts, ss, tb, sb, sizes, 10, 0.9, 1.0, 5, level_sizes=level_sizes)]
+    ref = [
+        b
+        for b, _ in _select_reference(
+            ts, ss, tb, sb, sizes, 10, 0.9, 1.0, 5, level_sizes=level_sizes
+        )
+    ]
     per_image = [b for b, _ in _select_reference(ts, ss, tb, sb, sizes, 10, 0.9, 1.0, 5)]
     assert all(len(b) > 5 for b in ref)  # more than one level's 5 candidates survive
     assert all(len(b) <= 5 for b in per_image)  # what a cut of 5 per image would give
@@ -1090,8 +1275,11 @@ def test_roi_align_sampling_points_exactly_on_the_minus_1_and_size_bounds_count(
     from detkd.losses.gid import roi_align_gather, roi_align_sampling
 
     f = torch.arange(16.0, dtype=torch.float64).view(1, 1, 4, 4)
-    for box, expected in (([-3.0, -3.0, 7.0, 7.0], 7.5), ([-3.001, -3.001, 7.001, 7.001], 0.0),
-                          ([-3.0, 0.0, 7.0, 2.0], 3.5)):  # y points at 0.5 and 1.5: rows 0-2
+    for box, expected in (
+        ([-3.0, -3.0, 7.0, 7.0], 7.5),
+        ([-3.001, -3.001, 7.001, 7.001], 0.0),
+        ([-3.0, 0.0, 7.0, 2.0], 3.5),
+    ):  # y points at 0.5 and 1.5: rows 0-2
         b = torch.tensor([box], dtype=torch.float64)
         one = torch.tensor([0])
         pos, wt = roi_align_sampling(b, one, one, [(1, 4, 4)], [1.0], output_size=1)
@@ -1170,7 +1358,11 @@ def test_pre_nms_topk_cuts_a_level_of_exactly_one_more_prediction():
 
 
 _GID_WEIGHTS = [
-    "feat_weight", "relation_weight", "response_cls_weight", "response_reg_weight", "response_ctr_weight",
+    "feat_weight",
+    "relation_weight",
+    "response_cls_weight",
+    "response_reg_weight",
+    "response_ctr_weight",
 ]
 
 
@@ -1188,7 +1380,9 @@ def test_weights_must_be_finite_non_negative_numbers(arg, bad):
 
 
 def test_weight_none_is_an_error_but_response_ctr_weight_none_follows_the_cls_weight():
-    with pytest.raises(ValueError, match=r"GIDDistiller: feat_weight must be a finite number >= 0 .* got None"):
+    with pytest.raises(
+        ValueError, match=r"GIDDistiller: feat_weight must be a finite number >= 0 .* got None"
+    ):
         GIDDistiller(feat_weight=None)
     d = GIDDistiller(response_cls_weight=0.3, response_ctr_weight=None, feat_weight=0)
     assert d.weights["ctr"] == 0.3 and d.weights["feat"] == 0.0  # 0 turns a term off
@@ -1210,16 +1404,26 @@ def test_counts_and_sizes_must_be_ints_of_at_least_one(arg, bad):
 
 def test_thresholds_switches_and_levels_are_checked_at_construction():
     for bad in (1.5, -0.1, float("nan"), "0.3"):
-        msg = rf"GIDDistiller: nms_thresh must be a number in \[0, 1\] .* got {re.escape(repr(bad))}"
+        msg = (
+            rf"GIDDistiller: nms_thresh must be a number in \[0, 1\] .* got {re.escape(repr(bad))}"
+        )
         with pytest.raises(ValueError, match=msg):
             GIDDistiller(nms_thresh=bad)
-    with pytest.raises(ValueError, match=r"GIDDistiller: min_size must be a finite number >= 0 .* got -1"):
+    with pytest.raises(
+        ValueError, match=r"GIDDistiller: min_size must be a finite number >= 0 .* got -1"
+    ):
         GIDDistiller(min_size=-1)
-    with pytest.raises(ValueError, match=r"GIDDistiller: response must be True or False .* got 'False'"):
+    with pytest.raises(
+        ValueError, match=r"GIDDistiller: response must be True or False .* got 'False'"
+    ):
         GIDDistiller(response="False")  # a string: true
-    with pytest.raises(ValueError, match=r"GIDDistiller: num_levels must be a positive int .* got 0"):
+    with pytest.raises(
+        ValueError, match=r"GIDDistiller: num_levels must be a positive int .* got 0"
+    ):
         GIDDistiller(num_levels=0)
-    with pytest.raises(ValueError, match=r"GID: selection must be 'anchor' or 'location', got 'box'"):
+    with pytest.raises(
+        ValueError, match=r"GID: selection must be 'anchor' or 'location', got 'box'"
+    ):
         GIDDistiller(selection="box")  # was checked at bind only
     d = GIDDistiller(nms_thresh=1, min_size=0)
     assert (d.nms_thresh, d.min_size) == (1.0, 0.0)

@@ -1,4 +1,5 @@
 """`pip install -e .` (README, Installation) after torch and detectron2 gives an importable detkd."""
+
 import ast
 import configparser
 import glob
@@ -10,15 +11,35 @@ from conftest import REPO
 
 # What the README's installation steps provide besides DetKD's own requirements: torch,
 # torchvision and detectron2 with the requirements of its setup.py (not its "all" extras).
-_PROVIDED = {"torch", "torchvision", "detectron2", "numpy", "PIL", "matplotlib", "pycocotools", "termcolor",
-             "yacs", "tabulate", "cloudpickle", "tqdm", "tensorboard", "fvcore", "iopath", "omegaconf",
-             "hydra", "black", "packaging"}
+_PROVIDED = {
+    "torch",
+    "torchvision",
+    "detectron2",
+    "numpy",
+    "PIL",
+    "matplotlib",
+    "pycocotools",
+    "termcolor",
+    "yacs",
+    "tabulate",
+    "cloudpickle",
+    "tqdm",
+    "tensorboard",
+    "fvcore",
+    "iopath",
+    "omegaconf",
+    "hydra",
+    "black",
+    "packaging",
+}
 _DISTRIBUTION = {"PIL": "Pillow", "hydra": "hydra-core"}  # import name -> requirement name
 
 
 def _third_party_imports():
     names = set()
-    for path in glob.glob(os.path.join(REPO, "projects", "DetKD", "detkd", "**", "*.py"), recursive=True):
+    for path in glob.glob(
+        os.path.join(REPO, "projects", "DetKD", "detkd", "**", "*.py"), recursive=True
+    ):
         with open(path) as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
@@ -34,11 +55,16 @@ def test_setup_cfg_requires_every_module_detkd_imports_that_detectron2_does_not_
     # the README's three pip commands left `import detkd` failing with "No module named 'scipy'"
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(REPO, "setup.cfg"))
-    declared = {re.split(r"[<>=!~;\[ ]", r.strip())[0].lower()
-                for r in cfg.get("options", "install_requires", fallback="").splitlines() if r.strip()}
+    declared = {
+        re.split(r"[<>=!~;\[ ]", r.strip())[0].lower()
+        for r in cfg.get("options", "install_requires", fallback="").splitlines()
+        if r.strip()
+    }
     needed = {_DISTRIBUTION.get(n, n).lower() for n in _third_party_imports() - _PROVIDED}
     assert "scipy" in needed  # the check sees the DETR matcher's import
-    assert needed <= declared, f"setup.cfg [options] install_requires lacks {sorted(needed - declared)}"
+    assert (
+        needed <= declared
+    ), f"setup.cfg [options] install_requires lacks {sorted(needed - declared)}"
 
 
 def test_every_detkd_name_the_readme_and_the_code_cite_exists():
@@ -48,7 +74,8 @@ def test_every_detkd_name_the_readme_and_the_code_cite_exists():
     import importlib
 
     files = ["README.md"] + [
-        p for pattern in ("projects/DetKD/detkd/**/*.py", "configs/**/*.py", "benchmarks/*.py")
+        p
+        for pattern in ("projects/DetKD/detkd/**/*.py", "configs/**/*.py", "benchmarks/*.py")
         for p in glob.glob(os.path.join(REPO, pattern), recursive=True)
     ]
     cited = {}

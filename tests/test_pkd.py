@@ -1,16 +1,17 @@
 """PKD loss values against independent formulas, and level pairing of the distiller."""
+
 import os
 import re
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
-
 from detectron2.layers import ShapeSpec
 
-from conftest import BackboneOnlyDetector
 from detkd.losses import PKDDistiller, pair_fpn_levels, pkd_level_loss, pkd_loss
+
+import pytest
+from conftest import BackboneOnlyDetector
 
 
 def _one_minus_pearson(s, t):
@@ -90,14 +91,18 @@ def test_pkd_of_constant_float32_maps_equals_the_hand_computation(value):
     const = torch.full((N, C, H, W), value)
     std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
     expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
-    definition = lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2  # noqa: E731
+    definition = (
+        lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
+    )  # noqa: E731
     for loss in (pkd_level_loss, definition):
         s = const.clone().requires_grad_()
         got = loss(s, t)
         assert got.item() == pytest.approx(expected, rel=1e-6)
         s64 = const.double().requires_grad_()
         (grad64,) = torch.autograd.grad(definition(s64, t.double()), s64)
-        torch.testing.assert_close(torch.autograd.grad(got, s)[0], grad64.float(), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(
+            torch.autograd.grad(got, s)[0], grad64.float(), rtol=1e-4, atol=1e-3
+        )
         assert loss(t.clone().requires_grad_(), const).item() == pytest.approx(expected, rel=1e-6)
         s = const.clone().requires_grad_()
         both = loss(s, torch.full_like(const, -2.3))
@@ -125,7 +130,9 @@ def test_pkd_resizes_student_bilinearly_and_sums_levels():
     up = F.interpolate(s1, size=(8, 10), mode="bilinear", align_corners=False)
     assert pkd_level_loss(s1, t1).item() == pytest.approx(pkd_level_loss(up, t1).item(), rel=1e-6)
     total = pkd_loss([s1, s2], [t1, t2]).item()
-    assert total == pytest.approx(pkd_level_loss(up, t1).item() + pkd_level_loss(s2, t2).item(), rel=1e-6)
+    assert total == pytest.approx(
+        pkd_level_loss(up, t1).item() + pkd_level_loss(s2, t2).item(), rel=1e-6
+    )
 
 
 def test_pkd_resizes_maps_that_differ_in_width_only():
@@ -160,10 +167,16 @@ RETINA = _shapes(["p3", "p4", "p5", "p6", "p7"], [8, 16, 32, 64, 128], 256)
 
 def test_level_pairing_by_stride_and_index():
     assert pair_fpn_levels(RETINA, RCNN, num_levels=4) == [
-        ("p3", "p3"), ("p4", "p4"), ("p5", "p5"), ("p6", "p6")
+        ("p3", "p3"),
+        ("p4", "p4"),
+        ("p5", "p5"),
+        ("p6", "p6"),
     ]
     assert pair_fpn_levels(RETINA, RCNN, num_levels=4, pair_by="index") == [
-        ("p3", "p2"), ("p4", "p3"), ("p5", "p4"), ("p6", "p5")
+        ("p3", "p2"),
+        ("p4", "p3"),
+        ("p5", "p4"),
+        ("p6", "p5"),
     ]
     assert len(pair_fpn_levels(RETINA, RCNN)) == 4  # all shared strides
     with pytest.raises(ValueError, match="only 4 pairs"):
@@ -198,13 +211,19 @@ def test_distiller_adapters_only_where_channels_differ_and_weight():
     assert len(same.adapters) == 0
 
     g = torch.Generator().manual_seed(4)
-    s_feats = {n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g) for n, sp in
-               zip(["p3", "p4", "p5", "p6", "p7"], [8, 8, 8, 8, 8])}
-    t_feats = {n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g) for n, sp in
-               zip(["p2", "p3", "p4", "p5", "p6"], [8, 8, 8, 8, 8])}
+    s_feats = {
+        n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g)
+        for n, sp in zip(["p3", "p4", "p5", "p6", "p7"], [8, 8, 8, 8, 8])
+    }
+    t_feats = {
+        n: torch.randn(2, 256, 64 // sp, 64 // sp, generator=g)
+        for n, sp in zip(["p2", "p3", "p4", "p5", "p6"], [8, 8, 8, 8, 8])
+    }
     out = same({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)
-    expected = 10.0 * pkd_loss([s_feats[k] for k in ["p3", "p4", "p5", "p6"]],
-                               [t_feats[k] for k in ["p3", "p4", "p5", "p6"]])
+    expected = 10.0 * pkd_loss(
+        [s_feats[k] for k in ["p3", "p4", "p5", "p6"]],
+        [t_feats[k] for k in ["p3", "p4", "p5", "p6"]],
+    )
     assert out["loss_pkd"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -219,13 +238,17 @@ def test_pkd_gradient_matches_finite_differences_and_autograd_on_the_definition(
     ref = F.mse_loss(_standardize_channels(s), _standardize_channels(t)) / 2
     got = pkd_level_loss(s, t)
     assert got.item() == pytest.approx(ref.item(), rel=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-10, atol=1e-14
+    )
     # fp32, as in training: same value and gradient as autograd up to float rounding
     s32, t32 = s.detach().float().requires_grad_(), t.float()
     ref32 = F.mse_loss(_standardize_channels(s32), _standardize_channels(t32)) / 2
     got32 = pkd_level_loss(s32, t32)
     assert got32.item() == pytest.approx(ref32.item(), rel=1e-5)
-    torch.testing.assert_close(torch.autograd.grad(got32, s32)[0], torch.autograd.grad(ref32, s32)[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        torch.autograd.grad(got32, s32)[0], torch.autograd.grad(ref32, s32)[0], rtol=1e-4, atol=1e-7
+    )
 
 
 def test_distiller_defaults_are_alpha_6_on_the_first_4_levels():
@@ -250,7 +273,9 @@ def test_pkd_trainable_teacher_map_gets_the_gradient_of_the_definition():
     """A teacher map that requires grad (e.g. a learnt target) gets the loss's gradient too."""
     g = torch.Generator().manual_seed(6)
     s = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    t = (0.5 * s.detach() + torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    t = (
+        0.5 * s.detach() + torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    ).requires_grad_()
     assert torch.autograd.gradcheck(pkd_level_loss, (s, t))
     (gt,) = torch.autograd.grad(pkd_level_loss(s, t), t)
     assert gt.abs().max() > 1e-3
@@ -259,8 +284,13 @@ def test_pkd_trainable_teacher_map_gets_the_gradient_of_the_definition():
 def test_distiller_level_restrictions_pair_the_given_levels_of_each_side():
     """student_levels / teacher_levels restrict each side to its own list, then pair by index
     (the student's p4, p5 with the teacher's p3, p5)."""
-    d = PKDDistiller(loss_weight=2.0, num_levels=None, pair_by="index",
-                     student_levels=["p4", "p5"], teacher_levels=["p3", "p5"])
+    d = PKDDistiller(
+        loss_weight=2.0,
+        num_levels=None,
+        pair_by="index",
+        student_levels=["p4", "p5"],
+        teacher_levels=["p3", "p5"],
+    )
     d.bind(_Det(RETINA), _Det(RCNN))
     assert d.pairs == [("p4", "p3"), ("p5", "p5")]
     g = torch.Generator().manual_seed(7)
@@ -284,12 +314,17 @@ def test_distiller_resize_student_false_resizes_the_teacher_map():
     t_small = F.interpolate(t_feats["p2"], size=(4, 5), mode="bilinear", align_corners=False)
     s_feats["p3"] = s_feats["p3"] + t_small  # correlated with the downsized teacher map
     for resize_student in (False, True):
-        d = PKDDistiller(loss_weight=1.0, num_levels=1, pair_by="index", resize_student=resize_student)
+        d = PKDDistiller(
+            loss_weight=1.0, num_levels=1, pair_by="index", resize_student=resize_student
+        )
         d.bind(_Det(RETINA), _Det(RCNN))
         assert d.pairs == [("p3", "p2")]
         out = d({"backbone": s_feats}, {"backbone": t_feats}, ctx=None)["loss_pkd"].item()
         if resize_student:
-            s, t = F.interpolate(s_feats["p3"], size=(8, 10), mode="bilinear", align_corners=False), t_feats["p2"]
+            s, t = (
+                F.interpolate(s_feats["p3"], size=(8, 10), mode="bilinear", align_corners=False),
+                t_feats["p2"],
+            )
         else:
             s, t = s_feats["p3"], t_small
         mean_1_minus_r, M = _one_minus_pearson(s, t)
@@ -313,7 +348,9 @@ def test_level_pairing_orders_levels_by_stride_not_by_dict_order():
     s_shapes = _shapes(["p5", "p3", "p4"], [32, 8, 16], 256)
     t_shapes = _shapes(["p4", "p2", "p3"], [16, 4, 8], 256)
     assert pair_fpn_levels(s_shapes, t_shapes, pair_by="index") == [
-        ("p3", "p2"), ("p4", "p3"), ("p5", "p4")
+        ("p3", "p2"),
+        ("p4", "p3"),
+        ("p5", "p4"),
     ]
     assert pair_fpn_levels(s_shapes, t_shapes, num_levels=1) == [("p3", "p3")]
 
@@ -371,7 +408,9 @@ def test_pkd_of_constant_channels_of_different_values_is_centred_per_channel():
     t = torch.randn(N, C, H, W, generator=g)
     std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
     expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
-    definition = lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2  # noqa: E731
+    definition = (
+        lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
+    )  # noqa: E731
     other = torch.tensor([-2.3, 55.5, 0.7]).view(1, C, 1, 1).expand(N, C, H, W).contiguous()
     for loss in (pkd_level_loss, definition):
         assert loss(const.clone().requires_grad_(), t).item() == pytest.approx(expected, rel=1e-6)
@@ -392,7 +431,7 @@ def test_pkd_refuses_maps_of_different_batch_or_channels():
 
 @pytest.mark.parametrize("bad", ["abc", None, -1, -0.5, float("nan"), float("inf"), True, [6.0]])
 def test_loss_weight_must_be_a_finite_non_negative_number(bad):
-    """"abc" failed at the first step (a TypeError from `"abc" * tensor`), None likewise, and -1
+    """ "abc" failed at the first step (a TypeError from `"abc" * tensor`), None likewise, and -1
     was accepted: it trained the student away from the teacher."""
     with pytest.raises(
         ValueError,
@@ -420,15 +459,23 @@ def test_none_written_on_the_command_line_is_named_with_its_spelling():
     from conftest import REPO
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py"))
-    levels = ["model.distillers.pkd.student_levels=[p3,p4]", "model.distillers.pkd.teacher_levels=[p3,p4]"]
+    levels = [
+        "model.distillers.pkd.student_levels=[p3,p4]",
+        "model.distillers.pkd.teacher_levels=[p3,p4]",
+    ]
     bad = LazyConfig.apply_overrides(cfg, levels + ["model.distillers.pkd.num_levels=None"])
-    with pytest.raises(ValueError, match=r"got 'None' \(the string 'None': an override writes None as null, "
-                                         r"'model\.distillers\.<name>\.num_levels=null'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"got 'None' \(the string 'None': an override writes None as null, "
+        r"'model\.distillers\.<name>\.num_levels=null'\)",
+    ):
         instantiate(bad.model.distillers.pkd)
     cfg = LazyConfig.load(os.path.join(REPO, "configs/demo/pkd_retinanet.py"))
     good = LazyConfig.apply_overrides(cfg, levels + ["model.distillers.pkd.num_levels=null"])
     assert instantiate(good.model.distillers.pkd).num_levels is None
-    with pytest.raises(ValueError, match=r"student_levels must be a list .*got 'None' \(the string 'None'.*=null"):
+    with pytest.raises(
+        ValueError, match=r"student_levels must be a list .*got 'None' \(the string 'None'.*=null"
+    ):
         PKDDistiller(student_levels="None")
     from detkd import GIDDistiller
 
@@ -439,11 +486,17 @@ def test_none_written_on_the_command_line_is_named_with_its_spelling():
 def test_other_arguments_are_checked_at_construction():
     """num_levels and pair_by were checked only at bind; resize_student="False" (a string) was
     true and resized the student."""
-    with pytest.raises(ValueError, match=r"PKDDistiller: num_levels must be a positive int .* got 0"):
+    with pytest.raises(
+        ValueError, match=r"PKDDistiller: num_levels must be a positive int .* got 0"
+    ):
         PKDDistiller(num_levels=0)
-    with pytest.raises(ValueError, match=r"PKDDistiller: pair_by must be 'stride' or 'index', got 'order'"):
+    with pytest.raises(
+        ValueError, match=r"PKDDistiller: pair_by must be 'stride' or 'index', got 'order'"
+    ):
         PKDDistiller(pair_by="order")
-    with pytest.raises(ValueError, match=r"PKDDistiller: resize_student must be True or False .* got 'False'"):
+    with pytest.raises(
+        ValueError, match=r"PKDDistiller: resize_student must be True or False .* got 'False'"
+    ):
         PKDDistiller(resize_student="False")
     with pytest.raises(ValueError, match=r"resize_student must be True or False .* got 2"):
         PKDDistiller(resize_student=2)
@@ -457,13 +510,17 @@ def test_other_arguments_are_checked_at_construction():
 def test_level_lists_must_be_lists_of_names(arg):
     """The override `model.distillers.pkd.student_levels=p3` gives the string "p3", which was
     split into the features 'p' and '3' ("no feature(s) ['p', '3']") at bind."""
-    msg = (rf"{arg} must be a list of level names, e.g. \[p3\] "
-           rf"\(override: 'model\.distillers\.<name>\.{arg}=\[p3\]'\).* got 'p3'")
+    msg = (
+        rf"{arg} must be a list of level names, e.g. \[p3\] "
+        rf"\(override: 'model\.distillers\.<name>\.{arg}=\[p3\]'\).* got 'p3'"
+    )
     with pytest.raises(ValueError, match="PKDDistiller: " + msg):
         PKDDistiller(**{arg: "p3"})
     with pytest.raises(ValueError, match=msg):
         pair_fpn_levels(RETINA, RCNN, **{arg: "p3"})
-    with pytest.raises(ValueError, match=rf"PKDDistiller: {arg} must be a list of level names.* got \['p3', 3\]"):
+    with pytest.raises(
+        ValueError, match=rf"PKDDistiller: {arg} must be a list of level names.* got \['p3', 3\]"
+    ):
         PKDDistiller(**{arg: ["p3", 3]})
     with pytest.raises(ValueError, match=rf"{arg} is empty: list the levels .* or set it to None"):
         PKDDistiller(**{arg: []})
@@ -475,7 +532,9 @@ def test_level_lists_from_a_config_are_accepted():
     """A list from a LazyConfig override is an omegaconf ListConfig; a tuple is fine too."""
     from omegaconf import ListConfig
 
-    d = PKDDistiller(num_levels=None, student_levels=ListConfig(["p4", "p3"]), teacher_levels=("p3", "p4"))
+    d = PKDDistiller(
+        num_levels=None, student_levels=ListConfig(["p4", "p3"]), teacher_levels=("p3", "p4")
+    )
     d.bind(_Det(RETINA), _Det(RCNN))
     assert d.pairs == [("p3", "p3"), ("p4", "p4")]
 
@@ -492,7 +551,9 @@ def test_a_listed_level_without_a_partner_is_an_error():
         r"student_levels, or pair the levels by order with pair_by='index'",
     ):
         d.bind(_Det(RETINA), _Det(RCNN))
-    d = PKDDistiller(num_levels=None, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p5"])
+    d = PKDDistiller(
+        num_levels=None, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p5"]
+    )
     with pytest.raises(
         ValueError,
         match=r"student_levels lists 2 levels \['p3', 'p4'\], the teacher side has 1 \(\['p5'\]\); "
@@ -500,22 +561,38 @@ def test_a_listed_level_without_a_partner_is_an_error():
     ):
         d.bind(_Det(RETINA), _Det(RCNN))
     # the teacher's side too: a RetinaNet student has no level of the teacher's p2's stride
-    with pytest.raises(ValueError, match=r"teacher_levels lists \[\('p2', 4\)\], but no student level"):
+    with pytest.raises(
+        ValueError, match=r"teacher_levels lists \[\('p2', 4\)\], but no student level"
+    ):
         pair_fpn_levels(RETINA, RCNN, teacher_levels=["p2", "p3"], strict=True)
-    with pytest.raises(ValueError, match=r"teacher_levels lists 3 levels .* leaves \['p4'\] without"):
+    with pytest.raises(
+        ValueError, match=r"teacher_levels lists 3 levels .* leaves \['p4'\] without"
+    ):
         pair_fpn_levels(
-            RETINA, RCNN, pair_by="index", student_levels=["p3", "p4"], teacher_levels=["p2", "p3", "p4"],
+            RETINA,
+            RCNN,
+            pair_by="index",
+            student_levels=["p3", "p4"],
+            teacher_levels=["p2", "p3", "p4"],
             strict=True,
         )
     # strict=False (the function's default, GID's box-head levels): the lists only restrict
     # each side, as before; any iterable of names is a list of levels
     lists = dict(student_levels=["p3", "p4"], teacher_levels=["p3"])
     assert pair_fpn_levels(RETINA, RCNN, **lists) == [("p3", "p3")]
-    assert pair_fpn_levels(RETINA, RCNN, student_levels=RETINA.keys(), num_levels=2) == [("p3", "p3"), ("p4", "p4")]
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=RETINA.keys(), num_levels=2) == [
+        ("p3", "p3"),
+        ("p4", "p4"),
+    ]
     assert pair_fpn_levels(RETINA, RCNN, student_levels=(n for n in ["p5"])) == [("p5", "p5")]
     # a list on one side: the other side's unlisted levels may stay unpaired
-    assert pair_fpn_levels(RETINA, RCNN, student_levels=["p4", "p5"], strict=True) == [("p4", "p4"), ("p5", "p5")]
-    assert pair_fpn_levels(RETINA, RCNN, pair_by="index", teacher_levels=["p4"], strict=True) == [("p3", "p4")]
+    assert pair_fpn_levels(RETINA, RCNN, student_levels=["p4", "p5"], strict=True) == [
+        ("p4", "p4"),
+        ("p5", "p5"),
+    ]
+    assert pair_fpn_levels(RETINA, RCNN, pair_by="index", teacher_levels=["p4"], strict=True) == [
+        ("p3", "p4")
+    ]
 
 
 def test_a_listed_level_cut_off_by_num_levels_is_an_error():
@@ -527,8 +604,12 @@ def test_a_listed_level_cut_off_by_num_levels_is_an_error():
         r"student_levels: set num_levels=None",
     ):
         d.bind(_Det(RETINA), _Det(RCNN))
-    with pytest.raises(ValueError, match=r"only 1 pairs exist .*; lower num_levels, or set it to None"):
+    with pytest.raises(
+        ValueError, match=r"only 1 pairs exist .*; lower num_levels, or set it to None"
+    ):
         PKDDistiller(student_levels=["p3"], teacher_levels=["p3"]).bind(_Det(RETINA), _Det(RCNN))
-    d = PKDDistiller(student_levels=["p3", "p4", "p5", "p6", "p7"], pair_by="index", num_levels=None)
+    d = PKDDistiller(
+        student_levels=["p3", "p4", "p5", "p6", "p7"], pair_by="index", num_levels=None
+    )
     d.bind(_Det(RETINA), _Det(RCNN))
     assert d.pairs == [("p3", "p2"), ("p4", "p3"), ("p5", "p4"), ("p6", "p5"), ("p7", "p6")]

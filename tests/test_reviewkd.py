@@ -1,10 +1,9 @@
 """ReviewKD: HCL against explicit pooling, ABF shapes, review order, gradients, checkpoints."""
+
 import os
 import re
 
-import pytest
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
@@ -13,7 +12,15 @@ from detectron2.utils.events import EventStorage
 from detkd import DistillationDetector, export_student
 from detkd.losses import ABF, ReviewKDDistiller, hcl_level_loss, hcl_loss
 
-from conftest import BackboneOnlyDetector, history, short_train, make_inputs, tiny_kd, tiny_retinanet_cfg
+import pytest
+from conftest import (
+    BackboneOnlyDetector,
+    history,
+    make_inputs,
+    short_train,
+    tiny_kd,
+    tiny_retinanet_cfg,
+)
 
 
 def _pool(x, p):
@@ -72,7 +79,9 @@ def test_hcl_pooling_operators_cached_per_map_size_and_dtype():
 
     g = torch.Generator().manual_seed(2)
     dtypes = [torch.float64, torch.float32]
-    maps = [torch.randn(1, 2, *hw, generator=g, dtype=dt) for hw in [(9, 14), (14, 9)] for dt in dtypes]
+    maps = [
+        torch.randn(1, 2, *hw, generator=g, dtype=dt) for hw in [(9, 14), (14, 9)] for dt in dtypes
+    ]
     for _ in range(2):
         for s in maps:
             t = torch.zeros_like(s)
@@ -165,7 +174,9 @@ def _fusing_abf(g):
     return abf
 
 
-@pytest.mark.parametrize("sizes", [((4, 6), (8, 12)), ((13, 21), (25, 42)), ((4, 6), (8, 11)), ((4, 6), (7, 12))])
+@pytest.mark.parametrize(
+    "sizes", [((4, 6), (8, 12)), ((13, 21), (25, 42)), ((4, 6), (8, 11)), ((4, 6), (7, 12))]
+)
 def test_abf_fusion_equals_concatenated_attention(sizes):
     """The split attention conv (u part at full, residual part at the residual's resolution) and
     the broadcast 2x step give ReviewKD's fusion on [u; nearest(r)]: values and all gradients."""
@@ -229,7 +240,9 @@ def test_checkpoint_round_trip_and_export_without_abf(tmp_path):
     DetectionCheckpointer(model, str(tmp_path)).save("run")
     other = _kd()
     DetectionCheckpointer(other).load(str(tmp_path / "run.pth"))
-    for (k, a), b in zip(model.distillers.state_dict().items(), other.distillers.state_dict().values()):
+    for (k, a), b in zip(
+        model.distillers.state_dict().items(), other.distillers.state_dict().values()
+    ):
         assert torch.equal(a, b), k
     state = export_student(str(tmp_path / "run.pth"), str(tmp_path / "student.pth"))
     assert not any("abf" in k for k in state)
@@ -252,7 +265,11 @@ def test_abfs_follow_mixed_precision_and_the_loss_stays_fp32():
     model = _kd()
     model.distillers.eval()  # BN statistics fixed: both runs see the same ABF function
     dtypes = []
-    hook = model.distillers["reviewkd"].abfs["p3"].conv2.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    hook = (
+        model.distillers["reviewkd"]
+        .abfs["p3"]
+        .conv2.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    )
     inputs = make_inputs()
     with EventStorage():
         full = model(inputs)["loss_reviewkd"]
@@ -272,10 +289,13 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
     from conftest import tiny_faster_rcnn_cfg
 
     torch.manual_seed(0)
-    model = instantiate(L(DistillationDetector)(
-        student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(width=32, fpn=128),
-        distillers={"reviewkd": L(ReviewKDDistiller)(pair_by="index", num_levels=3)},
-    )).train()
+    model = instantiate(
+        L(DistillationDetector)(
+            student=tiny_retinanet_cfg(),
+            teacher=tiny_faster_rcnn_cfg(width=32, fpn=128),
+            distillers={"reviewkd": L(ReviewKDDistiller)(pair_by="index", num_levels=3)},
+        )
+    ).train()
     d = model.distillers["reviewkd"]
     assert d.pairs == [("p3", "p2"), ("p4", "p3"), ("p5", "p4")]
     inputs = make_inputs()
@@ -291,7 +311,8 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
         fused = d.review(s)
         levels = {
             a: hcl_level_loss(
-                F.interpolate(fused[a], size=t[b].shape[2:], mode="bilinear", align_corners=False), t[b]
+                F.interpolate(fused[a], size=t[b].shape[2:], mode="bilinear", align_corners=False),
+                t[b],
             )
             for a, b in d.pairs
         }
@@ -306,7 +327,9 @@ def test_index_pairs_of_different_strides_compare_the_resized_fused_map():
 def _Det(channels):
     from detectron2.layers import ShapeSpec
 
-    return BackboneOnlyDetector({f"p{k}": ShapeSpec(channels=channels, stride=2**k) for k in (3, 4, 5)})
+    return BackboneOnlyDetector(
+        {f"p{k}": ShapeSpec(channels=channels, stride=2**k) for k in (3, 4, 5)}
+    )
 
 
 def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_channels():
@@ -319,7 +342,9 @@ def test_distiller_loss_is_weight_times_summed_hcl_and_abfs_default_to_teacher_c
     d = ReviewKDDistiller(loss_weight=2.5)
     d.bind(_Det(8), _Det(16))
     assert d.pairs == [("p3", "p3"), ("p4", "p4"), ("p5", "p5")]
-    assert all(abf.conv1.out_channels == 16 and abf.conv2.in_channels == 16 for abf in d.abfs.values())
+    assert all(
+        abf.conv1.out_channels == 16 and abf.conv2.in_channels == 16 for abf in d.abfs.values()
+    )
     d.eval()  # BN statistics fixed: review() below computes the same maps
     g = torch.Generator().manual_seed(1)
     s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
@@ -343,18 +368,27 @@ def test_abfs_share_one_inner_width_when_the_teachers_levels_differ_in_channels(
 
     torch.manual_seed(0)
     widths = {"res3": (16, 3), "res4": (32, 4), "res5": (64, 5)}
-    teacher = BackboneOnlyDetector({n: ShapeSpec(channels=c, stride=2**k) for n, (c, k) in widths.items()})
+    teacher = BackboneOnlyDetector(
+        {n: ShapeSpec(channels=c, stride=2**k) for n, (c, k) in widths.items()}
+    )
     d = ReviewKDDistiller()
     d.bind(_Det(8), teacher)
     assert d.pairs == [("p3", "res3"), ("p4", "res4"), ("p5", "res5")]
     assert {k: (a.conv1.out_channels, a.conv2.out_channels) for k, a in d.abfs.items()} == {
-        "p3": (64, 16), "p4": (64, 32), "p5": (64, 64)
+        "p3": (64, 16),
+        "p4": (64, 32),
+        "p5": (64, 64),
     }
     d.eval()
     g = torch.Generator().manual_seed(1)
     s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
-    t = {n: torch.randn(2, c, 2 ** (8 - k), 2 ** (8 - k), generator=g) for n, (c, k) in widths.items()}
-    got = d({"backbone": s}, {"backbone": t}, SimpleNamespace(amp=contextlib.nullcontext))["loss_reviewkd"]
+    t = {
+        n: torch.randn(2, c, 2 ** (8 - k), 2 ** (8 - k), generator=g)
+        for n, (c, k) in widths.items()
+    }
+    got = d({"backbone": s}, {"backbone": t}, SimpleNamespace(amp=contextlib.nullcontext))[
+        "loss_reviewkd"
+    ]
     with torch.no_grad():
         fused = d.review(s)
         expected = sum(_hcl_reference(fused[k].double(), t[n].double()) for k, n in d.pairs)
@@ -444,8 +478,12 @@ def test_abf_convs_are_followed_by_batch_norm():
     x = 3.0 * torch.randn(2, 3, 6, 7) + 2.0
     out, u = abf(x)
     for y in (u, out):
-        torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(y.shape[1]), rtol=0, atol=1e-5)
-        torch.testing.assert_close(y.var(dim=(0, 2, 3), unbiased=False), torch.ones(y.shape[1]), rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            y.mean(dim=(0, 2, 3)), torch.zeros(y.shape[1]), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            y.var(dim=(0, 2, 3), unbiased=False), torch.ones(y.shape[1]), rtol=0, atol=1e-3
+        )
 
 
 def test_batch_norm_check_passes_in_eval_and_for_two_images():
@@ -466,8 +504,12 @@ def test_default_pairs_are_by_stride_over_all_shared_levels():
     p3-p7 student and a p2-p6 teacher pair p3-p6 by stride by default, not index-wise."""
     from detectron2.layers import ShapeSpec
 
-    student = BackboneOnlyDetector({f"p{k}": ShapeSpec(channels=8, stride=2**k) for k in range(3, 8)})
-    teacher = BackboneOnlyDetector({f"p{k}": ShapeSpec(channels=8, stride=2**k) for k in range(2, 7)})
+    student = BackboneOnlyDetector(
+        {f"p{k}": ShapeSpec(channels=8, stride=2**k) for k in range(3, 8)}
+    )
+    teacher = BackboneOnlyDetector(
+        {f"p{k}": ShapeSpec(channels=8, stride=2**k) for k in range(2, 7)}
+    )
     d = ReviewKDDistiller()
     d.bind(student, teacher)
     assert d.pairs == [("p3", "p3"), ("p4", "p4"), ("p5", "p5"), ("p6", "p6")]
@@ -482,7 +524,9 @@ def test_hcl_casts_the_teacher_to_the_students_dtype():
     t = torch.randn(2, 3, 9, 10, generator=g, dtype=torch.float64)
     got = hcl_level_loss(s, t)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(_hcl_reference(s.double(), t.float().double()).item(), rel=1e-5)
+    assert got.item() == pytest.approx(
+        _hcl_reference(s.double(), t.float().double()).item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("sizes", [((4, 6), (8, 12)), ((1, 1), (2, 2)), ((13, 21), (25, 42))])
@@ -496,7 +540,10 @@ def test_abf_fusion_of_channels_last_maps_equals_the_nchw_fusion_and_stays_chann
     u = torch.randn(2, 4, H, W, generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     ref = abf._fuse(u, r)
-    got = abf._fuse(u.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last))
+    got = abf._fuse(
+        u.contiguous(memory_format=torch.channels_last),
+        r.contiguous(memory_format=torch.channels_last),
+    )
     assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
     torch.testing.assert_close(got, ref)
     dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
@@ -524,11 +571,18 @@ def test_abf_precision_bf16_runs_the_abfs_in_bf16_channels_last_and_returns_fp32
     low.load_state_dict(ref.state_dict())
     seen = []
     hooks = [
-        conv.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype, o.is_contiguous())))
-        for d in (ref, low) for abf in d.abfs.values() for conv in (abf.conv1, abf.conv2)
+        conv.register_forward_hook(
+            lambda m, i, o: seen.append((i[0].dtype, o.dtype, o.is_contiguous()))
+        )
+        for d in (ref, low)
+        for abf in d.abfs.values()
+        for conv in (abf.conv1, abf.conv2)
     ]
     g = torch.Generator().manual_seed(1)
-    s = {f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g, requires_grad=True) for k in (3, 4, 5)}
+    s = {
+        f"p{k}": torch.randn(2, 8, 2 ** (8 - k), 2 ** (8 - k), generator=g, requires_grad=True)
+        for k in (3, 4, 5)
+    }
     t = {f"p{k}": torch.randn(2, 16, 2 ** (8 - k), 2 ** (8 - k), generator=g) for k in (3, 4, 5)}
     out_ref, loss_ref, grads_ref = _review_loss_and_grads(ref, s, t)
     n = len(seen)
@@ -536,12 +590,19 @@ def test_abf_precision_bf16_runs_the_abfs_in_bf16_channels_last_and_returns_fp32
     for h in hooks:
         h.remove()
     assert seen[:n] == [(torch.float32, torch.float32, True)] * 6
-    assert seen[n:] == [(torch.bfloat16, torch.bfloat16, False)] * 6  # channels-last maps (N, C, 8+, 8+)
+    assert (
+        seen[n:] == [(torch.bfloat16, torch.bfloat16, False)] * 6
+    )  # channels-last maps (N, C, 8+, 8+)
     assert all(o.dtype == torch.float32 and o.is_contiguous() for o in out_low.values())
     assert all(p.dtype == torch.float32 for p in low.parameters())
     assert loss_low.dtype == torch.float32
-    assert loss_low.item() == pytest.approx(loss_ref.item(), rel=1e-2) and loss_low.item() != loss_ref.item()
-    for a, b in zip(grads_low[:3], grads_ref[:3]):  # autograd.grad: the raw gradient, no leaf re-layout
+    assert (
+        loss_low.item() == pytest.approx(loss_ref.item(), rel=1e-2)
+        and loss_low.item() != loss_ref.item()
+    )
+    for a, b in zip(
+        grads_low[:3], grads_ref[:3]
+    ):  # autograd.grad: the raw gradient, no leaf re-layout
         assert a.is_contiguous()  # the student's maps: NCHW gradients
     for a, b in zip(grads_low, grads_ref):
         assert a.dtype == torch.float32
@@ -565,7 +626,9 @@ def test_abf_precision_bf16_in_a_training_step_of_the_wrapper():
         loss.backward()
         values.append(loss)
     grad = low.student.backbone.fpn_output3.weight.grad
-    assert values[1].dtype == torch.float32 and values[1].item() == pytest.approx(values[0].item(), rel=1e-2)
+    assert values[1].dtype == torch.float32 and values[1].item() == pytest.approx(
+        values[0].item(), rel=1e-2
+    )
     assert grad.dtype == torch.float32 and grad.is_contiguous()
     ref = model.student.backbone.fpn_output3.weight.grad
     assert 0 < ((grad - ref).norm() / ref.norm()).item() < 3e-2
@@ -580,7 +643,7 @@ def test_abf_precision_is_none_or_bf16(bad):
 
 @pytest.mark.parametrize("bad", ["abc", None, -1, float("nan"), float("inf"), False])
 def test_loss_weight_must_be_a_finite_non_negative_number(bad):
-    """"abc" and None failed at the first step, -1 trained the student away from the teacher."""
+    """ "abc" and None failed at the first step, -1 trained the student away from the teacher."""
     with pytest.raises(
         ValueError,
         match=r"ReviewKDDistiller: loss_weight must be a finite number >= 0 "
@@ -594,11 +657,17 @@ def test_loss_weight_must_be_a_finite_non_negative_number(bad):
 def test_num_levels_pair_by_and_norm_are_checked_at_construction():
     """num_levels and pair_by were checked at bind only; an unknown norm name was a bare
     KeyError('bn') from detectron2's get_norm at bind."""
-    with pytest.raises(ValueError, match=r"ReviewKDDistiller: num_levels must be a positive int .* got -1"):
+    with pytest.raises(
+        ValueError, match=r"ReviewKDDistiller: num_levels must be a positive int .* got -1"
+    ):
         ReviewKDDistiller(num_levels=-1)
-    with pytest.raises(ValueError, match=r"ReviewKDDistiller: pair_by must be 'stride' or 'index', got 'order'"):
+    with pytest.raises(
+        ValueError, match=r"ReviewKDDistiller: pair_by must be 'stride' or 'index', got 'order'"
+    ):
         ReviewKDDistiller(pair_by="order")
-    with pytest.raises(ValueError, match=r"ReviewKD: norm must be a detectron2 norm name .* got 'bn'"):
+    with pytest.raises(
+        ValueError, match=r"ReviewKD: norm must be a detectron2 norm name .* got 'bn'"
+    ):
         ReviewKDDistiller(norm="bn")
     for norm in ("BN", "GN", "SyncBN", "naiveSyncBN", ""):
         ReviewKDDistiller(norm=norm)
@@ -608,12 +677,18 @@ def test_group_norm_with_channels_not_divisible_by_32_names_the_setting():
     """norm='GN' (32 groups) with mid_channels=48, or a teacher FPN of 80 channels: torch's
     "num_channels (48) must be divisible by num_groups (32)" named neither the setting nor the
     fix (with mid_channels unset, the user never wrote 48 or 80)."""
-    with pytest.raises(ValueError, match=r"ReviewKD: norm='GN' normalises the ABFs' middle convolutions in 32 "
-                                         r"groups.*mid_channels is 48\. Set model\.distillers\.<name>\.mid_channels "
-                                         r"to a multiple of 32, or norm='BN'"):
+    with pytest.raises(
+        ValueError,
+        match=r"ReviewKD: norm='GN' normalises the ABFs' middle convolutions in 32 "
+        r"groups.*mid_channels is 48\. Set model\.distillers\.<name>\.mid_channels "
+        r"to a multiple of 32, or norm='BN'",
+    ):
         _kd(norm="GN", mid_channels=48)
-    with pytest.raises(ValueError, match=r"the teacher's \{'p3': 80, .*'p7': 80\} are not multiples of 32\. Set "
-                                         r"model\.distillers\.<name>\.norm='BN'"):
+    with pytest.raises(
+        ValueError,
+        match=r"the teacher's \{'p3': 80, .*'p7': 80\} are not multiples of 32\. Set "
+        r"model\.distillers\.<name>\.norm='BN'",
+    ):
         _kd(teacher=tiny_retinanet_cfg(width=32, fpn=80), norm="GN")
     model = _kd(teacher=tiny_retinanet_cfg(width=32, fpn=96), norm="GN", mid_channels=64)
     assert model.distillers["reviewkd"].abfs["p3"].att is not None  # multiples of 32: built

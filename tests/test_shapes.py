@@ -1,16 +1,17 @@
 """The synthetic shapes dataset: deterministic COCO JSON read by detectron2's own loader."""
+
 import json
 import math
 import os
 
 import numpy as np
-import pytest
-from PIL import Image
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
 from detkd.data import SHAPES_CLASSES, register_shapes, write_shapes
+
+import pytest
+from PIL import Image
 
 
 def test_write_is_deterministic_and_valid(tmp_path):
@@ -51,13 +52,18 @@ def test_other_generation_settings_get_their_own_dataset(tmp_path):
     # with the defaults (same split, size and seed)
     root = str(tmp_path)
     default = register_shapes("val", 3, root=root)
-    other = register_shapes("val", 3, image_size=(200, 210), max_objects=6, empty_fraction=0.0, root=root)
+    other = register_shapes(
+        "val", 3, image_size=(200, 210), max_objects=6, empty_fraction=0.0, root=root
+    )
     assert default == "detkd_shapes_val_3_s1"
     assert other == "detkd_shapes_val_3_s1_i200x210_o6_e0"
     sizes = [(d["height"], d["width"]) for d in DatasetCatalog.get(other)]
     assert all(200 <= h <= 210 and 200 <= w <= 210 for h, w in sizes), sizes
     assert all(len(d["annotations"]) >= 1 for d in DatasetCatalog.get(other))  # no empty images
-    assert all(max(h, w) <= 160 for h, w in ((d["height"], d["width"]) for d in DatasetCatalog.get(default)))
+    assert all(
+        max(h, w) <= 160
+        for h, w in ((d["height"], d["width"]) for d in DatasetCatalog.get(default))
+    )
 
 
 def test_rewriting_a_dataset_replaces_images_without_touching_open_files(tmp_path):
@@ -80,7 +86,9 @@ def test_annotations_describe_the_drawn_shapes(tmp_path):
     triangle 3, all at one radius from the centre), bbox the polygon's bounds, area the polygon's;
     objects of an image farther apart than 0.8 (r1 + r2); 1 to max_objects objects per image,
     max_objects reached; both ends of image_size reached."""
-    coco = json.load(open(write_shapes(str(tmp_path), 40, seed=3, image_size=(60, 64), max_objects=3)))
+    coco = json.load(
+        open(write_shapes(str(tmp_path), 40, seed=3, image_size=(60, 64), max_objects=3))
+    )
     vertices = {1: 4, 2: 24, 3: 3}
     placed = {}
     for ann in coco["annotations"]:
@@ -109,7 +117,9 @@ def test_annotations_describe_the_drawn_shapes(tmp_path):
     assert min(sides) == 60 and max(sides) == 64
 
 
-def test_temporary_names_are_unique_across_machines_and_left_behind_by_no_write(tmp_path, monkeypatch):
+def test_temporary_names_are_unique_across_machines_and_left_behind_by_no_write(
+    tmp_path, monkeypatch
+):
     """Processes of two machines sharing a filesystem can have one pid: the temporary files of
     concurrent writers of the same dataset were both '<name>.tmp<pid>', and the second rename
     failed. Each name is unique now, and a finished write leaves no temporary file."""
@@ -118,7 +128,9 @@ def test_temporary_names_are_unique_across_machines_and_left_behind_by_no_write(
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     assert shapes._tmp_path("a.jpg") != shapes._tmp_path("a.jpg")
     write_shapes(str(tmp_path), 3, seed=1)
-    left = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp") or ".tmp" in f]
+    left = [
+        f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp") or ".tmp" in f
+    ]
     assert left == []
 
 
@@ -145,7 +157,9 @@ def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
     assert os.stat(json_file).st_mtime_ns == stamp  # this version's folder: reused
     for old_info in ({"description": "DetKD synthetic shapes, seed 21"}, {"version": 1}):
         stale = dict(fresh, info=old_info)
-        stale["annotations"] = [dict(a, area=a["bbox"][2] * a["bbox"][3]) for a in fresh["annotations"]]
+        stale["annotations"] = [
+            dict(a, area=a["bbox"][2] * a["bbox"][3]) for a in fresh["annotations"]
+        ]
         json_file.write_text(json.dumps(stale))
         assert register_shapes("val", 6, seed=21, root=str(tmp_path)) == name
         assert json.loads(json_file.read_text()) == fresh
@@ -158,7 +172,10 @@ def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
     [
         (dict(num_images=0), r"num_images must be an integer >= 1 \(got 0\)"),
         (dict(max_objects=0), r"max_objects must be an integer >= 1 \(got 0\)"),
-        (dict(image_size=(160, 96)), r"image_size is \(min, max\).*1 <= min <= max \(got \(160, 96\)\)"),
+        (
+            dict(image_size=(160, 96)),
+            r"image_size is \(min, max\).*1 <= min <= max \(got \(160, 96\)\)",
+        ),
         (dict(image_size=96), r"image_size is \(min, max\)"),
         (dict(image_size=(0, 8)), r"1 <= min <= max \(got \(0, 8\)\)"),
         (dict(empty_fraction="0.1"), r"empty_fraction must be a number in \[0, 1\] \(got '0\.1'\)"),
@@ -184,5 +201,10 @@ def test_image_size_from_a_config_is_a_list(tmp_path):
     name = register_shapes("listcfg", 2, image_size=OmegaConf.create([32, 40]), root=str(tmp_path))
     assert name.endswith("_i32x40") and len(DatasetCatalog.get(name)) == 2
     # numpy numbers, and small images (the review found 8 x 8 refused by a floor of 16)
-    write_shapes(str(tmp_path / "np"), np.int64(2), image_size=(np.int32(8), 8), max_objects=np.int64(2),
-                 empty_fraction=np.float32(0.1))
+    write_shapes(
+        str(tmp_path / "np"),
+        np.int64(2),
+        image_size=(np.int32(8), 8),
+        max_objects=np.int64(2),
+        empty_fraction=np.float32(0.1),
+    )

@@ -1,13 +1,13 @@
 """Misspelt ``train`` keys in a LazyConfig file stop the run before anything is built, with the
 key the config meant; keys of one's own that are no near miss of a read key stay allowed."""
+
 import glob
 import os
 import re
 
-import pytest
-
 from detectron2.config import LazyConfig
 
+import pytest
 from conftest import REPO
 
 # A user's config file, as the README's "Your own data and models" example writes one: DetKD's
@@ -32,18 +32,27 @@ def _user_cfg(tmp_path, line, base="configs/demo/pkd_retinanet.py"):
 @pytest.mark.parametrize(
     "line, key, meant",
     [
-        ("train.teacher_eval_at_strat = True", "train.teacher_eval_at_strat",
-         "train.teacher_eval_at_start"),
+        (
+            "train.teacher_eval_at_strat = True",
+            "train.teacher_eval_at_strat",
+            "train.teacher_eval_at_start",
+        ),
         ("train.export_studnet = False", "train.export_studnet", "train.export_student"),
         ("train.clip_grad.max_nrom = 0.5", "train.clip_grad.max_nrom", "train.clip_grad.max_norm"),
         ("train.max_ite = 100", "train.max_ite", "train.max_iter"),
-        ("train.teacher_chekpoint = 'x.pth'", "train.teacher_chekpoint",
-         "train.teacher_checkpoint"),
+        (
+            "train.teacher_chekpoint = 'x.pth'",
+            "train.teacher_chekpoint",
+            "train.teacher_checkpoint",
+        ),
         ("train.eval_perod = 10", "train.eval_perod", "train.eval_period"),
         ("train.MAX_ITER = 100", "train.MAX_ITER", "train.max_iter"),  # yacs habits
         ("train.checkpointer.perod = 10", "train.checkpointer.perod", "train.checkpointer.period"),
-        ("train.ddp.find_unused_parameter = True", "train.ddp.find_unused_parameter",
-         "train.ddp.find_unused_parameters"),
+        (
+            "train.ddp.find_unused_parameter = True",
+            "train.ddp.find_unused_parameter",
+            "train.ddp.find_unused_parameters",
+        ),
         ("train.amp.enable = True", "train.amp.enable", "train.amp.enabled"),
     ],
 )

@@ -1,5 +1,6 @@
 """train_net.py / KDTrainer end to end on the shapes data: COCOEvaluator result, student
 export, and resume equal to an uninterrupted run."""
+
 import json
 import logging
 import os
@@ -8,15 +9,14 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
-
 from detectron2.config import LazyCall as L
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import hooks
 
 from detkd.engine import KDTrainer, unwrap_model
 
+import pytest
 from conftest import REPO, load_config, tiny_retinanet_cfg
 
 
@@ -28,11 +28,19 @@ def _metrics(output_dir):
 def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py",
-        "train.max_iter=3", "train.log_period=1", f"train.output_dir={out}",
-        "train.teacher_checkpoint=", "train.teacher_random_init=True",
-        "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        "configs/demo/pkd_retinanet.py",
+        "train.max_iter=3",
+        "train.log_period=1",
+        f"train.output_dir={out}",
+        "train.teacher_checkpoint=",
+        "train.teacher_random_init=True",
+        "dataloader.train.dataset.names.num_images=16",
+        "dataloader.test.dataset.names.num_images=8",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
         "dataloader.train.total_batch_size=4",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -43,7 +51,9 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     log = (out / "log.txt").read_text()  # DetKD's own messages reach the run's log
     assert f"Student exported to {out / 'model_final_student.pth'}" in log
     assert "the teacher keeps random weights" in log
-    assert "train.init_checkpoint is empty: the student starts from its random initialisation" in log
+    assert (
+        "train.init_checkpoint is empty: the student starts from its random initialisation" in log
+    )
     assert "Distillers bound: pkd (PKDDistiller): levels p3->p3, p4->p4, p5->p5, p6->p6, " in log
     logged = _metrics(str(out))
     assert [m["iteration"] for m in logged if "loss_pkd" in m] == [0, 1, 2]
@@ -58,11 +68,23 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     run_config = (out / "config.yaml").read_bytes()
     run_predictions = (out / "inference" / "coco_instances_results.json").read_bytes()
     proc = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py",
-         "--eval-only", f"train.init_checkpoint={out / 'model_final_student.pth'}",
-         f"train.output_dir={out}", "train.teacher_checkpoint=",
-         "dataloader.test.dataset.names.num_images=8", "dataloader.test.num_workers=0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train_net.py",
+            "--config-file",
+            "configs/demo/pkd_retinanet.py",
+            "--eval-only",
+            f"train.init_checkpoint={out / 'model_final_student.pth'}",
+            f"train.output_dir={out}",
+            "train.teacher_checkpoint=",
+            "dataloader.test.dataset.names.num_images=8",
+            "dataloader.test.num_workers=0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout + proc.stderr
@@ -76,16 +98,26 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     with open(out / "eval_results.json") as f:
         written = json.load(f)["bbox"]
     printed = [line for line in (proc.stdout + proc.stderr).splitlines() if "copypaste: " in line]
-    printed = printed[[i for i, line in enumerate(printed) if "AP,AP50,AP75" in line][0] + 1]  # the values
+    printed = printed[
+        [i for i, line in enumerate(printed) if "AP,AP50,AP75" in line][0] + 1
+    ]  # the values
     assert [float(x) for x in printed.split("copypaste: ")[1].split(",")[:3]] == [
-        pytest.approx(written[k], abs=1e-4) for k in ("AP", "AP50", "AP75")]
+        pytest.approx(written[k], abs=1e-4) for k in ("AP", "AP50", "AP75")
+    ]
 
 
 def _run_or_fail_if_hung(cmd, env, hung, timeout=150):
     """Run ``cmd`` in the repository root in a session of its own; fail with ``hung`` (its
     worker processes killed too) past ``timeout`` s, or with its output's end if it fails."""
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as proc:
         try:
             output = proc.communicate(timeout=timeout)[0]
         except subprocess.TimeoutExpired:
@@ -123,12 +155,25 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     cmd = [
         # --dist-url auto: a free port (detectron2's default port is fixed per user, so another
         # two-process run on the machine at the same time would hold it)
-        sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--config-file", "configs/demo/d3etr_detr.py",
-        "train.max_iter=3", "train.log_period=1", f"train.output_dir={out}",
-        "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.teacher_eval_at_start=True",
+        sys.executable,
+        "train_net.py",
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "--config-file",
+        "configs/demo/d3etr_detr.py",
+        "train.max_iter=3",
+        "train.log_period=1",
+        f"train.output_dir={out}",
+        "train.teacher_checkpoint=",
+        "train.teacher_random_init=True",
+        "train.teacher_eval_at_start=True",
         "train.init_checkpoint=",
-        "dataloader.train.dataset.names.num_images=16", "dataloader.test.dataset.names.num_images=8",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.dataset.names.num_images=16",
+        "dataloader.test.dataset.names.num_images=8",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
         "dataloader.train.total_batch_size=4",
     ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -139,7 +184,9 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     assert "Starting training from iteration 0" in log
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, cores // 2)  # the cores split between the two processes
-    assert f"CPU-only run with 2 processes: {threads} thread{'' if threads == 1 else 's'} each" in log
+    assert (
+        f"CPU-only run with 2 processes: {threads} thread{'' if threads == 1 else 's'} each" in log
+    )
     assert "Teacher evaluation before training" not in log  # it has no results: it said "{}"
     assert "Teacher evaluation before training: {'bbox': {'AP': " in (out / "log.txt").read_text()
     logged = _metrics(str(out))
@@ -150,12 +197,24 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     # --eval-only on two processes with one test image: the second process has none and never
     # runs a forward; DDP's buffer broadcast before the first forward left the main one waiting
     eval_cmd = [
-        sys.executable, "train_net.py", "--num-gpus", "2", "--dist-url", "auto", "--eval-only", "--config-file",
-        "configs/demo/d3etr_detr.py", f"train.output_dir={tmp_path / 'eval1'}", "train.teacher_checkpoint=",
+        sys.executable,
+        "train_net.py",
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "--eval-only",
+        "--config-file",
+        "configs/demo/d3etr_detr.py",
+        f"train.output_dir={tmp_path / 'eval1'}",
+        "train.teacher_checkpoint=",
         f"train.init_checkpoint={out / 'model_final_student.pth'}",
-        "dataloader.test.dataset.names.num_images=1", "dataloader.test.num_workers=0",
+        "dataloader.test.dataset.names.num_images=1",
+        "dataloader.test.num_workers=0",
     ]
-    output = _run_or_fail_if_hung(eval_cmd, env, "--eval-only on two processes with one test image hung")
+    output = _run_or_fail_if_hung(
+        eval_cmd, env, "--eval-only on two processes with one test image hung"
+    )
     assert "copypaste: AP,AP50,AP75" in output
 
     # --resume on both processes: they agree (through the main one) not to evaluate the
@@ -163,9 +222,14 @@ def test_train_net_two_processes_on_the_cpu(tmp_path):
     # train.ddp.broadcast_buffers=True and one test image, the final evaluation ran through
     # DDP's wrapper and hung as --eval-only did.
     cmd[cmd.index("train.max_iter=3")] = "train.max_iter=4"
-    cmd[cmd.index("dataloader.test.dataset.names.num_images=8")] = "dataloader.test.dataset.names.num_images=1"
-    _run_or_fail_if_hung(cmd[:2] + ["--resume"] + cmd[2:] + ["train.ddp.broadcast_buffers=True"], env,
-                         "the final evaluation of a run with train.ddp.broadcast_buffers=True hung")
+    cmd[cmd.index("dataloader.test.dataset.names.num_images=8")] = (
+        "dataloader.test.dataset.names.num_images=1"
+    )
+    _run_or_fail_if_hung(
+        cmd[:2] + ["--resume"] + cmd[2:] + ["train.ddp.broadcast_buffers=True"],
+        env,
+        "the final evaluation of a run with train.ddp.broadcast_buffers=True hung",
+    )
     with open(out / "log.txt.rank1") as f:
         assert "Starting training from iteration 3" in f.read()
     logged = _metrics(str(out))
@@ -188,8 +252,13 @@ def _small_cfg(output_dir, max_iter):
     cfg.model.student = tiny_retinanet_cfg(width=8, fpn=32)
     cfg.model.teacher = tiny_retinanet_cfg(width=16, fpn=64)
     cfg.train.update(
-        output_dir=str(output_dir), max_iter=max_iter, teacher_checkpoint="",
-        teacher_random_init=True, eval_period=0, log_period=1, seed=3,
+        output_dir=str(output_dir),
+        max_iter=max_iter,
+        teacher_checkpoint="",
+        teacher_random_init=True,
+        eval_period=0,
+        log_period=1,
+        seed=3,
     )
     cfg.train.checkpointer.period = 2
     # SGD: Adam turns float noise in near-zero gradients into lr-sized steps.
@@ -336,7 +405,9 @@ def test_resume_with_another_optimizer_lr_keeps_the_runs_and_says_so(tmp_path, c
     assert "loss scale starts afresh" in caplog.text
 
 
-def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimizer_is_refused(tmp_path, caplog):
+def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimizer_is_refused(
+    tmp_path, caplog
+):
     """--resume restores the run's optimizer: settings changed in the config (weight decay,
     momentum) are kept from the run and the log says so (they were dropped without a word). Another
     optimizer class is refused like another model (AdamW's load stopped on a bare KeyError 'step',
@@ -352,7 +423,10 @@ def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimiz
         trainer = KDTrainer(cfg)
         trainer.resume_or_load(resume=True)
     assert "the run's optimizer settings are kept" in caplog.text
-    assert "momentum 0.9 (this config: 0.0)" in caplog.text and "weight_decay 0.0001 (this config: 0.05)" in caplog.text
+    assert (
+        "momentum 0.9 (this config: 0.0)" in caplog.text
+        and "weight_decay 0.0001 (this config: 0.05)" in caplog.text
+    )
     assert {g["momentum"] for g in trainer.optimizer.param_groups} == {0.9}
     assert trainer.start_iter == 2
 
@@ -361,14 +435,20 @@ def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimiz
     files = sorted(os.listdir(out))
     cfg = _small_cfg(out, 4)
     cfg.optimizer = adamw
-    with pytest.raises(CheckpointMismatchError, match=r"the run's optimizer is torch.optim.sgd.SGD, this config's torch.optim.adamw.AdamW.*new train.output_dir"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"the run's optimizer is torch.optim.sgd.SGD, this config's torch.optim.adamw.AdamW.*new train.output_dir",
+    ):
         KDTrainer(cfg).resume_or_load(resume=True)
     # a checkpoint that does not name its optimizer's class (other tools, earlier versions)
     path = out / last
     checkpoint = torch.load(path, weights_only=False)
     del checkpoint["trainer"]["optimizer_class"]
     torch.save(checkpoint, path)
-    with pytest.raises(CheckpointMismatchError, match=r"optimizer state does not fit this config's torch.optim.adamw.AdamW"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"optimizer state does not fit this config's torch.optim.adamw.AdamW",
+    ):
         KDTrainer(cfg).resume_or_load(resume=True)
     assert (out / "last_checkpoint").read_text() == last and sorted(os.listdir(out)) == files
 
@@ -381,7 +461,10 @@ def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimiz
     checkpoint = torch.load(path, weights_only=False)
     del checkpoint["trainer"]["optimizer_class"]
     torch.save(checkpoint, path)
-    with pytest.raises(CheckpointMismatchError, match=r"parameter groups lack \[.*'momentum'.*\], settings of this config's torch.optim.sgd.SGD"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"parameter groups lack \[.*'momentum'.*\], settings of this config's torch.optim.sgd.SGD",
+    ):
         KDTrainer(_small_cfg(out2, 4)).resume_or_load(resume=True)
 
 
@@ -396,7 +479,9 @@ def test_amp_on_the_cpu_is_an_error_before_any_hook_runs(tmp_path):
     trainer.resume_or_load(resume=False)
     started = []
     trainer.register_hooks([hooks.CallbackHook(before_train=lambda t: started.append(t.iter))])
-    with pytest.raises(ValueError, match=r"train.amp.enabled=True, but the model is on 'cpu'.*train.device='cpu'"):
+    with pytest.raises(
+        ValueError, match=r"train.amp.enabled=True, but the model is on 'cpu'.*train.device='cpu'"
+    ):
         trainer.train()
     assert started == [] and trainer.iter == 0
     assert (tmp_path / "amp" / "metrics.json").read_text() == ""  # no teacher evaluation logged
@@ -410,7 +495,9 @@ def test_train_before_resume_or_load_is_an_error_not_a_random_teacher(tmp_path):
     trainer = KDTrainer(cfg)
     started = []
     trainer.register_hooks([hooks.CallbackHook(before_train=lambda t: started.append(t.iter))])
-    with pytest.raises(RuntimeError, match=r"teacher was not loaded.*resume_or_load\(resume=False\)"):
+    with pytest.raises(
+        RuntimeError, match=r"teacher was not loaded.*resume_or_load\(resume=False\)"
+    ):
         trainer.train()
     assert started == []
     trainer.resume_or_load(resume=False)
@@ -429,7 +516,9 @@ def _run_without_schedule_state(output_dir, max_iter, interrupt):
     torch.save(checkpoint, path)
 
 
-def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(tmp_path, caplog):
+def test_resume_from_a_checkpoint_without_schedule_state_goes_on_from_its_iteration(
+    tmp_path, caplog
+):
     """A checkpoint whose trainer state lacks the LR scheduler's (other tools, a run without the
     LRScheduler hook): the resumed run trains at the schedule's lr for its iteration, not at
     the warm-up lr of step 0 (1 % of the base lr here), and says so."""
@@ -458,7 +547,10 @@ def test_teacher_eval_at_start_logs_under_teacher_keys(tmp_path):
     assert "teacher/bbox/AP" in keys or "teacher/bbox/AP50" in keys
     assert (tmp_path / "t" / "inference_teacher").is_dir()
     record = json.loads((tmp_path / "t" / "inference_teacher" / "teacher_eval.json").read_text())
-    assert record["teacher_checkpoint"] == "" and record["results"]["teacher/bbox/AP50"] == hook.results["bbox"]["AP50"]
+    assert (
+        record["teacher_checkpoint"] == ""
+        and record["results"]["teacher/bbox/AP50"] == hook.results["bbox"]["AP50"]
+    )
     logged = _metrics(str(tmp_path / "t"))
     assert any("teacher/bbox/AP50" in m for m in logged)
     assert any("bbox/AP50" in m for m in logged)  # the student's own, separate
@@ -468,6 +560,7 @@ def test_teacher_eval_at_start_is_not_repeated_on_resume(tmp_path):
     """A run stopped before iteration 2 and resumed: the teacher was evaluated once, at the
     start, and its results stay in metrics.json; a resumed run without them (the key turned on
     only now) evaluates it."""
+
     def hook(trainer):
         return [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
 
@@ -494,7 +587,6 @@ def test_teacher_eval_at_start_leaves_the_random_states_unchanged(tmp_path):
     import random
 
     import numpy as np
-
     from detectron2.utils.events import EventStorage
 
     cfg = _small_cfg(tmp_path / "s", max_iter=1)
@@ -601,24 +693,33 @@ def test_teacher_eval_at_start_feeds_the_teacher_its_own_channel_order(tmp_path)
     assert "bbox" in hook.results
 
 
-def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoints(tmp_path, caplog):
+def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoints(
+    tmp_path, caplog
+):
     from detkd.checkpoint import CheckpointMismatchError
 
     out = tmp_path / "r"
     _run(_small_cfg(out, 2))
-    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))}
+    files = {
+        p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))
+    }
     assert {"model_final.pth", "model_final_student.pth", "last_checkpoint"} <= set(files)
     # e.g. another class count: detectron2 only logged the skipped head weights, and the first
     # optimizer step failed with a raw "size of tensor a (27) must match the size of tensor b (36)"
     cfg = _small_cfg(out, 4)
     cfg.model.student.num_classes = 4
     (tmp_path / "four").mkdir()
-    four = _own_coco(tmp_path / "four", "detkd_test_four", cat_ids=(3, 7, 42, 50))  # 4 classes: the checks pass
+    four = _own_coco(
+        tmp_path / "four", "detkd_test_four", cat_ids=(3, 7, 42, 50)
+    )  # 4 classes: the checks pass
     cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = four
     cfg.dataloader.train.sampler = None
-    with pytest.raises(CheckpointMismatchError, match=r"--resume: the last checkpoint of .*model_final\.pth\) does "
-                       r"not fit the model of this config \(shape mismatch: student\.head\.cls_score\.weight: "
-                       r"file \(27, 32, 3, 3\) vs model \(36, 32, 3, 3\).*new train\.output_dir"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"--resume: the last checkpoint of .*model_final\.pth\) does "
+        r"not fit the model of this config \(shape mismatch: student\.head\.cls_score\.weight: "
+        r"file \(27, 32, 3, 3\) vs model \(36, 32, 3, 3\).*new train\.output_dir",
+    ):
         KDTrainer(cfg).resume_or_load(resume=True)
     # a plain detector's run (e.g. the student trained alone) resumed as a distillation run
     plain = load_config("configs/demo/student_retinanet.py")
@@ -627,17 +728,23 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
     plain.dataloader = _small_cfg(out, 4).dataloader
     KDTrainer(plain).train()
     cfg = _small_cfg(tmp_path / "alone", 4)
-    with pytest.raises(CheckpointMismatchError, match=r"model parameters are not in the file: \['student\."):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"model parameters are not in the file: \['student\."
+    ):
         KDTrainer(cfg).resume_or_load(resume=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in files} == files
     # the same run started again without --resume: a warning that names the flag
     with caplog.at_level(logging.WARNING, logger="detkd.engine"):
         KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=False)
-    assert any("--resume was not given" in r.getMessage() and "model_final.pth" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "--resume was not given" in r.getMessage() and "model_final.pth" in r.getMessage()
+        for r in caplog.records
+    )
 
 
-def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_keep_the_checkpoints(tmp_path):
+def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_keep_the_checkpoints(
+    tmp_path,
+):
     """--resume in a folder whose checkpoints have no last_checkpoint file (deleted, copied
     there) logged "Starting training from iteration 0" and replaced model_*.pth and the
     export; a run started without --resume over another model's finished run replaced its
@@ -651,21 +758,33 @@ def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_ke
     (out / "last_checkpoint").unlink()
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("model_")}
     assert {"model_0000001.pth", "model_final.pth", "model_final_student.pth"} <= set(files)
-    with pytest.raises(CheckpointMismatchError, match=(
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=(
             r"--resume: '.*r' holds run checkpoints \(model_0000001\.pth, model_final\.pth\) but no "
-            r"last_checkpoint file.*`echo model_final\.pth > .*r/last_checkpoint`.*another train\.output_dir")):
+            r"last_checkpoint file.*`echo model_final\.pth > .*r/last_checkpoint`.*another train\.output_dir"
+        ),
+    ):
         KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))} == files
+    assert {
+        p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))
+    } == files
     (out / "last_checkpoint").write_text("model_0000001.pth")  # the fix named: the run goes on
     assert _run(_small_cfg(out, 3), resume=True).start_iter == 2
 
-    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))}
+    files = {
+        p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("model_", "last_"))
+    }
     wider = _small_cfg(out, 2)
     wider.model.student = tiny_retinanet_cfg(width=16, fpn=32)
-    with pytest.raises(CheckpointMismatchError, match=(
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=(
             r"'.*r' holds the run of another model \(its last checkpoint .*model_final\.pth does not fit "
             r"this config's: shape mismatch: student\.backbone\.fpn_lateral3\.weight: file "
-            r"\(32, 16, 1, 1\) vs model \(32, 32, 1, 1\).*Start it in another train\.output_dir")):
+            r"\(32, 16, 1, 1\) vs model \(32, 32, 1, 1\).*Start it in another train\.output_dir"
+        ),
+    ):
         KDTrainer(wider).resume_or_load(resume=False)
     plain = _small_cfg(out, 2)
     plain.model = tiny_retinanet_cfg(width=8, fpn=32)  # the student alone: no student. prefix
@@ -688,14 +807,30 @@ def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_ke
 
 
 def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):
-    base = [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "--eval-only",
-            f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.dataset.names.num_images=4",
-            "dataloader.test.num_workers=0"]
+    base = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        "configs/demo/pkd_retinanet.py",
+        "--eval-only",
+        f"train.output_dir={tmp_path / 'eval'}",
+        "dataloader.test.dataset.names.num_images=4",
+        "dataloader.test.num_workers=0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run(base + ["train.init_checkpoint="], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        base + ["train.init_checkpoint="],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
-    assert "CheckpointMismatchError: train.init_checkpoint is empty: there are no weights to evaluate" in proc.stderr
+    assert (
+        "CheckpointMismatchError: train.init_checkpoint is empty: there are no weights to evaluate"
+        in proc.stderr
+    )
     assert not (tmp_path / "eval" / "eval_results.json").exists()
 
 
@@ -704,31 +839,64 @@ def test_override_typos_are_errors_that_name_the_key():
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     # LazyConfig adds such keys silently: the run used the config's max_iter / teacher
-    with pytest.raises(KeyError, match=r"'train' has no key 'max_ite'\. Did you mean 'train\.max_iter'\?"):
+    with pytest.raises(
+        KeyError, match=r"'train' has no key 'max_ite'\. Did you mean 'train\.max_iter'\?"
+    ):
         check_override_keys(cfg, ["train.max_ite=2"])
-    with pytest.raises(KeyError, match=r"no key 'teacher_chekpoint'\. Did you mean 'train\.teacher_checkpoint'"):
+    with pytest.raises(
+        KeyError, match=r"no key 'teacher_chekpoint'\. Did you mean 'train\.teacher_checkpoint'"
+    ):
         check_override_keys(cfg, ["train.max_iter=2", "train.teacher_chekpoint=/some/teacher.pth"])
     # a flag typed after the overrides (detectron2's parser takes it as one): Hydra's bare
     # LexerNoViableAltException before
-    with pytest.raises(ValueError, match=r"\['--resume'\] come after the key=value overrides.*put the flags "
-                                         r"\(--config-file, --resume, --eval-only, --num-gpus, \.\.\.\) before them.*"
-                                         r"--config-file <config> --resume key=value"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['--resume'\] come after the key=value overrides.*put the flags "
+        r"\(--config-file, --resume, --eval-only, --num-gpus, \.\.\.\) before them.*"
+        r"--config-file <config> --resume key=value",
+    ):
         check_override_keys(cfg, ["train.max_iter=2", "--resume"])
-    with pytest.raises(KeyError, match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'"):
+    with pytest.raises(
+        KeyError,
+        match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'",
+    ):
         check_override_keys(cfg, ["model.student.num_clases=4"])
-    with pytest.raises(KeyError, match=r"'model\.distillers\.pkd' has no key 'loss_weigth'.*'model\.distillers\.pkd\.loss_weight'"):
+    with pytest.raises(
+        KeyError,
+        match=r"'model\.distillers\.pkd' has no key 'loss_weigth'.*'model\.distillers\.pkd\.loss_weight'",
+    ):
         check_override_keys(cfg, ["model.distillers.pkd.loss_weigth=4"])
     # existing keys, arguments a LazyCall leaves at their default, DetKD's documented keys, +key
-    check_override_keys(cfg, [
-        "train.max_iter=2", "train.teacher_checkpoint=", "model.distillers.pkd.pair_by=index",
-        "dataloader.train.dataset.filter_empty=False", "dataloader.test.dataset.names.split=heldout",
-        "model.teacher_precision=fp16", "train.clip_grad.enabled=True", "train.clip_grad.max_norm=1.0",
-        "optimizer.betas=[0.9,0.99]", "+train.my_note=1",
-    ])
-    assert "clip_grad" in cfg.train and cfg.train.clip_grad == dict(enabled=True, max_norm=10.0)  # the RetinaNet demo's
+    check_override_keys(
+        cfg,
+        [
+            "train.max_iter=2",
+            "train.teacher_checkpoint=",
+            "model.distillers.pkd.pair_by=index",
+            "dataloader.train.dataset.filter_empty=False",
+            "dataloader.test.dataset.names.split=heldout",
+            "model.teacher_precision=fp16",
+            "train.clip_grad.enabled=True",
+            "train.clip_grad.max_norm=1.0",
+            "optimizer.betas=[0.9,0.99]",
+            "+train.my_note=1",
+        ],
+    )
+    assert "clip_grad" in cfg.train and cfg.train.clip_grad == dict(
+        enabled=True, max_norm=10.0
+    )  # the RetinaNet demo's
     proc = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "train.max_ite=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train_net.py",
+            "--config-file",
+            "configs/demo/pkd_retinanet.py",
+            "train.max_ite=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0 and "Did you mean 'train.max_iter'?" in proc.stderr
 
@@ -742,8 +910,13 @@ def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_ear
     check_override_keys(cfg, ["++train.my_note=1", "++train.max_iter=3"])  # hydra's add-or-override
     # a key that an earlier override of the same command line creates or replaces
     check_override_keys(cfg, ["+train.extra={a:1}", "train.extra.a=2"])
-    check_override_keys(cfg, ["model.distillers={pkd:{_target_:detkd.losses.PKDDistiller}}",
-                              "model.distillers.pkd.loss_weight=5"])
+    check_override_keys(
+        cfg,
+        [
+            "model.distillers={pkd:{_target_:detkd.losses.PKDDistiller}}",
+            "model.distillers.pkd.loss_weight=5",
+        ],
+    )
     # the caller's config is untouched; typos are still errors, also after earlier overrides
     assert "extra" not in cfg.train and "my_note" not in cfg.train and cfg.train.max_iter == 1000
     with pytest.raises(KeyError, match=r"'train\.extra' has no key 'b'"):
@@ -752,15 +925,32 @@ def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_ear
         check_override_keys(cfg, ["train.cudnn_benchmark=True", "train.max_ite=2"])
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("checkpointer.period", 0, r"train\.checkpointer\.period must be an int >= 1.*above train\.max_iter \(2\)"),
-    ("checkpointer.max_to_keep", 0, r"train\.checkpointer\.max_to_keep must be an int >= 1 .* or None"),
-    ("log_period", 0, r"train\.log_period must be an int >= 1"),
-    ("eval_period", -1, r"train\.eval_period must be an int >= 0"),
-    ("clip_grad.max_norm", -1.0, r"train\.clip_grad\.max_norm must be a number > 0 .*turns every gradient around"),
-    ("clip_grad.max_norm", 0, r"train\.clip_grad\.max_norm must be a number > 0"),
-])
-def test_train_periods_and_limits_that_fail_late_or_train_wrongly_are_clear_errors(tmp_path, key, value, match):
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        (
+            "checkpointer.period",
+            0,
+            r"train\.checkpointer\.period must be an int >= 1.*above train\.max_iter \(2\)",
+        ),
+        (
+            "checkpointer.max_to_keep",
+            0,
+            r"train\.checkpointer\.max_to_keep must be an int >= 1 .* or None",
+        ),
+        ("log_period", 0, r"train\.log_period must be an int >= 1"),
+        ("eval_period", -1, r"train\.eval_period must be an int >= 0"),
+        (
+            "clip_grad.max_norm",
+            -1.0,
+            r"train\.clip_grad\.max_norm must be a number > 0 .*turns every gradient around",
+        ),
+        ("clip_grad.max_norm", 0, r"train\.clip_grad\.max_norm must be a number > 0"),
+    ],
+)
+def test_train_periods_and_limits_that_fail_late_or_train_wrongly_are_clear_errors(
+    tmp_path, key, value, match
+):
     """checkpointer.period=0 / log_period=0 stopped the run after its first step with a
     ZeroDivisionError in fvcore / detectron2, max_to_keep=0 on a bare assertion; a clipping limit
     <= 0 trained without a word (-1 flips every gradient, 0 zeroes them)."""
@@ -786,7 +976,10 @@ def test_cuda_device_without_cuda_and_a_folder_as_checkpoint_are_clear_errors(tm
     cfg = _small_cfg(tmp_path / "run", 2)
     if not torch.cuda.is_available():  # the COCO configs' train.device on a machine without CUDA
         cfg.train.device = "cuda"
-        with pytest.raises(RuntimeError, match=r"train\.device='cuda', but torch finds no CUDA GPU.*train\.device=cpu"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"train\.device='cuda', but torch finds no CUDA GPU.*train\.device=cpu",
+        ):
             KDTrainer.build_model(cfg)
         cfg.train.device = "cpu"
     # a folder given as a checkpoint: "Checkpoint ... not found!" named a path that exists
@@ -795,21 +988,33 @@ def test_cuda_device_without_cuda_and_a_folder_as_checkpoint_are_clear_errors(tm
     (folder / "model_final.pth").write_bytes(b"")
     cfg.train.update(teacher_checkpoint=str(folder), teacher_random_init=False)
     trainer = KDTrainer(cfg)
-    with pytest.raises(TeacherCheckpointError, match=r"it is a folder, not a checkpoint file: set "
-                       r"train\.teacher_checkpoint to the file in it \(e\.g\. .*teacher_run/model_final\.pth; "
-                       r"the folder holds model_final\.pth\)"):
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"it is a folder, not a checkpoint file: set "
+        r"train\.teacher_checkpoint to the file in it \(e\.g\. .*teacher_run/model_final\.pth; "
+        r"the folder holds model_final\.pth\)",
+    ):
         trainer.resume_or_load(resume=False)
     cfg.train.update(teacher_checkpoint="", teacher_random_init=True, init_checkpoint=str(tmp_path))
-    with pytest.raises(CheckpointMismatchError, match=r"it is a folder, not a checkpoint file: set train\.init_checkpoint"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"it is a folder, not a checkpoint file: set train\.init_checkpoint",
+    ):
         KDTrainer(cfg).resume_or_load(resume=False)
     # --resume: last_checkpoint empty, or naming a folder (both "does not exist")
     cfg.train.init_checkpoint = ""
     out = tmp_path / "run"
     (out / "inference").mkdir(parents=True)
-    for content, problem in (("", "is not a file: last_checkpoint is empty"), ("inference", "is a folder")):
+    for content, problem in (
+        ("", "is not a file: last_checkpoint is empty"),
+        ("inference", "is a folder"),
+    ):
         (out / "last_checkpoint").write_text(content)
-        with pytest.raises(CheckpointMismatchError, match=rf"--resume: the last checkpoint of .*, {problem}\. "
-                                                          r"To continue, there is no other checkpoint there"):
+        with pytest.raises(
+            CheckpointMismatchError,
+            match=rf"--resume: the last checkpoint of .*, {problem}\. "
+            r"To continue, there is no other checkpoint there",
+        ):
             KDTrainer(cfg).resume_or_load(resume=True)
 
 
@@ -822,18 +1027,33 @@ def test_a_yacs_config_or_a_lazyconfig_without_a_section_is_a_clear_error(tmp_pa
 
     yaml_file = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
     proc = subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", yaml_file, "train.max_iter=2",
-         f"train.output_dir={tmp_path / 'yacs'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train_net.py",
+            "--config-file",
+            yaml_file,
+            "train.max_iter=2",
+            f"train.output_dir={tmp_path / 'yacs'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
-    assert re.search(r"ValueError: .*retinanet_R_50_FPN_1x\.yaml is a yacs config \(it has \['MODEL', '_BASE_'\]\).*"
-                     r"build_yacs_detector", proc.stderr), proc.stderr[-2000:]
+    assert re.search(
+        r"ValueError: .*retinanet_R_50_FPN_1x\.yaml is a yacs config \(it has \['MODEL', '_BASE_'\]\).*"
+        r"build_yacs_detector",
+        proc.stderr,
+    ), proc.stderr[-2000:]
     assert not (tmp_path / "yacs").exists()
     cfg = load_config("configs/demo/student_retinanet.py")
     del cfg["optimizer"], cfg["lr_multiplier"]
-    with pytest.raises(ValueError, match=r"x\.py defines no optimizer, lr_multiplier: a LazyConfig run reads model, "
-                                         r"dataloader, train, optimizer, lr_multiplier at its top level \(training\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"x\.py defines no optimizer, lr_multiplier: a LazyConfig run reads model, "
+        r"dataloader, train, optimizer, lr_multiplier at its top level \(training\)",
+    ):
         check_config_sections(cfg, "x.py")
     check_config_sections(cfg, "x.py", training=False)  # --eval-only reads neither
     del cfg["dataloader"]
@@ -851,24 +1071,36 @@ def test_a_sweep_override_and_a_distillers_dict_that_would_merge_are_clear_error
     """``optimizer.lr=1,5`` (a Hydra sweep) failed in omegaconf without naming the override;
     ``model.distillers={gid:{...}}`` on the PKD config merged (PKD and GID ran, rc 0) and
     ``model.distillers={}`` ran PKD."""
-    from omegaconf import OmegaConf
-
     from detectron2.config import LazyConfig
 
     from detkd.engine import check_override_keys
 
+    from omegaconf import OmegaConf
+
     cfg = load_config("configs/demo/pkd_retinanet.py")
-    with pytest.raises(ValueError, match=r"'optimizer\.lr=1,5' is a Hydra sweep.*1\.5, not 1,5.*\[1,5\]"):
+    with pytest.raises(
+        ValueError, match=r"'optimizer\.lr=1,5' is a Hydra sweep.*1\.5, not 1,5.*\[1,5\]"
+    ):
         check_override_keys(cfg, ["optimizer.lr=1,5"])
-    merged = LazyConfig.apply_overrides(load_config("configs/demo/pkd_retinanet.py"),
-                                        ["model.distillers={gid:{_target_:detkd.losses.GIDDistiller}}"])
-    assert sorted(OmegaConf.to_container(merged.model.distillers)) == ["gid", "pkd"]  # what LazyConfig does
+    merged = LazyConfig.apply_overrides(
+        load_config("configs/demo/pkd_retinanet.py"),
+        ["model.distillers={gid:{_target_:detkd.losses.GIDDistiller}}"],
+    )
+    assert sorted(OmegaConf.to_container(merged.model.distillers)) == [
+        "gid",
+        "pkd",
+    ]  # what LazyConfig does
     for value in ("{}", "{gid:{_target_:detkd.losses.GIDDistiller}}"):
-        with pytest.raises(ValueError, match=r"a dict override merges into the config's model\.distillers.*"
-                                             r"\['pkd'\] would still run.*configs/demo/"):
+        with pytest.raises(
+            ValueError,
+            match=r"a dict override merges into the config's model\.distillers.*"
+            r"\['pkd'\] would still run.*configs/demo/",
+        ):
             check_override_keys(cfg, [f"model.distillers={value}"])
     # accepted: the config's distillers named (replaced or extended), or one added by its key
-    check_override_keys(cfg, ["model.distillers={pkd:{loss_weight:2},gid:{_target_:detkd.losses.GIDDistiller}}"])
+    check_override_keys(
+        cfg, ["model.distillers={pkd:{loss_weight:2},gid:{_target_:detkd.losses.GIDDistiller}}"]
+    )
     check_override_keys(cfg, ["+model.distillers.gid={_target_:detkd.losses.GIDDistiller}"])
     check_override_keys(cfg, ["optimizer.betas=[0.9,0.99]", "train.output_dir='a,b'"])
 
@@ -898,20 +1130,34 @@ def test_a_diverged_step_never_replaces_the_last_good_checkpoint(tmp_path, clip)
     trainer.resume_or_load(resume=False)
     # clipping scales every gradient by max_norm / (a NaN global norm): every weight is NaN, and
     # the advice is a lower limit, not clipping
-    bad = r"\d+ weights are NaN or inf \(\['student\.backbone" if clip else (
-        r"1 weights are NaN or inf \(\['student\.head\.cls_score\.weight'\]\)")
-    advice = r"a lower train\.clip_grad\.max_norm \(now 10\)" if clip else r"train\.clip_grad\.enabled=True"
-    with pytest.raises(FloatingPointError, match=r"Checkpoint 'model_0000001' not written: the training diverged, "
-                       + bad + r".*\. The last checkpoint "
-                       r"is still .*model_0000000\.pth: continue from it with --resume and "
-                       + advice + r" \(--resume keeps the run's base lr: "
-                       r"for a lower optimizer\.lr, start a new run from it, "
-                       r"train\.init_checkpoint=.*model_0000000\.pth, in another "
-                       r"train\.output_dir\)\.$"):
+    bad = (
+        r"\d+ weights are NaN or inf \(\['student\.backbone"
+        if clip
+        else (r"1 weights are NaN or inf \(\['student\.head\.cls_score\.weight'\]\)")
+    )
+    advice = (
+        r"a lower train\.clip_grad\.max_norm \(now 10\)"
+        if clip
+        else r"train\.clip_grad\.enabled=True"
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Checkpoint 'model_0000001' not written: the training diverged, "
+        + bad
+        + r".*\. The last checkpoint "
+        r"is still .*model_0000000\.pth: continue from it with --resume and "
+        + advice
+        + r" \(--resume keeps the run's base lr: "
+        r"for a lower optimizer\.lr, start a new run from it, "
+        r"train\.init_checkpoint=.*model_0000000\.pth, in another "
+        r"train\.output_dir\)\.$",
+    ):
         trainer.train()
     # before: model_0000001.pth with NaN weights was tagged last and model_0000000.pth deleted
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
-    assert not (out / "model_0000001.pth").exists() and not (out / "model_final_student.pth").exists()
+    assert (
+        not (out / "model_0000001.pth").exists() and not (out / "model_final_student.pth").exists()
+    )
     saved = torch.load(out / "model_0000000.pth", weights_only=False)
     assert saved["iteration"] == 0
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
@@ -958,15 +1204,21 @@ def test_resume_from_a_damaged_or_missing_last_checkpoint_names_it_and_the_fix(t
     data = (out / "model_final.pth").read_bytes()
     (out / "model_final.pth").write_bytes(data[: len(data) // 2])  # e.g. a partial copy
     # before: torch's "PytorchStreamReader failed reading zip archive", naming no file
-    with pytest.raises(CheckpointMismatchError, match=r"--resume: the last checkpoint of .*, .*model_final\.pth, "
-                       r"cannot be read \(RuntimeError: .*\); it is damaged\. To continue, resume from another "
-                       r"checkpoint there \(model_0000001\.pth, model_0000003\.pth\) by writing its name into "
-                       r".*last_checkpoint"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"--resume: the last checkpoint of .*, .*model_final\.pth, "
+        r"cannot be read \(RuntimeError: .*\); it is damaged\. To continue, resume from another "
+        r"checkpoint there \(model_0000001\.pth, model_0000003\.pth\) by writing its name into "
+        r".*last_checkpoint",
+    ):
         KDTrainer(_small_cfg(out, max_iter=4)).resume_or_load(resume=True)
     (out / "model_final.pth").unlink()
     # before: AssertionError "Checkpoint ... not found!"
-    with pytest.raises(CheckpointMismatchError, match=r"model_final\.pth, does not exist\. To continue, resume "
-                       r"from another checkpoint there \(model_0000001\.pth, model_0000003\.pth\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"model_final\.pth, does not exist\. To continue, resume "
+        r"from another checkpoint there \(model_0000001\.pth, model_0000003\.pth\)",
+    ):
         KDTrainer(_small_cfg(out, max_iter=4)).resume_or_load(resume=True)
     # the fix the message gives works
     (out / "last_checkpoint").write_text("model_0000003.pth")
@@ -975,7 +1227,9 @@ def test_resume_from_a_damaged_or_missing_last_checkpoint_names_it_and_the_fix(t
     assert trainer.start_iter == 4
 
 
-def test_a_distilled_run_and_its_baseline_of_one_seed_see_the_same_data_and_initialisation(tmp_path):
+def test_a_distilled_run_and_its_baseline_of_one_seed_see_the_same_data_and_initialisation(
+    tmp_path,
+):
     # The teacher's and the adapters' initialisation draw from torch's RNG after the student's:
     # the training loader's worker seeds (its random flips) came from what they left, so a
     # distilled run flipped other images than its baseline of the same seed.
@@ -1017,15 +1271,28 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     default_setup had already replaced the folder's config.yaml, that config's only record,
     by the refused one (here GID's for a PKD run)."""
     out = tmp_path / "run"
-    common = [f"train.output_dir={out}", "train.teacher_checkpoint=", "train.teacher_random_init=True",
-              "dataloader.train.dataset.names.num_images=8", "dataloader.test.dataset.names.num_images=4",
-              "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-              "dataloader.train.total_batch_size=4", "train.eval_period=0"]
+    common = [
+        f"train.output_dir={out}",
+        "train.teacher_checkpoint=",
+        "train.teacher_random_init=True",
+        "dataloader.train.dataset.names.num_images=8",
+        "dataloader.test.dataset.names.num_images=4",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.total_batch_size=4",
+        "train.eval_period=0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
 
     def train_net(config, *extra):
-        return subprocess.run([sys.executable, "train_net.py", "--config-file", config, *extra, *common],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "train_net.py", "--config-file", config, *extra, *common],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     proc = train_net("configs/demo/pkd_retinanet.py", "train.max_iter=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1037,7 +1304,9 @@ def test_a_refused_resume_keeps_the_runs_config_yaml(tmp_path):
     assert (out / "config.yaml").read_bytes() == written
 
 
-def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_model_changes(tmp_path, monkeypatch):
+def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_model_changes(
+    tmp_path, monkeypatch
+):
     """train_net.py: a --config-file after the overrides (or none) failed with detectron2's
     "Config file  has to be a python or yaml file"; --eval-only --resume with a last_checkpoint
     naming a missing file or an empty one blamed train.init_checkpoint, which it had not read,
@@ -1054,8 +1323,11 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
 
     config = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
     parse = default_argument_parser().parse_args
-    with pytest.raises(ValueError, match=r"\['--config-file'\] come after the key=value overrides.*e\.g\. "
-                                         r"train_net\.py --config-file <config> key=value \.\.\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['--config-file'\] come after the key=value overrides.*e\.g\. "
+        r"train_net\.py --config-file <config> key=value \.\.\.$",
+    ):
         train_net.main(parse(["train.max_iter=1", "--config-file", config]))
     with pytest.raises(ValueError, match=r"No config file: give one with --config-file"):
         train_net.main(parse(["train.max_iter=1"]))
@@ -1066,25 +1338,51 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
     (out / "config.yaml").write_bytes(b"the run's config")
 
     def eval_only_resume():
-        train_net.main(parse(["--config-file", config, "--eval-only", "--resume", f"train.output_dir={out}",
-                              "dataloader.test.dataset.names.num_images=4", "dataloader.test.num_workers=0"]))
+        train_net.main(
+            parse(
+                [
+                    "--config-file",
+                    config,
+                    "--eval-only",
+                    "--resume",
+                    f"train.output_dir={out}",
+                    "dataloader.test.dataset.names.num_images=4",
+                    "dataloader.test.num_workers=0",
+                ]
+            )
+        )
 
-    with pytest.raises(CheckpointMismatchError, match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint",
+    ):
         eval_only_resume()
     # a training --resume is refused before default_setup writes config.yaml and the logs
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model_0000001.pth").write_bytes(b"a checkpoint")
-    with pytest.raises(CheckpointMismatchError, match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"holds run checkpoints \(model_0000001\.pth\) but no last_checkpoint",
+    ):
         train_net.main(parse(["--config-file", config, "--resume", f"train.output_dir={bare}"]))
     assert [p.name for p in bare.iterdir()] == ["model_0000001.pth"]
-    for tag, problem in (("model_9999999.pth", "does not exist"), ("", "is not a file: last_checkpoint is empty")):
+    for tag, problem in (
+        ("model_9999999.pth", "does not exist"),
+        ("", "is not a file: last_checkpoint is empty"),
+    ):
         (out / "last_checkpoint").write_text(tag)
-        with pytest.raises(CheckpointMismatchError, match=(
+        with pytest.raises(
+            CheckpointMismatchError,
+            match=(
                 rf"^--resume: the last checkpoint of '.*run', .*run/{re.escape(tag)}, {problem}\. To continue, "
-                r"resume from another checkpoint there \(model_0000001\.pth\) by writing its name into")):
+                r"resume from another checkpoint there \(model_0000001\.pth\) by writing its name into"
+            ),
+        ):
             eval_only_resume()
-    assert (out / "config.yaml").read_bytes() == b"the run's config"  # refused before it was replaced
+    assert (
+        out / "config.yaml"
+    ).read_bytes() == b"the run's config"  # refused before it was replaced
 
     # --resume with another distiller weight: the warning names the key and both values
     cfg = LazyConfig.load(config)
@@ -1113,26 +1411,46 @@ def test_a_new_run_failing_at_startup_keeps_the_finished_runs_files(tmp_path, mo
 
     out = tmp_path / "run"
     out.mkdir()
-    kept = {"model_final.pth": b"run", "model_final_student.pth": b"student",
-            "last_checkpoint": b"model_final.pth", "config.yaml": b"the run's config"}
+    kept = {
+        "model_final.pth": b"run",
+        "model_final_student.pth": b"student",
+        "last_checkpoint": b"model_final.pth",
+        "config.yaml": b"the run's config",
+    }
     for name, data in kept.items():
         (out / name).write_bytes(data)
     if failure == "teacher path":
-        opts, error = [f"train.teacher_checkpoint={tmp_path / 'missing_teacher.pkl'}"], (RuntimeError, "missing_teacher.pkl")
+        opts, error = [f"train.teacher_checkpoint={tmp_path / 'missing_teacher.pkl'}"], (
+            RuntimeError,
+            "missing_teacher.pkl",
+        )
     else:
-        opts = ["train.teacher_checkpoint=", "train.teacher_random_init=True", "train.amp.enabled=True"]
+        opts = [
+            "train.teacher_checkpoint=",
+            "train.teacher_random_init=True",
+            "train.amp.enabled=True",
+        ]
         error = (ValueError, "train.amp.enabled=True, but the model is on 'cpu'")
-    args = default_argument_parser().parse_args([
-        "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), f"train.output_dir={out}",
-        "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", *opts,
-    ])
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+            f"train.output_dir={out}",
+            "dataloader.train.dataset.names.num_images=4",
+            "dataloader.test.dataset.names.num_images=4",
+            "dataloader.train.num_workers=0",
+            "dataloader.test.num_workers=0",
+            *opts,
+        ]
+    )
     with pytest.raises(error[0], match=error[1]):
         train_net.main(args)
     assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
-def test_a_new_run_failing_after_its_first_checkpoint_keeps_its_own_config_yaml(tmp_path, monkeypatch):
+def test_a_new_run_failing_after_its_first_checkpoint_keeps_its_own_config_yaml(
+    tmp_path, monkeypatch
+):
     """The other side of the test above: a run in a finished run's folder that wrote a
     checkpoint before failing (here at its third step, checkpoints every step) replaced the
     folder's checkpoints with its own, so its config.yaml stays (not the run's before it)."""
@@ -1143,7 +1461,10 @@ def test_a_new_run_failing_after_its_first_checkpoint_keeps_its_own_config_yaml(
 
     out = tmp_path / "run"
     out.mkdir()
-    for name, data in {"last_checkpoint": b"model_0000001.pth", "config.yaml": b"the run's config"}.items():
+    for name, data in {
+        "last_checkpoint": b"model_0000001.pth",
+        "config.yaml": b"the run's config",
+    }.items():
         (out / name).write_bytes(data)
     step = train_net.KDTrainer.run_step
 
@@ -1153,15 +1474,26 @@ def test_a_new_run_failing_after_its_first_checkpoint_keeps_its_own_config_yaml(
         step(trainer)
 
     monkeypatch.setattr(train_net.KDTrainer, "run_step", failing_step)
-    args = default_argument_parser().parse_args([
-        "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), f"train.output_dir={out}",
-        "train.teacher_checkpoint=", "train.teacher_random_init=True", "train.checkpointer.period=1",
-        "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
-        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
-    ])
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+            f"train.output_dir={out}",
+            "train.teacher_checkpoint=",
+            "train.teacher_random_init=True",
+            "train.checkpointer.period=1",
+            "dataloader.train.dataset.names.num_images=4",
+            "dataloader.test.dataset.names.num_images=4",
+            "dataloader.train.num_workers=0",
+            "dataloader.test.num_workers=0",
+            "dataloader.train.total_batch_size=2",
+        ]
+    )
     with pytest.raises(FloatingPointError, match="stopped at step 2"):
         train_net.main(args)
-    assert (out / "last_checkpoint").read_bytes() == b"model_0000001.pth"  # the same name, rewritten
+    assert (
+        out / "last_checkpoint"
+    ).read_bytes() == b"model_0000001.pth"  # the same name, rewritten
     assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
     assert b"PKDDistiller" in (out / "config.yaml").read_bytes()
 
@@ -1193,7 +1525,7 @@ def test_finished_run_exports_the_student_even_if_the_final_evaluation_fails(tmp
         trainer.train()
     exported = torch.load(tmp_path / "e" / "model_final_student.pth", weights_only=False)["model"]
     final = torch.load(tmp_path / "e" / "model_final.pth", weights_only=False)["model"]
-    student = {k[len("student."):]: v for k, v in final.items() if k.startswith("student.")}
+    student = {k[len("student.") :]: v for k, v in final.items() if k.startswith("student.")}
     assert sorted(exported) == sorted(student)
     for k, v in student.items():
         assert torch.equal(exported[k], v), k
@@ -1206,12 +1538,17 @@ def test_unregistered_test_dataset_fails_before_training(tmp_path):
     from detectron2.data.datasets import register_coco_instances
 
     if "detkd_test_mini_val" not in DatasetCatalog.list():
-        register_coco_instances("detkd_test_mini_val", {}, str(tmp_path / "val.json"), str(tmp_path))
+        register_coco_instances(
+            "detkd_test_mini_val", {}, str(tmp_path / "val.json"), str(tmp_path)
+        )
     cfg = _small_cfg(tmp_path / "u", max_iter=2)
     for names in ("detkd_test_mini_vall", ["detkd_test_mini_val", "detkd_test_mini_vall"]):
         cfg.dataloader.test.dataset.names = names
-        with pytest.raises(ValueError, match=r"'detkd_test_mini_vall' is not registered \(did you mean "
-                                             r"'detkd_test_mini_val'[,?].*register_coco_instances"):
+        with pytest.raises(
+            ValueError,
+            match=r"'detkd_test_mini_vall' is not registered \(did you mean "
+            r"'detkd_test_mini_val'[,?].*register_coco_instances",
+        ):
             KDTrainer(cfg)
     assert not (tmp_path / "u").exists() or not any((tmp_path / "u").iterdir())
     cfg.dataloader.test.dataset.names = ["detkd_test_mini_val", "coco_2017_val"]  # registered: fine
@@ -1223,8 +1560,17 @@ def test_unregistered_test_dataset_fails_before_training(tmp_path):
 def _coco_json(path, classes):
     """A COCO-format file of 2 images with one box each, categories ``classes`` (ids 1..K)."""
     images = [{"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64} for i in (1, 2)]
-    anns = [{"id": i, "image_id": i, "category_id": 1 + (i % len(classes)), "bbox": [4, 4, 20, 20],
-             "area": 400, "iscrowd": 0} for i in (1, 2)]
+    anns = [
+        {
+            "id": i,
+            "image_id": i,
+            "category_id": 1 + (i % len(classes)),
+            "bbox": [4, 4, 20, 20],
+            "area": 400,
+            "iscrowd": 0,
+        }
+        for i in (1, 2)
+    ]
     cats = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return str(path)
@@ -1236,14 +1582,22 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    for name, classes in (("detkd_test_two", ["cat", "dog"]), ("detkd_test_three", ["a", "b", "c"])):
+    for name, classes in (
+        ("detkd_test_two", ["cat", "dog"]),
+        ("detkd_test_three", ["a", "b", "c"]),
+    ):
         if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, _coco_json(tmp_path / f"{name}.json", classes), str(tmp_path))
+            register_coco_instances(
+                name, {}, _coco_json(tmp_path / f"{name}.json", classes), str(tmp_path)
+            )
     cfg = _small_cfg(tmp_path / "c", max_iter=2)
     assert cfg.model.student.num_classes == 3
     cfg.dataloader.train.dataset.names = "detkd_test_two"
-    with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset "
-                                         r"'detkd_test_two' has 2 \(cat, dog\)\. Set model\.student\.num_classes = 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"The student predicts 3 classes but the training dataset "
+        r"'detkd_test_two' has 2 \(cat, dog\)\. Set model\.student\.num_classes = 2",
+    ):
         KDTrainer(cfg)
     cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = "detkd_test_three"
     KDTrainer(cfg)  # 3 and 3: accepted
@@ -1252,8 +1606,9 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     # they have no model.student, and train_net.py refuses that override there)
     from detectron2.config import instantiate
 
-    from conftest import tiny_faster_rcnn_cfg
     from detkd.engine import check_student_classes
+
+    from conftest import tiny_faster_rcnn_cfg
 
     rcnn = instantiate(tiny_faster_rcnn_cfg())
     assert rcnn.roi_heads.num_classes == 3
@@ -1262,8 +1617,10 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     with pytest.raises(ValueError) as e:
         check_student_classes(cfg, rcnn)
     msg = str(e.value)
-    assert msg == ("The model predicts 3 classes but the training dataset 'detkd_test_two' has 2 "
-                   "(cat, dog). Set model.roi_heads.num_classes = 2."), msg
+    assert msg == (
+        "The model predicts 3 classes but the training dataset 'detkd_test_two' has 2 "
+        "(cat, dog). Set model.roi_heads.num_classes = 2."
+    ), msg
 
 
 def test_loader_channel_order_must_match_the_students(tmp_path):
@@ -1278,36 +1635,49 @@ def test_loader_channel_order_must_match_the_students(tmp_path):
     cfg = _small_cfg(tmp_path / "f", max_iter=2)
     assert cfg.model.student.get("input_format", "BGR") == "BGR"
     cfg.model.student.input_format = "RGB"  # the loader left at BGR
-    with pytest.raises(ValueError, match=r"dataloader\.train\.mapper\.image_format is 'BGR' but the "
-                                         r"student takes 'RGB' images \(model\.student\.input_format\).*"
-                                         r"teacher's images would be flipped.*torchvision.*'RGB'"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataloader\.train\.mapper\.image_format is 'BGR' but the "
+        r"student takes 'RGB' images \(model\.student\.input_format\).*"
+        r"teacher's images would be flipped.*torchvision.*'RGB'",
+    ):
         KDTrainer(cfg)
     cfg.dataloader.train.mapper.image_format = "RGB"  # the test loader's follows (coco.py)
     trainer = KDTrainer(cfg)  # both RGB: accepted, and the BGR teacher gets them flipped
     assert unwrap_model(trainer.model).flip_teacher_channels
     cfg.dataloader.test.mapper.image_format = "BGR"  # a test loader of its own, left at BGR
-    with pytest.raises(ValueError, match=r"dataloader\.test\.mapper\.image_format is 'BGR' but the student"):
+    with pytest.raises(
+        ValueError, match=r"dataloader\.test\.mapper\.image_format is 'BGR' but the student"
+    ):
         check_input_format(cfg, trainer.model)
     check_input_format(cfg, trainer.model, splits=("train",))
     # a student without input_format (detectron2's FCOS): model.student_input_format is its order
     cfg.model.student_input_format = "RGB"
     kd = instantiate(cfg.model)
     kd.student.input_format = None  # as detectron2's FCOS, which has no such attribute
-    with pytest.raises(ValueError, match=r"'BGR' but the student takes 'RGB' images \(model\.student_input_format\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'BGR' but the student takes 'RGB' images \(model\.student_input_format\)",
+    ):
         check_input_format(cfg, kd)
     # a plain detector (a baseline, a teacher): its own input_format
     cfg.model.student.input_format = "BGR"
     plain = instantiate(cfg.model.student)
     check_input_format(cfg, plain, splits=("test",))
-    with pytest.raises(ValueError, match=r"dataloader\.train\.mapper\.image_format is 'RGB' but the model "
-                                         r"takes 'BGR' images \(model\.input_format\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataloader\.train\.mapper\.image_format is 'RGB' but the model "
+        r"takes 'BGR' images \(model\.input_format\)",
+    ):
         check_input_format(cfg, plain)
     # a loader in another colour space (detectron2's "YUV-BT.601": float64 images) stopped the
     # first step in the teacher's first convolution on "expected scalar type Double but found
     # Float"; refused before training too. "L" (grey, broadcast over the 3 channels) is no mismatch.
     cfg.dataloader.train.mapper.image_format = "YUV-BT.601"
-    match = (r"dataloader\.train\.mapper\.image_format is 'YUV-BT\.601' but the model takes 'BGR' "
-             r"images \(model\.input_format\): its images would reach it in YUV-BT\.601.*'BGR'")
+    match = (
+        r"dataloader\.train\.mapper\.image_format is 'YUV-BT\.601' but the model takes 'BGR' "
+        r"images \(model\.input_format\): its images would reach it in YUV-BT\.601.*'BGR'"
+    )
     with pytest.raises(ValueError, match=match):
         check_input_format(cfg, plain)
     cfg.model.student_input_format = None
@@ -1325,14 +1695,25 @@ def test_eval_only_refuses_a_test_loader_in_another_channel_order(tmp_path):
 
     ckpt = tmp_path / "student.pth"
     save_student(instantiate(load_config("configs/demo/pkd_retinanet.py").model.student), str(ckpt))
-    cmd = [sys.executable, "train_net.py", "--config-file", "configs/demo/pkd_retinanet.py", "--eval-only",
-           f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.dataset.names.num_images=4",
-           "dataloader.test.num_workers=0", f"train.init_checkpoint={ckpt}", "dataloader.test.mapper.image_format=RGB"]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        "configs/demo/pkd_retinanet.py",
+        "--eval-only",
+        f"train.output_dir={tmp_path / 'eval'}",
+        "dataloader.test.dataset.names.num_images=4",
+        "dataloader.test.num_workers=0",
+        f"train.init_checkpoint={ckpt}",
+        "dataloader.test.mapper.image_format=RGB",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert ("ValueError: dataloader.test.mapper.image_format is 'RGB' but the student takes 'BGR' images "
-            "(model.student.input_format)") in proc.stderr, proc.stderr[-2000:]
+    assert (
+        "ValueError: dataloader.test.mapper.image_format is 'RGB' but the student takes 'BGR' images "
+        "(model.student.input_format)"
+    ) in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "eval" / "eval_results.json").exists()
 
 
@@ -1341,7 +1722,6 @@ def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path)
     # default smoothing, metrics.json / TensorBoard showed the median of the last 20 logged values
     # (20 * diag_period iterations) under each iteration, not that iteration's correlation.
     import numpy as np
-
     from detectron2.checkpoint import DetectionCheckpointer
 
     from detkd.engine import unwrap_model
@@ -1350,7 +1730,11 @@ def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path)
     cfg = _small_cfg(out, max_iter=3)
     cfg.model.diag_period = 2
     trainer = _run(cfg)
-    logged = {m["iteration"]: m["kd_diag/pearson_p3"] for m in _metrics(str(out)) if "kd_diag/pearson_p3" in m}
+    logged = {
+        m["iteration"]: m["kd_diag/pearson_p3"]
+        for m in _metrics(str(out))
+        if "kd_diag/pearson_p3" in m
+    }
     assert sorted(logged) == [0, 2]
     # independently: the student before iteration 2's step (model_0000001.pth, saved after
     # iteration 1) and the frozen teacher on the batch (every batch is the same 4 images)
@@ -1413,18 +1797,26 @@ def test_a_failed_write_of_the_last_checkpoint_tag_keeps_the_previous_tag(tmp_pa
 def _own_coco(root, name, cat_ids=(3, 7, 42)):
     """A registered COCO-format dataset of 2 written 64x64 images, categories of the given
     (non-contiguous) ids, one box per category."""
-    from PIL import Image
-
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
+
+    from PIL import Image
 
     images, anns = [], []
     for i in (1, 2):
         Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(root / f"im{i}.png")
         images.append({"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64})
         for c in cat_ids:
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c,
-                         "bbox": [4, 4, 30, 30], "area": 900, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": c,
+                    "bbox": [4, 4, 30, 30],
+                    "area": 900,
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": c, "name": f"cat{c}"} for c in cat_ids]
     data = {"images": images, "annotations": anns, "categories": cats}
     (root / f"{name}.json").write_text(json.dumps(data))
@@ -1445,15 +1837,19 @@ def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_erro
     val = _own_coco(tmp_path, "detkd_test_own_val")
     (tmp_path / "t").mkdir()
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
-    cfg.dataloader.train.dataset.names = _own_coco(tmp_path / "t", "detkd_test_own_tr")  # the same 3 classes
+    cfg.dataloader.train.dataset.names = _own_coco(
+        tmp_path / "t", "detkd_test_own_tr"
+    )  # the same 3 classes
     cfg.dataloader.train.sampler = None
     cfg.dataloader.test.dataset.names = val
     cfg.train.teacher_eval_at_start = True
     cfg.model.teacher.num_classes = 80
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    match = (r"train\.teacher_eval_at_start: the teacher predicts 80 classes but the test dataset "
-             r"'detkd_test_own_val' has 3 \(cat3, cat7, cat42\).*Set train\.teacher_eval_at_start=False")
+    match = (
+        r"train\.teacher_eval_at_start: the teacher predicts 80 classes but the test dataset "
+        r"'detkd_test_own_val' has 3 \(cat3, cat7, cat42\).*Set train\.teacher_eval_at_start=False"
+    )
     with pytest.raises(ValueError, match=match):
         trainer.train()
     assert not (tmp_path / "e" / "last_checkpoint").exists()
@@ -1484,9 +1880,11 @@ def test_test_data_of_other_classes_than_the_training_data_is_an_error_before_tr
     # ids 3, 7, 42: the student's class 0 (id 3) was evaluated as the val data's class 0 (id 7),
     # a shifted mapping without a word. Refused before training; equal lists are accepted.
     cfg = _cfg_of_own_data_with_a_subset_val(tmp_path, "detkd_test_own", tmp_path / "c", max_iter=2)
-    match = (r"The classes of the test dataset 'detkd_test_own_val_sub' \(2: cat7, cat42\) are not "
-             r"those of the training dataset 'detkd_test_own_train' \(3: cat3, cat7, cat42\); they "
-             r"differ from class 0 on.*same categories")
+    match = (
+        r"The classes of the test dataset 'detkd_test_own_val_sub' \(2: cat7, cat42\) are not "
+        r"those of the training dataset 'detkd_test_own_train' \(3: cat3, cat7, cat42\); they "
+        r"differ from class 0 on.*same categories"
+    )
     with pytest.raises(ValueError, match=match):
         KDTrainer(cfg)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.pth"))
@@ -1516,14 +1914,23 @@ def test_eval_only_refuses_a_student_of_another_class_count_than_the_test_data(t
     )
     ckpt = tmp_path / "student.pth"
     save_student(instantiate(load_config("configs/demo/pkd_retinanet.py").model.student), str(ckpt))
-    cmd = [sys.executable, "train_net.py", "--config-file", str(tmp_path / "own.py"), "--eval-only",
-           f"train.output_dir={tmp_path / 'eval'}", "dataloader.test.num_workers=0",
-           f"train.init_checkpoint={ckpt}"]
+    cmd = [
+        sys.executable,
+        "train_net.py",
+        "--config-file",
+        str(tmp_path / "own.py"),
+        "--eval-only",
+        f"train.output_dir={tmp_path / 'eval'}",
+        "dataloader.test.num_workers=0",
+        f"train.init_checkpoint={ckpt}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert ("ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 (cat7, cat42). "
-            "Set model.student.num_classes = 2") in proc.stderr, proc.stderr[-2000:]
+    assert (
+        "ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 (cat7, cat42). "
+        "Set model.student.num_classes = 2"
+    ) in proc.stderr, proc.stderr[-2000:]
     assert "Start inference" not in proc.stdout + proc.stderr
 
 
@@ -1532,8 +1939,12 @@ def test_class_checks_of_the_test_data_skip_a_config_without_an_evaluator(tmp_pa
     # teacher's evaluation at the start too): test data of other classes than the training
     # data's (e.g. a base config's test set left in place) is never scored, and was refused
     # before training ("Give both json files the same categories").
-    cfg = _cfg_of_own_data_with_a_subset_val(tmp_path, "detkd_test_noeval", tmp_path / "n", max_iter=1)
-    with pytest.raises(ValueError, match="The classes of the test dataset 'detkd_test_noeval_val_sub'"):
+    cfg = _cfg_of_own_data_with_a_subset_val(
+        tmp_path, "detkd_test_noeval", tmp_path / "n", max_iter=1
+    )
+    with pytest.raises(
+        ValueError, match="The classes of the test dataset 'detkd_test_noeval_val_sub'"
+    ):
         KDTrainer(cfg)  # with an evaluator: refused, as before
     del cfg.dataloader.evaluator
     cfg.train.teacher_eval_at_start = True  # the teacher's 3 classes, the test data's 2
@@ -1589,6 +2000,7 @@ def test_training_data_without_a_usable_annotation_is_an_error_naming_filter_emp
     # when that left none, its assertion said only "No valid data found in <name>"
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
+
     from PIL import Image
 
     name = "detkd_test_no_usable_annotation"
@@ -1596,9 +2008,20 @@ def test_training_data_without_a_usable_annotation_is_an_error_naming_filter_emp
     for i in (1, 2):
         Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / f"im{i}.png")
         images.append({"id": i, "file_name": f"im{i}.png", "height": 64, "width": 64})
-    anns = [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 1}]
+    anns = [
+        {
+            "id": 1,
+            "image_id": 2,
+            "category_id": 1,
+            "bbox": [4, 4, 20, 20],
+            "area": 400,
+            "iscrowd": 1,
+        }
+    ]
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (tmp_path / "train.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -1606,9 +2029,14 @@ def test_training_data_without_a_usable_annotation_is_an_error_naming_filter_emp
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
     cfg.dataloader.train.dataset.names = name
     cfg.dataloader.train.dataset.filter_empty = True
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"no image of '{name}' has an annotation to train on (2 images: 1 without annotations, "
-            "1 with only iscrowd=1 ones)") + ".*set dataloader.train.dataset.filter_empty = False"):
+            "1 with only iscrowd=1 ones)"
+        )
+        + ".*set dataloader.train.dataset.filter_empty = False",
+    ):
         KDTrainer(cfg)
     cfg.dataloader.train.dataset.filter_empty = False  # the fix it names: both images, no boxes
     cfg.dataloader.train.sampler.size = 2
@@ -1626,7 +2054,9 @@ def test_a_test_dataset_without_images_is_an_error_before_training(tmp_path):
 
     name = "detkd_test_no_images"
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-    (tmp_path / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    (tmp_path / "val.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": cats})
+    )
 
     def register():  # fresh metadata, as in a new process
         if name in DatasetCatalog.list():
@@ -1721,8 +2151,11 @@ def test_an_init_checkpoint_the_run_would_overwrite_is_refused(tmp_path):
         cfg.train.update(output_dir=str(out), teacher_checkpoint="")
         for name in ("model_0000099.pth", "model_final.pth", "model_final_student.pth"):
             cfg.train.init_checkpoint = str(out / name)
-            with pytest.raises(ValueError, match=r"train\.init_checkpoint .*model_.*is in this run's train\.output_dir "
-                               r".*the weights the student starts from would be replaced.*copy the file out"):
+            with pytest.raises(
+                ValueError,
+                match=r"train\.init_checkpoint .*model_.*is in this run's train\.output_dir "
+                r".*the weights the student starts from would be replaced.*copy the file out",
+            ):
                 check_run_inputs_kept(cfg)
             check_run_inputs_kept(cfg, checkpoints=False)
         cfg.train.init_checkpoint = str(out / "start.pth")
@@ -1761,7 +2194,9 @@ def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp
         check_run_inputs_kept(factory)
     cfg.train.teacher_checkpoint = ""
     cfg.model.student = L(build_yacs_detector)(config_file=os.path.join(out, "config.yaml"))
-    with pytest.raises(ValueError, match=r"model\.student\.config_file .* is the config\.yaml of this run's"):
+    with pytest.raises(
+        ValueError, match=r"model\.student\.config_file .* is the config\.yaml of this run's"
+    ):
         check_run_inputs_kept(cfg)
     check_run_inputs_kept(cfg, config_yaml=False)
 
@@ -1773,7 +2208,9 @@ def _dataset_of_classes(name, classes):
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: [{"file_name": "x.png", "image_id": 0, "height": 8, "width": 8}])
+    DatasetCatalog.register(
+        name, lambda: [{"file_name": "x.png", "image_id": 0, "height": 8, "width": 8}]
+    )
     MetadataCatalog.get(name).set(thing_classes=list(classes))
     return name
 
@@ -1790,21 +2227,32 @@ def test_class_checks_refuse_fewer_classes_and_another_order(tmp_path):
     cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcd", "abcd")
     cfg.dataloader.test.dataset.names = _dataset_of_classes("detkd_test_abcd_val", "abcd")
     for n in (3, 5):
-        with pytest.raises(ValueError, match=rf"The model predicts {n} classes but the training dataset "
-                                             rf"'detkd_test_abcd' has 4 \(a, b, c, d\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"The model predicts {n} classes but the training dataset "
+            rf"'detkd_test_abcd' has 4 \(a, b, c, d\)",
+        ):
             check_student_classes(cfg, SimpleNamespace(num_classes=n))
-        with pytest.raises(ValueError, match=rf"the teacher predicts {n} classes but the test dataset "
-                                             r"'detkd_test_abcd_val' has 4"):
+        with pytest.raises(
+            ValueError,
+            match=rf"the teacher predicts {n} classes but the test dataset "
+            r"'detkd_test_abcd_val' has 4",
+        ):
             check_teacher_eval_classes(cfg, SimpleNamespace(teacher=SimpleNamespace(num_classes=n)))
     check_student_classes(cfg, SimpleNamespace(num_classes=4))
     check_teacher_eval_classes(cfg, SimpleNamespace(teacher=SimpleNamespace(num_classes=4)))
     check_test_classes(cfg)
     cfg.dataloader.test.dataset.names = _dataset_of_classes("detkd_test_bacd_val", "bacd")
-    with pytest.raises(ValueError, match=r"'detkd_test_bacd_val' \(4: b, a, c, d\) are not those of the training "
-                                         r"dataset 'detkd_test_abcd' \(4: a, b, c, d\); they differ from class 0 on"):
+    with pytest.raises(
+        ValueError,
+        match=r"'detkd_test_bacd_val' \(4: b, a, c, d\) are not those of the training "
+        r"dataset 'detkd_test_abcd' \(4: a, b, c, d\); they differ from class 0 on",
+    ):
         check_test_classes(cfg)
     cfg.dataloader.test.dataset.names = "detkd_test_abcd_val"
-    with pytest.raises(ValueError, match=r"predicts 3 classes but the test dataset 'detkd_test_abcd_val' has 4"):
+    with pytest.raises(
+        ValueError, match=r"predicts 3 classes but the test dataset 'detkd_test_abcd_val' has 4"
+    ):
         check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
     del cfg.dataloader.evaluator  # nothing is evaluated: not checked
     check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
@@ -1825,10 +2273,14 @@ def test_clip_grad_is_off_unless_enabled():
         optimizer = KDTrainer.build_optimizer(cfg, model)
         (model.weight * torch.tensor([3.0, 4.0])).sum().backward()
         optimizer.step()
-        assert model.weight.detach().flatten().tolist() == pytest.approx(expected, rel=1e-5), enabled
+        assert model.weight.detach().flatten().tolist() == pytest.approx(
+            expected, rel=1e-5
+        ), enabled
 
 
-def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkpoint_into_the_teacher(tmp_path):
+def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkpoint_into_the_teacher(
+    tmp_path,
+):
     # a new run: train.init_checkpoint's weights in the student (only), the teacher's file in
     # the teacher; an empty teacher_checkpoint without teacher_random_init is refused
     from detectron2.config import instantiate
@@ -1844,8 +2296,11 @@ def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkp
         save_student(src, str(tmp_path / f"{name}.pth"))
         files[name] = src.state_dict()
     cfg = _small_cfg(tmp_path / "new", max_iter=1)
-    cfg.train.update(init_checkpoint=str(tmp_path / "student.pth"), teacher_checkpoint=str(tmp_path / "teacher.pth"),
-                     teacher_random_init=False)
+    cfg.train.update(
+        init_checkpoint=str(tmp_path / "student.pth"),
+        teacher_checkpoint=str(tmp_path / "teacher.pth"),
+        teacher_random_init=False,
+    )
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=False)
     kd = unwrap_model(trainer.model)
@@ -1901,7 +2356,12 @@ def test_teacher_eval_is_skipped_only_for_a_resumed_run_whose_metrics_hold_teach
         (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], "/teachers/t1.pth", False),
         (2, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], None, False),
         (0, ['{"iteration": 0, "teacher/bbox/AP": 1.0}'], "/teachers/t2.pth", False),
-        (2, ['{"iteration": 0, "bbox/AP-teacher": 1.0, "loss_teacher_kd": 0.5}'], "/teachers/t2.pth", False),
+        (
+            2,
+            ['{"iteration": 0, "bbox/AP-teacher": 1.0, "loss_teacher_kd": 0.5}'],
+            "/teachers/t2.pth",
+            False,
+        ),
     ):
         metrics.write_text("\n".join(lines) + "\n")
         if teacher is None:
@@ -1961,7 +2421,9 @@ def test_cpu_processes_keep_the_users_omp_num_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     train_net._share_cpu_threads()
     assert threads == [max(1, train_net._usable_cpus() // 2)]
-    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 1)  # one process: torch's own count
+    monkeypatch.setattr(
+        train_net.comm, "get_local_size", lambda: 1
+    )  # one process: torch's own count
     train_net._share_cpu_threads()
     assert len(threads) == 1
 
@@ -1983,11 +2445,15 @@ def test_build_evaluator_keeps_a_set_output_dir_and_train_loader_keeps_other_ass
     # the filter_empty message, not any other assertion of the loader
     cfg = _small_cfg(tmp_path / "o", max_iter=1)
     cfg.dataloader.evaluator = L(_DirEvaluator)()
-    assert KDTrainer.build_evaluator(cfg).output_dir == os.path.join(str(tmp_path / "o"), "inference")
+    assert KDTrainer.build_evaluator(cfg).output_dir == os.path.join(
+        str(tmp_path / "o"), "inference"
+    )
     assert KDTrainer.build_evaluator(cfg, output_folder="elsewhere").output_dir == "elsewhere"
     cfg.dataloader.evaluator.output_dir = "mine"
     assert KDTrainer.build_evaluator(cfg, output_folder="elsewhere").output_dir == "mine"
-    cfg.dataloader.train = L(_assert_other)(dataset=dict(names=_dataset_of_classes("detkd_test_ab", "ab")))
+    cfg.dataloader.train = L(_assert_other)(
+        dataset=dict(names=_dataset_of_classes("detkd_test_ab", "ab"))
+    )
     with pytest.raises(AssertionError, match="an assertion of the loader's own"):
         KDTrainer.build_train_loader(cfg)
 
@@ -1995,11 +2461,21 @@ def test_build_evaluator_keeps_a_set_output_dir_and_train_loader_keeps_other_ass
 def test_an_unusable_last_checkpoint_names_the_three_latest_others(tmp_path):
     from detkd.engine import unusable_last_checkpoint
 
-    for name in ("model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_0000007.pth",
-                 "model_final_student.pth", "model_final.pth", "model_teacher.pth"):
+    for name in (
+        "model_0000001.pth",
+        "model_0000003.pth",
+        "model_0000005.pth",
+        "model_0000007.pth",
+        "model_final_student.pth",
+        "model_final.pth",
+        "model_teacher.pth",
+    ):
         (tmp_path / name).write_bytes(b"")
     e = unusable_last_checkpoint(str(tmp_path), str(tmp_path / "model_final.pth"), "is bad")
-    assert "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)" in str(e)
+    assert (
+        "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)"
+        in str(e)
+    )
 
 
 def test_ddp_model_leaves_device_ids_unset_for_a_model_off_cuda(monkeypatch):
@@ -2008,17 +2484,24 @@ def test_ddp_model_leaves_device_ids_unset_for_a_model_off_cuda(monkeypatch):
     import detkd.engine as engine
 
     seen = []
-    monkeypatch.setattr(engine, "create_ddp_model", lambda model, **kwargs: seen.append(kwargs) or model)
+    monkeypatch.setattr(
+        engine, "create_ddp_model", lambda model, **kwargs: seen.append(kwargs) or model
+    )
     model = torch.nn.Linear(2, 2)
     engine.ddp_model(model, broadcast_buffers=False)
     monkeypatch.setattr(engine.comm, "get_world_size", lambda: 2)
     engine.ddp_model(model, broadcast_buffers=False)
     engine.ddp_model(model, device_ids=[3])
-    assert seen == [{"broadcast_buffers": False}, {"broadcast_buffers": False, "device_ids": None},
-                    {"device_ids": [3]}]
+    assert seen == [
+        {"broadcast_buffers": False},
+        {"broadcast_buffers": False, "device_ids": None},
+        {"device_ids": [3]},
+    ]
 
 
-def test_resume_with_another_teacher_logs_it_in_log_txt_and_evaluates_the_teacher_again(tmp_path, monkeypatch):
+def test_resume_with_another_teacher_logs_it_in_log_txt_and_evaluates_the_teacher_again(
+    tmp_path, monkeypatch
+):
     """train_net.py --resume with another train.teacher_checkpoint: the warning was printed
     before log.txt was set up (not in it, no timestamp), and teacher_eval_at_start skipped the
     evaluation because metrics.json held the old teacher's AP: the only teacher AP on record
@@ -2035,13 +2518,26 @@ def test_resume_with_another_teacher_logs_it_in_log_txt_and_evaluates_the_teache
     out = tmp_path / "run"
 
     def main(max_iter, teacher_file, *flags):
-        train_net.main(default_argument_parser().parse_args([
-            "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *flags,
-            f"train.output_dir={out}", f"train.max_iter={max_iter}", f"train.teacher_checkpoint={teacher_file}",
-            "train.teacher_eval_at_start=True", "train.eval_period=0", "train.checkpointer.period=1",
-            "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
-            "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
-        ]))
+        train_net.main(
+            default_argument_parser().parse_args(
+                [
+                    "--config-file",
+                    os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                    *flags,
+                    f"train.output_dir={out}",
+                    f"train.max_iter={max_iter}",
+                    f"train.teacher_checkpoint={teacher_file}",
+                    "train.teacher_eval_at_start=True",
+                    "train.eval_period=0",
+                    "train.checkpointer.period=1",
+                    "dataloader.train.dataset.names.num_images=4",
+                    "dataloader.test.dataset.names.num_images=4",
+                    "dataloader.train.num_workers=0",
+                    "dataloader.test.num_workers=0",
+                    "dataloader.train.total_batch_size=2",
+                ]
+            )
+        )
 
     def teacher_evals():
         return [m for m in _metrics(str(out)) if any(k.startswith("teacher/") for k in m)]
@@ -2068,35 +2564,62 @@ def test_eval_only_with_resume_evaluates_the_runs_last_checkpoint(tmp_path, monk
     out = tmp_path / "run"
 
     def main(*args):
-        return train_net.main(default_argument_parser().parse_args([
-            "--config-file", os.path.join(REPO, "configs/demo/pkd_retinanet.py"), *args,
-            f"train.output_dir={out}", "train.max_iter=2", "train.teacher_checkpoint=",
-            "train.teacher_random_init=True", "train.checkpointer.period=1",
-            "dataloader.train.dataset.names.num_images=4", "dataloader.test.dataset.names.num_images=4",
-            "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "dataloader.train.total_batch_size=2",
-        ]))
+        return train_net.main(
+            default_argument_parser().parse_args(
+                [
+                    "--config-file",
+                    os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+                    *args,
+                    f"train.output_dir={out}",
+                    "train.max_iter=2",
+                    "train.teacher_checkpoint=",
+                    "train.teacher_random_init=True",
+                    "train.checkpointer.period=1",
+                    "dataloader.train.dataset.names.num_images=4",
+                    "dataloader.test.dataset.names.num_images=4",
+                    "dataloader.train.num_workers=0",
+                    "dataloader.test.num_workers=0",
+                    "dataloader.train.total_batch_size=2",
+                ]
+            )
+        )
 
     main()
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     student = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
     loaded = []
-    monkeypatch.setattr(train_net, "load_student", lambda model, path, strict, key: loaded.append(path) or
-                        model.load_state_dict(student if path.endswith("final.pth") else
-                                              {k[len("student."):]: v for k, v in torch.load(
-                                                  path, weights_only=False)["model"].items()
-                                               if k.startswith("student.")}))
+    monkeypatch.setattr(
+        train_net,
+        "load_student",
+        lambda model, path, strict, key: loaded.append(path)
+        or model.load_state_dict(
+            student
+            if path.endswith("final.pth")
+            else {
+                k[len("student.") :]: v
+                for k, v in torch.load(path, weights_only=False)["model"].items()
+                if k.startswith("student.")
+            }
+        ),
+    )
     main("--eval-only", "--resume")
     (out / "last_checkpoint").write_text("model_0000000.pth")
     main("--eval-only", "--resume")
     assert loaded == [str(out / "model_final.pth"), str(out / "model_0000000.pth")]
-    assert "--eval-only --resume: evaluating the last checkpoint of" in (out / "log.txt").read_text()
+    assert (
+        "--eval-only --resume: evaluating the last checkpoint of" in (out / "log.txt").read_text()
+    )
     monkeypatch.undo()
     monkeypatch.syspath_prepend(REPO)
     (out / "last_checkpoint").write_text("model_final.pth")
     predictions = out / "inference_eval" / "coco_instances_results.json"
     main("--eval-only", "--resume", "model.student.test_score_thresh=0.0")  # the real loading
     resumed = json.loads(predictions.read_text())
-    main("--eval-only", f"train.init_checkpoint={out / 'model_final_student.pth'}", "model.student.test_score_thresh=0.0")
+    main(
+        "--eval-only",
+        f"train.init_checkpoint={out / 'model_final_student.pth'}",
+        "model.student.test_score_thresh=0.0",
+    )
     assert resumed and resumed == json.loads(predictions.read_text())
 
 
@@ -2118,7 +2641,10 @@ def test_resume_with_another_teacher_checkpoint_says_so(tmp_path, monkeypatch):
     cfg.train.teacher_checkpoint = "teachers/new.pth"
     note = train_net._teacher_change(cfg, run_config)
     assert "train.teacher_checkpoint is 'teachers/new.pth'" in note
-    assert "trained with 'teachers/old.pth'" in note and "train.teacher_checkpoint=teachers/old.pth" in note
+    assert (
+        "trained with 'teachers/old.pth'" in note
+        and "train.teacher_checkpoint=teachers/old.pth" in note
+    )
 
 
 def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
@@ -2133,8 +2659,11 @@ def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
     cfg.dataloader.train.dataset.names.num_images = 4  # the default root, as the other tests
     assert _dataset_names(cfg, "train") == ["detkd_shapes_train_4_s0"]
     cfg.model.student.num_classes = 2
-    with pytest.raises(ValueError, match=r"student predicts 2 classes but the training dataset "
-                       r"'detkd_shapes_train_4_s0' has 3 .*model.student.num_classes = 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"student predicts 2 classes but the training dataset "
+        r"'detkd_shapes_train_4_s0' has 3 .*model.student.num_classes = 3",
+    ):
         check_student_classes(cfg, instantiate(cfg.model), split="train")
 
 
@@ -2144,7 +2673,10 @@ def test_max_iter_below_one_is_a_clear_error(tmp_path):
     for bad in (0, -5, 2.5):
         cfg = _small_cfg(tmp_path / "z", max_iter=2)
         cfg.train.max_iter = bad
-        with pytest.raises(ValueError, match=rf"train\.max_iter must be an int >= 1, got {bad}.*--eval-only "
-                                             r"with train\.init_checkpoint="):
+        with pytest.raises(
+            ValueError,
+            match=rf"train\.max_iter must be an int >= 1, got {bad}.*--eval-only "
+            r"with train\.init_checkpoint=",
+        ):
             KDTrainer(cfg)
     assert not (tmp_path / "z").exists() or not any((tmp_path / "z").glob("*.pth"))

@@ -1,9 +1,11 @@
 """detkd.viz: the values its pictures show, against independent computations on tiny random models."""
+
 import numpy as np
-import pytest
 import torch
 
 import detkd.viz as viz
+
+import pytest
 from conftest import REPO, make_inputs
 
 
@@ -23,8 +25,11 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
     )
     cfg = LazyConfig.load(str(cfg_path))
     torch.manual_seed(0)
-    nets = {"t": instantiate(cfg.model.teacher), "s0": instantiate(cfg.model.student),
-            "s1": instantiate(cfg.model.student)}
+    nets = {
+        "t": instantiate(cfg.model.teacher),
+        "s0": instantiate(cfg.model.student),
+        "s1": instantiate(cfg.model.student),
+    }
     for n, m in nets.items():
         torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
     inputs = make_inputs(1, size=(96, 128), seed=3)  # images in the student's (RGB) order
@@ -37,11 +42,25 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
         return got["corr"]
 
     monkeypatch.setattr(viz, "draw_fpn_activations", spy)
-    viz.main(["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
-              "--before", str(tmp_path / "s0.pth"), "--after", str(tmp_path / "s1.pth"),
-              "--out", str(tmp_path / "pkd.png")])
+    viz.main(
+        [
+            "pkd",
+            "--config",
+            str(cfg_path),
+            "--teacher",
+            str(tmp_path / "t.pth"),
+            "--before",
+            str(tmp_path / "s0.pth"),
+            "--after",
+            str(tmp_path / "s1.pth"),
+            "--out",
+            str(tmp_path / "pkd.png"),
+        ]
+    )
     t = nets["t"].eval()
-    x = (inputs[0]["image"].flip(0).float() - t.pixel_mean) / t.pixel_std  # RGB -> the teacher's BGR
+    x = (
+        inputs[0]["image"].flip(0).float() - t.pixel_mean
+    ) / t.pixel_std  # RGB -> the teacher's BGR
     with torch.no_grad():
         feats = t.backbone(x[None])
     for lvl in got["levels"]:
@@ -50,7 +69,6 @@ def test_pkd_view_teacher_maps_in_the_teachers_channel_order(tmp_path, monkeypat
             a = got["rows"][name][lvl].amax(0).numpy().ravel()
             b = got["rows"]["teacher"][lvl].amax(0).numpy().ravel()
             assert abs(got["corr"][name][lvl] - np.corrcoef(a, b)[0, 1]) < 1e-5
-
 
 
 def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkeypatch):
@@ -76,7 +94,9 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
         "fcos_teacher": "m = model.teacher\n" + fcos,
         # an FCOS student of unknown order beside an RGB teacher: the data is taken as the
         # teacher's (RGB, as the loader's), and was drawn as BGR
-        "fcos_student_rgb_teacher": "m = model.student\n" + fcos + "model.teacher.input_format = 'RGB'\n"
+        "fcos_student_rgb_teacher": "m = model.student\n"
+        + fcos
+        + "model.teacher.input_format = 'RGB'\n"
         "cfg.dataloader.test.mapper.image_format = 'RGB'\n",
     }
     for case, change in cases.items():
@@ -95,11 +115,27 @@ def test_pkd_view_channel_orders_of_models_without_input_format(tmp_path, monkey
         for n, m in nets.items():
             torch.save({"model": m.state_dict()}, tmp_path / f"{case}_{n}.pth")
         got = {}
-        monkeypatch.setattr(viz, "draw_fpn_activations",
-                            lambda image, rows, *a, **kw: got.update(image=image, rows=rows) or {})
+        monkeypatch.setattr(
+            viz,
+            "draw_fpn_activations",
+            lambda image, rows, *a, **kw: got.update(image=image, rows=rows) or {},
+        )
         t_path, s_path = str(tmp_path / f"{case}_t.pth"), str(tmp_path / f"{case}_s.pth")
-        viz.main(["pkd", "--config", str(cfg_path), "--teacher", t_path, "--before", s_path,
-                  "--after", s_path, "--out", str(tmp_path / "pkd.png")])
+        viz.main(
+            [
+                "pkd",
+                "--config",
+                str(cfg_path),
+                "--teacher",
+                t_path,
+                "--before",
+                s_path,
+                "--after",
+                s_path,
+                "--out",
+                str(tmp_path / "pkd.png"),
+            ]
+        )
         t = nets["t"].eval()
         image = inputs[0]["image"].float()
         x = ((image.flip(0) if flipped else image) - t.pixel_mean) / t.pixel_std
@@ -117,8 +153,13 @@ def _capture_draw_boxes(monkeypatch):
     """A dict that each call of viz.draw_boxes fills (image, boxes, colors and its keyword
     arguments) in place of drawing."""
     drawn = {}
-    monkeypatch.setattr(viz, "draw_boxes", lambda image, boxes, colors, path, **kw:
-                        drawn.update(image=image, boxes=boxes, colors=colors, **kw))
+    monkeypatch.setattr(
+        viz,
+        "draw_boxes",
+        lambda image, boxes, colors, path, **kw: drawn.update(
+            image=image, boxes=boxes, colors=colors, **kw
+        ),
+    )
     return drawn
 
 
@@ -132,7 +173,9 @@ def _frozen_norm_train(model):
     return model
 
 
-def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_retinanet(tmp_path, monkeypatch):
+def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_retinanet(
+    tmp_path, monkeypatch
+):
     """configs/GID/fcos_R50_from_retinanet_R101_1x.py's pairing (selection="location"): the
     drawn boxes and scores are those the distiller's own selection gives for the same image
     (the view used to feed the per-anchor outputs of both heads, 9 vs 1 per location, to the
@@ -167,8 +210,19 @@ def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_
     inputs = make_inputs(1, size=(96, 128), seed=3)
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
     drawn = _capture_draw_boxes(monkeypatch)
-    viz.main(["gid", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
-              "--student", str(tmp_path / "s.pth"), "--out", str(tmp_path / "gid.png")])
+    viz.main(
+        [
+            "gid",
+            "--config",
+            str(cfg_path),
+            "--teacher",
+            str(tmp_path / "t.pth"),
+            "--student",
+            str(tmp_path / "s.pth"),
+            "--out",
+            str(tmp_path / "gid.png"),
+        ]
+    )
 
     # What a training step of the same model selects (BatchNorm on its running statistics).
     kd = instantiate(cfg.model)
@@ -181,7 +235,7 @@ def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_
     gid._select = lambda *a: selected.append(select(*a)) or selected[-1]
     with EventStorage():
         _frozen_norm_train(kd)(inputs)
-    (boxes, scores), = selected[0]
+    ((boxes, scores),) = selected[0]
     assert len(boxes) > 0
     assert np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-4)
     assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]
@@ -213,8 +267,21 @@ def test_d3etr_view_runs_the_teacher_on_its_own_channel_order(tmp_path, monkeypa
     inputs = make_inputs(1, size=(90, 120), seed=4)  # images in the student's (BGR) order
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
     drawn = _capture_draw_boxes(monkeypatch)
-    viz.main(["d3etr", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"),
-              "--student", str(tmp_path / "s.pth"), "--top", "5", "--out", str(tmp_path / "d3.png")])
+    viz.main(
+        [
+            "d3etr",
+            "--config",
+            str(cfg_path),
+            "--teacher",
+            str(tmp_path / "t.pth"),
+            "--student",
+            str(tmp_path / "s.pth"),
+            "--top",
+            "5",
+            "--out",
+            str(tmp_path / "d3.png"),
+        ]
+    )
 
     img = inputs[0]["image"].float()
     x_t = (img.flip(0) - teacher.pixel_mean) / teacher.pixel_std  # BGR -> the teacher's RGB
@@ -223,13 +290,17 @@ def test_d3etr_view_runs_the_teacher_on_its_own_channel_order(tmp_path, monkeypa
         t = teacher.forward_predictions(ImageList.from_tensors([x_t], 32))
         s = student.forward_predictions(ImageList.from_tensors([x_s], 32))
     d3 = instantiate(cfg.model).distillers["d3etr"]
-    ti, si, _ = d3._match(t["pred_logits"][-1:], t["pred_boxes"][-1:], s["pred_logits"][-1:], s["pred_boxes"][-1:])
+    ti, si, _ = d3._match(
+        t["pred_logits"][-1:], t["pred_boxes"][-1:], s["pred_logits"][-1:], s["pred_boxes"][-1:]
+    )
     conf = t["pred_logits"][-1, 0].sigmoid().amax(-1)
     best = [int(q) for q in ti[0, 0][conf[ti[0, 0]].argsort(descending=True)[:5]]]
     partner = dict(zip(ti[0, 0].tolist(), si[0, 0].tolist()))
     scale = torch.tensor([120.0, 90.0, 120.0, 90.0])
     t_boxes = box_convert(t["pred_boxes"][-1, 0, best], "cxcywh", "xyxy") * scale
-    s_boxes = box_convert(s["pred_boxes"][-1, 0, [partner[q] for q in best]], "cxcywh", "xyxy") * scale
+    s_boxes = (
+        box_convert(s["pred_boxes"][-1, 0, [partner[q] for q in best]], "cxcywh", "xyxy") * scale
+    )
     assert np.allclose(drawn["boxes"], torch.cat([t_boxes, s_boxes]).numpy(), atol=1e-3)
     assert drawn["pairs"] == [(i, i + 5) for i in range(5)]
 
@@ -243,8 +314,11 @@ def test_pkd_view_maps_cover_the_image_not_its_padding(tmp_path, monkeypatch):
     cfg_path = f"{REPO}/configs/demo/pkd_retinanet.py"
     cfg = LazyConfig.load(cfg_path)
     torch.manual_seed(1)
-    nets = {"t": instantiate(cfg.model.teacher), "s0": instantiate(cfg.model.student),
-            "s1": instantiate(cfg.model.student)}
+    nets = {
+        "t": instantiate(cfg.model.teacher),
+        "s0": instantiate(cfg.model.student),
+        "s1": instantiate(cfg.model.student),
+    }
     for n, m in nets.items():
         torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
     inputs = make_inputs(1, size=(70, 100), seed=5)
@@ -253,13 +327,27 @@ def test_pkd_view_maps_cover_the_image_not_its_padding(tmp_path, monkeypatch):
     orig = viz.draw_fpn_activations
 
     def spy(image, rows, levels, path, reference="teacher"):
-        got.update(image=image, rows=rows, levels=levels, corr=orig(image, rows, levels, path, reference))
+        got.update(
+            image=image, rows=rows, levels=levels, corr=orig(image, rows, levels, path, reference)
+        )
         return got["corr"]
 
     monkeypatch.setattr(viz, "draw_fpn_activations", spy)
-    viz.main(["pkd", "--config", cfg_path, "--teacher", str(tmp_path / "t.pth"),
-              "--before", str(tmp_path / "s0.pth"), "--after", str(tmp_path / "s1.pth"),
-              "--out", str(tmp_path / "pkd.png")])
+    viz.main(
+        [
+            "pkd",
+            "--config",
+            cfg_path,
+            "--teacher",
+            str(tmp_path / "t.pth"),
+            "--before",
+            str(tmp_path / "s0.pth"),
+            "--after",
+            str(tmp_path / "s1.pth"),
+            "--out",
+            str(tmp_path / "pkd.png"),
+        ]
+    )
     assert got["image"].shape == (70, 100, 3) and got["levels"] == ["p3", "p4", "p5", "p6"]
     t = nets["t"].eval()
     x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
@@ -278,10 +366,11 @@ def test_pkd_view_maps_cover_the_image_not_its_padding(tmp_path, monkeypatch):
 def test_view_errors_name_the_problem(tmp_path):
     """A missing config, a config without a teacher, one without the view's distiller, and a
     student checkpoint of another model (it used to be loaded half, silently) are clear errors."""
-    import pytest
     from detectron2.config import LazyConfig, instantiate
 
     from detkd.checkpoint import CheckpointMismatchError
+
+    import pytest
 
     demo = f"{REPO}/configs/demo"
     cfg = LazyConfig.load(f"{demo}/pkd_retinanet.py")
@@ -293,14 +382,34 @@ def test_view_errors_name_the_problem(tmp_path):
     with pytest.raises(SystemExit, match=r"\[viz gid\] config not found: .*nope\.py"):
         viz.main(["gid", "--config", f"{demo}/nope.py", "--teacher", t, "--student", s])
     with pytest.raises(SystemExit, match=r"student_retinanet\.py is not a distillation config"):
-        viz.main(["gid", "--config", f"{demo}/student_retinanet.py", "--teacher", t, "--student", s])
-    with pytest.raises(SystemExit, match=r"pkd_retinanet\.py has no GIDDistiller \(its distillers: \{'pkd': 'PKDDistiller'\}\)"):
+        viz.main(
+            ["gid", "--config", f"{demo}/student_retinanet.py", "--teacher", t, "--student", s]
+        )
+    with pytest.raises(
+        SystemExit,
+        match=r"pkd_retinanet\.py has no GIDDistiller \(its distillers: \{'pkd': 'PKDDistiller'\}\)",
+    ):
         viz.main(["gid", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
     with pytest.raises(SystemExit, match="has no D3ETRDistiller"):
         viz.main(["d3etr", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
-    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):  # the teacher's weights as --before
-        viz.main(["pkd", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--before", t, "--after", s,
-                  "--out", str(tmp_path / "pkd.png")])
+    with pytest.raises(
+        CheckpointMismatchError, match="shape mismatch"
+    ):  # the teacher's weights as --before
+        viz.main(
+            [
+                "pkd",
+                "--config",
+                f"{demo}/pkd_retinanet.py",
+                "--teacher",
+                t,
+                "--before",
+                t,
+                "--after",
+                s,
+                "--out",
+                str(tmp_path / "pkd.png"),
+            ]
+        )
 
 
 def test_view_option_errors_name_the_option(tmp_path):
@@ -309,8 +418,9 @@ def test_view_option_errors_name_the_option(tmp_path):
     exist (a FileNotFoundError after the models ran), an image index past the test set (a bare
     IndexError), levels the models do not have (KeyError), and a decoder layer past the last
     (--layer 10 of 3 layers silently drew layer 1); --top 0 or -3 drew none or all but 3."""
-    import pytest
     from detectron2.config import LazyConfig, instantiate
+
+    import pytest
 
     demo = f"{REPO}/configs/demo"
     ck = {}
@@ -321,27 +431,56 @@ def test_view_option_errors_name_the_option(tmp_path):
             ck[name, role] = str(tmp_path / f"{name}_{role}.pth")
             torch.save({"model": instantiate(cfg.model[role]).state_dict()}, ck[name, role])
     t, s = ck["pkd_retinanet", "teacher"], ck["pkd_retinanet", "student"]
-    pkd = ["pkd", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--before", s, "--after", s]
+    pkd = [
+        "pkd",
+        "--config",
+        f"{demo}/pkd_retinanet.py",
+        "--teacher",
+        t,
+        "--before",
+        s,
+        "--after",
+        s,
+    ]
     out = ["--out", str(tmp_path / "v.png")]
     with pytest.raises(SystemExit, match=r"\[viz pkd\] --after: no checkpoint file .*nope\.pth"):
         viz.main(pkd[:-2] + ["--after", str(tmp_path / "nope.pth")] + out)
-    with pytest.raises(SystemExit, match=r"\[viz pkd\] --out .*: the folder .*nodir does not exist"):
+    with pytest.raises(
+        SystemExit, match=r"\[viz pkd\] --out .*: the folder .*nodir does not exist"
+    ):
         viz.main(pkd + ["--out", str(tmp_path / "nodir" / "v.png")])
     with pytest.raises(SystemExit, match=r"--index -1: an image index is 0 or more"):
         viz.main(pkd + out + ["--index", "-1"])
     small = tmp_path / "pkd_4_images.py"  # the demo's test set, 4 images of it
-    small.write_text(f"from detectron2.config import LazyConfig\ncfg = LazyConfig.load('{demo}/pkd_retinanet.py')\n"
-                     "model, dataloader = cfg.model, cfg.dataloader\ndataloader.test.dataset.names.num_images = 4\n")
-    with pytest.raises(SystemExit, match=r"--index 4: the config's test set has 4 images \(0 to 3\)"):
+    small.write_text(
+        f"from detectron2.config import LazyConfig\ncfg = LazyConfig.load('{demo}/pkd_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\ndataloader.test.dataset.names.num_images = 4\n"
+    )
+    with pytest.raises(
+        SystemExit, match=r"--index 4: the config's test set has 4 images \(0 to 3\)"
+    ):
         viz.main(["pkd", "--config", str(small)] + pkd[3:] + out + ["--index", "4"])
     levels = r"the levels both models have are \['p3', 'p4', 'p5', 'p6', 'p7'\]"
     with pytest.raises(SystemExit, match=rf"--levels p3 p9: {levels}"):
         viz.main(pkd + out + ["--levels", "p3", "p9"])
     assert not (tmp_path / "v.png").exists()
-    d3 = ["d3etr", "--config", f"{demo}/d3etr_detr.py", "--teacher", ck["d3etr_detr", "teacher"],
-          "--student", ck["d3etr_detr", "student"]] + out
-    layers = len(instantiate(LazyConfig.load(f"{demo}/d3etr_detr.py").model.teacher).transformer.decoder.layers)
-    with pytest.raises(SystemExit, match=rf"--layer {layers}: the teacher's decoder has {layers} layers"):
+    d3 = [
+        "d3etr",
+        "--config",
+        f"{demo}/d3etr_detr.py",
+        "--teacher",
+        ck["d3etr_detr", "teacher"],
+        "--student",
+        ck["d3etr_detr", "student"],
+    ] + out
+    layers = len(
+        instantiate(
+            LazyConfig.load(f"{demo}/d3etr_detr.py").model.teacher
+        ).transformer.decoder.layers
+    )
+    with pytest.raises(
+        SystemExit, match=rf"--layer {layers}: the teacher's decoder has {layers} layers"
+    ):
         viz.main(d3 + ["--layer", str(layers)])
     with pytest.raises(SystemExit, match=rf"--layer -{layers + 1}: "):
         viz.main(d3 + ["--layer", str(-layers - 1)])
@@ -362,7 +501,8 @@ def _run_pkd_view(tmp_path, monkeypatch, model_lines):
         "from detectron2.config import LazyCall as L\n"
         "from detectron2.config import LazyConfig\n"
         "from detkd import DistillationDetector, PKDDistiller\n"
-        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n" + model_lines
+        f"dataloader = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py').dataloader\n"
+        + model_lines
     )
     cfg = LazyConfig.load(str(cfg_path))
     torch.manual_seed(0)
@@ -372,26 +512,46 @@ def _run_pkd_view(tmp_path, monkeypatch, model_lines):
     inputs = make_inputs(1, size=(70, 100), seed=5)
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
     got = {}
-    monkeypatch.setattr(viz, "draw_fpn_activations",
-                        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {})
-    args = ["pkd", "--config", str(cfg_path), "--teacher", str(tmp_path / "t.pth"), "--before",
-            str(tmp_path / "s.pth"), "--after", str(tmp_path / "s.pth"), "--out", str(tmp_path / "p.png")]
+    monkeypatch.setattr(
+        viz,
+        "draw_fpn_activations",
+        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
+    )
+    args = [
+        "pkd",
+        "--config",
+        str(cfg_path),
+        "--teacher",
+        str(tmp_path / "t.pth"),
+        "--before",
+        str(tmp_path / "s.pth"),
+        "--after",
+        str(tmp_path / "s.pth"),
+        "--out",
+        str(tmp_path / "p.png"),
+    ]
     viz.main(args)
     return nets, inputs, got, args
 
 
-def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_own(tmp_path, monkeypatch):
+def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_own(
+    tmp_path, monkeypatch
+):
     """README, Other backbones: a custom student backbone (levels s8, s16, s32) with an FPN
     teacher (p2-p6), paired by stride as PKD pairs them. The view paired levels by name: no
     common level, and it failed with an IndexError from matplotlib's axes."""
     from detectron2.structures import ImageList
 
-    nets, inputs, got, args = _run_pkd_view(tmp_path, monkeypatch, (
-        "from conftest import tiny_faster_rcnn_cfg\n"
-        "from test_custom_models import custom_retinanet\n"
-        "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
-        "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
-    ))
+    nets, inputs, got, args = _run_pkd_view(
+        tmp_path,
+        monkeypatch,
+        (
+            "from conftest import tiny_faster_rcnn_cfg\n"
+            "from test_custom_models import custom_retinanet\n"
+            "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
+            "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
+        ),
+    )
     assert got["levels"] == ["s8", "s16", "s32"]  # finest first, the student's names
     t = nets["t"].eval()
     x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
@@ -447,8 +607,12 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
     tf = T.ResizeShortestEdge(200, 300).get_transform(image)
     resized = tf.apply_image(image)
     assert resized.shape[:2] != image.shape[:2]
-    gt = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                   for a in record["annotations"]])
+    gt = np.array(
+        [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            for a in record["annotations"]
+        ]
+    )
     gt = tf.apply_box(gt)
 
     from detkd.losses import GIDDistiller
@@ -462,8 +626,21 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GIDDistiller, "_select", spy_select)
     drawn = _capture_draw_boxes(monkeypatch)
-    viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s,
-              "--index", str(index), "--out", str(tmp_path / "gid.png")])
+    viz.main(
+        [
+            "gid",
+            "--config",
+            str(cfg_path),
+            "--teacher",
+            t,
+            "--student",
+            s,
+            "--index",
+            str(index),
+            "--out",
+            str(tmp_path / "gid.png"),
+        ]
+    )
     assert np.array_equal(drawn["image"], resized[:, :, ::-1])  # the resized image, as RGB
     assert seen["image_sizes"] == [resized.shape[:2]]  # what the models ran on
     assert np.allclose(drawn["gt_boxes"], gt, atol=1e-3)
@@ -475,23 +652,28 @@ def test_views_show_the_image_the_test_mapper_makes(tmp_path, monkeypatch):
     kd.teacher.load_state_dict(torch.load(t)["model"])
     kd.student.load_state_dict(torch.load(s)["model"])
     h, w = resized.shape[:2]
-    inst = Instances((h, w), gt_boxes=Boxes(torch.as_tensor(gt, dtype=torch.float32)),
-                     gt_classes=torch.tensor([a["category_id"] - 1 for a in record["annotations"]]))
+    inst = Instances(
+        (h, w),
+        gt_boxes=Boxes(torch.as_tensor(gt, dtype=torch.float32)),
+        gt_classes=torch.tensor([a["category_id"] - 1 for a in record["annotations"]]),
+    )
     inputs = [{"image": torch.as_tensor(resized.transpose(2, 0, 1).copy()), "instances": inst}]
     selected = []
-    monkeypatch.setattr(GIDDistiller, "_select",
-                        lambda *a: selected.append(select(*a)) or selected[-1])
+    monkeypatch.setattr(
+        GIDDistiller, "_select", lambda *a: selected.append(select(*a)) or selected[-1]
+    )
     with EventStorage():
         _frozen_norm_train(kd)(inputs)
-    (boxes, _), = selected[0]
+    ((boxes, _),) = selected[0]
     assert len(boxes) > 0 and np.allclose(drawn["boxes"], boxes.tensor.numpy(), atol=1e-3)
 
 
 def test_views_check_the_test_loaders_channel_order_as_training_does(tmp_path):
     """A test loader in RGB for a BGR student: evaluation (train_net.py) refuses it, the views
     ran on the swapped channels and drew maps and boxes of an image the models never see."""
-    import pytest
     from detectron2.config import LazyConfig
+
+    import pytest
 
     for view, name in (("pkd", "pkd_retinanet"), ("gid", "gid_retinanet"), ("d3etr", "d3etr_detr")):
         cfg_path = tmp_path / f"{name}_rgb_loader.py"
@@ -504,10 +686,23 @@ def test_views_check_the_test_loaders_channel_order_as_training_does(tmp_path):
         )
         t, s = _demo_checkpoints(tmp_path, LazyConfig.load(str(cfg_path)))
         weights = ["--before", s, "--after", s] if view == "pkd" else ["--student", s]
-        with pytest.raises(ValueError, match=r"dataloader\.test\.mapper\.image_format is 'RGB' but "
-                           r"the student takes 'BGR' images \(model\.student\.input_format\)"):
-            viz.main([view, "--config", str(cfg_path), "--teacher", t, *weights,
-                      "--out", str(tmp_path / f"{view}.png")])
+        with pytest.raises(
+            ValueError,
+            match=r"dataloader\.test\.mapper\.image_format is 'RGB' but "
+            r"the student takes 'BGR' images \(model\.student\.input_format\)",
+        ):
+            viz.main(
+                [
+                    view,
+                    "--config",
+                    str(cfg_path),
+                    "--teacher",
+                    t,
+                    *weights,
+                    "--out",
+                    str(tmp_path / f"{view}.png"),
+                ]
+            )
         assert not (tmp_path / f"{view}.png").exists()
 
 
@@ -532,18 +727,37 @@ def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
         cfg = LazyConfig.load(str(cfg_path))
         t_path, s_path = _demo_checkpoints(tmp_path, cfg, seed=1)
         got = {}
-        monkeypatch.setattr(viz, "draw_fpn_activations", lambda image, rows, levels, *a, **kw:
-                            got.update(rows=rows, levels=levels) or {})
-        viz.main(["pkd", "--config", str(cfg_path), "--teacher", t_path, "--before", s_path,
-                  "--after", s_path, "--out", str(tmp_path / "pkd.png")])
+        monkeypatch.setattr(
+            viz,
+            "draw_fpn_activations",
+            lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
+        )
+        viz.main(
+            [
+                "pkd",
+                "--config",
+                str(cfg_path),
+                "--teacher",
+                t_path,
+                "--before",
+                s_path,
+                "--after",
+                s_path,
+                "--out",
+                str(tmp_path / "pkd.png"),
+            ]
+        )
         t, s = instantiate(cfg.model.teacher).eval(), instantiate(cfg.model.student).eval()
         t.load_state_dict(torch.load(t_path)["model"])
         s.load_state_dict(torch.load(s_path)["model"])
         size = 192 if side == "student" else 0  # the student's square, for both models
         image = inputs[0]["image"].float()
         with torch.no_grad():
-            padded = ImageList.from_tensors([(image - t.pixel_mean) / t.pixel_std], 32,
-                                            padding_constraints={"square_size": size}).tensor
+            padded = ImageList.from_tensors(
+                [(image - t.pixel_mean) / t.pixel_std],
+                32,
+                padding_constraints={"square_size": size},
+            ).tensor
             assert padded.shape[-2:] == ((192, 192) if size else (96, 128))
             t_feats = t.backbone(padded)
             s_feats = s.backbone(s.preprocess_image(inputs).tensor)
@@ -579,8 +793,21 @@ def test_index_counts_images_when_the_test_loader_batches_several(tmp_path):
     assert len(inputs) == 1 and inputs[0]["file_name"] == expected[0]["file_name"]
     assert torch.equal(inputs[0]["image"], expected[0]["image"])
     t, s = _demo_checkpoints(tmp_path, cfg)
-    viz.main(["gid", "--config", str(cfg_path), "--teacher", t, "--student", s, "--index", "1",
-              "--out", str(tmp_path / "gid.png")])
+    viz.main(
+        [
+            "gid",
+            "--config",
+            str(cfg_path),
+            "--teacher",
+            t,
+            "--student",
+            s,
+            "--index",
+            "1",
+            "--out",
+            str(tmp_path / "gid.png"),
+        ]
+    )
     assert (tmp_path / "gid.png").stat().st_size > 1000
 
 
@@ -593,11 +820,15 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
     import torch.nn.functional as F
     from detectron2.structures import ImageList
 
-    nets, inputs, got, args = _run_pkd_view(tmp_path, monkeypatch, (
-        "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
-        "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(),\n"
-        "    distillers={'pkd': L(PKDDistiller)(num_levels=3, pair_by='index')})\n"
-    ))
+    nets, inputs, got, args = _run_pkd_view(
+        tmp_path,
+        monkeypatch,
+        (
+            "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
+            "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(),\n"
+            "    distillers={'pkd': L(PKDDistiller)(num_levels=3, pair_by='index')})\n"
+        ),
+    )
     assert got["levels"] == ["p3", "p4", "p5"]  # the distiller's three pairs
     t = nets["t"].eval()
     x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
@@ -608,13 +839,21 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
         # the whole padded (96 x 128) map resized onto the student's, as PKD pairs them, then
         # cropped to the image's cells (cropping first stretched another stretch of the image:
         # at p5 the teacher's cells were centred at y = 13, 40, 67 px against 16, 48, 80)
-        full = F.interpolate(feats[t_lvl], size=(96 // s, 128 // s), mode="bilinear", align_corners=False)
+        full = F.interpolate(
+            feats[t_lvl], size=(96 // s, 128 // s), mode="bilinear", align_corners=False
+        )
         want = full[0, :, :hs, :ws]
         assert torch.allclose(got["rows"]["teacher"][lvl], want, atol=1e-5), lvl
         # bilinear resizing keeps a linear ramp linear: a teacher map of its cells' centre rows
         # (in pixels) becomes the student cells' centre rows (inside the border cells)
-        ramp = ((torch.arange(96 // (s // 2)) + 0.5) * (s // 2)).view(1, 1, -1, 1).expand(1, 1, -1, 128 // (s // 2))
-        centres = F.interpolate(ramp, size=(96 // s, 128 // s), mode="bilinear", align_corners=False)[0, 0, 1:-1, 0]
+        ramp = (
+            ((torch.arange(96 // (s // 2)) + 0.5) * (s // 2))
+            .view(1, 1, -1, 1)
+            .expand(1, 1, -1, 128 // (s // 2))
+        )
+        centres = F.interpolate(
+            ramp, size=(96 // s, 128 // s), mode="bilinear", align_corners=False
+        )[0, 0, 1:-1, 0]
         assert torch.allclose(centres, (torch.arange(1, 96 // s - 1) + 0.5) * s)
         assert tuple(got["rows"]["student + KD"][lvl].shape[-2:]) == (hs, ws)
     viz.main(args + ["--levels", "p6"])  # not distilled: beside the teacher's p6, by stride
@@ -626,8 +865,9 @@ def test_max_activation_is_the_channel_max_scaled_to_0_1():
     """What the PKD picture shows with vmin 0, vmax 1: per cell the max over channels, its
     minimum at 0 and maximum at 1 (the correlations alone do not see the scaling); a constant
     map is 0, not NaN."""
-    feat = torch.tensor([[[1.0, -2.0, 3.0], [0.0, 5.0, 2.0]],
-                         [[2.0, -4.0, 1.0], [0.5, 1.0, 7.0]]])  # (2, 2, 3): max [[2, -2, 3], [0.5, 5, 7]]
+    feat = torch.tensor(
+        [[[1.0, -2.0, 3.0], [0.0, 5.0, 2.0]], [[2.0, -4.0, 1.0], [0.5, 1.0, 7.0]]]
+    )  # (2, 2, 3): max [[2, -2, 3], [0.5, 5, 7]]
     expected = (np.array([[2.0, -2.0, 3.0], [0.5, 5.0, 7.0]]) + 2.0) / 9.0
     assert np.allclose(viz.max_activation(feat), expected, atol=1e-6)
     assert np.array_equal(viz.max_activation(torch.full((3, 2, 2), 4.0)), np.zeros((2, 2)))
@@ -638,15 +878,30 @@ def test_pkd_view_correlation_is_pearsons_and_undefined_for_a_constant_map(tmp_p
     cell (or any constant map) has none: it read r=0.00, also for the teacher with itself."""
     g = torch.Generator().manual_seed(0)
     teacher = {"p3": torch.randn(4, 5, 6, generator=g), "p7": torch.randn(4, 1, 1, generator=g)}
-    student = {"p3": teacher["p3"] + 0.5 * torch.randn(4, 5, 6, generator=g), "p7": torch.randn(4, 1, 1, generator=g)}
+    student = {
+        "p3": teacher["p3"] + 0.5 * torch.randn(4, 5, 6, generator=g),
+        "p7": torch.randn(4, 1, 1, generator=g),
+    }
     image = np.zeros((40, 48, 3), dtype=np.uint8)
-    fig = _drawn_figure(monkeypatch, viz.draw_fpn_activations, image, {"teacher": teacher, "student": student},
-                        ["p3", "p7"], str(tmp_path / "p.png"))
-    ref = np.corrcoef(viz.max_activation(student["p3"]).ravel(), viz.max_activation(teacher["p3"]).ravel())[0, 1]
+    fig = _drawn_figure(
+        monkeypatch,
+        viz.draw_fpn_activations,
+        image,
+        {"teacher": teacher, "student": student},
+        ["p3", "p7"],
+        str(tmp_path / "p.png"),
+    )
+    ref = np.corrcoef(
+        viz.max_activation(student["p3"]).ravel(), viz.max_activation(teacher["p3"]).ravel()
+    )[0, 1]
     titles = [ax.get_title() for ax in fig.axes]
     assert f"p3  r={ref:.2f}" in titles and "p7  r=n/a (constant map)" in titles
-    corr = viz.draw_fpn_activations(image, {"teacher": teacher, "student": student}, ["p3", "p7"], str(tmp_path / "q.png"))
-    assert corr["student"]["p3"] == pytest.approx(ref, rel=1e-6) and corr["teacher"]["p3"] == pytest.approx(1.0)
+    corr = viz.draw_fpn_activations(
+        image, {"teacher": teacher, "student": student}, ["p3", "p7"], str(tmp_path / "q.png")
+    )
+    assert corr["student"]["p3"] == pytest.approx(ref, rel=1e-6) and corr["teacher"][
+        "p3"
+    ] == pytest.approx(1.0)
     assert np.isnan(corr["student"]["p7"]) and np.isnan(corr["teacher"]["p7"])
 
 
@@ -655,7 +910,9 @@ def _drawn_figure(monkeypatch, draw, *args, **kwargs):
     import matplotlib.figure
 
     saved = {}
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: saved.update(fig=fig))
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: saved.update(fig=fig)
+    )
     draw(*args, **kwargs)
     return saved["fig"]
 
@@ -667,18 +924,37 @@ def test_draw_boxes_draws_each_box_its_colour_and_lines_between_pair_centres(tmp
 
     image = np.zeros((40, 60, 3), np.uint8)
     boxes = np.array([[2.0, 4.0, 12.0, 10.0], [20.0, 6.0, 30.0, 26.0], [40.0, 1.0, 58.0, 9.0]])
-    fig = _drawn_figure(monkeypatch, viz.draw_boxes, image, boxes, ["red", "lime", "blue"], str(tmp_path / "b.png"),
-                        labels=["a", "b", "c"], pairs=[(0, 1), (2, 0)], gt_boxes=np.array([[5.0, 5.0, 15.0, 25.0]]))
+    fig = _drawn_figure(
+        monkeypatch,
+        viz.draw_boxes,
+        image,
+        boxes,
+        ["red", "lime", "blue"],
+        str(tmp_path / "b.png"),
+        labels=["a", "b", "c"],
+        pairs=[(0, 1), (2, 0)],
+        gt_boxes=np.array([[5.0, 5.0, 15.0, 25.0]]),
+    )
     ax = fig.axes[0]
-    rects = [(p.get_xy(), p.get_width(), p.get_height(), p.get_edgecolor(), p.get_linestyle()) for p in ax.patches]
+    rects = [
+        (p.get_xy(), p.get_width(), p.get_height(), p.get_edgecolor(), p.get_linestyle())
+        for p in ax.patches
+    ]
     assert rects[0][:3] == ((5.0, 5.0), 10.0, 20.0) and rects[0][3] == to_rgba("white")
     assert rects[0][4] in ("--", "dashed")
     for (xy, w, h, col, ls), box, c in zip(rects[1:], boxes, ["red", "lime", "blue"]):
-        assert (tuple(xy), w, h) == ((box[0], box[1]), box[2] - box[0], box[3] - box[1]) and col == to_rgba(c)
+        assert (tuple(xy), w, h) == (
+            (box[0], box[1]),
+            box[2] - box[0],
+            box[3] - box[1],
+        ) and col == to_rgba(c)
         assert ls in ("-", "solid")
     assert len(rects) == 4
-    assert [(t.get_text(), t.get_position()) for t in ax.texts] == [("a", (2.0, 4.0)), ("b", (20.0, 6.0)),
-                                                                    ("c", (40.0, 1.0))]
+    assert [(t.get_text(), t.get_position()) for t in ax.texts] == [
+        ("a", (2.0, 4.0)),
+        ("b", (20.0, 6.0)),
+        ("c", (40.0, 1.0)),
+    ]
     lines = [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines]
     assert lines == [([7.0, 25.0], [7.0, 16.0]), ([49.0, 7.0], [5.0, 7.0])]
     import matplotlib.pyplot as plt
@@ -686,7 +962,9 @@ def test_draw_boxes_draws_each_box_its_colour_and_lines_between_pair_centres(tmp
     plt.close(fig)
 
 
-def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(tmp_path, monkeypatch):
+def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(
+    tmp_path, monkeypatch
+):
     """The GID picture's colour classes: IoU >= 0.5 with some GT box positive (lime), >= 0.1
     semi-positive (orange), else negative (red), the best IoU over the GT boxes per instance
     (boxes given to the view as the distiller's selection: IoUs 1, 0.5 and 0.1 exactly, 1/3,
@@ -703,24 +981,42 @@ def test_gid_view_colours_each_instance_by_its_best_iou_with_the_ground_truth(tm
     inputs[0]["instances"].gt_boxes = Boxes(gt)
     inputs[0]["instances"].gt_classes = torch.tensor([0, 1])
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    chosen = torch.tensor([
-        [50.0, 30.0, 70.0, 50.0],   # IoU 1 with the second GT box
-        [0.0, 0.0, 10.0, 20.0],     # 0.5 with the first
-        [50.0, 30.0, 70.0, 130.0],  # 0.1 with the second (400 / 4000)
-        [0.0, 0.0, 10.0, 30.0],     # 1/3 with the first
-        [0.0, 0.0, 20.0, 50.0],     # 0.1 with the first: semi-positive too
-        [80.0, 0.0, 90.0, 10.0],    # 0
-        [0.0, 0.0, 200.0, 5.0],     # 50 / 2000 = 0.025 with the first
-    ])
+    chosen = torch.tensor(
+        [
+            [50.0, 30.0, 70.0, 50.0],  # IoU 1 with the second GT box
+            [0.0, 0.0, 10.0, 20.0],  # 0.5 with the first
+            [50.0, 30.0, 70.0, 130.0],  # 0.1 with the second (400 / 4000)
+            [0.0, 0.0, 10.0, 30.0],  # 1/3 with the first
+            [0.0, 0.0, 20.0, 50.0],  # 0.1 with the first: semi-positive too
+            [80.0, 0.0, 90.0, 10.0],  # 0
+            [0.0, 0.0, 200.0, 5.0],  # 50 / 2000 = 0.025 with the first
+        ]
+    )
     scores = torch.linspace(0.9, 0.3, len(chosen))
     monkeypatch.setattr(GIDDistiller, "_select", lambda self, *a: [(Boxes(chosen), scores)])
     drawn = _capture_draw_boxes(monkeypatch)
-    viz.main(["gid", "--config", cfg_path, "--teacher", t, "--student", s, "--out", str(tmp_path / "g.png")])
+    viz.main(
+        [
+            "gid",
+            "--config",
+            cfg_path,
+            "--teacher",
+            t,
+            "--student",
+            s,
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
     assert np.array_equal(drawn["boxes"], chosen.numpy())
     assert drawn["colors"] == ["lime", "lime", "orange", "orange", "orange", "red", "red"]
     assert drawn["labels"] == [f"{x:.2f}" for x in scores.tolist()]
     assert np.array_equal(drawn["gt_boxes"], gt.numpy())
-    assert drawn["legend"] == {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
+    assert drawn["legend"] == {
+        "positive (IoU>=0.5)": "lime",
+        "semi-positive": "orange",
+        "negative (IoU<0.1)": "red",
+    }
 
 
 def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
@@ -733,21 +1029,44 @@ def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
     t, s = _demo_checkpoints(tmp_path, cfg)
     layers = len(instantiate(cfg.model.teacher).transformer.decoder.layers)
     assert layers > 1
-    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96), seed=1))
+    monkeypatch.setattr(
+        viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96), seed=1)
+    )
     drawn = _capture_draw_boxes(monkeypatch)
     got = {}
     for layer in (0, -layers, -1):
-        viz.main(["d3etr", "--config", cfg_path, "--teacher", t, "--student", s, "--top", "3",
-                  "--layer", str(layer), "--out", str(tmp_path / "d.png")])
+        viz.main(
+            [
+                "d3etr",
+                "--config",
+                cfg_path,
+                "--teacher",
+                t,
+                "--student",
+                s,
+                "--top",
+                "3",
+                "--layer",
+                str(layer),
+                "--out",
+                str(tmp_path / "d.png"),
+            ]
+        )
         got[layer] = dict(drawn)
     assert got[-layers]["title"].startswith("D3ETR layer 0:")
     assert got[-1]["title"].startswith(f"D3ETR layer {layers - 1}:")
     assert np.array_equal(got[-layers]["boxes"], got[0]["boxes"])
     assert not np.allclose(got[-1]["boxes"], got[0]["boxes"])
-    assert got[0]["colors"] == ["deepskyblue"] * 3 + ["red"] * 3 and got[0]["pairs"] == [(0, 3), (1, 4), (2, 5)]
+    assert got[0]["colors"] == ["deepskyblue"] * 3 + ["red"] * 3 and got[0]["pairs"] == [
+        (0, 3),
+        (1, 4),
+        (2, 5),
+    ]
 
 
-def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(tmp_path, monkeypatch):
+def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(
+    tmp_path, monkeypatch
+):
     """The picture of a run trained with overrides (the demo's: levels, widths, test data) was
     drawn from the config as written: other levels, other images, or weights that did not fit.
     The view takes them as key=value after its options; a typo in them is named."""
@@ -756,10 +1075,19 @@ def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(t
     from detkd.viz import _kd_config
 
     monkeypatch.chdir(tmp_path)  # configs/... from outside the repository: found under it
-    args = SimpleNamespace(view="pkd", config="configs/demo/pkd_retinanet.py",
-                           opts=["model.distillers.pkd.num_levels=2", "dataloader.test.dataset.names.num_images=8"])
+    args = SimpleNamespace(
+        view="pkd",
+        config="configs/demo/pkd_retinanet.py",
+        opts=["model.distillers.pkd.num_levels=2", "dataloader.test.dataset.names.num_images=8"],
+    )
     cfg = _kd_config(args)
-    assert cfg.model.distillers.pkd.num_levels == 2 and cfg.dataloader.test.dataset.names.num_images == 8
+    assert (
+        cfg.model.distillers.pkd.num_levels == 2
+        and cfg.dataloader.test.dataset.names.num_images == 8
+    )
     args.opts = ["model.distillers.pkd.num_levls=2"]
-    with pytest.raises(SystemExit, match=r"\[viz pkd\] Override 'model\.distillers\.pkd\.num_levls': .* Did you mean 'model\.distillers\.pkd\.num_levels'"):
+    with pytest.raises(
+        SystemExit,
+        match=r"\[viz pkd\] Override 'model\.distillers\.pkd\.num_levls': .* Did you mean 'model\.distillers\.pkd\.num_levels'",
+    ):
         _kd_config(args)

@@ -1,21 +1,21 @@
 """Teachers and students from detectron2 yacs .yaml configs (detkd.modeling.build_yacs_detector):
 the model zoo's .yaml builds the same detector as DetKD's LazyConfig twin, a yacs pair trains
 with PKD, and its exported student runs in stock detectron2's DefaultPredictor."""
+
 import os
 
 import numpy as np
-import pytest
 import torch
-
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import DefaultPredictor
-from omegaconf import OmegaConf
 
 from detkd.modeling import build_yacs_detector, load_yacs_config
 
+import pytest
 from conftest import load_config
+from omegaconf import OmegaConf
 from test_train_net import _run, _small_cfg
 
 ZOO_TEACHER = "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml"
@@ -30,12 +30,13 @@ def _tiny_retinanet_yaml(path, fpn, rgb=False):
     """A RetinaNet R-18 for the shapes data (3 classes, 128 px images kept at their size); RGB
     with torchvision's pixel statistics (a converted torchvision R-18), or the zoo's BGR."""
     rgb_keys = (
-        "  PIXEL_MEAN: [123.675, 116.28, 103.53]\n  PIXEL_STD: [58.395, 57.12, 57.375]\n" if rgb else ""
+        "  PIXEL_MEAN: [123.675, 116.28, 103.53]\n  PIXEL_STD: [58.395, 57.12, 57.375]\n"
+        if rgb
+        else ""
     )
     path.write_text(
         f'_BASE_: "{model_zoo.get_config_file("Base-RetinaNet.yaml")}"\n'
-        "MODEL:\n" + rgb_keys +
-        "  RESNETS: {DEPTH: 18, RES2_OUT_CHANNELS: 64}\n"
+        "MODEL:\n" + rgb_keys + "  RESNETS: {DEPTH: 18, RES2_OUT_CHANNELS: 64}\n"
         f"  FPN: {{OUT_CHANNELS: {fpn}}}\n"
         "  RETINANET: {NUM_CLASSES: 3, NUM_CONVS: 1, SCORE_THRESH_TEST: 0.0}\n"
         f"INPUT: {{MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 128, FORMAT: {'RGB' if rgb else 'BGR'}}}\n"
@@ -56,7 +57,9 @@ def test_model_zoo_yaml_builds_the_same_teacher_as_the_lazyconfig_twin():
     assert sorted(a) == sorted(b)
     assert all(a[k].shape == b[k].shape for k in a)
     assert yacs.input_format == lazy.input_format == "BGR"
-    assert torch.equal(yacs.pixel_mean, lazy.pixel_mean) and torch.equal(yacs.pixel_std, lazy.pixel_std)
+    assert torch.equal(yacs.pixel_mean, lazy.pixel_mean) and torch.equal(
+        yacs.pixel_std, lazy.pixel_std
+    )
     lazy.load_state_dict(a)
     yacs.eval(), lazy.eval()
     x = [{"image": torch.rand(3, 96, 128) * 255}]
@@ -71,7 +74,9 @@ def test_model_zoo_yaml_builds_the_same_teacher_as_the_lazyconfig_twin():
         f = {k: v / v.std() for k, v in fa.items()}
         (pa,), _ = yacs.proposal_generator(images, f)
         (pb,), _ = lazy.proposal_generator(images, f)
-        assert len(pa) == len(pb) > 0 and torch.equal(pa.proposal_boxes.tensor, pb.proposal_boxes.tensor)
+        assert len(pa) == len(pb) > 0 and torch.equal(
+            pa.proposal_boxes.tensor, pb.proposal_boxes.tensor
+        )
         (da,), _ = yacs.roi_heads(images, f, [pa])
         (db,), _ = lazy.roi_heads(images, f, [pb])
     assert len(da) == len(db) > 0
@@ -92,13 +97,18 @@ def test_yacs_pair_trains_with_pkd_and_its_student_runs_in_default_predictor(tmp
 
     cfg = _small_cfg(tmp_path / "run", max_iter=2)
     cfg.model.student = L(build_yacs_detector)(config_file=s_yaml)
-    cfg.model.teacher = L(build_yacs_detector)(config_file=t_yaml, opts=["MODEL.RETINANET.NUM_CONVS", 1])
+    cfg.model.teacher = L(build_yacs_detector)(
+        config_file=t_yaml, opts=["MODEL.RETINANET.NUM_CONVS", 1]
+    )
     cfg.train.update(teacher_checkpoint=str(tmp_path / "teacher.pth"), teacher_random_init=False)
     for loader in (cfg.dataloader.train, cfg.dataloader.test):  # the student's order
         loader.mapper.image_format = "RGB"
     LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
     saved = LazyConfig.load(str(tmp_path / "config.yaml"))
-    assert saved.model.teacher.config_file == t_yaml and list(saved.model.teacher.opts) == ["MODEL.RETINANET.NUM_CONVS", 1]
+    assert saved.model.teacher.config_file == t_yaml and list(saved.model.teacher.opts) == [
+        "MODEL.RETINANET.NUM_CONVS",
+        1,
+    ]
     assert type(instantiate(saved.model.student)).__name__ == "RetinaNet"
 
     trainer = _run(cfg)
@@ -126,18 +136,30 @@ def test_yacs_pair_trains_with_pkd_and_its_student_runs_in_default_predictor(tmp
 
 
 def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a file nor a config of detectron2's model zoo"):
+    with pytest.raises(
+        FileNotFoundError, match="neither a file nor a config of detectron2's model zoo"
+    ):
         build_yacs_detector(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="is a LazyConfig: use its model node"):
         build_yacs_detector("common/models/retinanet.py")
-    LazyConfig.save(load_config("configs/demo/teacher_retinanet.py"), str(tmp_path / "run_config.yaml"))
-    with pytest.raises(ValueError, match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model"):
+    LazyConfig.save(
+        load_config("configs/demo/teacher_retinanet.py"), str(tmp_path / "run_config.yaml")
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model",
+    ):
         build_yacs_detector(str(tmp_path / "run_config.yaml"))
     # an R-CNN run's config.yaml (box_head.input_shape is a ShapeSpec): yacs's value-type
     # assertion fired before the key check, a bare AssertionError about a ShapeSpec
-    LazyConfig.save(load_config("configs/PKD/faster_rcnn_R50_from_faster_rcnn_R101_2x.py"),
-                    str(tmp_path / "rcnn_run_config.yaml"))
-    with pytest.raises(ValueError, match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model"):
+    LazyConfig.save(
+        load_config("configs/PKD/faster_rcnn_R50_from_faster_rcnn_R101_2x.py"),
+        str(tmp_path / "rcnn_run_config.yaml"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"is a LazyConfig \(e.g. the config.yaml of a DetKD .*LazyConfig.load\(path\).model",
+    ):
         build_yacs_detector(str(tmp_path / "rcnn_run_config.yaml"))
     yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=32)
     with pytest.raises(KeyError, match="MODEL.NO_SUCH_KEY.*add_config"):
@@ -150,13 +172,26 @@ def test_bad_yacs_inputs_name_the_problem_and_the_fix(tmp_path):
     (tmp_path / "p.yaml").write_text(f'_BASE_: "{yaml}"\nMODEL: {{DEMO_KEY: 5}}\n')
     with pytest.raises(KeyError, match="DEMO_KEY"):
         load_yacs_config(str(tmp_path / "p.yaml"))
-    assert load_yacs_config(str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]).MODEL.DEMO_KEY == 5
-    assert load_yacs_config(str(tmp_path / "p.yaml"), add_config="test_yacs._add_demo_keys").MODEL.DEMO_KEY == 5
+    assert (
+        load_yacs_config(
+            str(tmp_path / "p.yaml"), add_config=["test_yacs._add_demo_keys"]
+        ).MODEL.DEMO_KEY
+        == 5
+    )
+    assert (
+        load_yacs_config(
+            str(tmp_path / "p.yaml"), add_config="test_yacs._add_demo_keys"
+        ).MODEL.DEMO_KEY
+        == 5
+    )
     # a meta-architecture detectron2 has no yacs builder for (FCOS: a LazyConfig only) said
     # "No object named 'FCOS' found in 'META_ARCH' registry!"
     (tmp_path / "fcos.yaml").write_text(f'_BASE_: "{yaml}"\nMODEL: {{META_ARCHITECTURE: FCOS}}\n')
-    with pytest.raises(KeyError, match=r"META_ARCHITECTURE 'FCOS' is not a registered meta-architecture "
-                                       r"\(GeneralizedRCNN, .*RetinaNet.*\).*add_config.*common/models/fcos\.py"):
+    with pytest.raises(
+        KeyError,
+        match=r"META_ARCHITECTURE 'FCOS' is not a registered meta-architecture "
+        r"\(GeneralizedRCNN, .*RetinaNet.*\).*add_config.*common/models/fcos\.py",
+    ):
         build_yacs_detector(str(tmp_path / "fcos.yaml"))
 
 
@@ -168,13 +203,20 @@ def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):
     architecture" hint."""
     import torchvision
 
-    from detkd.checkpoint import CheckpointMismatchError, TeacherCheckpointError, load_student, load_teacher
+    from detkd.checkpoint import (
+        CheckpointMismatchError,
+        TeacherCheckpointError,
+        load_student,
+        load_teacher,
+    )
 
     yaml = _tiny_retinanet_yaml(tmp_path / "r18.yaml", fpn=16)
     student = build_yacs_detector(yaml)
     assert type(student.backbone.bottom_up.stem.conv1.norm).__name__ == "FrozenBatchNorm2d"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pth")
-    with pytest.raises(CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"none of the student's weights.*convert-torchvision-to-d2"
+    ):
         load_student(student, str(tmp_path / "tv.pth"))
 
     torch.save({"model": student.state_dict()}, tmp_path / "r18.pth")
@@ -182,8 +224,10 @@ def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):
     with pytest.raises(TeacherCheckpointError) as e:
         load_teacher(teacher, str(tmp_path / "r18.pth"))
     msg = str(e.value)
-    assert ("fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, backbone.bottom_up.res3: "
-            "2 of its 4, backbone.bottom_up.res4: 2 of its 6, backbone.bottom_up.res5: 2 of its 3)") in msg, msg
+    assert (
+        "fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, backbone.bottom_up.res3: "
+        "2 of its 4, backbone.bottom_up.res4: 2 of its 6, backbone.bottom_up.res5: 2 of its 3)"
+    ) in msg, msg
     assert "smaller architecture" in msg
 
 
@@ -196,7 +240,10 @@ def test_opts_with_list_values_from_a_lazyconfig_node(tmp_path):
     node = L(build_yacs_detector)(
         config_file=yaml, opts=["MODEL.PIXEL_MEAN", mean, "MODEL.ANCHOR_GENERATOR.SIZES", sizes]
     )
-    LazyConfig.save(OmegaConf.create({"model": node}, flags={"allow_objects": True}), str(tmp_path / "config.yaml"))
+    LazyConfig.save(
+        OmegaConf.create({"model": node}, flags={"allow_objects": True}),
+        str(tmp_path / "config.yaml"),
+    )
     for n in (node, LazyConfig.load(str(tmp_path / "config.yaml")).model):
         model = instantiate(n)
         assert torch.equal(model.pixel_mean.flatten(), torch.tensor(mean))
@@ -219,7 +266,7 @@ class _FolderURLs:
                 return [self.PREFIX]
 
             def _local(self, path):
-                return os.path.join(folder, path[len(self.PREFIX):])
+                return os.path.join(folder, path[len(self.PREFIX) :])
 
             def _get_local_path(self, path, **kwargs):
                 return self._local(path)
@@ -240,7 +287,9 @@ def test_a_yaml_url_is_read_through_path_manager(tmp_path):
     folder = tmp_path / "served"
     folder.mkdir()
     _tiny_retinanet_yaml(folder / "base.yaml", fpn=16)
-    (folder / "child.yaml").write_text('_BASE_: "base.yaml"\nMODEL: {RETINANET: {NUM_CLASSES: 5}}\n')
+    (folder / "child.yaml").write_text(
+        '_BASE_: "base.yaml"\nMODEL: {RETINANET: {NUM_CLASSES: 5}}\n'
+    )
     PathManager.register_handler(_FolderURLs(str(folder)), allow_override=True)
     cfg = load_yacs_config("yacstest://child.yaml")
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16
@@ -251,7 +300,9 @@ def test_a_file_url_is_a_local_yaml(tmp_path):
     config check take it (PathManager.isfile says False for it: it was looked up in the model
     zoo, "neither a file nor a config")."""
     _tiny_retinanet_yaml(tmp_path / "r18.yaml", fpn=16)
-    cfg = load_yacs_config(f"file://{tmp_path / 'r18.yaml'}", opts=["MODEL.RETINANET.NUM_CLASSES", 5])
+    cfg = load_yacs_config(
+        f"file://{tmp_path / 'r18.yaml'}", opts=["MODEL.RETINANET.NUM_CLASSES", 5]
+    )
     assert cfg.MODEL.RETINANET.NUM_CLASSES == 5 and cfg.MODEL.FPN.OUT_CHANNELS == 16
     model = build_yacs_detector(f"file://{tmp_path / 'r18.yaml'}")
     assert model.backbone.output_shape()["p3"].channels == 16
@@ -265,29 +316,45 @@ def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
     from detectron2.data.datasets import register_coco_instances
 
     from detkd.engine import KDTrainer, check_input_format, check_override_keys
+
     from test_train_net import _coco_json
 
     s_yaml = _tiny_retinanet_yaml(tmp_path / "student.yaml", fpn=16, rgb=True)
     cfg = _small_cfg(tmp_path / "run", max_iter=2)
     cfg.model.student = L(build_yacs_detector)(config_file=s_yaml)
-    cfg.model.teacher = L(build_yacs_detector)(config_file=_tiny_retinanet_yaml(tmp_path / "t.yaml", fpn=32))
+    cfg.model.teacher = L(build_yacs_detector)(
+        config_file=_tiny_retinanet_yaml(tmp_path / "t.yaml", fpn=32)
+    )
     with pytest.raises(KeyError, match="'model.student' has no key 'input_format'"):
         check_override_keys(cfg, ["model.student.input_format=BGR"])
-    with pytest.raises(ValueError, match=r"image_format is 'BGR' but the student takes 'RGB' images \(INPUT\.FORMAT "
-                                         r"of model\.student's \.yaml or model\.student\.opts\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image_format is 'BGR' but the student takes 'RGB' images \(INPUT\.FORMAT "
+        r"of model\.student's \.yaml or model\.student\.opts\)",
+    ):
         KDTrainer(cfg)
     plain = build_yacs_detector(s_yaml)
-    with pytest.raises(ValueError, match=r"the model takes 'RGB' images \(INPUT\.FORMAT of model's \.yaml or model\.opts\)"):
-        check_input_format(OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader}), plain)
+    with pytest.raises(
+        ValueError,
+        match=r"the model takes 'RGB' images \(INPUT\.FORMAT of model's \.yaml or model\.opts\)",
+    ):
+        check_input_format(
+            OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader}), plain
+        )
 
     for loader in (cfg.dataloader.train, cfg.dataloader.test):
         loader.mapper.image_format = "RGB"
     if "detkd_yacs_two" not in DatasetCatalog.list():
-        register_coco_instances("detkd_yacs_two", {}, _coco_json(tmp_path / "two.json", ["cat", "dog"]), str(tmp_path))
+        register_coco_instances(
+            "detkd_yacs_two", {}, _coco_json(tmp_path / "two.json", ["cat", "dog"]), str(tmp_path)
+        )
     cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = "detkd_yacs_two"
-    with pytest.raises(ValueError, match=r"The student predicts 3 classes but the training dataset 'detkd_yacs_two' "
-                                         r"has 2 \(cat, dog\)\. Set MODEL\.RETINANET\.NUM_CLASSES: 2 in "
-                                         r"model\.student's \.yaml or model\.student\.opts \(the teacher's"):
+    with pytest.raises(
+        ValueError,
+        match=r"The student predicts 3 classes but the training dataset 'detkd_yacs_two' "
+        r"has 2 \(cat, dog\)\. Set MODEL\.RETINANET\.NUM_CLASSES: 2 in "
+        r"model\.student's \.yaml or model\.student\.opts \(the teacher's",
+    ):
         KDTrainer(cfg)
     cfg.model.student.opts = ["MODEL.RETINANET.NUM_CLASSES", 2]  # the fix it names
     KDTrainer(cfg)
@@ -323,12 +390,17 @@ def test_a_run_in_its_teachers_folder_is_refused_before_it_overwrites_the_teache
         f"train.teacher_checkpoint = {str(folder / 'model_final.pth')!r}\n"
         f"train.output_dir = {str(folder)!r}\n"
     )
-    spec = importlib.util.spec_from_file_location("detkd_train_net", os.path.join(REPO, "train_net.py"))
+    spec = importlib.util.spec_from_file_location(
+        "detkd_train_net", os.path.join(REPO, "train_net.py")
+    )
     train_net = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_net)
     args = train_net.default_argument_parser().parse_args(["--config-file", str(config)])
-    with pytest.raises(ValueError, match=r"model\.teacher\.config_file '.*my_teacher/config\.yaml' is the "
-                                         r"config\.yaml of this run's train\.output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.teacher\.config_file '.*my_teacher/config\.yaml' is the "
+        r"config\.yaml of this run's train\.output_dir",
+    ):
         train_net.main(args)
     assert {f: (folder / f).read_bytes() for f in saved} == saved
 
@@ -337,8 +409,11 @@ def test_a_run_in_its_teachers_folder_is_refused_before_it_overwrites_the_teache
     elsewhere = _tiny_retinanet_yaml(tmp_path / "elsewhere.yaml", fpn=32)
     cfg.model.teacher = L(build_yacs_detector)(config_file=elsewhere)
     cfg.train.update(teacher_checkpoint=str(folder / "model_final.pth"), teacher_random_init=False)
-    with pytest.raises(ValueError, match=r"train\.teacher_checkpoint '.*my_teacher/model_final\.pth' is in this "
-                                         r"run's train\.output_dir .* the teacher's weights would be replaced"):
+    with pytest.raises(
+        ValueError,
+        match=r"train\.teacher_checkpoint '.*my_teacher/model_final\.pth' is in this "
+        r"run's train\.output_dir .* the teacher's weights would be replaced",
+    ):
         KDTrainer(cfg)
     cfg.train.teacher_checkpoint = str(folder / "teacher_weights.pth")  # another name: kept
     KDTrainer(cfg)
@@ -349,6 +424,8 @@ def test_a_yacs_file_with_a_stray_lowercase_model_key_is_a_key_error_not_a_lazyc
     """A yacs .yaml (it has MODEL) with a mistyped key `model:` is a yacs config with a key
     detectron2 does not have, named as such, not reported as a LazyConfig's config.yaml."""
     yaml = _tiny_retinanet_yaml(tmp_path / "s.yaml", fpn=16)
-    (tmp_path / "typo.yaml").write_text(f'_BASE_: "{yaml}"\nmodel: {{RETINANET: {{NUM_CLASSES: 2}}}}\n')
+    (tmp_path / "typo.yaml").write_text(
+        f'_BASE_: "{yaml}"\nmodel: {{RETINANET: {{NUM_CLASSES: 2}}}}\n'
+    )
     with pytest.raises(KeyError, match=r"typo\.yaml: Non-existent config key: model.*add_config"):
         load_yacs_config(str(tmp_path / "typo.yaml"))

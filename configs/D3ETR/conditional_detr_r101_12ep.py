@@ -9,6 +9,7 @@ torchvision-style backbone. Convert torchvision's weights once with detectron2's
     wget https://download.pytorch.org/models/resnet101-63fe2227.pth
     python tools/convert-torchvision-to-d2.py resnet101-63fe2227.pth R-101.pkl
 """
+
 from .conditional_detr_r50_12ep import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone.stages.depth = 101

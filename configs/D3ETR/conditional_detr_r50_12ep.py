@@ -6,6 +6,7 @@ of 384..600 px sides first, each half of the time).
 12 epochs of COCO's 117k annotated train images at batch 16 = 87.9k iterations; lr drop at epoch 11 (80.6k).
 Conditional DETR paper: R50 50 epochs 40.9 AP, R101 50 epochs 42.8 AP.
 """
+
 import torch
 
 from detectron2.config import LazyCall as L

@@ -1,4 +1,5 @@
 """Conditional DETR R50-C5, 50 epochs (lr drop at 40): 50 * 7329 = 366.5k iterations."""
+
 from .conditional_detr_r50_12ep import ITERS_PER_EPOCH
 from .conditional_detr_r50_12ep import dataloader, lr_multiplier, model, optimizer, train
 

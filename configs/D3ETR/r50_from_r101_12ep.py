@@ -7,6 +7,7 @@ Conditional DETR paper). The paper does not name its teacher's schedule, but a 1
 (a few AP above the 12-epoch R50 baseline) could hardly lift the student by 7.8 AP; for that
 cheaper teacher pass train.teacher_checkpoint=output/D3ETR/conditional_detr_r101_12ep/model_final.pth.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -1,4 +1,5 @@
 """Baseline twin: the same RetinaNet R50 student, schedule and data, trained alone."""
+
 from .retinanet_R50_from_retinanet_R101_2x import dataloader, lr_multiplier, model, optimizer, train
 
 model = model.student

@@ -4,6 +4,7 @@ Paper (COCO): student 38.3 -> 40.2 (R101 teacher 39.6). [INFER] GIs from RPN obj
 proposals, response on RPN objectness/deltas with the RPN's anchor matcher (0.3 / 0.7),
 features and relation on p2-p5; the R-CNN head is not distilled.
 """
+
 from .retinanet_R50_from_retinanet_R101_2x import (
     L,
     GIDDistiller,

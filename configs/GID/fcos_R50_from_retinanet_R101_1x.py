@@ -5,6 +5,7 @@ predictions per location), so there is no response term, and [INFER] GIs are sel
 location (the best anchor of each location of equal stride, class scores of both sides).
 1x: 90k iterations at batch 16, lr 0.01.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

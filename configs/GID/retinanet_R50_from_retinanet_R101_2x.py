@@ -4,6 +4,7 @@ Paper (COCO): student 36.2 -> 39.1 (R101 teacher 38.1). Weights of the author's 
 feature 5e-4, relation 40, response cls 0.1, reg 1.0; K = 10 GIs, NMS 0.3.
 2x: 180k iterations at batch 16, lr 0.01, steps at 120k / 160k.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -1,4 +1,5 @@
 """Baseline twin: the same Faster R-CNN R50 student, schedule and data, trained alone."""
+
 from .faster_rcnn_R50_from_faster_rcnn_R101_2x import (
     dataloader,
     lr_multiplier,

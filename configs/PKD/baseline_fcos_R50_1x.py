@@ -1,4 +1,5 @@
 """Baseline twin: the same FCOS R50 student, schedule and data, trained alone."""
+
 from .fcos_R50_from_retinanet_R101_1x import dataloader, lr_multiplier, model, optimizer, train
 
 model = model.student

@@ -1,4 +1,5 @@
 """Baseline twin: the same RetinaNet R18 student, schedule and data, trained alone."""
+
 from .retinanet_R18_from_mask_rcnn_R101_2x import dataloader, lr_multiplier, model, optimizer, train
 
 model = model.student

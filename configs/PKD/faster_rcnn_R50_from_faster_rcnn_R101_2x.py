@@ -3,6 +3,7 @@ PKD: Faster R-CNN R50-FPN student, Faster R-CNN R101-FPN 3x teacher (model zoo, 
 Paper (mmdet, 2x): student 38.4, teacher 39.8 -> PKD 40.3. Two-stage teacher: alpha = 6.
 Levels p2-p5 (the first four FPN outputs). 2x: 180k iterations at batch 16, lr 0.02.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -5,6 +5,7 @@ Paper (mmdet, FCOS X101 -> RetinaNet R50, 1x): 36.5 -> 40.3; (Mask R-CNN Swin ->
 For a Mask R-CNN teacher: `model.teacher` from mask_rcnn_R101 as in
 retinanet_R50_from_mask_rcnn_R101_2x.py and alpha = 6.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -9,6 +9,7 @@ The model zoo has no ResNet-18: convert torchvision's ImageNet weights with dete
 student takes RGB input with torchvision's mean/std while the MSRA-style teacher takes BGR with
 std 1: DistillationDetector flips the channels and normalises for the teacher by itself.
 """
+
 from .retinanet_R50_from_mask_rcnn_R101_2x import dataloader, lr_multiplier, model, optimizer, train
 
 bottom_up = model.student.backbone.bottom_up

@@ -7,6 +7,7 @@ level's size. `model.distillers.pkd.pair_by=stride` pairs equal strides instead 
 with student p3-p6; DetKD's default).
 Baseline twin: baseline_retinanet_R50_2x.py.
 """
+
 from .retinanet_R50_from_retinanet_R101_2x import (
     L,
     PKDDistiller,

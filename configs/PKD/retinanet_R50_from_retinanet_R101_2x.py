@@ -3,6 +3,7 @@ PKD: RetinaNet R50-FPN student, RetinaNet R101-FPN 3x teacher (detectron2 model 
 Paper (mmdet, RetinaNet X101 teacher, 2x): student 37.4 -> 40.8 AP. One-stage teacher: alpha = 10.
 2x = 180k iterations at batch 16 (24 epochs), lr 0.01, steps at 120k / 160k.
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

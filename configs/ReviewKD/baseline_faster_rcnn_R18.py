@@ -1,5 +1,12 @@
 """Baseline twin: the same Faster R-CNN R18 student, schedule and data, trained alone."""
-from .faster_rcnn_R18_from_faster_rcnn_R101 import dataloader, lr_multiplier, model, optimizer, train
+
+from .faster_rcnn_R18_from_faster_rcnn_R101 import (
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 model = model.student
 train.teacher_checkpoint = ""

@@ -1,5 +1,12 @@
 """Baseline twin: the same Faster R-CNN R50 student, schedule and data, trained alone."""
-from .faster_rcnn_R50_from_faster_rcnn_R101 import dataloader, lr_multiplier, model, optimizer, train
+
+from .faster_rcnn_R50_from_faster_rcnn_R101 import (
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+)
 
 model = model.student
 train.teacher_checkpoint = ""

@@ -7,6 +7,7 @@ The model zoo has no ResNet-18: convert torchvision's ImageNet weights with dete
 student takes RGB input with torchvision's mean/std while the MSRA-style teacher takes BGR with
 std 1: DistillationDetector flips the channels and normalises for the teacher by itself.
 """
+
 from .faster_rcnn_R50_from_faster_rcnn_R101 import (
     dataloader,
     lr_multiplier,

@@ -4,6 +4,7 @@ Paper (COCO val): student 37.93 -> 40.36 (teacher 42.04). Loss weight 1.0 on p2-
 Schedule of the reference code: batch 8, lr 0.01, 180k iterations (steps 120k / 160k),
 i.e. detectron2's 1x at half batch = 12 epochs; multi-scale training 640-800, max 1333.
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler

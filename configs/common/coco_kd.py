@@ -12,6 +12,7 @@ twins use the same, so the distilled-vs-baseline comparison is paired:
 * steps at 2/3 and 8/9 of training, 1x and 2x (mmdet: epochs 16 and 22 of 24; 8 and 11 of
   12); warm-up 1000 iterations from 0.001x (mmdet: 500).
 """
+
 from detectron2 import model_zoo
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader

@@ -1,5 +1,6 @@
 """AdamW + warm-up + step schedule of the CPU demo (from-scratch BN models, batch 8).
 AdamW rather than SGD: from-scratch training of the narrow models diverged with SGD 0.02."""
+
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler

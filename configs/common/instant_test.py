@@ -6,6 +6,7 @@ at lr 0.005 (dropped 10x at iteration 30), then COCOEvaluator on the same 100 im
 is the paper setting's, unchanged: the tier checks that a paper config trains, distills and
 evaluates on real COCO images and full-size models, not its accuracy.
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler

@@ -1,4 +1,5 @@
 """The ``train`` dict of DetKD runs: detectron2's ``common/train.py`` plus DetKD's keys."""
+
 from detectron2 import model_zoo
 
 train = model_zoo.get_config("common/train.py").train

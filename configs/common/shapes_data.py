@@ -3,6 +3,7 @@ Data loaders of the synthetic shapes dataset (``detkd.data.shapes``): written on
 ``$DETKD_DATASETS`` (default ./datasets), read by detectron2's COCO loader, evaluated by
 COCOEvaluator. Images are 96-160 px with 3 classes, so no resizing is needed.
 """
+
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L

@@ -2,6 +2,7 @@
 Model-zoo detectors as LazyConfig nodes for teacher/student twins: each call site does
 ``get_config`` twice and applies its delta (e.g. ``teacher.backbone.bottom_up.stages.depth = 101``).
 """
+
 from detectron2 import model_zoo
 
 retinanet = model_zoo.get_config("common/models/retinanet.py").model

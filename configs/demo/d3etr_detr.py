@@ -4,6 +4,7 @@ teacher's queries reach the auxiliary group through a trainable projection).
 Run after teacher_detr.py; like student_detr.py, its backbone starts from the demo RetinaNet
 student's (`make demo METHOD=d3etr` trains and writes all of them).
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -5,6 +5,7 @@ of at most 6 px are dropped (the paper's 10 px is for ~800 px COCO images; demo 
 96-160 px).
 Run after teacher_retinanet.py (`make demo METHOD=gid`).
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd.losses import GIDDistiller

@@ -2,6 +2,7 @@
 The demo student distilled by PKD from the demo teacher (FPN 64 channels vs the teacher's 128:
 PKD adds 1x1 adapters 64 -> 128). Run after teacher_retinanet.py (`make demo` does both).
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd import DistillationDetector

@@ -1,4 +1,5 @@
 """PKD and GID composed in one run: one teacher pass (backbone + head) feeds both distillers."""
+
 from detectron2.config import LazyCall as L
 
 from detkd.losses import GIDDistiller, PKDDistiller

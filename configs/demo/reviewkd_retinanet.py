@@ -2,6 +2,7 @@
 The demo student distilled by ReviewKD from the demo teacher (ABFs map the student's 64 FPN
 channels to the teacher's 128). Run after teacher_retinanet.py (`make demo METHOD=reviewkd`).
 """
+
 from detectron2.config import LazyCall as L
 
 from detkd.losses import ReviewKDDistiller

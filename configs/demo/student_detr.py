@@ -7,6 +7,7 @@ layout), as DETRs start from ImageNet backbones; so does the distilled student
 its backbone with :func:`detkd.checkpoint.export_backbone` (by hand:
 ``export_backbone("output/demo/student_retinanet/model_final.pth", train.init_checkpoint)``).
 """
+
 from ..common.demo_schedule import lr_multiplier, optimizer
 from ..common.kd_train import train
 from ..common.models.tiny_detr import model

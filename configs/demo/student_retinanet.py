@@ -1,4 +1,5 @@
 """The demo student trained alone: the narrow RetinaNet (R18 layout, width 16, FPN 64)."""
+
 from ..common.demo_schedule import lr_multiplier, optimizer
 from ..common.kd_train import train
 from ..common.models.tiny_retinanet import model

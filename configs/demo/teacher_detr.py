@@ -6,6 +6,7 @@ start from ImageNet backbones: ``python -m detkd.demo --methods d3etr`` trains t
 writes its backbone with :func:`detkd.checkpoint.export_backbone` (by hand:
 ``export_backbone("output/demo/teacher_retinanet/model_final.pth", train.init_checkpoint)``).
 """
+
 import copy
 
 from .student_detr import dataloader, lr_multiplier, model, optimizer, train

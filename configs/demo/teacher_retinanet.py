@@ -1,4 +1,5 @@
 """The demo teacher: a wider RetinaNet (R18 layout, width 32, FPN 128, 3-conv head)."""
+
 import copy
 
 from detectron2.layers import ShapeSpec

@@ -2,6 +2,7 @@
 iterations on coco_2017_val_100 (``dev/run_instant_tests.sh``). The model zoo has no DETR
 teacher, so the teacher starts from random weights here: the test checks that MixMatcher and
 the attention-map terms run on full-size models, not what they learn."""
+
 from ..common.instant_test import instant_test
 from ..D3ETR.r50_from_r101_12ep import dataloader, model, optimizer, train
 

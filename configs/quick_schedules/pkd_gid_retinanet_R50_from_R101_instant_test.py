@@ -1,6 +1,7 @@
 """Instant test: PKD and GID in one run, RetinaNet R50 student from the model zoo's RetinaNet
 R101 (one teacher forward for both), 40 iterations on coco_2017_val_100
 (``dev/run_instant_tests.sh``)."""
+
 from detectron2.config import LazyCall as L
 
 from detkd.losses import PKDDistiller

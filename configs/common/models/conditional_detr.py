@@ -3,6 +3,7 @@ Conditional DETR R50-C5 (paper settings): 6 encoder / 6 decoder layers, 300 quer
 8 heads, FFN 2048, dropout 0.1; focal loss 2, L1 5, GIoU 2 (matcher costs 2/5/2). The backbone
 as DETR's: frozen BN, stem and res2 frozen (torchvision's layer1; DETR trains layer2..layer4).
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 
@@ -23,7 +24,12 @@ model = L(ConditionalDETR)(
     in_feature="res5",
     position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128),
     transformer=L(ConditionalDETRTransformer)(
-        d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048, dropout=0.1
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
     ),
     matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
     num_classes=80,

@@ -3,6 +3,7 @@ A narrow RetinaNet for the CPU demo and tests: detectron2's ``common/models/reti
 with a ResNet-18 layout of width 16, a 64-channel FPN (P6 from P5 as FCOS does), a 2-conv
 head, anchors sized for 96-160 px images, 3 classes, and BatchNorm (trained from scratch).
 """
+
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
@@ -21,5 +22,7 @@ model.backbone.top_block.in_feature = "p5"
 model.backbone.top_block.in_channels = "${..out_channels}"
 model.head.input_shape = [ShapeSpec(channels=64)] * 5
 model.head.conv_dims = [64, 64]
-model.anchor_generator.sizes = [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [16, 32, 64, 128, 256]]
+model.anchor_generator.sizes = [
+    [x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [16, 32, 64, 128, 256]
+]
 model.num_classes = 3

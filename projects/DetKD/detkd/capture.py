@@ -6,13 +6,13 @@ need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head, ``"proposal_
 for the RPN, ``"anchor_generator"``, DETR decoder layers ...) and :class:`FeatureCapture` records
 those outputs while the detector runs unchanged.
 """
+
 import copy
 from typing import Any, Dict, Iterable, List
 
 import torch
-from torch import nn
-
 from detectron2.structures import Boxes, Instances, RotatedBoxes
+from torch import nn
 
 __all__ = ["FeatureCapture"]
 
@@ -26,7 +26,9 @@ def _map_tensors(fn, obj):
     if isinstance(obj, (Boxes, RotatedBoxes)):  # e.g. an anchor generator's list[Boxes]
         return type(obj)(fn(obj.tensor))
     if isinstance(obj, Instances):
-        return Instances(obj.image_size, **{k: _map_tensors(fn, v) for k, v in obj.get_fields().items()})
+        return Instances(
+            obj.image_size, **{k: _map_tensors(fn, v) for k, v in obj.get_fields().items()}
+        )
     if isinstance(obj, dict):
         out = copy.copy(obj)  # the same type and attributes (a defaultdict's factory)
         for k, v in obj.items():
@@ -48,7 +50,9 @@ def _tensors(obj) -> List[torch.Tensor]:
         return [obj.tensor]
     if isinstance(obj, Instances):
         obj = obj.get_fields()
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    values = (
+        obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    )
     return [t for v in values for t in _tensors(v)]
 
 

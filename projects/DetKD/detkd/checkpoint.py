@@ -12,6 +12,7 @@ model-zoo URLs, model-zoo ``.pkl`` files (dict with "model" of numpy arrays) and
 all work. Loading into ``model.student`` / ``model.teacher`` separately matters: detectron2's
 suffix-matching heuristics would otherwise fill both backbones from one file.
 """
+
 import logging
 import os
 import pickle
@@ -19,13 +20,12 @@ from typing import Any, Dict, List, Union
 
 import numpy as np
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from torch import nn
 
 from .utils import without_file_scheme
 
@@ -118,7 +118,8 @@ def _reportable_keys(model: nn.Module) -> List[str]:
     (the norm of detectron2's yacs defaults and of the model zoo's detectors)."""
     frozen = {
         f"{name}.{buf}" if name else buf
-        for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)
+        for name, m in model.named_modules()
+        if isinstance(m, FrozenBatchNorm2d)
         for buf in ("running_mean", "running_var")
     }
     return [
@@ -133,8 +134,10 @@ def _backbone_only(model: nn.Module, missing) -> bool:
     missing = set(missing)
     keys = _reportable_keys(model)
     loaded = [k for k in keys if k not in missing]
-    return bool(loaded) and all(k.startswith("backbone.") for k in loaded) and any(
-        not k.startswith("backbone.") for k in missing
+    return (
+        bool(loaded)
+        and all(k.startswith("backbone.") for k in loaded)
+        and any(not k.startswith("backbone.") for k in missing)
     )
 
 
@@ -171,8 +174,11 @@ def _missing_hint(model: nn.Module, missing) -> str:
         parent, _, child = name.rpartition(".")
         owner = modules.get(parent) if parent else None
         if isinstance(owner, containers):
-            loaded = [c for c in owner._modules if any(
-                k.startswith(f"{parent}.{c}.") and k not in missing for k in keys)]
+            loaded = [
+                c
+                for c in owner._modules
+                if any(k.startswith(f"{parent}.{c}.") and k not in missing for k in keys)
+            ]
             if loaded:
                 partial[parent] = (len(loaded), len(owner._modules))
     whole = [n for n in absent if n.rpartition(".")[0] not in partial]
@@ -315,7 +321,9 @@ def _shape_mismatches_by_suffix(model: nn.Module, inc, shapes: Dict[str, tuple])
 
 def _is_local(path) -> bool:
     """Whether ``path`` is a non-empty local path (plain or ``file://``), not a URL."""
-    return isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
+    return (
+        isinstance(path, str) and bool(path) and ("://" not in path or path.startswith("file://"))
+    )
 
 
 def _local_path(path: str) -> str:
@@ -375,7 +383,11 @@ def load_student(
             f"Cannot load {key} {path!r} ({type(e).__name__}: {e}); "
             + _unreadable_hint(path, key)
             # --eval-only (strict) refuses an empty one: there would be no weights to evaluate
-            + ("." if strict else " (an empty train.init_checkpoint starts the student from random weights).")
+            + (
+                "."
+                if strict
+                else " (an empty train.init_checkpoint starts the student from random weights)."
+            )
         ) from e
     inc = ckpt.last_incompatible
     if inc is not None:
@@ -395,14 +407,15 @@ def load_student(
             fit = sorted(k for k in own if k not in not_loaded)
             shapes = [
                 f"{k}: file {tuple(a)} vs student {tuple(b)}"
-                for k, a, b in inc.incorrect_shapes if k in weights
+                for k, a, b in inc.incorrect_shapes
+                if k in weights
             ][:2]
             what = (
                 f"only {len(fit)} of its tensors fit the student's, biases or norms "
                 f"({', '.join(fit[:3])}{', ...' if len(fit) > 3 else ''}), none of its convolution "
                 f"or linear weights{' (e.g. ' + '; '.join(shapes) + ')' if shapes else ''}"
-                if fit else
-                f"none of its keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one "
+                if fit
+                else f"none of its keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one "
                 f"of the student's ({', '.join(own[:3])}, ...)"
             )
             raise CheckpointMismatchError(
@@ -514,15 +527,17 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"{shapes}). A class-count mismatch means model.teacher's num_classes must match "
             f"the checkpoint's (for a build_yacs_detector teacher: {_yacs_classes_key(teacher)} "
             "in its .yaml or model.teacher.opts); otherwise the teacher config is not the "
-            "checkpoint's architecture."
-            + run_note
+            "checkpoint's architecture." + run_note
         )
     if inc is not None and inc.missing_keys:
         keys = inc.missing_keys
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
             f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. "
-            + (_missing_hint(teacher, keys) or "Is it the checkpoint of the architecture in model.teacher?")
+            + (
+                _missing_hint(teacher, keys)
+                or "Is it the checkpoint of the architecture in model.teacher?"
+            )
             + run_note
         )
     extras = _module_extras(teacher, inc.unexpected_keys) if inc is not None else []
@@ -536,7 +551,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             + (
                 " Its '*_offset' weights are deformable convolutions' offsets: build the teacher's "
                 "ResNet with them (deform_on_per_stage; MODEL.RESNETS.DEFORM_ON_PER_STAGE in a "
-                "yacs config)." if any("_offset." in k for k in extras) else ""
+                "yacs config)."
+                if any("_offset." in k for k in extras)
+                else ""
             )
             + run_note
         )
@@ -548,7 +565,9 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             "own, without the prefix, and set train.teacher_checkpoint to it."
         )
     # (BatchNorm's step counters of a BN-trained file in a FrozenBN teacher: nothing to report)
-    ignored = [k for k in inc.unexpected_keys if not k.endswith("num_batches_tracked")] if inc else []
+    ignored = (
+        [k for k in inc.unexpected_keys if not k.endswith("num_batches_tracked")] if inc else []
+    )
     if ignored:
         logger.warning(
             f"The teacher checkpoint {path!r} has weights of parts model.teacher does not have "
@@ -732,7 +751,8 @@ def _numpy_state(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
     """A state dict's tensors as numpy arrays (bfloat16, which numpy lacks, as float32)."""
     return {
         k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-        for k, v in state.items() if torch.is_tensor(v)
+        for k, v in state.items()
+        if torch.is_tensor(v)
     }
 
 
@@ -780,13 +800,16 @@ def export_backbone(
             checkpoint = torch.load(f, map_location="cpu", weights_only=False)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     state = student_state_dict(state) if isinstance(state, dict) else {}
-    backbone = _numpy_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    backbone = _numpy_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     if not backbone:
         heads = sorted({".".join(str(k).split(".")[:2]) + "." for k in state})
         raise ValueError(
             f"export_backbone: no weights under {prefix!r} in the checkpoint (it has {heads[:8]}); "
             "pass prefix='backbone.bottom_up.' for an FPN detector, 'backbone.' for a DETR"
         )
-    _save({"model": backbone, "__author__": _BACKBONE_AUTHOR, "matching_heuristics": True},
-          output, dump=pickle.dump)
+    _save(
+        {"model": backbone, "__author__": _BACKBONE_AUTHOR, "matching_heuristics": True},
+        output,
+        dump=pickle.dump,
+    )
     return backbone

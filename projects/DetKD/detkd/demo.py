@@ -27,6 +27,7 @@ or override retrains them, as does a teacher trained again since) are reused, so
 
     python -m detkd.demo --methods pkd reviewkd --iters 1000 [--seeds 0 1 2] [--heldout 1024]
 """
+
 import argparse
 import ast
 import glob
@@ -42,8 +43,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .utils import remove_run_files
 
 __all__ = [
-    "main", "final_metrics", "heldout_metrics", "summarize", "applicable_overrides", "check_overrides",
-    "paths_from_here", "check_reserved", "int_at_least", "check_same_students", "run_env",
+    "main",
+    "final_metrics",
+    "heldout_metrics",
+    "summarize",
+    "applicable_overrides",
+    "check_overrides",
+    "paths_from_here",
+    "check_reserved",
+    "int_at_least",
+    "check_same_students",
+    "run_env",
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -104,7 +114,9 @@ def _has_key(cfg, key: str) -> bool:
     return OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
 
 
-def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "demo", select=None) -> None:
+def check_overrides(
+    configs: Sequence[str], opts: Sequence[str], tool: str = "demo", select=None
+) -> None:
     """Raise SystemExit naming the overrides of ``opts`` that apply to none of ``configs``
     (a typo, or a method that is not run), or one that ``train_net.py`` would refuse in a config
     it applies to (a key its parent does not have, e.g. ``model.distillers.pkd.loss_wieght=10``:
@@ -117,8 +129,10 @@ def check_overrides(configs: Sequence[str], opts: Sequence[str], tool: str = "de
     unused = [o for o in opts if o not in used]
     if unused:
         names = ", ".join(os.path.basename(c) for c in configs)
-        raise SystemExit(f"[{tool}] the overrides {unused} apply to none of the configs ({names}): "
-                         "their parent keys exist in none of them")
+        raise SystemExit(
+            f"[{tool}] the overrides {unused} apply to none of the configs ({names}): "
+            "their parent keys exist in none of them"
+        )
     for c in configs:  # else the run of that config fails, after the runs before it trained
         try:
             check_override_keys(_loaded(c), select(c))
@@ -151,14 +165,20 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
     from .repro import paired_differences
 
     for kd_config, base_config in pairs:
-        kd = LazyConfig.apply_overrides(LazyConfig.load(kd_config), applicable_overrides(kd_config, opts))
-        base = LazyConfig.apply_overrides(LazyConfig.load(base_config), applicable_overrides(base_config, opts))
+        kd = LazyConfig.apply_overrides(
+            LazyConfig.load(kd_config), applicable_overrides(kd_config, opts)
+        )
+        base = LazyConfig.apply_overrides(
+            LazyConfig.load(base_config), applicable_overrides(base_config, opts)
+        )
         differ = paired_differences(kd, base)
         if differ:
             hint = ""
             if "model.student" in differ:
-                hint = (" An override of the student alone's model.X reaches the distilled config as "
-                        "model.student.X: give both (model.X=... model.student.X=...).")
+                hint = (
+                    " An override of the student alone's model.X reaches the distilled config as "
+                    "model.student.X: give both (model.X=... model.student.X=...)."
+                )
             raise SystemExit(
                 f"[demo] with the overrides, {os.path.basename(kd_config)} and {os.path.basename(base_config)} "
                 f"would train or evaluate different students: {', '.join(differ)} differ (distilled vs "
@@ -175,8 +195,10 @@ def check_reserved(opts: Sequence[str], reserved: Dict[str, str], tool: str) -> 
     for o in opts:
         key = o.split("=", 1)[0].lstrip("+~")
         if key in reserved:
-            raise SystemExit(f"[{tool}] the override {o} is not for {tool}: it sets {key} of each run "
-                             f"itself; {reserved[key]}")
+            raise SystemExit(
+                f"[{tool}] the override {o} is not for {tool}: it sets {key} of each run "
+                f"itself; {reserved[key]}"
+            )
 
 
 def int_at_least(minimum: int):
@@ -210,7 +232,13 @@ def paths_from_here(opts: Sequence[str]) -> List[str]:
     for o in opts:
         key, sep, value = o.partition("=")
         pathlike = "/" in value or os.sep in value or "." in value  # not a bare word: `cuda`
-        if sep and pathlike and not os.path.isabs(value) and "://" not in value and os.path.exists(value):
+        if (
+            sep
+            and pathlike
+            and not os.path.isabs(value)
+            and "://" not in value
+            and os.path.exists(value)
+        ):
             try:
                 ast.literal_eval(value)
             except (ValueError, SyntaxError):  # not a literal: a path
@@ -253,7 +281,9 @@ def _newer_inputs(output_dir: str, cmd) -> bool:
     keys = ("train.teacher_checkpoint=", "train.init_checkpoint=")
     inputs = [a.split("=", 1)[1] for a in cmd if a.startswith(keys)]
     weights = os.path.join(output_dir, "model_final.pth")
-    return any(os.path.isfile(t) and os.path.getmtime(t) > os.path.getmtime(weights) for t in inputs)
+    return any(
+        os.path.isfile(t) and os.path.getmtime(t) > os.path.getmtime(weights) for t in inputs
+    )
 
 
 def _run_logged(cmd, log_path: str) -> None:
@@ -262,26 +292,37 @@ def _run_logged(cmd, log_path: str) -> None:
     the log, behind a CalledProcessError traceback that did not name it)."""
     with open(log_path, "w") as f:
         try:
-            subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True, env=run_env())
+            subprocess.run(
+                cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True, env=run_env()
+            )
             return
         except subprocess.CalledProcessError as e:
             status = e.returncode
     with open(log_path, errors="replace") as f:
         tail = f.read().splitlines()[-10:]
-    raise SystemExit(f"[demo] the run failed (exit status {status}); its log {log_path} ends with:\n"
-                     + "\n".join("    " + line for line in tail))
+    raise SystemExit(
+        f"[demo] the run failed (exit status {status}); its log {log_path} ends with:\n"
+        + "\n".join("    " + line for line in tail)
+    )
 
 
 def _train(config: str, output_dir: str, opts, force: bool, log):
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
-           f"train.output_dir={output_dir}"] + applicable_overrides(config, opts)
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        config,
+        f"train.output_dir={output_dir}",
+    ] + applicable_overrides(config, opts)
     done = os.path.isfile(os.path.join(output_dir, "model_final.pth")) and final_metrics(output_dir)
     if done and not force:
         # reused only if trained with these arguments (e.g. not a shorter --iters run)
         if _run_command(output_dir) != cmd[1:]:
             log(f"[demo] retraining {output_dir}: it was trained with other arguments")
         elif _newer_inputs(output_dir, cmd):
-            log(f"[demo] retraining {output_dir}: its teacher or pretrained backbone was trained again since")
+            log(
+                f"[demo] retraining {output_dir}: its teacher or pretrained backbone was trained again since"
+            )
         else:
             log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
             return final_metrics(output_dir), None
@@ -297,7 +338,9 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
     if os.path.isfile(os.path.join(output_dir, _COMMAND_FILE)):
         os.remove(os.path.join(output_dir, _COMMAND_FILE))
     remove_run_files(output_dir)
-    _run_logged(cmd, os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log"))
+    _run_logged(
+        cmd, os.path.join(os.path.dirname(output_dir), os.path.basename(output_dir) + ".log")
+    )
     with open(os.path.join(output_dir, _COMMAND_FILE), "w") as f:
         json.dump(cmd[1:], f, indent=1)
     return final_metrics(output_dir), time.time() - start
@@ -323,12 +366,23 @@ def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
     out = os.path.join(output_dir, f"heldout_{num_images}")
     path = os.path.join(out, "eval_results.json")
     weights = os.path.join(output_dir, "model_final.pth")
-    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):  # none, or stale
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(
+        weights
+    ):  # none, or stale
         names = "dataloader.test.dataset.names"
-        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config, "--eval-only",
-               *applicable_overrides(config, opts), f"train.init_checkpoint={weights}",
-               f"train.output_dir={out}", f"{names}.split=heldout", f"{names}.num_images={num_images}",
-               f"{names}.seed={HELDOUT_SEED}"]
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "train_net.py"),
+            "--config-file",
+            config,
+            "--eval-only",
+            *applicable_overrides(config, opts),
+            f"train.init_checkpoint={weights}",
+            f"train.output_dir={out}",
+            f"{names}.split=heldout",
+            f"{names}.num_images={num_images}",
+            f"{names}.seed={HELDOUT_SEED}",
+        ]
         log(f"[demo] held-out evaluation of {output_dir}")
         os.makedirs(out, exist_ok=True)
         _run_logged(cmd, os.path.join(out, "log.txt"))
@@ -380,16 +434,26 @@ def summarize(runs):
     for name in order:
         r = by_name[name]
         seeds = sorted(r["res"])
-        mean = {k: sum(r["res"][s].get(k, float("nan")) for s in seeds) / len(seeds) for k in ("AP", "AP50", "AP75")}
+        mean = {
+            k: sum(r["res"][s].get(k, float("nan")) for s in seeds) / len(seeds)
+            for k in ("AP", "AP50", "AP75")
+        }
         delta = delta_sd = None
         if r["base"] is not None:
             base = by_name[r["base"]]["res"]
             diffs = [r["res"][s]["AP"] - base[s]["AP"] for s in seeds if s in base]
             delta, delta_sd = sum(diffs) / len(diffs), sd(diffs)
-        rows.append(dict(
-            name=name, seeds=seeds, mean=mean, sd=sd([r["res"][s]["AP"] for s in seeds]),
-            delta=delta, delta_sd=delta_sd, dirs=r["dirs"],
-        ))
+        rows.append(
+            dict(
+                name=name,
+                seeds=seeds,
+                mean=mean,
+                sd=sd([r["res"][s]["AP"] for s in seeds]),
+                delta=delta,
+                delta_sd=delta_sd,
+                dirs=r["dirs"],
+            )
+        )
     return rows
 
 
@@ -400,8 +464,10 @@ def _table(runs, several_seeds: bool) -> str:
     if not several_seeds:
         header = f"{'model':<28}{'AP':>8}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'s/iter':>9}  output"
     else:
-        header = (f"{'model':<28}{'AP':>8}{'sd':>6}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'sd':>6}"
-                  f"{'s/iter':>9}  seeds  output")
+        header = (
+            f"{'model':<28}{'AP':>8}{'sd':>6}{'AP50':>8}{'AP75':>8}{'dAP':>8}{'sd':>6}"
+            f"{'s/iter':>9}  seeds  output"
+        )
     lines = [header, "-" * len(header)]
     for r in rows:
         ap = [r["mean"][k] for k in ("AP", "AP50", "AP75")]
@@ -410,39 +476,66 @@ def _table(runs, several_seeds: bool) -> str:
         # none logged: detectron2's timer skips each run's first iterations (a run of 2 has none)
         spi = f"{statistics.median(spi):.3f}" if spi else "-"
         if not several_seeds:
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9}  {r['dirs'][0]}")
+            lines.append(
+                f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9}  {r['dirs'][0]}"
+            )
         else:
             several = len(r["seeds"]) > 1  # the teachers: one run
             dsd = f"{r['delta_sd']:.2f}" if r["delta"] is not None and several else ""
             sd = f"{r['sd']:.2f}" if several else ""
             seeds = ",".join(str(s) for s in r["seeds"])
-            lines.append(f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
-                         f"{spi:>9}  {seeds:<5}  {r['dirs'][0]}")
+            lines.append(
+                f"{r['name']:<28}{ap[0]:>8.2f}{sd:>6}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{dsd:>6}"
+                f"{spi:>9}  {seeds:<5}  {r['dirs'][0]}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", nargs="+", default=["pkd"], help="pkd reviewkd gid ...")
-    parser.add_argument("--detector", default="retinanet",
-                        help="preferred suffix of configs/demo/<method>_<detector>.py (d3etr uses detr)")
+    parser.add_argument(
+        "--detector",
+        default="retinanet",
+        help="preferred suffix of configs/demo/<method>_<detector>.py (d3etr uses detr)",
+    )
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--iters", type=int_at_least(1), default=None,
-                        help="override train.max_iter of every student run (teachers get twice as many)")
-    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0],
-                        help="train.seed of the student runs (teachers keep seed 0); seed s > 0 runs go "
-                        "to <run>_seed<s>. Several seeds: mean and sd per row, deltas paired by seed")
-    parser.add_argument("--heldout", type=int_at_least(0), default=0, metavar="N",
-                        help="also evaluate every run on a held-out split of N images (seed 7) and print that table")
+    parser.add_argument(
+        "--iters",
+        type=int_at_least(1),
+        default=None,
+        help="override train.max_iter of every student run (teachers get twice as many)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int_at_least(0),
+        nargs="+",
+        default=[0],
+        help="train.seed of the student runs (teachers keep seed 0); seed s > 0 runs go "
+        "to <run>_seed<s>. Several seeds: mean and sd per row, deltas paired by seed",
+    )
+    parser.add_argument(
+        "--heldout",
+        type=int_at_least(0),
+        default=0,
+        metavar="N",
+        help="also evaluate every run on a held-out split of N images (seed 7) and print that table",
+    )
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
-    check_reserved(args.opts, {
-        "train.output_dir": "each run's folder is <--output>/<run>: pass --output DIR",
-        "train.seed": "the student runs' seeds are --seeds (the teachers keep seed 0): pass --seeds N ...",
-        "train.teacher_checkpoint": "the distilled runs take the teacher that the demo trains, "
-                                    "in <--output>/teacher_<detector>",
-    }, "demo")
+    check_reserved(
+        args.opts,
+        {
+            "train.output_dir": "each run's folder is <--output>/<run>: pass --output DIR",
+            "train.seed": "the student runs' seeds are --seeds (the teachers keep seed 0): pass --seeds N ...",
+            "train.teacher_checkpoint": "the distilled runs take the teacher that the demo trains, "
+            "in <--output>/teacher_<detector>",
+        },
+        "demo",
+    )
     args.opts = paths_from_here(args.opts)  # the runs start in the repository root
 
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -478,17 +571,26 @@ def main(argv=None):
             path = os.path.join(out, "backbones", f"{role}_{source}.pkl")
             if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):
                 export_backbone(weights, path)
-                log(f"[demo] wrote {path}: the backbone of {weights}, which the {det} {role} starts from")
+                log(
+                    f"[demo] wrote {path}: the backbone of {weights}, which the {det} {role} starts from"
+                )
             inits[role, det] = [f"train.init_checkpoint={path}"]
         return inits[role, det]
 
     def family(method):
         """The detector family of a method's demo config: --detector, else any that exists."""
         if method in ("teacher", "student"):  # its run folder is that of the table's own row
-            kd = sorted({os.path.basename(p).split("_")[0] for p in glob.glob(cfg("*_*"))} - {"", "teacher", "student"})
-            raise SystemExit(f"[demo] --methods {method}: the teacher and the student alone are in every table; "
-                             f"methods are distillation configs: {kd}")
-        found = sorted(os.path.basename(p)[len(method) + 1:-3] for p in glob.glob(cfg(f"{method}_*")))
+            kd = sorted(
+                {os.path.basename(p).split("_")[0] for p in glob.glob(cfg("*_*"))}
+                - {"", "teacher", "student"}
+            )
+            raise SystemExit(
+                f"[demo] --methods {method}: the teacher and the student alone are in every table; "
+                f"methods are distillation configs: {kd}"
+            )
+        found = sorted(
+            os.path.basename(p)[len(method) + 1 : -3] for p in glob.glob(cfg(f"{method}_*"))
+        )
         if args.detector in found:
             return args.detector
         if not found:
@@ -499,15 +601,24 @@ def main(argv=None):
     dets = {m: family(m) for m in args.methods}  # a mistyped method fails here, before training
     pretrained = sorted({d for d in dets.values() if d in PRETRAINED_BACKBONES})
     if pretrained:
-        check_reserved(args.opts, {
-            "train.init_checkpoint": f"the {'/'.join(pretrained)} runs start from the backbones of the demo's "
-                                     f"{'/'.join(PRETRAINED_BACKBONES[d] for d in pretrained)} runs "
-                                     "(<--output>/backbones)",
-        }, "demo")
+        check_reserved(
+            args.opts,
+            {
+                "train.init_checkpoint": f"the {'/'.join(pretrained)} runs start from the backbones of the demo's "
+                f"{'/'.join(PRETRAINED_BACKBONES[d] for d in pretrained)} runs "
+                "(<--output>/backbones)",
+            },
+            "demo",
+        )
     if args.opts:  # every override must reach some run (a typo fails here, before training)
-        check_overrides([cfg(f"{m}_{d}") for m, d in dets.items()]
-                        + [cfg(f"{r}_{d}") for d in set(dets.values()) for r in ("teacher", "student")], args.opts)
-        check_same_students([(cfg(f"{m}_{d}"), cfg(f"student_{d}")) for m, d in dets.items()], args.opts)
+        check_overrides(
+            [cfg(f"{m}_{d}") for m, d in dets.items()]
+            + [cfg(f"{r}_{d}") for d in set(dets.values()) for r in ("teacher", "student")],
+            args.opts,
+        )
+        check_same_students(
+            [(cfg(f"{m}_{d}"), cfg(f"student_{d}")) for m, d in dets.items()], args.opts
+        )
     for seed in args.seeds:
         suffix = f"_seed{seed}" if seed else ""
         seed_opts = [f"train.seed={seed}"] if seed else []
@@ -518,19 +629,27 @@ def main(argv=None):
             student_dir = os.path.join(out, f"student_{det}{suffix}")
             base = f"student alone ({det})"
             if det not in teachers:  # one teacher (seed 0) for every seed
-                res, _ = train(cfg(f"teacher_{det}"), teacher_dir, t_opts + init_opts("teacher", det))
+                res, _ = train(
+                    cfg(f"teacher_{det}"), teacher_dir, t_opts + init_opts("teacher", det)
+                )
                 configs[teacher_dir] = cfg(f"teacher_{det}")
                 teachers[det] = (f"teacher ({det})", 0, res, teacher_dir, None)
                 runs.append(teachers[det])
             student_init = init_opts("student", det)
             if det not in students:
-                res, _ = train(cfg(f"student_{det}"), student_dir, common + seed_opts + student_init)
+                res, _ = train(
+                    cfg(f"student_{det}"), student_dir, common + seed_opts + student_init
+                )
                 configs[student_dir] = cfg(f"student_{det}")
                 runs.append((base, seed, res, student_dir, None))
                 students.add(det)
             run_dir = os.path.join(out, f"{method}_{det}{suffix}")
-            opts = common + seed_opts + student_init + [
-                f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
+            opts = (
+                common
+                + seed_opts
+                + student_init
+                + [f"train.teacher_checkpoint={os.path.join(teacher_dir, 'model_final.pth')}"]
+            )
             res, _ = train(cfg(f"{method}_{det}"), run_dir, opts)
             configs[run_dir] = cfg(f"{method}_{det}")
             runs.append((f"student + {method}", seed, res, run_dir, base))
@@ -538,9 +657,13 @@ def main(argv=None):
     several = len(args.seeds) > 1
     table = _table(runs, several)
     if args.heldout:
-        held = [(name, seed, heldout_metrics(configs[d], d, args.heldout, args.opts, log), d, base)
-                for name, seed, _, d, base in runs]
-        table += f"\n\nheld-out split ({args.heldout} images, seed {HELDOUT_SEED}):\n" + _table(held, several)
+        held = [
+            (name, seed, heldout_metrics(configs[d], d, args.heldout, args.opts, log), d, base)
+            for name, seed, _, d, base in runs
+        ]
+        table += f"\n\nheld-out split ({args.heldout} images, seed {HELDOUT_SEED}):\n" + _table(
+            held, several
+        )
     log("\n" + table + "\n")
     with open(os.path.join(out, "results.txt"), "w") as f:
         f.write(table + "\n")
@@ -550,17 +673,34 @@ def main(argv=None):
         det = family("pkd")
         first = f"_seed{args.seeds[0]}" if args.seeds[0] else ""  # the first seed's runs
         try:  # with the distilled run's overrides: its levels, widths and test data
-            viz(["pkd", "--config", cfg(f"pkd_{det}"),
-                 "--teacher", os.path.join(out, f"teacher_{det}", "model_final.pth"),
-                 "--before", os.path.join(out, f"student_{det}{first}", "model_final.pth"),
-                 "--after", os.path.join(out, f"pkd_{det}{first}", "model_final_student.pth"),
-                 "--index", "3", "--out", os.path.join(out, "pkd_fpn.png"),
-                 "--", *applicable_overrides(cfg(f"pkd_{det}"), args.opts)])
+            viz(
+                [
+                    "pkd",
+                    "--config",
+                    cfg(f"pkd_{det}"),
+                    "--teacher",
+                    os.path.join(out, f"teacher_{det}", "model_final.pth"),
+                    "--before",
+                    os.path.join(out, f"student_{det}{first}", "model_final.pth"),
+                    "--after",
+                    os.path.join(out, f"pkd_{det}{first}", "model_final_student.pth"),
+                    "--index",
+                    "3",
+                    "--out",
+                    os.path.join(out, "pkd_fpn.png"),
+                    "--",
+                    *applicable_overrides(cfg(f"pkd_{det}"), args.opts),
+                ]
+            )
         except (Exception, SystemExit) as e:  # the table is saved: a picture does not undo it
-            log(f"[demo] the PKD picture ({os.path.join(out, 'pkd_fpn.png')}) failed: {type(e).__name__}: {e}")
-    log(f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
+            log(
+                f"[demo] the PKD picture ({os.path.join(out, 'pkd_fpn.png')}) failed: {type(e).__name__}: {e}"
+            )
+    log(
+        f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "
         "TensorBoard events and checkpoints (model_final_student.pth for distilled runs) are in "
-        "its output folder.")
+        "its output folder."
+    )
     return runs
 
 

@@ -1,22 +1,21 @@
 """
 :class:`DistillationDetector`: a student detector trained with a frozen teacher twin.
 """
+
 import contextlib
 import difflib
 import logging
 from typing import Dict, List, Optional
 
 import torch
-from torch import nn
-
 from detectron2.config import instantiate
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
+from torch import nn
 
 from .capture import FeatureCapture
-from .utils import host_tensor
 from .losses.base import (
     DistillContext,
     Distiller,
@@ -26,6 +25,7 @@ from .losses.base import (
     put_scalar,
     write_deferred_scalars,
 )
+from .utils import host_tensor
 
 __all__ = ["DistillationDetector", "run_teacher"]
 
@@ -234,7 +234,9 @@ def _check_taps(distillers: Dict[str, Distiller], student: nn.Module, teacher: n
             missing = [n for n in taps if n not in known]
             if not missing:
                 continue
-            close = sorted({c for n in missing for c in difflib.get_close_matches(n, modules, n=3, cutoff=0.5)})
+            close = sorted(
+                {c for n in missing for c in difflib.get_close_matches(n, modules, n=3, cutoff=0.5)}
+            )
             hint = f" Close names: {close}." if close else ""
             raise KeyError(
                 f"distillers['{name}'] ({type(d).__name__}).{side}_taps names {missing}, which the "
@@ -288,7 +290,9 @@ def _check_distiller_losses(name: str, distiller: Distiller, losses) -> None:
                 "(loss_<method>[_<part>]). Every value of the dict is added to the training "
                 "loss; log diagnostics with detkd.losses.put_scalar instead."
             )
-        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() == 1):
+        if not (
+            isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() == 1
+        ):
             what = (
                 f"a {value.dtype} tensor of shape {tuple(value.shape)}"
                 if isinstance(value, torch.Tensor)
@@ -306,7 +310,9 @@ def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
     trainable parameter it shares with the student (the same model passed twice, a shared
     backbone): the student would then train its other parts, or only the distillers' adapters."""
     teacher_params = {id(p) for p in teacher.parameters()}
-    shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
+    shared = [
+        n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params
+    ]
     if shared:
         owners = sorted({n.split(".")[0] for n in shared})  # top-level submodules
         raise ValueError(
@@ -412,7 +418,9 @@ class DistillationDetector(nn.Module):
                 f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
             )
         if not isinstance(diag_period, int) or isinstance(diag_period, bool) or diag_period < 0:
-            raise ValueError(f"diag_period must be an int >= 0 (0 disables it), got {diag_period!r}")
+            raise ValueError(
+                f"diag_period must be an int >= 0 (0 disables it), got {diag_period!r}"
+            )
         self.teacher_precision = teacher_precision
         _check_not_shared(student, teacher)
         _check_head_levels(student, teacher)
@@ -435,7 +443,9 @@ class DistillationDetector(nn.Module):
                 raise type(e)(f"distillers['{name}'] ({type(d).__name__}): {e}") from e
             except Exception as e:  # other types may not take one message: a note in the traceback
                 if hasattr(e, "add_note"):  # Python >= 3.11
-                    e.add_note(f"raised by distillers['{name}'] ({type(d).__name__}).bind(student, teacher)")
+                    e.add_note(
+                        f"raised by distillers['{name}'] ({type(d).__name__}).bind(student, teacher)"
+                    )
                 raise
         self.distillers = nn.ModuleDict(distillers)
         logger.info(
@@ -491,7 +501,8 @@ class DistillationDetector(nn.Module):
         # divisibility than the student's) are an error unless every distiller reading both
         # backbones resizes them (ReviewKD): then a note in the log, once.
         readers = [
-            d for d in distillers.values()
+            d
+            for d in distillers.values()
             if "backbone" in d.student_taps(student) and "backbone" in d.teacher_taps(teacher)
         ]
         self._sizes_resized = all(d.resizes_levels for d in readers)
@@ -553,7 +564,9 @@ class DistillationDetector(nn.Module):
             its maps would cover a larger area than the student's (METHODS.md 0: both inputs are padded to the same size).
         """
         return normalized_images(
-            self._teacher, batched_inputs, flip_channels=self.flip_teacher_channels,
+            self._teacher,
+            batched_inputs,
+            flip_channels=self.flip_teacher_channels,
             size_divisibility=_size_divisibility(self.student),
             square_size=_square_size(self.student),
         )
@@ -614,7 +627,8 @@ class DistillationDetector(nn.Module):
         # ground truth too for detectron2's detectors, which move it first thing themselves
         # (our DETR copies it from the host in one pinned batch: left there).
         batched_inputs = inputs_on_device(
-            batched_inputs, self._teacher.pixel_mean.device,  # where teacher_images puts them
+            batched_inputs,
+            self._teacher.pixel_mean.device,  # where teacher_images puts them
             instances=isinstance(self.student, (GeneralizedRCNN, DenseDetector)),
         )
         images = self.teacher_images(batched_inputs)
@@ -666,7 +680,9 @@ class DistillationDetector(nn.Module):
         half precision (``model.half()``, ``model.to(torch.bfloat16)``) would fail in their first
         layer with a bare dtype error, so they are named here with the fix."""
         for name, d in self.distillers.items():
-            low = sorted({str(p.dtype) for p in d.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+            low = sorted(
+                {str(p.dtype) for p in d.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+            )
             if low:
                 raise TypeError(
                     f"distillers['{name}'] ({type(d).__name__}) has {'/'.join(low)} parameters: "

@@ -19,6 +19,7 @@ default for detectron2's ``train.seed`` (``configs/common/kd_train.py``):
 detector (e.g. training the teacher or a baseline), then the trainer is a LazyConfig version of
 detectron2's DefaultTrainer.
 """
+
 import contextlib
 import copy
 import difflib
@@ -33,9 +34,6 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-
-from torch.nn.parallel import DataParallel, DistributedDataParallel
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -47,6 +45,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .checkpoint import (
     _OPTIONAL_KEYS,
@@ -122,8 +121,8 @@ def check_config_sections(cfg, config_file: str, *, training: bool = True) -> No
             f"{config_file} is a yacs config (it has {yacs}), the format of detectron2's "
             "tools/train_net.py; DetKD's train_net.py runs LazyConfig .py files. Take a config of "
             "configs/ and set its model to your yacs model with "
-            "L(detkd.modeling.build_yacs_detector)(config_file=...) (README: \"A teacher or "
-            "student from a yacs .yaml config\")."
+            'L(detkd.modeling.build_yacs_detector)(config_file=...) (README: "A teacher or '
+            'student from a yacs .yaml config").'
         )
     needed = ["model", "dataloader", "train"] + (["optimizer", "lr_multiplier"] if training else [])
     missing = [k for k in needed if k not in cfg]
@@ -174,6 +173,7 @@ def check_override_keys(cfg, overrides) -> None:
     ``model.distillers={gid:{...}}`` on the PKD config would run PKD and GID.
     """
     from detectron2.config import LazyConfig
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import DictConfig, OmegaConf
 
@@ -189,7 +189,11 @@ def check_override_keys(cfg, overrides) -> None:
                 f"({key}=[1,5]) or a quoted string ('{key}=\"a,b\"')."
             )
         old, value = OmegaConf.select(cfg, key, default=missing), o.value()
-        if key.split(".")[-1] == "distillers" and isinstance(old, DictConfig) and isinstance(value, dict):
+        if (
+            key.split(".")[-1] == "distillers"
+            and isinstance(old, DictConfig)
+            and isinstance(value, dict)
+        ):
             kept = [str(k) for k in old.keys() if k not in value]
             if kept:
                 raise ValueError(
@@ -227,7 +231,11 @@ def check_override_keys(cfg, overrides) -> None:
             known += [k for k in params if k not in known]
         where = f"'{parent_key}'" if parent_key else "the config"
         close = difflib.get_close_matches(name, known, n=3)
-        hint = f" Did you mean {', '.join(repr('.'.join(parts[:i] + [c])) for c in close)}?" if close else ""
+        hint = (
+            f" Did you mean {', '.join(repr('.'.join(parts[:i] + [c])) for c in close)}?"
+            if close
+            else ""
+        )
         raise KeyError(
             f"Override {key!r}: {where} has no key {name!r}.{hint} Keys there: {sorted(known)}. "
             f"(Write +{key}=... to add a new key on purpose.)"
@@ -283,8 +291,10 @@ def check_run_inputs_kept(cfg, *, checkpoints: bool = True, config_yaml: bool = 
     # only a DistillationDetector reads train.teacher_checkpoint (KDTrainer.resume_or_load): a
     # plain model, e.g. the teacher trained by a copy of its distillation config with
     # `model = teacher`, has no teacher whose weights could be lost
-    inputs = [("train.init_checkpoint", "the weights the student starts from", True),
-              ("train.teacher_checkpoint", "the teacher's weights", _may_build_kd_model(cfg))]
+    inputs = [
+        ("train.init_checkpoint", "the weights the student starts from", True),
+        ("train.teacher_checkpoint", "the teacher's weights", _may_build_kd_model(cfg)),
+    ]
     for key, what, read in inputs:
         value = cfg.train.get(key.split(".", 1)[1], "")
         if not (read and _is_local(value)):
@@ -357,7 +367,9 @@ def _no_training_images(names: List[str]) -> str:
     image: how many images they have, without and with only ``iscrowd=1`` annotations."""
     dicts = [d for name in names for d in DatasetCatalog.get(name)]
     crowd = sum(
-        1 for d in dicts if d.get("annotations") and all(a.get("iscrowd", 0) for a in d["annotations"])
+        1
+        for d in dicts
+        if d.get("annotations") and all(a.get("iscrowd", 0) for a in d["annotations"])
     )
     return (
         f"dataloader.train: no image of {', '.join(map(repr, names))} has an annotation to train on "
@@ -464,7 +476,7 @@ def _loaded_classes(name: str):
             f"The test dataset {name!r} (dataloader.test.dataset.names) has no images, so there "
             "is nothing to evaluate: detectron2's test loader would stop on it (\"Dataset "
             f"'{name}' is empty!\"), in a training run at its first evaluation. Check the "
-            "json's \"images\" (and the folder registered with it), or test on another dataset."
+            'json\'s "images" (and the folder registered with it), or test on another dataset.'
         )
     return meta.get("thing_classes")
 
@@ -567,7 +579,8 @@ def check_input_format(cfg, model, splits=("train", "test")) -> None:
     if isinstance(kd, DistillationDetector):
         s_fmt = kd.student_format
         where = (
-            "model.student_input_format" if getattr(kd.student, "input_format", None) is None
+            "model.student_input_format"
+            if getattr(kd.student, "input_format", None) is None
             else "model.student.input_format"
         )
         who = "the student"
@@ -584,7 +597,8 @@ def check_input_format(cfg, model, splits=("train", "test")) -> None:
             if fmt in ("RGB", "BGR"):
                 teacher = (
                     " (and the teacher's images would be flipped from the wrong order)"
-                    if isinstance(kd, DistillationDetector) else ""
+                    if isinstance(kd, DistillationDetector)
+                    else ""
                 )
                 problem = f"its images would reach it with the channels swapped{teacher}"
             else:  # e.g. "YUV-BT.601" (float64: a dtype error in the first convolution), "RGBA"
@@ -631,9 +645,22 @@ def _is_int(x) -> bool:
 # lazyconfig_train_net.py and KDTrainer), detectron2's default_setup (seed, cudnn_benchmark) and
 # DetKD's configs/common/kd_train.py.
 _TRAIN_KEYS = (
-    "output_dir", "init_checkpoint", "max_iter", "amp", "ddp", "checkpointer", "eval_period",
-    "log_period", "device", "seed", "cudnn_benchmark", "teacher_checkpoint",
-    "teacher_random_init", "export_student", "teacher_eval_at_start", "clip_grad",
+    "output_dir",
+    "init_checkpoint",
+    "max_iter",
+    "amp",
+    "ddp",
+    "checkpointer",
+    "eval_period",
+    "log_period",
+    "device",
+    "seed",
+    "cudnn_benchmark",
+    "teacher_checkpoint",
+    "teacher_random_init",
+    "export_student",
+    "teacher_eval_at_start",
+    "clip_grad",
 )
 # A key of ``train`` that is not read, but this close (difflib's ratio) to one that is, is
 # taken for a typo. Every one-letter slip or swap in keys of 6 letters and more scores above it
@@ -691,8 +718,10 @@ def _check_train_keys(cfg) -> None:
                     "reads)."
                 )
             if where in ("train.checkpointer", "train.ddp"):
-                callee = "PeriodicCheckpointer" if where == "train.checkpointer" else (
-                    "DistributedDataParallel"
+                callee = (
+                    "PeriodicCheckpointer"
+                    if where == "train.checkpointer"
+                    else ("DistributedDataParallel")
                 )
                 raise ValueError(
                     f"{where}.{name}: every key of {where} is passed to {callee} as a keyword "
@@ -812,7 +841,9 @@ def last_checkpoint_problem(folder: str, path: str) -> Optional[str]:
     return "is a folder" if PathManager.isdir(path) else "does not exist"
 
 
-def untagged_checkpoints_error(folder: str, prefix: str = "model") -> Optional[CheckpointMismatchError]:
+def untagged_checkpoints_error(
+    folder: str, prefix: str = "model"
+) -> Optional[CheckpointMismatchError]:
     """``--resume`` in a ``folder`` that holds run checkpoints but no ``last_checkpoint`` file
     (deleted, checkpoints copied there, a crash between the first save and its tag):
     detectron2 starts again at iteration 0 and replaces them. The error to raise instead, or
@@ -921,7 +952,8 @@ class _RunCheckpointer(DetectionCheckpointer):
             return
         last = self.get_checkpoint_file() if self.has_checkpoint() else ""
         clip = (
-            "train.clip_grad.enabled=True" if self.clip_max_norm is None
+            "train.clip_grad.enabled=True"
+            if self.clip_max_norm is None
             else f"a lower train.clip_grad.max_norm (now {self.clip_max_norm:g})"
         )
         where = (
@@ -1091,8 +1123,12 @@ class TeacherEvalHook(hooks.HookBase):
             PathManager.mkdirs(os.path.dirname(record))
             with PathManager.open(record, "w") as f:
                 json.dump(
-                    {"teacher_checkpoint": self.cfg.train.get("teacher_checkpoint", ""), "results": flat},
-                    f, indent=1,
+                    {
+                        "teacher_checkpoint": self.cfg.train.get("teacher_checkpoint", ""),
+                        "results": flat,
+                    },
+                    f,
+                    indent=1,
                 )
 
 
@@ -1194,13 +1230,16 @@ class KDTrainer(DefaultTrainer):
                 raise self._unusable_last_checkpoint(path, problem)
             config_lrs = [g.get("initial_lr") for g in self.optimizer.param_groups]
             config_groups = [
-                {k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in self.optimizer.param_groups
+                {k: v for k, v in g.items() if k not in _NOT_SETTINGS}
+                for g in self.optimizer.param_groups
             ]
             self.checkpointer.strict = True
             try:
                 self.checkpointer.resume_or_load("", resume=True)
             except _UnreadableCheckpoint as e:
-                raise self._unusable_last_checkpoint(path, f"cannot be read ({e}); it is damaged") from e
+                raise self._unusable_last_checkpoint(
+                    path, f"cannot be read ({e}); it is damaged"
+                ) from e
             except CheckpointMismatchError as e:
                 raise CheckpointMismatchError(
                     f"--resume: the last checkpoint of {self.cfg.train.output_dir!r} ({path}) does not "
@@ -1219,11 +1258,14 @@ class KDTrainer(DefaultTrainer):
                     "parameter groups) are not used. To train at another base lr, start a new run "
                     "(train.init_checkpoint=<this checkpoint>) in another train.output_dir."
                 )
-            changed = sorted({
-                f"{k} {run[k]!r} (this config: {v!r})"
-                for cfg_group, run in zip(config_groups, self.optimizer.param_groups)
-                for k, v in cfg_group.items() if k in run and not _same_setting(run[k], v)
-            })
+            changed = sorted(
+                {
+                    f"{k} {run[k]!r} (this config: {v!r})"
+                    for cfg_group, run in zip(config_groups, self.optimizer.param_groups)
+                    for k, v in cfg_group.items()
+                    if k in run and not _same_setting(run[k], v)
+                }
+            )
             if changed:
                 logger.warning(
                     f"--resume: the run's optimizer settings are kept (from {path}): "
@@ -1280,7 +1322,9 @@ class KDTrainer(DefaultTrainer):
 
     def _unusable_last_checkpoint(self, path, problem):
         """The error of ``--resume`` when the file that last_checkpoint names is unusable."""
-        return unusable_last_checkpoint(self.cfg.train.output_dir, path, problem, file_prefix(self.cfg))
+        return unusable_last_checkpoint(
+            self.cfg.train.output_dir, path, problem, file_prefix(self.cfg)
+        )
 
     def _other_model(self, path) -> Optional[str]:
         """How the model part of the run checkpoint ``path`` differs from this trainer's model
@@ -1305,7 +1349,8 @@ class KDTrainer(DefaultTrainer):
         problems = []
         wrong = [
             f"{k}: file {shape(theirs[k])} vs model {shape(v)}"
-            for k, v in ours.items() if k in theirs and shape(theirs[k]) != shape(v)
+            for k, v in ours.items()
+            if k in theirs and shape(theirs[k]) != shape(v)
         ]
         if wrong:
             problems.append(f"shape mismatch: {'; '.join(wrong[:2])}")
@@ -1336,7 +1381,8 @@ class KDTrainer(DefaultTrainer):
         model = unwrap_model(self.model)
         if not isinstance(model, DistillationDetector):
             stats = {
-                k: float(getattr(model, k)) for k in DistillationDetector._STUDENT_EMA_ATTRS
+                k: float(getattr(model, k))
+                for k in DistillationDetector._STUDENT_EMA_ATTRS
                 if isinstance(getattr(model, k, None), (int, float))
             }
             if stats:
@@ -1370,13 +1416,18 @@ class KDTrainer(DefaultTrainer):
             state_dict = {**state_dict, "_trainer": inner}
         try:
             super().load_state_dict(state_dict)
-        except (KeyError, ValueError) as e:  # torch's optimizer load (a checkpoint without the class)
+        except (
+            KeyError,
+            ValueError,
+        ) as e:  # torch's optimizer load (a checkpoint without the class)
             raise CheckpointMismatchError(
                 f"its optimizer state does not fit this config's {ours} ({type(e).__name__}: {e})"
             ) from e
         # Another optimizer's parameter groups lack this one's settings (torch fills in only the
         # ones it added in later versions): the first step would stop on a bare KeyError.
-        lacking = sorted({k for g in self.optimizer.param_groups for k in self.optimizer.defaults if k not in g})
+        lacking = sorted(
+            {k for g in self.optimizer.param_groups for k in self.optimizer.defaults if k not in g}
+        )
         if lacking:
             raise CheckpointMismatchError(
                 f"its optimizer's parameter groups lack {lacking}, settings of this config's {ours}"
@@ -1472,7 +1523,11 @@ class KDTrainer(DefaultTrainer):
         target = model_cfg.get("_target_", None) if hasattr(model_cfg, "get") else None
         if isinstance(target, str):
             target = locate(target)
-        if isinstance(target, type) and issubclass(target, DistillationDetector) and "student" in model_cfg:
+        if (
+            isinstance(target, type)
+            and issubclass(target, DistillationDetector)
+            and "student" in model_cfg
+        ):
             model_cfg = copy.deepcopy(model_cfg)
             student = instantiate(model_cfg.student)
             model_cfg.student = student

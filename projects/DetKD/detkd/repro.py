@@ -19,6 +19,7 @@ go to ``<--output>/<config's folder>/<config's name>/{baseline,distilled}`` (e.g
     python -m detkd.repro configs/demo/pkd_retinanet.py train.max_iter=300 \\
         train.teacher_checkpoint=output/demo/teacher_retinanet/model_final.pth
 """
+
 import argparse
 import json
 import os
@@ -27,8 +28,16 @@ import subprocess
 import sys
 
 from .demo import (
-    REPO, _has_key, _loaded, applicable_overrides, check_overrides, check_reserved, final_metrics,
-    int_at_least, paths_from_here, run_env,
+    REPO,
+    _has_key,
+    _loaded,
+    applicable_overrides,
+    check_overrides,
+    check_reserved,
+    final_metrics,
+    int_at_least,
+    paths_from_here,
+    run_env,
 )
 from .utils import remove_run_files, without_file_scheme
 
@@ -48,7 +57,9 @@ def baseline_of(config: str) -> str:
     elif "_" in name:
         cand = f"student_{name.split('_', 1)[1]}.py"
     else:
-        raise SystemExit(f"[repro] {config}: no baseline twin follows from the name; pass --baseline")
+        raise SystemExit(
+            f"[repro] {config}: no baseline twin follows from the name; pass --baseline"
+        )
     path = os.path.join(folder, cand)
     if not os.path.isfile(os.path.join(REPO, path)) and not os.path.isfile(path):
         raise SystemExit(f"[repro] no baseline twin {path} for {config}; pass --baseline")
@@ -93,7 +104,9 @@ def pair_overrides(config: str, other: str, opts):
             return False
         return True
 
-    return [o for o in mine if _has_key(cfg, _key(o)) or not _has_key(theirs, _key(o)) or accepted(o)]
+    return [
+        o for o in mine if _has_key(cfg, _key(o)) or not _has_key(theirs, _key(o)) or accepted(o)
+    ]
 
 
 # What a baseline and a distilled run must share to be compared: (distilled key, baseline key).
@@ -150,12 +163,15 @@ def check_pair(config: str, baseline: str, opts) -> None:
         the distilled run's config (loaded, with its overrides).
     """
     from detectron2.config import LazyConfig
+
     from omegaconf import OmegaConf
 
     from .engine import check_override_keys
 
     def load(path):  # a fresh copy: apply_overrides changes it
-        cfg, here = LazyConfig.load(path), pair_overrides(path, baseline if path == config else config, opts)
+        cfg, here = LazyConfig.load(path), pair_overrides(
+            path, baseline if path == config else config, opts
+        )
         try:  # as train_net.py will, before the other run trains for nothing
             check_override_keys(cfg, here)
         except KeyError as e:
@@ -164,18 +180,31 @@ def check_pair(config: str, baseline: str, opts) -> None:
 
     kd, base = load(config), load(baseline)
     if OmegaConf.select(kd, "model.teacher", default=None) is None:
-        raise SystemExit(f"[repro] {config} is not a distillation config (its model has no teacher)")
+        raise SystemExit(
+            f"[repro] {config} is not a distillation config (its model has no teacher)"
+        )
     if OmegaConf.select(base, "model.teacher", default=None) is not None:
-        raise SystemExit(f"[repro] the baseline {baseline} is a distillation config; pass the student's own config")
+        raise SystemExit(
+            f"[repro] the baseline {baseline} is a distillation config; pass the student's own config"
+        )
 
     value = paired_value
     seed = value(kd, "train.seed")
     if not isinstance(seed, int) or seed < 0:
-        raise SystemExit(f"[repro] train.seed is {seed!r}: each run would draw its own seed; set train.seed=N")
+        raise SystemExit(
+            f"[repro] train.seed is {seed!r}: each run would draw its own seed; set train.seed=N"
+        )
     differ = paired_differences(kd, base)
     if differ:
-        shown = [f"{k} ({value(kd, k)!r} vs {value(base, kb)!r})" if not isinstance(value(kd, k), (dict, list))
-                 else k for k, kb in _PAIRED if k in differ]
+        shown = [
+            (
+                f"{k} ({value(kd, k)!r} vs {value(base, kb)!r})"
+                if not isinstance(value(kd, k), (dict, list))
+                else k
+            )
+            for k, kb in _PAIRED
+            if k in differ
+        ]
         raise SystemExit(
             f"[repro] {os.path.basename(baseline)} does not train and evaluate the student of "
             f"{os.path.basename(config)} the same way: {', '.join(shown)} differ (distilled vs baseline)"
@@ -187,8 +216,10 @@ def check_pair(config: str, baseline: str, opts) -> None:
     teacher = value(kd, "train.teacher_checkpoint") or ""
     local = without_file_scheme(teacher)
     if not teacher and not value(kd, "train.teacher_random_init"):
-        raise SystemExit(f"[repro] train.teacher_checkpoint of {os.path.basename(config)} is empty: "
-                         "set train.teacher_checkpoint=<the teacher's weights>")
+        raise SystemExit(
+            f"[repro] train.teacher_checkpoint of {os.path.basename(config)} is empty: "
+            "set train.teacher_checkpoint=<the teacher's weights>"
+        )
     if teacher and "://" not in local and not os.path.isfile(os.path.join(REPO, local)):
         raise SystemExit(
             f"[repro] the teacher checkpoint {teacher} of {os.path.basename(config)} does not exist"
@@ -248,6 +279,7 @@ def _check_yacs_node(key: str, node, name: str) -> None:
     ``config_file`` from the repository root (or the model zoo), then its ``opts``. URLs, and
     ``add_config`` functions this process cannot import, are left to the run."""
     from detectron2 import model_zoo
+
     from omegaconf import OmegaConf
 
     from .modeling import load_yacs_config
@@ -285,44 +317,79 @@ def _teacher_metrics(output_dir):
     with open(path) as f:
         for line in f:
             m = json.loads(line)
-            res.update({k[len("teacher/bbox/"):]: v for k, v in m.items() if k.startswith("teacher/bbox/")})
+            res.update(
+                {
+                    k[len("teacher/bbox/") :]: v
+                    for k, v in m.items()
+                    if k.startswith("teacher/bbox/")
+                }
+            )
     return res or None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config")
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--output", default="output/repro")
     parser.add_argument("--num-gpus", type=int_at_least(1), default=1)
-    parser.add_argument("opts", nargs="*", help="key=value overrides for both runs (each where its parent key exists; "
-                        "a key that one config of the pair has and the other lacks: that one's run only, "
-                        "unless +key=value adds it on purpose)")
+    parser.add_argument(
+        "opts",
+        nargs="*",
+        help="key=value overrides for both runs (each where its parent key exists; "
+        "a key that one config of the pair has and the other lacks: that one's run only, "
+        "unless +key=value adds it on purpose)",
+    )
     # options may follow the config or the overrides (e.g. `CONFIG --num-gpus 8`)
     args = parser.parse_intermixed_args(argv)
-    check_reserved(args.opts, {"train.output_dir": "the runs go to <--output>/<config's folder>/<config's "
-                               "name>/baseline and distilled: pass --output DIR"}, "repro")
+    check_reserved(
+        args.opts,
+        {
+            "train.output_dir": "the runs go to <--output>/<config's folder>/<config's "
+            "name>/baseline and distilled: pass --output DIR"
+        },
+        "repro",
+    )
     config = _resolve(args.config)  # a missing config is reported as such, before its twin
     baseline = _resolve(args.baseline or baseline_of(args.config))
     args.config = config
     args.opts = paths_from_here(args.opts)  # paths as given here, not from the repository root
     other = {baseline: args.config, args.config: baseline}
-    check_overrides([baseline, args.config], args.opts, tool="repro",
-                    select=lambda c: pair_overrides(c, other[c], args.opts))
+    check_overrides(
+        [baseline, args.config],
+        args.opts,
+        tool="repro",
+        select=lambda c: pair_overrides(c, other[c], args.opts),
+    )
     kd_cfg = check_pair(args.config, baseline, args.opts)
     # a teacher of another class set distils but cannot be scored on the student's test data:
     # its evaluation would stop the distilled run after the baseline's whole schedule
     not_evaluable = teacher_not_evaluable(kd_cfg)
     if not_evaluable:
-        print(f"[repro] the teacher is not evaluated ({not_evaluable}); its row stays empty", flush=True)
+        print(
+            f"[repro] the teacher is not evaluated ({not_evaluable}); its row stays empty",
+            flush=True,
+        )
     # <config's folder>/<config's name>: configs/PKD and configs/GID hold configs of the same
     # names (retinanet_R50_from_retinanet_R101_2x.py), whose runs must not replace each other's
     name = os.path.basename(args.config)[:-3]
-    out = os.path.abspath(os.path.join(args.output, os.path.basename(os.path.dirname(args.config)), name))
+    out = os.path.abspath(
+        os.path.join(args.output, os.path.basename(os.path.dirname(args.config)), name)
+    )
     runs = {}
     for tag, cfg, extra in (
         # a baseline config with the key may name a teacher that its run would not use
-        ("baseline", baseline, ["train.teacher_checkpoint="] if _has_key(_loaded(baseline), "train.teacher_checkpoint") else []),
+        (
+            "baseline",
+            baseline,
+            (
+                ["train.teacher_checkpoint="]
+                if _has_key(_loaded(baseline), "train.teacher_checkpoint")
+                else []
+            ),
+        ),
         ("distilled", args.config, [f"train.teacher_eval_at_start={not not_evaluable}"]),
     ):
         run_dir = os.path.join(out, tag)
@@ -331,9 +398,18 @@ def main(argv=None):
         # not evaluate it); train_net.py refuses to start over the checkpoints of another
         # model's run (other overrides): the earlier run's files go
         remove_run_files(run_dir)
-        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", cfg,
-               "--num-gpus", str(args.num_gpus), f"train.output_dir={run_dir}"] + extra
-        opts = pair_overrides(cfg, other[cfg], args.opts)  # e.g. model.distillers.* only for the distilled run
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "train_net.py"),
+            "--config-file",
+            cfg,
+            "--num-gpus",
+            str(args.num_gpus),
+            f"train.output_dir={run_dir}",
+        ] + extra
+        opts = pair_overrides(
+            cfg, other[cfg], args.opts
+        )  # e.g. model.distillers.* only for the distilled run
         if tag == "baseline":  # the teacher is the distilled run's (its config.yaml would show it)
             opts = [o for o in opts if _key(o) != "train.teacher_checkpoint"]
         cmd += opts
@@ -341,8 +417,10 @@ def main(argv=None):
         try:
             subprocess.run(cmd, check=True, cwd=REPO, env=run_env())  # the data's folder: as here
         except subprocess.CalledProcessError as e:  # its error is in the output above
-            raise SystemExit(f"[repro] the {tag} run ({os.path.basename(cfg)}) failed (exit status "
-                             f"{e.returncode}): its error is in its output above") from None
+            raise SystemExit(
+                f"[repro] the {tag} run ({os.path.basename(cfg)}) failed (exit status "
+                f"{e.returncode}): its error is in its output above"
+            ) from None
         runs[tag] = run_dir
     teacher = _teacher_metrics(runs["distilled"]) or {}
     base, dist = final_metrics(runs["baseline"]), final_metrics(runs["distilled"])
@@ -354,7 +432,12 @@ def main(argv=None):
             )
     print(f"\n{'':<12}{'AP':>8}{'AP50':>8}{'AP75':>8}")
     for tag, res in (("teacher", teacher), ("student", base), ("distilled", dist)):
-        print(f"{tag:<12}" + "".join(f"{res[k]:>8.2f}" if k in res else f"{'-':>8}" for k in ("AP", "AP50", "AP75")))
+        print(
+            f"{tag:<12}"
+            + "".join(
+                f"{res[k]:>8.2f}" if k in res else f"{'-':>8}" for k in ("AP", "AP50", "AP75")
+            )
+        )
     print(f"{'delta':<12}{dist['AP'] - base['AP']:>+8.2f}")
     return dict(teacher=teacher, baseline=base, distilled=dist)
 

@@ -1,4 +1,5 @@
 """Small helpers shared by the models, the distillers and the tools."""
+
 import os
 import re
 from typing import List
@@ -6,14 +7,18 @@ from typing import List
 import torch
 
 __all__ = [
-    "host_tensor", "is_run_checkpoint", "memory_format_of", "remove_run_files", "without_file_scheme",
+    "host_tensor",
+    "is_run_checkpoint",
+    "memory_format_of",
+    "remove_run_files",
+    "without_file_scheme",
 ]
 
 
 def without_file_scheme(path: str) -> str:
     """``path`` without a leading ``file://`` (a local path, as DetKD takes checkpoint and
     config paths); other paths unchanged."""
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def is_run_checkpoint(name: str, prefix: str = "model") -> bool:

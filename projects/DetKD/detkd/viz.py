@@ -22,6 +22,7 @@ Command line::
     python -m detkd.viz gid --config configs/demo/gid_retinanet.py --teacher T.pth --student S.pth
     python -m detkd.viz d3etr --config configs/demo/d3etr_detr.py --teacher T.pth --student S.pth
 """
+
 import argparse
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -81,7 +82,9 @@ def draw_fpn_activations(
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, axes = plt.subplots(len(names), len(levels) + 1, figsize=(2.2 * (len(levels) + 1), 2.2 * len(names)))
+    fig, axes = plt.subplots(
+        len(names), len(levels) + 1, figsize=(2.2 * (len(levels) + 1), 2.2 * len(names))
+    )
     axes = np.atleast_2d(axes)
     corr = {}
     for r, name in enumerate(names):
@@ -139,7 +142,11 @@ def draw_boxes(
     ax.imshow(image)
     if gt_boxes is not None:
         for x0, y0, x1, y1 in gt_boxes:
-            ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1.2))
+            ax.add_patch(
+                patches.Rectangle(
+                    (x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1.2
+                )
+            )
     for k, ((x0, y0, x1, y1), col) in enumerate(zip(boxes, colors)):
         ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=col, lw=1.5))
         if labels is not None:
@@ -204,7 +211,9 @@ def _kd_config(args):
     if not os.path.isfile(args.config) and os.path.isfile(os.path.join(REPO, args.config)):
         args.config = os.path.join(REPO, args.config)  # configs/... from outside the repository
     if not os.path.isfile(args.config):
-        raise SystemExit(f"[viz {args.view}] config not found: {args.config} (neither here nor under {REPO})")
+        raise SystemExit(
+            f"[viz {args.view}] config not found: {args.config} (neither here nor under {REPO})"
+        )
     cfg = LazyConfig.load(args.config)
     opts = list(getattr(args, "opts", None) or [])
     if opts:  # the run's overrides: the model (levels, widths) and test data it trained with
@@ -293,8 +302,12 @@ def _pkd_view(args):
                         # the same padded input (as PKD pairs them in training), then cropped:
                         # cropping first would stretch another part of the image over the cells
                         hp, wp = images.tensor.shape[-2:]
-                        v = F.interpolate(v, size=(-(-hp // stride), -(-wp // stride)),
-                                          mode="bilinear", align_corners=False)
+                        v = F.interpolate(
+                            v,
+                            size=(-(-hp // stride), -(-wp // stride)),
+                            mode="bilinear",
+                            align_corners=False,
+                        )
                     rows[name][k] = v[0, :, : -(-h // stride), : -(-w // stride)]
                 else:
                     rows[name][k] = feats[k][0, :, : -(-h // stride), : -(-w // stride)]
@@ -328,7 +341,9 @@ def _rgb(cfg, model, inputs):
 
     fmt = (
         OmegaConf.select(cfg, "dataloader.test.mapper.image_format", default=None)
-        or model.student_format or _input_format(model.teacher) or "BGR"
+        or model.student_format
+        or _input_format(model.teacher)
+        or "BGR"
     )
     img = inputs[0]["image"].permute(1, 2, 0).numpy()
     return np.ascontiguousarray(img if fmt == "RGB" else img[:, :, ::-1])
@@ -358,21 +373,30 @@ def _gid_view(args):
     decode = not gid.shared_decoding
     t_out = dense_outputs(model.teacher, model._teacher_capture.as_dict(), decode)
     s_out = dense_outputs(model.student, cap.as_dict(), decode)
-    (boxes, scores), = gid._select(s_out, t_out, images.image_sizes)
+    ((boxes, scores),) = gid._select(s_out, t_out, images.image_sizes)
     # Boxes, GT and picture in the coordinates of the image the models ran on (_load_image).
     gt = inputs[0]["instances"].gt_boxes if "instances" in inputs[0] else None
     colors = {"positive (IoU>=0.5)": "lime", "semi-positive": "orange", "negative (IoU<0.1)": "red"}
     names = list(colors)
     cols = []
-    iou = pairwise_iou(boxes, gt).amax(dim=1) if gt is not None and len(gt) and len(boxes) else torch.zeros(len(boxes))
+    iou = (
+        pairwise_iou(boxes, gt).amax(dim=1)
+        if gt is not None and len(gt) and len(boxes)
+        else torch.zeros(len(boxes))
+    )
     for v in iou.tolist():
         cols.append(colors[names[0] if v >= 0.5 else names[1] if v >= 0.1 else names[2]])
     image = _rgb(cfg, model, inputs)
-    draw_boxes(image, boxes.tensor.numpy(), cols, args.out,
-               labels=[f"{x:.2f}" for x in scores.tolist()],
-               gt_boxes=gt.tensor.numpy() if gt is not None else None,
-               title=f"GID: {len(boxes)} general instances (label = GI score); dashed = GT",
-               legend=colors)
+    draw_boxes(
+        image,
+        boxes.tensor.numpy(),
+        cols,
+        args.out,
+        labels=[f"{x:.2f}" for x in scores.tolist()],
+        gt_boxes=gt.tensor.numpy() if gt is not None else None,
+        title=f"GID: {len(boxes)} general instances (label = GI score); dashed = GT",
+        legend=colors,
+    )
     print(f"wrote {args.out}: {len(boxes)} GIs, IoU with GT {[round(v, 2) for v in iou.tolist()]}")
 
 
@@ -397,11 +421,17 @@ def _d3etr_view(args):
     t, s = t_cap["head"], s_cap["head"]
     layers = t["pred_logits"].shape[0]
     if not -layers <= args.layer < layers:
-        raise SystemExit(f"[viz d3etr] --layer {args.layer}: the teacher's decoder has {layers} layers "
-                         f"(0 to {layers - 1}, or -{layers} to -1 from the last)")
+        raise SystemExit(
+            f"[viz d3etr] --layer {args.layer}: the teacher's decoder has {layers} layers "
+            f"(0 to {layers - 1}, or -{layers} to -1 from the last)"
+        )
     l = args.layer % layers  # -1 = the last layer
-    ti, si, _ = d3._match(t["pred_logits"][l:l + 1], t["pred_boxes"][l:l + 1],
-                          s["pred_logits"][l:l + 1], s["pred_boxes"][l:l + 1])
+    ti, si, _ = d3._match(
+        t["pred_logits"][l : l + 1],
+        t["pred_boxes"][l : l + 1],
+        s["pred_logits"][l : l + 1],
+        s["pred_boxes"][l : l + 1],
+    )
     pairs = torch.stack([ti[0, 0], si[0, 0]], 1).cpu()  # (P, 2) of image 0
     conf = t["pred_logits"][l, 0].sigmoid().amax(-1)[pairs[:, 0]]
     top = pairs[conf.argsort(descending=True)[: args.top].numpy()]
@@ -413,16 +443,23 @@ def _d3etr_view(args):
     k = len(top)
     gt = inputs[0].get("instances")
     image = _rgb(cfg, model, inputs)
-    draw_boxes(image, boxes, ["deepskyblue"] * k + ["red"] * k, args.out,
-               pairs=[(i, i + k) for i in range(k)],
-               gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
-               title=f"D3ETR layer {l}: top-{k} teacher queries and matched student queries",
-               legend={"teacher": "deepskyblue", "student (matched)": "red"})
+    draw_boxes(
+        image,
+        boxes,
+        ["deepskyblue"] * k + ["red"] * k,
+        args.out,
+        pairs=[(i, i + k) for i in range(k)],
+        gt_boxes=gt.gt_boxes.tensor.numpy() if gt is not None else None,
+        title=f"D3ETR layer {l}: top-{k} teacher queries and matched student queries",
+        legend={"teacher": "deepskyblue", "student (matched)": "red"},
+    )
     print(f"wrote {args.out}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="view", required=True)
     p = sub.add_parser("pkd", help="FPN max-activation maps: teacher vs student before/after")
     p.add_argument("--config", required=True, help="a distillation config (model.student/teacher)")
@@ -430,9 +467,13 @@ def main(argv=None):
     p.add_argument("--before", required=True, help="the student trained alone")
     p.add_argument("--after", required=True, help="the distilled student")
     p.add_argument("--index", type=int, default=0, help="test image index")
-    p.add_argument("--levels", nargs="*", help="the student's levels to draw, each beside the "
-                   "teacher's it is paired with (default: the pairs of the config's PKDDistiller, "
-                   "else the 4 finest levels of a stride both models have)")
+    p.add_argument(
+        "--levels",
+        nargs="*",
+        help="the student's levels to draw, each beside the "
+        "teacher's it is paired with (default: the pairs of the config's PKDDistiller, "
+        "else the 4 finest levels of a stride both models have)",
+    )
     p.add_argument("--out", default="pkd_fpn.png")
     g = sub.add_parser("gid", help="selected general instances on an image")
     g.add_argument("--config", required=True, help="a config with a GIDDistiller")
@@ -449,8 +490,12 @@ def main(argv=None):
     d.add_argument("--top", type=int, default=8, help="the most confident teacher queries drawn")
     d.add_argument("--out", default="d3etr_matches.png")
     for sp in (p, g, d):
-        sp.add_argument("opts", nargs="*", help="key=value overrides of the config, as the run was "
-                        "trained with (last, after --)")
+        sp.add_argument(
+            "opts",
+            nargs="*",
+            help="key=value overrides of the config, as the run was "
+            "trained with (last, after --)",
+        )
     args = parser.parse_args(argv)
     _check_args(args)
     {"pkd": _pkd_view, "gid": _gid_view, "d3etr": _d3etr_view}[args.view](args)

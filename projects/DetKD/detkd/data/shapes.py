@@ -5,6 +5,7 @@ with some images holding no object at all. Written once (fixed seed) as JPEG ima
 JSON file, then registered with detectron2's own COCO loader, so training reads it through
 ``load_coco_json`` and evaluation runs the real :class:`COCOEvaluator`.
 """
+
 import json
 import logging
 import math
@@ -14,10 +15,10 @@ import uuid
 from typing import Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+
+from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["SHAPES_CLASSES", "write_shapes", "register_shapes", "shapes_root"]
 
@@ -33,11 +34,23 @@ def shapes_root() -> str:
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float):
     if kind == "square":
-        pts = [(cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2)) for k in range(4)]
+        pts = [
+            (cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2))
+            for k in range(4)
+        ]
     elif kind == "triangle":
-        pts = [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+        pts = [
+            (
+                cx + r * math.cos(angle + k * 2 * math.pi / 3),
+                cy + r * math.sin(angle + k * 2 * math.pi / 3),
+            )
+            for k in range(3)
+        ]
     else:
-        pts = [(cx + r * math.cos(k * math.pi / 12), cy + r * math.sin(k * math.pi / 12)) for k in range(24)]
+        pts = [
+            (cx + r * math.cos(k * math.pi / 12), cy + r * math.sin(k * math.pi / 12))
+            for k in range(24)
+        ]
     return pts
 
 
@@ -67,7 +80,9 @@ def _draw_image(rng: np.random.Generator, size: Tuple[int, int], max_objects: in
         draw.line([(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=1)
     for _ in range(rng.integers(0, 4)):
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1, 3)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+        draw.ellipse(
+            [x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.uniform(0, 255, 3))
+        )
 
     anns, placed = [], []
     n = 0 if empty else int(rng.integers(1, max_objects + 1))
@@ -143,7 +158,9 @@ def _check_settings(num_images, image_size, max_objects, empty_fraction) -> None
             "empty_fraction sets the share of images without objects"
         )
     if isinstance(empty_fraction, bool) or not isinstance(empty_fraction, numbers.Real):
-        raise ValueError(f"shapes data: empty_fraction must be a number in [0, 1] (got {empty_fraction!r})")
+        raise ValueError(
+            f"shapes data: empty_fraction must be a number in [0, 1] (got {empty_fraction!r})"
+        )
     if not 0 <= empty_fraction <= 1:  # also refuses NaN
         raise ValueError(f"shapes data: empty_fraction must be in [0, 1] (got {empty_fraction!r})")
 
@@ -250,8 +267,11 @@ def register_shapes(
     folder = os.path.abspath(os.path.join(root or shapes_root(), name))
     json_file = os.path.join(folder, "annotations.json")
     if not _written_by_this_version(json_file):
-        what = "Rewriting the synthetic shapes dataset (written by an older DetKD)" if os.path.isfile(json_file) \
+        what = (
+            "Rewriting the synthetic shapes dataset (written by an older DetKD)"
+            if os.path.isfile(json_file)
             else "Writing the synthetic shapes dataset"
+        )
         logger.info(f"{what} {name} to {folder}")
         write_shapes(
             folder,

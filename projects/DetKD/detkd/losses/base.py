@@ -2,6 +2,7 @@
 What every DetKD distiller shares: the :class:`Distiller` interface used by
 :class:`detkd.DistillationDetector`, the context it receives, FPN level pairing and small helpers.
 """
+
 import contextlib
 import math
 import numbers
@@ -12,14 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
-
 from detectron2.layers import ShapeSpec
 from detectron2.structures import ImageList
 from detectron2.utils.events import _CURRENT_STORAGE_STACK
+from torch import nn
 
 from ..capture import _map_tensors
-
 
 __all__ = [
     "Distiller",
@@ -250,8 +249,10 @@ def check_weight(owner: str, arg: str, value) -> float:
         float: ``value``.
     """
     if (
-        isinstance(value, bool) or not isinstance(value, numbers.Real)
-        or not math.isfinite(value) or value < 0
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
     ):
         raise ValueError(
             f"{owner}: {arg} must be a finite number >= 0 ({_key(arg)}), got {value!r}"
@@ -273,16 +274,15 @@ def check_positive_int(owner: str, arg: str, value, meaning: str = "") -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         what = f" ({meaning})" if meaning else ""
-        raise ValueError(
-            f"{owner}: {arg} must be an int >= 1{what} ({_key(arg)}), got {value!r}"
-        )
+        raise ValueError(f"{owner}: {arg} must be an int >= 1{what} ({_key(arg)}), got {value!r}")
     return int(value)
 
 
 def check_fraction(owner: str, arg: str, value) -> float:
     """A number in [0, 1] (bool excluded), e.g. an IoU threshold. Returns it as a float."""
     if (
-        isinstance(value, bool) or not isinstance(value, numbers.Real)
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
         or not (0 <= value <= 1)  # also False for NaN
     ):
         raise ValueError(f"{owner}: {arg} must be a number in [0, 1] ({_key(arg)}), got {value!r}")

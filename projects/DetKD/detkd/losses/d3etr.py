@@ -37,6 +37,7 @@ Naming convention:
     logits (L, B, N, K), boxes (L, B, N, 4) normalized cxcywh; sa (B, M, N, N) and
     ca (B, M, N, HW) attention weights of one layer (softmax rows).
 """
+
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +209,9 @@ class _PendingMatch:
                 copied.synchronize()  # releases the GIL while the device catches up
             if stop.is_set():
                 return None
-            return hungarian_match(host.numpy(), pool="d3etr", stop=stop)  # own pool: see solve_assignments
+            return hungarian_match(
+                host.numpy(), pool="d3etr", stop=stop
+            )  # own pool: see solve_assignments
 
         if not _MATCH_THREAD:
             _MATCH_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="detkd-d3etr-match"))
@@ -259,10 +262,14 @@ def _attention_map(taps, layer: int, kind: str, side: str):
         if found is not None:
             return found
     what = (
-        f"a {type(out).__name__}" if not isinstance(out, (tuple, list))
-        else f"a {len(out)}-tuple" if len(out) < 2
-        else f"weights {type(weights).__name__}"
-        + (f" of shape {tuple(weights.shape)}" if torch.is_tensor(weights) else "")
+        f"a {type(out).__name__}"
+        if not isinstance(out, (tuple, list))
+        else (
+            f"a {len(out)}-tuple"
+            if len(out) < 2
+            else f"weights {type(weights).__name__}"
+            + (f" of shape {tuple(weights.shape)}" if torch.is_tensor(weights) else "")
+        )
     )
     raise ValueError(
         f"D3ETR reads attention weights from the {side}'s {name}, which returned {what}: it "
@@ -460,8 +467,11 @@ class D3ETRDistiller(Distiller):
                 self._check_head(t_head, "teacher")
                 self._check_head(out, "student")
                 self._pending = self._start_match(
-                    t_head["pred_logits"], t_head["pred_boxes"],
-                    out["pred_logits"][:, :, :Ns], out["pred_boxes"][:, :, :Ns], owner=ctx,
+                    t_head["pred_logits"],
+                    t_head["pred_boxes"],
+                    out["pred_logits"][:, :, :Ns],
+                    out["pred_boxes"][:, :, :Ns],
+                    owner=ctx,
                 )
 
         with contextlib.ExitStack() as stack:  # undone here if entering a part fails
@@ -488,7 +498,9 @@ class D3ETRDistiller(Distiller):
         shapes = f"pred_logits {tuple(logits.shape)}, pred_boxes {tuple(boxes.shape)}"
         L, K = self.num_layers, self.num_classes
         if (
-            logits.dim() != 4 or boxes.dim() != 4 or boxes.shape[-1] != 4
+            logits.dim() != 4
+            or boxes.dim() != 4
+            or boxes.shape[-1] != 4
             or logits.shape[:3] != boxes.shape[:3]
         ):
             raise ValueError(
@@ -593,8 +605,10 @@ class D3ETRDistiller(Distiller):
             if self.fixed_matching:
                 a = slice(Ns, Ns + Nt)
                 aux = self._pair_losses(
-                    s_logits[:, :, a].flatten(1, 2), s_boxes[:, :, a].flatten(1, 2),
-                    t_logits.flatten(1, 2), t_boxes.flatten(1, 2),
+                    s_logits[:, :, a].flatten(1, 2),
+                    s_boxes[:, :, a].flatten(1, 2),
+                    t_logits.flatten(1, 2),
+                    t_boxes.flatten(1, 2),
                 )
             aux_gt = {}
             if self.aux_gt_loss:
@@ -605,7 +619,9 @@ class D3ETRDistiller(Distiller):
             pending.cancel()
             raise
 
-        ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes, pending)  # (L, B, P)
+        ti, si, mean_cost = self._match(
+            t_logits, t_boxes, g1_logits, g1_boxes, pending
+        )  # (L, B, P)
         for l, c in enumerate(mean_cost):
             put_scalar(f"d3etr/match_cost_{l}", float(c))
 
@@ -613,8 +629,10 @@ class D3ETRDistiller(Distiller):
         lidx = torch.arange(L, device=ti.device)[:, None, None]  # (L, 1, 1)
         bidx = torch.arange(B, device=ti.device)[None, :, None]  # (1, B, 1)
         totals = self._pair_losses(  # matched pairs as (L, B * P, K) logits, (L, B * P, 4) boxes
-            g1_logits[lidx, bidx, si].flatten(1, 2), g1_boxes[lidx, bidx, si].flatten(1, 2),
-            t_logits[lidx, bidx, ti].flatten(1, 2), t_boxes[lidx, bidx, ti].flatten(1, 2),
+            g1_logits[lidx, bidx, si].flatten(1, 2),
+            g1_boxes[lidx, bidx, si].flatten(1, 2),
+            t_logits[lidx, bidx, ti].flatten(1, 2),
+            t_boxes[lidx, bidx, ti].flatten(1, 2),
         )
         if self.fixed_matching:
             totals = {k: totals[k] + aux[k] for k in totals}
@@ -688,11 +706,13 @@ class D3ETRDistiller(Distiller):
         weight = t_ca.new_zeros(B, s_ca.shape[2])
         weight[bidx, si] = 1.0 / (B * M * P)
         if self.fixed_matching:
-            target[:, :, Ns:Ns + Nt] = t_ca
-            weight[:, Ns:Ns + Nt] = 1.0 / (B * M * Nt)
+            target[:, :, Ns : Ns + Nt] = t_ca
+            weight[:, Ns : Ns + Nt] = 1.0 / (B * M * Nt)
             ent = ent + entropy.sum() / (B * M * Nt)
         everything = slice(None)
-        return ent - _RowCrossEntropy.apply(s_ca, [(everything, everything, target, weight[:, None, :])])
+        return ent - _RowCrossEntropy.apply(
+            s_ca, [(everything, everything, target, weight[:, None, :])]
+        )
 
     def _self_attention_kl(self, t_sa, s_sa, ti, si, Ns):
         """
@@ -714,8 +734,12 @@ class D3ETRDistiller(Distiller):
             # check), and si is a permutation of the Ns = Nt own queries: the scatters write
             # every element.
             rows = t_sa
-            cols = torch.empty_like(rows).scatter_(3, si[:, None, None, :].expand(B, M, Nt, Nt), rows)
-            target = torch.empty_like(rows).scatter_(2, si[:, None, :, None].expand(B, M, Nt, Nt), cols)
+            cols = torch.empty_like(rows).scatter_(
+                3, si[:, None, None, :].expand(B, M, Nt, Nt), rows
+            )
+            target = torch.empty_like(rows).scatter_(
+                2, si[:, None, :, None].expand(B, M, Nt, Nt), cols
+            )
             blocks.append((slice(0, Ns), slice(0, Ns), target, weight))
             ent = ent + entropy
         if self.fixed_matching:
@@ -740,11 +764,13 @@ class D3ETRDistiller(Distiller):
                 teacher_indices = match_flat(t_logits[-1:], t_boxes[-1:], targets)
             else:
                 teacher_indices = student.matcher(t_logits[-1], t_boxes[-1], targets)
-        losses = student.compute_gt_losses(aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices)
+        losses = student.compute_gt_losses(
+            aux_logits, aux_boxes, targets, indices_last_layer=teacher_indices
+        )
         bad = [k for k in losses if not k.startswith("loss_")]
         if bad:  # renamed loss_d3etr_aux_<name> below: other keys would collide and be lost
             raise ValueError(
                 f"D3ETR: the student's compute_gt_losses returned keys {bad}; its keys must be "
                 "'loss_<name>' (they become loss_d3etr_aux_<name>)"
             )
-        return {"loss_d3etr_aux_" + k[len("loss_"):]: v for k, v in losses.items()}
+        return {"loss_d3etr_aux_" + k[len("loss_") :]: v for k, v in losses.items()}

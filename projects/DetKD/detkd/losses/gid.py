@@ -20,13 +20,12 @@ Naming convention:
     scores (N, R, K) sigmoid probabilities; boxes (N, R, 4) absolute XYXY;
     anchors: list[Boxes] per level (R_l, 4); logits / deltas (N, R, K) / (N, R, 4)
 """
+
 import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
 from detectron2.modeling.meta_arch import GeneralizedRCNN
@@ -34,6 +33,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, pairwise_iou
+from torch import nn
 
 from ..utils import host_tensor, memory_format_of
 from .base import (
@@ -87,18 +87,32 @@ def dense_outputs(model: nn.Module, taps: Dict, decode: bool = True) -> Dict:
         objectness, deltas = taps["proposal_generator.rpn_head"]
         logits = cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1)[..., None]
         deltas = cat([permute_to_N_HWA_K(d, 4) for d in deltas], dim=1)  # (N, R, 4)
-        anchors, b2b, gen = taps["proposal_generator.anchor_generator"], rpn.box2box_transform, rpn.anchor_generator
+        anchors, b2b, gen = (
+            taps["proposal_generator.anchor_generator"],
+            rpn.box2box_transform,
+            rpn.anchor_generator,
+        )
     else:
         dims = [model.num_classes, 4, 1] if isinstance(model, FCOS) else [model.num_classes, 4]
         preds = model._transpose_dense_predictions(taps["head"], dims)
         logits, deltas = cat(preds[0], dim=1), cat(preds[1], dim=1)  # (N, R, K), (N, R, 4)
         if isinstance(model, FCOS):
             centerness = cat(preds[2], dim=1)  # (N, R, 1)
-        anchors, b2b, gen = taps["anchor_generator"], model.box2box_transform, model.anchor_generator
+        anchors, b2b, gen = (
+            taps["anchor_generator"],
+            model.box2box_transform,
+            model.anchor_generator,
+        )
     boxes = decode_boxes(b2b, deltas, anchors) if decode else None
     return dict(
-        logits=logits, deltas=deltas, anchors=anchors, boxes=boxes, box2box=b2b,
-        num_anchors=list(gen.num_anchors), strides=list(gen.strides), centerness=centerness,
+        logits=logits,
+        deltas=deltas,
+        anchors=anchors,
+        boxes=boxes,
+        box2box=b2b,
+        num_anchors=list(gen.num_anchors),
+        strides=list(gen.strides),
+        centerness=centerness,
     )
 
 
@@ -106,11 +120,15 @@ def decode_boxes(box2box, deltas: torch.Tensor, anchors: List[Boxes]) -> torch.T
     """(N, R, 4) deltas (no gradient taken) at the anchors of every level -> (N, R, 4) XYXY boxes."""
     N, R = deltas.shape[:2]
     all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
-    return box2box.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(N, R, 4)
+    return box2box.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(
+        N, R, 4
+    )
 
 
 @torch.no_grad()
-def per_location(out: Dict, strides: List[int], class_agnostic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def per_location(
+    out: Dict, strides: List[int], class_agnostic: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Reduce dense predictions to one per feature-map location (for pairs whose heads differ in
     anchors per location, e.g. an FCOS student and a RetinaNet teacher): at each location the
@@ -199,8 +217,14 @@ def select_general_instances(
     gi, teacher_wins = general_instance_scores(t_scores, s_scores)
     boxes = torch.where(teacher_wins[..., None], t_boxes, s_boxes)  # (N, R, 4)
     return select_from_scores(
-        gi, boxes, image_sizes, topk=topk, nms_thresh=nms_thresh, min_size=min_size,
-        pre_nms_topk=pre_nms_topk, level_sizes=level_sizes,
+        gi,
+        boxes,
+        image_sizes,
+        topk=topk,
+        nms_thresh=nms_thresh,
+        min_size=min_size,
+        pre_nms_topk=pre_nms_topk,
+        level_sizes=level_sizes,
     )
 
 
@@ -365,7 +389,11 @@ def roi_align_sampling(
 
     xi, xw = axis(0, W)
     yi, yw = axis(1, H)
-    pos = offset[:, None, None, None, None] + (yi * W[:, None, None])[:, :, None, :, None] + xi[:, None, :, None, :]
+    pos = (
+        offset[:, None, None, None, None]
+        + (yi * W[:, None, None])[:, :, None, :, None]
+        + xi[:, None, :, None, :]
+    )
     weight = yw[:, :, None, :, None] * xw[:, None, :, None, :] / (sr * sr)  # (G, S, S, 2sr, 2sr)
     return pos.reshape(G * S * S, 4 * sr * sr), weight.reshape(G * S * S, 4 * sr * sr)
 
@@ -415,7 +443,9 @@ class _WeightedGather(torch.autograd.Function):
         # One pass over (R * P) lookups, no (R, C) product per sampling corner to index-add.
         flat = pos.flatten()
         # A fixed summation order (stable: reproducible runs); int32 keys sort ~1.6x faster.
-        order = torch.argsort(flat.int() if ctx.rows <= torch.iinfo(torch.int32).max else flat, stable=True)
+        order = torch.argsort(
+            flat.int() if ctx.rows <= torch.iinfo(torch.int32).max else flat, stable=True
+        )
         if flat.is_cuda:  # bincount would synchronise (it reads the largest index first)
             counts = torch.zeros(ctx.rows, dtype=flat.dtype, device=flat.device)
             counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -429,7 +459,9 @@ class _WeightedGather(torch.autograd.Function):
         return grad_x, None, None
 
 
-def roi_align_gather(features: List[torch.Tensor], pos: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def roi_align_gather(
+    features: List[torch.Tensor], pos: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """
     Pool boxes from FPN maps with the sampling of :func:`roi_align_sampling`.
 
@@ -472,8 +504,12 @@ class _ImageBlocks:
         starts, n = starts_n[:, 0], starts_n[:, 1]  # (M,) first row, GIs of each kept image
         slot = torch.arange(G, device=device)
         valid = slot[None, :] < n[:, None]  # (M, G)
-        self.rows = torch.where(valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
-        self.pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
+        self.rows = torch.where(
+            valid, starts[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long)
+        )
+        self.pair = (
+            valid[:, :, None] & valid[:, None, :] & ~torch.eye(G, dtype=torch.bool, device=device)
+        )
         self.n_pairs = self.pair.sum(dim=(1, 2)).to(dtype)
 
     def grams(self, gram: torch.Tensor) -> torch.Tensor:
@@ -543,7 +579,9 @@ class _SquaredErrorAndGram(torch.autograd.Function):
                 grad3, a3 = grad.view(M, G, -1), a.view(M, G, -1)
                 grad3.baddbmm_(sym, a3).addcmul_(rowsum, a3[:, :1], value=-1.0)
             else:
-                grad.addmm_(sym, a).addcmul_(rowsum, a.index_select(0, ctx.blocks.first), value=-1.0)
+                grad.addmm_(sym, a).addcmul_(
+                    rowsum, a.index_select(0, ctx.blocks.first), value=-1.0
+                )
         return grad, None, None
 
 
@@ -560,7 +598,9 @@ def _normalized_distances(gram: torch.Tensor, blocks: _ImageBlocks) -> torch.Ten
     return d / phi.clamp(min=1e-12)[:, None, None]
 
 
-def _relation_from_grams(gram_s: torch.Tensor, gram_t: torch.Tensor, blocks: _ImageBlocks) -> torch.Tensor:
+def _relation_from_grams(
+    gram_s: torch.Tensor, gram_t: torch.Tensor, blocks: _ImageBlocks
+) -> torch.Tensor:
     """The relation loss (see :func:`relation_loss`) from the (M, G, G) Gram blocks."""
     ds, dt = _normalized_distances(gram_s, blocks), _normalized_distances(gram_t, blocks)
     per = (F.smooth_l1_loss(ds, dt, beta=1.0, reduction="none") * blocks.pair).sum(dim=(1, 2))
@@ -576,7 +616,9 @@ def _in_float32(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Ten
     return student, teacher.to(student.dtype)
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
+def relation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, counts: Optional[List[int]] = None
+) -> torch.Tensor:
     """
     GID relation loss (RKD distance loss with Huber beta = 1).
 
@@ -630,7 +672,9 @@ def feature_and_relation_losses(
     return sse, _relation_from_grams(blocks.grams(gram_s), gram_t, blocks)
 
 
-def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Tensor) -> torch.Tensor:
+def batched_matcher_positives(
+    matcher, gt_boxes: List[Boxes], anchors: torch.Tensor
+) -> torch.Tensor:
     """
     Positive labels of detectron2's :class:`Matcher` for every image at once (equal to calling
     ``matcher(pairwise_iou(gt, anchors))`` per image and taking ``labels == 1``).
@@ -647,7 +691,9 @@ def batched_matcher_positives(matcher, gt_boxes: List[Boxes], anchors: torch.Ten
     counts = host_tensor([len(b) for b in gt_boxes], device)
     gt = torch.nn.utils.rnn.pad_sequence(
         [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)], batch_first=True
-    )[:N]  # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
+    )[
+        :N
+    ]  # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
     valid = torch.arange(gt.shape[1], device=device) < counts[:, None]  # (N, G)
     # pairwise_iou's values (0 where boxes do not intersect) in (N, G, R) tensors, one
     # coordinate at a time and in place: no broadcast over a trailing pair dimension.
@@ -755,7 +801,8 @@ class GIDDistiller(Distiller):
         if response_ctr_weight is None:
             response_ctr_weight = response_cls_weight
         weights = dict(
-            feat=("feat_weight", feat_weight), relation=("relation_weight", relation_weight),
+            feat=("feat_weight", feat_weight),
+            relation=("relation_weight", relation_weight),
             cls=("response_cls_weight", response_cls_weight),
             reg=("response_reg_weight", response_reg_weight),
             ctr=("response_ctr_weight", response_ctr_weight),
@@ -788,7 +835,11 @@ class GIDDistiller(Distiller):
     def taps(model) -> List[str]:
         """The submodules whose outputs GID reads on ``model``."""
         if isinstance(model, GeneralizedRCNN):
-            return ["backbone", "proposal_generator.rpn_head", "proposal_generator.anchor_generator"]
+            return [
+                "backbone",
+                "proposal_generator.rpn_head",
+                "proposal_generator.anchor_generator",
+            ]
         return ["backbone", "head", "anchor_generator"]
 
     def student_taps(self, student):
@@ -816,7 +867,10 @@ class GIDDistiller(Distiller):
             list(ga.strides) == list(gb.strides)
             and ga.offset == gb.offset
             and len(ga.cell_anchors) == len(gb.cell_anchors)
-            and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ga.cell_anchors, gb.cell_anchors))
+            and all(
+                x.shape == y.shape and torch.equal(x, y)
+                for x, y in zip(ga.cell_anchors, gb.cell_anchors)
+            )
         )
 
     @classmethod
@@ -843,25 +897,35 @@ class GIDDistiller(Distiller):
 
     def bind(self, student, teacher):
         for side, m in (("student", student), ("teacher", teacher)):
-            no_rpn = isinstance(m, GeneralizedRCNN) and getattr(m, "proposal_generator", None) is None
-            if no_rpn or (not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator")):
+            no_rpn = (
+                isinstance(m, GeneralizedRCNN) and getattr(m, "proposal_generator", None) is None
+            )
+            if no_rpn or (
+                not isinstance(m, (GeneralizedRCNN, FCOS)) and not hasattr(m, "anchor_generator")
+            ):
                 raise TypeError(
                     f"GID: the {side} ({type(m).__name__}) has no dense head or RPN, whose "
                     "predictions GID selects its instances from (RetinaNet, FCOS, a "
                     "GeneralizedRCNN with an RPN); distil its features with PKD or ReviewKD"
                 )
-        same_family = isinstance(student, GeneralizedRCNN) == isinstance(teacher, GeneralizedRCNN) and (
-            isinstance(student, FCOS) == isinstance(teacher, FCOS)
-        )
+        same_family = isinstance(student, GeneralizedRCNN) == isinstance(
+            teacher, GeneralizedRCNN
+        ) and (isinstance(student, FCOS) == isinstance(teacher, FCOS))
         k = lambda m: 1 if isinstance(m, GeneralizedRCNN) else m.num_classes  # noqa: E731
         problems = []
         if not same_family:
-            problems.append(f"different heads ({type(student).__name__} vs {type(teacher).__name__})")
+            problems.append(
+                f"different heads ({type(student).__name__} vs {type(teacher).__name__})"
+            )
         elif not self._same_anchors(student, teacher):
             problems.append("different anchors")
         if k(student) != k(teacher):
             rcnn = isinstance(student, GeneralizedRCNN) or isinstance(teacher, GeneralizedRCNN)
-            rpn = " (an R-CNN's dense predictions are its RPN's: one class, objectness)" if rcnn else ""
+            rpn = (
+                " (an R-CNN's dense predictions are its RPN's: one class, objectness)"
+                if rcnn
+                else ""
+            )
             problems.append(f"different class counts ({k(student)} vs {k(teacher)}){rpn}")
         if problems and self.selection == "location":
             if self.response:
@@ -893,7 +957,9 @@ class GIDDistiller(Distiller):
                 "use PKD or ReviewKD (response=False alone only removes the response term: anchor "
                 "selection still needs aligned predictions)."
             )
-        self.shared_decoding = self.selection == "anchor" and self._same_box_transform(student, teacher)
+        self.shared_decoding = self.selection == "anchor" and self._same_box_transform(
+            student, teacher
+        )
         self.reencode_teacher_deltas = (
             self.selection == "anchor" and self.response and not self._same_deltas(student, teacher)
         )
@@ -978,7 +1044,8 @@ class GIDDistiller(Distiller):
         device = s_feats[0].device
         counts = [len(b) for b in boxes]
         image = torch.repeat_interleave(  # output_size: no host sync
-            torch.arange(len(boxes), device=device), host_tensor(counts, device),
+            torch.arange(len(boxes), device=device),
+            host_tensor(counts, device),
             output_size=sum(counts),
         )
         all_boxes = all_boxes.to(s_feats[0].dtype)
@@ -1005,17 +1072,27 @@ class GIDDistiller(Distiller):
         if isinstance(student, FCOS):  # FCOS's own center-sampling assignment, per image
             R = sum(len(a) for a in anchors)
             device = anchors[0].tensor.device
-            return torch.stack([
-                student._match_anchors(b, anchors).amax(dim=0) > 0 if len(b)
-                else torch.zeros(R, dtype=torch.bool, device=device)
-                for b in gi_boxes
-            ])
-        return batched_matcher_positives(self._dense(student, "anchor_matcher"), gi_boxes, Boxes.cat(anchors).tensor)
+            return torch.stack(
+                [
+                    (
+                        student._match_anchors(b, anchors).amax(dim=0) > 0
+                        if len(b)
+                        else torch.zeros(R, dtype=torch.bool, device=device)
+                    )
+                    for b in gi_boxes
+                ]
+            )
+        return batched_matcher_positives(
+            self._dense(student, "anchor_matcher"), gi_boxes, Boxes.cat(anchors).tensor
+        )
 
     def _select(self, s_out: Dict, t_out: Dict, image_sizes) -> List[Tuple[Boxes, torch.Tensor]]:
         """GISM on the two models' dense outputs (its (N, R, K) score tensors are freed on return)."""
         sel_args = dict(
-            topk=self.topk, nms_thresh=self.nms_thresh, min_size=self.min_size, pre_nms_topk=self.pre_nms_topk
+            topk=self.topk,
+            nms_thresh=self.nms_thresh,
+            min_size=self.min_size,
+            pre_nms_topk=self.pre_nms_topk,
         )
         if self.location_strides is not None:
             t_sc, t_bx = per_location(t_out, self.location_strides, self.class_agnostic)
@@ -1027,13 +1104,18 @@ class GIDDistiller(Distiller):
                 )
             level = {st: i for i, st in enumerate(t_out["strides"])}
             sizes = [  # locations per level
-                len(t_out["anchors"][level[st]]) // t_out["num_anchors"][level[st]] for st in self.location_strides
+                len(t_out["anchors"][level[st]]) // t_out["num_anchors"][level[st]]
+                for st in self.location_strides
             ]
-            return select_general_instances(t_sc, s_sc, t_bx, s_bx, image_sizes, level_sizes=sizes, **sel_args)
+            return select_general_instances(
+                t_sc, s_sc, t_bx, s_bx, image_sizes, level_sizes=sizes, **sel_args
+            )
         sel_args["level_sizes"] = [len(a) for a in t_out["anchors"]]
         t_sc, s_sc = t_out["logits"].sigmoid(), s_out["logits"].detach().sigmoid()
         if not self.shared_decoding:
-            return select_general_instances(t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args)
+            return select_general_instances(
+                t_sc, s_sc, t_out["boxes"], s_out["boxes"], image_sizes, **sel_args
+            )
         # One decoding, of each prediction's more confident model.
         gi, teacher_wins = general_instance_scores(t_sc, s_sc)
         del t_sc, s_sc
@@ -1044,7 +1126,9 @@ class GIDDistiller(Distiller):
     def forward(self, student_taps, teacher_taps, ctx) -> Dict[str, torch.Tensor]:
         student, teacher = ctx.student, ctx.teacher
         decode = not self.shared_decoding
-        s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(teacher, teacher_taps, decode)
+        s_out, t_out = dense_outputs(student, student_taps, decode), dense_outputs(
+            teacher, teacher_taps, decode
+        )
         selected = self._select(s_out, t_out, ctx.teacher_images.image_sizes)
         gi_boxes = [b for b, _ in selected]
         self._log_selection(gi_boxes, ctx)
@@ -1059,7 +1143,9 @@ class GIDDistiller(Distiller):
         n_total, bins = sum(counts), self.pooler_resolution**2
         # Per GI: its S*S bins x C channels flattened (an order that distances do not see).
         sse, rel = feature_and_relation_losses(
-            s_roi.reshape(n_total, bins * s_roi.shape[1]), t_roi.reshape(n_total, bins * t_roi.shape[1]), counts
+            s_roi.reshape(n_total, bins * s_roi.shape[1]),
+            t_roi.reshape(n_total, bins * t_roi.shape[1]),
+            counts,
         )
         if n_total:
             feat = sse / (n_total * bins)
@@ -1082,9 +1168,11 @@ class GIDDistiller(Distiller):
             t_deltas = rows(t_out["deltas"])  # (P, 4)
             if self.reencode_teacher_deltas:  # the teacher's boxes as the student's deltas
                 anchors = Boxes.cat(s_out["anchors"]).tensor  # (R, 4), the same on both sides
-                t_deltas = s_out["box2box"].get_deltas(
-                    anchors[idx % len(anchors)], rows(t_out["boxes"])
-                ).to(t_deltas.dtype)
+                t_deltas = (
+                    s_out["box2box"]
+                    .get_deltas(anchors[idx % len(anchors)], rows(t_out["boxes"]))
+                    .to(t_deltas.dtype)
+                )
             reg = (rows(s_out["deltas"]) - t_deltas).abs().sum()
             put_scalar("gid/num_response_positives", len(idx) / len(mask))
             losses["loss_gid_response_cls"] = self.weights["cls"] * cls / n_pos

@@ -15,6 +15,7 @@ Naming convention:
     feat_s, feat_t: student / teacher feature maps of one level, shape (N, C, H, W)
     norm_s, norm_t: the same after per-channel standardisation, shape (C, M)
 """
+
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -55,7 +56,9 @@ def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     # residue, divided by std + eps ~ eps, gave it a row of arbitrary size instead of zeros.
     x = x - x[:, :1]
     mean = x.mean(dim=1, keepdim=True)
-    std = x.std(dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0)  # unbiased, as the reference
+    std = x.std(
+        dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0
+    )  # unbiased, as the reference
     return (x - mean) / (std + eps)
 
 
@@ -91,9 +94,13 @@ def pkd_level_loss(
         )
     if feat_s.shape[2:] != feat_t.shape[2:]:  # also maps of equal height, other width
         if resize_student:
-            feat_s = F.interpolate(feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False)
+            feat_s = F.interpolate(
+                feat_s, size=feat_t.shape[2:], mode="bilinear", align_corners=False
+            )
         else:
-            feat_t = F.interpolate(feat_t, size=feat_s.shape[2:], mode="bilinear", align_corners=False)
+            feat_t = F.interpolate(
+                feat_t, size=feat_s.shape[2:], mode="bilinear", align_corners=False
+            )
     if feat_t.requires_grad:  # a trainable "teacher": plain autograd on the definition
         return F.mse_loss(_standardize_channels(feat_s), _standardize_channels(feat_t)) / 2
     return _PKDLevelLoss.apply(feat_s, feat_t)
@@ -146,7 +153,9 @@ class _PKDLevelLoss(torch.autograd.Function):
         k = grad / (2 * C * M)
         # d/ds of a_s^2 Q_s, and of -2 a_s a_t cov through a_s (0 for a constant channel);
         # d cov / ds_m = tc_m - sum(tc) / M.
-        ratio = torch.where(std_s > 0, cov / (max(M - 1, 1) * std_s.clamp(min=1e-30)), torch.zeros_like(cov))
+        ratio = torch.where(
+            std_s > 0, cov / (max(M - 1, 1) * std_s.clamp(min=1e-30)), torch.zeros_like(cov)
+        )
         A = 2 * (a_s**2 - a_s**3 * std_s) + 2 * a_t * a_s**2 * ratio
         B = -2 * a_t * a_s
         D = 2 * a_t * a_s * sum_tc / M
@@ -178,9 +187,7 @@ def pkd_loss(
         raise ValueError(
             f"PKD: {len(student_feats)} student levels vs {len(teacher_feats)} teacher levels"
         )
-    return sum(
-        pkd_level_loss(s, t, resize_student) for s, t in zip(student_feats, teacher_feats)
-    )
+    return sum(pkd_level_loss(s, t, resize_student) for s, t in zip(student_feats, teacher_feats))
 
 
 class PKDDistiller(Distiller):

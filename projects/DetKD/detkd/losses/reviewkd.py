@@ -20,16 +20,16 @@ Naming convention:
     x: a student level (N, Cs, H, W); residual: the deeper fused map before conv2 (N, Cm, h, w);
     out: a fused map in the teacher's channels (N, Ct, H, W)
 """
+
 import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.layers import Conv2d, NaiveSyncBatchNorm, get_norm
 from detectron2.utils import comm
+from torch import nn
 
 from ..utils import memory_format_of
 from .base import (
@@ -85,7 +85,9 @@ def _pooling_operators(H: int, W: int, sizes, weights, like: torch.Tensor):
         with torch.inference_mode(False):
             ah = torch.cat([_pool_matrix(H, p, like) for p in sizes])
             aw = torch.cat([_pool_matrix(W, p, like) for p in sizes])
-            blocks = [torch.full((p, p), w / (p * p), dtype=like.dtype) for p, w in zip(sizes, weights)]
+            blocks = [
+                torch.full((p, p), w / (p * p), dtype=like.dtype) for p, w in zip(sizes, weights)
+            ]
             mask = torch.block_diag(*blocks).to(like.device)
         ops = _OPERATORS[key] = (ah, aw, mask)
     return ops
@@ -166,7 +168,9 @@ def hcl_loss(
     if isinstance(student_feats, torch.Tensor):
         student_feats, teacher_feats = [student_feats], [teacher_feats]
     if len(student_feats) != len(teacher_feats):
-        raise ValueError(f"HCL: {len(student_feats)} student vs {len(teacher_feats)} teacher levels")
+        raise ValueError(
+            f"HCL: {len(student_feats)} student vs {len(teacher_feats)} teacher levels"
+        )
     return sum(hcl_level_loss(s, t) for s, t in zip(student_feats, teacher_feats))
 
 
@@ -202,7 +206,9 @@ class ABF(nn.Module):
     is the residual handed to the next finer level.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, norm: str = "BN"):
+    def __init__(
+        self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, norm: str = "BN"
+    ):
         """
         Args:
             in_channels (int): the student level's channels (Cs).
@@ -212,7 +218,9 @@ class ABF(nn.Module):
             norm (str): detectron2 norm name for conv1/conv2 ("BN", "SyncBN", "GN", ...).
         """
         super().__init__()
-        self.conv1 = Conv2d(in_channels, mid_channels, 1, bias=False, norm=get_norm(norm, mid_channels))
+        self.conv1 = Conv2d(
+            in_channels, mid_channels, 1, bias=False, norm=get_norm(norm, mid_channels)
+        )
         self.conv2 = Conv2d(
             mid_channels, out_channels, 3, padding=1, bias=False, norm=get_norm(norm, out_channels)
         )
@@ -363,8 +371,12 @@ class ReviewKDDistiller(Distiller):
             raise ValueError(
                 f"ReviewKD: abf_precision must be None (the training step's precision) or 'bf16', "
                 f"got {abf_precision!r}"
-                + (": fp16 outside AMP has no grad scaler; train with AMP (train.amp.enabled) "
-                   "instead, the ABFs then follow it" if abf_precision == "fp16" else "")
+                + (
+                    ": fp16 outside AMP has no grad scaler; train with AMP (train.amp.enabled) "
+                    "instead, the ABFs then follow it"
+                    if abf_precision == "fp16"
+                    else ""
+                )
             )
         self.abf_precision = abf_precision
         self.loss_weight = loss_weight
@@ -393,14 +405,18 @@ class ReviewKDDistiller(Distiller):
                     "not multiples of 32. Set model.distillers.<name>.norm='BN' (or another norm)."
                 )
             if mid % 32:
-                given = "" if self.mid_channels else " (mid_channels=None: the teacher's widest level)"
+                given = (
+                    "" if self.mid_channels else " (mid_channels=None: the teacher's widest level)"
+                )
                 raise ValueError(
                     f"ReviewKD: norm='GN' normalises the ABFs' middle convolutions in 32 groups, "
                     f"which must divide their channels; mid_channels is {mid}{given}. Set "
                     "model.distillers.<name>.mid_channels to a multiple of 32, or norm='BN'."
                 )
         for s, t in self.pairs:
-            self.abfs[s] = ABF(s_shapes[s].channels, mid, t_shapes[t].channels, fuse=s != deepest, norm=self.norm)
+            self.abfs[s] = ABF(
+                s_shapes[s].channels, mid, t_shapes[t].channels, fuse=s != deepest, norm=self.norm
+            )
 
     def review(self, student_feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """
@@ -471,7 +487,9 @@ class ReviewKDDistiller(Distiller):
                     h, w = min(out.shape[2], ref.shape[2]), min(out.shape[3], ref.shape[3])
                     out, ref = out[:, :, :h, :w], ref[:, :, :h, :w]
                 else:  # pair_by="index" across strides: as PKD does
-                    out = F.interpolate(out, size=ref.shape[2:], mode="bilinear", align_corners=False)
+                    out = F.interpolate(
+                        out, size=ref.shape[2:], mode="bilinear", align_corners=False
+                    )
             level = hcl_level_loss(out, ref)
             put_scalar(f"reviewkd/{s}", level)
             total = total + level

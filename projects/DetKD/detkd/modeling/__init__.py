@@ -1,4 +1,5 @@
 """Detectors DetKD adds to detectron2."""
+
 from .detr import (
     Attention,
     ConditionalDETR,

@@ -20,6 +20,7 @@ Shape shorthand in this module:
     H, W: size of the encoder's feature map; HW = H * W
     L: decoder layers; K: classes; G: ground-truth boxes of one image
 """
+
 import contextlib
 import math
 import threading
@@ -29,13 +30,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
-from torch import nn
-from torchvision.ops import box_convert, sigmoid_focal_loss
-
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from ..utils import host_tensor
 
@@ -82,11 +82,9 @@ def solve_assignments(
     Returns:
         list[(ndarray, ndarray) or None]: per matrix, the matched rows (sorted) and columns.
     """
-    solve = linear_sum_assignment
-    if stop is not None:
 
-        def solve(c):
-            return None if stop.is_set() else linear_sum_assignment(c)
+    def solve(c):
+        return None if stop is not None and stop.is_set() else linear_sum_assignment(c)
 
     threads = max(1, torch.get_num_threads())
     # Small problems (ground-truth matching, a few boxes per image) take microseconds each:
@@ -199,7 +197,9 @@ class PositionEmbeddingSine(nn.Module):
     Returns (B, 2 * num_pos_feats, H, W) from a padding mask (B, H, W) (True = padding).
     """
 
-    def __init__(self, *, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi):
+    def __init__(
+        self, *, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi
+    ):
         super().__init__()
         self.num_pos_feats, self.temperature, self.scale = num_pos_feats, temperature, scale
 
@@ -327,11 +327,16 @@ class Attention(nn.Module):
         call per group. Equals a block-diagonal ``attn_mask``, without computing the masked part."""
         B, Nq, _ = q.shape
         if sum(groups) != Nq or k.shape[1] != Nq:
-            raise ValueError(f"groups {groups} must split the {Nq} queries (= keys) of self-attention")
+            raise ValueError(
+                f"groups {groups} must split the {Nq} queries (= keys) of self-attention"
+            )
         G = len(groups)
         if len(set(groups)) == 1:
             n = groups[0]
-            fold = lambda x: x.reshape(B * G, n, x.shape[-1])  # noqa: E731  (B, G*n, D) -> (B*G, n, D)
+
+            def fold(x):  # (B, G*n, D) -> (B*G, n, D)
+                return x.reshape(B * G, n, x.shape[-1])
+
             out, weights = self._attend(fold(q), fold(k), fold(v))
             return out.reshape(B, Nq, -1), weights.view(B, G, *weights.shape[1:]).unbind(1)
         outs, weights = [], []
@@ -349,13 +354,20 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.self_attn = Attention(qk_dim=d, v_dim=d, num_heads=nheads, dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.ffn = nn.Sequential(
+            nn.Linear(d, dim_feedforward),
+            nn.ReLU(),
+            Dropout(dropout),
+            nn.Linear(dim_feedforward, d),
+        )
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, src, pos, key_padding_mask):
         qk = src + pos
-        out, _ = self.self_attn(self.q_proj(qk), self.k_proj(qk), self.v_proj(src), key_padding_mask=key_padding_mask)
+        out, _ = self.self_attn(
+            self.q_proj(qk), self.k_proj(qk), self.v_proj(src), key_padding_mask=key_padding_mask
+        )
         src = self.norm1(src + self.dropout1(out))
         return self.norm2(src + self.dropout2(self.ffn(src)))
 
@@ -371,16 +383,35 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.nheads = nheads
         lin = lambda: nn.Linear(d, d)  # noqa: E731
-        self.sa_qcontent, self.sa_qpos, self.sa_kcontent, self.sa_kpos, self.sa_v = lin(), lin(), lin(), lin(), lin()
+        self.sa_qcontent, self.sa_qpos, self.sa_kcontent, self.sa_kpos, self.sa_v = (
+            lin(),
+            lin(),
+            lin(),
+            lin(),
+            lin(),
+        )
         self.self_attn = Attention(qk_dim=d, v_dim=d, num_heads=nheads, dropout=dropout)
-        self.ca_qcontent, self.ca_qpos, self.ca_kcontent, self.ca_kpos, self.ca_v = lin(), lin(), lin(), lin(), lin()
+        self.ca_qcontent, self.ca_qpos, self.ca_kcontent, self.ca_kpos, self.ca_v = (
+            lin(),
+            lin(),
+            lin(),
+            lin(),
+            lin(),
+        )
         self.ca_qpos_sine = lin()
         self.cross_attn = Attention(qk_dim=2 * d, v_dim=d, num_heads=nheads, dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, dim_feedforward), nn.ReLU(), Dropout(dropout), nn.Linear(dim_feedforward, d))
+        self.ffn = nn.Sequential(
+            nn.Linear(d, dim_feedforward),
+            nn.ReLU(),
+            Dropout(dropout),
+            nn.Linear(dim_feedforward, d),
+        )
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2, self.drop3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
-    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, is_first, groups, key_padding_mask):
+    def forward(
+        self, tgt, memory, pos, query_pos, query_sine_embed, is_first, groups, key_padding_mask
+    ):
         """tgt/query_pos/query_sine_embed (B, Nq, d); memory/pos (B, HW, d); groups: query group
         sizes (self-attention stays within a group) or None."""
         q = self.sa_qcontent(tgt) + self.sa_qpos(query_pos)
@@ -395,8 +426,12 @@ class DecoderLayer(nn.Module):
             q, k = q + self.ca_qpos(query_pos), k + k_pos
         q_sine = self.ca_qpos_sine(query_sine_embed).view(B, Nq, M, -1)
         q = torch.cat([q.view(B, Nq, M, -1), q_sine], dim=3)  # (B, Nq, M, 2 * d / M)
-        k = torch.cat([k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3)  # (B, S, M, 2d/M)
-        out, _ = self.cross_attn(q.flatten(2), k.flatten(2), self.ca_v(memory), key_padding_mask=key_padding_mask)
+        k = torch.cat(
+            [k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3
+        )  # (B, S, M, 2d/M)
+        out, _ = self.cross_attn(
+            q.flatten(2), k.flatten(2), self.ca_v(memory), key_padding_mask=key_padding_mask
+        )
         tgt = self.norm2(tgt + self.drop2(out))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
 
@@ -404,7 +439,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, d, nheads, num_layers, dim_feedforward, dropout):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(d, nheads, dim_feedforward, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(d, nheads, dim_feedforward, dropout) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(d)
         self.query_scale = MLP(d, d, d, 2)
         self.ref_point_head = MLP(d, d, 2, 2)
@@ -424,9 +461,21 @@ class Decoder(nn.Module):
 class ConditionalDETRTransformer(nn.Module):
     """Encoder + Conditional DETR decoder."""
 
-    def __init__(self, *, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048, dropout=0.1):
+    def __init__(
+        self,
+        *,
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+    ):
         super().__init__()
-        self.encoder = nn.ModuleList(EncoderLayer(d_model, nhead, dim_feedforward, dropout) for _ in range(num_encoder_layers))
+        self.encoder = nn.ModuleList(
+            EncoderLayer(d_model, nhead, dim_feedforward, dropout)
+            for _ in range(num_encoder_layers)
+        )
         self.decoder = Decoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout)
         for p in self.parameters():
             if p.dim() > 1:
@@ -474,12 +523,28 @@ class HungarianMatcher(nn.Module):
     """Bipartite matching of predictions to ground truth with focal class + L1 + GIoU costs, as
     :paper:`DETR` (Hungarian matching) with Deformable DETR's focal-loss class cost."""
 
-    def __init__(self, *, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha=0.25, gamma=2.0):
+    def __init__(
+        self,
+        *,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        alpha=0.25,
+        gamma=2.0,
+    ):
         super().__init__()
-        self.cost_class, self.cost_bbox, self.cost_giou, self.alpha, self.gamma = cost_class, cost_bbox, cost_giou, alpha, gamma
+        self.cost_class, self.cost_bbox, self.cost_giou, self.alpha, self.gamma = (
+            cost_class,
+            cost_bbox,
+            cost_giou,
+            alpha,
+            gamma,
+        )
 
     @torch.no_grad()
-    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             logits (Tensor): (B, N, K); boxes (Tensor): (B, N, 4) normalised cxcywh.
@@ -492,7 +557,9 @@ class HungarianMatcher(nn.Module):
         return self.match_layers(logits[None], boxes[None], targets)[0]
 
     @torch.no_grad()
-    def match_layers(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    def match_layers(
+        self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]
+    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """
         Match the predictions of several decoder layers at once: one cost tensor against all
         images' ground truth, one copy to the CPU, then scipy's Hungarian solver per layer and
@@ -517,7 +584,9 @@ class HungarianMatcher(nn.Module):
         return [[found.get((l, b), (empty, empty)) for b in range(B)] for l in range(L)]
 
     @torch.no_grad()
-    def match_layers_flat(self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]) -> torch.Tensor:
+    def match_layers_flat(
+        self, logits: torch.Tensor, boxes: torch.Tensor, targets: List[Dict]
+    ) -> torch.Tensor:
         """
         :meth:`match_layers` with all matched pairs of all layers and images in one tensor, for
         losses computed over every layer at once (no per-image or per-layer tensor ops).
@@ -532,10 +601,14 @@ class HungarianMatcher(nn.Module):
         cols = [np.zeros((4, 0), dtype=np.int64)]
         for l, b, (rows, tgt) in self._solve(logits, boxes, targets):
             n = len(rows)
-            cols.append(np.stack([np.full(n, l), np.full(n, b), rows, tgt + starts[b]]).astype(np.int64))
+            cols.append(
+                np.stack([np.full(n, l), np.full(n, b), rows, tgt + starts[b]]).astype(np.int64)
+            )
         return host_tensor(np.concatenate(cols, axis=1), logits.device)  # one host-to-device copy
 
-    def _solve(self, logits, boxes, targets) -> List[Tuple[int, int, Tuple[np.ndarray, np.ndarray]]]:
+    def _solve(
+        self, logits, boxes, targets
+    ) -> List[Tuple[int, int, Tuple[np.ndarray, np.ndarray]]]:
         """(layer, image, (prediction indices, target indices)) of every layer and image that
         has ground truth; the Hungarian problems solved in parallel on the host."""
         sizes = [len(t["labels"]) for t in targets]
@@ -558,11 +631,13 @@ class HungarianMatcher(nn.Module):
         starts = np.cumsum([0] + sizes)
         L, B = logits.shape[:2]
         todo = [(l, b) for l in range(L) for b in range(B) if sizes[b]]
-        solved = solve_assignments([cost[l, b, :, starts[b]:starts[b + 1]] for l, b in todo])
+        solved = solve_assignments([cost[l, b, :, starts[b] : starts[b + 1]] for l, b in todo])
         return [(l, b, pair) for (l, b), pair in zip(todo, solved)]
 
 
-def detr_param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4):
+def detr_param_groups(
+    model: nn.Module, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4
+):
     """Optimizer parameter groups with a smaller learning rate for the backbone (ResNet)."""
     backbone, rest = [], []
     for name, p in model.named_parameters():
@@ -644,7 +719,9 @@ class ConditionalDETR(nn.Module):
         self.head = DETRHead(d, num_classes)
         self.matcher = matcher
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
-        self.loss_weights = dict(class_=loss_class_weight, bbox=loss_bbox_weight, giou=loss_giou_weight)
+        self.loss_weights = dict(
+            class_=loss_class_weight, bbox=loss_bbox_weight, giou=loss_giou_weight
+        )
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.input_format = input_format
@@ -675,7 +752,9 @@ class ConditionalDETR(nn.Module):
             self._extra_queries = None
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def _queries(self, B: int):
@@ -714,12 +793,18 @@ class ConditionalDETR(nn.Module):
             return []
         sizes = [len(inst) for inst in gt_instances]
         # All images at once, on the instances' device (the data loader's: the CPU).
-        xyxy = torch.cat([inst.gt_boxes.tensor for inst in gt_instances]).to(torch.float32)  # (Gt, 4)
+        xyxy = torch.cat([inst.gt_boxes.tensor for inst in gt_instances]).to(
+            torch.float32
+        )  # (Gt, 4)
         labels = torch.cat([inst.gt_classes for inst in gt_instances])  # (Gt,)
-        scale = [[w, h, w, h] for inst, n in zip(gt_instances, sizes) for h, w in [inst.image_size] * n]
+        scale = [
+            [w, h, w, h] for inst, n in zip(gt_instances, sizes) for h, w in [inst.image_size] * n
+        ]
         scale = torch.tensor(scale, dtype=torch.float32).reshape(-1, 4).to(xyxy.device)  # (Gt, 4)
         boxes = box_convert(xyxy / scale, "xyxy", "cxcywh")
-        if boxes.device.type == "cpu" and labels.device.type == "cpu":  # one copy of each to the device
+        if (
+            boxes.device.type == "cpu" and labels.device.type == "cpu"
+        ):  # one copy of each to the device
             boxes, labels = host_tensor(boxes, self.device), host_tensor(labels, self.device)
         else:
             boxes, labels = boxes.to(self.device), labels.to(self.device)
@@ -747,9 +832,14 @@ class ConditionalDETR(nn.Module):
         gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
         onehot = torch.zeros_like(logits)
         onehot[layer, image, pred, labels[tgt]] = 1.0
-        cls = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
+        cls = sigmoid_focal_loss(
+            logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none"
+        )
         cls = cls.flatten(1).sum(1) / num_boxes  # (S,)
-        src, dst = boxes[layer, image, pred], gt[tgt]  # (P, 4) matched predictions and their targets
+        src, dst = (
+            boxes[layer, image, pred],
+            gt[tgt],
+        )  # (P, 4) matched predictions and their targets
         l1 = (src - dst).abs().sum(-1)
         giou = 1 - giou_cxcywh(src, dst)
         terms = torch.stack([l1, giou])  # (2, P)
@@ -768,7 +858,9 @@ class ConditionalDETR(nn.Module):
         cols = [torch.zeros(4, 0, dtype=torch.long, device=device)]
         for b, (p, g) in enumerate(indices):
             p, g = p.to(device=device, dtype=torch.long), g.to(device=device, dtype=torch.long)
-            cols.append(torch.stack([torch.zeros_like(p), torch.full_like(p, b), p, g + int(starts[b])]))
+            cols.append(
+                torch.stack([torch.zeros_like(p), torch.full_like(p, b), p, g + int(starts[b])])
+            )
         return torch.cat(cols, 1)
 
     @staticmethod
@@ -787,7 +879,9 @@ class ConditionalDETR(nn.Module):
         torch.distributed.all_reduce(total)
         return (total / world).clamp_(min=1.0)
 
-    def compute_gt_losses(self, pred_logits, pred_boxes, targets, indices_last_layer=None) -> Dict[str, torch.Tensor]:
+    def compute_gt_losses(
+        self, pred_logits, pred_boxes, targets, indices_last_layer=None
+    ) -> Dict[str, torch.Tensor]:
         """
         Ground-truth losses of predictions of every decoder layer. All layers are matched from
         one cost computation, and their losses computed together (no per-layer or per-image
@@ -808,13 +902,18 @@ class ConditionalDETR(nn.Module):
         num_boxes = self._num_boxes(targets, pred_logits.device)
         L = pred_logits.shape[0]
         first = 0 if self.aux_loss else L - 1
-        logits, boxes = pred_logits[first:], pred_boxes[first:]  # (S, B, N, .): the supervised layers
+        logits, boxes = (
+            pred_logits[first:],
+            pred_boxes[first:],
+        )  # (S, B, N, .): the supervised layers
         S = L - first
         given = indices_last_layer is not None
         parts = []
         if S > given:  # the layers to match: all, or all but the last
             n = S - given
-            parts.append(self.matcher.match_layers_flat(logits.detach()[:n], boxes.detach()[:n], targets))
+            parts.append(
+                self.matcher.match_layers_flat(logits.detach()[:n], boxes.detach()[:n], targets)
+            )
         if given:
             last = indices_last_layer
             if not torch.is_tensor(last):
@@ -823,7 +922,10 @@ class ConditionalDETR(nn.Module):
             last[0] = S - 1
             parts.append(last)
         match = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        per_layer = {k: v.unbind(0) for k, v in self._gt_losses(logits, boxes, targets, match, num_boxes).items()}
+        per_layer = {
+            k: v.unbind(0)
+            for k, v in self._gt_losses(logits, boxes, targets, match, num_boxes).items()
+        }
         losses = {}
         for i in range(S):
             suffix = "" if i == S - 1 else f"_{first + i}"
@@ -833,7 +935,10 @@ class ConditionalDETR(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
         out = self.forward_predictions(images)
-        logits, boxes = out["pred_logits"][:, :, : self.num_queries], out["pred_boxes"][:, :, : self.num_queries]
+        logits, boxes = (
+            out["pred_logits"][:, :, : self.num_queries],
+            out["pred_boxes"][:, :, : self.num_queries],
+        )
         if self.training:
             targets = self.prepare_targets([x["instances"] for x in batched_inputs])
             return self.compute_gt_losses(logits, boxes, targets)
@@ -844,12 +949,18 @@ class ConditionalDETR(nn.Module):
         results = []
         K = logits.shape[-1]
         for lg, bx, x, (h, w) in zip(logits, boxes, batched_inputs, image_sizes):
-            scores, idx = lg.sigmoid().flatten().topk(min(self.select_box_nums_for_evaluation, lg.numel()))
+            scores, idx = (
+                lg.sigmoid().flatten().topk(min(self.select_box_nums_for_evaluation, lg.numel()))
+            )
             q, labels = idx // K, idx % K
-            xyxy = box_convert(bx[q], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=bx.device, dtype=bx.dtype)
+            xyxy = box_convert(bx[q], "cxcywh", "xyxy") * torch.tensor(
+                [w, h, w, h], device=bx.device, dtype=bx.dtype
+            )
             inst = Instances((h, w))
             inst.pred_boxes = Boxes(xyxy)
             inst.pred_boxes.clip((h, w))
             inst.scores, inst.pred_classes = scores, labels
-            results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
+            results.append(
+                {"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))}
+            )
         return results

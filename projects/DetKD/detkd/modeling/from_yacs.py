@@ -17,6 +17,7 @@ teacher or the student of a DetKD config without writing its architecture again:
 
 The arguments are strings, so the node is saved in the run's ``config.yaml`` like any other.
 """
+
 import logging
 import os
 from typing import Optional, Sequence, Union
@@ -57,7 +58,9 @@ def load_yacs_config(
     Returns:
         CfgNode
     """
-    path = without_file_scheme(str(config_file))  # a local file, as DetKD's checkpoint paths take it
+    path = without_file_scheme(
+        str(config_file)
+    )  # a local file, as DetKD's checkpoint paths take it
     if path.endswith(".py"):
         raise ValueError(
             f"build_yacs_detector reads yacs .yaml configs; {path} is a LazyConfig: use its model "
@@ -153,7 +156,8 @@ def build_yacs_detector(
             " detectron2's FCOS has no yacs config, only a LazyConfig: use "
             "model_zoo.get_config('common/models/fcos.py').model (or DetKD's "
             "configs/common/twins.py)."
-            if arch == "FCOS" else ""
+            if arch == "FCOS"
+            else ""
         )
         raise KeyError(
             f"build_yacs_detector({config_file!r}): MODEL.META_ARCHITECTURE {arch!r} is not a "

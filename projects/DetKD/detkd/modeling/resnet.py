@@ -3,6 +3,7 @@ Stages of a narrow ResNet (BasicBlock, ResNet-18/34 layout with a chosen width),
 demo and the tests. detectron2's :meth:`ResNet.make_default_stages` fixes the widths
 (64-512); this keeps its block and stage code and only scales the channels.
 """
+
 from typing import List
 
 from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
