@@ -4,8 +4,8 @@ Effectiveness on the synthetic shapes data: paired runs with the same schedule a
 the student alone vs each method, and PKD + GID composed — evaluated by COCOEvaluator and
 printed as one table with AP deltas (through ``detkd.demo``; finished runs are reused).
 
-    python benchmarks/effectiveness.py [--iters 1000] [--output output/bench/effectiveness] [--seeds 0 1 2]
-        [--heldout 1024]
+    python benchmarks/effectiveness.py [--iters 1000] [--output output/bench/effectiveness]
+        [--seeds 0 1 2] [--heldout 1024]
 
 With several ``--seeds`` every student run is repeated per seed (same teacher) and the table
 gives each row's mean and standard deviation, with deltas paired by seed. ``--heldout N`` adds

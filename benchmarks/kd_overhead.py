@@ -19,8 +19,9 @@ D3ETR <= 1.15. It also prints peak memory of (c) against (a) plus the teacher's 
 every method with saved-tensor hooks; a kept one would also raise this ratio): on a GPU from
 ``max_memory_allocated`` (less the distillers' weights, gradients and optimizer state during
 (a)), on a CPU from the profiler's memory timeline; each step measured on the second of two
-extra calls, both profiled on a CPU (see ``_peak``). ReviewKD and D3ETR are also measured at a cheaper non-paper setting
-(``VARIANTS``; ``--no-variants`` skips them). For these two, the "floor" column is the ratio
+extra calls, both profiled on a CPU (see ``_peak``). ReviewKD and D3ETR are also measured at a
+cheaper non-paper setting (``VARIANTS``; ``--no-variants`` skips them). For these two, the
+"floor" column is the ratio
 that the trainable compute the method adds by design (ReviewKD's ABFs, D3ETR's auxiliary query
 group; see ``FLOORS``), timed alone, already costs: an estimate of the lowest ratio an
 implementation of the method can have (timed with its own noise and a little overhead of its
@@ -366,7 +367,8 @@ def check_methods(methods, available, tool):
     unknown = [m for m in methods or [] if m not in available]
     if unknown:
         raise SystemExit(
-            f"[{tool}] --methods {' '.join(unknown)}: no such method here; available: {sorted(available)}"
+            f"[{tool}] --methods {' '.join(unknown)}: no such method here; "
+            f"available: {sorted(available)}"
         )
 
 
@@ -453,7 +455,10 @@ def main(argv=None):
         "--rounds",
         type=int_at_least(1),
         default=3,
-        help="rounds: each of the three steps is timed iters * rounds times, in turn; medians count",
+        help=(
+            "rounds: each of the three steps is timed iters * rounds times, in turn; "
+            "medians count"
+        ),
     )
     parser.add_argument(
         "--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu"
@@ -519,13 +524,17 @@ def main(argv=None):
             sorted({os.path.join(REPO, r[2]) for r in runs}), args.opts, tool="kd_overhead"
         )
     print(
-        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"device: {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"teacher precision {args.teacher_precision}"
         + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
     )
     # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
     sw = max([46] + [len(r[1]) + 2 for r in runs])  # the setting column fits the longest setting
-    head = f"{'method':<9}{'setting':<{sw}}{'student':>12}{'teacher':>12}{'kd':>12}{'ratio':>7}{'floor':>7}{'target':>7}"
+    head = (
+        f"{'method':<9}{'setting':<{sw}}{'student':>12}{'teacher':>12}{'kd':>12}"
+        f"{'ratio':>7}{'floor':>7}{'target':>7}"
+    )
     head += f"{'mem ratio':>11}{'rounds':>13}"
     print(head)
     print("-" * len(head))

@@ -190,7 +190,8 @@ def sync_sites(fn, device, depth=3):
 
 
 def op_table(fn, device, steps):
-    """{op name: (self CPU us, self device us, calls)} per call of ``fn``, averaged over ``steps``."""
+    """{op name: (self CPU us, self device us, calls)} per call of ``fn``, averaged over
+    ``steps``."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with warnings.catch_warnings(), kd_overhead._quiet_stderr():
         warnings.simplefilter("ignore")
@@ -253,7 +254,8 @@ def report(title, config, device, batch_size, image_size, steps, top, compiled=F
     print(f"== {title}: student step {t_s * 1e3:.1f} ms, KD step {t_kd * 1e3:.1f} ms")
     print(
         f"   the distillers' own cost: forward {split['forward']:.1f} ms, forward + backward "
-        f"{split['own']:.1f} ms (KD step {split['kd']:.1f} ms - {split['kd_no_losses']:.1f} ms with no "
+        f"{split['own']:.1f} ms (KD step {split['kd']:.1f} ms - "
+        f"{split['kd_no_losses']:.1f} ms with no "
         f"distillation losses), against student step + teacher forward {split['floor']:.1f} ms"
     )
     if compiled:
@@ -274,7 +276,8 @@ def report(title, config, device, batch_size, image_size, steps, top, compiled=F
             print(f"   +{n:<3d} {where}" + (f"  [thread {thread}]" if thread else ""))
     n_s, n_t, n_kd = (sum(v[2] for v in ops.values()) for ops in (ops_s, ops_t, ops_kd))
     print(
-        f"   ops per step: student {n_s:.0f}, teacher forward {n_t:.0f}, KD {n_kd:.0f} ({n_kd - n_s - n_t:+.0f})"
+        f"   ops per step: student {n_s:.0f}, teacher forward {n_t:.0f}, KD {n_kd:.0f} "
+        f"({n_kd - n_s - n_t:+.0f})"
     )
     rows = op_differences(ops_s, ops_kd, ops_t)
     columns = [("self CPU", 1)] + ([("self device", 2)] if device.type == "cuda" else [])
@@ -328,7 +331,8 @@ def main(argv=None):
                 )
     kd_overhead.check_methods(args.methods, {r[0] for r in runs}, "kd_profile")
     print(
-        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"
+        f"device: {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})"
         + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
     )
     for method, title, path, batch_size, image_size in runs:

@@ -1,4 +1,5 @@
-"""The benchmark's measuring helpers (the benchmarks themselves print ratios, they are not tests)."""
+"""The benchmark's measuring helpers (the benchmarks themselves print ratios, they are not
+tests)."""
 
 import importlib.util
 import os

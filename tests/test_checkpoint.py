@@ -399,7 +399,8 @@ def test_strict_student_load_for_evaluation(tmp_path):
     with pytest.raises(
         CheckpointMismatchError,
         match=r"teacher\.pth' does not fit the model of this config "
-        r"\(shape mismatch: backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) vs model \(64, 32, 1, 1\)",
+        r"\(shape mismatch: backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
+        r"vs model \(64, 32, 1, 1\)",
     ):
         load_student(_kd().student, str(tmp_path / "teacher.pth"), strict=True)
     five = instantiate(tiny_retinanet_cfg(num_classes=5))
@@ -627,8 +628,9 @@ def test_teacher_checkpoint_of_a_smaller_or_maskless_detector_names_the_fix(tmp_
     msg = str(e.value)
     assert "leaves 40 teacher parameters unloaded" in msg, msg
     assert (
-        "fills only part of these containers (backbone.bottom_up.res2: 1 of its 2, backbone.bottom_up.res3: "
-        "1 of its 2, backbone.bottom_up.res4: 1 of its 2, backbone.bottom_up.res5: 1 of its 2)"
+        "fills only part of these containers (backbone.bottom_up.res2: 1 of its 2, "
+        "backbone.bottom_up.res3: 1 of its 2, backbone.bottom_up.res4: 1 of its 2, "
+        "backbone.bottom_up.res5: 1 of its 2)"
     ) in msg, msg
     assert "smaller architecture" in msg and "stages.depth=50 for an R50 checkpoint" in msg
     assert "has nothing of" not in msg
@@ -703,10 +705,14 @@ def test_a_wider_teachers_checkpoint_as_init_checkpoint_is_an_error(tmp_path):
     with pytest.raises(
         CheckpointMismatchError,
         match=(
-            r"train\.init_checkpoint '.*teacher\.pth' holds none of the student's weights: only 2 of its "
-            r"tensors fit the student's, biases or norms \(head\.bbox_pred\.bias, head\.cls_score\.bias\), "
-            r"none of its convolution or linear weights \(e\.g\. backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
-            r"vs student \(64, 32, 1, 1\);.*a teacher's checkpoint \(another width or depth\) does not initialise"
+            r"train\.init_checkpoint '.*teacher\.pth' holds none of the student's weights: "
+            r"only 2 of its "
+            r"tensors fit the student's, biases or norms "
+            r"\(head\.bbox_pred\.bias, head\.cls_score\.bias\), "
+            r"none of its convolution or linear weights "
+            r"\(e\.g\. backbone\.fpn_lateral3\.weight: file \(128, 64, 1, 1\) "
+            r"vs student \(64, 32, 1, 1\);.*a teacher's checkpoint \(another width or depth\) "
+            r"does not initialise"
         ),
     ):
         load_student(student, str(tmp_path / "teacher.pth"))

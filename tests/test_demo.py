@@ -211,8 +211,8 @@ def test_demo_retrains_a_distilled_run_whose_teacher_was_trained_again(tmp_path,
 
 def test_demo_never_reuses_the_weights_of_a_retraining_that_failed(tmp_path, monkeypatch):
     # a 40-iteration run, then one of 20 that writes its model_final.pth and fails in its final
-    # evaluation: a third call with the first run's arguments must retrain, not reuse the 20-iteration
-    # weights under the 40-iteration run's command and metrics
+    # evaluation: a third call with the first run's arguments must retrain, not reuse the
+    # 20-iteration weights under the 40-iteration run's command and metrics
     from detkd import demo
 
     config = os.path.join(REPO, "configs/demo/student_retinanet.py")
@@ -438,7 +438,10 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
     repro.check_pair(
         pkd, student, classes + ["train.teacher_checkpoint=", "train.teacher_random_init=True"]
     )
-    refused = r"student_retinanet\.py: Override 'model\.num_clases': 'model' has no key .*'model\.num_classes'"
+    refused = (
+        r"student_retinanet\.py: Override 'model\.num_clases': 'model' has no key "
+        r".*'model\.num_classes'"
+    )
     with pytest.raises(SystemExit, match=refused):
         repro.main(
             [
@@ -602,7 +605,8 @@ def test_repro_checks_the_teacher_checkpoint_before_the_baseline_trains(tmp_path
 def test_demo_rejects_the_teacher_and_the_student_as_methods(tmp_path, monkeypatch, method):
     # `--methods student` trained configs/demo/student_retinanet.py twice into one folder (the
     # student-alone row's and the "student + student" row's), the second retraining over the
-    # first with other arguments; `--methods teacher` retrained the teacher at the students' iterations
+    # first with other arguments; `--methods teacher` retrained the teacher at the students'
+    # iterations
     from detkd import demo
 
     monkeypatch.setattr(demo, "_train", lambda *a, **k: pytest.fail("nothing may train"))
@@ -671,7 +675,8 @@ def test_repro_checks_a_yacs_teacher_config_before_the_baseline_trains(tmp_path,
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     (tmp_path / "t.pth").write_bytes(b"")
     (tmp_path / "teacher.yaml").write_text(
-        f'_BASE_: "{model_zoo.get_config_file("Base-RetinaNet.yaml")}"\nMODEL: {{RETINANET: {{NUM_CLASSES: 3}}}}\n'
+        f'_BASE_: "{model_zoo.get_config_file("Base-RetinaNet.yaml")}"\n'
+        "MODEL: {RETINANET: {NUM_CLASSES: 3}}\n"
     )
     config = tmp_path / "kd.py"
     config.write_text(
@@ -791,7 +796,8 @@ def test_a_failed_run_is_reported_with_its_log_not_a_traceback(tmp_path, monkeyp
     (run / "model_final.pth").write_bytes(b"")
     with pytest.raises(
         SystemExit,
-        match=rf"its log {run / 'heldout_4' / 'log.txt'} ends with:\n.*\n    RuntimeError: Found no NVIDIA",
+        match=rf"its log {run / 'heldout_4' / 'log.txt'} ends with:"
+        r"\n.*\n    RuntimeError: Found no NVIDIA",
     ):
         demo.heldout_metrics(config, str(run), 4, [], lambda s: None)
     with pytest.raises(
@@ -856,8 +862,10 @@ def _baseline_on_d2_train(tmp_path, drop=""):
     base.write_text(
         "from detectron2.config import LazyConfig\n"
         f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
-        "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, c.lr_multiplier\n"
-        f"train = {{k: v for k, v in c.train.items() if not k.startswith('teacher_') and k not in {drop!r}.split()}}\n"
+        "model, dataloader, optimizer, lr_multiplier = c.model, c.dataloader, c.optimizer, "
+        "c.lr_multiplier\n"
+        "train = {k: v for k, v in c.train.items() if not k.startswith('teacher_') "
+        f"and k not in {drop!r}.split()}}\n"
     )
     return base
 
@@ -1030,8 +1038,8 @@ def test_repro_refuses_a_baseline_that_differs_in_any_paired_key(tmp_path):
         base.write_text(
             "from detectron2.config import LazyConfig\n"
             f"c = LazyConfig.load({os.path.join(REPO, 'configs/demo/student_retinanet.py')!r})\n"
-            "model, dataloader, optimizer, lr_multiplier, train = c.model, c.dataloader, c.optimizer, "
-            "c.lr_multiplier, c.train\n" + line + "\n"
+            "model, dataloader, optimizer, lr_multiplier, train = c.model, c.dataloader, "
+            "c.optimizer, c.lr_multiplier, c.train\n" + line + "\n"
         )
         with pytest.raises(SystemExit, match=rf"the same way: {re.escape(key)}( \(.*\))? differ"):
             repro.check_pair(pkd, str(base), ok)
@@ -1217,7 +1225,8 @@ def test_demo_orchestrates_the_runs_and_tables_of_several_seeds(tmp_path, monkey
         ("student_retinanet.py", "student_retinanet", []),
         ("gid_retinanet.py", "gid_retinanet", [tc.replace(str(tmp_path / "demo"), str(out))]),
     ]
-    # runs too short for detectron2's timer (it skips the first iterations): no time, "-" (was 0.000)
+    # runs too short for detectron2's timer (it skips the first iterations): no time, "-"
+    # (was 0.000)
     for name in ("teacher_retinanet", "student_retinanet", "gid_retinanet"):
         with open(out / name / "metrics.json", "w") as f:
             f.write(json.dumps({"iteration": 1, "total_loss": 1.0}) + "\n")

@@ -383,7 +383,8 @@ def test_d3etr_needs_detr_pairs():
     teacher = instantiate(detr_cfg(frozen=True))
     with pytest.raises(
         TypeError,
-        match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses', 'prepare_targets'\]",
+        match=r"student .*lacks \['extra_query_group', 'matcher', 'compute_gt_losses', "
+        r"'prepare_targets'\]",
     ):
         D3ETRDistiller().bind(student, teacher)
     with pytest.raises(
@@ -408,8 +409,10 @@ def test_d3etr_pair_errors_name_the_fix_and_ca_weight_0_trains_memories_of_other
     with pytest.raises(
         ValueError,
         match=(
-            r"distillers\['d3etr'\] \(D3ETRDistiller\): D3ETR: the cross-attention maps are compared key by "
-            r"key.*student's memory has stride 16 \(in_feature='res4'\) and the teacher's 32 \(in_feature="
+            r"distillers\['d3etr'\] \(D3ETRDistiller\): D3ETR: the cross-attention maps are "
+            r"compared key by "
+            r"key.*student's memory has stride 16 \(in_feature='res4'\) and the teacher's 32 "
+            r"\(in_feature="
             r"'res5'\).*model\.student\.in_feature.*ca_weight=0"
         ),
     ):

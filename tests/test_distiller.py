@@ -193,7 +193,8 @@ def test_student_without_input_format_takes_student_input_format(caplog):
     cfg.student_input_format = "YUV"
     with pytest.raises(
         ValueError,
-        match=r"supports RGB/BGR inputs, got 'YUV' for the student \(model.student.input_format.*'RGB' or 'BGR'",
+        match=r"supports RGB/BGR inputs, got 'YUV' for the student "
+        r"\(model.student.input_format.*'RGB' or 'BGR'",
     ):
         build(cfg)
     # a student that declares its own order: a different student_input_format is a contradiction
@@ -858,7 +859,8 @@ def test_a_distiller_creating_parameters_in_forward_is_an_error(kind, names):
     ).train()
     with EventStorage(), pytest.raises(
         RuntimeError,
-        match=rf"distillers\['lazy'\] \(_LazyAdapterDistiller\) created \[{names}\] in forward\(\).*bind\(student, teacher\)",
+        match=rf"distillers\['lazy'\] \(_LazyAdapterDistiller\) created \[{names}\] "
+        r"in forward\(\).*bind\(student, teacher\)",
     ):
         model(make_inputs(n=1, size=(64, 64)))
     ok = DistillationDetector(
@@ -888,11 +890,13 @@ class _TapsDistiller(Distiller):
     [
         (
             dict(teacher=["heads"]),
-            r"\(_TapsDistiller\)\.teacher_taps names \['heads'\], which the teacher \(RetinaNet\) does not have\. Close names: \['head'",
+            r"\(_TapsDistiller\)\.teacher_taps names \['heads'\], which the teacher "
+            r"\(RetinaNet\) does not have\. Close names: \['head'",
         ),
         (
             dict(student=["backbone.fpn_output9"]),
-            r"\(_TapsDistiller\)\.student_taps names \['backbone.fpn_output9'\], which the student \(RetinaNet\).*'backbone.fpn_output3'",
+            r"\(_TapsDistiller\)\.student_taps names \['backbone.fpn_output9'\], which the "
+            r"student \(RetinaNet\).*'backbone.fpn_output3'",
         ),
     ],
 )

@@ -19,7 +19,9 @@ from PIL import Image
 # instant test -> the paper setting whose model it runs
 PAPER = {
     "pkd_retinanet_R50_from_mask_rcnn_R101": "configs/PKD/retinanet_R50_from_mask_rcnn_R101_2x.py",
-    "reviewkd_faster_rcnn_R50_from_R101": "configs/ReviewKD/faster_rcnn_R50_from_faster_rcnn_R101.py",
+    "reviewkd_faster_rcnn_R50_from_R101": (
+        "configs/ReviewKD/faster_rcnn_R50_from_faster_rcnn_R101.py"
+    ),
     "gid_fcos_R50_from_retinanet_R101": "configs/GID/fcos_R50_from_retinanet_R101_1x.py",
     "pkd_gid_retinanet_R50_from_R101": "configs/GID/retinanet_R50_from_retinanet_R101_2x.py",
     "d3etr_conditional_detr_R50_from_R101": "configs/D3ETR/r50_from_r101_12ep.py",
@@ -136,8 +138,8 @@ def test_run_instant_tests_trains_and_evaluates_on_coco_val_100(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert (
-        "Running configs/quick_schedules/pkd_gid_retinanet_R50_from_R101_instant_test.py on 1 CPU process(es)"
-        in log
+        "Running configs/quick_schedules/pkd_gid_retinanet_R50_from_R101_instant_test.py "
+        "on 1 CPU process(es)" in log
     )
     assert (
         log.count("Loaded 2 images in COCO format from") == 2

@@ -1,4 +1,5 @@
-"""`pip install -e .` (README, Installation) after torch and detectron2 gives an importable detkd."""
+"""`pip install -e .` (README, Installation) after torch and detectron2 gives an importable
+detkd."""
 
 import ast
 import configparser

@@ -166,7 +166,8 @@ def test_abf_shapes_with_mismatched_channels_and_deepest_level():
 
 
 def _fusing_abf(g):
-    """A float64 ABF(3 -> 4 -> 5) with a residual input and N(0, 1) attention weights (drawn from g)."""
+    """A float64 ABF(3 -> 4 -> 5) with a residual input and N(0, 1) attention weights (drawn from
+    g)."""
     abf = ABF(3, 4, 5, fuse=True).double()
     with torch.no_grad():
         abf.att.weight.normal_(generator=g)

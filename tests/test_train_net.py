@@ -437,7 +437,8 @@ def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimiz
     cfg.optimizer = adamw
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"the run's optimizer is torch.optim.sgd.SGD, this config's torch.optim.adamw.AdamW.*new train.output_dir",
+        match=r"the run's optimizer is torch.optim.sgd.SGD, this config's "
+        r"torch.optim.adamw.AdamW.*new train.output_dir",
     ):
         KDTrainer(cfg).resume_or_load(resume=True)
     # a checkpoint that does not name its optimizer's class (other tools, earlier versions)
@@ -463,7 +464,8 @@ def test_resume_with_other_optimizer_settings_keeps_the_runs_and_another_optimiz
     torch.save(checkpoint, path)
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"parameter groups lack \[.*'momentum'.*\], settings of this config's torch.optim.sgd.SGD",
+        match=r"parameter groups lack \[.*'momentum'.*\], settings of this config's "
+        r"torch.optim.sgd.SGD",
     ):
         KDTrainer(_small_cfg(out2, 4)).resume_or_load(resume=True)
 
@@ -761,8 +763,10 @@ def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_ke
     with pytest.raises(
         CheckpointMismatchError,
         match=(
-            r"--resume: '.*r' holds run checkpoints \(model_0000001\.pth, model_final\.pth\) but no "
-            r"last_checkpoint file.*`echo model_final\.pth > .*r/last_checkpoint`.*another train\.output_dir"
+            r"--resume: '.*r' holds run checkpoints \(model_0000001\.pth, model_final\.pth\) "
+            r"but no "
+            r"last_checkpoint file.*`echo model_final\.pth > .*r/last_checkpoint`"
+            r".*another train\.output_dir"
         ),
     ):
         KDTrainer(_small_cfg(out, 4)).resume_or_load(resume=True)
@@ -780,7 +784,8 @@ def test_resume_without_last_checkpoint_and_a_new_run_over_another_models_run_ke
     with pytest.raises(
         CheckpointMismatchError,
         match=(
-            r"'.*r' holds the run of another model \(its last checkpoint .*model_final\.pth does not fit "
+            r"'.*r' holds the run of another model \(its last checkpoint .*model_final\.pth "
+            r"does not fit "
             r"this config's: shape mismatch: student\.backbone\.fpn_lateral3\.weight: file "
             r"\(32, 16, 1, 1\) vs model \(32, 32, 1, 1\).*Start it in another train\.output_dir"
         ),
@@ -858,12 +863,14 @@ def test_override_typos_are_errors_that_name_the_key():
         check_override_keys(cfg, ["train.max_iter=2", "--resume"])
     with pytest.raises(
         KeyError,
-        match=r"'model\.student' has no key 'num_clases'\. Did you mean 'model\.student\.num_classes'",
+        match=r"'model\.student' has no key 'num_clases'\. "
+        r"Did you mean 'model\.student\.num_classes'",
     ):
         check_override_keys(cfg, ["model.student.num_clases=4"])
     with pytest.raises(
         KeyError,
-        match=r"'model\.distillers\.pkd' has no key 'loss_weigth'.*'model\.distillers\.pkd\.loss_weight'",
+        match=r"'model\.distillers\.pkd' has no key 'loss_weigth'"
+        r".*'model\.distillers\.pkd\.loss_weight'",
     ):
         check_override_keys(cfg, ["model.distillers.pkd.loss_weigth=4"])
     # existing keys, arguments a LazyCall leaves at their default, DetKD's documented keys, +key
@@ -1042,7 +1049,8 @@ def test_a_yacs_config_or_a_lazyconfig_without_a_section_is_a_clear_error(tmp_pa
     )
     assert proc.returncode != 0
     assert re.search(
-        r"ValueError: .*retinanet_R_50_FPN_1x\.yaml is a yacs config \(it has \['MODEL', '_BASE_'\]\).*"
+        r"ValueError: .*retinanet_R_50_FPN_1x\.yaml is a yacs config "
+        r"\(it has \['MODEL', '_BASE_'\]\).*"
         r"build_yacs_detector",
         proc.stderr,
     ), proc.stderr[-2000:]
@@ -1375,8 +1383,10 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
         with pytest.raises(
             CheckpointMismatchError,
             match=(
-                rf"^--resume: the last checkpoint of '.*run', .*run/{re.escape(tag)}, {problem}\. To continue, "
-                r"resume from another checkpoint there \(model_0000001\.pth\) by writing its name into"
+                rf"^--resume: the last checkpoint of '.*run', .*run/{re.escape(tag)}, "
+                rf"{problem}\. To continue, "
+                r"resume from another checkpoint there \(model_0000001\.pth\) by writing its "
+                r"name into"
             ),
         ):
             eval_only_resume()
@@ -1711,8 +1721,8 @@ def test_eval_only_refuses_a_test_loader_in_another_channel_order(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert (
-        "ValueError: dataloader.test.mapper.image_format is 'RGB' but the student takes 'BGR' images "
-        "(model.student.input_format)"
+        "ValueError: dataloader.test.mapper.image_format is 'RGB' but the student takes 'BGR' "
+        "images (model.student.input_format)"
     ) in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "eval" / "eval_results.json").exists()
 
@@ -1908,7 +1918,8 @@ def test_eval_only_refuses_a_student_of_another_class_count_than_the_test_data(t
         "model, dataloader, train = base.model, base.dataloader, base.train\n"
         "optimizer, lr_multiplier = base.optimizer, base.lr_multiplier\n"
         "if 'own_val' not in DatasetCatalog.list():\n"
-        f"    register_coco_instances('own_val', {{}}, {str(tmp_path / 'detkd_test_eval_only_2cls.json')!r}, "
+        "    register_coco_instances('own_val', {}, "
+        f"{str(tmp_path / 'detkd_test_eval_only_2cls.json')!r}, "
         f"{str(tmp_path)!r})\n"
         "dataloader.test.dataset.names = 'own_val'\n"
     )
@@ -1928,8 +1939,8 @@ def test_eval_only_refuses_a_student_of_another_class_count_than_the_test_data(t
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert (
-        "ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 (cat7, cat42). "
-        "Set model.student.num_classes = 2"
+        "ValueError: The student predicts 3 classes but the test dataset 'own_val' has 2 "
+        "(cat7, cat42). Set model.student.num_classes = 2"
     ) in proc.stderr, proc.stderr[-2000:]
     assert "Start inference" not in proc.stdout + proc.stderr
 
@@ -2278,7 +2289,7 @@ def test_clip_grad_is_off_unless_enabled():
         ), enabled
 
 
-def test_resume_or_load_puts_init_checkpoint_into_the_student_and_teacher_checkpoint_into_the_teacher(
+def test_resume_or_load_puts_init_checkpoint_into_student_and_teacher_checkpoint_into_teacher(
     tmp_path,
 ):
     # a new run: train.init_checkpoint's weights in the student (only), the teacher's file in
@@ -2473,8 +2484,8 @@ def test_an_unusable_last_checkpoint_names_the_three_latest_others(tmp_path):
         (tmp_path / name).write_bytes(b"")
     e = unusable_last_checkpoint(str(tmp_path), str(tmp_path / "model_final.pth"), "is bad")
     assert (
-        "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, model_0000007.pth)"
-        in str(e)
+        "resume from another checkpoint there (model_0000003.pth, model_0000005.pth, "
+        "model_0000007.pth)" in str(e)
     )
 
 

@@ -1,4 +1,5 @@
-"""detkd.viz: the values its pictures show, against independent computations on tiny random models."""
+"""detkd.viz: the values its pictures show, against independent computations on tiny random
+models."""
 
 import numpy as np
 import torch
@@ -195,7 +196,8 @@ def test_gid_view_draws_the_instances_training_selects_for_an_fcos_student_of_a_
         "del s.anchor_generator, s.box2box_transform, s.anchor_matcher, s.input_format\n"
         "s.head._target_ = FCOSHead\n"
         "del s.head.num_anchors\n"
-        "model.distillers = {'gid': L(GIDDistiller)(selection='location', response=False, min_size=2.0)}\n"
+        "model.distillers = {'gid': L(GIDDistiller)(selection='location', response=False, "
+        "min_size=2.0)}\n"
         "dataloader = cfg.dataloader\n"
     )
     cfg = LazyConfig.load(str(cfg_path))
@@ -387,7 +389,8 @@ def test_view_errors_name_the_problem(tmp_path):
         )
     with pytest.raises(
         SystemExit,
-        match=r"pkd_retinanet\.py has no GIDDistiller \(its distillers: \{'pkd': 'PKDDistiller'\}\)",
+        match=r"pkd_retinanet\.py has no GIDDistiller "
+        r"\(its distillers: \{'pkd': 'PKDDistiller'\}\)",
     ):
         viz.main(["gid", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
     with pytest.raises(SystemExit, match="has no D3ETRDistiller"):
@@ -453,8 +456,10 @@ def test_view_option_errors_name_the_option(tmp_path):
         viz.main(pkd + out + ["--index", "-1"])
     small = tmp_path / "pkd_4_images.py"  # the demo's test set, 4 images of it
     small.write_text(
-        f"from detectron2.config import LazyConfig\ncfg = LazyConfig.load('{demo}/pkd_retinanet.py')\n"
-        "model, dataloader = cfg.model, cfg.dataloader\ndataloader.test.dataset.names.num_images = 4\n"
+        "from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load('{demo}/pkd_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\n"
+        "dataloader.test.dataset.names.num_images = 4\n"
     )
     with pytest.raises(
         SystemExit, match=r"--index 4: the config's test set has 4 images \(0 to 3\)"
@@ -548,7 +553,8 @@ def test_pkd_view_pairs_levels_by_stride_for_a_student_with_level_names_of_its_o
         (
             "from conftest import tiny_faster_rcnn_cfg\n"
             "from test_custom_models import custom_retinanet\n"
-            "model = L(DistillationDetector)(student=custom_retinanet(), teacher=tiny_faster_rcnn_cfg(),\n"
+            "model = L(DistillationDetector)(student=custom_retinanet(), "
+            "teacher=tiny_faster_rcnn_cfg(),\n"
             "    distillers={'pkd': L(PKDDistiller)(num_levels=None)})\n"
         ),
     )
@@ -825,7 +831,8 @@ def test_pkd_view_draws_the_pairs_the_configs_pkd_distiller_distils(tmp_path, mo
         monkeypatch,
         (
             "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
-            "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), teacher=tiny_faster_rcnn_cfg(),\n"
+            "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), "
+            "teacher=tiny_faster_rcnn_cfg(),\n"
             "    distillers={'pkd': L(PKDDistiller)(num_levels=3, pair_by='index')})\n"
         ),
     )
@@ -1088,6 +1095,7 @@ def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(
     args.opts = ["model.distillers.pkd.num_levls=2"]
     with pytest.raises(
         SystemExit,
-        match=r"\[viz pkd\] Override 'model\.distillers\.pkd\.num_levls': .* Did you mean 'model\.distillers\.pkd\.num_levels'",
+        match=r"\[viz pkd\] Override 'model\.distillers\.pkd\.num_levls': .* "
+        r"Did you mean 'model\.distillers\.pkd\.num_levels'",
     ):
         _kd_config(args)

@@ -225,8 +225,9 @@ def test_frozen_bn_detectors_get_the_checkpoint_checks_of_the_others(tmp_path):
         load_teacher(teacher, str(tmp_path / "r18.pth"))
     msg = str(e.value)
     assert (
-        "fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, backbone.bottom_up.res3: "
-        "2 of its 4, backbone.bottom_up.res4: 2 of its 6, backbone.bottom_up.res5: 2 of its 3)"
+        "fills only part of these containers (backbone.bottom_up.res2: 2 of its 3, "
+        "backbone.bottom_up.res3: 2 of its 4, backbone.bottom_up.res4: 2 of its 6, "
+        "backbone.bottom_up.res5: 2 of its 3)"
     ) in msg, msg
     assert "smaller architecture" in msg
 

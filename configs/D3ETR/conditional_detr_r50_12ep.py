@@ -3,7 +3,8 @@ Conditional DETR R50-C5 trained alone (the D3ETR baseline), paper settings: Adam
 (backbone 1e-5), weight decay 1e-4, gradient clipping 0.1 (max norm), batch 16, and DETR's
 training augmentation (flip; short edge 480..800, or a resize to 400/500/600 and a random crop
 of 384..600 px sides first, each half of the time).
-12 epochs of COCO's 117k annotated train images at batch 16 = 87.9k iterations; lr drop at epoch 11 (80.6k).
+12 epochs of COCO's 117k annotated train images at batch 16 = 87.9k iterations; lr drop at
+epoch 11 (80.6k).
 Conditional DETR paper: R50 50 epochs 40.9 AP, R101 50 epochs 42.8 AP.
 """
 

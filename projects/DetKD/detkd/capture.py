@@ -2,9 +2,9 @@
 Record the outputs of named submodules with forward hooks.
 
 Distillers never fork a detector's ``forward``: they declare the submodules whose outputs they
-need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head, ``"proposal_generator.rpn_head"``
-for the RPN, ``"anchor_generator"``, DETR decoder layers ...) and :class:`FeatureCapture` records
-those outputs while the detector runs unchanged.
+need (``"backbone"`` for the FPN dict, ``"head"`` for a dense head,
+``"proposal_generator.rpn_head"`` for the RPN, ``"anchor_generator"``, DETR decoder layers ...)
+and :class:`FeatureCapture` records those outputs while the detector runs unchanged.
 """
 
 import copy

@@ -343,7 +343,10 @@ def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
                 f"{example}{'; the folder holds ' + ', '.join(found[:6]) if found else ''})"
             )
         return "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
-    return f"it could not be downloaded (no network?): download it elsewhere and set {key} to the local file"
+    return (
+        "it could not be downloaded (no network?): download it elsewhere and set "
+        f"{key} to the local file"
+    )
 
 
 def load_student(
@@ -415,7 +418,8 @@ def load_student(
                 f"({', '.join(fit[:3])}{', ...' if len(fit) > 3 else ''}), none of its convolution "
                 f"or linear weights{' (e.g. ' + '; '.join(shapes) + ')' if shapes else ''}"
                 if fit
-                else f"none of its keys{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one "
+                else "none of its keys"
+                f"{' (e.g. ' + ', '.join(theirs) + ')' if theirs else ''} fits one "
                 f"of the student's ({', '.join(own[:3])}, ...)"
             )
             raise CheckpointMismatchError(
@@ -443,8 +447,8 @@ def load_student(
                     "(model_final_student.pth, or a run's model_final.pth)."
                 )
             raise CheckpointMismatchError(
-                f"The checkpoint {path!r} does not fit the model of this config ({'; '.join(problems)}). "
-                + fix
+                f"The checkpoint {path!r} does not fit the model of this config "
+                f"({'; '.join(problems)}). " + fix
             )
 
 
@@ -668,7 +672,8 @@ def _check_export_output(
                 what = f"weights {caller} did not write: __author__ {written_by!r}"
             if others or run or written_by != author:
                 raise ValueError(
-                    f"{caller}: {output!r} is a training run's checkpoint or other weights ({what}): "
+                    f"{caller}: {output!r} is a training run's checkpoint or other weights "
+                    f"({what}): "
                     "writing there would lose them (and --resume would refuse a run's file). Give "
                     f"another file name (e.g. {example})."
                 )

@@ -154,8 +154,9 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
     """
     Raise SystemExit unless, for each ``(distilled config, student-alone config)`` pair, the
     overrides of ``opts`` that reach each run (:func:`applicable_overrides`) leave them training
-    the same student the same way (:func:`detkd.repro.paired_differences`: ``model.student`` vs ``model``,
-    data, optimizer, schedule, test data and evaluator, ...). An override reaches a config where its parent key exists:
+    the same student the same way (:func:`detkd.repro.paired_differences`: ``model.student`` vs
+    ``model``, data, optimizer, schedule, test data and evaluator, ...). An override reaches a
+    config where its parent key exists:
     ``model.anchor_matcher.thresholds=...`` reaches the student alone's ``model``, not the
     distilled config's (there it is ``model.student.anchor_matcher``), and the table's delta
     compared two different students without a word.
@@ -180,8 +181,10 @@ def check_same_students(pairs: Sequence[Tuple[str, str]], opts: Sequence[str]) -
                     "model.student.X: give both (model.X=... model.student.X=...)."
                 )
             raise SystemExit(
-                f"[demo] with the overrides, {os.path.basename(kd_config)} and {os.path.basename(base_config)} "
-                f"would train or evaluate different students: {', '.join(differ)} differ (distilled vs "
+                f"[demo] with the overrides, {os.path.basename(kd_config)} and "
+                f"{os.path.basename(base_config)} "
+                f"would train or evaluate different students: {', '.join(differ)} differ "
+                "(distilled vs "
                 "alone), and "
                 f"the table's delta would compare them.{hint}"
             )
@@ -321,7 +324,8 @@ def _train(config: str, output_dir: str, opts, force: bool, log):
             log(f"[demo] retraining {output_dir}: it was trained with other arguments")
         elif _newer_inputs(output_dir, cmd):
             log(
-                f"[demo] retraining {output_dir}: its teacher or pretrained backbone was trained again since"
+                f"[demo] retraining {output_dir}: its teacher or pretrained backbone was trained "
+                "again since"
             )
         else:
             log(f"[demo] reusing {output_dir} (delete it or pass --force to retrain)")
@@ -477,7 +481,8 @@ def _table(runs, several_seeds: bool) -> str:
         spi = f"{statistics.median(spi):.3f}" if spi else "-"
         if not several_seeds:
             lines.append(
-                f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9}  {r['dirs'][0]}"
+                f"{r['name']:<28}{ap[0]:>8.2f}{ap[1]:>8.2f}{ap[2]:>8.2f}{delta:>8}{spi:>9}  "
+                f"{r['dirs'][0]}"
             )
         else:
             several = len(r["seeds"]) > 1  # the teachers: one run
@@ -521,7 +526,10 @@ def main(argv=None):
         type=int_at_least(0),
         default=0,
         metavar="N",
-        help="also evaluate every run on a held-out split of N images (seed 7) and print that table",
+        help=(
+            "also evaluate every run on a held-out split of N images (seed 7) and print that "
+            "table"
+        ),
     )
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="key=value overrides for every run (after --)")
@@ -530,7 +538,8 @@ def main(argv=None):
         args.opts,
         {
             "train.output_dir": "each run's folder is <--output>/<run>: pass --output DIR",
-            "train.seed": "the student runs' seeds are --seeds (the teachers keep seed 0): pass --seeds N ...",
+            "train.seed": "the student runs' seeds are --seeds (the teachers keep seed 0): "
+            "pass --seeds N ...",
             "train.teacher_checkpoint": "the distilled runs take the teacher that the demo trains, "
             "in <--output>/teacher_<detector>",
         },
@@ -572,7 +581,8 @@ def main(argv=None):
             if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):
                 export_backbone(weights, path)
                 log(
-                    f"[demo] wrote {path}: the backbone of {weights}, which the {det} {role} starts from"
+                    f"[demo] wrote {path}: the backbone of {weights}, which the {det} {role} "
+                    "starts from"
                 )
             inits[role, det] = [f"train.init_checkpoint={path}"]
         return inits[role, det]
@@ -604,7 +614,8 @@ def main(argv=None):
         check_reserved(
             args.opts,
             {
-                "train.init_checkpoint": f"the {'/'.join(pretrained)} runs start from the backbones of the demo's "
+                "train.init_checkpoint": f"the {'/'.join(pretrained)} runs start from the "
+                "backbones of the demo's "
                 f"{'/'.join(PRETRAINED_BACKBONES[d] for d in pretrained)} runs "
                 "(<--output>/backbones)",
             },
@@ -694,7 +705,8 @@ def main(argv=None):
             )
         except (Exception, SystemExit) as e:  # the table is saved: a picture does not undo it
             log(
-                f"[demo] the PKD picture ({os.path.join(out, 'pkd_fpn.png')}) failed: {type(e).__name__}: {e}"
+                f"[demo] the PKD picture ({os.path.join(out, 'pkd_fpn.png')}) failed: "
+                f"{type(e).__name__}: {e}"
             )
     log(
         f"[demo] table saved to {os.path.join(out, 'results.txt')}; each run's log, metrics.json, "

@@ -256,17 +256,18 @@ def _rename_apart(name: str, distiller, d_losses: dict, losses: dict, student_ke
         return d_losses
     if clash & student_keys:
         raise KeyError(
-            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys {sorted(clash & student_keys)} "
-            "that the student already returned; loss keys must be unique: name the distiller's losses "
-            "loss_<method>[_<part>]"
+            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys "
+            f"{sorted(clash & student_keys)} that the student already returned; loss keys must "
+            "be unique: name the distiller's losses loss_<method>[_<part>]"
         )
     renamed = {(f"{k}_{name}" if k in clash else k): v for k, v in d_losses.items()}
     still = set(renamed) & set(losses)
     if still or len(renamed) != len(d_losses):
         raise KeyError(
-            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys {sorted(clash)} that "
-            f"another distiller already returned, and {sorted(still) or 'the renamed keys'} with its name "
-            "appended clash too; loss keys must be unique: give the distiller another name in model.distillers"
+            f"distiller '{name}' ({type(distiller).__name__}) returned loss keys "
+            f"{sorted(clash)} that another distiller already returned, and "
+            f"{sorted(still) or 'the renamed keys'} with its name appended clash too; loss keys "
+            "must be unique: give the distiller another name in model.distillers"
         )
     return renamed
 
@@ -415,7 +416,8 @@ class DistillationDetector(nn.Module):
         super().__init__()
         if teacher_precision not in _TEACHER_DTYPES:
             raise ValueError(
-                f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, got {teacher_precision!r}"
+                f"teacher_precision must be one of {sorted(_TEACHER_DTYPES)}, "
+                f"got {teacher_precision!r}"
             )
         if not isinstance(diag_period, int) or isinstance(diag_period, bool) or diag_period < 0:
             raise ValueError(
@@ -444,7 +446,8 @@ class DistillationDetector(nn.Module):
             except Exception as e:  # other types may not take one message: a note in the traceback
                 if hasattr(e, "add_note"):  # Python >= 3.11
                     e.add_note(
-                        f"raised by distillers['{name}'] ({type(d).__name__}).bind(student, teacher)"
+                        f"raised by distillers['{name}'] ({type(d).__name__})"
+                        ".bind(student, teacher)"
                     )
                 raise
         self.distillers = nn.ModuleDict(distillers)
@@ -561,7 +564,8 @@ class DistillationDetector(nn.Module):
             student's square size, if any, so that feature maps of equal stride have equal
             sizes on both sides (:meth:`_check_aligned` reports a pair where they do not).
             A teacher's own square padding (e.g. ViTDet's ``square_pad=1024``) is not applied:
-            its maps would cover a larger area than the student's (METHODS.md 0: both inputs are padded to the same size).
+            its maps would cover a larger area than the student's (METHODS.md 0: both inputs
+            are padded to the same size).
         """
         return normalized_images(
             self._teacher,

@@ -3,8 +3,8 @@
 teacher of a :class:`detkd.DistillationDetector`.
 
 The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys and sets a
-default for detectron2's ``train.seed`` (``configs/common/kd_train.py``):
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys
+and sets a default for detectron2's ``train.seed`` (``configs/common/kd_train.py``):
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
 * ``train.teacher_random_init``: allow an empty ``teacher_checkpoint`` (tests, smoke runs);
@@ -357,8 +357,8 @@ def check_test_datasets(cfg) -> None:
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(
                 f"dataloader.test.dataset.names: dataset {name!r} is not registered{hint}, so the "
-                "evaluation would fail after training. Register it (e.g. register_coco_instances in "
-                "the config) or fix the name."
+                "evaluation would fail after training. Register it (e.g. register_coco_instances "
+                "in the config) or fix the name."
             )
 
 
@@ -372,7 +372,8 @@ def _no_training_images(names: List[str]) -> str:
         if d.get("annotations") and all(a.get("iscrowd", 0) for a in d["annotations"])
     )
     return (
-        f"dataloader.train: no image of {', '.join(map(repr, names))} has an annotation to train on "
+        f"dataloader.train: no image of {', '.join(map(repr, names))} has an annotation to "
+        "train on "
         f"({len(dicts)} images: {len(dicts) - crowd} without annotations, {crowd} with only "
         "iscrowd=1 ones), and detectron2 drops such images from training "
         "(dataloader.train.dataset.filter_empty, True by default), which left none. Check the "
@@ -437,7 +438,10 @@ def check_student_classes(cfg, model, split: str = "train") -> None:
             # model.* in a plain detector's (a teacher's or a baseline's)
             node = "model.student" if kd else "model"
             if _is_yacs_node(cfg, node):  # its keys are the .yaml's
-                fix = f"Set {_yacs_classes_key(student)}: {len(classes)} in {node}'s .yaml or {node}.opts"
+                fix = (
+                    f"Set {_yacs_classes_key(student)}: {len(classes)} in {node}'s .yaml or "
+                    f"{node}.opts"
+                )
             else:
                 key = "roi_heads.num_classes" if hasattr(student, "roi_heads") else "num_classes"
                 where = f"{node}.{key}"
@@ -761,7 +765,8 @@ def _check_train_settings(cfg) -> None:
     eval_period = cfg.train.get("eval_period", 0)
     if not _is_int(eval_period) or eval_period < 0:
         raise ValueError(
-            f"train.eval_period must be an int >= 0 (0: evaluate once, at the end), got {eval_period!r}."
+            "train.eval_period must be an int >= 0 (0: evaluate once, at the end), "
+            f"got {eval_period!r}."
         )
     clip = cfg.train.get("clip_grad", None)
     if clip and clip.get("enabled", False):
@@ -889,7 +894,8 @@ class _RunCheckpointer(DetectionCheckpointer):
         if self.strict and incompatible is not None:
             problems = _describe_mismatch(
                 incompatible,
-                "this config's num_classes or layer sizes differ from those of the run that wrote it",
+                "this config's num_classes or layer sizes differ from those of the run that "
+                "wrote it",
                 incompatible.unexpected_keys,
             )
             if problems:
@@ -906,7 +912,8 @@ class _RunCheckpointer(DetectionCheckpointer):
           and let ``max_to_keep`` delete the last good one;
         * the file is written under a temporary name and then renamed: a failure while writing
           (a full disk, a preemption) never truncates the file it replaces (a longer run's
-          ``model_final.pth``, a re-run's ``model_0004999.pth``) and leaves last_checkpoint as it was.
+          ``model_final.pth``, a re-run's ``model_0004999.pth``) and leaves last_checkpoint as it
+          was.
         """
         if not self.save_dir or not self.save_to_disk:
             return
@@ -1242,8 +1249,9 @@ class KDTrainer(DefaultTrainer):
                 ) from e
             except CheckpointMismatchError as e:
                 raise CheckpointMismatchError(
-                    f"--resume: the last checkpoint of {self.cfg.train.output_dir!r} ({path}) does not "
-                    f"fit the model of this config ({e}). It was written by another model or config. "
+                    f"--resume: the last checkpoint of {self.cfg.train.output_dir!r} ({path}) "
+                    f"does not fit the model of this config ({e}). It was written by another "
+                    "model or config. "
                     "Resume with the config of that run, or start this one in a new "
                     "train.output_dir (or without --resume); no checkpoint was overwritten."
                 ) from e
@@ -1484,7 +1492,8 @@ class KDTrainer(DefaultTrainer):
                 "KDTrainer.train(): the teacher was not loaded, and a distillation run would learn "
                 "from a randomly initialised teacher. Call trainer.resume_or_load(resume=False) "
                 "(or resume=True) before trainer.train(), as train_net.py does: it loads "
-                "train.teacher_checkpoint into model.teacher and train.init_checkpoint into the student."
+                "train.teacher_checkpoint into model.teacher and train.init_checkpoint into the "
+                "student."
             )
         TrainerBase.train(self, self.start_iter, self.max_iter)
         return getattr(self, "_last_eval_results", None)

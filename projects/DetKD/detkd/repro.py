@@ -185,7 +185,8 @@ def check_pair(config: str, baseline: str, opts) -> None:
         )
     if OmegaConf.select(base, "model.teacher", default=None) is not None:
         raise SystemExit(
-            f"[repro] the baseline {baseline} is a distillation config; pass the student's own config"
+            f"[repro] the baseline {baseline} is a distillation config; pass the student's own "
+            "config"
         )
 
     value = paired_value
@@ -207,7 +208,8 @@ def check_pair(config: str, baseline: str, opts) -> None:
         ]
         raise SystemExit(
             f"[repro] {os.path.basename(baseline)} does not train and evaluate the student of "
-            f"{os.path.basename(config)} the same way: {', '.join(shown)} differ (distilled vs baseline)"
+            f"{os.path.basename(config)} the same way: {', '.join(shown)} differ "
+            "(distilled vs baseline)"
         )
 
     # The distilled run trains second: a teacher it cannot load would fail only after the
@@ -428,7 +430,8 @@ def main(argv=None):
         if res is None:
             raise SystemExit(
                 f"[repro] the {tag} run in {runs[tag]} logged no bbox/AP to metrics.json: its "
-                "config has no COCO evaluation at the end (dataloader.evaluator, train.eval_period)."
+                "config has no COCO evaluation at the end (dataloader.evaluator, "
+                "train.eval_period)."
             )
     print(f"\n{'':<12}{'AP':>8}{'AP50':>8}{'AP75':>8}")
     for tag, res in (("teacher", teacher), ("student", base), ("distilled", dist)):

@@ -226,13 +226,15 @@ def _kd_config(args):
     if model is None or "teacher" not in model or "student" not in model:
         raise SystemExit(
             f"[viz {args.view}] {args.config} is not a distillation config (its model has no "
-            f"teacher and student); pass a DistillationDetector config, e.g. configs/demo/{args.view}_*.py"
+            "teacher and student); pass a DistillationDetector config, "
+            f"e.g. configs/demo/{args.view}_*.py"
         )
     return cfg
 
 
 def _distiller(model, cls_name: str, args):
-    """The ``cls_name`` distiller of ``model``; SystemExit naming the config's distillers if none."""
+    """The ``cls_name`` distiller of ``model``; SystemExit naming the config's distillers if
+    none."""
     found = [d for d in model.distillers.values() if type(d).__name__ == cls_name]
     if not found:
         have = {k: type(d).__name__ for k, d in model.distillers.items()}

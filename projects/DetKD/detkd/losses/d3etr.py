@@ -332,8 +332,8 @@ class D3ETRDistiller(Distiller):
 
     Different head counts: attention maps are compared head-averaged. Different query
     counts: adaptive matching still works (a partial match; group 1's
-    self-attention term is then skipped, group 2's is kept); different hidden sizes: a trainable linear
-    projection maps the teacher's queries for the fixed group (dropped at export).
+    self-attention term is then skipped, group 2's is kept); different hidden sizes: a trainable
+    linear projection maps the teacher's queries for the fixed group (dropped at export).
 
     Loss keys: ``loss_d3etr_cls``, ``loss_d3etr_l1``, ``loss_d3etr_giou``, ``loss_d3etr_sa``,
     ``loss_d3etr_ca`` (summed over layers and both groups, weighted) and the auxiliary group's

@@ -117,7 +117,8 @@ def dense_outputs(model: nn.Module, taps: Dict, decode: bool = True) -> Dict:
 
 
 def decode_boxes(box2box, deltas: torch.Tensor, anchors: List[Boxes]) -> torch.Tensor:
-    """(N, R, 4) deltas (no gradient taken) at the anchors of every level -> (N, R, 4) XYXY boxes."""
+    """(N, R, 4) deltas (no gradient taken) at the anchors of every level -> (N, R, 4) XYXY
+    boxes."""
     N, R = deltas.shape[:2]
     all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
     return box2box.apply_deltas(deltas.detach().reshape(-1, 4), all_anchors.repeat(N, 1)).view(
@@ -942,18 +943,20 @@ class GIDDistiller(Distiller):
             problems = []
         elif self.selection == "location":
             logger.warning(
-                "GID: selection='location' is for pairs whose dense heads differ; this pair has the "
-                "same head family, anchors and classes, so GIs are selected per anchor (the paper's "
-                "selection, the same as selection='anchor')%s.",
+                "GID: selection='location' is for pairs whose dense heads differ; this pair has "
+                "the same head family, anchors and classes, so GIs are selected per anchor (the "
+                "paper's selection, the same as selection='anchor')%s.",
                 ", with the response term" if self.response else "",
             )
         elif problems:
             raise ValueError(
                 "GID selects general instances from teacher and student predictions at the same "
-                f"anchors/locations, and distills responses there; this pair has {', '.join(problems)}. "
-                "Use a student and teacher of the same detector family, anchors and classes, or set "
-                "selection='location', response=False for such heterogeneous pairs (GIs selected per "
-                "feature-map location of the shared strides; feature and relation terms only), or "
+                "anchors/locations, and distills responses there; this pair has "
+                f"{', '.join(problems)}. "
+                "Use a student and teacher of the same detector family, anchors and classes, or "
+                "set selection='location', response=False for such heterogeneous pairs (GIs "
+                "selected per feature-map location of the shared strides; feature and relation "
+                "terms only), or "
                 "use PKD or ReviewKD (response=False alone only removes the response term: anchor "
                 "selection still needs aligned predictions)."
             )
@@ -1087,7 +1090,8 @@ class GIDDistiller(Distiller):
         )
 
     def _select(self, s_out: Dict, t_out: Dict, image_sizes) -> List[Tuple[Boxes, torch.Tensor]]:
-        """GISM on the two models' dense outputs (its (N, R, K) score tensors are freed on return)."""
+        """GISM on the two models' dense outputs (its (N, R, K) score tensors are freed on
+        return)."""
         sel_args = dict(
             topk=self.topk,
             nms_thresh=self.nms_thresh,

@@ -83,9 +83,9 @@ def pkd_level_loss(
     Returns:
         Tensor: scalar.
     """
-    # Half-precision maps are summed in float32 (METHODS: distillation-loss arithmetic in fp32): a sum over
-    # N*H*W values of a p2 map overflows fp16, and bf16 loses the difference of the closed
-    # form's nearly equal terms. The gradient is cast back to the input's dtype by autograd.
+    # Half-precision maps are summed in float32 (METHODS: distillation-loss arithmetic in fp32): a
+    # sum over N*H*W values of a p2 map overflows fp16, and bf16 loses the difference of the
+    # closed form's nearly equal terms. The gradient is cast back to the input's dtype by autograd.
     feat_s, feat_t = _as_float32(feat_s), _as_float32(feat_t)
     if feat_s.shape[:2] != feat_t.shape[:2]:
         raise ValueError(

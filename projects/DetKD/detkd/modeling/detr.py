@@ -512,7 +512,8 @@ class DETRHead(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
     def forward(self, states: torch.Tensor, reference: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """states (L, B, Nq, d), reference (B, Nq, 2) -> logits (L, B, Nq, K), boxes (L, B, Nq, 4)."""
+        """states (L, B, Nq, d), reference (B, Nq, 2) -> logits (L, B, Nq, K), boxes
+        (L, B, Nq, 4)."""
         delta = self.bbox_embed(states)
         xy = delta[..., :2] + inverse_sigmoid(reference)[None]
         boxes = torch.cat([xy, delta[..., 2:]], dim=-1).sigmoid()
