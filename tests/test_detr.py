@@ -1177,13 +1177,23 @@ def test_attention_is_scaled_dot_product_per_head():
     assert weights[1, :, :, 3:].abs().max() == 0
 
 
-def test_d3etr_auxiliary_group_takes_the_teachers_assignment_at_the_last_layer():
+@pytest.mark.parametrize("matcher", ["match_layers_flat", "plain call"])
+def test_d3etr_auxiliary_group_takes_the_teachers_assignment_at_the_last_layer(matcher):
     """METHODS.md 4.2: the auxiliary group's ground-truth losses use its own Hungarian match at
     earlier layers and, at the last layer, the GT that teacher query i was matched to (the
-    standard matcher on the teacher's final predictions) for auxiliary query i."""
+    standard matcher on the teacher's final predictions) for auxiliary query i. Also through a
+    student whose matcher is a plain callable (no ``match_layers_flat``, the documented
+    fallback; a mutation matching the teacher's second-to-last layer there passed every test)."""
     from types import SimpleNamespace
 
     model = instantiate(detr_cfg())
+    student = model
+    if matcher == "plain call":
+        student = SimpleNamespace(
+            matcher=lambda logits, boxes, targets: model.matcher(logits, boxes, targets),
+            prepare_targets=model.prepare_targets,
+            compute_gt_losses=model.compute_gt_losses,  # its own layers: model.matcher's flat path
+        )
     d = D3ETRDistiller()
     g = torch.Generator().manual_seed(4)
     L, B, N, K = 3, 2, 30, 3
@@ -1194,7 +1204,7 @@ def test_d3etr_auxiliary_group_takes_the_teachers_assignment_at_the_last_layer()
     (aux_logits, aux_boxes), (t_logits, t_boxes) = preds(), preds()
     inputs = make_inputs(n=B, boxes_per_image=3, seed=2)
     got = d._aux_gt_losses(
-        model, SimpleNamespace(batched_inputs=inputs), aux_logits, aux_boxes, t_logits, t_boxes
+        student, SimpleNamespace(batched_inputs=inputs), aux_logits, aux_boxes, t_logits, t_boxes
     )
     targets = model.prepare_targets([x["instances"] for x in inputs])
     own = [model.matcher(aux_logits[l], aux_boxes[l], targets) for l in range(L)]
