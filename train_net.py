@@ -201,9 +201,8 @@ def _model_change(cfg, run_config: bytes):
 
 
 def main(args):
-    check_flag_order(
-        args.opts
-    )  # before the config is read: a --config-file among them leaves it empty
+    # before the config is read: a --config-file among them leaves it empty
+    check_flag_order(args.opts)
     if not args.config_file:
         raise ValueError(
             "No config file: give one with --config-file before any key=value override, e.g. "
@@ -219,9 +218,8 @@ def main(args):
     # mismatch, AMP on the CPU), and --eval-only in a training run's folder (its own config goes
     # to config_eval.yaml).
     resuming = args.resume and not args.eval_only and comm.is_main_process()
-    holds_run = _holds_training_run(
-        cfg
-    )  # a training run's folder (read before anything is written)
+    # a training run's folder (read before anything is written)
+    holds_run = _holds_training_run(cfg)
     in_run = comm.is_main_process() and holds_run
     run_config = _read_run_config(cfg) if resuming or in_run else None
     teacher_change = None
@@ -264,9 +262,8 @@ def main(args):
         check_input_format(cfg, model, splits=("test",))
         check_student_classes(cfg, model, split="test")
         weights, key = cfg.train.init_checkpoint, "train.init_checkpoint"
-        if (
-            args.resume and holds_run
-        ):  # as detectron2's tools/train_net.py: the run's last checkpoint
+        # as detectron2's tools/train_net.py: the run's last checkpoint
+        if args.resume and holds_run:
             weights, key = (
                 _last_checkpoint_file(cfg),
                 f"the last checkpoint of {cfg.train.output_dir!r}",

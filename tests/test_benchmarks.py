@@ -284,9 +284,8 @@ def test_a_mistyped_method_is_an_error_not_an_empty_table(monkeypatch, capsys):
             match=rf"\[{tool}\] --methods {bad}: no such method here; available: \[.*'gid'",
         ):
             module.main()
-    kd_overhead.check_methods(
-        ["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead"
-    )  # known ones pass
+    # known ones pass
+    kd_overhead.check_methods(["pkd", "pkdgid"], {"pkd", "pkdgid", "gid"}, "kd_overhead")
     kd_overhead.check_methods(None, {"pkd"}, "kd_overhead")
 
 

@@ -578,9 +578,8 @@ def test_r18_students_load_torchvision_weights_converted_by_detectron2s_tool(con
         "tools",
         "convert-torchvision-to-d2.py",
     )
-    if not os.path.isfile(
-        tool
-    ):  # shipped by the wheel `make test` installs; not by a pip source install
+    # shipped by the wheel `make test` installs; not by a pip source install
+    if not os.path.isfile(tool):
         pytest.skip(f"this detectron2 installation has no {tool}")
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None).eval()
@@ -1037,9 +1036,8 @@ def test_run_checkpointer_refuses_a_nan_buffer_and_strictly_a_file_with_extra_ke
     ckpt.strict = True
     with pytest.raises(CheckpointMismatchError, match=r"2\.weight"):
         ckpt.resume_or_load("", resume=True)
-    _RunCheckpointer(model, str(tmp_path)).resume_or_load(
-        "", resume=True
-    )  # not strict: logged only
+    # not strict: logged only
+    _RunCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
 
 
 def test_resume_accepts_a_run_checkpoint_without_the_wrappers_extra_state(tmp_path):
@@ -1108,9 +1106,8 @@ def test_export_backbone_initialises_a_detr_from_a_retinanets_backbone(tmp_path)
         }
         for k, v in got.items():
             assert torch.equal(v, expected[k]), k
-        assert all(
-            torch.equal(detr.state_dict()[k], v) for k, v in others.items()
-        )  # only the backbone
+        # only the backbone
+        assert all(torch.equal(detr.state_dict()[k], v) for k, v in others.items())
 
     kd = _kd()  # a DetKD run checkpoint: its student's backbone (the teacher's is wider)
     torch.save({"model": kd.state_dict(), "iteration": 3}, tmp_path / "run.pth")
@@ -1165,9 +1162,8 @@ def test_a_pretrained_backbone_as_teacher_or_evaluated_student_is_named_as_such(
     ) as e:
         load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"), strict=True)
     assert "with the config it was trained with" not in str(e.value)
-    load_student(
-        instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl")
-    )  # training: fine
+    # training: fine
+    load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "backbone.pkl"))
 
 
 def _share_buffers_worker(rank, init_file, out_dir):
@@ -1179,9 +1175,8 @@ def _share_buffers_worker(rank, init_file, out_dir):
     try:
         kd = _kd()
         bn = [m for m in kd.student.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-        bn.running_mean.fill_(
-            float(rank + 1)
-        )  # each process's own statistics, as after DDP training
+        # each process's own statistics, as after DDP training
+        bn.running_mean.fill_(float(rank + 1))
         bn.num_batches_tracked.fill_(10 * (rank + 1))
         with torch.no_grad():
             bn.weight.fill_(float(rank + 1))  # parameters are DDP's business: not touched

@@ -382,9 +382,8 @@ def test_repro_errors_name_the_problem(tmp_path, monkeypatch):
     ):
         repro.baseline_of(str(tmp_path / "mykd.py"))
     with pytest.raises(SystemExit, match="teacher_retinanet.py is not a distillation config"):
-        repro.main(
-            ["configs/demo/teacher_retinanet.py", *out]
-        )  # its "twin" student_retinanet.py exists
+        # its "twin" student_retinanet.py exists
+        repro.main(["configs/demo/teacher_retinanet.py", *out])
     with pytest.raises(
         SystemExit, match="the baseline .*gid_retinanet.py is a distillation config"
     ):
@@ -832,9 +831,8 @@ def test_repro_runs_of_configs_of_the_same_name_go_to_different_folders(tmp_path
         raise Stop
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr(
-        repro, "check_pair", lambda *a: None
-    )  # checked elsewhere; slow on COCO configs
+    # checked elsewhere; slow on COCO configs
+    monkeypatch.setattr(repro, "check_pair", lambda *a: None)
     for method in ("PKD", "GID"):
         with pytest.raises(Stop):
             repro.main(
@@ -1439,9 +1437,8 @@ def test_demo_refuses_overrides_that_reach_its_two_students_differently(tmp_path
     demo.check_same_students(
         [(kd, alone)], [thr, "model.student.anchor_matcher.thresholds=[0.5,0.6]"]
     )
-    demo.check_same_students(
-        [(kd, alone)], ["model.distillers.pkd.loss_weight=3"]
-    )  # the distiller only
+    # the distiller only
+    demo.check_same_students([(kd, alone)], ["model.distillers.pkd.loss_weight=3"])
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

@@ -818,10 +818,8 @@ def test_all_layer_gt_losses_equal_a_per_layer_per_image_reference(aux_loss):
         for p, t in zip(*per_layer[l][b])
     ]
     assert [tuple(c) for c in flat.t().tolist()] == expect
-    assert flat.dtype == torch.long and flat.shape == (
-        4,
-        L * (3 + 0 + 2),
-    )  # min(N, G) pairs per image and layer
+    # min(N, G) pairs per image and layer
+    assert flat.dtype == torch.long and flat.shape == (4, L * (3 + 0 + 2))
 
     # a given last-layer assignment (D3ETR's teacher assignment), as per-image pairs or flat
     given = [

@@ -141,9 +141,8 @@ def test_run_instant_tests_trains_and_evaluates_on_coco_val_100(tmp_path):
         "Running configs/quick_schedules/pkd_gid_retinanet_R50_from_R101_instant_test.py "
         "on 1 CPU process(es)" in log
     )
-    assert (
-        log.count("Loaded 2 images in COCO format from") == 2
-    )  # train and test: coco_2017_val_100
+    # train and test: coco_2017_val_100
+    assert log.count("Loaded 2 images in COCO format from") == 2
     assert "instances_val2017_100.json" in log
     assert "batch_size=2" in log  # 2 images per GPU
     line = [x for x in log.splitlines() if "iter: 0 " in x][0]

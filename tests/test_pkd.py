@@ -91,9 +91,10 @@ def test_pkd_of_constant_float32_maps_equals_the_hand_computation(value):
     const = torch.full((N, C, H, W), value)
     std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
     expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
-    definition = (
-        lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
-    )  # noqa: E731
+
+    def definition(a, b):
+        return F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
+
     for loss in (pkd_level_loss, definition):
         s = const.clone().requires_grad_()
         got = loss(s, t)
@@ -408,9 +409,10 @@ def test_pkd_of_constant_channels_of_different_values_is_centred_per_channel():
     t = torch.randn(N, C, H, W, generator=g)
     std_t = t.double().transpose(0, 1).reshape(C, -1).std(dim=1)
     expected = float(((M - 1) / (2 * M) * (std_t / (std_t + 1e-6)) ** 2).mean())
-    definition = (
-        lambda a, b: F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
-    )  # noqa: E731
+
+    def definition(a, b):
+        return F.mse_loss(_standardize_channels(a), _standardize_channels(b)) / 2
+
     other = torch.tensor([-2.3, 55.5, 0.7]).view(1, C, 1, 1).expand(N, C, H, W).contiguous()
     for loss in (pkd_level_loss, definition):
         assert loss(const.clone().requires_grad_(), t).item() == pytest.approx(expected, rel=1e-6)

@@ -591,9 +591,8 @@ def test_abf_precision_bf16_runs_the_abfs_in_bf16_channels_last_and_returns_fp32
     for h in hooks:
         h.remove()
     assert seen[:n] == [(torch.float32, torch.float32, True)] * 6
-    assert (
-        seen[n:] == [(torch.bfloat16, torch.bfloat16, False)] * 6
-    )  # channels-last maps (N, C, 8+, 8+)
+    # channels-last maps (N, C, 8+, 8+)
+    assert seen[n:] == [(torch.bfloat16, torch.bfloat16, False)] * 6
     assert all(o.dtype == torch.float32 and o.is_contiguous() for o in out_low.values())
     assert all(p.dtype == torch.float32 for p in low.parameters())
     assert loss_low.dtype == torch.float32
@@ -601,9 +600,8 @@ def test_abf_precision_bf16_runs_the_abfs_in_bf16_channels_last_and_returns_fp32
         loss_low.item() == pytest.approx(loss_ref.item(), rel=1e-2)
         and loss_low.item() != loss_ref.item()
     )
-    for a, b in zip(
-        grads_low[:3], grads_ref[:3]
-    ):  # autograd.grad: the raw gradient, no leaf re-layout
+    # autograd.grad: the raw gradient, no leaf re-layout
+    for a, b in zip(grads_low[:3], grads_ref[:3]):
         assert a.is_contiguous()  # the student's maps: NCHW gradients
     for a, b in zip(grads_low, grads_ref):
         assert a.dtype == torch.float32

@@ -98,9 +98,8 @@ def test_train_net_three_iterations_evaluates_and_exports(tmp_path):
     with open(out / "eval_results.json") as f:
         written = json.load(f)["bbox"]
     printed = [line for line in (proc.stdout + proc.stderr).splitlines() if "copypaste: " in line]
-    printed = printed[
-        [i for i, line in enumerate(printed) if "AP,AP50,AP75" in line][0] + 1
-    ]  # the values
+    # the values
+    printed = printed[[i for i, line in enumerate(printed) if "AP,AP50,AP75" in line][0] + 1]
     assert [float(x) for x in printed.split("copypaste: ")[1].split(",")[:3]] == [
         pytest.approx(written[k], abs=1e-4) for k in ("AP", "AP50", "AP75")
     ]
@@ -711,9 +710,8 @@ def test_resume_into_another_configs_run_is_a_clear_error_and_keeps_its_checkpoi
     cfg = _small_cfg(out, 4)
     cfg.model.student.num_classes = 4
     (tmp_path / "four").mkdir()
-    four = _own_coco(
-        tmp_path / "four", "detkd_test_four", cat_ids=(3, 7, 42, 50)
-    )  # 4 classes: the checks pass
+    # 4 classes: the checks pass
+    four = _own_coco(tmp_path / "four", "detkd_test_four", cat_ids=(3, 7, 42, 50))
     cfg.dataloader.train.dataset.names = cfg.dataloader.test.dataset.names = four
     cfg.dataloader.train.sampler = None
     with pytest.raises(
@@ -889,9 +887,8 @@ def test_override_typos_are_errors_that_name_the_key():
             "+train.my_note=1",
         ],
     )
-    assert "clip_grad" in cfg.train and cfg.train.clip_grad == dict(
-        enabled=True, max_norm=10.0
-    )  # the RetinaNet demo's
+    # the RetinaNet demo's
+    assert "clip_grad" in cfg.train and cfg.train.clip_grad == dict(enabled=True, max_norm=10.0)
     proc = subprocess.run(
         [
             sys.executable,
@@ -1094,10 +1091,8 @@ def test_a_sweep_override_and_a_distillers_dict_that_would_merge_are_clear_error
         load_config("configs/demo/pkd_retinanet.py"),
         ["model.distillers={gid:{_target_:detkd.losses.GIDDistiller}}"],
     )
-    assert sorted(OmegaConf.to_container(merged.model.distillers)) == [
-        "gid",
-        "pkd",
-    ]  # what LazyConfig does
+    # what LazyConfig does
+    assert sorted(OmegaConf.to_container(merged.model.distillers)) == ["gid", "pkd"]
     for value in ("{}", "{gid:{_target_:detkd.losses.GIDDistiller}}"):
         with pytest.raises(
             ValueError,
@@ -1847,9 +1842,8 @@ def test_teacher_eval_at_start_of_a_teacher_of_another_class_set_is_a_clear_erro
     val = _own_coco(tmp_path, "detkd_test_own_val")
     (tmp_path / "t").mkdir()
     cfg = _small_cfg(tmp_path / "e", max_iter=2)
-    cfg.dataloader.train.dataset.names = _own_coco(
-        tmp_path / "t", "detkd_test_own_tr"
-    )  # the same 3 classes
+    # the same 3 classes
+    cfg.dataloader.train.dataset.names = _own_coco(tmp_path / "t", "detkd_test_own_tr")
     cfg.dataloader.train.sampler = None
     cfg.dataloader.test.dataset.names = val
     cfg.train.teacher_eval_at_start = True
@@ -2432,9 +2426,8 @@ def test_cpu_processes_keep_the_users_omp_num_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     train_net._share_cpu_threads()
     assert threads == [max(1, train_net._usable_cpus() // 2)]
-    monkeypatch.setattr(
-        train_net.comm, "get_local_size", lambda: 1
-    )  # one process: torch's own count
+    # one process: torch's own count
+    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 1)
     train_net._share_cpu_threads()
     assert len(threads) == 1
 

@@ -395,9 +395,8 @@ def test_view_errors_name_the_problem(tmp_path):
         viz.main(["gid", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
     with pytest.raises(SystemExit, match="has no D3ETRDistiller"):
         viz.main(["d3etr", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
-    with pytest.raises(
-        CheckpointMismatchError, match="shape mismatch"
-    ):  # the teacher's weights as --before
+    # the teacher's weights as --before
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
         viz.main(
             [
                 "pkd",
@@ -872,9 +871,8 @@ def test_max_activation_is_the_channel_max_scaled_to_0_1():
     """What the PKD picture shows with vmin 0, vmax 1: per cell the max over channels, its
     minimum at 0 and maximum at 1 (the correlations alone do not see the scaling); a constant
     map is 0, not NaN."""
-    feat = torch.tensor(
-        [[[1.0, -2.0, 3.0], [0.0, 5.0, 2.0]], [[2.0, -4.0, 1.0], [0.5, 1.0, 7.0]]]
-    )  # (2, 2, 3): max [[2, -2, 3], [0.5, 5, 7]]
+    # (2, 2, 3): max [[2, -2, 3], [0.5, 5, 7]]
+    feat = torch.tensor([[[1.0, -2.0, 3.0], [0.0, 5.0, 2.0]], [[2.0, -4.0, 1.0], [0.5, 1.0, 7.0]]])
     expected = (np.array([[2.0, -2.0, 3.0], [0.5, 5.0, 7.0]]) + 2.0) / 9.0
     assert np.allclose(viz.max_activation(feat), expected, atol=1e-6)
     assert np.array_equal(viz.max_activation(torch.full((3, 2, 2), 4.0)), np.zeros((2, 2)))

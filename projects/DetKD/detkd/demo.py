@@ -370,9 +370,8 @@ def heldout_metrics(config: str, output_dir: str, num_images: int, opts, log):
     out = os.path.join(output_dir, f"heldout_{num_images}")
     path = os.path.join(out, "eval_results.json")
     weights = os.path.join(output_dir, "model_final.pth")
-    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(
-        weights
-    ):  # none, or stale
+    # none, or stale
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(weights):
         names = "dataloader.test.dataset.names"
         cmd = [
             sys.executable,

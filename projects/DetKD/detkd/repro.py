@@ -409,9 +409,8 @@ def main(argv=None):
             str(args.num_gpus),
             f"train.output_dir={run_dir}",
         ] + extra
-        opts = pair_overrides(
-            cfg, other[cfg], args.opts
-        )  # e.g. model.distillers.* only for the distilled run
+        # e.g. model.distillers.* only for the distilled run
+        opts = pair_overrides(cfg, other[cfg], args.opts)
         if tag == "baseline":  # the teacher is the distilled run's (its config.yaml would show it)
             opts = [o for o in opts if _key(o) != "train.teacher_checkpoint"]
         cmd += opts

@@ -209,9 +209,8 @@ class _PendingMatch:
                 copied.synchronize()  # releases the GIL while the device catches up
             if stop.is_set():
                 return None
-            return hungarian_match(
-                host.numpy(), pool="d3etr", stop=stop
-            )  # own pool: see solve_assignments
+            # own pool: see solve_assignments
+            return hungarian_match(host.numpy(), pool="d3etr", stop=stop)
 
         if not _MATCH_THREAD:
             _MATCH_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="detkd-d3etr-match"))
@@ -619,9 +618,8 @@ class D3ETRDistiller(Distiller):
             pending.cancel()
             raise
 
-        ti, si, mean_cost = self._match(
-            t_logits, t_boxes, g1_logits, g1_boxes, pending
-        )  # (L, B, P)
+        # (L, B, P)
+        ti, si, mean_cost = self._match(t_logits, t_boxes, g1_logits, g1_boxes, pending)
         for l, c in enumerate(mean_cost):
             put_scalar(f"d3etr/match_cost_{l}", float(c))
 

@@ -690,11 +690,9 @@ def batched_matcher_positives(
     """
     N, R, device = len(gt_boxes), anchors.shape[0], anchors.device
     counts = host_tensor([len(b) for b in gt_boxes], device)
-    gt = torch.nn.utils.rnn.pad_sequence(
-        [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)], batch_first=True
-    )[
-        :N
-    ]  # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
+    # (N, G, 4), zero boxes as padding: IoU 0 with every anchor, below any real IoU's max
+    padded = [b.tensor.to(anchors.dtype) for b in gt_boxes] + [anchors.new_zeros(1, 4)]
+    gt = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)[:N]
     valid = torch.arange(gt.shape[1], device=device) < counts[:, None]  # (N, G)
     # pairwise_iou's values (0 where boxes do not intersect) in (N, G, R) tensors, one
     # coordinate at a time and in place: no broadcast over a trailing pair dimension.

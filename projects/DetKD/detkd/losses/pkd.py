@@ -56,9 +56,8 @@ def _standardize_channels(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     # residue, divided by std + eps ~ eps, gave it a row of arbitrary size instead of zeros.
     x = x - x[:, :1]
     mean = x.mean(dim=1, keepdim=True)
-    std = x.std(
-        dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0
-    )  # unbiased, as the reference
+    # unbiased, as the reference
+    std = x.std(dim=1, keepdim=True, correction=1 if x.shape[1] > 1 else 0)
     return (x - mean) / (std + eps)
 
 

@@ -426,9 +426,8 @@ class DecoderLayer(nn.Module):
             q, k = q + self.ca_qpos(query_pos), k + k_pos
         q_sine = self.ca_qpos_sine(query_sine_embed).view(B, Nq, M, -1)
         q = torch.cat([q.view(B, Nq, M, -1), q_sine], dim=3)  # (B, Nq, M, 2 * d / M)
-        k = torch.cat(
-            [k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3
-        )  # (B, S, M, 2d/M)
+        # (B, S, M, 2d/M)
+        k = torch.cat([k.view(B, -1, M, d // M), k_pos.view(B, -1, M, d // M)], dim=3)
         out, _ = self.cross_attn(
             q.flatten(2), k.flatten(2), self.ca_v(memory), key_padding_mask=key_padding_mask
         )
@@ -794,18 +793,16 @@ class ConditionalDETR(nn.Module):
             return []
         sizes = [len(inst) for inst in gt_instances]
         # All images at once, on the instances' device (the data loader's: the CPU).
-        xyxy = torch.cat([inst.gt_boxes.tensor for inst in gt_instances]).to(
-            torch.float32
-        )  # (Gt, 4)
+        # (Gt, 4)
+        xyxy = torch.cat([inst.gt_boxes.tensor for inst in gt_instances]).to(torch.float32)
         labels = torch.cat([inst.gt_classes for inst in gt_instances])  # (Gt,)
         scale = [
             [w, h, w, h] for inst, n in zip(gt_instances, sizes) for h, w in [inst.image_size] * n
         ]
         scale = torch.tensor(scale, dtype=torch.float32).reshape(-1, 4).to(xyxy.device)  # (Gt, 4)
         boxes = box_convert(xyxy / scale, "xyxy", "cxcywh")
-        if (
-            boxes.device.type == "cpu" and labels.device.type == "cpu"
-        ):  # one copy of each to the device
+        # one copy of each to the device
+        if boxes.device.type == "cpu" and labels.device.type == "cpu":
             boxes, labels = host_tensor(boxes, self.device), host_tensor(labels, self.device)
         else:
             boxes, labels = boxes.to(self.device), labels.to(self.device)
@@ -837,10 +834,8 @@ class ConditionalDETR(nn.Module):
             logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none"
         )
         cls = cls.flatten(1).sum(1) / num_boxes  # (S,)
-        src, dst = (
-            boxes[layer, image, pred],
-            gt[tgt],
-        )  # (P, 4) matched predictions and their targets
+        # (P, 4) matched predictions and their targets
+        src, dst = boxes[layer, image, pred], gt[tgt]
         l1 = (src - dst).abs().sum(-1)
         giou = 1 - giou_cxcywh(src, dst)
         terms = torch.stack([l1, giou])  # (2, P)
@@ -903,10 +898,7 @@ class ConditionalDETR(nn.Module):
         num_boxes = self._num_boxes(targets, pred_logits.device)
         L = pred_logits.shape[0]
         first = 0 if self.aux_loss else L - 1
-        logits, boxes = (
-            pred_logits[first:],
-            pred_boxes[first:],
-        )  # (S, B, N, .): the supervised layers
+        logits, boxes = pred_logits[first:], pred_boxes[first:]  # (S, B, N, .): supervised layers
         S = L - first
         given = indices_last_layer is not None
         parts = []

@@ -58,9 +58,8 @@ def load_yacs_config(
     Returns:
         CfgNode
     """
-    path = without_file_scheme(
-        str(config_file)
-    )  # a local file, as DetKD's checkpoint paths take it
+    # a local file, as DetKD's checkpoint paths take it
+    path = without_file_scheme(str(config_file))
     if path.endswith(".py"):
         raise ValueError(
             f"build_yacs_detector reads yacs .yaml configs; {path} is a LazyConfig: use its model "
