@@ -366,6 +366,29 @@ def test_half_precision_teacher_option():
         build(cfg)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_teacher_precision_leaves_the_student_in_float32(precision):
+    """teacher_precision casts the teacher's forward only: the student's FPN is float32 and its
+    own losses equal those of the fp32 run exactly (the student's EMA loss normaliser reset
+    before each step, as it moves every step)."""
+    torch.manual_seed(0)
+    model = build(kd_cfg()).train()
+    inputs = make_inputs()
+    dtypes = []
+    model.student.backbone.register_forward_hook(lambda m, i, o: dtypes.append(o["p3"].dtype))
+
+    def student_losses():
+        model.student.loss_normalizer = 100.0
+        with EventStorage():
+            losses = model(inputs)
+        return {k: losses[k].item() for k in ("loss_cls", "loss_box_reg")}
+
+    full = student_losses()
+    model.teacher_precision = precision
+    assert student_losses() == full
+    assert dtypes == [torch.float32, torch.float32]
+
+
 def test_deferred_scalars_written_at_block_end_with_their_iteration():
     """Tensor scalars put inside `deferred_scalars` reach the storage when the block ends
     (one device-to-host copy), tagged with the iteration they were put at; plain numbers and
@@ -505,6 +528,27 @@ def test_a_distiller_loss_key_that_clashes_is_an_error():
         losses_of({"pkd": PKDDistiller(**coarse)})["loss_pkd"], rel=1e-6
     )
     assert both["loss_pkd"] != pytest.approx(both["loss_pkd_pkd_coarse"], rel=1e-3)
+
+    # only the clashing key is renamed: a's loss_a stays, b's loss_a becomes loss_a_b and b's
+    # own loss_b keeps its name
+    class _TwoKeys(Distiller):
+        def forward(self, student_taps, teacher_taps, ctx):
+            zero = student_taps["backbone"]["p3"].sum() * 0.0
+            return {"loss_a": zero + 1.0, "loss_b": zero + 2.0}
+
+    model = DistillationDetector(
+        student=instantiate(tiny_retinanet_cfg()),
+        teacher=instantiate(tiny_retinanet_cfg()),
+        distillers={"a": _probe_distiller([], key="loss_a"), "b": _TwoKeys()},
+    ).train()
+    with EventStorage():
+        losses = model(make_inputs(n=1, size=(64, 64)))
+    assert {k: losses[k].item() for k in ("loss_a", "loss_a_b", "loss_b")} == {
+        "loss_a": 0.0,
+        "loss_a_b": 1.0,
+        "loss_b": 2.0,
+    }
+    assert "loss_b_b" not in losses
     # one whose renamed key is taken too
     model = DistillationDetector(
         student=instantiate(tiny_retinanet_cfg()),
@@ -549,6 +593,21 @@ def test_teacher_images_pad_to_the_larger_size_divisibility():
     inputs = make_inputs(n=1, size=(100, 150))
     assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (128, 256)
     assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 256)
+
+
+def test_teacher_images_follow_the_students_padding_constraints():
+    """detectron2's preprocessing pads to a backbone's ``padding_constraints["size_divisibility"]``
+    where it has one (over its ``size_divisibility``): the teacher's images are padded the same
+    way (a student backbone declaring 64 there and 32 as its property pads 100x150 to 128x192)."""
+    model = build(kd_cfg())
+    backbone = model.student.backbone
+    backbone.__class__ = type(
+        "Padded", (type(backbone),), {"padding_constraints": {"size_divisibility": 64}}
+    )
+    assert backbone.size_divisibility == 32 and model.teacher.backbone.size_divisibility == 32
+    inputs = make_inputs(n=1, size=(100, 150))
+    assert model.student.preprocess_image(inputs).tensor.shape[-2:] == (128, 192)
+    assert model.teacher_images(inputs).tensor.shape[-2:] == (128, 192)
 
 
 def test_fp16_teacher_option_runs_the_teacher_in_float16():
@@ -1160,6 +1219,10 @@ def test_extra_state_keeps_the_students_loss_normalizer_and_no_missing_one():
     saved.student.loss_normalizer = 42.5
     loaded.load_state_dict(saved.state_dict())
     assert loaded.student.loss_normalizer == 42.5
+    # the EMA is a Python float: kept to the bit (float32 would round 100.1 to 100.09999847...)
+    saved.student.loss_normalizer = 100.1
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.student.loss_normalizer == 100.1
 
 
 def test_without_distillers_the_student_trains_alone_and_the_teacher_never_runs():
