@@ -2319,6 +2319,58 @@ def test_resume_or_load_puts_init_checkpoint_into_student_and_teacher_checkpoint
         KDTrainer(cfg).resume_or_load(resume=False)
 
 
+def test_resume_loads_the_teacher_again_and_a_non_finite_buffer_is_never_saved(tmp_path):
+    """Run checkpoints do not hold the teacher: --resume loads train.teacher_checkpoint again
+    (a resumed run that skipped it distilled from a random teacher; the resume test's teacher
+    is a seeded random init, equal either way). A checkpoint whose buffers are not finite (a
+    NaN forward corrupts BatchNorm statistics) is refused like one of non-finite parameters."""
+    from detectron2.config import instantiate
+
+    from detkd.checkpoint import save_student
+
+    torch.manual_seed(123)
+    save_student(instantiate(tiny_retinanet_cfg(width=16, fpn=64)), str(tmp_path / "t.pth"))
+    teacher_file = torch.load(str(tmp_path / "t.pth"), map_location="cpu")["model"]
+    cfg = _small_cfg(tmp_path / "run", max_iter=3)
+    cfg.train.update(teacher_checkpoint=str(tmp_path / "t.pth"), teacher_random_init=False)
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.iter = 1
+    trainer.checkpointer.save("model_0000001", iteration=1)
+
+    torch.manual_seed(0)
+    resumed = KDTrainer(cfg)
+    teacher = unwrap_model(resumed.model).teacher
+    assert any(not torch.equal(v, teacher_file[k]) for k, v in teacher.state_dict().items())
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_file[k]), k
+
+    with torch.no_grad():
+        unwrap_model(resumed.model).student.pixel_std.fill_(float("nan"))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Checkpoint 'x' not written: the training diverged, 1 weights are NaN or inf "
+        r"\(\['student\.pixel_std'\]\)",
+    ):
+        resumed.checkpointer.save("x")
+    assert not (tmp_path / "run" / "x.pth").exists()
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
+def test_same_setting_compares_optimizer_settings_by_value():
+    """betas may come back as a list where the config gives a tuple: equal settings, no warning;
+    tensors compare by value; a different value or length is a change."""
+    from detkd.engine import _same_setting
+
+    assert _same_setting([0.9, 0.999], (0.9, 0.999))
+    assert _same_setting(torch.tensor(0.01), 0.01) and _same_setting(0.5, 0.5)
+    assert not _same_setting([0.9, 0.99], (0.9, 0.999))
+    assert not _same_setting([0.9], (0.9, 0.999))
+    assert not _same_setting(torch.tensor(0.02), 0.01)
+
+
 def test_rng_preserved_restores_python_numpy_and_torch_states():
     import random
 
