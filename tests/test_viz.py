@@ -1069,6 +1069,89 @@ def test_d3etr_view_counts_negative_layers_from_the_last(tmp_path, monkeypatch):
     ]
 
 
+def test_d3etr_view_matches_and_draws_the_chosen_layer(tmp_path, monkeypatch):
+    """Synthetic heads (L=2 layers, B=1 image, N=3 queries) whose layers match differently: the
+    view matches on the chosen layer and draws that layer's student boxes (with random demo
+    weights every layer gives the same match and boxes, which cannot tell the layers apart).
+
+    Teacher boxes t0, t1, t2 (cxcywh, centres x 0.2 / 0.5 / 0.8, no two overlapping) at both
+    layers; the student's layer 1 has them in the same order (s_j = t_j), its layer 0 permuted:
+    s0 = t1, s1 = t2, s2 = t0. Each student query carries the logits of the teacher query whose
+    box it has, so a teacher query's cost is lowest (L1 0, GIoU 1, soft-BCE at its minimum) with
+    the student query of its box:
+      layer 0: t0 <-> s2, t1 <-> s0, t2 <-> s1 (student indices [2, 0, 1] by teacher index);
+      layer 1: t_i <-> s_i.
+    Teacher confidences (class 0; the others near 0): layer 0 t0 > t1 > t2, layer 1 t2 > t1 > t0.
+    --layer 0 draws the teachers [0, 1, 2] and their students s[[2, 0, 1]] of layer 0 (= t0, t1,
+    t2); --layer -1 (layer 1) the teachers [2, 1, 0] and their students s[[2, 1, 0]] of layer 1.
+    Matched on the last layer instead, --layer 0 would draw layer 0's s[[0, 1, 2]]; layer 1's
+    boxes at layer 0's match would be s[[2, 0, 1]] of layer 1 (= t2, t0, t1)."""
+    from detectron2.config import LazyConfig
+    from torchvision.ops import box_convert
+
+    cfg_path = f"{REPO}/configs/demo/d3etr_detr.py"
+    t_ckpt, s_ckpt = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    h, w = 64, 96
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(h, w), seed=1))
+    t = torch.tensor([[0.2, 0.3, 0.2, 0.15], [0.5, 0.6, 0.2, 0.15], [0.8, 0.4, 0.2, 0.15]])
+    t_boxes = torch.stack([t, t])[:, None]  # (L, B, N, 4)
+    s_boxes = torch.stack([t[[1, 2, 0]], t])[:, None]
+    t_conf = torch.tensor([[2.0, 0.5, -1.0], [-1.0, 0.5, 2.0]])  # (L, N) class-0 logits
+    s_conf = torch.stack([t_conf[0, [1, 2, 0]], t_conf[1]])
+
+    def logits(conf, k):
+        out = torch.full((2, 1, 3, k), -6.0)
+        out[:, 0, :, 0] = conf
+        return out
+
+    kd_model = viz._kd_model
+
+    def synthetic_heads(*args):
+        model = kd_model(*args)
+        for head, conf, boxes in (
+            (model.teacher.head, t_conf, t_boxes),
+            (model.student.head, s_conf, s_boxes),
+        ):
+            k = head.class_embed.out_features
+            head.forward = lambda states, reference, conf=conf, boxes=boxes, k=k: {
+                "pred_logits": logits(conf, k),
+                "pred_boxes": boxes.clone(),
+            }
+        return model
+
+    monkeypatch.setattr(viz, "_kd_model", synthetic_heads)
+    drawn = _capture_draw_boxes(monkeypatch)
+    scale = torch.tensor([w, h, w, h])
+
+    def xyxy(b):
+        return box_convert(b, "cxcywh", "xyxy") * scale
+
+    for layer, teachers, students in ((0, [0, 1, 2], [2, 0, 1]), (-1, [2, 1, 0], [2, 1, 0])):
+        viz.main(
+            [
+                "d3etr",
+                "--config",
+                cfg_path,
+                "--teacher",
+                t_ckpt,
+                "--student",
+                s_ckpt,
+                "--top",
+                "3",
+                "--layer",
+                str(layer),
+                "--out",
+                str(tmp_path / "d.png"),
+            ]
+        )
+        want = torch.cat([xyxy(t_boxes[layer, 0, teachers]), xyxy(s_boxes[layer, 0, students])])
+        assert np.allclose(drawn["boxes"], want.numpy(), atol=1e-4), layer
+        assert drawn["title"].startswith(f"D3ETR layer {layer % 2}:")
+        assert drawn["pairs"] == [(0, 3), (1, 4), (2, 5)]
+        # each teacher box drawn with the student box that copies it
+        assert np.allclose(drawn["boxes"][:3], drawn["boxes"][3:], atol=1e-4), layer
+
+
 def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(
     tmp_path, monkeypatch
 ):
