@@ -511,6 +511,37 @@ def _spread_boxes(B, N=4):
     return boxes.expand(1, B, N, 4).clone()
 
 
+def _random_taps(g, L, B, K, M, HW, Nt, nq):
+    """Random float64 D3ETR taps of an L-layer decoder (drawn from generator g): teacher and
+    student heads ((L, B, n, K) logits, (L, B, n, 4) cxcywh boxes inside the image) and per
+    layer M-head self-attention (B, M, n, n) and cross-attention (B, M, n, HW) softmax rows;
+    n = Nt teacher and nq student queries, the student's maps requiring gradients."""
+
+    def preds(n):
+        boxes = torch.cat(
+            [
+                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
+                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
+            ],
+            -1,
+        )
+        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
+
+    taps = []
+    for n in (Nt, nq):
+        logits, boxes = preds(n)
+        taps.append({"head": {"pred_logits": logits, "pred_boxes": boxes}})
+    t_taps, s_taps = taps
+    for l in range(L):
+        for taps, n, grad in ((t_taps, Nt, False), (s_taps, nq, True)):
+            for kind, keys in (("self_attn", n), ("cross_attn", HW)):
+                taps[f"transformer.decoder.layers.{l}.{kind}"] = (
+                    None,
+                    _softmax_rows(B, M, n, keys, g=g).requires_grad_(grad),
+                )
+    return t_taps, s_taps
+
+
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("Nt,Ns", [(4, 4), (3, 4), (4, 3)])
 def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
@@ -523,40 +554,10 @@ def test_d3etr_losses_equal_a_loop_reference(fixed, Nt, Ns):
 
     L, B, K, M, HW = 2, 2, 3, 2, 5
     g = torch.Generator().manual_seed(3)
-
-    def preds(n):
-        boxes = torch.cat(
-            [
-                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
-                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
-            ],
-            -1,
-        )
-        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
-
     nq = Ns + Nt if fixed else Ns
-    t_logits, t_boxes = preds(Nt)
-    s_logits, s_boxes = preds(nq)
-    t_taps, s_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}, {
-        "head": {"pred_logits": s_logits, "pred_boxes": s_boxes}
-    }
-    for l in range(L):
-        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
-            None,
-            _softmax_rows(B, M, Nt, Nt, g=g),
-        )
-        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
-            None,
-            _softmax_rows(B, M, Nt, HW, g=g),
-        )
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
-            None,
-            _softmax_rows(B, M, nq, nq, g=g).requires_grad_(),
-        )
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
-            None,
-            _softmax_rows(B, M, nq, HW, g=g).requires_grad_(),
-        )
+    t_taps, s_taps = _random_taps(g, L, B, K, M, HW, Nt, nq)
+    t_logits, t_boxes = t_taps["head"]["pred_logits"], t_taps["head"]["pred_boxes"]
+    s_logits, s_boxes = s_taps["head"]["pred_logits"], s_taps["head"]["pred_boxes"]
     d = D3ETRDistiller(fixed_matching=fixed, aux_gt_loss=False)
     ctx = SimpleNamespace(student=SimpleNamespace(num_queries=Ns))
     with EventStorage() as storage:
@@ -1422,38 +1423,7 @@ def test_d3etr_attention_targets_never_read_uninitialised_memory(fixed, Nt, Ns):
     L, B, K, M, HW = 2, 2, 3, 2, 5
     g = torch.Generator().manual_seed(5)
     nq = Ns + Nt if fixed else Ns
-
-    def preds(n):
-        boxes = torch.cat(
-            [
-                torch.rand(L, B, n, 2, generator=g) * 0.6 + 0.2,
-                torch.rand(L, B, n, 2, generator=g) * 0.3 + 0.05,
-            ],
-            -1,
-        )
-        return torch.randn(L, B, n, K, generator=g, dtype=torch.float64), boxes.double()
-
-    t_logits, t_boxes = preds(Nt)
-    s_logits, s_boxes = preds(nq)
-    t_taps = {"head": {"pred_logits": t_logits, "pred_boxes": t_boxes}}
-    s_taps = {"head": {"pred_logits": s_logits, "pred_boxes": s_boxes}}
-    for l in range(L):
-        t_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
-            None,
-            _softmax_rows(B, M, Nt, Nt, g=g),
-        )
-        t_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
-            None,
-            _softmax_rows(B, M, Nt, HW, g=g),
-        )
-        s_taps[f"transformer.decoder.layers.{l}.self_attn"] = (
-            None,
-            _softmax_rows(B, M, nq, nq, g=g).requires_grad_(),
-        )
-        s_taps[f"transformer.decoder.layers.{l}.cross_attn"] = (
-            None,
-            _softmax_rows(B, M, nq, HW, g=g).requires_grad_(),
-        )
+    t_taps, s_taps = _random_taps(g, L, B, K, M, HW, Nt, nq)
     maps = [
         s_taps[f"transformer.decoder.layers.{l}.{a}"][1]
         for l in range(L)
