@@ -201,6 +201,10 @@ def _model_change(cfg, run_config: bytes):
 
 
 def main(args):
+    # the usual separator before the overrides (python -m detkd.demo ... -- key=value):
+    # detectron2's parser keeps it among them
+    if args.opts[:1] == ["--"]:
+        args.opts = args.opts[1:]
     # before the config is read: a --config-file among them leaves it empty
     check_flag_order(args.opts)
     if not args.config_file:

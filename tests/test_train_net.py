@@ -1334,6 +1334,17 @@ def test_train_net_names_misplaced_flags_bad_last_checkpoints_of_eval_only_and_m
         train_net.main(parse(["train.max_iter=1", "--config-file", config]))
     with pytest.raises(ValueError, match=r"No config file: give one with --config-file"):
         train_net.main(parse(["train.max_iter=1"]))
+    # the separator detkd.demo takes before its overrides: detectron2's parser keeps it among them
+    # (a misplaced-flag error before); a leading one is dropped, so the overrides are checked
+    assert parse(["--config-file", config, "--", "train.max_ite=1"]).opts[0] == "--"
+    with pytest.raises(KeyError, match=r"'train' has no key 'max_ite'"):
+        train_net.main(parse(["--config-file", config, "--", "train.max_ite=1"]))
+    with pytest.raises(
+        ValueError,
+        match=r"'--' among the key=value overrides \['train\.max_iter=1', '--', "
+        r"'train\.seed=2'\].*Drop it",
+    ):
+        train_net.main(parse(["--config-file", config, "train.max_iter=1", "--", "train.seed=2"]))
 
     out = tmp_path / "run"
     out.mkdir()

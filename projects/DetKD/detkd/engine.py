@@ -145,7 +145,14 @@ def check_flag_order(overrides) -> None:
     C key=value --resume``): detectron2's parser takes every argument after the first override
     as one, so the flag would be an override (Hydra's bare lexer error), or, for
     ``--config-file`` itself, leave the config file empty (detectron2's "Config file  has to be
-    a python or yaml file")."""
+    a python or yaml file"). A bare ``--`` among them (``train_net.py`` drops a leading one, the
+    separator ``python -m detkd.demo ... -- key=value`` takes) would be an override too."""
+    if "--" in overrides:
+        raise ValueError(
+            f"'--' among the key=value overrides {list(overrides)}: detectron2's parser would pass "
+            "it on as an override. Drop it (only a '--' right before the first override is "
+            "allowed), e.g. train_net.py --config-file <config> key=value ..."
+        )
     flags = [o for o in overrides if str(o).startswith("--")]
     if flags:
         others = "".join(f" {f}" for f in flags if f != "--config-file")
