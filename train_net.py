@@ -29,21 +29,23 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from detkd.checkpoint import load_student
-from detkd.engine import (
-    KDTrainer,
+from detkd.config_checks import (
     check_config_sections,
     check_flag_order,
     check_input_format,
     check_override_keys,
     check_run_inputs_kept,
     check_student_classes,
+)
+from detkd.distiller import student_of
+from detkd.engine import (
+    KDTrainer,
     ddp_model,
-    file_prefix,
     last_checkpoint_problem,
-    student_of,
     untagged_checkpoints_error,
     unusable_last_checkpoint,
 )
+from detkd.utils import file_prefix
 
 logger = logging.getLogger("detectron2")
 

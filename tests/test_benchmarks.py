@@ -388,7 +388,7 @@ def test_variant_rows_override_keys_their_configs_have():
 
     from detectron2.config import LazyConfig
 
-    from detkd.engine import check_override_keys
+    from detkd.config_checks import check_override_keys
 
     kd = _kd_overhead()
     for method, variants in kd.VARIANTS.items():

@@ -66,7 +66,7 @@ def test_misspelt_train_key_of_a_config_file_stops_the_trainer(tmp_path, line, k
 
 
 def test_misspelt_key_names_what_the_run_would_keep(tmp_path):
-    from detkd.engine import _check_train_settings
+    from detkd.config_checks import _check_train_settings
 
     cfg = _user_cfg(tmp_path, "train.teacher_eval_at_strat = True")
     with pytest.raises(ValueError, match="keep train.teacher_eval_at_start at False"):
@@ -89,7 +89,7 @@ def test_misspelt_key_names_what_the_run_would_keep(tmp_path):
     ],
 )
 def test_train_keys_of_ones_own_stay_allowed(tmp_path, line):
-    from detkd.engine import _check_train_settings
+    from detkd.config_checks import _check_train_settings
 
     _check_train_settings(_user_cfg(tmp_path, line))
 
@@ -103,7 +103,7 @@ def test_train_keys_of_ones_own_stay_allowed(tmp_path, line):
 )
 def test_unknown_keyword_of_checkpointer_or_ddp_is_an_error(tmp_path, line, key):
     # every key of these two dicts is a keyword argument: a TypeError deep in the run otherwise
-    from detkd.engine import _check_train_settings
+    from detkd.config_checks import _check_train_settings
 
     with pytest.raises(ValueError, match=re.escape(f"{key}: every key of")):
         _check_train_settings(_user_cfg(tmp_path, line))
@@ -117,7 +117,7 @@ CONFIGS = sorted(
 
 
 def test_every_config_passes_the_train_key_check():
-    from detkd.engine import _check_train_settings
+    from detkd.config_checks import _check_train_settings
 
     checked = 0
     for path in CONFIGS:

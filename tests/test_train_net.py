@@ -14,7 +14,8 @@ from detectron2.config import LazyCall as L
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import hooks
 
-from detkd.engine import KDTrainer, unwrap_model
+from detkd.engine import KDTrainer
+from detkd.utils import unwrap_model
 
 import pytest
 from conftest import REPO, load_config, tiny_retinanet_cfg
@@ -838,7 +839,7 @@ def test_eval_only_without_or_with_wrong_weights_is_an_error(tmp_path):
 
 
 def test_override_typos_are_errors_that_name_the_key():
-    from detkd.engine import check_override_keys
+    from detkd.config_checks import check_override_keys
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     # LazyConfig adds such keys silently: the run used the config's max_iter / teacher
@@ -906,7 +907,7 @@ def test_override_typos_are_errors_that_name_the_key():
 
 
 def test_override_check_accepts_keys_detectron2_reads_force_adds_and_keys_of_earlier_overrides():
-    from detkd.engine import check_override_keys
+    from detkd.config_checks import check_override_keys
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     assert "cudnn_benchmark" not in cfg.train  # read by detectron2's default_setup with a default
@@ -1027,7 +1028,7 @@ def test_a_yacs_config_or_a_lazyconfig_without_a_section_is_a_clear_error(tmp_pa
     without `optimizer` in "Missing key optimizer" after config.yaml and log.txt were written."""
     from detectron2 import model_zoo
 
-    from detkd.engine import check_config_sections
+    from detkd.config_checks import check_config_sections
 
     yaml_file = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
     proc = subprocess.run(
@@ -1078,7 +1079,7 @@ def test_a_sweep_override_and_a_distillers_dict_that_would_merge_are_clear_error
     ``model.distillers={}`` ran PKD."""
     from detectron2.config import LazyConfig
 
-    from detkd.engine import check_override_keys
+    from detkd.config_checks import check_override_keys
 
     from omegaconf import OmegaConf
 
@@ -1568,7 +1569,7 @@ def test_unregistered_test_dataset_fails_before_training(tmp_path):
             KDTrainer(cfg)
     assert not (tmp_path / "u").exists() or not any((tmp_path / "u").iterdir())
     cfg.dataloader.test.dataset.names = ["detkd_test_mini_val", "coco_2017_val"]  # registered: fine
-    from detkd.engine import check_test_datasets
+    from detkd.config_checks import check_test_datasets
 
     check_test_datasets(cfg)
 
@@ -1622,7 +1623,7 @@ def test_student_class_count_must_match_the_training_data(tmp_path):
     # they have no model.student, and train_net.py refuses that override there)
     from detectron2.config import instantiate
 
-    from detkd.engine import check_student_classes
+    from detkd.config_checks import check_student_classes
 
     from conftest import tiny_faster_rcnn_cfg
 
@@ -1646,7 +1647,7 @@ def test_loader_channel_order_must_match_the_students(tmp_path):
     # before training, for either key forgotten, a test loader of its own, and a plain detector.
     from detectron2.config import instantiate
 
-    from detkd.engine import check_input_format
+    from detkd.config_checks import check_input_format
 
     cfg = _small_cfg(tmp_path / "f", max_iter=2)
     assert cfg.model.student.get("input_format", "BGR") == "BGR"
@@ -1740,7 +1741,7 @@ def test_kd_diag_pearson_in_metrics_json_is_the_value_of_its_iteration(tmp_path)
     import numpy as np
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from detkd.engine import unwrap_model
+    from detkd.utils import unwrap_model
 
     out = tmp_path / "d"
     cfg = _small_cfg(out, max_iter=3)
@@ -1996,7 +1997,7 @@ def test_a_plain_model_config_that_keeps_a_teacher_checkpoint_in_its_own_folder_
     output/my_teacher/model_final.pth, the file this very run writes; a plain model never reads
     train.teacher_checkpoint, yet the run was refused ("the teacher's weights would be replaced by
     the student's"). A DistillationDetector with that setting is still refused."""
-    from detkd.engine import check_run_inputs_kept
+    from detkd.config_checks import check_run_inputs_kept
 
     out = str(tmp_path / "my_teacher")
     kd = load_config("configs/demo/pkd_retinanet.py")
@@ -2066,7 +2067,7 @@ def test_a_test_dataset_without_images_is_an_error_before_training(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    from detkd.engine import check_student_classes
+    from detkd.config_checks import check_student_classes
 
     name = "detkd_test_no_images"
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
@@ -2099,7 +2100,7 @@ def test_kd_scalars_of_a_step_whose_backward_failed_are_written_and_the_flag_res
     # after its forward (here at zero_grad, right before the backward) left them unwritten (the
     # inner trainer's hooks got no after_train), and scalars_after_backward stayed set after the
     # run: a later plain SimpleTrainer of the model never wrote its last step's scalars
-    from detkd.engine import unwrap_model
+    from detkd.utils import unwrap_model
 
     cfg = _small_cfg(tmp_path / "f", max_iter=3)
     trainer = KDTrainer(cfg)
@@ -2136,7 +2137,7 @@ def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
     # An argument a LazyCall leaves unset is a valid key only as the override's last part: a key
     # below it (model.x.b.c, b unset) would make b a dict nobody asked for; a target with
     # **kwargs takes any name.
-    from detkd.engine import check_override_keys
+    from detkd.config_checks import check_override_keys
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     cfg.model.distillers.x = L(_needs_a)(a=1)
@@ -2159,7 +2160,7 @@ def test_an_init_checkpoint_the_run_would_overwrite_is_refused(tmp_path):
     on from a finished run's model_final.pth in the same folder): the run replaced the file it
     started from. Refused before anything is written, for a plain model too; --eval-only (which
     saves nothing) and other names are fine."""
-    from detkd.engine import check_run_inputs_kept
+    from detkd.config_checks import check_run_inputs_kept
 
     out = tmp_path / "run"
     for config in ("configs/demo/pkd_retinanet.py", "configs/demo/student_retinanet.py"):
@@ -2189,7 +2190,7 @@ def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp
     # The teacher's checkpoint under any name the run saves to (periodic model_<7 digits>.pth,
     # not a 6-digit one), only when the run saves (not --eval-only); a factory function as
     # cfg.model counts as a possible DistillationDetector; the student's .yaml is checked too.
-    from detkd.engine import check_run_inputs_kept
+    from detkd.config_checks import check_run_inputs_kept
     from detkd.modeling import build_yacs_detector
 
     out = str(tmp_path / "run")
@@ -2237,7 +2238,11 @@ def test_class_checks_refuse_fewer_classes_and_another_order(tmp_path):
     # dataloader.evaluator, --eval-only's check of the test data is skipped
     from types import SimpleNamespace
 
-    from detkd.engine import check_student_classes, check_teacher_eval_classes, check_test_classes
+    from detkd.config_checks import (
+        check_student_classes,
+        check_teacher_eval_classes,
+        check_test_classes,
+    )
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcd", "abcd")
@@ -2720,7 +2725,7 @@ def test_class_checks_see_the_shapes_datasets_of_the_demo_configs():
     The name it registers is read now, so the check names the mismatch and the fix."""
     from detectron2.config import instantiate
 
-    from detkd.engine import _dataset_names, check_student_classes
+    from detkd.config_checks import _dataset_names, check_student_classes
 
     cfg = load_config("configs/demo/pkd_retinanet.py")
     cfg.dataloader.train.dataset.names.num_images = 4  # the default root, as the other tests

@@ -316,7 +316,8 @@ def test_config_errors_name_the_yaml_keys_of_a_yacs_student(tmp_path):
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    from detkd.engine import KDTrainer, check_input_format, check_override_keys
+    from detkd.config_checks import check_input_format, check_override_keys
+    from detkd.engine import KDTrainer
 
     from test_train_net import _coco_json
 

@@ -120,9 +120,10 @@ def check_overrides(
     """Raise SystemExit naming the overrides of ``opts`` that apply to none of ``configs``
     (a typo, or a method that is not run), or one that ``train_net.py`` would refuse in a config
     it applies to (a key its parent does not have, e.g. ``model.distillers.pkd.loss_wieght=10``:
-    :func:`detkd.engine.check_override_keys`), before anything trains. ``select(config)``: the
-    overrides that reach ``config``'s run (default: :func:`applicable_overrides`)."""
-    from .engine import check_override_keys
+    :func:`detkd.config_checks.check_override_keys`), before anything trains.
+    ``select(config)``: the overrides that reach ``config``'s run (default:
+    :func:`applicable_overrides`)."""
+    from .config_checks import check_override_keys
 
     select = select or (lambda c: applicable_overrides(c, opts))
     used = {o for c in configs for o in select(c)}

@@ -25,9 +25,9 @@ from .losses.base import (
     put_scalar,
     write_deferred_scalars,
 )
-from .utils import host_tensor
+from .utils import host_tensor, unwrap_model
 
-__all__ = ["DistillationDetector", "run_teacher"]
+__all__ = ["DistillationDetector", "run_teacher", "student_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -767,3 +767,10 @@ class DistillationDetector(nn.Module):
         from .checkpoint import save_student
 
         save_student(self.student, path)
+
+
+def student_of(model):
+    """The detector that is being trained: ``model.student`` of a DistillationDetector, else
+    the model itself."""
+    model = unwrap_model(model)
+    return model.student if isinstance(model, DistillationDetector) else model

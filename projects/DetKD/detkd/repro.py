@@ -86,13 +86,13 @@ def pair_overrides(config: str, other: str, opts):
     The overrides of ``opts`` for the run of ``config`` in a pair with ``other``: those whose
     parent key ``config`` has (:func:`detkd.demo.applicable_overrides`), less those whose key
     ``config`` lacks and ``other`` has, and that ``config``'s run would refuse as a typo
-    (:func:`detkd.engine.check_override_keys`). ``train.teacher_checkpoint=T`` is for the
+    (:func:`detkd.config_checks.check_override_keys`). ``train.teacher_checkpoint=T`` is for the
     distilled run; a baseline whose ``train`` is detectron2's own (no DetKD keys) has the parent
     ``train`` but not the key, and its run refused the override as a typo. ``+key=value`` (adds
     the key on purpose, e.g. ``+train.seed=0`` to such a baseline, whose ``train`` has no seed)
     and an argument of a LazyCall that ``config`` leaves at its default reach ``config``'s run.
     """
-    from .engine import check_override_keys
+    from .config_checks import check_override_keys
 
     mine = applicable_overrides(config, opts)
     cfg, theirs = _loaded(config), _loaded(other)
@@ -166,7 +166,7 @@ def check_pair(config: str, baseline: str, opts) -> None:
 
     from omegaconf import OmegaConf
 
-    from .engine import check_override_keys
+    from .config_checks import check_override_keys
 
     def load(path):  # a fresh copy: apply_overrides changes it
         cfg, here = LazyConfig.load(path), pair_overrides(
@@ -237,14 +237,15 @@ def check_pair(config: str, baseline: str, opts) -> None:
 def teacher_not_evaluable(kd) -> str:
     """
     Why the distilled run of the loaded config ``kd`` cannot evaluate its teacher on its test
-    data (:func:`detkd.engine.check_teacher_eval_classes`: a teacher of another class set, e.g.
-    a model-zoo COCO teacher of PKD, ReviewKD or GID's location selection), or "" when it can.
+    data (:func:`detkd.config_checks.check_teacher_eval_classes`: a teacher of another class
+    set, e.g. a model-zoo COCO teacher of PKD, ReviewKD or GID's location selection), or ""
+    when it can.
     The teacher is built (not loaded) here to count its classes; a teacher this process cannot
     build is left to the run.
     """
     from detectron2.config import instantiate
 
-    from .engine import _evaluates, teacher_class_mismatch
+    from .config_checks import _evaluates, teacher_class_mismatch
 
     if not _evaluates(kd):  # not evaluated: no teacher to build
         return ""

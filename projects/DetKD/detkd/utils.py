@@ -5,12 +5,15 @@ import re
 from typing import List
 
 import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 __all__ = [
+    "file_prefix",
     "host_tensor",
     "is_run_checkpoint",
     "memory_format_of",
     "remove_run_files",
+    "unwrap_model",
     "without_file_scheme",
 ]
 
@@ -71,3 +74,15 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     or H == W == 1), else ``torch.contiguous_format``."""
     nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if nhwc and not x.is_contiguous() else torch.contiguous_format
+
+
+def unwrap_model(model):
+    """Returns the module inside a (Distributed)DataParallel wrapper."""
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        return model.module
+    return model
+
+
+def file_prefix(cfg) -> str:
+    """The name prefix of a run's checkpoints (``train.checkpointer.file_prefix``, "model")."""
+    return str((cfg.train.get("checkpointer", None) or {}).get("file_prefix", "model"))

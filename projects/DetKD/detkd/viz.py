@@ -205,8 +205,8 @@ def _kd_config(args):
     """The distillation config of ``args.config``; SystemExit with the reason if it is none."""
     from detectron2.config import LazyConfig
 
+    from .config_checks import check_override_keys
     from .demo import REPO
-    from .engine import check_override_keys
 
     if not os.path.isfile(args.config) and os.path.isfile(os.path.join(REPO, args.config)):
         args.config = os.path.join(REPO, args.config)  # configs/... from outside the repository
@@ -324,7 +324,7 @@ def _kd_model(cfg, teacher_ckpt, student_ckpt):
     from detectron2.config import instantiate
 
     from .checkpoint import load_student, load_teacher
-    from .engine import check_input_format
+    from .config_checks import check_input_format
 
     model = instantiate(cfg.model)
     check_input_format(cfg, model, splits=("test",))
