@@ -102,3 +102,35 @@ def test_every_detkd_name_the_readme_and_the_code_cite_exists():
     assert {"detkd.losses.put_scalar", "detkd.modeling.build_yacs_detector"} <= set(cited)
     missing = {n: p for n, p in cited.items() if not resolves(n)}
     assert not missing, f"cited but not importable (name: first file): {missing}"
+
+
+def test_every_public_name_resolves_and_engine_reexports_the_config_checks():
+    """Each detkd module's ``__all__`` names an attribute it has (a name moved to another module
+    and left in ``__all__`` fails ``from detkd.x import *``), and the checks that moved from
+    ``detkd.engine`` to ``detkd.config_checks`` are still importable from engine as the same
+    objects."""
+    import importlib
+
+    import detkd.config_checks as checks
+    import detkd.engine as engine
+
+    modules = sorted(
+        os.path.relpath(p, os.path.join(REPO, "projects", "DetKD"))[: -len(".py")]
+        .replace(os.sep, ".")
+        .replace(".__init__", "")
+        for p in glob.glob(os.path.join(REPO, "projects/DetKD/detkd/**/*.py"), recursive=True)
+    )
+    assert {"detkd", "detkd.engine", "detkd.config_checks", "detkd.losses.pkd"} <= set(modules)
+    for name in modules:
+        module = importlib.import_module(name)
+        missing = [a for a in getattr(module, "__all__", []) if not hasattr(module, a)]
+        assert not missing, f"{name}.__all__ names what it lacks: {missing}"
+    moved = set(engine.__all__) & set(checks.__all__)
+    assert {"check_override_keys", "check_input_format", "check_student_classes"} <= moved
+    from detkd import distiller, utils
+
+    assert engine.student_of is distiller.student_of
+    assert engine.unwrap_model is utils.unwrap_model and engine.file_prefix is utils.file_prefix
+    assert all(getattr(engine, n) is getattr(checks, n) for n in moved)
+    for name in checks.__all__:  # defined there, not imported from elsewhere
+        assert getattr(checks, name).__module__ == "detkd.config_checks", name
