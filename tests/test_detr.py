@@ -1847,6 +1847,10 @@ def test_inverse_sigmoid_and_head_boxes_from_the_reference_point():
     got = inverse_sigmoid(torch.tensor([0.0, 1e-6, 0.3, 1.0], dtype=torch.float64))
     want = [math.log(1e-5), math.log(1e-5 / (1 - 1e-6)), math.log(0.3 / 0.7), -math.log(1e-5)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # inputs are clamped to [0, 1] first
+    got = inverse_sigmoid(torch.tensor([-0.5, 1.5], dtype=torch.float64))
+    want = torch.tensor([math.log(1e-5), -math.log(1e-5)], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
     head = DETRHead(8, 2).double()
     bias = torch.tensor([0.5, -1.0, 0.2, -0.3], dtype=torch.float64)
     with torch.no_grad():

@@ -180,6 +180,11 @@ def test_a_folder_written_by_an_older_version_is_written_again(tmp_path):
         (dict(image_size=(0, 8)), r"1 <= min <= max \(got \(0, 8\)\)"),
         (dict(empty_fraction="0.1"), r"empty_fraction must be a number in \[0, 1\] \(got '0\.1'\)"),
         (dict(empty_fraction=1.5), r"empty_fraction must be in \[0, 1\] \(got 1\.5\)"),
+        # a bool is an int to Python: True would be accepted as 1
+        (dict(num_images=True), r"num_images must be an integer >= 1 \(got True\)"),
+        (dict(max_objects=True), r"max_objects must be an integer >= 1 \(got True\)"),
+        (dict(image_size=(True, 8)), r"image_size is \(min, max\).*\(got \(True, 8\)\)"),
+        (dict(empty_fraction=False), r"empty_fraction must be a number in \[0, 1\]"),
     ],
 )
 def test_generation_settings_out_of_range_are_named(tmp_path, setting, message):
@@ -208,3 +213,41 @@ def test_image_size_from_a_config_is_a_list(tmp_path):
         max_objects=np.int64(2),
         empty_fraction=np.float32(0.1),
     )
+
+
+def test_empty_fraction_takes_both_ends_of_its_range(tmp_path):
+    """empty_fraction in [0, 1], ends included: 1 gives images without any object, 0 none."""
+    coco = json.load(open(write_shapes(str(tmp_path / "all"), 4, empty_fraction=1)))
+    assert len(coco["images"]) == 4 and coco["annotations"] == []
+    coco = json.load(open(write_shapes(str(tmp_path / "none"), 4, empty_fraction=0)))
+    assert {a["image_id"] for a in coco["annotations"]} == {im["id"] for im in coco["images"]}
+
+
+def test_annotation_ids_start_at_1_and_perfect_predictions_score_ap_100(tmp_path):
+    """pycocotools reads a matched ground-truth id of 0 as "unmatched" (ids from 0 scored the
+    ground truth itself at AP 92.8), and crowd objects are ignored by the evaluation (AP NaN)
+    and dropped by detectron2's mapper: ids are 1, 2, ... and no object is a crowd, so the
+    ground truth submitted as predictions scores AP 100 in COCOEvaluator."""
+    import torch
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    coco = json.load(open(write_shapes(str(tmp_path / "ids"), 12, seed=2)))
+    ids = [a["id"] for a in coco["annotations"]]
+    assert ids == list(range(1, len(ids) + 1))
+    assert not any(a["iscrowd"] for a in coco["annotations"])
+
+    name = register_shapes("perfect", 12, seed=4, root=str(tmp_path))
+    evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "eval"))
+    evaluator.reset()
+    objects = 0
+    for d in DatasetCatalog.get(name):
+        anns = d["annotations"]
+        objects += len(anns)
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+        inst = Instances((d["height"], d["width"]))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.ones(len(anns))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.long)
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+    assert objects > 12
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)

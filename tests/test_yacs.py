@@ -431,3 +431,11 @@ def test_a_yacs_file_with_a_stray_lowercase_model_key_is_a_key_error_not_a_lazyc
     )
     with pytest.raises(KeyError, match=r"typo\.yaml: Non-existent config key: model.*add_config"):
         load_yacs_config(str(tmp_path / "typo.yaml"))
+
+
+def test_a_yacs_assertion_that_is_not_about_keys_is_not_reported_as_a_missing_key(tmp_path):
+    """yacs asserts for more than a missing key (a newer config VERSION): that error is raised
+    as it is, not as a KeyError with the add_config hint."""
+    (tmp_path / "v3.yaml").write_text("VERSION: 3\nMODEL: {RETINANET: {NUM_CLASSES: 2}}\n")
+    with pytest.raises(AssertionError, match="Cannot merge a v3 config into a v2 config"):
+        load_yacs_config(str(tmp_path / "v3.yaml"))
