@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_config
 
 
 def _demo_in_process(cmd, capsys):
@@ -1521,3 +1521,149 @@ def test_repro_run_again_in_its_folder_reports_this_runs_results_only(
     assert res["teacher"] == {} and res["distilled"]["AP"] == 12.0
     table = capsys.readouterr().out.split("\n\n")[-1]
     assert table.splitlines()[1].split() == ["teacher", "-", "-", "-"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_demo_force_retrains_a_finished_run_of_the_same_arguments(tmp_path, monkeypatch):
+    """--force trains again a run that would be reused (same arguments, finished)."""
+    from detkd import demo
+
+    config = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    out = tmp_path / "student_retinanet"
+    out.mkdir()
+    trained = []
+
+    def fake_train_net(cmd, **kwargs):
+        trained.append(cmd)
+        (out / "model_final.pth").write_bytes(b"")
+        (out / "metrics.json").write_text(json.dumps({"bbox/AP": 1.0}) + "\n")
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_train_net)
+    logs = []
+    for force in (False, False):
+        demo._train(config, str(out), ["train.max_iter=4"], force, logs.append)
+    assert len(trained) == 1 and "[demo] reusing" in logs[-1]
+    logs.clear()
+    demo._train(config, str(out), ["train.max_iter=4"], True, logs.append)
+    assert len(trained) == 2 and not any("reusing" in line for line in logs)
+
+
+def test_demo_retrains_for_an_input_newer_than_the_weights_only(tmp_path):
+    """A teacher (or pretrained backbone) file newer than the run's final weights means the run
+    trains again; one exactly as old does not."""
+    from detkd import demo
+
+    teacher, weights = tmp_path / "teacher.pth", tmp_path / "model_final.pth"
+    teacher.write_bytes(b"")
+    weights.write_bytes(b"")
+    cmd = ["train_net.py", f"train.teacher_checkpoint={teacher}"]
+    os.utime(teacher, (1e9, 1e9))
+    os.utime(weights, (1e9, 1e9))
+    assert not demo._newer_inputs(str(tmp_path), cmd)
+    os.utime(teacher, (1e9 + 1, 1e9 + 1))
+    assert demo._newer_inputs(str(tmp_path), cmd)
+    os.utime(teacher, (1e9 - 1, 1e9 - 1))
+    assert not demo._newer_inputs(str(tmp_path), cmd)
+
+
+def test_paths_from_here_leaves_values_alone_in_the_repository_root(monkeypatch):
+    """Run from the repository root, a relative path already names the file the runs read (they
+    start there): it stays as written."""
+    from detkd.demo import paths_from_here
+
+    monkeypatch.chdir(REPO)
+    opts = ["train.init_checkpoint=configs/demo/pkd_retinanet.py"]
+    assert paths_from_here(opts) == opts
+
+
+def test_demo_trains_the_detector_family_given_by_detector(tmp_path, monkeypatch):
+    """--detector picks the family among a method's demo configs (a second family, "aaa",
+    sorts first and is added here to the files demo finds)."""
+    import glob
+
+    from detkd import demo
+
+    real = glob.glob
+
+    def with_a_second_family(pattern):
+        extra = [pattern.replace("*", "aaa")] if pattern.endswith("pkd_*.py") else []
+        return real(pattern) + extra
+
+    monkeypatch.setattr(glob, "glob", with_a_second_family)
+    seen = []
+
+    def fake_train(config, run_dir, opts, force, log):
+        seen.append(os.path.basename(config))
+        raise _Stop
+
+    monkeypatch.setattr(demo, "_train", fake_train)
+    with pytest.raises(_Stop):
+        demo.main(["--methods", "pkd", "--detector", "retinanet", "--output", str(tmp_path)])
+    assert seen == ["teacher_retinanet.py"]
+
+
+def test_repro_settings_that_are_off_differ_in_nothing_else():
+    """Disabled gradient clipping (or AMP) is the same setting whatever its other keys say, and
+    an AMP dict that is off equals none."""
+    from detectron2.config import LazyConfig
+
+    from detkd.repro import paired_differences
+
+    kd = LazyConfig.apply_overrides(
+        load_config("configs/demo/pkd_retinanet.py"), ["train.clip_grad.enabled=False"]
+    )
+    base = LazyConfig.apply_overrides(
+        load_config("configs/demo/student_retinanet.py"),
+        ["train.clip_grad.enabled=False", "train.clip_grad.max_norm=5.0"],
+    )
+    assert kd.train.clip_grad.max_norm != base.train.clip_grad.max_norm
+    assert paired_differences(kd, base) == []
+    base.train.clip_grad.enabled = True
+    assert "train.clip_grad" in str(paired_differences(kd, base))
+    base.train.clip_grad.enabled = False
+    base.train.amp = dict(enabled=False, precision="bfloat16")
+    kd.train.pop("amp", None)
+    assert paired_differences(kd, base) == []
+
+
+def test_repro_reads_a_relative_teacher_checkpoint_from_the_repository_root(tmp_path, monkeypatch):
+    """The runs start in the repository root: a teacher path relative to it is found from any
+    working directory."""
+    from detkd import repro
+
+    monkeypatch.chdir(tmp_path)
+    repro.check_pair(
+        os.path.join(REPO, "configs/demo/pkd_retinanet.py"),
+        os.path.join(REPO, "configs/demo/student_retinanet.py"),
+        ["train.teacher_checkpoint=configs/demo/teacher_retinanet.py"],
+    )
+
+
+def test_repro_finds_yacs_teachers_in_lists_and_leaves_urls_to_the_run():
+    from detkd.repro import _check_yacs_node, _yacs_nodes
+
+    from omegaconf import OmegaConf
+
+    yacs = {"_target_": "detkd.modeling.build_yacs_detector", "config_file": "t.yaml"}
+    node = OmegaConf.create({"members": [{"x": 1}, yacs]})
+    assert [k for k, _ in _yacs_nodes(node, "model.teacher")] == ["model.teacher.members[1]"]
+    url = OmegaConf.create({"config_file": "https://example.com/teacher.yaml", "opts": []})
+    assert _check_yacs_node("model.teacher", url, "kd.py") is None
+
+
+def test_repro_teacher_row_is_its_box_ap_not_its_mask_ap(tmp_path):
+    """The engine logs teacher/{task}/{metric}: a Mask R-CNN teacher's segm AP is not its row."""
+    from detkd.repro import _teacher_metrics
+
+    metrics = {
+        "teacher/bbox/AP": 50.0,
+        "teacher/bbox/AP50": 60.0,
+        "teacher/segm/AP": 45.0,
+        "teacher/segm/AP50": 55.0,
+        "iteration": 0,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics) + "\n")
+    assert _teacher_metrics(str(tmp_path)) == {"AP": 50.0, "AP50": 60.0}

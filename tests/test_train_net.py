@@ -2752,3 +2752,109 @@ def test_max_iter_below_one_is_a_clear_error(tmp_path):
         ):
             KDTrainer(cfg)
     assert not (tmp_path / "z").exists() or not any((tmp_path / "z").glob("*.pth"))
+
+
+def _train_net_module(monkeypatch):
+    monkeypatch.syspath_prepend(REPO)
+    import train_net
+
+    return train_net
+
+
+def test_resume_warnings_compare_teachers_and_name_added_and_removed_model_keys(
+    tmp_path, monkeypatch
+):
+    """--resume's warnings: an empty teacher_checkpoint and none at all are the same (no
+    teacher); model keys this config adds or drops are named, as changed ones are."""
+    from detectron2.config import LazyConfig
+
+    train_net = _train_net_module(monkeypatch)
+    cfg = load_config("configs/demo/student_retinanet.py")
+    cfg.train.output_dir = str(tmp_path)
+    assert cfg.train.teacher_checkpoint == ""
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    run_config = (tmp_path / "config.yaml").read_bytes()
+    del cfg.train["teacher_checkpoint"]
+    assert train_net._teacher_change(cfg, run_config) is None
+    cfg.train.teacher_checkpoint = "t.pth"
+    assert "train.teacher_checkpoint is 't.pth'" in train_net._teacher_change(cfg, run_config)
+
+    changes = train_net._changes({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"d": 3}}, "model")
+    assert changes == ["model.b.c: 2 (this config: None)", "model.b.d: None (this config: 3)"]
+    cfg.model.test_topk_candidates_extra = 7
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    change = train_net._model_change(cfg, run_config)
+    assert "model.test_topk_candidates_extra: None (this config: 7)" in change
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _eval_only_loads(train_net, monkeypatch, config, out, *opts, flags=()):
+    """The weights ``train_net.py --config-file config --eval-only flags ... opts`` evaluates:
+    stopped when it loads them."""
+    from detectron2.engine import default_argument_parser
+
+    loaded = []
+
+    def load(model, path, strict, key):
+        loaded.append(path)
+        raise _Loaded
+
+    monkeypatch.setattr(train_net, "load_student", load)
+    args = [
+        "--config-file",
+        str(config),
+        "--eval-only",
+        *flags,
+        f"train.output_dir={out}",
+        "dataloader.test.dataset.names.num_images=4",
+        "dataloader.test.num_workers=0",
+        *opts,
+    ]
+    with pytest.raises(_Loaded):
+        train_net.main(default_argument_parser().parse_args(args))
+    return loaded
+
+
+def test_eval_only_evaluates_init_checkpoint_without_resume_and_needs_no_optimizer(
+    tmp_path, monkeypatch
+):
+    """--eval-only in a training run's folder evaluates train.init_checkpoint (the run's last
+    checkpoint only with --resume, as detectron2's tools), and a config without the training
+    sections (optimizer, lr_multiplier) is enough to evaluate; --eval-only --resume there logs
+    no teacher-change warning (it does not resume training)."""
+    train_net = _train_net_module(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"w")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    student = os.path.join(REPO, "configs/demo/student_retinanet.py")
+    mine = str(tmp_path / "mine.pth")
+    loads = _eval_only_loads(train_net, monkeypatch, student, out, f"train.init_checkpoint={mine}")
+    assert loads == [mine]
+
+    config = tmp_path / "eval_cfg.py"
+    config.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"c = LazyConfig.load({student!r})\n"
+        "model, dataloader, train = c.model, c.dataloader, c.train\n"
+    )
+    loads = _eval_only_loads(
+        train_net, monkeypatch, config, tmp_path / "e", "train.init_checkpoint=x.pth"
+    )
+    assert loads == ["x.pth"]
+
+    from detectron2.config import LazyConfig
+
+    kd = load_config("configs/demo/pkd_retinanet.py")
+    kd.train.output_dir, kd.train.teacher_checkpoint = str(out), "the_runs_teacher.pth"
+    LazyConfig.save(kd, str(out / "config.yaml"))
+    kd_config = os.path.join(REPO, "configs/demo/pkd_retinanet.py")
+    opts = ("train.teacher_checkpoint=another.pth", "train.teacher_random_init=True")
+    loads = _eval_only_loads(train_net, monkeypatch, kd_config, out, *opts, flags=["--resume"])
+    assert loads == [str(out / "model_final.pth")]
+    log = (out / "log.txt").read_text()
+    assert "evaluating the last checkpoint" in log
+    assert "--resume: train.teacher_checkpoint" not in log
