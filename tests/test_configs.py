@@ -662,3 +662,120 @@ def test_demo_configs_imported_as_python_modules_keep_the_student_apart():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["64", "128", "64", "96", "output/demo/d3etr_detr"]
+
+
+# Values of the paper-setting configs that METHODS.md states and the tests above left unchecked
+# (found by mutating the configs: each test below fails on a changed value that passed before).
+
+
+def _load_paper(path):
+    return LazyConfig.load(os.path.join(REPO, path))
+
+
+def _students_and_teachers(cfg):
+    return [cfg.model.student, cfg.model.teacher] if "student" in cfg.model else [cfg.model]
+
+
+def _drops(cfg):
+    """The lr drop iterations of a (warm-up wrapped) multi-step schedule, for train.max_iter."""
+    s = cfg.lr_multiplier.scheduler
+    n = s.get("num_updates") or s.milestones[-1]  # detectron2: scale-invariant, last milestone
+    return [round(m / n * cfg.train.max_iter) for m in s.milestones if m < n]
+
+
+def _distiller(cfg, name):
+    return [n for n in cfg.model.get("distillers", {}).values() if n._target_.__name__ == name]
+
+
+def test_paper_configs_train_on_coco_train_with_80_classes():
+    for path in PAPER:
+        cfg = _load_paper(path)
+        assert cfg.dataloader.train.dataset.names == "coco_2017_train", path
+        assert cfg.dataloader.test.dataset.names == "coco_2017_val", path
+        for m in _students_and_teachers(cfg):
+            node = m.roi_heads if "roi_heads" in m else m  # R-CNN: the ROI heads' count
+            assert _effective(node)["num_classes"] == 80, path
+
+
+def test_pkd_pairs_by_index_resizes_the_student_and_uses_mmdets_lrs():
+    """METHODS.md 1.4: pairing by index, the student map resized; 1.5: SGD batch 16, lr 0.02 for
+    Faster R-CNN, 0.01 for one-stage students."""
+    checked = 0
+    for path in PAPER:
+        cfg = _load_paper(path)
+        pkd = _distiller(cfg, "PKDDistiller")
+        if not pkd:
+            continue
+        args = _effective(pkd[0])
+        names = (cfg.model.teacher._target_.__name__, cfg.model.student._target_.__name__)
+        if names[0] != names[1] and "GeneralizedRCNN" in names:  # p2.. against p3..
+            assert args["pair_by"] == "index", path
+        assert args["resize_student"] is True, path
+        two_stage = names[1] == "GeneralizedRCNN"
+        assert cfg.optimizer.lr == (0.02 if two_stage else 0.01), path
+        assert cfg.dataloader.train.total_batch_size == 16, path
+        checked += 1
+    assert checked >= 5
+
+
+def test_reviewkd_abfs_and_reference_schedule():
+    """METHODS.md 2.2: mid = 256 (the teacher's channels), ordinary BN; 2.5: batch 8, lr 0.01,
+    180k iterations with drops at 120k / 160k, multi-scale short side 640-800 (max 1333)."""
+    checked = 0
+    for path in PAPER:
+        cfg = _load_paper(path)
+        nodes = _distiller(cfg, "ReviewKDDistiller")
+        if not nodes:
+            continue
+        args = _effective(nodes[0])
+        assert args["mid_channels"] in (None, 256) and args["norm"] == "BN", path
+        assert (cfg.dataloader.train.total_batch_size, cfg.optimizer.lr) == (8, 0.01), path
+        assert cfg.train.max_iter == 180000 and _drops(cfg) == [120000, 160000], path
+        resize = cfg.dataloader.train.mapper.augmentations[0]
+        assert (min(resize.short_edge_length), max(resize.short_edge_length)) == (640, 800), path
+        assert resize.max_size == 1333, path
+        checked += 1
+    assert checked == 2
+
+
+def test_gid_port_schedule_and_faster_rcnn_levels():
+    """METHODS.md 3.5: RetinaNet 2x, batch 16, lr 0.01, 180k, drops at 120k / 160k; 3.4: the
+    Faster R-CNN features and relation on p2-p5 (4 levels)."""
+    checked = 0
+    for path in PAPER:
+        cfg = _load_paper(path)
+        nodes = _distiller(cfg, "GIDDistiller")
+        if not nodes:
+            continue
+        args = _effective(nodes[0])
+        det = cfg.model.student._target_.__name__
+        if det == "GeneralizedRCNN":
+            assert args["num_levels"] == 4, path
+        else:
+            assert args["num_levels"] is None, path  # p3-p7, the [3, 7] clamp
+        if det == "RetinaNet":
+            assert (cfg.dataloader.train.total_batch_size, cfg.optimizer.lr) == (16, 0.01), path
+            assert cfg.train.max_iter == 180000 and _drops(cfg) == [120000, 160000], path
+        checked += 1
+    assert checked == 3
+
+
+def test_d3etr_r101_teacher_r50_student_and_lr_drops():
+    """METHODS.md 4.1: Conditional DETR R101-C5 teacher -> R50-C5 student; 4.3: lr drop at 11 of
+    12 epochs or 40 of 50, training for the whole schedule."""
+    ipe = 117266 // 16
+    checked = 0
+    for path in PAPER:
+        if os.sep + "D3ETR" + os.sep not in path:
+            continue
+        cfg = _load_paper(path)
+        epochs = round(cfg.train.max_iter / ipe)
+        assert epochs in (12, 50), path
+        s = cfg.lr_multiplier.scheduler
+        assert s.num_updates == cfg.train.max_iter, path
+        assert list(s.milestones) == [(11 if epochs == 12 else 40) * ipe], path
+        if "teacher" in cfg.model:
+            assert _resnet(cfg.model.teacher).stages.depth == 101, path
+            assert _resnet(cfg.model.student).stages.depth == 50, path
+        checked += 1
+    assert checked == 8
