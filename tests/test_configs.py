@@ -683,8 +683,14 @@ def _drops(cfg):
     return [round(m / n * cfg.train.max_iter) for m in s.milestones if m < n]
 
 
-def _distiller(cfg, name):
-    return [n for n in cfg.model.get("distillers", {}).values() if n._target_.__name__ == name]
+def _paper_distillers(name):
+    """(path, config, the distiller's effective arguments) of each paper config with a ``name``
+    distiller."""
+    for path in PAPER:
+        cfg = _load_paper(path)
+        for node in cfg.model.get("distillers", {}).values():
+            if node._target_.__name__ == name:
+                yield path, cfg, _effective(node)
 
 
 def test_paper_configs_train_on_coco_train_with_80_classes():
@@ -701,12 +707,7 @@ def test_pkd_pairs_by_index_resizes_the_student_and_uses_mmdets_lrs():
     """METHODS.md 1.4: pairing by index, the student map resized; 1.5: SGD batch 16, lr 0.02 for
     Faster R-CNN, 0.01 for one-stage students."""
     checked = 0
-    for path in PAPER:
-        cfg = _load_paper(path)
-        pkd = _distiller(cfg, "PKDDistiller")
-        if not pkd:
-            continue
-        args = _effective(pkd[0])
+    for path, cfg, args in _paper_distillers("PKDDistiller"):
         names = (cfg.model.teacher._target_.__name__, cfg.model.student._target_.__name__)
         if names[0] != names[1] and "GeneralizedRCNN" in names:  # p2.. against p3..
             assert args["pair_by"] == "index", path
@@ -722,12 +723,7 @@ def test_reviewkd_abfs_and_reference_schedule():
     """METHODS.md 2.2: mid = 256 (the teacher's channels), ordinary BN; 2.5: batch 8, lr 0.01,
     180k iterations with drops at 120k / 160k, multi-scale short side 640-800 (max 1333)."""
     checked = 0
-    for path in PAPER:
-        cfg = _load_paper(path)
-        nodes = _distiller(cfg, "ReviewKDDistiller")
-        if not nodes:
-            continue
-        args = _effective(nodes[0])
+    for path, cfg, args in _paper_distillers("ReviewKDDistiller"):
         assert args["mid_channels"] in (None, 256) and args["norm"] == "BN", path
         assert (cfg.dataloader.train.total_batch_size, cfg.optimizer.lr) == (8, 0.01), path
         assert cfg.train.max_iter == 180000 and _drops(cfg) == [120000, 160000], path
@@ -742,12 +738,7 @@ def test_gid_port_schedule_and_faster_rcnn_levels():
     """METHODS.md 3.5: RetinaNet 2x, batch 16, lr 0.01, 180k, drops at 120k / 160k; 3.4: the
     Faster R-CNN features and relation on p2-p5 (4 levels)."""
     checked = 0
-    for path in PAPER:
-        cfg = _load_paper(path)
-        nodes = _distiller(cfg, "GIDDistiller")
-        if not nodes:
-            continue
-        args = _effective(nodes[0])
+    for path, cfg, args in _paper_distillers("GIDDistiller"):
         det = cfg.model.student._target_.__name__
         if det == "GeneralizedRCNN":
             assert args["num_levels"] == 4, path
