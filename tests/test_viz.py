@@ -1180,3 +1180,370 @@ def test_a_view_takes_the_runs_overrides_and_a_config_path_from_the_repository(
         r"Did you mean 'model\.distillers\.pkd\.num_levels'",
     ):
         _kd_config(args)
+
+
+def test_max_activation_scales_a_small_range_to_0_1():
+    """Feature maps of a range below 1 (the usual case after normalisation layers) are stretched
+    to [0, 1] too: the floor on the divisor only keeps a constant map from dividing by 0."""
+    # (2, 1, 3): max [0.1, 0.3, 0.2]
+    feat = torch.tensor([[[0.1, 0.3, 0.15]], [[0.05, 0.25, 0.2]]])
+    assert np.allclose(viz.max_activation(feat), [[0.0, 1.0, 0.5]], atol=1e-6)
+
+
+def test_draw_fpn_activations_draws_each_rows_own_map_beside_the_image(tmp_path, monkeypatch):
+    """The PKD picture's grid: per row the input image in column 0, then per level that row's
+    own max-activation map on the jet scale from 0 to 1 (also a constant map, drawn at 0, not on
+    a scale of its own); r is against the ``reference`` row, whose own titles carry none."""
+    g = torch.Generator().manual_seed(1)
+    rows = {
+        name: {"p3": torch.randn(3, 4, 5, generator=g), "p4": torch.randn(3, 2, 3, generator=g)}
+        for name in ("teacher", "student", "other")
+    }
+    rows["other"]["p4"] = torch.full((3, 2, 3), 0.7)
+    image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    fig = _drawn_figure(
+        monkeypatch,
+        viz.draw_fpn_activations,
+        image,
+        rows,
+        ["p3", "p4"],
+        str(tmp_path / "p.png"),
+        reference="student",
+    )
+    assert len(fig.axes) == 3 * 3
+    for r, name in enumerate(rows):
+        first = fig.axes[3 * r]
+        assert np.array_equal(np.asarray(first.images[0].get_array()), image), name
+        assert first.get_ylabel() == name
+        for c, lvl in enumerate(["p3", "p4"]):
+            ax = fig.axes[3 * r + c + 1]
+            (im,) = ax.images
+            m = viz.max_activation(rows[name][lvl])
+            assert np.allclose(np.asarray(im.get_array()), m), (name, lvl)
+            assert im.get_clim() == (0, 1) and im.get_cmap().name == "jet", (name, lvl)
+            ref = viz.max_activation(rows["student"][lvl])
+            if name == "other" and lvl == "p4":  # constant: no r
+                assert np.array_equal(m, np.zeros((2, 3)))
+                r_text = "n/a (constant map)"
+            else:
+                r_text = f"{np.corrcoef(m.ravel(), ref.ravel())[0, 1]:.2f}"
+            want = lvl if name == "student" else f"{lvl}  r={r_text}"
+            assert ax.get_title() == want, (name, lvl)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    corr = viz.draw_fpn_activations(
+        image, rows, ["p3", "p4"], str(tmp_path / "q.png"), reference="student"
+    )
+    m_t, m_s = (viz.max_activation(rows[n]["p4"]).ravel() for n in ("teacher", "student"))
+    assert corr["teacher"]["p4"] == pytest.approx(np.corrcoef(m_t, m_s)[0, 1], rel=1e-6)
+    assert corr["student"]["p4"] == pytest.approx(1.0)
+
+
+def test_draw_boxes_legend_title_label_and_line_colours(tmp_path, monkeypatch):
+    """The rest of draw_boxes' picture: a legend entry per name in its colour, the title, each
+    label in its box's colour, yellow lines between pairs, and a figure 5 inches wide with the
+    image's aspect ratio."""
+    from matplotlib.colors import to_rgba
+
+    image = np.zeros((30, 60, 3), np.uint8)
+    fig = _drawn_figure(
+        monkeypatch,
+        viz.draw_boxes,
+        image,
+        np.array([[2.0, 4.0, 12.0, 10.0], [20.0, 6.0, 30.0, 26.0]]),
+        ["deepskyblue", "red"],
+        str(tmp_path / "b.png"),
+        labels=["t", "s"],
+        pairs=[(0, 1)],
+        title="D3ETR layer 1",
+        legend={"teacher": "deepskyblue", "student (matched)": "red"},
+    )
+    ax = fig.axes[0]
+    assert ax.get_title() == "D3ETR layer 1"
+    leg = ax.get_legend()
+    assert [t.get_text() for t in leg.get_texts()] == ["teacher", "student (matched)"]
+    blue_red = [to_rgba("deepskyblue"), to_rgba("red")]
+    assert [h.get_facecolor() for h in leg.legend_handles] == blue_red
+    assert [to_rgba(t.get_color()) for t in ax.texts] == blue_red
+    assert [to_rgba(line.get_color()) for line in ax.lines] == [to_rgba("yellow")]
+    assert tuple(fig.get_size_inches()) == pytest.approx((5.0, 2.5))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_check_args_names_each_missing_checkpoint_and_lets_urls_through(tmp_path):
+    """Each checkpoint option of the views is checked as a file and named when missing; a URL
+    (detectron2://, https://: loaded by the checkpointer) is not a file to check."""
+    from types import SimpleNamespace
+
+    have = tmp_path / "w.pth"
+    have.write_bytes(b"")
+    opts = {"pkd": ("teacher", "before", "after"), "gid": ("teacher", "student")}
+    for view, names in opts.items():
+        for missing in names:
+            args = SimpleNamespace(view=view, index=0, out=str(tmp_path / "v.png"))
+            for n in names:
+                setattr(args, n, str(tmp_path / "nope.pth") if n == missing else str(have))
+            with pytest.raises(
+                SystemExit, match=rf"\[viz {view}\] --{missing}: no checkpoint file .*nope\.pth"
+            ):
+                viz._check_args(args)
+    args = SimpleNamespace(
+        view="d3etr",
+        index=0,
+        top=1,
+        out=str(tmp_path / "v.png"),
+        teacher="detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+        student="https://example.com/student.pth",
+    )
+    viz._check_args(args)  # no SystemExit
+
+
+def test_cli_defaults_and_overrides_reach_the_views(tmp_path, monkeypatch):
+    """The command line's defaults (output file per view, image 0, the last decoder layer, the 8
+    most confident queries, the PKDDistiller's levels) and the key=value overrides after --."""
+    t = tmp_path / "t.pth"
+    t.write_bytes(b"")
+    got = {}
+    for view in ("pkd", "gid", "d3etr"):
+        monkeypatch.setattr(viz, f"_{view}_view", lambda args, view=view: got.update({view: args}))
+    cfg = f"{REPO}/configs/demo/pkd_retinanet.py"
+    viz.main(["pkd", "--config", cfg, "--teacher", str(t), "--before", str(t), "--after", str(t)])
+    viz.main(["gid", "--config", cfg, "--teacher", str(t), "--student", str(t), "--", "a.b=1"])
+    viz.main(["d3etr", "--config", cfg, "--teacher", str(t), "--student", str(t)])
+    assert (got["pkd"].out, got["gid"].out, got["d3etr"].out) == (
+        "pkd_fpn.png",
+        "gid_instances.png",
+        "d3etr_matches.png",
+    )
+    assert got["pkd"].levels is None and got["pkd"].index == got["gid"].index == 0
+    assert (got["d3etr"].layer, got["d3etr"].top) == (-1, 8)
+    assert got["gid"].opts == ["a.b=1"] and got["pkd"].opts == []
+    viz.main(["d3etr", "--config", cfg, "--teacher", str(t), "--student", str(t), "--index", "2"])
+    assert got["d3etr"].index == 2
+    viz.main(
+        ["pkd", "--config", cfg, "--teacher", str(t), "--before", str(t), "--after", str(t)]
+        + ["--levels", "p4", "p5"]
+    )
+    assert got["pkd"].levels == ["p4", "p5"]
+
+
+def test_kd_config_refuses_a_model_without_a_student(tmp_path):
+    """A model with a teacher but no student is no distillation config either (both are
+    needed)."""
+    from types import SimpleNamespace
+
+    cfg_path = tmp_path / "no_student.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\n"
+        "del model.student\n"
+    )
+    args = SimpleNamespace(view="pkd", config=str(cfg_path), opts=[])
+    with pytest.raises(SystemExit, match=r"no_student\.py is not a distillation config"):
+        viz._kd_config(args)
+
+
+def test_pkd_view_rows_are_the_before_and_after_students(tmp_path, monkeypatch):
+    """--before is the "student alone" row, --after the "student + KD" row (two different
+    checkpoints): each row's maps are that checkpoint's backbone on the image."""
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg_path = f"{REPO}/configs/demo/pkd_retinanet.py"
+    cfg = LazyConfig.load(cfg_path)
+    paths = {}
+    students = {}
+    for name, seed in (("teacher", 0), ("before", 1), ("after", 2)):
+        torch.manual_seed(seed)
+        m = instantiate(cfg.model["teacher" if name == "teacher" else "student"]).eval()
+        paths[name] = str(tmp_path / f"{name}.pth")
+        torch.save({"model": m.state_dict()}, paths[name])
+        students[name] = m
+    inputs = make_inputs(1, size=(64, 96), seed=5)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    got = {}
+    monkeypatch.setattr(
+        viz,
+        "draw_fpn_activations",
+        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
+    )
+    viz.main(
+        ["pkd", "--config", cfg_path, "--out", str(tmp_path / "p.png")]
+        + [x for n in ("teacher", "before", "after") for x in (f"--{n}", paths[n])]
+    )
+    for name, row in (("before", "student alone"), ("after", "student + KD")):
+        s = students[name]
+        with torch.no_grad():
+            feats = s.backbone(s.preprocess_image(inputs).tensor)
+        for lvl in got["levels"]:
+            v = got["rows"][row][lvl]
+            assert torch.allclose(v, feats[lvl][0, :, : v.shape[1], : v.shape[2]], atol=1e-5), (
+                row,
+                lvl,
+            )
+
+
+def test_pkd_view_without_a_pkd_distiller_draws_the_four_finest_common_levels(
+    tmp_path, monkeypatch
+):
+    """A distillation config without a PKDDistiller (GID's demo): the view draws the 4 finest
+    levels of a stride both models have (p3-p6 of p3-p7), and --levels takes all 5."""
+    from detectron2.config import LazyConfig
+
+    cfg_path = f"{REPO}/configs/demo/gid_retinanet.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96)))
+    got = {}
+    monkeypatch.setattr(
+        viz,
+        "draw_fpn_activations",
+        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
+    )
+    args = ["pkd", "--config", cfg_path, "--teacher", t, "--before", s, "--after", s]
+    viz.main(args + ["--out", str(tmp_path / "p.png")])
+    assert got["levels"] == ["p3", "p4", "p5", "p6"]
+    all_levels = ["p3", "p4", "p5", "p6", "p7"]
+    viz.main(args + ["--out", str(tmp_path / "p.png"), "--levels"] + all_levels)
+    assert got["levels"] == all_levels and list(got["rows"]["teacher"]) == all_levels
+
+
+def test_gid_view_colours_all_instances_negative_without_ground_truth(tmp_path, monkeypatch):
+    """An image without ground truth (none annotated, or no annotations at all): no instance
+    overlaps an object, all are negative (red); the GT drawn is empty, or none."""
+    from detectron2.config import LazyConfig
+    from detectron2.structures import Boxes
+
+    from detkd.losses import GIDDistiller
+
+    cfg_path = f"{REPO}/configs/demo/gid_retinanet.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    chosen = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 40.0, 30.0]])
+    monkeypatch.setattr(
+        GIDDistiller, "_select", lambda self, *a: [(Boxes(chosen), torch.tensor([0.9, 0.8]))]
+    )
+    drawn = _capture_draw_boxes(monkeypatch)
+    for annotated in (True, False):
+        inputs = make_inputs(1, size=(64, 96), seed=2, empty=(0,))
+        if not annotated:
+            del inputs[0]["instances"]
+        monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+        viz.main(
+            ["gid", "--config", cfg_path, "--teacher", t, "--student", s]
+            + ["--out", str(tmp_path / "g.png")]
+        )
+        assert drawn["colors"] == ["red", "red"], annotated
+        if annotated:
+            assert drawn["gt_boxes"].shape == (0, 4)
+        else:
+            assert drawn["gt_boxes"] is None
+
+
+def test_pkd_view_resizes_an_index_paired_teacher_map_onto_the_students_ceil_cells(
+    tmp_path, monkeypatch
+):
+    """PKD pairing by index up to the student's p6 (stride 64) with the teacher's p5 (stride
+    32): the padded 96 x 128 input gives the student's p6 ceil(96 / 64) x ceil(128 / 64) = 2 x 2
+    cells, and the teacher's p5 map (3 x 4) is resized onto those 2 x 2 cells, not 1 x 2."""
+    import torch.nn.functional as F
+    from detectron2.structures import ImageList
+
+    nets, inputs, got, args = _run_pkd_view(
+        tmp_path,
+        monkeypatch,
+        (
+            "from conftest import tiny_faster_rcnn_cfg, tiny_retinanet_cfg\n"
+            "model = L(DistillationDetector)(student=tiny_retinanet_cfg(), "
+            "teacher=tiny_faster_rcnn_cfg(),\n"
+            "    distillers={'pkd': L(PKDDistiller)(num_levels=4, pair_by='index')})\n"
+        ),
+    )
+    assert got["levels"] == ["p3", "p4", "p5", "p6"]
+    t = nets["t"].eval()
+    x = (inputs[0]["image"].float() - t.pixel_mean) / t.pixel_std
+    with torch.no_grad():
+        feats = t.backbone(ImageList.from_tensors([x], 32).tensor)
+    assert tuple(feats["p5"].shape[-2:]) == (3, 4)
+    want = F.interpolate(feats["p5"], size=(2, 2), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(got["rows"]["teacher"]["p6"], want, atol=1e-5)
+    assert tuple(got["rows"]["student alone"]["p6"].shape[-2:]) == (2, 2)
+
+
+def test_gid_view_colour_thresholds_between_the_exact_bounds(tmp_path, monkeypatch):
+    """IoUs off the bounds on either side of each: 0.625 positive (lime), 0.4 and 0.125
+    semi-positive (orange), 0.08 negative (red), against one 10 x 10 GT box."""
+    from detectron2.config import LazyConfig
+    from detectron2.structures import Boxes
+
+    from detkd.losses import GIDDistiller
+
+    cfg_path = f"{REPO}/configs/demo/gid_retinanet.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    inputs = make_inputs(1, size=(64, 96), boxes_per_image=1, seed=2)
+    inputs[0]["instances"].gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
+    inputs[0]["instances"].gt_classes = torch.tensor([0])
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    # 100 / (10 * height): 0.625, 0.4, 0.125, 0.08
+    chosen = torch.tensor([[0.0, 0.0, 10.0, y1] for y1 in (16.0, 25.0, 80.0, 125.0)])
+    monkeypatch.setattr(
+        GIDDistiller, "_select", lambda self, *a: [(Boxes(chosen), torch.full((4,), 0.5))]
+    )
+    drawn = _capture_draw_boxes(monkeypatch)
+    viz.main(
+        ["gid", "--config", cfg_path, "--teacher", t, "--student", s]
+        + ["--out", str(tmp_path / "g.png")]
+    )
+    assert drawn["colors"] == ["lime", "orange", "orange", "red"]
+
+
+def test_pkd_view_picture_in_the_students_order_when_the_loader_names_none(tmp_path, monkeypatch):
+    """A test mapper without an image_format: the data is in the order the DistillationDetector
+    takes for the student's (RGB here, beside a BGR teacher), so the picture is not flipped."""
+    cfg_path = tmp_path / "pkd_no_loader_format.py"
+    cfg_path.write_text(
+        "from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load('{REPO}/configs/demo/pkd_retinanet.py')\n"
+        "model, dataloader = cfg.model, cfg.dataloader\n"
+        "model.student.input_format = 'RGB'\n"
+        "dataloader.test.mapper.image_format = None\n"
+    )
+    from detectron2.config import LazyConfig
+
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(str(cfg_path)))
+    inputs = make_inputs(1, size=(64, 96), seed=4)
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+    got = {}
+    monkeypatch.setattr(
+        viz, "draw_fpn_activations", lambda image, *a, **kw: got.update(image=image) or {}
+    )
+    viz.main(
+        ["pkd", "--config", str(cfg_path), "--teacher", t, "--before", s, "--after", s]
+        + ["--out", str(tmp_path / "p.png")]
+    )
+    assert np.array_equal(got["image"], inputs[0]["image"].permute(1, 2, 0).numpy())
+
+
+def test_d3etr_view_draws_the_ground_truth_of_the_image(tmp_path, monkeypatch):
+    """The D3ETR picture has the image's GT boxes (dashed) beside the matched queries, and none
+    for an image without annotations."""
+    from detectron2.config import LazyConfig
+
+    cfg_path = f"{REPO}/configs/demo/d3etr_detr.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    drawn = _capture_draw_boxes(monkeypatch)
+    for annotated in (True, False):
+        inputs = make_inputs(1, size=(64, 96), seed=6)
+        gt = inputs[0]["instances"].gt_boxes.tensor.numpy()
+        if not annotated:
+            del inputs[0]["instances"]
+        monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
+        viz.main(
+            ["d3etr", "--config", cfg_path, "--teacher", t, "--student", s, "--top", "2"]
+            + ["--out", str(tmp_path / "d.png")]
+        )
+        if annotated:
+            assert gt.shape == (2, 4) and np.array_equal(drawn["gt_boxes"], gt)
+        else:
+            assert drawn["gt_boxes"] is None
