@@ -1201,3 +1201,345 @@ def test_evaluation_in_training_uses_rank_0s_batch_norm_statistics_in_every_proc
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert torch.all(got["mean"] == 1.0) and int(got["n"]) == 10
         assert torch.all(got["w"] == float(r + 1))
+
+
+def test_strict_student_load_names_up_to_20_missing_keys_and_10_shape_mismatches(tmp_path):
+    # --eval-only's error lists the unloaded parameters (" ..." only beyond 20 of them) and each
+    # tensor of another shape (up to 10), by name and both shapes
+    from detkd.checkpoint import CheckpointMismatchError
+
+    student = instantiate(tiny_retinanet_cfg())
+    state = student.state_dict()
+    keys = [k for k in state if not k.endswith("num_batches_tracked")]
+    for n, listed in ((20, keys[:20]), (21, keys[:20])):
+        torch.save({"model": {k: v for k, v in state.items() if k not in keys[:n]}}, tmp_path / "f")
+        with pytest.raises(CheckpointMismatchError) as e:
+            load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "f"), strict=True)
+        more = " ..." if n > 20 else ""
+        assert f"({n} model parameters are not in the file: {listed}{more}). " in str(e.value)
+    five = instantiate(tiny_retinanet_cfg(num_classes=5))
+    torch.save({"model": five.state_dict()}, tmp_path / "five.pth")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "five.pth"), strict=True)
+    # 9 anchors a cell: 5 classes are 45 channels, 3 are 27
+    assert (
+        "shape mismatch: head.cls_score.weight: file (45, 64, 3, 3) vs model (27, 64, 3, 3); "
+        "head.cls_score.bias: file (45,) vs model (27,) (a class-count mismatch"
+    ) in str(e.value)
+
+
+def test_strict_load_of_an_unconverted_torchvision_file_into_a_frozen_bn_student(tmp_path):
+    # --eval-only with a FrozenBN student (whose running statistics a load fills itself, never
+    # reported as missing) and a file of which nothing fits: named as such, as without FrozenBN
+    import torchvision
+
+    from detkd.checkpoint import CheckpointMismatchError
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    cfg = tiny_retinanet_cfg()
+    cfg.backbone.bottom_up.stem.norm = cfg.backbone.bottom_up.stages.norm = "FrozenBN"
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"r18\.pth' holds none of the student's weights: none of its keys \(e\.g\. conv1\.",
+    ):
+        load_student(instantiate(cfg), str(tmp_path / "r18.pth"), strict=True)
+
+
+def test_teacher_checkpoint_without_some_parts_names_the_shallowest_parts_it_lacks(tmp_path):
+    # the hint names each part the file has nothing of at its shallowest (all of 'roi_heads',
+    # not its box head and predictor), every such part (up to 10), and, for a file of which
+    # nothing fits, the whole model (not "a pretrained backbone": none of its backbone loaded
+    # either); a file that only lacks one tensor of a part asks whether it is the teacher's
+    # architecture
+    import torchvision
+
+    from conftest import tiny_faster_rcnn_cfg
+
+    rcnn = instantiate(tiny_faster_rcnn_cfg()).state_dict()
+    torch.save({"model": {k: v for k, v in rcnn.items() if "roi_heads." not in k}}, tmp_path / "f")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(tiny_faster_rcnn_cfg()), str(tmp_path / "f"))
+    assert "The file has nothing of ['roi_heads']: " in str(e.value), str(e.value)
+    state = instantiate(tiny_retinanet_cfg()).state_dict()
+    cases = (
+        (
+            "no_subnets",
+            ("head.cls_subnet.", "head.bbox_subnet."),
+            "The file has nothing of ['head.bbox_subnet', 'head.cls_subnet']: ",
+        ),
+        ("no_bias", ("head.cls_score.bias",), "Is it the checkpoint of the architecture in "),
+    )
+    for name, dropped, hint in cases:
+        kept = {k: v for k, v in state.items() if not k.startswith(dropped)}
+        torch.save({"model": kept}, tmp_path / f"{name}.pth")
+        with pytest.raises(TeacherCheckpointError) as e:
+            load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / f"{name}.pth"))
+        assert hint in str(e.value), str(e.value)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "r18.pth"))
+    assert "The file has nothing of ['backbone', 'head']: " in str(e.value)
+    assert "pretrained backbone" not in str(e.value)
+
+
+def test_a_caffe2_teacher_pkl_with_a_bias_the_teachers_conv_lacks_is_an_error(tmp_path):
+    # the heuristics' unmatched key keeps the file's name (stem.conv1.bias, from conv1_b): it is
+    # placed by the module its leading names end with (backbone.bottom_up.stem.conv1, a conv
+    # without bias), as the full-named key is
+    source = _tiny_rcnn()
+    _write_caffe2_pkl(source, tmp_path / "r10.pkl")
+    with open(tmp_path / "r10.pkl", "rb") as f:
+        data = pickle.load(f)
+    assert source.backbone.bottom_up.stem.conv1.bias is None
+    data["blobs"]["conv1_b"] = np.zeros(16, dtype=np.float32)
+    with open(tmp_path / "bias.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(_tiny_rcnn(), str(tmp_path / "bias.pkl"))
+    assert "has 1 weights that model.teacher has no place for: ['stem.conv1.bias']" in str(e.value)
+
+
+def test_an_unloadable_local_checkpoint_hint_for_file_urls_and_folders(tmp_path):
+    # a file:// path is a local file (not "could not be downloaded"); a folder's hint gives the
+    # last of its checkpoints (.pth or .pkl, sorted) as the example and lists them
+    from detkd.checkpoint import CheckpointMismatchError
+
+    student = instantiate(tiny_retinanet_cfg())
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_student(student, f"file://{tmp_path / 'R-18.pkl'}")
+    assert "check that the file exists" in str(e.value) and "downloaded" not in str(e.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model_0000009.pth", "model_final.pkl", "log.txt"):
+        (run / name).write_bytes(b"")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(run))
+    assert (
+        f"set train.teacher_checkpoint to the file in it (e.g. {run / 'model_final.pkl'}; "
+        "the folder holds model_0000009.pth, model_final.pkl)"
+    ) in str(e.value)
+
+
+def test_an_init_checkpoint_that_fits_only_a_linear_layer_still_loads(tmp_path):
+    # detectron2's partial init: a file of which one linear weight fits (the box head's fc1 of a
+    # Faster R-CNN) initialises it; only a file of which no convolution or linear weight fits is
+    # refused
+    from conftest import tiny_faster_rcnn_cfg
+
+    student = instantiate(tiny_faster_rcnn_cfg())
+    fc1 = student.state_dict()["roi_heads.box_head.fc1.weight"].clone()
+    assert fc1.dim() == 2
+    torch.save({"model": {"roi_heads.box_head.fc1.weight": fc1 + 1}}, tmp_path / "fc1.pth")
+    load_student(student, str(tmp_path / "fc1.pth"))
+    assert torch.equal(student.roi_heads.box_head.fc1.weight, fc1 + 1)
+
+
+def test_strict_student_load_accepts_parts_and_top_level_buffers_the_student_lacks(tmp_path):
+    # --eval-only with a file that has a part the student has not (the mask head of a Mask
+    # R-CNN file) or an old top-level pixel_mean: the student's weights are all there and
+    # nothing in the file belongs inside them; loaded (stock detectron2 does too)
+    kd = _kd()
+    for p in kd.student.parameters():
+        p.data.normal_()
+    state = dict(kd.student.state_dict())
+    state["roi_heads.mask_head.mask_fcn1.weight"] = torch.zeros(4, 4, 3, 3)
+    state["pixel_mean"] = torch.zeros(3, 1, 1)
+    torch.save({"model": state}, tmp_path / "extra.pth")
+    student = instantiate(tiny_retinanet_cfg())
+    load_student(student, str(tmp_path / "extra.pth"), strict=True)
+    assert _same_weights(student, kd.student)
+
+
+def test_teacher_errors_add_the_run_note_and_only_the_hints_that_apply(tmp_path):
+    # a deeper architecture's file without deformable convs: no deformable-conv advice; a run
+    # checkpoint whose student is deeper or shallower than model.teacher: the error says that
+    # the run's student was loaded; a part the teacher lacks is ignored with a warning naming it
+    import logging
+
+    deeper = tiny_retinanet_cfg(width=32, fpn=128)
+    deeper.backbone.bottom_up.stages.depth = 34
+    torch.save({"model": instantiate(deeper).state_dict()}, tmp_path / "deep.pth")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(_kd().teacher, str(tmp_path / "deep.pth"))
+    assert "larger architecture" in str(e.value) and "deformable" not in str(e.value)
+    note = "The file is a distillation run's checkpoint: its student ('student.*' weights) was "
+    shallow = tiny_retinanet_cfg()
+    shallow.backbone.bottom_up.stages.depth = 10
+    for cfg, error in ((tiny_retinanet_cfg(), "no place for"), (shallow, "unloaded")):
+        state = {"student." + k: v for k, v in instantiate(cfg).state_dict().items()}
+        torch.save({"model": state, "iteration": 9}, tmp_path / "run.pth")
+        other = tiny_retinanet_cfg() if cfg is shallow else shallow  # R18 for R10, R10 for R18
+        with pytest.raises(TeacherCheckpointError) as e:
+            load_teacher(instantiate(other), str(tmp_path / "run.pth"))
+        assert error in str(e.value) and note in str(e.value), str(e.value)
+
+    source = instantiate(tiny_retinanet_cfg())
+    state = dict(source.state_dict(), **{"roi_heads.mask_head.mask_fcn1.weight": torch.zeros(1)})
+    torch.save({"model": state}, tmp_path / "mask.pth")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("detkd.checkpoint").addHandler(handler)
+    try:
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "mask.pth"))
+    finally:
+        logging.getLogger("detkd.checkpoint").removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "has weights of parts model.teacher does not have (ignored): "
+        "['roi_heads.mask_head.mask_fcn1.weight']"
+    ), warnings
+
+
+def test_a_teacher_file_with_teacher_keys_but_no_student_is_not_ambiguous(tmp_path):
+    # only a file with both 'student.*' and 'teacher.*' weights is ambiguous; a detector's own
+    # file with extra 'teacher.*' tensors loads (those are parts model.teacher does not have)
+    source = instantiate(tiny_retinanet_cfg())
+    extra = {"teacher.head.cls_score.bias": torch.zeros(27)}
+    torch.save({"model": {**source.state_dict(), **extra}}, tmp_path / "t.pth")
+    teacher = instantiate(tiny_retinanet_cfg())
+    load_teacher(teacher, str(tmp_path / "t.pth"))
+    assert _same_weights(teacher, source)
+
+
+def test_export_refusals_name_what_the_file_is(tmp_path):
+    # a folder that does not exist yet, given with a trailing slash, is a folder too; a run's
+    # model alone is named as such, also under DetKD's own "__author__"; at most 6 other keys
+    kd = _kd()
+    DetectionCheckpointer(kd, str(tmp_path)).save("run")
+    run = str(tmp_path / "run.pth")
+    with pytest.raises(ValueError, match=r"'.*new/' is a folder; give the file name in it"):
+        export_student(run, str(tmp_path / "new") + "/")
+    assert not (tmp_path / "new").exists()
+    DetectionCheckpointer(kd, str(tmp_path)).save("model_only")
+    with pytest.raises(ValueError, match=r"other weights \(a DetKD run's model\)"):
+        export_student(run, str(tmp_path / "model_only.pth"))
+    data = torch.load(run, weights_only=False)
+    torch.save({**data, "__author__": "DetKD"}, tmp_path / "claimed.pth")
+    with pytest.raises(ValueError, match=r"other weights \(a DetKD run's model\)"):
+        export_student(run, str(tmp_path / "claimed.pth"))
+    torch.save({**data, **{f"k{i}": i for i in range(7)}}, tmp_path / "many.pth")
+    with pytest.raises(ValueError, match=r"\(keys \['k0', 'k1', 'k2', 'k3', 'k4', 'k5'\] \.\.\.\)"):
+        export_student(run, str(tmp_path / "many.pth"))
+
+
+def test_export_student_of_a_loaded_state_dict_without_model_key(tmp_path):
+    # export_student takes the run checkpoint's loaded dict or its state dict itself
+    kd = _kd()
+    state = export_student(kd.state_dict(), str(tmp_path / "s.pth"))
+    assert state.keys() == kd.student.state_dict().keys()
+    saved = torch.load(tmp_path / "s.pth", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in kd.student.state_dict().items())
+
+
+def test_export_backbone_without_the_prefix_names_the_prefixes_the_file_has(tmp_path):
+    source = instantiate(tiny_retinanet_cfg())
+    with pytest.raises(ValueError) as e:
+        export_backbone({"model": source.state_dict()}, str(tmp_path / "b.pkl"), prefix="body.")
+    assert (
+        "no weights under 'body.' in the checkpoint (it has ['backbone.bottom_up.', "
+        "'backbone.fpn_lateral3.', 'backbone.fpn_lateral4.', 'backbone.fpn_lateral5.', "
+        "'backbone.fpn_output3.', 'backbone.fpn_output4.', 'backbone.fpn_output5.', "
+        "'backbone.top_block.'])"
+    ) in str(e.value)
+    assert not (tmp_path / "b.pkl").exists()
+
+
+def test_a_pickled_state_dict_that_turns_name_matching_off_is_loaded_by_its_names(tmp_path):
+    # {"model": ..., "matching_heuristics": False} in a .pkl without "__author__": exact names,
+    # as the file asks; a backbone's own names then fit nothing of the detector
+    from detkd.checkpoint import CheckpointMismatchError
+
+    source = instantiate(tiny_retinanet_cfg())
+    bottom_up = {k: v.numpy() for k, v in source.backbone.bottom_up.state_dict().items()}
+    full = {k: v.numpy() for k, v in source.state_dict().items()}
+    for data, fits in ((bottom_up, False), (full, True)):
+        with open(tmp_path / "f.pkl", "wb") as f:
+            pickle.dump({"model": data, "matching_heuristics": False}, f)
+        student = instantiate(tiny_retinanet_cfg())
+        if fits:
+            load_student(student, str(tmp_path / "f.pkl"), strict=True)
+            assert _same_weights(student, source)
+        else:
+            with pytest.raises(CheckpointMismatchError, match="holds none of the student's"):
+                load_student(student, str(tmp_path / "f.pkl"))
+
+
+def test_an_export_to_a_handler_whose_rename_refuses_to_overwrite(tmp_path):
+    """A PathManager handler whose mv refuses an existing destination (returns False, as
+    iopath's local handler does): an older export is removed first, so it is replaced; a mv
+    that fails anyway is an error, not a silently missing file."""
+    from detectron2.utils.file_io import PathManager
+    from iopath.common.file_io import PathHandler
+
+    store = tmp_path / "store"
+    store.mkdir()
+
+    class NoOverwrite(PathHandler):
+        PREFIX = "detkd-test-nooverwrite://"
+        broken = False
+
+        def _get_supported_prefixes(self):
+            return [self.PREFIX]
+
+        def _local(self, path):
+            return os.path.join(store, path[len(self.PREFIX) :])
+
+        def _open(self, path, mode="r", buffering=-1, **kwargs):
+            return open(self._local(path), mode)
+
+        def _exists(self, path, **kwargs):
+            return os.path.exists(self._local(path))
+
+        def _isdir(self, path, **kwargs):
+            return os.path.isdir(self._local(path))
+
+        def _rm(self, path, **kwargs):
+            os.remove(self._local(path))
+
+        def _mv(self, src_path, dst_path, **kwargs):
+            if self.broken or os.path.exists(self._local(dst_path)):
+                return False
+            os.rename(self._local(src_path), self._local(dst_path))
+            return True
+
+    handler = NoOverwrite()
+    PathManager.register_handler(handler, allow_override=True)
+    model = torch.nn.Linear(2, 3)
+    out = NoOverwrite.PREFIX + "s.pth"
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        save_student(model, out)
+        saved = torch.load(store / "s.pth", weights_only=False)["model"]
+        assert torch.equal(saved["weight"], torch.full((3, 2), value))
+    handler.broken = True
+    with pytest.raises(OSError, match=r"could not move the written checkpoint .*s\.pth\.tmp"):
+        save_student(model, out)
+
+
+def test_a_run_checkpoint_that_cannot_replace_a_folder_leaves_no_temporary_file(tmp_path):
+    # a folder under the checkpoint's name: the rename fails, and the full-size temporary file
+    # written beside it is removed
+    from detkd.engine import _RunCheckpointer
+
+    (tmp_path / "model_final.pth").mkdir()
+    ckpt = _RunCheckpointer(torch.nn.Linear(2, 3), str(tmp_path))
+    with pytest.raises(OSError):
+        ckpt.save("model_final", iteration=0)
+    assert os.listdir(tmp_path) == ["model_final.pth"]
+
+
+def test_a_wider_teachers_init_checkpoint_error_gives_weights_as_its_shape_examples(tmp_path):
+    # the examples of "none of its convolution or linear weights" are weights (not the biases of
+    # the same layers, which the message does not speak of): the first two
+    from detkd.checkpoint import CheckpointMismatchError
+
+    teacher = instantiate(tiny_retinanet_cfg(width=32, fpn=128))
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_student(instantiate(tiny_retinanet_cfg()), str(tmp_path / "teacher.pth"))
+    assert (
+        "(e.g. backbone.fpn_lateral3.weight: file (128, 64, 1, 1) vs student (64, 32, 1, 1); "
+        "backbone.fpn_output3.weight: file (128, 128, 3, 3) vs student (64, 64, 3, 3))."
+    ) in str(e.value), str(e.value)
