@@ -54,6 +54,7 @@ def _user_cfg(tmp_path, line, base="configs/demo/pkd_retinanet.py"):
             "train.ddp.find_unused_parameters",
         ),
         ("train.amp.enable = True", "train.amp.enable", "train.amp.enabled"),
+        ("train.sed = 1", "train.sed", "train.seed"),  # detectron2's default_setup reads seed
     ],
 )
 def test_misspelt_train_key_of_a_config_file_stops_the_trainer(tmp_path, line, key, meant):
@@ -127,3 +128,45 @@ def test_every_config_passes_the_train_key_check():
         _check_train_settings(cfg)
         checked += 1
     assert checked >= 30, checked
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        (
+            "train.checkpointer.max_to_keep = 2.5",
+            r"^train\.checkpointer\.max_to_keep must be an int >= 1 .* got 2\.5\.$",
+        ),
+        ("train.checkpointer.period = True", r"^train\.checkpointer\.period must be .* got True;"),
+        ("train.log_period = float('inf')", r"^train\.log_period must be an int >= 1 .* got inf;"),
+        (
+            "train.clip_grad.max_norm = True",
+            r"^train\.clip_grad\.max_norm must be a number > 0 .* got True:",
+        ),
+        (
+            "train.clip_grad.max_norm = float('inf')",
+            r"^train\.clip_grad\.max_norm must be a number > 0 .* got inf:",
+        ),
+    ],
+)
+def test_train_settings_that_are_no_whole_number_or_no_finite_limit_are_errors(
+    tmp_path, line, match
+):
+    # a bool is no count of iterations, a fraction no number of checkpoints, inf no limit
+    from detkd.config_checks import _check_train_settings
+
+    cfg = _user_cfg(tmp_path, line)
+    assert cfg.train.clip_grad.enabled  # the demo config clips: max_norm is read
+    with pytest.raises(ValueError, match=match):
+        _check_train_settings(cfg)
+
+
+def test_train_settings_left_out_are_read_at_their_defaults(tmp_path):
+    # detectron2 reads train.log_period with a default (20) and max_to_keep None keeps all; a
+    # clip_grad that is a value, not a dict (False: no clipping), has no keys to check
+    from detkd.config_checks import _check_train_settings
+
+    _check_train_settings(
+        _user_cfg(tmp_path, "del train['log_period']\ntrain.checkpointer.max_to_keep = None")
+    )
+    _check_train_settings(_user_cfg(tmp_path, "train.clip_grad = False"))

@@ -1704,6 +1704,26 @@ def test_loader_channel_order_must_match_the_students(tmp_path):
     check_input_format(cfg, plain)
 
 
+def test_channel_order_of_a_plain_model_names_no_teacher_and_other_formats_are_not_checked():
+    # a plain detector has no teacher whose images could be flipped; a model that declares
+    # neither RGB nor BGR (e.g. "L") is not compared with its loader
+    from types import SimpleNamespace
+
+    from detkd.config_checks import check_input_format
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    assert cfg.dataloader.train.mapper.image_format == "BGR"
+    with pytest.raises(ValueError) as e:
+        check_input_format(cfg, SimpleNamespace(input_format="RGB"))
+    assert str(e.value).startswith(
+        "dataloader.train.mapper.image_format is 'BGR' but the model takes 'RGB' images "
+        "(model.input_format): its images would reach it with the channels swapped. Set both "
+    )
+    check_input_format(cfg, SimpleNamespace(input_format="L"))
+    del cfg.dataloader.test  # no test loader: only the training loader is compared
+    check_input_format(cfg, SimpleNamespace(input_format="BGR"))
+
+
 def test_eval_only_refuses_a_test_loader_in_another_channel_order(tmp_path):
     # --eval-only evaluated the BGR demo student on RGB images without a word
     from detectron2.config import instantiate
@@ -2150,6 +2170,71 @@ def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
     check_override_keys(cfg, ["model.distillers.y.anything=2"])  # **kwargs
 
 
+def test_override_typo_hints_name_sections_every_close_key_and_unset_arguments():
+    # a misspelt top-level section is looked up among the config's sections; the hint lists up
+    # to three close keys, each in full, and a LazyCall's unset arguments among the keys there
+    from detkd.config_checks import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.model.distillers.x = L(_needs_a)(a=1)
+    with pytest.raises(KeyError) as e:
+        check_override_keys(cfg, ["trian.max_iter=2"])
+    assert e.value.args[0] == (
+        "Override 'trian.max_iter': the config has no key 'trian'. Did you mean 'train'? Keys "
+        "there: ['dataloader', 'lr_multiplier', 'model', 'optimizer', 'student', 'teacher', "
+        "'train']. (Write +trian.max_iter=... to add a new key on purpose.)"
+    )
+    with pytest.raises(KeyError) as e:
+        check_override_keys(cfg, ["train.period=5"])
+    assert e.value.args[0].startswith(
+        "Override 'train.period': 'train' has no key 'period'. "
+        "Did you mean 'train.log_period', 'train.eval_period'? Keys there: ['amp', "
+    )
+    with pytest.raises(KeyError) as e:
+        check_override_keys(cfg, ["model.distillers.x.bb=2"])
+    assert e.value.args[0] == (
+        "Override 'model.distillers.x.bb': 'model.distillers.x' has no key 'bb'. Did you mean "
+        "'model.distillers.x.b'? Keys there: ['a', 'b']. (Write +model.distillers.x.bb=... to "
+        "add a new key on purpose.)"
+    )
+
+
+def test_override_check_leaves_list_indices_values_and_uninspectable_targets_to_lazyconfig():
+    # below a list or a value, LazyConfig reports the override itself; a LazyCall of a target
+    # without a signature (a builtin type) may take any argument
+    from detkd.config_checks import check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.model.distillers.d = {"_target_": "builtins.dict", "a": 1}
+    check_override_keys(cfg, ["optimizer.betas.5=1", "train.max_iter.x=1"])
+    check_override_keys(cfg, ["model.distillers.d.b=2"])
+
+
+def test_a_distillers_dict_below_model_and_a_flag_with_its_value_after_the_overrides_are_errors():
+    # any *.distillers dict merges (a wrapper's model.kd.distillers too); a flag written with
+    # its value (--config-file=x.py) is a flag as well
+    from detkd.config_checks import check_config_sections, check_override_keys
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.model.kd = dict(distillers=dict(pkd=dict(loss_weight=1)))
+    with pytest.raises(
+        ValueError,
+        match=r"'model\.kd\.distillers=\{gid:\{loss_weight:1\}\}': a dict override merges into "
+        r"the config's model\.kd\.distillers, it does not replace it: \['pkd'\] would still run",
+    ):
+        check_override_keys(cfg, ["model.kd.distillers={gid:{loss_weight:1}}"])
+    with pytest.raises(
+        ValueError, match=r"^\['--config-file=x\.py'\] come after the key=value overrides"
+    ) as err:
+        check_override_keys(cfg, ["train.max_iter=1", "--config-file=x.py"])
+    # the example names the config file once
+    assert str(err.value).endswith("e.g. train_net.py --config-file <config> key=value ...")
+    # a .yml file is a yacs config like a .yaml one, also where it has a `model` key
+    cfg.DATASETS = dict(train="shapes_train")
+    with pytest.raises(ValueError, match=r"^mine\.yml is a yacs config \(it has \['DATASETS'\]\)"):
+        check_config_sections(cfg, "mine.yml")
+
+
 def _keeps_a_kd_model(**kwargs):
     """A factory function as cfg.model (it may return a DistillationDetector)."""
     raise AssertionError("not built by check_run_inputs_kept")
@@ -2218,6 +2303,79 @@ def test_run_inputs_kept_refuses_each_name_the_run_writes_and_each_yacs_node(tmp
     check_run_inputs_kept(cfg, config_yaml=False)
 
 
+def test_run_inputs_kept_accepts_a_run_name_in_another_folder_and_a_yacs_models_teacher_key(
+    tmp_path, monkeypatch
+):
+    # model_final.pth of another folder is no file of this run; a yacs model (detectron2's
+    # build_model: never a DistillationDetector) reads no train.teacher_checkpoint; a run
+    # without train.output_dir saves no checkpoint (fvcore's Checkpointer skips an empty
+    # save_dir), not even into the working directory
+    from detkd.config_checks import check_run_inputs_kept
+    from detkd.modeling import build_yacs_detector
+
+    out = str(tmp_path / "run")
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.train.update(
+        output_dir=out,
+        teacher_checkpoint=str(tmp_path / "teacher" / "model_final.pth"),
+        init_checkpoint=str(tmp_path / "student" / "model_final_student.pth"),
+    )
+    check_run_inputs_kept(cfg)
+    monkeypatch.chdir(tmp_path)
+    cfg.train.update(output_dir="", teacher_checkpoint="model_final.pth")
+    check_run_inputs_kept(cfg)
+    cfg.train.update(output_dir=out, teacher_checkpoint=os.path.join(out, "model_final.pth"))
+    cfg.model = L(build_yacs_detector)(config_file=str(tmp_path / "teacher.yaml"))
+    check_run_inputs_kept(cfg)
+    cfg.train.init_checkpoint = os.path.join(out, "model_final.pth")  # read by the yacs model
+    with pytest.raises(ValueError, match=r"^train\.init_checkpoint .* would be replaced"):
+        check_run_inputs_kept(cfg)
+
+
+def test_run_inputs_kept_follows_the_checkpointers_file_prefix(tmp_path):
+    # train.checkpointer.file_prefix=kd: the run saves kd_final.pth, so model_final.pth is kept
+    from detkd.config_checks import check_run_inputs_kept
+
+    out = tmp_path / "run"
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.train.output_dir = str(out)
+    cfg.train.checkpointer.file_prefix = "kd"
+    cfg.train.teacher_checkpoint = str(out / "model_final.pth")
+    check_run_inputs_kept(cfg)
+    for name in ("kd_final.pth", "kd_0000099.pth", "model_final_student.pth"):
+        cfg.train.teacher_checkpoint = str(out / name)
+        with pytest.raises(ValueError, match="teacher's weights would be replaced"):
+            check_run_inputs_kept(cfg)
+
+
+def test_unregistered_test_dataset_error_names_up_to_three_close_ones():
+    from detectron2.data import DatasetCatalog
+
+    from detkd.config_checks import check_test_datasets
+
+    for name in ("detkd_test_close_1", "detkd_test_close_2"):
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, list)
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.test.dataset.names = ["coco_2017_val", "detkd_test_close_3"]
+    with pytest.raises(
+        ValueError,
+        match=r"^dataloader\.test\.dataset\.names: dataset 'detkd_test_close_3' is not "
+        r"registered \(did you mean 'detkd_test_close_2', 'detkd_test_close_1'[,?]",
+    ):
+        check_test_datasets(cfg)
+
+
+def test_dataset_names_in_a_list_with_a_lazycall_are_not_checked():
+    # a list of names that holds a LazyCall (built with the loader) is no list of names
+    from detkd.config_checks import check_test_classes, check_test_datasets
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.test.dataset.names = ["coco_2017_val", L(_needs_a)(a="detkd_test_unbuilt")]
+    check_test_datasets(cfg)
+    check_test_classes(cfg)
+
+
 def _dataset_of_classes(name, classes):
     """A registered one-image dataset whose metadata has ``thing_classes`` ``classes``."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -2277,6 +2435,61 @@ def test_class_checks_refuse_fewer_classes_and_another_order(tmp_path):
         check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
     del cfg.dataloader.evaluator  # nothing is evaluated: not checked
     check_student_classes(cfg, SimpleNamespace(num_classes=3), split="test")
+
+
+def test_class_checks_name_the_first_missing_class_and_check_training_data_without_evaluator():
+    # test classes that are the training classes' first ones differ where the shorter list ends;
+    # the training data is checked also without dataloader.evaluator (it is trained on)
+    from types import SimpleNamespace
+
+    from detkd.config_checks import (
+        check_student_classes,
+        check_test_classes,
+        teacher_class_mismatch,
+    )
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcd", "abcd")
+    cfg.dataloader.test.dataset.names = _dataset_of_classes("detkd_test_abc_val", "abc")
+    with pytest.raises(ValueError, match=r"\(3: a, b, c\) are not those of .*from class 3 on"):
+        check_test_classes(cfg)
+    del cfg.dataloader.evaluator
+    with pytest.raises(
+        ValueError, match=r"predicts 3 classes but the training dataset 'detkd_test_abcd' has 4"
+    ):
+        check_student_classes(cfg, SimpleNamespace(num_classes=3))
+    cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcdef", "abcdef")
+    with pytest.raises(ValueError, match=r"'detkd_test_abcdef' has 6 \(a, b, c, d, e, \.\.\.\)\."):
+        check_student_classes(cfg, SimpleNamespace(num_classes=5))
+    # each test dataset is compared with the evaluated teacher, not only the first
+    cfg.dataloader.evaluator = {}
+    cfg.dataloader.test.dataset.names = [
+        "detkd_test_abc_val",
+        _dataset_of_classes("detkd_ab", "ab"),
+    ]
+    assert teacher_class_mismatch(cfg, SimpleNamespace(num_classes=3)) == (
+        "the teacher predicts 3 classes but the test dataset 'detkd_ab' has 2 (a, b)"
+    )
+
+
+def test_class_checks_load_only_test_datasets_whose_metadata_has_no_classes():
+    # a test dataset whose metadata already has its classes is compared by them, not loaded
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detkd.config_checks import check_test_classes
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.dataloader.train.dataset.names = _dataset_of_classes("detkd_test_abcd", "abcd")
+    name = "detkd_test_abcd_unloaded"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    loads = []
+    DatasetCatalog.register(name, lambda: loads.append(name) or [])
+    MetadataCatalog.get(name).set(thing_classes=list("abcd"))
+    cfg.dataloader.test.dataset.names = name
+    check_test_classes(cfg)
+    assert loads == []
 
 
 def test_clip_grad_is_off_unless_enabled():

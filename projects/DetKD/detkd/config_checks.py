@@ -87,7 +87,8 @@ def check_flag_order(overrides) -> None:
         )
     flags = [o for o in overrides if str(o).startswith("--")]
     if flags:
-        others = "".join(f" {f}" for f in flags if f != "--config-file")
+        # the example has the config file once: --config-file=C.py is that flag too
+        others = "".join(f" {f}" for f in flags if f.split("=")[0] != "--config-file")
         raise ValueError(
             f"{flags} come after the key=value overrides, which take every argument after the "
             "first one: put the flags (--config-file, --resume, --eval-only, --num-gpus, ...) "
