@@ -1275,11 +1275,29 @@ def test_teacher_checkpoint_without_some_parts_names_the_shallowest_parts_it_lac
         with pytest.raises(TeacherCheckpointError) as e:
             load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / f"{name}.pth"))
         assert hint in str(e.value), str(e.value)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    r18 = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(r18, tmp_path / "r18.pth")
     with pytest.raises(TeacherCheckpointError) as e:
         load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "r18.pth"))
-    assert "The file has nothing of ['backbone', 'head']: " in str(e.value)
     assert "pretrained backbone" not in str(e.value)
+    # nothing fits and the file has weights of other names: another architecture's file (a
+    # classifier's, or a RetinaNet's for a DETR teacher), not a detector lacking some parts
+    assert "has nothing of" not in str(e.value)
+    assert (
+        f"None of model.teacher's weights is in the file, whose {len(r18)} weights are all of "
+        "parts "
+        "model.teacher does not have (['bn1', 'conv1', 'fc', 'layer1.0', 'layer1.1', 'layer2.0', "
+        "'layer2.1', 'layer3.0'] ...): it is the checkpoint of another architecture. Set "
+        "model.teacher to the architecture the file was trained as"
+    ) in str(e.value), str(e.value)
+    state = {f"retina.{k}": v for k, v in state.items()}
+    torch.save({"model": state}, tmp_path / "renamed.pth")
+    with pytest.raises(TeacherCheckpointError) as e:
+        load_teacher(instantiate(tiny_retinanet_cfg()), str(tmp_path / "renamed.pth"))
+    assert f"whose {len(state)} weights are all of parts model.teacher does not have " in str(
+        e.value
+    )
+    assert "(['retina.backbone', 'retina.head']): " in str(e.value), str(e.value)
 
 
 def test_a_caffe2_teacher_pkl_with_a_bias_the_teachers_conv_lacks_is_an_error(tmp_path):

@@ -2188,14 +2188,27 @@ def test_override_typo_hints_name_sections_every_close_key_and_unset_arguments()
         check_override_keys(cfg, ["train.period=5"])
     assert e.value.args[0].startswith(
         "Override 'train.period': 'train' has no key 'period'. "
-        "Did you mean 'train.log_period', 'train.eval_period'? Keys there: ['amp', "
+        "Did you mean 'train.log_period', 'train.eval_period'? Keys named 'period' below it: "
+        "['train.checkpointer.period']. Keys there: ['amp', "
     )
     with pytest.raises(KeyError) as e:
         check_override_keys(cfg, ["model.distillers.x.bb=2"])
     assert e.value.args[0] == (
         "Override 'model.distillers.x.bb': 'model.distillers.x' has no key 'bb'. Did you mean "
-        "'model.distillers.x.b'? Keys there: ['a', 'b']. (Write +model.distillers.x.bb=... to "
-        "add a new key on purpose.)"
+        "'model.distillers.x.b'? Keys there: ['a', 'b']. (_needs_a takes no argument 'bb': "
+        "+model.distillers.x.bb=... would fail too.)"
+    )
+    # a key of the model's parts set on the wrapper: the hint names the parts' keys
+    with pytest.raises(KeyError) as e:
+        check_override_keys(cfg, ["model.num_classes=2"])
+    assert e.value.args[0].startswith(
+        "Override 'model.num_classes': 'model' has no key 'num_classes'. Keys named "
+        "'num_classes' below it: ['model.student.head.num_classes', 'model.student.num_classes', "
+        "'model.teacher.head.num_classes', 'model.teacher.num_classes']. Keys there: "
+    )
+    assert e.value.args[0].endswith(
+        "(DistillationDetector takes no argument 'num_classes': +model.num_classes=... would "
+        "fail too.)"
     )
 
 

@@ -147,6 +147,24 @@ _BACKBONE_ONLY = (
 )
 
 
+def _other_architecture_hint(model: nn.Module, missing, unexpected) -> str:
+    """For a file of which nothing fits ``model`` although it has weights (``unexpected``): a
+    RetinaNet's ``backbone.bottom_up.*`` and ``head.cls_subnet.*`` for a DETR teacher, whose
+    ``backbone`` and ``head`` are other modules. Empty where any of the model's keys loaded."""
+    missing = set(missing)
+    if not unexpected or any(k not in missing for k in _reportable_keys(model)):
+        return ""
+    # the modules the weights belong to, to two names (bn1, layer1.0, backbone.bottom_up)
+    parts = sorted({".".join(k.rsplit(".", 1)[0].split(".")[:2]) for k in unexpected})
+    return (
+        f"None of model.teacher's weights is in the file, whose {len(unexpected)} weights are "
+        f"all of parts model.teacher does not have ({parts[:8]}{' ...' if len(parts) > 8 else ''})"
+        ": it is the checkpoint of another architecture. Set model.teacher to the architecture "
+        "the file was trained as (the model of the config that wrote it), or set "
+        "train.teacher_checkpoint to a checkpoint of model.teacher's architecture."
+    )
+
+
 def _missing_hint(model: nn.Module, missing) -> str:
     """What the ``missing`` keys of ``model`` say about the file: containers it fills only in
     part (``res4`` with 6 of an R101's 23 blocks: a smaller architecture's file) and parts of
@@ -539,7 +557,8 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
             f"The teacher checkpoint {path!r} leaves {len(keys)} teacher parameters unloaded: "
             f"{keys[:20]}{' ...' if len(keys) > 20 else ''}. "
             + (
-                _missing_hint(teacher, keys)
+                _other_architecture_hint(teacher, keys, inc.unexpected_keys)
+                or _missing_hint(teacher, keys)
                 or "Is it the checkpoint of the architecture in model.teacher?"
             )
             + run_note

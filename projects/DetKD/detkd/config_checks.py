@@ -96,6 +96,25 @@ def check_flag_order(overrides) -> None:
         )
 
 
+def _keys_named(node, name: str, prefix: str, depth: int = 4) -> list:
+    """The keys ending in ``name`` at most ``depth`` levels below the config node ``node``
+    (``model.student.num_classes`` for ``name="num_classes"`` below ``model``), in full."""
+    from omegaconf import DictConfig
+
+    found = []
+    for k in node.keys() if depth > 0 else ():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        try:
+            value = node.get(k)
+        except Exception:  # an interpolation that does not resolve: not a key to suggest
+            continue
+        if k == name:
+            found.append(path)
+        if isinstance(value, DictConfig):
+            found += _keys_named(value, name, path, depth - 1)
+    return found
+
+
 def check_override_keys(cfg, overrides) -> None:
     """
     Raise ``KeyError`` for a ``key=value`` override (``train_net.py ... key=value``) whose key is
@@ -160,6 +179,7 @@ def check_override_keys(cfg, overrides) -> None:
         name = parts[i]
         known = [str(k) for k in parent.keys() if k != "_target_"]
         target = parent.get("_target_", None)
+        add = f"(Write +{key}=... to add a new key on purpose.)"
         if target is not None and i == len(parts) - 1:
             fn = locate(target) if isinstance(target, str) else target
             try:
@@ -169,6 +189,8 @@ def check_override_keys(cfg, overrides) -> None:
             if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 return  # an argument the config leaves at its default
             known += [k for k in params if k not in known]
+            callee = getattr(fn, "__qualname__", str(target))
+            add = f"({callee} takes no argument {name!r}: +{key}=... would fail too.)"
         where = f"'{parent_key}'" if parent_key else "the config"
         close = difflib.get_close_matches(name, known, n=3)
         hint = (
@@ -176,9 +198,13 @@ def check_override_keys(cfg, overrides) -> None:
             if close
             else ""
         )
+        # model.num_classes of a distillation config: model.student.num_classes and the teacher's
+        below = _keys_named(parent, name, parent_key)
+        if below:
+            hint += f" Keys named {name!r} below it: {below[:5]}{' ...' if len(below) > 5 else ''}."
         raise KeyError(
             f"Override {key!r}: {where} has no key {name!r}.{hint} Keys there: {sorted(known)}. "
-            f"(Write +{key}=... to add a new key on purpose.)"
+            + add
         )
 
     overrides = list(overrides)
