@@ -369,6 +369,17 @@ def _readme_own_data_config(repo, data):
     return found.group(1).replace("/path/to/DetKD", repo).replace("/path/to/my_data", data)
 
 
+def _readme_own_teacher_config():
+    """The README's "Your own data and models" example teacher config (``my_teacher.py``)."""
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    found = re.search(r"```python\n(# my_teacher\.py.*?)```", text, re.S)
+    assert found, "README: no '# my_teacher.py' example config under 'Your own data and models'"
+    return found.group(1)
+
+
 def _tiny_coco(root, split, n, empty=0):
     """A COCO-format split of n 64x80 images with 2 categories (first ``empty`` images
     without annotations)."""
@@ -431,21 +442,28 @@ def test_readme_own_data_config_trains_outside_the_repository(tmp_path):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
 
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "train_net.py"),
-        "--config-file",
-        "my_kd.py",
+    # the README's teacher config trains my_kd.py's teacher alone into my_kd.py's
+    # train.teacher_checkpoint, which the distillation run then loads
+    (user / "my_teacher.py").write_text(_readme_own_teacher_config())
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects", "DetKD"))
+    opts = [
         "train.max_iter=2",
-        "train.teacher_checkpoint=",
-        "train.teacher_random_init=True",
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
     ]
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects", "DetKD"))
-    proc = subprocess.run(cmd, cwd=user, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for config in ("my_teacher.py", "my_kd.py"):
+        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config]
+        proc = subprocess.run(
+            cmd + opts, cwd=user, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = torch.load(user / "output" / "my_teacher" / "model_final.pth", weights_only=False)
+    assert teacher["model"]["backbone.fpn_output3.weight"].shape[0] == 128
+    assert teacher["model"]["head.cls_score.weight"].shape[0] == 9 * 2
+    assert "Teacher weights loaded from output/my_teacher/model_final.pth" in proc.stdout + (
+        proc.stderr
+    )
     out = user / "output" / "my_kd"
     student = torch.load(out / "model_final_student.pth", weights_only=False)["model"]
     assert student["head.cls_score.weight"].shape[0] == 9 * 2  # 9 anchors x the user's 2 classes
