@@ -1569,9 +1569,24 @@ def test_unregistered_test_dataset_fails_before_training(tmp_path):
             KDTrainer(cfg)
     assert not (tmp_path / "u").exists() or not any((tmp_path / "u").iterdir())
     cfg.dataloader.test.dataset.names = ["detkd_test_mini_val", "coco_2017_val"]  # registered: fine
-    from detkd.config_checks import check_test_datasets
+    from detkd.config_checks import check_test_datasets, check_train_datasets
 
     check_test_datasets(cfg)
+    # a misspelt training dataset: named with the close ones before the models are built (not
+    # detectron2's KeyError listing every builtin dataset once the loader is built)
+    check_train_datasets(cfg)  # the shapes LazyCall registers the name it gives: fine
+    cfg.dataloader.train.dataset.names = ["coco_2017_val", "detkd_test_mini_vall"]
+    with pytest.raises(ValueError) as e:
+        KDTrainer(cfg)
+    assert str(e.value).startswith(
+        "dataloader.train.dataset.names: dataset 'detkd_test_mini_vall' is not registered (did "
+        "you mean 'detkd_test_mini_val'"
+    )
+    assert str(e.value).endswith(
+        "so there is no training data. Register it (e.g. register_coco_instances in the config) "
+        "or fix the name."
+    )
+    assert not (tmp_path / "u").exists() or not any((tmp_path / "u").iterdir())
 
 
 def _coco_json(path, classes):

@@ -30,6 +30,7 @@ __all__ = [
     "check_override_keys",
     "check_run_inputs_kept",
     "check_test_datasets",
+    "check_train_datasets",
     "check_student_classes",
     "check_test_classes",
     "teacher_class_mismatch",
@@ -308,6 +309,22 @@ def _dataset_names(cfg, split: str) -> List[str]:
     return []
 
 
+def _check_registered(cfg, split: str, consequence: str) -> None:
+    """``ValueError`` naming the first of ``dataloader.<split>.dataset.names`` that is not
+    registered, with up to three registered names close to it."""
+    names = _dataset_names(cfg, split)  # first: the shapes LazyCall registers its name
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(
+                f"dataloader.{split}.dataset.names: dataset {name!r} is not registered{hint}, "
+                f"{consequence}. Register it (e.g. register_coco_instances in the config) or fix "
+                "the name."
+            )
+
+
 def check_test_datasets(cfg) -> None:
     """
     Fail at the start of training when ``dataloader.test.dataset.names`` (a name or a list of
@@ -315,17 +332,16 @@ def check_test_datasets(cfg) -> None:
     ``train.eval_period`` iterations or at the end of the run, would find out. A ``names`` that is
     a LazyCall (the shapes data) is built with the loader and is not checked here.
     """
-    names = _dataset_names(cfg, "test")
-    registered = DatasetCatalog.list()
-    for name in names:
-        if name not in registered:
-            close = difflib.get_close_matches(name, registered, n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ValueError(
-                f"dataloader.test.dataset.names: dataset {name!r} is not registered{hint}, so the "
-                "evaluation would fail after training. Register it (e.g. register_coco_instances "
-                "in the config) or fix the name."
-            )
+    _check_registered(cfg, "test", "so the evaluation would fail after training")
+
+
+def check_train_datasets(cfg) -> None:
+    """
+    Fail before the models are built when ``dataloader.train.dataset.names`` names a dataset
+    that is not registered (detectron2 would fail later, listing every builtin dataset), with
+    the registered names close to it (``my_trian``: ``my_train``).
+    """
+    _check_registered(cfg, "train", "so there is no training data")
 
 
 def _no_training_images(names: List[str]) -> str:

@@ -67,6 +67,7 @@ from .config_checks import (
     check_teacher_eval_classes,
     check_test_classes,
     check_test_datasets,
+    check_train_datasets,
 )
 from .distiller import DistillationDetector, student_of
 from .utils import file_prefix, is_run_checkpoint, unwrap_model
@@ -81,6 +82,7 @@ __all__ = [
     "check_config_sections",
     "check_override_keys",
     "check_test_datasets",
+    "check_train_datasets",
     "check_student_classes",
     "check_teacher_eval_classes",
     "check_test_classes",
@@ -521,6 +523,7 @@ class KDTrainer(DefaultTrainer):
             )
         _check_train_settings(cfg)
         self.teacher_changed = False  # train_net.py: --resume with another teacher checkpoint
+        check_train_datasets(cfg)
         check_test_datasets(cfg)
         check_run_inputs_kept(cfg, config_yaml=False)  # train_net.py checks config.yaml itself
         model = self.build_model(cfg)
