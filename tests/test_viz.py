@@ -1410,6 +1410,27 @@ def test_pkd_view_without_a_pkd_distiller_draws_the_four_finest_common_levels(
     assert got["levels"] == all_levels and list(got["rows"]["teacher"]) == all_levels
 
 
+def test_pkd_view_prints_each_levels_r_as_the_picture_shows_it(tmp_path, monkeypatch, capsys):
+    """The console line gives each row's r per level to 2 decimals, and "n/a (constant map)" for
+    a level without one (a 1x1 map), as the picture's titles do (it printed the dict's nan)."""
+    from detectron2.config import LazyConfig
+
+    cfg_path = f"{REPO}/configs/demo/pkd_retinanet.py"
+    t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
+    monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96)))
+    corr = {"teacher": {"p3": 1.0, "p7": float("nan")}, "after": {"p3": 0.4567, "p7": float("nan")}}
+    monkeypatch.setattr(viz, "draw_fpn_activations", lambda *a, **kw: corr)
+    out = str(tmp_path / "p.png")
+    viz.main(
+        ["pkd", "--config", cfg_path, "--teacher", t, "--before", s, "--after", s, "--out", out]
+    )
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith(
+        f"wrote {out}; Pearson r with the teacher's maps: {{'teacher': 'p3 1.00, p7 n/a "
+        "(constant map)', 'after': 'p3 0.46, p7 n/a (constant map)'}"
+    )
+
+
 def test_gid_view_colours_all_instances_negative_without_ground_truth(tmp_path, monkeypatch):
     """An image without ground truth (none annotated, or no annotations at all): no instance
     overlaps an object, all are negative (red); the GT drawn is empty, or none."""

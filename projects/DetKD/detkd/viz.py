@@ -54,6 +54,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / norm) if norm > 1e-12 else float("nan")
 
 
+def _r_text(r: float) -> str:
+    """A Pearson r as the PKD view shows it; NaN (a constant map) as "n/a (constant map)"."""
+    return "n/a (constant map)" if np.isnan(r) else f"{r:.2f}"
+
+
 def draw_fpn_activations(
     image: np.ndarray,
     rows: Dict[str, Dict[str, torch.Tensor]],
@@ -96,7 +101,7 @@ def draw_fpn_activations(
             corr[name][lvl] = _pearson(m, max_activation(rows[reference][lvl]))
             ax = axes[r, c + 1]
             ax.imshow(m, cmap="jet", vmin=0, vmax=1)
-            r_text = "n/a (constant map)" if np.isnan(corr[name][lvl]) else f"{corr[name][lvl]:.2f}"
+            r_text = _r_text(corr[name][lvl])
             title = lvl if name == reference else f"{lvl}  r={r_text}"
             ax.set_title(title, fontsize=8)
         for ax in axes[r]:
@@ -315,7 +320,11 @@ def _pkd_view(args):
                     rows[name][k] = feats[k][0, :, : -(-h // stride), : -(-w // stride)]
     img = _rgb(cfg, model, inputs)
     corr = draw_fpn_activations(np.ascontiguousarray(img), rows, levels, args.out)
-    print(f"wrote {args.out}; Pearson r with the teacher's maps: {corr}")
+    shown = {
+        name: ", ".join(f"{lvl} {_r_text(r)}" for lvl, r in per_level.items())
+        for name, per_level in corr.items()
+    }
+    print(f"wrote {args.out}; Pearson r with the teacher's maps: {shown}")
 
 
 def _kd_model(cfg, teacher_ckpt, student_ckpt):
