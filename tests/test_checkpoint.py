@@ -1561,3 +1561,54 @@ def test_a_wider_teachers_init_checkpoint_error_gives_weights_as_its_shape_examp
         "(e.g. backbone.fpn_lateral3.weight: file (128, 64, 1, 1) vs student (64, 32, 1, 1); "
         "backbone.fpn_output3.weight: file (128, 128, 3, 3) vs student (64, 64, 3, 3))."
     ) in str(e.value), str(e.value)
+
+
+def test_run_checkpointer_turns_an_unreadable_file_into_its_error_only_while_strict(tmp_path):
+    # only --resume (strict) gets the run's own error (which names the file and the fix); a
+    # plain load of a damaged file raises torch's error itself
+    from detkd.engine import _RunCheckpointer, _UnreadableCheckpoint
+
+    damaged = tmp_path / "model_0000000.pth"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception) as raw:
+        _RunCheckpointer(torch.nn.Linear(2, 2), str(tmp_path)).load(str(damaged))
+    assert not isinstance(raw.value, _UnreadableCheckpoint)
+    ckpt = _RunCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))  # a failed load leaves state
+    ckpt.strict = True
+    with pytest.raises(_UnreadableCheckpoint) as e:
+        ckpt.load(str(damaged))
+    assert str(e.value) == f"{type(raw.value).__name__}: {raw.value}"
+    assert e.value.__cause__ is not None and type(e.value.__cause__) is type(raw.value)
+
+
+def test_a_diverged_first_checkpoint_names_ten_weights_and_the_advice_without_a_last_one(
+    tmp_path,
+):
+    # no checkpoint yet: the advice is a new run; the message names the first 10 bad weights,
+    # with "..." only past 10
+    from detkd.engine import _RunCheckpointer
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1, bias=False) for _ in range(11)])
+    with torch.no_grad():
+        for m in model[:10]:
+            m.weight.fill_(float("nan"))
+    names = [f"{i}.weight" for i in range(11)]
+    ckpt = _RunCheckpointer(model, str(tmp_path))
+    with pytest.raises(FloatingPointError) as e:
+        ckpt.save("model_0000000")
+    assert str(e.value) == (
+        f"Checkpoint 'model_0000000' not written: the training diverged, 10 weights are NaN or "
+        f"inf ({names[:10]}). No earlier checkpoint was written: start the run again, with a "
+        "lower optimizer.lr or train.clip_grad.enabled=True."
+    )
+    with torch.no_grad():
+        model[10].weight.fill_(float("inf"))
+    ckpt.clip_max_norm = 0.5
+    with pytest.raises(FloatingPointError) as e:
+        ckpt.save("model_0000000")
+    assert str(e.value).endswith(
+        f"11 weights are NaN or inf ({names[:10]} ...). No earlier checkpoint was written: "
+        "start the run again, with a lower optimizer.lr or a lower train.clip_grad.max_norm "
+        "(now 0.5)."
+    )
+    assert list(tmp_path.iterdir()) == []

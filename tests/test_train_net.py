@@ -3099,3 +3099,211 @@ def test_eval_only_evaluates_init_checkpoint_without_resume_and_needs_no_optimiz
     log = (out / "log.txt").read_text()
     assert "evaluating the last checkpoint" in log
     assert "--resume: train.teacher_checkpoint" not in log
+
+
+def test_clip_grad_without_enabled_or_without_clip_grad_is_off():
+    # train.clip_grad clips only with enabled=True: a dict of only max_norm (or no clip_grad at
+    # all) leaves the gradients as they are
+    from detkd.engine import _clip_max_norm
+
+    cfg = load_config("configs/demo/pkd_retinanet.py")
+    cfg.optimizer = load_config("configs/PKD/baseline_retinanet_R50_2x.py").optimizer
+    cfg.optimizer.update(lr=1.0, momentum=0.0, weight_decay=0.0)
+    cfg.train.clip_grad = dict(max_norm=1e-3)
+    assert _clip_max_norm(cfg) is None
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    optimizer = KDTrainer.build_optimizer(cfg, model)
+    (model.weight * torch.tensor([3.0, 4.0])).sum().backward()
+    optimizer.step()
+    assert model.weight.detach().flatten().tolist() == [-3.0, -4.0]
+    del cfg.train.clip_grad
+    assert _clip_max_norm(cfg) is None
+    cfg.train.clip_grad = dict(enabled=True, max_norm=2)
+    assert _clip_max_norm(cfg) == 2.0 and isinstance(_clip_max_norm(cfg), float)
+
+
+def test_teacher_eval_records_not_of_this_hook_and_teacher_inside_a_key_are_no_evaluation(
+    tmp_path, caplog
+):
+    # a record that is no JSON object, or whose teacher_checkpoint is no string, is no record (the
+    # log says none was found); a metrics key with "teacher/" after its start is a student's
+    import json
+    from types import SimpleNamespace
+
+    from detkd.engine import TeacherEvalHook
+
+    cfg = _small_cfg(tmp_path, max_iter=1)
+    cfg.train.teacher_checkpoint = "/teachers/t2.pth"
+    hook = TeacherEvalHook(cfg)
+    hook.trainer = SimpleNamespace(start_iter=2)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"iteration": 0, "teacher/bbox/AP": 1.0}\n')
+    record = tmp_path / "inference_teacher" / "teacher_eval.json"
+    record.parent.mkdir()
+    for text in ("[1]", "not json", '{"teacher_checkpoint": 3}', '{"teacher_checkpoint": null}'):
+        record.write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="detkd.engine"):
+            assert hook._logged_before() is False, text
+        assert (
+            "(no inference_teacher/teacher_eval.json: an earlier run in this folder)" in caplog.text
+        ), text
+    record.write_text(json.dumps({"teacher_checkpoint": "/teachers/t2.pth"}))
+    assert hook._logged_before() is True
+    metrics.write_text('{"iteration": 0, "kd/teacher/AP": 1.0}\n')
+    assert hook._logged_before() is False
+
+
+def test_untagged_checkpoints_error_names_the_three_latest_and_the_last_to_echo(tmp_path):
+    from detkd.engine import untagged_checkpoints_error
+
+    for name in ("model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_final.pth"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "model_final_student.pth").write_bytes(b"")  # no run checkpoint
+    tag = tmp_path / "last_checkpoint"
+    e = str(untagged_checkpoints_error(str(tmp_path)))
+    assert (
+        "holds run checkpoints (model_0000003.pth, model_0000005.pth, model_final.pth) but no " in e
+    )
+    assert f"(e.g. `echo model_final.pth > {tag}`)" in e
+    tag.write_text("model_0000003.pth")
+    assert untagged_checkpoints_error(str(tmp_path)) is None
+    assert untagged_checkpoints_error(str(tmp_path / "none")) is None
+
+
+def test_max_iter_true_and_an_indexed_cuda_device_without_cuda_are_clear_errors(tmp_path):
+    # True is an int to Python (1) but no iteration count; train.device='cuda:0' is a CUDA
+    # device as 'cuda' is
+    cfg = _small_cfg(tmp_path / "z", max_iter=2)
+    cfg.train.max_iter = True
+    with pytest.raises(ValueError, match=r"train\.max_iter must be an int >= 1, got True"):
+        KDTrainer(cfg)
+    if not torch.cuda.is_available():
+        cfg.train.device = "cuda:0"
+        with pytest.raises(
+            RuntimeError, match=r"train\.device='cuda:0', but torch finds no CUDA GPU"
+        ):
+            KDTrainer.build_model(cfg)
+
+
+class _FixedResults:
+    """An evaluator config target whose results hold a value that is no number."""
+
+    def reset(self):
+        pass
+
+    def process(self, inputs, outputs):
+        pass
+
+    def evaluate(self):
+        return {"bbox": {"AP": 12.5, "AP-names": ["a", "b"]}}
+
+
+def test_teacher_eval_logs_and_records_numbers_only_of_its_teacher_checkpoint(tmp_path):
+    # the record names train.teacher_checkpoint, and only the numbers are logged; a config
+    # without an evaluator evaluates nothing and records nothing
+    from detectron2.utils.events import EventStorage
+
+    cfg = _small_cfg(tmp_path / "s", max_iter=1)
+    cfg.dataloader.test.dataset.names.num_images = 1
+    cfg.dataloader.evaluator = L(_FixedResults)()
+    cfg.train.teacher_eval_at_start = True
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    cfg.train.teacher_checkpoint = "/teachers/t.pth"  # read by the hook only for its record
+    hook = [h for h in trainer._hooks if type(h).__name__ == "TeacherEvalHook"][0]
+    with EventStorage(0) as trainer.storage:
+        hook.before_train()
+    assert hook.results == {"bbox": {"AP": 12.5, "AP-names": ["a", "b"]}}
+    assert {k: v for k, (v, _) in trainer.storage.latest().items()} == {"teacher/bbox/AP": 12.5}
+    record = tmp_path / "s" / "inference_teacher" / "teacher_eval.json"
+    assert json.loads(record.read_text()) == {
+        "teacher_checkpoint": "/teachers/t.pth",
+        "results": {"teacher/bbox/AP": 12.5},
+    }
+
+    del cfg.dataloader.evaluator
+    record.unlink()
+    hook.results = None
+    with EventStorage(0) as trainer.storage:
+        hook.before_train()
+    assert hook.results is None and trainer.storage.latest() == {} and not record.exists()
+
+
+def test_other_model_names_two_shapes_three_missing_and_three_extra_keys(tmp_path):
+    # how another model's run checkpoint differs (a new run there would replace it): the first
+    # two shape mismatches, three missing and three extra keys; the student's extra state (an
+    # older version's files lack it) is no difference, a file that is no .pth is not read
+    trainer = KDTrainer(_small_cfg(tmp_path / "o", max_iter=1))
+    ours = trainer.checkpointer.model.state_dict()
+    assert "_extra_state" in ours
+    keys = [k for k, v in ours.items() if isinstance(v, torch.Tensor) and v.dim() > 1]
+    theirs = dict(ours)
+    for k in keys[:3]:
+        theirs[k] = torch.zeros(1)
+    for k in keys[3:7] + ["_extra_state"]:
+        del theirs[k]
+    theirs.update({f"x.{c}": torch.zeros(1) for c in "abcd"})
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": theirs}, path)
+    assert trainer._other_model(str(path)) == (
+        f"shape mismatch: {keys[0]}: file (1,) vs model {tuple(ours[keys[0]].shape)}; "
+        f"{keys[1]}: file (1,) vs model {tuple(ours[keys[1]].shape)}; "
+        f"model keys not in the file: {keys[3:6]}; file keys the model lacks: ['x.a', 'x.b', 'x.c']"
+    )
+    torch.save({"model": {k: v for k, v in ours.items() if k != "_extra_state"}}, path)
+    assert trainer._other_model(str(path)) is None
+    torch.save({"model": theirs}, tmp_path / "model_final.pkl")
+    assert trainer._other_model(str(tmp_path / "model_final.pkl")) is None
+
+
+def test_test_logs_the_results_copypaste_lines_and_no_evaluator_evaluates_nothing(tmp_path):
+    # KDTrainer.test logs detectron2's copypaste lines of the results (what a user copies into a
+    # table); a config without dataloader.evaluator runs no inference
+    cfg = _small_cfg(tmp_path / "t", max_iter=1)
+    cfg.dataloader.test.dataset.names.num_images = 1
+    cfg.dataloader.evaluator = L(_FixedResults)()
+    calls = []
+
+    def model(inputs):
+        calls.append(len(inputs))
+        return [{} for _ in inputs]
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    testing = logging.getLogger("detectron2.evaluation.testing")
+    level = testing.level
+    testing.addHandler(handler)
+    testing.setLevel(logging.INFO)
+    try:
+        results = KDTrainer.test(cfg, model)
+    finally:
+        testing.removeHandler(handler)
+        testing.setLevel(level)
+    assert results == {"bbox": {"AP": 12.5, "AP-names": ["a", "b"]}} and calls == [1]
+    assert lines == ["copypaste: Task: bbox", "copypaste: AP", "copypaste: 12.5000"]
+    del cfg.dataloader.evaluator
+    assert KDTrainer.test(cfg, model) == {} and calls == [1]
+
+
+def test_resume_with_other_optimizer_parameter_groups_is_a_clear_error(tmp_path):
+    # a weight decay of the biases' own: a parameter group more than the run had (torch's
+    # ValueError on load), refused like another optimizer; nothing is overwritten
+    from detkd.checkpoint import CheckpointMismatchError
+
+    out = tmp_path / "g"
+    _run(_small_cfg(out, 1))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pth"}
+    cfg = _small_cfg(out, 2)
+    cfg.optimizer.params.weight_decay_bias = 0.5
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"^--resume: the last checkpoint of .* does not fit the model of this config \(its "
+        r"optimizer state does not fit this config's torch\.optim\.sgd\.SGD \(ValueError: loaded "
+        r"state dict has a different number of parameter groups\)\)",
+    ):
+        KDTrainer(cfg).resume_or_load(resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pth"} == files
