@@ -484,23 +484,13 @@ def test_a_random_teacher_is_the_same_in_every_process(tmp_path):
     assert all(torch.equal(a[k], expected[k]) and torch.equal(b[k], expected[k]) for k in a)
 
 
-def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypatch):
-    """An output folder of another PathManager handler (e.g. iopath's S3PathHandler, which has
-    no rename): run checkpoints (written directly by detectron2 before they went through a
-    temporary file) and the student export are written, replaced, and make no local folder
-    out of the URL (os.path.abspath('kdtest://run/x.pth') is a local path)."""
-    import shutil
-
-    from detectron2.utils.file_io import PathManager
+def _store_handler(store, prefix):
+    """A PathManager handler class serving ``prefix`` paths from the local folder ``store``
+    (open, exists, rm): a remote file system for the tests that add its other operations."""
     from iopath.common.file_io import PathHandler
 
-    from detkd.engine import _RunCheckpointer
-
-    store = tmp_path / "store"
-    (store / "run").mkdir(parents=True)
-
-    class NoRename(PathHandler):
-        PREFIX = "detkd-test-norename://"
+    class StoreHandler(PathHandler):
+        PREFIX = prefix
 
         def _get_supported_prefixes(self):
             return [self.PREFIX]
@@ -514,11 +504,29 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
         def _exists(self, path, **kwargs):
             return os.path.exists(self._local(path))
 
-        def _isfile(self, path, **kwargs):
-            return os.path.isfile(self._local(path))
-
         def _rm(self, path, **kwargs):
             os.remove(self._local(path))
+
+    return StoreHandler
+
+
+def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypatch):
+    """An output folder of another PathManager handler (e.g. iopath's S3PathHandler, which has
+    no rename): run checkpoints (written directly by detectron2 before they went through a
+    temporary file) and the student export are written, replaced, and make no local folder
+    out of the URL (os.path.abspath('kdtest://run/x.pth') is a local path)."""
+    import shutil
+
+    from detectron2.utils.file_io import PathManager
+
+    from detkd.engine import _RunCheckpointer
+
+    store = tmp_path / "store"
+    (store / "run").mkdir(parents=True)
+
+    class NoRename(_store_handler(store, "detkd-test-norename://")):
+        def _isfile(self, path, **kwargs):
+            return os.path.isfile(self._local(path))
 
         def _copy(self, src_path, dst_path, overwrite=False, **kwargs):
             shutil.copyfile(self._local(src_path), self._local(dst_path))
@@ -1488,32 +1496,15 @@ def test_an_export_to_a_handler_whose_rename_refuses_to_overwrite(tmp_path):
     iopath's local handler does): an older export is removed first, so it is replaced; a mv
     that fails anyway is an error, not a silently missing file."""
     from detectron2.utils.file_io import PathManager
-    from iopath.common.file_io import PathHandler
 
     store = tmp_path / "store"
     store.mkdir()
 
-    class NoOverwrite(PathHandler):
-        PREFIX = "detkd-test-nooverwrite://"
+    class NoOverwrite(_store_handler(store, "detkd-test-nooverwrite://")):
         broken = False
-
-        def _get_supported_prefixes(self):
-            return [self.PREFIX]
-
-        def _local(self, path):
-            return os.path.join(store, path[len(self.PREFIX) :])
-
-        def _open(self, path, mode="r", buffering=-1, **kwargs):
-            return open(self._local(path), mode)
-
-        def _exists(self, path, **kwargs):
-            return os.path.exists(self._local(path))
 
         def _isdir(self, path, **kwargs):
             return os.path.isdir(self._local(path))
-
-        def _rm(self, path, **kwargs):
-            os.remove(self._local(path))
 
         def _mv(self, src_path, dst_path, **kwargs):
             if self.broken or os.path.exists(self._local(dst_path)):
