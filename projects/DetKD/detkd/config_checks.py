@@ -330,7 +330,8 @@ def check_test_datasets(cfg) -> None:
     Fail at the start of training when ``dataloader.test.dataset.names`` (a name or a list of
     names) names a dataset that is not registered: otherwise only the first evaluation, after
     ``train.eval_period`` iterations or at the end of the run, would find out. A ``names`` that is
-    a LazyCall (the shapes data) is built with the loader and is not checked here.
+    a LazyCall other than the shapes data's (whose name it registers) is built with the loader and
+    is not checked here.
     """
     _check_registered(cfg, "test", "so the evaluation would fail after training")
 
