@@ -2185,43 +2185,46 @@ def test_override_check_of_lazycall_arguments_unset_ones_and_kwargs():
     check_override_keys(cfg, ["model.distillers.y.anything=2"])  # **kwargs
 
 
+def _override_key_error(cfg, override):
+    """The message of the KeyError that check_override_keys raises for ``override``."""
+    from detkd.config_checks import check_override_keys
+
+    with pytest.raises(KeyError) as e:
+        check_override_keys(cfg, [override])
+    return e.value.args[0]
+
+
 def test_override_typo_hints_name_sections_every_close_key_and_unset_arguments():
     # a misspelt top-level section is looked up among the config's sections; the hint lists up
     # to three close keys, each in full, and a LazyCall's unset arguments among the keys there
-    from detkd.config_checks import check_override_keys
-
     cfg = load_config("configs/demo/pkd_retinanet.py")
     cfg.model.distillers.x = L(_needs_a)(a=1)
-    with pytest.raises(KeyError) as e:
-        check_override_keys(cfg, ["trian.max_iter=2"])
-    assert e.value.args[0] == (
+    msg = _override_key_error(cfg, "trian.max_iter=2")
+    assert msg == (
         "Override 'trian.max_iter': the config has no key 'trian'. Did you mean 'train'? Keys "
         "there: ['dataloader', 'lr_multiplier', 'model', 'optimizer', 'student', 'teacher', "
         "'train']. (Write +trian.max_iter=... to add a new key on purpose.)"
     )
-    with pytest.raises(KeyError) as e:
-        check_override_keys(cfg, ["train.period=5"])
-    assert e.value.args[0].startswith(
+    msg = _override_key_error(cfg, "train.period=5")
+    assert msg.startswith(
         "Override 'train.period': 'train' has no key 'period'. "
         "Did you mean 'train.log_period', 'train.eval_period'? Keys named 'period' below it: "
         "['train.checkpointer.period']. Keys there: ['amp', "
     )
-    with pytest.raises(KeyError) as e:
-        check_override_keys(cfg, ["model.distillers.x.bb=2"])
-    assert e.value.args[0] == (
+    msg = _override_key_error(cfg, "model.distillers.x.bb=2")
+    assert msg == (
         "Override 'model.distillers.x.bb': 'model.distillers.x' has no key 'bb'. Did you mean "
         "'model.distillers.x.b'? Keys there: ['a', 'b']. (_needs_a takes no argument 'bb': "
         "+model.distillers.x.bb=... would fail too.)"
     )
     # a key of the model's parts set on the wrapper: the hint names the parts' keys
-    with pytest.raises(KeyError) as e:
-        check_override_keys(cfg, ["model.num_classes=2"])
-    assert e.value.args[0].startswith(
+    msg = _override_key_error(cfg, "model.num_classes=2")
+    assert msg.startswith(
         "Override 'model.num_classes': 'model' has no key 'num_classes'. Keys named "
         "'num_classes' below it: ['model.student.head.num_classes', 'model.student.num_classes', "
         "'model.teacher.head.num_classes', 'model.teacher.num_classes']. Keys there: "
     )
-    assert e.value.args[0].endswith(
+    assert msg.endswith(
         "(DistillationDetector takes no argument 'num_classes': +model.num_classes=... would "
         "fail too.)"
     )

@@ -164,6 +164,18 @@ def _capture_draw_boxes(monkeypatch):
     return drawn
 
 
+def _capture_fpn_rows(monkeypatch):
+    """A dict that each call of viz.draw_fpn_activations fills (its rows and levels) in place
+    of drawing."""
+    got = {}
+    monkeypatch.setattr(
+        viz,
+        "draw_fpn_activations",
+        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
+    )
+    return got
+
+
 def _frozen_norm_train(model):
     """Training mode with BatchNorm on its running statistics: the student's outputs are those
     of eval mode, so a training step selects from what the views see."""
@@ -515,12 +527,7 @@ def _run_pkd_view(tmp_path, monkeypatch, model_lines):
         torch.save({"model": m.state_dict()}, tmp_path / f"{n}.pth")
     inputs = make_inputs(1, size=(70, 100), seed=5)
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    got = {}
-    monkeypatch.setattr(
-        viz,
-        "draw_fpn_activations",
-        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
-    )
+    got = _capture_fpn_rows(monkeypatch)
     args = [
         "pkd",
         "--config",
@@ -731,12 +738,7 @@ def test_pkd_view_pads_each_model_as_training_does(tmp_path, monkeypatch):
         )
         cfg = LazyConfig.load(str(cfg_path))
         t_path, s_path = _demo_checkpoints(tmp_path, cfg, seed=1)
-        got = {}
-        monkeypatch.setattr(
-            viz,
-            "draw_fpn_activations",
-            lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
-        )
+        got = _capture_fpn_rows(monkeypatch)
         viz.main(
             [
                 "pkd",
@@ -1364,12 +1366,7 @@ def test_pkd_view_rows_are_the_before_and_after_students(tmp_path, monkeypatch):
         students[name] = m
     inputs = make_inputs(1, size=(64, 96), seed=5)
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: inputs)
-    got = {}
-    monkeypatch.setattr(
-        viz,
-        "draw_fpn_activations",
-        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
-    )
+    got = _capture_fpn_rows(monkeypatch)
     viz.main(
         ["pkd", "--config", cfg_path, "--out", str(tmp_path / "p.png")]
         + [x for n in ("teacher", "before", "after") for x in (f"--{n}", paths[n])]
@@ -1396,12 +1393,7 @@ def test_pkd_view_without_a_pkd_distiller_draws_the_four_finest_common_levels(
     cfg_path = f"{REPO}/configs/demo/gid_retinanet.py"
     t, s = _demo_checkpoints(tmp_path, LazyConfig.load(cfg_path))
     monkeypatch.setattr(viz, "_load_image", lambda cfg, index: make_inputs(1, size=(64, 96)))
-    got = {}
-    monkeypatch.setattr(
-        viz,
-        "draw_fpn_activations",
-        lambda image, rows, levels, *a, **kw: got.update(rows=rows, levels=levels) or {},
-    )
+    got = _capture_fpn_rows(monkeypatch)
     args = ["pkd", "--config", cfg_path, "--teacher", t, "--before", s, "--after", s]
     viz.main(args + ["--out", str(tmp_path / "p.png")])
     assert got["levels"] == ["p3", "p4", "p5", "p6"]

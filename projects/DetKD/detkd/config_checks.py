@@ -102,8 +102,10 @@ def _keys_named(node, name: str, prefix: str, depth: int = 4) -> list:
     (``model.student.num_classes`` for ``name="num_classes"`` below ``model``), in full."""
     from omegaconf import DictConfig
 
+    if depth == 0:
+        return []
     found = []
-    for k in node.keys() if depth > 0 else ():
+    for k in node.keys():
         path = f"{prefix}.{k}" if prefix else str(k)
         try:
             value = node.get(k)
