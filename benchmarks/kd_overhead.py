@@ -3,7 +3,9 @@
 Cost of distillation per training iteration, for every method with a demo config.
 
 For each ``configs/demo/<method>_<detector>.py`` (and, with ``--large`` or on a GPU, the
-R50/R101 paper configs) this times, on one fixed batch:
+R50/R101 paper configs, on 2 random 640 x 640 images by default: ``--large-batch`` and
+``--large-size``, e.g. ``800x1333`` for the papers' COCO training size; ``--large-only`` skips
+the demo configs) this times, on one fixed batch:
 
   (a) a training step of the student alone,
   (b) the teacher's forward alone, as far as the method needs (``detkd.distiller.run_teacher``),
@@ -31,6 +33,7 @@ prints ratios.
 Usage::
 
     python benchmarks/kd_overhead.py [--iters 10] [--rounds 3] [--device cuda] [--large]
+        [--large-only] [--large-batch 2] [--large-size 640 | 800x1333]
         [--methods gid ...] [--no-variants] [--teacher-precision fp16] [--set key=value ...]
 """
 
@@ -279,19 +282,21 @@ def _peak(fn, device, resident=None, foreign=()):
 
 
 def _batch(cfg, batch_size, image_size):
-    """One batch of the config's training data (shapes), or random images for COCO configs."""
+    """One batch of the config's training data (shapes), or random images for COCO configs
+    (``image_size``: a side or an ``(height, width)`` pair)."""
     if "coco" in str(cfg.dataloader.train.dataset.names):
         from detectron2.structures import Boxes, Instances
 
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         g = torch.Generator().manual_seed(0)
         out = []
         for _ in range(batch_size):
-            inst = Instances((image_size, image_size))
-            xy = torch.rand(4, 2, generator=g) * image_size * 0.6
+            inst = Instances((h, w))
+            xy = torch.rand(4, 2, generator=g) * min(h, w) * 0.6
             inst.gt_boxes = Boxes(torch.cat([xy, xy + 32 + torch.rand(4, 2, generator=g) * 128], 1))
             inst.gt_classes = torch.randint(0, 80, (4,), generator=g)
-            img = torch.randint(0, 256, (3, image_size, image_size), generator=g, dtype=torch.uint8)
-            out.append({"image": img, "height": image_size, "width": image_size, "instances": inst})
+            img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+            out.append({"image": img, "height": h, "width": w, "instances": inst})
         return out
     cfg.dataloader.train.total_batch_size = batch_size
     cfg.dataloader.train.num_workers = 0
@@ -395,6 +400,21 @@ def parse_device(text):
     return device
 
 
+def parse_image_size(text):
+    """An argparse ``type``: ``S`` (a square side) or ``HxW``, in pixels, each at least 32."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 32:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an image size: give a side (640) or height x width (800x1333), "
+            "each at least 32"
+        )
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
 def bench(
     config,
     iters,
@@ -466,6 +486,21 @@ def main(argv=None):
     parser.add_argument(
         "--large", action="store_true", help="also the R50/R101 COCO pairs (slow on CPU)"
     )
+    parser.add_argument(
+        "--large-only", action="store_true", help="only the R50/R101 pairs (implies --large)"
+    )
+    parser.add_argument(
+        "--large-batch",
+        type=int_at_least(1),
+        default=2,
+        help="images per step of the R50/R101 pairs (the papers' 2 per GPU)",
+    )
+    parser.add_argument(
+        "--large-size",
+        type=parse_image_size,
+        default=640,
+        help="their image size: a side or HxW (800x1333: the papers' COCO training size)",
+    )
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument(
         "--no-variants",
@@ -499,7 +534,7 @@ def main(argv=None):
         if name.startswith("_") or method in ("teacher", "student"):
             continue
         available.add(method)
-        if args.methods and method not in args.methods:
+        if (args.methods and method not in args.methods) or args.large_only:
             continue
         runs.append((method, f"demo {name}", os.path.relpath(path, REPO), 8, None, []))
         if not args.no_variants:
@@ -507,16 +542,19 @@ def main(argv=None):
                 runs.append(
                     (method, f"demo {name}, {label}", os.path.relpath(path, REPO), 8, None, opts)
                 )
-    if args.large or device.type == "cuda":
+    if args.large or args.large_only or device.type == "cuda":
+        bs, size = args.large_batch, args.large_size
+        shape = "x".join(map(str, size)) if isinstance(size, tuple) else f"{size}x{size}"
+        scale = "" if (bs, size) == (2, 640) else f" ({bs} x {shape})"
         for method, path in LARGE.items():
             if os.path.isfile(os.path.join(REPO, path)) and (
                 not args.methods or method in args.methods
             ):
-                setting = f"R50 pair {os.path.basename(path)[:-3]}"
-                runs.append((method, setting, path, 2, 640, []))
+                setting = f"R50 pair {os.path.basename(path)[:-3]}{scale}"
+                runs.append((method, setting, path, bs, size, []))
                 if not args.no_variants:
                     for label, opts in LARGE_VARIANTS.get(method, []):
-                        runs.append((method, f"{setting}, {label}", path, 2, 640, opts))
+                        runs.append((method, f"{setting}, {label}", path, bs, size, opts))
     check_methods(args.methods, available, "kd_overhead")
 
     if args.opts:

@@ -496,3 +496,58 @@ def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_f
     monkeypatch.delenv("OMP_NUM_THREADS")
     kd_overhead.cpu_threads(cpu)
     assert len(threads) == 1 and threads[0] >= 1
+
+
+def test_large_only_runs_the_r50_pairs_at_the_given_batch_and_size(monkeypatch, capsys):
+    """--large-only times only the R50/R101 pairs (no demo row), each with --large-batch images
+    of --large-size (a side or HxW), named in the setting; without the options they keep their
+    2 x 640x640 and the plain name. bench is replaced by a recorder: no model is built."""
+    kd = _kd_overhead()
+    calls = []
+
+    def recorder(path, iters, device, bs, size, *rest):
+        calls.append((path, bs, size))
+        times = dict(student=1.0, teacher=1.0, kd=2.0)
+        return dict(times, floor=None, mem_s=None, mem_kd=None, spread=None)
+
+    monkeypatch.setattr(kd, "bench", recorder)
+    paper_size = "--large-only --large-batch 3 --large-size 800x1333 --methods pkd reviewkd"
+    kd.main(["--device", "cpu", *paper_size.split()])
+    assert calls == [
+        (kd.LARGE["pkd"], 3, (800, 1333)),
+        (kd.LARGE["reviewkd"], 3, (800, 1333)),
+        (kd.LARGE["reviewkd"], 3, (800, 1333)),  # its abf_precision=bf16 row
+    ]
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(("pkd", "rev"))
+    ]
+    assert len(rows) == 3 and all("(3 x 800x1333)" in r for r in rows)
+    assert "demo" not in "".join(rows)
+    calls.clear()
+    kd.main("--device cpu --large --methods pkd --no-variants".split())
+    assert calls == [("configs/demo/pkd_retinanet.py", 8, 128), (kd.LARGE["pkd"], 2, 640)]
+    assert "R50 pair retinanet_R50_from_retinanet_R101_2x " in capsys.readouterr().out
+    calls.clear()
+    kd.main("--device cpu --large-only --large-size 512 --methods pkd".split())
+    assert calls == [(kd.LARGE["pkd"], 2, 512)]
+
+
+def test_image_size_argument_and_rectangular_coco_batches():
+    import argparse
+
+    kd = _kd_overhead()
+    assert kd.parse_image_size("640") == 640
+    assert kd.parse_image_size("800x1333") == (800, 1333)
+    assert kd.parse_image_size("800X1333") == (800, 1333)
+    for bad in ("", "x", "800x", "16", "800x1333x640", "8.5x100", "800x20"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not an image size"):
+            kd.parse_image_size(bad)
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(os.path.join(REPO, kd.LARGE["pkd"]))
+    batch = kd._batch(cfg, 2, (48, 80))
+    assert [tuple(x["image"].shape) for x in batch] == [(3, 48, 80)] * 2
+    assert [(x["height"], x["width"]) for x in batch] == [(48, 80)] * 2
+    assert batch[0]["instances"].image_size == (48, 80)
+    square = kd._batch(cfg, 1, 64)
+    assert tuple(square[0]["image"].shape) == (3, 64, 64) and square[0]["height"] == 64
