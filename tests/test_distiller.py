@@ -444,6 +444,32 @@ def test_host_tensor_values_dtype_device():
     assert t.dtype == torch.int64 and t.tolist() == [0, 1, 2]
 
 
+def test_index_put_value_is_setitem_of_a_number_made_on_the_device(monkeypatch):
+    """index_put_value_(x, idx, v) writes what x[idx] = v writes (index tensors, repeated
+    indices, another dtype), in place, and makes the value with x.new_full on x's device (a CUDA
+    x[idx] = v copies the number from a host tensor: one host sync each, seen on an H200)."""
+    from detkd.utils import index_put_value_
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        x = torch.randint(0, 9, (3, 5, 4), generator=g).to(dtype)
+        want = x.clone()
+        idx = (torch.tensor([0, 2, 2, 1]), torch.tensor([4, 0, 0, 3]))
+        value = 0.25 if dtype.is_floating_point else 7
+        want[idx] = value
+        assert index_put_value_(x, idx, value) is x
+        assert torch.equal(x, want), dtype
+    made = []
+    new_full = torch.Tensor.new_full
+    monkeypatch.setattr(
+        torch.Tensor, "new_full", lambda t, *a, **k: made.append((t, a)) or new_full(t, *a, **k)
+    )
+    x = torch.zeros(2, 3)
+    index_put_value_(x, [torch.tensor([1]), torch.tensor([2])], 1.0)
+    assert len(made) == 1 and made[0][0] is x and made[0][1] == ((), 1.0)
+    assert x.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
 def _probe_distiller(records, key="loss_probe"):
     from detkd.losses import Distiller
 

@@ -69,6 +69,19 @@ def host_tensor(data, device, dtype=None) -> torch.Tensor:
     return t.to(device)
 
 
+def index_put_value_(x: torch.Tensor, indices, value: float) -> torch.Tensor:
+    """
+    ``x[indices] = value`` (advanced indexing by index tensors) in place, without a host-device
+    synchronisation: for a CUDA ``x``, ``x[indices] = value`` puts the Python number in a host
+    tensor and copies it to the device from pageable memory, which waits for everything queued
+    (seen with ``torch.cuda.set_sync_debug_mode``); here the value is made on ``x``'s device.
+
+    Returns:
+        Tensor: ``x``.
+    """
+    return x.index_put_(tuple(indices), x.new_full((), value))
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """``torch.channels_last`` for a 4-d map laid out NHWC (and not also NCHW, as when C == 1
     or H == W == 1), else ``torch.contiguous_format``."""

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.detr import giou_cxcywh, solve_assignments
-from ..utils import host_tensor
+from ..utils import host_tensor, index_put_value_
 from .base import Distiller, check_flag, check_weight, put_scalar, zero_loss
 
 __all__ = ["D3ETRDistiller", "soft_bce_cost", "bernoulli_kl", "attention_kl", "hungarian_match"]
@@ -702,7 +702,7 @@ class D3ETRDistiller(Distiller):
             target[bidx, :, si] = t_ca[bidx, :, ti]
             ent = entropy.gather(2, ti[:, None, :].expand(B, M, P)).sum() / (B * M * P)
         weight = t_ca.new_zeros(B, s_ca.shape[2])
-        weight[bidx, si] = 1.0 / (B * M * P)
+        index_put_value_(weight, (bidx, si), 1.0 / (B * M * P))  # weight[bidx, si] = ..., no sync
         if self.fixed_matching:
             target[:, :, Ns : Ns + Nt] = t_ca
             weight[:, Ns : Ns + Nt] = 1.0 / (B * M * Nt)

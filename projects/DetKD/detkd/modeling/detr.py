@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from ..utils import host_tensor
+from ..utils import host_tensor, index_put_value_
 
 __all__ = [
     "ConditionalDETR",
@@ -829,7 +829,7 @@ class ConditionalDETR(nn.Module):
         labels = torch.cat([t["labels"] for t in targets])  # (Gt,)
         gt = torch.cat([t["boxes"] for t in targets]).to(boxes)  # (Gt, 4)
         onehot = torch.zeros_like(logits)
-        onehot[layer, image, pred, labels[tgt]] = 1.0
+        index_put_value_(onehot, (layer, image, pred, labels[tgt]), 1.0)  # no host sync
         cls = sigmoid_focal_loss(
             logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none"
         )
