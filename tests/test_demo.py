@@ -459,9 +459,25 @@ def test_demo_rejects_a_mistyped_method_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
     with pytest.raises(
-        SystemExit, match=r"no config configs/demo/gdi_\*\.py; available: .*'gid_retinanet'"
-    ):
+        SystemExit, match=r"no config configs/demo/gdi_\*\.py; available methods: \['d3etr', 'gid'"
+    ) as e:
         demo.main(["--methods", "pkd", "gdi", "--output", str(tmp_path / "demo")])
+    assert "__init__" not in str(e.value) and "teacher_retinanet" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["pkd+gid", "pkd,gid", "PKDGID"])
+def test_demo_names_the_config_of_a_combination_of_methods(tmp_path, monkeypatch, method):
+    # the README's combined method is `pkdgid`; `pkd+gid` was answered with the list of every file
+    # of configs/demo (`__init__`, teacher_*, student_*), none of them a method
+    from detkd import demo
+
+    monkeypatch.setattr(demo.subprocess, "run", lambda *a, **k: pytest.fail("nothing may train"))
+    with pytest.raises(SystemExit, match=r"did you mean --methods pkdgid\?") as e:
+        demo.main(["--methods", method, "--output", str(tmp_path / "demo")])
+    assert ("a combination of methods is a config of its own" in str(e.value)) == (
+        "+" in method or "," in method
+    )
+    assert "--methods pkd gid" in str(e.value)
 
 
 def test_demo_rejects_an_override_train_net_would_refuse_before_training(tmp_path, monkeypatch):

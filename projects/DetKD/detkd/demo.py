@@ -34,6 +34,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -589,11 +590,11 @@ def main(argv=None):
 
     def family(method):
         """The detector family of a method's demo config: --detector, else any that exists."""
+        kd = sorted(
+            {os.path.basename(p).split("_")[0] for p in glob.glob(cfg("*_*"))}
+            - {"", "teacher", "student"}
+        )
         if method in ("teacher", "student"):  # its run folder is that of the table's own row
-            kd = sorted(
-                {os.path.basename(p).split("_")[0] for p in glob.glob(cfg("*_*"))}
-                - {"", "teacher", "student"}
-            )
             raise SystemExit(
                 f"[demo] --methods {method}: the teacher and the student alone are in every table; "
                 f"methods are distillation configs: {kd}"
@@ -604,8 +605,19 @@ def main(argv=None):
         if args.detector in found:
             return args.detector
         if not found:
-            avail = sorted(os.path.basename(p)[:-3] for p in glob.glob(cfg("*")))
-            raise SystemExit(f"[demo] no config configs/demo/{method}_*.py; available: {avail}")
+            # "pkd+gid", "pkd,gid", "PKD": a combination is a config of its own (pkdgid)
+            parts = [p for p in re.split(r"[^a-z0-9]+", method.lower()) if p]
+            hint = ""
+            if "".join(parts) in kd:
+                hint = f" (did you mean --methods {''.join(parts)}?"
+                if len(parts) > 1:
+                    hint += " a combination of methods is a config of its own"
+                hint += ")"
+            raise SystemExit(
+                f"[demo] no config configs/demo/{method}_*.py; available methods: {kd}{hint}. "
+                "Several methods are separate words (--methods pkd gid, or make demo "
+                'METHOD="pkd gid"), each a row of the table.'
+            )
         return found[0]
 
     dets = {m: family(m) for m in args.methods}  # a mistyped method fails here, before training
