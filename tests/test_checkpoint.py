@@ -13,7 +13,7 @@ from detkd import PKDDistiller, export_student, load_student, load_teacher
 from detkd.checkpoint import TeacherCheckpointError, export_backbone, save_student
 
 import pytest
-from conftest import make_inputs, tiny_kd, tiny_retinanet_cfg
+from conftest import load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_kd, tiny_retinanet_cfg
 
 
 def _kd():
@@ -78,6 +78,28 @@ def test_teacher_from_a_pickled_state_dict_without_author(tmp_path):
         kd = _kd()
         load_teacher(kd.teacher, str(tmp_path / name))
         assert _same_weights(kd.teacher, source), name
+
+
+def test_teacher_class_count_hint_names_only_yacs_keys_that_exist(tmp_path):
+    # a DETR teacher's class-count mismatch named "MODEL.CONDITIONALDETR.NUM_CLASSES in its .yaml"
+    # (a key no yacs config has: ConditionalDETR and FCOS are not detectron2 meta-architectures
+    # that build_yacs_detector builds); an R-CNN's count is model.teacher.roi_heads.num_classes
+    detr_cfg = load_config("configs/common/models/tiny_detr.py").model
+    detr_cfg.num_classes = 80
+    torch.save({"model": instantiate(detr_cfg).state_dict()}, tmp_path / "detr80.pth")
+    detr_cfg.num_classes = 3
+    with pytest.raises(TeacherCheckpointError, match="class_embed") as e:
+        load_teacher(instantiate(detr_cfg), str(tmp_path / "detr80.pth"))
+    assert "model.teacher.num_classes must match" in str(e.value)
+    assert "MODEL." not in str(e.value) and "build_yacs_detector" not in str(e.value)
+    rcnn = tiny_faster_rcnn_cfg(num_classes=80)
+    torch.save({"model": instantiate(rcnn).state_dict()}, tmp_path / "rcnn80.pth")
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=r"model\.teacher\.roi_heads\.num_classes must match the checkpoint's \(for a "
+        r"build_yacs_detector teacher: MODEL\.ROI_HEADS\.NUM_CLASSES",
+    ):
+        load_teacher(instantiate(tiny_faster_rcnn_cfg()), str(tmp_path / "rcnn80.pth"))
 
 
 def test_teacher_errors_are_clear(tmp_path):

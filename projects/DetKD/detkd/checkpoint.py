@@ -23,6 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from torch import nn
@@ -544,12 +545,20 @@ def load_teacher(teacher: nn.Module, path: str, *, allow_random: bool = False) -
         )
     if inc is not None and inc.incorrect_shapes:
         shapes = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in inc.incorrect_shapes[:10])
+        key = "roi_heads.num_classes" if hasattr(teacher, "roi_heads") else "num_classes"
+        # only detectron2's registered meta-architectures have a yacs config (ConditionalDETR
+        # and FCOS have none: no MODEL.<NAME>.NUM_CLASSES key exists for them)
+        yacs = (
+            f" (for a build_yacs_detector teacher: {_yacs_classes_key(teacher)} in its .yaml or "
+            "model.teacher.opts)"
+            if type(teacher).__name__ in META_ARCH_REGISTRY
+            else ""
+        )
         raise TeacherCheckpointError(
             f"The teacher checkpoint {path!r} does not fit the teacher model (shape mismatch: "
-            f"{shapes}). A class-count mismatch means model.teacher's num_classes must match "
-            f"the checkpoint's (for a build_yacs_detector teacher: {_yacs_classes_key(teacher)} "
-            "in its .yaml or model.teacher.opts); otherwise the teacher config is not the "
-            "checkpoint's architecture." + run_note
+            f"{shapes}). A class-count mismatch means model.teacher.{key} must match the "
+            f"checkpoint's{yacs}; otherwise the teacher config is not the checkpoint's "
+            "architecture." + run_note
         )
     if inc is not None and inc.missing_keys:
         keys = inc.missing_keys
