@@ -407,6 +407,17 @@ def test_view_errors_name_the_problem(tmp_path):
         viz.main(["gid", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
     with pytest.raises(SystemExit, match="has no D3ETRDistiller"):
         viz.main(["d3etr", "--config", f"{demo}/pkd_retinanet.py", "--teacher", t, "--student", s])
+    # the DETR runs' checkpoints with a RetinaNet config: the config is named, not the teacher
+    # checkpoint that does not fit its teacher (it used to stop on TeacherCheckpointError)
+    detr = LazyConfig.load(f"{demo}/d3etr_detr.py")
+    torch.save({"model": instantiate(detr.model.teacher).state_dict()}, tmp_path / "detr_t.pth")
+    torch.save({"model": instantiate(detr.model.student).state_dict()}, tmp_path / "detr_s.pth")
+    dt, ds = str(tmp_path / "detr_t.pth"), str(tmp_path / "detr_s.pth")
+    for view, name in (("d3etr", "D3ETRDistiller"), ("gid", "GIDDistiller")):
+        with pytest.raises(SystemExit, match=rf"pkd_retinanet\.py has no {name}"):
+            viz.main(
+                [view, "--config", f"{demo}/pkd_retinanet.py", "--teacher", dt, "--student", ds]
+            )
     # the teacher's weights as --before
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
         viz.main(

@@ -327,15 +327,19 @@ def _pkd_view(args):
     print(f"wrote {args.out}; Pearson r with the teacher's maps: {shown}")
 
 
-def _kd_model(cfg, teacher_ckpt, student_ckpt):
+def _kd_model(cfg, teacher_ckpt, student_ckpt, args=None, distiller=None):
     """The config's DistillationDetector in eval mode, the test loader's channel order checked
-    as in evaluation (check_input_format), the weights loaded."""
+    as in evaluation (check_input_format), the weights loaded. With ``distiller`` (a class name),
+    a config without that distiller is refused first: checkpoints of the view's models do not fit
+    another config's, and the error would name the checkpoint, not the config."""
     from detectron2.config import instantiate
 
     from .checkpoint import load_student, load_teacher
     from .config_checks import check_input_format
 
     model = instantiate(cfg.model)
+    if distiller is not None:
+        _distiller(model, distiller, args)
     check_input_format(cfg, model, splits=("test",))
     load_teacher(model.teacher, teacher_ckpt)
     load_student(model.student, student_ckpt, strict=True)  # every student weight, or an error
@@ -369,7 +373,7 @@ def _gid_view(args):
     from .losses.gid import dense_outputs
 
     cfg = _kd_config(args)
-    model = _kd_model(cfg, args.teacher, args.student)
+    model = _kd_model(cfg, args.teacher, args.student, args, "GIDDistiller")
     inputs = _load_image(cfg, args.index)
     gid = _distiller(model, "GIDDistiller", args)
     # clone: RetinaNet inference applies sigmoid_ in place to a view of the head logits.
@@ -419,7 +423,7 @@ def _d3etr_view(args):
     from .distiller import run_teacher
 
     cfg = _kd_config(args)
-    model = _kd_model(cfg, args.teacher, args.student)
+    model = _kd_model(cfg, args.teacher, args.student, args, "D3ETRDistiller")
     inputs = _load_image(cfg, args.index)
     d3 = _distiller(model, "D3ETRDistiller", args)
     # As in training: the teacher sees the images in its own channel order and normalisation,
