@@ -169,16 +169,23 @@ def _teacher_change(cfg, run_config: bytes):
     return None
 
 
+_UNSET = object()  # a key one config sets and the other leaves to the callable's default
+
+
 def _changes(theirs, ours, prefix: str):
     """The dotted keys under ``prefix`` whose values differ between two plain configs, each as
-    ``key: <theirs> (this config: <ours>)``."""
+    ``key: <theirs> (this config: <ours>)``; a key a config does not set reads "not set (the
+    default)", not None (which a config may set: ``num_levels: null``)."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
         return [
             change
             for k in sorted(set(theirs) | set(ours), key=str)
-            for change in _changes(theirs.get(k), ours.get(k), f"{prefix}.{k}")
+            for change in _changes(theirs.get(k, _UNSET), ours.get(k, _UNSET), f"{prefix}.{k}")
         ]
-    return [] if theirs == ours else [f"{prefix}: {theirs!r} (this config: {ours!r})"]
+    if theirs == ours:
+        return []
+    theirs, ours = ("not set (the default)" if v is _UNSET else repr(v) for v in (theirs, ours))
+    return [f"{prefix}: {theirs} (this config: {ours})"]
 
 
 def _model_change(cfg, run_config: bytes):

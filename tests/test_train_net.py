@@ -3023,12 +3023,20 @@ def test_resume_warnings_compare_teachers_and_name_added_and_removed_model_keys(
     cfg.train.teacher_checkpoint = "t.pth"
     assert "train.teacher_checkpoint is 't.pth'" in train_net._teacher_change(cfg, run_config)
 
-    changes = train_net._changes({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"d": 3}}, "model")
-    assert changes == ["model.b.c: 2 (this config: None)", "model.b.d: None (this config: 3)"]
+    # a key one side leaves to its default is "not set", not None: `--resume ...ca_weight=0.5`
+    # on a run that kept D3ETR's default said the run had "ca_weight: None"
+    changes = train_net._changes(
+        {"a": 1, "b": {"c": 2, "e": None}}, {"a": 1, "b": {"d": 3, "e": 4}}, "model"
+    )
+    assert changes == [
+        "model.b.c: 2 (this config: not set (the default))",
+        "model.b.d: not set (the default) (this config: 3)",
+        "model.b.e: None (this config: 4)",
+    ]
     cfg.model.test_topk_candidates_extra = 7
     LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
     change = train_net._model_change(cfg, run_config)
-    assert "model.test_topk_candidates_extra: None (this config: 7)" in change
+    assert "model.test_topk_candidates_extra: not set (the default) (this config: 7)" in change
 
 
 class _Loaded(Exception):
