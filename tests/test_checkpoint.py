@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -13,7 +14,14 @@ from detkd import PKDDistiller, export_student, load_student, load_teacher
 from detkd.checkpoint import TeacherCheckpointError, export_backbone, save_student
 
 import pytest
-from conftest import load_config, make_inputs, tiny_faster_rcnn_cfg, tiny_kd, tiny_retinanet_cfg
+from conftest import (
+    REPO,
+    load_config,
+    make_inputs,
+    tiny_faster_rcnn_cfg,
+    tiny_kd,
+    tiny_retinanet_cfg,
+)
 
 
 def _kd():
@@ -783,6 +791,54 @@ def test_an_unloadable_init_checkpoint_names_the_key_and_the_fix(tmp_path):
         TeacherCheckpointError, match=r"could not be downloaded .*set train\.teacher_checkpoint"
     ):
         load_teacher(instantiate(tiny_retinanet_cfg()), "http://127.0.0.1:9/R-101.pkl")
+
+
+def test_a_missing_checkpoint_that_a_repo_config_writes_names_the_run_to_train(
+    tmp_path, monkeypatch
+):
+    """The demo's distilled configs name output/demo/teacher_*/model_final.pth, its DETRs
+    output/demo/backbones/*.pkl, the D3ETR distillation configs the R101 teacher's run: before
+    those runs, the error said only "check that the file exists", not which run writes it."""
+    from detkd.checkpoint import CheckpointMismatchError
+
+    monkeypatch.chdir(REPO)  # configs/ as the user runs train_net.py, paths relative to it
+    teacher = instantiate(tiny_retinanet_cfg())
+    missing = {
+        "output/demo/teacher_retinanet/model_final.pth": r"training "
+        r"configs/demo/teacher_retinanet\.py first: `python train_net\.py --config-file "
+        r"configs/demo/teacher_retinanet\.py` \(`python -m detkd\.demo` trains",
+        "output/D3ETR/conditional_detr_r101_50ep/model_final.pth": r"training "
+        r"configs/D3ETR/conditional_detr_r101_50ep\.py first: .*conditional_detr_r101_50ep\.py`\.$",
+    }
+    for path, hint in missing.items():
+        with pytest.raises(
+            TeacherCheckpointError, match=r"not found.*exists.*checkpoint; it is written by " + hint
+        ):
+            load_teacher(teacher, path)
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"; it is the backbone of configs/demo/student_retinanet\.py's final weights: "
+        r"`python -m detkd\.demo --methods d3etr` .* \(by hand: detkd\.checkpoint\."
+        r"export_backbone\('output/demo/student_retinanet/model_final\.pth', "
+        r"'output/demo/backbones/student_retinanet\.pkl'\)\)",
+    ):
+        load_student(
+            instantiate(tiny_retinanet_cfg()), "output/demo/backbones/student_retinanet.pkl"
+        )
+    # an unfinished run of that config (its last_checkpoint, no model_final): resume it there
+    run = tmp_path / "output" / "demo" / "teacher_retinanet"
+    run.mkdir(parents=True)
+    (run / "last_checkpoint").write_text("model_0000099.pth")
+    with pytest.raises(
+        TeacherCheckpointError,
+        match=rf"; {re.escape(str(run))} holds an unfinished run of configs/demo/teacher_retinanet"
+        rf"\.py: .*--resume train\.output_dir={re.escape(str(run))}`, which writes model_final",
+    ):
+        load_teacher(teacher, str(run / "model_final.pth"))
+    # no config of that name, or not the repo's output layout: no such hint
+    for path in ("output/demo/nothing_here/model_final.pth", str(tmp_path / "model_final.pth")):
+        with pytest.raises(TeacherCheckpointError, match=r"\.pkl/\.pth checkpoint\.$"):
+            load_teacher(teacher, path)
 
 
 def test_an_unloadable_checkpoint_to_evaluate_does_not_suggest_an_empty_one(tmp_path):

@@ -180,8 +180,19 @@ def test_level_pairing_by_stride_and_index():
         ("p6", "p5"),
     ]
     assert len(pair_fpn_levels(RETINA, RCNN)) == 4  # all shared strides
-    with pytest.raises(ValueError, match="only 4 pairs"):
+    # the hint names the count that fits, its override, and pairing by order where that has
+    # enough pairs (RetinaNet p3-p7 and R-CNN p2-p6 share 4 strides, by order 5 pairs)
+    with pytest.raises(
+        ValueError,
+        match=r"only 4 pairs exist .* with pair_by='stride': set num_levels=4 \(the override "
+        r"model\.distillers\.<name>\.num_levels=4\) or None for every pair "
+        r"\(model\.distillers\.<name>\.num_levels=null\), or pair the levels by order "
+        r"\(pair_by='index': 5 pairs\)\.$",
+    ):
         pair_fpn_levels(RETINA, RCNN, num_levels=5)
+    assert len(pair_fpn_levels(RETINA, RCNN, num_levels=5, pair_by="index")) == 5
+    with pytest.raises(ValueError, match=r"only 5 pairs .*=null\)\.$"):  # no other pairing
+        pair_fpn_levels(RETINA, RCNN, num_levels=6, pair_by="index")
     c5 = _shapes(["res5"], [32], 2048)
     odd = _shapes(["q"], [12], 256)
     with pytest.raises(ValueError, match="share no stride.*pair_by='index'"):
@@ -607,7 +618,7 @@ def test_a_listed_level_cut_off_by_num_levels_is_an_error():
     ):
         d.bind(_Det(RETINA), _Det(RCNN))
     with pytest.raises(
-        ValueError, match=r"only 1 pairs exist .*; lower num_levels, or set it to None"
+        ValueError, match=r"only 1 pair exists .*: set num_levels=1 .* or None for every pair"
     ):
         PKDDistiller(student_levels=["p3"], teacher_levels=["p3"]).bind(_Det(RETINA), _Det(RCNN))
     d = PKDDistiller(

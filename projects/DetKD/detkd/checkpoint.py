@@ -350,6 +350,64 @@ def _local_path(path: str) -> str:
     return os.path.realpath(without_file_scheme(path))
 
 
+def _repo_config(group: str, name: str) -> str:
+    """``configs/<group>/<name>.py`` of this repository (or of the working directory), or ""."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    for root in ("", os.path.abspath(repo)):
+        rel = os.path.join("configs", group, f"{name}.py")
+        if os.path.isfile(os.path.join(root, rel)):
+            return (
+                rel if not root or os.path.samefile(root, os.getcwd()) else os.path.join(root, rel)
+            )
+    return ""
+
+
+def _written_by_hint(path: str) -> str:
+    """
+    For a missing checkpoint that a run of this repository's configs writes, how to make it.
+    The configs keep their outputs in ``output/<group>/<name>`` (``configs/<group>/<name>.py``):
+    ``.../output/<group>/<name>/model_final.pth`` is that config's final weights (e.g. the demo's
+    teacher, or the D3ETR teacher a distillation config names), and
+    ``.../output/demo/backbones/<role>_<family>.pkl`` the backbone ``python -m detkd.demo
+    --methods d3etr`` exports from the demo's ``<role>_<family>`` run for its DETRs.
+    """
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) < 4 or parts[-4] != "output":
+        return ""
+    group, name, file = parts[-3:]
+    if name == "backbones" and file.endswith(".pkl"):
+        stem = file[: -len(".pkl")]
+        source = _repo_config(group, stem)
+        if not source:
+            return ""
+        weights = os.path.join(os.path.dirname(os.path.dirname(path)), stem, "model_final.pth")
+        by_hand = f"detkd.checkpoint.export_backbone('{weights}', '{path}')"
+        if group == "demo":
+            return (
+                f"; it is the backbone of {source}'s final weights: `python -m detkd.demo "
+                f"--methods d3etr` (or `make demo METHOD=d3etr`) trains that run and writes it "
+                f"(by hand: {by_hand})"
+            )
+        return f"; it is the backbone of {source}'s final weights: train it, then {by_hand}"
+    source = _repo_config(group, name)
+    if not source or not file.startswith("model_"):
+        return ""
+    folder = os.path.dirname(path)
+    last = os.path.join(folder, "last_checkpoint")
+    if file == "model_final.pth" and os.path.isfile(last):  # a run that has not finished
+        where = f"output/{group}/{name}"
+        out = "" if os.path.normpath(folder) == where else f" train.output_dir={folder}"
+        return (
+            f"; {folder} holds an unfinished run of {source}: finish it with `python "
+            f"train_net.py --config-file {source} --resume{out}`, which writes {file}"
+        )
+    demo = " (`python -m detkd.demo` trains the demo's runs in order)" if group == "demo" else ""
+    return (
+        f"; it is written by training {source} first: `python train_net.py --config-file "
+        f"{source}`{demo}"
+    )
+
+
 def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
     """What to check when the checkpoint ``path`` (of config key ``key``) cannot be loaded."""
     if _is_local(path):
@@ -361,7 +419,9 @@ def _unreadable_hint(path: str, key: str = "train.init_checkpoint") -> str:
                 f"it is a folder, not a checkpoint file: set {key} to the file in it (e.g. "
                 f"{example}{'; the folder holds ' + ', '.join(found[:6]) if found else ''})"
             )
-        return "check that the file exists and is a detectron2 .pkl/.pth checkpoint"
+        return "check that the file exists and is a detectron2 .pkl/.pth checkpoint" + (
+            _written_by_hint(without_file_scheme(path)) if not os.path.exists(local) else ""
+        )
     return (
         "it could not be downloaded (no network?): download it elsewhere and set "
         f"{key} to the local file"

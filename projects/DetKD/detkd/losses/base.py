@@ -468,14 +468,20 @@ def pair_fpn_levels(
         )
     if num_levels is not None:
         if num_levels > len(pairs):
-            fix = (
-                "; lower num_levels, or set it to None for all pairs"
-                if student_levels is not None or teacher_levels is not None
-                else "; lower num_levels."
+            n = len(pairs)
+            # pairing by order pairs min(#student, #teacher) levels: say so where that is enough
+            by_index = min(len(s_levels), len(t_levels))
+            other = (
+                f", or pair the levels by order (pair_by='index': {by_index} pairs)"
+                if pair_by == "stride" and by_index >= num_levels
+                else ""
             )
             raise ValueError(
-                f"FPN level mismatch: {num_levels} levels requested but only {len(pairs)} "
-                f"pairs exist ({pairs}) with pair_by={pair_by!r}{fix}"
+                f"FPN level mismatch: {num_levels} levels requested but only {n} "
+                f"pair{'s' if n != 1 else ''} exist{'' if n != 1 else 's'} ({pairs}) with "
+                f"pair_by={pair_by!r}: set num_levels={n} (the override "
+                f"{_key('num_levels')}={n}) or None for every pair "
+                f"({_key('num_levels')}=null){other}."
             )
         dropped = pairs[num_levels:]
         for arg, _, i in listed:
