@@ -1120,7 +1120,7 @@ def test_d3etr_view_matches_and_draws_the_chosen_layer(tmp_path, monkeypatch):
     kd_model = viz._kd_model
 
     def synthetic_heads(*args):
-        model = kd_model(*args)
+        model, d3 = kd_model(*args)
         for head, conf, boxes in (
             (model.teacher.head, t_conf, t_boxes),
             (model.student.head, s_conf, s_boxes),
@@ -1130,7 +1130,7 @@ def test_d3etr_view_matches_and_draws_the_chosen_layer(tmp_path, monkeypatch):
                 "pred_logits": logits(conf, k),
                 "pred_boxes": boxes.clone(),
             }
-        return model
+        return model, d3
 
     monkeypatch.setattr(viz, "_kd_model", synthetic_heads)
     drawn = _capture_draw_boxes(monkeypatch)

@@ -259,7 +259,7 @@ def _pkd_view(args):
     cfg = _kd_config(args)
     # The teacher and the student trained alone in the config's DistillationDetector: its
     # input-format check and channel orders, and its teacher input (teacher_images).
-    model = _kd_model(cfg, args.teacher, args.before)
+    model, _ = _kd_model(cfg, args.teacher, args.before)
     after = instantiate(cfg.model.student).eval()
     load_student(after, args.after, strict=True)  # a picture of a half-loaded student misleads
     models = {"teacher": model.teacher, "student alone": model.student, "student + KD": after}
@@ -329,21 +329,21 @@ def _pkd_view(args):
 
 def _kd_model(cfg, teacher_ckpt, student_ckpt, args=None, distiller=None):
     """The config's DistillationDetector in eval mode, the test loader's channel order checked
-    as in evaluation (check_input_format), the weights loaded. With ``distiller`` (a class name),
-    a config without that distiller is refused first: checkpoints of the view's models do not fit
-    another config's, and the error would name the checkpoint, not the config."""
+    as in evaluation (check_input_format), the weights loaded, and its ``distiller`` (a class
+    name; None: none is looked up) as ``(model, distiller or None)``. A config without that
+    distiller is refused first: checkpoints of the view's models do not fit another config's, and
+    the error would name the checkpoint, not the config."""
     from detectron2.config import instantiate
 
     from .checkpoint import load_student, load_teacher
     from .config_checks import check_input_format
 
     model = instantiate(cfg.model)
-    if distiller is not None:
-        _distiller(model, distiller, args)
+    found = _distiller(model, distiller, args) if distiller is not None else None
     check_input_format(cfg, model, splits=("test",))
     load_teacher(model.teacher, teacher_ckpt)
     load_student(model.student, student_ckpt, strict=True)  # every student weight, or an error
-    return model.eval()
+    return model.eval(), found
 
 
 def _rgb(cfg, model, inputs):
@@ -373,9 +373,8 @@ def _gid_view(args):
     from .losses.gid import dense_outputs
 
     cfg = _kd_config(args)
-    model = _kd_model(cfg, args.teacher, args.student, args, "GIDDistiller")
+    model, gid = _kd_model(cfg, args.teacher, args.student, args, "GIDDistiller")
     inputs = _load_image(cfg, args.index)
-    gid = _distiller(model, "GIDDistiller", args)
     # clone: RetinaNet inference applies sigmoid_ in place to a view of the head logits.
     cap = FeatureCapture(model.student, gid.student_taps(model.student), clone=True)
     images = model.teacher_images(inputs)
@@ -423,9 +422,8 @@ def _d3etr_view(args):
     from .distiller import run_teacher
 
     cfg = _kd_config(args)
-    model = _kd_model(cfg, args.teacher, args.student, args, "D3ETRDistiller")
+    model, d3 = _kd_model(cfg, args.teacher, args.student, args, "D3ETRDistiller")
     inputs = _load_image(cfg, args.index)
-    d3 = _distiller(model, "D3ETRDistiller", args)
     # As in training: the teacher sees the images in its own channel order and normalisation,
     # padded as the student pads them (teacher_images); the student its own inputs.
     t_cap, s_cap = FeatureCapture(model.teacher, ["head"]), FeatureCapture(model.student, ["head"])
