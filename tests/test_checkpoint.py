@@ -591,6 +591,51 @@ def test_checkpoints_of_a_path_manager_handler_without_rename(tmp_path, monkeypa
     assert os.listdir(cwd) == []
 
 
+def test_a_remote_checkpoint_is_replaced_without_removing_it_first(tmp_path):
+    """Another PathManager handler's existing file was removed before the new one was renamed
+    onto it: a rename that failed (here: every rename after the first) left no file under the
+    name. It is now overwritten by one copy; a new file is still renamed."""
+    import shutil
+
+    from detectron2.utils.file_io import PathManager
+
+    store = tmp_path / "store"
+    store.mkdir()
+    renames = []
+
+    class BadRename(_store_handler(store, "detkd-test-badrename://")):
+        def _isdir(self, path, **kwargs):
+            return os.path.isdir(self._local(path))
+
+        def _isfile(self, path, **kwargs):
+            return os.path.isfile(self._local(path))
+
+        def _copy(self, src_path, dst_path, overwrite=False, **kwargs):
+            if os.path.exists(self._local(dst_path)) and not overwrite:
+                return False
+            shutil.copyfile(self._local(src_path), self._local(dst_path))
+            return True
+
+        def _mv(self, src_path, dst_path, **kwargs):
+            renames.append(dst_path)
+            if len(renames) > 1:
+                raise OSError("rename failed (the store's connection dropped)")
+            os.replace(self._local(src_path), self._local(dst_path))
+            return True
+
+    PathManager.register_handler(BadRename(), allow_override=True)
+    url = BadRename.PREFIX + "student.pth"
+    model = torch.nn.Linear(2, 3)
+    for i in range(2):
+        with torch.no_grad():
+            model.weight.fill_(i)
+        save_student(model, url)
+        saved = torch.load(store / "student.pth", weights_only=False)["model"]
+        assert torch.equal(saved["weight"], torch.full((3, 2), float(i)))
+        assert sorted(os.listdir(store)) == ["student.pth"]  # no .tmp left
+    assert renames == [url]  # the first export renamed, the second copied over the file
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -791,14 +791,22 @@ def _save(obj, path: str, dump=None) -> None:
                 os.remove(tmp)
             raise
         return
+    # Another handler: an existing file is overwritten by one copy, so that it is never removed
+    # before its replacement is in place (a rename after removing it would lose both to a failed
+    # rename); a new file is renamed, or copied where the handler has no rename (iopath's S3).
+    moved = False
     if PathManager.exists(path):
-        PathManager.rm(path)
-    try:
-        moved = PathManager.mv(tmp, path)
-    except NotImplementedError:  # a handler without rename (iopath's S3): copy, then remove
-        moved = PathManager.copy(tmp, path, overwrite=True)
-        if moved:
-            PathManager.rm(tmp)
+        try:
+            moved = PathManager.copy(tmp, path, overwrite=True)
+        except NotImplementedError:  # no copy: replace by remove + rename (the file is in tmp)
+            PathManager.rm(path)
+    if not moved and not PathManager.exists(path):
+        try:
+            moved = PathManager.mv(tmp, path)
+        except NotImplementedError:
+            moved = PathManager.copy(tmp, path, overwrite=True)
+    if moved and PathManager.exists(tmp):
+        PathManager.rm(tmp)
     if not moved:
         raise OSError(f"could not move the written checkpoint {tmp} to {path}")
 
