@@ -1253,6 +1253,25 @@ def test_draw_fpn_activations_draws_each_rows_own_map_beside_the_image(tmp_path,
     assert corr["student"]["p4"] == pytest.approx(1.0)
 
 
+def test_draw_fpn_activations_bad_levels_and_rows_are_named(tmp_path):
+    """levels=[] stopped on an IndexError of matplotlib's axes (a 1-D grid), a level one row
+    lacks on a KeyError naming only the level; one row of one level is a 1 x 2 grid."""
+    g = torch.Generator().manual_seed(0)
+    rows = {"teacher": {"p3": torch.randn(2, 3, 3, generator=g)}}
+    rows["student"] = {"p3": torch.randn(2, 3, 3, generator=g), "p4": torch.randn(2, 2, 2)}
+    image = np.zeros((6, 6, 3), np.uint8)
+    png = tmp_path / "p.png"
+    out = str(png)
+    with pytest.raises(ValueError, match=r"nothing to draw \(2 rows, levels \[\]\).*levels="):
+        viz.draw_fpn_activations(image, rows, [], out)
+    with pytest.raises(ValueError, match=r"levels \{'teacher': \['p4'\]\} .* has \['p3'\]"):
+        viz.draw_fpn_activations(image, rows, ["p3", "p4"], out)
+    with pytest.raises(ValueError, match=r"reference row 'ref' is not in \['teacher', 'student'"):
+        viz.draw_fpn_activations(image, rows, ["p3"], out, reference="ref")
+    corr = viz.draw_fpn_activations(image, {"teacher": rows["teacher"]}, ["p3"], out)
+    assert corr == {"teacher": {"p3": pytest.approx(1.0)}} and png.stat().st_size > 0
+
+
 def test_draw_boxes_legend_title_label_and_line_colours(tmp_path, monkeypatch):
     """The rest of draw_boxes' picture: a legend entry per name in its colour, the title, each
     label in its box's colour, yellow lines between pairs, and a figure 5 inches wide with the

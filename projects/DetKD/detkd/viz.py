@@ -86,11 +86,27 @@ def draw_fpn_activations(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows)
+    names, levels = list(rows), list(levels)
+    if not names or not levels:
+        raise ValueError(
+            f"draw_fpn_activations: nothing to draw ({len(names)} rows, levels {levels}); give "
+            "at least one model's FPN dict and one level, e.g. levels=['p3', 'p4']"
+        )
+    if reference not in rows:
+        raise ValueError(f"draw_fpn_activations: reference row {reference!r} is not in {names}")
+    missing = {n: [lvl for lvl in levels if lvl not in rows[n]] for n in names}
+    missing = {n: m for n, m in missing.items() if m}
+    if missing:
+        raise ValueError(
+            f"draw_fpn_activations: levels {missing} (row: levels) are not in those rows' FPN "
+            f"dicts (the first row has {sorted(rows[names[0]])})"
+        )
     fig, axes = plt.subplots(
-        len(names), len(levels) + 1, figsize=(2.2 * (len(levels) + 1), 2.2 * len(names))
+        len(names),
+        len(levels) + 1,
+        figsize=(2.2 * (len(levels) + 1), 2.2 * len(names)),
+        squeeze=False,  # (rows, columns) for one row or one level too
     )
-    axes = np.atleast_2d(axes)
     corr = {}
     for r, name in enumerate(names):
         axes[r, 0].imshow(image)
