@@ -35,6 +35,11 @@ Usage::
     python benchmarks/kd_overhead.py [--iters 10] [--rounds 3] [--device cuda] [--large]
         [--large-only] [--large-batch 2] [--large-size 640 | 800x1333]
         [--methods gid ...] [--no-variants] [--teacher-precision fp16] [--set key=value ...]
+        [--return-freed-memory]
+
+On a CPU the steps run as a training run's do (``train.keep_freed_cpu_memory``): memory a step
+frees stays in the process; ``--return-freed-memory`` times them with glibc's defaults, under
+which the KD steps fault back hundreds of MB per step that the student's steps do not.
 """
 
 import argparse
@@ -53,6 +58,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 
 from detkd.demo import applicable_overrides, check_overrides, int_at_least
 from detkd.distiller import inputs_on_device, run_teacher
+from detkd.utils import keep_freed_cpu_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"pkd": 1.05, "reviewkd": 1.10, "gid": 1.10, "d3etr": 1.15}
@@ -366,6 +372,14 @@ def cpu_threads(device) -> None:
         torch.set_num_threads(max(1, len(cores)))
 
 
+def cpu_memory(device, keep: bool = True) -> bool:
+    """On a CPU, what the trainer does with ``train.keep_freed_cpu_memory`` (its default, True):
+    memory a step frees stays in the process (:func:`detkd.utils.keep_freed_cpu_memory`), so
+    that these steps are timed as a CPU run trains; ``keep=False`` (``--return-freed-memory``)
+    leaves glibc's defaults. Whether it was applied."""
+    return device.type == "cpu" and keep and keep_freed_cpu_memory()
+
+
 def check_methods(methods, available, tool):
     """SystemExit naming the ``methods`` (``--methods``) that are none of ``available``: a typo
     gave an empty table."""
@@ -523,9 +537,16 @@ def main(argv=None):
         "e.g. model.distillers.d3etr.fixed_matching=False "
         "model.distillers.d3etr.aux_gt_loss=False",
     )
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="on a CPU, leave glibc's malloc returning freed memory to the OS (as a run with "
+        "train.keep_freed_cpu_memory=False; by default it is kept, as training does)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cpu_threads(device)
+    kept = cpu_memory(device, keep=not args.return_freed_memory)
 
     runs, available = [], set()
     for path in sorted(glob.glob(os.path.join(REPO, "configs/demo/*_*.py"))):
@@ -566,6 +587,11 @@ def main(argv=None):
         f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"teacher precision {args.teacher_precision}"
         + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "")
+        + (
+            f", freed memory {'kept' if kept else 'returned to the OS'}"
+            if device.type == "cpu"
+            else ""
+        )
     )
     # times take 9 digits (a CPU step of the R50 pairs runs 10-30 s) and a space before each
     sw = max([46] + [len(r[1]) + 2 for r in runs])  # the setting column fits the longest setting

@@ -315,6 +315,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     kd_overhead.cpu_threads(device)  # as kd_overhead.py times these steps
+    kd_overhead.cpu_memory(device)
     runs = []
     if args.large:
         runs = [

@@ -497,6 +497,13 @@ def test_kd_step_reads_its_scalars_after_backward_as_training_does_and_threads_f
     kd_overhead.cpu_threads(cpu)
     assert len(threads) == 1 and threads[0] >= 1
 
+    # freed memory kept on the CPU as the trainer keeps it, unless --return-freed-memory
+    kept = []
+    monkeypatch.setattr(kd_overhead, "keep_freed_cpu_memory", lambda: kept.append(1) or True)
+    assert kd_overhead.cpu_memory(cpu) is True and kept == [1]
+    assert kd_overhead.cpu_memory(cpu, keep=False) is False and kept == [1]
+    assert kd_overhead.cpu_memory(torch.device("cuda")) is False and kept == [1]
+
 
 def test_large_only_runs_the_r50_pairs_at_the_given_batch_and_size(monkeypatch, capsys):
     """--large-only times only the R50/R101 pairs (no demo row), each with --large-batch images

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -2742,6 +2743,64 @@ def test_cpu_processes_keep_the_users_omp_num_threads(monkeypatch):
     monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 1)
     train_net._share_cpu_threads()
     assert len(threads) == 1
+
+
+_PAGE_FAULTS = """
+import json, resource, torch
+from detkd.utils import keep_freed_cpu_memory
+
+def faults_of_a_step():  # 20 blocks of 4 MiB, written, then freed: a step's allocations
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(1 << 20) for _ in range(20)]
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+applied = keep_freed_cpu_memory()  # first: glibc's mmap threshold is still its initial 128 KiB
+print(json.dumps([applied, [faults_of_a_step() for _ in range(3)]]))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    reason="glibc's malloc",
+)
+def test_kept_freed_cpu_memory_is_not_faulted_back_in_each_step():
+    """keep_freed_cpu_memory: with glibc's defaults every repeat of an 80 MiB allocation pattern
+    of 4 MiB blocks faults its pages back in (~20480 pages of 4 KiB: the blocks are mapped and
+    unmapped, or the heap is trimmed after them); applied, the first repeat takes the pages and
+    the later ones reuse them, also when it is applied before glibc's dynamic mmap threshold has
+    grown past the blocks (no trimming alone would leave them mapped one by one). In its own
+    process: mallopt is process-wide."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PAGE_FAULTS], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    applied, faults = json.loads(proc.stdout.strip().splitlines()[-1])
+    pages = 80 * 2**20 // resource.getpagesize()
+    assert applied is True
+    assert faults[0] > 0.9 * pages  # the first repeat takes its pages
+    assert all(f < 0.1 * pages for f in faults[1:]), faults
+
+
+def test_cpu_runs_keep_freed_memory_unless_the_config_says_not(tmp_path, monkeypatch):
+    """KDTrainer applies keep_freed_cpu_memory for train.device=cpu (train.keep_freed_cpu_memory
+    defaults to True, also for a config without the key) and not with the key False or on CUDA."""
+    import detkd.engine as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    cfg = _small_cfg(tmp_path / "kept", max_iter=2)
+    assert cfg.train.keep_freed_cpu_memory is True and cfg.train.device == "cpu"
+    KDTrainer(cfg)
+    assert calls == [1]
+    cfg = _small_cfg(tmp_path / "returned", max_iter=2)
+    cfg.train.keep_freed_cpu_memory = False
+    KDTrainer(cfg)
+    assert calls == [1]
+    del cfg.train["keep_freed_cpu_memory"]
+    assert engine._keep_freed_cpu_memory(cfg) is True and calls == [1, 1]
+    cfg.train.device = "cuda:0"
+    assert engine._keep_freed_cpu_memory(cfg) is False and calls == [1, 1]
 
 
 class _DirEvaluator:

@@ -628,6 +628,7 @@ _TRAIN_KEYS = (
     "export_student",
     "teacher_eval_at_start",
     "clip_grad",
+    "keep_freed_cpu_memory",
 )
 # A key of ``train`` that is not read, but this close (difflib's ratio) to one that is, is
 # taken for a typo. Every one-letter slip or swap in keys of 6 letters and more scores above it

@@ -3,7 +3,7 @@
 teacher of a :class:`detkd.DistillationDetector`.
 
 The LazyConfig has the five top-level names ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds five ``train`` keys
+``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``. DetKD adds six ``train`` keys
 and sets a default for detectron2's ``train.seed`` (``configs/common/kd_train.py``):
 
 * ``train.teacher_checkpoint``: the teacher's weights, loaded strictly into ``model.teacher``;
@@ -13,6 +13,8 @@ and sets a default for detectron2's ``train.seed`` (``configs/common/kd_train.py
   (off by default);
 * ``train.teacher_eval_at_start``: evaluate the loaded teacher before training
   (:class:`TeacherEvalHook`, logged as ``teacher/bbox/AP`` ...);
+* ``train.keep_freed_cpu_memory``: on the CPU, memory a step frees stays in the process for the
+  next step (:func:`detkd.utils.keep_freed_cpu_memory`; True by default);
 * ``train.seed``: 0, the seed detectron2's ``default_setup`` gives the run (-1 would draw one).
 
 ``train.init_checkpoint`` loads into ``model.student`` only. ``model`` may also be a plain
@@ -70,7 +72,7 @@ from .config_checks import (
     check_train_datasets,
 )
 from .distiller import DistillationDetector, student_of
-from .utils import file_prefix, is_run_checkpoint, unwrap_model
+from .utils import file_prefix, is_run_checkpoint, keep_freed_cpu_memory, unwrap_model
 
 __all__ = [
     "KDTrainer",
@@ -493,6 +495,21 @@ def _same_setting(a, b) -> bool:
     return a == b
 
 
+def _keep_freed_cpu_memory(cfg) -> bool:
+    """:func:`detkd.utils.keep_freed_cpu_memory` for a run on the CPU (``train.device``) unless
+    ``train.keep_freed_cpu_memory`` is False; whether it was applied."""
+    cpu = str(cfg.train.get("device", "cuda")).startswith("cpu")
+    if not (cpu and cfg.train.get("keep_freed_cpu_memory", True)):
+        return False
+    kept = keep_freed_cpu_memory()
+    if kept:
+        logging.getLogger(__name__).info(
+            "CPU run: memory freed during a step is kept for the next steps, not returned to the "
+            "OS (train.keep_freed_cpu_memory=False returns it)"
+        )
+    return kept
+
+
 class KDTrainer(DefaultTrainer):
     """
     DefaultTrainer built from a LazyConfig (see the module docstring for the keys). Same
@@ -522,6 +539,7 @@ class KDTrainer(DefaultTrainer):
                 "train.init_checkpoint=<its weights> (the teacher: with the teacher's config)."
             )
         _check_train_settings(cfg)
+        _keep_freed_cpu_memory(cfg)
         self.teacher_changed = False  # train_net.py: --resume with another teacher checkpoint
         check_train_datasets(cfg)
         check_test_datasets(cfg)
