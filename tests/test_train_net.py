@@ -2756,7 +2756,7 @@ def faults_of_a_step():  # 20 blocks of 4 MiB, written, then freed: a step's all
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 applied = keep_freed_cpu_memory()  # first: glibc's mmap threshold is still its initial 128 KiB
-print(json.dumps([applied, [faults_of_a_step() for _ in range(3)]]))
+print(json.dumps([applied, [faults_of_a_step() for _ in range(5)]]))
 """
 
 
@@ -2767,10 +2767,11 @@ print(json.dumps([applied, [faults_of_a_step() for _ in range(3)]]))
 def test_kept_freed_cpu_memory_is_not_faulted_back_in_each_step():
     """keep_freed_cpu_memory: with glibc's defaults every repeat of an 80 MiB allocation pattern
     of 4 MiB blocks faults its pages back in (~20480 pages of 4 KiB: the blocks are mapped and
-    unmapped, or the heap is trimmed after them); applied, the first repeat takes the pages and
-    the later ones reuse them, also when it is applied before glibc's dynamic mmap threshold has
-    grown past the blocks (no trimming alone would leave them mapped one by one). In its own
-    process: mallopt is process-wide."""
+    unmapped, or the heap is trimmed after them); applied, the first repeat takes the pages and,
+    once the heap has grown around the small allocations between the blocks (a fresh clone's
+    second repeat took 3 more blocks), the later ones reuse them, also when it is applied
+    before glibc's dynamic mmap threshold has grown past the blocks (no trimming alone would
+    leave them mapped one by one). In its own process: mallopt is process-wide."""
     proc = subprocess.run(
         [sys.executable, "-c", _PAGE_FAULTS], cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -2779,7 +2780,8 @@ def test_kept_freed_cpu_memory_is_not_faulted_back_in_each_step():
     pages = 80 * 2**20 // resource.getpagesize()
     assert applied is True
     assert faults[0] > 0.9 * pages  # the first repeat takes its pages
-    assert all(f < 0.1 * pages for f in faults[1:]), faults
+    # with glibc's defaults each of the 4 later repeats faults ~pages (~4 * pages in all)
+    assert sum(faults[1:]) < 0.5 * pages, faults
 
 
 def test_cpu_runs_keep_freed_memory_unless_the_config_says_not(tmp_path, monkeypatch):
