@@ -4,6 +4,7 @@ export, and resume equal to an uninterrupted run."""
 import json
 import logging
 import os
+import platform
 import re
 import resource
 import signal
@@ -2761,7 +2762,7 @@ print(json.dumps([applied, [faults_of_a_step() for _ in range(5)]]))
 
 
 @pytest.mark.skipif(
-    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="glibc's malloc",
 )
 def test_kept_freed_cpu_memory_is_not_faulted_back_in_each_step():
